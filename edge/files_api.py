@@ -1,0 +1,36 @@
+"""Files over HTTP: upload into a room by a member, download by members of that room only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from quart import Blueprint, Response, request
+
+from origin.admin_api import bearer
+from origin.shard import OriginShard
+
+
+def files_blueprint(shard: OriginShard) -> Blueprint:
+    bp = Blueprint("files", __name__)
+
+    @bp.post("/v1/rooms/<room>/files")
+    async def upload(room: str) -> tuple[dict[str, Any], int]:
+        who = await shard.authenticate(bearer())
+        data = await request.get_data(cache=False)
+        rec = await shard.put_file(who, room, request.headers.get("Content-Type", ""), data)
+        return rec.to_json(), 201
+
+    @bp.get("/v1/files/<file_id>")
+    async def download(file_id: str) -> Response:
+        who = await shard.authenticate(bearer())
+        rec, path = await shard.get_file(who, file_id)
+        data = await trio.Path(path).read_bytes()
+        resp = Response(data, status=200, content_type=rec.type)
+        # Never rendered as a page of ours: no sniffing, download by default.
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Content-Disposition"] = f'attachment; filename="{rec.id}"'
+        resp.headers["Cache-Control"] = "private, max-age=0"
+        return resp
+
+    return bp

@@ -1,0 +1,521 @@
+"""The client WebSocket gateway: a thin Trio layer over wsproto and the protocol core.
+
+Per connection there are two tasks in one nursery: the reader (owns the wsproto state, parses
+frames, handles requests in order) and the writer (drains the connection's `Outbox`). Replies
+and fan-out frames are written through the outbox, so frames leave in the order they were
+produced. Timeouts are the reader's cancel scope deadline: 10 s for the hello, then twice the
+heartbeat.
+
+Connection states (data, as h11 does it):
+    AWAIT_HELLO --hello ok--> READY --close/overflow/drain/timeout--> CLOSING
+    AWAIT_HELLO --bad hello / timeout--> CLOSING
+A CLOSING connection accepts no new frames from the server's side except the final close.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+from typing import Any
+
+import attrs
+import orjson
+import outcome
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError
+
+from edge import protocol as p
+from edge import wsframe
+from edge.hub import Hubs, Subscription
+from edge.outbox import Outbox
+from node.config import Config
+from node.errors import (
+    FORBIDDEN,
+    INTERNAL,
+    INVALID,
+    RATE_LIMITED,
+    TOO_LARGE,
+    UNAUTHORIZED,
+    GB6Error,
+    invalid,
+)
+from node.ids import new_id
+from node.log import log
+from node.ratelimit import Gcra
+from origin.shard import MembershipChange, OriginShard, Principal
+from origin.sqlite_store import Appended
+
+CLOSE_BAD_HANDSHAKE = 4001
+CLOSE_UNAUTHORIZED = 4003
+CLOSE_TOO_SLOW = 4008
+CLOSE_DRAINING = 4009
+CLOSE_TOO_BIG = 1009
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "await_hello"
+    READY = "ready"
+    CLOSING = "closing"
+
+
+@attrs.define(eq=False)
+class Connection:
+    sock: socket.socket
+    outbox: Outbox
+    peer: str
+    state: State = State.AWAIT_HELLO
+    principal: Principal | None = None
+    session: str = ""
+    subs: dict[str, Subscription] = attrs.Factory(dict)
+    read_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    nursery: trio.Nursery | None = None
+    status: str = "online"
+    last_typing: dict[str, float] = attrs.Factory(dict)
+
+    @property
+    def user(self) -> str:
+        assert self.principal is not None
+        return self.principal.id
+
+
+class Gateway:
+    """A component: `port = await nursery.start(gateway.run)`."""
+
+    def __init__(self, config: Config, origin: OriginShard) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.origin = origin
+        self.hubs = Hubs(config.limits.room_cache_events, config.limits.idle_room_cache_rooms)
+        self.conns: set[Connection] = set()
+        self.by_user: dict[str, set[Connection]] = {}
+        self.away: set[str] = set()
+        self.limiters = {name: Gcra(rp.rate, rp.burst) for name, rp in config.rate_plans.items()}
+        self._accept_scope = trio.CancelScope()
+        self.draining = False
+        origin.event_listeners.append(self.hubs.publish)
+        origin.member_listeners.append(self._on_members)
+        origin.read_listeners.append(self._on_read)
+
+    # --- serving -------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        lsock = socket.socket(
+            socket.AF_INET6 if ":" in self.config.host else socket.AF_INET, socket.SOCK_STREAM
+        )
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((self.config.host, self.config.ws_port))
+        lsock.listen(4096)
+        lsock.setblocking(False)
+        port = lsock.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started(port)
+                with self._accept_scope:
+                    await self._accept(lsock, nursery)
+                lsock.close()
+        finally:
+            lsock.close()
+
+    async def _accept(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(lsock)
+            while True:
+                try:
+                    sock, addr = lsock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # EMFILE and friends: back off instead of spinning
+                    log("accept_failed", error=str(exc))
+                    await trio.sleep(0.1)
+                    break
+                if len(self.conns) >= self.limits.max_connections:
+                    sock.close()
+                    continue
+                nursery.start_soon(self._serve, sock, f"{addr[0]}:{addr[1]}")
+
+    async def drain(self, grace: float = 5.0) -> None:
+        """Stop accepting, tell every client to resume elsewhere (4009), wait for the frames to
+        leave (at most `grace` seconds)."""
+        self.draining = True
+        self._accept_scope.cancel()
+        frame = wsframe.text(p.event("reconnect", {"reason": "draining"}))
+        for conn in list(self.conns):
+            conn.outbox.write(frame)
+            self._close(conn, CLOSE_DRAINING, "draining")
+        with trio.move_on_after(grace):
+            while self.conns:
+                await trio.sleep(0.02)
+
+    async def _serve(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(sock, Outbox(sock, self.limits.outbox_bytes), peer)
+        conn.outbox.on_overflow = lambda: self._too_slow(conn)
+        tsock = trio.socket.from_stdlib_socket(sock)
+        self.conns.add(conn)
+        try:
+            async with trio.open_nursery() as nursery:
+                conn.nursery = nursery
+                nursery.start_soon(self._writer, conn)
+                await self._read(conn, tsock)
+                # Give the final frames a moment to leave, then stop the writer.
+                if conn.state is not State.CLOSING:
+                    self._close(conn, CLOSE_GOING_AWAY, "")
+                nursery.cancel_scope.deadline = trio.current_time() + 2.0
+        finally:
+            self._forget(conn)
+            tsock.close()
+
+    async def _writer(self, conn: Connection) -> None:
+        await conn.outbox.run_writer()
+        conn.read_scope.cancel()  # the close frame is out, or the socket broke
+
+    def _close(self, conn: Connection, code: int, reason: str) -> None:
+        if conn.state is State.CLOSING:
+            return
+        conn.state = State.CLOSING
+        conn.outbox.write_last(wsframe.close(code, reason))
+        conn.read_scope.deadline = min(conn.read_scope.deadline, trio.current_time() + 2.0)
+
+    def _too_slow(self, conn: Connection) -> None:
+        conn.outbox.drop_queued()
+        log("client_too_slow", peer=conn.peer, session=conn.session)
+        self._close(conn, CLOSE_TOO_SLOW, "too slow to keep up; resume")
+
+    def _forget(self, conn: Connection) -> None:
+        self.conns.discard(conn)
+        for sub in conn.subs.values():
+            self.hubs.release(sub)
+        conn.subs.clear()
+        if conn.principal is not None:
+            peers = self.by_user.get(conn.user)
+            if peers is not None:
+                peers.discard(conn)
+                if not peers:
+                    del self.by_user[conn.user]
+                    self.away.discard(conn.user)
+                    self._presence_changed(conn.principal, "offline")
+
+    # --- reading -------------------------------------------------------------------------
+
+    async def _read(self, conn: Connection, tsock: trio.socket.SocketType) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        limit = self.limits.message_bytes
+        hard_limit = limit * max(2, self.limits.transport_factor)
+        parts: list[str] = []
+        size = 0
+        conn.read_scope.deadline = trio.current_time() + self.limits.hello_timeout_s
+        with conn.read_scope:
+            while True:
+                try:
+                    data = await tsock.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                try:
+                    ws.receive_data(data)
+                    for event in ws.events():
+                        if isinstance(event, TextMessage):
+                            size += len(event.data.encode("utf-8")) if event.data else 0
+                            if size > hard_limit:
+                                self._close(conn, CLOSE_TOO_BIG, "message too big")
+                                continue
+                            if size <= limit:
+                                parts.append(event.data)
+                            if event.message_finished:
+                                text = "".join(parts)
+                                parts.clear()
+                                too_big, size = size > limit, 0
+                                if conn.state is State.CLOSING:
+                                    continue
+                                if too_big:
+                                    self._reply_error(
+                                        conn, None, GB6Error(TOO_LARGE, f"message over {limit} bytes")
+                                    )
+                                    continue
+                                await self._on_text(conn, text)
+                        elif isinstance(event, Request):
+                            self._handshake(conn, ws, event)
+                        elif isinstance(event, BytesMessage):
+                            if event.message_finished and conn.state is not State.CLOSING:
+                                self._reply_error(conn, None, invalid("binary frames are not used"))
+                        elif isinstance(event, Ping):
+                            conn.outbox.write(ws.send(event.response()))
+                        elif isinstance(event, CloseConnection):
+                            if conn.state is not State.CLOSING:
+                                conn.state = State.CLOSING
+                                conn.outbox.write_last(wsframe.close(event.code or 1000))
+                except RemoteProtocolError as exc:
+                    if conn.state is State.AWAIT_HELLO and not ws.state.name == "OPEN":
+                        conn.outbox.write_last(
+                            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
+                        )
+                        conn.state = State.CLOSING
+                    else:
+                        self._close(conn, CLOSE_PROTOCOL_ERROR, str(exc)[:100])
+                if conn.state is State.READY:
+                    conn.read_scope.deadline = (
+                        trio.current_time() + 2 * self.limits.heartbeat_ms / 1000
+                    )
+        if conn.read_scope.cancelled_caught and conn.state is not State.CLOSING:
+            if conn.principal is None:
+                self._close(conn, CLOSE_BAD_HANDSHAKE, "no hello in time")
+            else:
+                self._close(conn, CLOSE_GOING_AWAY, "no heartbeat")
+            with trio.move_on_after(2.0):
+                await conn.outbox.wait_below(0)
+
+    def _handshake(self, conn: Connection, ws: WSConnection, req: Request) -> None:
+        path = req.target.split("?", 1)[0]
+        if path != "/v1/ws" or self.draining:
+            status = 404 if path != "/v1/ws" else 503
+            conn.outbox.write_last(ws.send(RejectConnection(status_code=status)))
+            conn.state = State.CLOSING
+            return
+        conn.outbox.write(ws.send(AcceptConnection()))
+
+    # --- requests ------------------------------------------------------------------------
+
+    def _reply_error(self, conn: Connection, req_id: p.ReqId | None, err: GB6Error) -> None:
+        conn.outbox.write(wsframe.text(p.error(req_id, err)))
+
+    def _reply(self, conn: Connection, req_id: p.ReqId, fields: dict[str, Any] | None = None) -> None:
+        conn.outbox.write(wsframe.text(p.ok(req_id, fields)))
+
+    async def _on_text(self, conn: Connection, text: str) -> None:
+        req_id: p.ReqId | None = None
+        try:
+            frame = p.decode_frame(text)
+            request = p.parse_request(frame, self.limits)
+            req_id = request.id
+            if conn.state is State.AWAIT_HELLO:
+                if not isinstance(request, p.Hello):
+                    raise p.BadFrame("the first frame must be hello", req_id)
+                await self._hello(conn, request)
+                return
+            if isinstance(request, p.Hello):
+                raise invalid("already authenticated")
+            self._rate_limit(conn)
+            await self._dispatch(conn, request)
+        except p.BadFrame as exc:
+            self._reply_error(conn, exc.req_id, exc)
+            if conn.state is State.AWAIT_HELLO:
+                self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
+        except GB6Error as exc:
+            self._reply_error(conn, req_id, exc)
+            if exc.code == UNAUTHORIZED and conn.principal is None:
+                self._close(conn, CLOSE_UNAUTHORIZED, "unauthorized")
+        except Exception as exc:  # a bug: tell the client, log it, keep serving
+            log("request_failed", peer=conn.peer, error=repr(exc))
+            self._reply_error(conn, req_id, GB6Error(INTERNAL, "internal error"))
+
+    def _rate_limit(self, conn: Connection) -> None:
+        assert conn.principal is not None
+        limiter = self.limiters.get(conn.principal.instance.plan)
+        if limiter is None:
+            return
+        wait = limiter.check(conn.user, trio.current_time())
+        if wait > 0:
+            raise GB6Error(
+                RATE_LIMITED, "too many requests", retry_after_ms=max(1, int(wait * 1000))
+            )
+
+    async def _hello(self, conn: Connection, hello: p.Hello) -> None:
+        principal = await self.origin.authenticate(hello.token)
+        conn.principal = principal
+        conn.session = new_id("ses")
+        conn.state = State.READY
+        first = principal.id not in self.by_user
+        self.by_user.setdefault(principal.id, set()).add(conn)
+        self._reply(
+            conn,
+            hello.id,
+            {
+                "user": {"id": principal.id, "name": principal.user.name},
+                "session": conn.session,
+                "heartbeat_ms": self.limits.heartbeat_ms,
+            },
+        )
+        if first:
+            self._presence_changed(principal, "online")
+
+    async def _dispatch(self, conn: Connection, req: p.Request) -> None:
+        who = conn.principal
+        assert who is not None
+        origin = self.origin
+        match req:
+            case p.Append():
+                await origin.append(
+                    who, req.room, req.type, req.cid, self._append_reply(conn, req.id),
+                    body=req.body, thread=req.thread, target=req.target, emoji=req.emoji,
+                )
+            case p.Ping():
+                self._reply(conn, req.id)
+            case p.Subscribe():
+                self._subscribe(conn, req)
+            case p.Unsubscribe():
+                origin.room_visible(who, req.room)
+                sub = conn.subs.pop(req.room, None)
+                if sub is not None:
+                    self.hubs.release(sub)
+                self._reply(conn, req.id)
+            case p.History():
+                events = await origin.history(who, req.room, req.before, req.limit)
+                self._reply(
+                    conn,
+                    req.id,
+                    {"messages": [{"type": ev.type, **ev.to_wire()} for ev in events]},
+                )
+            case p.RoomCreate():
+                room = await origin.create_room(who, req.name, req.kind, req.members, req.open)
+                self._reply(conn, req.id, {"room": room.summary()})
+            case p.RoomOp():
+                fn = origin.join if req.op == "room.join" else origin.leave
+                room = await fn(who, req.room)
+                self._reply(conn, req.id, {"room": room.summary()})
+            case p.RoomMembers():
+                fn2 = origin.add_members if req.op == "room.add" else origin.remove_members
+                room = await fn2(who, req.room, req.users)
+                self._reply(conn, req.id, {"room": room.summary()})
+            case p.ListRooms():
+                self._reply(conn, req.id, {"rooms": origin.rooms_of(who)})
+            case p.Receipt():
+                await origin.set_read(who, req.room, req.read)
+                self._reply(conn, req.id)
+            case p.Typing():
+                self._typing(conn, req)
+            case p.Search():
+                hits = await origin.search(who, req.query, req.room)
+                self._reply(
+                    conn, req.id, {"hits": [{"type": ev.type, **ev.to_wire()} for ev in hits]}
+                )
+            case p.PresenceSet():
+                self._set_status(conn, req)
+            case _:
+                raise invalid("unsupported op")
+
+    def _append_reply(self, conn: Connection, req_id: p.ReqId) -> Any:
+        def done(result: outcome.Outcome[Appended]) -> None:
+            if isinstance(result, outcome.Value):
+                ev = result.value.event
+                self._reply(conn, req_id, {"room": ev.room, "seq": ev.seq, "ts": ev.ts})
+            else:
+                err = result.error
+                if not isinstance(err, GB6Error):
+                    log("append_failed", error=repr(err))
+                    err = GB6Error(INTERNAL, "internal error")
+                self._reply_error(conn, req_id, err)
+
+        return done
+
+    def _subscribe(self, conn: Connection, req: p.Subscribe) -> None:
+        who = conn.principal
+        assert who is not None and conn.nursery is not None
+        room = self.origin.room_for_member(who, req.room)
+        old = conn.subs.pop(req.room, None)
+        if old is not None:
+            self.hubs.release(old)
+        elif len(conn.subs) >= self.limits.max_subscriptions:
+            raise GB6Error(
+                "quota_exceeded", f"at most {self.limits.max_subscriptions} subscriptions"
+            )
+        hub = self.hubs.ensure(req.room, room.head)
+        if req.after > hub.head:
+            raise invalid(f"after {req.after} is beyond the room's head {hub.head}")
+        self._reply(conn, req.id, {"room": req.room, "head": hub.head})
+        sub = Subscription(req.room, who.id, conn.outbox)
+        conn.subs[req.room] = sub
+        hub.catching.add(sub)
+        conn.nursery.start_soon(self._catch_up, sub, req.after)
+
+    async def _catch_up(self, sub: Subscription, after: int) -> None:
+        with trio.CancelScope() as scope:
+            sub.scope = scope
+            await self.hubs.catch_up(
+                sub,
+                after,
+                self.origin.events_after,
+                self.limits.catchup_chunk,
+                self.limits.outbox_bytes // 2,
+            )
+
+    # --- ephemeral signals: typing, receipts, presence, membership -----------------------
+
+    def _typing(self, conn: Connection, req: p.Typing) -> None:
+        who = conn.principal
+        assert who is not None
+        self.origin.room_for_member(who, req.room)
+        self._reply(conn, req.id)
+        now = trio.current_time()
+        if now - conn.last_typing.get(req.room, -1e9) < self.config.typing_interval_ms / 1000:
+            return  # a typing indicator lasts a few seconds; more signals add nothing
+        if len(conn.last_typing) > self.limits.max_subscriptions:
+            conn.last_typing.clear()
+        conn.last_typing[req.room] = now
+        hub = self.hubs.get(req.room)
+        if hub is not None:
+            frame = wsframe.text(p.event("typing", {"room": req.room, "user": who.id}))
+            hub.write_ephemeral(frame, skip_user=who.id)
+
+    def _on_read(self, room: str, user: str, seq: int) -> None:
+        hub = self.hubs.get(room)
+        if hub is not None:
+            frame = wsframe.text(p.event("receipt", {"room": room, "user": user, "read": seq}))
+            hub.write_ephemeral(frame)
+
+    def _on_members(self, change: MembershipChange) -> None:
+        hub = self.hubs.get(change.room)
+        if hub is not None:
+            frame = wsframe.text(
+                p.event(
+                    "members",
+                    {"room": change.room, "added": list(change.added), "removed": list(change.removed)},
+                )
+            )
+            hub.write_ephemeral(frame)
+        for user in change.removed:
+            for conn in self.by_user.get(user, ()):
+                sub = conn.subs.pop(change.room, None)
+                if sub is not None:
+                    self.hubs.release(sub)
+
+    def _set_status(self, conn: Connection, req: p.PresenceSet) -> None:
+        who = conn.principal
+        assert who is not None
+        self._reply(conn, req.id)
+        was_away = who.id in self.away
+        if req.status == "away" and not was_away:
+            self.away.add(who.id)
+            self._presence_changed(who, "away")
+        elif req.status == "online" and was_away:
+            self.away.discard(who.id)
+            self._presence_changed(who, "online")
+
+    def _presence_changed(self, who: Principal, status: str) -> None:
+        """Tell every connected user who shares a room with `who` (each connection once)."""
+        frame = wsframe.text(p.event("presence", {"user": who.id, "status": status}))
+        seen: set[str] = set()
+        for room_id in self.origin.user_rooms.get(who.id, ()):
+            room = self.origin.rooms.get(room_id)
+            if room is None:
+                continue
+            for member in room.members:
+                if member in seen:
+                    continue
+                seen.add(member)
+                for peer in self.by_user.get(member, ()):
+                    peer.outbox.write(frame)
+

@@ -1,0 +1,172 @@
+"""Fan-out on the edge: one hub per room with live subscribers and a window of recent frames.
+
+Rules:
+- A hub sees every event of its room, in seq order, from the moment it is created; `head` is the
+  last seq it saw and `cache` holds the newest frames as contiguous seqs ending at `head`.
+- A subscription is either *live* (it has everything up to `head`; new frames are written to it
+  as they are published) or *catching up* (a task of its connection writes older frames, from
+  the cache or the store, and joins `live` when it reaches `head`). The check and the join
+  happen with no await between them, so no frame is missed or written twice.
+- Each event is encoded once; a batch of events published together is joined into one blob, and
+  each live subscriber gets that blob with a single write.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from edge import protocol, wsframe
+from node.events import Event
+
+if TYPE_CHECKING:
+    from edge.outbox import Outbox
+
+
+def encode_event(ev: Event) -> bytes:
+    return wsframe.text(protocol.event(ev.type, ev.to_wire()))
+
+
+@attrs.define(eq=False)
+class Subscription:
+    room: str
+    user: str
+    outbox: Outbox
+    scope: trio.CancelScope | None = None  # the catch-up task's, while it runs
+    live: bool = False
+
+
+class RoomHub:
+    def __init__(self, room: str, head: int, cache_size: int) -> None:
+        self.room = room
+        self.head = head
+        self.cache: deque[tuple[Event, bytes]] = deque(maxlen=cache_size)
+        self.live: dict[Subscription, None] = {}  # insertion-ordered set
+        self.catching: set[Subscription] = set()
+
+    @property
+    def idle(self) -> bool:
+        return not self.live and not self.catching
+
+    def publish(self, events: list[Event]) -> None:
+        """Write new events (consecutive seqs after `head`) to every live subscriber."""
+        frames = []
+        for ev in events:
+            if ev.seq <= self.head:
+                continue  # already seen (a replayed batch)
+            frame = encode_event(ev)
+            frames.append(frame)
+            self.cache.append((ev, frame))
+            self.head = ev.seq
+            if ev.type == "delete" and ev.target is not None:
+                self._redact_cached(ev.target)
+        if not frames:
+            return
+        blob = frames[0] if len(frames) == 1 else b"".join(frames)
+        for sub in self.live:
+            sub.outbox.write(blob)
+
+    def write_ephemeral(self, frame: bytes, skip_user: str | None = None) -> None:
+        for sub in self.live:
+            if sub.user != skip_user:
+                sub.outbox.write(frame)
+
+    def _redact_cached(self, target: int) -> None:
+        for i, (ev, _) in enumerate(self.cache):
+            if ev.seq == target or (ev.type == "edit" and ev.target == target):
+                red = ev.redacted()
+                self.cache[i] = (red, encode_event(red))
+
+    def cached_after(self, after: int) -> bytes | None:
+        """Frames for seqs `after+1 .. head` if the cache holds all of them, else None."""
+        if after >= self.head:
+            return b""
+        if not self.cache or self.cache[0][0].seq > after + 1:
+            return None
+        start = after + 1 - self.cache[0][0].seq
+        return b"".join(frame for _, frame in list(self.cache)[start:])
+
+    def remove(self, sub: Subscription) -> None:
+        self.live.pop(sub, None)
+        self.catching.discard(sub)
+        if sub.scope is not None:
+            sub.scope.cancel()
+
+
+EventsAfter = Callable[[str, int, int], Any]  # async (room, after, limit) -> list[Event]
+
+
+class Hubs:
+    """The edge's hubs, by room. Idle hubs stay (with their cache) up to `idle_max`, LRU."""
+
+    def __init__(self, cache_size: int, idle_max: int) -> None:
+        self.cache_size = cache_size
+        self.idle_max = idle_max
+        self.hubs: dict[str, RoomHub] = {}
+        self._idle: OrderedDict[str, None] = OrderedDict()
+
+    def get(self, room: str) -> RoomHub | None:
+        return self.hubs.get(room)
+
+    def ensure(self, room: str, head: int) -> RoomHub:
+        hub = self.hubs.get(room)
+        if hub is None:
+            hub = self.hubs[room] = RoomHub(room, head, self.cache_size)
+        self._idle.pop(room, None)
+        return hub
+
+    def publish(self, room: str, events: list[Event]) -> None:
+        hub = self.hubs.get(room)
+        if hub is not None:
+            hub.publish(events)
+
+    def release(self, sub: Subscription) -> None:
+        hub = self.hubs.get(sub.room)
+        if hub is None:
+            return
+        hub.remove(sub)
+        if hub.idle:
+            self._idle[sub.room] = None
+            while len(self._idle) > self.idle_max:
+                gone, _ = self._idle.popitem(last=False)
+                self.hubs.pop(gone, None)
+
+    async def catch_up(
+        self,
+        sub: Subscription,
+        after: int,
+        events_after: EventsAfter,
+        chunk: int,
+        high_water: int,
+    ) -> None:
+        """Bring `sub` from `after` to the hub's head, then make it live. Runs as a task of the
+        subscriber's connection; cancelled by `release` or a new subscribe."""
+        hub = self.hubs[sub.room]
+        delivered = after
+        while True:
+            cached = hub.cached_after(delivered)
+            if cached is not None:
+                # Synchronous from here to joining `live`: nothing can be published between.
+                if cached:
+                    sub.outbox.write(cached)
+                hub.catching.discard(sub)
+                hub.live[sub] = None
+                sub.live = True
+                sub.scope = None
+                return
+            events: list[Event] = await events_after(sub.room, delivered, chunk)
+            # The store may already hold commits the hub has not been handed yet; those reach
+            # this subscriber live, so stop at the hub's head.
+            events = [ev for ev in events if ev.seq <= hub.head]
+            if not events:
+                # The store is behind the hub: cannot happen, since the hub only sees durable
+                # events. Wait a moment rather than spin.
+                await trio.sleep(0.01)
+                continue
+            sub.outbox.write(b"".join(encode_event(ev) for ev in events))
+            delivered = events[-1].seq
+            await sub.outbox.wait_below(high_water)

@@ -1,0 +1,117 @@
+"""One connection's outgoing bytes, in order, with a bound.
+
+`write()` is synchronous so the fan-out path can hand the same bytes to hundreds of connections
+without a scheduler round-trip each: when nothing is queued it tries a non-blocking `send()` right
+away, and only what the kernel does not take is queued for the connection's writer task. Queued
+bytes beyond `limit` mean the client cannot keep up: the outbox calls `on_overflow` once (the
+gateway closes with 4008) and refuses further writes.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from collections.abc import Callable
+
+import trio
+
+
+class Outbox:
+    def __init__(self, sock: socket.socket, limit: int) -> None:
+        self._sock = sock
+        self.limit = limit
+        self.on_overflow: Callable[[], None] = lambda: None
+        self._queue: deque[bytes] = deque()
+        self.queued_bytes = 0
+        self._wake = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()
+        self.accepting = True  # false once closing or broken: writes are dropped
+        self._finish = False  # the writer exits once the queue is empty
+        self.broken = False
+        self.sent_bytes = 0
+
+    def write(self, data: bytes) -> bool:
+        """Queue `data` after everything written before. False if it was dropped."""
+        if not self.accepting:
+            return False
+        return self._put(data, bounded=True)
+
+    def _put(self, data: bytes, *, bounded: bool) -> bool:
+        if not self._queue:
+            try:
+                n = self._sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._break()
+                return False
+            self.sent_bytes += n
+            if n == len(data):
+                return True
+            data = data[n:]
+        self._queue.append(data)
+        self.queued_bytes += len(data)
+        if bounded and self.queued_bytes > self.limit:
+            self.accepting = False
+            self.on_overflow()
+            return False
+        self._wake.unpark()
+        return True
+
+    def write_last(self, data: bytes) -> None:
+        """Queue a final frame (a close): it goes out after what is queued; then nothing."""
+        if self.broken or self._finish:
+            return
+        self.accepting = False
+        self._put(data, bounded=False)
+        self._finish = True
+        self._wake.unpark()
+
+    def drop_queued(self) -> None:
+        """Forget queued bytes that have not started to go out (keeps a partial frame whole)."""
+        if len(self._queue) > 1:
+            first = self._queue[0]
+            self._queue.clear()
+            self._queue.append(first)
+            self.queued_bytes = len(first)
+
+    def _break(self) -> None:
+        self.broken = True
+        self.accepting = False
+        self._queue.clear()
+        self.queued_bytes = 0
+        self._wake.unpark()
+        self._drained.unpark_all()
+
+    async def wait_below(self, threshold: int) -> None:
+        """Wait until at most `threshold` bytes are queued (for bulk senders like catch-up)."""
+        while self.queued_bytes > threshold and not self.broken:
+            await self._drained.park()
+
+    async def run_writer(self) -> None:
+        """The connection's writer task: sends what `write` queued; returns after a final
+        frame has gone out, or when the socket breaks."""
+        while True:
+            if not self._queue:
+                if self._finish or self.broken:
+                    return
+                await self._wake.park()
+                continue
+            await trio.lowlevel.wait_writable(self._sock)
+            while self._queue:
+                chunk = self._queue[0]
+                try:
+                    n = self._sock.send(chunk)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self._break()
+                    return
+                self.sent_bytes += n
+                self.queued_bytes -= n
+                if n == len(chunk):
+                    self._queue.popleft()
+                else:
+                    self._queue[0] = chunk[n:]
+                    break
+            self._drained.unpark_all()

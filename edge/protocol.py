@@ -1,0 +1,397 @@
+"""The client protocol's pure core: JSON text → validated request objects, and replies → bytes.
+
+Nothing here does I/O or imports trio. `parse_request` raises `BadFrame` (with the request id when
+one could be read) for anything that does not follow PROTOCOL.md; the gateway answers it with
+`invalid` and keeps the connection open.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import attrs
+import orjson
+
+from node.config import Limits
+from node.errors import INVALID, GB6Error
+
+ROOM_KINDS: Final = frozenset({"chat", "meeting", "live"})
+PRESENCE_SET: Final = frozenset({"online", "away"})
+ReqId = str | int
+
+
+class BadFrame(GB6Error):
+    def __init__(self, message: str, req_id: ReqId | None, code: str = INVALID) -> None:
+        super().__init__(code, message)
+        self.req_id = req_id
+
+
+@attrs.frozen
+class Hello:
+    id: ReqId
+    token: str
+
+
+@attrs.frozen
+class Ping:
+    id: ReqId
+
+
+@attrs.frozen
+class RoomCreate:
+    id: ReqId
+    name: str
+    kind: str
+    members: tuple[str, ...]
+    open: bool
+
+
+@attrs.frozen
+class RoomOp:
+    """room.join / room.leave."""
+
+    id: ReqId
+    op: str
+    room: str
+
+
+@attrs.frozen
+class RoomMembers:
+    """room.add / room.remove."""
+
+    id: ReqId
+    op: str
+    room: str
+    users: tuple[str, ...]
+
+
+@attrs.frozen
+class ListRooms:
+    id: ReqId
+
+
+@attrs.frozen
+class Subscribe:
+    id: ReqId
+    room: str
+    after: int
+
+
+@attrs.frozen
+class Unsubscribe:
+    id: ReqId
+    room: str
+
+
+@attrs.frozen
+class Append:
+    """send, edit, delete, react: every op that takes a seq. `type` is the event type."""
+
+    id: ReqId
+    type: str
+    room: str
+    cid: str
+    body: dict[str, Any] | None = None
+    thread: int | None = None
+    target: int | None = None
+    emoji: str | None = None
+
+
+@attrs.frozen
+class History:
+    id: ReqId
+    room: str
+    before: int | None
+    limit: int
+
+
+@attrs.frozen
+class Receipt:
+    id: ReqId
+    room: str
+    read: int
+
+
+@attrs.frozen
+class Typing:
+    id: ReqId
+    room: str
+
+
+@attrs.frozen
+class Search:
+    id: ReqId
+    query: str
+    room: str | None
+
+
+@attrs.frozen
+class PresenceSet:
+    id: ReqId
+    status: str
+
+
+Request = (
+    Hello
+    | Ping
+    | RoomCreate
+    | RoomOp
+    | RoomMembers
+    | ListRooms
+    | Subscribe
+    | Unsubscribe
+    | Append
+    | History
+    | Receipt
+    | Typing
+    | Search
+    | PresenceSet
+)
+
+
+class _Fields:
+    """Typed access to one frame's fields; every failure names the field."""
+
+    def __init__(self, frame: dict[str, Any], req_id: ReqId | None, limits: Limits) -> None:
+        self.frame = frame
+        self.req_id = req_id
+        self.limits = limits
+
+    def fail(self, message: str) -> BadFrame:
+        return BadFrame(message, self.req_id)
+
+    def id(self) -> ReqId:
+        if self.req_id is None:
+            raise self.fail("field 'id' (string or integer) is required")
+        return self.req_id
+
+    def str(self, name: str, *, max_chars: int = 256, min_chars: int = 1) -> str:
+        value = self.frame.get(name)
+        if not isinstance(value, str):
+            raise self.fail(f"field '{name}' must be a string")
+        if not min_chars <= len(value) <= max_chars:
+            raise self.fail(f"field '{name}' must have {min_chars} to {max_chars} characters")
+        return value
+
+    def opt_str(self, name: str, *, max_chars: int = 256) -> str | None:
+        if self.frame.get(name) is None:
+            return None
+        return self.str(name, max_chars=max_chars)
+
+    def int(self, name: str, *, minimum: int = 0, maximum: int = 2**53) -> int:
+        value = self.frame.get(name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.fail(f"field '{name}' must be an integer")
+        if not minimum <= value <= maximum:
+            raise self.fail(f"field '{name}' must be between {minimum} and {maximum}")
+        return value
+
+    def opt_int(self, name: str, *, minimum: int = 0, maximum: int = 2**53) -> int | None:
+        if self.frame.get(name) is None:
+            return None
+        return self.int(name, minimum=minimum, maximum=maximum)
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.frame.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"field '{name}' must be true or false")
+        return value
+
+    def ids(self, name: str, *, required: bool = True) -> tuple[str, ...]:
+        value = self.frame.get(name)
+        if value is None and not required:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.fail(f"field '{name}' must be a list of id strings")
+        if len(value) > self.limits.members_per_request:
+            raise self.fail(f"field '{name}' has more than {self.limits.members_per_request} ids")
+        return tuple(dict.fromkeys(value))
+
+    def cid(self) -> str:
+        return self.str("cid", max_chars=64)
+
+    def body(self) -> dict[str, Any]:
+        value = self.frame.get("body")
+        if not isinstance(value, dict):
+            raise self.fail("field 'body' must be an object")
+        text = value.get("text")
+        if text is not None and not isinstance(text, str):
+            raise self.fail("field 'body.text' must be a string")
+        if len(orjson.dumps(value)) > self.limits.body_bytes:
+            raise BadFrame(
+                f"field 'body' is larger than {self.limits.body_bytes} bytes",
+                self.req_id,
+                code="too_large",
+            )
+        return value
+
+    def seq(self, name: str) -> int:
+        return self.int(name, minimum=1)
+
+
+def _read_id(frame: dict[str, Any]) -> ReqId | None:
+    value = frame.get("id")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and len(value) <= 128:
+        return value
+    if isinstance(value, int) and -(2**63) <= value < 2**63:
+        return value
+    return None
+
+
+def decode_frame(text: str | bytes) -> dict[str, Any]:
+    """JSON text → the frame object. Raises BadFrame (without id) if it is not a JSON object."""
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise BadFrame(f"frame is not valid JSON: {exc}", None) from None
+    if not isinstance(frame, dict):
+        raise BadFrame("frame must be a JSON object", None)
+    return frame
+
+
+def parse_request(frame: dict[str, Any], limits: Limits) -> Request:
+    req_id = _read_id(frame)
+    f = _Fields(frame, req_id, limits)
+    op = frame.get("op")
+    if not isinstance(op, str):
+        raise f.fail("field 'op' must be a string")
+    parser = _PARSERS.get(op)
+    if parser is None:
+        raise f.fail(f"unknown op {op[:64]!r}")
+    return parser(f, op)
+
+
+def _hello(f: _Fields, op: str) -> Request:
+    return Hello(f.id(), f.str("token", max_chars=4096))
+
+
+def _ping(f: _Fields, op: str) -> Request:
+    return Ping(f.id())
+
+
+def _room_create(f: _Fields, op: str) -> Request:
+    kind = f.str("kind", max_chars=16)
+    if kind not in ROOM_KINDS:
+        raise f.fail("field 'kind' must be one of chat, meeting, live")
+    return RoomCreate(
+        f.id(),
+        f.str("name", max_chars=f.limits.room_name_chars),
+        kind,
+        f.ids("members", required=False),
+        f.bool("open", False),
+    )
+
+
+def _room_op(f: _Fields, op: str) -> Request:
+    return RoomOp(f.id(), op, f.str("room"))
+
+
+def _room_members(f: _Fields, op: str) -> Request:
+    return RoomMembers(f.id(), op, f.str("room"), f.ids("users"))
+
+
+def _rooms(f: _Fields, op: str) -> Request:
+    return ListRooms(f.id())
+
+
+def _subscribe(f: _Fields, op: str) -> Request:
+    return Subscribe(f.id(), f.str("room"), f.int("after"))
+
+
+def _unsubscribe(f: _Fields, op: str) -> Request:
+    return Unsubscribe(f.id(), f.str("room"))
+
+
+def _send(f: _Fields, op: str) -> Request:
+    thread = f.opt_int("thread", minimum=1)
+    return Append(f.id(), "message", f.str("room"), f.cid(), body=f.body(), thread=thread)
+
+
+def _edit(f: _Fields, op: str) -> Request:
+    return Append(f.id(), "edit", f.str("room"), f.cid(), body=f.body(), target=f.seq("target"))
+
+
+def _delete(f: _Fields, op: str) -> Request:
+    return Append(f.id(), "delete", f.str("room"), f.cid(), target=f.seq("target"))
+
+
+def _react(f: _Fields, op: str) -> Request:
+    emoji = f.str("emoji", max_chars=f.limits.emoji_chars)
+    return Append(f.id(), "react", f.str("room"), f.cid(), target=f.seq("target"), emoji=emoji)
+
+
+def _history(f: _Fields, op: str) -> Request:
+    limit = f.opt_int("limit", minimum=1, maximum=200)
+    return History(f.id(), f.str("room"), f.opt_int("before", minimum=1), limit or 50)
+
+
+def _receipt(f: _Fields, op: str) -> Request:
+    return Receipt(f.id(), f.str("room"), f.int("read"))
+
+
+def _typing(f: _Fields, op: str) -> Request:
+    return Typing(f.id(), f.str("room"))
+
+
+def _search(f: _Fields, op: str) -> Request:
+    query = f.str("query", max_chars=f.limits.search_query_chars)
+    if not query.strip():
+        raise f.fail("field 'query' must contain a word")
+    return Search(f.id(), query, f.opt_str("room"))
+
+
+def _presence_set(f: _Fields, op: str) -> Request:
+    status = f.str("status", max_chars=16)
+    if status not in PRESENCE_SET:
+        raise f.fail("field 'status' must be online or away")
+    return PresenceSet(f.id(), status)
+
+
+_PARSERS = {
+    "hello": _hello,
+    "ping": _ping,
+    "room.create": _room_create,
+    "room.join": _room_op,
+    "room.leave": _room_op,
+    "room.add": _room_members,
+    "room.remove": _room_members,
+    "rooms": _rooms,
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
+    "send": _send,
+    "edit": _edit,
+    "delete": _delete,
+    "react": _react,
+    "history": _history,
+    "receipt": _receipt,
+    "typing": _typing,
+    "search": _search,
+    "presence.set": _presence_set,
+}
+
+
+# --- replies -------------------------------------------------------------------------------
+
+
+def ok(req_id: ReqId, fields: dict[str, Any] | None = None) -> bytes:
+    reply: dict[str, Any] = {"op": "ok", "re": req_id}
+    if fields:
+        reply.update(fields)
+    return orjson.dumps(reply)
+
+
+def error(req_id: ReqId | None, err: GB6Error) -> bytes:
+    reply: dict[str, Any] = {"op": "error"}
+    if req_id is not None:
+        reply["re"] = req_id
+    reply["code"] = err.code
+    reply["message"] = err.message
+    if err.retry_after_ms is not None:
+        reply["retry_after_ms"] = err.retry_after_ms
+    return orjson.dumps(reply)
+
+
+def event(type_: str, fields: dict[str, Any]) -> bytes:
+    return orjson.dumps({"op": "event", "type": type_, **fields})

@@ -1,0 +1,1 @@
+"""What every GB6 process shares: the `gb6` command, config, supervisor, wire types, errors, SDK."""

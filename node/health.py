@@ -1,0 +1,41 @@
+"""`/healthz` (the process serves), `/readyz` (it accepts clients) and `/metrics`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from quart import Blueprint, Response
+
+if TYPE_CHECKING:
+    from edge.gateway import Gateway
+    from origin.shard import OriginShard
+
+
+def health_blueprint(shard: OriginShard, gateway: Gateway) -> Blueprint:
+    bp = Blueprint("health", __name__)
+
+    @bp.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @bp.get("/readyz")
+    async def readyz() -> Response | dict[str, Any]:
+        if gateway.draining:
+            return Response('{"status": "draining"}', status=503, content_type="application/json")
+        return {"status": "ready"}
+
+    @bp.get("/metrics")
+    async def metrics() -> Response:
+        lines = [
+            "# TYPE gb6_connections gauge",
+            f"gb6_connections {len(gateway.conns)}",
+            "# TYPE gb6_room_hubs gauge",
+            f"gb6_room_hubs {len(gateway.hubs.hubs)}",
+            "# TYPE gb6_commits_total counter",
+            f"gb6_commits_total {shard.store.commits}",
+            "# TYPE gb6_rooms gauge",
+            f"gb6_rooms {len(shard.rooms)}",
+        ]
+        return Response("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
+
+    return bp

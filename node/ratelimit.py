@@ -1,0 +1,33 @@
+"""GCRA (generic cell rate algorithm) limiter: one timestamp per key, O(1) per check."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+
+class Gcra:
+    """Allows `rate` events per second with bursts of `burst`, per key.
+
+    Keys are kept in LRU order up to `max_keys`; a forgotten key starts with a full burst, which
+    only ever errs towards allowing.
+    """
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.interval = 1.0 / rate
+        self.tolerance = self.interval * (burst - 1)
+        self.max_keys = max_keys
+        self._tat: OrderedDict[str, float] = OrderedDict()  # theoretical arrival time
+
+    def check(self, key: str, now: float) -> float:
+        """0.0 if allowed (and counted), else the seconds to wait before a retry."""
+        tat = self._tat.get(key, now)
+        tat = max(tat, now)
+        if tat - now > self.tolerance:
+            return tat - now - self.tolerance
+        self._tat[key] = tat + self.interval
+        self._tat.move_to_end(key)
+        if len(self._tat) > self.max_keys:
+            self._tat.popitem(last=False)
+        return 0.0

@@ -1,0 +1,99 @@
+"""The process: one trio-asyncio loop around one nursery holding every component.
+
+Start order: origin shard (store loaded) → edge gateway (WS listener) → HTTP listener → the
+ready line. SIGTERM/SIGINT drain in the reverse direction: the gateway tells clients to resume
+elsewhere (4009), the shard waits until every accepted write is durable and answered, then the
+HTTP server stops and the nursery is cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import trio
+import trio_asyncio
+
+from edge.files_api import files_blueprint
+from edge.gateway import Gateway
+from node.config import Config
+from node.health import health_blueprint
+from node.http import bind, build_app, serve_http
+from node.ids import new_secret
+from node.log import log
+from origin.admin_api import admin_blueprint
+from origin.shard import OriginShard
+
+
+def _say(out: TextIO, **fields: object) -> None:
+    # json.dumps's default separators: the exact shape PROTOCOL.md shows.
+    out.write(json.dumps(fields) + "\n")
+    out.flush()
+
+
+def admin_token(data_dir: Path) -> tuple[str, bool]:
+    """The admin token and whether it came from the data directory (so is printed)."""
+    env = os.environ.get("GB6_ADMIN_TOKEN")
+    if env:
+        return env, False
+    path = data_dir / "admin_token"
+    if path.exists():
+        return path.read_text().strip(), True
+    token = "gb6a_" + new_secret()
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return token, True
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    _raise_fd_limit()
+    token, printed = admin_token(config.data_dir)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            shard = OriginShard(config)
+            await nursery.start(shard.run)
+            gateway = Gateway(config, shard)
+            ws_port = await nursery.start(gateway.run)
+            http_sock = bind(config.host, config.http_port)
+            http_port = http_sock.getsockname()[1]
+            stop_http = trio.Event()
+            app = build_app(
+                [
+                    admin_blueprint(shard, token),
+                    files_blueprint(shard),
+                    health_blueprint(shard, gateway),
+                ],
+                max_body=config.limits.file_bytes,
+            )
+            await nursery.start(serve_http, app, http_sock, stop_http)
+            host = f"[{config.host}]" if ":" in config.host else config.host
+            if printed:
+                _say(out, event="admin_token", token=token)
+            _say(out, event="ready", ws=f"ws://{host}:{ws_port}/v1/ws", http=f"http://{host}:{http_port}")
+            async for signum in signals:
+                log("draining", signal=signal.Signals(signum).name)
+                break
+            await gateway.drain()
+            await shard.drain()
+            stop_http.set()
+            nursery.cancel_scope.deadline = trio.current_time() + 5.0
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    log("stopped")

@@ -1,0 +1,104 @@
+"""Domain records the stores return. Frozen attrs classes; stores speak in these, not rows."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import attrs
+
+INSTANCE_ROLES: Final = ("owner", "admin", "member", "guest")
+MODERATOR_ROLES: Final = frozenset({"owner", "admin"})
+PLANS: Final = ("free", "unlimited")
+
+
+@attrs.frozen
+class Org:
+    id: str
+    name: str
+    parent: str | None
+    created_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "parent": self.parent, "created_at": iso(self.created_at)}
+
+
+@attrs.frozen
+class Instance:
+    id: str
+    org: str
+    name: str
+    region: str
+    plan: str
+    status: str
+    created_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "org": self.org,
+            "name": self.name,
+            "region": self.region,
+            "plan": self.plan,
+            "status": self.status,
+            "created_at": iso(self.created_at),
+        }
+
+
+@attrs.frozen
+class User:
+    id: str
+    instance: str
+    name: str
+    role: str
+    created_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "instance": self.instance,
+            "name": self.name,
+            "role": self.role,
+            "created_at": iso(self.created_at),
+        }
+
+
+@attrs.frozen
+class Token:
+    id: str
+    user: str
+    expires_at: int  # ms
+    revoked: bool
+
+
+@attrs.frozen
+class RoomRecord:
+    id: str
+    instance: str
+    name: str
+    kind: str
+    open: bool
+    creator: str
+    created_at: int
+
+
+@attrs.frozen
+class FileRecord:
+    id: str
+    room: str
+    uploader: str
+    size: int
+    type: str
+    created_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "size": self.size, "type": self.type}
+
+
+def iso(ms: int) -> str:
+    import datetime
+
+    return (
+        datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )

@@ -1,0 +1,382 @@
+"""One origin shard: the only writer of its rooms.
+
+It authorizes every change against the tenancy and membership it keeps in memory (loaded from
+the store at start, changed only through it), hands seq-taking ops to the store's group-commit
+writer, and once a batch is durable answers each requester and publishes the new events to its
+listeners (the edges) in seq order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import outcome
+import trio
+
+from node.config import Config
+from node.errors import (
+    INVALID,
+    QUOTA_EXCEEDED,
+    UNAUTHORIZED,
+    GB6Error,
+    forbidden,
+    invalid,
+    not_found,
+)
+from node.events import Event
+from node.ids import new_id, new_secret, secret_digest
+from origin.blobs import LocalBlobStore
+from origin.records import (
+    INSTANCE_ROLES,
+    MODERATOR_ROLES,
+    PLANS,
+    FileRecord,
+    Instance,
+    Org,
+    RoomRecord,
+    Token,
+    User,
+)
+from origin.sqlite_store import Appended, AppendItem, SqliteStore, now_ms
+
+AppendReply = Callable[[outcome.Outcome[Appended]], None]
+EventListener = Callable[[str, list[Event]], None]
+
+
+@attrs.frozen
+class Principal:
+    """Who is calling: an authenticated user of an instance."""
+
+    user: User
+    instance: Instance
+
+    @property
+    def id(self) -> str:
+        return self.user.id
+
+    @property
+    def moderator(self) -> bool:
+        return self.user.role in MODERATOR_ROLES
+
+
+@attrs.define
+class RoomState:
+    record: RoomRecord
+    head: int  # the newest durable seq
+    members: dict[str, int]  # user → read seq
+
+    def summary(self) -> dict[str, Any]:
+        r = self.record
+        return {"id": r.id, "name": r.name, "kind": r.kind, "open": r.open}
+
+
+@attrs.frozen
+class MembershipChange:
+    room: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+
+
+class OriginShard:
+    """A component: `await nursery.start(shard.run)`; serves once its state is loaded."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.store = SqliteStore(config.data_dir / "gb6.db", config.limits, self._on_appended)
+        self.blobs = LocalBlobStore(config.data_dir / "blobs")
+        self.orgs: dict[str, Org] = {}
+        self.instances: dict[str, Instance] = {}
+        self.users: dict[str, User] = {}
+        self.rooms: dict[str, RoomState] = {}
+        self.user_rooms: dict[str, set[str]] = {}
+        self.event_listeners: list[EventListener] = []
+        self.member_listeners: list[Callable[[MembershipChange], None]] = []
+        self.read_listeners: list[Callable[[str, str, int], None]] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.store.run)
+            orgs, insts, users = await self.store.load_tenancy()
+            self.orgs = {o.id: o for o in orgs}
+            self.instances = {i.id: i for i in insts}
+            self.users = {u.id: u for u in users}
+            for rec, head, members in await self.store.load_rooms():
+                self.rooms[rec.id] = RoomState(rec, head, members)
+                for user in members:
+                    self.user_rooms.setdefault(user, set()).add(rec.id)
+            task_status.started()
+
+    async def drain(self) -> None:
+        """Wait until every accepted write is durable and answered."""
+        await self.store.wait_idle()
+
+    # --- tenancy (admin) -----------------------------------------------------------------
+
+    async def create_org(self, name: str, parent: str | None) -> Org:
+        if parent is not None and parent not in self.orgs:
+            raise not_found(f"organization {parent} not found")
+        org = Org(new_id("org"), name, parent, now_ms())
+        await self.store.create_org(org)
+        self.orgs[org.id] = org
+        return org
+
+    async def create_instance(
+        self, org: str, name: str, region: str | None, plan: str | None
+    ) -> Instance:
+        if org not in self.orgs:
+            raise not_found(f"organization {org} not found")
+        plan = plan or "free"
+        if plan not in PLANS:
+            raise invalid(f"unknown plan {plan!r}; plans: {', '.join(PLANS)}")
+        region = region or self.config.region
+        if region != self.config.region:
+            raise invalid(f"this node serves region {self.config.region!r}, not {region!r}")
+        inst = Instance(new_id("ins"), org, name, region, plan, "active", now_ms())
+        await self.store.create_instance(inst)
+        self.instances[inst.id] = inst
+        return inst
+
+    async def create_user(self, instance: str, name: str, role: str) -> User:
+        if instance not in self.instances:
+            raise not_found(f"instance {instance} not found")
+        if role not in INSTANCE_ROLES:
+            raise invalid(f"role must be one of {', '.join(INSTANCE_ROLES)}")
+        user = User(new_id("usr"), instance, name, role, now_ms())
+        await self.store.create_user(user)
+        self.users[user.id] = user
+        return user
+
+    def user_of_instance(self, instance: str, user_id: str) -> User:
+        user = self.users.get(user_id)
+        if instance not in self.instances or user is None or user.instance != instance:
+            raise not_found(f"user {user_id} not found in instance {instance}")
+        return user
+
+    async def issue_token(self, instance: str, user_id: str, ttl_s: int | None) -> tuple[str, Token]:
+        self.user_of_instance(instance, user_id)
+        ttl = self.limits.token_ttl_s if ttl_s is None else ttl_s
+        if not 1 <= ttl <= self.limits.token_ttl_max_s:
+            raise invalid(f"ttl_seconds must be between 1 and {self.limits.token_ttl_max_s}")
+        secret = "gb6u_" + new_secret()
+        token = Token(new_id("tok"), user_id, now_ms() + ttl * 1000, False)
+        await self.store.create_token(token, secret_digest(secret))
+        return secret, token
+
+    async def revoke_token(self, instance: str, user_id: str, token_id: str) -> None:
+        self.user_of_instance(instance, user_id)
+        if not await self.store.revoke_token(user_id, token_id):
+            raise not_found(f"token {token_id} not found")
+
+    async def authenticate(self, secret: str) -> Principal:
+        token = await self.store.token(secret_digest(secret))
+        if token is None:
+            raise GB6Error(UNAUTHORIZED, "unknown token")
+        if token.revoked:
+            raise GB6Error(UNAUTHORIZED, "token revoked")
+        if token.expires_at <= now_ms():
+            raise GB6Error(UNAUTHORIZED, "token expired")
+        user = self.users.get(token.user)
+        inst = self.instances.get(user.instance) if user else None
+        if user is None or inst is None:
+            raise GB6Error(UNAUTHORIZED, "unknown token")
+        if inst.status != "active":
+            raise GB6Error(UNAUTHORIZED, f"instance is {inst.status}")
+        return Principal(user, inst)
+
+    # --- rooms and membership ------------------------------------------------------------
+
+    def room_visible(self, who: Principal, room_id: str) -> RoomState:
+        """The room if `who` may see its metadata: a member, or any user for an open room."""
+        room = self.rooms.get(room_id)
+        if room is None or room.record.instance != who.instance.id:
+            raise not_found(f"room {room_id} not found")
+        if who.id not in room.members and not room.record.open:
+            raise not_found(f"room {room_id} not found")
+        return room
+
+    def room_for_member(self, who: Principal, room_id: str) -> RoomState:
+        room = self.room_visible(who, room_id)
+        if who.id not in room.members:
+            raise forbidden(f"not a member of room {room_id}")
+        return room
+
+    def _same_instance_users(self, who: Principal, users: Iterable[str]) -> list[str]:
+        found = []
+        for uid in users:
+            user = self.users.get(uid)
+            if user is None or user.instance != who.instance.id:
+                raise not_found(f"user {uid} not found")
+            found.append(uid)
+        return found
+
+    async def create_room(
+        self, who: Principal, name: str, kind: str, members: Iterable[str], open_: bool
+    ) -> RoomState:
+        if who.user.role == "guest":
+            raise forbidden("guests cannot create rooms")
+        users = [who.id, *(u for u in self._same_instance_users(who, members) if u != who.id)]
+        if len(users) > self.limits.members_per_room:
+            raise GB6Error(QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members")
+        rec = RoomRecord(new_id("room"), who.instance.id, name, kind, open_, who.id, now_ms())
+        await self.store.create_room(rec, users)
+        state = RoomState(rec, 0, dict.fromkeys(users, 0))
+        self.rooms[rec.id] = state
+        for u in users:
+            self.user_rooms.setdefault(u, set()).add(rec.id)
+        return state
+
+    async def join(self, who: Principal, room_id: str) -> RoomState:
+        room = self.room_visible(who, room_id)
+        if who.id not in room.members:
+            if not room.record.open:
+                raise not_found(f"room {room_id} not found")
+            await self._add(room, [who.id])
+        return room
+
+    async def leave(self, who: Principal, room_id: str) -> RoomState:
+        room = self.room_for_member(who, room_id)
+        await self._remove(room, [who.id])
+        return room
+
+    async def add_members(self, who: Principal, room_id: str, users: Iterable[str]) -> RoomState:
+        room = self._manageable(who, room_id)
+        new = [u for u in self._same_instance_users(who, users) if u not in room.members]
+        if len(room.members) + len(new) > self.limits.members_per_room:
+            raise GB6Error(QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members")
+        if new:
+            await self._add(room, new)
+        return room
+
+    async def remove_members(self, who: Principal, room_id: str, users: Iterable[str]) -> RoomState:
+        room = self._manageable(who, room_id)
+        gone = [u for u in self._same_instance_users(who, users) if u in room.members]
+        if gone:
+            await self._remove(room, gone)
+        return room
+
+    def _manageable(self, who: Principal, room_id: str) -> RoomState:
+        room = self.room_visible(who, room_id)
+        if room.record.creator != who.id and not who.moderator:
+            raise forbidden("only the room's creator or an instance owner or admin may do this")
+        return room
+
+    async def _add(self, room: RoomState, users: list[str]) -> None:
+        await self.store.add_members(room.record.id, users)
+        for u in users:
+            room.members.setdefault(u, 0)
+            self.user_rooms.setdefault(u, set()).add(room.record.id)
+        self._members_changed(MembershipChange(room.record.id, tuple(users), ()))
+
+    async def _remove(self, room: RoomState, users: list[str]) -> None:
+        await self.store.remove_members(room.record.id, users)
+        for u in users:
+            room.members.pop(u, None)
+            self.user_rooms.get(u, set()).discard(room.record.id)
+        self._members_changed(MembershipChange(room.record.id, (), tuple(users)))
+
+    def _members_changed(self, change: MembershipChange) -> None:
+        for listener in self.member_listeners:
+            listener(change)
+
+    def rooms_of(self, who: Principal) -> list[dict[str, Any]]:
+        out = []
+        for rid in sorted(self.user_rooms.get(who.id, ())):
+            room = self.rooms[rid]
+            out.append({**room.summary(), "head": room.head, "read": room.members[who.id]})
+        return out
+
+    async def set_read(self, who: Principal, room_id: str, seq: int) -> None:
+        room = self.room_for_member(who, room_id)
+        if seq > room.head:
+            raise invalid(f"read {seq} is beyond the room's head {room.head}")
+        if seq <= room.members[who.id]:
+            return
+        await self.store.set_read(room_id, who.id, seq)
+        if who.id in room.members:
+            room.members[who.id] = max(room.members[who.id], seq)
+        for listener in self.read_listeners:
+            listener(room_id, who.id, seq)
+
+    # --- the message path ----------------------------------------------------------------
+
+    async def append(
+        self,
+        who: Principal,
+        room_id: str,
+        type_: str,
+        cid: str,
+        reply: AppendReply,
+        *,
+        body: dict[str, Any] | None = None,
+        thread: int | None = None,
+        target: int | None = None,
+        emoji: str | None = None,
+    ) -> None:
+        """Authorize and queue one seq-taking op. `reply` is called once it is durable (or
+        refused); the call itself returns as soon as the op is queued."""
+        room = self.room_for_member(who, room_id)
+        may_moderate = who.moderator or room.record.creator == who.id
+        item = AppendItem(
+            room=room_id, sender=who.id, type=type_, cid=cid, body=body, thread=thread,
+            target=target, emoji=emoji, may_moderate=may_moderate, reply=reply,
+        )
+        await self.store.submit_append(item)
+
+    def _on_appended(self, results: list[tuple[AppendItem, outcome.Outcome[Appended]]]) -> None:
+        fresh: dict[str, list[Event]] = {}
+        for item, result in results:
+            if isinstance(result, outcome.Value) and not result.value.duplicate:
+                ev = result.value.event
+                fresh.setdefault(ev.room, []).append(ev)
+        for room_id, events in fresh.items():
+            state = self.rooms.get(room_id)
+            if state is not None:
+                state.head = events[-1].seq
+            for listener in self.event_listeners:
+                listener(room_id, events)
+        for item, result in results:
+            item.reply(result)
+
+    async def events_after(self, room_id: str, after: int, limit: int) -> list[Event]:
+        return await self.store.events_after(room_id, after, limit)
+
+    async def history(self, who: Principal, room_id: str, before: int | None, limit: int) -> list[Event]:
+        self.room_for_member(who, room_id)
+        return await self.store.history(room_id, before, limit)
+
+    async def search(self, who: Principal, query: str, room_id: str | None) -> list[Event]:
+        if room_id is not None:
+            self.room_for_member(who, room_id)
+            rooms = [room_id]
+        else:
+            rooms = sorted(self.user_rooms.get(who.id, ()))
+        return await self.store.search(rooms, query, self.limits.search_hits)
+
+    # --- files ---------------------------------------------------------------------------
+
+    async def put_file(self, who: Principal, room_id: str, content_type: str, data: bytes) -> FileRecord:
+        self.room_for_member(who, room_id)
+        if len(data) > self.limits.file_bytes:
+            raise GB6Error("too_large", f"files are limited to {self.limits.file_bytes} bytes")
+        if not data:
+            raise invalid("the file is empty")
+        ctype = content_type.split(";")[0].strip().lower() or "application/octet-stream"
+        if ctype in self.limits.file_types_denied or "/" not in ctype or len(ctype) > 100:
+            raise GB6Error(INVALID, f"files of type {ctype!r} are not accepted")
+        rec = FileRecord(new_id("file"), room_id, who.id, len(data), ctype, now_ms())
+        await self.blobs.put(rec.id, data)
+        await self.store.create_file(rec)
+        return rec
+
+    async def get_file(self, who: Principal, file_id: str) -> tuple[FileRecord, Path]:
+        rec = await self.store.file(file_id)
+        if rec is None:
+            raise not_found(f"file {file_id} not found")
+        room = self.rooms.get(rec.room)
+        if room is None or room.record.instance != who.instance.id or who.id not in room.members:
+            raise not_found(f"file {file_id} not found")
+        return rec, self.blobs.path(rec.id)

@@ -1,0 +1,629 @@
+"""The embedded store: relational data and the log of record in one SQLite file.
+
+Durability: WAL with `synchronous=FULL`, so a commit has reached the disk (fsync) before any
+caller hears of it. One writer thread owns the only write connection and group-commits: it takes
+every job waiting in its queue (up to `writer_batch`), applies each inside its own savepoint, and
+commits once. Results cross back to Trio once per batch, through a channel that one committer task
+drains in commit order, so the origin can acknowledge and publish in seq order.
+
+Reads run on a small pool of read connections in worker threads (WAL readers never block the
+writer). Seqs are assigned inside the writer's transaction from a per-room head cache; a failed
+commit drops that cache, so a seq is never skipped or reused.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import attrs
+import orjson
+import outcome
+import trio
+
+from node.config import Limits
+from node.errors import CONFLICT, UNAVAILABLE, GB6Error, forbidden, not_found
+from node.events import Event
+from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
+
+T = TypeVar("T")
+
+_MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE orgs(
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, parent TEXT REFERENCES orgs(id),
+        created_at INTEGER NOT NULL);
+    CREATE TABLE instances(
+        id TEXT PRIMARY KEY, org TEXT NOT NULL REFERENCES orgs(id), name TEXT NOT NULL,
+        region TEXT NOT NULL, plan TEXT NOT NULL, status TEXT NOT NULL,
+        created_at INTEGER NOT NULL);
+    CREATE TABLE users(
+        id TEXT PRIMARY KEY, instance TEXT NOT NULL REFERENCES instances(id),
+        name TEXT NOT NULL, role TEXT NOT NULL, created_at INTEGER NOT NULL);
+    CREATE TABLE tokens(
+        id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, user TEXT NOT NULL REFERENCES users(id),
+        expires_at INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL);
+    CREATE TABLE rooms(
+        id TEXT PRIMARY KEY, instance TEXT NOT NULL REFERENCES instances(id),
+        name TEXT NOT NULL, kind TEXT NOT NULL, open INTEGER NOT NULL, creator TEXT NOT NULL,
+        created_at INTEGER NOT NULL);
+    CREATE TABLE members(
+        room TEXT NOT NULL, user TEXT NOT NULL, read INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY(room, user)) WITHOUT ROWID;
+    CREATE INDEX members_by_user ON members(user);
+    CREATE TABLE events(
+        id INTEGER PRIMARY KEY, room TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL,
+        type TEXT NOT NULL, sender TEXT NOT NULL, cid TEXT NOT NULL, body BLOB,
+        thread INTEGER, target INTEGER, emoji TEXT, deleted INTEGER NOT NULL DEFAULT 0,
+        current BLOB, edited INTEGER,
+        UNIQUE(room, seq), UNIQUE(room, sender, cid));
+    CREATE VIRTUAL TABLE events_fts USING fts5(text, tokenize='unicode61 remove_diacritics 2');
+    CREATE TABLE files(
+        id TEXT PRIMARY KEY, room TEXT NOT NULL REFERENCES rooms(id), uploader TEXT NOT NULL,
+        size INTEGER NOT NULL, type TEXT NOT NULL, created_at INTEGER NOT NULL);
+    CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+_EVENT_COLS: Final = "room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted"
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        str(path), isolation_level=None, check_same_thread=False, timeout=30.0
+    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    if readonly:
+        conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
+def _event(row: Sequence[Any]) -> Event:
+    room, seq, ts, type_, sender, cid, body, thread, target, emoji, deleted = row
+    return Event(
+        room=room,
+        seq=seq,
+        ts=ts,
+        type=type_,
+        sender=sender,
+        cid=cid,
+        body=orjson.loads(body) if body is not None else None,
+        thread=thread,
+        target=target,
+        emoji=emoji,
+        deleted=bool(deleted),
+    )
+
+
+@attrs.frozen
+class AppendItem:
+    """One seq-taking op, already authorized against membership by the origin."""
+
+    room: str
+    sender: str
+    type: str
+    cid: str
+    body: dict[str, Any] | None = None
+    thread: int | None = None
+    target: int | None = None
+    emoji: str | None = None
+    may_moderate: bool = False  # may delete other people's messages
+    reply: Any = None  # opaque to the store: how the origin answers the requester
+
+
+@attrs.frozen
+class Appended:
+    event: Event
+    duplicate: bool
+
+
+AppendCallback = Callable[[list[tuple[AppendItem, outcome.Outcome[Appended]]]], None]
+
+
+@attrs.define
+class _Job:
+    append: AppendItem | None
+    call: Callable[[sqlite3.Connection], Any] | None
+    done: Callable[[outcome.Outcome[Any]], None] | None = None
+
+
+_STOP: Final = object()
+
+
+class SqliteStore:
+    """The embedded relational store and log of record. A component: `await nursery.start(run)`.
+
+    `on_appended` is called in the committer task, once per committed batch, in commit order.
+    """
+
+    def __init__(self, path: Path, limits: Limits, on_appended: AppendCallback) -> None:
+        self.path = path
+        self.limits = limits
+        self._on_appended = on_appended
+        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._slots = trio.Semaphore(limits.max_inflight_appends)
+        self._readers: list[sqlite3.Connection] = []
+        self._read_limiter = trio.CapacityLimiter(2)
+        self._heads: dict[str, int] = {}  # writer thread only
+        self._thread: threading.Thread | None = None
+        self._results_send, self._results_recv = trio.open_memory_channel[
+            list[tuple[_Job, outcome.Outcome[Any]]]
+        ](limits.max_inflight_appends)
+        self._inflight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.commits = 0  # batches committed; for metrics and tests
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await trio.to_thread.run_sync(self._open_writer)
+        self._readers = [
+            await trio.to_thread.run_sync(lambda: _connect(self.path, readonly=True))
+            for _ in range(2)
+        ]
+        token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(
+            target=self._writer_main, args=(writer, token), name="gb6-sqlite-writer", daemon=True
+        )
+        self._thread.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._committer)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            # The writer finishes every job queued before the stop marker, then exits.
+            self._queue.put(_STOP)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._thread.join)
+                for conn in self._readers:
+                    conn.close()
+
+    async def wait_idle(self) -> None:
+        """Return once every submitted job has been committed and answered."""
+        await self._idle.wait()
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = _connect(self.path, readonly=False)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+            conn.execute("COMMIT")
+        return conn
+
+    # --- the writer thread ---------------------------------------------------------------
+
+    def _writer_main(self, conn: sqlite3.Connection, token: trio.lowlevel.TrioToken) -> None:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                batch: list[_Job] = [first]  # type: ignore[list-item]
+                stop = False
+                while len(batch) < self.limits.writer_batch:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        stop = True
+                        break
+                    batch.append(nxt)  # type: ignore[arg-type]
+                results = self._apply(conn, batch)
+                try:
+                    token.run_sync_soon(self._results_send.send_nowait, results)
+                except trio.RunFinishedError:
+                    return
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _apply(
+        self, conn: sqlite3.Connection, batch: list[_Job]
+    ) -> list[tuple[_Job, outcome.Outcome[Any]]]:
+        results: list[tuple[_Job, outcome.Outcome[Any]]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    if job.append is not None:
+                        value: Any = self._append(conn, job.append)
+                    else:
+                        assert job.call is not None
+                        value = job.call(conn)
+                except (GB6Error, sqlite3.IntegrityError) as exc:
+                    # The job's own fault: undo just its writes, keep the rest of the batch.
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    if job.append is not None:
+                        self._heads.pop(job.append.room, None)
+                    err = exc if isinstance(exc, GB6Error) else GB6Error(CONFLICT, str(exc))
+                    results.append((job, outcome.Error(err)))
+                    continue
+                conn.execute("RELEASE job")
+                results.append((job, outcome.Value(value)))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._heads.clear()  # reloaded from the log on next use: no seq skipped or reused
+            failure = GB6Error(UNAVAILABLE, f"storage failed, nothing was written: {exc}")
+            return [(job, outcome.Error(failure)) for job in batch]
+        return results
+
+    def _head(self, conn: sqlite3.Connection, room: str) -> int:
+        head = self._heads.get(room)
+        if head is None:
+            row = conn.execute("SELECT MAX(seq) FROM events WHERE room=?", (room,)).fetchone()
+            head = row[0] or 0
+            self._heads[room] = head
+        return head
+
+    def _append(self, conn: sqlite3.Connection, item: AppendItem) -> Appended:
+        prior = conn.execute(
+            f"SELECT {_EVENT_COLS} FROM events WHERE room=? AND sender=? AND cid=?",
+            (item.room, item.sender, item.cid),
+        ).fetchone()
+        if prior is not None:
+            return Appended(_event(prior), duplicate=True)
+        if item.target is not None:
+            self._check_target(conn, item)
+        if item.thread is not None:
+            row = conn.execute(
+                "SELECT type FROM events WHERE room=? AND seq=?", (item.room, item.thread)
+            ).fetchone()
+            if row is None or row[0] != "message":
+                raise not_found(f"thread root {item.thread} is not a message of this room")
+        seq = self._head(conn, item.room) + 1
+        ts = now_ms()
+        body = orjson.dumps(item.body) if item.body is not None else None
+        cur = conn.execute(
+            "INSERT INTO events(room, seq, ts, type, sender, cid, body, thread, target, emoji)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (item.room, seq, ts, item.type, item.sender, item.cid, body, item.thread,
+             item.target, item.emoji),
+        )
+        text = (item.body or {}).get("text")
+        if item.type == "message" and isinstance(text, str) and text:
+            conn.execute("INSERT INTO events_fts(rowid, text) VALUES (?, ?)", (cur.lastrowid, text))
+        elif item.type == "edit":
+            target_id = conn.execute(
+                "SELECT id FROM events WHERE room=? AND seq=?", (item.room, item.target)
+            ).fetchone()[0]
+            conn.execute(
+                "UPDATE events SET current=?, edited=? WHERE id=?", (body, seq, target_id)
+            )
+            conn.execute("DELETE FROM events_fts WHERE rowid=?", (target_id,))
+            if isinstance(text, str) and text:
+                conn.execute(
+                    "INSERT INTO events_fts(rowid, text) VALUES (?, ?)", (target_id, text)
+                )
+        elif item.type == "delete":
+            conn.execute(
+                "UPDATE events SET deleted=1, body=NULL, current=NULL"
+                " WHERE room=? AND (seq=? OR (type='edit' AND target=?))",
+                (item.room, item.target, item.target),
+            )
+            conn.execute(
+                "DELETE FROM events_fts WHERE rowid="
+                "(SELECT id FROM events WHERE room=? AND seq=?)",
+                (item.room, item.target),
+            )
+        self._heads[item.room] = seq
+        event = Event(
+            room=item.room, seq=seq, ts=ts, type=item.type, sender=item.sender, cid=item.cid,
+            body=item.body, thread=item.thread, target=item.target, emoji=item.emoji,
+        )
+        return Appended(event, duplicate=False)
+
+    def _check_target(self, conn: sqlite3.Connection, item: AppendItem) -> None:
+        row = conn.execute(
+            "SELECT type, sender, deleted FROM events WHERE room=? AND seq=?",
+            (item.room, item.target),
+        ).fetchone()
+        if row is None or row[0] != "message":
+            raise not_found(f"target {item.target} is not a message of this room")
+        if row[2]:
+            raise GB6Error(CONFLICT, f"message {item.target} was deleted")
+        if item.type == "edit" and row[1] != item.sender:
+            raise forbidden("only the sender can edit a message")
+        if item.type == "delete" and row[1] != item.sender and not item.may_moderate:
+            raise forbidden("only the sender, the room's creator or an admin can delete")
+
+    # --- committer: results back into Trio, in commit order -------------------------------
+
+    async def _committer(self) -> None:
+        async for results in self._results_recv:
+            appended: list[tuple[AppendItem, outcome.Outcome[Appended]]] = []
+            for job, result in results:
+                if job.append is not None:
+                    appended.append((job.append, result))
+                elif job.done is not None:
+                    job.done(result)
+            self.commits += 1
+            if appended:
+                self._on_appended(appended)
+            self._release(len(results))
+
+    def _release(self, n: int) -> None:
+        self._inflight -= n
+        for _ in range(n):
+            self._slots.release()
+        if self._inflight == 0:
+            self._idle.set()
+
+    async def _acquire(self) -> None:
+        await self._slots.acquire()
+        if self._inflight == 0:
+            self._idle = trio.Event()
+        self._inflight += 1
+
+    # --- writes --------------------------------------------------------------------------
+
+    async def submit_append(self, item: AppendItem) -> None:
+        """Queue an append; waits only for a free slot (backpressure). The result reaches
+        `on_appended` once durable."""
+        await self._acquire()
+        self._queue.put(_Job(append=item, call=None))
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in the writer's next group commit; return its value once durable.
+
+        Cancelling the caller does not cancel the write: it is queued and will commit."""
+        await self._acquire()
+        done = trio.Event()
+        box: list[outcome.Outcome[T]] = []
+
+        def finish(result: outcome.Outcome[T]) -> None:
+            box.append(result)
+            done.set()
+
+        self._queue.put(_Job(append=None, call=fn, done=finish))
+        await done.wait()
+        return box[0].unwrap()
+
+    async def create_org(self, org: Org) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            if org.parent is not None and not c.execute(
+                "SELECT 1 FROM orgs WHERE id=?", (org.parent,)
+            ).fetchone():
+                raise not_found(f"organization {org.parent} not found")
+            c.execute(
+                "INSERT INTO orgs(id, name, parent, created_at) VALUES (?,?,?,?)",
+                (org.id, org.name, org.parent, org.created_at),
+            )
+
+        await self.write(tx)
+
+    async def create_instance(self, inst: Instance) -> None:
+        await self.write(
+            lambda c: c.execute(
+                "INSERT INTO instances(id, org, name, region, plan, status, created_at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (inst.id, inst.org, inst.name, inst.region, inst.plan, inst.status,
+                 inst.created_at),
+            )
+        )
+
+    async def create_user(self, user: User) -> None:
+        await self.write(
+            lambda c: c.execute(
+                "INSERT INTO users(id, instance, name, role, created_at) VALUES (?,?,?,?,?)",
+                (user.id, user.instance, user.name, user.role, user.created_at),
+            )
+        )
+
+    async def create_token(self, token: Token, digest: str) -> None:
+        await self.write(
+            lambda c: c.execute(
+                "INSERT INTO tokens(id, digest, user, expires_at, revoked, created_at)"
+                " VALUES (?,?,?,?,0,?)",
+                (token.id, digest, token.user, token.expires_at, now_ms()),
+            )
+        )
+
+    async def revoke_token(self, user: str, token_id: str) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE tokens SET revoked=1 WHERE id=? AND user=?", (token_id, user)
+            )
+            return cur.rowcount > 0
+
+        return await self.write(tx)
+
+    async def create_room(self, room: RoomRecord, members: Iterable[str]) -> None:
+        users = list(members)
+
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO rooms(id, instance, name, kind, open, creator, created_at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (room.id, room.instance, room.name, room.kind, int(room.open), room.creator,
+                 room.created_at),
+            )
+            c.executemany(
+                "INSERT INTO members(room, user) VALUES (?, ?)", [(room.id, u) for u in users]
+            )
+
+        await self.write(tx)
+
+    async def add_members(self, room: str, users: Iterable[str]) -> None:
+        rows = [(room, u) for u in users]
+        await self.write(
+            lambda c: c.executemany("INSERT OR IGNORE INTO members(room, user) VALUES (?, ?)", rows)
+        )
+
+    async def remove_members(self, room: str, users: Iterable[str]) -> None:
+        rows = [(room, u) for u in users]
+        await self.write(lambda c: c.executemany("DELETE FROM members WHERE room=? AND user=?", rows))
+
+    async def set_read(self, room: str, user: str, seq: int) -> None:
+        await self.write(
+            lambda c: c.execute(
+                "UPDATE members SET read=MAX(read, ?) WHERE room=? AND user=?", (seq, room, user)
+            )
+        )
+
+    async def create_file(self, rec: FileRecord) -> None:
+        await self.write(
+            lambda c: c.execute(
+                "INSERT INTO files(id, room, uploader, size, type, created_at)"
+                " VALUES (?,?,?,?,?,?)",
+                (rec.id, rec.room, rec.uploader, rec.size, rec.type, rec.created_at),
+            )
+        )
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.write(
+            lambda c: c.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (key, value),
+            )
+        )
+
+    # --- reads ---------------------------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on a read connection in a worker thread."""
+        async with self._read_limiter:
+            conn = self._readers.pop()
+            try:
+                return await trio.to_thread.run_sync(fn, conn)
+            except sqlite3.Error as exc:
+                raise GB6Error(UNAVAILABLE, f"storage read failed: {exc}") from exc
+            finally:
+                self._readers.append(conn)
+
+    async def events_after(self, room: str, after: int, limit: int) -> list[Event]:
+        def q(c: sqlite3.Connection) -> list[Event]:
+            rows = c.execute(
+                f"SELECT {_EVENT_COLS} FROM events WHERE room=? AND seq>? ORDER BY seq LIMIT ?",
+                (room, after, limit),
+            ).fetchall()
+            return [_event(r) for r in rows]
+
+        return await self.read(q)
+
+    async def history(self, room: str, before: int | None, limit: int) -> list[Event]:
+        def q(c: sqlite3.Connection) -> list[Event]:
+            rows = c.execute(
+                f"SELECT {_EVENT_COLS} FROM events WHERE room=? AND seq<? ORDER BY seq DESC"
+                " LIMIT ?",
+                (room, before if before is not None else 2**62, limit),
+            ).fetchall()
+            return [_event(r) for r in reversed(rows)]
+
+        return await self.read(q)
+
+    async def search(self, rooms: Sequence[str], query: str, limit: int) -> list[Event]:
+        words = _WORD.findall(query)
+        if not words or not rooms:
+            return []
+        match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
+        room_list = orjson.dumps(list(rooms)).decode()
+
+        def q(c: sqlite3.Connection) -> list[Event]:
+            rows = c.execute(
+                f"SELECT {', '.join('e.' + x.strip() for x in _EVENT_COLS.split(','))},"
+                " e.current, e.edited FROM events_fts f JOIN events e ON e.id = f.rowid"
+                " WHERE events_fts MATCH ? AND e.deleted = 0"
+                " AND e.room IN (SELECT value FROM json_each(?))"
+                " ORDER BY e.id DESC LIMIT ?",
+                (match, room_list, limit),
+            ).fetchall()
+            hits = []
+            for r in rows:
+                ev = _event(r[:11])
+                if r[11] is not None:
+                    ev = attrs.evolve(ev, body=orjson.loads(r[11]), edited=r[12])
+                hits.append(ev)
+            return hits
+
+        return await self.read(q)
+
+    async def token(self, digest: str) -> Token | None:
+        def q(c: sqlite3.Connection) -> Token | None:
+            row = c.execute(
+                "SELECT id, user, expires_at, revoked FROM tokens WHERE digest=?", (digest,)
+            ).fetchone()
+            return Token(row[0], row[1], row[2], bool(row[3])) if row else None
+
+        return await self.read(q)
+
+    async def load_tenancy(self) -> tuple[list[Org], list[Instance], list[User]]:
+        def q(c: sqlite3.Connection) -> tuple[list[Org], list[Instance], list[User]]:
+            orgs = [Org(*r) for r in c.execute("SELECT id, name, parent, created_at FROM orgs")]
+            insts = [
+                Instance(*r)
+                for r in c.execute(
+                    "SELECT id, org, name, region, plan, status, created_at FROM instances"
+                )
+            ]
+            users = [
+                User(*r)
+                for r in c.execute("SELECT id, instance, name, role, created_at FROM users")
+            ]
+            return orgs, insts, users
+
+        return await self.read(q)
+
+    async def load_rooms(
+        self,
+    ) -> list[tuple[RoomRecord, int, dict[str, int]]]:
+        """Every room with its head seq and members (user → read seq)."""
+
+        def q(c: sqlite3.Connection) -> list[tuple[RoomRecord, int, dict[str, int]]]:
+            rooms = {
+                r[0]: RoomRecord(r[0], r[1], r[2], r[3], bool(r[4]), r[5], r[6])
+                for r in c.execute(
+                    "SELECT id, instance, name, kind, open, creator, created_at FROM rooms"
+                )
+            }
+            members: dict[str, dict[str, int]] = {rid: {} for rid in rooms}
+            for room, user, read in c.execute("SELECT room, user, read FROM members"):
+                members[room][user] = read
+            heads = dict(c.execute("SELECT room, MAX(seq) FROM events GROUP BY room").fetchall())
+            return [(rec, heads.get(rid, 0), members[rid]) for rid, rec in rooms.items()]
+
+        return await self.read(q)
+
+    async def file(self, file_id: str) -> FileRecord | None:
+        def q(c: sqlite3.Connection) -> FileRecord | None:
+            row = c.execute(
+                "SELECT id, room, uploader, size, type, created_at FROM files WHERE id=?",
+                (file_id,),
+            ).fetchone()
+            return FileRecord(*row) if row else None
+
+        return await self.read(q)
+
+    async def meta(self, key: str) -> str | None:
+        def q(c: sqlite3.Connection) -> str | None:
+            row = c.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            return row[0] if row else None
+
+        return await self.read(q)

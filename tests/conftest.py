@@ -1,0 +1,218 @@
+"""Fixtures that run the real node: `gb6 run` as a subprocess, spoken to over sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+ROOT = Path(__file__).resolve().parent.parent
+GB6 = Path(sys.executable).parent / "gb6"
+
+
+@attrs.define
+class Node:
+    """A `gb6 run` subprocess on its own data directory."""
+
+    data_dir: Path
+    extra_args: list[str] = attrs.Factory(list)
+    env: dict[str, str] = attrs.Factory(dict)
+    proc: subprocess.Popen[bytes] | None = None
+    ws_url: str = ""
+    http_url: str = ""
+    admin_token: str = ""
+    lines: list[dict[str, Any]] = attrs.Factory(list)
+    stderr_path: Path | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        env = {**os.environ, **self.env}
+        env.pop("GB6_ADMIN_TOKEN", None) if "GB6_ADMIN_TOKEN" not in self.env else None
+        self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}.stderr.log"
+        stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [str(GB6), "run", "--data", str(self.data_dir), "--ws-port", "0", "--http-port", "0",
+             *self.extra_args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+        )
+        stderr.close()
+        self.lines = []
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        result: dict[str, Any] = {}
+
+        def read() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for raw in self.proc.stdout:
+                line = json.loads(raw)
+                self.lines.append(line)
+                if line.get("event") == "ready":
+                    result["ready"] = line
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(max(0.0, deadline - time.monotonic()))
+        if "ready" not in result:
+            self.kill()
+            raise RuntimeError(f"gb6 did not get ready; stderr: {self.stderr()}")
+        self.ws_url = result["ready"]["ws"]
+        self.http_url = result["ready"]["http"]
+        for line in self.lines:
+            if line.get("event") == "admin_token":
+                self.admin_token = line["token"]
+        if "GB6_ADMIN_TOKEN" in self.env:
+            self.admin_token = self.env["GB6_ADMIN_TOKEN"]
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()[-4000:] if self.stderr_path else ""
+
+    def kill(self) -> None:
+        """SIGKILL: nothing flushed, nothing drained."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM: drain; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # --- admin bootstrap over HTTP --------------------------------------------------------
+
+    def admin(self, method: str, path: str, body: Any = None, token: str | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token if token is not None else self.admin_token}"}
+        return httpx.request(method, self.http_url + path, json=body, headers=headers, timeout=10)
+
+    def create_tenant(self, plan: str = "unlimited") -> Tenant:
+        org = self.admin("POST", "/v1/orgs", {"name": "org"})
+        assert org.status_code == 201, org.text
+        inst = self.admin("POST", f"/v1/orgs/{org.json()['id']}/instances", {"name": "i", "plan": plan})
+        assert inst.status_code == 201, inst.text
+        return Tenant(self, org.json()["id"], inst.json()["id"])
+
+
+@attrs.define
+class User:
+    id: str
+    name: str
+    token: str
+
+
+@attrs.define
+class Tenant:
+    node: Node
+    org: str
+    instance: str
+
+    def user(self, name: str = "u", role: str = "member", ttl_seconds: int | None = None) -> User:
+        r = self.node.admin("POST", f"/v1/instances/{self.instance}/users", {"name": name, "role": role})
+        assert r.status_code == 201, r.text
+        uid = r.json()["id"]
+        body = {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}
+        t = self.node.admin("POST", f"/v1/instances/{self.instance}/users/{uid}/tokens", body)
+        assert t.status_code == 201, t.text
+        return User(uid, name, t.json()["token"])
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path / "data")
+    n.start()
+    try:
+        yield n
+    finally:
+        n.kill()
+        if os.environ.get("GB6_KEEP_DATA") is None:
+            shutil.rmtree(tmp_path / "data", ignore_errors=True)
+
+
+@pytest.fixture
+def tenant(node: Node) -> Tenant:
+    return node.create_tenant()
+
+
+class Peer:
+    """A raw protocol client for tests: JSON frames in, JSON frames out, nothing hidden."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self._next = 0
+        self.events: list[dict[str, Any]] = []
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await self.ws.send_message(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            return json.loads(await self.ws.get_message())  # type: ignore[no-any-return]
+
+    async def request(self, op: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+        """Send a request; return its reply. Events that arrive meanwhile go to `events`."""
+        self._next += 1
+        rid = f"r{self._next}"
+        await self.send({"op": op, "id": rid, **fields})
+        while True:
+            frame = await self.recv(timeout)
+            if frame.get("op") == "event":
+                self.events.append(frame)
+            elif frame.get("re") == rid:
+                return frame
+
+    async def ok(self, op: str, **fields: Any) -> dict[str, Any]:
+        reply = await self.request(op, **fields)
+        assert reply["op"] == "ok", reply
+        return reply
+
+    async def event(self, type_: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+        """The next event (of `type_`), from those already received first."""
+        for i, ev in enumerate(self.events):
+            if type_ is None or ev.get("type") == type_:
+                return self.events.pop(i)
+        while True:
+            frame = await self.recv(timeout)
+            if frame.get("op") == "event" and (type_ is None or frame.get("type") == type_):
+                return frame
+            if frame.get("op") == "event":
+                self.events.append(frame)
+
+
+async def connect(node: Node, token: str | None = None) -> AsyncIterator[Peer]:
+    async with open_websocket_url(node.ws_url, max_message_size=8 << 20) as ws:
+        peer = Peer(ws)
+        if token is not None:
+            await peer.ok("hello", token=token)
+        yield peer
+
+
+@pytest.fixture
+def peer_factory(node: Node) -> Any:
+    """`async with peer_factory(token) as peer:` — a hello'd raw client."""
+    from contextlib import asynccontextmanager
+
+    return asynccontextmanager(lambda token=None: connect(node, token))
