@@ -17,7 +17,8 @@ def files_blueprint(shard: OriginShard) -> Blueprint:
     @bp.post("/v1/rooms/<room>/files")
     async def upload(room: str) -> tuple[dict[str, Any], int]:
         who = await shard.authenticate(bearer())
-        data = await request.get_data(cache=False)
+        data = await request.get_data(cache=False, as_text=False)
+        assert isinstance(data, bytes)
         rec = await shard.put_file(who, room, request.headers.get("Content-Type", ""), data)
         return rec.to_json(), 201
 

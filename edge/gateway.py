@@ -19,7 +19,6 @@ import socket
 from typing import Any
 
 import attrs
-import orjson
 import outcome
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -37,12 +36,11 @@ from wsproto.utilities import RemoteProtocolError
 from edge import protocol as p
 from edge import wsframe
 from edge.hub import Hubs, Subscription
+from edge.inbound import MessageAssembler, Verdict
 from edge.outbox import Outbox
 from node.config import Config
 from node.errors import (
-    FORBIDDEN,
     INTERNAL,
-    INVALID,
     RATE_LIMITED,
     TOO_LARGE,
     UNAUTHORIZED,
@@ -104,6 +102,7 @@ class Gateway:
         self.limiters = {name: Gcra(rp.rate, rp.burst) for name, rp in config.rate_plans.items()}
         self._accept_scope = trio.CancelScope()
         self.draining = False
+        self._all_closed = trio.Event()
         origin.event_listeners.append(self.hubs.publish)
         origin.member_listeners.append(self._on_members)
         origin.read_listeners.append(self._on_read)
@@ -150,13 +149,14 @@ class Gateway:
         leave (at most `grace` seconds)."""
         self.draining = True
         self._accept_scope.cancel()
+        if not self.conns:
+            self._all_closed.set()
         frame = wsframe.text(p.event("reconnect", {"reason": "draining"}))
         for conn in list(self.conns):
             conn.outbox.write(frame)
             self._close(conn, CLOSE_DRAINING, "draining")
         with trio.move_on_after(grace):
-            while self.conns:
-                await trio.sleep(0.02)
+            await self._all_closed.wait()
 
     async def _serve(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
@@ -196,6 +196,8 @@ class Gateway:
 
     def _forget(self, conn: Connection) -> None:
         self.conns.discard(conn)
+        if not self.conns and self.draining:
+            self._all_closed.set()
         for sub in conn.subs.values():
             self.hubs.release(sub)
         conn.subs.clear()
@@ -212,10 +214,9 @@ class Gateway:
 
     async def _read(self, conn: Connection, tsock: trio.socket.SocketType) -> None:
         ws = WSConnection(ConnectionType.SERVER)
-        limit = self.limits.message_bytes
-        hard_limit = limit * max(2, self.limits.transport_factor)
-        parts: list[str] = []
-        size = 0
+        assembler = MessageAssembler(
+            self.limits.message_bytes, self.limits.message_bytes * self.limits.transport_factor
+        )
         conn.read_scope.deadline = trio.current_time() + self.limits.hello_timeout_s
         with conn.read_scope:
             while True:
@@ -228,44 +229,9 @@ class Gateway:
                 try:
                     ws.receive_data(data)
                     for event in ws.events():
-                        if isinstance(event, TextMessage):
-                            size += len(event.data.encode("utf-8")) if event.data else 0
-                            if size > hard_limit:
-                                self._close(conn, CLOSE_TOO_BIG, "message too big")
-                                continue
-                            if size <= limit:
-                                parts.append(event.data)
-                            if event.message_finished:
-                                text = "".join(parts)
-                                parts.clear()
-                                too_big, size = size > limit, 0
-                                if conn.state is State.CLOSING:
-                                    continue
-                                if too_big:
-                                    self._reply_error(
-                                        conn, None, GB6Error(TOO_LARGE, f"message over {limit} bytes")
-                                    )
-                                    continue
-                                await self._on_text(conn, text)
-                        elif isinstance(event, Request):
-                            self._handshake(conn, ws, event)
-                        elif isinstance(event, BytesMessage):
-                            if event.message_finished and conn.state is not State.CLOSING:
-                                self._reply_error(conn, None, invalid("binary frames are not used"))
-                        elif isinstance(event, Ping):
-                            conn.outbox.write(ws.send(event.response()))
-                        elif isinstance(event, CloseConnection):
-                            if conn.state is not State.CLOSING:
-                                conn.state = State.CLOSING
-                                conn.outbox.write_last(wsframe.close(event.code or 1000))
+                        await self._on_ws_event(conn, ws, assembler, event)
                 except RemoteProtocolError as exc:
-                    if conn.state is State.AWAIT_HELLO and not ws.state.name == "OPEN":
-                        conn.outbox.write_last(
-                            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
-                        )
-                        conn.state = State.CLOSING
-                    else:
-                        self._close(conn, CLOSE_PROTOCOL_ERROR, str(exc)[:100])
+                    self._protocol_error(conn, ws, exc)
                 if conn.state is State.READY:
                     conn.read_scope.deadline = (
                         trio.current_time() + 2 * self.limits.heartbeat_ms / 1000
@@ -277,6 +243,38 @@ class Gateway:
                 self._close(conn, CLOSE_GOING_AWAY, "no heartbeat")
             with trio.move_on_after(2.0):
                 await conn.outbox.wait_below(0)
+
+    async def _on_ws_event(
+        self, conn: Connection, ws: WSConnection, assembler: MessageAssembler, event: object
+    ) -> None:
+        if isinstance(event, TextMessage):
+            verdict, text = assembler.feed(event.data, event.message_finished)
+            if conn.state is State.CLOSING or verdict is Verdict.PARTIAL:
+                return
+            if verdict is Verdict.TRANSPORT_LIMIT:
+                self._close(conn, CLOSE_TOO_BIG, "message too big")
+            elif verdict is Verdict.TOO_LARGE:
+                msg = f"message over {self.limits.message_bytes} bytes"
+                self._reply_error(conn, None, GB6Error(TOO_LARGE, msg))
+            else:
+                await self._on_text(conn, text)
+        elif isinstance(event, Request):
+            self._handshake(conn, ws, event)
+        elif isinstance(event, BytesMessage):
+            if event.message_finished and conn.state is State.READY:
+                self._reply_error(conn, None, invalid("binary frames are not used"))
+        elif isinstance(event, Ping):
+            conn.outbox.write(ws.send(event.response()))
+        elif isinstance(event, CloseConnection) and conn.state is not State.CLOSING:
+            conn.state = State.CLOSING
+            conn.outbox.write_last(wsframe.close(event.code or 1000))
+
+    def _protocol_error(self, conn: Connection, ws: WSConnection, exc: Exception) -> None:
+        if ws.state.name in ("CONNECTING", "REJECTING"):
+            conn.state = State.CLOSING
+            conn.outbox.write_last(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        else:
+            self._close(conn, CLOSE_PROTOCOL_ERROR, str(exc)[:100])
 
     def _handshake(self, conn: Connection, ws: WSConnection, req: Request) -> None:
         path = req.target.split("?", 1)[0]
@@ -292,7 +290,9 @@ class Gateway:
     def _reply_error(self, conn: Connection, req_id: p.ReqId | None, err: GB6Error) -> None:
         conn.outbox.write(wsframe.text(p.error(req_id, err)))
 
-    def _reply(self, conn: Connection, req_id: p.ReqId, fields: dict[str, Any] | None = None) -> None:
+    def _reply(
+        self, conn: Connection, req_id: p.ReqId, fields: dict[str, Any] | None = None
+    ) -> None:
         conn.outbox.write(wsframe.text(p.ok(req_id, fields)))
 
     async def _on_text(self, conn: Connection, text: str) -> None:
@@ -359,8 +359,15 @@ class Gateway:
         match req:
             case p.Append():
                 await origin.append(
-                    who, req.room, req.type, req.cid, self._append_reply(conn, req.id),
-                    body=req.body, thread=req.thread, target=req.target, emoji=req.emoji,
+                    who,
+                    req.room,
+                    req.type,
+                    req.cid,
+                    self._append_reply(conn, req.id),
+                    body=req.body,
+                    thread=req.thread,
+                    target=req.target,
+                    emoji=req.emoji,
                 )
             case p.Ping():
                 self._reply(conn, req.id)
@@ -413,6 +420,7 @@ class Gateway:
                 ev = result.value.event
                 self._reply(conn, req_id, {"room": ev.room, "seq": ev.seq, "ts": ev.ts})
             else:
+                assert isinstance(result, outcome.Error)
                 err = result.error
                 if not isinstance(err, GB6Error):
                     log("append_failed", error=repr(err))
@@ -482,7 +490,11 @@ class Gateway:
             frame = wsframe.text(
                 p.event(
                     "members",
-                    {"room": change.room, "added": list(change.added), "removed": list(change.removed)},
+                    {
+                        "room": change.room,
+                        "added": list(change.added),
+                        "removed": list(change.removed),
+                    },
                 )
             )
             hub.write_ephemeral(frame)
@@ -518,4 +530,3 @@ class Gateway:
                 seen.add(member)
                 for peer in self.by_user.get(member, ()):
                     peer.outbox.write(frame)
-

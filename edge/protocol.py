@@ -165,7 +165,7 @@ class _Fields:
             raise self.fail("field 'id' (string or integer) is required")
         return self.req_id
 
-    def str(self, name: str, *, max_chars: int = 256, min_chars: int = 1) -> str:
+    def text(self, name: str, *, max_chars: int = 256, min_chars: int = 1) -> str:
         value = self.frame.get(name)
         if not isinstance(value, str):
             raise self.fail(f"field '{name}' must be a string")
@@ -173,12 +173,12 @@ class _Fields:
             raise self.fail(f"field '{name}' must have {min_chars} to {max_chars} characters")
         return value
 
-    def opt_str(self, name: str, *, max_chars: int = 256) -> str | None:
+    def opt_text(self, name: str, *, max_chars: int = 256) -> str | None:
         if self.frame.get(name) is None:
             return None
-        return self.str(name, max_chars=max_chars)
+        return self.text(name, max_chars=max_chars)
 
-    def int(self, name: str, *, minimum: int = 0, maximum: int = 2**53) -> int:
+    def integer(self, name: str, *, minimum: int = 0, maximum: int = 2**53) -> int:
         value = self.frame.get(name)
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.fail(f"field '{name}' must be an integer")
@@ -186,12 +186,12 @@ class _Fields:
             raise self.fail(f"field '{name}' must be between {minimum} and {maximum}")
         return value
 
-    def opt_int(self, name: str, *, minimum: int = 0, maximum: int = 2**53) -> int | None:
+    def opt_integer(self, name: str, *, minimum: int = 0, maximum: int = 2**53) -> int | None:
         if self.frame.get(name) is None:
             return None
-        return self.int(name, minimum=minimum, maximum=maximum)
+        return self.integer(name, minimum=minimum, maximum=maximum)
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         value = self.frame.get(name, default)
         if not isinstance(value, bool):
             raise self.fail(f"field '{name}' must be true or false")
@@ -208,7 +208,7 @@ class _Fields:
         return tuple(dict.fromkeys(value))
 
     def cid(self) -> str:
-        return self.str("cid", max_chars=64)
+        return self.text("cid", max_chars=64)
 
     def body(self) -> dict[str, Any]:
         value = self.frame.get("body")
@@ -226,7 +226,7 @@ class _Fields:
         return value
 
     def seq(self, name: str) -> int:
-        return self.int(name, minimum=1)
+        return self.integer(name, minimum=1)
 
 
 def _read_id(frame: dict[str, Any]) -> ReqId | None:
@@ -264,7 +264,7 @@ def parse_request(frame: dict[str, Any], limits: Limits) -> Request:
 
 
 def _hello(f: _Fields, op: str) -> Request:
-    return Hello(f.id(), f.str("token", max_chars=4096))
+    return Hello(f.id(), f.text("token", max_chars=4096))
 
 
 def _ping(f: _Fields, op: str) -> Request:
@@ -272,24 +272,24 @@ def _ping(f: _Fields, op: str) -> Request:
 
 
 def _room_create(f: _Fields, op: str) -> Request:
-    kind = f.str("kind", max_chars=16)
+    kind = f.text("kind", max_chars=16)
     if kind not in ROOM_KINDS:
         raise f.fail("field 'kind' must be one of chat, meeting, live")
     return RoomCreate(
         f.id(),
-        f.str("name", max_chars=f.limits.room_name_chars),
+        f.text("name", max_chars=f.limits.room_name_chars),
         kind,
         f.ids("members", required=False),
-        f.bool("open", False),
+        f.flag("open", False),
     )
 
 
 def _room_op(f: _Fields, op: str) -> Request:
-    return RoomOp(f.id(), op, f.str("room"))
+    return RoomOp(f.id(), op, f.text("room"))
 
 
 def _room_members(f: _Fields, op: str) -> Request:
-    return RoomMembers(f.id(), op, f.str("room"), f.ids("users"))
+    return RoomMembers(f.id(), op, f.text("room"), f.ids("users"))
 
 
 def _rooms(f: _Fields, op: str) -> Request:
@@ -297,53 +297,53 @@ def _rooms(f: _Fields, op: str) -> Request:
 
 
 def _subscribe(f: _Fields, op: str) -> Request:
-    return Subscribe(f.id(), f.str("room"), f.int("after"))
+    return Subscribe(f.id(), f.text("room"), f.integer("after"))
 
 
 def _unsubscribe(f: _Fields, op: str) -> Request:
-    return Unsubscribe(f.id(), f.str("room"))
+    return Unsubscribe(f.id(), f.text("room"))
 
 
 def _send(f: _Fields, op: str) -> Request:
-    thread = f.opt_int("thread", minimum=1)
-    return Append(f.id(), "message", f.str("room"), f.cid(), body=f.body(), thread=thread)
+    thread = f.opt_integer("thread", minimum=1)
+    return Append(f.id(), "message", f.text("room"), f.cid(), body=f.body(), thread=thread)
 
 
 def _edit(f: _Fields, op: str) -> Request:
-    return Append(f.id(), "edit", f.str("room"), f.cid(), body=f.body(), target=f.seq("target"))
+    return Append(f.id(), "edit", f.text("room"), f.cid(), body=f.body(), target=f.seq("target"))
 
 
 def _delete(f: _Fields, op: str) -> Request:
-    return Append(f.id(), "delete", f.str("room"), f.cid(), target=f.seq("target"))
+    return Append(f.id(), "delete", f.text("room"), f.cid(), target=f.seq("target"))
 
 
 def _react(f: _Fields, op: str) -> Request:
-    emoji = f.str("emoji", max_chars=f.limits.emoji_chars)
-    return Append(f.id(), "react", f.str("room"), f.cid(), target=f.seq("target"), emoji=emoji)
+    emoji = f.text("emoji", max_chars=f.limits.emoji_chars)
+    return Append(f.id(), "react", f.text("room"), f.cid(), target=f.seq("target"), emoji=emoji)
 
 
 def _history(f: _Fields, op: str) -> Request:
-    limit = f.opt_int("limit", minimum=1, maximum=200)
-    return History(f.id(), f.str("room"), f.opt_int("before", minimum=1), limit or 50)
+    limit = f.opt_integer("limit", minimum=1, maximum=200)
+    return History(f.id(), f.text("room"), f.opt_integer("before", minimum=1), limit or 50)
 
 
 def _receipt(f: _Fields, op: str) -> Request:
-    return Receipt(f.id(), f.str("room"), f.int("read"))
+    return Receipt(f.id(), f.text("room"), f.integer("read"))
 
 
 def _typing(f: _Fields, op: str) -> Request:
-    return Typing(f.id(), f.str("room"))
+    return Typing(f.id(), f.text("room"))
 
 
 def _search(f: _Fields, op: str) -> Request:
-    query = f.str("query", max_chars=f.limits.search_query_chars)
+    query = f.text("query", max_chars=f.limits.search_query_chars)
     if not query.strip():
         raise f.fail("field 'query' must contain a word")
-    return Search(f.id(), query, f.opt_str("room"))
+    return Search(f.id(), query, f.opt_text("room"))
 
 
 def _presence_set(f: _Fields, op: str) -> Request:
-    status = f.str("status", max_chars=16)
+    status = f.text("status", max_chars=16)
     if status not in PRESENCE_SET:
         raise f.fail("field 'status' must be online or away")
     return PresenceSet(f.id(), status)

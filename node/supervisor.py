@@ -86,7 +86,12 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
             host = f"[{config.host}]" if ":" in config.host else config.host
             if printed:
                 _say(out, event="admin_token", token=token)
-            _say(out, event="ready", ws=f"ws://{host}:{ws_port}/v1/ws", http=f"http://{host}:{http_port}")
+            _say(
+                out,
+                event="ready",
+                ws=f"ws://{host}:{ws_port}/v1/ws",
+                http=f"http://{host}:{http_port}",
+            )
             async for signum in signals:
                 log("draining", signal=signal.Signals(signum).name)
                 break

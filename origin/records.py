@@ -19,7 +19,12 @@ class Org:
     created_at: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "parent": self.parent, "created_at": iso(self.created_at)}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "parent": self.parent,
+            "created_at": iso(self.created_at),
+        }
 
 
 @attrs.frozen

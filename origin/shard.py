@@ -156,7 +156,9 @@ class OriginShard:
             raise not_found(f"user {user_id} not found in instance {instance}")
         return user
 
-    async def issue_token(self, instance: str, user_id: str, ttl_s: int | None) -> tuple[str, Token]:
+    async def issue_token(
+        self, instance: str, user_id: str, ttl_s: int | None
+    ) -> tuple[str, Token]:
         self.user_of_instance(instance, user_id)
         ttl = self.limits.token_ttl_s if ttl_s is None else ttl_s
         if not 1 <= ttl <= self.limits.token_ttl_max_s:
@@ -220,7 +222,9 @@ class OriginShard:
             raise forbidden("guests cannot create rooms")
         users = [who.id, *(u for u in self._same_instance_users(who, members) if u != who.id)]
         if len(users) > self.limits.members_per_room:
-            raise GB6Error(QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members")
+            raise GB6Error(
+                QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members"
+            )
         rec = RoomRecord(new_id("room"), who.instance.id, name, kind, open_, who.id, now_ms())
         await self.store.create_room(rec, users)
         state = RoomState(rec, 0, dict.fromkeys(users, 0))
@@ -246,7 +250,9 @@ class OriginShard:
         room = self._manageable(who, room_id)
         new = [u for u in self._same_instance_users(who, users) if u not in room.members]
         if len(room.members) + len(new) > self.limits.members_per_room:
-            raise GB6Error(QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members")
+            raise GB6Error(
+                QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members"
+            )
         if new:
             await self._add(room, new)
         return room
@@ -321,14 +327,22 @@ class OriginShard:
         room = self.room_for_member(who, room_id)
         may_moderate = who.moderator or room.record.creator == who.id
         item = AppendItem(
-            room=room_id, sender=who.id, type=type_, cid=cid, body=body, thread=thread,
-            target=target, emoji=emoji, may_moderate=may_moderate, reply=reply,
+            room=room_id,
+            sender=who.id,
+            type=type_,
+            cid=cid,
+            body=body,
+            thread=thread,
+            target=target,
+            emoji=emoji,
+            may_moderate=may_moderate,
+            reply=reply,
         )
         await self.store.submit_append(item)
 
     def _on_appended(self, results: list[tuple[AppendItem, outcome.Outcome[Appended]]]) -> None:
         fresh: dict[str, list[Event]] = {}
-        for item, result in results:
+        for _item, result in results:
             if isinstance(result, outcome.Value) and not result.value.duplicate:
                 ev = result.value.event
                 fresh.setdefault(ev.room, []).append(ev)
@@ -344,7 +358,9 @@ class OriginShard:
     async def events_after(self, room_id: str, after: int, limit: int) -> list[Event]:
         return await self.store.events_after(room_id, after, limit)
 
-    async def history(self, who: Principal, room_id: str, before: int | None, limit: int) -> list[Event]:
+    async def history(
+        self, who: Principal, room_id: str, before: int | None, limit: int
+    ) -> list[Event]:
         self.room_for_member(who, room_id)
         return await self.store.history(room_id, before, limit)
 
@@ -358,7 +374,9 @@ class OriginShard:
 
     # --- files ---------------------------------------------------------------------------
 
-    async def put_file(self, who: Principal, room_id: str, content_type: str, data: bytes) -> FileRecord:
+    async def put_file(
+        self, who: Principal, room_id: str, content_type: str, data: bytes
+    ) -> FileRecord:
         self.room_for_member(who, room_id)
         if len(data) > self.limits.file_bytes:
             raise GB6Error("too_large", f"files are limited to {self.limits.file_bytes} bytes")

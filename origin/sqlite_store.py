@@ -81,9 +81,7 @@ def now_ms() -> int:
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
-    conn = sqlite3.connect(
-        str(path), isolation_level=None, check_same_thread=False, timeout=30.0
-    )
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
@@ -303,8 +301,18 @@ class SqliteStore:
         cur = conn.execute(
             "INSERT INTO events(room, seq, ts, type, sender, cid, body, thread, target, emoji)"
             " VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (item.room, seq, ts, item.type, item.sender, item.cid, body, item.thread,
-             item.target, item.emoji),
+            (
+                item.room,
+                seq,
+                ts,
+                item.type,
+                item.sender,
+                item.cid,
+                body,
+                item.thread,
+                item.target,
+                item.emoji,
+            ),
         )
         text = (item.body or {}).get("text")
         if item.type == "message" and isinstance(text, str) and text:
@@ -313,14 +321,10 @@ class SqliteStore:
             target_id = conn.execute(
                 "SELECT id FROM events WHERE room=? AND seq=?", (item.room, item.target)
             ).fetchone()[0]
-            conn.execute(
-                "UPDATE events SET current=?, edited=? WHERE id=?", (body, seq, target_id)
-            )
+            conn.execute("UPDATE events SET current=?, edited=? WHERE id=?", (body, seq, target_id))
             conn.execute("DELETE FROM events_fts WHERE rowid=?", (target_id,))
             if isinstance(text, str) and text:
-                conn.execute(
-                    "INSERT INTO events_fts(rowid, text) VALUES (?, ?)", (target_id, text)
-                )
+                conn.execute("INSERT INTO events_fts(rowid, text) VALUES (?, ?)", (target_id, text))
         elif item.type == "delete":
             conn.execute(
                 "UPDATE events SET deleted=1, body=NULL, current=NULL"
@@ -328,14 +332,21 @@ class SqliteStore:
                 (item.room, item.target, item.target),
             )
             conn.execute(
-                "DELETE FROM events_fts WHERE rowid="
-                "(SELECT id FROM events WHERE room=? AND seq=?)",
+                "DELETE FROM events_fts WHERE rowid=(SELECT id FROM events WHERE room=? AND seq=?)",
                 (item.room, item.target),
             )
         self._heads[item.room] = seq
         event = Event(
-            room=item.room, seq=seq, ts=ts, type=item.type, sender=item.sender, cid=item.cid,
-            body=item.body, thread=item.thread, target=item.target, emoji=item.emoji,
+            room=item.room,
+            seq=seq,
+            ts=ts,
+            type=item.type,
+            sender=item.sender,
+            cid=item.cid,
+            body=item.body,
+            thread=item.thread,
+            target=item.target,
+            emoji=item.emoji,
         )
         return Appended(event, duplicate=False)
 
@@ -407,9 +418,10 @@ class SqliteStore:
 
     async def create_org(self, org: Org) -> None:
         def tx(c: sqlite3.Connection) -> None:
-            if org.parent is not None and not c.execute(
-                "SELECT 1 FROM orgs WHERE id=?", (org.parent,)
-            ).fetchone():
+            if (
+                org.parent is not None
+                and not c.execute("SELECT 1 FROM orgs WHERE id=?", (org.parent,)).fetchone()
+            ):
                 raise not_found(f"organization {org.parent} not found")
             c.execute(
                 "INSERT INTO orgs(id, name, parent, created_at) VALUES (?,?,?,?)",
@@ -423,8 +435,15 @@ class SqliteStore:
             lambda c: c.execute(
                 "INSERT INTO instances(id, org, name, region, plan, status, created_at)"
                 " VALUES (?,?,?,?,?,?,?)",
-                (inst.id, inst.org, inst.name, inst.region, inst.plan, inst.status,
-                 inst.created_at),
+                (
+                    inst.id,
+                    inst.org,
+                    inst.name,
+                    inst.region,
+                    inst.plan,
+                    inst.status,
+                    inst.created_at,
+                ),
             )
         )
 
@@ -447,9 +466,7 @@ class SqliteStore:
 
     async def revoke_token(self, user: str, token_id: str) -> bool:
         def tx(c: sqlite3.Connection) -> bool:
-            cur = c.execute(
-                "UPDATE tokens SET revoked=1 WHERE id=? AND user=?", (token_id, user)
-            )
+            cur = c.execute("UPDATE tokens SET revoked=1 WHERE id=? AND user=?", (token_id, user))
             return cur.rowcount > 0
 
         return await self.write(tx)
@@ -461,8 +478,15 @@ class SqliteStore:
             c.execute(
                 "INSERT INTO rooms(id, instance, name, kind, open, creator, created_at)"
                 " VALUES (?,?,?,?,?,?,?)",
-                (room.id, room.instance, room.name, room.kind, int(room.open), room.creator,
-                 room.created_at),
+                (
+                    room.id,
+                    room.instance,
+                    room.name,
+                    room.kind,
+                    int(room.open),
+                    room.creator,
+                    room.created_at,
+                ),
             )
             c.executemany(
                 "INSERT INTO members(room, user) VALUES (?, ?)", [(room.id, u) for u in users]
@@ -478,7 +502,9 @@ class SqliteStore:
 
     async def remove_members(self, room: str, users: Iterable[str]) -> None:
         rows = [(room, u) for u in users]
-        await self.write(lambda c: c.executemany("DELETE FROM members WHERE room=? AND user=?", rows))
+        await self.write(
+            lambda c: c.executemany("DELETE FROM members WHERE room=? AND user=?", rows)
+        )
 
     async def set_read(self, room: str, user: str, seq: int) -> None:
         await self.write(
