@@ -44,8 +44,17 @@ class Node:
         self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}.stderr.log"
         stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
-            [str(GB6), "run", "--data", str(self.data_dir), "--ws-port", "0", "--http-port", "0",
-             *self.extra_args],
+            [
+                str(GB6),
+                "run",
+                "--data",
+                str(self.data_dir),
+                "--ws-port",
+                "0",
+                "--http-port",
+                "0",
+                *self.extra_args,
+            ],
             stdout=subprocess.PIPE,
             stderr=stderr,
             env=env,
@@ -105,14 +114,18 @@ class Node:
 
     # --- admin bootstrap over HTTP --------------------------------------------------------
 
-    def admin(self, method: str, path: str, body: Any = None, token: str | None = None) -> httpx.Response:
+    def admin(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token if token is not None else self.admin_token}"}
         return httpx.request(method, self.http_url + path, json=body, headers=headers, timeout=10)
 
     def create_tenant(self, plan: str = "unlimited") -> Tenant:
         org = self.admin("POST", "/v1/orgs", {"name": "org"})
         assert org.status_code == 201, org.text
-        inst = self.admin("POST", f"/v1/orgs/{org.json()['id']}/instances", {"name": "i", "plan": plan})
+        inst = self.admin(
+            "POST", f"/v1/orgs/{org.json()['id']}/instances", {"name": "i", "plan": plan}
+        )
         assert inst.status_code == 201, inst.text
         return Tenant(self, org.json()["id"], inst.json()["id"])
 
@@ -131,7 +144,9 @@ class Tenant:
     instance: str
 
     def user(self, name: str = "u", role: str = "member", ttl_seconds: int | None = None) -> User:
-        r = self.node.admin("POST", f"/v1/instances/{self.instance}/users", {"name": name, "role": role})
+        r = self.node.admin(
+            "POST", f"/v1/instances/{self.instance}/users", {"name": name, "role": role}
+        )
         assert r.status_code == 201, r.text
         uid = r.json()["id"]
         body = {} if ttl_seconds is None else {"ttl_seconds": ttl_seconds}

@@ -38,8 +38,13 @@ async def _storm(
                     # The request id is the cid, so an ok names what it acknowledges.
                     await ws.send_message(
                         json.dumps(
-                            {"op": "send", "id": cid, "room": room, "cid": cid,
-                             "body": {"text": f"m {cid}"}}
+                            {
+                                "op": "send",
+                                "id": cid,
+                                "room": room,
+                                "cid": cid,
+                                "body": {"text": f"m {cid}"},
+                            }
                         )
                     )
                     if i % 20 == 19:
@@ -82,7 +87,9 @@ async def test_kill9_during_send_storm_loses_no_acked_message(
     sent: list[list[str]] = [[] for _ in users]
     async with trio.open_nursery() as nursery:
         for i, user in enumerate(users):
-            nursery.start_soon(_storm, node, user.token, rooms[i % ROOMS], f"c{i}", acked[i], sent[i])
+            nursery.start_soon(
+                _storm, node, user.token, rooms[i % ROOMS], f"c{i}", acked[i], sent[i]
+            )
 
         # Kill once a good number of sends were acknowledged, mid-storm.
         with trio.fail_after(30):
