@@ -22,6 +22,7 @@ import attrs
 import outcome
 import trio
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection as WSProtocol
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -213,7 +214,7 @@ class Gateway:
     # --- reading -------------------------------------------------------------------------
 
     async def _read(self, conn: Connection, tsock: trio.socket.SocketType) -> None:
-        ws = WSConnection(ConnectionType.SERVER)
+        ws: WSConnection | WSProtocol = WSConnection(ConnectionType.SERVER)
         assembler = MessageAssembler(
             self.limits.message_bytes, self.limits.message_bytes * self.limits.transport_factor
         )
@@ -232,6 +233,10 @@ class Gateway:
                         await self._on_ws_event(conn, ws, assembler, event)
                 except RemoteProtocolError as exc:
                     self._protocol_error(conn, ws, exc)
+                if isinstance(ws, WSConnection) and ws.connection is not None:
+                    # Handshake done: keep only the frame protocol; the HTTP/1.1 machinery
+                    # is a few KiB per idle connection.
+                    ws = ws.connection
                 if conn.state is State.READY:
                     conn.read_scope.deadline = (
                         trio.current_time() + 2 * self.limits.heartbeat_ms / 1000
@@ -245,7 +250,11 @@ class Gateway:
                 await conn.outbox.wait_below(0)
 
     async def _on_ws_event(
-        self, conn: Connection, ws: WSConnection, assembler: MessageAssembler, event: object
+        self,
+        conn: Connection,
+        ws: WSConnection | WSProtocol,
+        assembler: MessageAssembler,
+        event: object,
     ) -> None:
         if isinstance(event, TextMessage):
             verdict, text = assembler.feed(event.data, event.message_finished)
@@ -269,14 +278,16 @@ class Gateway:
             conn.state = State.CLOSING
             conn.outbox.write_last(wsframe.close(event.code or 1000))
 
-    def _protocol_error(self, conn: Connection, ws: WSConnection, exc: Exception) -> None:
+    def _protocol_error(
+        self, conn: Connection, ws: WSConnection | WSProtocol, exc: Exception
+    ) -> None:
         if ws.state.name in ("CONNECTING", "REJECTING"):
             conn.state = State.CLOSING
             conn.outbox.write_last(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
         else:
             self._close(conn, CLOSE_PROTOCOL_ERROR, str(exc)[:100])
 
-    def _handshake(self, conn: Connection, ws: WSConnection, req: Request) -> None:
+    def _handshake(self, conn: Connection, ws: WSConnection | WSProtocol, req: Request) -> None:
         path = req.target.split("?", 1)[0]
         if path != "/v1/ws" or self.draining:
             status = 404 if path != "/v1/ws" else 503
