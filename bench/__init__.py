@@ -1,0 +1,1 @@
+"""GB6 benchmark harness (figures, never pass/fail). See bench/README.md."""

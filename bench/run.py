@@ -1,0 +1,806 @@
+"""GB6 benchmark harness: prints figures, never pass/fail.
+
+    python -m bench.run load   [--clients 1000 --rooms 100 --rate 2000 --duration 30]
+    python -m bench.run fanout [--clients 500 --senders 4 --window 16 | --rate R]
+    python -m bench.run idle   [--connections 10000]
+
+By default it starts its own `gb6 run` on a temporary data directory; `--ws/--http/--admin-token`
+attach to a running node instead (`--server-pid` for its CPU and memory, else found by port).
+Results go to stdout and, as JSON plus a PNG plot, to `bench/out/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from bench import report
+from bench.bootstrap import Tenant, bootstrap, create_rooms
+from bench.server import CpuMeter, ProcWatch, Server
+from bench.worker import ClientSpec, WorkerConfig, raise_nofile
+from bench.worker import main as worker_main
+
+OUT = Path(__file__).resolve().parent / "out"
+MiB = 2**20
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --- worker pool ------------------------------------------------------------------------------
+
+
+class Pool:
+    """Worker processes, each with its own pipe."""
+
+    def __init__(self, cfgs: list[WorkerConfig]) -> None:
+        ctx = mp.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.procs: list[Any] = []
+        for cfg in cfgs:
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(cfg, child), daemon=True)
+            p.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(p)
+        self.pids = [int(p.pid) for p in self.procs]
+
+    def recv_any(self, timeout: float) -> list[tuple[int, Any]]:
+        out: list[tuple[int, Any]] = []
+        for conn in wait(self.pipes, timeout):
+            assert isinstance(conn, Connection)
+            i = self.pipes.index(conn)
+            try:
+                msg = conn.recv()
+            except EOFError:
+                raise RuntimeError(f"worker {i} died (exit {self.procs[i].exitcode})") from None
+            if msg[0] == "crash":
+                raise RuntimeError(f"worker {i} crashed: {msg[1]}")
+            out.append((i, msg))
+        return out
+
+    def send_all(self, msg: tuple[Any, ...]) -> None:
+        for p in self.pipes:
+            with contextlib.suppress(OSError):
+                p.send(msg)
+
+    def wait_ready(self, on_progress: Any) -> list[dict[str, Any]]:
+        ready: dict[int, dict[str, Any]] = {}
+        counts = [0] * len(self.pipes)
+        while len(ready) < len(self.pipes):
+            for i, msg in self.recv_any(1.0):
+                if msg[0] == "connecting":
+                    counts[i] = msg[1]
+                elif msg[0] == "ready":
+                    ready[i] = msg[1]
+                    counts[i] = msg[1]["ready"]
+            on_progress(sum(counts))
+        return [ready[i] for i in range(len(self.pipes))]
+
+    def stop(self) -> None:
+        self.send_all(("stop",))
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+
+def split(items: list[ClientSpec], n: int) -> list[list[ClientSpec]]:
+    """Round-robin, so every worker holds members of every room."""
+    return [items[i::n] for i in range(n)]
+
+
+def mb(n: float) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+# --- server ------------------------------------------------------------------------------------
+
+
+def open_server(args: argparse.Namespace) -> Server:
+    if args.ws:
+        if not (args.http and args.admin_token):
+            sys.exit("--ws needs --http and --admin-token")
+        s = Server.attach(args.ws, args.http, args.admin_token, args.server_pid)
+        log(f"server: attached to {s.ws} (pid {s.pid or 'unknown: no CPU/RSS figures'})")
+        return s
+    s = Server.start(OUT, args.server_arg or [], keep_data=args.keep_data)
+    log(f"server: started {' '.join(s.command)} pid {s.pid}; log {s.log_path}")
+    return s
+
+
+def server_info(server: Server) -> dict[str, Any]:
+    return {
+        "ws": server.ws,
+        "http": server.http,
+        "pid": server.pid,
+        "command": server.command or None,
+        "log": str(server.log_path) if server.log_path else None,
+        "nofile": _nofile_of(server.pid),
+    }
+
+
+def _nofile_of(pid: int | None) -> list[int] | None:
+    if pid is None:
+        return None
+    with contextlib.suppress(psutil.Error, AttributeError):
+        return list(psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE))
+    return None
+
+
+# --- load and fanout -----------------------------------------------------------------------------
+
+
+def traffic(
+    args: argparse.Namespace,
+    server: Server,
+    *,
+    mode: str,
+    tenant: Tenant,
+    rooms: list[str],
+    room_size: int,
+    senders: set[int],
+    rate: float,
+    params: dict[str, Any],
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    n = len(tenant.users)
+    specs = [
+        ClientSpec(
+            token=tenant.users[i].token,
+            room=rooms[i // room_size],
+            sender=i in senders,
+            sampled=i % args.sample == 0,
+        )
+        for i in range(n)
+    ]
+    nw = max(1, min(args.workers, n))
+    parts = split(specs, nw)
+    n_senders = max(1, len(senders))
+    cfgs = [
+        WorkerConfig(
+            index=w,
+            ws_url=server.ws,
+            clients=part,
+            rate=rate * sum(1 for s in part if s.sender) / n_senders if rate > 0 else 0.0,
+            window=args.window if mode == "fanout" else 8,
+            text=args.text,
+            drain_s=args.drain,
+            progress_s=1.0,
+        )
+        for w, part in enumerate(parts)
+    ]
+    srv = ProcWatch([server.pid]) if server.pid else None
+    t_conn = time.monotonic()
+    pool = Pool(cfgs)
+    try:
+        last = [0.0]
+
+        def connecting(k: int) -> None:
+            if time.monotonic() - last[0] > 3:
+                last[0] = time.monotonic()
+                log(f"  connecting: {k}/{n} ready")
+
+        summaries = pool.wait_ready(connecting)
+        connect_s = time.monotonic() - t_conn
+        ready = sum(s["ready"] for s in summaries)
+        failed = sum(s["failed"] for s in summaries)
+        log(f"connected {ready}/{n} in {connect_s:.1f} s ({failed} failed)")
+        for s in summaries:
+            for e in s["connect_errors"][:3]:
+                log(f"  connect error: {e}")
+        if ready == 0:
+            raise RuntimeError("no client connected")
+        time.sleep(1.0)
+        gen = ProcWatch([os.getpid(), *pool.pids])
+        per_worker = [ProcWatch([p]) for p in pool.pids]
+        rss_before = srv.rss() if srv else 0
+
+        t0 = time.time_ns() + 500_000_000
+        duration, warmup = args.duration, args.warmup
+        pool.send_all(("go", t0, duration, warmup))
+        t_warm = t0 + int(warmup * 1e9)
+        t_end = t0 + int(duration * 1e9)
+        srv_meter = CpuMeter(srv) if srv else None
+        gen_meter = CpuMeter(gen)
+        marks: dict[str, Any] = {}
+        progress: dict[int, dict[str, int]] = {}
+        results: dict[int, dict[str, Any]] = {}
+        timeline: list[dict[str, Any]] = []
+        rss_max = rss_before
+        last_print = time.monotonic()
+        last_counts = {"sent": 0, "acked": 0, "delivered": 0}
+        last_print_t = time.monotonic()
+        while len(results) < nw:
+            for i, msg in pool.recv_any(0.1):
+                if msg[0] == "progress":
+                    progress[i] = msg[1]
+                elif msg[0] == "result":
+                    results[i] = msg[1]
+            now = time.time_ns()
+            if "warm" not in marks and now >= t_warm:
+                marks["warm"] = (
+                    time.monotonic(),
+                    srv.cpu_s() if srv else 0.0,
+                    gen.cpu_s(),
+                    [w.cpu_s() for w in per_worker],
+                )
+            if "end" not in marks and now >= t_end:
+                marks["end"] = (
+                    time.monotonic(),
+                    srv.cpu_s() if srv else 0.0,
+                    gen.cpu_s(),
+                    [w.cpu_s() for w in per_worker],
+                )
+            mono = time.monotonic()
+            if mono - last_print >= args.progress and progress and now < t_end + 1e9:
+                last_print = mono
+                tot = {k: sum(p.get(k, 0) for p in progress.values()) for k in last_counts}
+                dt_s = mono - last_print_t
+                last_print_t = mono
+                rates = {k: (tot[k] - last_counts[k]) / dt_s for k in tot}
+                last_counts = tot
+                rss = srv.rss() if srv else 0
+                rss_max = max(rss_max, rss)
+                scpu = srv_meter.mark() if srv_meter else float("nan")
+                gcpu = gen_meter.mark()
+                errs = sum(p.get("errors", 0) for p in progress.values())
+                closed = sum(p.get("closed", 0) for p in progress.values())
+                t_rel = (now - t0) / 1e9
+                timeline.append(
+                    {
+                        "t": round(t_rel, 1),
+                        **{f"{k}_per_s": round(v) for k, v in rates.items()},
+                        "server_cpu_pct": round(scpu, 1),
+                        "gen_cpu_pct": round(gcpu, 1),
+                        "server_rss": rss,
+                    }
+                )
+                log(
+                    f"  t={t_rel:5.1f}s  sends/s {rates['sent']:8.0f}  acks/s {rates['acked']:8.0f}"
+                    f"  deliveries/s {rates['delivered']:9.0f}  server CPU {scpu:5.1f}%"
+                    f" RSS {mb(rss)}  generator CPU {gcpu:5.1f}%  errors {errs} closed {closed}"
+                )
+            if not server.alive():
+                raise RuntimeError(f"server exited: {server.proc and server.proc.returncode}")
+        rss_after = srv.rss() if srv else 0
+        rss_max = max(rss_max, rss_after)
+        if "end" not in marks:
+            marks["end"] = (time.monotonic(), srv.cpu_s() if srv else 0.0, gen.cpu_s(), [])
+        if "warm" not in marks:
+            marks["warm"] = marks["end"]
+        mw, sw, gw, ww = marks["warm"]
+        me, se, ge, we = marks["end"]
+        span = max(1e-9, me - mw)
+        window_cpu = {
+            "server_cpu_pct": round(100 * (se - sw) / span, 1) if srv else None,
+            "generator_cpu_pct": round(100 * (ge - gw) / span, 1),
+            "worker_cpu_pct": [
+                round(100 * (b - a) / span, 1) for a, b in zip(ww, we, strict=False)
+            ],
+        }
+    finally:
+        pool.stop()
+
+    res = [results[i] for i in range(nw)]
+    return summarize_traffic(
+        args,
+        mode,
+        res,
+        window_cpu,
+        rooms,
+        specs,
+        rss_before,
+        rss_after,
+        rss_max,
+        connect_s,
+        ready,
+        failed,
+        timeline,
+        params,
+        meta,
+        server,
+    )
+
+
+def _cat(res: list[dict[str, Any]], key: str) -> np.ndarray[Any, Any]:
+    arrays = [np.frombuffer(r[key], dtype=np.int64) for r in res if len(r[key])]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _sum_series(res: list[dict[str, Any]], key: str) -> list[int]:
+    n = max((len(r[key]) for r in res), default=0)
+    out = [0] * n
+    for r in res:
+        for i, v in enumerate(r[key]):
+            out[i] += v
+    return out
+
+
+def summarize_traffic(
+    args: argparse.Namespace,
+    mode: str,
+    res: list[dict[str, Any]],
+    cpu: dict[str, Any],
+    rooms: list[str],
+    specs: list[ClientSpec],
+    rss_before: int,
+    rss_after: int,
+    rss_max: int,
+    connect_s: float,
+    ready: int,
+    failed: int,
+    timeline: list[dict[str, Any]],
+    params: dict[str, Any],
+    meta: dict[str, Any],
+    server: Server,
+) -> dict[str, Any]:
+    duration, warmup = args.duration, args.warmup
+    warm_ms = int(warmup * 1000)
+    dl_at, dl_lat = _cat(res, "dl_at_ms"), _cat(res, "dl_lat_us")
+    ack_at, ack_lat = _cat(res, "ack_at_ms"), _cat(res, "ack_lat_us")
+    lag = _cat(res, "send_lag_us")
+    sel_dl = dl_at >= warm_ms
+    sel_ack = ack_at >= warm_ms
+    dl_sum = report.summarize_us(dl_lat[sel_dl])
+    ack_sum = report.summarize_us(ack_lat[sel_ack])
+    per_sec_dl = _sum_series(res, "per_sec_deliveries")
+    per_sec_sends = _sum_series(res, "per_sec_sends")
+    per_sec_acks = _sum_series(res, "per_sec_acks")
+    a, b = math.ceil(warmup), max(math.ceil(warmup) + 1, math.floor(duration))
+    win = per_sec_dl[a:b]
+    dl_rate = sum(win) / max(1, len(win))
+    sends_rate = sum(per_sec_sends[a:b]) / max(1, len(per_sec_sends[a:b]))
+    acks_rate = sum(per_sec_acks[a:b]) / max(1, len(per_sec_acks[a:b]))
+    sent = sum(r["sent"] for r in res)
+    acked = sum(r["acked"] for r in res)
+    send_errors = sum(r["send_errors"] for r in res)
+    delivered = sum(r["delivered"] for r in res)
+    sent_by_room: dict[str, int] = {}
+    for r in res:
+        for room, k in r["sent_by_room"].items():
+            sent_by_room[room] = sent_by_room.get(room, 0) + k
+    members: dict[str, int] = {}
+    for s in specs:
+        if s.room is not None:
+            members[s.room] = members.get(s.room, 0) + 1
+    expected = sum(k * members.get(room, 0) for room, k in sent_by_room.items())
+    close_codes: dict[str, int] = {}
+    for r in res:
+        for code, k in r["close_codes"].items():
+            close_codes[code] = close_codes.get(code, 0) + k
+    errors = [e for r in res for e in r["error_samples"]][:10]
+    result: dict[str, Any] = {
+        "mode": mode,
+        "machine": meta["machine"],
+        "command": meta["command"],
+        "params": params,
+        "server": server_info(server),
+        "connect": {"ready": ready, "failed": failed, "seconds": round(connect_s, 2)},
+        "sent": sent,
+        "acked": acked,
+        "send_errors": send_errors,
+        "errors_total": sum(r["errors"] for r in res),
+        "error_samples": errors,
+        "delivered": delivered,
+        "delivered_expected": expected,
+        "closed": sum(r["closed"] for r in res),
+        "close_codes": close_codes,
+        "window_s": [a, b],
+        "sends_per_s": round(sends_rate, 1),
+        "acks_per_s": round(acks_rate, 1),
+        "deliveries_per_s": round(dl_rate, 1),
+        "deliveries_per_s_peak": max(win, default=0),
+        "send_to_ack_ms": ack_sum,
+        "send_to_deliver_ms": dl_sum,
+        "send_lag_ms": report.summarize_us(lag[lag >= 0]) if lag.size else {"n": 0},
+        "server_cpu_pct": cpu.get("server_cpu_pct"),
+        "server_rss_before": rss_before,
+        "server_rss_after": rss_after,
+        "server_rss_max": rss_max,
+        "generator_cpu_pct": cpu.get("generator_cpu_pct"),
+        "worker_cpu_pct": cpu.get("worker_cpu_pct"),
+        "worker_frames": sum(r["frames"] for r in res),
+        "worker_recvs": sum(r["recvs"] for r in res),
+        "timeline": timeline,
+        "per_second": {
+            "deliveries": per_sec_dl,
+            "sends": per_sec_sends,
+            "acks": per_sec_acks,
+            "send_to_deliver_ms": report.per_second(dl_at, dl_lat),
+            "send_to_ack_ms": report.per_second(ack_at, ack_lat),
+        },
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = OUT / f"{mode}-{stamp}.json"
+    png_path = OUT / f"{mode}-{stamp}.png"
+    result["files"] = {"json": str(json_path), "png": str(png_path)}
+    title = f"GB6 {mode}: {meta['command']}\n{report.machine_line(meta['machine'])}"
+    report.write_json(json_path, result)
+    report.plot_latency(
+        png_path, title, (dl_at, dl_lat), (ack_at, ack_lat), per_sec_dl, per_sec_sends, warmup
+    )
+    print_traffic(result)
+    return result
+
+
+def print_traffic(r: dict[str, Any]) -> None:
+    log("")
+    log(f"== {r['mode']}: {r['command']}")
+    log(f"   {report.machine_line(r['machine'])}")
+    p = r["params"]
+    log("   " + "  ".join(f"{k}={v}" for k, v in p.items()))
+    a, b = r["window_s"]
+    log(f"measured window: seconds {a}..{b} after start (warm-up and drain excluded)")
+    pct = 100 * r["delivered"] / r["delivered_expected"] if r["delivered_expected"] else 0
+    log(
+        f"sent {r['sent']:,}  acked {r['acked']:,}  send errors {r['send_errors']:,}  "
+        f"all errors {r['errors_total']:,}  closed {r['closed']} {r['close_codes'] or ''}"
+    )
+    log(f"delivered {r['delivered']:,} of {r['delivered_expected']:,} expected ({pct:.2f}%)")
+    log(
+        f"rates in window: sends/s {r['sends_per_s']:,.0f}  acks/s {r['acks_per_s']:,.0f}  "
+        f"deliveries/s {r['deliveries_per_s']:,.0f} (peak second {r['deliveries_per_s_peak']:,})"
+    )
+    log(report.fmt_lat("send→ack", r["send_to_ack_ms"]))
+    log(report.fmt_lat("send→deliver", r["send_to_deliver_ms"]))
+    lag = r["send_lag_ms"]
+    if lag.get("n"):
+        log(f"generator send lag behind schedule: p99 {lag['p99']:.2f} ms  max {lag['max']:.2f} ms")
+    scpu = r["server_cpu_pct"]
+    log(
+        f"server: CPU {scpu if scpu is not None else '?'}% of one core  "
+        f"RSS {mb(r['server_rss_before'])} → {mb(r['server_rss_after'])} "
+        f"(max {mb(r['server_rss_max'])})"
+    )
+    log(
+        f"generator: CPU {r['generator_cpu_pct']}% of one core in total "
+        f"(workers {', '.join(f'{x}%' for x in r['worker_cpu_pct'])}); "
+        f"{r['worker_frames']:,} frames in {r['worker_recvs']:,} reads"
+    )
+    for e in r["error_samples"][:5]:
+        log(f"  error sample: {e}")
+    log(f"results: {r['files']['json']}\nplot:    {r['files']['png']}")
+
+
+def meta_for(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
+    return {"machine": m, "command": "python -m bench.run " + " ".join(sys.argv[1:])}
+
+
+def run_load(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dict[str, Any]:
+    n, k = args.clients, args.rooms
+    size = n // k
+    n = size * k
+    log(f"load: {n} clients in {k} rooms of {size}, {args.rate:g} sends/s for {args.duration:g} s")
+    t = time.monotonic()
+    tenant = bootstrap(server.http, server.admin_token, n, label="load")
+    log(f"bootstrap: {n} users with tokens in {time.monotonic() - t:.1f} s")
+    t = time.monotonic()
+    groups = [tenant.users[r * size : (r + 1) * size] for r in range(k)]
+    rooms = create_rooms(server.ws, groups, label="load")
+    log(f"rooms: {k} created in {time.monotonic() - t:.1f} s")
+    params = {
+        "clients": n,
+        "rooms": k,
+        "room_size": size,
+        "rate": args.rate,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "workers": args.workers,
+        "sample_every": args.sample,
+        "text_bytes": len(args.text.encode()),
+    }
+    return traffic(
+        args,
+        server,
+        mode="load",
+        tenant=tenant,
+        rooms=rooms,
+        room_size=size,
+        senders=set(range(n)),
+        rate=args.rate,
+        params=params,
+        meta=meta_for(args, m),
+    )
+
+
+def run_fanout(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dict[str, Any]:
+    n = args.clients
+    log(
+        f"fanout: {n} clients in one room, {args.senders} senders, "
+        + (f"{args.rate:g} sends/s" if args.rate > 0 else f"closed loop, window {args.window}")
+    )
+    t = time.monotonic()
+    tenant = bootstrap(server.http, server.admin_token, n, label="fanout")
+    log(f"bootstrap: {n} users with tokens in {time.monotonic() - t:.1f} s")
+    rooms = create_rooms(server.ws, [tenant.users], label="fanout")
+    params = {
+        "clients": n,
+        "rooms": 1,
+        "senders": args.senders,
+        "rate": args.rate if args.rate > 0 else "max",
+        "window": args.window,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "workers": args.workers,
+        "sample_every": args.sample,
+        "text_bytes": len(args.text.encode()),
+    }
+    # Senders spread over workers by the round-robin split (clients 0..senders-1).
+    return traffic(
+        args,
+        server,
+        mode="fanout",
+        tenant=tenant,
+        rooms=rooms,
+        room_size=n,
+        senders=set(range(min(args.senders, n))),
+        rate=args.rate,
+        params=params,
+        meta=meta_for(args, m),
+    )
+
+
+# --- idle -----------------------------------------------------------------------------------------
+
+
+def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dict[str, Any]:
+    c = args.connections
+    u = min(args.users, c)
+    log(f"idle: {c} connections (hello only) for {u} users")
+    t = time.monotonic()
+    tenant = bootstrap(server.http, server.admin_token, u, label="idle")
+    log(f"bootstrap: {u} users with tokens in {time.monotonic() - t:.1f} s")
+    if not server.pid:
+        raise RuntimeError("idle mode needs the server's pid (--server-pid)")
+    srv = ProcWatch([server.pid])
+    time.sleep(2.0)
+    rss0, uss0 = srv.rss(), srv.uss()
+    fds0 = srv.fds()
+    log(f"server before: RSS {mb(rss0)} USS {mb(uss0)} fds {fds0}")
+    specs = [ClientSpec(token=tenant.users[i % u].token, room=None) for i in range(c)]
+    nw = max(1, min(args.workers, c))
+    cfgs = [
+        WorkerConfig(
+            index=w,
+            ws_url=server.ws,
+            clients=part,
+            connect_concurrency=args.connect_concurrency,
+            nofile=len(part) + 256,
+        )
+        for w, part in enumerate(split(specs, nw))
+    ]
+    points: list[tuple[int, int]] = [(0, rss0)]
+    t_conn = time.monotonic()
+    srv_meter = CpuMeter(srv)
+    pool = Pool(cfgs)
+    try:
+        last = [0.0, -1]
+
+        def connecting(k: int) -> None:
+            mono = time.monotonic()
+            if k != last[1] and mono - last[0] > 0.5:
+                points.append((k, srv.rss()))
+                last[1] = k
+            if mono - last[0] > 3:
+                last[0] = mono
+                log(f"  connecting: {k}/{c} ready, server RSS {mb(srv.rss())}")
+
+        summaries = pool.wait_ready(connecting)
+        connect_s = time.monotonic() - t_conn
+        connect_cpu = srv_meter.mark()
+        ready = sum(s["ready"] for s in summaries)
+        failed = sum(s["failed"] for s in summaries)
+        log(
+            f"connected {ready}/{c} in {connect_s:.1f} s ({failed} failed), "
+            f"server CPU {connect_cpu:.0f}% while connecting"
+        )
+        for s in summaries:
+            for e in s["connect_errors"][:3]:
+                log(f"  connect error: {e}")
+        time.sleep(args.settle)
+        rss1, uss1 = srv.rss(), srv.uss()
+        fds1 = srv.fds()
+        points.append((ready, rss1))
+        srv_meter.mark()
+        gen = ProcWatch([os.getpid(), *pool.pids])
+        gen_meter = CpuMeter(gen)
+        time.sleep(args.hold)
+        hold_cpu = srv_meter.mark()
+        gen_cpu = gen_meter.mark()
+        rss2 = srv.rss()
+        threads = srv.threads()
+    finally:
+        pool.stop()
+    time.sleep(2.0)
+    rss3 = srv.rss()
+    per_conn = (rss1 - rss0) / max(1, ready)
+    per_conn_uss = (uss1 - uss0) / max(1, ready)
+    xs = np.array([p[0] for p in points], dtype=float)
+    ys = np.array([p[1] for p in points], dtype=float)
+    slope = float(np.polyfit(xs, ys, 1)[0]) if len(set(xs.tolist())) >= 3 else None
+    result: dict[str, Any] = {
+        "mode": "idle",
+        "machine": m,
+        "command": meta_for(args, m)["command"],
+        "params": {
+            "connections": c,
+            "users": u,
+            "workers": nw,
+            "settle_s": args.settle,
+            "hold_s": args.hold,
+        },
+        "server": server_info(server),
+        "connect": {
+            "ready": ready,
+            "failed": failed,
+            "seconds": round(connect_s, 2),
+            "per_s": round(ready / max(1e-9, connect_s), 1),
+            "server_cpu_pct": round(connect_cpu, 1),
+        },
+        "server_rss_before": rss0,
+        "server_rss_connected": rss1,
+        "server_rss_after_hold": rss2,
+        "server_rss_after_close": rss3,
+        "server_uss_before": uss0,
+        "server_uss_connected": uss1,
+        "server_fds": [fds0, fds1],
+        "server_threads": threads,
+        "rss_per_connection_bytes": round(per_conn),
+        "uss_per_connection_bytes": round(per_conn_uss),
+        "rss_slope_bytes_per_connection": round(slope) if slope is not None else None,
+        "server_idle_cpu_pct": round(hold_cpu, 1),
+        "generator_cpu_pct_hold": round(gen_cpu, 1),
+        "rss_points": points,
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    json_path = OUT / f"idle-{stamp}.json"
+    png_path = OUT / f"idle-{stamp}.png"
+    result["files"] = {"json": str(json_path), "png": str(png_path)}
+    report.write_json(json_path, result)
+    report.plot_idle(png_path, f"GB6 idle: {result['command']}\n{report.machine_line(m)}", points)
+    log("")
+    log(f"== idle: {result['command']}")
+    log(f"   {report.machine_line(m)}")
+    log(
+        f"connections: {ready} ready, {failed} failed, {ready / max(1e-9, connect_s):.0f}/s; "
+        f"server fds {fds0} → {fds1}; server nofile {result['server']['nofile']}"
+    )
+    log(
+        f"server RSS {mb(rss0)} → {mb(rss1)} with {ready} connections: "
+        f"{per_conn / 1024:.1f} KiB/connection (USS {per_conn_uss / 1024:.1f} KiB"
+        + (f", slope {slope / 1024:.1f} KiB" if slope is not None else "")
+        + ")"
+    )
+    log(
+        f"server idle CPU with {ready} connections (pings every heartbeat/3): {hold_cpu:.1f}%; "
+        f"RSS after hold {mb(rss2)}, after closing all {mb(rss3)}"
+    )
+    log(f"results: {json_path}\nplot:    {png_path}")
+    return result
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="mode", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_argument_group("server")
+        g.add_argument("--ws", help="attach to this ws:// URL instead of starting gb6")
+        g.add_argument("--http", help="the attached node's http:// URL")
+        g.add_argument("--admin-token", help="the attached node's admin token")
+        g.add_argument("--server-pid", type=int, help="the attached node's pid")
+        g.add_argument(
+            "--server-arg",
+            action="append",
+            help="extra argument for `gb6 run` (repeatable), e.g. --server-arg=--config",
+        )
+        g.add_argument("--keep-data", action="store_true", help="keep the server's data dir")
+        sp.add_argument(
+            "--workers",
+            type=int,
+            default=max(1, os.cpu_count() or 1),
+            help="load-generator processes (default: one per core)",
+        )
+
+    def traffic_opts(sp: argparse.ArgumentParser, clients: int, duration: float) -> None:
+        common(sp)
+        sp.add_argument("--clients", type=int, default=clients)
+        sp.add_argument("--duration", type=float, default=duration, help="seconds of sending")
+        sp.add_argument(
+            "--warmup", type=float, default=3.0, help="seconds at the start left out of the figures"
+        )
+        sp.add_argument(
+            "--drain",
+            type=float,
+            default=5.0,
+            help="max seconds to wait for acks and deliveries after sending stops",
+        )
+        sp.add_argument(
+            "--sample",
+            type=int,
+            default=1,
+            help="extract send→deliver latency on 1 client in N (all count)",
+        )
+        sp.add_argument("--text", default="hello from the GB6 bench", help="body.text")
+        sp.add_argument("--progress", type=float, default=5.0, help="seconds between lines")
+
+    lp = sub.add_parser("load", help="N clients in M rooms at an aggregate send rate")
+    traffic_opts(lp, 1000, 30.0)
+    lp.add_argument("--rooms", type=int, default=100)
+    lp.add_argument("--rate", type=float, default=2000.0, help="sends/s, all clients together")
+
+    fp = sub.add_parser("fanout", help="one big room; deliveries/s from one edge")
+    traffic_opts(fp, 500, 15.0)
+    fp.add_argument("--senders", type=int, default=4)
+    fp.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="sends/s all senders together; 0 = as fast as acks allow (--window)",
+    )
+    fp.add_argument("--window", type=int, default=16, help="unacknowledged sends per sender")
+    fp.set_defaults(sample=10)
+
+    ip = sub.add_parser("idle", help="C idle connections: server RSS per connection")
+    common(ip)
+    ip.add_argument("--connections", type=int, default=10_000)
+    ip.add_argument(
+        "--users",
+        type=int,
+        default=1000,
+        help="users whose tokens the connections share round-robin",
+    )
+    ip.add_argument(
+        "--connect-concurrency", type=int, default=200, help="handshakes in flight per worker"
+    )
+    ip.add_argument("--settle", type=float, default=3.0)
+    ip.add_argument("--hold", type=float, default=10.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    m = report.machine()
+    log(f"machine: {report.machine_line(m)}")
+    want = (args.connections if args.mode == "idle" else args.clients) * 2 + 1024
+    nofile = raise_nofile(want)
+    log(f"RLIMIT_NOFILE raised to {nofile} (wanted {want}); the server inherits it")
+    server = open_server(args)
+    try:
+        if args.mode == "load":
+            run_load(args, server, m)
+        elif args.mode == "fanout":
+            run_fanout(args, server, m)
+        else:
+            run_idle(args, server, m)
+    finally:
+        rc = server.stop()
+        if rc is not None:
+            log(f"server stopped (exit {rc})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

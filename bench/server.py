@@ -1,0 +1,229 @@
+"""The server under test: start `gb6 run` (or attach to a running one) and watch its CPU and RSS."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+
+@dataclass
+class Server:
+    ws: str
+    http: str
+    admin_token: str
+    pid: int | None
+    proc: subprocess.Popen[bytes] | None = None
+    data_dir: Path | None = None
+    log_path: Path | None = None
+    command: list[str] = field(default_factory=list)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @classmethod
+    def start(
+        cls, out_dir: Path, extra_args: list[str], timeout_s: float = 60.0, keep_data: bool = False
+    ) -> Server:
+        tmp = tempfile.TemporaryDirectory(prefix="gb6-bench-")
+        data = Path(tmp.name) / "data"
+        gb6 = shutil.which("gb6", path=str(Path(sys.executable).parent)) or "gb6"
+        cmd = [gb6, "run", "--data", str(data), "--ws-port", "0", "--http-port", "0", *extra_args]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log_path = out_dir / f"server-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log = log_path.open("wb")
+        # Children inherit RLIMIT_NOFILE: the caller raised it before starting us.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        token = os.environ.get("GB6_ADMIN_TOKEN", "")
+        ready: dict[str, str] | None = None
+        lines: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        reader = _LineReader(proc.stdout, log)
+        while ready is None:
+            line = reader.get(max(0.0, deadline - time.monotonic()))
+            if line is None:
+                proc.kill()
+                log.close()
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(
+                    f"gb6 run did not become ready (exit={proc.poll()}); stdout={lines!r}\n"
+                    f"stderr tail:\n{tail}"
+                )
+            text = line.decode(errors="replace").strip()
+            lines.append(text)
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                continue
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("event") == "admin_token":
+                token = str(obj["token"])
+            elif obj.get("event") == "ready":
+                ready = obj
+        reader.detach()  # from now on stdout goes to the log only
+        if not token:
+            proc.kill()
+            raise RuntimeError("no admin token: neither printed nor in GB6_ADMIN_TOKEN")
+        server = cls(
+            ws=ready["ws"],
+            http=ready["http"].rstrip("/"),
+            admin_token=token,
+            pid=proc.pid,
+            proc=proc,
+            data_dir=data,
+            log_path=log_path,
+            command=cmd,
+            _tmp=None if keep_data else tmp,
+        )
+        return server
+
+    @classmethod
+    def attach(cls, ws: str, http: str, token: str, pid: int | None) -> Server:
+        if pid is None:
+            pid = _pid_listening_on(ws)
+        return cls(ws=ws, http=http.rstrip("/"), admin_token=token, pid=pid)
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        rc = self.proc.poll()
+        if rc is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                rc = self.proc.wait()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        return rc
+
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.poll() is None
+
+
+class _LineReader:
+    """Reads the child's stdout in a thread: lines until detached, then copies into the log."""
+
+    def __init__(self, stream: IO[bytes], log: IO[bytes]) -> None:
+        self.stream = stream
+        self.log = log
+        self.lines: list[bytes] = []
+        self.cond = threading.Condition()
+        self.detached = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for line in self.stream:
+            with self.cond:
+                if self.detached:
+                    with contextlib.suppress(ValueError):
+                        self.log.write(b"[stdout] " + line)
+                        self.log.flush()
+                else:
+                    self.lines.append(line)
+                    self.cond.notify_all()
+        with self.cond:
+            self.lines.append(b"")
+            self.cond.notify_all()
+
+    def get(self, timeout: float) -> bytes | None:
+        with self.cond:
+            self.cond.wait_for(lambda: bool(self.lines), timeout)
+            if not self.lines or self.lines[0] == b"":
+                return None
+            return self.lines.pop(0)
+
+    def detach(self) -> None:
+        with self.cond:
+            self.detached = True
+
+
+def _pid_listening_on(ws_url: str) -> int | None:
+    from urllib.parse import urlsplit
+
+    port = urlsplit(ws_url).port
+    with contextlib.suppress(psutil.Error, PermissionError):
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                return int(conn.pid) if conn.pid else None
+    return None
+
+
+class ProcWatch:
+    """CPU seconds and memory of a set of processes (and their children)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.procs = [psutil.Process(p) for p in pids]
+
+    def _all(self) -> list[psutil.Process]:
+        out: list[psutil.Process] = []
+        for p in self.procs:
+            out.append(p)
+            with contextlib.suppress(psutil.Error):
+                out.extend(p.children(recursive=True))
+        return out
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for p in self._all():
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def rss(self) -> int:
+        total = 0
+        for p in self._all():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
+    def uss(self) -> int:
+        total = 0
+        for p in self._all():
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_full_info().uss
+        return total
+
+    def threads(self) -> int:
+        total = 0
+        for p in self._all():
+            with contextlib.suppress(psutil.Error):
+                total += p.num_threads()
+        return total
+
+    def fds(self) -> int:
+        total = 0
+        for p in self._all():
+            with contextlib.suppress(psutil.Error):
+                total += p.num_fds()
+        return total
+
+
+class CpuMeter:
+    """CPU% (100 = one core) of a ProcWatch between marks."""
+
+    def __init__(self, watch: ProcWatch) -> None:
+        self.watch = watch
+        self.t = time.monotonic()
+        self.cpu = watch.cpu_s()
+
+    def mark(self) -> float:
+        t, cpu = time.monotonic(), self.watch.cpu_s()
+        pct = 100.0 * (cpu - self.cpu) / max(1e-9, t - self.t)
+        self.t, self.cpu = t, cpu
+        return pct
