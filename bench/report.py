@@ -122,7 +122,9 @@ def plot_latency(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 11))
     fig.suptitle(title, fontsize=9)
     for name, (at, lat), color in (("send→deliver", dl, "C0"), ("send→ack", ack, "C1")):
@@ -134,6 +136,7 @@ def plot_latency(
             ax1.plot(xs, [r[3] for r in rows], color=color, ls=":", lw=0.8, label=f"{name} max")
     ax1.axvline(warmup_s, color="grey", lw=0.8)
     ax1.set_yscale("log")
+    ax1.yaxis.set_major_formatter(plain)
     ax1.set_xlabel("send time (s since start; grey: end of warm-up)")
     ax1.set_ylabel("latency (ms)")
     ax1.legend(fontsize=7, ncol=3)
@@ -141,7 +144,7 @@ def plot_latency(
 
     ax2.plot(range(len(deliveries_per_sec)), deliveries_per_sec, label="deliveries/s")
     ax2b = ax2.twinx()
-    ax2b.plot(range(len(sends_per_sec)), sends_per_sec, color="C2", label="sends/s")
+    ax2b.plot(range(len(sends_per_sec)), sends_per_sec, color="C2", ls="--", label="sends/s")
     ax2.set_xlabel("s since start")
     ax2.set_ylabel("deliveries/s")
     ax2b.set_ylabel("sends/s")
@@ -157,6 +160,7 @@ def plot_latency(
             ax3.plot(srt, ys, color=color, label=name)
     ax3.set_xscale("log")
     ax3.set_yscale("log")
+    ax3.xaxis.set_major_formatter(plain)
     ax3.set_xlabel("latency (ms)")
     ax3.set_ylabel("fraction slower (CCDF)")
     ax3.legend(fontsize=7)

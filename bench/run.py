@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench import report
+from bench import profile, report
 from bench.bootstrap import Tenant, bootstrap, create_rooms
 from bench.server import CpuMeter, ProcWatch, Server
 from bench.worker import ClientSpec, WorkerConfig, raise_nofile
@@ -206,10 +206,12 @@ def traffic(
         if ready == 0:
             raise RuntimeError("no client connected")
         time.sleep(1.0)
-        gen = ProcWatch([os.getpid(), *pool.pids])
-        per_worker = [ProcWatch([p]) for p in pool.pids]
+        gen = ProcWatch([os.getpid(), *pool.pids], children=False)
+        per_worker = [ProcWatch([p], children=False) for p in pool.pids]
         rss_before = srv.rss() if srv else 0
 
+        prof: Any = None
+        prof_path = OUT / f"{mode}-{meta['stamp']}-pyspy.txt"
         t0 = time.time_ns() + 500_000_000
         duration, warmup = args.duration, args.warmup
         pool.send_all(("go", t0, duration, warmup))
@@ -233,11 +235,16 @@ def traffic(
                     results[i] = msg[1]
             now = time.time_ns()
             if "warm" not in marks and now >= t_warm:
+                if args.profile and server.pid:
+                    prof = profile.start(
+                        server.pid, duration - warmup, prof_path, args.profile_rate
+                    )
                 marks["warm"] = (
                     time.monotonic(),
                     srv.cpu_s() if srv else 0.0,
                     gen.cpu_s(),
                     [w.cpu_s() for w in per_worker],
+                    psutil.cpu_times(),
                 )
             if "end" not in marks and now >= t_end:
                 marks["end"] = (
@@ -245,6 +252,7 @@ def traffic(
                     srv.cpu_s() if srv else 0.0,
                     gen.cpu_s(),
                     [w.cpu_s() for w in per_worker],
+                    psutil.cpu_times(),
                 )
             mono = time.monotonic()
             if mono - last_print >= args.progress and progress and now < t_end + 1e9:
@@ -280,22 +288,39 @@ def traffic(
         rss_after = srv.rss() if srv else 0
         rss_max = max(rss_max, rss_after)
         if "end" not in marks:
-            marks["end"] = (time.monotonic(), srv.cpu_s() if srv else 0.0, gen.cpu_s(), [])
+            marks["end"] = (
+                time.monotonic(),
+                srv.cpu_s() if srv else 0.0,
+                gen.cpu_s(),
+                [],
+                psutil.cpu_times(),
+            )
         if "warm" not in marks:
             marks["warm"] = marks["end"]
-        mw, sw, gw, ww = marks["warm"]
-        me, se, ge, we = marks["end"]
+        mw, sw, gw, ww, sys_w = marks["warm"]
+        me, se, ge, we, sys_e = marks["end"]
+        sys_all = sum(sys_e) - sum(sys_w)
+        sys_idle = sys_e.idle - sys_w.idle
+        sys_io = getattr(sys_e, "iowait", 0.0) - getattr(sys_w, "iowait", 0.0)
         span = max(1e-9, me - mw)
         window_cpu = {
             "server_cpu_pct": round(100 * (se - sw) / span, 1) if srv else None,
             "generator_cpu_pct": round(100 * (ge - gw) / span, 1),
+            "machine_busy_pct": round(100 * (sys_all - sys_idle - sys_io) / max(1e-9, sys_all), 1),
+            "others_cpu_pct": round(
+                100 * ((sys_all - sys_idle - sys_io) - (se - sw) - (ge - gw)) / span, 1
+            ),
+            "machine_iowait_pct": round(100 * sys_io / max(1e-9, sys_all), 1),
             "worker_cpu_pct": [
                 round(100 * (b - a) / span, 1) for a, b in zip(ww, we, strict=False)
             ],
         }
     finally:
         pool.stop()
+        profile.finish(prof)
 
+    if prof is not None and prof_path.exists():
+        meta["profile"] = profile.summarize(prof_path, duration - warmup, args.profile_rate)
     res = [results[i] for i in range(nw)]
     return summarize_traffic(
         args,
@@ -353,7 +378,7 @@ def summarize_traffic(
     warm_ms = int(warmup * 1000)
     dl_at, dl_lat = _cat(res, "dl_at_ms"), _cat(res, "dl_lat_us")
     ack_at, ack_lat = _cat(res, "ack_at_ms"), _cat(res, "ack_lat_us")
-    lag = _cat(res, "send_lag_us")
+    lag, lag_at = _cat(res, "send_lag_us"), _cat(res, "send_lag_at_ms")
     sel_dl = dl_at >= warm_ms
     sel_ack = ack_at >= warm_ms
     dl_sum = report.summarize_us(dl_lat[sel_dl])
@@ -414,6 +439,9 @@ def summarize_traffic(
         "server_rss_max": rss_max,
         "generator_cpu_pct": cpu.get("generator_cpu_pct"),
         "worker_cpu_pct": cpu.get("worker_cpu_pct"),
+        "machine_busy_pct": cpu.get("machine_busy_pct"),
+        "machine_iowait_pct": cpu.get("machine_iowait_pct"),
+        "others_cpu_pct": cpu.get("others_cpu_pct"),
         "worker_frames": sum(r["frames"] for r in res),
         "worker_recvs": sum(r["recvs"] for r in res),
         "timeline": timeline,
@@ -423,9 +451,11 @@ def summarize_traffic(
             "acks": per_sec_acks,
             "send_to_deliver_ms": report.per_second(dl_at, dl_lat),
             "send_to_ack_ms": report.per_second(ack_at, ack_lat),
+            "send_lag_ms": report.per_second(lag_at, lag),
         },
+        "profile": meta.get("profile"),
     }
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = meta["stamp"]
     json_path = OUT / f"{mode}-{stamp}.json"
     png_path = OUT / f"{mode}-{stamp}.png"
     result["files"] = {"json": str(json_path), "png": str(png_path)}
@@ -472,13 +502,23 @@ def print_traffic(r: dict[str, Any]) -> None:
         f"(workers {', '.join(f'{x}%' for x in r['worker_cpu_pct'])}); "
         f"{r['worker_frames']:,} frames in {r['worker_recvs']:,} reads"
     )
+    log(
+        f"machine: {r['machine_busy_pct']}% of all {r['machine']['cores_logical']} cores busy, "
+        f"{r['machine_iowait_pct']}% iowait; other processes {r['others_cpu_pct']}% of one core"
+    )
     for e in r["error_samples"][:5]:
         log(f"  error sample: {e}")
+    if r.get("profile"):
+        profile.print_summary(r["profile"])
     log(f"results: {r['files']['json']}\nplot:    {r['files']['png']}")
 
 
 def meta_for(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
-    return {"machine": m, "command": "python -m bench.run " + " ".join(sys.argv[1:])}
+    return {
+        "machine": m,
+        "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+        "stamp": time.strftime("%Y%m%d-%H%M%S"),
+    }
 
 
 def run_load(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dict[str, Any]:
@@ -617,7 +657,7 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
         fds1 = srv.fds()
         points.append((ready, rss1))
         srv_meter.mark()
-        gen = ProcWatch([os.getpid(), *pool.pids])
+        gen = ProcWatch([os.getpid(), *pool.pids], children=False)
         gen_meter = CpuMeter(gen)
         time.sleep(args.hold)
         hold_cpu = srv_meter.mark()
@@ -694,6 +734,30 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
     return result
 
 
+def wait_quiet(max_s: float, busy_pct: float = 15.0) -> None:
+    """Wait (bounded) until the machine is mostly idle: other work skews every figure."""
+    deadline = time.monotonic() + max_s
+    while True:
+        for p in psutil.process_iter(["cpu_percent"]):
+            pass  # prime per-process counters
+        busy = psutil.cpu_percent(interval=2.0)
+        if busy < busy_pct:
+            log(f"machine quiet: {busy:.0f}% busy over 2 s")
+            return
+        if time.monotonic() > deadline:
+            log(f"WARNING: machine still {busy:.0f}% busy after {max_s:.0f} s; going on anyway")
+            return
+        procs = sorted(
+            psutil.process_iter(["pid", "cmdline", "cpu_percent"]),
+            key=lambda p: p.info["cpu_percent"] or 0.0,
+            reverse=True,
+        )[:3]
+        names = "; ".join(
+            f"{p.info['cpu_percent']:.0f}% {' '.join(p.info['cmdline'] or [])[:70]}" for p in procs
+        )
+        log(f"machine {busy:.0f}% busy ({names}); waiting")
+
+
 # --- main -------------------------------------------------------------------------------------
 
 
@@ -745,6 +809,12 @@ def parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--text", default="hello from the GB6 bench", help="body.text")
         sp.add_argument("--progress", type=float, default=5.0, help="seconds between lines")
+        sp.add_argument(
+            "--profile",
+            action="store_true",
+            help="sample the server with py-spy during the measured window",
+        )
+        sp.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
 
     lp = sub.add_parser("load", help="N clients in M rooms at an aggregate send rate")
     traffic_opts(lp, 1000, 30.0)
@@ -787,6 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     want = (args.connections if args.mode == "idle" else args.clients) * 2 + 1024
     nofile = raise_nofile(want)
     log(f"RLIMIT_NOFILE raised to {nofile} (wanted {want}); the server inherits it")
+    if args.quiet_wait > 0:
+        wait_quiet(args.quiet_wait)
     server = open_server(args)
     try:
         if args.mode == "load":

@@ -166,10 +166,13 @@ def _pid_listening_on(ws_url: str) -> int | None:
 class ProcWatch:
     """CPU seconds and memory of a set of processes (and their children)."""
 
-    def __init__(self, pids: list[int]) -> None:
+    def __init__(self, pids: list[int], *, children: bool = True) -> None:
         self.procs = [psutil.Process(p) for p in pids]
+        self.children = children
 
     def _all(self) -> list[psutil.Process]:
+        if not self.children:
+            return self.procs
         out: list[psutil.Process] = []
         for p in self.procs:
             out.append(p)

@@ -117,6 +117,7 @@ class Stats:
         self.dl_lat = array("q")  # µs
         self.dl_at = array("q")  # send time, ms after t0
         self.send_lag = array("q")  # µs behind schedule (open loop)
+        self.send_lag_at = array("q")  # scheduled send time, ms after t0
         self.error_samples: list[str] = []
         self.close_codes: Counter[str] = Counter()
         self.closed = 0
@@ -155,6 +156,8 @@ class Worker:
         self.text = json.dumps(cfg.text)[1:-1].encode()
         self.ping_frame = frame(b'{"op":"ping","id":"p"}')
         self.pings = 0
+        self.sched_t0 = self.sched_end = self.scheduled = 0
+        self.interval = 0.0
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -429,14 +432,35 @@ class Worker:
         st.sent_by_room[c.spec.room or ""] += 1
         st.bump(st.per_sec_sends, now, 1)
 
+    def send_due(self, now: int) -> None:
+        """Open loop: every send whose scheduled time has come, round-robin over the senders."""
+        st = self.stats
+        t0, interval, senders = self.sched_t0, self.interval, self.senders
+        due = int((min(now, self.sched_end - 1) - t0) / interval) + 1
+        while self.scheduled < due:
+            c = senders[self.rr % len(senders)]
+            self.rr += 1
+            sched = int(self.scheduled * interval)
+            self.scheduled += 1
+            if c.state != READY:
+                continue
+            st.send_lag.append((now - t0 - sched) // 1000)
+            st.send_lag_at.append(sched // 1_000_000)
+            self.send(c, time.time_ns())
+            now = time.time_ns()
+
     # --- the loop -----------------------------------------------------------------------------
 
     def poll(self, timeout: float) -> list[tuple[Any, ...]]:
         """One epoll round. Returns the pipe messages that arrived."""
         msgs: list[tuple[Any, ...]] = []
-        events = self.ep.poll(timeout)
+        events = self.ep.poll(timeout, 512)
         now = time.time_ns()
-        for fd, ev in events:
+        interleave = self.running and self.interval > 0 and bool(self.senders)
+        for k, (fd, ev) in enumerate(events):
+            if interleave and k & 31 == 31:
+                # a busy round must not hold back scheduled sends
+                self.send_due(time.time_ns())
             if fd == self.pipe_fd:
                 while self.pipe.poll():
                     msgs.append(self.pipe.recv())
@@ -536,24 +560,15 @@ class Worker:
             for c in self.senders:
                 while c.outstanding < self.cfg.window:
                     self.send(c, now)
-        scheduled = 0  # sends scheduled so far (open loop)
-        senders = self.senders
+        self.sched_t0, self.sched_end = t0, end
+        self.interval, self.scheduled = interval, 0
         while True:
             now = time.time_ns()
             if now >= end:
                 break
-            if rate > 0 and senders:
-                due = int((now - t0) / interval) + 1
-                while scheduled < due:
-                    c = senders[self.rr % len(senders)]
-                    self.rr += 1
-                    if c.state != READY:
-                        scheduled += 1
-                        continue
-                    st.send_lag.append((now - (t0 + int(scheduled * interval))) // 1000)
-                    scheduled += 1
-                    self.send(c, time.time_ns())
-                next_send = t0 + int(scheduled * interval)
+            if rate > 0 and self.senders:
+                self.send_due(now)
+                next_send = t0 + int(self.scheduled * interval)
                 timeout = max(0.0, min(next_send, next_progress, end) - time.time_ns()) / 1e9
             else:
                 timeout = max(0.0, min(next_progress, end) - now) / 1e9
@@ -614,6 +629,7 @@ class Worker:
             "dl_lat_us": st.dl_lat,
             "dl_at_ms": st.dl_at,
             "send_lag_us": st.send_lag,
+            "send_lag_at_ms": st.send_lag_at,
             "closed": st.closed,
             "close_codes": dict(st.close_codes),
             "recvs": st.recvs,
