@@ -738,8 +738,7 @@ def wait_quiet(max_s: float, busy_pct: float = 15.0) -> None:
     """Wait (bounded) until the machine is mostly idle: other work skews every figure."""
     deadline = time.monotonic() + max_s
     while True:
-        for p in psutil.process_iter(["cpu_percent"]):
-            pass  # prime per-process counters
+        list(psutil.process_iter(["cpu_percent"]))  # prime per-process counters
         busy = psutil.cpu_percent(interval=2.0)
         if busy < busy_pct:
             log(f"machine quiet: {busy:.0f}% busy over 2 s")
