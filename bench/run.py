@@ -781,6 +781,12 @@ def parser() -> argparse.ArgumentParser:
         )
         g.add_argument("--keep-data", action="store_true", help="keep the server's data dir")
         sp.add_argument(
+            "--quiet-wait",
+            type=float,
+            default=60.0,
+            help="first wait up to this many seconds for an idle machine (0: don't)",
+        )
+        sp.add_argument(
             "--workers",
             type=int,
             default=max(1, os.cpu_count() or 1),
