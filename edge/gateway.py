@@ -21,21 +21,19 @@ from typing import Any
 import attrs
 import outcome
 import trio
-from wsproto import ConnectionType, WSConnection
+from wsproto import ConnectionType
 from wsproto.connection import Connection as WSProtocol
 from wsproto.events import (
-    AcceptConnection,
     BytesMessage,
     CloseConnection,
     Ping,
-    RejectConnection,
-    Request,
     TextMessage,
 )
 from wsproto.utilities import RemoteProtocolError
 
 from edge import protocol as p
 from edge import wsframe
+from edge.handshake import Accepted, Rejected, ServerHandshake
 from edge.hub import Hubs, Subscription
 from edge.inbound import MessageAssembler, Verdict
 from edge.outbox import Outbox
@@ -174,7 +172,7 @@ class Gateway:
                 # Give the final frames a moment to leave, then stop the writer.
                 if conn.state is not State.CLOSING:
                     self._close(conn, CLOSE_GOING_AWAY, "")
-                nursery.cancel_scope.deadline = trio.current_time() + 2.0
+                nursery.cancel_scope.deadline = trio.current_time() + self.limits.close_grace_s
         finally:
             self._forget(conn)
             tsock.close()
@@ -188,7 +186,9 @@ class Gateway:
             return
         conn.state = State.CLOSING
         conn.outbox.write_last(wsframe.close(code, reason))
-        conn.read_scope.deadline = min(conn.read_scope.deadline, trio.current_time() + 2.0)
+        conn.read_scope.deadline = min(
+            conn.read_scope.deadline, trio.current_time() + self.limits.close_grace_s
+        )
 
     def _too_slow(self, conn: Connection) -> None:
         conn.outbox.drop_queued()
@@ -214,45 +214,69 @@ class Gateway:
     # --- reading -------------------------------------------------------------------------
 
     async def _read(self, conn: Connection, tsock: trio.socket.SocketType) -> None:
-        ws: WSConnection | WSProtocol = WSConnection(ConnectionType.SERVER)
-        assembler = MessageAssembler(
-            self.limits.message_bytes, self.limits.message_bytes * self.limits.transport_factor
-        )
         conn.read_scope.deadline = trio.current_time() + self.limits.hello_timeout_s
+        ws: WSProtocol | None = None
         with conn.read_scope:
-            while True:
-                try:
-                    data = await tsock.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                try:
-                    ws.receive_data(data)
-                    for event in ws.events():
-                        await self._on_ws_event(conn, ws, assembler, event)
-                except RemoteProtocolError as exc:
-                    self._protocol_error(conn, ws, exc)
-                if isinstance(ws, WSConnection) and ws.connection is not None:
-                    # Handshake done: keep only the frame protocol; the HTTP/1.1 machinery
-                    # is a few KiB per idle connection.
-                    ws = ws.connection
-                if conn.state is State.READY:
-                    conn.read_scope.deadline = (
-                        trio.current_time() + 2 * self.limits.heartbeat_ms / 1000
-                    )
+            ws = await self._handshake(conn, tsock)
+            if ws is not None:
+                await self._read_frames(conn, tsock, ws)
+        if conn.read_scope.cancelled_caught and conn.state is State.AWAIT_HELLO and ws is None:
+            return  # no complete upgrade request in time: just drop the TCP connection
         if conn.read_scope.cancelled_caught and conn.state is not State.CLOSING:
             if conn.principal is None:
                 self._close(conn, CLOSE_BAD_HANDSHAKE, "no hello in time")
             else:
                 self._close(conn, CLOSE_GOING_AWAY, "no heartbeat")
-            with trio.move_on_after(2.0):
+            with trio.move_on_after(self.limits.close_grace_s):
                 await conn.outbox.wait_below(0)
+
+    async def _handshake(
+        self, conn: Connection, tsock: trio.socket.SocketType
+    ) -> WSProtocol | None:
+        handshake = ServerHandshake()
+        while True:
+            try:
+                data = await tsock.recv(16384)
+            except OSError:
+                return None
+            if not data:
+                return None
+            answer = handshake.feed(data, draining=self.draining)
+            if isinstance(answer, Rejected):
+                conn.state = State.CLOSING
+                conn.outbox.write_last(answer.response)
+                await trio.sleep_forever()  # the writer cancels us once the answer is out
+            if isinstance(answer, Accepted):
+                conn.outbox.write(answer.response)
+                return WSProtocol(ConnectionType.SERVER, trailing_data=answer.trailing)
+
+    async def _read_frames(
+        self, conn: Connection, tsock: trio.socket.SocketType, ws: WSProtocol
+    ) -> None:
+        assembler = MessageAssembler(
+            self.limits.message_bytes, self.limits.message_bytes * self.limits.transport_factor
+        )
+        data = b""
+        while True:
+            try:
+                for event in ws.events():
+                    await self._on_ws_event(conn, ws, assembler, event)
+            except RemoteProtocolError as exc:
+                self._close(conn, CLOSE_PROTOCOL_ERROR, str(exc)[:100])
+            if conn.state is State.READY:
+                conn.read_scope.deadline = trio.current_time() + 2 * self.limits.heartbeat_ms / 1000
+            try:
+                data = await tsock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            ws.receive_data(data)
 
     async def _on_ws_event(
         self,
         conn: Connection,
-        ws: WSConnection | WSProtocol,
+        ws: WSProtocol,
         assembler: MessageAssembler,
         event: object,
     ) -> None:
@@ -267,8 +291,6 @@ class Gateway:
                 self._reply_error(conn, None, GB6Error(TOO_LARGE, msg))
             else:
                 await self._on_text(conn, text)
-        elif isinstance(event, Request):
-            self._handshake(conn, ws, event)
         elif isinstance(event, BytesMessage):
             if event.message_finished and conn.state is State.READY:
                 self._reply_error(conn, None, invalid("binary frames are not used"))
@@ -277,24 +299,6 @@ class Gateway:
         elif isinstance(event, CloseConnection) and conn.state is not State.CLOSING:
             conn.state = State.CLOSING
             conn.outbox.write_last(wsframe.close(event.code or 1000))
-
-    def _protocol_error(
-        self, conn: Connection, ws: WSConnection | WSProtocol, exc: Exception
-    ) -> None:
-        if ws.state.name in ("CONNECTING", "REJECTING"):
-            conn.state = State.CLOSING
-            conn.outbox.write_last(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
-        else:
-            self._close(conn, CLOSE_PROTOCOL_ERROR, str(exc)[:100])
-
-    def _handshake(self, conn: Connection, ws: WSConnection | WSProtocol, req: Request) -> None:
-        path = req.target.split("?", 1)[0]
-        if path != "/v1/ws" or self.draining:
-            status = 404 if path != "/v1/ws" else 503
-            conn.outbox.write_last(ws.send(RejectConnection(status_code=status)))
-            conn.state = State.CLOSING
-            return
-        conn.outbox.write(ws.send(AcceptConnection()))
 
     # --- requests ------------------------------------------------------------------------
 

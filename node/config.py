@@ -21,6 +21,7 @@ class Limits:
     hello_timeout_s: float = 10.0
     heartbeat_ms: int = 30_000
     outbox_bytes: int = 8 << 20  # a client further behind than this is closed with 4008
+    close_grace_s: float = 5.0  # how long a closing connection may take to take its close frame
     catchup_chunk: int = 500  # events per storage read while a subscriber catches up
     room_cache_events: int = 512  # recent events kept per room on the edge
     idle_room_cache_rooms: int = 2_000  # rooms whose cache stays after the last subscriber left

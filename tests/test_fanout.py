@@ -1,0 +1,170 @@
+"""Fan-out: catch-up racing live sends, many subscribers, and slow clients cut off with 4008."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import open_websocket_url
+
+from tests.conftest import Node, Tenant
+
+
+async def _pipeline_sends(node: Node, token: str, room: str, n: int, tag: str) -> None:
+    async with open_websocket_url(node.ws_url) as ws:
+        await ws.send_message(json.dumps({"op": "hello", "id": 0, "token": token}))
+        acks = 0
+        for i in range(n):
+            await ws.send_message(
+                json.dumps(
+                    {
+                        "op": "send",
+                        "id": i + 1,
+                        "room": room,
+                        "cid": f"{tag}{i}",
+                        "body": {"text": f"{tag} {i}"},
+                    }
+                )
+            )
+        with trio.fail_after(30):
+            while acks < n:
+                frame = json.loads(await ws.get_message())
+                if frame.get("op") == "ok" and frame.get("re") != 0:
+                    acks += 1
+
+
+async def _collect(node: Node, token: str, room: str, after: int, until: int) -> list[int]:
+    seqs: list[int] = []
+    async with open_websocket_url(node.ws_url, max_message_size=8 << 20) as ws:
+        await ws.send_message(json.dumps({"op": "hello", "id": 0, "token": token}))
+        await ws.send_message(
+            json.dumps({"op": "subscribe", "id": 1, "room": room, "after": after})
+        )
+        with trio.fail_after(30):
+            while not seqs or seqs[-1] < until:
+                frame = json.loads(await ws.get_message())
+                if frame.get("op") == "event" and frame.get("type") == "message":
+                    seqs.append(frame["seq"])
+    return seqs
+
+
+async def test_subscribers_joining_mid_stream_get_every_event_once_in_order(
+    node: Node, tenant: Tenant, peer_factory: Any
+) -> None:
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    async with peer_factory(alice.token) as a:
+        room = (await a.ok("room.create", name="r", kind="chat", members=[bob.id]))["room"]["id"]
+    # 1,200 events before (more than the edge's recent-events cache, so catch-up reads the
+    # store), then 1,200 more while subscribers join at different points.
+    await _pipeline_sends(node, alice.token, room, 1200, "a")
+    results: dict[int, list[int]] = {}
+
+    async def join(after: int) -> None:
+        results[after] = await _collect(node, bob.token, room, after, 2400)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pipeline_sends, node, alice.token, room, 1200, "b")
+        for after in (0, 17, 700, 1199, 1200):
+            nursery.start_soon(join, after)
+    for after, seqs in results.items():
+        assert seqs == list(range(after + 1, 2401)), f"subscriber after={after} saw a gap or repeat"
+
+
+def _raw_ws(port: int) -> socket.socket:
+    """A WebSocket client that reads nothing until asked: the slow consumer."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.sendall(
+        b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    return sock
+
+
+def _send_text(sock: socket.socket, payload: dict[str, Any]) -> None:
+    data = json.dumps(payload).encode()
+    assert len(data) < 126
+    sock.sendall(bytes((0x81, 0x80 | len(data))) + b"\0\0\0\0" + data)  # zero mask
+
+
+def _close_code(sock: socket.socket) -> int | None:
+    """Read the whole stream; return the close frame's code."""
+    buf = b""
+    sock.settimeout(10)
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        buf += chunk
+    buf = buf[buf.index(b"\r\n\r\n") + 4 :]
+    while buf:
+        op, n = buf[0] & 0x0F, buf[1] & 0x7F
+        off = 2
+        if n == 126:
+            n, off = struct.unpack("!H", buf[2:4])[0], 4
+        elif n == 127:
+            n, off = struct.unpack("!Q", buf[2:10])[0], 10
+        if op == 0x8:
+            return int(struct.unpack("!H", buf[off : off + 2])[0])
+        buf = buf[off + n :]
+    return None
+
+
+async def test_a_client_that_cannot_keep_up_is_closed_with_4008(
+    tmp_path: Path, peer_factory: Any
+) -> None:
+    config = tmp_path / "small.toml"
+    config.write_text("[limits]\noutbox_bytes = 65536\nclose_grace_s = 60.0\n")
+    node = Node(tmp_path / "d", extra_args=["--config", str(config)])
+    node.start()
+    try:
+        tenant = node.create_tenant()
+        alice, slow = tenant.user("alice"), tenant.user("slow")
+        port = int(node.ws_url.rsplit(":", 1)[1].split("/")[0])
+        sock = _raw_ws(port)
+        _send_text(sock, {"op": "hello", "id": 1, "token": slow.token})
+        async with open_websocket_url(node.ws_url) as ws:
+            await ws.send_message(json.dumps({"op": "hello", "id": 0, "token": alice.token}))
+            await ws.get_message()
+            await ws.send_message(
+                json.dumps(
+                    {
+                        "op": "room.create",
+                        "id": 1,
+                        "name": "r",
+                        "kind": "chat",
+                        "members": [slow.id],
+                    }
+                )
+            )
+            room = json.loads(await ws.get_message())["room"]["id"]
+            _send_text(sock, {"op": "subscribe", "id": 2, "room": room, "after": 0})
+            await trio.sleep(0.2)
+            big = "x" * 60_000
+            for i in range(200):  # 12 MB: more than the kernel buffers plus the outbox
+                await ws.send_message(
+                    json.dumps(
+                        {
+                            "op": "send",
+                            "id": i + 2,
+                            "room": room,
+                            "cid": str(i),
+                            "body": {"text": big},
+                        }
+                    )
+                )
+            # The fast sender is unaffected and gets every ack.
+            acks = 0
+            with trio.fail_after(30):
+                while acks < 200:
+                    if json.loads(await ws.get_message()).get("op") == "ok":
+                        acks += 1
+        code = await trio.to_thread.run_sync(_close_code, sock)
+        sock.close()
+        assert code == 4008
+    finally:
+        node.kill()
