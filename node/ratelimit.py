@@ -24,7 +24,7 @@ class Gcra:
         """0.0 if allowed (and counted), else the seconds to wait before a retry."""
         tat = self._tat.get(key, now)
         tat = max(tat, now)
-        if tat - now > self.tolerance:
+        if tat - now > self.tolerance + 1e-9:  # float sums must not refuse an exact fit
             return tat - now - self.tolerance
         self._tat[key] = tat + self.interval
         self._tat.move_to_end(key)
