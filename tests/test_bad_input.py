@@ -1,0 +1,610 @@
+"""Bad input, over real sockets: malformed frames, sizes, handshakes, tokens, rate limits,
+cross-tenant ids and bad admin calls. Every refusal is an error (or a close) and changes nothing."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from tests.conftest import Node, Peer, Tenant, User, connect
+
+ERROR_KEYS = {"op", "re", "code", "message", "retry_after_ms"}
+HIDDEN = ("forbidden", "not_found")
+MIB = 1 << 20
+HELLO_TIMEOUT_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    """One node for the module, with a short hello timeout; tests make their own tenants."""
+    base = Path(tmp_path_factory.mktemp("bad_input"))
+    config = base / "gb6.toml"
+    config.write_text(f"[limits]\nhello_timeout_s = {HELLO_TIMEOUT_S}\n")
+    n = Node(base / "data", extra_args=["--config", str(config)])
+    n.start()
+    try:
+        yield n
+    finally:
+        n.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_user(node: Node) -> User:
+    """A user for the tests that change nothing (so they need no tenant of their own)."""
+    return node.create_tenant().user("shared")
+
+
+async def next_reply(peer: Peer, wait_s: float = 5.0) -> dict[str, Any]:
+    """The next frame that is not an event."""
+    with trio.fail_after(wait_s):
+        while True:
+            frame = await peer.recv(wait_s)
+            if frame.get("op") != "event":
+                return frame
+            peer.events.append(frame)
+
+
+async def close_code(peer: Peer, wait_s: float = 5.0) -> tuple[int, list[dict[str, Any]]]:
+    """Read until the server closes; the close code and the frames that came before it."""
+    frames: list[dict[str, Any]] = []
+    with trio.fail_after(wait_s):
+        try:
+            while True:
+                frames.append(json.loads(await peer.ws.get_message()))
+        except ConnectionClosed as exc:
+            return exc.reason.code, frames
+
+
+async def refused(peer: Peer, op: str, codes: tuple[str, ...], **fields: Any) -> dict[str, Any]:
+    reply = await peer.request(op, **fields)
+    assert reply["op"] == "error", reply
+    assert reply["code"] in codes, reply
+    assert set(reply) <= ERROR_KEYS, reply
+    return reply
+
+
+def assert_error(reply: dict[str, Any], code: str, re: Any = None) -> None:
+    """An error frame with `code`, answering `re` (None: an error without `re`)."""
+    assert reply["op"] == "error", reply
+    assert reply["code"] == code, reply
+    assert isinstance(reply["message"], str), reply
+    if re is None:
+        assert "re" not in reply, reply
+    else:
+        assert reply["re"] == re and type(reply["re"]) is type(re), reply
+    assert set(reply) <= ERROR_KEYS, reply
+
+
+# --- malformed frames after hello ----------------------------------------------------------
+
+# (raw frame, the `re` the error must carry: None when no id can be read)
+MALFORMED: list[tuple[str, Any]] = [
+    ("this is not json", None),
+    ('{"op": "ping", "id": "x"', None),
+    ("", None),
+    ("[]", None),
+    ('[{"op": "ping", "id": "x"}]', None),
+    ('"ping"', None),
+    ("42", None),
+    ("null", None),
+    ("true", None),
+    ('{"op": "ping"}', None),
+    ('{"op": "ping", "id": null}', None),
+    ('{"op": "ping", "id": true}', None),
+    ('{"op": "ping", "id": 1.5}', None),
+    ('{"op": "ping", "id": {"a": 1}}', None),
+    ('{"op": "ping", "id": ["a"]}', None),
+    ('{"id": "m1"}', "m1"),
+    ('{"id": 7, "op": null}', 7),
+    ('{"id": "m2", "op": 5}', "m2"),
+    ('{"id": "m3", "op": ["ping"]}', "m3"),
+    ('{"id": "m4", "op": "frobnicate"}', "m4"),
+    ('{"id": 42, "op": "PING"}', 42),
+    ('{"id": "m5", "op": ""}', "m5"),
+]
+
+WRONG_FIELDS: list[dict[str, Any]] = [
+    {"op": "room.create", "kind": "chat", "members": []},
+    {"op": "room.create", "name": "r", "members": []},
+    {"op": "room.create", "name": ["r"], "kind": "chat", "members": []},
+    {"op": "room.create", "name": "r", "kind": "chat", "members": {"a": 1}},
+    {"op": "room.create", "name": "r", "kind": "chat", "members": [], "open": "true"},
+    {"op": "room.join"},
+    {"op": "room.join", "room": 1},
+    {"op": "room.leave", "room": None},
+    {"op": "room.add", "room": "room_x"},
+    {"op": "room.add", "room": "room_x", "users": "usr_x"},
+    {"op": "room.remove", "users": ["usr_x"]},
+    {"op": "subscribe", "room": "room_x"},
+    {"op": "subscribe", "after": 0},
+    {"op": "subscribe", "room": "room_x", "after": "0"},
+    {"op": "subscribe", "room": "room_x", "after": 0.5},
+    {"op": "subscribe", "room": "room_x", "after": True},
+    {"op": "unsubscribe"},
+    {"op": "send", "cid": "c", "body": {"text": "x"}},
+    {"op": "send", "room": "room_x", "body": {"text": "x"}},
+    {"op": "send", "room": "room_x", "cid": "c"},
+    {"op": "send", "room": "room_x", "cid": "c", "body": "x"},
+    {"op": "send", "room": "room_x", "cid": "c", "body": None},
+    {"op": "send", "room": "room_x", "cid": "c", "body": ["x"]},
+    {"op": "send", "room": "room_x", "cid": "c", "body": {"text": 5}},
+    {"op": "send", "room": "room_x", "cid": 5, "body": {"text": "x"}},
+    {"op": "send", "room": "room_x", "cid": "c", "body": {"text": "x"}, "thread": "1"},
+    {"op": "edit", "room": "room_x", "cid": "c", "body": {"text": "x"}},
+    {"op": "edit", "room": "room_x", "target": 1, "cid": "c"},
+    {"op": "edit", "room": "room_x", "target": "1", "cid": "c", "body": {}},
+    {"op": "delete", "room": "room_x", "cid": "c"},
+    {"op": "delete", "room": "room_x", "target": 1},
+    {"op": "react", "room": "room_x", "target": 1, "cid": "c"},
+    {"op": "react", "room": "room_x", "target": 1, "cid": "c", "emoji": 1},
+    {"op": "history"},
+    {"op": "history", "room": "room_x", "limit": "10"},
+    {"op": "history", "room": "room_x", "before": "10"},
+    {"op": "receipt", "room": "room_x"},
+    {"op": "receipt", "room": "room_x", "read": "1"},
+    {"op": "typing"},
+    {"op": "search"},
+    {"op": "search", "query": ["a"]},
+    {"op": "search", "query": "a", "room": 5},
+]
+
+
+async def test_malformed_frames_get_invalid_and_the_connection_stays(
+    tenant: Tenant, peer_factory: Any
+) -> None:
+    alice = tenant.user("alice")
+    async with peer_factory(alice.token) as a:
+        for raw, re in MALFORMED:
+            await a.send(raw)
+            assert_error(await next_reply(a), "invalid", re)
+            pong = await a.ok("ping")
+            assert set(pong) == {"op", "re"}
+
+
+@pytest.mark.parametrize("frame", WRONG_FIELDS, ids=lambda f: json.dumps(f)[:60])
+async def test_wrong_or_missing_fields_get_invalid(
+    shared_user: User, peer_factory: Any, frame: dict[str, Any]
+) -> None:
+    async with peer_factory(shared_user.token) as a:
+        await a.send({**frame, "id": "bad"})
+        assert_error(await next_reply(a), "invalid", "bad")
+        await a.send({**frame, "id": 99})
+        assert_error(await next_reply(a), "invalid", 99)
+        await a.ok("ping")
+
+
+async def test_request_ids_may_be_strings_or_integers(tenant: Tenant, peer_factory: Any) -> None:
+    alice = tenant.user("alice")
+    async with peer_factory(alice.token) as a:
+        for rid in ("s", 0, 123456789, -5, "x" * 100):
+            await a.send({"op": "ping", "id": rid})
+            reply = await next_reply(a)
+            assert reply == {"op": "ok", "re": rid}
+
+
+async def test_body_over_its_limit_is_refused(tenant: Tenant, peer_factory: Any) -> None:
+    alice = tenant.user("alice")
+    async with peer_factory(alice.token) as a:
+        room = (await a.ok("room.create", name="r", kind="chat", members=[]))["room"]["id"]
+        big = {"text": "x" * (70 << 10)}
+        await refused(a, "send", ("too_large",), room=room, cid="big", body=big)
+        assert (await a.ok("history", room=room))["messages"] == []
+        await a.ok("send", room=room, cid="small", body={"text": "ok"})
+
+
+# --- sizes and frame types ------------------------------------------------------------------
+
+
+async def test_frame_over_the_message_limit_is_too_large(tenant: Tenant, peer_factory: Any) -> None:
+    alice = tenant.user("alice")
+    async with peer_factory(alice.token) as a:
+        room = (await a.ok("room.create", name="r", kind="chat", members=[]))["room"]["id"]
+        frame = {"op": "send", "id": "huge", "room": room, "cid": "huge", "body": {"text": ""}}
+        pad = MIB + 1 - len(json.dumps(frame))
+        frame["body"] = {"text": "x" * pad}
+        raw = json.dumps(frame)
+        assert len(raw) == MIB + 1
+        await a.send(raw)
+        reply = await next_reply(a, wait_s=10)
+        assert reply["op"] == "error" and reply["code"] == "too_large", reply
+        assert reply.get("re") in (None, "huge")
+        await a.ok("ping")
+        assert (await a.ok("history", room=room))["messages"] == []
+
+
+async def test_size_counts_utf8_bytes(tenant: Tenant, peer_factory: Any) -> None:
+    """Sizes are of the message as sent: 600,000 two-byte characters are over 1 MiB."""
+    alice = tenant.user("alice")
+    async with peer_factory(alice.token) as a:
+        await a.send(
+            json.dumps({"op": "ping", "id": "p", "pad": "é" * 600_000}, ensure_ascii=False)
+        )
+        reply = await next_reply(a, wait_s=10)
+        assert reply["op"] == "error" and reply["code"] == "too_large", reply
+        await a.ok("ping")
+
+
+async def test_frame_at_the_message_limit_is_not_too_large(
+    tenant: Tenant, peer_factory: Any
+) -> None:
+    alice = tenant.user("alice")
+    async with peer_factory(alice.token) as a:
+        frame = {"op": "ping", "id": "edge", "pad": ""}
+        frame["pad"] = "x" * (MIB - len(json.dumps(frame)))
+        raw = json.dumps(frame)
+        assert len(raw) == MIB
+        await a.send(raw)
+        reply = await next_reply(a, wait_s=10)
+        assert reply.get("code") != "too_large", reply
+        assert reply.get("re") == "edge", reply
+        await a.ok("ping")
+
+
+async def test_frame_beyond_the_transport_limit_closes_1009(
+    tenant: Tenant, peer_factory: Any
+) -> None:
+    alice = tenant.user("alice")
+    async with peer_factory(alice.token) as a:
+        raw = json.dumps({"op": "ping", "id": "p", "pad": "x" * (2 * MIB + 64 * 1024)})
+
+        async def push() -> None:
+            try:
+                await a.send(raw)
+            except (ConnectionClosed, trio.BrokenResourceError, OSError):
+                pass  # the server may close before it has read everything
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(push)
+            code, frames = await close_code(a, wait_s=10)
+        assert code == 1009, (code, frames)
+
+
+async def test_binary_frame_is_invalid(tenant: Tenant, peer_factory: Any) -> None:
+    alice = tenant.user("alice")
+    async with peer_factory(alice.token) as a:
+        await a.ws.send_message(b'{"op": "ping", "id": "bin"}')
+        reply = await next_reply(a)
+        assert reply["op"] == "error" and reply["code"] == "invalid", reply
+        assert reply.get("re") in (None, "bin")
+        await a.ok("ping")
+
+
+# --- the handshake -------------------------------------------------------------------------
+
+
+async def test_no_hello_in_time_closes_4001(peer_factory: Any) -> None:
+    async with peer_factory() as raw:
+        with trio.fail_after(HELLO_TIMEOUT_S + 4):
+            code, frames = await close_code(raw)
+        assert code == 4001, (code, frames)
+
+
+async def test_hello_timeout_counts_from_connect_not_from_last_frame(
+    peer_factory: Any,
+) -> None:
+    """A client that keeps sending WebSocket pings but never says hello is still closed."""
+    async with peer_factory() as raw:
+        with trio.fail_after(HELLO_TIMEOUT_S + 4):
+            async with trio.open_nursery() as nursery:
+
+                async def keep_pinging() -> None:
+                    try:
+                        while True:
+                            await raw.ws.ping()
+                            await trio.sleep(HELLO_TIMEOUT_S / 4)
+                    except ConnectionClosed:
+                        pass
+
+                nursery.start_soon(keep_pinging)
+                code, _ = await close_code(raw)
+                nursery.cancel_scope.cancel()
+        assert code == 4001
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        {"op": "ping", "id": 1},
+        {"op": "rooms", "id": "r"},
+        {"op": "hello", "token": "gb6u_x"},  # no id: not a well-formed request
+        {"op": "hello", "id": "h", "token": 5},
+        {"op": "hello", "id": "h"},
+        "not json",
+        "[]",
+    ],
+    ids=lambda f: json.dumps(f)[:40],
+)
+async def test_first_frame_not_a_well_formed_hello_closes_4001(
+    peer_factory: Any, first: dict[str, Any] | str
+) -> None:
+    async with peer_factory() as raw:
+        await raw.send(first)
+        code, frames = await close_code(raw)
+        assert code == 4001, (code, frames)
+        assert [f["code"] for f in frames if f.get("op") == "error"] == ["invalid"], frames
+        assert not [f for f in frames if f.get("op") == "ok"], frames
+
+
+async def test_binary_first_frame_closes_4001(peer_factory: Any) -> None:
+    async with peer_factory() as raw:
+        await raw.ws.send_message(b'{"op": "hello", "id": 1, "token": "x"}')
+        code, frames = await close_code(raw)
+        assert code == 4001, (code, frames)
+        assert [f["code"] for f in frames if f.get("op") == "error"] == ["invalid"], frames
+
+
+async def expect_unauthorized(peer_factory: Any, token: str) -> None:
+    async with peer_factory() as raw:
+        await raw.send({"op": "hello", "id": "h", "token": token})
+        code, frames = await close_code(raw)
+        assert [(f["op"], f.get("re"), f.get("code")) for f in frames] == [
+            ("error", "h", "unauthorized")
+        ], frames
+        assert code == 4003, (code, frames)
+
+
+async def test_hello_with_unknown_token(peer_factory: Any) -> None:
+    await expect_unauthorized(peer_factory, "gb6u_not_a_token")
+    await expect_unauthorized(peer_factory, "x")
+
+
+async def test_hello_with_expired_token(node: Node, tenant: Tenant, peer_factory: Any) -> None:
+    user = tenant.user("short")
+    r = node.admin(
+        "POST", f"/v1/instances/{tenant.instance}/users/{user.id}/tokens", {"ttl_seconds": 1}
+    )
+    assert r.status_code == 201, r.text
+    token, expires = r.json()["token"], r.json()["expires_at"]
+    expires_at = datetime.datetime.fromisoformat(expires.replace("Z", "+00:00"))
+    async with peer_factory(token) as early:  # valid until it expires
+        await early.ok("ping")
+    # Nothing to await but the clock: the token lives one second.
+    left = (expires_at - datetime.datetime.now(datetime.UTC)).total_seconds()
+    await trio.sleep(max(0.0, left) + 0.05)
+    await expect_unauthorized(peer_factory, token)
+    async with peer_factory(user.token) as other:  # the user's other token still works
+        await other.ok("ping")
+
+
+@pytest.fixture
+def own_node(tmp_path: Path) -> Iterator[Node]:
+    """A node of the test's own, for tests that might take their node down."""
+    n = Node(tmp_path / "data")
+    n.start()
+    try:
+        yield n
+    finally:
+        n.kill()
+
+
+async def test_hello_with_revoked_token(own_node: Node) -> None:
+    node = own_node
+    peer_factory = asynccontextmanager(lambda token=None: connect(node, token))
+    tenant = node.create_tenant()
+    user = tenant.user("revoked")
+    base = f"/v1/instances/{tenant.instance}/users/{user.id}/tokens"
+    r = node.admin("POST", base, {})
+    assert r.status_code == 201, r.text
+    token, token_id = r.json()["token"], r.json()["id"]
+    async with peer_factory(token) as before:
+        await before.ok("ping")
+    revoked_at = trio.current_time()
+    gone = node.admin("DELETE", f"{base}/{token_id}")
+    assert gone.status_code == 204, gone.text
+    await expect_unauthorized(peer_factory, token)
+    async with peer_factory(user.token) as other:  # revocation is per token
+        await other.ok("ping")
+    assert node.admin("DELETE", f"{base}/tok_nope").status_code == 404
+    # Revoking must not hurt the node: it keeps serving (a second and a half of requests).
+    while trio.current_time() < revoked_at + 1.5:
+        health = await trio.to_thread.run_sync(node.admin, "GET", "/healthz")
+        assert health.status_code == 200
+        assert node.proc is not None and node.proc.poll() is None, node.stderr()
+
+
+# --- rate limits ---------------------------------------------------------------------------
+
+
+async def test_flood_on_free_plan_is_rate_limited(node: Node, peer_factory: Any) -> None:
+    free = node.create_tenant(plan="free")
+    alice = free.user("alice")
+    async with peer_factory(alice.token) as a:
+        room = (await a.ok("room.create", name="r", kind="chat", members=[]))["room"]["id"]
+        n = 300
+        for i in range(n):
+            await a.send(
+                {"op": "send", "id": i, "room": room, "cid": f"c{i}", "body": {"text": f"{i}"}}
+            )
+        replies: dict[int, dict[str, Any]] = {}
+        with trio.fail_after(20):
+            while len(replies) < n:
+                reply = await next_reply(a)
+                assert reply["re"] not in replies, f"answered twice: {reply}"
+                replies[reply["re"]] = reply
+        limited = [r for r in replies.values() if r["op"] == "error"]
+        accepted = [r for r in replies.values() if r["op"] == "ok"]
+        assert limited, "300 requests at once on the free plan were all accepted"
+        assert accepted
+        for r in limited:
+            assert r["code"] == "rate_limited", r
+            assert isinstance(r["retry_after_ms"], int) and r["retry_after_ms"] > 0, r
+        # A refused request changes nothing: the accepted sends alone took seqs, gaplessly.
+        assert sorted(r["seq"] for r in accepted) == list(range(1, len(accepted) + 1))
+        wait_ms = max(r["retry_after_ms"] for r in limited)
+        # Waiting as told is the protocol: nothing else to await.
+        await trio.sleep(min(wait_ms, 5000) / 1000 + 0.05)
+        await a.ok("ping")
+        history = (await a.ok("history", room=room, limit=200))["messages"]
+        assert {m["cid"] for m in history} >= {f"c{r['re']}" for r in accepted[-100:]}
+
+
+async def test_unlimited_plan_has_no_rate_limit(tenant: Tenant, peer_factory: Any) -> None:
+    alice = tenant.user("alice")
+    async with peer_factory(alice.token) as a:
+        n = 400
+        for i in range(n):
+            await a.send({"op": "ping", "id": i})
+        with trio.fail_after(20):
+            replies = [await next_reply(a) for _ in range(n)]
+        assert [r["op"] for r in replies] == ["ok"] * n
+        assert sorted(r["re"] for r in replies) == list(range(n))
+
+
+# --- other tenants' ids ---------------------------------------------------------------------
+
+
+async def test_ids_of_another_instance_give_no_data(
+    node: Node, tenant: Tenant, peer_factory: Any
+) -> None:
+    alice = tenant.user("alice")
+    admin = tenant.user("admin", role="admin")
+    mallory_tenant = node.create_tenant()
+    mallory = mallory_tenant.user("mallory", role="owner")
+    async with (
+        peer_factory(alice.token) as a,
+        peer_factory(admin.token) as ad,
+        peer_factory(mallory.token) as m,
+    ):
+        private = (await a.ok("room.create", name="p", kind="chat", members=[admin.id]))["room"]
+        lobby = (await a.ok("room.create", name="l", kind="chat", members=[], open=True))["room"]
+        for rid in (private["id"], lobby["id"]):
+            await a.ok("send", room=rid, cid="c1", body={"text": "tenant secret"})
+        own = (await m.ok("room.create", name="m", kind="chat", members=[]))["room"]["id"]
+        await a.ok("subscribe", room=private["id"], after=1)
+
+        for rid in (private["id"], lobby["id"]):
+            await refused(m, "room.join", HIDDEN, room=rid)
+            await refused(m, "room.leave", HIDDEN, room=rid)
+            await refused(m, "room.add", HIDDEN, room=rid, users=[mallory.id])
+            await refused(m, "room.remove", HIDDEN, room=rid, users=[alice.id])
+            await refused(m, "subscribe", HIDDEN, room=rid, after=0)
+            await refused(m, "unsubscribe", HIDDEN, room=rid)
+            await refused(m, "history", HIDDEN, room=rid)
+            await refused(m, "send", HIDDEN, room=rid, cid="x", body={"text": "spam"})
+            await refused(m, "edit", HIDDEN, room=rid, target=1, cid="e", body={"text": "x"})
+            await refused(m, "delete", HIDDEN, room=rid, target=1, cid="d")
+            await refused(m, "react", HIDDEN, room=rid, target=1, cid="r", emoji="x")
+            await refused(m, "receipt", HIDDEN, room=rid, read=1)
+            await refused(m, "typing", HIDDEN, room=rid)
+            await refused(m, "search", HIDDEN, query="secret", room=rid)
+        assert (await m.ok("search", query="tenant secret"))["hits"] == []
+        assert [r["id"] for r in (await m.ok("rooms"))["rooms"]] == [own]
+        # Users of the other instance cannot be pulled in either way.
+        await refused(m, "room.add", HIDDEN, room=own, users=[alice.id])
+        await refused(m, "room.create", HIDDEN, name="x", kind="chat", members=[alice.id])
+        await refused(ad, "room.add", HIDDEN, room=private["id"], users=[mallory.id])
+
+        # Nothing reached Alice's subscription, and nothing changed in her rooms.
+        await a.ok("ping")
+        assert [e for e in a.events if e.get("room") == private["id"]] == []
+        heads = {r["id"]: r["head"] for r in (await a.ok("rooms"))["rooms"]}
+        assert heads == {private["id"]: 1, lobby["id"]: 1}
+        assert [r["id"] for r in (await m.ok("rooms"))["rooms"]] == [own]
+
+
+# --- the admin HTTP API ---------------------------------------------------------------------
+
+
+def counts(node: Node) -> dict[str, int]:
+    db = sqlite3.connect(f"file:{node.data_dir / 'gb6.db'}?mode=ro", uri=True)
+    try:
+        return {
+            t: db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+            for t in ("orgs", "instances", "users", "tokens")
+        }
+    finally:
+        db.close()
+
+
+def post(node: Node, path: str, content: bytes, token: str | None = None) -> httpx.Response:
+    headers = {
+        "Authorization": f"Bearer {node.admin_token if token is None else token}",
+        "Content-Type": "application/json",
+    }
+    return httpx.post(node.http_url + path, content=content, headers=headers, timeout=10)
+
+
+def assert_http_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["code"] == code and isinstance(body["error"]["message"], str), body
+
+
+def test_admin_bad_input_creates_nothing(node: Node, tenant: Tenant) -> None:
+    user = tenant.user("u")
+    other = node.create_tenant().user("other")
+    before = counts(node)
+    org, inst = tenant.org, tenant.instance
+    bad_bodies = [b"{not json", b"[]", b'"name"', b"null", b"{}"]
+    for body in bad_bodies:
+        assert_http_error(post(node, "/v1/orgs", body), 400, "invalid")
+        assert_http_error(post(node, f"/v1/orgs/{org}/instances", body), 400, "invalid")
+        assert_http_error(post(node, f"/v1/instances/{inst}/users", body), 400, "invalid")
+    for body in ({"name": ""}, {"name": 5}, {"name": None}, {"name": "x" * 201}):
+        assert_http_error(node.admin("POST", "/v1/orgs", body), 400, "invalid")
+        assert_http_error(node.admin("POST", f"/v1/orgs/{org}/instances", body), 400, "invalid")
+        assert_http_error(node.admin("POST", f"/v1/instances/{inst}/users", body), 400, "invalid")
+    for plan in ("gold", "", "FREE", 1):
+        r = node.admin("POST", f"/v1/orgs/{org}/instances", {"name": "i", "plan": plan})
+        assert_http_error(r, 400, "invalid")
+    r = node.admin("POST", f"/v1/orgs/{org}/instances", {"name": "i", "region": "mars"})
+    assert_http_error(r, 400, "invalid")
+    for role in ("god", "", "Owner", 3):
+        r = node.admin("POST", f"/v1/instances/{inst}/users", {"name": "u", "role": role})
+        assert_http_error(r, 400, "invalid")
+    tokens = f"/v1/instances/{inst}/users/{user.id}/tokens"
+    for ttl in (0, -1, "60", 1.5, 10**9):
+        assert_http_error(node.admin("POST", tokens, {"ttl_seconds": ttl}), 400, "invalid")
+    assert_http_error(post(node, tokens, b"{bad"), 400, "invalid")
+
+    # Unknown parents: 404.
+    assert_http_error(
+        node.admin("POST", "/v1/orgs", {"name": "o", "parent": "org_x"}), 404, "not_found"
+    )
+    assert_http_error(
+        node.admin("POST", "/v1/orgs/org_x/instances", {"name": "i"}), 404, "not_found"
+    )
+    assert_http_error(
+        node.admin("POST", "/v1/instances/ins_x/users", {"name": "u"}), 404, "not_found"
+    )
+    assert_http_error(
+        node.admin("POST", f"/v1/instances/{inst}/users/usr_x/tokens", {}), 404, "not_found"
+    )
+    # A user of another instance is not a user of this one.
+    r = node.admin("POST", f"/v1/instances/{inst}/users/{other.id}/tokens", {})
+    assert_http_error(r, 404, "not_found")
+
+    # Bad credentials: 401, whatever the call.
+    calls = [
+        ("POST", "/v1/orgs", {"name": "o"}),
+        ("POST", f"/v1/orgs/{org}/instances", {"name": "i"}),
+        ("POST", f"/v1/instances/{inst}/users", {"name": "u"}),
+        ("POST", tokens, {}),
+        ("DELETE", f"{tokens}/tok_x", None),
+    ]
+    for method, path, body in calls:
+        for token in ("wrong", user.token, node.admin_token + "x", node.admin_token[:-1]):
+            assert_http_error(node.admin(method, path, body, token=token), 401, "unauthorized")
+        r = httpx.request(method, node.http_url + path, json=body, timeout=10)
+        assert_http_error(r, 401, "unauthorized")
+        r = httpx.request(
+            method,
+            node.http_url + path,
+            json=body,
+            headers={"Authorization": f"Basic {node.admin_token}"},
+            timeout=10,
+        )
+        assert_http_error(r, 401, "unauthorized")
+
+    assert counts(node) == before
