@@ -3,6 +3,7 @@ cid idempotency, receipts, typing, presence and search."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,8 @@ async def test_subscribe_replays_then_goes_live(tenant: Tenant, peer_factory: An
         replay = await seq_events(b, room, 3)
         assert [e["seq"] for e in replay] == [3, 4, 5]
         assert [e["body"]["text"] for e in replay] == ["m2", "m3", "m4"]
+        now_ms = time.time() * 1000  # ts: integer milliseconds since the epoch
+        assert all(isinstance(e["ts"], int) and abs(e["ts"] - now_ms) < 60_000 for e in replay)
         await say(a, room, "live1")
         await say(a, room, "live2")
         live = await seq_events(b, room, 2)
