@@ -343,6 +343,19 @@ async def test_binary_first_frame_closes_4001(peer_factory: Any) -> None:
         assert [f["code"] for f in frames if f.get("op") == "error"] == ["invalid"], frames
 
 
+async def test_requests_pipelined_behind_hello_are_answered_in_order(
+    shared_user: User, peer_factory: Any
+) -> None:
+    async with peer_factory() as raw:
+        await raw.send({"op": "hello", "id": "h", "token": shared_user.token})
+        for i in range(5):
+            await raw.send({"op": "ping", "id": i})
+        replies = [await next_reply(raw) for _ in range(6)]
+        assert [(r["op"], r["re"]) for r in replies] == [("ok", "h")] + [
+            ("ok", i) for i in range(5)
+        ]
+
+
 async def expect_unauthorized(peer_factory: Any, token: str) -> None:
     async with peer_factory() as raw:
         await raw.send({"op": "hello", "id": "h", "token": token})
