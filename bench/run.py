@@ -159,16 +159,17 @@ def traffic(
     meta: dict[str, Any],
 ) -> dict[str, Any]:
     n = len(tenant.users)
+    nw = max(1, min(args.workers, n))
     specs = [
         ClientSpec(
             token=tenant.users[i].token,
             room=rooms[i // room_size],
             sender=i in senders,
-            sampled=i % args.sample == 0,
+            # every worker gets its share of sampled clients (workers take i % nw)
+            sampled=(i // nw) % args.sample == 0,
         )
         for i in range(n)
     ]
-    nw = max(1, min(args.workers, n))
     parts = split(specs, nw)
     n_senders = max(1, len(senders))
     cfgs = [
@@ -181,6 +182,7 @@ def traffic(
             text=args.text,
             drain_s=args.drain,
             progress_s=1.0,
+            read_interval_s=args.read_interval_ms / 1000,
         )
         for w, part in enumerate(parts)
     ]
@@ -220,6 +222,7 @@ def traffic(
         srv_meter = CpuMeter(srv) if srv else None
         gen_meter = CpuMeter(gen)
         marks: dict[str, Any] = {}
+        others: list[str] = []
         progress: dict[int, dict[str, int]] = {}
         results: dict[int, dict[str, Any]] = {}
         timeline: list[dict[str, Any]] = []
@@ -235,6 +238,7 @@ def traffic(
                     results[i] = msg[1]
             now = time.time_ns()
             if "warm" not in marks and now >= t_warm:
+                list(psutil.process_iter(["cpu_percent"]))  # prime per-process CPU counters
                 if args.profile and server.pid:
                     prof = profile.start(
                         server.pid, duration - warmup, prof_path, args.profile_rate
@@ -247,6 +251,7 @@ def traffic(
                     psutil.cpu_times(),
                 )
             if "end" not in marks and now >= t_end:
+                others = top_others({server.pid or -1, os.getpid(), *pool.pids})
                 marks["end"] = (
                     time.monotonic(),
                     srv.cpu_s() if srv else 0.0,
@@ -297,6 +302,8 @@ def traffic(
             )
         if "warm" not in marks:
             marks["warm"] = marks["end"]
+        if "end" not in marks or not others:
+            others = top_others({server.pid or -1, os.getpid(), *pool.pids})
         mw, sw, gw, ww, sys_w = marks["warm"]
         me, se, ge, we, sys_e = marks["end"]
         sys_all = sum(sys_e) - sum(sys_w)
@@ -311,6 +318,7 @@ def traffic(
                 100 * ((sys_all - sys_idle - sys_io) - (se - sw) - (ge - gw)) / span, 1
             ),
             "machine_iowait_pct": round(100 * sys_io / max(1e-9, sys_all), 1),
+            "others_top": others,
             "worker_cpu_pct": [
                 round(100 * (b - a) / span, 1) for a, b in zip(ww, we, strict=False)
             ],
@@ -442,6 +450,7 @@ def summarize_traffic(
         "machine_busy_pct": cpu.get("machine_busy_pct"),
         "machine_iowait_pct": cpu.get("machine_iowait_pct"),
         "others_cpu_pct": cpu.get("others_cpu_pct"),
+        "others_top": cpu.get("others_top"),
         "worker_frames": sum(r["frames"] for r in res),
         "worker_recvs": sum(r["recvs"] for r in res),
         "timeline": timeline,
@@ -506,6 +515,8 @@ def print_traffic(r: dict[str, Any]) -> None:
         f"machine: {r['machine_busy_pct']}% of all {r['machine']['cores_logical']} cores busy, "
         f"{r['machine_iowait_pct']}% iowait; other processes {r['others_cpu_pct']}% of one core"
     )
+    if r.get("others_top"):
+        log(f"  busiest other processes: {'; '.join(r['others_top'])}")
     for e in r["error_samples"][:5]:
         log(f"  error sample: {e}")
     if r.get("profile"):
@@ -542,6 +553,7 @@ def run_load(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
         "warmup_s": args.warmup,
         "workers": args.workers,
         "sample_every": args.sample,
+        "read_interval_ms": args.read_interval_ms,
         "text_bytes": len(args.text.encode()),
     }
     return traffic(
@@ -578,6 +590,7 @@ def run_fanout(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> d
         "warmup_s": args.warmup,
         "workers": args.workers,
         "sample_every": args.sample,
+        "read_interval_ms": args.read_interval_ms,
         "text_bytes": len(args.text.encode()),
     }
     # Senders spread over workers by the round-robin split (clients 0..senders-1).
@@ -734,6 +747,20 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
     return result
 
 
+def top_others(exclude: set[int], n: int = 4) -> list[str]:
+    """The busiest processes outside the benchmark since the last process_iter() call."""
+    procs = [
+        p
+        for p in psutil.process_iter(["pid", "name", "cmdline", "cpu_percent"])
+        if p.info["pid"] not in exclude and (p.info["cpu_percent"] or 0) >= 1.0
+    ]
+    procs.sort(key=lambda p: p.info["cpu_percent"] or 0.0, reverse=True)
+    return [
+        f"{p.info['cpu_percent']:.0f}% {' '.join(p.info['cmdline'] or [p.info['name']])[:80]}"
+        for p in procs[:n]
+    ]
+
+
 def wait_quiet(max_s: float, busy_pct: float = 15.0) -> None:
     """Wait (bounded) until the machine is mostly idle: other work skews every figure."""
     deadline = time.monotonic() + max_s
@@ -811,6 +838,12 @@ def parser() -> argparse.ArgumentParser:
             type=int,
             default=1,
             help="extract send→deliver latency on 1 client in N (all count)",
+        )
+        sp.add_argument(
+            "--read-interval-ms",
+            type=float,
+            default=0.0,
+            help="workers poll at most this often: cheaper reads, up to this much added latency",
         )
         sp.add_argument("--text", default="hello from the GB6 bench", help="body.text")
         sp.add_argument("--progress", type=float, default=5.0, help="seconds between lines")
