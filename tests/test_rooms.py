@@ -67,9 +67,7 @@ async def test_create_each_kind_with_defaults(tenant: Tenant, peer_factory: Any)
             assert entry["head"] == 0 and entry["read"] == 0
 
 
-async def test_create_without_members_field_and_with_open_flag(
-    tenant: Tenant, peer_factory: Any
-) -> None:
+async def test_create_open_flag(tenant: Tenant, peer_factory: Any) -> None:
     alice = tenant.user("alice")
     async with peer_factory(alice.token) as a:
         opened = (await a.ok("room.create", name="o", kind="chat", members=[], open=True))["room"]
