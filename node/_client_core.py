@@ -52,7 +52,7 @@ DEFAULT_MAX_FRAME_BYTES: Final = 1 << 20  # PROTOCOL.md: the default message lim
 
 APPEND_OPS: Final = frozenset({"send", "edit", "delete", "react"})
 RETRY_OPS: Final = frozenset(
-    {"ping", "rooms", "history", "search", "subscribe", "unsubscribe", "receipt"}
+    {"ping", "rooms", "history", "search", "subscribe", "unsubscribe", "receipt", "presence.set"}
 )
 # Local event types (never sent by a server): a subscription that a resume could not restore.
 SUBSCRIPTION_LOST: Final = "client.subscription_lost"

@@ -36,9 +36,10 @@ Requests across reconnects. `send`, `edit`, `delete` and `react` whose `ok` has 
 written again on the next connection with the same `cid` (a uuid4 hex when the caller gives
 none), so the caller gets the `ok` of the first write (same seq) and no duplicate exists.
 Reads and idempotent writes (`ping`, `rooms`, `history`, `search`, `subscribe`, `unsubscribe`,
-`receipt`) are retried transparently. Any other request that had been written when its
-connection was lost (`room.create`, `room.join`, `room.leave`, `room.add`, `room.remove`,
-`typing`) fails with `ConnectionLost` (code `unavailable`): it may or may not have happened.
+`receipt`, `presence.set`) are retried transparently. Any other request that had been written
+when its connection was lost (`room.create`, `room.join`, `room.leave`, `room.add`,
+`room.remove`, `typing`) fails with `ConnectionLost` (code `unavailable`): it may or may not
+have happened.
 Requests made while disconnected wait for the next connection; bound them with
 `trio.move_on_after` / `trio.fail_after` (cancelling a request only stops waiting for it).
 
@@ -256,13 +257,17 @@ class Client:
         """Close the client; the body's exception, if any, propagates unchanged (the nursery
         is closed as if the body had finished, so the exception is never wrapped in a group)."""
         assert self._nursery_manager is not None
-        await self.aclose()
+        self._close()  # no checkpoint before the nursery is closed, even when cancelled
         await self._nursery_manager.__aexit__(None, None, None)
 
     async def aclose(self) -> None:
         """Stop: pending and later requests raise `ConnectionLost`, `events()` ends, the socket
         is closed with 1000 (at most `close_timeout` seconds, then everything is cancelled).
         Returns at once; leaving the `async with` waits for the tasks to finish."""
+        self._close()
+        await trio.lowlevel.checkpoint()
+
+    def _close(self) -> None:
         if self.error is None:
             self.closed_by_app = True
             self._terminate(ConnectionLost(message="the client is closed"))
@@ -270,7 +275,6 @@ class Client:
         if self._nursery is not None:
             scope = self._nursery.cancel_scope
             scope.deadline = min(scope.deadline, trio.current_time() + self._close_timeout)
-        await trio.lowlevel.checkpoint()
 
     @property
     def connected(self) -> bool:
@@ -365,7 +369,9 @@ class Client:
         thread: int | None = None,
     ) -> Ack:
         """Post a message (`body` str is shorthand for `{"text": body}`); returns its `Ack`
-        once it is durable. Survives reconnects (see the module doc)."""
+        once it is durable. Survives reconnects (see the module doc). A caller that may give
+        up waiting (a timeout) and try again should pass its own `cid`: the retry then cannot
+        post the message twice."""
         fields: dict[str, Any] = {"body": _body(body)}
         if thread is not None:
             fields["thread"] = thread

@@ -5,6 +5,7 @@ resume across SIGKILL and SIGTERM restarts."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -398,7 +399,10 @@ async def test_resume_after_sigkill_and_restart(tenant: Tenant) -> None:
     await _check_resume(tenant, restart)
 
 
-async def test_resume_after_sigterm_drain_and_restart(tenant: Tenant) -> None:
+async def test_resume_after_sigterm_drain_and_restart(
+    tenant: Tenant, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gb6.client")
     node = tenant.node
 
     async def restart() -> None:
@@ -407,6 +411,30 @@ async def test_resume_after_sigterm_drain_and_restart(tenant: Tenant) -> None:
         await trio.to_thread.run_sync(node.start)
 
     await _check_resume(tenant, restart, senders=2, per_sender=30)
+    ended = [r.getMessage() for r in caplog.records if "connection ended" in r.getMessage()]
+    assert any("(4009 " in message for message in ended), ended
+
+
+async def test_leaving_is_prompt_when_cancelled_or_not_drained(tenant: Tenant) -> None:
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    start = trio.current_time()
+    with trio.move_on_after(0.5) as scope:
+        async with _client(tenant.node, alice.token):
+            await trio.sleep_forever()
+    assert scope.cancelled_caught and trio.current_time() - start < 1.5
+    async with _client(tenant.node, alice.token) as a:
+        room = (await a.create_room("r", members=[bob.id]))["id"]
+        async with _client(tenant.node, bob.token, event_buffer=1) as b:
+            await b.subscribe(room)
+            for i in range(5):
+                await a.send(room, f"m{i}")
+            with trio.fail_after(5):
+                while b.events().statistics().current_buffer_used < 1:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            await trio.sleep(0.1)  # the reader now waits for room in the buffer
+            start = trio.current_time()
+        assert trio.current_time() - start < 1.0
+        assert b.error is not None and b.error.code == "unavailable"
 
 
 async def test_requests_made_while_disconnected_wait_for_the_node(tenant: Tenant) -> None:
