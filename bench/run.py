@@ -223,6 +223,8 @@ def traffic(
         gen_meter = CpuMeter(gen)
         marks: dict[str, Any] = {}
         others: list[str] = []
+        threads_warm: dict[str, float] = {}
+        threads_end: dict[str, float] = {}
         progress: dict[int, dict[str, int]] = {}
         results: dict[int, dict[str, Any]] = {}
         timeline: list[dict[str, Any]] = []
@@ -239,6 +241,7 @@ def traffic(
             now = time.time_ns()
             if "warm" not in marks and now >= t_warm:
                 list(psutil.process_iter(["cpu_percent"]))  # prime per-process CPU counters
+                threads_warm = srv.thread_cpu() if srv else {}
                 if args.profile and server.pid:
                     prof = profile.start(
                         server.pid, duration - warmup, prof_path, args.profile_rate
@@ -252,6 +255,7 @@ def traffic(
                 )
             if "end" not in marks and now >= t_end:
                 others = top_others({server.pid or -1, os.getpid(), *pool.pids})
+                threads_end = srv.thread_cpu() if srv else {}
                 marks["end"] = (
                     time.monotonic(),
                     srv.cpu_s() if srv else 0.0,
@@ -319,6 +323,11 @@ def traffic(
             ),
             "machine_iowait_pct": round(100 * sys_io / max(1e-9, sys_all), 1),
             "others_top": others,
+            "server_threads_cpu_pct": {
+                k: round(100 * (v - threads_warm.get(k, 0.0)) / span, 1)
+                for k, v in sorted(threads_end.items(), key=lambda kv: -kv[1])
+                if v - threads_warm.get(k, 0.0) > 0.005 * span
+            },
             "worker_cpu_pct": [
                 round(100 * (b - a) / span, 1) for a, b in zip(ww, we, strict=False)
             ],
@@ -451,6 +460,7 @@ def summarize_traffic(
         "machine_iowait_pct": cpu.get("machine_iowait_pct"),
         "others_cpu_pct": cpu.get("others_cpu_pct"),
         "others_top": cpu.get("others_top"),
+        "server_threads_cpu_pct": cpu.get("server_threads_cpu_pct"),
         "worker_frames": sum(r["frames"] for r in res),
         "worker_recvs": sum(r["recvs"] for r in res),
         "timeline": timeline,
@@ -506,6 +516,9 @@ def print_traffic(r: dict[str, Any]) -> None:
         f"RSS {mb(r['server_rss_before'])} → {mb(r['server_rss_after'])} "
         f"(max {mb(r['server_rss_max'])})"
     )
+    if r.get("server_threads_cpu_pct"):
+        th = ", ".join(f"{k} {v}%" for k, v in r["server_threads_cpu_pct"].items())
+        log(f"server threads (CPU % of one core): {th}")
     log(
         f"generator: CPU {r['generator_cpu_pct']}% of one core in total "
         f"(workers {', '.join(f'{x}%' for x in r['worker_cpu_pct'])}); "

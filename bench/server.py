@@ -188,6 +188,23 @@ class ProcWatch:
                 total += t.user + t.system
         return total
 
+    def thread_cpu(self) -> dict[str, float]:
+        """CPU seconds per thread of the first process: `main` (tid = pid) and the others by
+        tid and kernel name (Python thread names are not visible from outside)."""
+        out: dict[str, float] = {}
+        p = self.procs[0]
+        with contextlib.suppress(psutil.Error):
+            for t in p.threads():
+                if t.id == p.pid:
+                    key = "main"
+                else:
+                    comm = ""
+                    with contextlib.suppress(OSError):
+                        comm = Path(f"/proc/{p.pid}/task/{t.id}/comm").read_text().strip()
+                    key = f"tid {t.id} ({comm})"
+                out[key] = t.user_time + t.system_time
+        return out
+
     def rss(self) -> int:
         total = 0
         for p in self._all():
