@@ -125,13 +125,18 @@ class _Waiter:
 
 @attrs.define(slots=True)
 class _Ended:
-    """How one connection ended."""
+    """How one connection ended (the first reason recorded wins)."""
 
     close_code: int | None = None
     reason: str = ""
     ready: bool = False  # it completed hello
     retry_after: float = 0.0
     error: ClientError | None = None  # terminal
+    recorded: bool = False
+
+    def record(self, close_code: int | None, reason: str) -> None:
+        if not self.recorded:
+            self.close_code, self.reason, self.recorded = close_code, reason, True
 
 
 @attrs.define(eq=False)
@@ -139,15 +144,19 @@ class _Conn:
     """Per-connection state shared by its reader, writer and heartbeat."""
 
     ws: WebSocketConnection
-    scope: trio.CancelScope
+    tasks: trio.CancelScope  # the reader's, writer's and heartbeat's nursery
+    socket: trio.CancelScope  # around the whole socket, its closing handshake included
+    ended: _Ended
     last_rx: float
     reader_blocked: bool = False
-    ended: _Ended | None = None
 
-    def end(self, ended: _Ended) -> None:
-        if self.ended is None:
-            self.ended = ended
-        self.scope.cancel()
+    def end(self, close_code: int | None, reason: str, *, abort: bool = False) -> None:
+        """Stop the connection's tasks; then the socket is closed with 1000, or, with
+        `abort`, dropped at once (a silent peer would not answer the closing handshake)."""
+        self.ended.record(close_code, reason)
+        self.tasks.cancel()
+        if abort:
+            self.socket.cancel()
 
 
 class EventStream:
@@ -483,66 +492,67 @@ class Client:
         url = self.url() if callable(self.url) else self.url
         ended = _Ended()
         try:
-            async with open_websocket_url(
-                url,
-                connect_timeout=self._connect_timeout,
-                disconnect_timeout=self._close_timeout,
-                max_message_size=self._max_incoming_bytes,
-            ) as ws:
-                ended = await self._hello(ws)
-                if ended.ready:
-                    if task_status is not None:
-                        task_status.started()
-                    await self._serve(ws, ended)
+            with trio.CancelScope() as socket_scope:
+                async with open_websocket_url(
+                    url,
+                    connect_timeout=self._connect_timeout,
+                    disconnect_timeout=self._close_timeout,
+                    max_message_size=self._max_incoming_bytes,
+                ) as ws:
+                    with trio.move_on_after(self._connect_timeout) as hello_scope:
+                        await self._hello(ws, ended)
+                    if hello_scope.cancelled_caught:
+                        ended.record(None, "no hello reply in time")
+                        socket_scope.cancel()  # silent: no closing handshake
+                    elif ended.ready:
+                        if task_status is not None:
+                            task_status.started()
+                        await self._serve(ws, ended, socket_scope)
+                    # Leaving closes the socket with 1000 unless it is closed already.
         except HandshakeError as exc:  # refused, timed out, rejected (incl. a closing edge)
-            ended.reason = f"connect to {url} failed: {exc!r}"
+            ended.record(None, f"connect to {url} failed: {exc!r}")
         except DisconnectionTimeout:
-            ended.reason = ended.reason or "close timed out"
+            ended.record(None, "close timed out")
         except ConnectionClosed as exc:
-            if exc.reason is not None:
-                ended.close_code = exc.reason.code
-                ended.reason = exc.reason.reason or ""
+            if exc.reason is None:
+                ended.record(None, "connection closed")
+            else:
+                ended.record(exc.reason.code, exc.reason.reason or "")
         finally:
             self._resolve(self._core.connection_lost())
             self.session = None
         return ended
 
-    async def _hello(self, ws: WebSocketConnection) -> _Ended:
-        ended = _Ended()
-        with trio.move_on_after(self._connect_timeout):
-            await ws.send_message(self._core.connection_made())
-            while True:
-                out = self._core.receive(await ws.get_message())
-                if isinstance(out, HelloDone):
-                    if self.user is not None:
-                        self.reconnects += 1
-                    self.user, self.session = out.user, out.session
-                    self.heartbeat_ms = out.heartbeat_ms
-                    self._resolve(out.answers)
-                    ended.ready = True
-                    return ended
-                if isinstance(out, HelloFailed):
-                    err = out.error
-                    if err.code in _FATAL_HELLO_CODES:
-                        ended.error = err
-                    ended.reason = f"hello failed: {err.code} {err.message}"
-                    ended.retry_after = (err.retry_after_ms or 0) / 1000
-                    return ended
-        ended.reason = "hello timed out"
-        return ended
+    async def _hello(self, ws: WebSocketConnection, ended: _Ended) -> None:
+        await ws.send_message(self._core.connection_made())
+        while True:
+            out = self._core.receive(await ws.get_message())
+            if isinstance(out, HelloDone):
+                if self.user is not None:
+                    self.reconnects += 1
+                self.user, self.session = out.user, out.session
+                self.heartbeat_ms = out.heartbeat_ms
+                self._resolve(out.answers)
+                ended.ready = True
+                return
+            if isinstance(out, HelloFailed):
+                err = out.error
+                if err.code in _FATAL_HELLO_CODES:
+                    ended.error = err
+                ended.record(None, f"hello failed: {err.code} {err.message}")
+                ended.retry_after = (err.retry_after_ms or 0) / 1000
+                return
 
-    async def _serve(self, ws: WebSocketConnection, ended: _Ended) -> None:
-        """Run reader, writer and heartbeat until the connection ends; fills in `ended`."""
+    async def _serve(
+        self, ws: WebSocketConnection, ended: _Ended, socket_scope: trio.CancelScope
+    ) -> None:
+        """Run reader, writer and heartbeat until one of them ends the connection."""
         async with trio.open_nursery() as nursery:
-            conn = _Conn(ws, nursery.cancel_scope, trio.current_time())
+            conn = _Conn(ws, nursery.cancel_scope, socket_scope, ended, trio.current_time())
             nursery.start_soon(self._reader, conn, nursery)
             nursery.start_soon(self._writer, conn)
             nursery.start_soon(self._heartbeat, conn)
             nursery.start_soon(self._watch_stop, conn)
-        if conn.ended is not None:
-            ended.close_code = conn.ended.close_code
-            ended.reason = conn.ended.reason
-        # Leaving `open_websocket_url` closes the socket with 1000 if it is still open.
 
     async def _reader(self, conn: _Conn, nursery: trio.Nursery) -> None:
         while True:
@@ -550,9 +560,9 @@ class Client:
                 text = await conn.ws.get_message()
             except ConnectionClosed as exc:
                 if exc.reason is None:
-                    conn.end(_Ended(None, "connection closed"))
+                    conn.end(None, "connection closed")
                 else:
-                    conn.end(_Ended(exc.reason.code, exc.reason.reason or ""))
+                    conn.end(exc.reason.code, exc.reason.reason or "")
                 return
             conn.last_rx = trio.current_time()
             out = self._core.receive(text)
@@ -569,7 +579,7 @@ class Client:
             elif isinstance(out, Drain):
                 nursery.start_soon(self._drain_timer, conn)
             if self._core.phase is Phase.DRAINING and self._core.owed == 0:
-                conn.end(_Ended(CLOSE_DRAINING, "the server is draining"))
+                conn.end(CLOSE_DRAINING, "the server is draining")
                 return
 
     async def _writer(self, conn: _Conn) -> None:
@@ -594,16 +604,16 @@ class Client:
             self._core.ping()
             self._kick.set()
             if not conn.reader_blocked and trio.current_time() - conn.last_rx > silent_limit:
-                conn.end(_Ended(None, f"no frame from the server in {silent_limit:.1f}s"))
+                conn.end(None, f"no frame from the server in {silent_limit:.1f}s", abort=True)
                 return
 
     async def _drain_timer(self, conn: _Conn) -> None:
         await trio.sleep(self._drain_timeout)
-        conn.end(_Ended(CLOSE_DRAINING, "the server is draining"))
+        conn.end(CLOSE_DRAINING, "the server is draining")
 
     async def _watch_stop(self, conn: _Conn) -> None:
         await self._stop.wait()
-        conn.end(_Ended(_CLOSE_NORMAL, "closed by the application"))
+        conn.end(_CLOSE_NORMAL, "closed by the application")
 
     def _resolve(self, outputs: Sequence[Output]) -> None:
         for out in outputs:

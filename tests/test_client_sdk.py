@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -537,3 +539,26 @@ async def test_slow_consumer_is_resumed_without_loss(tuned_node: Node) -> None:
             seen = await _messages(b, room, count)
         assert [e["seq"] for e in seen] == list(range(1, count + 1))
         assert b.reconnects >= 1
+
+
+async def test_a_silent_node_is_detected_and_left(tuned_node: Node) -> None:
+    """SIGSTOP: the socket stays open but nothing answers. The client gives up on it after
+    2.5 heartbeats, keeps trying, and resumes once the node runs again."""
+    tenant = tuned_node.create_tenant()
+    alice = tenant.user("alice")
+    async with _client(tuned_node, alice.token, connect_timeout=0.5) as client:
+        room = (await client.create_room("r"))["id"]
+        await client.subscribe(room)
+        await client.send(room, "before")
+        os.kill(tuned_node.pid, signal.SIGSTOP)
+        try:
+            with trio.fail_after(5):
+                while client.connected:  # noqa: ASYNC110 - the client has no disconnect signal
+                    await trio.sleep(0.02)
+        finally:
+            os.kill(tuned_node.pid, signal.SIGCONT)
+        ack = await client.send(room, "after")
+        with trio.fail_after(5):
+            seen = await _messages(client, room, 2)
+        assert [e["seq"] for e in seen] == [1, ack.seq] == [1, 2]
+        assert client.reconnects >= 1
