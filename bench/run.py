@@ -500,7 +500,16 @@ def print_traffic(r: dict[str, Any]) -> None:
         f"sent {r['sent']:,}  acked {r['acked']:,}  send errors {r['send_errors']:,}  "
         f"all errors {r['errors_total']:,}  closed {r['closed']} {r['close_codes'] or ''}"
     )
-    log(f"delivered {r['delivered']:,} of {r['delivered_expected']:,} expected ({pct:.2f}%)")
+    unacked = r["sent"] - r["acked"] - r["send_errors"]
+    log(
+        f"delivered {r['delivered']:,} of {r['delivered_expected']:,} expected ({pct:.2f}%)"
+        + (
+            f"; {unacked:,} sends still unacknowledged when the {r['params'].get('drain_s')} s"
+            " drain ended (backlog, not necessarily loss)"
+            if unacked > 0
+            else ""
+        )
+    )
     log(
         f"rates in window: sends/s {r['sends_per_s']:,.0f}  acks/s {r['acks_per_s']:,.0f}  "
         f"deliveries/s {r['deliveries_per_s']:,.0f} (peak second {r['deliveries_per_s_peak']:,})"
@@ -530,6 +539,11 @@ def print_traffic(r: dict[str, Any]) -> None:
     )
     if r.get("others_top"):
         log(f"  busiest other processes: {'; '.join(r['others_top'])}")
+    if (r.get("others_cpu_pct") or 0) > 20:
+        log(
+            f"WARNING: other processes used {r['others_cpu_pct']}% of a core during the window; "
+            "these figures describe a shared machine"
+        )
     for e in r["error_samples"][:5]:
         log(f"  error sample: {e}")
     if r.get("profile"):
@@ -564,6 +578,7 @@ def run_load(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
         "rate": args.rate,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
+        "drain_s": args.drain,
         "workers": args.workers,
         "sample_every": args.sample,
         "read_interval_ms": args.read_interval_ms,
@@ -601,6 +616,7 @@ def run_fanout(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> d
         "window": args.window,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
+        "drain_s": args.drain,
         "workers": args.workers,
         "sample_every": args.sample,
         "read_interval_ms": args.read_interval_ms,
