@@ -187,7 +187,8 @@ class EventStream:
         """The next buffered event; raises `trio.WouldBlock` when there is none."""
         return self._channel.receive_nowait()
 
-    def statistics(self) -> Any:
+    def statistics(self) -> trio.MemoryChannelStatistics:
+        """The buffer's fill (`current_buffer_used` of `max_buffer_size`) and waiters."""
         return self._channel.statistics()
 
 
