@@ -289,11 +289,15 @@ class Gateway:
             elif verdict is Verdict.TOO_LARGE:
                 msg = f"message over {self.limits.message_bytes} bytes"
                 self._reply_error(conn, None, GB6Error(TOO_LARGE, msg))
+                if conn.state is State.AWAIT_HELLO:
+                    self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
             else:
                 await self._on_text(conn, text)
         elif isinstance(event, BytesMessage):
-            if event.message_finished and conn.state is State.READY:
+            if event.message_finished and conn.state is not State.CLOSING:
                 self._reply_error(conn, None, invalid("binary frames are not used"))
+                if conn.state is State.AWAIT_HELLO:
+                    self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
         elif isinstance(event, Ping):
             conn.outbox.write(ws.send(event.response()))
         elif isinstance(event, CloseConnection) and conn.state is not State.CLOSING:
@@ -448,16 +452,19 @@ class Gateway:
         who = conn.principal
         assert who is not None and conn.nursery is not None
         room = self.origin.room_for_member(who, req.room)
-        old = conn.subs.pop(req.room, None)
-        if old is not None:
-            self.hubs.release(old)
-        elif len(conn.subs) >= self.limits.max_subscriptions:
+        hub = self.hubs.get(req.room)
+        head = hub.head if hub is not None else room.head
+        if req.after > head:
+            raise invalid(f"after {req.after} is beyond the room's head {head}")
+        if req.room not in conn.subs and len(conn.subs) >= self.limits.max_subscriptions:
             raise GB6Error(
                 "quota_exceeded", f"at most {self.limits.max_subscriptions} subscriptions"
             )
+        # Validated: from here on nothing fails, so a refused subscribe changes nothing.
+        old = conn.subs.pop(req.room, None)
+        if old is not None:
+            self.hubs.release(old)
         hub = self.hubs.ensure(req.room, room.head)
-        if req.after > hub.head:
-            raise invalid(f"after {req.after} is beyond the room's head {hub.head}")
         self._reply(conn, req.id, {"room": req.room, "head": hub.head})
         sub = Subscription(req.room, who.id, conn.outbox)
         conn.subs[req.room] = sub

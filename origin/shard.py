@@ -265,7 +265,10 @@ class OriginShard:
         return room
 
     def _manageable(self, who: Principal, room_id: str) -> RoomState:
-        room = self.room_visible(who, room_id)
+        # Owners and admins manage every room of their instance, member or not.
+        room = self.rooms.get(room_id) if who.moderator else None
+        if room is None or room.record.instance != who.instance.id:
+            room = self.room_visible(who, room_id)
         if room.record.creator != who.id and not who.moderator:
             raise forbidden("only the room's creator or an instance owner or admin may do this")
         return room
