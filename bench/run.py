@@ -644,6 +644,7 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
     c = args.connections
     u = min(args.users, c)
     log(f"idle: {c} connections (hello only) for {u} users")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     t = time.monotonic()
     tenant = bootstrap(server.http, server.admin_token, u, label="idle")
     log(f"bootstrap: {u} users with tokens in {time.monotonic() - t:.1f} s")
@@ -662,6 +663,7 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
             ws_url=server.ws,
             clients=part,
             connect_concurrency=args.connect_concurrency,
+            ping_fraction=args.ping_fraction,
             nofile=len(part) + 256,
         )
         for w, part in enumerate(split(specs, nw))
@@ -685,6 +687,7 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
         summaries = pool.wait_ready(connecting)
         connect_s = time.monotonic() - t_conn
         connect_cpu = srv_meter.mark()
+        heartbeat_s = summaries[0]["heartbeat_ms"] / 1000
         ready = sum(s["ready"] for s in summaries)
         failed = sum(s["failed"] for s in summaries)
         log(
@@ -701,9 +704,19 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
         srv_meter.mark()
         gen = ProcWatch([os.getpid(), *pool.pids], children=False)
         gen_meter = CpuMeter(gen)
+        sys0 = psutil.cpu_times()
+        list(psutil.process_iter(["cpu_percent"]))  # prime per-process CPU counters
+        prof_path = OUT / f"idle-{stamp}-pyspy.txt"
+        prof = profile.start(server.pid, args.hold, prof_path, 200) if args.profile else None
         time.sleep(args.hold)
         hold_cpu = srv_meter.mark()
         gen_cpu = gen_meter.mark()
+        sys1 = psutil.cpu_times()
+        others = top_others({server.pid, os.getpid(), *pool.pids})
+        profile.finish(prof)
+        busy_s = (sum(sys1) - sum(sys0)) - (sys1.idle - sys0.idle)
+        busy_s -= getattr(sys1, "iowait", 0.0) - getattr(sys0, "iowait", 0.0)
+        others_pct = 100 * busy_s / args.hold - hold_cpu - gen_cpu
         rss2 = srv.rss()
         threads = srv.threads()
     finally:
@@ -747,9 +760,16 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
         "rss_slope_bytes_per_connection": round(slope) if slope is not None else None,
         "server_idle_cpu_pct": round(hold_cpu, 1),
         "generator_cpu_pct_hold": round(gen_cpu, 1),
+        "others_cpu_pct_hold": round(others_pct, 1),
+        "others_top": others,
+        "ping_every_s": round(heartbeat_s * args.ping_fraction, 1),
+        "profile": (
+            profile.summarize(prof_path, args.hold, 200)
+            if prof is not None and prof_path.exists()
+            else None
+        ),
         "rss_points": points,
     }
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = OUT / f"idle-{stamp}.json"
     png_path = OUT / f"idle-{stamp}.png"
     result["files"] = {"json": str(json_path), "png": str(png_path)}
@@ -769,9 +789,16 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
         + ")"
     )
     log(
-        f"server idle CPU with {ready} connections (pings every heartbeat/3): {hold_cpu:.1f}%; "
+        f"server idle CPU with {ready} connections, each pinging every "
+        f"{result['ping_every_s']} s: {hold_cpu:.1f}% of one core; "
         f"RSS after hold {mb(rss2)}, after closing all {mb(rss3)}"
     )
+    log(
+        f"generator CPU during the hold {gen_cpu:.1f}%; other processes {others_pct:.1f}%"
+        + (f" ({'; '.join(others)})" if others else "")
+    )
+    if result["profile"]:
+        profile.print_summary(result["profile"])
     log(f"results: {json_path}\nplot:    {png_path}")
     return result
 
@@ -914,6 +941,15 @@ def parser() -> argparse.ArgumentParser:
     )
     ip.add_argument("--settle", type=float, default=3.0)
     ip.add_argument("--hold", type=float, default=10.0)
+    ip.add_argument(
+        "--ping-fraction",
+        type=float,
+        default=0.5,
+        help="each connection pings every heartbeat_ms * this (the protocol needs <= 1)",
+    )
+    ip.add_argument(
+        "--profile", action="store_true", help="sample the server with py-spy during the hold"
+    )
     return p
 
 

@@ -81,6 +81,7 @@ class WorkerConfig:
     connect_timeout_s: float = 120.0
     drain_s: float = 5.0  # after the run, wait at most this long for acks and deliveries
     progress_s: float = 2.0
+    ping_fraction: float = 0.5  # ping every connection each heartbeat_ms * this
     read_interval_s: float = 0.0  # poll at most this often: fewer, larger reads (adds latency)
     nofile: int = 0
 
@@ -488,11 +489,11 @@ class Worker:
         return msgs
 
     def keepalive(self, now: int, state: dict[str, int]) -> None:
-        """Ping every ready connection about every third of its heartbeat, spread evenly."""
+        """Ping every ready connection once per heartbeat * ping_fraction, spread evenly."""
         if not self.all:
             return
         hb = self.all[-1].heartbeat_ms
-        period_ns = max(1, hb // 3) * 1_000_000
+        period_ns = max(1_000_000, int(hb * self.cfg.ping_fraction * 1_000_000))
         due = (now - state["start"]) * len(self.all) // period_ns
         while state["done"] < due:
             c = self.all[state["done"] % len(self.all)]
@@ -530,6 +531,9 @@ class Worker:
                     "ready": self.ready,
                     "failed": self.failed,
                     "connect_errors": self.connect_errors,
+                    "heartbeat_ms": next(
+                        (c.heartbeat_ms for c in self.all if c.state == READY), 30_000
+                    ),
                 },
             )
         )
