@@ -43,6 +43,7 @@ from node.errors import (
     RATE_LIMITED,
     TOO_LARGE,
     UNAUTHORIZED,
+    UNAVAILABLE,
     GB6Error,
     invalid,
 )
@@ -144,15 +145,21 @@ class Gateway:
                 nursery.start_soon(self._serve, sock, f"{addr[0]}:{addr[1]}")
 
     async def drain(self, grace: float = 5.0) -> None:
-        """Stop accepting, tell every client to resume elsewhere (4009), wait for the frames to
-        leave (at most `grace` seconds)."""
+        """Stop accepting; tell every client to resume elsewhere; answer what is in flight
+        (every accepted append becomes durable and gets its ok); then close them all with
+        4009 and wait for the frames to leave. At most about `grace` seconds for each step.
+
+        Requests that arrive after the `reconnect` event get `unavailable`."""
         self.draining = True
         self._accept_scope.cancel()
-        if not self.conns:
-            self._all_closed.set()
         frame = wsframe.text(p.event("reconnect", {"reason": "draining"}))
         for conn in list(self.conns):
             conn.outbox.write(frame)
+        with trio.move_on_after(grace):
+            await self.origin.drain()
+        if not self.conns:
+            self._all_closed.set()
+        for conn in list(self.conns):
             self._close(conn, CLOSE_DRAINING, "draining")
         with trio.move_on_after(grace):
             await self._all_closed.wait()
@@ -327,6 +334,8 @@ class Gateway:
                 return
             if isinstance(request, p.Hello):
                 raise invalid("already authenticated")
+            if self.draining:
+                raise GB6Error(UNAVAILABLE, "this edge is draining; resume on another")
             self._rate_limit(conn)
             await self._dispatch(conn, request)
         except p.BadFrame as exc:
