@@ -22,7 +22,10 @@ def py_spy() -> str | None:
     return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
 
 
-def start(pid: int, seconds: float, out: Path, rate: int = 200) -> subprocess.Popen[bytes] | None:
+def start(
+    pid: int, seconds: float, out: Path, rate: int = 200, *, gil: bool = False
+) -> subprocess.Popen[bytes] | None:
+    """`gil`: sample only the thread holding the GIL (what limits a GIL-bound process)."""
     exe = py_spy()
     if exe is None:
         print("profile: py-spy not found (.venv/bin/pip install py-spy)", flush=True)
@@ -43,6 +46,8 @@ def start(pid: int, seconds: float, out: Path, rate: int = 200) -> subprocess.Po
         "--output",
         str(out),
     ]
+    if gil:
+        cmd.append("--gil")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -909,6 +909,11 @@ def parser() -> argparse.ArgumentParser:
             help="sample the server with py-spy during the measured window",
         )
         sp.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+        sp.add_argument(
+            "--profile-gil",
+            action="store_true",
+            help="with --profile: sample only the thread holding the GIL",
+        )
 
     lp = sub.add_parser("load", help="N clients in M rooms at an aggregate send rate")
     traffic_opts(lp, 1000, 30.0)
