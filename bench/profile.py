@@ -23,9 +23,16 @@ def py_spy() -> str | None:
 
 
 def start(
-    pid: int, seconds: float, out: Path, rate: int = 200, *, gil: bool = False
+    pid: int,
+    seconds: float,
+    out: Path,
+    rate: int = 200,
+    *,
+    gil: bool = False,
+    native: bool = False,
 ) -> subprocess.Popen[bytes] | None:
-    """`gil`: sample only the thread holding the GIL (what limits a GIL-bound process)."""
+    """`gil`: sample only the thread holding the GIL. `native`: include C frames (sqlite,
+    `take_gil`, syscalls); py-spy then pauses the process for each sample, which costs more."""
     exe = py_spy()
     if exe is None:
         print("profile: py-spy not found (.venv/bin/pip install py-spy)", flush=True)
@@ -42,10 +49,10 @@ def start(
         "--format",
         "raw",
         "--threads",
-        "--nonblocking",
         "--output",
         str(out),
     ]
+    cmd.append("--native" if native else "--nonblocking")
     if gil:
         cmd.append("--gil")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

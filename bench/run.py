@@ -118,7 +118,12 @@ def open_server(args: argparse.Namespace) -> Server:
         s = Server.attach(args.ws, args.http, args.admin_token, args.server_pid)
         log(f"server: attached to {s.ws} (pid {s.pid or 'unknown: no CPU/RSS figures'})")
         return s
-    s = Server.start(OUT, args.server_arg or [], keep_data=args.keep_data)
+    s = Server.start(
+        OUT,
+        args.server_arg or [],
+        keep_data=args.keep_data,
+        switch_interval_ms=args.server_switch_interval_ms,
+    )
     log(f"server: started {' '.join(s.command)} pid {s.pid}; log {s.log_path}")
     return s
 
@@ -863,6 +868,12 @@ def parser() -> argparse.ArgumentParser:
             help="extra argument for `gb6 run` (repeatable), e.g. --server-arg=--config",
         )
         g.add_argument("--keep-data", action="store_true", help="keep the server's data dir")
+        g.add_argument(
+            "--server-switch-interval-ms",
+            type=float,
+            default=0.0,
+            help="experiment: start gb6 after sys.setswitchinterval(X ms) (CPython default 5)",
+        )
         sp.add_argument(
             "--quiet-wait",
             type=float,
@@ -914,6 +925,11 @@ def parser() -> argparse.ArgumentParser:
             action="store_true",
             help="with --profile: sample only the thread holding the GIL",
         )
+        sp.add_argument(
+            "--profile-native",
+            action="store_true",
+            help="with --profile: C frames too (sqlite, take_gil, syscalls); pauses the server",
+        )
 
     lp = sub.add_parser("load", help="N clients in M rooms at an aggregate send rate")
     traffic_opts(lp, 1000, 30.0)
@@ -931,6 +947,17 @@ def parser() -> argparse.ArgumentParser:
     )
     fp.add_argument("--window", type=int, default=16, help="unacknowledged sends per sender")
     fp.set_defaults(sample=10)
+
+    sp = sub.add_parser("store", help="the embedded log of record alone, in this process")
+    sp.add_argument("--rate", type=float, default=2000.0, help="appends/s; 0 = closed loop")
+    sp.add_argument("--inflight", type=int, default=2000, help="closed loop: appends in flight")
+    sp.add_argument("--rooms", type=int, default=100)
+    sp.add_argument("--duration", type=float, default=10.0)
+    sp.add_argument("--burn", type=float, default=0.0, help="keep the trio thread PCT%% busy")
+    sp.add_argument("--text", default="hello from the GB6 bench")
+    sp.add_argument(
+        "--switch-interval-ms", type=float, default=0.0, help="sys.setswitchinterval (0: keep)"
+    )
 
     ip = sub.add_parser("idle", help="C idle connections: server RSS per connection")
     common(ip)
@@ -962,6 +989,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     m = report.machine()
     log(f"machine: {report.machine_line(m)}")
+    if args.mode == "store":
+        from bench.store import run_store
+
+        run_store(args, m, meta_for(args, m))
+        return 0
     want = (args.connections if args.mode == "idle" else args.clients) * 2 + 1024
     nofile = raise_nofile(want)
     log(f"RLIMIT_NOFILE raised to {nofile} (wanted {want}); the server inherits it")

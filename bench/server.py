@@ -33,12 +33,28 @@ class Server:
 
     @classmethod
     def start(
-        cls, out_dir: Path, extra_args: list[str], timeout_s: float = 60.0, keep_data: bool = False
+        cls,
+        out_dir: Path,
+        extra_args: list[str],
+        timeout_s: float = 60.0,
+        keep_data: bool = False,
+        switch_interval_ms: float = 0.0,
     ) -> Server:
+        """`switch_interval_ms`: run the same `gb6` entry point under `python -c` after
+        `sys.setswitchinterval` (an experiment on GIL hand-off; the server code is unchanged)."""
         tmp = tempfile.TemporaryDirectory(prefix="gb6-bench-")
         data = Path(tmp.name) / "data"
         gb6 = shutil.which("gb6", path=str(Path(sys.executable).parent)) or "gb6"
-        cmd = [gb6, "run", "--data", str(data), "--ws-port", "0", "--http-port", "0", *extra_args]
+        head = [gb6]
+        if switch_interval_ms > 0:
+            head = [
+                sys.executable,
+                "-c",
+                f"import sys; sys.setswitchinterval({switch_interval_ms / 1000!r}); "
+                "from node.cli import main; sys.exit(main(sys.argv[1:]))",
+            ]
+        args = ["run", "--data", str(data), "--ws-port", "0", "--http-port", "0", *extra_args]
+        cmd = [*head, *args]
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path = out_dir / f"server-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log = log_path.open("wb")
