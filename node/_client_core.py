@@ -434,9 +434,23 @@ class ClientCore:
                 err = error_from_frame(frame)
                 logger.warning("gb6 client: error without a request id: %s", err.message)
             return None
-        pending = self._pending.pop(re, None)
+        pending = self._pending.get(re)
         if pending is None:
             return None  # cancelled by its caller, or an internal request already forgotten
+        if (
+            not ok
+            and self.phase is Phase.DRAINING
+            and frame.get("code") == "unavailable"
+            and pending.kind is not Kind.ONCE
+        ):
+            # A draining edge refused it without acting on it: write it again on the next
+            # connection (resume subscribes are redone from `_subs` anyway).
+            if pending.kind is Kind.INTERNAL:
+                del self._pending[re]
+            else:
+                pending.sent = False
+            return None
+        del self._pending[re]
         if pending.kind is Kind.INTERNAL:
             if pending.op == "subscribe" and not ok:
                 return self._subscription_lost(pending, error_from_frame(frame))

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,51 @@ class Tenant:
         return User(uid, name, t.json()["token"])
 
 
+ERROR_KEYS = {"op", "re", "code", "message", "retry_after_ms"}
+HIDDEN = ("forbidden", "not_found")
+
+
+@contextmanager
+def running_node(base: Path, config: str | None = None) -> Iterator[Node]:
+    """A node on `base/data`, with `config` (TOML text) if given; killed on exit."""
+    args = []
+    if config is not None:
+        path = base / "gb6.toml"
+        path.write_text(config)
+        args = ["--config", str(path)]
+    n = Node(base / "data", extra_args=args)
+    n.start()
+    try:
+        yield n
+    finally:
+        n.kill()
+
+
+def module_node(name: str, config: str | None = None) -> Any:
+    """A module-scoped `node` fixture: one node per test module (tests make their own tenants)."""
+
+    @pytest.fixture(scope="module")
+    def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+        with running_node(Path(tmp_path_factory.mktemp(name)), config) as n:
+            yield n
+
+    return node
+
+
+async def refused(peer: Peer, op: str, codes: tuple[str, ...], **fields: Any) -> dict[str, Any]:
+    """Send a request that must fail with one of `codes` and carry no data."""
+    reply = await peer.request(op, **fields)
+    assert reply["op"] == "error", reply
+    assert reply["code"] in codes, reply
+    assert set(reply) <= ERROR_KEYS, reply
+    return reply
+
+
+async def make_room(peer: Peer, members: list[str], **extra: Any) -> str:
+    reply = await peer.ok("room.create", name="r", kind="chat", members=members, **extra)
+    return str(reply["room"]["id"])
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path / "data")
@@ -179,21 +225,22 @@ class Peer:
         self.ws = ws
         self._next = 0
         self.events: list[dict[str, Any]] = []
+        self.timeout = 5.0  # how long any one wait for a frame may take
 
     async def send(self, frame: dict[str, Any] | str) -> None:
         await self.ws.send_message(frame if isinstance(frame, str) else json.dumps(frame))
 
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        with trio.fail_after(timeout):
+    async def recv(self) -> dict[str, Any]:
+        with trio.fail_after(self.timeout):
             return json.loads(await self.ws.get_message())  # type: ignore[no-any-return]
 
-    async def request(self, op: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
         """Send a request; return its reply. Events that arrive meanwhile go to `events`."""
         self._next += 1
         rid = f"r{self._next}"
         await self.send({"op": op, "id": rid, **fields})
         while True:
-            frame = await self.recv(timeout)
+            frame = await self.recv()
             if frame.get("op") == "event":
                 self.events.append(frame)
             elif frame.get("re") == rid:
@@ -204,13 +251,13 @@ class Peer:
         assert reply["op"] == "ok", reply
         return reply
 
-    async def event(self, type_: str | None = None, timeout: float = 5.0) -> dict[str, Any]:
+    async def event(self, type_: str | None = None) -> dict[str, Any]:
         """The next event (of `type_`), from those already received first."""
         for i, ev in enumerate(self.events):
             if type_ is None or ev.get("type") == type_:
                 return self.events.pop(i)
         while True:
-            frame = await self.recv(timeout)
+            frame = await self.recv()
             if frame.get("op") == "event" and (type_ is None or frame.get("type") == type_):
                 return frame
             if frame.get("op") == "event":

@@ -16,26 +16,21 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from tests.conftest import Node, Peer, Tenant, User, connect
+from tests.conftest import (
+    ERROR_KEYS,
+    HIDDEN,
+    Node,
+    Peer,
+    Tenant,
+    User,
+    connect,
+    module_node,
+    refused,
+)
 
-ERROR_KEYS = {"op", "re", "code", "message", "retry_after_ms"}
-HIDDEN = ("forbidden", "not_found")
 MIB = 1 << 20
 HELLO_TIMEOUT_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """One node for the module, with a short hello timeout; tests make their own tenants."""
-    base = Path(tmp_path_factory.mktemp("bad_input"))
-    config = base / "gb6.toml"
-    config.write_text(f"[limits]\nhello_timeout_s = {HELLO_TIMEOUT_S}\n")
-    n = Node(base / "data", extra_args=["--config", str(config)])
-    n.start()
-    try:
-        yield n
-    finally:
-        n.kill()
+node = module_node("bad_input", f"[limits]\nhello_timeout_s = {HELLO_TIMEOUT_S}\n")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ async def next_reply(peer: Peer, wait_s: float = 5.0) -> dict[str, Any]:
     """The next frame that is not an event."""
     with trio.fail_after(wait_s):
         while True:
-            frame = await peer.recv(wait_s)
+            frame = await peer.recv()
             if frame.get("op") != "event":
                 return frame
             peer.events.append(frame)
@@ -63,14 +58,6 @@ async def close_code(peer: Peer, wait_s: float = 5.0) -> tuple[int, list[dict[st
                 frames.append(json.loads(await peer.ws.get_message()))
         except ConnectionClosed as exc:
             return exc.reason.code, frames
-
-
-async def refused(peer: Peer, op: str, codes: tuple[str, ...], **fields: Any) -> dict[str, Any]:
-    reply = await peer.request(op, **fields)
-    assert reply["op"] == "error", reply
-    assert reply["code"] in codes, reply
-    assert set(reply) <= ERROR_KEYS, reply
-    return reply
 
 
 def assert_error(reply: dict[str, Any], code: str, re: Any = None) -> None:

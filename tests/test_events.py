@@ -4,42 +4,14 @@ cid idempotency, receipts, typing, presence and search."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from tests.conftest import Node, Peer, Tenant
+from tests.conftest import HIDDEN, Node, Peer, Tenant, make_room, module_node, refused
 
-ERROR_KEYS = {"op", "re", "code", "message", "retry_after_ms"}
-HIDDEN = ("forbidden", "not_found")
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """One node for the module; every test makes its own tenant, so tests stay independent."""
-    n = Node(Path(tmp_path_factory.mktemp("events")) / "data")
-    n.start()
-    try:
-        yield n
-    finally:
-        n.kill()
-
-
-async def refused(peer: Peer, op: str, codes: tuple[str, ...], **fields: Any) -> dict[str, Any]:
-    """Send a request that must fail with one of `codes` and carry no data."""
-    reply = await peer.request(op, **fields)
-    assert reply["op"] == "error", reply
-    assert reply["code"] in codes, reply
-    assert set(reply) <= ERROR_KEYS, reply
-    return reply
-
-
-async def make_room(peer: Peer, members: list[str], **extra: Any) -> str:
-    reply = await peer.ok("room.create", name="r", kind="chat", members=members, **extra)
-    return str(reply["room"]["id"])
+node = module_node("events")
 
 
 async def say(peer: Peer, room: str, text: str, cid: str | None = None, **extra: Any) -> int:

@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from tests.conftest import Node, Peer, Tenant
+from tests.conftest import Node, Tenant, make_room, module_node
 
 FILE_BYTES = 4096  # the node's configured limit, small so that "too large" is cheap
+node = module_node("files", f"[limits]\nfile_bytes = {FILE_BYTES}\n")
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    base = Path(tmp_path_factory.mktemp("files"))
-    config = base / "gb6.toml"
-    config.write_text(f"[limits]\nfile_bytes = {FILE_BYTES}\n")
-    n = Node(base / "data", extra_args=["--config", str(config)])
-    n.start()
-    try:
-        yield n
-    finally:
-        n.kill()
 
 
 async def http(method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -58,11 +44,6 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None) -> Non
     assert set(body) == {"error"} and isinstance(body["error"]["message"], str), body
     if code is not None:
         assert body["error"]["code"] == code, body
-
-
-async def make_room(peer: Peer, members: list[str], **extra: Any) -> str:
-    reply = await peer.ok("room.create", name="files", kind="chat", members=members, **extra)
-    return str(reply["room"]["id"])
 
 
 async def test_member_uploads_and_members_download(

@@ -12,17 +12,22 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from tests.conftest import GB6, Node, Peer, Tenant, connect
+from tests.conftest import (
+    GB6,
+    Node,
+    Peer,
+    Tenant,
+    connect,
+    module_node,
+)
 
 READY = re.compile(
     r'\{"event": "ready", "ws": "ws://127\.0\.0\.1:(\d+)/v1/ws", '
@@ -30,6 +35,7 @@ READY = re.compile(
 )
 ADMIN_TOKEN = re.compile(r'\{"event": "admin_token", "token": "([^"\\]+)"\}\n')
 HEARTBEAT_MS = 400
+node = module_node("process", f"[limits]\nheartbeat_ms = {HEARTBEAT_MS}\n")
 
 
 # --- starting `gb6 run` by hand, to see its stdout exactly ----------------------------------
@@ -231,19 +237,6 @@ async def test_sigterm_with_no_clients_exits_0(tmp_path: Path) -> None:
 
 
 # --- one shared node: health, hello, heartbeats, admin bootstrap ----------------------------
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    base = Path(tmp_path_factory.mktemp("process"))
-    config = base / "gb6.toml"
-    config.write_text(f"[limits]\nheartbeat_ms = {HEARTBEAT_MS}\n")
-    n = Node(base / "data", extra_args=["--config", str(config)])
-    n.start()
-    try:
-        yield n
-    finally:
-        n.kill()
 
 
 def test_healthz(node: Node) -> None:

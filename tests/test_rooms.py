@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from tests.conftest import Node, Peer, Tenant
+from tests.conftest import HIDDEN, Node, Peer, Tenant, module_node, refused
 
-ERROR_KEYS = {"op", "re", "code", "message", "retry_after_ms"}
-HIDDEN = ("forbidden", "not_found")
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """One node for the module; every test makes its own tenant, so tests stay independent."""
-    n = Node(Path(tmp_path_factory.mktemp("rooms")) / "data")
-    n.start()
-    try:
-        yield n
-    finally:
-        n.kill()
-
-
-async def refused(peer: Peer, op: str, codes: tuple[str, ...], **fields: Any) -> dict[str, Any]:
-    """Send a request that must fail with one of `codes` and carry no data."""
-    reply = await peer.request(op, **fields)
-    assert reply["op"] == "error", reply
-    assert reply["code"] in codes, reply
-    assert set(reply) <= ERROR_KEYS, reply
-    return reply
+node = module_node("rooms")
 
 
 async def room_ids(peer: Peer) -> set[str]:
