@@ -245,7 +245,11 @@ class SqliteStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
-                conn.execute("SAVEPOINT job")
+                # Plain messages write with single statements that fail whole, so they need
+                # no savepoint; everything else may fail halfway and gets one.
+                simple = job.append is not None and job.append.target is None
+                if not simple:
+                    conn.execute("SAVEPOINT job")
                 try:
                     if job.append is not None:
                         value: Any = self._append(conn, job.append)
@@ -254,14 +258,16 @@ class SqliteStore:
                         value = job.call(conn)
                 except (GB6Error, sqlite3.IntegrityError) as exc:
                     # The job's own fault: undo just its writes, keep the rest of the batch.
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
+                    if not simple:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
                     if job.append is not None:
                         self._heads.pop(job.append.room, None)
                     err = exc if isinstance(exc, GB6Error) else GB6Error(CONFLICT, str(exc))
                     results.append((job, outcome.Error(err)))
                     continue
-                conn.execute("RELEASE job")
+                if not simple:
+                    conn.execute("RELEASE job")
                 results.append((job, outcome.Value(value)))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -281,26 +287,27 @@ class SqliteStore:
         return head
 
     def _append(self, conn: sqlite3.Connection, item: AppendItem) -> Appended:
-        prior = conn.execute(
-            f"SELECT {_EVENT_COLS} FROM events WHERE room=? AND sender=? AND cid=?",
-            (item.room, item.sender, item.cid),
-        ).fetchone()
-        if prior is not None:
-            return Appended(_event(prior), duplicate=True)
-        if item.target is not None:
-            self._check_target(conn, item)
-        if item.thread is not None:
-            row = conn.execute(
-                "SELECT type FROM events WHERE room=? AND seq=?", (item.room, item.thread)
-            ).fetchone()
-            if row is None or row[0] != "message":
-                raise not_found(f"thread root {item.thread} is not a message of this room")
+        """Raises GB6Error only before it writes anything."""
+        if item.target is not None or item.thread is not None:
+            # Idempotency first: a repeat answers with the original even if its checks
+            # would fail now.
+            prior = self._prior(conn, item)
+            if prior is not None:
+                return prior
+            if item.target is not None:
+                self._check_target(conn, item)
+            if item.thread is not None:
+                row = conn.execute(
+                    "SELECT type FROM events WHERE room=? AND seq=?", (item.room, item.thread)
+                ).fetchone()
+                if row is None or row[0] != "message":
+                    raise not_found(f"thread root {item.thread} is not a message of this room")
         seq = self._head(conn, item.room) + 1
         ts = now_ms()
         body = orjson.dumps(item.body) if item.body is not None else None
         cur = conn.execute(
             "INSERT INTO events(room, seq, ts, type, sender, cid, body, thread, target, emoji)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(room, sender, cid) DO NOTHING",
             (
                 item.room,
                 seq,
@@ -314,6 +321,10 @@ class SqliteStore:
                 item.emoji,
             ),
         )
+        if cur.rowcount == 0:  # a repeated cid: the original answers, nothing is written
+            prior = self._prior(conn, item)
+            assert prior is not None
+            return prior
         text = (item.body or {}).get("text")
         if item.type == "message" and isinstance(text, str) and text:
             conn.execute("INSERT INTO events_fts(rowid, text) VALUES (?, ?)", (cur.lastrowid, text))
@@ -349,6 +360,13 @@ class SqliteStore:
             emoji=item.emoji,
         )
         return Appended(event, duplicate=False)
+
+    def _prior(self, conn: sqlite3.Connection, item: AppendItem) -> Appended | None:
+        row = conn.execute(
+            f"SELECT {_EVENT_COLS} FROM events WHERE room=? AND sender=? AND cid=?",
+            (item.room, item.sender, item.cid),
+        ).fetchone()
+        return Appended(_event(row), duplicate=True) if row is not None else None
 
     def _check_target(self, conn: sqlite3.Connection, item: AppendItem) -> None:
         row = conn.execute(
