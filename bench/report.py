@@ -145,6 +145,8 @@ def plot_latency(
     ax2.plot(range(len(deliveries_per_sec)), deliveries_per_sec, label="deliveries/s")
     ax2b = ax2.twinx()
     ax2b.plot(range(len(sends_per_sec)), sends_per_sec, color="C2", ls="--", label="sends/s")
+    ax2.set_ylim(bottom=0)
+    ax2b.set_ylim(bottom=0, top=max(sends_per_sec, default=1) * 1.3)
     ax2.set_xlabel("s since start")
     ax2.set_ylabel("deliveries/s")
     ax2b.set_ylabel("sends/s")

@@ -27,7 +27,7 @@ import psutil
 
 from bench import profile, report
 from bench.bootstrap import Tenant, bootstrap, create_rooms
-from bench.server import CpuMeter, ProcWatch, Server
+from bench.server import CpuMeter, ProcWatch, Server, gc_pauses
 from bench.worker import ClientSpec, WorkerConfig, raise_nofile
 from bench.worker import main as worker_main
 
@@ -123,6 +123,7 @@ def open_server(args: argparse.Namespace) -> Server:
         args.server_arg or [],
         keep_data=args.keep_data,
         switch_interval_ms=args.server_switch_interval_ms,
+        gc_log=args.server_gc_log,
     )
     log(f"server: started {' '.join(s.command)} pid {s.pid}; log {s.log_path}")
     return s
@@ -237,7 +238,10 @@ def traffic(
         last_print = time.monotonic()
         last_counts = {"sent": 0, "acked": 0, "delivered": 0}
         last_print_t = time.monotonic()
+        wal = WalWatch(server.data_dir / "gb6.db-wal" if server.data_dir else None)
         while len(results) < nw:
+            if now_ns() < t_end + 1_000_000_000:
+                wal.sample((now_ns() - t0) / 1e9)
             for i, msg in pool.recv_any(0.1):
                 if msg[0] == "progress":
                     progress[i] = msg[1]
@@ -300,6 +304,9 @@ def traffic(
             if not server.alive():
                 raise RuntimeError(f"server exited: {server.proc and server.proc.returncode}")
         rss_after = srv.rss() if srv else 0
+        gc_list: list[dict[str, float]] = []
+        if args.server_gc_log and server.log_path:
+            gc_list = gc_pauses(server.log_path, t_warm / 1e9, t_end / 1e9)
         rss_max = max(rss_max, rss_after)
         if "end" not in marks:
             marks["end"] = (
@@ -328,6 +335,8 @@ def traffic(
             ),
             "machine_iowait_pct": round(100 * sys_io / max(1e-9, sys_all), 1),
             "others_top": others,
+            "gc": gc_summary(gc_list, t0) if args.server_gc_log else None,
+            "wal_checkpoints": wal.events,
             "server_threads_cpu_pct": {
                 k: round(100 * (v - threads_warm.get(k, 0.0)) / span, 1)
                 for k, v in sorted(threads_end.items(), key=lambda kv: -kv[1])
@@ -465,6 +474,8 @@ def summarize_traffic(
         "machine_iowait_pct": cpu.get("machine_iowait_pct"),
         "others_cpu_pct": cpu.get("others_cpu_pct"),
         "others_top": cpu.get("others_top"),
+        "server_gc": cpu.get("gc"),
+        "wal_checkpoints_at_s": cpu.get("wal_checkpoints"),
         "server_threads_cpu_pct": cpu.get("server_threads_cpu_pct"),
         "worker_frames": sum(r["frames"] for r in res),
         "worker_recvs": sum(r["recvs"] for r in res),
@@ -544,6 +555,14 @@ def print_traffic(r: dict[str, Any]) -> None:
     )
     if r.get("others_top"):
         log(f"  busiest other processes: {'; '.join(r['others_top'])}")
+    if r.get("server_gc"):
+        g = r["server_gc"]
+        log(
+            f"server GC pauses >= 2 ms in the window: {g['count']} totalling {g['total_ms']} ms, "
+            f"max {g['max_ms']} ms; longest at s {g['longest']}"
+        )
+    if r.get("wal_checkpoints_at_s"):
+        log(f"WAL restarts after checkpoints at s: {r['wal_checkpoints_at_s']}")
     if (r.get("others_cpu_pct") or 0) > 20:
         log(
             f"WARNING: other processes used {r['others_cpu_pct']}% of a core during the window; "
@@ -808,6 +827,51 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
     return result
 
 
+def now_ns() -> int:
+    return time.time_ns()
+
+
+class WalWatch:
+    """Notices SQLite WAL restarts (after a checkpoint): the checkpoint sequence number in the
+    WAL header (bytes 12..16) goes up. Sampled a few times per second from outside."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.seq: int | None = None
+        self.events: list[float] = []
+        self.last = 0.0
+
+    def sample(self, t_rel: float) -> None:
+        if self.path is None or time.monotonic() - self.last < 0.2:
+            return
+        self.last = time.monotonic()
+        try:
+            with self.path.open("rb") as f:
+                head = f.read(16)
+        except OSError:
+            return
+        if len(head) < 16:
+            return
+        seq = int.from_bytes(head[12:16], "big")
+        if self.seq is not None and seq != self.seq:
+            self.events.append(round(t_rel, 1))
+        self.seq = seq
+
+
+def gc_summary(pauses: list[dict[str, float]], t0: int) -> dict[str, Any]:
+    longest = sorted(pauses, key=lambda p: -p["ms"])[:5]
+    return {
+        "count": len(pauses),
+        "total_ms": round(sum(p["ms"] for p in pauses), 1),
+        "max_ms": max((p["ms"] for p in pauses), default=0.0),
+        "by_generation": {
+            str(g): sum(1 for p in pauses if p["gen"] == g)
+            for g in sorted({p["gen"] for p in pauses})
+        },
+        "longest": [[round(p["at"] - t0 / 1e9, 1), p["ms"], p["gen"]] for p in longest],
+    }
+
+
 def top_others(exclude: set[int], n: int = 4) -> list[str]:
     """The busiest processes outside the benchmark since the last process_iter() call."""
     procs = [
@@ -868,6 +932,11 @@ def parser() -> argparse.ArgumentParser:
             help="extra argument for `gb6 run` (repeatable), e.g. --server-arg=--config",
         )
         g.add_argument("--keep-data", action="store_true", help="keep the server's data dir")
+        g.add_argument(
+            "--server-gc-log",
+            action="store_true",
+            help="log the server's garbage-collector pauses (a gc.callbacks hook, via python -c)",
+        )
         g.add_argument(
             "--server-switch-interval-ms",
             type=float,

@@ -39,20 +39,24 @@ class Server:
         timeout_s: float = 60.0,
         keep_data: bool = False,
         switch_interval_ms: float = 0.0,
+        gc_log: bool = False,
     ) -> Server:
-        """`switch_interval_ms`: run the same `gb6` entry point under `python -c` after
-        `sys.setswitchinterval` (an experiment on GIL hand-off; the server code is unchanged)."""
+        """Both options run the same `gb6` entry point under `python -c`; the server code is
+        unchanged. `switch_interval_ms`: `sys.setswitchinterval` first (GIL hand-off).
+        `gc_log`: a `gc.callbacks` hook prints every collection of 2 ms or more to stderr as
+        `{"event": "bench_gc", "gen": g, "ms": d, "at": unix_s, "collected": n}`."""
         tmp = tempfile.TemporaryDirectory(prefix="gb6-bench-")
         data = Path(tmp.name) / "data"
         gb6 = shutil.which("gb6", path=str(Path(sys.executable).parent)) or "gb6"
         head = [gb6]
-        if switch_interval_ms > 0:
-            head = [
-                sys.executable,
-                "-c",
-                f"import sys; sys.setswitchinterval({switch_interval_ms / 1000!r}); "
-                "from node.cli import main; sys.exit(main(sys.argv[1:]))",
-            ]
+        if switch_interval_ms > 0 or gc_log:
+            code = "import sys\n"
+            if switch_interval_ms > 0:
+                code += f"sys.setswitchinterval({switch_interval_ms / 1000!r})\n"
+            if gc_log:
+                code += _GC_HOOK
+            code += "from node.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+            head = [sys.executable, "-c", code]
         args = ["run", "--data", str(data), "--ws-port", "0", "--http-port", "0", *extra_args]
         cmd = [*head, *args]
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,6 +132,35 @@ class Server:
 
     def alive(self) -> bool:
         return self.proc is None or self.proc.poll() is None
+
+
+_GC_HOOK = """
+import gc, time, json
+_gc_t = [0.0]
+def _gc_cb(phase, info):
+    if phase == "start":
+        _gc_t[0] = time.perf_counter()
+        return
+    ms = (time.perf_counter() - _gc_t[0]) * 1000
+    if ms >= 2.0:
+        sys.stderr.write(json.dumps({"event": "bench_gc", "gen": info["generation"],
+            "ms": round(ms, 2), "at": time.time(), "collected": info["collected"]}) + "\\n")
+gc.callbacks.append(_gc_cb)
+"""
+
+
+def gc_pauses(log_path: Path, start: float, end: float) -> list[dict[str, float]]:
+    """The `bench_gc` lines of a server log between two unix times."""
+    out: list[dict[str, float]] = []
+    with contextlib.suppress(OSError):
+        for line in log_path.read_text(errors="replace").splitlines():
+            if '"bench_gc"' not in line:
+                continue
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line[line.index("{") :])
+                if start <= obj["at"] <= end:
+                    out.append(obj)
+    return out
 
 
 class _LineReader:
