@@ -124,6 +124,7 @@ def open_server(args: argparse.Namespace) -> Server:
         keep_data=args.keep_data,
         switch_interval_ms=args.server_switch_interval_ms,
         gc_log=args.server_gc_log,
+        prelude=args.server_prelude or "",
     )
     log(f"server: started {' '.join(s.command)} pid {s.pid}; log {s.log_path}")
     return s
@@ -932,6 +933,11 @@ def parser() -> argparse.ArgumentParser:
             help="extra argument for `gb6 run` (repeatable), e.g. --server-arg=--config",
         )
         g.add_argument("--keep-data", action="store_true", help="keep the server's data dir")
+        g.add_argument(
+            "--server-prelude",
+            help="experiment: Python to run in the server process before gb6 starts "
+            "(e.g. 'import gc; gc.set_threshold(50000, 50, 100)'); the server code is unchanged",
+        )
         g.add_argument(
             "--server-gc-log",
             action="store_true",

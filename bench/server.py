@@ -40,17 +40,21 @@ class Server:
         keep_data: bool = False,
         switch_interval_ms: float = 0.0,
         gc_log: bool = False,
+        prelude: str = "",
     ) -> Server:
         """Both options run the same `gb6` entry point under `python -c`; the server code is
         unchanged. `switch_interval_ms`: `sys.setswitchinterval` first (GIL hand-off).
         `gc_log`: a `gc.callbacks` hook prints every collection of 2 ms or more to stderr as
-        `{"event": "bench_gc", "gen": g, "ms": d, "at": unix_s, "collected": n}`."""
+        `{"event": "bench_gc", "gen": g, "ms": d, "at": unix_s, "collected": n}`.
+        `prelude`: Python run first (experiments such as `import gc; gc.set_threshold(...)`)."""
         tmp = tempfile.TemporaryDirectory(prefix="gb6-bench-")
         data = Path(tmp.name) / "data"
         gb6 = shutil.which("gb6", path=str(Path(sys.executable).parent)) or "gb6"
         head = [gb6]
-        if switch_interval_ms > 0 or gc_log:
+        if switch_interval_ms > 0 or gc_log or prelude:
             code = "import sys\n"
+            if prelude:
+                code += prelude + "\n"
             if switch_interval_ms > 0:
                 code += f"sys.setswitchinterval({switch_interval_ms / 1000!r})\n"
             if gc_log:
