@@ -36,7 +36,7 @@ from edge import wsframe
 from edge.handshake import Accepted, Rejected, ServerHandshake
 from edge.hub import Hubs, Subscription
 from edge.inbound import MessageAssembler, Verdict
-from edge.outbox import Outbox
+from edge.outbox import Cork, Outbox
 from node.config import Config
 from node.errors import (
     INTERNAL,
@@ -99,6 +99,8 @@ class Gateway:
         self.conns: set[Connection] = set()
         self.by_user: dict[str, set[Connection]] = {}
         self.away: set[str] = set()
+        self.cork = Cork()
+        origin.publish_context = lambda: self.cork
         self.limiters = {name: Gcra(rp.rate, rp.burst) for name, rp in config.rate_plans.items()}
         self._accept_scope = trio.CancelScope()
         self.draining = False
@@ -167,7 +169,7 @@ class Gateway:
     async def _serve(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(sock, Outbox(sock, self.limits.outbox_bytes), peer)
+        conn = Connection(sock, Outbox(sock, self.limits.outbox_bytes, self.cork), peer)
         conn.outbox.on_overflow = lambda: self._too_slow(conn)
         tsock = trio.socket.from_stdlib_socket(sock)
         self.conns.add(conn)

@@ -5,6 +5,10 @@ without a scheduler round-trip each: when nothing is queued it tries a non-block
 away, and only what the kernel does not take is queued for the connection's writer task. Queued
 bytes beyond `limit` mean the client cannot keep up: the outbox calls `on_overflow` once (the
 gateway closes with 4008) and refuses further writes.
+
+A `Cork` shared by a gateway's outboxes batches a synchronous burst of writes (one committed
+batch: acks and events for many rooms): while it is held, outboxes only collect; on release each
+one sends what it collected with a single `send()`.
 """
 
 from __future__ import annotations
@@ -16,10 +20,30 @@ from collections.abc import Callable
 import trio
 
 
+class Cork:
+    """Held around synchronous code only: nothing written while it is held leaves before."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self._dirty: list[Outbox] = []
+
+    def __enter__(self) -> Cork:
+        self.held = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.held = False
+        dirty, self._dirty = self._dirty, []
+        for outbox in dirty:
+            outbox.uncork()
+
+
 class Outbox:
-    def __init__(self, sock: socket.socket, limit: int) -> None:
+    def __init__(self, sock: socket.socket, limit: int, cork: Cork | None = None) -> None:
         self._sock = sock
         self.limit = limit
+        self._cork = cork
+        self._corked: list[bytes] | None = None
         self.on_overflow: Callable[[], None] = lambda: None
         self._queue: deque[bytes] = deque()
         self.queued_bytes = 0
@@ -34,7 +58,18 @@ class Outbox:
         """Queue `data` after everything written before. False if it was dropped."""
         if not self.accepting:
             return False
+        if self._cork is not None and self._cork.held:
+            if self._corked is None:
+                self._corked = []
+                self._cork._dirty.append(self)
+            self._corked.append(data)
+            return True
         return self._put(data, bounded=True)
+
+    def uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked and self.accepting:
+            self._put(corked[0] if len(corked) == 1 else b"".join(corked), bounded=True)
 
     def _put(self, data: bytes, *, bounded: bool) -> bool:
         if not self._queue:
@@ -62,6 +97,7 @@ class Outbox:
         """Queue a final frame (a close): it goes out after what is queued; then nothing."""
         if self.broken or self._finish:
             return
+        self.uncork()  # what was written before the final frame goes first
         self.accepting = False
         self._put(data, bounded=False)
         self._finish = True

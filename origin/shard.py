@@ -9,6 +9,7 @@ listeners (the edges) in seq order.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,9 @@ class OriginShard:
         self.event_listeners: list[EventListener] = []
         self.member_listeners: list[Callable[[MembershipChange], None]] = []
         self.read_listeners: list[Callable[[str, str, int], None]] = []
+        # Entered around each committed batch's replies and publications (all synchronous),
+        # so an edge can coalesce its writes per connection.
+        self.publish_context: Callable[[], AbstractContextManager[object]] = nullcontext
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -344,6 +348,10 @@ class OriginShard:
         await self.store.submit_append(item)
 
     def _on_appended(self, results: list[tuple[AppendItem, outcome.Outcome[Appended]]]) -> None:
+        with self.publish_context():
+            self._publish(results)
+
+    def _publish(self, results: list[tuple[AppendItem, outcome.Outcome[Appended]]]) -> None:
         fresh: dict[str, list[Event]] = {}
         for _item, result in results:
             if isinstance(result, outcome.Value) and not result.value.duplicate:
