@@ -126,7 +126,8 @@ def open_server(args: argparse.Namespace) -> Server:
         gc_log=args.server_gc_log,
         prelude=args.server_prelude or "",
     )
-    log(f"server: started {' '.join(s.command)} pid {s.pid}; log {s.log_path}")
+    shown = ["-c <prelude>" if "\n" in a else a for a in s.command]
+    log(f"server: started {' '.join(shown)} pid {s.pid}; log {s.log_path}")
     return s
 
 
