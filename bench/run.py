@@ -126,7 +126,7 @@ def open_server(args: argparse.Namespace) -> Server:
         gc_log=args.server_gc_log,
         prelude=args.server_prelude or "",
     )
-    shown = ["-c <prelude>" if "\n" in a else a for a in s.command]
+    shown = ["<prelude>" if "\n" in a else a for a in s.command]
     log(f"server: started {' '.join(shown)} pid {s.pid}; log {s.log_path}")
     return s
 
