@@ -25,17 +25,13 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    commit = ""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except OSError:
-        pass
+    commit = _git("rev-parse", "--short", "HEAD").strip()
+    # The code under test is the working tree: name what differs from the commit.
+    dirty = [
+        line[3:]
+        for line in _git("status", "--porcelain", "--untracked-files=no").splitlines()
+        if not line[3:].startswith("bench/")
+    ]
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_model": model,
@@ -45,14 +41,30 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
         "git_commit": commit,
+        "git_modified": dirty,
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout
+    except OSError:
+        return ""
+
+
 def machine_line(m: dict[str, Any]) -> str:
+    modified = m.get("git_modified") or []
     return (
         f"{m['date']}  {m['cpu_model']}  {m['cores_logical']} cores  {m['ram_gib']} GiB  "
         f"Python {m['python']}  Linux {m['kernel']}  commit {m['git_commit'] or '?'}"
+        + (f" + uncommitted changes in {len(modified)} files" if modified else "")
     )
 
 
