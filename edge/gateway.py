@@ -1,6 +1,6 @@
-"""The client WebSocket gateway: a thin Trio layer over wsproto and the protocol core.
+"""The client WebSocket gateway: a thin Trio layer over the handshake, frame and protocol cores.
 
-Per connection there are two tasks in one nursery: the reader (owns the wsproto state, parses
+Per connection there are two tasks in one nursery: the reader (owns the frame reader, parses
 frames, handles requests in order) and the writer (drains the connection's `Outbox`). Replies
 and fan-out frames are written through the outbox, so frames leave in the order they were
 produced. Timeouts are the reader's cancel scope deadline: 10 s for the hello, then twice the
@@ -21,22 +21,13 @@ from typing import Any
 import attrs
 import outcome
 import trio
-from wsproto import ConnectionType
-from wsproto.connection import Connection as WSProtocol
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    TextMessage,
-)
-from wsproto.utilities import RemoteProtocolError
 
 from edge import protocol as p
 from edge import wsframe
 from edge.handshake import Accepted, Rejected, ServerHandshake
 from edge.hub import Hubs, Subscription
-from edge.inbound import MessageAssembler, Verdict
 from edge.outbox import Cork, Outbox
+from edge.wsread import FrameReader
 from node.config import Config
 from node.errors import (
     INTERNAL,
@@ -224,12 +215,16 @@ class Gateway:
 
     async def _read(self, conn: Connection, tsock: trio.socket.SocketType) -> None:
         conn.read_scope.deadline = trio.current_time() + self.limits.hello_timeout_s
-        ws: WSProtocol | None = None
+        trailing: bytes | None = None
         with conn.read_scope:
-            ws = await self._handshake(conn, tsock)
-            if ws is not None:
-                await self._read_frames(conn, tsock, ws)
-        if conn.read_scope.cancelled_caught and conn.state is State.AWAIT_HELLO and ws is None:
+            trailing = await self._handshake(conn, tsock)
+            if trailing is not None:
+                await self._read_frames(conn, tsock, trailing)
+        if (
+            conn.read_scope.cancelled_caught
+            and conn.state is State.AWAIT_HELLO
+            and trailing is None
+        ):
             return  # no complete upgrade request in time: just drop the TCP connection
         if conn.read_scope.cancelled_caught and conn.state is not State.CLOSING:
             if conn.principal is None:
@@ -239,9 +234,7 @@ class Gateway:
             with trio.move_on_after(self.limits.close_grace_s):
                 await conn.outbox.wait_below(0)
 
-    async def _handshake(
-        self, conn: Connection, tsock: trio.socket.SocketType
-    ) -> WSProtocol | None:
+    async def _handshake(self, conn: Connection, tsock: trio.socket.SocketType) -> bytes | None:
         handshake = ServerHandshake()
         while True:
             try:
@@ -257,22 +250,20 @@ class Gateway:
                 await trio.sleep_forever()  # the writer cancels us once the answer is out
             if isinstance(answer, Accepted):
                 conn.outbox.write(answer.response)
-                return WSProtocol(ConnectionType.SERVER, trailing_data=answer.trailing)
+                return answer.trailing
 
     async def _read_frames(
-        self, conn: Connection, tsock: trio.socket.SocketType, ws: WSProtocol
+        self, conn: Connection, tsock: trio.socket.SocketType, trailing: bytes
     ) -> None:
-        assembler = MessageAssembler(
+        reader = FrameReader(
             self.limits.message_bytes, self.limits.message_bytes * self.limits.transport_factor
         )
         silence_s = 2 * self.limits.heartbeat_ms / 1000
         step_s = min(1.0, silence_s / 8)
+        data = trailing
         while True:
-            try:
-                for event in ws.events():
-                    await self._on_ws_event(conn, ws, assembler, event)
-            except RemoteProtocolError as exc:
-                self._close(conn, CLOSE_PROTOCOL_ERROR, str(exc)[:100])
+            for kind, value in reader.feed(data):
+                await self._on_ws_event(conn, kind, value)
             if conn.state is State.READY:
                 # Moving a deadline is bookkeeping in trio's deadline heap: only do it when it
                 # moves by a noticeable step (and always on the first frame after hello).
@@ -285,38 +276,29 @@ class Gateway:
                 return
             if not data:
                 return
-            ws.receive_data(data)
 
-    async def _on_ws_event(
-        self,
-        conn: Connection,
-        ws: WSProtocol,
-        assembler: MessageAssembler,
-        event: object,
-    ) -> None:
-        if isinstance(event, TextMessage):
-            verdict, text = assembler.feed(event.data, event.message_finished)
-            if conn.state is State.CLOSING or verdict is Verdict.PARTIAL:
-                return
-            if verdict is Verdict.TRANSPORT_LIMIT:
-                self._close(conn, CLOSE_TOO_BIG, "message too big")
-            elif verdict is Verdict.TOO_LARGE:
+    async def _on_ws_event(self, conn: Connection, kind: str, value: Any) -> None:
+        if conn.state is State.CLOSING:
+            return
+        if kind == "text":
+            await self._on_text(conn, value)
+        elif kind in ("too_large", "binary"):
+            if kind == "too_large":
                 msg = f"message over {self.limits.message_bytes} bytes"
                 self._reply_error(conn, None, GB6Error(TOO_LARGE, msg))
-                if conn.state is State.AWAIT_HELLO:
-                    self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
             else:
-                await self._on_text(conn, text)
-        elif isinstance(event, BytesMessage):
-            if event.message_finished and conn.state is not State.CLOSING:
                 self._reply_error(conn, None, invalid("binary frames are not used"))
-                if conn.state is State.AWAIT_HELLO:
-                    self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
-        elif isinstance(event, Ping):
-            conn.outbox.write(ws.send(event.response()))
-        elif isinstance(event, CloseConnection) and conn.state is not State.CLOSING:
+            if conn.state is State.AWAIT_HELLO:
+                self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
+        elif kind == "ping":
+            conn.outbox.write(wsframe.frame(wsframe.OP_PONG, value))
+        elif kind == "close":
             conn.state = State.CLOSING
-            conn.outbox.write_last(wsframe.close(event.code or 1000))
+            code = value[0] if value[0] not in (1005, 1006) else 1000
+            conn.outbox.write_last(wsframe.close(code))
+        elif kind == "error":
+            code, why = value
+            self._close(conn, code, why)
 
     # --- requests ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import pytest
 from edge import protocol as p
 from edge import wsframe
 from edge.handshake import Accepted, Rejected, ServerHandshake
-from edge.inbound import MessageAssembler, Verdict
+from edge.wsread import FrameReader
 from node.config import Limits
 from node.ratelimit import Gcra
 
@@ -55,14 +55,71 @@ def test_server_frames_are_unmasked_with_the_right_length_encoding() -> None:
     assert wsframe.close(4008, "slow") == b"\x88\x06\x0f\xa8slow"
 
 
-def test_assembler_limits_message_size_without_buffering_past_the_transport_limit() -> None:
-    a = MessageAssembler(limit=10, transport_limit=20)
-    assert a.feed("12345", False) == (Verdict.PARTIAL, "")
-    assert a.feed("67890", True) == (Verdict.COMPLETE, "1234567890")
-    assert a.feed("x" * 8, False)[0] is Verdict.PARTIAL
-    assert a.feed("x" * 8, True) == (Verdict.TOO_LARGE, "")
-    assert a.feed("ok", True) == (Verdict.COMPLETE, "ok")  # usable after a too-large one
-    assert a.feed("é" * 11, False)[0] is Verdict.TRANSPORT_LIMIT  # 22 bytes in UTF-8
+def _client_frame(
+    op: int, payload: bytes, fin: bool = True, mask: bytes = b"\x01\x02\x03\x04"
+) -> bytes:
+    n = len(payload)
+    head = bytes((0x80 * fin | op,))
+    if n < 126:
+        head += bytes((0x80 | n,))
+    elif n < 65536:
+        head += bytes((0x80 | 126,)) + n.to_bytes(2, "big")
+    else:
+        head += bytes((0x80 | 127,)) + n.to_bytes(8, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_frame_reader_unmasks_and_reassembles_across_any_split() -> None:
+    data = (
+        _client_frame(0x1, "héllo".encode())
+        + _client_frame(0x1, b"frag", fin=False)
+        + _client_frame(0x9, b"p")  # a ping between fragments is allowed
+        + _client_frame(0x0, b"ment")
+        + _client_frame(0x1, b"x" * 300)
+    )
+    expected = [("text", "héllo"), ("ping", b"p"), ("text", "fragment"), ("text", "x" * 300)]
+    for step in (1, 3, 7, len(data)):
+        reader = FrameReader(limit=1000, transport_limit=2000)
+        events = []
+        for i in range(0, len(data), step):
+            events += reader.feed(data[i : i + step])
+        assert events == expected
+
+
+def test_frame_reader_limits_message_size() -> None:
+    reader = FrameReader(limit=10, transport_limit=20)
+    assert reader.feed(_client_frame(0x1, b"12345", fin=False)) == []
+    assert reader.feed(_client_frame(0x0, b"678901")) == [("too_large", None)]
+    assert reader.feed(_client_frame(0x1, b"ok")) == [("text", "ok")]  # still usable
+    assert reader.feed(_client_frame(0x2, b"bin")) == [("binary", None)]
+    # Refused from the header alone: the 21-byte payload is never waited for.
+    assert reader.feed(_client_frame(0x1, b"y" * 21)[:8]) == [("error", (1009, "message too big"))]
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (bytes((0x81, 0x02)) + b"hi", 1002),  # unmasked
+        (bytes((0xC1,)) + _client_frame(0x1, b"hi")[1:], 1002),  # RSV1 without an extension
+        (_client_frame(0x3, b"hi"), 1002),  # reserved opcode
+        (_client_frame(0x9, b"p", fin=False), 1002),  # fragmented control frame
+        (_client_frame(0x0, b"orphan"), 1002),  # continuation without a message
+        (_client_frame(0x1, b"\xff\xfe"), 1007),  # not UTF-8
+    ],
+)
+def test_frame_reader_protocol_errors(frame: bytes, code: int) -> None:
+    reader = FrameReader(limit=100, transport_limit=200)
+    events = reader.feed(frame)
+    assert events[-1][0] == "error" and events[-1][1][0] == code
+    assert reader.feed(_client_frame(0x1, b"later")) == []  # nothing after an error
+
+
+def test_frame_reader_close() -> None:
+    reader = FrameReader(limit=100, transport_limit=200)
+    assert reader.feed(_client_frame(0x8, (1000).to_bytes(2, "big") + b"bye")) == [
+        ("close", (1000, "bye"))
+    ]
+    assert FrameReader(100, 200).feed(_client_frame(0x8, b"")) == [("close", (1005, ""))]
 
 
 def test_parse_request_accepts_the_core_ops() -> None:
