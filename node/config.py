@@ -29,6 +29,7 @@ class Limits:
     max_connections: int = 100_000  # per edge
     max_inflight_appends: int = 20_000  # per origin shard, across clients
     writer_batch: int = 2_000  # appends per group commit
+    writer_linger_s: float = 0.002  # under load, how long a commit waits for its batch to fill
     room_name_chars: int = 200
     members_per_request: int = 1_000
     members_per_room: int = 100_000
