@@ -193,7 +193,13 @@ class EventStream:
 
 
 class Client:
-    """A GB6 client session that survives reconnects. Build it with `gb6_connect`.
+    """A GB6 client session that survives reconnects: `async with gb6_connect(url, token)`.
+
+    `url` is `ws://HOST:PORT/v1/ws` or a callable returning it; `token` a user token. Entering
+    connects and says hello: it raises `Unauthorized` for a refused token and `ConnectionLost`
+    when the node cannot be reached or answers nothing within `connect_timeout` seconds (the
+    first connection is not retried). The other options are described in the module doc;
+    `seed` fixes the backoff jitter (tests).
 
     After entering: `user` (id, name), `session` (of the current connection) and
     `heartbeat_ms` come from the latest `hello` ok; `reconnects` counts new connections.
@@ -630,42 +636,9 @@ class Client:
             waiter.done.set()
 
 
-def gb6_connect(
-    url: str | Callable[[], str],
-    token: str,
-    *,
-    reconnect: bool = True,
-    event_buffer: int = 1024,
-    connect_timeout: float = 10.0,
-    close_timeout: float = 2.0,
-    drain_timeout: float = 5.0,
-    backoff_initial: float = 0.1,
-    backoff_max: float = 5.0,
-    max_frame_bytes: int = 1 << 20,
-    max_incoming_bytes: int = 64 << 20,
-    seed: int | None = None,
-) -> Client:
-    """A client of the node at `url` (`ws://HOST:PORT/v1/ws`, or a callable returning it),
-    authenticated by `token`; use it as `async with gb6_connect(url, token) as client:`.
-
-    Entering connects and says hello: it raises `Unauthorized` for a refused token and
-    `ConnectionLost` when the node cannot be reached or answers nothing within
-    `connect_timeout` seconds (the first connection is not retried). The other options are
-    described in the module doc; `seed` fixes the backoff jitter (tests)."""
-    return Client(
-        url,
-        token,
-        reconnect=reconnect,
-        event_buffer=event_buffer,
-        connect_timeout=connect_timeout,
-        close_timeout=close_timeout,
-        drain_timeout=drain_timeout,
-        backoff_initial=backoff_initial,
-        backoff_max=backoff_max,
-        max_frame_bytes=max_frame_bytes,
-        max_incoming_bytes=max_incoming_bytes,
-        seed=seed,
-    )
+# `async with gb6_connect(url, token) as client:` — the entry point the docs name; entering
+# connects and says hello (see `Client`).
+gb6_connect = Client
 
 
 def _body(body: str | Mapping[str, Any]) -> dict[str, Any]:
