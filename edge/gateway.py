@@ -50,6 +50,7 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_DRAINING = 4009
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
+CLOSE_INTERNAL = 1011
 CLOSE_PROTOCOL_ERROR = 1002
 
 
@@ -158,6 +159,15 @@ class Gateway:
             await self._all_closed.wait()
 
     async def _serve(self, sock: socket.socket, peer: str) -> None:
+        """One connection, start to end. Nothing that goes wrong in it may reach the server's
+        nursery (that would end every other connection): it is logged and the socket closed."""
+        try:
+            await self._serve_connection(sock, peer)
+        except Exception as exc:
+            log("connection_failed", peer=peer, error=repr(exc))
+            sock.close()
+
+    async def _serve_connection(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(sock, Outbox(sock, self.limits.outbox_bytes, self.cork), peer)
@@ -467,18 +477,22 @@ class Gateway:
         sub = Subscription(req.room, who.id, conn.outbox)
         conn.subs[req.room] = sub
         hub.catching.add(sub)
-        conn.nursery.start_soon(self._catch_up, sub, req.after)
+        conn.nursery.start_soon(self._catch_up, conn, sub, req.after)
 
-    async def _catch_up(self, sub: Subscription, after: int) -> None:
+    async def _catch_up(self, conn: Connection, sub: Subscription, after: int) -> None:
         with trio.CancelScope() as scope:
             sub.scope = scope
-            await self.hubs.catch_up(
-                sub,
-                after,
-                self.origin.events_after,
-                self.limits.catchup_chunk,
-                self.limits.outbox_bytes // 2,
-            )
+            try:
+                await self.hubs.catch_up(
+                    sub,
+                    after,
+                    self.origin.events_after,
+                    self.limits.catchup_chunk,
+                    self.limits.outbox_bytes // 2,
+                )
+            except GB6Error as exc:  # the store could not be read: the client resumes later
+                log("catch_up_failed", session=conn.session, room=sub.room, error=exc.message)
+                self._close(conn, CLOSE_INTERNAL, "could not replay; resume")
 
     # --- ephemeral signals: typing, receipts, presence, membership -----------------------
 
