@@ -474,14 +474,16 @@ class Gateway:
             self.hubs.release(old)
         hub = self.hubs.ensure(req.room, room.head)
         self._reply(conn, req.id, {"room": req.room, "head": hub.head})
-        sub = Subscription(req.room, who.id, conn.outbox)
+        # The scope exists before the task starts, so a release that comes first (an
+        # unsubscribe or a new subscribe in the same read) still cancels it.
+        sub = Subscription(req.room, who.id, conn.outbox, scope=trio.CancelScope())
         conn.subs[req.room] = sub
         hub.catching.add(sub)
         conn.nursery.start_soon(self._catch_up, conn, sub, req.after)
 
     async def _catch_up(self, conn: Connection, sub: Subscription, after: int) -> None:
-        with trio.CancelScope() as scope:
-            sub.scope = scope
+        assert sub.scope is not None
+        with sub.scope:
             try:
                 await self.hubs.catch_up(
                     sub,

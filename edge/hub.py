@@ -145,9 +145,9 @@ class Hubs:
     ) -> None:
         """Bring `sub` from `after` to the hub's head, then make it live. Runs as a task of the
         subscriber's connection; cancelled by `release` or a new subscribe."""
-        hub = self.hubs[sub.room]
+        hub = self.hubs.get(sub.room)
         delivered = after
-        while True:
+        while hub is not None and sub in hub.catching:
             cached = hub.cached_after(delivered)
             if cached is not None:
                 # Synchronous from here to joining `live`: nothing can be published between.
@@ -156,7 +156,6 @@ class Hubs:
                 hub.catching.discard(sub)
                 hub.live[sub] = None
                 sub.live = True
-                sub.scope = None
                 return
             events: list[Event] = await events_after(sub.room, delivered, chunk)
             # The store may already hold commits the hub has not been handed yet; those reach

@@ -230,7 +230,8 @@ class OriginShard:
                 QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members"
             )
         rec = RoomRecord(new_id("room"), who.instance.id, name, kind, open_, who.id, now_ms())
-        await self.store.create_room(rec, users)
+        with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
+            await self.store.create_room(rec, users)
         state = RoomState(rec, 0, dict.fromkeys(users, 0))
         self.rooms[rec.id] = state
         for u in users:
@@ -278,14 +279,16 @@ class OriginShard:
         return room
 
     async def _add(self, room: RoomState, users: list[str]) -> None:
-        await self.store.add_members(room.record.id, users)
+        with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
+            await self.store.add_members(room.record.id, users)
         for u in users:
             room.members.setdefault(u, 0)
             self.user_rooms.setdefault(u, set()).add(room.record.id)
         self._members_changed(MembershipChange(room.record.id, tuple(users), ()))
 
     async def _remove(self, room: RoomState, users: list[str]) -> None:
-        await self.store.remove_members(room.record.id, users)
+        with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
+            await self.store.remove_members(room.record.id, users)
         for u in users:
             room.members.pop(u, None)
             self.user_rooms.get(u, set()).discard(room.record.id)
@@ -308,7 +311,8 @@ class OriginShard:
             raise invalid(f"read {seq} is beyond the room's head {room.head}")
         if seq <= room.members[who.id]:
             return
-        await self.store.set_read(room_id, who.id, seq)
+        with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
+            await self.store.set_read(room_id, who.id, seq)
         if who.id in room.members:
             room.members[who.id] = max(room.members[who.id], seq)
         for listener in self.read_listeners:

@@ -28,8 +28,9 @@ import outcome
 import trio
 
 from node.config import Limits
-from node.errors import CONFLICT, UNAVAILABLE, GB6Error, forbidden, not_found
+from node.errors import CONFLICT, INTERNAL, UNAVAILABLE, GB6Error, forbidden, not_found
 from node.events import Event
+from node.log import log
 from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
 
 T = TypeVar("T")
@@ -272,6 +273,16 @@ class SqliteStore:
                         self._heads.pop(job.append.room, None)
                     err = exc if isinstance(exc, GB6Error) else GB6Error(CONFLICT, str(exc))
                     results.append((job, outcome.Error(err)))
+                    continue
+                except sqlite3.Error:
+                    raise  # the storage itself failed: the whole batch is refused below
+                except Exception as exc:  # a bug in one job must not stop the writer thread
+                    log("writer_job_failed", error=repr(exc))
+                    if not simple:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                    self._heads.clear()
+                    results.append((job, outcome.Error(GB6Error(INTERNAL, "internal error"))))
                     continue
                 if not simple:
                     conn.execute("RELEASE job")
