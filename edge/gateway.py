@@ -87,7 +87,11 @@ class Gateway:
         self.config = config
         self.limits = config.limits
         self.origin = origin
-        self.hubs = Hubs(config.limits.room_cache_events, config.limits.idle_room_cache_rooms)
+        self.hubs = Hubs(
+            config.limits.room_cache_events,
+            config.limits.room_cache_bytes,
+            config.limits.idle_room_cache_rooms,
+        )
         self.conns: set[Connection] = set()
         self.by_user: dict[str, set[Connection]] = {}
         self.away: set[str] = set()

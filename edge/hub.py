@@ -41,10 +41,13 @@ class Subscription:
 
 
 class RoomHub:
-    def __init__(self, room: str, head: int, cache_size: int) -> None:
+    def __init__(self, room: str, head: int, cache_size: int, cache_bytes: int) -> None:
         self.room = room
         self.head = head
-        self.cache: deque[tuple[Event, bytes]] = deque(maxlen=cache_size)
+        self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self.cache: deque[tuple[Event, bytes]] = deque()
+        self.cache_used = 0  # frame bytes held (the decoded events cost about as much again)
         self.live: dict[Subscription, None] = {}  # insertion-ordered set
         self.catching: set[Subscription] = set()
 
@@ -61,9 +64,14 @@ class RoomHub:
             frame = encode_event(ev)
             frames.append(frame)
             self.cache.append((ev, frame))
+            self.cache_used += len(frame)
             self.head = ev.seq
             if ev.type == "delete" and ev.target is not None:
                 self._redact_cached(ev.target)
+        while self.cache and (
+            len(self.cache) > self.cache_size or self.cache_used > self.cache_bytes
+        ):
+            self.cache_used -= len(self.cache.popleft()[1])
         if not frames:
             return
         blob = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -79,16 +87,28 @@ class RoomHub:
         for i, (ev, _) in enumerate(self.cache):
             if ev.seq == target or (ev.type == "edit" and ev.target == target):
                 red = ev.redacted()
-                self.cache[i] = (red, encode_event(red))
+                frame = encode_event(red)
+                self.cache_used += len(frame) - len(self.cache[i][1])
+                self.cache[i] = (red, frame)
 
-    def cached_after(self, after: int) -> bytes | None:
-        """Frames for seqs `after+1 .. head` if the cache holds all of them, else None."""
+    def cached_after(self, after: int, max_bytes: int) -> tuple[bytes, int] | None:
+        """Frames from seq `after+1` on, as many as fit in `max_bytes` (at least one), and the
+        last seq they hold; None if the cache does not reach back to `after+1`."""
         if after >= self.head:
-            return b""
+            return b"", self.head
         if not self.cache or self.cache[0][0].seq > after + 1:
             return None
-        start = after + 1 - self.cache[0][0].seq
-        return b"".join(frame for _, frame in list(self.cache)[start:])
+        frames: list[bytes] = []
+        size = 0
+        last = after
+        for i in range(after + 1 - self.cache[0][0].seq, len(self.cache)):
+            ev, frame = self.cache[i]
+            if frames and size + len(frame) > max_bytes:
+                break
+            frames.append(frame)
+            size += len(frame)
+            last = ev.seq
+        return b"".join(frames), last
 
     def remove(self, sub: Subscription) -> None:
         self.live.pop(sub, None)
@@ -103,8 +123,9 @@ EventsAfter = Callable[[str, int, int], Any]  # async (room, after, limit) -> li
 class Hubs:
     """The edge's hubs, by room. Idle hubs stay (with their cache) up to `idle_max`, LRU."""
 
-    def __init__(self, cache_size: int, idle_max: int) -> None:
+    def __init__(self, cache_size: int, cache_bytes: int, idle_max: int) -> None:
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self.idle_max = idle_max
         self.hubs: dict[str, RoomHub] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
@@ -115,7 +136,7 @@ class Hubs:
     def ensure(self, room: str, head: int) -> RoomHub:
         hub = self.hubs.get(room)
         if hub is None:
-            hub = self.hubs[room] = RoomHub(room, head, self.cache_size)
+            hub = self.hubs[room] = RoomHub(room, head, self.cache_size, self.cache_bytes)
         self._idle.pop(room, None)
         return hub
 
@@ -148,15 +169,20 @@ class Hubs:
         hub = self.hubs.get(sub.room)
         delivered = after
         while hub is not None and sub in hub.catching:
-            cached = hub.cached_after(delivered)
+            cached = hub.cached_after(delivered, high_water)
             if cached is not None:
-                # Synchronous from here to joining `live`: nothing can be published between.
-                if cached:
-                    sub.outbox.write(cached)
-                hub.catching.discard(sub)
-                hub.live[sub] = None
-                sub.live = True
-                return
+                blob, last = cached
+                if blob:
+                    sub.outbox.write(blob)
+                if last == hub.head:
+                    # No await since `cached_after`: nothing was published in between.
+                    hub.catching.discard(sub)
+                    hub.live[sub] = None
+                    sub.live = True
+                    return
+                delivered = last
+                await sub.outbox.wait_below(high_water)
+                continue
             events: list[Event] = await events_after(sub.room, delivered, chunk)
             # The store may already hold commits the hub has not been handed yet; those reach
             # this subscriber live, so stop at the hub's head.
@@ -166,6 +192,7 @@ class Hubs:
                 # events. Wait a moment rather than spin.
                 await trio.sleep(0.01)
                 continue
-            sub.outbox.write(b"".join(encode_event(ev) for ev in events))
-            delivered = events[-1].seq
-            await sub.outbox.wait_below(high_water)
+            for ev in events:  # one frame at a time: large events never overflow the outbox
+                sub.outbox.write(encode_event(ev))
+                delivered = ev.seq
+                await sub.outbox.wait_below(high_water)

@@ -24,7 +24,8 @@ class Limits:
     close_grace_s: float = 5.0  # how long a closing connection may take to take its close frame
     catchup_chunk: int = 500  # events per storage read while a subscriber catches up
     room_cache_events: int = 512  # recent events kept per room on the edge
-    idle_room_cache_rooms: int = 2_000  # rooms whose cache stays after the last subscriber left
+    room_cache_bytes: int = 256 << 10  # and at most this many frame bytes
+    idle_room_cache_rooms: int = 1_000  # rooms whose cache stays after the last subscriber left
     max_subscriptions: int = 1_000  # per connection
     max_connections: int = 100_000  # per edge
     max_inflight_appends: int = 20_000  # per origin shard, across clients
