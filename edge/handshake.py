@@ -2,7 +2,7 @@
 
 wsproto's server handshake drops bytes that arrive in the same packet as the upgrade request
 (a client that sends its `hello` right behind the request would never be answered), so the
-gateway does the handshake here and hands the leftover bytes to wsproto's frame protocol.
+gateway does the handshake here and hands the leftover bytes to its frame reader (`edge.wsread`).
 """
 
 from __future__ import annotations
