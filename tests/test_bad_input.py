@@ -26,6 +26,7 @@ from tests.conftest import (
     connect,
     module_node,
     refused,
+    running_node,
 )
 
 MIB = 1 << 20
@@ -379,12 +380,8 @@ async def test_hello_with_expired_token(node: Node, tenant: Tenant, peer_factory
 @pytest.fixture
 def own_node(tmp_path: Path) -> Iterator[Node]:
     """A node of the test's own, for tests that might take their node down."""
-    n = Node(tmp_path / "data")
-    n.start()
-    try:
+    with running_node(tmp_path) as n:
         yield n
-    finally:
-        n.kill()
 
 
 async def test_hello_with_revoked_token(own_node: Node) -> None:

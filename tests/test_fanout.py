@@ -86,12 +86,6 @@ def _raw_ws(port: int) -> socket.socket:
     return sock
 
 
-def _send_text(sock: socket.socket, payload: dict[str, Any]) -> None:
-    data = json.dumps(payload).encode()
-    assert len(data) < 126
-    sock.sendall(bytes((0x81, 0x80 | len(data))) + b"\0\0\0\0" + data)  # zero mask
-
-
 def _close_code(sock: socket.socket) -> int | None:
     """Read the whole stream; return the close frame's code."""
     buf = b""
@@ -127,7 +121,7 @@ async def test_a_client_that_cannot_keep_up_is_closed_with_4008(
         alice, slow = tenant.user("alice"), tenant.user("slow")
         port = int(node.ws_url.rsplit(":", 1)[1].split("/")[0])
         sock = _raw_ws(port)
-        _send_text(sock, {"op": "hello", "id": 1, "token": slow.token})
+        sock.sendall(_masked({"op": "hello", "id": 1, "token": slow.token}))
         async with open_websocket_url(node.ws_url) as ws:
             await ws.send_message(json.dumps({"op": "hello", "id": 0, "token": alice.token}))
             await ws.get_message()
@@ -143,7 +137,7 @@ async def test_a_client_that_cannot_keep_up_is_closed_with_4008(
                 )
             )
             room = json.loads(await ws.get_message())["room"]["id"]
-            _send_text(sock, {"op": "subscribe", "id": 2, "room": room, "after": 0})
+            sock.sendall(_masked({"op": "subscribe", "id": 2, "room": room, "after": 0}))
             await trio.sleep(0.2)
             big = "x" * 60_000
             for i in range(200):  # 12 MB: more than the kernel buffers plus the outbox
