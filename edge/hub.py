@@ -2,7 +2,7 @@
 
 Rules:
 - A hub sees every event of its room, in seq order, from the moment it is created; `head` is the
-  last seq it saw and `cache` holds the newest frames as contiguous seqs ending at `head`.
+  last seq it saw and `frames` holds the newest frames as contiguous seqs ending at `head`.
 - A subscription is either *live* (it has everything up to `head`; new frames are written to it
   as they are published) or *catching up* (a task of its connection writes older frames, from
   the cache or the store, and joins `live` when it reaches `head`). The check and the join
@@ -46,8 +46,12 @@ class RoomHub:
         self.head = head
         self.cache_size = cache_size
         self.cache_bytes = cache_bytes
-        self.cache: deque[tuple[Event, bytes]] = deque()
-        self.cache_used = 0  # frame bytes held (the decoded events cost about as much again)
+        # The frames of seqs head-len+1..head, and for each the seq it edits (0: not an edit).
+        # Bytes and ints only: nothing here is tracked by the garbage collector, whose young
+        # collections walked tens of thousands of cached event objects (50 ms pauses).
+        self.frames: deque[bytes] = deque()
+        self.edit_targets: deque[int] = deque()
+        self.cache_used = 0  # frame bytes held
         self.live: dict[Subscription, None] = {}  # insertion-ordered set
         self.catching: set[Subscription] = set()
 
@@ -63,15 +67,21 @@ class RoomHub:
                 continue  # already seen (a replayed batch)
             frame = encode_event(ev)
             frames.append(frame)
-            self.cache.append((ev, frame))
+            if ev.seq != self.head + 1:  # never expected; the cache must stay contiguous
+                self.frames.clear()
+                self.edit_targets.clear()
+                self.cache_used = 0
+            self.frames.append(frame)
+            self.edit_targets.append((ev.target or 0) if ev.type == "edit" else 0)
             self.cache_used += len(frame)
             self.head = ev.seq
             if ev.type == "delete" and ev.target is not None:
                 self._redact_cached(ev.target)
-        while self.cache and (
-            len(self.cache) > self.cache_size or self.cache_used > self.cache_bytes
+        while self.frames and (
+            len(self.frames) > self.cache_size or self.cache_used > self.cache_bytes
         ):
-            self.cache_used -= len(self.cache.popleft()[1])
+            self.cache_used -= len(self.frames.popleft())
+            self.edit_targets.popleft()
         if not frames:
             return
         blob = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -84,30 +94,32 @@ class RoomHub:
                 sub.outbox.write(frame)
 
     def _redact_cached(self, target: int) -> None:
-        for i, (ev, _) in enumerate(self.cache):
-            if ev.seq == target or (ev.type == "edit" and ev.target == target):
-                red = ev.redacted()
-                frame = encode_event(red)
-                self.cache_used += len(frame) - len(self.cache[i][1])
-                self.cache[i] = (red, frame)
+        first = self.head - len(self.frames) + 1
+        for i, edit_target in enumerate(self.edit_targets):
+            if first + i == target or edit_target == target:
+                old = self.frames[i]
+                frame = wsframe.text(protocol.redacted_event(wsframe.payload(old)))
+                self.cache_used += len(frame) - len(old)
+                self.frames[i] = frame
 
     def cached_after(self, after: int, max_bytes: int) -> tuple[bytes, int] | None:
         """Frames from seq `after+1` on, as many as fit in `max_bytes` (at least one), and the
         last seq they hold; None if the cache does not reach back to `after+1`."""
         if after >= self.head:
             return b"", self.head
-        if not self.cache or self.cache[0][0].seq > after + 1:
+        first = self.head - len(self.frames) + 1
+        if not self.frames or first > after + 1:
             return None
         frames: list[bytes] = []
         size = 0
         last = after
-        for i in range(after + 1 - self.cache[0][0].seq, len(self.cache)):
-            ev, frame = self.cache[i]
+        for i in range(after + 1 - first, len(self.frames)):
+            frame = self.frames[i]
             if frames and size + len(frame) > max_bytes:
                 break
             frames.append(frame)
             size += len(frame)
-            last = ev.seq
+            last = first + i
         return b"".join(frames), last
 
     def remove(self, sub: Subscription) -> None:

@@ -395,3 +395,11 @@ def error(req_id: ReqId | None, err: GB6Error) -> bytes:
 
 def event(type_: str, fields: dict[str, Any]) -> bytes:
     return orjson.dumps({"op": "event", "type": type_, **fields})
+
+
+def redacted_event(encoded: bytes) -> bytes:
+    """An encoded `event` push as a deleted message shows it: no body, `deleted` set."""
+    fields = orjson.loads(encoded)
+    fields.pop("body", None)
+    fields["deleted"] = True
+    return orjson.dumps(fields)

@@ -22,6 +22,12 @@ def frame(opcode: int, payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
 
 
+def payload(data: bytes) -> bytes:
+    """The payload of one whole unmasked frame built by `frame`."""
+    n = data[1] & 0x7F
+    return data[2 + (2 if n == 126 else 8 if n == 127 else 0) :]
+
+
 def text(payload: bytes) -> bytes:
     """A final text frame carrying `payload` (UTF-8 JSON)."""
     return frame(OP_TEXT, payload)
