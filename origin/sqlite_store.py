@@ -6,6 +6,13 @@ every job waiting in its queue (up to `writer_batch`), applies each inside its o
 commits once. Results cross back to Trio once per batch, through a channel that one committer task
 drains in commit order, so the origin can acknowledge and publish in seq order.
 
+WAL checkpoints stay off the commit path: a checkpointer thread with its own connection copies
+the log into the database (PASSIVE, so it never blocks the writer) while the writer commits.
+Such a side checkpoint never catches up with a log that keeps growing, and only a writer can
+restart the log, so once the log is past `_RESTART_FRAMES` the writer, between two commits and
+after handing off the first one's results, checkpoints the few frames committed since the side
+pass began; its next transaction then writes the log from its start again.
+
 Reads run on a small pool of read connections in worker threads (WAL readers never block the
 writer). Seqs are assigned inside the writer's transaction from a per-room head cache; a failed
 commit drops that cache, so a seq is never skipped or reused.
@@ -32,6 +39,7 @@ from node.errors import CONFLICT, INTERNAL, UNAVAILABLE, GB6Error, forbidden, no
 from node.events import Event
 from node.log import log
 from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
+from origin.search_index import SearchIndex
 
 T = TypeVar("T")
 
@@ -71,8 +79,15 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         size INTEGER NOT NULL, type TEXT NOT NULL, created_at INTEGER NOT NULL);
     CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # The full-text index moved to search.db, fed by a consumer of the log (search_index.py).
+    """
+    DROP TABLE events_fts;
+    """,
 )
 
+_SIDE_PASS_S: Final = 0.05  # how often the checkpointer copies the log into the database
+_RESTART_FRAMES: Final = 4096  # past this many log pages (16 MiB) the writer restarts the log
+_SEARCH_CATCH_UP_S: Final = 2.0  # a search waits at most this long for the index
 _EVENT_COLS: Final = "room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted"
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -85,6 +100,7 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # see the module docstring
     conn.execute("PRAGMA foreign_keys=ON")
     if readonly:
         conn.execute("PRAGMA query_only=ON")
@@ -159,6 +175,12 @@ class SqliteStore:
         self._read_limiter = trio.CapacityLimiter(2)
         self._heads: dict[str, int] = {}  # writer thread only
         self._thread: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._stopping = threading.Event()
+        # Held by whichever thread checkpoints; the writer never waits for it.
+        self._checkpoint_lock = threading.Lock()
+        self._restart_wanted = threading.Event()
+        self._index = SearchIndex(path.parent / "search.db", path)
         self._results_send, self._results_recv = trio.open_memory_channel[
             list[tuple[_Job, outcome.Outcome[Any]]]
         ](limits.max_inflight_appends)
@@ -172,15 +194,19 @@ class SqliteStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         writer = await trio.to_thread.run_sync(self._open_writer)
-        self._readers = [
-            await trio.to_thread.run_sync(lambda: _connect(self.path, readonly=True))
-            for _ in range(2)
-        ]
+        await trio.to_thread.run_sync(self._index.open)
+        self._readers = [await trio.to_thread.run_sync(self._open_reader) for _ in range(2)]
         token = trio.lowlevel.current_trio_token()
+        self._index.start(token)
         self._thread = threading.Thread(
             target=self._writer_main, args=(writer, token), name="gb6-sqlite-writer", daemon=True
         )
         self._thread.start()
+        side = await trio.to_thread.run_sync(lambda: _connect(self.path, readonly=False))
+        self._checkpointer = threading.Thread(
+            target=self._checkpointer_main, args=(side,), name="gb6-sqlite-ckpt", daemon=True
+        )
+        self._checkpointer.start()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._committer)
@@ -189,14 +215,22 @@ class SqliteStore:
         finally:
             # The writer finishes every job queued before the stop marker, then exits.
             self._queue.put(_STOP)
+            self._stopping.set()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._thread.join)
+                await trio.to_thread.run_sync(self._checkpointer.join)
+                await trio.to_thread.run_sync(self._index.stop)
                 for conn in self._readers:
                     conn.close()
 
     async def wait_idle(self) -> None:
         """Return once every submitted job has been committed and answered."""
         await self._idle.wait()
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = _connect(self.path, readonly=True)
+        conn.execute("ATTACH DATABASE ? AS idx", (str(self._index.path),))
+        return conn
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = _connect(self.path, readonly=False)
@@ -241,8 +275,37 @@ class SqliteStore:
                     token.run_sync_soon(self._results_send.send_nowait, results)
                 except trio.RunFinishedError:
                     return
+                self._index.notify()
                 if stop:
                     return
+                if self._restart_wanted.is_set():
+                    self._restart_log(conn)
+        finally:
+            conn.close()
+
+    def _restart_log(self, conn: sqlite3.Connection) -> None:
+        """Copy the frames the side pass has not, so the next transaction restarts the log."""
+        if not self._checkpoint_lock.acquire(blocking=False):
+            return  # a side pass is running; try after the next commit
+        try:
+            self._restart_wanted.clear()
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log("checkpoint_failed", error=str(exc))
+        finally:
+            self._checkpoint_lock.release()
+
+    def _checkpointer_main(self, conn: sqlite3.Connection) -> None:
+        try:
+            while not self._stopping.wait(_SIDE_PASS_S):
+                with self._checkpoint_lock:
+                    try:
+                        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    except sqlite3.Error as exc:
+                        log("checkpoint_failed", error=str(exc))
+                        continue
+                if frames > _RESTART_FRAMES:
+                    self._restart_wanted.set()
         finally:
             conn.close()
 
@@ -343,26 +406,17 @@ class SqliteStore:
             prior = self._prior(conn, item)
             assert prior is not None
             return prior
-        text = (item.body or {}).get("text")
-        if item.type == "message" and isinstance(text, str) and text:
-            conn.execute("INSERT INTO events_fts(rowid, text) VALUES (?, ?)", (cur.lastrowid, text))
-        elif item.type == "edit":
-            target_id = conn.execute(
-                "SELECT id FROM events WHERE room=? AND seq=?", (item.room, item.target)
-            ).fetchone()[0]
-            conn.execute("UPDATE events SET current=?, edited=? WHERE id=?", (body, seq, target_id))
-            conn.execute("DELETE FROM events_fts WHERE rowid=?", (target_id,))
-            if isinstance(text, str) and text:
-                conn.execute("INSERT INTO events_fts(rowid, text) VALUES (?, ?)", (target_id, text))
+        # The search index follows the log on its own (search_index.py).
+        if item.type == "edit":
+            conn.execute(
+                "UPDATE events SET current=?, edited=? WHERE room=? AND seq=?",
+                (body, seq, item.room, item.target),
+            )
         elif item.type == "delete":
             conn.execute(
                 "UPDATE events SET deleted=1, body=NULL, current=NULL"
                 " WHERE room=? AND (seq=? OR (type='edit' AND target=?))",
                 (item.room, item.target, item.target),
-            )
-            conn.execute(
-                "DELETE FROM events_fts WHERE rowid=(SELECT id FROM events WHERE room=? AND seq=?)",
-                (item.room, item.target),
             )
         self._heads[item.room] = seq
         event = Event(
@@ -613,11 +667,16 @@ class SqliteStore:
         match = " ".join('"' + w.replace('"', '""') + '"' for w in words)
         room_list = orjson.dumps(list(rooms)).decode()
 
+        # Read your writes: wait for the index to hold every event committed so far.
+        newest = await self.read(lambda c: c.execute("SELECT MAX(id) FROM events").fetchone()[0])
+        with trio.move_on_after(_SEARCH_CATCH_UP_S):
+            await self._index.caught_up(newest or 0)
+
         def q(c: sqlite3.Connection) -> list[Event]:
             rows = c.execute(
                 f"SELECT {', '.join('e.' + x.strip() for x in _EVENT_COLS.split(','))},"
-                " e.current, e.edited FROM events_fts f JOIN events e ON e.id = f.rowid"
-                " WHERE events_fts MATCH ? AND e.deleted = 0"
+                " e.current, e.edited FROM idx.events_fts f JOIN events e ON e.id = f.rowid"
+                " WHERE f.text MATCH ? AND e.deleted = 0"
                 " AND e.room IN (SELECT value FROM json_each(?))"
                 " ORDER BY e.id DESC LIMIT ?",
                 (match, room_list, limit),

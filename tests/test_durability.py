@@ -144,3 +144,29 @@ async def test_kill9_during_send_storm_loses_no_acked_message(
         cids = [(e["sender"], e["cid"]) for e in events]
         assert len(cids) == len(set(cids))
         assert len(events) >= heads_before[room]
+
+
+async def test_search_index_is_rebuilt_from_the_log(
+    node: Node, tenant: Tenant, peer_factory: Any
+) -> None:
+    """The index is derived from the log: without it, the node rebuilds it on start, edits
+    and deletes included."""
+    user = tenant.user("indexer")
+    async with peer_factory(user.token) as peer:
+        room = (await peer.ok("room.create", name="idx", kind="chat"))["room"]["id"]
+        seqs = [
+            (await peer.ok("send", room=room, cid=f"x{i}", body={"text": f"pelican {i}"}))["seq"]
+            for i in range(30)
+        ]
+        await peer.ok("edit", room=room, cid="e0", target=seqs[0], body={"text": "albatross"})
+        await peer.ok("delete", room=room, cid="d1", target=seqs[1])
+        assert len((await peer.ok("search", query="pelican"))["hits"]) == 28
+    node.kill()
+    for path in node.data_dir.glob("search.db*"):
+        path.unlink()
+    node.start()
+    async with peer_factory(user.token) as peer:
+        hits = (await peer.ok("search", query="pelican", limit=50))["hits"]
+        assert sorted(h["seq"] for h in hits) == seqs[2:]
+        edited = (await peer.ok("search", query="albatross"))["hits"]
+        assert [(h["seq"], h["body"]["text"]) for h in edited] == [(seqs[0], "albatross")]
