@@ -13,6 +13,11 @@ PING, Kafka answers ApiVersions and a Metadata request that lists at least one b
 
 A test calls `require("postgres")` (or "redis", "kafka"): it returns the connection setting, or
 skips the test saying which service is missing, or fails it instead when GB6_REQUIRE_SERVICES=1.
+
+TiKV is the exception: no TiKV server can be installed on these machines, so scripts/services
+starts none and `require("tikv")` has no default. It returns GB6_TIKV_PD (`host:port` of a
+placement driver of a running TiKV cluster) when that answers; when GB6_TIKV_PD is unset it skips,
+even under GB6_REQUIRE_SERVICES=1 (which only makes a set but unreachable GB6_TIKV_PD fail).
 Call it from a sync test or a sync fixture: inside a trio test the skip reaches pytest wrapped in an
 exception group and loses its reason.
 
@@ -33,15 +38,21 @@ import sys
 from typing import NoReturn
 from urllib.parse import unquote, urlsplit
 
-SERVICES = ("postgres", "redis", "kafka")
+SERVICES = ("postgres", "redis", "kafka")  # what scripts/services starts
+OPTIONAL = ("tikv",)  # never started here; tested only when its variable names one
 
 DEFAULTS = {
     "GB6_PG_DSN": "postgresql://gb6:gb6@127.0.0.1:55432/gb6",
     "GB6_REDIS_URL": "redis://127.0.0.1:56379/0",
     "GB6_KAFKA_BOOTSTRAP": "127.0.0.1:59092",
 }
-ENV_OF = {"postgres": "GB6_PG_DSN", "redis": "GB6_REDIS_URL", "kafka": "GB6_KAFKA_BOOTSTRAP"}
-NAMES = {"postgres": "PostgreSQL", "redis": "Redis", "kafka": "Kafka"}
+ENV_OF = {
+    "postgres": "GB6_PG_DSN",
+    "redis": "GB6_REDIS_URL",
+    "kafka": "GB6_KAFKA_BOOTSTRAP",
+    "tikv": "GB6_TIKV_PD",
+}
+NAMES = {"postgres": "PostgreSQL", "redis": "Redis", "kafka": "Kafka", "tikv": "TiKV"}
 ALIASES = {"pg": "postgres", "postgresql": "postgres"}
 
 TIMEOUT = 3.0
@@ -54,7 +65,7 @@ class Unavailable(Exception):
 def setting(service: str) -> str:
     """The connection setting of `service`: its env var, or the default of scripts/services."""
     var = ENV_OF[_canon(service)]
-    return os.environ.get(var) or DEFAULTS[var]
+    return os.environ.get(var) or DEFAULTS.get(var, "")
 
 
 def pg_dsn() -> str:
@@ -72,7 +83,7 @@ def kafka_bootstrap() -> str:
 def _canon(service: str) -> str:
     service = ALIASES.get(service, service)
     if service not in ENV_OF:
-        raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
+        raise ValueError(f"unknown service {service!r}; one of {', '.join(ENV_OF)}")
     return service
 
 
@@ -285,7 +296,43 @@ def probe_kafka(bootstrap: str | None = None, timeout: float = TIMEOUT) -> str:
         return f"Kafka brokers {','.join(brokers)}"
 
 
-PROBES = {"postgres": probe_postgres, "redis": probe_redis, "kafka": probe_kafka}
+# --- TiKV: the placement driver's HTTP API (it shares the gRPC port) -------------------------
+
+
+def probe_tikv(pd: str | None = None, timeout: float = TIMEOUT) -> str:
+    """GET /pd/api/v1/version from the placement driver; return the version it reports."""
+    first = (pd if pd is not None else setting("tikv")).split(",")[0].strip()
+    if not first:
+        raise Unavailable("GB6_TIKV_PD is not set")
+    host, _, port = first.removeprefix("http://").rpartition(":")
+    with _connect(host.strip("[]") or "127.0.0.1", int(port or 2379), timeout) as sock:
+        sock.sendall(
+            b"GET /pd/api/v1/version HTTP/1.1\r\nHost: "
+            + first.encode()
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        reply = b""
+        while len(reply) < 65536:
+            try:
+                chunk = sock.recv(4096)
+            except OSError as e:
+                raise Unavailable(f"connection failed: {e}") from None
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0]
+    if b" 200 " not in status + b" ":
+        raise Unavailable(f"placement driver answered {status.decode(errors='replace')!r}")
+    return f"TiKV PD {body.strip().decode(errors='replace')[:80]}"
+
+
+PROBES = {
+    "postgres": probe_postgres,
+    "redis": probe_redis,
+    "kafka": probe_kafka,
+    "tikv": probe_tikv,
+}
 
 
 def check(service: str, timeout: float = TIMEOUT) -> tuple[bool, str]:
@@ -309,14 +356,24 @@ def require(service: str) -> str:
     answered once in this process is not probed again; one that did not is probed each time.
     """
     service = _canon(service)
+    if service == "tikv" and not setting(service):
+        # Not even GB6_REQUIRE_SERVICES=1 makes this a failure: there is nothing to start.
+        import pytest
+
+        pytest.skip(
+            "TiKV: GB6_TIKV_PD is not set; no TiKV server can be installed on these machines, "
+            "so the TiKV tests run only when GB6_TIKV_PD=host:port names a placement driver"
+        )
     ok, why = _checked.get(service) or check(service)
     if ok:
         _checked[service] = (ok, why)
         return setting(service)
-    _missing(
-        f"{NAMES[service]} not reachable at {setting(service)} ({why}); "
-        f"run scripts/services up (and export the settings it prints)"
+    hint = (
+        "check GB6_TIKV_PD"
+        if service in OPTIONAL
+        else "run scripts/services up (and export the settings it prints)"
     )
+    _missing(f"{NAMES[service]} not reachable at {setting(service)} ({why}); {hint}")
 
 
 def _missing(reason: str) -> NoReturn:
