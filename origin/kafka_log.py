@@ -1,0 +1,321 @@
+"""The Kafka log of record, producer side: one transactional, idempotent producer per shard.
+
+Rules:
+- The producer lives in one thread that `KafkaLog.run` starts and joins (confluent-kafka
+  blocks). Batches reach it through a queue, one thread hop per batch; at most `max_inflight`
+  batches wait or run (backpressure on the sequencer).
+- At start the thread creates the topic if it is missing (`partitions` partitions; an existing
+  topic keeps its count, since changing it would move rooms between partitions), then calls
+  `init_transactions` under the shard's transactional id. That call bumps the id's epoch, which
+  fences any older producer with the same id and aborts whatever transaction it left open.
+- One batch is one transaction: begin, produce every record (key = room, so a room's records
+  share a partition and keep their order; header `seq` = the seq, 8 bytes big-endian), commit.
+  `acks=all` and idempotence make the commit durable without duplicates.
+- confluent-kafka's errors are translated here, once: a commit that fails retriably is retried
+  until `commit_timeout_s`; an abortable failure is aborted (`LogAborted`: read_committed
+  consumers never see the batch, and the next batch may reuse its seqs); a fenced producer
+  raises `LogFenced` and refuses every later batch; anything else leaves the outcome unknown,
+  and the writer refuses every later batch until its owner restarts it.
+"""
+
+from __future__ import annotations
+
+import queue
+import struct
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+import outcome
+import trio
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from node.errors import INTERNAL, INVALID, UNAVAILABLE, GB6Error
+from origin.log_port import (
+    MAX_PARTITIONS,
+    LogAborted,
+    LogFenced,
+    LogRecord,
+    check_batch,
+)
+
+SEQ_HEADER: Final = "seq"
+_SEQ: Final = struct.Struct(">q")
+_STOP: Final = object()
+# The codes with which librdkafka and the broker say a newer producer took the transactional id.
+_FENCED_CODES: Final = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
+
+
+def encode_seq(seq: int) -> bytes:
+    return _SEQ.pack(seq)
+
+
+def decode_seq(raw: bytes) -> int:
+    (seq,) = _SEQ.unpack(raw)
+    return int(seq)
+
+
+def kafka_error(exc: BaseException) -> KafkaError | None:
+    """The KafkaError inside a confluent-kafka exception, if there is one."""
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0]
+    return None
+
+
+def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float) -> None:
+    """Create `topic` with `partitions` partitions unless it exists (blocking)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=-1)],
+        operation_timeout=timeout_s,
+        request_timeout=timeout_s,
+    )
+    try:
+        futures[topic].result(timeout=timeout_s)
+    except KafkaException as exc:
+        err = kafka_error(exc)
+        if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            raise
+
+
+@attrs.define(eq=False)
+class _Job:
+    records: Sequence[LogRecord]
+    abort_after: int | None
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: outcome.Outcome[None] | None = None
+
+    def finish(self, result: outcome.Outcome[None]) -> None:
+        self.result = result
+        self.done.set()
+
+
+class KafkaLog:
+    """The Kafka `LogWriter` of one shard: `transactional_id` on `topic` at `bootstrap`.
+
+    A component: `await nursery.start(log.run)` returns once `init_transactions` succeeded (this
+    producer owns the id; older ones are fenced). Cancelling `run` lets the batches already
+    handed to the producer thread finish, then joins it.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        transactional_id: str,
+        *,
+        partitions: int = 8,
+        max_inflight: int = 8,
+        linger_ms: int = 5,
+        commit_timeout_s: float = 30.0,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not topic or not transactional_id:
+            raise GB6Error(INVALID, "a Kafka log needs a topic and a transactional id")
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise GB6Error(INVALID, f"partitions must be 1..{MAX_PARTITIONS}, not {partitions}")
+        if not 1 <= max_inflight <= 1_000:
+            raise GB6Error(INVALID, f"max_inflight must be 1..1000, not {max_inflight}")
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.transactional_id = transactional_id
+        self.partitions = partitions
+        self.commit_timeout_s = commit_timeout_s
+        self._config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "client.id": transactional_id,
+            "transactional.id": transactional_id,
+            "enable.idempotence": True,
+            "acks": "all",
+            # The commit flushes at once anyway; a short linger fills a batch's produce requests.
+            "linger.ms": linger_ms,
+            # Java clients' partitioner, so every client maps a room to the same partition.
+            "partitioner": "murmur2_random",
+            "transaction.timeout.ms": int(max(commit_timeout_s * 2, 10.0) * 1000),
+            **(config or {}),
+        }
+        self._slots = trio.Semaphore(max_inflight)
+        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._closed = True
+        self._dead: GB6Error | None = None  # set by the producer thread; final
+        self._abort_after: int | None = None
+        self.commits = 0  # committed batches; for metrics and tests
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        token = trio.lowlevel.current_trio_token()
+        started = _Job((), None)
+        thread = threading.Thread(
+            target=self._producer_main,
+            args=(token, started),
+            name=f"gb6-kafka-{self.transactional_id}",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            await started.done.wait()
+            assert started.result is not None
+            started.result.unwrap()
+            self._closed = False
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._closed = True
+            self._queue.put(_STOP)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join)
+
+    # --- appends -------------------------------------------------------------------------
+
+    def abort_next_batch_after(self, records: int) -> None:
+        """Test hook: the next batch produces its first `records` records (flushed to the
+        broker), then aborts its transaction."""
+        self._abort_after = records
+
+    async def append_batch(self, records: Sequence[LogRecord]) -> None:
+        """See `LogWriter.append_batch`."""
+        check_batch(records)
+        async with self._slots:
+            if self._dead is not None:
+                raise self._dead
+            if self._closed:
+                raise GB6Error(UNAVAILABLE, f"Kafka log {self.transactional_id} is not running")
+            job = _Job(records, self._abort_after)
+            self._abort_after = None
+            self._queue.put(job)
+            # Once handed over, the outcome is the truth the sequencer needs: wait for it
+            # (bounded by commit_timeout_s plus an abort).
+            with trio.CancelScope(shield=True):
+                await job.done.wait()
+        assert job.result is not None
+        job.result.unwrap()
+
+    # --- the producer thread -------------------------------------------------------------
+
+    def _producer_main(self, token: trio.lowlevel.TrioToken, started: _Job) -> None:
+        producer: Producer | None = None
+
+        def post(job: _Job, result: outcome.Outcome[None]) -> bool:
+            try:
+                token.run_sync_soon(job.finish, result)
+            except trio.RunFinishedError:
+                return False
+            return True
+
+        try:
+            try:
+                producer = self._start()
+                first: outcome.Outcome[None] = outcome.Value(None)
+            except GB6Error as exc:
+                first = outcome.Error(exc)
+            if not post(started, first):
+                return
+            while True:
+                job = self._queue.get()
+                if job is _STOP:
+                    return
+                assert isinstance(job, _Job)
+                if producer is None or self._dead is not None:
+                    outcome_: outcome.Outcome[None] = outcome.Error(
+                        self._dead or GB6Error(UNAVAILABLE, "Kafka log did not start")
+                    )
+                else:
+                    outcome_ = outcome.capture(self._transact, producer, job)
+                    if isinstance(outcome_, outcome.Error) and not isinstance(
+                        outcome_.error, GB6Error
+                    ):
+                        # A bug of ours, not Kafka's answer: nothing is known any more.
+                        self._dead = GB6Error(INTERNAL, f"Kafka log failed: {outcome_.error!r}")
+                        outcome_ = outcome.Error(self._dead)
+                if not post(job, outcome_):
+                    return
+        finally:
+            if producer is not None and self._dead is None:
+                producer.close()
+            elif producer is not None:
+                # A fenced or failed producer cannot abort on close (it would warn); its
+                # unsent records are dropped, which is what fencing means.
+                producer.purge()
+                producer.poll(0)
+
+    def _start(self) -> Producer:
+        try:
+            ensure_topic(self.bootstrap, self.topic, self.partitions, self.commit_timeout_s)
+            producer = Producer(self._config)
+            producer.init_transactions(self.commit_timeout_s)
+        except Exception as exc:  # KafkaException, a timeout, a bad setting: all say "no"
+            raise GB6Error(
+                UNAVAILABLE, f"Kafka log {self.transactional_id}: cannot start: {exc!r}"
+            ) from None
+        return producer
+
+    def _transact(self, producer: Producer, job: _Job) -> None:
+        try:
+            producer.begin_transaction()
+            records = job.records if job.abort_after is None else job.records[: job.abort_after]
+            for record in records:
+                producer.produce(
+                    self.topic,
+                    key=record.room.encode(),
+                    value=record.payload,
+                    headers=[(SEQ_HEADER, _SEQ.pack(record.seq))],
+                )
+            if job.abort_after is not None:
+                # The partial batch really reaches the broker before the abort.
+                producer.flush(self.commit_timeout_s)
+                producer.abort_transaction(self.commit_timeout_s)
+                raise LogAborted(f"batch aborted after {len(records)} records (test hook)")
+            self._commit(producer)
+            self.commits += 1
+        except (KafkaException, BufferError) as exc:
+            raise self._settle(producer, exc) from None
+
+    def _commit(self, producer: Producer) -> None:
+        deadline = time.monotonic() + self.commit_timeout_s
+        while True:
+            try:
+                producer.commit_transaction(max(deadline - time.monotonic(), 1.0))
+                return
+            except KafkaException as exc:
+                err = kafka_error(exc)
+                # librdkafka: a retriable commit error may be retried; the commit is idempotent.
+                if err is None or not err.retriable() or time.monotonic() >= deadline:
+                    raise
+
+    def _settle(self, producer: Producer, exc: BaseException) -> GB6Error:
+        """Translate a failed transaction, aborting it when that makes its outcome certain."""
+        err = kafka_error(exc)
+        if err is not None and err.code() in _FENCED_CODES:
+            self._dead = LogFenced(
+                f"Kafka log {self.transactional_id} was fenced by a newer producer: {err.str()}"
+            )
+            return self._dead
+        if err is not None and err.fatal():
+            self._dead = GB6Error(
+                UNAVAILABLE, f"Kafka log {self.transactional_id} failed: {err.str()}"
+            )
+            return self._dead
+        why = err.str() if err is not None else str(exc) or type(exc).__name__
+        try:
+            producer.abort_transaction(self.commit_timeout_s)
+        except KafkaException as again:
+            again_err = kafka_error(again)
+            if again_err is not None and again_err.code() in _FENCED_CODES:
+                self._dead = LogFenced(
+                    f"Kafka log {self.transactional_id} was fenced by a newer producer"
+                )
+            else:
+                self._dead = GB6Error(
+                    UNAVAILABLE,
+                    f"Kafka log {self.transactional_id}: batch failed ({why}) and could not be"
+                    f" aborted ({again}); outcome unknown",
+                )
+            return self._dead
+        return LogAborted(f"Kafka log {self.transactional_id}: batch aborted: {why}")

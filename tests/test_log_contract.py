@@ -1,0 +1,293 @@
+"""The log-of-record contract (origin/log_port.py), run against every adapter: SQLite and Kafka.
+
+What the origin shard and the log's consumers rely on: a batch is all or nothing; an aborted
+batch is never seen and its seqs, reused, appear once; a newer writer under the same id fences
+the old one; consumers read each room in order and resume exactly after the offsets they
+stored, across restarts. Kafka runs on the service from `scripts/services up`, each test on a
+topic and transactional id of its own (the topic is deleted after).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import attrs
+import pytest
+import trio
+
+from node.errors import INVALID, TOO_LARGE, GB6Error
+from origin.log_port import (
+    MAX_BATCH_RECORDS,
+    MAX_PAYLOAD_BYTES,
+    LogAborted,
+    LogBatch,
+    LogConsumer,
+    LogEntry,
+    LogFenced,
+    LogRecord,
+    Offsets,
+)
+from tests.services import require
+
+READ_TIMEOUT_S = 20.0
+KAFKA_PARTITIONS = 3
+
+
+class Writer(Protocol):
+    """A LogWriter with the adapters' test hook."""
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
+
+    async def append_batch(self, records: Sequence[LogRecord]) -> None: ...
+
+    def abort_next_batch_after(self, records: int) -> None: ...
+
+
+@attrs.define
+class Backend:
+    name: str
+    writer_id: str
+    path: Path | None = None  # sqlite
+    bootstrap: str = ""  # kafka
+    topic: str = ""
+
+    def writer(self) -> Writer:
+        if self.name == "sqlite":
+            from origin.sqlite_log import SqliteLog
+
+            assert self.path is not None
+            return SqliteLog(self.path, self.writer_id, max_inflight=4)
+        from origin.kafka_log import KafkaLog
+
+        return KafkaLog(
+            self.bootstrap,
+            self.topic,
+            self.writer_id,
+            partitions=KAFKA_PARTITIONS,
+            max_inflight=4,
+            commit_timeout_s=15.0,
+        )
+
+    def consumer(
+        self, start: Offsets, *, max_batch: int = 1_000, writer: Writer | None = None
+    ) -> LogConsumer:
+        if self.name == "sqlite":
+            from origin.sqlite_log import SqliteLog, SqliteLogConsumer
+
+            assert self.path is not None
+            if isinstance(writer, SqliteLog):
+                return writer.consumer(start, max_batch=max_batch)  # woken by its commits
+            return SqliteLogConsumer(self.path, start, max_batch=max_batch)
+        from origin.kafka_consumer import KafkaLogConsumer
+
+        return KafkaLogConsumer(
+            self.bootstrap, self.topic, start, name="contract-test", max_batch=max_batch
+        )
+
+
+@pytest.fixture(params=["sqlite", "kafka"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    suffix = uuid.uuid4().hex[:12]
+    if request.param == "sqlite":
+        yield Backend("sqlite", f"gb6-shard-test-{suffix}", path=tmp_path / "log.db")
+        return
+    bootstrap = require("kafka")
+    topic = f"gb6-test-log-{suffix}"
+    yield Backend("kafka", f"gb6-shard-test-{suffix}", bootstrap=bootstrap, topic=topic)
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        admin.delete_topics([topic], operation_timeout=15)[topic].result(timeout=20)
+    except Exception:  # a test that failed before creating the topic
+        pass
+
+
+C = TypeVar("C", bound=Any)
+
+
+@asynccontextmanager
+async def running(component: C) -> AsyncIterator[C]:
+    """Run a component until the block ends (then cancel it and wait for it to stop)."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(component.run)
+        yield component
+        nursery.cancel_scope.cancel()
+
+
+def records(rooms: Sequence[str], seqs: range, tag: str) -> list[LogRecord]:
+    """Interleaved rooms (a1 b1 a2 b2 …) so batches mix rooms as a sequencer's do."""
+    return [LogRecord(room, seq, f"{tag}:{room}:{seq}".encode()) for seq in seqs for room in rooms]
+
+
+async def read(consumer: LogConsumer, count: int) -> tuple[list[LogEntry], LogBatch]:
+    """Read exactly `count` entries (more is a failure); returns them and the last batch."""
+    entries: list[LogEntry] = []
+    last: LogBatch | None = None
+    with trio.fail_after(READ_TIMEOUT_S):
+        while len(entries) < count:
+            last = await consumer.next_batch()
+            entries.extend(last.entries)
+    assert len(entries) == count, f"read {len(entries)} entries, wanted {count}"
+    assert last is not None
+    return entries, last
+
+
+def by_room(entries: Sequence[LogEntry | LogRecord]) -> dict[str, list[tuple[int, bytes]]]:
+    out: dict[str, list[tuple[int, bytes]]] = {}
+    for e in entries:
+        out.setdefault(e.room, []).append((e.seq, e.payload))
+    return out
+
+
+async def test_batches_are_read_in_order_per_room(backend: Backend) -> None:
+    rooms = [f"room-{i}" for i in range(5)]
+    appended = [records(rooms, range(1 + 4 * b, 5 + 4 * b), f"b{b}") for b in range(3)]
+    async with running(backend.writer()) as writer:
+        for batch in appended:
+            await writer.append_batch(batch)
+        async with running(backend.consumer({}, writer=writer)) as consumer:
+            entries, last = await read(consumer, 60)
+    assert by_room(entries) == by_room([r for batch in appended for r in batch])
+    # A room lives in one partition, in append order; resume points just past what was read.
+    for room in rooms:
+        mine = [e for e in entries if e.room == room]
+        assert len({e.partition for e in mine}) == 1
+        assert [e.offset for e in mine] == sorted(e.offset for e in mine)
+    tops: dict[int, int] = {}
+    for e in entries:
+        tops[e.partition] = max(tops.get(e.partition, -1), e.offset + 1)
+    assert dict(last.resume) == tops
+
+
+async def test_consumer_resumes_exactly_after_its_stored_offsets(backend: Backend) -> None:
+    rooms = ["a", "b", "c"]
+    first, second = records(rooms, range(1, 11), "one"), records(rooms, range(11, 16), "two")
+    async with running(backend.writer()) as writer:
+        for i in range(0, len(first), 10):
+            await writer.append_batch(first[i : i + 10])
+        # The owner applies two small batches and stores their resume offsets, then stops.
+        async with running(backend.consumer({}, max_batch=4, writer=writer)) as consumer:
+            applied = list((await consumer.next_batch()).entries)
+            batch = await consumer.next_batch()
+            applied += batch.entries
+            stored = dict(batch.resume)
+        await writer.append_batch(second)
+        async with running(backend.consumer(stored, writer=writer)) as consumer:
+            rest, _ = await read(consumer, len(first) + len(second) - len(applied))
+    assert by_room(applied + rest) == by_room(first + second)  # none twice, none missed
+
+
+async def test_aborted_batch_is_invisible_and_its_seqs_appear_once(backend: Backend) -> None:
+    rooms = ["a", "b"]
+    kept = records(rooms, range(1, 4), "kept")
+    async with running(backend.writer()) as writer:
+        await writer.append_batch(kept)
+        # Half of the batch really reaches the log, then its transaction aborts.
+        writer.abort_next_batch_after(3)
+        with pytest.raises(LogAborted):
+            await writer.append_batch(records(rooms, range(4, 7), "lost"))
+        # The sequencer reuses the seqs.
+        retried = records(rooms, range(4, 7), "retried")
+        await writer.append_batch(retried)
+        async with running(backend.consumer({}, writer=writer)) as consumer:
+            entries, _ = await read(consumer, 12)
+    assert by_room(entries) == by_room(kept + retried)
+    assert not any(b"lost" in e.payload for e in entries)
+
+
+async def test_a_second_writer_fences_the_first(backend: Backend) -> None:
+    rooms = ["a", "b"]
+    before = records(rooms, range(1, 3), "before")
+    async with running(backend.writer()) as zombie:
+        await zombie.append_batch(before)
+        async with running(backend.writer()) as successor:
+            with pytest.raises(LogFenced):
+                await zombie.append_batch(records(rooms, range(3, 5), "zombie"))
+            # A fenced writer stays fenced: it refuses without trying again.
+            with pytest.raises(LogFenced):
+                await zombie.append_batch(records(rooms, range(3, 5), "zombie"))
+            after = records(rooms, range(3, 5), "successor")
+            await successor.append_batch(after)
+            async with running(backend.consumer({}, writer=successor)) as consumer:
+                entries, _ = await read(consumer, 8)
+    assert by_room(entries) == by_room(before + after)
+
+
+async def test_records_survive_restarting_writer_and_consumer(backend: Backend) -> None:
+    rooms = ["a", "b", "c"]
+    old, new = records(rooms, range(1, 6), "old"), records(rooms, range(6, 9), "new")
+    async with running(backend.writer()) as writer:
+        await writer.append_batch(old)
+    async with running(backend.consumer({})) as consumer:
+        _, last = await read(consumer, len(old))
+        stored = dict(last.resume)
+    async with running(backend.writer()) as writer:
+        await writer.append_batch(new)
+        async with running(backend.consumer(stored, writer=writer)) as consumer:
+            entries, _ = await read(consumer, len(new))
+        assert by_room(entries) == by_room(new)
+        async with running(backend.consumer({}, writer=writer)) as consumer:
+            entries, _ = await read(consumer, len(old) + len(new))
+        assert by_room(entries) == by_room(old + new)
+
+
+async def test_concurrent_batches_all_land_in_order(backend: Backend) -> None:
+    """More callers than in-flight slots: each waits its turn; every batch lands once."""
+    rooms = [f"r{i}" for i in range(12)]
+    async with running(backend.writer()) as writer:
+
+        async def sequencer_of(room: str) -> None:
+            for b in range(2):
+                await writer.append_batch(records([room], range(1 + 3 * b, 4 + 3 * b), "c"))
+
+        async with trio.open_nursery() as nursery:
+            for room in rooms:
+                nursery.start_soon(sequencer_of, room)
+        async with running(backend.consumer({}, writer=writer)) as consumer:
+            entries, _ = await read(consumer, 12 * 6)
+    assert by_room(entries) == by_room(records(rooms, range(1, 7), "c"))
+
+
+async def test_bad_input_is_refused_and_changes_nothing(backend: Backend) -> None:
+    for room, seq, payload, code in (
+        ("", 1, b"x", INVALID),
+        ("r" * 300, 1, b"x", INVALID),
+        ("r", 0, b"x", INVALID),
+        ("r", True, b"x", INVALID),
+        ("r", 1, "text", INVALID),
+        ("r", 1, b"x" * (MAX_PAYLOAD_BYTES + 1), TOO_LARGE),
+    ):
+        with pytest.raises(GB6Error) as caught:
+            LogRecord(room, seq, payload)
+        assert caught.value.code == code, (room[:5], seq, code)
+    good = records(["a"], range(1, 3), "good")
+    async with running(backend.writer()) as writer:
+        for batch, code in (
+            ([], INVALID),
+            ([LogRecord("a", 2, b""), LogRecord("a", 1, b"")], INVALID),
+            ([LogRecord("a", 1, b""), LogRecord("a", 1, b"")], INVALID),
+            (records(["a"], range(1, MAX_BATCH_RECORDS + 2), "big"), TOO_LARGE),
+        ):
+            with pytest.raises(GB6Error) as caught:
+                await writer.append_batch(batch)
+            assert caught.value.code == code
+        await writer.append_batch(good)
+        for start in ({-1: 0}, {0: -5}, {10_000: 0}):
+            # SQLite refuses at construction, Kafka (which must ask for the partition count)
+            # when started, through the nursery that starts the consumer.
+            with pytest.RaisesGroup(
+                pytest.RaisesExc(GB6Error, check=lambda e: e.code == INVALID),
+                allow_unwrapped=True,
+            ):
+                async with running(backend.consumer(start)):
+                    pass
+        async with running(backend.consumer({}, writer=writer)) as consumer:
+            entries, _ = await read(consumer, 2)
+    assert by_room(entries) == by_room(good)
