@@ -73,7 +73,8 @@ def _mapped(what: str) -> Iterator[None]:
 class TikvKv:
     """The kv port on TiKV. A component: `await nursery.start(kv.run)`; see origin/kv.py.
 
-    `pd_endpoints` are the placement drivers' `host:port`s.
+    `pd_endpoints` are the placement drivers' `host:port`s; at most `max_inflight` calls are
+    in flight at once (more callers wait their turn).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class TikvKv:
         namespace: bytes = b"gb6/kv/",
         limits: KvLimits | None = None,
         op_timeout_s: float = 10.0,
+        max_inflight: int = 64,
     ) -> None:
         if isinstance(pd_endpoints, str) or not pd_endpoints:
             raise invalid("kv pd_endpoints must be a non-empty list of host:port")
@@ -95,6 +97,7 @@ class TikvKv:
         self.limits = limits or KvLimits()
         self.op_timeout_s = op_timeout_s
         self._client: Any = None
+        self._slots = trio.CapacityLimiter(max_inflight)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -133,25 +136,27 @@ class TikvKv:
             ts = await client.current_timestamp()
             return await fn(client.snapshot(ts, False))
 
-        with _mapped(what), trio.fail_after(self.op_timeout_s):
-            value: T = await aio_as_trio(in_asyncio)()
-            return value
+        async with self._slots:
+            with _mapped(what), trio.fail_after(self.op_timeout_s):
+                value: T = await aio_as_trio(in_asyncio)()
+                return value
 
     async def _write(self, what: str, fn: Callable[[Any], Awaitable[tuple[T, bool]]]) -> T:
         """Run `fn(txn)` in a pessimistic transaction; commit when it says it wrote."""
         client = self._running()
         pause = _BACKOFF_S
-        with _mapped(what), trio.fail_after(self.op_timeout_s):
-            for attempt in range(_ATTEMPTS):
-                try:
-                    value: T = await aio_as_trio(_transact)(client, fn)
-                    return value
-                except _NotCommitted:
-                    if attempt == _ATTEMPTS - 1:
-                        raise
-                # Another transaction holds the lock, or the cluster hiccuped: wait a little.
-                await trio.sleep(pause * (0.5 + random.random()))
-                pause *= 2
+        async with self._slots:
+            with _mapped(what), trio.fail_after(self.op_timeout_s):
+                for attempt in range(_ATTEMPTS):
+                    try:
+                        value: T = await aio_as_trio(_transact)(client, fn)
+                        return value
+                    except _NotCommitted:
+                        if attempt == _ATTEMPTS - 1:
+                            raise
+                    # Another transaction holds the lock, or the cluster hiccuped: wait a little.
+                    await trio.sleep(pause * (0.5 + random.random()))
+                    pause *= 2
         raise AssertionError("unreachable")
 
     def _key(self, key: bytes) -> bytes:
