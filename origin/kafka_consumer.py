@@ -78,6 +78,8 @@ class KafkaLogConsumer:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "error",
+            # librdkafka reads ahead on its own (64 MiB by default); bound it too.
+            "queued.max.messages.kbytes": 8 << 10,
             **(config or {}),
         }
         self._stopping = threading.Event()
@@ -127,6 +129,9 @@ class KafkaLogConsumer:
             consumer.close()
             raise
         return consumer, start
+
+    def statistics(self) -> trio.MemoryChannelStatistics:
+        return self._recv.statistics()
 
     async def next_batch(self) -> LogBatch:
         """See `LogConsumer.next_batch`."""

@@ -40,6 +40,7 @@ from origin.log_port import (
     LogAborted,
     LogFenced,
     LogRecord,
+    WriterStatistics,
     check_batch,
 )
 
@@ -140,6 +141,7 @@ class KafkaLog:
             "transaction.timeout.ms": int(max(commit_timeout_s * 2, 10.0) * 1000),
             **(config or {}),
         }
+        self._max_inflight = max_inflight
         self._slots = trio.Semaphore(max_inflight)
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._closed = True
@@ -173,6 +175,13 @@ class KafkaLog:
                 await trio.to_thread.run_sync(thread.join)
 
     # --- appends -------------------------------------------------------------------------
+
+    def statistics(self) -> WriterStatistics:
+        return WriterStatistics(
+            inflight=self._max_inflight - self._slots.value,
+            max_inflight=self._max_inflight,
+            commits=self.commits,
+        )
 
     def abort_next_batch_after(self, records: int) -> None:
         """Test hook: the next batch produces its first `records` records (flushed to the

@@ -66,6 +66,11 @@ def writer_id(shard: str) -> str:
 def _check_room(_: object, __: object, room: str) -> None:
     if not isinstance(room, str) or not room or len(room) > MAX_ROOM_CHARS:
         raise GB6Error(INVALID, f"a log record's room must be 1..{MAX_ROOM_CHARS} characters")
+    if not room.isascii():
+        try:
+            room.encode()  # it becomes a Kafka key: a lone surrogate must fail here, not there
+        except UnicodeEncodeError:
+            raise GB6Error(INVALID, "a log record's room must be valid Unicode") from None
 
 
 def _check_seq(_: object, __: object, seq: int) -> None:
@@ -164,6 +169,15 @@ def check_offsets(offsets: Offsets, partitions: int) -> dict[int, int]:
     return out
 
 
+@attrs.frozen
+class WriterStatistics:
+    """How full a writer's in-flight bound is, and how many batches it committed."""
+
+    inflight: int
+    max_inflight: int
+    commits: int
+
+
 class LogWriter(Protocol):
     """Appends batches for one writer id. A component: `await nursery.start(writer.run)`."""
 
@@ -178,6 +192,8 @@ class LogWriter(Protocol):
         by the adapter's transaction timeout), so the result it reports is always the truth.
         """
         ...
+
+    def statistics(self) -> WriterStatistics: ...
 
 
 class LogConsumer(Protocol):
@@ -196,4 +212,8 @@ class LogConsumer(Protocol):
         Raises `GB6Error` when the consumer cannot go on (e.g. its offsets point at records the
         log no longer holds) or has stopped.
         """
+        ...
+
+    def statistics(self) -> trio.MemoryChannelStatistics:
+        """The read-ahead channel: how many batches wait (`current_buffer_used`)."""
         ...

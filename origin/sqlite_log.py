@@ -36,6 +36,7 @@ from origin.log_port import (
     LogEntry,
     LogFenced,
     LogRecord,
+    WriterStatistics,
     check_batch,
     check_offsets,
 )
@@ -82,8 +83,11 @@ class SqliteLog:
     def __init__(self, path: Path, writer_id: str, *, max_inflight: int = 8) -> None:
         if not writer_id:
             raise GB6Error(INVALID, "a log writer needs a writer id")
+        if not 1 <= max_inflight <= 1_000:
+            raise GB6Error(INVALID, f"max_inflight must be 1..1000, not {max_inflight}")
         self.path = path
         self.writer_id = writer_id
+        self._max_inflight = max_inflight
         self._slots = trio.Semaphore(max_inflight)
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -92,6 +96,7 @@ class SqliteLog:
         self._abort_after: int | None = None
         self._wakes: set[threading.Event] = set()
         self._wakes_lock = threading.Lock()
+        self.commits = 0  # committed batches; for metrics and tests
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -152,6 +157,13 @@ class SqliteLog:
                 self._wakes.discard(wake)
 
     # --- appends -------------------------------------------------------------------------
+
+    def statistics(self) -> WriterStatistics:
+        return WriterStatistics(
+            inflight=self._max_inflight - self._slots.value,
+            max_inflight=self._max_inflight,
+            commits=self.commits,
+        )
 
     def abort_next_batch_after(self, records: int) -> None:
         """Test hook: the next batch writes its first `records` records, then rolls back."""
@@ -221,6 +233,7 @@ class SqliteLog:
                 raise LogAborted(f"batch aborted after {job.abort_after} records (test hook)")
             conn.executemany("INSERT INTO log_records(room, seq, payload) VALUES (?, ?, ?)", rows)
             conn.execute("COMMIT")
+            self.commits += 1
         except sqlite3.Error as exc:
             raise self._settle(conn, exc) from None
 
@@ -303,6 +316,9 @@ class SqliteLogConsumer:
             conn.close()
             raise sqlite3.OperationalError("no log_records table (no writer has started yet)")
         return conn
+
+    def statistics(self) -> trio.MemoryChannelStatistics:
+        return self._recv.statistics()
 
     async def next_batch(self) -> LogBatch:
         """See `LogConsumer.next_batch`."""

@@ -30,6 +30,7 @@ from origin.log_port import (
     LogFenced,
     LogRecord,
     Offsets,
+    WriterStatistics,
 )
 from tests.services import require
 
@@ -45,6 +46,8 @@ class Writer(Protocol):
     ) -> None: ...
 
     async def append_batch(self, records: Sequence[LogRecord]) -> None: ...
+
+    def statistics(self) -> WriterStatistics: ...
 
     def abort_next_batch_after(self, records: int) -> None: ...
 
@@ -241,15 +244,20 @@ async def test_records_survive_restarting_writer_and_consumer(backend: Backend) 
 async def test_concurrent_batches_all_land_in_order(backend: Backend) -> None:
     """More callers than in-flight slots: each waits its turn; every batch lands once."""
     rooms = [f"r{i}" for i in range(12)]
+    seen_inflight: list[int] = []
     async with running(backend.writer()) as writer:
 
         async def sequencer_of(room: str) -> None:
             for b in range(2):
+                seen_inflight.append(writer.statistics().inflight)
                 await writer.append_batch(records([room], range(1 + 3 * b, 4 + 3 * b), "c"))
 
         async with trio.open_nursery() as nursery:
             for room in rooms:
                 nursery.start_soon(sequencer_of, room)
+        stats = writer.statistics()
+        assert max(seen_inflight) == stats.max_inflight == 4  # the bound held, and was reached
+        assert (stats.inflight, stats.commits) == (0, 24)
         async with running(backend.consumer({}, writer=writer)) as consumer:
             entries, _ = await read(consumer, 12 * 6)
     assert by_room(entries) == by_room(records(rooms, range(1, 7), "c"))
@@ -259,6 +267,7 @@ async def test_bad_input_is_refused_and_changes_nothing(backend: Backend) -> Non
     for room, seq, payload, code in (
         ("", 1, b"x", INVALID),
         ("r" * 300, 1, b"x", INVALID),
+        ("\udc80", 1, b"x", INVALID),
         ("r", 0, b"x", INVALID),
         ("r", True, b"x", INVALID),
         ("r", 1, "text", INVALID),
