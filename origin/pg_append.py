@@ -1,0 +1,258 @@
+"""One group commit of appends on PostgreSQL: the body of the writer's transaction (asyncio side).
+
+Rules, the same as the embedded store's:
+
+- Seqs come from the writer's per-room head cache (loaded inside the transaction when missing)
+  and are handed out in submission order. The store drops the whole cache when a transaction
+  fails, so a seq is never skipped or reused.
+- Idempotency first: an op whose (room, sender, cid) exists answers with the original event,
+  writes nothing, and is not checked again.
+- An op's own failure (`GB6Error`: bad target, not allowed, unknown room) is found by reads
+  before the op writes anything, so it needs no savepoint and the batch carries on.
+
+Round trips: a batch of plain messages costs three reads (room instances are cached by the
+store) and one insert, whatever its size; the rows are staged in Python and written with one
+statement over arrays. An op with a target or a thread writes what is staged first (its checks
+must see it), reads its target, and writes itself and the target's update at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+import attrs
+import orjson
+import outcome
+
+from node.errors import CONFLICT, INTERNAL, GB6Error, forbidden, invalid, not_found
+from node.events import Event
+from node.log import log
+from origin.pg_errors import DB_ERRORS
+from origin.pg_search import tsvector_literal
+from origin.sqlite_store import Appended, AppendItem
+
+EVENT_COLS: Final = "room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted"
+_EVENT_COLS_E: Final = ", ".join("e." + c.strip() for c in EVENT_COLS.split(","))
+
+Results = list[tuple[AppendItem, outcome.Outcome[Appended]]]
+
+_HEADS: Final = (
+    "SELECT r, COALESCE((SELECT max(seq) FROM event_keys WHERE room = r), 0)"
+    " FROM unnest($1::text[]) AS r"
+)
+_PRIORS: Final = (
+    f"SELECT {_EVENT_COLS_E}"
+    " FROM unnest($1::text[], $2::text[], $3::text[]) AS q(room, sender, cid)"
+    " JOIN event_keys k ON k.room = q.room AND k.sender = q.sender AND k.cid = q.cid"
+    " JOIN events e ON e.instance = k.instance AND e.ts = k.ts AND e.room = k.room"
+    " AND e.seq = k.seq"
+)
+_TARGET: Final = (
+    "SELECT e.type, e.sender, e.deleted, e.ts FROM event_keys k JOIN events e"
+    " ON e.instance = k.instance AND e.ts = k.ts AND e.room = k.room AND e.seq = k.seq"
+    " WHERE k.room = $1 AND k.seq = $2"
+)
+_INSERT: Final = (
+    "WITH keys AS ("
+    " INSERT INTO event_keys(room, seq, sender, cid, instance, ts)"
+    " SELECT room, seq, sender, cid, instance, $12"
+    " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])"
+    " AS t(room, seq, sender, cid, instance))"
+    " INSERT INTO events(instance, room, seq, ts, type, sender, cid, body, thread, target,"
+    " emoji, tsv)"
+    " SELECT instance, room, seq, $12, type, sender, cid, body, thread, target, emoji,"
+    " tsv::tsvector"
+    " FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],"
+    " $7::bytea[], $8::bigint[], $9::bigint[], $10::text[], $11::text[]) WITH ORDINALITY"
+    " AS t(room, seq, sender, cid, instance, type, body, thread, target, emoji, tsv, n)"
+    " ORDER BY n"  # event ids (search's newest-first order) follow submission order
+)
+_EDIT: Final = (
+    "UPDATE events SET current_body = $5, edited = $6, tsv = $7::tsvector"
+    " WHERE instance = $1 AND ts = $2 AND room = $3 AND seq = $4"
+)
+_DELETE: Final = (
+    "UPDATE events SET deleted = true, body = NULL, current_body = NULL, tsv = NULL"
+    " WHERE instance = $1 AND room = $2 AND (seq = $3 OR (type = 'edit' AND target = $3))"
+)
+
+
+def event_of(row: Sequence[Any]) -> Event:
+    """An Event from the first 11 columns of a row read with EVENT_COLS."""
+    room, seq, ts, type_, sender, cid, body, thread, target, emoji, deleted = row[:11]
+    return Event(
+        room=room,
+        seq=seq,
+        ts=ts,
+        type=type_,
+        sender=sender,
+        cid=cid,
+        body=orjson.loads(body) if body is not None else None,
+        thread=thread,
+        target=target,
+        emoji=emoji,
+        deleted=bool(deleted),
+    )
+
+
+def _text_of(body: dict[str, Any] | None) -> str | None:
+    text = body.get("text") if body is not None else None
+    return text if isinstance(text, str) and text else None
+
+
+def _has_nul(item: AppendItem) -> bool:
+    # PostgreSQL text cannot hold NUL; refuse the op alone rather than fail its batch.
+    return any("\x00" in s for s in (item.room, item.sender, item.cid, item.emoji or ""))
+
+
+@attrs.define
+class _Staged:
+    """Rows waiting for the next insert, as the columns of `_INSERT`."""
+
+    columns: list[list[Any]] = attrs.Factory(lambda: [[] for _ in range(11)])
+
+    def add(self, *values: Any) -> None:
+        for column, value in zip(self.columns, values, strict=True):
+            column.append(value)
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+
+class AppendBatch:
+    """Applies one batch inside the caller's transaction on `conn`. Mutates `heads` as it goes
+    (the caller drops it if the transaction fails)."""
+
+    def __init__(
+        self, conn: Any, heads: dict[str, int], instances: dict[str, str], ts: int
+    ) -> None:
+        self._conn = conn
+        self._heads = heads
+        self._instances = instances  # room → instance, for every room of the batch it knows
+        self._ts = ts
+        self._staged = _Staged()
+        self._written: set[tuple[str, str, str]] = set()  # keys inserted by this batch
+
+    async def apply(self, items: list[AppendItem]) -> Results:
+        await self._load_heads({i.room for i in items if i.room in self._instances})
+        priors = await self._priors(items)
+        results: Results = []
+        for item in items:
+            try:
+                results.append((item, outcome.Value(await self._one(item, priors))))
+            except GB6Error as exc:
+                results.append((item, outcome.Error(exc)))
+            except DB_ERRORS:
+                raise  # the storage failed: the whole batch is refused by the caller
+            except Exception as exc:  # a bug in one op must not refuse the others
+                log("writer_job_failed", error=repr(exc))
+                results.append((item, outcome.Error(GB6Error(INTERNAL, "internal error"))))
+        await self._flush()
+        return results
+
+    async def _one(self, item: AppendItem, priors: dict[tuple[str, str, str], Event]) -> Appended:
+        key = (item.room, item.sender, item.cid)
+        if key in self._written:  # repeated within this batch: read it back as written
+            await self._flush()
+            (prior,) = (await self._priors([item])).values()
+            return Appended(prior, duplicate=True)
+        if key in priors:
+            return Appended(priors[key], duplicate=True)
+        if _has_nul(item):
+            raise invalid("ids, cids and emoji must not contain NUL characters")
+        instance = self._instances.get(item.room)
+        if instance is None:
+            raise not_found(f"room {item.room} not found")
+        if item.target is None and item.thread is None:
+            return self._stage(item, instance)
+        await self._flush()  # the checks must see what this batch wrote before
+        target_ts = await self._check_target(item) if item.target is not None else None
+        if item.thread is not None:
+            row = await self._conn.fetchrow(_TARGET, item.room, item.thread)
+            if row is None or row[0] != "message":
+                raise not_found(f"thread root {item.thread} is not a message of this room")
+        appended = self._stage(item, instance)
+        await self._flush()
+        if item.type == "edit":
+            await self._conn.execute(
+                _EDIT,
+                instance,
+                target_ts,
+                item.room,
+                item.target,
+                orjson.dumps(item.body) if item.body is not None else None,
+                appended.event.seq,
+                tsvector_literal(_text_of(item.body)),
+            )
+        elif item.type == "delete":
+            await self._conn.execute(_DELETE, instance, item.room, item.target)
+        return appended
+
+    async def _check_target(self, item: AppendItem) -> int:
+        """The target's ts, once it is a live message this op may change."""
+        row = await self._conn.fetchrow(_TARGET, item.room, item.target)
+        if row is None or row[0] != "message":
+            raise not_found(f"target {item.target} is not a message of this room")
+        if row[2]:
+            raise GB6Error(CONFLICT, f"message {item.target} was deleted")
+        if item.type == "edit" and row[1] != item.sender:
+            raise forbidden("only the sender can edit a message")
+        if item.type == "delete" and row[1] != item.sender and not item.may_moderate:
+            raise forbidden("only the sender, the room's creator or an admin can delete")
+        return int(row[3])
+
+    def _stage(self, item: AppendItem, instance: str) -> Appended:
+        # Everything that can fail (encoding the body) comes before the head moves.
+        body = orjson.dumps(item.body) if item.body is not None else None
+        tsv = tsvector_literal(_text_of(item.body)) if item.type == "message" else None
+        seq = self._heads[item.room] + 1
+        self._staged.add(
+            item.room,
+            seq,
+            item.sender,
+            item.cid,
+            instance,
+            item.type,
+            body,
+            item.thread,
+            item.target,
+            item.emoji,
+            tsv,
+        )
+        self._heads[item.room] = seq
+        self._written.add((item.room, item.sender, item.cid))
+        event = Event(
+            room=item.room,
+            seq=seq,
+            ts=self._ts,
+            type=item.type,
+            sender=item.sender,
+            cid=item.cid,
+            body=item.body,
+            thread=item.thread,
+            target=item.target,
+            emoji=item.emoji,
+        )
+        return Appended(event, duplicate=False)
+
+    async def _flush(self) -> None:
+        if not len(self._staged):
+            return
+        columns = self._staged.columns
+        self._staged = _Staged()
+        await self._conn.execute(_INSERT, *columns, self._ts)
+
+    async def _load_heads(self, rooms: set[str]) -> None:
+        missing = sorted(r for r in rooms if r not in self._heads)
+        if missing:
+            for room, head in await self._conn.fetch(_HEADS, missing):
+                self._heads[room] = int(head)
+
+    async def _priors(self, items: list[AppendItem]) -> dict[tuple[str, str, str], Event]:
+        keys = {(i.room, i.sender, i.cid) for i in items if not _has_nul(i)}
+        if not keys:
+            return {}
+        rooms, senders, cids = (list(col) for col in zip(*keys, strict=True))
+        rows = await self._conn.fetch(_PRIORS, rooms, senders, cids)
+        return {(r[0], r[4], r[5]): event_of(r) for r in rows}

@@ -1,0 +1,39 @@
+"""asyncpg's exceptions, translated once into the project's errors (`node.errors`).
+
+Who is at fault decides the code: a write that breaks a constraint (a duplicate id, a row that
+refers to a missing one) is the caller's `conflict`; a value PostgreSQL cannot store (a NUL
+character in text, a number out of range) is the caller's `invalid`; anything else (the server
+is down, the connection broke, a statement timed out, the server refused) is `unavailable`, and
+the caller may retry.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+from node.errors import CONFLICT, INVALID, UNAVAILABLE, GB6Error
+
+# What a database call can raise that is not a bug of ours.
+DB_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+
+def translate(exc: BaseException, doing: str) -> GB6Error:
+    """The GB6Error for a failure of `doing` (e.g. "storage write")."""
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        return GB6Error(CONFLICT, f"{doing} refused: {_message(exc)}")
+    if isinstance(exc, asyncpg.DataError):
+        return GB6Error(INVALID, f"{doing} refused: {_message(exc)}")
+    return GB6Error(UNAVAILABLE, f"{doing} failed: {_message(exc)}")
+
+
+def _message(exc: BaseException) -> str:
+    detail = getattr(exc, "detail", None)
+    text = str(exc) or type(exc).__name__
+    return f"{text} ({detail})" if detail else text

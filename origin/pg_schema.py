@@ -1,0 +1,162 @@
+"""The PostgreSQL store's schema: migrations, and the event partitions made on demand.
+
+Everything lives in one schema per store (`gb6` unless told otherwise), named on the pool's
+`search_path`, so tests isolate themselves in a schema of their own and SQL stays unqualified.
+
+Migrations run at start, in one transaction, under a transaction-level advisory lock keyed by
+the schema: two processes starting at once apply them once (the second waits, then finds the
+version current). `schema_version` holds the number of migrations applied.
+
+Events are partitioned by customer and time: LIST by instance, each instance's partition
+RANGE-partitioned by month of `ts` (UTC). Partitions are made when a batch first needs them, in
+a short transaction of their own (before the batch's), under an advisory lock and with
+`IF NOT EXISTS`, so two writers can race for the same month harmlessly. Names come from an md5
+of the instance id, never from the id itself.
+
+PostgreSQL requires a partitioned table's unique constraints to hold its partition keys, so
+`events` cannot enforce (room, seq) or (room, sender, cid). The small unpartitioned `event_keys`
+table does: one row per event with those keys and where the event lives (instance, ts). The
+writer inserts into both in one statement; lookups by key go through `event_keys`, whose
+(instance, ts) prunes `events` to one partition.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import re
+from typing import Any, Final
+
+from node.errors import invalid
+
+_SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_LOCK_TIMEOUT: Final = "5s"  # partition DDL waits at most this long behind readers
+
+_MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE orgs(
+        id text PRIMARY KEY, name text NOT NULL, parent text REFERENCES orgs(id),
+        created_at bigint NOT NULL);
+    CREATE TABLE instances(
+        id text PRIMARY KEY, org text NOT NULL REFERENCES orgs(id), name text NOT NULL,
+        region text NOT NULL, plan text NOT NULL, status text NOT NULL,
+        created_at bigint NOT NULL);
+    CREATE TABLE users(
+        id text PRIMARY KEY, instance text NOT NULL REFERENCES instances(id),
+        name text NOT NULL, role text NOT NULL, created_at bigint NOT NULL);
+    CREATE TABLE tokens(
+        id text PRIMARY KEY, digest text NOT NULL UNIQUE,
+        user_id text NOT NULL REFERENCES users(id), expires_at bigint NOT NULL,
+        revoked boolean NOT NULL DEFAULT false, created_at bigint NOT NULL);
+    CREATE TABLE rooms(
+        id text PRIMARY KEY, instance text NOT NULL REFERENCES instances(id),
+        name text NOT NULL, kind text NOT NULL, open boolean NOT NULL, creator text NOT NULL,
+        created_at bigint NOT NULL);
+    CREATE TABLE members(
+        room text NOT NULL, user_id text NOT NULL, read bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (room, user_id));
+    CREATE INDEX members_by_user ON members(user_id);
+    CREATE TABLE event_keys(
+        room text NOT NULL, seq bigint NOT NULL, sender text NOT NULL, cid text NOT NULL,
+        instance text NOT NULL, ts bigint NOT NULL,
+        PRIMARY KEY (room, seq), UNIQUE (room, sender, cid));
+    CREATE SEQUENCE event_ids;
+    CREATE TABLE events(
+        id bigint NOT NULL DEFAULT nextval('event_ids'),
+        instance text NOT NULL, room text NOT NULL, seq bigint NOT NULL, ts bigint NOT NULL,
+        type text NOT NULL, sender text NOT NULL, cid text NOT NULL, body bytea,
+        thread bigint, target bigint, emoji text, deleted boolean NOT NULL DEFAULT false,
+        current_body bytea, edited bigint, tsv tsvector
+    ) PARTITION BY LIST (instance);
+    CREATE INDEX events_room_seq ON events(room, seq);
+    CREATE INDEX events_room_target ON events(room, target) WHERE target IS NOT NULL;
+    CREATE INDEX events_tsv ON events USING gin(tsv);
+    CREATE TABLE files(
+        id text PRIMARY KEY, room text NOT NULL REFERENCES rooms(id), uploader text NOT NULL,
+        size bigint NOT NULL, type text NOT NULL, created_at bigint NOT NULL);
+    CREATE TABLE meta(key text PRIMARY KEY, value text NOT NULL);
+    """,
+)
+
+
+def check_schema_name(name: str) -> str:
+    if not _SCHEMA_NAME.fullmatch(name):
+        raise invalid(
+            f"schema name {name!r} must be 1-63 lowercase letters, digits or '_',"
+            " not starting with a digit"
+        )
+    return name
+
+
+async def migrate(conn: Any, schema: str) -> int:
+    """Apply what is missing (asyncio side); returns the schema version."""
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"gb6.migrate.{schema}"
+        )
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(
+            f'CREATE TABLE IF NOT EXISTS "{schema}".schema_version(version integer NOT NULL)'
+        )
+        version = await conn.fetchval(f'SELECT version FROM "{schema}".schema_version')
+        if version is None:
+            version = 0
+            await conn.execute(f'INSERT INTO "{schema}".schema_version(version) VALUES (0)')
+        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            await conn.execute(script)
+            await conn.execute(f'UPDATE "{schema}".schema_version SET version = {number}')
+            version = number
+        return int(version)
+
+
+def month_of(ts_ms: int) -> tuple[int, int, int]:
+    """(month key, first ms of the month, first ms of the next), UTC."""
+    day = datetime.datetime.fromtimestamp(ts_ms / 1000, tz=datetime.UTC)
+    start = datetime.datetime(day.year, day.month, 1, tzinfo=datetime.UTC)
+    nxt = datetime.datetime(day.year + day.month // 12, day.month % 12 + 1, 1, tzinfo=datetime.UTC)
+    key = day.year * 100 + day.month
+    return key, int(start.timestamp() * 1000), int(nxt.timestamp() * 1000)
+
+
+class Partitions:
+    """Makes the partitions a batch needs; remembers the ones it knows exist (asyncio side)."""
+
+    def __init__(self, schema: str) -> None:
+        self._schema = schema
+        self._known: set[tuple[str, int]] = set()
+
+    def forget(self) -> None:
+        self._known.clear()
+
+    async def ensure(self, conn: Any, instances: set[str], ts_ms: int) -> None:
+        key, start, end = month_of(ts_ms)
+        missing = sorted(i for i in instances if (i, key) not in self._known)
+        if not missing:
+            return
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"gb6.partition.{self._schema}",
+            )
+            for instance in missing:
+                parent = "ev_" + hashlib.md5(instance.encode()).hexdigest()
+                child = f"{parent}_{key}"
+                # format() quotes the names and the instance literal for us.
+                ddl = await conn.fetchrow(
+                    "SELECT format('CREATE TABLE IF NOT EXISTS %I.%I PARTITION OF %I.events"
+                    " FOR VALUES IN (%L) PARTITION BY RANGE (ts)', $1::text, $2::text,"
+                    " $1::text, $3::text),"
+                    " format('CREATE TABLE IF NOT EXISTS %I.%I PARTITION OF %I.%I"
+                    " FOR VALUES FROM (%s) TO (%s)', $1::text, $4::text, $1::text, $2::text,"
+                    " $5::bigint, $6::bigint)",
+                    self._schema,
+                    parent,
+                    instance,
+                    child,
+                    start,
+                    end,
+                )
+                await conn.execute(ddl[0])
+                await conn.execute(ddl[1])
+        self._known.update((i, key) for i in missing)

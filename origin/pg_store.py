@@ -1,0 +1,530 @@
+"""The relational store on PostgreSQL (asyncpg through trio-asyncio): the `RelationalStore` port.
+
+Ownership: `run` opens an asyncpg pool (the caller has opened the trio-asyncio loop), migrates
+the schema (pg_schema.py), serves, and on exit commits what was queued, then closes the pool.
+Every call into asyncpg is one `aio_as_trio` crossing that does a whole unit of work (a batch,
+a write, a read), so the ~50 µs a crossing costs is paid once per unit, not per statement.
+
+Group commit, like the embedded writer: `submit_append` takes a slot (at most
+`max_inflight_appends` in flight) and puts the op on a bounded channel; one writer task takes
+every op waiting (at most `writer_batch`), and under load lingers `writer_linger_s` for the batch
+to fill. It runs the batch in one transaction in one crossing (pg_append.py), then calls
+`on_appended` once with the batch's outcomes, so batches reach the shard in commit order. The
+crossing is shielded: once a batch is sent to PostgreSQL the writer learns its outcome, whatever
+is cancelled meanwhile (asyncpg's `command_timeout` bounds that wait).
+
+Per-room heads are cached by the writer and dropped whole when a transaction fails, so no seq is
+skipped or reused. A failure while committing leaves the outcome unknown: every op of the batch
+is told `unavailable`, and a resend with the same cid answers with the original if it did
+commit. Room → instance is cached too (a room never changes instance); an append to a room the
+store does not hold is `not_found`.
+
+Tenancy writes each run in their own transaction, straight from the caller (no queue: they
+never compete for seqs), and are shielded like the batches. Search matches the `tsv` column
+(GIN-indexed), which the writer keeps in step with edits and deletes in the same transaction,
+so a search sees every committed message.
+
+The one writer per shard is the design's (DESIGN §3.1): two stores appending to the same rooms
+would make each other's batches fail on `event_keys`' unique keys (and retry after reloading
+their heads), never write a duplicate or a gap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Final, TypeVar
+
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
+import attrs
+import orjson
+import outcome
+import trio
+from trio_asyncio import aio_as_trio
+
+from node.config import Limits
+from node.errors import INTERNAL, UNAVAILABLE, GB6Error, not_found
+from node.events import Event
+from node.log import log
+from origin.pg_append import EVENT_COLS, AppendBatch, Results, event_of
+from origin.pg_errors import DB_ERRORS, translate
+from origin.pg_schema import Partitions, check_schema_name, migrate
+from origin.pg_search import tsquery_literal
+from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
+from origin.sqlite_store import AppendCallback, AppendItem, now_ms
+
+T = TypeVar("T")
+
+_COMMAND_TIMEOUT_S: Final = 30.0  # one statement; bounds every shielded wait
+_CONNECT_TIMEOUT_S: Final = 10.0
+_CLOSE_TIMEOUT_S: Final = 10.0
+
+
+class PgStore:
+    """The PostgreSQL relational store. A component: `await nursery.start(store.run)` inside
+    `trio_asyncio.open_loop()`.
+
+    `schema` isolates one store's tables (tests use a random one); `pool_size` bounds the
+    connections it holds (the writer takes one per batch, reads and writes the others).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        limits: Limits,
+        on_appended: AppendCallback,
+        *,
+        schema: str = "gb6",
+        pool_size: int = 4,
+    ) -> None:
+        if not 2 <= pool_size <= 64:
+            raise ValueError("pool_size must be between 2 and 64")
+        self.dsn = dsn
+        self.schema = check_schema_name(schema)
+        self.limits = limits
+        self._on_appended = on_appended
+        self._pool_size = pool_size
+        self._pool: Any = None
+        self._partitions = Partitions(self.schema)
+        self._heads: dict[str, int] = {}  # writer only
+        self._instances: dict[str, str] = {}  # room → instance
+        self._slots = trio.Semaphore(limits.max_inflight_appends)
+        self._send, self._recv = trio.open_memory_channel[AppendItem](limits.max_inflight_appends)
+        self._closed = True  # until run serves
+        self._inflight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.commits = 0  # transactions committed (batches and writes); for metrics and tests
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            self._pool = await aio_as_trio(asyncpg.create_pool)(
+                self.dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=_CONNECT_TIMEOUT_S,
+                command_timeout=_COMMAND_TIMEOUT_S,
+                server_settings={"search_path": self.schema, "application_name": "gb6-origin"},
+            )
+        except DB_ERRORS as exc:
+            raise translate(exc, "connecting to PostgreSQL") from exc
+        try:
+            await self._call(self._migrate, "migration")
+            self._closed = False
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._closed = True
+            with trio.CancelScope(shield=True):
+                await self._commit_queued()
+                with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
+                    await aio_as_trio(self._pool.close)()
+                if scope.cancelled_caught:
+                    self._pool.terminate()
+
+    async def wait_idle(self) -> None:
+        """Return once every submitted append and write has been committed and answered."""
+        await self._idle.wait()
+
+    async def _migrate(self) -> None:
+        async with self._pool.acquire() as conn:
+            await migrate(conn, self.schema)
+
+    # --- the writer ----------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        last_batch = 0
+        while True:
+            first = await self._recv.receive()
+            if last_batch > 1 and self.limits.writer_linger_s > 0:
+                # Under load, let the batch fill: fewer, larger transactions. A lone op never
+                # waits. Shielded: `first` is taken, and must be committed even on shutdown.
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(self.limits.writer_linger_s)
+            batch = [first, *self._take(self.limits.writer_batch - 1)]
+            last_batch = len(batch)
+            await self._commit(batch)
+
+    def _take(self, n: int) -> list[AppendItem]:
+        batch: list[AppendItem] = []
+        while len(batch) < n:
+            try:
+                batch.append(self._recv.receive_nowait())
+            except trio.WouldBlock:
+                break
+        return batch
+
+    async def _commit_queued(self) -> None:
+        """On exit: commit what was queued before the store closed (shielded by the caller)."""
+        while batch := self._take(self.limits.writer_batch):
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[AppendItem]) -> None:
+        with trio.CancelScope(shield=True):
+            results: Results = await aio_as_trio(self._apply)(batch)
+        self.commits += 1
+        try:
+            self._on_appended(results)
+        finally:
+            self._release(len(batch))
+
+    async def _apply(self, batch: list[AppendItem]) -> Results:
+        """One batch, one transaction (asyncio side). Never raises: failures are outcomes."""
+        try:
+            ts = now_ms()
+            async with self._pool.acquire() as conn:
+                await self._learn_instances(conn, {item.room for item in batch})
+                rooms = {item.room for item in batch}
+                instances = {r: self._instances[r] for r in rooms if r in self._instances}
+                await self._partitions.ensure(conn, set(instances.values()), ts)
+                async with conn.transaction():
+                    return await AppendBatch(conn, self._heads, instances, ts).apply(batch)
+        except DB_ERRORS as exc:
+            failure = GB6Error(
+                UNAVAILABLE,
+                f"storage failed; the batch may not have been written (resend with the same"
+                f" cid): {exc}",
+            )
+        except Exception as exc:
+            log("writer_batch_failed", error=repr(exc))
+            failure = GB6Error(INTERNAL, "internal error")
+        # Reloaded on next use: no seq skipped or reused; partitions are checked again.
+        self._heads.clear()
+        self._partitions.forget()
+        return [(item, outcome.Error(failure)) for item in batch]
+
+    async def _learn_instances(self, conn: Any, rooms: Iterable[str]) -> None:
+        missing = [r for r in rooms if r not in self._instances]
+        if missing:
+            rows = await conn.fetch("SELECT id, instance FROM rooms WHERE id = ANY($1)", missing)
+            self._instances.update((r[0], r[1]) for r in rows)
+
+    def _release(self, n: int) -> None:
+        self._inflight -= n
+        for _ in range(n):
+            self._slots.release()
+        if self._inflight == 0:
+            self._idle.set()
+
+    async def _acquire(self) -> None:
+        if self._closed:
+            raise GB6Error(UNAVAILABLE, "the store is not serving")
+        try:
+            self._slots.acquire_nowait()  # no schedule point when a slot is free
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        if self._closed:
+            self._slots.release()
+            raise GB6Error(UNAVAILABLE, "the store is not serving")
+        if self._inflight == 0:
+            self._idle = trio.Event()
+        self._inflight += 1
+
+    # --- writes --------------------------------------------------------------------------
+
+    async def submit_append(self, item: AppendItem) -> None:
+        """Queue an append; waits only for a free slot (backpressure). The result reaches
+        `on_appended` once durable. Raises `unavailable` once the store has stopped."""
+        await self._acquire()
+        # A slot is held, and the channel has room for every slot: this never blocks.
+        self._send.send_nowait(item)
+
+    async def _write(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run `fn(conn)` in a transaction of its own; return its value once durable.
+
+        Cancelling the caller does not cancel the write once it has started."""
+        await self._acquire()
+        try:
+            with trio.CancelScope(shield=True):
+                value: T = await self._call(self._in_transaction, "storage write", fn)
+            self.commits += 1
+            return value
+        finally:
+            self._release(1)
+
+    async def _in_transaction(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        async with self._pool.acquire() as conn, conn.transaction():
+            return await fn(conn)
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], doing: str, *args: Any) -> T:
+        """One crossing into asyncio; driver errors come back as GB6Error."""
+        try:
+            value: T = await aio_as_trio(fn)(*args)
+            return value
+        except DB_ERRORS as exc:
+            raise translate(exc, doing) from exc
+
+    async def create_org(self, org: Org) -> None:
+        async def tx(c: Any) -> None:
+            if org.parent is not None and not await c.fetchval(
+                "SELECT 1 FROM orgs WHERE id = $1", org.parent
+            ):
+                raise not_found(f"organization {org.parent} not found")
+            await c.execute(
+                "INSERT INTO orgs(id, name, parent, created_at) VALUES ($1, $2, $3, $4)",
+                org.id,
+                org.name,
+                org.parent,
+                org.created_at,
+            )
+
+        await self._write(tx)
+
+    async def create_instance(self, inst: Instance) -> None:
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO instances(id, org, name, region, plan, status, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                *attrs.astuple(inst),
+            )
+
+        await self._write(tx)
+
+    async def create_user(self, user: User) -> None:
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO users(id, instance, name, role, created_at)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                *attrs.astuple(user),
+            )
+
+        await self._write(tx)
+
+    async def create_token(self, token: Token, digest: str) -> None:
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO tokens(id, digest, user_id, expires_at, revoked, created_at)"
+                " VALUES ($1, $2, $3, $4, false, $5)",
+                token.id,
+                digest,
+                token.user,
+                token.expires_at,
+                now_ms(),
+            )
+
+        await self._write(tx)
+
+    async def revoke_token(self, user: str, token_id: str) -> bool:
+        async def tx(c: Any) -> bool:
+            status: str = await c.execute(
+                "UPDATE tokens SET revoked = true WHERE id = $1 AND user_id = $2", token_id, user
+            )
+            return status != "UPDATE 0"
+
+        return await self._write(tx)
+
+    async def create_room(self, room: RoomRecord, members: Iterable[str]) -> None:
+        users = list(members)
+
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO rooms(id, instance, name, kind, open, creator, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                *attrs.astuple(room),
+            )
+            await c.execute(
+                "INSERT INTO members(room, user_id) SELECT $1, u FROM unnest($2::text[]) AS u",
+                room.id,
+                users,
+            )
+
+        await self._write(tx)
+        self._instances[room.id] = room.instance
+
+    async def add_members(self, room: str, users: Iterable[str]) -> None:
+        rows = list(users)
+
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO members(room, user_id) SELECT $1, u FROM unnest($2::text[]) AS u"
+                " ON CONFLICT DO NOTHING",
+                room,
+                rows,
+            )
+
+        await self._write(tx)
+
+    async def remove_members(self, room: str, users: Iterable[str]) -> None:
+        rows = list(users)
+
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "DELETE FROM members WHERE room = $1 AND user_id = ANY($2::text[])", room, rows
+            )
+
+        await self._write(tx)
+
+    async def set_read(self, room: str, user: str, seq: int) -> None:
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "UPDATE members SET read = GREATEST(read, $1) WHERE room = $2 AND user_id = $3",
+                seq,
+                room,
+                user,
+            )
+
+        await self._write(tx)
+
+    async def create_file(self, rec: FileRecord) -> None:
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO files(id, room, uploader, size, type, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
+                *attrs.astuple(rec),
+            )
+
+        await self._write(tx)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO meta(key, value) VALUES ($1, $2)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                key,
+                value,
+            )
+
+        await self._write(tx)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        async def on_conn() -> T:
+            async with self._pool.acquire() as conn:
+                return await fn(conn)
+
+        return await self._call(on_conn, "storage read")
+
+    async def _instance_of(self, room: str) -> str | None:
+        if room not in self._instances:
+            await self._read(lambda c: self._learn_instances(c, [room]))
+        return self._instances.get(room)
+
+    async def events_after(self, room: str, after: int, limit: int) -> list[Event]:
+        instance = await self._instance_of(room)
+        if instance is None or limit <= 0:
+            return []
+
+        async def q(c: Any) -> list[Event]:
+            rows = await c.fetch(
+                f"SELECT {EVENT_COLS} FROM events WHERE instance = $1 AND room = $2 AND seq > $3"
+                " ORDER BY seq LIMIT $4",
+                instance,
+                room,
+                after,
+                limit,
+            )
+            return [event_of(r) for r in rows]
+
+        return await self._read(q)
+
+    async def history(self, room: str, before: int | None, limit: int) -> list[Event]:
+        instance = await self._instance_of(room)
+        if instance is None or limit <= 0:
+            return []
+
+        async def q(c: Any) -> list[Event]:
+            rows = await c.fetch(
+                f"SELECT {EVENT_COLS} FROM events WHERE instance = $1 AND room = $2 AND seq < $3"
+                " ORDER BY seq DESC LIMIT $4",
+                instance,
+                room,
+                before if before is not None else 2**62,
+                limit,
+            )
+            return [event_of(r) for r in reversed(rows)]
+
+        return await self._read(q)
+
+    async def search(self, rooms: Sequence[str], query: str, limit: int) -> list[Event]:
+        tsquery = tsquery_literal(query)
+        if tsquery is None or not rooms or limit <= 0:
+            return []
+        room_list = list(dict.fromkeys(rooms))
+
+        async def q(c: Any) -> list[Event]:
+            await self._learn_instances(c, room_list)
+            instances = sorted({self._instances[r] for r in room_list if r in self._instances})
+            rows = await c.fetch(
+                f"SELECT {EVENT_COLS}, current_body, edited FROM events"
+                " WHERE instance = ANY($1::text[]) AND room = ANY($2::text[])"
+                " AND tsv @@ $3::tsquery AND NOT deleted ORDER BY id DESC LIMIT $4",
+                instances,
+                room_list,
+                tsquery,
+                limit,
+            )
+            hits = []
+            for r in rows:
+                ev = event_of(r)
+                if r[11] is not None:
+                    ev = attrs.evolve(ev, body=orjson.loads(r[11]), edited=r[12])
+                hits.append(ev)
+            return hits
+
+        return await self._read(q)
+
+    async def token(self, digest: str) -> Token | None:
+        async def q(c: Any) -> Token | None:
+            row = await c.fetchrow(
+                "SELECT id, user_id, expires_at, revoked FROM tokens WHERE digest = $1", digest
+            )
+            return Token(row[0], row[1], row[2], bool(row[3])) if row else None
+
+        return await self._read(q)
+
+    async def load_tenancy(self) -> tuple[list[Org], list[Instance], list[User]]:
+        async def q(c: Any) -> tuple[list[Org], list[Instance], list[User]]:
+            orgs = [Org(*r) for r in await c.fetch("SELECT id, name, parent, created_at FROM orgs")]
+            insts = [
+                Instance(*r)
+                for r in await c.fetch(
+                    "SELECT id, org, name, region, plan, status, created_at FROM instances"
+                )
+            ]
+            users = [
+                User(*r)
+                for r in await c.fetch("SELECT id, instance, name, role, created_at FROM users")
+            ]
+            return orgs, insts, users
+
+        return await self._read(q)
+
+    async def load_rooms(self) -> list[tuple[RoomRecord, int, dict[str, int]]]:
+        """Every room with its head seq and members (user → read seq)."""
+
+        async def q(c: Any) -> list[tuple[RoomRecord, int, dict[str, int]]]:
+            rows = await c.fetch(
+                "SELECT id, instance, name, kind, open, creator, created_at,"
+                " COALESCE((SELECT max(seq) FROM event_keys k WHERE k.room = r.id), 0)"
+                " FROM rooms r"
+            )
+            rooms = {r[0]: (RoomRecord(*r[:7]), int(r[7])) for r in rows}
+            members: dict[str, dict[str, int]] = {rid: {} for rid in rooms}
+            for room, user, read in await c.fetch("SELECT room, user_id, read FROM members"):
+                if room in members:
+                    members[room][user] = read
+            self._instances.update((rid, rec.instance) for rid, (rec, _) in rooms.items())
+            return [(rec, head, members[rid]) for rid, (rec, head) in rooms.items()]
+
+        return await self._read(q)
+
+    async def file(self, file_id: str) -> FileRecord | None:
+        async def q(c: Any) -> FileRecord | None:
+            row = await c.fetchrow(
+                "SELECT id, room, uploader, size, type, created_at FROM files WHERE id = $1",
+                file_id,
+            )
+            return FileRecord(*row) if row else None
+
+        return await self._read(q)
+
+    async def meta(self, key: str) -> str | None:
+        async def q(c: Any) -> str | None:
+            value: str | None = await c.fetchval("SELECT value FROM meta WHERE key = $1", key)
+            return value
+
+        return await self._read(q)

@@ -1,0 +1,126 @@
+"""The relational store port: what an origin shard needs of its store, whatever holds the data.
+
+Adapters: `origin.sqlite_store.SqliteStore` (embedded, the default) and `origin.pg_store.PgStore`
+(PostgreSQL). `tests/test_store_contract.py` runs one suite against both.
+
+The contract, for every adapter:
+
+- A component: `await nursery.start(store.run)`; it serves once its schema is migrated, and on
+  exit it commits what was queued before the cancellation, then closes what it opened.
+- The constructor takes an `AppendCallback`. `submit_append` queues one seq-taking op and waits
+  only for a free slot (backpressure). Appends are group-committed; once a batch is durable the
+  callback is called once, in the store's own task, with every op of the batch in submission
+  order and batches in commit order. Each op's outcome is an `Appended` or a `GB6Error`.
+- Seqs are per room, start at 1 and are gapless: a failed commit skips and reuses none. A repeat
+  of (room, sender, cid) answers with the original event (`duplicate=True`) and writes nothing,
+  even when its checks would fail now. Edits and deletes target a message of the same room that
+  is not deleted (`not_found`, `conflict`), an edit only by its sender and a delete by its sender
+  or a moderator (`forbidden`); reactions target a live message; a thread root is a message of
+  the room (`not_found`). One op's failure never fails the others of its batch; a failure of the
+  storage itself fails the whole batch with `unavailable`.
+- Tenancy writes return once durable and are not undone by cancelling the caller. Duplicate ids
+  and missing referenced rows are `conflict` (an unknown parent organization is `not_found`).
+- Reads translate storage failures into `unavailable`. `search` matches messages holding every
+  word of the query (case and Latin diacritics folded), newest first, never a deleted one, and
+  shows a hit with its current (edited) text and `edited` set to the newest edit's seq.
+
+SqliteStore also has a generic `write(fn)` and `read(fn)` that take a `sqlite3.Connection`;
+they are SQLite's own and stay out of this port (only SqliteStore's own methods call them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from node.events import Event
+from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
+from origin.sqlite_store import AppendCallback, Appended, AppendItem
+
+__all__ = ["AppendCallback", "AppendItem", "Appended", "RelationalStore"]
+
+
+class RelationalStore(Protocol):
+    """Tenancy, rooms, membership, files and the events of every room (see the module doc)."""
+
+    @property
+    def commits(self) -> int:
+        """Batches committed so far (for metrics and tests)."""
+        ...
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
+
+    async def wait_idle(self) -> None:
+        """Return once every submitted append and write has been committed and answered."""
+        ...
+
+    # --- the message path ----------------------------------------------------------------
+
+    async def submit_append(self, item: AppendItem) -> None:
+        """Queue an append; its outcome reaches the `AppendCallback` once durable."""
+        ...
+
+    # --- tenancy writes (durable on return) ----------------------------------------------
+
+    async def create_org(self, org: Org) -> None: ...
+
+    async def create_instance(self, inst: Instance) -> None: ...
+
+    async def create_user(self, user: User) -> None: ...
+
+    async def create_token(self, token: Token, digest: str) -> None: ...
+
+    async def revoke_token(self, user: str, token_id: str) -> bool:
+        """True if `user` had that token (revoking twice is still True)."""
+        ...
+
+    async def create_room(self, room: RoomRecord, members: Iterable[str]) -> None: ...
+
+    async def add_members(self, room: str, users: Iterable[str]) -> None:
+        """Users already members are left as they are (their read seq kept)."""
+        ...
+
+    async def remove_members(self, room: str, users: Iterable[str]) -> None: ...
+
+    async def set_read(self, room: str, user: str, seq: int) -> None:
+        """Move a member's read seq forward (never back); no-op for a non-member."""
+        ...
+
+    async def create_file(self, rec: FileRecord) -> None: ...
+
+    async def set_meta(self, key: str, value: str) -> None: ...
+
+    # --- reads ---------------------------------------------------------------------------
+
+    async def events_after(self, room: str, after: int, limit: int) -> list[Event]:
+        """Up to `limit` events with seq > `after`, oldest first."""
+        ...
+
+    async def history(self, room: str, before: int | None, limit: int) -> list[Event]:
+        """The `limit` newest events with seq < `before` (all if None), oldest first."""
+        ...
+
+    async def search(self, rooms: Sequence[str], query: str, limit: int) -> list[Event]: ...
+
+    async def token(self, digest: str) -> Token | None: ...
+
+    async def load_tenancy(self) -> tuple[list[Org], list[Instance], list[User]]: ...
+
+    async def load_rooms(self) -> list[tuple[RoomRecord, int, dict[str, int]]]:
+        """Every room with its head seq and members (user → read seq)."""
+        ...
+
+    async def file(self, file_id: str) -> FileRecord | None: ...
+
+    async def meta(self, key: str) -> str | None: ...
+
+
+if TYPE_CHECKING:  # the embedded adapter fits the port as it is (checked by mypy)
+    from origin.sqlite_store import SqliteStore
+
+    def _sqlite_fits(store: SqliteStore) -> RelationalStore:
+        return store

@@ -1,0 +1,649 @@
+"""The relational store's contract (origin/store_port.py), run against every adapter.
+
+SQLite on the test's own directory; PostgreSQL on the service scripts/services starts, in a
+fresh schema per test that is dropped afterwards. Each test opens its own trio-asyncio loop, as
+the node's supervisor does at process start. The last section holds what only one adapter has
+(PostgreSQL's migrations under concurrent starts, its partitions, a failed transaction).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import outcome
+import pytest
+import trio
+import trio_asyncio
+from services import require
+from trio_asyncio import aio_as_trio
+
+from node.config import Limits
+from node.errors import CONFLICT, FORBIDDEN, NOT_FOUND, UNAVAILABLE, GB6Error
+from node.events import Event
+from node.ids import new_id
+from origin.pg_store import PgStore
+from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
+from origin.sqlite_store import SqliteStore, now_ms
+from origin.store_port import Appended, AppendItem, RelationalStore
+
+LIMITS = Limits(max_inflight_appends=2_000, writer_batch=500)
+Batch = list[tuple[AppendItem, outcome.Outcome[Appended]]]
+
+
+class Recorder:
+    """The store's `on_appended`: keeps every batch and answers each op's `reply`."""
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+
+    def __call__(self, results: Batch) -> None:
+        self.batches.append(results)
+        for item, result in results:
+            if item.reply is not None:
+                item.reply(result)
+
+    def fresh(self) -> list[Event]:
+        """Every new (not repeated) event the store reported, in the order it reported them."""
+        return [
+            r.value.event
+            for batch in self.batches
+            for _, r in batch
+            if isinstance(r, outcome.Value) and not r.value.duplicate
+        ]
+
+
+@attrs.frozen
+class Backend:
+    """How to make an adapter on one test's own storage (again, to test reopening)."""
+
+    name: str
+    make: Callable[[Recorder], RelationalStore]
+    dsn: str = ""
+    schema: str = ""
+
+
+@asynccontextmanager
+async def serving(backend: Backend, rec: Recorder | None = None) -> AsyncIterator[RelationalStore]:
+    """A store serving inside a trio-asyncio loop; drained and closed on exit."""
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        store = backend.make(rec if rec is not None else Recorder())
+        with trio.fail_after(20):
+            await nursery.start(store.run)
+        try:
+            yield store
+            with trio.fail_after(20):
+                await store.wait_idle()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def _pg(dsn: str, *statements: str) -> list[Any]:
+    """Run statements on a connection of our own (outside any store); the last one's rows."""
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    rows: list[Any] = []
+    conn = await aio_as_trio(asyncpg.connect)(dsn, timeout=10)
+    try:
+        for sql in statements:
+            rows = await aio_as_trio(conn.fetch)(sql)
+    finally:
+        await aio_as_trio(conn.close)()
+    return rows
+
+
+async def _drop_schema(dsn: str, schema: str) -> None:
+    async with trio_asyncio.open_loop():
+        await _pg(dsn, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+# A sync fixture, so that require()'s skip keeps its reason (see tests/services.py).
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        yield Backend("sqlite", lambda rec: SqliteStore(tmp_path / "gb6.db", LIMITS, rec))
+        return
+    dsn = require("postgres")
+    schema = f"gb6_store_test_{uuid.uuid4().hex[:12]}"
+    try:
+        yield Backend("postgres", lambda rec: PgStore(dsn, LIMITS, rec, schema=schema), dsn, schema)
+    finally:
+        trio.run(_drop_schema, dsn, schema)
+
+
+@pytest.fixture
+def pg_backend(tmp_path: Path) -> Iterator[Backend]:
+    dsn = require("postgres")
+    schema = f"gb6_store_test_{uuid.uuid4().hex[:12]}"
+    try:
+        yield Backend("postgres", lambda rec: PgStore(dsn, LIMITS, rec, schema=schema), dsn, schema)
+    finally:
+        trio.run(_drop_schema, dsn, schema)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Tenant:
+    org: str
+    instance: str
+    alice: str
+    bob: str
+    carol: str
+
+
+async def tenant(store: RelationalStore) -> Tenant:
+    org = Org(new_id("org"), "acme", None, now_ms())
+    await store.create_org(org)
+    inst = Instance(new_id("ins"), org.id, "main", "local", "free", "active", now_ms())
+    await store.create_instance(inst)
+    users = []
+    for name in ("alice", "bob", "carol"):
+        user = User(new_id("usr"), inst.id, name, "member", now_ms())
+        await store.create_user(user)
+        users.append(user.id)
+    return Tenant(org.id, inst.id, *users)
+
+
+async def room(store: RelationalStore, t: Tenant, members: list[str] | None = None) -> str:
+    rec = RoomRecord(new_id("room"), t.instance, "r", "chat", False, t.alice, now_ms())
+    await store.create_room(rec, members if members is not None else [t.alice, t.bob])
+    return rec.id
+
+
+def item(room_id: str, sender: str, cid: str, **fields: Any) -> AppendItem:
+    fields.setdefault("type", "message")
+    if fields["type"] == "message":
+        fields.setdefault("body", {"text": cid})
+    return AppendItem(room=room_id, sender=sender, cid=cid, **fields)
+
+
+async def submit(store: RelationalStore, it: AppendItem) -> Callable[[], outcome.Outcome[Appended]]:
+    """Queue `it` without waiting for it; the returned function gives its outcome once known."""
+    box: list[outcome.Outcome[Appended]] = []
+    await store.submit_append(attrs.evolve(it, reply=box.append))
+
+    def result() -> outcome.Outcome[Appended]:
+        assert box, f"no outcome for {it.cid}"
+        got = box[0]  # a fresh copy each time: an Outcome unwraps once
+        return (
+            outcome.Value(got.value) if isinstance(got, outcome.Value) else outcome.Error(got.error)
+        )
+
+    return result
+
+
+async def append(store: RelationalStore, it: AppendItem) -> Appended:
+    result = await submit(store, it)
+    with trio.fail_after(10):
+        await store.wait_idle()
+    return result().unwrap()
+
+
+async def refused(store: RelationalStore, it: AppendItem, code: str) -> GB6Error:
+    with pytest.raises(GB6Error) as info:
+        await append(store, it)
+    assert info.value.code == code, info.value
+    return info.value
+
+
+def seqs(events: list[Event]) -> list[int]:
+    return [e.seq for e in events]
+
+
+# --- the message path ----------------------------------------------------------------------
+
+
+async def test_appends_get_gapless_seqs_per_room_in_commit_order(backend: Backend) -> None:
+    rec = Recorder()
+    async with serving(backend, rec) as store:
+        t = await tenant(store)
+        r1, r2 = await room(store, t), await room(store, t)
+        pending = []
+        for i in range(120):  # pipelined: nobody waits for an answer before the next op
+            pending.append(await submit(store, item((r1, r2)[i % 3 == 0], t.alice, f"c{i}")))
+        with trio.fail_after(20):
+            await store.wait_idle()
+        got = [p().unwrap() for p in pending]
+        assert not any(a.duplicate for a in got)
+        for r in (r1, r2):
+            mine = [a.event for a in got if a.event.room == r]
+            # Seqs follow submission order, from 1, without a gap.
+            assert seqs(mine) == list(range(1, len(mine) + 1))
+            # What the store answered is what it holds.
+            assert await store.events_after(r, 0, 1000) == mine
+        # The callback saw every op once, batches in commit order, each room's seqs rising.
+        reported = rec.fresh()
+        assert sorted((e.room, e.seq) for e in reported) == sorted(
+            (a.event.room, a.event.seq) for a in got
+        )
+        for r in (r1, r2):
+            assert seqs([e for e in reported if e.room == r]) == sorted(
+                e.seq for e in reported if e.room == r
+            )
+        assert store.commits >= 1
+
+
+async def test_repeat_cid_answers_the_original_and_writes_nothing(backend: Backend) -> None:
+    rec = Recorder()
+    async with serving(backend, rec) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        first = await append(store, item(r, t.alice, "a", body={"text": "original"}))
+        again = await append(store, item(r, t.alice, "a", body={"text": "different"}))
+        assert again.duplicate and again.event == first.event
+        assert again.event.body == {"text": "original"}
+        # The same cid from someone else is another message.
+        other = await append(store, item(r, t.bob, "a"))
+        assert not other.duplicate and other.event.seq == 2
+        # Twice in one go: one new event, one repeat of it.
+        p1 = await submit(store, item(r, t.alice, "b"))
+        p2 = await submit(store, item(r, t.alice, "b"))
+        await store.wait_idle()
+        assert not p1().unwrap().duplicate and p2().unwrap().duplicate
+        assert p2().unwrap().event.seq == p1().unwrap().event.seq == 3
+        assert seqs(await store.events_after(r, 0, 100)) == [1, 2, 3]
+        assert seqs(rec.fresh()) == [1, 2, 3]
+        # A repeat answers with the original even when its checks would fail now.
+        edit = await append(store, item(r, t.alice, "e", type="edit", target=1, body={"text": "x"}))
+        await append(store, item(r, t.alice, "d", type="delete", target=1))
+        redo = await append(store, item(r, t.alice, "e", type="edit", target=1, body={"text": "y"}))
+        assert redo.duplicate and redo.event.seq == edit.event.seq
+        assert seqs(await store.events_after(r, 0, 100)) == [1, 2, 3, 4, 5]
+
+
+async def test_concurrent_appends_from_many_tasks_stay_gapless(backend: Backend) -> None:
+    tasks, each = 20, 15
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        commits_before = store.commits
+        per_task: dict[int, list[int]] = {}
+
+        async def sender(n: int) -> None:
+            got = []
+            for i in range(each):
+                got.append((await append(store, item(r, t.alice, f"t{n}-{i}"))).event.seq)
+            per_task[n] = got
+
+        async with trio.open_nursery() as nursery:
+            for n in range(tasks):
+                nursery.start_soon(sender, n)
+        everything = sorted(s for got in per_task.values() for s in got)
+        assert everything == list(range(1, tasks * each + 1))
+        assert all(got == sorted(got) for got in per_task.values())
+        assert seqs(await store.events_after(r, 0, 1000)) == everything
+        # Group commit: many ops share a transaction.
+        assert store.commits - commits_before < tasks * each
+
+
+async def test_a_failing_op_fails_alone(backend: Backend) -> None:
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        ops = [
+            item(r, t.alice, "m1"),
+            item(r, t.alice, "bad-edit", type="edit", target=99, body={"text": "x"}),
+            item(r, t.alice, "m2"),
+            item(r, t.bob, "bad-thread", thread=42),
+            item(r, t.bob, "react", type="react", target=1, emoji="+1"),
+            item(r, t.alice, "m3"),
+        ]
+        pending = [await submit(store, op) for op in ops]
+        await store.wait_idle()
+        results = [p() for p in pending]
+        errors = {
+            ops[i].cid: r.error for i, r in enumerate(results) if isinstance(r, outcome.Error)
+        }
+        assert set(errors) == {"bad-edit", "bad-thread"}
+        assert all(isinstance(e, GB6Error) and e.code == NOT_FOUND for e in errors.values())
+        events = await store.events_after(r, 0, 100)
+        assert [(e.cid, e.seq) for e in events] == [("m1", 1), ("m2", 2), ("react", 3), ("m3", 4)]
+        # Nothing of the failed ops was kept: they can be sent again, correctly.
+        fixed = await append(store, item(r, t.bob, "bad-thread", thread=1))
+        assert fixed.event.seq == 5 and fixed.event.thread == 1
+
+
+async def test_edit_delete_react_and_thread_checks(backend: Backend) -> None:
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r, elsewhere = await room(store, t), await room(store, t)
+        msg = (await append(store, item(r, t.alice, "m"))).event.seq
+        for i in range(10):  # seqs that are messages there, and nothing here
+            await append(store, item(elsewhere, t.alice, f"x{i}"))
+        react = await append(store, item(r, t.bob, "r", type="react", target=msg, emoji="+1"))
+        edit = await append(
+            store, item(r, t.alice, "e1", type="edit", target=msg, body={"text": "m2"})
+        )
+
+        def op(cid: str, type_: str, target: int, sender: str = t.alice, **kw: Any) -> AppendItem:
+            if type_ == "edit":
+                kw.setdefault("body", {"text": "z"})
+            if type_ == "react":
+                kw.setdefault("emoji", "+1")
+            return item(r, sender, cid, type=type_, target=target, **kw)
+
+        # Targets must be messages of this room.
+        for type_ in ("edit", "delete", "react"):
+            await refused(store, op(f"{type_}-none", type_, 77), NOT_FOUND)
+            await refused(store, op(f"{type_}-react", type_, react.event.seq), NOT_FOUND)
+            await refused(store, op(f"{type_}-edit", type_, edit.event.seq), NOT_FOUND)
+            await refused(store, op(f"{type_}-there", type_, 9), NOT_FOUND)
+        await refused(store, item(r, t.bob, "th-none", thread=77), NOT_FOUND)
+        await refused(store, item(r, t.bob, "th-react", thread=react.event.seq), NOT_FOUND)
+        await refused(store, item(r, t.bob, "th-there", thread=9), NOT_FOUND)
+        # Only the sender edits; the sender or a moderator deletes; anyone reacts.
+        await refused(store, op("e-bob", "edit", msg, sender=t.bob), FORBIDDEN)
+        await refused(store, op("d-bob", "delete", msg, sender=t.bob), FORBIDDEN)
+        await append(store, op("r-carol", "react", msg, sender=t.carol, emoji="x"))
+        reply = await append(store, item(r, t.bob, "th-ok", thread=msg))
+        assert reply.event.thread == msg
+        deleted = await append(store, op("d-mod", "delete", msg, sender=t.bob, may_moderate=True))
+        assert deleted.event.type == "delete" and deleted.event.target == msg
+        # A deleted message can be neither edited, reacted to, nor deleted again.
+        for type_ in ("edit", "delete", "react"):
+            await refused(store, op(f"{type_}-dead", type_, msg), CONFLICT)
+        # It keeps its place in history, without its text or the text of its edits.
+        history = {e.seq: e for e in await store.history(r, None, 100)}
+        assert history[msg].deleted and history[msg].body is None
+        assert history[edit.event.seq].body is None
+        assert history[react.event.seq].emoji == "+1"
+        assert seqs(list(history.values())) == list(range(1, 7))
+
+
+async def test_history_pages_and_events_after(backend: Backend) -> None:
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        for i in range(25):
+            await store.submit_append(item(r, t.alice, f"h{i}", body={"text": f"n{i}", "i": i}))
+        await store.wait_idle()
+        assert seqs(await store.history(r, None, 10)) == list(range(16, 26))
+        assert seqs(await store.history(r, 16, 10)) == list(range(6, 16))
+        assert seqs(await store.history(r, 6, 10)) == list(range(1, 6))
+        assert await store.history(r, 1, 10) == []
+        assert seqs(await store.events_after(r, 0, 10)) == list(range(1, 11))
+        page = await store.events_after(r, 20, 10)
+        assert seqs(page) == list(range(21, 26))
+        assert page[0].body == {"text": "n20", "i": 20} and page[0].sender == t.alice
+        assert page[0].cid == "h20" and page[0].type == "message"
+        assert await store.events_after(r, 25, 10) == []
+        assert await store.events_after("room_nope", 0, 10) == []
+        assert await store.history("room_nope", None, 10) == []
+
+
+async def test_search_every_word_newest_first_edits_and_deletes(backend: Backend) -> None:
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r, other, foreign = await room(store, t), await room(store, t), await room(store, t)
+
+        async def say(room_id: str, text: str) -> int:
+            return (
+                await append(store, item(room_id, t.alice, text, body={"text": text}))
+            ).event.seq
+
+        s1 = await say(r, "red apple pie")
+        s2 = await say(r, "green apple")
+        await say(r, "red car")
+        s4 = await say(r, "An APPLE, bright red!")
+        o1 = await say(other, "apple in the other room")
+        await say(foreign, "apple nobody asked for")
+
+        async def hits(query: str, rooms: list[str] | None = None) -> list[tuple[str, int]]:
+            found = await store.search(rooms or [r, other], query, 50)
+            return [(e.room, e.seq) for e in found]
+
+        assert await hits("apple red") == [(r, s4), (r, s1)]
+        assert await hits("apple") == [(other, o1), (r, s4), (r, s2), (r, s1)]
+        assert await hits("apple", [r]) == [(r, s4), (r, s2), (r, s1)]
+        assert await hits("apple blue") == []
+        assert await hits("purple") == []
+        assert await hits("") == [] and await hits("?!") == []
+        assert len(await store.search([r, other], "apple", 2)) == 2
+        (hit,) = await store.search([r], "pie", 10)
+        assert hit.body == {"text": "red apple pie"} and hit.sender == t.alice
+        assert hit.type == "message" and not hit.deleted and hit.edited is None
+        # Case and Latin diacritics are folded, on both sides.
+        cafe = await say(r, "Crème brûlée at the CAFÉ")
+        assert await hits("creme cafe") == [(r, cafe)]
+        assert await hits("BRÛLÉE") == [(r, cafe)]
+
+        # An edited message is found by its new text, shown with it and the edit's seq.
+        whale = await say(r, "blue whale")
+        edit = await append(
+            store, item(r, t.alice, "e", type="edit", target=whale, body={"text": "grey shark"})
+        )
+        assert await hits("whale") == []
+        (hit,) = await store.search([r], "shark grey", 10)
+        assert hit.seq == whale and hit.body == {"text": "grey shark"}
+        assert hit.edited == edit.event.seq
+        # A deleted message never matches, whatever text it had.
+        await append(store, item(r, t.alice, "d", type="delete", target=whale))
+        assert await hits("shark") == [] and await hits("whale") == []
+        await append(store, item(r, t.alice, "d1", type="delete", target=s4))
+        assert await hits("apple red") == [(r, s1)]
+
+
+# --- tenancy -------------------------------------------------------------------------------
+
+
+async def test_tokens_and_revocation(backend: Backend) -> None:
+    async with serving(backend) as store:
+        t = await tenant(store)
+        tok = Token(new_id("tok"), t.alice, now_ms() + 60_000, False)
+        await store.create_token(tok, "digest-a")
+        assert await store.token("digest-a") == tok
+        assert await store.token("digest-nope") is None
+        assert not await store.revoke_token(t.bob, tok.id)  # not Bob's
+        assert not await store.revoke_token(t.alice, "tok_nope")
+        assert (await store.token("digest-a")) == tok
+        assert await store.revoke_token(t.alice, tok.id)
+        assert await store.token("digest-a") == attrs.evolve(tok, revoked=True)
+        with pytest.raises(GB6Error) as info:  # one digest, one token
+            await store.create_token(Token(new_id("tok"), t.bob, now_ms(), False), "digest-a")
+        assert info.value.code == CONFLICT
+        with pytest.raises(GB6Error) as info:
+            await store.create_token(Token(new_id("tok"), "usr_nope", now_ms(), False), "d-b")
+        assert info.value.code == CONFLICT
+
+
+async def test_tenancy_is_loaded_back_and_bad_references_refused(backend: Backend) -> None:
+    async with serving(backend) as store:
+        t = await tenant(store)
+        child = Org(new_id("org"), "child", t.org, now_ms())
+        await store.create_org(child)
+        orgs, insts, users = await store.load_tenancy()
+        assert {o.id: o.parent for o in orgs} == {t.org: None, child.id: t.org}
+        assert [i.id for i in insts] == [t.instance]
+        assert insts[0] == Instance(
+            t.instance, t.org, "main", "local", "free", "active", insts[0].created_at
+        )
+        assert sorted(u.name for u in users) == ["alice", "bob", "carol"]
+
+        async def fails(code: str, write: Any) -> None:
+            with pytest.raises(GB6Error) as info:
+                await write
+            assert info.value.code == code, info.value
+
+        await fails(NOT_FOUND, store.create_org(Org(new_id("org"), "x", "org_nope", now_ms())))
+        await fails(CONFLICT, store.create_org(attrs.evolve(child, name="again")))
+        await fails(
+            CONFLICT,
+            store.create_instance(
+                Instance(new_id("ins"), "org_nope", "i", "local", "free", "active", now_ms())
+            ),
+        )
+        await fails(CONFLICT, store.create_user(User(new_id("usr"), "ins_nope", "u", "member", 0)))
+        await fails(
+            CONFLICT,
+            store.create_room(
+                RoomRecord(new_id("room"), "ins_nope", "r", "chat", True, t.alice, 0), [t.alice]
+            ),
+        )
+        # Nothing of a refused write was kept.
+        assert len((await store.load_tenancy())[0]) == 2
+        assert await store.load_rooms() == []
+
+
+async def test_rooms_members_and_read_seqs(backend: Backend) -> None:
+    async with serving(backend) as store:
+        t = await tenant(store)
+        rec = RoomRecord(new_id("room"), t.instance, "general", "chat", True, t.alice, now_ms())
+        await store.create_room(rec, [t.alice, t.bob])
+        empty = await room(store, t, [t.alice])
+        for i in range(3):
+            await append(store, item(rec.id, t.alice, f"m{i}"))
+        await store.set_read(rec.id, t.bob, 2)
+        await store.set_read(rec.id, t.bob, 1)  # never moves back
+        await store.set_read(rec.id, t.carol, 3)  # not a member: nothing happens
+        await store.add_members(rec.id, [t.carol, t.bob])  # Bob already is: his read stays
+        await store.remove_members(rec.id, [t.alice])
+        rooms = {r.id: (r, head, members) for r, head, members in await store.load_rooms()}
+        assert rooms[rec.id] == (rec, 3, {t.bob: 2, t.carol: 0})
+        assert rooms[empty][1:] == (0, {t.alice: 0})
+        with pytest.raises(GB6Error) as info:
+            await store.create_room(rec, [t.alice])
+        assert info.value.code == CONFLICT
+
+
+async def test_files_and_meta(backend: Backend) -> None:
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        rec = FileRecord(new_id("file"), r, t.alice, 1234, "image/png", now_ms())
+        await store.create_file(rec)
+        assert await store.file(rec.id) == rec
+        assert await store.file("file_nope") is None
+        with pytest.raises(GB6Error) as info:
+            await store.create_file(FileRecord(new_id("file"), "room_nope", t.alice, 1, "a/b", 0))
+        assert info.value.code == CONFLICT
+        assert await store.meta("k") is None
+        await store.set_meta("k", "v1")
+        await store.set_meta("k", "v2")
+        await store.set_meta("other", "")
+        assert await store.meta("k") == "v2" and await store.meta("other") == ""
+
+
+# --- restart -------------------------------------------------------------------------------
+
+
+async def test_everything_survives_closing_and_reopening(backend: Backend) -> None:
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        tok = Token(new_id("tok"), t.bob, now_ms() + 60_000, False)
+        await store.create_token(tok, "digest-restart")
+        await store.set_meta("epoch", "7")
+        await store.set_read(r, t.bob, 0)
+        for i in range(30):
+            await store.submit_append(item(r, t.alice, f"p{i}", body={"text": f"pelican {i}"}))
+        await store.wait_idle()
+        edit = await append(
+            store, item(r, t.alice, "e", type="edit", target=3, body={"text": "ibis"})
+        )
+        await append(store, item(r, t.alice, "d", type="delete", target=4))
+        await store.set_read(r, t.bob, 10)
+        before = await store.events_after(r, 0, 100)
+
+    rec = Recorder()
+    async with serving(backend, rec) as store:
+        orgs, insts, users = await store.load_tenancy()
+        assert [o.id for o in orgs] == [t.org] and len(users) == 3
+        assert [i.id for i in insts] == [t.instance]
+        ((room_rec, head, members),) = await store.load_rooms()
+        assert room_rec.id == r and head == 32 and members == {t.alice: 0, t.bob: 10}
+        assert await store.events_after(r, 0, 100) == before
+        assert await store.token("digest-restart") == tok
+        assert await store.meta("epoch") == "7"
+        (hit,) = await store.search([r], "ibis", 10)
+        assert hit.seq == 3 and hit.edited == edit.event.seq
+        assert await store.search([r], "pelican 2", 10) == []  # edited away
+        assert await store.search([r], "pelican 3", 10) == []  # deleted
+        assert [e.seq for e in await store.search([r], "pelican 29", 10)] == [30]
+        # The next seq follows the head; a repeat of an old cid still answers the original.
+        assert (await append(store, item(r, t.alice, "after"))).event.seq == 33
+        again = await append(store, item(r, t.alice, "p7"))
+        assert again.duplicate and again.event.seq == 8
+        assert seqs(await store.events_after(r, 0, 100)) == list(range(1, 34))
+
+
+# --- PostgreSQL only ------------------------------------------------------------------------
+
+
+async def test_pg_two_stores_starting_at_once_migrate_once(pg_backend: Backend) -> None:
+    """Two processes starting on one fresh schema: both serve, the migrations ran once."""
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        stores = [pg_backend.make(Recorder()) for _ in range(2)]
+        with trio.fail_after(20):
+            async with trio.open_nursery() as starting:
+                for s in stores:
+                    starting.start_soon(nursery.start, s.run)
+        t = await tenant(stores[0])
+        assert (await stores[1].load_tenancy())[1][0].id == t.instance
+        rows = await _pg(
+            pg_backend.dsn, f'SELECT version FROM "{pg_backend.schema}".schema_version'
+        )
+        assert [r[0] for r in rows] == [1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_pg_events_live_in_partitions_per_instance_and_month(pg_backend: Backend) -> None:
+    async with serving(pg_backend) as store:
+        t1, t2 = await tenant(store), await tenant(store)
+        r1, r2 = await room(store, t1), await room(store, t2)
+        await append(store, item(r1, t1.alice, "a"))
+        await append(store, item(r2, t2.alice, "b"))
+        month = (await store.events_after(r1, 0, 1))[0].ts
+        rows = await _pg(
+            pg_backend.dsn,
+            f'SET search_path = "{pg_backend.schema}"',
+            "SELECT instance, tableoid::regclass::text FROM events ORDER BY instance",
+        )
+        tables = {r[0]: r[1] for r in rows}
+        assert set(tables) == {t1.instance, t2.instance}
+        assert len(set(tables.values())) == 2
+        import datetime
+
+        day = datetime.datetime.fromtimestamp(month / 1000, tz=datetime.UTC)
+        assert all(name.endswith(f"_{day.year}{day.month:02d}") for name in tables.values())
+
+
+async def test_pg_failed_transaction_skips_and_reuses_no_seq(pg_backend: Backend) -> None:
+    """A batch whose transaction fails is refused whole (`unavailable`), and the next batch
+    takes the seqs it would have had: none skipped, none reused."""
+    async with serving(pg_backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        assert (await append(store, item(r, t.alice, "m1"))).event.seq == 1
+        (row,) = await _pg(
+            pg_backend.dsn,
+            f'SET search_path = "{pg_backend.schema}"',
+            "SELECT tableoid::regclass::text FROM events",
+        )
+        month_table = row[0]
+        instance_table = month_table.rsplit("_", 1)[0]
+        # Take the instance's events away from the writer: its next insert cannot be routed.
+        await _pg(
+            pg_backend.dsn,
+            f'SET search_path = "{pg_backend.schema}"',
+            f"ALTER TABLE events DETACH PARTITION {instance_table}",
+        )
+        pending = [await submit(store, item(r, t.alice, f"lost{i}")) for i in range(3)]
+        await store.wait_idle()
+        for p in pending:
+            with pytest.raises(GB6Error) as info:
+                p().unwrap()
+            assert info.value.code == UNAVAILABLE
+        await _pg(
+            pg_backend.dsn,
+            f'SET search_path = "{pg_backend.schema}"',
+            f"ALTER TABLE events ATTACH PARTITION {instance_table} FOR VALUES IN ('{t.instance}')",
+        )
+        assert (await append(store, item(r, t.alice, "m2"))).event.seq == 2
+        assert (await append(store, item(r, t.alice, "lost0"))).event.seq == 3
+        assert seqs(await store.events_after(r, 0, 10)) == [1, 2, 3]
