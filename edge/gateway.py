@@ -41,8 +41,10 @@ from node.errors import (
 from node.ids import new_id
 from node.log import log
 from node.ratelimit import Gcra
-from origin.shard import MembershipChange, OriginShard, Principal
+from origin.membership import MembershipChange, Principal
+from origin.shard import OriginShard
 from origin.sqlite_store import Appended
+from replication.edge_link import RemoteOrigin
 
 CLOSE_BAD_HANDSHAKE = 4001
 CLOSE_UNAUTHORIZED = 4003
@@ -83,7 +85,7 @@ class Connection:
 class Gateway:
     """A component: `port = await nursery.start(gateway.run)`."""
 
-    def __init__(self, config: Config, origin: OriginShard) -> None:
+    def __init__(self, config: Config, origin: OriginShard | RemoteOrigin) -> None:
         self.config = config
         self.limits = config.limits
         self.origin = origin
@@ -104,6 +106,9 @@ class Gateway:
         origin.event_listeners.append(self.hubs.publish)
         origin.member_listeners.append(self._on_members)
         origin.read_listeners.append(self._on_read)
+        origin.watch_listeners.append(self.hubs.ensure)
+        if isinstance(origin, RemoteOrigin):
+            origin.lost_listeners.append(self._on_origin_lost)
 
     # --- serving -------------------------------------------------------------------------
 
@@ -403,7 +408,7 @@ class Gateway:
             case p.Ping():
                 self._reply(conn, req.id)
             case p.Subscribe():
-                self._subscribe(conn, req)
+                await self._subscribe(conn, req)
             case p.Unsubscribe():
                 origin.room_visible(who, req.room)
                 sub = conn.subs.pop(req.room, None)
@@ -460,10 +465,14 @@ class Gateway:
 
         return done
 
-    def _subscribe(self, conn: Connection, req: p.Subscribe) -> None:
+    async def _subscribe(self, conn: Connection, req: p.Subscribe) -> None:
         who = conn.principal
         assert who is not None and conn.nursery is not None
         room = self.origin.room_for_member(who, req.room)
+        if self.hubs.get(req.room) is None:
+            # A remote origin starts pushing the room's events to this edge (and creates the
+            # hub at the head it answers with, before any of them arrives).
+            await self.origin.watch(req.room)
         hub = self.hubs.get(req.room)
         head = hub.head if hub is not None else room.head
         if req.after > head:
@@ -517,6 +526,17 @@ class Gateway:
         if hub is not None:
             frame = wsframe.text(p.event("typing", {"room": req.room, "user": who.id}))
             hub.write_ephemeral(frame, skip_user=who.id)
+
+    def _on_origin_lost(self, rooms: set[str], instances: set[str]) -> None:
+        """An origin shard's link broke: its rooms' hubs may miss events from now on and its
+        users' requests in flight are unanswered, so those connections are closed (the clients
+        resume, on any edge, and resend under the same cids) and the hubs forgotten."""
+        for conn in list(self.conns):
+            mine = conn.principal is not None and conn.principal.instance.id in instances
+            if mine or any(room in rooms for room in conn.subs):
+                self._close(conn, CLOSE_INTERNAL, "origin unreachable; resume")
+        for room in rooms:
+            self.hubs.drop(room)
 
     def _on_read(self, room: str, user: str, seq: int) -> None:
         hub = self.hubs.get(room)

@@ -152,6 +152,14 @@ class Hubs:
         self._idle.pop(room, None)
         return hub
 
+    def drop(self, room: str) -> None:
+        """Forget a room's hub (its origin link broke: the cache may miss events)."""
+        hub = self.hubs.pop(room, None)
+        self._idle.pop(room, None)
+        if hub is not None:
+            for sub in [*hub.live, *hub.catching]:
+                hub.remove(sub)
+
     def publish(self, room: str, events: list[Event]) -> None:
         hub = self.hubs.get(room)
         if hub is not None:

@@ -21,30 +21,61 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--http-port", type=int, help="HTTP port (0 picks a free one)")
     run.add_argument("--host", help="address to bind and announce (default 127.0.0.1)")
     run.add_argument("--config", type=Path, help="TOML configuration file")
+    origin = sub.add_parser(
+        "origin", help="one origin shard of a cluster (see configs/cluster.toml)"
+    )
+    origin.add_argument("--data", type=Path, help="state directory (created if missing)")
+    origin.add_argument("--link-port", type=int, help="port edges connect to (0 picks one)")
+    origin.add_argument("--http-port", type=int, help="admin HTTP port (0 picks a free one)")
+    origin.add_argument("--host", help="address to bind and announce (default 127.0.0.1)")
+    origin.add_argument("--shard", help="this shard's name")
+    origin.add_argument("--config", type=Path, help="TOML configuration file")
+    edge = sub.add_parser("edge", help="an edge of a cluster: client WebSocket, fan-out")
+    edge.add_argument("--ws-port", type=int, help="client WebSocket port (0 picks a free one)")
+    edge.add_argument("--http-port", type=int, help="HTTP port (0 picks a free one)")
+    edge.add_argument("--host", help="address to bind and announce (default 127.0.0.1)")
+    edge.add_argument(
+        "--origin", action="append", help="an origin shard's link address host:port (repeat)"
+    )
+    edge.add_argument("--config", type=Path, help="TOML configuration file")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "run":
-        from node.supervisor import run_node
+    flags = {
+        key: getattr(args, attr, None)
+        for key, attr in (
+            ("data_dir", "data"),
+            ("ws_port", "ws_port"),
+            ("http_port", "http_port"),
+            ("host", "host"),
+            ("link_port", "link_port"),
+            ("shard", "shard"),
+        )
+    }
+    if getattr(args, "origin", None):
+        flags["origins"] = tuple(args.origin)
+    try:
+        config = cfg.load(args.config, flags)
+        if args.command == "run":
+            from node.supervisor import run_node
 
-        try:
-            config = cfg.load(
-                args.config,
-                {
-                    "data_dir": args.data,
-                    "ws_port": args.ws_port,
-                    "http_port": args.http_port,
-                    "host": args.host,
-                },
-            )
-        except GB6Error as exc:
-            print(f"gb6: {exc.message}", file=sys.stderr)
-            return 2
-        trio.run(run_node, config)
-        return 0
-    return 2
+            trio.run(run_node, config)
+        elif args.command == "origin":
+            from node.cluster import link_secret, run_origin
+
+            link_secret(config)
+            trio.run(run_origin, config)
+        else:
+            from node.cluster import link_secret, run_edge
+
+            link_secret(config)
+            trio.run(run_edge, config)
+    except GB6Error as exc:
+        print(f"gb6: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

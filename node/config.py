@@ -46,6 +46,8 @@ class Limits:
         "application/javascript",
         "text/javascript",
     )
+    link_buffer_bytes: int = 64 << 20  # an edge further behind than this is cut off the link
+    link_inflight_appends: int = 10_000  # per edge and origin shard, awaiting their answer
     token_ttl_s: int = 24 * 3600
     token_ttl_max_s: int = 30 * 24 * 3600
 
@@ -71,6 +73,12 @@ class Config:
         factory=lambda: {"free": RatePlan(rate=50.0, burst=100)}
     )
     typing_interval_ms: int = 1_000  # typing signals per user and room are dropped above this
+    # Cluster (`gb6 origin`, `gb6 edge`): this origin's shard name and link port; the origin
+    # shards an edge connects to; the secret both ends of a link must share.
+    shard: str = "s1"
+    link_port: int = 8702
+    origins: tuple[str, ...] = ()
+    link_secret: str = ""
 
 
 _SECTIONS = {"limits": Limits}
@@ -89,6 +97,12 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     for key in ("host", "ws_port", "http_port", "region", "typing_interval_ms"):
         if key in node:
             kwargs[key] = node[key]
+    cluster = dict(raw.get("cluster", {}))
+    for key in ("shard", "link_port", "link_secret"):
+        if key in cluster:
+            kwargs[key] = cluster[key]
+    if "origins" in cluster:
+        kwargs["origins"] = tuple(str(o) for o in cluster["origins"])
     if "data_dir" in node:
         kwargs["data_dir"] = Path(node["data_dir"])
     if "limits" in raw:

@@ -13,7 +13,6 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-import attrs
 import outcome
 import trio
 
@@ -30,9 +29,9 @@ from node.errors import (
 from node.events import Event
 from node.ids import new_id, new_secret, secret_digest
 from origin.blobs import LocalBlobStore
+from origin.membership import Membership, MembershipChange, Principal, RoomState
 from origin.records import (
     INSTANCE_ROLES,
-    MODERATOR_ROLES,
     PLANS,
     FileRecord,
     Instance,
@@ -47,40 +46,6 @@ AppendReply = Callable[[outcome.Outcome[Appended]], None]
 EventListener = Callable[[str, list[Event]], None]
 
 
-@attrs.frozen
-class Principal:
-    """Who is calling: an authenticated user of an instance."""
-
-    user: User
-    instance: Instance
-
-    @property
-    def id(self) -> str:
-        return self.user.id
-
-    @property
-    def moderator(self) -> bool:
-        return self.user.role in MODERATOR_ROLES
-
-
-@attrs.define
-class RoomState:
-    record: RoomRecord
-    head: int  # the newest durable seq
-    members: dict[str, int]  # user → read seq
-
-    def summary(self) -> dict[str, Any]:
-        r = self.record
-        return {"id": r.id, "name": r.name, "kind": r.kind, "open": r.open}
-
-
-@attrs.frozen
-class MembershipChange:
-    room: str
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-
-
 class OriginShard:
     """A component: `await nursery.start(shard.run)`; serves once its state is loaded."""
 
@@ -90,10 +55,14 @@ class OriginShard:
         self.store = SqliteStore(config.data_dir / "gb6.db", config.limits, self._on_appended)
         self.blobs = LocalBlobStore(config.data_dir / "blobs")
         self.orgs: dict[str, Org] = {}
-        self.instances: dict[str, Instance] = {}
-        self.users: dict[str, User] = {}
-        self.rooms: dict[str, RoomState] = {}
-        self.user_rooms: dict[str, set[str]] = {}
+        self.state = Membership()
+        # The same dicts, by their old names: the shard's own code and its callers read them.
+        self.instances = self.state.instances
+        self.users = self.state.users
+        self.rooms = self.state.rooms
+        self.user_rooms = self.state.user_rooms
+        self.tenancy_listeners: list[Callable[[Instance | User], None]] = []
+        self.watch_listeners: list[Callable[[str, int], object]] = []  # edges in other processes
         self.event_listeners: list[EventListener] = []
         self.member_listeners: list[Callable[[MembershipChange], None]] = []
         self.read_listeners: list[Callable[[str, str, int], None]] = []
@@ -106,12 +75,10 @@ class OriginShard:
             await nursery.start(self.store.run)
             orgs, insts, users = await self.store.load_tenancy()
             self.orgs = {o.id: o for o in orgs}
-            self.instances = {i.id: i for i in insts}
-            self.users = {u.id: u for u in users}
+            self.instances.update((i.id, i) for i in insts)
+            self.users.update((u.id, u) for u in users)
             for rec, head, members in await self.store.load_rooms():
-                self.rooms[rec.id] = RoomState(rec, head, members)
-                for user in members:
-                    self.user_rooms.setdefault(user, set()).add(rec.id)
+                self.state.add_room(RoomState(rec, head, members))
             task_status.started()
 
     async def drain(self) -> None:
@@ -142,6 +109,7 @@ class OriginShard:
         inst = Instance(new_id("ins"), org, name, region, plan, "active", now_ms())
         await self.store.create_instance(inst)
         self.instances[inst.id] = inst
+        self._tenancy_changed(inst)
         return inst
 
     async def create_user(self, instance: str, name: str, role: str) -> User:
@@ -152,7 +120,12 @@ class OriginShard:
         user = User(new_id("usr"), instance, name, role, now_ms())
         await self.store.create_user(user)
         self.users[user.id] = user
+        self._tenancy_changed(user)
         return user
+
+    def _tenancy_changed(self, record: Instance | User) -> None:
+        for listener in self.tenancy_listeners:
+            listener(record)
 
     def user_of_instance(self, instance: str, user_id: str) -> User:
         user = self.users.get(user_id)
@@ -185,46 +158,33 @@ class OriginShard:
             raise GB6Error(UNAUTHORIZED, "token revoked")
         if token.expires_at <= now_ms():
             raise GB6Error(UNAUTHORIZED, "token expired")
-        user = self.users.get(token.user)
-        inst = self.instances.get(user.instance) if user else None
-        if user is None or inst is None:
+        who = self.state.principal(token.user)
+        if who is None:
             raise GB6Error(UNAUTHORIZED, "unknown token")
-        if inst.status != "active":
-            raise GB6Error(UNAUTHORIZED, f"instance is {inst.status}")
-        return Principal(user, inst)
+        if who.instance.status != "active":
+            raise GB6Error(UNAUTHORIZED, f"instance is {who.instance.status}")
+        return who
 
     # --- rooms and membership ------------------------------------------------------------
 
     def room_visible(self, who: Principal, room_id: str) -> RoomState:
-        """The room if `who` may see its metadata: a member, or any user for an open room."""
-        room = self.rooms.get(room_id)
-        if room is None or room.record.instance != who.instance.id:
-            raise not_found(f"room {room_id} not found")
-        if who.id not in room.members and not room.record.open:
-            raise not_found(f"room {room_id} not found")
-        return room
+        return self.state.room_visible(who, room_id)
 
     def room_for_member(self, who: Principal, room_id: str) -> RoomState:
-        room = self.room_visible(who, room_id)
-        if who.id not in room.members:
-            raise forbidden(f"not a member of room {room_id}")
-        return room
+        return self.state.room_for_member(who, room_id)
 
-    def _same_instance_users(self, who: Principal, users: Iterable[str]) -> list[str]:
-        found = []
-        for uid in users:
-            user = self.users.get(uid)
-            if user is None or user.instance != who.instance.id:
-                raise not_found(f"user {uid} not found")
-            found.append(uid)
-        return found
+    def rooms_of(self, who: Principal) -> list[dict[str, Any]]:
+        return self.state.rooms_of(who)
+
+    async def watch(self, room_id: str) -> None:
+        """Nothing to do in one process: the gateway's hubs see every publication."""
 
     async def create_room(
         self, who: Principal, name: str, kind: str, members: Iterable[str], open_: bool
     ) -> RoomState:
         if who.user.role == "guest":
             raise forbidden("guests cannot create rooms")
-        users = [who.id, *(u for u in self._same_instance_users(who, members) if u != who.id)]
+        users = [who.id, *(u for u in self.state.same_instance_users(who, members) if u != who.id)]
         if len(users) > self.limits.members_per_room:
             raise GB6Error(
                 QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members"
@@ -233,9 +193,8 @@ class OriginShard:
         with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
             await self.store.create_room(rec, users)
         state = RoomState(rec, 0, dict.fromkeys(users, 0))
-        self.rooms[rec.id] = state
-        for u in users:
-            self.user_rooms.setdefault(u, set()).add(rec.id)
+        self.state.add_room(state)
+        self._members_changed(MembershipChange(rec.id, tuple(users), ()))
         return state
 
     async def join(self, who: Principal, room_id: str) -> RoomState:
@@ -252,8 +211,8 @@ class OriginShard:
         return room
 
     async def add_members(self, who: Principal, room_id: str, users: Iterable[str]) -> RoomState:
-        room = self._manageable(who, room_id)
-        new = [u for u in self._same_instance_users(who, users) if u not in room.members]
+        room = self.state.manageable(who, room_id)
+        new = [u for u in self.state.same_instance_users(who, users) if u not in room.members]
         if len(room.members) + len(new) > self.limits.members_per_room:
             raise GB6Error(
                 QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members"
@@ -263,47 +222,27 @@ class OriginShard:
         return room
 
     async def remove_members(self, who: Principal, room_id: str, users: Iterable[str]) -> RoomState:
-        room = self._manageable(who, room_id)
-        gone = [u for u in self._same_instance_users(who, users) if u in room.members]
+        room = self.state.manageable(who, room_id)
+        gone = [u for u in self.state.same_instance_users(who, users) if u in room.members]
         if gone:
             await self._remove(room, gone)
-        return room
-
-    def _manageable(self, who: Principal, room_id: str) -> RoomState:
-        # Owners and admins manage every room of their instance, member or not.
-        room = self.rooms.get(room_id) if who.moderator else None
-        if room is None or room.record.instance != who.instance.id:
-            room = self.room_visible(who, room_id)
-        if room.record.creator != who.id and not who.moderator:
-            raise forbidden("only the room's creator or an instance owner or admin may do this")
         return room
 
     async def _add(self, room: RoomState, users: list[str]) -> None:
         with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
             await self.store.add_members(room.record.id, users)
-        for u in users:
-            room.members.setdefault(u, 0)
-            self.user_rooms.setdefault(u, set()).add(room.record.id)
+        self.state.add_members(room.record.id, users)
         self._members_changed(MembershipChange(room.record.id, tuple(users), ()))
 
     async def _remove(self, room: RoomState, users: list[str]) -> None:
         with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
             await self.store.remove_members(room.record.id, users)
-        for u in users:
-            room.members.pop(u, None)
-            self.user_rooms.get(u, set()).discard(room.record.id)
+        self.state.remove_members(room.record.id, users)
         self._members_changed(MembershipChange(room.record.id, (), tuple(users)))
 
     def _members_changed(self, change: MembershipChange) -> None:
         for listener in self.member_listeners:
             listener(change)
-
-    def rooms_of(self, who: Principal) -> list[dict[str, Any]]:
-        out = []
-        for rid in sorted(self.user_rooms.get(who.id, ())):
-            room = self.rooms[rid]
-            out.append({**room.summary(), "head": room.head, "read": room.members[who.id]})
-        return out
 
     async def set_read(self, who: Principal, room_id: str, seq: int) -> None:
         room = self.room_for_member(who, room_id)
@@ -313,8 +252,7 @@ class OriginShard:
             return
         with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
             await self.store.set_read(room_id, who.id, seq)
-        if who.id in room.members:
-            room.members[who.id] = max(room.members[who.id], seq)
+        self.state.set_read(room_id, who.id, seq)
         for listener in self.read_listeners:
             listener(room_id, who.id, seq)
 

@@ -27,10 +27,12 @@ GB6 = Path(sys.executable).parent / "gb6"
 
 @attrs.define
 class Node:
-    """A `gb6 run` subprocess on its own data directory."""
+    """A `gb6 run` (or `gb6 origin`, `gb6 edge`) subprocess on its own data directory."""
 
     data_dir: Path
     extra_args: list[str] = attrs.Factory(list)
+    command: str = "run"
+    link: str = ""  # an origin's link address; kept on restart, so edges find it again
     env: dict[str, str] = attrs.Factory(dict)
     proc: subprocess.Popen[bytes] | None = None
     ws_url: str = ""
@@ -44,18 +46,16 @@ class Node:
         env.pop("GB6_ADMIN_TOKEN", None) if "GB6_ADMIN_TOKEN" not in self.env else None
         self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}.stderr.log"
         stderr = open(self.stderr_path, "ab")  # noqa: SIM115 - the child owns it
+        if self.command == "run":
+            args = ["--data", str(self.data_dir), "--ws-port", "0", "--http-port", "0"]
+        elif self.command == "origin":
+            port = self.link.rpartition(":")[2] or "0"
+            args = ["--data", str(self.data_dir), "--link-port", port, "--http-port", "0"]
+        else:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            args = ["--ws-port", "0", "--http-port", "0"]
         self.proc = subprocess.Popen(
-            [
-                str(GB6),
-                "run",
-                "--data",
-                str(self.data_dir),
-                "--ws-port",
-                "0",
-                "--http-port",
-                "0",
-                *self.extra_args,
-            ],
+            [str(GB6), self.command, *args, *self.extra_args],
             stdout=subprocess.PIPE,
             stderr=stderr,
             env=env,
@@ -81,7 +81,8 @@ class Node:
         if "ready" not in result:
             self.kill()
             raise RuntimeError(f"gb6 did not get ready; stderr: {self.stderr()}")
-        self.ws_url = result["ready"]["ws"]
+        self.ws_url = result["ready"].get("ws", "")
+        self.link = result["ready"].get("link", "")
         self.http_url = result["ready"]["http"]
         for line in self.lines:
             if line.get("event") == "admin_token":

@@ -1,0 +1,486 @@
+"""The edge's end of the edge↔origin link, and `RemoteOrigin`: the origin as a gateway in
+another process sees it.
+
+`RemoteOrigin` offers the gateway what `OriginShard` offers it in one process: synchronous
+membership lookups (answered from a replica the links keep current), and async operations
+(sent over the link of the shard that owns the instance). The shard map (instance → shard) is
+learned from each origin's snapshot and pushes: an origin announces the instances it holds.
+
+Per shard, one `ShardLink` connects, authenticates with the cluster's link secret, loads the
+snapshot into the replica, then applies pushes in order. When a link breaks, every pending
+request of it fails with `unavailable`, the clients subscribed to its rooms are closed so they
+resume (nothing acknowledged is lost: the origin has it; an append that was not answered is
+resent by the client under its cid), and the link reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Final
+
+import outcome
+import trio
+
+from node.config import Config
+from node.errors import UNAUTHORIZED, UNAVAILABLE, GB6Error
+from node.events import Event
+from node.log import log
+from origin.membership import Membership, MembershipChange, Principal, RoomState
+from origin.records import FileRecord
+from origin.sqlite_store import Appended
+from replication import link
+
+_RETRY_MAX_S: Final = 2.0
+_FIRST_CONNECT_S: Final = 10.0
+
+Reply = Callable[[outcome.Outcome[Any]], None]
+
+
+class ShardLink:
+    """The link to one origin shard. A component: `await nursery.start(link.run)` returns once
+    the first snapshot is loaded (or after a while without one: the edge serves the others)."""
+
+    def __init__(self, remote: RemoteOrigin, address: str) -> None:
+        self.remote = remote
+        self.address = address
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.shard: str | None = None
+        self.connected = False
+        self._writer: _StreamWriter | None = None
+        self._next_id = 0
+        self._pending: dict[int, Reply] = {}
+        self._appends = trio.Semaphore(remote.config.limits.link_inflight_appends)
+        self._instances: set[str] = set()  # of this shard, for the shard map
+        self._rooms: set[str] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        ready = trio.Event()
+        started = False
+
+        async def first_connect_deadline() -> None:
+            nonlocal started
+            with trio.move_on_after(_FIRST_CONNECT_S):
+                await ready.wait()
+            if not started:
+                started = True
+                task_status.started()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_connect_deadline)
+            delay = 0.05
+            while True:
+                try:
+                    await self._connect_and_serve(ready)
+                    delay = 0.05
+                except* (OSError, trio.BrokenResourceError, link.LinkBroken) as group:
+                    log("link_origin_failed", origin=self.address, error=repr(group.exceptions))
+                finally:
+                    self._lost()
+                await trio.sleep(delay)
+                delay = min(_RETRY_MAX_S, delay * 2)
+
+    async def _connect_and_serve(self, ready: trio.Event) -> None:
+        stream = await trio.open_tcp_stream(self.host, self.port)
+        async with stream, trio.open_nursery() as nursery:
+            writer = _StreamWriter(stream)
+            nursery.start_soon(writer.run)
+            hello = {"t": "hello", "secret": self.remote.config.link_secret, "edge": "edge"}
+            writer.write(link.encode(hello))
+            decoder = link.FrameDecoder()
+            snap = Membership()
+            loaded = False
+            while True:
+                data = await stream.receive_some(1 << 20)
+                if not data:
+                    raise trio.BrokenResourceError("the origin closed the link")
+                frames = decoder.feed(data)
+                with self.remote.publish_context():
+                    for msg in frames:
+                        if loaded:
+                            self._on_push(msg)
+                        elif self._on_snapshot(msg, snap):
+                            loaded = True
+                            self._install(snap)
+                            self._writer = writer
+                            self.connected = True
+                            ready.set()
+                            log("link_origin_connected", origin=self.address, shard=self.shard)
+
+    # --- snapshot and pushes -------------------------------------------------------------
+
+    def _on_snapshot(self, msg: dict[str, Any], snap: Membership) -> bool:
+        kind = msg["t"]
+        if kind == "welcome":
+            self.shard = str(msg.get("shard"))
+        elif kind == "snap":
+            for d in msg.get("instances", ()):
+                inst = link.instance_from_wire(d)
+                snap.instances[inst.id] = inst
+            for d in msg.get("users", ()):
+                user = link.user_from_wire(d)
+                snap.users[user.id] = user
+            for d in msg.get("rooms", ()):
+                snap.add_room(link.room_from_wire(d))
+        elif kind == "snap_end":
+            return True
+        else:
+            raise link.LinkBroken(f"unexpected {kind!r} before the snapshot ended")
+        return False
+
+    def _install(self, snap: Membership) -> None:
+        state = self.remote.state
+        state.instances.update(snap.instances)
+        state.users.update(snap.users)
+        for room in snap.rooms.values():
+            self._set_room(room)
+        self._instances = set(snap.instances)
+        for inst in snap.instances:
+            self.remote.shard_of[inst] = self
+
+    def _set_room(self, room: RoomState) -> MembershipChange:
+        """Replace a room's state in the replica; returns what changed in its membership."""
+        state = self.remote.state
+        rid = room.record.id
+        old = state.rooms.get(rid)
+        before = set(old.members) if old is not None else set()
+        if old is not None:
+            state.remove_members(rid, list(old.members))
+        state.add_room(room)
+        self._rooms.add(rid)
+        after = set(room.members)
+        return MembershipChange(rid, tuple(sorted(after - before)), tuple(sorted(before - after)))
+
+    def _on_push(self, msg: dict[str, Any]) -> None:
+        remote = self.remote
+        kind = msg["t"]
+        if kind == "res":
+            reply = self._pending.pop(msg["id"], None)
+            if reply is None:
+                return
+            if "err" in msg:
+                reply(outcome.Error(link.error_from_wire(msg["err"])))
+            else:
+                reply(outcome.Value(msg["ok"]))
+        elif kind == "batch":
+            for room_id, wire in msg["events"].items():
+                events = [link.event_from_wire(d) for d in wire]
+                self._advance(room_id, events[-1].seq)
+                for listener in remote.event_listeners:
+                    listener(room_id, events)
+            for room_id, head in msg["heads"].items():
+                self._advance(room_id, head)
+        elif kind == "room":
+            change = self._set_room(link.room_from_wire(msg["room"]))
+            if change.added or change.removed:
+                for member_listener in remote.member_listeners:
+                    member_listener(change)
+        elif kind == "read":
+            remote.state.set_read(msg["room"], msg["user"], msg["seq"])
+            for read_listener in remote.read_listeners:
+                read_listener(msg["room"], msg["user"], msg["seq"])
+        elif kind == "instance":
+            inst = link.instance_from_wire(msg["instance"])
+            remote.state.instances[inst.id] = inst
+            self._instances.add(inst.id)
+            remote.shard_of[inst.id] = self
+        elif kind == "user":
+            user = link.user_from_wire(msg["user"])
+            remote.state.users[user.id] = user
+        else:
+            raise link.LinkBroken(f"unknown push {kind!r}")
+
+    def _advance(self, room_id: str, head: int) -> None:
+        room = self.remote.state.rooms.get(room_id)
+        if room is not None and head > room.head:
+            room.head = head
+
+    def _lost(self) -> None:
+        """The link is down: fail what waits on it and make the clients of its rooms resume."""
+        was = self.connected
+        self.connected = False
+        self._writer = None
+        if was:
+            # First: the clients close (and will resend what is unanswered under its cid),
+            # so the failures below never reach them as answers.
+            for listener in self.remote.lost_listeners:
+                listener(set(self._rooms), set(self._instances))
+        pending, self._pending = self._pending, {}
+        failure = GB6Error(UNAVAILABLE, "the origin shard is unreachable; retry")
+        for reply in pending.values():
+            reply(outcome.Error(failure))
+        self._rooms.clear()
+
+    # --- requests ------------------------------------------------------------------------
+
+    def send(self, msg: dict[str, Any], reply: Reply) -> None:
+        """Send a request now (no await: frames leave in call order); `reply` gets the answer."""
+        writer = self._writer
+        if writer is None or not self.connected:
+            reply(outcome.Error(GB6Error(UNAVAILABLE, "the origin shard is unreachable; retry")))
+            return
+        self._next_id += 1
+        msg["t"] = "req"
+        msg["id"] = self._next_id
+        self._pending[self._next_id] = reply
+        writer.write(link.encode(msg))
+
+    async def request(self, op: str, **fields: Any) -> dict[str, Any]:
+        done = trio.Event()
+        box: list[outcome.Outcome[Any]] = []
+
+        def reply(result: outcome.Outcome[Any]) -> None:
+            box.append(result)
+            done.set()
+
+        self.send({"op": op, **fields}, reply)
+        await done.wait()
+        value: dict[str, Any] = box[0].unwrap()
+        return value
+
+    async def append(
+        self, fields: dict[str, Any], reply: Callable[[outcome.Outcome[Any]], None]
+    ) -> None:
+        await self._appends.acquire()
+
+        def answered(result: outcome.Outcome[Any]) -> None:
+            self._appends.release()
+            reply(result)
+
+        self.send({"op": "append", **fields}, answered)
+
+
+class RemoteOrigin:
+    """What the gateway calls the origin, when the origins run in other processes."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state = Membership()
+        self.rooms = self.state.rooms
+        self.user_rooms = self.state.user_rooms
+        self.shard_of: dict[str, ShardLink] = {}  # the shard map: instance → its shard's link
+        self.links = [ShardLink(self, address) for address in config.origins]
+        self.event_listeners: list[Callable[[str, list[Event]], None]] = []
+        self.member_listeners: list[Callable[[MembershipChange], None]] = []
+        self.read_listeners: list[Callable[[str, str, int], None]] = []
+        self.watch_listeners: list[Callable[[str, int], object]] = []
+        # (rooms, instances) of a shard whose link broke
+        self.lost_listeners: list[Callable[[set[str], set[str]], None]] = []
+        self.publish_context: Callable[[], AbstractContextManager[object]] = nullcontext
+        self._inflight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for shard_link in self.links:
+                await nursery.start(shard_link.run)
+            task_status.started()
+
+    # --- routing -------------------------------------------------------------------------
+
+    def _link_for_instance(self, instance: str) -> ShardLink:
+        shard_link = self.shard_of.get(instance)
+        if shard_link is None or not shard_link.connected:
+            raise GB6Error(UNAVAILABLE, "the origin shard of this instance is unreachable; retry")
+        return shard_link
+
+    def _link_for_room(self, who: Principal, room_id: str) -> ShardLink:
+        room = self.state.rooms.get(room_id)
+        instance = room.record.instance if room is not None else who.instance.id
+        return self._link_for_instance(instance)
+
+    # --- what the gateway calls ----------------------------------------------------------
+
+    async def authenticate(self, secret: str) -> Principal:
+        """Ask each connected shard in turn; the one that issued the token answers."""
+        last: GB6Error = GB6Error(UNAUTHORIZED, "unknown token")
+        for shard_link in self.links:
+            if not shard_link.connected:
+                last = GB6Error(UNAVAILABLE, "an origin shard is unreachable; retry")
+                continue
+            try:
+                ok = await shard_link.request("auth", token=secret)
+            except GB6Error as exc:
+                if exc.code != UNAUTHORIZED or "unknown" not in exc.message:
+                    raise
+                continue
+            who = self.state.principal(ok["user"])
+            if who is None:
+                raise GB6Error(UNAVAILABLE, "the user is not known to this edge yet; retry")
+            return who
+        raise last
+
+    def room_visible(self, who: Principal, room_id: str) -> RoomState:
+        return self.state.room_visible(who, room_id)
+
+    def room_for_member(self, who: Principal, room_id: str) -> RoomState:
+        return self.state.room_for_member(who, room_id)
+
+    def rooms_of(self, who: Principal) -> list[dict[str, Any]]:
+        return self.state.rooms_of(who)
+
+    async def watch(self, room_id: str) -> None:
+        room = self.state.rooms.get(room_id)
+        if room is None:
+            return
+        shard_link = self._link_for_instance(room.record.instance)
+        done = trio.Event()
+        box: list[outcome.Outcome[Any]] = []
+
+        def reply(result: outcome.Outcome[Any]) -> None:
+            if isinstance(result, outcome.Value):
+                # In the link's reader, before any of the room's events: see link.py.
+                for listener in self.watch_listeners:
+                    listener(room_id, result.value["head"])
+            box.append(result)
+            done.set()
+
+        shard_link.send({"op": "watch", "room": room_id}, reply)
+        await done.wait()
+        box[0].unwrap()
+
+    async def append(
+        self,
+        who: Principal,
+        room_id: str,
+        type_: str,
+        cid: str,
+        reply: Callable[[outcome.Outcome[Appended]], None],
+        *,
+        body: dict[str, Any] | None = None,
+        thread: int | None = None,
+        target: int | None = None,
+        emoji: str | None = None,
+    ) -> None:
+        self.state.room_for_member(who, room_id)
+        shard_link = self._link_for_room(who, room_id)
+        self._inflight += 1
+        if self._inflight == 1:
+            self._idle = trio.Event()
+
+        def answered(result: outcome.Outcome[Any]) -> None:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+            if isinstance(result, outcome.Value):
+                ok = result.value
+                reply(outcome.Value(Appended(link.event_from_wire(ok["event"]), ok["duplicate"])))
+            else:
+                reply(result)
+
+        fields = {
+            "who": who.id,
+            "room": room_id,
+            "type": type_,
+            "cid": cid,
+            "body": body,
+            "thread": thread,
+            "target": target,
+            "emoji": emoji,
+        }
+        await shard_link.append(fields, answered)
+
+    async def drain(self) -> None:
+        await self._idle.wait()
+
+    async def events_after(self, room_id: str, after: int, limit: int) -> list[Event]:
+        room = self.state.rooms.get(room_id)
+        if room is None:
+            return []
+        shard_link = self._link_for_instance(room.record.instance)
+        ok = await shard_link.request("events_after", room=room_id, after=after, limit=limit)
+        return [link.event_from_wire(d) for d in ok["events"]]
+
+    async def history(
+        self, who: Principal, room_id: str, before: int | None, limit: int
+    ) -> list[Event]:
+        self.state.room_for_member(who, room_id)
+        ok = await self._link_for_room(who, room_id).request(
+            "history", who=who.id, room=room_id, before=before, limit=limit
+        )
+        return [link.event_from_wire(d) for d in ok["events"]]
+
+    async def search(self, who: Principal, query: str, room_id: str | None) -> list[Event]:
+        if room_id is not None:
+            self.state.room_for_member(who, room_id)
+        ok = await self._link_for_instance(who.instance.id).request(
+            "search", who=who.id, query=query, room=room_id
+        )
+        return [link.event_from_wire(d) for d in ok["events"]]
+
+    async def _room_op(self, who: Principal, op: str, **fields: Any) -> RoomState:
+        ok = await self._link_for_instance(who.instance.id).request(op, who=who.id, **fields)
+        state = link.room_from_wire(ok["room"])
+        # The origin pushed the same state before this answer; the replica's object is current.
+        return self.state.rooms.get(state.record.id, state)
+
+    async def create_room(
+        self, who: Principal, name: str, kind: str, members: Iterable[str], open_: bool
+    ) -> RoomState:
+        return await self._room_op(
+            who, "create_room", name=name, kind=kind, members=list(members), open=open_
+        )
+
+    async def join(self, who: Principal, room_id: str) -> RoomState:
+        return await self._room_op(who, "join", room=room_id)
+
+    async def leave(self, who: Principal, room_id: str) -> RoomState:
+        return await self._room_op(who, "leave", room=room_id)
+
+    async def add_members(self, who: Principal, room_id: str, users: Iterable[str]) -> RoomState:
+        return await self._room_op(who, "add_members", room=room_id, users=list(users))
+
+    async def remove_members(self, who: Principal, room_id: str, users: Iterable[str]) -> RoomState:
+        return await self._room_op(who, "remove_members", room=room_id, users=list(users))
+
+    async def set_read(self, who: Principal, room_id: str, seq: int) -> None:
+        await self._link_for_room(who, room_id).request(
+            "set_read", who=who.id, room=room_id, seq=seq
+        )
+
+    async def put_file(
+        self, who: Principal, room_id: str, content_type: str, data: bytes
+    ) -> FileRecord:
+        self.state.room_for_member(who, room_id)
+        ok = await self._link_for_room(who, room_id).request(
+            "put_file",
+            who=who.id,
+            room=room_id,
+            content_type=content_type,
+            data=base64.b64encode(data).decode("ascii"),
+        )
+        return FileRecord(**ok["file"])
+
+    async def get_file(self, who: Principal, file_id: str) -> tuple[FileRecord, Path]:
+        raise GB6Error("not_found", "files are served by the origin's HTTP API in a cluster")
+
+
+class _StreamWriter:
+    """Serializes writes to one link stream without an await at the caller. Unbounded here,
+    but what it carries is bounded upstream: appends by `link_inflight_appends`, other
+    requests by the clients' own limits."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._out: list[bytes] = []
+        self._wake = trio.Event()
+
+    def write(self, frame: bytes) -> None:
+        self._out.append(frame)
+        self._wake.set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                blob = b"".join(self._out)
+                self._out.clear()
+                await self.stream.send_all(blob)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # Let the reader's nursery end the link (it then reconnects).
+            raise trio.BrokenResourceError("link write failed") from exc

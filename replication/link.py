@@ -1,0 +1,118 @@
+"""The edge↔origin link: framing and the wire shapes of what crosses it. Pure: no I/O, no Trio.
+
+Frames are a 4-byte big-endian length followed by that many bytes of JSON (an object with a
+`t` field naming its kind). One TCP connection per (edge, origin shard); frames in each
+direction keep their order, which is what makes the rules below hold.
+
+Conversation:
+- edge → origin `hello` {secret, edge}; origin → edge `welcome` {shard}, then the shard's
+  tenancy and rooms in `snap` frames (bounded in size), then `snap_end`. From `welcome` on the
+  origin pushes every change, so the edge's replica (origin/membership.py) is current once it
+  has applied `snap_end`.
+- edge → origin `req` {id, op, who?, ...}; origin → edge `res` {id, ok} or {id, err}.
+  `who` is the user id the edge authenticated; the origin resolves it against its own state.
+- origin → edge pushes: `batch` {events: {room: [event]}, heads: {room: seq}} once per
+  committed batch (events for rooms this edge watches, heads for the others); `room` {room}
+  (a room's whole state, after a membership change); `read` {room, user, seq}; `instance`,
+  `user` (tenancy records created on the shard).
+- `watch` is a request whose answer {room, head} is written, in the same step as the origin
+  starts sending that room's events, before any of them: the edge creates its hub at `head`
+  while it handles the answer, so it sees every later event exactly once.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final
+
+import attrs
+import orjson
+
+from node.errors import GB6Error
+from node.events import Event
+from origin.membership import RoomState
+from origin.records import Instance, RoomRecord, User
+
+MAX_FRAME: Final = 64 << 20  # files cross as base64 inside a frame
+_LEN = struct.Struct("!I")
+
+
+class LinkBroken(Exception):
+    """The peer sent something that is not a frame of this protocol."""
+
+
+def encode(msg: dict[str, Any]) -> bytes:
+    body = orjson.dumps(msg)
+    if len(body) > MAX_FRAME:
+        raise ValueError(f"link frame of {len(body)} bytes is over {MAX_FRAME}")
+    return _LEN.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Feed bytes as they arrive; get whole frames back, in order."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        self._buf += data
+        out: list[dict[str, Any]] = []
+        while len(self._buf) >= 4:
+            (n,) = _LEN.unpack_from(self._buf)
+            if n > self._max:
+                raise LinkBroken(f"frame of {n} bytes is over {self._max}")
+            if len(self._buf) < 4 + n:
+                break
+            try:
+                msg = orjson.loads(bytes(self._buf[4 : 4 + n]))
+            except orjson.JSONDecodeError as exc:
+                raise LinkBroken(f"frame is not JSON: {exc}") from exc
+            del self._buf[: 4 + n]
+            if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+                raise LinkBroken("frame is not an object with a kind")
+            out.append(msg)
+        return out
+
+
+# --- wire shapes ---------------------------------------------------------------------------
+
+
+def event_to_wire(ev: Event) -> dict[str, Any]:
+    return attrs.asdict(ev)
+
+
+def event_from_wire(d: dict[str, Any]) -> Event:
+    return Event(**d)
+
+
+def room_to_wire(state: RoomState) -> dict[str, Any]:
+    return {"record": attrs.asdict(state.record), "head": state.head, "members": state.members}
+
+
+def room_from_wire(d: dict[str, Any]) -> RoomState:
+    return RoomState(RoomRecord(**d["record"]), d["head"], dict(d["members"]))
+
+
+def instance_from_wire(d: dict[str, Any]) -> Instance:
+    return Instance(**d)
+
+
+def user_from_wire(d: dict[str, Any]) -> User:
+    return User(**d)
+
+
+def error_to_wire(err: GB6Error) -> dict[str, Any]:
+    out: dict[str, Any] = {"code": err.code, "message": err.message}
+    if err.retry_after_ms is not None:
+        out["retry_after_ms"] = err.retry_after_ms
+    return out
+
+
+def error_from_wire(d: dict[str, Any]) -> GB6Error:
+    retry = d.get("retry_after_ms")
+    return GB6Error(
+        str(d.get("code")),
+        str(d.get("message")),
+        retry_after_ms=retry if isinstance(retry, int) else None,
+    )

@@ -1,0 +1,351 @@
+"""The origin's end of the edge↔origin link: serves the edges of a cluster (see link.py).
+
+Each edge connection gets a reader task (requests, in order) and a writer task draining a
+bounded buffer. Pushes are written from the shard's listeners synchronously, in the order the
+shard makes its changes; an edge that lets its buffer pass `limits.link_buffer_bytes` is cut
+off (it reconnects, reloads the snapshot, and its clients resume: nothing acknowledged is lost).
+
+Appends are handled inline by the reader (the shard only queues them, so this keeps one edge's
+appends in the order the edge sent them); every other request runs in a task of its own, at
+most `_CONCURRENT` per edge, so a slow history read does not hold up sends.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Final
+
+import attrs
+import outcome
+import trio
+
+from node.config import Config
+from node.errors import INTERNAL, UNAUTHORIZED, GB6Error, invalid
+from node.events import Event
+from node.log import log
+from origin.membership import MembershipChange, Principal
+from origin.records import Instance, User
+from origin.shard import OriginShard
+from origin.sqlite_store import Appended
+from replication import link
+
+_CONCURRENT: Final = 64
+_SNAPSHOT_CHUNK: Final = 500
+
+
+class EdgePeer:
+    """One connected edge: what it watches, and its outgoing buffer."""
+
+    def __init__(self, name: str, stream: trio.SocketStream, limit: int) -> None:
+        self.name = name
+        self.stream = stream
+        self.limit = limit
+        self.watched: set[str] = set()
+        self._out: list[bytes] = []
+        self._size = 0
+        self._wake = trio.Event()
+        self.broken = False
+        self.cancel = trio.CancelScope()
+        # Events and heads of the committed batch being published, flushed as one frame.
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.heads: dict[str, int] = {}
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.broken:
+            return
+        if self.events or self.heads:
+            self.flush_batch()
+        self._queue(link.encode(msg))
+
+    def flush_batch(self) -> None:
+        if not (self.events or self.heads):
+            return
+        frame = link.encode({"t": "batch", "events": self.events, "heads": self.heads})
+        self.events, self.heads = {}, {}
+        self._queue(frame)
+
+    def _queue(self, frame: bytes) -> None:
+        self._out.append(frame)
+        self._size += len(frame)
+        self._wake.set()
+        if self._size > self.limit:
+            log("link_edge_too_slow", edge=self.name, buffered=self._size)
+            self.broken = True
+            self.cancel.cancel()
+
+    async def run_writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            blob = b"".join(self._out)
+            self._out.clear()
+            self._size = 0
+            await self.stream.send_all(blob)
+
+
+class LinkServer:
+    """A component: `port = await nursery.start(server.run)`."""
+
+    def __init__(self, config: Config, shard: OriginShard, secret: str) -> None:
+        self.config = config
+        self.shard = shard
+        self.secret = secret
+        self.peers: set[EdgePeer] = set()
+        self._publishing = False
+        shard.event_listeners.append(self._on_events)
+        shard.member_listeners.append(self._on_members)
+        shard.read_listeners.append(self._on_read)
+        shard.tenancy_listeners.append(self._on_tenancy)
+        shard.publish_context = self._batch
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.config.link_port, host=self.config.host)
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._serve, listeners)
+            task_status.started(port)
+
+    # --- pushes, from the shard's listeners ----------------------------------------------
+
+    @contextmanager
+    def _batch(self) -> Iterator[None]:
+        self._publishing = True
+        try:
+            yield
+        finally:
+            self._publishing = False
+            for peer in self.peers:
+                peer.flush_batch()
+
+    def _on_events(self, room: str, events: list[Event]) -> None:
+        wire: list[dict[str, Any]] | None = None
+        for peer in self.peers:
+            if room in peer.watched:
+                if wire is None:
+                    wire = [link.event_to_wire(ev) for ev in events]
+                peer.events.setdefault(room, []).extend(wire)
+            else:
+                peer.heads[room] = events[-1].seq
+            if not self._publishing:
+                peer.flush_batch()
+
+    def _on_members(self, change: MembershipChange) -> None:
+        state = self.shard.rooms.get(change.room)
+        if state is None:
+            return
+        msg = {"t": "room", "room": link.room_to_wire(state)}
+        for peer in self.peers:
+            peer.send(msg)
+
+    def _on_read(self, room: str, user: str, seq: int) -> None:
+        for peer in self.peers:
+            peer.send({"t": "read", "room": room, "user": user, "seq": seq})
+
+    def _on_tenancy(self, record: Instance | User) -> None:
+        kind = "instance" if isinstance(record, Instance) else "user"
+        for peer in self.peers:
+            peer.send({"t": kind, kind: attrs.asdict(record)})
+
+    def _snapshot(self, peer: EdgePeer) -> None:
+        """Everything the edge's replica needs, queued in one synchronous step: every later
+        change is pushed after it."""
+        shard = self.shard
+        peer.send({"t": "welcome", "shard": self.config.shard})
+        peer.send(
+            {
+                "t": "snap",
+                "instances": [attrs.asdict(i) for i in shard.instances.values()],
+                "users": [],
+                "rooms": [],
+            }
+        )
+        users = [attrs.asdict(u) for u in shard.users.values()]
+        for i in range(0, len(users), _SNAPSHOT_CHUNK * 10):
+            peer.send({"t": "snap", "instances": [], "users": users[i : i + _SNAPSHOT_CHUNK * 10]})
+        rooms = list(shard.rooms.values())
+        for i in range(0, len(rooms), _SNAPSHOT_CHUNK):
+            chunk = [link.room_to_wire(r) for r in rooms[i : i + _SNAPSHOT_CHUNK]]
+            peer.send({"t": "snap", "instances": [], "users": [], "rooms": chunk})
+        peer.send({"t": "snap_end"})
+
+    # --- one edge ------------------------------------------------------------------------
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        decoder = link.FrameDecoder()
+        peer: EdgePeer | None = None
+        try:
+            with trio.move_on_after(10):
+                while peer is None:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    frames = decoder.feed(data)
+                    if frames:
+                        peer = self._welcome(frames[0], stream)
+                        if peer is None:
+                            return
+                        pending = frames[1:]
+            if peer is None:
+                return
+            self.peers.add(peer)
+            self._snapshot(peer)
+            log("link_edge_connected", edge=peer.name)
+            with peer.cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(peer.run_writer)
+                    limiter = trio.CapacityLimiter(_CONCURRENT)
+                    for msg in pending:
+                        await self._request(peer, msg, nursery, limiter)
+                    while True:
+                        data = await stream.receive_some(65536)
+                        if not data:
+                            break
+                        for msg in decoder.feed(data):
+                            await self._request(peer, msg, nursery, limiter)
+                    nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, link.LinkBroken) as group:
+            log("link_edge_failed", error=repr(group.exceptions))
+        except* Exception as group:  # a bug must not take the origin (and its other edges) down
+            log("link_edge_crashed", error=repr(group.exceptions))
+        finally:
+            if peer is not None:
+                self.peers.discard(peer)
+                log("link_edge_gone", edge=peer.name)
+            await stream.aclose()
+
+    def _welcome(self, msg: dict[str, Any], stream: trio.SocketStream) -> EdgePeer | None:
+        secret = msg.get("secret")
+        if msg.get("t") != "hello" or not isinstance(secret, str):
+            return None
+        if not hmac.compare_digest(secret.encode(), self.secret.encode()):
+            log("link_edge_refused", reason="wrong secret")
+            return None
+        name = str(msg.get("edge", "?"))[:100]
+        return EdgePeer(name, stream, self.config.limits.link_buffer_bytes)
+
+    async def _request(
+        self,
+        peer: EdgePeer,
+        msg: dict[str, Any],
+        nursery: trio.Nursery,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        req_id = msg.get("id")
+        if msg.get("t") != "req" or not isinstance(req_id, int):
+            raise link.LinkBroken("expected a request")
+        op = msg.get("op")
+        if op == "append":
+            try:
+                await self._append(peer, req_id, msg)
+            except GB6Error as exc:
+                peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(exc)})
+            return
+        if op == "watch":
+            room = str(msg.get("room"))
+            state = self.shard.rooms.get(room)
+            if state is None:
+                err = link.error_to_wire(GB6Error("not_found", f"room {room} not found"))
+                peer.send({"t": "res", "id": req_id, "err": err})
+                return
+            # Same step: the answer and the start of the room's events, in this order.
+            peer.send({"t": "res", "id": req_id, "ok": {"room": room, "head": state.head}})
+            peer.watched.add(room)
+            return
+        await limiter.acquire_on_behalf_of(req_id)
+        nursery.start_soon(self._answer, peer, req_id, msg, limiter)
+
+    async def _answer(
+        self, peer: EdgePeer, req_id: int, msg: dict[str, Any], limiter: trio.CapacityLimiter
+    ) -> None:
+        try:
+            ok = await self._handle(msg)
+            peer.send({"t": "res", "id": req_id, "ok": ok})
+        except GB6Error as exc:
+            peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(exc)})
+        except Exception as exc:  # a bug: answer, log, keep serving the edge
+            log("link_request_failed", op=msg.get("op"), error=repr(exc))
+            peer.send(
+                {"t": "res", "id": req_id, "err": {"code": INTERNAL, "message": "internal error"}}
+            )
+        finally:
+            limiter.release_on_behalf_of(req_id)
+
+    def _who(self, msg: dict[str, Any]) -> Principal:
+        who = self.shard.state.principal(str(msg.get("who")))
+        if who is None or who.instance.status != "active":
+            raise GB6Error(UNAUTHORIZED, "unknown user")
+        return who
+
+    async def _append(self, peer: EdgePeer, req_id: int, msg: dict[str, Any]) -> None:
+        def reply(result: outcome.Outcome[Appended]) -> None:
+            if isinstance(result, outcome.Value):
+                ev = result.value.event
+                ok = {"event": link.event_to_wire(ev), "duplicate": result.value.duplicate}
+                peer.send({"t": "res", "id": req_id, "ok": ok})
+            else:
+                assert isinstance(result, outcome.Error)
+                err = result.error
+                if not isinstance(err, GB6Error):
+                    log("append_failed", error=repr(err))
+                    err = GB6Error(INTERNAL, "internal error")
+                peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(err)})
+
+        await self.shard.append(
+            self._who(msg),
+            str(msg.get("room")),
+            str(msg.get("type")),
+            str(msg.get("cid")),
+            reply,
+            body=msg.get("body"),
+            thread=msg.get("thread"),
+            target=msg.get("target"),
+            emoji=msg.get("emoji"),
+        )
+
+    async def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        shard = self.shard
+        op = msg.get("op")
+        if op == "auth":
+            who = await shard.authenticate(str(msg.get("token")))
+            return {"user": who.id}
+        if op == "events_after":
+            events = await shard.events_after(
+                str(msg.get("room")), int(msg["after"]), int(msg["limit"])
+            )
+            return {"events": [link.event_to_wire(e) for e in events]}
+        who = self._who(msg)
+        room = str(msg.get("room"))
+        if op == "history":
+            events = await shard.history(who, room, msg.get("before"), int(msg["limit"]))
+            return {"events": [link.event_to_wire(e) for e in events]}
+        if op == "search":
+            hits = await shard.search(who, str(msg.get("query")), msg.get("room"))
+            return {"events": [link.event_to_wire(e) for e in hits]}
+        if op == "create_room":
+            state = await shard.create_room(
+                who,
+                str(msg.get("name")),
+                str(msg.get("kind")),
+                list(msg.get("members") or ()),
+                bool(msg.get("open")),
+            )
+            return {"room": link.room_to_wire(state)}
+        if op in ("join", "leave"):
+            fn = shard.join if op == "join" else shard.leave
+            state = await fn(who, room)
+            return {"room": link.room_to_wire(state)}
+        if op in ("add_members", "remove_members"):
+            fn2 = shard.add_members if op == "add_members" else shard.remove_members
+            state = await fn2(who, room, list(msg.get("users") or ()))
+            return {"room": link.room_to_wire(state)}
+        if op == "set_read":
+            await shard.set_read(who, room, int(msg["seq"]))
+            return {}
+        if op == "put_file":
+            data = base64.b64decode(str(msg.get("data")))
+            rec = await shard.put_file(who, room, str(msg.get("content_type")), data)
+            return {"file": attrs.asdict(rec)}
+        raise invalid(f"unknown link op {op!r}")

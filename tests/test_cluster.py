@@ -1,0 +1,236 @@
+"""Edges and origins as separate processes: two `gb6 origin`, two `gb6 edge`, over sockets.
+
+Tenancy is made on the origins' admin HTTP APIs (an instance lives on the shard that created
+it); clients only ever talk to edges.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from node.client import Client
+from tests.conftest import Node, Tenant, connect
+
+SECRET = "test-link-secret-0123456789"
+
+
+def _config(base: Path, origins: list[str]) -> Path:
+    path = base / "cluster.toml"
+    quoted = ", ".join(f'"{o}"' for o in origins)
+    path.write_text(f'[cluster]\nlink_secret = "{SECRET}"\norigins = [{quoted}]\n')
+    return path
+
+
+class Cluster:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        bootstrap = _config(base, [])
+        self.origins = [
+            Node(
+                base / f"s{i}",
+                extra_args=["--config", str(bootstrap), "--shard", f"s{i}"],
+                command="origin",
+            )
+            for i in (1, 2)
+        ]
+        for o in self.origins:
+            o.start()
+        self.config = _config(base, [o.link for o in self.origins])
+        self.edges: list[Node] = []
+
+    def edge(self) -> Node:
+        n = len(self.edges)
+        e = Node(self.base / f"e{n}", extra_args=["--config", str(self.config)], command="edge")
+        e.start()
+        self.edges.append(e)
+        return e
+
+    def stop(self) -> None:
+        for n in [*self.edges, *self.origins]:
+            n.kill()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(Path(tmp_path_factory.mktemp("cluster")))
+    try:
+        c.edge()
+        c.edge()
+        yield c
+    finally:
+        c.stop()
+
+
+def _peer(edge: Node, token: str) -> Any:
+    from contextlib import asynccontextmanager
+
+    return asynccontextmanager(lambda: connect(edge, token))()
+
+
+async def test_clients_on_two_edges_converse(cluster: Cluster) -> None:
+    tenant = cluster.origins[0].create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    e1, e2 = cluster.edges[0], cluster.edges[1]
+    async with _peer(e1, alice.token) as a, _peer(e2, bob.token) as b:
+        room = (await a.ok("room.create", name="r", kind="chat", members=[bob.id]))["room"]["id"]
+        # bob's edge learns of the room from the origin's push, not from bob.
+        with trio.fail_after(5):
+            while not any(r["id"] == room for r in (await b.ok("rooms"))["rooms"]):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert (await b.ok("subscribe", room=room, after=0))["head"] == 0
+        await a.ok("subscribe", room=room, after=0)
+        s1 = (await a.ok("send", room=room, cid="c1", body={"text": "hi bob"}))["seq"]
+        ev = await b.event("message")
+        assert (ev["seq"], ev["sender"], ev["body"]) == (s1, alice.id, {"text": "hi bob"})
+        s2 = (await b.ok("send", room=room, cid="c2", body={"text": "hi alice"}))["seq"]
+        assert s2 == s1 + 1
+        mine, theirs = await a.event("message"), await a.event("message")
+        assert [mine["seq"], theirs["seq"]] == [s1, s2]
+        # A repeated cid answers with the original seq, across edges too.
+        assert (await a.ok("send", room=room, cid="c1", body={"text": "again"}))["seq"] == s1
+        hist = (await b.ok("history", room=room, limit=10))["messages"]
+        assert [m["seq"] for m in hist] == [s1, s2]
+        await b.ok("receipt", room=room, read=s2)
+        rooms = (await b.ok("rooms"))["rooms"]
+        assert [(r["id"], r["head"], r["read"]) for r in rooms] == [(room, s2, s2)]
+        hits = (await a.ok("search", query="alice"))["hits"]
+        assert [h["seq"] for h in hits] == [s2]
+        # A late subscriber on the other edge catches up from the origin's store.
+        async with _peer(e1, bob.token) as b2:
+            await b2.ok("subscribe", room=room, after=0)
+            got = [await b2.event("message"), await b2.event("message")]
+            assert [g["seq"] for g in got] == [s1, s2]
+
+
+async def test_two_instances_live_on_two_shards(cluster: Cluster) -> None:
+    t1 = cluster.origins[0].create_tenant()
+    t2 = cluster.origins[1].create_tenant()
+    u1, u2 = t1.user("one"), t2.user("two")
+    e1, e2 = cluster.edges
+    async with _peer(e2, u1.token) as p1, _peer(e1, u2.token) as p2:
+        r1 = (await p1.ok("room.create", name="a", kind="chat", members=[]))["room"]["id"]
+        r2 = (await p2.ok("room.create", name="b", kind="chat", members=[]))["room"]["id"]
+        assert (await p1.ok("send", room=r1, cid="x", body={"text": "on s1"}))["seq"] == 1
+        assert (await p2.ok("send", room=r2, cid="x", body={"text": "on s2"}))["seq"] == 1
+        # Each room's log is in its own shard's store only; neither is seen by the other tenant.
+        for origin, room, other in ((cluster.origins[0], r1, r2), (cluster.origins[1], r2, r1)):
+            db = sqlite3.connect(f"file:{origin.data_dir / 'gb6.db'}?mode=ro", uri=True)
+            try:
+                rooms = {r for (r,) in db.execute("SELECT DISTINCT room FROM events")}
+            finally:
+                db.close()
+            assert room in rooms and other not in rooms
+        refused = await p1.request("subscribe", room=r2, after=0)
+        assert refused["op"] == "error" and refused["code"] == "not_found", refused
+        refused = await p2.request("history", room=r1, limit=5)
+        assert refused["op"] == "error" and refused["code"] == "not_found", refused
+        assert (await p1.ok("search", query="on"))["hits"][0]["room"] == r1
+        assert [h["room"] for h in (await p2.ok("search", query="on"))["hits"]] == [r2]
+
+
+async def _storm(
+    urls: Callable[[], str], token: str, room: str, name: str, n: int, acked: dict[str, int]
+) -> None:
+    """Send `n` messages through the SDK, which resends unanswered cids after reconnects."""
+    async with Client(urls, token, backoff_initial=0.05, backoff_max=0.5, seed=1) as client:
+        for i in range(n):
+            cid = f"{name}-{i}"
+            ack = await client.send(room, f"m {cid}", cid=cid)
+            acked[cid] = ack.seq
+            if i % 10 == 9:
+                await trio.sleep(0.005)
+
+
+async def _read_room(edge: Node, token: str, room: str, expect: int) -> list[dict[str, Any]]:
+    async with _peer(edge, token) as p:
+        head = (await p.ok("subscribe", room=room, after=0))["head"]
+        assert head >= expect
+        events = []
+        p.timeout = 20
+        while len(events) < head:
+            ev = await p.event("message")
+            events.append(ev)
+        return events
+
+
+def _check_log(events: list[dict[str, Any]], acked: dict[str, int]) -> None:
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), "gap or disorder"
+    cids = [e["cid"] for e in events]
+    assert len(cids) == len(set(cids)), "a message was stored twice"
+    stored = {e["cid"]: e["seq"] for e in events}
+    for cid, seq in acked.items():
+        assert stored.get(cid) == seq, f"acknowledged {cid} (seq {seq}) missing or moved"
+
+
+async def test_kill9_edge_mid_stream_clients_resume_on_the_other(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    tenant: Tenant = cluster.origins[0].create_tenant()
+    users = [tenant.user(f"k{i}") for i in range(3)]
+    doomed = cluster.edge()  # an edge of this test's own, killed mid-stream
+    survivor = cluster.edges[0]
+    async with _peer(survivor, users[0].token) as owner:
+        room = (
+            await owner.ok("room.create", name="k", kind="chat", members=[u.id for u in users])
+        )["room"]["id"]
+    urls = itertools.chain([doomed.ws_url], itertools.repeat(survivor.ws_url))
+    url_of: dict[str, Iterator[str]] = {u.id: iter(urls) for u in users}
+    acked: dict[str, int] = {}
+
+    async def watcher() -> None:
+        """A subscriber on the doomed edge: after the kill it resumes on the survivor and
+        sees every event once, in order."""
+        seen: list[int] = []
+        it = itertools.chain([doomed.ws_url], itertools.repeat(survivor.ws_url))
+        async with Client(lambda: next(it), users[2].token, backoff_initial=0.05) as c:
+            await c.subscribe(room, after=0)
+            with trio.fail_after(30):
+                async for ev in c.events():
+                    if ev.get("type") == "message":
+                        seen.append(ev["seq"])
+                        if len(seen) == 2 * 150:
+                            break
+        assert seen == list(range(1, 301)), "the watcher missed or repeated events"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watcher)
+        for u in users[:2]:
+            nursery.start_soon(
+                _storm, lambda uid=u.id: next(url_of[uid]), u.token, room, u.id, 150, acked
+            )
+        with trio.fail_after(20):
+            while len(acked) < 60:  # noqa: ASYNC110 - polling the storm's progress
+                await trio.sleep(0.01)
+        doomed.kill()
+    assert len(acked) == 300
+    _check_log(await _read_room(survivor, users[0].token, room, 300), acked)
+
+
+async def test_kill9_origin_mid_stream_restart_continues_gapless(cluster: Cluster) -> None:
+    origin = cluster.origins[1]
+    tenant: Tenant = origin.create_tenant()
+    users = [tenant.user(f"o{i}") for i in range(2)]
+    e1, e2 = cluster.edges[0], cluster.edges[1]
+    async with _peer(e1, users[0].token) as owner:
+        room = (
+            await owner.ok("room.create", name="o", kind="chat", members=[u.id for u in users])
+        )["room"]["id"]
+    acked: dict[str, int] = {}
+    async with trio.open_nursery() as nursery:
+        for u, e in zip(users, (e1, e2), strict=True):
+            nursery.start_soon(_storm, lambda e=e: e.ws_url, u.token, room, u.id, 200, acked)
+        with trio.fail_after(20):
+            while len(acked) < 80:  # noqa: ASYNC110 - polling the storm's progress
+                await trio.sleep(0.01)
+        origin.kill()
+        await trio.sleep(0.3)
+        origin.start()  # same data, same link port: the edges reconnect
+    assert len(acked) == 400
+    _check_log(await _read_room(e2, users[1].token, room, 400), acked)
