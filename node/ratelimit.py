@@ -1,8 +1,26 @@
-"""GCRA (generic cell rate algorithm) limiter: one timestamp per key, O(1) per check."""
+"""GCRA (generic cell rate algorithm) limiter: one timestamp per key, O(1) per check.
+
+`Gcra` is the in-process algorithm (the caller passes the clock). `RateLimiter` is the port an
+edge checks through, so that limits can be shared across edges: `edge.bus.LocalRateLimiter`
+wraps a `Gcra`, `edge.redis_bus.RedisRateLimiter` runs the same algorithm atomically in Redis.
+Both keep these semantics: `rate` events per second sustained, `burst` at once, per key.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
+
+
+class RateLimiter(Protocol):
+    """Where an edge asks whether `key` (a user, usually) may act now."""
+
+    async def check(self, key: str) -> float:
+        """0.0 if allowed (and counted), else the seconds to wait before a retry.
+
+        Raises GB6Error (`invalid`) for a bad key, (`unavailable`) when the backing store is
+        unreachable."""
+        ...
 
 
 class Gcra:

@@ -1,0 +1,464 @@
+"""Ports that let edges share what a user does across them, and the in-process adapters.
+
+Three ports, each a `typing.Protocol`, each with an in-process adapter here (what `gb6 run`
+uses: one process, so "shared" means shared objects) and a Redis adapter in `edge.redis_bus`
+(what a cluster of edges uses). The contract tests run the same suite against both.
+
+- `RateLimiter` (defined in `node.ratelimit`): GCRA per key, `check(key)` → 0.0 if allowed,
+  else the seconds to wait. Every limiter built on the same store shares each key's budget.
+- `SessionRegistry`: which edge holds which sessions of a user. Each registry belongs to one
+  edge and, while its `run()` serves, heartbeats that edge. A session is live while its edge
+  heartbeats: when an edge stops (killed, partitioned, or `run()` cancelled) its sessions
+  vanish for everyone within `ttl` seconds without anybody removing them. Each `run()` is a
+  new incarnation of its edge, so a restarted edge never revives the sessions of its
+  predecessor. Graceful shutdown removes sessions as their connections close.
+- `PubSub`: ephemeral signals (presence, typing) on named channels (`room_channel`,
+  `user_channel`) between edges, never persisted. `publish` never blocks: it hands the signal
+  on or drops it. Each subscriber has one bounded inbox; when the inbox is full, signals for it
+  are dropped and counted (`statistics().dropped`): a slow subscriber loses ephemeral signals
+  rather than growing memory or holding up the publisher. Delivery goes to every subscriber of
+  the channel, the publisher's own included. Once `subscribe` returns, signals published after
+  it are delivered; once `unsubscribe` returns, `receive` yields nothing more of that channel.
+
+Limits: ids and channel names are 1..200 characters without control characters; a signal is at
+most `MAX_SIGNAL_BYTES`; a subscriber follows at most `max_channels` channels; a user has at
+most `max_sessions_per_user` live sessions. Bad input raises `GB6Error` (`invalid`,
+`too_large`, `quota_exceeded`); using a component before its `run()` serves raises
+`unavailable`.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Collection, Iterable
+from typing import Protocol
+
+import attrs
+import trio
+
+from node.errors import QUOTA_EXCEEDED, TOO_LARGE, UNAVAILABLE, GB6Error, invalid
+from node.ratelimit import Gcra, RateLimiter
+
+__all__ = [
+    "MAX_NAME_LEN",
+    "MAX_SIGNAL_BYTES",
+    "Inbox",
+    "LocalBroker",
+    "LocalPubSub",
+    "LocalRateLimiter",
+    "LocalSessions",
+    "PubSub",
+    "PubSubStatistics",
+    "RateLimiter",
+    "SessionRegistry",
+    "SessionTable",
+    "Signal",
+    "check_name",
+    "room_channel",
+    "user_channel",
+]
+
+MAX_NAME_LEN = 200
+MAX_SIGNAL_BYTES = 64 * 1024
+MAX_LOCATE_USERS = 1_000
+
+_CONTROL = {chr(c) for c in range(32)} | {"\x7f"}
+
+
+def check_name(kind: str, value: object, max_len: int = MAX_NAME_LEN) -> str:
+    """`value` if it is a usable id or channel name, else GB6Error(invalid) naming `kind`."""
+    if not isinstance(value, str) or not value:
+        raise invalid(f"{kind} must be a non-empty string")
+    if len(value) > max_len:
+        raise invalid(f"{kind} is longer than {max_len} characters")
+    if not _CONTROL.isdisjoint(value):
+        raise invalid(f"{kind} contains control characters")
+    return value
+
+
+def check_edge(edge: object) -> str:
+    name = check_name("edge", edge, 64)
+    if "~" in name:  # separates the edge's name from its incarnation
+        raise invalid("edge must not contain '~'")
+    return name
+
+
+def new_incarnation(edge: str) -> str:
+    return f"{edge}~{secrets.token_hex(6)}"
+
+
+def edge_of(incarnation: str) -> str:
+    return incarnation.rpartition("~")[0]
+
+
+def room_channel(room: str) -> str:
+    return "room:" + room
+
+
+def user_channel(user: str) -> str:
+    return "user:" + user
+
+
+# --- rate limits -----------------------------------------------------------------------------
+
+
+class LocalRateLimiter:
+    """`RateLimiter` over an in-process `Gcra`, on Trio's clock.
+
+    Limiters built on the same `Gcra` share each key's budget (one process: every "edge" in it
+    holds the same object). Needs no `run()`.
+    """
+
+    def __init__(self, gcra: Gcra) -> None:
+        self.gcra = gcra
+
+    @classmethod
+    def new(cls, rate: float, burst: int) -> LocalRateLimiter:
+        return cls(Gcra(rate, burst))
+
+    async def check(self, key: str) -> float:
+        check_name("rate limit key", key)
+        return self.gcra.check(key, trio.current_time())
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+
+class SessionRegistry(Protocol):
+    """Which edge holds which sessions of a user; one registry per edge (see module doc)."""
+
+    edge: str
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Heartbeat this edge until cancelled; `started()` once its sessions can be added."""
+        ...
+
+    async def add(self, user: str, session: str) -> None:
+        """Record that this edge holds `session` of `user` (idempotent). Raises GB6Error:
+        `quota_exceeded` past the per-user limit, `invalid`, `unavailable`."""
+        ...
+
+    async def remove(self, user: str, session: str) -> None:
+        """Forget `session` if this edge holds it (idempotent)."""
+        ...
+
+    async def locate(self, users: Collection[str]) -> dict[str, dict[str, str]]:
+        """For each online user among `users` (at most 1,000): session → edge name."""
+        ...
+
+    async def edges_of(self, user: str) -> frozenset[str]:
+        """The edges holding at least one live session of `user`."""
+        ...
+
+    async def online(self, user: str) -> bool:
+        """Whether `user` has a live session on any edge."""
+        ...
+
+
+def check_users(users: Collection[str]) -> list[str]:
+    if isinstance(users, str):
+        raise invalid("users must be a collection of user ids, not one string")
+    if len(users) > MAX_LOCATE_USERS:
+        raise invalid(f"at most {MAX_LOCATE_USERS} users per lookup")
+    return list(dict.fromkeys(check_name("user", u) for u in users))
+
+
+@attrs.define(eq=False)
+class SessionTable:
+    """The in-process session directory that every `LocalSessions` of a process shares.
+
+    `edges` maps an edge incarnation to the Trio time its heartbeat lapses; `users` maps a user
+    to session → incarnation. Entries of lapsed incarnations are dropped as they are met.
+    """
+
+    edges: dict[str, float] = attrs.Factory(dict)
+    users: dict[str, dict[str, str]] = attrs.Factory(dict)
+
+    def alive(self, incarnation: str, now: float) -> bool:
+        if self.edges.get(incarnation, -math.inf) > now:
+            return True
+        self.edges.pop(incarnation, None)
+        return False
+
+    def live_sessions(self, user: str, now: float) -> dict[str, str]:
+        """session → incarnation for `user`, without (and dropping) the lapsed ones."""
+        sessions = self.users.get(user)
+        if not sessions:
+            return {}
+        dead = [s for s, inc in sessions.items() if not self.alive(inc, now)]
+        for s in dead:
+            del sessions[s]
+        if not sessions:
+            del self.users[user]
+        return sessions
+
+
+class LocalSessions:
+    """`SessionRegistry` on a shared in-process `SessionTable`, heartbeating on Trio's clock."""
+
+    def __init__(
+        self,
+        table: SessionTable,
+        edge: str,
+        *,
+        ttl: float = 15.0,
+        max_sessions_per_user: int = 64,
+    ) -> None:
+        if not ttl > 0 or max_sessions_per_user < 1:
+            raise ValueError("ttl must be > 0 and max_sessions_per_user >= 1")
+        self.table = table
+        self.edge = check_edge(edge)
+        self.ttl = ttl
+        self.max_sessions_per_user = max_sessions_per_user
+        self._incarnation: str | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        incarnation = new_incarnation(self.edge)
+        self.table.edges[incarnation] = trio.current_time() + self.ttl
+        self._incarnation = incarnation
+        try:
+            task_status.started()
+            while True:
+                await trio.sleep(self.ttl / 3)
+                self.table.edges[incarnation] = trio.current_time() + self.ttl
+        finally:
+            # Stop heartbeating, keep the entries: they lapse after `ttl`, as a killed edge's do.
+            self._incarnation = None
+
+    def _serving(self) -> str:
+        if self._incarnation is None:
+            raise GB6Error(UNAVAILABLE, "session registry is not running")
+        return self._incarnation
+
+    async def add(self, user: str, session: str) -> None:
+        check_name("user", user)
+        check_name("session", session)
+        incarnation = self._serving()
+        await trio.lowlevel.checkpoint()
+        sessions = self.table.live_sessions(user, trio.current_time())
+        if session not in sessions and len(sessions) >= self.max_sessions_per_user:
+            raise GB6Error(
+                QUOTA_EXCEEDED,
+                f"too many sessions for one user (limit {self.max_sessions_per_user})",
+            )
+        self.table.users.setdefault(user, sessions)[session] = incarnation
+
+    async def remove(self, user: str, session: str) -> None:
+        check_name("user", user)
+        check_name("session", session)
+        incarnation = self._serving()
+        await trio.lowlevel.checkpoint()
+        sessions = self.table.users.get(user)
+        if sessions is not None and sessions.get(session) == incarnation:
+            del sessions[session]
+            if not sessions:
+                del self.table.users[user]
+
+    async def locate(self, users: Collection[str]) -> dict[str, dict[str, str]]:
+        wanted = check_users(users)
+        await trio.lowlevel.checkpoint()
+        now = trio.current_time()
+        found: dict[str, dict[str, str]] = {}
+        for user in wanted:
+            sessions = self.table.live_sessions(user, now)
+            if sessions:
+                found[user] = {s: edge_of(inc) for s, inc in sessions.items()}
+        return found
+
+    async def edges_of(self, user: str) -> frozenset[str]:
+        return frozenset((await self.locate([user])).get(user, {}).values())
+
+    async def online(self, user: str) -> bool:
+        return bool(await self.locate([user]))
+
+
+# --- ephemeral pub/sub -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Signal:
+    """One ephemeral message: opaque bytes on a named channel."""
+
+    channel: str
+    data: bytes
+
+
+@attrs.frozen
+class PubSubStatistics:
+    channels: int  # channels this subscriber follows
+    buffered: int  # signals waiting in the inbox
+    max_buffer: int
+    accepted: int  # signals put into the inbox
+    dropped: int  # signals lost because the inbox was full
+    published: int  # signals this publisher handed on
+    publish_dropped: int  # signals lost because the publisher's own queue was full
+
+
+class PubSub(Protocol):
+    """Ephemeral signals between edges (see module doc): one publisher and one subscriber."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; `started()` once publish and subscribe work."""
+        ...
+
+    def publish(self, channel: str, data: bytes) -> bool:
+        """Hand `data` on to every subscriber of `channel`; never blocks. False if dropped."""
+        ...
+
+    async def subscribe(self, channels: Iterable[str]) -> None:
+        """Follow `channels` too; returns once signals published from now on are delivered."""
+        ...
+
+    async def unsubscribe(self, channels: Iterable[str]) -> None:
+        """Stop following `channels`; `receive` yields none of theirs from now on."""
+        ...
+
+    async def receive(self) -> Signal:
+        """The next signal of a followed channel, in publication order per publisher."""
+        ...
+
+    def statistics(self) -> PubSubStatistics: ...
+
+
+def check_signal(channel: str, data: bytes) -> None:
+    check_name("channel", channel)
+    if not isinstance(data, bytes):
+        raise invalid("signal data must be bytes")
+    if len(data) > MAX_SIGNAL_BYTES:
+        raise GB6Error(TOO_LARGE, f"signal larger than {MAX_SIGNAL_BYTES} bytes")
+
+
+def check_channels(channels: Iterable[str]) -> list[str]:
+    if isinstance(channels, str):
+        raise invalid("channels must be a collection of channel names, not one string")
+    return list(dict.fromkeys(check_name("channel", c) for c in channels))
+
+
+class Inbox:
+    """One subscriber's bounded buffer and the set of channels it follows.
+
+    `offer` never blocks: a signal that does not fit is dropped and counted. `receive` skips
+    signals of channels unfollowed since they were buffered.
+    """
+
+    def __init__(self, size: int, max_channels: int) -> None:
+        if size < 1 or max_channels < 1:
+            raise ValueError("inbox size and max_channels must be >= 1")
+        self.size = size
+        self.max_channels = max_channels
+        self.channels: set[str] = set()
+        self.accepted = 0
+        self.dropped = 0
+        self._send, self._recv = trio.open_memory_channel[Signal](size)
+
+    def check_room_for(self, new: Collection[str]) -> None:
+        if len(self.channels) + len(new) > self.max_channels:
+            raise GB6Error(TOO_LARGE, f"a subscriber follows at most {self.max_channels} channels")
+
+    def offer(self, signal: Signal) -> bool:
+        if signal.channel not in self.channels:
+            return False
+        try:
+            self._send.send_nowait(signal)
+        except trio.WouldBlock:
+            self.dropped += 1
+            return False
+        self.accepted += 1
+        return True
+
+    async def receive(self) -> Signal:
+        while True:
+            signal = await self._recv.receive()
+            if signal.channel in self.channels:
+                return signal
+
+    def statistics(self, published: int, publish_dropped: int) -> PubSubStatistics:
+        return PubSubStatistics(
+            channels=len(self.channels),
+            buffered=self._recv.statistics().current_buffer_used,
+            max_buffer=self.size,
+            accepted=self.accepted,
+            dropped=self.dropped,
+            published=published,
+            publish_dropped=publish_dropped,
+        )
+
+
+class LocalBroker:
+    """In-process fan-out between the `LocalPubSub`s of a process (one per "edge")."""
+
+    def __init__(self) -> None:
+        self.subscribers: dict[str, set[Inbox]] = {}
+
+    def publish(self, signal: Signal) -> None:
+        for inbox in self.subscribers.get(signal.channel, ()):
+            inbox.offer(signal)
+
+    def follow(self, inbox: Inbox, channels: Iterable[str]) -> None:
+        for channel in channels:
+            self.subscribers.setdefault(channel, set()).add(inbox)
+
+    def unfollow(self, inbox: Inbox, channels: Iterable[str]) -> None:
+        for channel in channels:
+            inboxes = self.subscribers.get(channel)
+            if inboxes is not None:
+                inboxes.discard(inbox)
+                if not inboxes:
+                    del self.subscribers[channel]
+
+
+class LocalPubSub:
+    """`PubSub` over a shared in-process `LocalBroker`; publishing fans out synchronously."""
+
+    def __init__(
+        self, broker: LocalBroker, *, inbox_size: int = 1024, max_channels: int = 10_000
+    ) -> None:
+        self.broker = broker
+        self.inbox = Inbox(inbox_size, max_channels)
+        self.published = 0
+        self._running = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._running = True
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._running = False
+            self.broker.unfollow(self.inbox, self.inbox.channels)
+            self.inbox.channels.clear()
+
+    def _serving(self) -> None:
+        if not self._running:
+            raise GB6Error(UNAVAILABLE, "pub/sub is not running")
+
+    def publish(self, channel: str, data: bytes) -> bool:
+        check_signal(channel, data)
+        self._serving()
+        self.broker.publish(Signal(channel, data))
+        self.published += 1
+        return True
+
+    async def subscribe(self, channels: Iterable[str]) -> None:
+        names = check_channels(channels)
+        self._serving()
+        await trio.lowlevel.checkpoint()
+        new = [c for c in names if c not in self.inbox.channels]
+        self.inbox.check_room_for(new)
+        self.inbox.channels.update(new)
+        self.broker.follow(self.inbox, new)
+
+    async def unsubscribe(self, channels: Iterable[str]) -> None:
+        names = check_channels(channels)
+        self._serving()
+        await trio.lowlevel.checkpoint()
+        gone = [c for c in names if c in self.inbox.channels]
+        self.inbox.channels.difference_update(gone)
+        self.broker.unfollow(self.inbox, gone)
+
+    async def receive(self) -> Signal:
+        return await self.inbox.receive()
+
+    def statistics(self) -> PubSubStatistics:
+        return self.inbox.statistics(self.published, 0)

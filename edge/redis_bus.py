@@ -1,0 +1,717 @@
+"""Redis adapters of the edge ports in `edge.bus`: GCRA rate limits, sessions, pub/sub.
+
+Rules:
+- redis.asyncio runs only through trio-asyncio: the caller has opened
+  `trio_asyncio.open_loop()` around these components. Each Trio→asyncio crossing carries a
+  batch: concurrent rate checks and session writes are queued (bounded channels, so callers
+  wait when the queue is full) and one worker task per component sends what is queued as one
+  pipeline per crossing; pub/sub publishes are batched the same way and received signals are
+  read in batches.
+- Redis errors are translated here into GB6Error (`unavailable` when Redis cannot be reached,
+  `internal` for anything else Redis refuses).
+- Atomicity comes from Lua scripts (one script call per key), and every script reads Redis's
+  own clock (`TIME`), so edges whose clocks differ still share one budget and one expiry.
+- Keys and channels all start with the component's `prefix`; the session scripts touch keys
+  they compute (an edge's liveness key), so they need a standalone Redis (or, in a Redis
+  Cluster, a prefix that is one hash tag, e.g. "{gb6}:").
+
+Keys:
+    {prefix}rl:{key}           GCRA: the theoretical arrival time in µs (Redis clock); expires
+                                when the budget is full again, so idle keys cost nothing.
+    {prefix}edge:{incarnation} an edge is alive while this exists (PX ttl, refreshed every ttl/3)
+    {prefix}user:{user}        hash session → incarnation; fields of dead incarnations are
+                                dropped when met, the key expires `3 * ttl` after its last
+                                heartbeat from any edge.
+Channels: {prefix}{channel} for signals; {prefix}ctl:{token} per subscriber, so that the
+subscriber's connection exists (and its reader can block) before any real subscription.
+
+Pub/sub: Redis delivers each signal to every subscribed connection; the reader task moves
+signals into the subscriber's bounded `Inbox`, dropping (and counting) those that do not fit, so
+a slow consumer loses ephemeral signals instead of holding memory. If the reader itself falls
+behind, Redis's own pub/sub output limit disconnects the connection and redis-py reconnects and
+resubscribes: signals in between are lost, which ephemeral signals may be.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Sequence,
+)
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Generic, TypeVar
+
+import attrs
+import redis.asyncio as aioredis
+import redis.exceptions as rex
+import trio
+from trio_asyncio import aio_as_trio
+
+from edge.bus import (
+    Inbox,
+    PubSubStatistics,
+    Signal,
+    check_channels,
+    check_edge,
+    check_name,
+    check_signal,
+    check_users,
+    edge_of,
+    new_incarnation,
+)
+from node.errors import INTERNAL, QUOTA_EXCEEDED, UNAVAILABLE, GB6Error
+from node.log import log
+
+__all__ = ["RedisPubSub", "RedisRateLimiter", "RedisSessions", "open_redis"]
+
+Redis = aioredis.Redis
+
+
+# --- plumbing: errors, scripts, batching -----------------------------------------------------
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Redis's exceptions → GB6Error, once, at this adapter's edge."""
+    try:
+        yield
+    except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+        raise GB6Error(UNAVAILABLE, f"redis unavailable ({what}): {exc}") from exc
+    except rex.RedisError as exc:
+        raise GB6Error(INTERNAL, f"redis refused {what}: {exc}") from exc
+
+
+@asynccontextmanager
+async def open_redis(url: str) -> AsyncIterator[Redis]:
+    """A redis.asyncio client for `url` that answered PING; closed on exit.
+
+    Needs an open `trio_asyncio.open_loop()`. Raises GB6Error(unavailable) if Redis does not
+    answer within 5 s."""
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        with _translated("ping"), trio.move_on_after(5) as waited:
+            await aio_as_trio(client.ping)()
+        if waited.cancelled_caught:
+            raise GB6Error(UNAVAILABLE, f"redis at {url} did not answer within 5 s")
+        yield client
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await aio_as_trio(client.aclose)()
+
+
+@attrs.frozen
+class _Script:
+    """A Lua script sent by its SHA1; `_pipeline` loads it again if Redis forgot it."""
+
+    text: str
+    sha: str
+
+    @classmethod
+    def of(cls, text: str) -> _Script:
+        return cls(text, hashlib.sha1(text.encode()).hexdigest())
+
+
+async def _pipeline(
+    client: Redis, scripts: Sequence[_Script], build: Callable[[Any], None]
+) -> list[Any]:
+    """asyncio side: run the commands `build` queues on a pipeline, with results (errors as
+    values). After a Redis restart or SCRIPT FLUSH, loads `scripts` and runs them once more:
+    every command here may run twice (a refused EVALSHA did nothing)."""
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        build(pipe)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        if attempt or not any(isinstance(r, rex.NoScriptError) for r in results):
+            break
+        for script in scripts:
+            await client.script_load(script.text)
+    for r in results:
+        if isinstance(r, rex.RedisError):
+            raise r
+    return results
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@attrs.define(eq=False)
+class _Slot(Generic[T, R]):
+    item: T
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: R | None = None
+    error: GB6Error | None = None
+
+
+class _Batcher(Generic[T, R]):
+    """Callers queue items; one worker hands everything queued to `handle` in one call, in
+    order, and gives each caller its result. The queue is bounded: callers wait when full.
+    When the worker stops, queued and waiting callers get GB6Error(unavailable)."""
+
+    def __init__(
+        self,
+        handle: Callable[[list[T]], Awaitable[list[R]]],
+        *,
+        queue: int,
+        max_batch: int,
+        what: str,
+    ) -> None:
+        if queue < 1 or max_batch < 1:
+            raise ValueError("queue and max_batch must be >= 1")
+        self.handle = handle
+        self.queue = queue
+        self.max_batch = max_batch
+        self.what = what
+        self._send: trio.MemorySendChannel[_Slot[T, R]] | None = None
+
+    async def call(self, item: T) -> R:
+        send = self._send
+        if send is None:
+            raise GB6Error(UNAVAILABLE, f"{self.what} is not running")
+        slot: _Slot[T, R] = _Slot(item)
+        try:
+            await send.send(slot)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise GB6Error(UNAVAILABLE, f"{self.what} stopped") from None
+        await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result  # type: ignore[return-value]  # set with `done`
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        send, recv = trio.open_memory_channel[_Slot[T, R]](self.queue)
+        self._send = send
+        batch: list[_Slot[T, R]] = []
+        try:
+            task_status.started()
+            while True:
+                batch = [await recv.receive()]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(recv.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                try:
+                    results = await self.handle([s.item for s in batch])
+                except GB6Error as exc:
+                    for slot in batch:
+                        slot.error = exc
+                else:
+                    for slot, result in zip(batch, results, strict=True):
+                        slot.result = result
+                for slot in batch:
+                    slot.done.set()
+                batch = []
+        finally:
+            self._send = None
+            while True:
+                try:
+                    batch.append(recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            recv.close()  # callers still blocked on a full queue get BrokenResourceError
+            stopped = GB6Error(UNAVAILABLE, f"{self.what} stopped")
+            for slot in batch:
+                if not slot.done.is_set():
+                    slot.error = stopped
+                    slot.done.set()
+
+
+# --- GCRA rate limits ------------------------------------------------------------------------
+
+# KEYS[1] the key; ARGV: interval µs, tolerance µs (interval * (burst - 1)).
+# Returns 0 if allowed (and counted), else the µs to wait. Same algorithm as node.ratelimit.Gcra,
+# in integer µs (so an exact fit is never refused), on Redis's clock.
+_GCRA = _Script.of("""
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local wait = tat - now - tolerance
+if wait > 0 then return wait end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+return 0
+""")
+
+
+class RedisRateLimiter:
+    """`RateLimiter` shared by every edge using the same Redis and `prefix` (GCRA, Lua).
+
+    A component: checks are served while `run()` runs (it owns the batching worker); `check`
+    waits while `queue` checks are already queued. Raises GB6Error(unavailable) if Redis is
+    unreachable: the caller decides whether to fail open or closed.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str,
+        rate: float,
+        burst: int,
+        queue: int = 1024,
+        max_batch: int = 256,
+    ) -> None:
+        if not 0 < rate <= 1_000_000 or burst < 1:
+            raise ValueError("rate must be in (0, 1e6] and burst >= 1")
+        self.client = client
+        self.prefix = prefix
+        self.rate = rate
+        self.burst = burst
+        self.interval_us = max(1, round(1_000_000 / rate))
+        self.tolerance_us = self.interval_us * (burst - 1)
+        self._batcher: _Batcher[str, float] = _Batcher(
+            self._check_batch, queue=queue, max_batch=max_batch, what="rate limiter"
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._batcher.run(task_status=task_status)
+
+    async def check(self, key: str) -> float:
+        check_name("rate limit key", key)
+        return await self._batcher.call(key)
+
+    async def _check_batch(self, keys: list[str]) -> list[float]:
+        def build(pipe: Any) -> None:
+            for key in keys:
+                pipe.evalsha(
+                    _GCRA.sha, 1, self.prefix + "rl:" + key, self.interval_us, self.tolerance_us
+                )
+
+        with _translated("rate limit check"):
+            waits = await aio_as_trio(_pipeline)(self.client, [_GCRA], build)
+        return [int(w) / 1_000_000 for w in waits]
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+# KEYS[1] user hash; ARGV: session, incarnation, max sessions, user key ttl ms, edge key prefix.
+# Returns 1 if recorded, 0 if the user already has `max` live sessions.
+_ADD = _Script.of("""
+local max = tonumber(ARGV[3])
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= max then
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if redis.call('EXISTS', ARGV[5] .. all[i + 1]) == 0 then redis.call('HDEL', KEYS[1], all[i]) end
+  end
+  if redis.call('HLEN', KEYS[1]) >= max then return 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+""")
+
+# KEYS[1] user hash; ARGV: session, incarnation. Only the incarnation that holds it removes it.
+_REMOVE = _Script.of("""
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+""")
+
+# KEYS: user hashes; ARGV[1] edge key prefix. Per user: session, incarnation, ... of live edges;
+# fields of dead edges are dropped on the way.
+_LOCATE = _Script.of("""
+local live = {}
+local out = {}
+for k = 1, #KEYS do
+  local all = redis.call('HGETALL', KEYS[k])
+  local found = {}
+  for i = 1, #all, 2 do
+    local inc = all[i + 1]
+    local ok = live[inc]
+    if ok == nil then
+      ok = redis.call('EXISTS', ARGV[1] .. inc) == 1
+      live[inc] = ok
+    end
+    if ok then
+      found[#found + 1] = all[i]
+      found[#found + 1] = inc
+    else
+      redis.call('HDEL', KEYS[k], all[i])
+    end
+  end
+  out[k] = found
+end
+return out
+""")
+
+_SESSION_SCRIPTS = (_ADD, _REMOVE, _LOCATE)
+
+
+@attrs.frozen
+class _SessionOp:
+    kind: str  # "add" | "remove" | "beat"
+    user: str = ""
+    session: str = ""
+
+
+class RedisSessions:
+    """`SessionRegistry` of one edge in Redis (see `edge.bus` for the contract).
+
+    A component: `run()` starts a new incarnation of the edge, owns the worker that sends this
+    registry's writes in order (batched), and heartbeats every `ttl / 3`. Each heartbeat
+    refreshes the edge's liveness key and the TTL of the users it holds; if the liveness key
+    had lapsed (Redis restarted, or the edge was cut off longer than `ttl`), it writes this
+    edge's sessions again. When `run()` ends nothing is deleted: the sessions lapse after
+    `ttl`, exactly as a killed edge's do. Writes go through one ordered queue, so a heartbeat
+    never revives a session removed before it.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        edge: str,
+        *,
+        prefix: str,
+        ttl: float = 15.0,
+        max_sessions_per_user: int = 64,
+        queue: int = 1024,
+        max_batch: int = 256,
+    ) -> None:
+        if not ttl >= 0.01 or max_sessions_per_user < 1:
+            raise ValueError("ttl must be >= 0.01 s and max_sessions_per_user >= 1")
+        self.client = client
+        self.edge = check_edge(edge)
+        self.prefix = prefix
+        self.ttl = ttl
+        self.max_sessions_per_user = max_sessions_per_user
+        self._ttl_ms = math.ceil(ttl * 1000)
+        self._user_ttl_ms = 3 * self._ttl_ms
+        self._incarnation = ""
+        self._held: dict[str, set[str]] = {}  # user → sessions this incarnation holds
+        self._writer: _Batcher[_SessionOp, bool] = _Batcher(
+            self._write_batch, queue=queue, max_batch=max_batch, what="session registry"
+        )
+
+    def _user_key(self, user: str) -> str:
+        return self.prefix + "user:" + user
+
+    @property
+    def _edge_prefix(self) -> str:
+        return self.prefix + "edge:"
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._incarnation = new_incarnation(self.edge)
+        self._held = {}
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._writer.run)
+            await self._writer.call(_SessionOp("beat"))  # alive before the first add
+            task_status.started()
+            while True:
+                await trio.sleep(self.ttl / 3)
+                try:
+                    await self._writer.call(_SessionOp("beat"))
+                except GB6Error as exc:  # others see this edge lapse; the next beat may heal it
+                    log("session_heartbeat_failed", edge=self.edge, error=exc.message)
+
+    async def add(self, user: str, session: str) -> None:
+        check_name("user", user)
+        check_name("session", session)
+        if not await self._writer.call(_SessionOp("add", user, session)):
+            raise GB6Error(
+                QUOTA_EXCEEDED,
+                f"too many sessions for one user (limit {self.max_sessions_per_user})",
+            )
+        self._held.setdefault(user, set()).add(session)
+
+    async def remove(self, user: str, session: str) -> None:
+        check_name("user", user)
+        check_name("session", session)
+        # Forget it first: a heartbeat built from now on no longer writes it again.
+        held = self._held.get(user)
+        if held is not None:
+            held.discard(session)
+            if not held:
+                del self._held[user]
+        await self._writer.call(_SessionOp("remove", user, session))
+
+    async def locate(self, users: Collection[str]) -> dict[str, dict[str, str]]:
+        wanted = check_users(users)
+        if not wanted:
+            return {}
+        keys = [self._user_key(u) for u in wanted]
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(_LOCATE.sha, len(keys), *keys, self._edge_prefix)
+
+        with _translated("session lookup"):
+            (rows,) = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
+        found: dict[str, dict[str, str]] = {}
+        for user, row in zip(wanted, rows, strict=True):
+            if row:
+                found[user] = {
+                    row[i].decode(): edge_of(row[i + 1].decode()) for i in range(0, len(row), 2)
+                }
+        return found
+
+    async def edges_of(self, user: str) -> frozenset[str]:
+        return frozenset((await self.locate([user])).get(user, {}).values())
+
+    async def online(self, user: str) -> bool:
+        return bool(await self.locate([user]))
+
+    async def _write_batch(self, ops: list[_SessionOp]) -> list[bool]:
+        inc = self._incarnation
+        # Where each op's (first) result is: a heartbeat also queues one PEXPIRE per held user,
+        # and `_held` may change while the pipeline is out, so positions are noted as built.
+        at: list[int] = []
+
+        def build(pipe: Any) -> None:
+            at.clear()
+            n = 0
+            for op in ops:
+                at.append(n)
+                key = self._user_key(op.user)
+                if op.kind == "add":
+                    pipe.evalsha(
+                        _ADD.sha,
+                        1,
+                        key,
+                        op.session,
+                        inc,
+                        self.max_sessions_per_user,
+                        self._user_ttl_ms,
+                        self._edge_prefix,
+                    )
+                elif op.kind == "remove":
+                    pipe.evalsha(_REMOVE.sha, 1, key, op.session, inc)
+                else:
+                    pipe.set(self._edge_prefix + inc, b"1", px=self._ttl_ms, get=True)
+                    for user in self._held:
+                        pipe.pexpire(self._user_key(user), self._user_ttl_ms)
+                        n += 1
+                n += 1
+
+        with _translated("session write"):
+            results = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
+            lapsed = any(
+                op.kind == "beat" and results[i] is None for op, i in zip(ops, at, strict=True)
+            )
+            if lapsed and self._held:
+                await aio_as_trio(self._rewrite_held)()
+        return [op.kind != "add" or results[i] == 1 for op, i in zip(ops, at, strict=True)]
+
+    async def _rewrite_held(self) -> None:
+        """asyncio side: this edge's liveness key had lapsed; others may have dropped its
+        sessions meanwhile, so write them all again."""
+        pipe = self.client.pipeline(transaction=False)
+        for user, sessions in self._held.items():
+            key = self._user_key(user)
+            pipe.hset(key, mapping=dict.fromkeys(sessions, self._incarnation))
+            pipe.pexpire(key, self._user_ttl_ms)
+        await pipe.execute()
+
+
+# --- pub/sub ---------------------------------------------------------------------------------
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    """A subscribe/unsubscribe call waiting for Redis to confirm each of its channels."""
+
+    kind: str  # "subscribe" | "unsubscribe"
+    names: set[bytes]
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
+class RedisPubSub:
+    """`PubSub` over Redis PUBLISH/SUBSCRIBE for one edge (see `edge.bus` for the contract).
+
+    A component: `run()` owns the subscriber connection, the reader task (Redis → inbox, in
+    batches) and the publisher task (queue → Redis, one pipeline per batch). `publish` puts the
+    signal on a bounded queue and returns at once; when the queue is full the signal is dropped
+    (False). A failed publish batch is logged and dropped: these signals are ephemeral.
+    `subscribe`/`unsubscribe` return once Redis has confirmed every channel, or raise
+    GB6Error(unavailable) after `confirm_timeout` seconds.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        prefix: str,
+        inbox_size: int = 1024,
+        max_channels: int = 10_000,
+        publish_queue: int = 4096,
+        max_batch: int = 256,
+        confirm_timeout: float = 10.0,
+    ) -> None:
+        if publish_queue < 1 or max_batch < 1:
+            raise ValueError("publish_queue and max_batch must be >= 1")
+        self.client = client
+        self.prefix = prefix
+        self._bprefix = prefix.encode()
+        self.inbox = Inbox(inbox_size, max_channels)
+        self.max_batch = max_batch
+        self.confirm_timeout = confirm_timeout
+        self.published = 0
+        self.publish_dropped = 0
+        self.publish_failed = 0
+        self._running = False
+        self._pubsub: Any = None
+        self._waiters: list[_Waiter] = []
+        self._control = trio.Lock()
+        self._out_send, self._out_recv = trio.open_memory_channel[Signal](publish_queue)
+
+    def _encode(self, channel: str) -> bytes:
+        return self._bprefix + channel.encode()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        pubsub = self.client.pubsub()
+        self._pubsub = pubsub
+        control = self._encode("ctl:" + secrets.token_hex(8))
+        try:
+            with _translated("subscribe"), trio.move_on_after(self.confirm_timeout) as waited:
+                await aio_as_trio(self._open)(control)
+            if waited.cancelled_caught:
+                raise GB6Error(UNAVAILABLE, "redis did not confirm a subscription")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read)
+                nursery.start_soon(self._publish_loop)
+                self._running = True
+                task_status.started()
+        finally:
+            self._running = False
+            self.inbox.channels.clear()
+            self._pubsub = None
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await aio_as_trio(pubsub.aclose)()
+
+    async def _open(self, control: bytes) -> None:
+        """asyncio side: subscribe to the private control channel and wait for Redis to
+        confirm, so the connection exists before the reader starts blocking on it."""
+        await self._pubsub.subscribe(control)
+        while True:
+            msg = await self._pubsub.get_message(timeout=None)
+            if msg is not None and msg["type"] == "subscribe" and msg["channel"] == control:
+                return
+
+    async def _read_batch(self) -> list[dict[str, Any]]:
+        """asyncio side: block for one message, then take what else is already there."""
+        out: list[dict[str, Any]] = []
+        msg = await self._pubsub.get_message(timeout=None)
+        while msg is not None:
+            out.append(msg)
+            if len(out) >= self.max_batch:
+                break
+            msg = await self._pubsub.get_message(timeout=0)
+        return out
+
+    async def _read(self) -> None:
+        prefix_len = len(self._bprefix)
+        while True:
+            try:
+                with _translated("receive"):
+                    messages = await aio_as_trio(self._read_batch)()
+            except GB6Error as exc:  # redis-py reconnects and resubscribes on the next read
+                log("pubsub_read_failed", error=exc.message)
+                await trio.sleep(0.5)
+                continue
+            for msg in messages:
+                kind = msg["type"]
+                if kind == "message":
+                    channel = msg["channel"][prefix_len:].decode()
+                    self.inbox.offer(Signal(channel, msg["data"]))
+                elif kind in ("subscribe", "unsubscribe"):
+                    self._confirmed(kind, msg["channel"])
+
+    def _confirmed(self, kind: str, name: bytes) -> None:
+        for waiter in self._waiters:
+            if waiter.kind == kind and name in waiter.names:
+                waiter.names.discard(name)
+                if not waiter.names:
+                    waiter.done.set()
+                    self._waiters.remove(waiter)
+                return
+
+    async def _publish_loop(self) -> None:
+        while True:
+            batch = [await self._out_recv.receive()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._out_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            try:
+                with _translated("publish"):
+                    await aio_as_trio(self._publish_batch)(batch)
+            except GB6Error as exc:
+                self.publish_failed += len(batch)
+                log("pubsub_publish_failed", signals=len(batch), error=exc.message)
+                await trio.sleep(0.1)  # do not spin against a Redis that is down
+
+    async def _publish_batch(self, batch: list[Signal]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for signal in batch:
+            pipe.publish(self._encode(signal.channel), signal.data)
+        await pipe.execute()
+
+    def _serving(self) -> None:
+        if not self._running:
+            raise GB6Error(UNAVAILABLE, "pub/sub is not running")
+
+    def publish(self, channel: str, data: bytes) -> bool:
+        check_signal(channel, data)
+        self._serving()
+        try:
+            self._out_send.send_nowait(Signal(channel, data))
+        except trio.WouldBlock:
+            self.publish_dropped += 1
+            return False
+        self.published += 1
+        return True
+
+    async def subscribe(self, channels: Iterable[str]) -> None:
+        names = check_channels(channels)
+        self._serving()
+        async with self._control:
+            new = [c for c in names if c not in self.inbox.channels]
+            if not new:
+                return
+            self.inbox.check_room_for(new)
+            # Followed before Redis confirms: the first signals may arrive right after.
+            self.inbox.channels.update(new)
+            await self._command("subscribe", new)
+
+    async def unsubscribe(self, channels: Iterable[str]) -> None:
+        names = check_channels(channels)
+        self._serving()
+        async with self._control:
+            gone = [c for c in names if c in self.inbox.channels]
+            if not gone:
+                return
+            self.inbox.channels.difference_update(gone)  # receive() skips them from now on
+            await self._command("unsubscribe", gone)
+
+    async def _command(self, kind: str, channels: list[str]) -> None:
+        encoded = [self._encode(c) for c in channels]
+        waiter = _Waiter(kind, set(encoded))
+        self._waiters.append(waiter)
+        send = self._pubsub.subscribe if kind == "subscribe" else self._pubsub.unsubscribe
+        try:
+            with _translated(kind), trio.move_on_after(self.confirm_timeout) as waited:
+                await aio_as_trio(send)(*encoded)
+                await waiter.done.wait()
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if waited.cancelled_caught:
+            raise GB6Error(UNAVAILABLE, f"redis did not confirm {kind} in time")
+
+    async def receive(self) -> Signal:
+        return await self.inbox.receive()
+
+    def statistics(self) -> PubSubStatistics:
+        return self.inbox.statistics(self.published, self.publish_dropped)

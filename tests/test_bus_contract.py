@@ -1,0 +1,439 @@
+"""Contract tests of the edge bus ports (`edge/bus.py`), one suite run against every adapter.
+
+Each test runs twice: on the in-process adapters (what `gb6 run` uses; "edges" share objects)
+and on the Redis adapters of `edge/redis_bus.py` (each "edge" with its own client, all on one
+key prefix unique to the test, deleted afterwards). The Redis runs skip without Redis (fail
+under GB6_REQUIRE_SERVICES=1). Waits are explicit and bounded (`fail_after`); sleeps only let
+time pass (TTLs, refills), they never stand in for an event.
+"""
+
+from __future__ import annotations
+
+import inspect
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio_asyncio
+from services import require
+from trio_asyncio import aio_as_trio
+
+from edge.bus import (
+    MAX_SIGNAL_BYTES,
+    LocalBroker,
+    LocalPubSub,
+    LocalRateLimiter,
+    LocalSessions,
+    PubSub,
+    RateLimiter,
+    SessionRegistry,
+    SessionTable,
+    Signal,
+    room_channel,
+    user_channel,
+)
+from edge.redis_bus import RedisPubSub, RedisRateLimiter, RedisSessions, open_redis
+from node.errors import INVALID, QUOTA_EXCEEDED, TOO_LARGE, UNAVAILABLE, GB6Error
+from node.ratelimit import Gcra
+
+
+@pytest.fixture(params=["local", "redis"])
+def where(request: pytest.FixtureRequest) -> str:
+    """The adapter: "local", or the Redis URL (a sync fixture: see tests/services.py)."""
+    return "local" if request.param == "local" else require("redis")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return require("redis")
+
+
+class Harness:
+    """Makes "edges" of one adapter that share one backing store, and runs their components."""
+
+    def __init__(
+        self, nursery: trio.Nursery, url: str | None, prefix: str, admin: Any = None
+    ) -> None:
+        self.nursery = nursery
+        self.admin = admin  # Redis only: a client of the test's own
+        self.url = url
+        self.prefix = prefix
+        self.stack = AsyncExitStack()
+        self.gcras: dict[tuple[float, int], Gcra] = {}
+        self.table = SessionTable()
+        self.broker = LocalBroker()
+
+    async def _client(self) -> Any:
+        assert self.url is not None
+        return await self.stack.enter_async_context(open_redis(self.url))
+
+    async def start(self, component: Any) -> trio.CancelScope:
+        """Start `component.run` in its own cancel scope (cancel it to stop that edge)."""
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await component.run(task_status=task_status)
+
+        await self.nursery.start(run)
+        return scope
+
+    async def limiter(self, rate: float, burst: int) -> RateLimiter:
+        if self.url is None:
+            gcra = self.gcras.setdefault((rate, burst), Gcra(rate, burst))
+            return LocalRateLimiter(gcra)
+        limiter = RedisRateLimiter(await self._client(), prefix=self.prefix, rate=rate, burst=burst)
+        await self.start(limiter)
+        return limiter
+
+    async def sessions(
+        self, edge: str, *, ttl: float, max_sessions_per_user: int = 64, start: bool = True
+    ) -> tuple[SessionRegistry, trio.CancelScope]:
+        registry: SessionRegistry
+        if self.url is None:
+            registry = LocalSessions(
+                self.table, edge, ttl=ttl, max_sessions_per_user=max_sessions_per_user
+            )
+        else:
+            registry = RedisSessions(
+                await self._client(),
+                edge,
+                prefix=self.prefix,
+                ttl=ttl,
+                max_sessions_per_user=max_sessions_per_user,
+            )
+        scope = await self.start(registry) if start else trio.CancelScope()
+        return registry, scope
+
+    async def pubsub(
+        self, *, inbox_size: int = 1024, max_channels: int = 100, start: bool = True
+    ) -> PubSub:
+        bus: PubSub
+        if self.url is None:
+            bus = LocalPubSub(self.broker, inbox_size=inbox_size, max_channels=max_channels)
+        else:
+            bus = RedisPubSub(
+                await self._client(),
+                prefix=self.prefix,
+                inbox_size=inbox_size,
+                max_channels=max_channels,
+            )
+        if start:
+            await self.start(bus)
+        return bus
+
+
+async def _delete_prefixed(client: Any, prefix: str) -> int:
+    """asyncio side: delete every key of this test."""
+    keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    return len(keys)
+
+
+@asynccontextmanager
+async def open_harness(where: str) -> AsyncIterator[Harness]:
+    if where == "local":
+        async with trio.open_nursery() as nursery:
+            yield Harness(nursery, None, "")
+            nursery.cancel_scope.cancel()
+        return
+    prefix = f"gb6test:{uuid.uuid4().hex[:12]}:"
+    async with trio_asyncio.open_loop(), open_redis(where) as admin:
+        try:
+            async with trio.open_nursery() as nursery:
+                harness = Harness(nursery, where, prefix, admin)
+                async with harness.stack:
+                    yield harness
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.fail_after(10):
+                await aio_as_trio(_delete_prefixed)(admin, prefix)
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool] | bool], within: float = 5.0) -> None:
+    """Wait until `predicate()` holds, failing after `within` seconds. This polls: the state
+    it looks at lives in another edge's registry or in Redis, with nothing to wait on."""
+    with trio.fail_after(within):
+        while True:
+            result = predicate()
+            if await result if inspect.isawaitable(result) else result:
+                return
+            await trio.sleep(0.02)
+
+
+async def receive(bus: PubSub) -> Signal:
+    with trio.fail_after(5):
+        return await bus.receive()
+
+
+# --- GCRA rate limits ------------------------------------------------------------------------
+
+RATE = 4.0  # per second: an interval of 0.25 s, long next to a few checks on a busy machine
+INTERVAL = 1 / RATE
+
+
+async def test_gcra_allows_the_burst_then_refuses_with_retry_after_and_refills(where: str) -> None:
+    async with open_harness(where) as h:
+        limiter = await h.limiter(RATE, 3)
+        assert [await limiter.check("alice") for _ in range(3)] == [0.0, 0.0, 0.0]
+        wait = await limiter.check("alice")
+        assert 0 < wait <= INTERVAL + 1e-6
+        assert await limiter.check("bob") == 0.0  # keys do not share a budget
+        # After the advertised wait, one more request fits (the rate), and then none.
+        await trio.sleep(wait + 0.005)
+        assert await limiter.check("alice") == 0.0
+        again = await limiter.check("alice")
+        assert 0 < again <= INTERVAL + 1e-6
+
+
+async def test_gcra_budget_is_shared_by_two_edges(where: str) -> None:
+    async with open_harness(where) as h:
+        edge_a = await h.limiter(RATE, 3)
+        edge_b = await h.limiter(RATE, 3)
+        assert await edge_a.check("alice") == 0.0
+        assert await edge_a.check("alice") == 0.0
+        assert await edge_b.check("alice") == 0.0
+        assert await edge_b.check("alice") > 0  # the burst was spent across both edges
+        assert await edge_a.check("alice") > 0
+        assert await edge_b.check("carol") == 0.0
+
+
+async def test_gcra_concurrent_checks_count_each_once(where: str) -> None:
+    """Many checks at once (one batch for Redis): exactly `burst` of them are allowed."""
+    async with open_harness(where) as h:
+        limiter = await h.limiter(RATE, 5)
+        results: list[float] = []
+
+        async def one() -> None:
+            results.append(await limiter.check("alice"))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(one)
+        assert sum(r == 0.0 for r in results) == 5
+        assert all(0 < r <= 5 * INTERVAL for r in results if r)
+
+
+async def test_gcra_bad_input(where: str) -> None:
+    async with open_harness(where) as h:
+        limiter = await h.limiter(RATE, 3)
+        for key in ("", "x" * 201, "a\nb"):
+            with pytest.raises(GB6Error) as err:
+                await limiter.check(key)
+            assert err.value.code == INVALID
+    with pytest.raises(ValueError):
+        Gcra(0, 3)
+    with pytest.raises(ValueError):
+        RedisRateLimiter(None, prefix="p:", rate=1.0, burst=0)  # type: ignore[arg-type]
+
+
+# --- sessions --------------------------------------------------------------------------------
+
+TTL = 0.5
+
+
+async def test_sessions_are_found_from_another_edge(where: str) -> None:
+    async with open_harness(where) as h:
+        a, _ = await h.sessions("edge-a", ttl=TTL)
+        b, _ = await h.sessions("edge-b", ttl=TTL)
+        await a.add("alice", "ses_1")
+        await b.add("alice", "ses_2")
+        await b.add("bob", "ses_3")
+        assert await a.locate(["alice", "bob", "carol"]) == {
+            "alice": {"ses_1": "edge-a", "ses_2": "edge-b"},
+            "bob": {"ses_3": "edge-b"},
+        }
+        assert await a.edges_of("alice") == {"edge-a", "edge-b"}
+        assert await b.online("bob")
+        assert not await a.online("carol")
+        assert await b.locate([]) == {}
+        # An edge removes only what it holds; removing twice is harmless.
+        await a.remove("alice", "ses_2")
+        assert await b.edges_of("alice") == {"edge-a", "edge-b"}
+        await a.remove("alice", "ses_1")
+        await a.remove("alice", "ses_1")
+        assert await b.locate(["alice"]) == {"alice": {"ses_2": "edge-b"}}
+        await b.remove("alice", "ses_2")
+        assert not await a.online("alice")
+
+
+async def test_sessions_expire_when_their_edge_stops_heartbeating(where: str) -> None:
+    async with open_harness(where) as h:
+        a, a_scope = await h.sessions("edge-a", ttl=TTL, max_sessions_per_user=2)
+        b, _ = await h.sessions("edge-b", ttl=TTL, max_sessions_per_user=2)
+        await a.add("alice", "ses_1")
+        await a.add("bob", "ses_2")
+        await b.add("bob", "ses_3")
+        for _ in range(6):  # heartbeats keep them alive, all along, well past the TTL
+            await trio.sleep(TTL / 2)
+            assert await b.locate(["alice", "bob"]) == {
+                "alice": {"ses_1": "edge-a"},
+                "bob": {"ses_2": "edge-a", "ses_3": "edge-b"},
+            }
+        with pytest.raises(GB6Error) as err:
+            await b.add("bob", "ses_4")
+        assert err.value.code == QUOTA_EXCEEDED
+
+        a_scope.cancel()  # edge-a "dies": nobody removes its sessions
+
+        async def alice_gone() -> bool:
+            return not await b.online("alice")
+
+        await eventually(alice_gone, within=10 * TTL)
+        assert await b.locate(["bob"]) == {"bob": {"ses_3": "edge-b"}}
+        await b.add("bob", "ses_4")  # the dead edge's session no longer counts
+        with pytest.raises(GB6Error) as err:
+            await a.add("alice", "ses_5")
+        assert err.value.code == UNAVAILABLE
+
+        # edge-a comes back under the same name: a new incarnation revives nothing.
+        a2, _ = await h.sessions("edge-a", ttl=TTL)
+        assert not await a2.online("alice")
+        await a2.add("alice", "ses_6")
+        assert await b.locate(["alice"]) == {"alice": {"ses_6": "edge-a"}}
+
+
+async def test_redis_sessions_are_written_again_after_redis_lost_them(redis_url: str) -> None:
+    """Redis only (in-process state cannot be lost behind an edge's back): if Redis loses the
+    keys (restart without persistence, eviction), the edge's next heartbeat finds its liveness
+    key gone and writes its sessions again."""
+    async with open_harness(redis_url) as h:
+        a, _ = await h.sessions("edge-a", ttl=TTL)
+        await a.add("alice", "ses_1")
+        await a.add("alice", "ses_2")
+        await a.remove("alice", "ses_2")
+        assert await aio_as_trio(_delete_prefixed)(h.admin, h.prefix) == 2  # edge key, user key
+        assert not await a.online("alice")
+
+        async def back() -> bool:
+            return await a.locate(["alice"]) == {"alice": {"ses_1": "edge-a"}}
+
+        await eventually(back, within=10 * TTL)
+
+
+async def test_sessions_bad_input(where: str) -> None:
+    async with open_harness(where) as h:
+        a, _ = await h.sessions("edge-a", ttl=TTL)
+        for user, session in (("", "s"), ("u", ""), ("u\x00", "s"), ("u", "s" * 201)):
+            with pytest.raises(GB6Error) as err:
+                await a.add(user, session)
+            assert err.value.code == INVALID
+        with pytest.raises(GB6Error) as err:
+            await a.locate("alice")
+        assert err.value.code == INVALID
+        with pytest.raises(GB6Error) as err:
+            await a.locate([f"u{i}" for i in range(1001)])
+        assert err.value.code == INVALID
+        with pytest.raises(GB6Error) as err:
+            await h.sessions("edge~1", ttl=TTL, start=False)
+        assert err.value.code == INVALID
+        idle, _ = await h.sessions("edge-c", ttl=TTL, start=False)
+        with pytest.raises(GB6Error) as err:
+            await idle.add("alice", "ses_1")
+        assert err.value.code == UNAVAILABLE
+
+
+# --- pub/sub ---------------------------------------------------------------------------------
+
+ROOM1, ROOM2, ALICE = room_channel("r1"), room_channel("r2"), user_channel("alice")
+
+
+async def test_pubsub_delivers_to_every_subscribed_edge(where: str) -> None:
+    async with open_harness(where) as h:
+        publisher = await h.pubsub()
+        edge_a = await h.pubsub()
+        edge_b = await h.pubsub()
+        await edge_a.subscribe([ROOM1, ALICE])
+        await edge_b.subscribe([ROOM1, ROOM2])
+        assert publisher.publish(ROOM1, b"typing:bob")
+        assert publisher.publish(ROOM2, b"typing:carol")
+        assert publisher.publish(ALICE, b"presence:away")
+        assert await receive(edge_a) == Signal(ROOM1, b"typing:bob")
+        assert await receive(edge_a) == Signal(ALICE, b"presence:away")  # not ROOM2's
+        assert await receive(edge_b) == Signal(ROOM1, b"typing:bob")
+        assert await receive(edge_b) == Signal(ROOM2, b"typing:carol")
+        # The publisher is an edge too: it gets what it subscribes to, its own signals included.
+        await publisher.subscribe([ROOM2])
+        assert edge_a.publish(ROOM2, b"x")
+        assert await receive(publisher) == Signal(ROOM2, b"x")
+        assert await receive(edge_b) == Signal(ROOM2, b"x")
+        assert edge_a.statistics().channels == 2
+
+
+async def test_pubsub_follows_subscription_changes(where: str) -> None:
+    async with open_harness(where) as h:
+        publisher = await h.pubsub()
+        edge = await h.pubsub()
+        await edge.subscribe([ROOM1])
+        await edge.subscribe([ROOM2, ROOM1])  # adding, and already following, are both fine
+        publisher.publish(ROOM2, b"a")
+        assert await receive(edge) == Signal(ROOM2, b"a")
+
+        await edge.unsubscribe([ROOM1])
+        publisher.publish(ROOM1, b"lost")
+        publisher.publish(ROOM2, b"fence")  # signals of one publisher arrive in order
+        assert await receive(edge) == Signal(ROOM2, b"fence")
+
+        # Signals already buffered for a channel are not delivered after unsubscribing from it.
+        publisher.publish(ROOM2, b"buffered")
+        await eventually(lambda: edge.statistics().buffered == 1)
+        await edge.unsubscribe([ROOM2])
+        await edge.subscribe([ROOM1])
+        publisher.publish(ROOM1, b"back")
+        assert await receive(edge) == Signal(ROOM1, b"back")
+        assert edge.statistics().channels == 1
+
+
+async def test_pubsub_slow_subscriber_drops_instead_of_blocking(where: str) -> None:
+    n = 100
+    async with open_harness(where) as h:
+        publisher = await h.pubsub()
+        slow = await h.pubsub(inbox_size=4)
+        fast = await h.pubsub()
+        await slow.subscribe([ROOM1])
+        await fast.subscribe([ROOM1])
+        # publish() is synchronous: all of it happens while `slow` reads nothing.
+        assert all(publisher.publish(ROOM1, b"m%d" % i) for i in range(n))
+        with trio.fail_after(10):
+            got = [await fast.receive() for _ in range(n)]
+        assert [s.data for s in got] == [b"m%d" % i for i in range(n)]
+
+        await eventually(lambda: slow.statistics().accepted + slow.statistics().dropped == n)
+        stats = slow.statistics()
+        assert (stats.accepted, stats.dropped, stats.buffered, stats.max_buffer) == (4, 96, 4, 4)
+        assert [(await receive(slow)).data for _ in range(4)] == [b"m0", b"m1", b"m2", b"m3"]
+        assert publisher.statistics().published == n
+        assert publisher.statistics().publish_dropped == 0
+        # Once drained, the slow subscriber gets new signals again.
+        publisher.publish(ROOM1, b"later")
+        assert await receive(slow) == Signal(ROOM1, b"later")
+
+
+async def test_pubsub_bad_input(where: str) -> None:
+    async with open_harness(where) as h:
+        bus = await h.pubsub(max_channels=3)
+        cases: list[tuple[Callable[[], Any], str]] = [
+            (lambda: bus.publish("", b"x"), INVALID),
+            (lambda: bus.publish(ROOM1, "text"), INVALID),  # type: ignore[arg-type]
+            (lambda: bus.publish(ROOM1, b"x" * (MAX_SIGNAL_BYTES + 1)), TOO_LARGE),
+        ]
+        for call, code in cases:
+            with pytest.raises(GB6Error) as err:
+                call()
+            assert err.value.code == code
+        assert bus.publish(ROOM1, b"x" * MAX_SIGNAL_BYTES)
+        with pytest.raises(GB6Error) as err:
+            await bus.subscribe(ROOM1)
+        assert err.value.code == INVALID
+        with pytest.raises(GB6Error) as err:
+            await bus.subscribe(["a", "b", "c", "d"])
+        assert err.value.code == TOO_LARGE
+        assert bus.statistics().channels == 0
+        idle = await h.pubsub(start=False)
+        with pytest.raises(GB6Error) as err:
+            idle.publish(ROOM1, b"x")
+        assert err.value.code == UNAVAILABLE
