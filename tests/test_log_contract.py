@@ -211,10 +211,10 @@ async def test_a_second_writer_fences_the_first(backend: Backend) -> None:
     async with running(backend.writer()) as zombie:
         await zombie.append_batch(before)
         async with running(backend.writer()) as successor:
-            with pytest.raises(LogFenced):
+            with pytest.raises(LogFenced, match="fenced"):
                 await zombie.append_batch(records(rooms, range(3, 5), "zombie"))
             # A fenced writer stays fenced: it refuses without trying again.
-            with pytest.raises(LogFenced):
+            with pytest.raises(LogFenced, match="fenced"):
                 await zombie.append_batch(records(rooms, range(3, 5), "zombie"))
             after = records(rooms, range(3, 5), "successor")
             await successor.append_batch(after)
@@ -264,7 +264,7 @@ async def test_concurrent_batches_all_land_in_order(backend: Backend) -> None:
 
 
 async def test_bad_input_is_refused_and_changes_nothing(backend: Backend) -> None:
-    for room, seq, payload, code in (
+    bad: list[tuple[str, Any, Any, str]] = [  # Any: wrong types are the point
         ("", 1, b"x", INVALID),
         ("r" * 300, 1, b"x", INVALID),
         ("\udc80", 1, b"x", INVALID),
@@ -272,7 +272,8 @@ async def test_bad_input_is_refused_and_changes_nothing(backend: Backend) -> Non
         ("r", True, b"x", INVALID),
         ("r", 1, "text", INVALID),
         ("r", 1, b"x" * (MAX_PAYLOAD_BYTES + 1), TOO_LARGE),
-    ):
+    ]
+    for room, seq, payload, code in bad:
         with pytest.raises(GB6Error) as caught:
             LogRecord(room, seq, payload)
         assert caught.value.code == code, (room[:5], seq, code)
