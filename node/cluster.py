@@ -18,6 +18,7 @@ from typing import TextIO
 import trio
 import trio_asyncio
 
+from edge.files_api import files_blueprint
 from edge.gateway import Gateway
 from node.config import Config
 from node.errors import invalid
@@ -65,7 +66,11 @@ async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:
             http_sock = bind(config.host, config.http_port)
             stop_http = trio.Event()
             app = build_app(
-                [admin_blueprint(shard, token), health_blueprint(shard, None)],
+                [
+                    admin_blueprint(shard, token),
+                    files_blueprint(shard),
+                    health_blueprint(shard, None),
+                ],
                 max_body=config.limits.file_bytes,
             )
             await nursery.start(serve_http, app, http_sock, stop_http)

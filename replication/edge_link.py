@@ -15,10 +15,8 @@ resent by the client under its cid), and the link reconnects with backoff.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from typing import Any, Final
 
 import outcome
@@ -29,7 +27,6 @@ from node.errors import UNAUTHORIZED, UNAVAILABLE, GB6Error
 from node.events import Event
 from node.log import log
 from origin.membership import Membership, MembershipChange, Principal, RoomState
-from origin.records import FileRecord
 from origin.sqlite_store import Appended
 from replication import link
 
@@ -441,22 +438,6 @@ class RemoteOrigin:
         await self._link_for_room(who, room_id).request(
             "set_read", who=who.id, room=room_id, seq=seq
         )
-
-    async def put_file(
-        self, who: Principal, room_id: str, content_type: str, data: bytes
-    ) -> FileRecord:
-        self.state.room_for_member(who, room_id)
-        ok = await self._link_for_room(who, room_id).request(
-            "put_file",
-            who=who.id,
-            room=room_id,
-            content_type=content_type,
-            data=base64.b64encode(data).decode("ascii"),
-        )
-        return FileRecord(**ok["file"])
-
-    async def get_file(self, who: Principal, file_id: str) -> tuple[FileRecord, Path]:
-        raise GB6Error("not_found", "files are served by the origin's HTTP API in a cluster")
 
 
 class _StreamWriter:

@@ -33,7 +33,7 @@ from node.events import Event
 from origin.membership import RoomState
 from origin.records import Instance, RoomRecord, User
 
-MAX_FRAME: Final = 64 << 20  # files cross as base64 inside a frame
+MAX_FRAME: Final = 64 << 20  # a catch-up page: 500 events of up to 64 KiB of body each
 _LEN = struct.Struct("!I")
 
 

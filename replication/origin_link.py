@@ -12,7 +12,6 @@ most `_CONCURRENT` per edge, so a slow history read does not hold up sends.
 
 from __future__ import annotations
 
-import base64
 import hmac
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -344,8 +343,4 @@ class LinkServer:
         if op == "set_read":
             await shard.set_read(who, room, int(msg["seq"]))
             return {}
-        if op == "put_file":
-            data = base64.b64decode(str(msg.get("data")))
-            rec = await shard.put_file(who, room, str(msg.get("content_type")), data)
-            return {"file": attrs.asdict(rec)}
         raise invalid(f"unknown link op {op!r}")
