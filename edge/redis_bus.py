@@ -683,7 +683,12 @@ class RedisPubSub:
             self.inbox.check_room_for(new)
             # Followed before Redis confirms: the first signals may arrive right after.
             self.inbox.channels.update(new)
-            await self._command("subscribe", new)
+            try:
+                await self._command("subscribe", new)
+            except BaseException:
+                # Not known to be subscribed: unfollow, so that a retry subscribes again.
+                self.inbox.channels.difference_update(new)
+                raise
 
     async def unsubscribe(self, channels: Iterable[str]) -> None:
         names = check_channels(channels)

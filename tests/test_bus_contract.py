@@ -437,3 +437,34 @@ async def test_pubsub_bad_input(where: str) -> None:
         with pytest.raises(GB6Error) as err:
             idle.publish(ROOM1, b"x")
         assert err.value.code == UNAVAILABLE
+
+
+# --- Redis errors become the project's errors --------------------------------------------------
+
+NOBODY = "redis://127.0.0.1:1/0"  # loopback, a port nothing listens on
+
+
+async def test_redis_unreachable_is_unavailable() -> None:
+    import redis.asyncio as aioredis
+
+    async with trio_asyncio.open_loop():
+        with pytest.raises(GB6Error) as err:
+            async with open_redis(NOBODY):
+                pass
+        assert err.value.code == UNAVAILABLE
+        # A limiter whose Redis goes away answers `unavailable`, and keeps serving.
+        client = aioredis.Redis.from_url(NOBODY, socket_connect_timeout=1)
+        try:
+            limiter = RedisRateLimiter(client, prefix="gb6test:", rate=RATE, burst=3)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(limiter.run)
+                for _ in range(2):
+                    with pytest.raises(GB6Error) as err, trio.fail_after(10):
+                        await limiter.check("alice")
+                    assert err.value.code == UNAVAILABLE
+                nursery.cancel_scope.cancel()
+            with pytest.raises(GB6Error) as err:
+                await limiter.check("alice")
+            assert err.value.code == UNAVAILABLE  # stopped
+        finally:
+            await aio_as_trio(client.aclose)()
