@@ -24,9 +24,9 @@ never compete for seqs), and are shielded like the batches. Search matches the `
 (GIN-indexed), which the writer keeps in step with edits and deletes in the same transaction,
 so a search sees every committed message.
 
-The one writer per shard is the design's (DESIGN §3.1): two stores appending to the same rooms
-would make each other's batches fail on `event_keys`' unique keys (and retry after reloading
-their heads), never write a duplicate or a gap.
+One writer per room is the design's (DESIGN §3.1). Should two stores append to the same room,
+`event_keys`' unique keys make the later batch fail whole (`unavailable`, heads reloaded before
+the next): never a duplicate or a gap.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import trio
 from trio_asyncio import aio_as_trio
 
 from node.config import Limits
-from node.errors import INTERNAL, UNAVAILABLE, GB6Error, not_found
+from node.errors import INTERNAL, UNAVAILABLE, GB6Error, invalid, not_found
 from node.events import Event
 from node.log import log
 from origin.pg_append import EVENT_COLS, AppendBatch, Results, event_of
@@ -77,7 +77,7 @@ class PgStore:
         pool_size: int = 4,
     ) -> None:
         if not 2 <= pool_size <= 64:
-            raise ValueError("pool_size must be between 2 and 64")
+            raise invalid(f"pool_size must be between 2 and 64, not {pool_size}")
         self.dsn = dsn
         self.schema = check_schema_name(schema)
         self.limits = limits

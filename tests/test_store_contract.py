@@ -23,7 +23,7 @@ from services import require
 from trio_asyncio import aio_as_trio
 
 from node.config import Limits
-from node.errors import CONFLICT, FORBIDDEN, NOT_FOUND, UNAVAILABLE, GB6Error
+from node.errors import CONFLICT, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE, GB6Error
 from node.events import Event
 from node.ids import new_id
 from origin.pg_store import PgStore
@@ -572,6 +572,20 @@ async def test_everything_survives_closing_and_reopening(backend: Backend) -> No
         assert seqs(await store.events_after(r, 0, 100)) == list(range(1, 34))
 
 
+async def test_appends_queued_when_the_store_stops_are_committed(backend: Backend) -> None:
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        store = backend.make(Recorder())
+        with trio.fail_after(20):
+            await nursery.start(store.run)
+        t = await tenant(store)
+        r = await room(store, t)
+        for i in range(200):
+            await store.submit_append(item(r, t.alice, f"q{i}"))
+        nursery.cancel_scope.cancel()  # at once: no wait for the writer
+    async with serving(backend) as store:
+        assert seqs(await store.events_after(r, 0, 1000)) == list(range(1, 201))
+
+
 # --- PostgreSQL only ------------------------------------------------------------------------
 
 
@@ -647,3 +661,21 @@ async def test_pg_failed_transaction_skips_and_reuses_no_seq(pg_backend: Backend
         assert (await append(store, item(r, t.alice, "m2"))).event.seq == 2
         assert (await append(store, item(r, t.alice, "lost0"))).event.seq == 3
         assert seqs(await store.events_after(r, 0, 10)) == [1, 2, 3]
+
+
+async def test_pg_nul_characters_are_refused_alone(pg_backend: Backend) -> None:
+    """PostgreSQL text cannot hold NUL: such an op is `invalid`, and only it is refused."""
+    async with serving(pg_backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        bad = await submit(store, item(r, t.alice, "nul\x00cid"))
+        good = await submit(store, item(r, t.alice, "fine", body={"text": "a\x00b"}))
+        await store.wait_idle()
+        with pytest.raises(GB6Error) as info:
+            bad().unwrap()
+        assert info.value.code == INVALID
+        assert good().unwrap().event.body == {"text": "a\x00b"}
+        assert (await store.events_after(r, 0, 10))[0].body == {"text": "a\x00b"}
+        with pytest.raises(GB6Error) as info:
+            await store.set_meta("k", "v\x00")
+        assert info.value.code == INVALID
