@@ -13,6 +13,9 @@ to fill. It runs the batch in one transaction in one crossing (pg_append.py), th
 crossing is shielded: once a batch is sent to PostgreSQL the writer learns its outcome, whatever
 is cancelled meanwhile (asyncpg's `command_timeout` bounds that wait).
 
+Durability: every connection sets `synchronous_commit=on`, so a batch is acknowledged only
+once PostgreSQL has it on disk (and on its synchronous standbys, where it has some).
+
 Per-room heads are cached by the writer and dropped whole when a transaction fails, so no seq is
 skipped or reused. A failure while committing leaves the outcome unknown: every op of the batch
 is told `unavailable`, and a resend with the same cid answers with the original if it did
@@ -32,7 +35,7 @@ the next): never a duplicate or a gap.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import attrs
@@ -105,7 +108,12 @@ class PgStore:
                 max_size=self._pool_size,
                 timeout=_CONNECT_TIMEOUT_S,
                 command_timeout=_COMMAND_TIMEOUT_S,
-                server_settings={"search_path": self.schema, "application_name": "gb6-origin"},
+                server_settings={
+                    "search_path": self.schema,
+                    "application_name": "gb6-origin",
+                    # A commit is acknowledged once durable, whatever the server's default.
+                    "synchronous_commit": "on",
+                },
             )
         except DB_ERRORS as exc:
             raise translate(exc, "connecting to PostgreSQL") from exc
@@ -528,3 +536,10 @@ class PgStore:
             return value
 
         return await self._read(q)
+
+
+if TYPE_CHECKING:  # PgStore fits the port (checked by mypy)
+    from origin.store_port import RelationalStore
+
+    def _fits(store: PgStore) -> RelationalStore:
+        return store

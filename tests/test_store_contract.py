@@ -106,17 +106,17 @@ async def _drop_schema(dsn: str, schema: str) -> None:
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
         yield Backend("sqlite", lambda rec: SqliteStore(tmp_path / "gb6.db", LIMITS, rec))
-        return
-    dsn = require("postgres")
-    schema = f"gb6_store_test_{uuid.uuid4().hex[:12]}"
-    try:
-        yield Backend("postgres", lambda rec: PgStore(dsn, LIMITS, rec, schema=schema), dsn, schema)
-    finally:
-        trio.run(_drop_schema, dsn, schema)
+    else:
+        yield from _postgres()
 
 
 @pytest.fixture
-def pg_backend(tmp_path: Path) -> Iterator[Backend]:
+def pg_backend() -> Iterator[Backend]:
+    yield from _postgres()
+
+
+def _postgres() -> Iterator[Backend]:
+    """PostgreSQL in a schema of the test's own, dropped afterwards."""
     dsn = require("postgres")
     schema = f"gb6_store_test_{uuid.uuid4().hex[:12]}"
     try:
@@ -679,3 +679,15 @@ async def test_pg_nul_characters_are_refused_alone(pg_backend: Backend) -> None:
         with pytest.raises(GB6Error) as info:
             await store.set_meta("k", "v\x00")
         assert info.value.code == INVALID
+
+
+async def test_pg_unreachable_server_and_bad_settings_say_so() -> None:
+    with pytest.raises(GB6Error) as info:
+        PgStore("postgresql://gb6:gb6@127.0.0.1:55432/gb6", LIMITS, Recorder(), schema="Bad-Name")
+    assert info.value.code == INVALID and "schema name" in info.value.message
+    # Port 1 on loopback: nothing listens there.
+    store = PgStore("postgresql://gb6:gb6@127.0.0.1:1/gb6", LIMITS, Recorder(), schema="gb6_x")
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        with trio.fail_after(20), pytest.raises(GB6Error) as info:
+            await nursery.start(store.run)
+    assert info.value.code == UNAVAILABLE and "connecting to PostgreSQL" in info.value.message
