@@ -79,6 +79,13 @@ class Config:
     link_port: int = 8702
     origins: tuple[str, ...] = ()
     link_secret: str = ""
+    # The origin's relational store and log: "sqlite" (embedded, in the data directory) or
+    # "postgres" (`pg_dsn`, tables in schema `pg_schema`, one schema per shard).
+    store_backend: str = attrs.field(
+        default="sqlite", validator=attrs.validators.in_(("sqlite", "postgres"))
+    )
+    pg_dsn: str = ""
+    pg_schema: str = "gb6"
 
 
 _SECTIONS = {"limits": Limits}
@@ -101,6 +108,14 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     for key in ("shard", "link_port", "link_secret"):
         if key in cluster:
             kwargs[key] = cluster[key]
+    store = dict(raw.get("store", {}))
+    for key, name in (
+        ("backend", "store_backend"),
+        ("pg_dsn", "pg_dsn"),
+        ("pg_schema", "pg_schema"),
+    ):
+        if key in store:
+            kwargs[name] = store[key]
     if "origins" in cluster:
         kwargs["origins"] = tuple(str(o) for o in cluster["origins"])
     if "data_dir" in node:
@@ -118,7 +133,10 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     for key, value in overrides.items():
         if value is not None:
             kwargs[key] = Path(value) if key == "data_dir" else value
-    return Config(**kwargs)
+    try:
+        return Config(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise invalid(f"config: {exc}") from exc
 
 
 def _tuple(value: Any) -> Any:

@@ -41,6 +41,7 @@ from origin.records import (
     User,
 )
 from origin.sqlite_store import Appended, AppendItem, SqliteStore, now_ms
+from origin.store_port import RelationalStore
 
 AppendReply = Callable[[outcome.Outcome[Appended]], None]
 EventListener = Callable[[str, list[Event]], None]
@@ -52,7 +53,15 @@ class OriginShard:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.limits = config.limits
-        self.store = SqliteStore(config.data_dir / "gb6.db", config.limits, self._on_appended)
+        self.store: RelationalStore
+        if config.store_backend == "postgres":
+            from origin.pg_store import PgStore  # asyncpg only where it is used
+
+            self.store = PgStore(
+                config.pg_dsn, config.limits, self._on_appended, schema=config.pg_schema
+            )
+        else:
+            self.store = SqliteStore(config.data_dir / "gb6.db", config.limits, self._on_appended)
         self.blobs = LocalBlobStore(config.data_dir / "blobs")
         self.orgs: dict[str, Org] = {}
         self.state = Membership()

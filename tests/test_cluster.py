@@ -6,14 +6,17 @@ it); clients only ever talk to edges.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from services import require
 
 from node.client import Client
 from tests.conftest import Node, Tenant, connect
@@ -21,25 +24,35 @@ from tests.conftest import Node, Tenant, connect
 SECRET = "test-link-secret-0123456789"
 
 
-def _config(base: Path, origins: list[str]) -> Path:
-    path = base / "cluster.toml"
+def _config(base: Path, origins: list[str], store: str = "", name: str = "cluster") -> Path:
+    path = base / f"{name}.toml"
     quoted = ", ".join(f'"{o}"' for o in origins)
-    path.write_text(f'[cluster]\nlink_secret = "{SECRET}"\norigins = [{quoted}]\n')
+    path.write_text(f'[cluster]\nlink_secret = "{SECRET}"\norigins = [{quoted}]\n{store}')
     return path
 
 
 class Cluster:
-    def __init__(self, base: Path) -> None:
+    """Two origin shards on SQLite, or (`pg_dsn`) on PostgreSQL, each in a schema of its own."""
+
+    def __init__(self, base: Path, pg_dsn: str | None = None) -> None:
         self.base = base
-        bootstrap = _config(base, [])
-        self.origins = [
-            Node(
-                base / f"s{i}",
-                extra_args=["--config", str(bootstrap), "--shard", f"s{i}"],
-                command="origin",
+        self.pg_dsn = pg_dsn
+        self.schemas = [f"t{uuid.uuid4().hex[:10]}_s{i}" for i in (1, 2)]
+        self.origins = []
+        for i, schema in zip((1, 2), self.schemas, strict=True):
+            store = ""
+            if pg_dsn is not None:
+                store = (
+                    f'[store]\nbackend = "postgres"\npg_dsn = "{pg_dsn}"\npg_schema = "{schema}"\n'
+                )
+            conf = _config(base, [], store, name=f"s{i}")
+            self.origins.append(
+                Node(
+                    base / f"s{i}",
+                    extra_args=["--config", str(conf), "--shard", f"s{i}"],
+                    command="origin",
+                )
             )
-            for i in (1, 2)
-        ]
         for o in self.origins:
             o.start()
         self.config = _config(base, [o.link for o in self.origins])
@@ -55,11 +68,40 @@ class Cluster:
     def stop(self) -> None:
         for n in [*self.edges, *self.origins]:
             n.kill()
+        if self.pg_dsn is not None:
+            drops = "; ".join(f"DROP SCHEMA IF EXISTS {s} CASCADE" for s in self.schemas)
+            asyncio.run(_pg(self.pg_dsn, drops))
+
+    def stored(self, shard: int, room: str) -> list[tuple[int, str]]:
+        """(seq, cid) of the room's events as the shard's store holds them, in seq order."""
+        if self.pg_dsn is None:
+            path = self.origins[shard].data_dir / "gb6.db"
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                q = "SELECT seq, cid FROM events WHERE room=? ORDER BY seq"
+                return [(r[0], r[1]) for r in db.execute(q, (room,))]
+            finally:
+                db.close()
+        q = f"SELECT seq, cid FROM {self.schemas[shard]}.events WHERE room = $1 ORDER BY seq"
+        return [(r[0], r[1]) for r in asyncio.run(_pg(self.pg_dsn, q, room))]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(Path(tmp_path_factory.mktemp("cluster")))
+async def _pg(dsn: str, query: str, *args: Any) -> list[Any]:
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args)) if args else [await conn.execute(query)]
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    dsn = require("postgres") if request.param == "postgres" else None
+    c = Cluster(Path(tmp_path_factory.mktemp("cluster")), dsn)
     try:
         c.edge()
         c.edge()
@@ -120,13 +162,9 @@ async def test_two_instances_live_on_two_shards(cluster: Cluster) -> None:
         assert (await p1.ok("send", room=r1, cid="x", body={"text": "on s1"}))["seq"] == 1
         assert (await p2.ok("send", room=r2, cid="x", body={"text": "on s2"}))["seq"] == 1
         # Each room's log is in its own shard's store only; neither is seen by the other tenant.
-        for origin, room, other in ((cluster.origins[0], r1, r2), (cluster.origins[1], r2, r1)):
-            db = sqlite3.connect(f"file:{origin.data_dir / 'gb6.db'}?mode=ro", uri=True)
-            try:
-                rooms = {r for (r,) in db.execute("SELECT DISTINCT room FROM events")}
-            finally:
-                db.close()
-            assert room in rooms and other not in rooms
+        for shard, room, other in ((0, r1, r2), (1, r2, r1)):
+            assert [cid for _, cid in cluster.stored(shard, room)] == ["x"]
+            assert cluster.stored(shard, other) == []
         refused = await p1.request("subscribe", room=r2, after=0)
         assert refused["op"] == "error" and refused["code"] == "not_found", refused
         refused = await p2.request("history", room=r1, limit=5)
@@ -234,3 +272,9 @@ async def test_kill9_origin_mid_stream_restart_continues_gapless(cluster: Cluste
         origin.start()  # same data, same link port: the edges reconnect
     assert len(acked) == 400
     _check_log(await _read_room(e2, users[1].token, room, 400), acked)
+    # And in the shard's own store (PostgreSQL in the postgres run): each acknowledged
+    # message exactly once, at its seq, gapless.
+    stored = await trio.to_thread.run_sync(cluster.stored, 1, room)
+    assert [seq for seq, _ in stored] == list(range(1, len(stored) + 1))
+    assert len({cid for _, cid in stored}) == len(stored)
+    assert {cid: seq for seq, cid in stored if cid in acked} == acked
