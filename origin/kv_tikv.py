@@ -33,6 +33,7 @@ import trio_asyncio
 from trio_asyncio import aio_as_trio
 
 from node.errors import INTERNAL, UNAVAILABLE, GB6Error, invalid
+from node.log import log
 from origin.kv import Entry, KvLimits, not_running, prefix_end, scan_range
 
 try:
@@ -265,5 +266,5 @@ async def _transact(client: Any, fn: Callable[[Any], Awaitable[tuple[T, bool]]])
 async def _rollback(txn: Any) -> None:
     try:
         await txn.rollback()
-    except Exception:  # already committed or rolled back; a stray lock's TTL ends it
-        pass
+    except Exception as exc:  # already committed or rolled back; a stray lock's TTL ends it
+        log("kv_tikv_rollback_failed", error=repr(exc))
