@@ -14,11 +14,14 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TextIO
 
+import attrs
 import trio
 import trio_asyncio
+from quart import Blueprint
 
 from edge.files_api import files_blueprint
 from edge.gateway import Gateway
@@ -71,45 +74,77 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+def announced_host(config: Config) -> str:
+    """The host as it appears in a URL."""
+    return f"[{config.host}]" if ":" in config.host else config.host
+
+
+@attrs.frozen
+class Served:
+    """What a process's components hand to `serve`, once they serve."""
+
+    blueprints: list[Blueprint]
+    max_body: int
+    ready: dict[str, str]  # the ready line's fields before `http`
+    drain: Callable[[], Awaitable[None]]  # SIGTERM: what must finish before the process stops
+
+
+async def serve(
+    config: Config,
+    start: Callable[[trio.Nursery], Awaitable[Served]],
+    out: TextIO,
+    admin: tuple[str, bool] | None = None,
+) -> None:
+    """The skeleton every `gb6` process shares: one trio-asyncio loop around one nursery;
+    `start` starts the components in it; then the HTTP listener, the ready line (and the admin
+    token line when it came from the data directory); on SIGTERM/SIGINT `drain`, then stop."""
     _raise_fd_limit()
-    token, printed = admin_token(config.data_dir)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-            shard = OriginShard(config)
-            await nursery.start(shard.run)
-            gateway = Gateway(config, shard)
-            ws_port = await nursery.start(gateway.run)
+            served = await start(nursery)
             http_sock = bind(config.host, config.http_port)
-            http_port = http_sock.getsockname()[1]
             stop_http = trio.Event()
-            app = build_app(
-                [
-                    admin_blueprint(shard, token),
-                    files_blueprint(shard),
-                    health_blueprint(shard, gateway),
-                ],
-                max_body=config.limits.file_bytes,
-            )
+            app = build_app(served.blueprints, max_body=served.max_body)
             await nursery.start(serve_http, app, http_sock, stop_http)
             _tune_gc()
-            host = f"[{config.host}]" if ":" in config.host else config.host
-            if printed:
-                _say(out, event="admin_token", token=token)
-            _say(
-                out,
-                event="ready",
-                ws=f"ws://{host}:{ws_port}/v1/ws",
-                http=f"http://{host}:{http_port}",
-            )
+            if admin is not None and admin[1]:
+                _say(out, event="admin_token", token=admin[0])
+            http = f"http://{announced_host(config)}:{http_sock.getsockname()[1]}"
+            _say(out, event="ready", **served.ready, http=http)
             async for signum in signals:
                 log("draining", signal=signal.Signals(signum).name)
                 break
-            await gateway.drain()
-            await shard.drain()
+            await served.drain()
             stop_http.set()
             nursery.cancel_scope.deadline = trio.current_time() + 5.0
             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
     log("stopped")
+
+
+async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    token, printed = admin_token(config.data_dir)
+
+    async def start(nursery: trio.Nursery) -> Served:
+        shard = OriginShard(config)
+        await nursery.start(shard.run)
+        gateway = Gateway(config, shard)
+        ws_port = await nursery.start(gateway.run)
+
+        async def drain() -> None:
+            await gateway.drain()
+            await shard.drain()
+
+        return Served(
+            [
+                admin_blueprint(shard, token),
+                files_blueprint(shard),
+                health_blueprint(shard, gateway),
+            ],
+            config.limits.file_bytes,
+            {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},
+            drain,
+        )
+
+    await serve(config, start, out, (token, printed))
