@@ -19,7 +19,6 @@ itself and the target's update.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Final
 
 import attrs
@@ -31,6 +30,7 @@ from node.events import Event
 from node.log import log
 from origin.pg_errors import DB_ERRORS
 from origin.pg_search import tsvector_literal
+from origin.records import event_from_row
 from origin.sqlite_store import Appended, AppendItem
 
 EVENT_COLS: Final = "room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted"
@@ -84,24 +84,6 @@ _DELETE: Final = (
     " UPDATE events SET deleted = true, body = NULL, current_body = NULL, tsv = NULL"
     " WHERE instance = $1 AND room = $3 AND target = $4 AND type = 'edit'"
 )
-
-
-def event_of(row: Sequence[Any]) -> Event:
-    """An Event from the first 11 columns of a row read with EVENT_COLS."""
-    room, seq, ts, type_, sender, cid, body, thread, target, emoji, deleted = row[:11]
-    return Event(
-        room=room,
-        seq=seq,
-        ts=ts,
-        type=type_,
-        sender=sender,
-        cid=cid,
-        body=orjson.loads(body) if body is not None else None,
-        thread=thread,
-        target=target,
-        emoji=emoji,
-        deleted=bool(deleted),
-    )
 
 
 def _text_of(body: dict[str, Any] | None) -> str | None:
@@ -263,4 +245,4 @@ class AppendBatch:
             return {}
         rooms, senders, cids = (list(col) for col in zip(*keys, strict=True))
         rows = await self._conn.fetch(_PRIORS, rooms, senders, cids)
-        return {(r[0], r[4], r[5]): event_of(r) for r in rows}
+        return {(r[0], r[4], r[5]): event_from_row(r) for r in rows}

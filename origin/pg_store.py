@@ -48,11 +48,11 @@ from node.config import Limits
 from node.errors import INTERNAL, UNAVAILABLE, GB6Error, invalid, not_found
 from node.events import Event
 from node.log import log
-from origin.pg_append import EVENT_COLS, AppendBatch, Results, event_of
+from origin.pg_append import EVENT_COLS, AppendBatch, Results
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_schema import Partitions, check_schema_name, migrate
 from origin.pg_search import tsquery_literal
-from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
+from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User, event_from_row
 from origin.sqlite_store import AppendCallback, AppendItem, now_ms
 
 T = TypeVar("T")
@@ -425,7 +425,7 @@ class PgStore:
                 after,
                 limit,
             )
-            return [event_of(r) for r in rows]
+            return [event_from_row(r) for r in rows]
 
         return await self._read(q)
 
@@ -443,7 +443,7 @@ class PgStore:
                 before if before is not None else 2**62,
                 limit,
             )
-            return [event_of(r) for r in reversed(rows)]
+            return [event_from_row(r) for r in reversed(rows)]
 
         return await self._read(q)
 
@@ -467,7 +467,7 @@ class PgStore:
             )
             hits = []
             for r in rows:
-                ev = event_of(r)
+                ev = event_from_row(r)
                 if r[11] is not None:
                     ev = attrs.evolve(ev, body=orjson.loads(r[11]), edited=r[12])
                 hits.append(ev)

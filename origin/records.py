@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final
 
 import attrs
+import orjson
+
+from node.events import Event
 
 INSTANCE_ROLES: Final = ("owner", "admin", "member", "guest")
 MODERATOR_ROLES: Final = frozenset({"owner", "admin"})
@@ -106,4 +110,23 @@ def iso(ms: int) -> str:
         datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
         .isoformat(timespec="milliseconds")
         .replace("+00:00", "Z")
+    )
+
+
+def event_from_row(row: Sequence[Any]) -> Event:
+    """An Event from a store's row whose first 11 columns are room, seq, ts, type, sender,
+    cid, body (JSON bytes or text), thread, target, emoji, deleted."""
+    room, seq, ts, type_, sender, cid, body, thread, target, emoji, deleted = row[:11]
+    return Event(
+        room=room,
+        seq=seq,
+        ts=ts,
+        type=type_,
+        sender=sender,
+        cid=cid,
+        body=orjson.loads(body) if body is not None else None,
+        thread=thread,
+        target=target,
+        emoji=emoji,
+        deleted=bool(deleted),
     )

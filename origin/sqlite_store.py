@@ -38,7 +38,7 @@ from node.config import Limits
 from node.errors import CONFLICT, INTERNAL, UNAVAILABLE, GB6Error, forbidden, not_found
 from node.events import Event
 from node.log import log
-from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
+from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User, event_from_row
 from origin.search_index import SearchIndex
 
 T = TypeVar("T")
@@ -105,23 +105,6 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     if readonly:
         conn.execute("PRAGMA query_only=ON")
     return conn
-
-
-def _event(row: Sequence[Any]) -> Event:
-    room, seq, ts, type_, sender, cid, body, thread, target, emoji, deleted = row
-    return Event(
-        room=room,
-        seq=seq,
-        ts=ts,
-        type=type_,
-        sender=sender,
-        cid=cid,
-        body=orjson.loads(body) if body is not None else None,
-        thread=thread,
-        target=target,
-        emoji=emoji,
-        deleted=bool(deleted),
-    )
 
 
 @attrs.frozen
@@ -438,7 +421,7 @@ class SqliteStore:
             f"SELECT {_EVENT_COLS} FROM events WHERE room=? AND sender=? AND cid=?",
             (item.room, item.sender, item.cid),
         ).fetchone()
-        return Appended(_event(row), duplicate=True) if row is not None else None
+        return Appended(event_from_row(row), duplicate=True) if row is not None else None
 
     def _check_target(self, conn: sqlite3.Connection, item: AppendItem) -> None:
         row = conn.execute(
@@ -645,7 +628,7 @@ class SqliteStore:
                 f"SELECT {_EVENT_COLS} FROM events WHERE room=? AND seq>? ORDER BY seq LIMIT ?",
                 (room, after, limit),
             ).fetchall()
-            return [_event(r) for r in rows]
+            return [event_from_row(r) for r in rows]
 
         return await self.read(q)
 
@@ -656,7 +639,7 @@ class SqliteStore:
                 " LIMIT ?",
                 (room, before if before is not None else 2**62, limit),
             ).fetchall()
-            return [_event(r) for r in reversed(rows)]
+            return [event_from_row(r) for r in reversed(rows)]
 
         return await self.read(q)
 
@@ -683,7 +666,7 @@ class SqliteStore:
             ).fetchall()
             hits = []
             for r in rows:
-                ev = _event(r[:11])
+                ev = event_from_row(r)
                 if r[11] is not None:
                     ev = attrs.evolve(ev, body=orjson.loads(r[11]), edited=r[12])
                 hits.append(ev)
