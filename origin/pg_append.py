@@ -212,19 +212,7 @@ class AppendBatch:
         )
         self._heads[item.room] = seq
         self._written.add((item.room, item.sender, item.cid))
-        event = Event(
-            room=item.room,
-            seq=seq,
-            ts=self._ts,
-            type=item.type,
-            sender=item.sender,
-            cid=item.cid,
-            body=item.body,
-            thread=item.thread,
-            target=item.target,
-            emoji=item.emoji,
-        )
-        return Appended(event, duplicate=False)
+        return Appended(item.event(seq, self._ts), duplicate=False)
 
     async def _flush(self) -> None:
         if not len(self._staged):

@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import attrs
-import orjson
 import outcome
 import trio
 from trio_asyncio import aio_as_trio
@@ -52,7 +51,16 @@ from origin.pg_append import EVENT_COLS, AppendBatch, Results
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_schema import Partitions, check_schema_name, migrate
 from origin.pg_search import tsquery_literal
-from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User, event_from_row
+from origin.records import (
+    FileRecord,
+    Instance,
+    Org,
+    RoomRecord,
+    Token,
+    User,
+    event_from_row,
+    hit_from_row,
+)
 from origin.sqlite_store import AppendCallback, AppendItem, now_ms
 
 T = TypeVar("T")
@@ -465,13 +473,7 @@ class PgStore:
                 tsquery,
                 limit,
             )
-            hits = []
-            for r in rows:
-                ev = event_from_row(r)
-                if r[11] is not None:
-                    ev = attrs.evolve(ev, body=orjson.loads(r[11]), edited=r[12])
-                hits.append(ev)
-            return hits
+            return [hit_from_row(r) for r in rows]
 
         return await self._read(q)
 

@@ -38,7 +38,16 @@ from node.config import Limits
 from node.errors import CONFLICT, INTERNAL, UNAVAILABLE, GB6Error, forbidden, not_found
 from node.events import Event
 from node.log import log
-from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User, event_from_row
+from origin.records import (
+    FileRecord,
+    Instance,
+    Org,
+    RoomRecord,
+    Token,
+    User,
+    event_from_row,
+    hit_from_row,
+)
 from origin.search_index import SearchIndex
 
 T = TypeVar("T")
@@ -121,6 +130,21 @@ class AppendItem:
     emoji: str | None = None
     may_moderate: bool = False  # may delete other people's messages
     reply: Any = None  # opaque to the store: how the origin answers the requester
+
+    def event(self, seq: int, ts: int) -> Event:
+        """The event this op becomes at `seq`, committed at `ts`."""
+        return Event(
+            room=self.room,
+            seq=seq,
+            ts=ts,
+            type=self.type,
+            sender=self.sender,
+            cid=self.cid,
+            body=self.body,
+            thread=self.thread,
+            target=self.target,
+            emoji=self.emoji,
+        )
 
 
 @attrs.frozen
@@ -402,19 +426,7 @@ class SqliteStore:
                 (item.room, item.target, item.target),
             )
         self._heads[item.room] = seq
-        event = Event(
-            room=item.room,
-            seq=seq,
-            ts=ts,
-            type=item.type,
-            sender=item.sender,
-            cid=item.cid,
-            body=item.body,
-            thread=item.thread,
-            target=item.target,
-            emoji=item.emoji,
-        )
-        return Appended(event, duplicate=False)
+        return Appended(item.event(seq, ts), duplicate=False)
 
     def _prior(self, conn: sqlite3.Connection, item: AppendItem) -> Appended | None:
         row = conn.execute(
@@ -664,13 +676,7 @@ class SqliteStore:
                 " ORDER BY e.id DESC LIMIT ?",
                 (match, room_list, limit),
             ).fetchall()
-            hits = []
-            for r in rows:
-                ev = event_from_row(r)
-                if r[11] is not None:
-                    ev = attrs.evolve(ev, body=orjson.loads(r[11]), edited=r[12])
-                hits.append(ev)
-            return hits
+            return [hit_from_row(r) for r in rows]
 
         return await self.read(q)
 
