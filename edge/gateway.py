@@ -27,6 +27,7 @@ from edge import wsframe
 from edge.handshake import Accepted, Rejected, ServerHandshake
 from edge.hub import Hubs, Subscription
 from edge.outbox import Cork, Outbox
+from edge.shared_signals import SharedSignals
 from edge.wsread import FrameReader
 from node.config import Config
 from node.errors import (
@@ -85,7 +86,12 @@ class Connection:
 class Gateway:
     """A component: `port = await nursery.start(gateway.run)`."""
 
-    def __init__(self, config: Config, origin: OriginShard | RemoteOrigin) -> None:
+    def __init__(
+        self,
+        config: Config,
+        origin: OriginShard | RemoteOrigin,
+        shared: SharedSignals | None = None,
+    ) -> None:
         self.config = config
         self.limits = config.limits
         self.origin = origin
@@ -97,6 +103,12 @@ class Gateway:
         self.conns: set[Connection] = set()
         self.by_user: dict[str, set[Connection]] = {}
         self.away: set[str] = set()
+        # Other edges of a cluster: typing and presence go through them too (None: one process).
+        self.shared = shared
+        if shared is not None:
+            shared.on_typing = self._typing_from_elsewhere
+            shared.on_presence = self._deliver_presence
+        self._nursery: trio.Nursery | None = None
         self.cork = Cork()
         origin.publish_context = lambda: self.cork
         self.limiters = {name: Gcra(rp.rate, rp.burst) for name, rp in config.rate_plans.items()}
@@ -123,6 +135,7 @@ class Gateway:
         port = lsock.getsockname()[1]
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 task_status.started(port)
                 with self._accept_scope:
                     await self._accept(lsock, nursery)
@@ -225,9 +238,13 @@ class Gateway:
             peers = self.by_user.get(conn.user)
             if peers is not None:
                 peers.discard(conn)
-                if not peers:
+                last_here = not peers
+                if last_here:
                     del self.by_user[conn.user]
                     self.away.discard(conn.user)
+                if self.shared is not None and self._nursery is not None:
+                    self._nursery.start_soon(self._session_closed, conn.principal, conn.session)
+                elif last_here:
                     self._presence_changed(conn.principal, "offline")
 
     # --- reading -------------------------------------------------------------------------
@@ -371,10 +388,15 @@ class Gateway:
 
     async def _hello(self, conn: Connection, hello: p.Hello) -> None:
         principal = await self.origin.authenticate(hello.token)
-        conn.principal = principal
-        conn.session = new_id("ses")
-        conn.state = State.READY
+        session = new_id("ses")
         first = principal.id not in self.by_user
+        if self.shared is not None:
+            await self.shared.follow_instance(principal.instance.id)
+            first = await self.shared.session_opened(principal.id, session)
+        # No await from here on: `_forget` sees a principal only with its session recorded.
+        conn.principal = principal
+        conn.session = session
+        conn.state = State.READY
         self.by_user.setdefault(principal.id, set()).add(conn)
         self._reply(
             conn,
@@ -470,6 +492,8 @@ class Gateway:
         assert who is not None and conn.nursery is not None
         room = self.origin.room_for_member(who, req.room)
         if self.hubs.get(req.room) is None:
+            if self.shared is not None:
+                await self.shared.follow_room(req.room)
             # A remote origin starts pushing the room's events to this edge (and creates the
             # hub at the head it answers with, before any of them arrives).
             await self.origin.watch(req.room)
@@ -522,10 +546,15 @@ class Gateway:
         if len(conn.last_typing) > self.limits.max_subscriptions:
             conn.last_typing.clear()
         conn.last_typing[req.room] = now
-        hub = self.hubs.get(req.room)
+        self._typing_from_elsewhere(req.room, who.id)
+        if self.shared is not None:
+            self.shared.typing(req.room, who.id)
+
+    def _typing_from_elsewhere(self, room: str, user: str) -> None:
+        hub = self.hubs.get(room)
         if hub is not None:
-            frame = wsframe.text(p.event("typing", {"room": req.room, "user": who.id}))
-            hub.write_ephemeral(frame, skip_user=who.id)
+            frame = wsframe.text(p.event("typing", {"room": room, "user": user}))
+            hub.write_ephemeral(frame, skip_user=user)
 
     def _on_origin_lost(self, rooms: set[str], instances: set[str]) -> None:
         """An origin shard's link broke: its rooms' hubs may miss events from now on and its
@@ -577,10 +606,15 @@ class Gateway:
             self._presence_changed(who, "online")
 
     def _presence_changed(self, who: Principal, status: str) -> None:
-        """Tell every connected user who shares a room with `who` (each connection once)."""
-        frame = wsframe.text(p.event("presence", {"user": who.id, "status": status}))
+        self._deliver_presence(who.id, status)
+        if self.shared is not None:
+            self.shared.presence(who.instance.id, who.id, status)
+
+    def _deliver_presence(self, user: str, status: str) -> None:
+        """Tell every connected user who shares a room with `user` (each connection once)."""
+        frame = wsframe.text(p.event("presence", {"user": user, "status": status}))
         seen: set[str] = set()
-        for room_id in self.origin.user_rooms.get(who.id, ()):
+        for room_id in self.origin.user_rooms.get(user, ()):
             room = self.origin.rooms.get(room_id)
             if room is None:
                 continue
@@ -590,3 +624,13 @@ class Gateway:
                 seen.add(member)
                 for peer in self.by_user.get(member, ()):
                     peer.outbox.write(frame)
+
+    async def _session_closed(self, who: Principal, session: str | None) -> None:
+        assert self.shared is not None
+        try:
+            gone = await self.shared.session_closed(who.id, session or "")
+        except GB6Error as exc:
+            log("session_close_failed", user=who.id, error=exc.message)
+            return
+        if gone and who.id not in self.by_user:
+            self._presence_changed(who, "offline")

@@ -17,9 +17,11 @@ import trio
 
 from edge.files_api import files_blueprint
 from edge.gateway import Gateway
+from edge.shared_signals import SharedSignals
 from node.config import Config
 from node.errors import invalid
 from node.health import health_blueprint
+from node.ids import new_id
 from node.supervisor import Served, admin_token, announced_host, serve
 from origin.admin_api import admin_blueprint
 from origin.shard import OriginShard
@@ -64,7 +66,8 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
     async def start(nursery: trio.Nursery) -> Served:
         origin = RemoteOrigin(config)
         await nursery.start(origin.run)
-        gateway = Gateway(config, origin)
+        shared = await nursery.start(_shared_signals, config) if config.redis_url else None
+        gateway = Gateway(config, origin, shared)
         ws_port = await nursery.start(gateway.run)
         return Served(
             [health_blueprint(None, gateway)],
@@ -74,3 +77,20 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
         )
 
     await serve(config, start, out)
+
+
+async def _shared_signals(
+    config: Config, *, task_status: trio.TaskStatus[SharedSignals] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Redis for what the edges share: one client, the pub/sub and the session registry."""
+    from edge.redis_bus import RedisPubSub, RedisSessions, open_redis
+
+    edge_id = new_id("edge")
+    async with open_redis(config.redis_url) as client, trio.open_nursery() as nursery:
+        pubsub = RedisPubSub(client, prefix="gb6:")
+        sessions = RedisSessions(client, edge_id, prefix="gb6:")
+        await nursery.start(pubsub.run)
+        await nursery.start(sessions.run)
+        shared = SharedSignals(pubsub, sessions, edge_id)
+        await nursery.start(shared.run)
+        task_status.started(shared)

@@ -79,6 +79,7 @@ class Config:
     link_port: int = 8702
     origins: tuple[str, ...] = ()
     link_secret: str = ""
+    redis_url: str = ""  # edges share typing, presence and sessions through it ("": edge-local)
     # The origin's relational store and log: "sqlite" (embedded, in the data directory) or
     # "postgres" (`pg_dsn`, tables in schema `pg_schema`, one schema per shard).
     store_backend: str = attrs.field(
@@ -105,7 +106,7 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         if key in node:
             kwargs[key] = node[key]
     cluster = dict(raw.get("cluster", {}))
-    for key in ("shard", "link_port", "link_secret"):
+    for key in ("shard", "link_port", "link_secret", "redis_url"):
         if key in cluster:
             kwargs[key] = cluster[key]
     store = dict(raw.get("store", {}))

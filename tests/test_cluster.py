@@ -24,17 +24,20 @@ from tests.conftest import Node, Tenant, connect
 SECRET = "test-link-secret-0123456789"
 
 
-def _config(base: Path, origins: list[str], store: str = "", name: str = "cluster") -> Path:
+def _config(
+    base: Path, origins: list[str], store: str = "", name: str = "cluster", redis: str = ""
+) -> Path:
     path = base / f"{name}.toml"
     quoted = ", ".join(f'"{o}"' for o in origins)
-    path.write_text(f'[cluster]\nlink_secret = "{SECRET}"\norigins = [{quoted}]\n{store}')
+    cluster = f'link_secret = "{SECRET}"\norigins = [{quoted}]\nredis_url = "{redis}"\n'
+    path.write_text(f"[cluster]\n{cluster}{store}")
     return path
 
 
 class Cluster:
     """Two origin shards on SQLite, or (`pg_dsn`) on PostgreSQL, each in a schema of its own."""
 
-    def __init__(self, base: Path, pg_dsn: str | None = None) -> None:
+    def __init__(self, base: Path, pg_dsn: str | None = None, redis_url: str = "") -> None:
         self.base = base
         self.pg_dsn = pg_dsn
         self.schemas = [f"t{uuid.uuid4().hex[:10]}_s{i}" for i in (1, 2)]
@@ -55,7 +58,7 @@ class Cluster:
             )
         for o in self.origins:
             o.start()
-        self.config = _config(base, [o.link for o in self.origins])
+        self.config = _config(base, [o.link for o in self.origins], redis=redis_url)
         self.edges: list[Node] = []
 
     def edge(self) -> Node:
@@ -280,3 +283,41 @@ async def test_kill9_origin_mid_stream_restart_continues_gapless(cluster: Cluste
     assert [seq for seq, _ in stored] == list(range(1, len(stored) + 1))
     assert len({cid for _, cid in stored}) == len(stored)
     assert {cid: seq for seq, cid in stored if cid in acked} == acked
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, redis_url=require("redis"))
+    try:
+        c.edge()
+        c.edge()
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_typing_and_presence_cross_edges_through_redis(redis_cluster: Cluster) -> None:
+    tenant = redis_cluster.origins[0].create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    e1, e2 = redis_cluster.edges
+    async with _peer(e2, bob.token) as b:
+        room = (await b.ok("room.create", name="t", kind="chat", members=[alice.id]))["room"]["id"]
+        await b.ok("subscribe", room=room, after=0)
+        async with _peer(e1, alice.token) as a1:
+            ev = await b.event("presence")
+            assert (ev["user"], ev["status"]) == (alice.id, "online")
+            await a1.ok("typing", room=room)
+            ev = await b.event("typing")
+            assert (ev["room"], ev["user"]) == (room, alice.id)
+            # A second session of alice's on the other edge: she stays online when the first
+            # one ends.
+            async with _peer(e2, alice.token) as a2:
+                await a1.ws.aclose()
+                await trio.sleep(0.5)
+                await b.ok("ping")
+                assert [e for e in b.events if e.get("type") == "presence"] == []
+                await a2.ok("typing", room=room)
+                assert (await b.event("typing"))["user"] == alice.id
+        # Her last session ended: now she is offline, once.
+        ev = await b.event("presence")
+        assert (ev["user"], ev["status"]) == (alice.id, "offline")
