@@ -24,6 +24,7 @@ import trio
 
 from edge import protocol as p
 from edge import wsframe
+from edge.bus import LocalRateLimiter
 from edge.handshake import Accepted, Rejected, ServerHandshake
 from edge.hub import Hubs, Subscription
 from edge.outbox import Cork, Outbox
@@ -41,7 +42,7 @@ from node.errors import (
 )
 from node.ids import new_id
 from node.log import log
-from node.ratelimit import Gcra
+from node.ratelimit import RateLimiter
 from origin.membership import MembershipChange, Principal
 from origin.shard import OriginShard
 from origin.sqlite_store import Appended
@@ -111,7 +112,12 @@ class Gateway:
         self._nursery: trio.Nursery | None = None
         self.cork = Cork()
         origin.publish_context = lambda: self.cork
-        self.limiters = {name: Gcra(rp.rate, rp.burst) for name, rp in config.rate_plans.items()}
+        # Per plan. The edges of a cluster share each user's budget (through Redis).
+        self.limiters: dict[str, RateLimiter] = (
+            shared.limiters
+            if shared is not None and shared.limiters is not None
+            else {n: LocalRateLimiter.new(rp.rate, rp.burst) for n, rp in config.rate_plans.items()}
+        )
         self._accept_scope = trio.CancelScope()
         self.draining = False
         self._all_closed = trio.Event()
@@ -361,7 +367,7 @@ class Gateway:
                 raise invalid("already authenticated")
             if self.draining:
                 raise GB6Error(UNAVAILABLE, "this edge is draining; resume on another")
-            self._rate_limit(conn)
+            await self._rate_limit(conn)
             await self._dispatch(conn, request)
         except p.BadFrame as exc:
             self._reply_error(conn, exc.req_id, exc)
@@ -375,12 +381,19 @@ class Gateway:
             log("request_failed", peer=conn.peer, error=repr(exc))
             self._reply_error(conn, req_id, GB6Error(INTERNAL, "internal error"))
 
-    def _rate_limit(self, conn: Connection) -> None:
+    async def _rate_limit(self, conn: Connection) -> None:
         assert conn.principal is not None
         limiter = self.limiters.get(conn.principal.instance.plan)
         if limiter is None:
             return
-        wait = limiter.check(conn.user, trio.current_time())
+        try:
+            wait = await limiter.check(conn.user)
+        except GB6Error as exc:
+            if exc.code != UNAVAILABLE:
+                raise
+            # The shared store is unreachable: serve rather than refuse everyone.
+            log("rate_limit_unavailable", error=exc.message)
+            return
         if wait > 0:
             raise GB6Error(
                 RATE_LIMITED, "too many requests", retry_after_ms=max(1, int(wait * 1000))

@@ -1,4 +1,4 @@
-"""Typing and presence between the edges of a cluster, over the bus ports of `edge.bus`.
+"""Typing, presence and rate limits shared by the edges of a cluster (the ports of `edge.bus`).
 
 One edge delivers a signal to its own clients directly and publishes it once; every other
 edge that follows the channel delivers it to its clients. Channels: a room's (typing, followed
@@ -21,6 +21,7 @@ import trio
 from edge.bus import PubSub, SessionRegistry, room_channel
 from node.errors import GB6Error
 from node.log import log
+from node.ratelimit import RateLimiter
 
 _MAX_FOLLOWED: Final = 10_000  # channels per edge; past it, signals of new ones stay local
 
@@ -33,10 +34,17 @@ class SharedSignals:
     """A component: `await nursery.start(shared.run)`. The gateway sets `on_typing` and
     `on_presence`, which are called (synchronously) for other edges' signals."""
 
-    def __init__(self, pubsub: PubSub, sessions: SessionRegistry, edge_id: str) -> None:
+    def __init__(
+        self,
+        pubsub: PubSub,
+        sessions: SessionRegistry,
+        edge_id: str,
+        limiters: dict[str, RateLimiter] | None = None,
+    ) -> None:
         self.pubsub = pubsub
         self.sessions = sessions
         self.edge_id = edge_id
+        self.limiters = limiters  # per plan, shared by every edge (None: each edge its own)
         self.on_typing: Callable[[str, str], None] = lambda room, user: None
         self.on_presence: Callable[[str, str], None] = lambda user, status: None
         self._followed: set[str] = set()

@@ -22,6 +22,7 @@ from node.config import Config
 from node.errors import invalid
 from node.health import health_blueprint
 from node.ids import new_id
+from node.ratelimit import RateLimiter
 from node.supervisor import Served, admin_token, announced_host, serve
 from origin.admin_api import admin_blueprint
 from origin.shard import OriginShard
@@ -83,7 +84,7 @@ async def _shared_signals(
     config: Config, *, task_status: trio.TaskStatus[SharedSignals] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Redis for what the edges share: one client, the pub/sub and the session registry."""
-    from edge.redis_bus import RedisPubSub, RedisSessions, open_redis
+    from edge.redis_bus import RedisPubSub, RedisRateLimiter, RedisSessions, open_redis
 
     edge_id = new_id("edge")
     async with open_redis(config.redis_url) as client, trio.open_nursery() as nursery:
@@ -91,6 +92,13 @@ async def _shared_signals(
         sessions = RedisSessions(client, edge_id, prefix="gb6:")
         await nursery.start(pubsub.run)
         await nursery.start(sessions.run)
-        shared = SharedSignals(pubsub, sessions, edge_id)
+        limiters: dict[str, RateLimiter] = {}
+        for plan, rp in config.rate_plans.items():
+            limiter = RedisRateLimiter(
+                client, prefix=f"gb6:rl:{plan}:", rate=rp.rate, burst=rp.burst
+            )
+            await nursery.start(limiter.run)
+            limiters[plan] = limiter
+        shared = SharedSignals(pubsub, sessions, edge_id, limiters)
         await nursery.start(shared.run)
         task_status.started(shared)

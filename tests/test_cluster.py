@@ -321,3 +321,24 @@ async def test_typing_and_presence_cross_edges_through_redis(redis_cluster: Clus
         # Her last session ended: now she is offline, once.
         ev = await b.event("presence")
         assert (ev["user"], ev["status"]) == (alice.id, "offline")
+
+
+async def test_rate_limit_is_shared_by_the_edges(redis_cluster: Cluster) -> None:
+    """Plan `free`: bursts of 100 per user. 80 requests on each of two edges fit each edge's
+    own budget, but not the user's one budget across both."""
+    tenant = redis_cluster.origins[0].create_tenant(plan="free")
+    carol = tenant.user("carol")
+    refused: list[dict[str, Any]] = []
+
+    async def burst(edge: Node) -> None:
+        async with _peer(edge, carol.token) as p:
+            for _ in range(80):
+                reply = await p.request("ping")
+                if reply["op"] == "error":
+                    refused.append(reply)
+
+    async with trio.open_nursery() as nursery:
+        for edge in redis_cluster.edges:
+            nursery.start_soon(burst, edge)
+    assert refused, "two edges let one user exceed the plan's burst"
+    assert all(r["code"] == "rate_limited" and r["retry_after_ms"] > 0 for r in refused)
