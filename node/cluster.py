@@ -28,6 +28,7 @@ from origin.admin_api import admin_blueprint
 from origin.shard import OriginShard
 from replication.edge_link import RemoteOrigin
 from replication.origin_link import LinkServer
+from replication.shard_map import ShardMap, open_kv
 
 
 def link_secret(config: Config) -> str:
@@ -49,6 +50,14 @@ async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:
         shard = OriginShard(config)
         await nursery.start(shard.run)
         link_port = await nursery.start(LinkServer(config, shard, secret).run)
+        if config.kv:
+            kv = open_kv(config.kv)
+            await nursery.start(kv.run)
+            shard_map = ShardMap(kv)
+            for instance in list(shard.instances):
+                await shard_map.place(instance, config.shard)
+            shard.placement = lambda instance: shard_map.place(instance, config.shard)
+            await shard_map.register_shard(config.shard, f"{config.host}:{link_port}")
         return Served(
             [admin_blueprint(shard, token), files_blueprint(shard), health_blueprint(shard, None)],
             config.limits.file_bytes,
@@ -61,8 +70,11 @@ async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:
 
 async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
     link_secret(config)
-    if not config.origins:
-        raise invalid("an edge needs [cluster] origins: the link addresses of the origin shards")
+    if not config.origins and not config.kv:
+        raise invalid(
+            "an edge needs [cluster] origins (the origin shards' link addresses) or kv (the"
+            " shard map, where the origins register)"
+        )
 
     async def start(nursery: trio.Nursery) -> Served:
         origin = RemoteOrigin(config)

@@ -80,6 +80,7 @@ class Config:
     origins: tuple[str, ...] = ()
     link_secret: str = ""
     redis_url: str = ""  # edges share typing, presence and sessions through it ("": edge-local)
+    kv: str = ""  # the shard map's kv: sqlite:PATH, postgres:DSN, tikv:PD ("": origins list only)
     # The origin's relational store and log: "sqlite" (embedded, in the data directory) or
     # "postgres" (`pg_dsn`, tables in schema `pg_schema`, one schema per shard).
     store_backend: str = attrs.field(
@@ -106,7 +107,7 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         if key in node:
             kwargs[key] = node[key]
     cluster = dict(raw.get("cluster", {}))
-    for key in ("shard", "link_port", "link_secret", "redis_url"):
+    for key in ("shard", "link_port", "link_secret", "redis_url", "kv"):
         if key in cluster:
             kwargs[key] = cluster[key]
     store = dict(raw.get("store", {}))

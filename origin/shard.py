@@ -8,7 +8,7 @@ listeners (the edges) in seq order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,7 @@ class OriginShard:
         self.rooms = self.state.rooms
         self.user_rooms = self.state.user_rooms
         self.tenancy_listeners: list[Callable[[Instance | User], None]] = []
+        self.placement: Callable[[str], Awaitable[None]] | None = None  # cluster: the shard map
         self.watch_listeners: list[Callable[[str, int], object]] = []  # edges in other processes
         self.event_listeners: list[EventListener] = []
         self.member_listeners: list[Callable[[MembershipChange], None]] = []
@@ -116,6 +117,8 @@ class OriginShard:
         if region != self.config.region:
             raise invalid(f"this node serves region {self.config.region!r}, not {region!r}")
         inst = Instance(new_id("ins"), org, name, region, plan, "active", now_ms())
+        if self.placement is not None:
+            await self.placement(inst.id)  # in the shard map first: never an unplaced instance
         await self.store.create_instance(inst)
         self.instances[inst.id] = inst
         self._tenancy_changed(inst)

@@ -29,9 +29,11 @@ from node.log import log
 from origin.membership import Membership, MembershipChange, Principal, RoomState
 from origin.sqlite_store import Appended
 from replication import link
+from replication.shard_map import ShardMap, open_kv
 
 _RETRY_MAX_S: Final = 2.0
 _FIRST_CONNECT_S: Final = 10.0
+_DISCOVERY_S: Final = 2.0  # how often an edge looks for new shards in the shard map
 
 Reply = Callable[[outcome.Outcome[Any]], None]
 
@@ -273,9 +275,31 @@ class RemoteOrigin:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            for shard_link in self.links:
+            shard_map: ShardMap | None = None
+            if self.config.kv:
+                kv = open_kv(self.config.kv)
+                await nursery.start(kv.run)
+                shard_map = ShardMap(kv)
+                self._add_links((await shard_map.shards()).values())
+            for shard_link in list(self.links):
                 await nursery.start(shard_link.run)
             task_status.started()
+            while shard_map is not None:
+                # Shards that registered since: a new shard needs no edge reconfigured.
+                await trio.sleep(_DISCOVERY_S)
+                try:
+                    new = self._add_links((await shard_map.shards()).values())
+                except GB6Error as exc:
+                    log("shard_map_unavailable", error=exc.message)
+                    continue
+                for shard_link in new:
+                    nursery.start_soon(shard_link.run)
+
+    def _add_links(self, addresses: Iterable[str]) -> list[ShardLink]:
+        known = {shard_link.address for shard_link in self.links}
+        new = [ShardLink(self, a) for a in dict.fromkeys(addresses) if a not in known]
+        self.links.extend(new)
+        return new
 
     # --- routing -------------------------------------------------------------------------
 

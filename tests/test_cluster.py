@@ -25,11 +25,18 @@ SECRET = "test-link-secret-0123456789"
 
 
 def _config(
-    base: Path, origins: list[str], store: str = "", name: str = "cluster", redis: str = ""
+    base: Path,
+    origins: list[str],
+    store: str = "",
+    name: str = "cluster",
+    redis: str = "",
+    kv: str = "",
 ) -> Path:
     path = base / f"{name}.toml"
     quoted = ", ".join(f'"{o}"' for o in origins)
-    cluster = f'link_secret = "{SECRET}"\norigins = [{quoted}]\nredis_url = "{redis}"\n'
+    cluster = (
+        f'link_secret = "{SECRET}"\norigins = [{quoted}]\nredis_url = "{redis}"\nkv = "{kv}"\n'
+    )
     path.write_text(f"[cluster]\n{cluster}{store}")
     return path
 
@@ -37,7 +44,9 @@ def _config(
 class Cluster:
     """Two origin shards on SQLite, or (`pg_dsn`) on PostgreSQL, each in a schema of its own."""
 
-    def __init__(self, base: Path, pg_dsn: str | None = None, redis_url: str = "") -> None:
+    def __init__(
+        self, base: Path, pg_dsn: str | None = None, redis_url: str = "", kv: str = ""
+    ) -> None:
         self.base = base
         self.pg_dsn = pg_dsn
         self.schemas = [f"t{uuid.uuid4().hex[:10]}_s{i}" for i in (1, 2)]
@@ -48,7 +57,7 @@ class Cluster:
                 store = (
                     f'[store]\nbackend = "postgres"\npg_dsn = "{pg_dsn}"\npg_schema = "{schema}"\n'
                 )
-            conf = _config(base, [], store, name=f"s{i}")
+            conf = _config(base, [], store, name=f"s{i}", kv=kv)
             self.origins.append(
                 Node(
                     base / f"s{i}",
@@ -58,7 +67,9 @@ class Cluster:
             )
         for o in self.origins:
             o.start()
-        self.config = _config(base, [o.link for o in self.origins], redis=redis_url)
+        # With a shard map in kv, edges find the origins there: no list to keep up to date.
+        listed = [] if kv else [o.link for o in self.origins]
+        self.config = _config(base, listed, redis=redis_url, kv=kv)
         self.edges: list[Node] = []
 
     def edge(self) -> Node:
@@ -113,7 +124,7 @@ def cluster(
         c.stop()
 
 
-def _peer(edge: Node, token: str) -> Any:
+def _peer(edge: Node, token: str | None) -> Any:
     from contextlib import asynccontextmanager
 
     return asynccontextmanager(lambda: connect(edge, token))()
@@ -342,3 +353,49 @@ async def test_rate_limit_is_shared_by_the_edges(redis_cluster: Cluster) -> None
             nursery.start_soon(burst, edge)
     assert refused, "two edges let one user exceed the plan's burst"
     assert all(r["code"] == "rate_limited" and r["retry_after_ms"] > 0 for r in refused)
+
+
+async def test_shard_map_in_kv_edges_find_shards_there(tmp_path: Path) -> None:
+    """Origins register in the kv shard map and place their instances there; edges that list
+    no origin find every shard in it, a shard started after them included."""
+    kv_path = tmp_path / "kv.db"
+    c = Cluster(tmp_path, kv=f"sqlite:{kv_path}")
+    try:
+        edge = c.edge()
+        tenant = c.origins[1].create_tenant()
+        alice, bob = tenant.user("alice"), tenant.user("bob")
+        async with _peer(edge, alice.token) as a, _peer(edge, bob.token) as b:
+            room = (await a.ok("room.create", name="m", kind="chat", members=[bob.id]))["room"]
+            await b.ok("subscribe", room=room["id"], after=0)
+            await a.ok("send", room=room["id"], cid="k1", body={"text": "via the map"})
+            assert (await b.event("message"))["body"] == {"text": "via the map"}
+        # A third shard, started after the edge: the edge finds it within a few seconds.
+        late = Node(
+            tmp_path / "s3",
+            extra_args=["--config", str(tmp_path / "s1.toml"), "--shard", "s3"],
+            command="origin",
+        )
+        late.start()
+        c.origins.append(late)
+        carol = late.create_tenant().user("carol")
+        with trio.fail_after(15):
+            while True:  # until the edge has found the new shard: its tokens are unknown before
+                async with _peer(edge, None) as p:
+                    reply = await p.request("hello", token=carol.token)
+                if reply["op"] == "ok":
+                    break
+                await trio.sleep(0.2)
+        entries = await trio.to_thread.run_sync(_read_map, kv_path)
+        assert entries[f"shardmap/instance/{tenant.instance}"] == "s2"
+        assert entries["shardmap/shard/s3"] == late.link
+    finally:
+        c.stop()
+
+
+def _read_map(path: Path) -> dict[str, str]:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT key, value FROM kv").fetchall()  # SqliteKv's one table
+    finally:
+        db.close()
+    return {bytes(k).decode(): bytes(v).decode() for k, v in rows}
