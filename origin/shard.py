@@ -152,7 +152,9 @@ class OriginShard:
         ttl = self.limits.token_ttl_s if ttl_s is None else ttl_s
         if not 1 <= ttl <= self.limits.token_ttl_max_s:
             raise invalid(f"ttl_seconds must be between 1 and {self.limits.token_ttl_max_s}")
-        secret = "gb6u_" + new_secret()
+        # The instance in clear, so an edge can route the token to its shard (see
+        # replication/edge_link.py); the secret part is what authenticates.
+        secret = f"gb6u_{instance}.{new_secret()}"
         token = Token(new_id("tok"), user_id, now_ms() + ttl * 1000, False)
         await self.store.create_token(token, secret_digest(secret))
         return secret, token

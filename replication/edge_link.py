@@ -15,6 +15,7 @@ resent by the client under its cid), and the link reconnects with backoff.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Final
@@ -33,6 +34,7 @@ from replication.shard_map import ShardMap, open_kv
 
 _RETRY_MAX_S: Final = 2.0
 _FIRST_CONNECT_S: Final = 10.0
+_TOKEN_INSTANCE: Final = re.compile(r"gb6u_(ins_[a-z0-9]+)\.")
 _DISCOVERY_S: Final = 2.0  # how often an edge looks for new shards in the shard map
 
 Reply = Callable[[outcome.Outcome[Any]], None]
@@ -262,6 +264,7 @@ class RemoteOrigin:
         self.user_rooms = self.state.user_rooms
         self.shard_of: dict[str, ShardLink] = {}  # the shard map: instance → its shard's link
         self.links = [ShardLink(self, address) for address in config.origins]
+        self._shard_map: ShardMap | None = None
         self.event_listeners: list[Callable[[str, list[Event]], None]] = []
         self.member_listeners: list[Callable[[MembershipChange], None]] = []
         self.read_listeners: list[Callable[[str, str, int], None]] = []
@@ -279,7 +282,7 @@ class RemoteOrigin:
             if self.config.kv:
                 kv = open_kv(self.config.kv)
                 await nursery.start(kv.run)
-                shard_map = ShardMap(kv)
+                shard_map = self._shard_map = ShardMap(kv)
                 self._add_links((await shard_map.shards()).values())
             for shard_link in list(self.links):
                 await nursery.start(shard_link.run)
@@ -317,23 +320,41 @@ class RemoteOrigin:
     # --- what the gateway calls ----------------------------------------------------------
 
     async def authenticate(self, secret: str) -> Principal:
-        """Ask each connected shard in turn; the one that issued the token answers."""
+        """Tokens name their instance (`gb6u_<instance>.<secret>`): ask its shard. A token of
+        a shard this edge cannot reach yet is `unavailable` (retry), never `unauthorized`.
+        Older tokens without the instance: ask each connected shard in turn."""
+        match = _TOKEN_INSTANCE.match(secret)
+        if match is not None:
+            instance = match.group(1)
+            shard_link = self.shard_of.get(instance)
+            placed = (
+                shard_link is None
+                and self._shard_map is not None
+                and await self._shard_map.shard_of(instance) is not None
+            )
+            if placed:
+                raise GB6Error(UNAVAILABLE, "this edge does not reach that shard yet; retry")
+            if shard_link is None:
+                raise GB6Error(UNAUTHORIZED, "unknown token")
+            return await self._authenticate_on(self._link_for_instance(instance), secret)
         last: GB6Error = GB6Error(UNAUTHORIZED, "unknown token")
         for shard_link in self.links:
             if not shard_link.connected:
                 last = GB6Error(UNAVAILABLE, "an origin shard is unreachable; retry")
                 continue
             try:
-                ok = await shard_link.request("auth", token=secret)
+                return await self._authenticate_on(shard_link, secret)
             except GB6Error as exc:
                 if exc.code != UNAUTHORIZED or "unknown" not in exc.message:
                     raise
-                continue
-            who = self.state.principal(ok["user"])
-            if who is None:
-                raise GB6Error(UNAVAILABLE, "the user is not known to this edge yet; retry")
-            return who
         raise last
+
+    async def _authenticate_on(self, shard_link: ShardLink, secret: str) -> Principal:
+        ok = await shard_link.request("auth", token=secret)
+        who = self.state.principal(ok["user"])
+        if who is None:
+            raise GB6Error(UNAVAILABLE, "the user is not known to this edge yet; retry")
+        return who
 
     def room_visible(self, who: Principal, room_id: str) -> RoomState:
         return self.state.room_visible(who, room_id)

@@ -206,7 +206,7 @@ async def _read_room(edge: Node, token: str, room: str, expect: int) -> list[dic
     async with _peer(edge, token) as p:
         head = (await p.ok("subscribe", room=room, after=0))["head"]
         assert head >= expect
-        events = []
+        events: list[dict[str, Any]] = []
         p.timeout = 20
         while len(events) < head:
             ev = await p.event("message")
@@ -379,11 +379,12 @@ async def test_shard_map_in_kv_edges_find_shards_there(tmp_path: Path) -> None:
         c.origins.append(late)
         carol = late.create_tenant().user("carol")
         with trio.fail_after(15):
-            while True:  # until the edge has found the new shard: its tokens are unknown before
+            while True:  # until the edge has found the new shard; before, `unavailable`
                 async with _peer(edge, None) as p:
                     reply = await p.request("hello", token=carol.token)
                 if reply["op"] == "ok":
                     break
+                assert reply["code"] == "unavailable", reply  # never `unauthorized`: retry
                 await trio.sleep(0.2)
         entries = await trio.to_thread.run_sync(_read_map, kv_path)
         assert entries[f"shardmap/instance/{tenant.instance}"] == "s2"
