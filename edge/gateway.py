@@ -125,6 +125,7 @@ class Gateway:
         origin.member_listeners.append(self._on_members)
         origin.read_listeners.append(self._on_read)
         origin.watch_listeners.append(self.hubs.ensure)
+        self.hubs.on_evict = origin.unwatch
         if isinstance(origin, RemoteOrigin):
             origin.lost_listeners.append(self._on_origin_lost)
 

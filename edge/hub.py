@@ -141,6 +141,7 @@ class Hubs:
         self.idle_max = idle_max
         self.hubs: dict[str, RoomHub] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
+        self.on_evict: Callable[[str], None] = lambda room: None  # a hub was forgotten
 
     def get(self, room: str) -> RoomHub | None:
         return self.hubs.get(room)
@@ -175,6 +176,7 @@ class Hubs:
             while len(self._idle) > self.idle_max:
                 gone, _ = self._idle.popitem(last=False)
                 self.hubs.pop(gone, None)
+                self.on_evict(gone)
 
     async def catch_up(
         self,

@@ -193,6 +193,9 @@ class OriginShard:
     async def watch(self, room_id: str) -> None:
         """Nothing to do in one process: the gateway's hubs see every publication."""
 
+    def unwatch(self, room_id: str) -> None:
+        """Nothing to do in one process."""
+
     async def create_room(
         self, who: Principal, name: str, kind: str, members: Iterable[str], open_: bool
     ) -> RoomState:

@@ -385,6 +385,13 @@ class RemoteOrigin:
         await done.wait()
         box[0].unwrap()
 
+    def unwatch(self, room_id: str) -> None:
+        """This edge forgot the room's hub: the origin sends only its head from now on."""
+        room = self.state.rooms.get(room_id)
+        shard_link = self.shard_of.get(room.record.instance) if room is not None else None
+        if shard_link is not None and shard_link.connected:
+            shard_link.send({"op": "unwatch", "room": room_id}, lambda result: None)
+
     async def append(
         self,
         who: Principal,

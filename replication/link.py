@@ -17,7 +17,8 @@ Conversation:
   `user` (tenancy records created on the shard).
 - `watch` is a request whose answer {room, head} is written, in the same step as the origin
   starts sending that room's events, before any of them: the edge creates its hub at `head`
-  while it handles the answer, so it sees every later event exactly once.
+  while it handles the answer, so it sees every later event exactly once. `unwatch` (when the
+  edge forgets an idle room's hub) puts the room back to heads only; a later `watch` starts over.
 """
 
 from __future__ import annotations

@@ -253,6 +253,10 @@ class LinkServer:
             peer.send({"t": "res", "id": req_id, "ok": {"room": room, "head": state.head}})
             peer.watched.add(room)
             return
+        if op == "unwatch":
+            peer.watched.discard(str(msg.get("room")))
+            peer.send({"t": "res", "id": req_id, "ok": {}})
+            return
         await limiter.acquire_on_behalf_of(req_id)
         nursery.start_soon(self._answer, peer, req_id, msg, limiter)
 

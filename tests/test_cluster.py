@@ -72,9 +72,13 @@ class Cluster:
         self.config = _config(base, listed, redis=redis_url, kv=kv)
         self.edges: list[Node] = []
 
-    def edge(self) -> Node:
+    def edge(self, extra_toml: str = "") -> Node:
         n = len(self.edges)
-        e = Node(self.base / f"e{n}", extra_args=["--config", str(self.config)], command="edge")
+        config = self.config
+        if extra_toml:
+            config = self.base / f"e{n}.toml"
+            config.write_text(self.config.read_text() + extra_toml)
+        e = Node(self.base / f"e{n}", extra_args=["--config", str(config)], command="edge")
         e.start()
         self.edges.append(e)
         return e
@@ -400,3 +404,25 @@ def _read_map(path: Path) -> dict[str, str]:
     finally:
         db.close()
     return {bytes(k).decode(): bytes(v).decode() for k, v in rows}
+
+
+async def test_an_evicted_room_is_watched_again_without_a_gap(cluster: Cluster) -> None:
+    """An edge that keeps one idle room stops watching the other (the origin then sends it
+    heads only); subscribing to it again starts from the right head, nothing missed."""
+    edge = cluster.edge("\n[limits]\nidle_room_cache_rooms = 1\n")
+    tenant = cluster.origins[0].create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    async with _peer(edge, bob.token) as b, _peer(cluster.edges[0], alice.token) as a:
+        r1 = (await a.ok("room.create", name="1", kind="chat", members=[bob.id]))["room"]["id"]
+        r2 = (await a.ok("room.create", name="2", kind="chat", members=[bob.id]))["room"]["id"]
+        s1 = (await a.ok("send", room=r1, cid="a", body={"text": "one"}))["seq"]
+        for room in (r1, r2):  # each becomes idle on the edge in turn; r1 is evicted
+            await b.ok("subscribe", room=room, after=0)
+            await b.ok("unsubscribe", room=room)
+        s2 = (await a.ok("send", room=r1, cid="b", body={"text": "two"}))["seq"]
+        b.events.clear()
+        await b.ok("subscribe", room=r1, after=0)
+        got = [await b.event("message"), await b.event("message")]
+        assert [(e["seq"], e["cid"]) for e in got] == [(s1, "a"), (s2, "b")]
+        s3 = (await a.ok("send", room=r1, cid="c", body={"text": "three"}))["seq"]
+        assert (await b.event("message"))["seq"] == s3
