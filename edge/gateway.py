@@ -453,11 +453,8 @@ class Gateway:
                 self._reply(conn, req.id)
             case p.History():
                 events = await origin.history(who, req.room, req.before, req.limit)
-                self._reply(
-                    conn,
-                    req.id,
-                    {"messages": [{"type": ev.type, **ev.to_wire()} for ev in events]},
-                )
+                messages = [{"type": ev.type, **ev.to_wire()} for ev in events]
+                await self._reply_page(conn, req.id, {"messages": messages})
             case p.RoomCreate():
                 room = await origin.create_room(who, req.name, req.kind, req.members, req.open)
                 self._reply(conn, req.id, {"room": room.summary()})
@@ -478,13 +475,18 @@ class Gateway:
                 self._typing(conn, req)
             case p.Search():
                 hits = await origin.search(who, req.query, req.room)
-                self._reply(
-                    conn, req.id, {"hits": [{"type": ev.type, **ev.to_wire()} for ev in hits]}
-                )
+                page = {"hits": [{"type": ev.type, **ev.to_wire()} for ev in hits]}
+                await self._reply_page(conn, req.id, page)
             case p.PresenceSet():
                 self._set_status(conn, req)
             case _:
                 raise invalid("unsupported op")
+
+    async def _reply_page(self, conn: Connection, req_id: p.ReqId, fields: dict[str, Any]) -> None:
+        """A reply that may be larger than the outbox bound (200 events of up to 64 KiB):
+        written once the client has taken most of what was queued, outside the bound."""
+        await conn.outbox.wait_below(self.limits.outbox_bytes // 2)
+        conn.outbox.write_reply(wsframe.text(p.ok(req_id, fields)))
 
     def _append_reply(self, conn: Connection, req_id: p.ReqId) -> Any:
         def done(result: outcome.Outcome[Appended]) -> None:

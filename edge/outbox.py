@@ -53,6 +53,9 @@ class Outbox:
         self._finish = False  # the writer exits once the queue is empty
         self.broken = False
         self.sent_bytes = 0
+        # Bytes of replies the client asked for (history, search pages) that the bound does
+        # not count: a page may be larger than the bound itself. Shrinks as bytes go out.
+        self._allowance = 0
 
     def write(self, data: bytes) -> bool:
         """Queue `data` after everything written before. False if it was dropped."""
@@ -65,6 +68,12 @@ class Outbox:
             self._corked.append(data)
             return True
         return self._put(data, bounded=True)
+
+    def write_reply(self, data: bytes) -> bool:
+        """Queue a reply the client requested, however large; only what else is queued counts
+        against the bound. Callers wait for room first (`wait_below`), one reply at a time."""
+        self._allowance += len(data)
+        return self.write(data)
 
     def uncork(self) -> None:
         corked, self._corked = self._corked, None
@@ -81,12 +90,13 @@ class Outbox:
                 self._break()
                 return False
             self.sent_bytes += n
+            self._allowance = max(0, self._allowance - n)
             if n == len(data):
                 return True
             data = data[n:]
         self._queue.append(data)
         self.queued_bytes += len(data)
-        if bounded and self.queued_bytes > self.limit:
+        if bounded and self.queued_bytes > self.limit + self._allowance:
             self.accepting = False
             self.on_overflow()
             return False
@@ -145,6 +155,7 @@ class Outbox:
                     return
                 self.sent_bytes += n
                 self.queued_bytes -= n
+                self._allowance = max(0, self._allowance - n)
                 if n == len(chunk):
                     self._queue.popleft()
                 else:

@@ -237,7 +237,8 @@ async def test_subscribe_twice_or_unsubscribe_in_one_read_delivers_each_event_on
 
 async def test_replay_larger_than_the_outbox_bound_arrives_whole(tmp_path: Path) -> None:
     """A resuming client that reads normally is never cut off for being behind: replay is
-    written in pieces under the bound (from the cache and from the store)."""
+    written in pieces under the bound (from the cache and from the store), and a history page
+    larger than the bound is written outside it."""
     config = tmp_path / "small.toml"
     config.write_text("[limits]\noutbox_bytes = 200000\nroom_cache_events = 8\n")
     node = Node(tmp_path / "d", extra_args=["--config", str(config)])
@@ -271,6 +272,20 @@ async def test_replay_larger_than_the_outbox_bound_arrives_whole(tmp_path: Path)
                         assert frame["body"]["text"] == big
                         seqs.append(frame["seq"])
             assert seqs == list(range(1, 301))
+        # A history page of 12 MB, 60 times the bound, to a client that does not read for a
+        # second: the page waits in the outbox and arrives whole, no 4008.
+        port = int(node.ws_url.rsplit(":", 1)[1].split("/")[0])
+        sock = _raw_ws(port)
+        sock.sendall(_masked({"op": "hello", "id": 1, "token": bob.token}))
+        sock.sendall(_masked({"op": "history", "id": 2, "room": room, "limit": 200}))
+        await trio.sleep(1.0)
+        sock.sendall(_masked({"op": "ping", "id": 3}))
+        frames = await trio.to_thread.run_sync(_frames_text, sock, 5.0)
+        sock.close()
+        page = [f for f in frames if f.get("re") == 2]
+        assert page, "no history page"
+        assert [m["seq"] for m in page[0]["messages"]] == list(range(101, 301))
+        assert [f["op"] for f in frames if f.get("re") == 3] == ["ok"], "the reader was cut off"
     finally:
         node.kill()
 
