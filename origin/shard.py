@@ -8,8 +8,8 @@ listeners (the edges) in seq order.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class OriginShard:
         self.user_rooms = self.state.user_rooms
         self.tenancy_listeners: list[Callable[[Instance | User], None]] = []
         self.placement: Callable[[str], Awaitable[None]] | None = None  # cluster: the shard map
+        self._room_locks: dict[str, trio.Lock] = {}  # only while someone holds or waits
         self.watch_listeners: list[Callable[[str, int], object]] = []  # edges in other processes
         self.event_listeners: list[EventListener] = []
         self.member_listeners: list[Callable[[MembershipChange], None]] = []
@@ -215,12 +216,14 @@ class OriginShard:
         return state
 
     async def join(self, who: Principal, room_id: str) -> RoomState:
-        room = self.room_visible(who, room_id)
-        if who.id not in room.members:
-            if not room.record.open:
-                raise not_found(f"room {room_id} not found")
-            await self._add(room, [who.id])
-        return room
+        async with self._room_lock(room_id):
+            room = self.room_visible(who, room_id)
+            if who.id not in room.members:
+                if not room.record.open:
+                    raise not_found(f"room {room_id} not found")
+                self._check_room_size(room, 1)
+                await self._add(room, [who.id])
+            return room
 
     async def leave(self, who: Principal, room_id: str) -> RoomState:
         room = self.room_for_member(who, room_id)
@@ -228,15 +231,33 @@ class OriginShard:
         return room
 
     async def add_members(self, who: Principal, room_id: str, users: Iterable[str]) -> RoomState:
-        room = self.state.manageable(who, room_id)
-        new = [u for u in self.state.same_instance_users(who, users) if u not in room.members]
-        if len(room.members) + len(new) > self.limits.members_per_room:
+        async with self._room_lock(room_id):
+            room = self.state.manageable(who, room_id)
+            new = [u for u in self.state.same_instance_users(who, users) if u not in room.members]
+            self._check_room_size(room, len(new))
+            if new:
+                await self._add(room, new)
+            return room
+
+    def _check_room_size(self, room: RoomState, adding: int) -> None:
+        if len(room.members) + adding > self.limits.members_per_room:
             raise GB6Error(
                 QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members"
             )
-        if new:
-            await self._add(room, new)
-        return room
+
+    @asynccontextmanager
+    async def _room_lock(self, room_id: str) -> AsyncIterator[None]:
+        """Membership checks and the write they allow, one at a time per room: two
+        concurrent adds must not both fit under the room's size limit."""
+        lock = self._room_locks.get(room_id)
+        if lock is None:
+            lock = self._room_locks[room_id] = trio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._room_locks.pop(room_id, None)
 
     async def remove_members(self, who: Principal, room_id: str, users: Iterable[str]) -> RoomState:
         room = self.state.manageable(who, room_id)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from tests.conftest import HIDDEN, Node, Peer, Tenant, module_node, refused
+from tests.conftest import HIDDEN, Node, Peer, Tenant, connect, module_node, refused, running_node
+
+_connect = asynccontextmanager(connect)
 
 node = module_node("rooms")
 
@@ -407,3 +411,28 @@ async def test_members_event_reaches_subscribers(tenant: Tenant, peer_factory: A
         await a.ok("room.remove", room=room["id"], users=[bob.id])
         ev = await a.event("members")
         assert ev["room"] == room["id"] and ev["added"] == [] and ev["removed"] == [bob.id]
+
+
+async def test_concurrent_adds_and_joins_never_overfill_a_room(tmp_path: Path) -> None:
+    """`limits.members_per_room` holds when adds and joins race: of two adds that each fit
+    alone, one is refused; a join of a full open room is refused."""
+    with running_node(tmp_path, "[limits]\nmembers_per_room = 3\n") as n:
+        tenant = n.create_tenant()
+        owner, u1, u2, u3 = (tenant.user(f"m{i}") for i in range(4))
+        async with _connect(n, owner.token) as a, _connect(n, owner.token) as b:
+            room = (await a.ok("room.create", name="r", kind="chat", members=[u1.id]))["room"]
+            replies: list[dict[str, Any]] = []
+
+            async def add(peer: Peer, user: str) -> None:
+                replies.append(await peer.request("room.add", room=room["id"], users=[user]))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(add, a, u2.id)
+                nursery.start_soon(add, b, u3.id)
+            assert sorted(r["op"] for r in replies) == ["error", "ok"], replies
+            assert [r["code"] for r in replies if r["op"] == "error"] == ["quota_exceeded"]
+            listed = await a.ok(
+                "room.create", name="open", kind="chat", members=[u1.id, u2.id], open=True
+            )
+            async with _connect(n, u3.token) as c:
+                await refused(c, "room.join", ("quota_exceeded",), room=listed["room"]["id"])
