@@ -225,6 +225,13 @@ class SqliteStore:
             self._stopping.set()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._thread.join)
+                # What the writer committed after the committer was cancelled is answered too
+                # (its hand-offs ran before the join's own completion, in order).
+                while True:
+                    try:
+                        self._answer(self._results_recv.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
                 await trio.to_thread.run_sync(self._checkpointer.join)
                 await trio.to_thread.run_sync(self._index.stop)
                 for conn in self._readers:
@@ -453,16 +460,19 @@ class SqliteStore:
 
     async def _committer(self) -> None:
         async for results in self._results_recv:
-            appended: list[tuple[AppendItem, outcome.Outcome[Appended]]] = []
-            for job, result in results:
-                if job.append is not None:
-                    appended.append((job.append, result))
-                elif job.done is not None:
-                    job.done(result)
-            self.commits += 1
-            if appended:
-                self._on_appended(appended)
-            self._release(len(results))
+            self._answer(results)
+
+    def _answer(self, results: list[tuple[_Job, outcome.Outcome[Any]]]) -> None:
+        appended: list[tuple[AppendItem, outcome.Outcome[Appended]]] = []
+        for job, result in results:
+            if job.append is not None:
+                appended.append((job.append, result))
+            elif job.done is not None:
+                job.done(result)
+        self.commits += 1
+        if appended:
+            self._on_appended(appended)
+        self._release(len(results))
 
     def _release(self, n: int) -> None:
         self._inflight -= n

@@ -573,8 +573,10 @@ async def test_everything_survives_closing_and_reopening(backend: Backend) -> No
 
 
 async def test_appends_queued_when_the_store_stops_are_committed(backend: Backend) -> None:
+    """... and answered: a requester never waits for an ok that cannot come."""
+    recorder = Recorder()
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        store = backend.make(Recorder())
+        store = backend.make(recorder)
         with trio.fail_after(20):
             await nursery.start(store.run)
         t = await tenant(store)
@@ -582,6 +584,7 @@ async def test_appends_queued_when_the_store_stops_are_committed(backend: Backen
         for i in range(200):
             await store.submit_append(item(r, t.alice, f"q{i}"))
         nursery.cancel_scope.cancel()  # at once: no wait for the writer
+    assert seqs(recorder.fresh()) == list(range(1, 201))
     async with serving(backend) as store:
         assert seqs(await store.events_after(r, 0, 1000)) == list(range(1, 201))
 
