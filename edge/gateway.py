@@ -102,6 +102,7 @@ class Gateway:
             config.limits.idle_room_cache_rooms,
         )
         self.conns: set[Connection] = set()
+        self.per_ip: dict[str, int] = {}  # connections open per client address
         self.by_user: dict[str, set[Connection]] = {}
         self.away: set[str] = set()
         # Other edges of a cluster: typing and presence go through them too (None: one process).
@@ -162,10 +163,16 @@ class Gateway:
                     log("accept_failed", error=str(exc))
                     await trio.sleep(0.1)
                     break
-                if len(self.conns) >= self.limits.max_connections:
+                ip = addr[0]
+                from_ip = self.per_ip.get(ip, 0)
+                if (
+                    len(self.conns) >= self.limits.max_connections
+                    or from_ip >= self.limits.max_connections_per_ip
+                ):
                     sock.close()
                     continue
-                nursery.start_soon(self._serve, sock, f"{addr[0]}:{addr[1]}")
+                self.per_ip[ip] = from_ip + 1
+                nursery.start_soon(self._serve, sock, ip, f"{ip}:{addr[1]}")
 
     async def drain(self, grace: float = 5.0) -> None:
         """Stop accepting; tell every client to resume elsewhere; answer what is in flight
@@ -187,7 +194,7 @@ class Gateway:
         with trio.move_on_after(grace):
             await self._all_closed.wait()
 
-    async def _serve(self, sock: socket.socket, peer: str) -> None:
+    async def _serve(self, sock: socket.socket, ip: str, peer: str) -> None:
         """One connection, start to end. Nothing that goes wrong in it may reach the server's
         nursery (that would end every other connection): it is logged and the socket closed."""
         try:
@@ -195,6 +202,12 @@ class Gateway:
         except Exception as exc:
             log("connection_failed", peer=peer, error=repr(exc))
             sock.close()
+        finally:
+            left = self.per_ip[ip] - 1
+            if left:
+                self.per_ip[ip] = left
+            else:
+                del self.per_ip[ip]
 
     async def _serve_connection(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)

@@ -28,6 +28,7 @@ class Limits:
     idle_room_cache_rooms: int = 1_000  # rooms whose cache stays after the last subscriber left
     max_subscriptions: int = 1_000  # per connection
     max_connections: int = 100_000  # per edge
+    max_connections_per_ip: int = 20_000  # per edge and client address (load tests need many)
     max_inflight_appends: int = 20_000  # per origin shard, across clients
     writer_batch: int = 2_000  # appends per group commit
     writer_linger_s: float = 0.002  # under load, how long a commit waits for its batch to fill
@@ -81,13 +82,17 @@ class Config:
     link_secret: str = ""
     redis_url: str = ""  # edges share typing, presence and sessions through it ("": edge-local)
     kv: str = ""  # the shard map's kv: sqlite:PATH, postgres:DSN, tikv:PD ("": origins list only)
-    # The origin's relational store and log: "sqlite" (embedded, in the data directory) or
-    # "postgres" (`pg_dsn`, tables in schema `pg_schema`, one schema per shard).
+    # The origin's relational store and log: "sqlite" (embedded, in the data directory),
+    # "postgres" (`pg_dsn`, tables in schema `pg_schema`, one schema per shard), or "kafka"
+    # (log of record on Kafka at `kafka_bootstrap`, topic `kafka_topic`, by default
+    # gb6-log-<shard>, one per shard; relational store on PostgreSQL as for "postgres").
     store_backend: str = attrs.field(
-        default="sqlite", validator=attrs.validators.in_(("sqlite", "postgres"))
+        default="sqlite", validator=attrs.validators.in_(("sqlite", "postgres", "kafka"))
     )
     pg_dsn: str = ""
     pg_schema: str = "gb6"
+    kafka_bootstrap: str = ""
+    kafka_topic: str = ""
 
 
 _SECTIONS = {"limits": Limits}
@@ -115,6 +120,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         ("backend", "store_backend"),
         ("pg_dsn", "pg_dsn"),
         ("pg_schema", "pg_schema"),
+        ("kafka_bootstrap", "kafka_bootstrap"),
+        ("kafka_topic", "kafka_topic"),
     ):
         if key in store:
             kwargs[name] = store[key]

@@ -605,3 +605,41 @@ def test_admin_bad_input_creates_nothing(node: Node, tenant: Tenant) -> None:
         assert_http_error(r, 401, "unauthorized")
 
     assert counts(node) == before
+
+
+async def test_connections_per_address_are_limited(tmp_path: Path) -> None:
+    """Past `limits.max_connections_per_ip` from one address, new connections are closed at
+    once; when one of them ends, there is room again."""
+    with running_node(tmp_path, "[limits]\nmax_connections_per_ip = 2\n") as n:
+        port = int(n.ws_url.rsplit(":", 1)[1].split("/")[0])
+
+        async def upgrade() -> tuple[trio.SocketStream, bytes]:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            try:
+                await stream.send_all(
+                    b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                    b"Sec-WebSocket-Version: 13\r\n\r\n"
+                )
+                with trio.fail_after(5):
+                    return stream, await stream.receive_some(4096)
+            except trio.BrokenResourceError:  # closed (or reset) before it could answer
+                return stream, b""
+
+        first, answer = await upgrade()
+        assert answer.startswith(b"HTTP/1.1 101")
+        second, answer = await upgrade()
+        assert answer.startswith(b"HTTP/1.1 101")
+        third, answer = await upgrade()
+        assert answer == b""  # closed without an answer
+        await third.aclose()
+        await first.aclose()
+        with trio.fail_after(5):
+            while True:  # the node notices the close a moment later
+                again, answer = await upgrade()
+                await again.aclose()
+                if answer:
+                    break
+                await trio.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 101")
+        await second.aclose()
