@@ -60,6 +60,18 @@ class OriginShard:
             self.store = PgStore(
                 config.pg_dsn, config.limits, self._on_appended, schema=config.pg_schema
             )
+        elif config.store_backend == "kafka":
+            from origin.kafka_store import KafkaStore, default_topic  # confluent-kafka only here
+
+            self.store = KafkaStore(
+                config.pg_dsn,
+                config.kafka_bootstrap,
+                config.kafka_topic or default_topic(config.shard),
+                config.shard,
+                config.limits,
+                self._on_appended,
+                schema=config.pg_schema,
+            )
         else:
             self.store = SqliteStore(config.data_dir / "gb6.db", config.limits, self._on_appended)
         self.blobs = LocalBlobStore(config.data_dir / "blobs")

@@ -1,9 +1,11 @@
 """The relational store's contract (origin/store_port.py), run against every adapter.
 
 SQLite on the test's own directory; PostgreSQL on the service scripts/services starts, in a
-fresh schema per test that is dropped afterwards. Each test opens its own trio-asyncio loop, as
-the node's supervisor does at process start. The last section holds what only one adapter has
-(PostgreSQL's migrations under concurrent starts, its partitions, a failed transaction).
+fresh schema per test that is dropped afterwards; Kafka as log of record with PostgreSQL as
+store (KafkaStore), on a topic and shard name of the test's own, the topic deleted afterwards.
+Each test opens its own trio-asyncio loop, as the node's supervisor does at process start. The
+last sections hold what only one adapter has (PostgreSQL's migrations under concurrent starts,
+its partitions, a failed transaction; Kafka's aborted transactions and fencing).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from node.config import Limits
 from node.errors import CONFLICT, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE, GB6Error
 from node.events import Event
 from node.ids import new_id
+from origin.kafka_store import KafkaStore
 from origin.pg_store import PgStore
 from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
 from origin.sqlite_store import SqliteStore, now_ms
@@ -65,6 +68,8 @@ class Backend:
     make: Callable[[Recorder], RelationalStore]
     dsn: str = ""
     schema: str = ""
+    bootstrap: str = ""
+    topic: str = ""
 
 
 @asynccontextmanager
@@ -102,12 +107,19 @@ async def _drop_schema(dsn: str, schema: str) -> None:
 
 
 # A sync fixture, so that require()'s skip keeps its reason (see tests/services.py).
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "kafka"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
         yield Backend("sqlite", lambda rec: SqliteStore(tmp_path / "gb6.db", LIMITS, rec))
+    elif request.param == "kafka":
+        yield from _kafka()
     else:
         yield from _postgres()
+
+
+@pytest.fixture
+def kafka_backend() -> Iterator[Backend]:
+    yield from _kafka()
 
 
 @pytest.fixture
@@ -123,6 +135,30 @@ def _postgres() -> Iterator[Backend]:
         yield Backend("postgres", lambda rec: PgStore(dsn, LIMITS, rec, schema=schema), dsn, schema)
     finally:
         trio.run(_drop_schema, dsn, schema)
+
+
+def _kafka() -> Iterator[Backend]:
+    """KafkaStore: a schema, a topic and a shard name of the test's own, removed afterwards."""
+    dsn = require("postgres")
+    bootstrap = require("kafka")
+    suffix = uuid.uuid4().hex[:12]
+    schema, topic, shard = f"gb6_store_test_{suffix}", f"gb6-store-test-{suffix}", f"t{suffix}"
+
+    def make(rec: Recorder) -> RelationalStore:
+        return KafkaStore(dsn, bootstrap, topic, shard, LIMITS, rec, schema=schema, partitions=2)
+
+    try:
+        yield Backend("kafka", make, dsn, schema, bootstrap, topic)
+    finally:
+        trio.run(_drop_schema, dsn, schema)
+        _delete_topic(bootstrap, topic)
+
+
+def _delete_topic(bootstrap: str, topic: str) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the answer came
+    admin.delete_topics([topic], operation_timeout=10)[topic].result(timeout=15)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -171,9 +207,10 @@ async def submit(store: RelationalStore, it: AppendItem) -> Callable[[], outcome
     def result() -> outcome.Outcome[Appended]:
         assert box, f"no outcome for {it.cid}"
         got = box[0]  # a fresh copy each time: an Outcome unwraps once
-        return (
-            outcome.Value(got.value) if isinstance(got, outcome.Value) else outcome.Error(got.error)
-        )
+        if isinstance(got, outcome.Value):
+            return outcome.Value(got.value)
+        assert isinstance(got, outcome.Error)
+        return outcome.Error(got.error)
 
     return result
 

@@ -1,0 +1,76 @@
+"""The bytes of one event in the Kafka log of record, and back (what the persister writes).
+
+Rules:
+- A record's key is its room and its `seq` header its seq (origin/kafka_log.py); the payload
+  holds the rest of the event plus the room's instance, so the persister can place the event
+  in its partition (events are partitioned by instance and month) without a lookup.
+- The body travels as the JSON bytes PostgreSQL stores (`orjson.dumps(body)`), so a persisted
+  event reads back equal to what the sender was acknowledged with.
+- A payload that does not decode is not ours: `internal`, naming the record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import orjson
+
+from node.errors import INTERNAL, GB6Error
+from node.events import Event
+from origin.log_port import LogEntry, LogRecord
+
+
+@attrs.frozen
+class LoggedEvent:
+    """An event as the log carries it: the event, its instance, its body as stored bytes."""
+
+    instance: str
+    event: Event
+    body: bytes | None
+
+
+def encode(instance: str, event: Event) -> LogRecord:
+    """The log record of `event` (raises `invalid`/`too_large` as LogRecord does)."""
+    fields: dict[str, Any] = {
+        "i": instance,
+        "ts": event.ts,
+        "type": event.type,
+        "sender": event.sender,
+        "cid": event.cid,
+    }
+    if event.body is not None:
+        fields["body"] = event.body
+    for name in ("thread", "target", "emoji"):
+        value = getattr(event, name)
+        if value is not None:
+            fields[name] = value
+    return LogRecord(event.room, event.seq, orjson.dumps(fields))
+
+
+def decode(entry: LogEntry) -> LoggedEvent:
+    """The event of a committed record; `internal` if the payload is not one of ours."""
+    try:
+        fields = orjson.loads(entry.payload)
+        body = fields.get("body")
+        event = Event(
+            room=entry.room,
+            seq=entry.seq,
+            ts=int(fields["ts"]),
+            type=str(fields["type"]),
+            sender=str(fields["sender"]),
+            cid=str(fields["cid"]),
+            body=body,
+            thread=fields.get("thread"),
+            target=fields.get("target"),
+            emoji=fields.get("emoji"),
+        )
+        return LoggedEvent(
+            str(fields["i"]), event, orjson.dumps(body) if body is not None else None
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise GB6Error(
+            INTERNAL,
+            f"log record [{entry.partition}] @{entry.offset} (room {entry.room!r}) is not an"
+            f" event: {exc!r}",
+        ) from None

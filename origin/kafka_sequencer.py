@@ -1,0 +1,271 @@
+"""The sequencer of a shard whose log of record is Kafka: seqs, dedup and checks (no I/O here).
+
+The shard is the only writer of its rooms (DESIGN §3.1), so what its rooms hold is what
+PostgreSQL holds plus what this sequencer appended that the persister has not written yet. The
+sequencer keeps that second part in memory (`Unpersisted`) and asks PostgreSQL, once per batch,
+only for what it does not know (`Needs` → `Lookup`):
+
+- Per-room heads are cached for good once known (nobody else appends to the shard's rooms);
+  a room first seen is read from PostgreSQL, which holds all of it (recovery ran before).
+- (room, sender, cid) of every event appended and not yet persisted, with its event: a repeat
+  answers the original; older keys are looked up in PostgreSQL.
+- Every message not yet persisted (type, sender) and every delete not yet persisted (its
+  target is dead), so edit/delete/react/thread checks see them; the rest is in PostgreSQL.
+- An entry is dropped once the persister has written the event that made it (`prune`, run by
+  the sequencer's own task before its lookups, so a lookup never misses an entry dropped
+  while it ran).
+
+A batch is planned on a `Plan`, which shadows the state; the store appends the plan's records
+as one transaction and then `commit`s the plan, or drops it (the transaction aborted: its seqs
+are taken again by the next batch, no gap and no duplicate). The checks are the other stores'
+(origin/store_port.py), with the same errors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Final
+
+import attrs
+
+from node.errors import CONFLICT, GB6Error, forbidden, invalid, not_found
+from node.events import Event
+from origin.kafka_records import encode
+from origin.log_port import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, LogRecord
+from origin.sqlite_store import Appended, AppendItem
+
+Key = tuple[str, str, str]  # (room, sender, cid)
+Pos = tuple[str, int]  # (room, seq)
+
+# Leave room under the log's batch limit for the keys and headers.
+_BATCH_BYTES: Final = MAX_BATCH_BYTES - (1 << 20)
+
+
+@attrs.frozen
+class Target:
+    """What the checks need of a message: its type, sender, and whether it was deleted."""
+
+    type: str
+    sender: str
+    deleted: bool
+
+
+@attrs.frozen
+class Needs:
+    """What PostgreSQL must tell the sequencer before it can plan a batch."""
+
+    rooms: frozenset[str]  # instance unknown
+    heads: frozenset[str]  # head unknown (instance known or asked)
+    keys: frozenset[Key]  # not in memory
+    targets: frozenset[Pos]  # targets and thread roots not in memory
+
+    def __bool__(self) -> bool:
+        return bool(self.rooms or self.heads or self.keys or self.targets)
+
+
+@attrs.frozen
+class Lookup:
+    """PostgreSQL's answers to `Needs` (what it does not hold is absent)."""
+
+    instances: dict[str, str] = attrs.Factory(dict)
+    heads: dict[str, int] = attrs.Factory(dict)
+    priors: dict[Key, Event] = attrs.Factory(dict)
+    targets: dict[Pos, Target] = attrs.Factory(dict)
+
+
+class Unpersisted:
+    """What was appended (committed to the log) and may not be in PostgreSQL yet."""
+
+    def __init__(self) -> None:
+        self.keys: dict[Key, tuple[Event, int]] = {}  # → (event, seq that made the entry)
+        self.targets: dict[Pos, tuple[Target, int]] = {}
+        # Per room, entries in the order of the seqs that made them: pruning pops the front.
+        self._order: dict[str, deque[tuple[int, Key | None, Pos | None]]] = {}
+        self.acked: dict[str, int] = {}  # room → highest seq committed to the log
+        self.persisted: dict[str, int] = {}  # room → highest seq the persister wrote
+
+    def __len__(self) -> int:
+        return len(self.keys) + len(self.targets)
+
+    def add_key(self, key: Key, event: Event) -> None:
+        self.keys[key] = (event, event.seq)
+        self._order.setdefault(key[0], deque()).append((event.seq, key, None))
+
+    def add_target(self, pos: Pos, target: Target, made_by: int) -> None:
+        self.targets[pos] = (target, made_by)
+        self._order.setdefault(pos[0], deque()).append((made_by, None, pos))
+
+    def persisted_upto(self, room: str, seq: int) -> None:
+        if seq > self.persisted.get(room, 0):
+            self.persisted[room] = seq
+
+    def caught_up(self, rooms: Iterable[str]) -> bool:
+        """True once the persister wrote every event of `rooms` committed to the log."""
+        return all(self.persisted.get(r, 0) >= self.acked.get(r, 0) for r in rooms)
+
+    def behind(self) -> list[str]:
+        return [r for r, seq in self.acked.items() if self.persisted.get(r, 0) < seq]
+
+    def prune(self) -> None:
+        """Drop the entries PostgreSQL holds now. Run by the sequencer's task only."""
+        for room in list(self._order):
+            order = self._order[room]
+            done = self.persisted.get(room, 0)
+            while order and order[0][0] <= done:
+                made_by, key, pos = order.popleft()
+                if key is not None:
+                    del self.keys[key]  # a key is made once: its entry is this one
+                elif pos is not None:
+                    found = self.targets.get(pos)
+                    # A later delete replaced the entry: it stays until that one is written.
+                    if found is not None and found[1] == made_by:
+                        del self.targets[pos]
+            if not order:
+                del self._order[room]
+
+
+def _has_nul(item: AppendItem) -> bool:
+    # PostgreSQL text cannot hold NUL: refuse the op here, or the persister could never write it.
+    return any("\x00" in s for s in (item.room, item.sender, item.cid, item.emoji or ""))
+
+
+class Plan:
+    """One batch being planned: the state as it will be if the batch commits."""
+
+    def __init__(self, seq: Sequencer, lookup: Lookup, ts: int) -> None:
+        self._seq = seq
+        self._lookup = lookup
+        self.ts = ts
+        self.heads: dict[str, int] = {}
+        self.keys: dict[Key, Event] = {}
+        self.targets: dict[Pos, tuple[Target, int]] = {}
+        self.records: list[LogRecord] = []
+        self.results: list[tuple[AppendItem, Appended | GB6Error]] = []
+        self.size = 0
+
+    def full(self) -> bool:
+        return len(self.records) >= MAX_BATCH_RECORDS or self.size >= _BATCH_BYTES
+
+    def add(self, item: AppendItem) -> None:
+        try:
+            self.results.append((item, self._one(item)))
+        except GB6Error as exc:
+            self.results.append((item, exc))
+
+    def _one(self, item: AppendItem) -> Appended:
+        key = (item.room, item.sender, item.cid)
+        prior = self.keys.get(key) or self._seq.prior(key, self._lookup)
+        if prior is not None:
+            return Appended(prior, duplicate=True)
+        if _has_nul(item):
+            raise invalid("ids, cids and emoji must not contain NUL characters")
+        instance = self._seq.instance(item.room, self._lookup)
+        if instance is None:
+            raise not_found(f"room {item.room} not found")
+        if item.target is not None:
+            self._check_target(item)
+        if item.thread is not None:
+            root = self._target((item.room, item.thread))
+            if root is None or root.type != "message":
+                raise not_found(f"thread root {item.thread} is not a message of this room")
+        head = self.heads.get(item.room)
+        if head is None:
+            head = self._seq.head(item.room, self._lookup)
+        event = item.event(head + 1, self.ts)
+        record = encode(instance, event)  # may refuse the op (too large); nothing changed yet
+        self.heads[item.room] = event.seq
+        self.keys[key] = event
+        self.records.append(record)
+        self.size += len(record.payload)
+        if item.type == "message":
+            self.targets[(item.room, event.seq)] = (
+                Target("message", item.sender, False),
+                event.seq,
+            )
+        elif item.type == "delete":
+            assert item.target is not None
+            target = self._target((item.room, item.target))
+            assert target is not None  # checked above
+            self.targets[(item.room, item.target)] = (attrs.evolve(target, deleted=True), event.seq)
+        return Appended(event, duplicate=False)
+
+    def _target(self, pos: Pos) -> Target | None:
+        held = self.targets.get(pos)
+        return held[0] if held is not None else self._seq.target(pos, self._lookup)
+
+    def _check_target(self, item: AppendItem) -> None:
+        assert item.target is not None
+        target = self._target((item.room, item.target))
+        if target is None or target.type != "message":
+            raise not_found(f"target {item.target} is not a message of this room")
+        if target.deleted:
+            raise GB6Error(CONFLICT, f"message {item.target} was deleted")
+        if item.type == "edit" and target.sender != item.sender:
+            raise forbidden("only the sender can edit a message")
+        if item.type == "delete" and target.sender != item.sender and not item.may_moderate:
+            raise forbidden("only the sender, the room's creator or an admin can delete")
+
+
+class Sequencer:
+    """Heads, room instances and the unpersisted state; plans batches (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.heads: dict[str, int] = {}
+        self.instances: dict[str, str] = {}  # room → instance (a room never moves)
+        self.unpersisted = Unpersisted()
+
+    def needs(self, items: Iterable[AppendItem]) -> Needs:
+        rooms: set[str] = set()
+        heads: set[str] = set()
+        keys: set[Key] = set()
+        targets: set[Pos] = set()
+        for item in items:
+            if item.room not in self.instances:
+                rooms.add(item.room)
+            if item.room not in self.heads:
+                heads.add(item.room)
+            key = (item.room, item.sender, item.cid)
+            if key not in self.unpersisted.keys and not _has_nul(item):
+                keys.add(key)
+            for seq in (item.target, item.thread):
+                if seq is not None and (item.room, seq) not in self.unpersisted.targets:
+                    targets.add((item.room, seq))
+        return Needs(frozenset(rooms), frozenset(heads), frozenset(keys), frozenset(targets))
+
+    def plan(self, lookup: Lookup, ts: int) -> Plan:
+        return Plan(self, lookup, ts)
+
+    def prior(self, key: Key, lookup: Lookup) -> Event | None:
+        held = self.unpersisted.keys.get(key)
+        return held[0] if held is not None else lookup.priors.get(key)
+
+    def instance(self, room: str, lookup: Lookup) -> str | None:
+        found = self.instances.get(room) or lookup.instances.get(room)
+        if found is not None:
+            self.instances[room] = found  # true whether or not the batch commits
+        return found
+
+    def head(self, room: str, lookup: Lookup) -> int:
+        cached = self.heads.get(room)
+        return cached if cached is not None else lookup.heads.get(room, 0)
+
+    def target(self, pos: Pos, lookup: Lookup) -> Target | None:
+        held = self.unpersisted.targets.get(pos)
+        return held[0] if held is not None else lookup.targets.get(pos)
+
+    def commit(self, plan: Plan) -> None:
+        """The plan's transaction committed: its events are the log's now."""
+        self.heads.update(plan.heads)
+        state = self.unpersisted
+        made: list[tuple[int, Key | None, Pos | None, Target | None, Event | None]] = [
+            (event.seq, key, None, None, event) for key, event in plan.keys.items()
+        ]
+        made += [(by, None, pos, target, None) for pos, (target, by) in plan.targets.items()]
+        for by, key, pos, target, event in sorted(made, key=lambda m: m[0]):
+            if key is not None and event is not None:
+                state.add_key(key, event)
+            elif pos is not None and target is not None:
+                state.add_target(pos, target, by)
+        for room, head in plan.heads.items():
+            state.acked[room] = head

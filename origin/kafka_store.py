@@ -1,0 +1,477 @@
+"""The relational store of a shard whose log of record is Kafka (`[store] backend = "kafka"`).
+
+DESIGN §3: the shard's sequencer assigns seqs and appends each batch to Kafka as ONE
+transaction (transactional id `gb6-shard-<shard>`); a message is acknowledged once that
+transaction committed. PostgreSQL is the relational store: tenancy, reads and search go to a
+`PgStore` (same schema, same tables), and a persister (pg_persister.py) writes the log's
+committed events into it, storing its offsets in the same transaction.
+
+Topics: one topic per shard (`kafka_topic`, by default `gb6-log-<shard>`), keyed by room. The
+shard's producer is the topic's only writer, so once its `init_transactions` has fenced the
+previous incarnation no transaction is open there, and "the end of the log" is well defined.
+
+Rules:
+- Start (recovery): PgStore migrates; the Kafka producer takes the transactional id (fencing a
+  zombie and aborting what it left open); the persister reads from its stored offsets until no
+  committed record is left (kafka_tail.py), so PostgreSQL holds every acknowledged event and
+  the heads loaded from it continue gapless after a kill -9. Only then does `run` serve.
+- Appends: `submit_append` takes a slot (at most `max_inflight_appends` in flight); one
+  sequencer task takes every op waiting (at most `writer_batch`), asks PostgreSQL once for what
+  its memory lacks (kafka_sequencer.py), plans, appends the batch as one transaction, and calls
+  `on_appended` once it committed, in commit order. `LogAborted`: the same records are tried
+  again (their seqs reused, so no gap and no duplicate), at most `_ATTEMPTS` times, then every
+  new op of the batch is `unavailable` and the next batch takes the seqs. `LogFenced` or an
+  unknown outcome: the store refuses every later append (`unavailable`) — a zombie never writes.
+- Memory: what is appended and not yet persisted is held by the sequencer; above
+  `_MAX_UNPERSISTED` entries the sequencer waits for the persister (backpressure).
+- Reads that must see acknowledged messages (events_after, history, search, load_rooms' heads)
+  wait until the persister has written what was acknowledged in their rooms, at most
+  `_READ_WAIT_S`, else `unavailable`.
+- Shutdown: the ops queued before the cancellation are appended (the Kafka producer outlives
+  the sequencer: its scope is cancelled only after), then everything closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
+import outcome
+import trio
+from trio_asyncio import aio_as_trio
+
+from node.config import Limits
+from node.errors import INVALID, UNAVAILABLE, GB6Error
+from node.events import Event
+from node.log import log
+from origin.kafka_consumer import KafkaLogConsumer
+from origin.kafka_log import KafkaLog
+from origin.kafka_sequencer import Lookup, Needs, Plan, Sequencer, Target
+from origin.kafka_tail import committed_records_after
+from origin.log_port import LogAborted, LogBatch, writer_id
+from origin.pg_append import EVENT_COLS
+from origin.pg_errors import DB_ERRORS, translate
+from origin.pg_persister import PgPersister, prepare
+from origin.pg_store import PgStore
+from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User, event_from_row
+from origin.sqlite_store import AppendCallback, Appended, AppendItem, now_ms
+
+_ATTEMPTS: Final = 3  # appends of one batch whose transaction aborted
+_MAX_UNPERSISTED: Final = 200_000
+_READ_WAIT_S: Final = 10.0
+_DRAIN_IDLE_S: Final = 0.2  # recovery: a quiet consumer this long means "ask the broker again"
+_COMMAND_TIMEOUT_S: Final = 30.0
+_CLOSE_TIMEOUT_S: Final = 10.0
+
+_E_COLS: Final = ", ".join("e." + c.strip() for c in EVENT_COLS.split(","))
+_ROOMS: Final = "SELECT id, instance FROM rooms WHERE id = ANY($1::text[])"
+_HEADS: Final = (
+    "SELECT r, COALESCE((SELECT max(seq) FROM event_keys WHERE room = r), 0)"
+    " FROM unnest($1::text[]) AS r"
+)
+_PRIORS: Final = (
+    f"SELECT {_E_COLS} FROM unnest($1::text[], $2::text[], $3::text[]) AS q(room, sender, cid)"
+    " JOIN event_keys k ON k.room = q.room AND k.sender = q.sender AND k.cid = q.cid"
+    " JOIN events e ON e.instance = k.instance AND e.ts = k.ts AND e.room = k.room"
+    " AND e.seq = k.seq"
+)
+_TARGETS: Final = (
+    "SELECT e.room, e.seq, e.type, e.sender, e.deleted"
+    " FROM unnest($1::text[], $2::bigint[]) AS q(room, seq)"
+    " JOIN event_keys k ON k.room = q.room AND k.seq = q.seq"
+    " JOIN events e ON e.instance = k.instance AND e.ts = k.ts AND e.room = k.room"
+    " AND e.seq = k.seq"
+)
+
+
+def default_topic(shard: str) -> str:
+    """The topic of a shard's log when the config names none."""
+    return f"gb6-log-{shard}"
+
+
+def _ignore(_: Any) -> None:
+    """PgStore's append callback: never called, appends go through Kafka."""
+
+
+class KafkaStore:
+    """Kafka as log of record, PostgreSQL as relational store (see the module doc).
+
+    A component: `await nursery.start(store.run)` inside `trio_asyncio.open_loop()`; serves
+    once recovered. Raises from `run` (`unavailable`) when PostgreSQL or Kafka cannot be reached
+    at start.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        bootstrap: str,
+        topic: str,
+        shard: str,
+        limits: Limits,
+        on_appended: AppendCallback,
+        *,
+        schema: str = "gb6",
+        partitions: int = 8,
+    ) -> None:
+        if not bootstrap or not topic or not shard:
+            raise GB6Error(INVALID, "the kafka store needs kafka_bootstrap, a topic and a shard")
+        self.pg = PgStore(dsn, limits, _ignore, schema=schema)
+        self.log = KafkaLog(bootstrap, topic, writer_id(shard), partitions=partitions)
+        self.dsn = dsn
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.schema = schema
+        self.limits = limits
+        self._on_appended = on_appended
+        self._seq = Sequencer()
+        self._pool: Any = None
+        self._persister: PgPersister | None = None
+        self._log_scope = trio.CancelScope(shield=True)
+        self._slots = trio.Semaphore(limits.max_inflight_appends)
+        self._send, self._recv = trio.open_memory_channel[AppendItem](limits.max_inflight_appends)
+        self._closed = True  # until run serves
+        self._dead: GB6Error | None = None  # fenced, or the log's outcome unknown: final
+        self._inflight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._progress = trio.Event()  # set (and replaced) whenever the persister writes
+        self.commits = 0  # batches committed to the log; for metrics and tests
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            self._pool = await aio_as_trio(asyncpg.create_pool)(
+                self.dsn,
+                min_size=1,
+                max_size=3,  # the sequencer's lookups, the persister, one spare
+                timeout=_COMMAND_TIMEOUT_S,
+                command_timeout=_COMMAND_TIMEOUT_S,
+                server_settings={
+                    "search_path": self.schema,
+                    "application_name": "gb6-origin-log",
+                    "synchronous_commit": "on",
+                },
+            )
+        except DB_ERRORS as exc:
+            raise translate(exc, "connecting to PostgreSQL") from exc
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.pg.run)
+                try:
+                    await self._serve(nursery, task_status)
+                finally:
+                    self._closed = True
+                    with trio.CancelScope(shield=True):
+                        await self._commit_queued()
+                    self._log_scope.cancel()  # the producer goes last: queued ops needed it
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
+                    await aio_as_trio(self._pool.close)()
+                if scope.cancelled_caught:
+                    self._pool.terminate()
+
+    async def _serve(self, nursery: trio.Nursery, task_status: trio.TaskStatus[None]) -> None:
+        offsets: dict[int, int] = await self._call(
+            prepare, "reading the persister's offsets", self._pool, self.topic, "persister"
+        )
+        await nursery.start(self._run_log)
+        consumer = KafkaLogConsumer(self.bootstrap, self.topic, offsets, name="persister")
+        await nursery.start(consumer.run)
+        persister = PgPersister(self._pool, self.schema, self.topic, consumer, self._persisted)
+        self._persister = persister
+        await self._recover(consumer, persister, offsets)
+        nursery.start_soon(persister.run_forever)
+        self._closed = False
+        async with trio.open_nursery() as inner:
+            inner.start_soon(self._sequencer)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _run_log(self, *, task_status: trio.TaskStatus[None]) -> None:
+        # Shielded from the store's cancellation; `run` cancels it once queued ops are in.
+        with self._log_scope:
+            await self.log.run(task_status=task_status)
+
+    async def _recover(
+        self, consumer: KafkaLogConsumer, persister: PgPersister, offsets: Mapping[int, int]
+    ) -> None:
+        """Persist the whole log, so PostgreSQL's heads are the log's (see the module doc)."""
+        resume = dict(offsets)
+        while await trio.to_thread.run_sync(
+            committed_records_after, self.bootstrap, self.topic, resume
+        ):
+            await persister.write(await consumer.next_batch())
+            while True:  # what the consumer has read ahead, until it is quiet
+                batch: LogBatch | None = None
+                with trio.move_on_after(_DRAIN_IDLE_S):
+                    batch = await consumer.next_batch()
+                if batch is None:
+                    break
+                await persister.write(batch)  # outside the timeout: a batch taken is written
+            resume = dict(persister.offsets)
+        if persister.batches:
+            log("log_recovered", topic=self.topic, batches=persister.batches)
+
+    def _persisted(self, heads: Mapping[str, int]) -> None:
+        for room, seq in heads.items():
+            self._seq.unpersisted.persisted_upto(room, seq)
+        progress, self._progress = self._progress, trio.Event()
+        progress.set()
+
+    async def wait_idle(self) -> None:
+        """Return once every submitted append and write has been committed and answered."""
+        await self._idle.wait()
+        await self.pg.wait_idle()
+
+    # --- the sequencer -------------------------------------------------------------------
+
+    async def _sequencer(self) -> None:
+        last_batch = 0
+        carry: list[AppendItem] = []
+        while True:
+            while len(self._seq.unpersisted) > _MAX_UNPERSISTED:  # the persister is behind
+                await self._progress.wait()
+                self._seq.unpersisted.prune()
+            if not carry:
+                carry = [await self._recv.receive()]
+                if last_batch > 1 and self.limits.writer_linger_s > 0:
+                    # Under load, let the batch fill (see PgStore). Shielded: ops are taken.
+                    with trio.CancelScope(shield=True):
+                        await trio.sleep(self.limits.writer_linger_s)
+            batch = carry + self._take(self.limits.writer_batch - len(carry))
+            last_batch = len(batch)
+            with trio.CancelScope(shield=True):
+                carry = await self._append(batch)
+
+    def _take(self, n: int) -> list[AppendItem]:
+        batch: list[AppendItem] = []
+        while len(batch) < n:
+            try:
+                batch.append(self._recv.receive_nowait())
+            except trio.WouldBlock:
+                break
+        return batch
+
+    async def _commit_queued(self) -> None:
+        """On exit: append what was queued before the store closed (shielded by the caller)."""
+        carry: list[AppendItem] = []
+        while batch := carry + self._take(self.limits.writer_batch - len(carry)):
+            carry = await self._append(batch)
+
+    async def _append(self, batch: list[AppendItem]) -> list[AppendItem]:
+        """Plan, append and answer (a prefix of) `batch`; returns the ops left for the next."""
+        if self._dead is not None:
+            self._answer([(item, self._dead) for item in batch])
+            return []
+        self._seq.unpersisted.prune()
+        needs = self._seq.needs(batch)
+        try:
+            lookup = await self._lookup(needs) if needs else Lookup()
+        except GB6Error as exc:
+            self._answer([(item, exc) for item in batch])
+            return []
+        plan = self._seq.plan(lookup, now_ms())
+        left: list[AppendItem] = []
+        for i, item in enumerate(batch):
+            if plan.full():
+                left = batch[i:]
+                break
+            plan.add(item)
+        failure = await self._write(plan) if plan.records else None
+        if failure is None:
+            self._seq.commit(plan)
+            self._answer(plan.results)
+        else:
+            made = {(e.room, e.seq) for e in plan.keys.values()}
+            self._answer(
+                [
+                    (item, failure)
+                    if isinstance(r, Appended) and (r.event.room, r.event.seq) in made
+                    else (item, r)
+                    for item, r in plan.results
+                ]
+            )
+            if self._dead is not None and left:
+                self._answer([(item, self._dead) for item in left])
+                left = []
+        return left
+
+    async def _write(self, plan: Plan) -> GB6Error | None:
+        """Append the plan's records as one transaction; the error its ops get, if any."""
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                await self.log.append_batch(plan.records)
+                self.commits += 1
+                return None
+            except LogAborted as exc:
+                log("log_batch_aborted", topic=self.topic, attempt=attempt, error=exc.message)
+                failure: GB6Error = exc
+            except GB6Error as exc:  # fenced, or the outcome is unknown: never write again
+                log("log_writer_stopped", topic=self.topic, error=exc.message)
+                self._dead = GB6Error(UNAVAILABLE, f"this shard stopped appending: {exc.message}")
+                return self._dead
+        return GB6Error(
+            UNAVAILABLE, f"the log refused the batch (resend with the same cid): {failure.message}"
+        )
+
+    def _answer(self, results: list[tuple[AppendItem, Appended | GB6Error]]) -> None:
+        if not results:
+            return
+        outcomes: list[tuple[AppendItem, outcome.Outcome[Appended]]] = [
+            (item, outcome.Error(r) if isinstance(r, GB6Error) else outcome.Value(r))
+            for item, r in results
+        ]
+        try:
+            self._on_appended(outcomes)
+        finally:
+            self._release(len(results))
+
+    async def _lookup(self, needs: Needs) -> Lookup:
+        """What PostgreSQL holds of `needs`: one crossing, one connection."""
+
+        async def q() -> Lookup:
+            found = Lookup()
+            async with self._pool.acquire() as c:
+                if needs.rooms:
+                    rows = await c.fetch(_ROOMS, sorted(needs.rooms))
+                    found.instances.update((r[0], r[1]) for r in rows)
+                if needs.heads:
+                    rows = await c.fetch(_HEADS, sorted(needs.heads))
+                    found.heads.update((r[0], int(r[1])) for r in rows)
+                if needs.keys:
+                    rooms, senders, cids = (list(col) for col in zip(*needs.keys, strict=True))
+                    for r in await c.fetch(_PRIORS, rooms, senders, cids):
+                        found.priors[(r[0], r[4], r[5])] = event_from_row(r)
+                if needs.targets:
+                    rooms_, seqs = (list(col) for col in zip(*needs.targets, strict=True))
+                    for r in await c.fetch(_TARGETS, rooms_, seqs):
+                        found.targets[(r[0], int(r[1]))] = Target(r[2], r[3], bool(r[4]))
+            return found
+
+        found: Lookup = await self._call(q, "looking up the batch")
+        return found
+
+    async def _call(self, fn: Any, doing: str, *args: Any) -> Any:
+        """One crossing into asyncio; driver errors come back as GB6Error."""
+        try:
+            return await aio_as_trio(fn)(*args)
+        except DB_ERRORS as exc:
+            raise translate(exc, doing) from exc
+
+    # --- slots ---------------------------------------------------------------------------
+
+    def _release(self, n: int) -> None:
+        self._inflight -= n
+        for _ in range(n):
+            self._slots.release()
+        if self._inflight == 0:
+            self._idle.set()
+
+    async def submit_append(self, item: AppendItem) -> None:
+        """Queue an append; waits only for a free slot (backpressure). The result reaches
+        `on_appended` once the log committed it. Raises `unavailable` once the store has
+        stopped or stopped appending (fenced)."""
+        if self._closed or self._dead is not None:
+            raise self._dead or GB6Error(UNAVAILABLE, "the store is not serving")
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        if self._closed:
+            self._slots.release()
+            raise GB6Error(UNAVAILABLE, "the store is not serving")
+        if self._inflight == 0:
+            self._idle = trio.Event()
+        self._inflight += 1
+        self._send.send_nowait(item)  # the channel has room for every slot
+
+    # --- reads that must see every acknowledged event --------------------------------------
+
+    async def _caught_up(self, rooms: Iterable[str]) -> None:
+        wanted = list(rooms)
+        state = self._seq.unpersisted
+        with trio.move_on_after(_READ_WAIT_S):
+            while not state.caught_up(wanted):
+                await self._progress.wait()
+            return
+        raise GB6Error(
+            UNAVAILABLE, f"PostgreSQL is more than {_READ_WAIT_S:g}s behind the log; retry"
+        )
+
+    async def events_after(self, room: str, after: int, limit: int) -> list[Event]:
+        await self._caught_up([room])
+        return await self.pg.events_after(room, after, limit)
+
+    async def history(self, room: str, before: int | None, limit: int) -> list[Event]:
+        await self._caught_up([room])
+        return await self.pg.history(room, before, limit)
+
+    async def search(self, rooms: Sequence[str], query: str, limit: int) -> list[Event]:
+        await self._caught_up(rooms)
+        return await self.pg.search(rooms, query, limit)
+
+    async def load_rooms(self) -> list[tuple[RoomRecord, int, dict[str, int]]]:
+        await self._caught_up(self._seq.unpersisted.behind())
+        rooms = await self.pg.load_rooms()
+        for rec, _, _ in rooms:
+            self._seq.instances[rec.id] = rec.instance
+        return rooms
+
+    # --- the rest is PostgreSQL's --------------------------------------------------------
+
+    async def create_org(self, org: Org) -> None:
+        await self.pg.create_org(org)
+
+    async def create_instance(self, inst: Instance) -> None:
+        await self.pg.create_instance(inst)
+
+    async def create_user(self, user: User) -> None:
+        await self.pg.create_user(user)
+
+    async def create_token(self, token: Token, digest: str) -> None:
+        await self.pg.create_token(token, digest)
+
+    async def revoke_token(self, user: str, token_id: str) -> bool:
+        return await self.pg.revoke_token(user, token_id)
+
+    async def create_room(self, room: RoomRecord, members: Iterable[str]) -> None:
+        await self.pg.create_room(room, members)
+        self._seq.instances[room.id] = room.instance
+
+    async def add_members(self, room: str, users: Iterable[str]) -> None:
+        await self.pg.add_members(room, users)
+
+    async def remove_members(self, room: str, users: Iterable[str]) -> None:
+        await self.pg.remove_members(room, users)
+
+    async def set_read(self, room: str, user: str, seq: int) -> None:
+        await self.pg.set_read(room, user, seq)
+
+    async def create_file(self, rec: FileRecord) -> None:
+        await self.pg.create_file(rec)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.pg.set_meta(key, value)
+
+    async def token(self, digest: str) -> Token | None:
+        return await self.pg.token(digest)
+
+    async def load_tenancy(self) -> tuple[list[Org], list[Instance], list[User]]:
+        return await self.pg.load_tenancy()
+
+    async def file(self, file_id: str) -> FileRecord | None:
+        return await self.pg.file(file_id)
+
+    async def meta(self, key: str) -> str | None:
+        return await self.pg.meta(key)
+
+
+if TYPE_CHECKING:  # KafkaStore fits the port (checked by mypy)
+    from origin.store_port import RelationalStore
+
+    def _fits(store: KafkaStore) -> RelationalStore:
+        return store

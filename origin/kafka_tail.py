@@ -1,0 +1,83 @@
+"""Is there a committed record after these offsets? The test a recovering persister needs.
+
+A consumer's `resume` offsets cannot say by themselves that it reached the end of a partition:
+Kafka's transaction markers and aborted records take offsets of their own, so the last record a
+consumer delivered is usually not the partition's last offset. This asks the broker instead: a
+fresh `read_committed` consumer, assigned every partition at the given offsets with
+`enable.partition.eof`, reads until each partition reports its end (no committed record left)
+or until it meets a committed record (there is more to read).
+
+Rules:
+- Blocking (confluent-kafka): its caller runs it in a worker thread it waits for
+  (`trio.to_thread.run_sync`); the consumer is closed before it returns.
+- Meaningful once no transaction of the topic's writer is open, e.g. right after the writer's
+  `init_transactions` (which aborts its predecessor's): `read_committed` stops at the first
+  open transaction, and a record after it would not be seen.
+- Bounded by `timeout_s`; a broker that does not answer in time is `unavailable`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Final
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+
+from node.errors import INTERNAL, UNAVAILABLE, GB6Error
+
+_POLL_S: Final = 0.2
+
+
+def committed_records_after(
+    bootstrap: str, topic: str, offsets: Mapping[int, int], *, timeout_s: float = 30.0
+) -> bool:
+    """True if some partition of `topic` holds a committed record at or after its offset in
+    `offsets` (a partition without one: from its beginning). Blocking; see the module doc."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "client.id": "gb6-tail",
+                "group.id": "gb6-tail",  # required by the client; never joined (assign only)
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "enable.partition.eof": True,
+                "auto.offset.reset": "error",
+            }
+        )
+    except KafkaException as exc:
+        raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {exc}") from None
+    try:
+        meta = consumer.list_topics(topic, timeout_s)
+        found = meta.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            why = found.error if found is not None else "missing"
+            raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {why}")
+        pending = set(found.partitions)
+        consumer.assign(
+            [TopicPartition(topic, p, offsets.get(p, OFFSET_BEGINNING)) for p in sorted(pending)]
+        )
+        while pending:
+            if time.monotonic() >= deadline:
+                raise GB6Error(
+                    UNAVAILABLE, f"Kafka topic {topic!r}: no end of log within {timeout_s}s"
+                )
+            msg = consumer.poll(_POLL_S)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is None:
+                return True
+            if err.code() == KafkaError._PARTITION_EOF:
+                pending.discard(msg.partition())
+            elif err.fatal() or err.code() == KafkaError._AUTO_OFFSET_RESET:
+                raise GB6Error(INTERNAL, f"Kafka topic {topic!r}: {err.str()}")
+            # Anything else is transport trouble that librdkafka retries by itself.
+        return False
+    except KafkaException as exc:
+        raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {exc}") from None
+    finally:
+        consumer.close()
