@@ -492,6 +492,8 @@ class Gateway:
                 await self._reply_page(conn, req.id, page)
             case p.PresenceSet():
                 self._set_status(conn, req)
+            case p.PresenceGet():
+                self._reply(conn, req.id, {"presence": await self._presence_of(who, req.users)})
             case _:
                 raise invalid("unsupported op")
 
@@ -621,6 +623,32 @@ class Gateway:
                 sub = conn.subs.pop(change.room, None)
                 if sub is not None:
                     self.hubs.release(sub)
+
+    async def _presence_of(self, who: Principal, users: tuple[str, ...]) -> dict[str, str]:
+        """`online`, `away` or `offline` for each user of the caller's instance who shares a
+        room with the caller; other ids are left out (never a hint that they exist)."""
+        state = self.origin.state
+        mine = state.user_rooms.get(who.id, set())
+        visible = [
+            u
+            for u in users
+            if (user := state.users.get(u)) is not None
+            and user.instance == who.instance.id
+            and (u == who.id or not mine.isdisjoint(state.user_rooms.get(u, ())))
+        ]
+        elsewhere: set[str] = set()
+        if self.shared is not None:
+            try:
+                elsewhere = set(await self.shared.sessions.locate(visible))
+            except GB6Error as exc:
+                log("presence_lookup_failed", error=exc.message)
+        out = {}
+        for u in visible:
+            if u in self.by_user or u in elsewhere:
+                out[u] = "away" if u in self.away else "online"
+            else:
+                out[u] = "offline"
+        return out
 
     def _set_status(self, conn: Connection, req: p.PresenceSet) -> None:
         who = conn.principal

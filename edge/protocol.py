@@ -131,6 +131,12 @@ class PresenceSet:
     status: str
 
 
+@attrs.frozen
+class PresenceGet:
+    id: ReqId
+    users: tuple[str, ...]
+
+
 Request = (
     Hello
     | Ping
@@ -146,6 +152,7 @@ Request = (
     | Typing
     | Search
     | PresenceSet
+    | PresenceGet
 )
 
 
@@ -349,6 +356,10 @@ def _presence_set(f: _Fields, op: str) -> Request:
     return PresenceSet(f.id(), status)
 
 
+def _presence_get(f: _Fields, op: str) -> Request:
+    return PresenceGet(f.id(), f.ids("users"))
+
+
 _PARSERS = {
     "hello": _hello,
     "ping": _ping,
@@ -369,6 +380,7 @@ _PARSERS = {
     "typing": _typing,
     "search": _search,
     "presence.set": _presence_set,
+    "presence.get": _presence_get,
 }
 
 

@@ -321,6 +321,8 @@ async def test_typing_and_presence_cross_edges_through_redis(redis_cluster: Clus
         async with _peer(e1, alice.token) as a1:
             ev = await b.event("presence")
             assert (ev["user"], ev["status"]) == (alice.id, "online")
+            got = (await b.ok("presence.get", users=[alice.id]))["presence"]
+            assert got == {alice.id: "online"}  # her session is on the other edge
             await a1.ok("typing", room=room)
             ev = await b.event("typing")
             assert (ev["room"], ev["user"]) == (room, alice.id)

@@ -563,6 +563,26 @@ async def test_presence_online_and_offline_for_room_mates(
         assert [e for e in c.events if e.get("user") == alice.id] == []
 
 
+async def test_presence_get_answers_for_room_mates_only(
+    node: Node, tenant: Tenant, peer_factory: Any
+) -> None:
+    alice, bob, carol = tenant.user("alice"), tenant.user("bob"), tenant.user("carol")
+    stranger = node.create_tenant().user("dave")  # another instance
+    async with peer_factory(bob.token) as b:
+        await make_room(b, [alice.id])  # Bob shares a room with Alice; Carol shares none
+        everyone = [alice.id, carol.id, stranger.id, bob.id, "usr_nope"]
+        got = (await b.ok("presence.get", users=everyone))["presence"]
+        assert got == {alice.id: "offline", bob.id: "online"}
+        async with peer_factory(alice.token) as a:
+            assert (await b.ok("presence.get", users=[alice.id]))["presence"] == {
+                alice.id: "online"
+            }
+            await a.ok("presence.set", status="away")
+            assert (await b.ok("presence.get", users=[alice.id]))["presence"] == {alice.id: "away"}
+        await refused(b, "presence.get", ("invalid",), users="alice")
+        await refused(b, "presence.get", ("invalid",))
+
+
 # --- search --------------------------------------------------------------------------------
 
 
