@@ -42,21 +42,33 @@ def _config(
 
 
 class Cluster:
-    """Two origin shards on SQLite, or (`pg_dsn`) on PostgreSQL, each in a schema of its own."""
+    """Two origin shards on SQLite, or (`pg_dsn`) on PostgreSQL, each in a schema of its own,
+    or (`pg_dsn` and `kafka`) with Kafka as log of record, each on a topic of its own."""
 
     def __init__(
-        self, base: Path, pg_dsn: str | None = None, redis_url: str = "", kv: str = ""
+        self,
+        base: Path,
+        pg_dsn: str | None = None,
+        redis_url: str = "",
+        kv: str = "",
+        kafka: str | None = None,
     ) -> None:
         self.base = base
         self.pg_dsn = pg_dsn
-        self.schemas = [f"t{uuid.uuid4().hex[:10]}_s{i}" for i in (1, 2)]
+        self.kafka = kafka
+        suffix = uuid.uuid4().hex[:10]
+        self.schemas = [f"t{suffix}_s{i}" for i in (1, 2)]
+        self.topics = [f"gb6-cluster-{suffix}-s{i}" for i in (1, 2)]
         self.origins = []
-        for i, schema in zip((1, 2), self.schemas, strict=True):
+        for i, schema, topic in zip((1, 2), self.schemas, self.topics, strict=True):
             store = ""
             if pg_dsn is not None:
+                backend = "postgres" if kafka is None else "kafka"
                 store = (
-                    f'[store]\nbackend = "postgres"\npg_dsn = "{pg_dsn}"\npg_schema = "{schema}"\n'
+                    f'[store]\nbackend = "{backend}"\npg_dsn = "{pg_dsn}"\npg_schema = "{schema}"\n'
                 )
+            if kafka is not None:
+                store += f'kafka_bootstrap = "{kafka}"\nkafka_topic = "{topic}"\n'
             conf = _config(base, [], store, name=f"s{i}", kv=kv)
             self.origins.append(
                 Node(
@@ -89,6 +101,8 @@ class Cluster:
         if self.pg_dsn is not None:
             drops = "; ".join(f"DROP SCHEMA IF EXISTS {s} CASCADE" for s in self.schemas)
             asyncio.run(_pg(self.pg_dsn, drops))
+        if self.kafka is not None:
+            _delete_topics(self.kafka, self.topics)
 
     def stored(self, shard: int, room: str) -> list[tuple[int, str]]:
         """(seq, cid) of the room's events as the shard's store holds them, in seq order."""
@@ -104,6 +118,14 @@ class Cluster:
         return [(r[0], r[1]) for r in asyncio.run(_pg(self.pg_dsn, q, room))]
 
 
+def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the answers came
+    for future in admin.delete_topics(topics, operation_timeout=10).values():
+        future.result(timeout=15)
+
+
 async def _pg(dsn: str, query: str, *args: Any) -> list[Any]:
     import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
@@ -114,12 +136,13 @@ async def _pg(dsn: str, query: str, *args: Any) -> list[Any]:
         await conn.close()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+@pytest.fixture(scope="module", params=["sqlite", "postgres", "kafka"])
 def cluster(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    dsn = require("postgres") if request.param == "postgres" else None
-    c = Cluster(Path(tmp_path_factory.mktemp("cluster")), dsn)
+    dsn = require("postgres") if request.param in ("postgres", "kafka") else None
+    kafka = require("kafka") if request.param == "kafka" else None
+    c = Cluster(Path(tmp_path_factory.mktemp("cluster")), dsn, kafka=kafka)
     try:
         c.edge()
         c.edge()
@@ -292,7 +315,8 @@ async def test_kill9_origin_mid_stream_restart_continues_gapless(cluster: Cluste
         origin.start()  # same data, same link port: the edges reconnect
     assert len(acked) == 400
     _check_log(await _read_room(e2, users[1].token, room, 400), acked)
-    # And in the shard's own store (PostgreSQL in the postgres run): each acknowledged
+    # And in the shard's own store (PostgreSQL in the postgres and kafka runs, where the
+    # persister wrote it from the log): each acknowledged
     # message exactly once, at its seq, gapless.
     stored = await trio.to_thread.run_sync(cluster.stored, 1, room)
     assert [seq for seq, _ in stored] == list(range(1, len(stored) + 1))

@@ -731,3 +731,87 @@ async def test_pg_unreachable_server_and_bad_settings_say_so() -> None:
         with trio.fail_after(20), pytest.raises(GB6Error) as info:
             await nursery.start(store.run)
     assert info.value.code == UNAVAILABLE and "connecting to PostgreSQL" in info.value.message
+
+
+# --- Kafka only ------------------------------------------------------------------------------
+
+
+async def _topic_records(backend: Backend, isolation: str) -> list[tuple[str, int]]:
+    """Every (room, seq) in the backend's topic as a consumer with `isolation` reads it."""
+    from origin.kafka_consumer import KafkaLogConsumer
+    from origin.kafka_tail import committed_records_after
+
+    consumer = KafkaLogConsumer(
+        backend.bootstrap, backend.topic, {}, config={"isolation.level": isolation}
+    )
+    seen: list[tuple[str, int]] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(consumer.run)
+        resume: dict[int, int] = {}
+        while await trio.to_thread.run_sync(
+            committed_records_after, backend.bootstrap, backend.topic, resume
+        ):
+            with trio.move_on_after(2):
+                while True:
+                    batch = await consumer.next_batch()
+                    seen += [(e.room, e.seq) for e in batch.entries]
+                    resume = dict(batch.resume)
+            if isolation != "read_committed":
+                break  # aborted records are not "committed records after": one pass
+        nursery.cancel_scope.cancel()
+    return seen
+
+
+async def test_kafka_aborted_transaction_leaves_no_gap_and_no_duplicate(
+    kafka_backend: Backend,
+) -> None:
+    """A batch whose Kafka transaction aborts after part of it reached the broker: clients
+    get gapless seqs, each once; the log's readers see each (room, seq) once."""
+    assert isinstance(kafka_backend, Backend)
+    rec = Recorder()
+    async with serving(kafka_backend, rec) as store:
+        assert isinstance(store, KafkaStore)
+        t = await tenant(store)
+        r = await room(store, t)
+        assert (await append(store, item(r, t.alice, "before"))).event.seq == 1
+        store.log.abort_next_batch_after(2)
+        pending = [await submit(store, item(r, t.alice, f"a{i}")) for i in range(5)]
+        with trio.fail_after(20):
+            await store.wait_idle()
+        got = [p().unwrap().event.seq for p in pending]
+        assert got == [2, 3, 4, 5, 6]
+        assert seqs(await store.events_after(r, 0, 100)) == [1, 2, 3, 4, 5, 6]
+        assert seqs(rec.fresh()) == [1, 2, 3, 4, 5, 6]
+        # After the abort, the next batches go on from there.
+        assert (await append(store, item(r, t.alice, "after"))).event.seq == 7
+    committed = await _topic_records(kafka_backend, "read_committed")
+    assert sorted(s for room_, s in committed if room_ == r) == list(range(1, 8))
+    # The aborted records did reach the broker: an uncommitted reader sees them twice.
+    raw = await _topic_records(kafka_backend, "read_uncommitted")
+    assert sorted(s for room_, s in raw if room_ == r) == [1, 2, 2, 3, 3, 4, 5, 6, 7]
+
+
+async def test_kafka_a_second_store_of_the_shard_fences_the_first(kafka_backend: Backend) -> None:
+    """Two incarnations of one shard: the later one takes the log; the earlier (a zombie)
+    is refused every append from then on and writes nothing."""
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        zombie = kafka_backend.make(Recorder())
+        with trio.fail_after(20):
+            await nursery.start(zombie.run)
+        t = await tenant(zombie)
+        r = await room(zombie, t)
+        assert (await append(zombie, item(r, t.alice, "m1"))).event.seq == 1
+        successor = kafka_backend.make(Recorder())
+        with trio.fail_after(20):
+            await nursery.start(successor.run)
+        err = await refused(zombie, item(r, t.alice, "zombie"), UNAVAILABLE)
+        assert "stopped appending" in err.message and "fenced" in err.message
+        with pytest.raises(GB6Error) as info:  # and every later one, at once
+            await zombie.submit_append(item(r, t.alice, "zombie2"))
+        assert info.value.code == UNAVAILABLE
+        assert (await append(successor, item(r, t.alice, "m2"))).event.seq == 2
+        assert [(e.seq, e.cid) for e in await successor.events_after(r, 0, 10)] == [
+            (1, "m1"),
+            (2, "m2"),
+        ]
+        nursery.cancel_scope.cancel()
