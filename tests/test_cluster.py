@@ -452,3 +452,57 @@ async def test_an_evicted_room_is_watched_again_without_a_gap(cluster: Cluster) 
         assert [(e["seq"], e["cid"]) for e in got] == [(s1, "a"), (s2, "b")]
         s3 = (await a.ok("send", room=r1, cid="c", body={"text": "three"}))["seq"]
         assert (await b.event("message"))["seq"] == s3
+
+
+@pytest.fixture
+def kafka_cluster(cluster: Cluster) -> Cluster:
+    if cluster.kafka is None:
+        pytest.skip("fencing is the Kafka log's: only the kafka cluster has it")
+    return cluster
+
+
+async def test_a_second_origin_of_a_shard_fences_the_first(kafka_cluster: Cluster) -> None:
+    """Start another `gb6 origin` with shard s1's name and config: its producer takes the
+    shard's transactional id, so the first origin (a zombie now) refuses every send and writes
+    nothing; a restarted s1 takes the shard back and continues gapless."""
+    c = kafka_cluster
+    first = c.origins[0]
+    tenant = first.create_tenant()
+    alice = tenant.user("alice")
+    edge = c.edges[0]
+    async with _peer(edge, alice.token) as a:
+        room = (await a.ok("room.create", name="f", kind="chat", members=[]))["room"]["id"]
+        assert (await a.ok("send", room=room, cid="before", body={"text": "x"}))["seq"] == 1
+    twin = Node(
+        c.base / "s1-twin",
+        extra_args=["--config", str(c.base / "s1.toml"), "--shard", "s1"],
+        command="origin",
+    )
+    await trio.to_thread.run_sync(twin.start)
+    try:
+        async with _peer(edge, alice.token) as a:
+            reply = await a.request("send", room=room, cid="zombie", body={"text": "z"})
+        assert reply["op"] == "error" and reply["code"] == "unavailable", reply
+    finally:
+        twin.kill()
+    # The zombie wrote nothing: PostgreSQL (fed from the log) holds the first message only.
+    assert await trio.to_thread.run_sync(c.stored, 0, room) == [(1, "before")]
+    # Restarted, s1 fences the twin in turn and goes on from the log's head.
+    await trio.to_thread.run_sync(first.restart)
+    with trio.fail_after(20):
+        while True:  # until the edge's link to the restarted origin is back
+            async with _peer(edge, None) as a:
+                reply = await a.request("hello", token=alice.token)
+                if reply["op"] == "ok":
+                    reply = await a.request("send", room=room, cid="after", body={"text": "y"})
+            if reply["op"] == "ok":
+                break
+            assert reply["code"] == "unavailable", reply
+            await trio.sleep(0.2)
+    assert reply["seq"] == 2
+    async with _peer(edge, alice.token) as a:  # history waits for the persister
+        assert [m["seq"] for m in (await a.ok("history", room=room, limit=10))["messages"]] == [
+            1,
+            2,
+        ]
+    assert await trio.to_thread.run_sync(c.stored, 0, room) == [(1, "before"), (2, "after")]
