@@ -204,7 +204,9 @@ class KafkaStore:
         while await trio.to_thread.run_sync(
             committed_records_after, self.bootstrap, self.topic, resume
         ):
-            await persister.write(await consumer.next_batch())
+            with trio.fail_after(_COMMAND_TIMEOUT_S):  # the broker said there is a record
+                first = await consumer.next_batch()
+            await persister.write(first)
             while True:  # what the consumer has read ahead, until it is quiet
                 batch: LogBatch | None = None
                 with trio.move_on_after(_DRAIN_IDLE_S):
