@@ -204,8 +204,13 @@ class KafkaStore:
         while await trio.to_thread.run_sync(
             committed_records_after, self.bootstrap, self.topic, resume
         ):
-            with trio.fail_after(_COMMAND_TIMEOUT_S):  # the broker said there is a record
-                first = await consumer.next_batch()
+            try:
+                with trio.fail_after(_COMMAND_TIMEOUT_S):  # the broker said there is a record
+                    first = await consumer.next_batch()
+            except trio.TooSlowError:
+                raise GB6Error(
+                    UNAVAILABLE, f"Kafka topic {self.topic!r}: recovery read nothing in time"
+                ) from None
             await persister.write(first)
             while True:  # what the consumer has read ahead, until it is quiet
                 batch: LogBatch | None = None
