@@ -3,6 +3,8 @@
     python -m bench.run load   [--clients 1000 --rooms 100 --rate 2000 --duration 30]
     python -m bench.run fanout [--clients 500 --senders 4 --window 16 | --rate R]
     python -m bench.run idle   [--connections 10000]
+    python -m bench.run appends [--clients 200 --room-size 2 --window 16]  (closed loop)
+    add --cluster [--store sqlite|postgres --origins 1 --edges 2]: gb6 origin/edge processes
 
 By default it starts its own `gb6 run` on a temporary data directory; `--ws/--http/--admin-token`
 attach to a running node instead (`--server-pid` for its CPU and memory, else found by port).
@@ -27,6 +29,7 @@ import psutil
 
 from bench import profile, report
 from bench.bootstrap import Tenant, bootstrap, create_rooms
+from bench.cluster import Cluster
 from bench.server import CpuMeter, ProcWatch, Server, gc_pauses
 from bench.worker import ClientSpec, WorkerConfig, raise_nofile
 from bench.worker import main as worker_main
@@ -111,7 +114,28 @@ def mb(n: float) -> str:
 # --- server ------------------------------------------------------------------------------------
 
 
-def open_server(args: argparse.Namespace) -> Server:
+Target = Server | Cluster
+
+
+def open_server(args: argparse.Namespace) -> Target:
+    if getattr(args, "cluster", False):
+        if args.ws:
+            sys.exit("--cluster starts its own processes: no --ws")
+        c = Cluster.start(
+            OUT,
+            origins=args.origins,
+            edges=args.edges,
+            store=args.store,
+            extra={
+                "keep_data": args.keep_data,
+                "switch_interval_ms": args.server_switch_interval_ms,
+                "gc_log": args.server_gc_log,
+                "prelude": args.server_prelude or "",
+            },
+        )
+        for name, srv in c.named:
+            log(f"cluster: {name} pid {srv.pid} {srv.ws or srv.link}; log {srv.log_path}")
+        return c
     if args.ws:
         if not (args.http and args.admin_token):
             sys.exit("--ws needs --http and --admin-token")
@@ -131,7 +155,9 @@ def open_server(args: argparse.Namespace) -> Server:
     return s
 
 
-def server_info(server: Server) -> dict[str, Any]:
+def server_info(server: Target) -> dict[str, Any]:
+    if isinstance(server, Cluster):
+        return server.info()
     return {
         "ws": server.ws,
         "http": server.http,
@@ -155,7 +181,7 @@ def _nofile_of(pid: int | None) -> list[int] | None:
 
 def traffic(
     args: argparse.Namespace,
-    server: Server,
+    server: Target,
     *,
     mode: str,
     tenant: Tenant,
@@ -168,6 +194,8 @@ def traffic(
 ) -> dict[str, Any]:
     n = len(tenant.users)
     nw = max(1, min(args.workers, n))
+    # Cluster: client i on edge i % edges, so consecutive members of a room sit on different edges.
+    urls = server.ws_urls if isinstance(server, Cluster) else [""]
     specs = [
         ClientSpec(
             token=tenant.users[i].token,
@@ -175,6 +203,7 @@ def traffic(
             sender=i in senders,
             # every worker gets its share of sampled clients (workers take i % nw)
             sampled=(i // nw) % args.sample == 0,
+            ws_url=urls[i % len(urls)],
         )
         for i in range(n)
     ]
@@ -186,7 +215,7 @@ def traffic(
             ws_url=server.ws,
             clients=part,
             rate=rate * sum(1 for s in part if s.sender) / n_senders if rate > 0 else 0.0,
-            window=args.window if mode == "fanout" else 8,
+            window=args.window if mode in ("fanout", "appends") else 8,
             text=args.text,
             drain_s=args.drain,
             progress_s=1.0,
@@ -194,7 +223,16 @@ def traffic(
         )
         for w, part in enumerate(parts)
     ]
-    srv = ProcWatch([server.pid]) if server.pid else None
+    if isinstance(server, Cluster):
+        srv: ProcWatch | None = ProcWatch(server.pids)
+        named = [(name, ProcWatch([s.pid])) for name, s in server.named if s.pid]
+        server_pids = set(server.pids)
+    else:
+        srv = ProcWatch([server.pid]) if server.pid else None
+        named = []
+        server_pids = {server.pid or -1}
+    proc_cpu: dict[str, list[float]] = {}  # "warm"/"end": CPU seconds of each named process
+    proc_rss_max = [0] * len(named)
     t_conn = time.monotonic()
     pool = Pool(cfgs)
     try:
@@ -253,6 +291,7 @@ def traffic(
             if "warm" not in marks and now >= t_warm:
                 list(psutil.process_iter(["cpu_percent"]))  # prime per-process CPU counters
                 threads_warm = srv.thread_cpu() if srv else {}
+                proc_cpu["warm"] = [w.cpu_s() for _, w in named]
                 if args.profile and server.pid:
                     prof = profile.start(
                         server.pid, duration - warmup, prof_path, args.profile_rate
@@ -265,8 +304,9 @@ def traffic(
                     psutil.cpu_times(),
                 )
             if "end" not in marks and now >= t_end:
-                others = top_others({server.pid or -1, os.getpid(), *pool.pids})
+                others = top_others({*server_pids, os.getpid(), *pool.pids})
                 threads_end = srv.thread_cpu() if srv else {}
+                proc_cpu["end"] = [w.cpu_s() for _, w in named]
                 marks["end"] = (
                     time.monotonic(),
                     srv.cpu_s() if srv else 0.0,
@@ -284,6 +324,9 @@ def traffic(
                 last_counts = tot
                 rss = srv.rss() if srv else 0
                 rss_max = max(rss_max, rss)
+                proc_rss_max = [
+                    max(m, w.rss()) for m, (_, w) in zip(proc_rss_max, named, strict=True)
+                ]
                 scpu = srv_meter.mark() if srv_meter else float("nan")
                 gcpu = gen_meter.mark()
                 errs = sum(p.get("errors", 0) for p in progress.values())
@@ -304,6 +347,8 @@ def traffic(
                     f" RSS {mb(rss)}  generator CPU {gcpu:5.1f}%  errors {errs} closed {closed}"
                 )
             if not server.alive():
+                if isinstance(server, Cluster):
+                    raise RuntimeError(f"cluster process exited: {server.dead()}")
                 raise RuntimeError(f"server exited: {server.proc and server.proc.returncode}")
         rss_after = srv.rss() if srv else 0
         gc_list: list[dict[str, float]] = []
@@ -321,14 +366,27 @@ def traffic(
         if "warm" not in marks:
             marks["warm"] = marks["end"]
         if "end" not in marks or not others:
-            others = top_others({server.pid or -1, os.getpid(), *pool.pids})
+            others = top_others({*server_pids, os.getpid(), *pool.pids})
         mw, sw, gw, ww, sys_w = marks["warm"]
         me, se, ge, we, sys_e = marks["end"]
         sys_all = sum(sys_e) - sum(sys_w)
         sys_idle = sys_e.idle - sys_w.idle
         sys_io = getattr(sys_e, "iowait", 0.0) - getattr(sys_w, "iowait", 0.0)
         span = max(1e-9, me - mw)
+        p_warm = proc_cpu.get("warm", [])
+        p_end = proc_cpu.get("end", [])
+        processes = {
+            name: {
+                "cpu_pct": round(100 * (b - a) / span, 1) if p_end and p_warm else None,
+                "rss": w.rss(),
+                "rss_max": max(proc_rss_max[k], w.rss()),
+            }
+            for k, ((name, w), a, b) in enumerate(
+                zip(named, p_warm or [0.0] * len(named), p_end or [0.0] * len(named), strict=True)
+            )
+        }
         window_cpu = {
+            "processes": processes,
             "server_cpu_pct": round(100 * (se - sw) / span, 1) if srv else None,
             "generator_cpu_pct": round(100 * (ge - gw) / span, 1),
             "machine_busy_pct": round(100 * (sys_all - sys_idle - sys_io) / max(1e-9, sys_all), 1),
@@ -405,7 +463,7 @@ def summarize_traffic(
     timeline: list[dict[str, Any]],
     params: dict[str, Any],
     meta: dict[str, Any],
-    server: Server,
+    server: Target,
 ) -> dict[str, Any]:
     duration, warmup = args.duration, args.warmup
     warm_ms = int(warmup * 1000)
@@ -467,6 +525,7 @@ def summarize_traffic(
         "send_to_deliver_ms": dl_sum,
         "send_lag_ms": report.summarize_us(lag[lag >= 0]) if lag.size else {"n": 0},
         "server_cpu_pct": cpu.get("server_cpu_pct"),
+        "processes": cpu.get("processes") or None,
         "server_rss_before": rss_before,
         "server_rss_after": rss_after,
         "server_rss_max": rss_max,
@@ -538,14 +597,21 @@ def print_traffic(r: dict[str, Any]) -> None:
     if lag.get("n"):
         log(f"generator send lag behind schedule: p99 {lag['p99']:.2f} ms  max {lag['max']:.2f} ms")
     scpu = r["server_cpu_pct"]
+    who = "cluster (all processes)" if r.get("processes") else "server"
     log(
-        f"server: CPU {scpu if scpu is not None else '?'}% of one core  "
+        f"{who}: CPU {scpu if scpu is not None else '?'}% of one core  "
         f"RSS {mb(r['server_rss_before'])} → {mb(r['server_rss_after'])} "
         f"(max {mb(r['server_rss_max'])})"
     )
+    for name, pr in (r.get("processes") or {}).items():
+        log(
+            f"  {name}: CPU {pr['cpu_pct']}% of one core  RSS {mb(pr['rss'])} "
+            f"(max {mb(pr['rss_max'])})"
+        )
     if r.get("server_threads_cpu_pct"):
         th = ", ".join(f"{k} {v}%" for k, v in r["server_threads_cpu_pct"].items())
-        log(f"server threads (CPU % of one core): {th}")
+        who = "origin s1" if r.get("processes") else "server"
+        log(f"{who} threads (CPU % of one core): {th}")
     log(
         f"generator: CPU {r['generator_cpu_pct']}% of one core in total "
         f"(workers {', '.join(f'{x}%' for x in r['worker_cpu_pct'])}); "
@@ -585,14 +651,39 @@ def meta_for(args: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_load(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dict[str, Any]:
+def bootstrap_target(server: Target, rooms: int, size: int, *, label: str) -> Tenant:
+    """One tenant, or in a cluster one per origin shard (an instance lives on the shard that
+    created it) with `rooms / origins` rooms each: users come back in room order, so the
+    members of a room are always of one tenant."""
+    n = rooms * size
+    t = time.monotonic()
+    if not isinstance(server, Cluster):
+        tenant = bootstrap(server.http, server.admin_token, n, label=label)
+    else:
+        k = len(server.origins)
+        if rooms % k:
+            sys.exit(f"--rooms ({rooms}) must be a multiple of --origins ({k})")
+        parts = [
+            bootstrap(o.http, o.admin_token, n // k, label=f"{label}-s{j + 1}")
+            for j, o in enumerate(server.origins)
+        ]
+        tenant = Tenant(parts[0].org, parts[0].instance, [u for p in parts for u in p.users])
+    log(f"bootstrap: {n} users with tokens in {time.monotonic() - t:.1f} s")
+    return tenant
+
+
+def cluster_params(server: Target) -> dict[str, Any]:
+    if not isinstance(server, Cluster):
+        return {}
+    return {"origins": len(server.origins), "edges": len(server.edges), "store": server.store}
+
+
+def run_load(args: argparse.Namespace, server: Target, m: dict[str, Any]) -> dict[str, Any]:
     n, k = args.clients, args.rooms
     size = n // k
     n = size * k
     log(f"load: {n} clients in {k} rooms of {size}, {args.rate:g} sends/s for {args.duration:g} s")
-    t = time.monotonic()
-    tenant = bootstrap(server.http, server.admin_token, n, label="load")
-    log(f"bootstrap: {n} users with tokens in {time.monotonic() - t:.1f} s")
+    tenant = bootstrap_target(server, k, size, label="load")
     t = time.monotonic()
     groups = [tenant.users[r * size : (r + 1) * size] for r in range(k)]
     rooms = create_rooms(server.ws, groups, label="load")
@@ -609,6 +700,7 @@ def run_load(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
         "sample_every": args.sample,
         "read_interval_ms": args.read_interval_ms,
         "text_bytes": len(args.text.encode()),
+        **cluster_params(server),
     }
     return traffic(
         args,
@@ -624,15 +716,15 @@ def run_load(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
     )
 
 
-def run_fanout(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dict[str, Any]:
+def run_fanout(args: argparse.Namespace, server: Target, m: dict[str, Any]) -> dict[str, Any]:
     n = args.clients
     log(
         f"fanout: {n} clients in one room, {args.senders} senders, "
         + (f"{args.rate:g} sends/s" if args.rate > 0 else f"closed loop, window {args.window}")
     )
-    t = time.monotonic()
-    tenant = bootstrap(server.http, server.admin_token, n, label="fanout")
-    log(f"bootstrap: {n} users with tokens in {time.monotonic() - t:.1f} s")
+    if isinstance(server, Cluster) and len(server.origins) != 1:
+        sys.exit("fanout is one room: use --origins 1")
+    tenant = bootstrap_target(server, 1, n, label="fanout")
     rooms = create_rooms(server.ws, [tenant.users], label="fanout")
     params = {
         "clients": n,
@@ -647,6 +739,7 @@ def run_fanout(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> d
         "sample_every": args.sample,
         "read_interval_ms": args.read_interval_ms,
         "text_bytes": len(args.text.encode()),
+        **cluster_params(server),
     }
     # Senders spread over workers by the round-robin split (clients 0..senders-1).
     return traffic(
@@ -661,6 +754,63 @@ def run_fanout(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> d
         params=params,
         meta=meta_for(args, m),
     )
+
+
+def run_appends(args: argparse.Namespace, server: Target, m: dict[str, Any]) -> dict[str, Any]:
+    """Closed loop: every client sends with `--window` unacknowledged sends, in rooms of
+    `--room-size`. An ack comes once the append is durable, so acks/s is durable appends/s;
+    divided by the origin shards it is the per-shard figure."""
+    size = args.room_size
+    if not 1 <= size <= args.clients:
+        sys.exit(f"--room-size must be 1..--clients ({args.clients})")
+    k = args.clients // size
+    n = k * size
+    shards = len(server.origins) if isinstance(server, Cluster) else 1
+    log(
+        f"appends: {n} senders in {k} rooms of {size}, closed loop with {args.window} "
+        f"unacknowledged sends each, {args.duration:g} s, {shards} origin shard(s)"
+    )
+    tenant = bootstrap_target(server, k, size, label="appends")
+    t = time.monotonic()
+    groups = [tenant.users[r * size : (r + 1) * size] for r in range(k)]
+    rooms = create_rooms(server.ws, groups, label="appends")
+    log(f"rooms: {k} created in {time.monotonic() - t:.1f} s")
+    params = {
+        "clients": n,
+        "rooms": k,
+        "room_size": size,
+        "rate": "max",
+        "window": args.window,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "drain_s": args.drain,
+        "workers": args.workers,
+        "sample_every": args.sample,
+        "read_interval_ms": args.read_interval_ms,
+        "text_bytes": len(args.text.encode()),
+        **cluster_params(server),
+    }
+    r = traffic(
+        args,
+        server,
+        mode="appends",
+        tenant=tenant,
+        rooms=rooms,
+        room_size=size,
+        senders=set(range(n)),
+        rate=0.0,
+        params=params,
+        meta=meta_for(args, m),
+    )
+    per_shard = r["acks_per_s"] / shards
+    r["durable_appends_per_s_per_shard"] = round(per_shard, 1)
+    report.write_json(Path(r["files"]["json"]), r)
+    log(
+        f"durable appends/s per origin shard: {per_shard:,.0f} "
+        f"({r['acks_per_s']:,.0f} acks/s over {shards} shard(s), {n} senders, window "
+        f"{args.window}); latency is queueing by construction (Little's law)"
+    )
+    return r
 
 
 # --- idle -----------------------------------------------------------------------------------------
@@ -950,6 +1100,22 @@ def parser() -> argparse.ArgumentParser:
             default=0.0,
             help="experiment: start gb6 after sys.setswitchinterval(X ms) (CPython default 5)",
         )
+        c = sp.add_argument_group("cluster (instead of one `gb6 run`)")
+        c.add_argument(
+            "--cluster",
+            action="store_true",
+            help="start `gb6 origin` x --origins and `gb6 edge` x --edges; clients round-robin "
+            "over the edges",
+        )
+        c.add_argument("--origins", type=int, default=1, help="origin shards (default 1)")
+        c.add_argument("--edges", type=int, default=2, help="edges (default 2)")
+        c.add_argument(
+            "--store",
+            choices=["sqlite", "postgres"],
+            default="sqlite",
+            help="the origins' store; postgres: GB6_PG_DSN, a fresh schema per origin, dropped "
+            "afterwards",
+        )
         sp.add_argument(
             "--quiet-wait",
             type=float,
@@ -1024,6 +1190,11 @@ def parser() -> argparse.ArgumentParser:
     fp.add_argument("--window", type=int, default=16, help="unacknowledged sends per sender")
     fp.set_defaults(sample=10)
 
+    ap = sub.add_parser("appends", help="closed loop: durable appends/s per origin shard")
+    traffic_opts(ap, 200, 15.0)
+    ap.add_argument("--room-size", type=int, default=2, help="members per room")
+    ap.add_argument("--window", type=int, default=16, help="unacknowledged sends per client")
+
     sp = sub.add_parser("store", help="the embedded log of record alone, in this process")
     sp.add_argument("--rate", type=float, default=2000.0, help="appends/s; 0 = closed loop")
     sp.add_argument("--inflight", type=int, default=2000, help="closed loop: appends in flight")
@@ -1075,13 +1246,18 @@ def main(argv: list[str] | None = None) -> int:
     log(f"RLIMIT_NOFILE raised to {nofile} (wanted {want}); the server inherits it")
     if args.quiet_wait > 0:
         wait_quiet(args.quiet_wait)
+    if args.mode == "idle" and args.cluster:
+        sys.exit("idle measures one process: no --cluster")
     server = open_server(args)
     try:
         if args.mode == "load":
             run_load(args, server, m)
         elif args.mode == "fanout":
             run_fanout(args, server, m)
+        elif args.mode == "appends":
+            run_appends(args, server, m)
         else:
+            assert isinstance(server, Server)
             run_idle(args, server, m)
     finally:
         rc = server.stop()

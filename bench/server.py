@@ -26,6 +26,7 @@ class Server:
     admin_token: str
     pid: int | None
     proc: subprocess.Popen[bytes] | None = None
+    link: str = ""  # an origin's link address (`gb6 origin`)
     data_dir: Path | None = None
     log_path: Path | None = None
     command: list[str] = field(default_factory=list)
@@ -41,8 +42,14 @@ class Server:
         switch_interval_ms: float = 0.0,
         gc_log: bool = False,
         prelude: str = "",
+        command: str = "run",
+        args: list[str] | None = None,
+        need_token: bool = True,
+        log_name: str = "server",
     ) -> Server:
-        """Both options run the same `gb6` entry point under `python -c`; the server code is
+        """`command` (`run`, `origin`, `edge`) with `args` (default: a `run` on a fresh data
+        directory, ports picked by the OS); `need_token`: an edge prints no admin token.
+        Both options run the same `gb6` entry point under `python -c`; the server code is
         unchanged. `switch_interval_ms`: `sys.setswitchinterval` first (GIL hand-off).
         `gc_log`: a `gc.callbacks` hook prints every collection of 2 ms or more to stderr as
         `{"event": "bench_gc", "gen": g, "ms": d, "at": unix_s, "collected": n}`.
@@ -61,10 +68,12 @@ class Server:
                 code += _GC_HOOK
             code += "from node.cli import main\nsys.exit(main(sys.argv[1:]))\n"
             head = [sys.executable, "-c", code]
-        args = ["run", "--data", str(data), "--ws-port", "0", "--http-port", "0", *extra_args]
-        cmd = [*head, *args]
+        own_data = args is None
+        if args is None:
+            args = ["--data", str(data), "--ws-port", "0", "--http-port", "0"]
+        cmd = [*head, command, *args, *extra_args]
         out_dir.mkdir(parents=True, exist_ok=True)
-        log_path = out_dir / f"server-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log_path = out_dir / f"{log_name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log = log_path.open("wb")
         # Children inherit RLIMIT_NOFILE: the caller raised it before starting us.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
@@ -81,7 +90,7 @@ class Server:
                 log.close()
                 tail = log_path.read_text(errors="replace")[-3000:]
                 raise RuntimeError(
-                    f"gb6 run did not become ready (exit={proc.poll()}); stdout={lines!r}\n"
+                    f"gb6 {command} did not become ready (exit={proc.poll()}); stdout={lines!r}\n"
                     f"stderr tail:\n{tail}"
                 )
             text = line.decode(errors="replace").strip()
@@ -97,16 +106,17 @@ class Server:
             elif obj.get("event") == "ready":
                 ready = obj
         reader.detach()  # from now on stdout goes to the log only
-        if not token:
+        if not token and need_token:
             proc.kill()
             raise RuntimeError("no admin token: neither printed nor in GB6_ADMIN_TOKEN")
         server = cls(
-            ws=ready["ws"],
+            ws=str(ready.get("ws", "")),
             http=ready["http"].rstrip("/"),
+            link=str(ready.get("link", "")),
             admin_token=token,
             pid=proc.pid,
             proc=proc,
-            data_dir=data,
+            data_dir=data if own_data else None,
             log_path=log_path,
             command=cmd,
             _tmp=None if keep_data else tmp,

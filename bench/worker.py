@@ -67,6 +67,7 @@ class ClientSpec:
     room: str | None  # subscribe to this room (None: hello only)
     sender: bool = False  # sends messages during the run
     sampled: bool = False  # extracts send→deliver latency from its deliveries
+    ws_url: str = ""  # connect here instead of the worker's ws_url (cluster: one of the edges)
 
 
 @dataclass
@@ -157,6 +158,7 @@ class Worker:
         self.addr = (host, port)
         self.path = path
         self.hreq: tuple[str, int, str] = (host, port, path)
+        self.targets: dict[str, tuple[str, int, str]] = {"": self.hreq}
         self.text = json.dumps(cfg.text)[1:-1].encode()
         self.ping_frame = frame(b'{"op":"ping","id":"p"}')
         self.pings = 0
@@ -232,12 +234,19 @@ class Worker:
             c = Conn(i, spec, sock, sock.fileno())
             self.all.append(c)
             self.in_flight += 1
-            err = sock.connect_ex(self.addr)
+            err = sock.connect_ex(self.target(spec)[:2])
             self.conns[c.fd] = c
             self.ep.register(c.fd, OUT)
             c.writing = True
             if err not in (0, errno.EINPROGRESS):
                 self.close(c, f"connect: {errno.errorcode.get(err, err)}")
+
+    def target(self, spec: ClientSpec) -> tuple[str, int, str]:
+        """(host, port, path) of the client's endpoint, parsed once per URL."""
+        t = self.targets.get(spec.ws_url)
+        if t is None:
+            t = self.targets[spec.ws_url] = parse_ws_url(spec.ws_url)
+        return t
 
     def on_connected(self, c: Conn) -> None:
         err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -247,7 +256,7 @@ class Worker:
         c.writing = False
         self.ep.modify(c.fd, IN)
         c.state = HANDSHAKE
-        req, c.accept = handshake_request(*self.hreq)
+        req, c.accept = handshake_request(*self.target(c.spec))
         self.write(c, req)
 
     def on_setup_data(self, c: Conn, buf: bytes) -> bytes:
