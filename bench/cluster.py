@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.server import Server
 
 MAX_PROCESSES = 8  # origins + edges: this harness runs them all on one machine
@@ -73,6 +75,21 @@ class Cluster:
     @property
     def pids(self) -> list[int]:
         return [s.pid for _, s in self.named if s.pid is not None]
+
+    def service_pids(self) -> list[tuple[str, int]]:
+        """The PostgreSQL server the origins store into (its postmaster; backends are its
+        children). Shared with whoever else uses it: its CPU is shown, not added to ours."""
+        if self.store != "postgres":
+            return []
+        for p in psutil.process_iter(["name", "ppid"]):
+            try:
+                if p.info["name"] == "postgres" and psutil.Process(p.info["ppid"]).name() != (
+                    "postgres"
+                ):
+                    return [("postgres (all backends, shared)", p.pid)]
+            except psutil.Error:
+                continue
+        return []
 
     def alive(self) -> bool:
         return all(s.alive() for _, s in self.named)

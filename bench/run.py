@@ -155,6 +155,16 @@ def open_server(args: argparse.Namespace) -> Target:
     return s
 
 
+def profiled_pid(args: argparse.Namespace, server: Target) -> int | None:
+    """The process --profile samples: the server, or in a cluster --profile-process."""
+    if not isinstance(server, Cluster):
+        return server.pid
+    names = dict(server.named)
+    if args.profile_process not in names:
+        sys.exit(f"--profile-process must be one of {sorted(names)}")
+    return names[args.profile_process].pid
+
+
 def server_info(server: Target) -> dict[str, Any]:
     if isinstance(server, Cluster):
         return server.info()
@@ -226,6 +236,7 @@ def traffic(
     if isinstance(server, Cluster):
         srv: ProcWatch | None = ProcWatch(server.pids)
         named = [(name, ProcWatch([s.pid])) for name, s in server.named if s.pid]
+        named += [(name, ProcWatch([pid])) for name, pid in server.service_pids()]
         server_pids = set(server.pids)
     else:
         srv = ProcWatch([server.pid]) if server.pid else None
@@ -292,10 +303,9 @@ def traffic(
                 list(psutil.process_iter(["cpu_percent"]))  # prime per-process CPU counters
                 threads_warm = srv.thread_cpu() if srv else {}
                 proc_cpu["warm"] = [w.cpu_s() for _, w in named]
-                if args.profile and server.pid:
-                    prof = profile.start(
-                        server.pid, duration - warmup, prof_path, args.profile_rate
-                    )
+                prof_pid = profiled_pid(args, server)
+                if args.profile and prof_pid:
+                    prof = profile.start(prof_pid, duration - warmup, prof_path, args.profile_rate)
                 marks["warm"] = (
                     time.monotonic(),
                     srv.cpu_s() if srv else 0.0,
@@ -1162,6 +1172,11 @@ def parser() -> argparse.ArgumentParser:
             help="sample the server with py-spy during the measured window",
         )
         sp.add_argument("--profile-rate", type=int, default=200, help="py-spy samples/s")
+        sp.add_argument(
+            "--profile-process",
+            default="origin s1",
+            help="with --cluster --profile: which process ('origin s1', 'edge e2', ...)",
+        )
         sp.add_argument(
             "--profile-gil",
             action="store_true",
