@@ -36,7 +36,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import outcome
 import trio
 from trio_asyncio import aio_as_trio
@@ -53,7 +52,7 @@ from origin.log_port import LogAborted, LogBatch, writer_id
 from origin.pg_append import EVENT_COLS
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_persister import PgPersister, prepare
-from origin.pg_store import PgStore
+from origin.pg_store import PgStore, open_pool
 from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User, event_from_row
 from origin.sqlite_store import AppendCallback, Appended, AppendItem, now_ms
 
@@ -141,21 +140,8 @@ class KafkaStore:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            self._pool = await aio_as_trio(asyncpg.create_pool)(
-                self.dsn,
-                min_size=1,
-                max_size=3,  # the sequencer's lookups, the persister, one spare
-                timeout=_COMMAND_TIMEOUT_S,
-                command_timeout=_COMMAND_TIMEOUT_S,
-                server_settings={
-                    "search_path": self.schema,
-                    "application_name": "gb6-origin-log",
-                    "synchronous_commit": "on",
-                },
-            )
-        except DB_ERRORS as exc:
-            raise translate(exc, "connecting to PostgreSQL") from exc
+        # The sequencer's lookups, the persister, one spare.
+        self._pool = await open_pool(self.dsn, self.schema, "gb6-origin-log", 3)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pg.run)

@@ -70,6 +70,27 @@ _CONNECT_TIMEOUT_S: Final = 10.0
 _CLOSE_TIMEOUT_S: Final = 10.0
 
 
+async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
+    """An asyncpg pool (through trio-asyncio) whose connections use `schema` and commit
+    durably; connection failures become GB6Error."""
+    try:
+        return await aio_as_trio(asyncpg.create_pool)(
+            dsn,
+            min_size=1,
+            max_size=size,
+            timeout=_CONNECT_TIMEOUT_S,
+            command_timeout=_COMMAND_TIMEOUT_S,
+            server_settings={
+                "search_path": schema,
+                "application_name": name,
+                # A commit is acknowledged once durable, whatever the server's default.
+                "synchronous_commit": "on",
+            },
+        )
+    except DB_ERRORS as exc:
+        raise translate(exc, "connecting to PostgreSQL") from exc
+
+
 class PgStore:
     """The PostgreSQL relational store. A component: `await nursery.start(store.run)` inside
     `trio_asyncio.open_loop()`.
@@ -109,22 +130,7 @@ class PgStore:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            self._pool = await aio_as_trio(asyncpg.create_pool)(
-                self.dsn,
-                min_size=1,
-                max_size=self._pool_size,
-                timeout=_CONNECT_TIMEOUT_S,
-                command_timeout=_COMMAND_TIMEOUT_S,
-                server_settings={
-                    "search_path": self.schema,
-                    "application_name": "gb6-origin",
-                    # A commit is acknowledged once durable, whatever the server's default.
-                    "synchronous_commit": "on",
-                },
-            )
-        except DB_ERRORS as exc:
-            raise translate(exc, "connecting to PostgreSQL") from exc
+        self._pool = await open_pool(self.dsn, self.schema, "gb6-origin", self._pool_size)
         try:
             await self._call(self._migrate, "migration")
             self._closed = False
