@@ -236,11 +236,14 @@ def traffic(
     if isinstance(server, Cluster):
         srv: ProcWatch | None = ProcWatch(server.pids)
         named = [(name, ProcWatch([s.pid])) for name, s in server.named if s.pid]
-        named += [(name, ProcWatch([pid])) for name, pid in server.service_pids()]
+        services = server.service_pids()
+        named += [(name, ProcWatch([pid])) for name, pid in services]
+        service_names = {name for name, _ in services}
         server_pids = set(server.pids)
     else:
         srv = ProcWatch([server.pid]) if server.pid else None
         named = []
+        service_names = set()
         server_pids = {server.pid or -1}
     proc_cpu: dict[str, list[float]] = {}  # "warm"/"end": CPU seconds of each named process
     proc_rss_max = [0] * len(named)
@@ -400,8 +403,11 @@ def traffic(
             "server_cpu_pct": round(100 * (se - sw) / span, 1) if srv else None,
             "generator_cpu_pct": round(100 * (ge - gw) / span, 1),
             "machine_busy_pct": round(100 * (sys_all - sys_idle - sys_io) / max(1e-9, sys_all), 1),
+            # A service the cluster stores into (PostgreSQL) is listed in `processes`, not here.
             "others_cpu_pct": round(
-                100 * ((sys_all - sys_idle - sys_io) - (se - sw) - (ge - gw)) / span, 1
+                100 * ((sys_all - sys_idle - sys_io) - (se - sw) - (ge - gw)) / span
+                - sum(p["cpu_pct"] or 0.0 for n, p in processes.items() if n in service_names),
+                1,
             ),
             "machine_iowait_pct": round(100 * sys_io / max(1e-9, sys_all), 1),
             "others_top": others,
