@@ -14,6 +14,7 @@ import asyncio
 import os
 import re
 import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ class Cluster:
         self.store = store
         self.schemas = schemas
         self.pg_dsn = os.environ.get("GB6_PG_DSN", "")
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._tmp: Path | None = None  # the configs and data directories
+        self.keep = False  # --keep-data: leave the data directories (schemas are still dropped)
 
     # The fields `traffic` and the bootstrap read from a single node.
     @property
@@ -145,15 +147,15 @@ class Cluster:
             )
         if '"' in dsn or "\\" in dsn:
             raise ValueError("GB6_PG_DSN must not contain quotes or backslashes (TOML string)")
-        tmp = tempfile.TemporaryDirectory(prefix="gb6-bench-cluster-")
-        base = Path(tmp.name)
+        base = Path(tempfile.mkdtemp(prefix="gb6-bench-cluster-"))
         secret = secrets.token_hex(24)
         suffix = secrets.token_hex(5)
         schemas = (
             [f"bench_{suffix}_s{i + 1}" for i in range(origins)] if store == "postgres" else []
         )
         c = cls([], [], store, schemas)
-        c._tmp = tmp
+        c._tmp = base
+        c.keep = bool(extra.get("keep_data"))
         try:
             for i in range(origins):
                 conf = base / f"s{i + 1}.toml"
@@ -204,8 +206,10 @@ class Cluster:
             codes[name] = s.stop()
         if self.schemas:
             asyncio.run(_drop_schemas(self.pg_dsn, self.schemas))
-        if self._tmp is not None:
-            self._tmp.cleanup()
+        if self._tmp is not None and not self.keep:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        elif self._tmp is not None:
+            print(f"cluster data kept in {self._tmp}", flush=True)
         return codes
 
 

@@ -1269,6 +1269,16 @@ def main(argv: list[str] | None = None) -> int:
         wait_quiet(args.quiet_wait)
     if args.mode == "idle" and args.cluster:
         sys.exit("idle measures one process: no --cluster")
+    if args.mode != "idle" and args.cluster:
+        # Each origin's tenant gets an equal share of the rooms (fanout: one room, one origin).
+        if args.mode == "load":
+            k = args.rooms
+        elif args.mode == "appends":
+            k = args.clients // max(1, args.room_size)
+        else:
+            k = 1
+        if k % args.origins:
+            sys.exit(f"{k} rooms must be a multiple of --origins ({args.origins})")
     server = open_server(args)
     try:
         if args.mode == "load":
