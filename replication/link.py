@@ -80,7 +80,11 @@ class FrameDecoder:
 
 
 def event_to_wire(ev: Event) -> dict[str, Any]:
-    return attrs.asdict(ev)
+    # The client push's fields plus `type` (defaults left out); attrs.asdict was ~15 % of an
+    # origin's CPU under load.
+    out = ev.to_wire()
+    out["type"] = ev.type
+    return out
 
 
 def event_from_wire(d: dict[str, Any]) -> Event:
