@@ -32,9 +32,11 @@ import hashlib
 import hmac
 import os
 import secrets
+import shutil
 import socket
 import struct
 import sys
+from pathlib import Path
 from typing import NoReturn
 from urllib.parse import unquote, urlsplit
 
@@ -382,6 +384,37 @@ def _missing(reason: str) -> NoReturn:
     if os.environ.get("GB6_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{reason} [GB6_REQUIRE_SERVICES=1]", pytrace=False)
     pytest.skip(reason)
+
+
+# Local tools (installed by scripts/tools up): name -> (environment variable, default path).
+TOOLS = {
+    "chromium": ("GB6_CHROMIUM", "/usr/bin/chromium"),
+    "ffprobe": ("GB6_FFPROBE", "/usr/bin/ffprobe"),
+    "playwright": (
+        "GB6_PLAYWRIGHT_DIR",
+        str(Path(__file__).resolve().parent / "browser"),
+    ),
+}
+
+
+def require_tool(tool: str) -> str:
+    """Skip the calling test unless `tool` is installed (fail under GB6_REQUIRE_SERVICES=1).
+
+    Returns its path: the executable for chromium and ffprobe; for playwright, the directory
+    whose node_modules holds playwright-core (run node scripts there).
+    """
+    env, default = TOOLS[tool]
+    path = os.environ.get(env) or default
+    found = (
+        (Path(path) / "node_modules" / "playwright-core").is_dir()
+        if tool == "playwright"
+        else os.access(path, os.X_OK)
+    )
+    if not found:
+        _missing(f"{tool} not found at {path}; run scripts/tools up (and export what it prints)")
+    if tool == "playwright" and shutil.which("node") is None:
+        _missing("node not found; Node.js 20 runs the Playwright scripts")
+    return path
 
 
 def main(argv: list[str]) -> int:
