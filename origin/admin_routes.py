@@ -1,0 +1,277 @@
+"""The admin API's route table: each route declared once, as data, and served from that data.
+
+A `Route` names its method and path, the permission it needs, the schemas of its path
+parameters, query parameters, body and answer, and the handler. `bind` turns the table into a
+Quart blueprint; `origin.openapi` turns the same table into the OpenAPI document. So the document
+and the checks cannot drift apart.
+
+Every request goes through `_serve`, the one place that:
+1. authenticates the bearer (the guard: operator token, org member token or API key),
+2. validates path parameters, query parameters and the body against the route's schemas
+   (`invalid`, 400, before anything is looked up or changed),
+3. resolves the target (the org and instance the path names; unknown or foreign: 404) and
+   authorizes the route's permission on it (403),
+4. calls the handler, and for a route that changes something records the action in the audit
+   log (the recorder) once the change is made.
+
+List routes take `limit` (1-`MAX_PAGE`, default `DEFAULT_PAGE`) and `after` (the `next` of the
+previous page) and answer `{"items": [...], "next": cursor | null}`; `paginate` is the one
+implementation. Cursors are the last item's id: items are listed in id order, so a walk sees
+every item that existed throughout the walk exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import attrs
+from quart import Blueprint, request
+
+from node.errors import UNAUTHORIZED, GB6Error
+from node.http import json_body
+from origin.admin_schema import Schema, array, id_string, integer, obj, string, validate
+
+T = TypeVar("T")
+DEFAULT_PAGE = 50
+MAX_PAGE = 200
+
+
+@attrs.frozen
+class Target:
+    """What a request's path names, resolved: the org (always, when the path names anything)
+    and the instance when the path is under one."""
+
+    org: str | None = None
+    instance: str | None = None
+
+
+class Guard(Protocol):
+    """Authentication and authorization, decided elsewhere (origin.rbac); called only here."""
+
+    async def authenticate(self, bearer: str) -> Any:
+        """The actor behind a bearer token; raises `unauthorized`."""
+        ...
+
+    async def resolve(self, actor: Any, params: Mapping[str, str]) -> Target:
+        """The org/instance the path parameters name; `not_found` for unknown ids and for
+        ids the actor may not even see (so another tenant's ids read like missing ones)."""
+        ...
+
+    def authorize(self, actor: Any, permission: str, target: Target) -> None:
+        """Raise `forbidden` unless the actor holds `permission` on `target`."""
+        ...
+
+
+class Recorder(Protocol):
+    """The audit log, as the admin API sees it."""
+
+    async def record(
+        self, actor: Any, action: str, target: Target, details: Mapping[str, Any]
+    ) -> None: ...
+
+
+@attrs.frozen
+class Call:
+    """One validated request, as a handler sees it."""
+
+    actor: Any
+    target: Target
+    params: Mapping[str, str]
+    query: Mapping[str, Any]
+    body: Mapping[str, Any]
+
+
+@attrs.frozen
+class Reply:
+    """A handler's answer: the JSON payload (None for 204) and what the audit record says
+    about it (the id it made or changed, by default the path's last id)."""
+
+    payload: Any
+    subject: str | None = None
+
+
+Handler = Callable[[Call], Awaitable[Reply]]
+
+
+@attrs.frozen
+class Param:
+    name: str
+    schema: Schema
+    description: str = ""
+    required: bool = False
+
+
+@attrs.frozen
+class Route:
+    method: str  # GET, POST, PATCH, DELETE
+    path: str  # OpenAPI style: /v1/orgs/{org}
+    op_id: str  # unique; also the audit action of a route that changes something
+    summary: str
+    tag: str
+    permission: str
+    handler: Handler
+    status: int = 200
+    response: Schema | None = None  # None: no body (204)
+    body: Schema | None = None
+    query: tuple[Param, ...] = ()
+    # Path parameter → its schema; every {name} of `path` must be here.
+    path_params: Mapping[str, Schema] = attrs.field(factory=dict)
+
+    @property
+    def changes(self) -> bool:
+        return self.method != "GET"
+
+    def path_names(self) -> list[str]:
+        return [part[1:-1] for part in self.path.split("/") if part.startswith("{")]
+
+    def quart_path(self) -> str:
+        return "/".join(f"<{p[1:-1]}>" if p.startswith("{") else p for p in self.path.split("/"))
+
+
+# --- pagination --------------------------------------------------------------------------
+
+
+def page_query(*filters: Param) -> tuple[Param, ...]:
+    """The query parameters of a list route: its filters, then `limit` and `after`."""
+    return (
+        *filters,
+        Param("limit", integer(1, MAX_PAGE), f"items per page (default {DEFAULT_PAGE})"),
+        Param("after", string(1, 200), "the `next` of the previous page"),
+    )
+
+
+def page_schema(item: Schema) -> Schema:
+    return obj(
+        {"items": array(item), "next": string(1, 200, nullable=True)},
+        ["items", "next"],
+    )
+
+
+def paginate(
+    items: Iterable[T], key: Callable[[T], str], query: Mapping[str, Any]
+) -> tuple[list[T], str | None]:
+    """One page of `items` in `key` order after the cursor `query["after"]`, and the next
+    cursor (None on the last page)."""
+    limit: int = query.get("limit") or DEFAULT_PAGE
+    after: str | None = query.get("after")
+    ordered = sorted(items, key=key)
+    if after is not None:
+        ordered = [i for i in ordered if key(i) > after]
+    page = ordered[: limit + 1]
+    if len(page) > limit:
+        return page[:limit], key(page[limit - 1])
+    return page, None
+
+
+def page_reply(items: Sequence[Any], next_cursor: str | None) -> Reply:
+    return Reply({"items": list(items), "next": next_cursor})
+
+
+# --- serving -------------------------------------------------------------------------------
+
+
+def bearer() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise GB6Error(UNAUTHORIZED, "missing bearer token")
+    return token.strip()
+
+
+def _query(route: Route) -> dict[str, Any]:
+    """The route's declared query parameters, converted and validated; others are refused."""
+    declared = {p.name: p for p in route.query}
+    out: dict[str, Any] = {}
+    for name in request.args:
+        if name not in declared:
+            allowed = ", ".join(declared) or "none"
+            raise GB6Error("invalid", f"query parameter '{name}' is not allowed ({allowed})")
+    for p in route.query:
+        values = request.args.getlist(p.name)
+        if not values:
+            if p.required:
+                raise GB6Error("invalid", f"query parameter '{p.name}' is required")
+            continue
+        if len(values) > 1:
+            raise GB6Error("invalid", f"query parameter '{p.name}' is given more than once")
+        value: Any = values[0]
+        if p.schema.get("type") in ("integer", ["integer", "null"]):
+            try:
+                value = int(value, 10)
+            except ValueError:
+                raise GB6Error(
+                    "invalid", f"query parameter '{p.name}' must be an integer"
+                ) from None
+        elif p.schema.get("type") == "boolean":
+            if value not in ("true", "false"):
+                raise GB6Error("invalid", f"query parameter '{p.name}' must be true or false")
+            value = value == "true"
+        validate(p.schema, value, f"query parameter '{p.name}'")
+        out[p.name] = value
+    return out
+
+
+async def _serve(route: Route, guard: Guard, recorder: Recorder, params: dict[str, str]) -> Any:
+    actor = await guard.authenticate(bearer())
+    for name, schema in route.path_params.items():
+        validate(schema, params[name], f"path parameter '{name}'")
+    query = _query(route)
+    body: dict[str, Any] = {}
+    if route.body is not None:
+        body = await json_body()
+        validate(route.body, body)
+    target = await guard.resolve(actor, params)
+    guard.authorize(actor, route.permission, target)
+    reply = await route.handler(Call(actor, target, params, query, body))
+    if route.changes:
+        subject = reply.subject
+        if subject is None and params:
+            subject = params[route.path_names()[-1]]
+        details = {"subject": subject, "params": dict(params)}
+        await recorder.record(actor, route.op_id, target, details)
+    if reply.payload is None:
+        # A str body: Quart's bodiless Response is read through a worker thread whose
+        # StopAsyncIteration escaped into trio-asyncio and took the process down.
+        return "", route.status
+    return reply.payload, route.status
+
+
+def bind(routes: Sequence[Route], guard: Guard, recorder: Recorder, name: str) -> Blueprint:
+    """A blueprint serving `routes` (checked for duplicate ids and undeclared parameters)."""
+    check_table(routes)
+    bp = Blueprint(name, __name__)
+    for route in routes:
+        bp.add_url_rule(
+            route.quart_path(),
+            endpoint=route.op_id,
+            view_func=_view(route, guard, recorder),
+            methods=[route.method],
+        )
+    return bp
+
+
+def _view(route: Route, guard: Guard, recorder: Recorder) -> Callable[..., Awaitable[Any]]:
+    async def view(**params: str) -> Any:
+        return await _serve(route, guard, recorder, params)
+
+    view.__name__ = route.op_id
+    return view
+
+
+def check_table(routes: Sequence[Route]) -> None:
+    seen: set[str] = set()
+    pairs: set[tuple[str, str]] = set()
+    for r in routes:
+        if r.op_id in seen or (r.method, r.path) in pairs:
+            raise ValueError(f"route {r.op_id} ({r.method} {r.path}) is declared twice")
+        seen.add(r.op_id)
+        pairs.add((r.method, r.path))
+        if sorted(r.path_names()) != sorted(r.path_params):
+            raise ValueError(f"route {r.op_id}: path parameters and their schemas differ")
+        if r.method == "GET" and r.body is not None:
+            raise ValueError(f"route {r.op_id}: a GET has no body")
+
+
+def id_param(description: str = "") -> Schema:
+    return id_string(description=description or None)
