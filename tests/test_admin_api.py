@@ -1,0 +1,222 @@
+"""The admin HTTP API against a real `gb6 run`: create/read/update/delete, pagination, filters,
+and errors in the protocol's shape (PROTOCOL.md: `{"error": {"code", "message"}}`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from tests.conftest import Node, module_node
+
+node = module_node("admin_api")
+
+
+def ok(r: httpx.Response, status: int = 200) -> Any:
+    assert r.status_code == status, (r.status_code, r.text)
+    return r.json() if r.content else None
+
+
+def error(r: httpx.Response, status: int, code: str) -> str:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return str(body["error"]["message"])
+
+
+def walk(
+    node: Node, path: str, limit: int, after: str | None = None, **filters: str
+) -> list[dict[str, Any]]:
+    """Every item of a list route (after the cursor `after`), page by page; checks each page's
+    size and cursor."""
+    items: list[dict[str, Any]] = []
+    for _ in range(1000):
+        params = {**filters, "limit": str(limit)}
+        if after is not None:
+            params["after"] = after
+        r = httpx.get(
+            node.http_url + path,
+            params=params,
+            headers={"Authorization": f"Bearer {node.admin_token}"},
+            timeout=10,
+        )
+        page = ok(r)
+        assert set(page) == {"items", "next"}, page
+        assert len(page["items"]) <= limit
+        items += page["items"]
+        if page["next"] is None:
+            return items
+        assert len(page["items"]) == limit, page  # only the last page may be short
+        after = page["next"]
+    raise AssertionError("pagination did not end")
+
+
+def new_org(node: Node, name: str = "o", parent: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": name}
+    if parent is not None:
+        body["parent"] = parent
+    return dict(ok(node.admin("POST", "/v1/orgs", body), 201))
+
+
+def test_bootstrap_calls_answer_as_the_protocol_says(node: Node) -> None:
+    org = new_org(node, "acme")
+    assert isinstance(org["id"], str) and org["name"] == "acme" and org["parent"] is None
+    child = new_org(node, "acme-eu", org["id"])
+    assert child["parent"] == org["id"]
+    inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "prod"}), 201)
+    assert inst["org"] == org["id"] and inst["plan"] == "free" and inst["status"] == "active"
+    assert inst["region"] == "local"
+    user = ok(
+        node.admin("POST", f"/v1/instances/{inst['id']}/users", {"name": "ann", "role": "admin"}),
+        201,
+    )
+    assert user["instance"] == inst["id"] and user["role"] == "admin"
+    tok = ok(node.admin("POST", f"/v1/instances/{inst['id']}/users/{user['id']}/tokens", {}), 201)
+    assert isinstance(tok["token"], str) and tok["expires_at"].endswith("Z")
+
+    # What was created reads back the same.
+    assert ok(node.admin("GET", f"/v1/orgs/{org['id']}")) == org
+    assert ok(node.admin("GET", f"/v1/instances/{inst['id']}")) == inst
+    assert ok(node.admin("GET", f"/v1/instances/{inst['id']}/users/{user['id']}")) == user
+    children = ok(node.admin("GET", f"/v1/orgs/{org['id']}/children"))
+    assert children == {"items": [child], "next": None}
+
+    # Revoking the token: 204, then the token is gone (a second revoke is still fine).
+    path = f"/v1/instances/{inst['id']}/users/{user['id']}/tokens/{tok['id']}"
+    r = node.admin("DELETE", path)
+    assert r.status_code == 204 and r.content == b""
+
+
+def test_pagination_walks_every_item_once(node: Node) -> None:
+    parent = new_org(node, "parent")
+    made = {new_org(node, f"child-{i}", parent["id"])["id"] for i in range(7)}
+    for limit in (1, 2, 3, 7, 8, 200):
+        seen = [o["id"] for o in walk(node, "/v1/orgs", limit, parent=parent["id"])]
+        assert len(seen) == len(set(seen)) == 7 and set(seen) == made, limit
+        seen = [o["id"] for o in walk(node, f"/v1/orgs/{parent['id']}/children", limit)]
+        assert set(seen) == made and len(seen) == 7
+
+    org = new_org(node)
+    inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "i"}), 201)
+    users = {
+        ok(node.admin("POST", f"/v1/instances/{inst['id']}/users", {"name": f"u{i}"}), 201)["id"]
+        for i in range(5)
+    }
+    seen = [u["id"] for u in walk(node, f"/v1/instances/{inst['id']}/users", 2)]
+    assert sorted(seen) == sorted(users)
+
+    # Items created during a walk after its cursor are seen; none before it is seen twice.
+    first = ok(node.admin("GET", f"/v1/orgs?parent={parent['id']}&limit=3"))
+    late = new_org(node, "late", parent["id"])
+    rest = walk(node, "/v1/orgs", 3, first["next"], parent=parent["id"])
+    ids = [o["id"] for o in first["items"] + rest]
+    assert len(ids) == len(set(ids)) and set(ids) >= made
+    # The new one comes in this walk if its id sorts after the cursor, else in the next.
+    assert (late["id"] in ids) == (late["id"] > first["next"])
+
+
+def test_filters(node: Node) -> None:
+    org = new_org(node, "filters")
+    oid = org["id"]
+    free = ok(node.admin("POST", f"/v1/orgs/{oid}/instances", {"name": "a"}), 201)
+    unl = ok(
+        node.admin("POST", f"/v1/orgs/{oid}/instances", {"name": "b", "plan": "unlimited"}), 201
+    )
+    assert walk(node, f"/v1/orgs/{oid}/instances", 10) in ([free, unl], [unl, free])
+    assert walk(node, f"/v1/orgs/{oid}/instances", 10, plan="unlimited") == [unl]
+    assert walk(node, f"/v1/orgs/{oid}/instances", 10, name="a") == [free]
+    assert walk(node, "/v1/instances", 10, org=oid, plan="free") == [free]
+    assert walk(node, f"/v1/orgs/{oid}/instances", 10, status="suspended") == []
+
+    base = f"/v1/instances/{free['id']}/users"
+    owner = ok(node.admin("POST", base, {"name": "boss", "role": "owner"}), 201)
+    guest = ok(node.admin("POST", base, {"name": "visitor", "role": "guest"}), 201)
+    assert walk(node, base, 10, role="owner") == [owner]
+    assert walk(node, base, 10, name="visitor") == [guest]
+    assert walk(node, base, 10, role="member") == []
+    assert walk(node, "/v1/orgs", 50, name="filters") == [org]
+
+    plans = {p["name"]: p for p in walk(node, "/v1/plans", 1)}
+    assert {"free", "unlimited"} <= set(plans)
+    assert ok(node.admin("GET", "/v1/plans/free"))["name"] == "free"
+
+
+def test_errors_have_the_protocol_shape_and_change_nothing(node: Node) -> None:
+    org = new_org(node, "errors")
+    oid = org["id"]
+    before = walk(node, "/v1/orgs", 200)
+
+    # Credentials: 401 for none, a wrong one, or a user's token.
+    r = httpx.get(node.http_url + "/v1/orgs", timeout=10)
+    error(r, 401, "unauthorized")
+    error(node.admin("GET", "/v1/orgs", token="nope"), 401, "unauthorized")
+    error(node.admin("POST", "/v1/orgs", {"name": "x"}, token="nope"), 401, "unauthorized")
+
+    # Bodies: every refusal names the field.
+    assert "name" in error(node.admin("POST", "/v1/orgs", {}), 400, "invalid")
+    assert "name" in error(node.admin("POST", "/v1/orgs", {"name": ""}), 400, "invalid")
+    assert "color" in error(
+        node.admin("POST", "/v1/orgs", {"name": "x", "color": "red"}), 400, "invalid"
+    )
+    assert "parent" in error(
+        node.admin("POST", "/v1/orgs", {"name": "x", "parent": 5}), 400, "invalid"
+    )
+    r = httpx.post(
+        node.http_url + "/v1/orgs",
+        content=b"{nope",
+        headers={"Authorization": f"Bearer {node.admin_token}"},
+        timeout=10,
+    )
+    error(r, 400, "invalid")
+    path = f"/v1/orgs/{oid}/instances"
+    assert "plan" in error(node.admin("POST", path, {"name": "i", "plan": "gold"}), 400, "invalid")
+    assert "region" in error(
+        node.admin("POST", path, {"name": "i", "region": "mars"}), 400, "invalid"
+    )
+
+    # Query parameters: declared ones only, in range.
+    assert "limit" in error(node.admin("GET", "/v1/orgs?limit=0"), 400, "invalid")
+    assert "limit" in error(node.admin("GET", "/v1/orgs?limit=201"), 400, "invalid")
+    assert "limit" in error(node.admin("GET", "/v1/orgs?limit=ten"), 400, "invalid")
+    assert "sort" in error(node.admin("GET", "/v1/orgs?sort=name"), 400, "invalid")
+    error(node.admin("GET", "/v1/instances?status=sleeping"), 400, "invalid")
+
+    # Ids: malformed 400, unknown 404.
+    error(node.admin("GET", "/v1/orgs/NOT-AN-ID"), 400, "invalid")
+    error(node.admin("GET", "/v1/orgs/org_doesnotexist"), 404, "not_found")
+    error(node.admin("GET", "/v1/instances/ins_doesnotexist"), 404, "not_found")
+    error(node.admin("GET", "/v1/instances/ins_doesnotexist/users"), 404, "not_found")
+    error(node.admin("GET", "/v1/plans/gold"), 404, "not_found")
+    error(node.admin("POST", "/v1/orgs", {"name": "x", "parent": "org_nope"}), 404, "not_found")
+
+    # Methods and paths the API does not have.
+    error(node.admin("PUT", "/v1/orgs"), 405, "invalid")
+    error(node.admin("GET", "/v1/nothing"), 404, "not_found")
+
+    assert walk(node, "/v1/orgs", 200) == before  # nothing was created by any of these
+
+
+def test_openapi_document_describes_every_route(node: Node) -> None:
+    doc = httpx.get(node.http_url + "/openapi.json", timeout=10).json()  # no credentials needed
+    assert doc["openapi"].startswith("3.1")
+    ops = [(m.upper(), p, op) for p, item in doc["paths"].items() for m, op in item.items()]
+    ids = [op["operationId"] for _, _, op in ops]
+    assert len(ids) == len(set(ids))
+    for method, path, op in ops:
+        assert "401" in op["responses"] and "400" in op["responses"], (method, path)
+        names = {p["name"] for p in op["parameters"] if p["in"] == "path"}
+        assert names == {seg[1:-1] for seg in path.split("/") if seg.startswith("{")}
+        if method == "GET" and "limit" in {p["name"] for p in op["parameters"]}:
+            answer = op["responses"]["200"]["content"]["application/json"]["schema"]
+            assert answer["required"] == ["items", "next"], path
+    # The bootstrap calls of PROTOCOL.md are there, as they are.
+    have = {(m, p) for m, p, _ in ops}
+    assert {
+        ("POST", "/v1/orgs"),
+        ("POST", "/v1/orgs/{org}/instances"),
+        ("POST", "/v1/instances/{inst}/users"),
+        ("POST", "/v1/instances/{inst}/users/{user}/tokens"),
+    } <= have
