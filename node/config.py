@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from node.errors import invalid
+from origin.plans import Plan, builtin_plans, parse_plans
 
 
 @attrs.frozen
@@ -51,6 +52,63 @@ class Limits:
     link_inflight_appends: int = 10_000  # per edge and origin shard, awaiting their answer
     token_ttl_s: int = 24 * 3600
     token_ttl_max_s: int = 30 * 24 * 3600
+    # Recording (edge/recording): a track's file is held in memory until the track ends.
+    recording_max_duration_s: float = 3 * 3600.0  # a recording stops itself after this
+    recording_track_bytes: int = 512 << 20  # per track file; past it the track is truncated
+    recording_tracks: int = 64  # per recording, removed tracks included
+    recording_queue_packets: int = 8_192  # waiting for the recorder; past it packets are dropped
+    recording_reorder_packets: int = 128  # held while an earlier packet is missing
+    recording_packet_bytes: int = 16 << 10  # one RTP packet
+    recording_frame_bytes: int = 8 << 20  # one assembled video frame
+    recording_finish_s: float = 60.0  # how long stopping may take to write the files
+    # Tenancy (origin/tenancy.py).
+    org_depth: int = 8  # levels of nested organizations, the root included
+    org_children: int = 1_000  # child organizations per organization
+    org_members: int = 1_000  # members (owners, admins, members) per organization
+    org_api_keys: int = 100  # API keys per organization, revoked ones included
+    page_limit: int = 200  # items per page of an admin listing (50 unless asked)
+
+
+@attrs.frozen
+class IceServer:
+    """One STUN or TURN server (`stun:host:port`, `turn:host:port?transport=udp`)."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+
+
+@attrs.frozen
+class MediaConfig:
+    """`[media]`: where the SFU binds its UDP sockets and what it allows.
+
+    ICE host candidates are pinned to `host` (aioice would leave 127.0.0.1 out and enumerate every
+    interface), bound inside `udp_port_min..udp_port_max`, and announced as `announced_address`
+    when set (behind NAT). `ice_servers` is passed to every transport as given: empty means no
+    STUN/TURN at all (aiortc would otherwise fall back to a public STUN server).
+    """
+
+    host: str = "127.0.0.1"
+    announced_address: str = ""
+    udp_port_min: int = 40_000
+    udp_port_max: int = 49_999
+    ice_servers: tuple[IceServer, ...] = ()
+    tracks_per_participant: int = 8  # published tracks (audio, camera, screen, ...)
+    participants_per_room: int = 1_000  # live rooms: viewers are participants
+    subscribers_per_track: int = 1_000
+    subscriptions_per_participant: int = 200
+    video_bitrate_cap_bps: int = 20_000_000  # REMB sent to a publisher never exceeds this
+    audio_bitrate_cap_bps: int = 256_000
+    nack_history_packets: int = 1_024  # per subscription, a power of two
+    keyframe_request_interval_s: float = 1.0  # PLI/FIR to a publisher, per track, at most
+    remb_interval_s: float = 1.0
+    speakers_top_n: int = 3
+    speaker_interval_s: float = 0.3
+    quality_interval_s: float = 2.0
+    sdp_bytes: int = 64 << 10
+    ice_candidate_chars: int = 512
+    remote_candidates: int = 32  # per peer
+    connect_timeout_s: float = 20.0  # ICE + DTLS, or the peer is closed
 
 
 @attrs.frozen
@@ -69,10 +127,8 @@ class Config:
     http_port: int = 8701
     region: str = "local"
     limits: Limits = Limits()
-    # Requests per user on the client socket, per plan. `unlimited` has no entry: no limit.
-    rate_plans: dict[str, RatePlan] = attrs.field(
-        factory=lambda: {"free": RatePlan(rate=50.0, burst=100)}
-    )
+    # Plans (origin/plans.py): quotas per instance, the rate limit per user, pricing.
+    plans: dict[str, Plan] = attrs.field(factory=builtin_plans)
     typing_interval_ms: int = 1_000  # typing signals per user and room are dropped above this
     # Cluster (`gb6 origin`, `gb6 edge`): this origin's shard name and link port; the origin
     # shards an edge connects to; the secret both ends of a link must share.
@@ -93,6 +149,24 @@ class Config:
     pg_schema: str = "gb6"
     kafka_bootstrap: str = ""
     kafka_topic: str = ""
+    # `[regions]`: region → the origin shards that serve it (an instance's data lives only on
+    # shards of its region). Empty: the node's region is served by its own shard alone.
+    regions: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+
+    def region_shards(self, region: str) -> tuple[str, ...] | None:
+        """The shards of `region`; None if no such region is configured."""
+        regions = self.regions or {self.region: (self.shard,)}
+        return regions.get(region)
+
+    @property
+    def rate_plans(self) -> dict[str, RatePlan]:
+        """Requests per user on the client socket, per plan; a plan without a rate (such as
+        `unlimited`) has no entry: no limit. Derived from `plans`, where the rate lives."""
+        return {
+            name: RatePlan(rate=p.rate, burst=p.burst)
+            for name, p in self.plans.items()
+            if p.rate is not None and p.burst is not None
+        }
 
 
 _SECTIONS = {"limits": Limits}
@@ -125,6 +199,13 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     ):
         if key in store:
             kwargs[name] = store[key]
+    if "regions" in raw:
+        regions = raw["regions"]
+        if not isinstance(regions, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in regions.values()
+        ):
+            raise invalid("config [regions]: each region maps to a list of shard names")
+        kwargs["regions"] = {str(k): tuple(v) for k, v in regions.items()}
     if "origins" in cluster:
         kwargs["origins"] = tuple(str(o) for o in cluster["origins"])
     if "data_dir" in node:
@@ -134,11 +215,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
             kwargs["limits"] = Limits(**{k: _tuple(v) for k, v in raw["limits"].items()})
         except TypeError as exc:
             raise invalid(f"config [limits]: {exc}") from exc
-    if "rate_plans" in raw:
-        kwargs["rate_plans"] = {
-            name: RatePlan(rate=float(p["rate"]), burst=int(p["burst"]))
-            for name, p in raw["rate_plans"].items()
-        }
+    if "plans" in raw or "rate_plans" in raw:
+        kwargs["plans"] = parse_plans(raw.get("plans", {}), raw.get("rate_plans", {}))
     for key, value in overrides.items():
         if value is not None:
             kwargs[key] = Path(value) if key == "data_dir" else value
@@ -146,6 +224,27 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         return Config(**kwargs)
     except (TypeError, ValueError) as exc:
         raise invalid(f"config: {exc}") from exc
+
+
+def _media(section: dict[str, Any]) -> MediaConfig:
+    try:
+        servers = tuple(
+            IceServer(
+                urls=(s["urls"],) if isinstance(s["urls"], str) else tuple(s["urls"]),
+                username=s.get("username"),
+                credential=s.get("credential"),
+            )
+            for s in section.pop("ice_servers", [])
+        )
+        media = MediaConfig(ice_servers=servers, **section)
+    except (TypeError, KeyError) as exc:
+        raise invalid(f"config [media]: {exc}") from exc
+    if not 0 < media.udp_port_min <= media.udp_port_max < 65_536:
+        raise invalid("config [media]: udp_port_min..udp_port_max must be a range within 1..65535")
+    n = media.nack_history_packets
+    if n <= 0 or n & (n - 1):
+        raise invalid("config [media]: nack_history_packets must be a power of two")
+    return media
 
 
 def _tuple(value: Any) -> Any:
