@@ -1,0 +1,233 @@
+"""The audit store on SQLite: one table in a file of its own (audit.db in the data directory).
+
+A file apart from gb6.db: the audit log has its own writer and its own lifetime (it is kept as
+evidence when everything else is thrown away), and an append never waits behind the message
+path's group commit.
+
+Threading: one worker thread, started and joined by `run`, owns the only connection and does
+every call (appends are batched by the log already, reads are rare: admin listings and the
+verifier); callers hand it jobs through a queue and wait on a trio.Event. Durability: WAL with
+`synchronous=FULL`, so `append` returns only after its commit reached the disk.
+
+Append-only: the code has no UPDATE or DELETE, and triggers make SQLite refuse both, so a
+mistaken or injected statement fails instead of rewriting history. (Someone with the file can
+drop the triggers: that is what the hash chain and its anchor are for.)
+
+`readonly=True` (the `gb6 audit verify` command) opens an existing file read-only, never
+creates or migrates one, and reads a missing file as an empty log.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import attrs
+import orjson
+import outcome
+import trio
+
+from node.errors import CONFLICT, INTERNAL, UNAVAILABLE, GB6Error
+from origin.audit import AuditLimits, AuditRecord
+from origin.audit_store import COLUMNS, AuditQuery, record_from_row, record_row, where
+
+_MIGRATIONS: Final[tuple[str, ...]] = (
+    """
+    CREATE TABLE audit(
+        seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL, actor TEXT NOT NULL,
+        action TEXT NOT NULL, org TEXT, instance TEXT, target TEXT, outcome TEXT NOT NULL,
+        details TEXT NOT NULL, prev BLOB NOT NULL, hash BLOB NOT NULL);
+    CREATE INDEX audit_by_org ON audit(org, seq);
+    CREATE INDEX audit_by_instance ON audit(instance, seq);
+    CREATE INDEX audit_by_actor ON audit(actor, seq);
+    CREATE INDEX audit_by_action ON audit(action, seq);
+    CREATE INDEX audit_by_ts ON audit(ts);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+        BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    """,
+)
+_STOP: Final = object()
+T = TypeVar("T")
+
+
+@attrs.define
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: outcome.Outcome[Any] | None = None
+
+
+def _translate(exc: sqlite3.Error) -> GB6Error:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return GB6Error(CONFLICT, f"audit store (sqlite) refused the write: {exc}")
+    if isinstance(exc, sqlite3.OperationalError):  # locked, disk full, I/O error, unopenable
+        return GB6Error(UNAVAILABLE, f"audit store (sqlite) unavailable: {exc}")
+    return GB6Error(INTERNAL, f"audit store (sqlite) failed: {type(exc).__name__}: {exc}")
+
+
+class SqliteAuditStore:
+    """The audit store port on SQLite. A component: `await nursery.start(store.run)`."""
+
+    def __init__(
+        self, path: Path, limits: AuditLimits | None = None, *, readonly: bool = False
+    ) -> None:
+        self.path = path
+        self.limits = limits or AuditLimits()
+        self.readonly = readonly
+        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._running = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            conn = await trio.to_thread.run_sync(self._open)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        token = trio.lowlevel.current_trio_token()
+        thread = threading.Thread(
+            target=self._worker, args=(conn, token), name="gb6-audit-sqlite", daemon=True
+        )
+        thread.start()
+        try:
+            self._running = True
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._running = False
+            self._queue.put(_STOP)  # the worker finishes what was queued before it, then closes
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join)
+
+    def _open(self) -> sqlite3.Connection | None:
+        if self.readonly:
+            if not self.path.exists():
+                return None
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _statements(script):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={number}")
+                conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # --- the worker thread ---------------------------------------------------------------
+
+    def _worker(self, conn: sqlite3.Connection | None, token: trio.lowlevel.TrioToken) -> None:
+        try:
+            while True:
+                job = self._queue.get()
+                if job is _STOP:
+                    return
+                assert isinstance(job, _Job)
+                try:
+                    job.result = outcome.Value(job.fn(conn) if conn is not None else None)
+                except sqlite3.Error as exc:
+                    if conn is not None and conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    job.result = outcome.Error(_translate(exc))
+                except Exception as exc:  # the caller gets it; the worker must go on
+                    job.result = outcome.Error(exc)
+                try:
+                    token.run_sync_soon(job.done.set)
+                except trio.RunFinishedError:
+                    return
+        finally:
+            if conn is not None:
+                conn.close()
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T], empty: T) -> T:
+        """Run `fn` on the worker's connection; `empty` when read-only on a missing file."""
+        if not self._running:
+            raise GB6Error(UNAVAILABLE, "the audit store is not running")
+        job = _Job(fn)
+        self._queue.put(job)
+        await job.done.wait()
+        assert job.result is not None
+        value = job.result.unwrap()
+        return empty if value is None and self.readonly else value
+
+    # --- the port ------------------------------------------------------------------------
+
+    async def append(self, records: Sequence[AuditRecord]) -> None:
+        rows = [record_row(r) for r in records]
+        if not rows:
+            return
+
+        def fn(conn: sqlite3.Connection) -> bool:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                f"INSERT INTO audit({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+            )
+            conn.execute("COMMIT")
+            return True
+
+        await self._call(fn, False)
+
+    async def head(self) -> AuditRecord | None:
+        def fn(conn: sqlite3.Connection) -> AuditRecord | None:
+            row = conn.execute(f"SELECT {COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            return None if row is None else record_from_row(row)
+
+        return await self._call(fn, None)
+
+    async def scan(self, after: int, limit: int) -> list[AuditRecord]:
+        def fn(conn: sqlite3.Connection) -> list[AuditRecord]:
+            rows = conn.execute(
+                f"SELECT {COLUMNS} FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            ).fetchall()
+            return [record_from_row(r) for r in rows]
+
+        return await self._call(fn, [])
+
+    async def query(self, q: AuditQuery) -> list[AuditRecord]:
+        q = q.checked(self.limits)
+        args: list[Any] = []
+
+        def mark(value: Any) -> str:
+            args.append(value)
+            return "?"
+
+        def mark_set(ids: list[str]) -> str:
+            args.append(orjson.dumps(ids).decode())
+            return "SELECT value FROM json_each(?)"
+
+        sql = f"SELECT {COLUMNS} FROM audit WHERE {where(q, mark, mark_set)}"
+        sql += f" ORDER BY seq DESC LIMIT {q.limit}"
+
+        def fn(conn: sqlite3.Connection) -> list[AuditRecord]:
+            return [record_from_row(r) for r in conn.execute(sql, args).fetchall()]
+
+        return await self._call(fn, [])
+
+
+def _statements(script: str) -> list[str]:
+    """A migration's statements; triggers hold ';' inside BEGIN…END, so split by hand."""
+    out: list[str] = []
+    current = ""
+    for part in script.split(";"):
+        current += part + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n;"):
+                out.append(current.strip())
+            current = ""
+    return out
