@@ -44,8 +44,10 @@ from node.ids import new_id
 from node.log import log
 from node.ratelimit import RateLimiter
 from origin.membership import MembershipChange, Principal
+from origin.quotas import Quotas
+from origin.records import Instance, User
 from origin.shard import OriginShard
-from origin.sqlite_store import Appended
+from origin.sqlite_store import Appended, now_ms
 from replication.edge_link import RemoteOrigin
 
 CLOSE_BAD_HANDSHAKE = 4001
@@ -77,6 +79,7 @@ class Connection:
     nursery: trio.Nursery | None = None
     status: str = "online"
     last_typing: dict[str, float] = attrs.Factory(dict)
+    quota_instance: str | None = None  # holds one of this instance's `connections` until closed
 
     @property
     def user(self) -> str:
@@ -119,6 +122,14 @@ class Gateway:
             if shared is not None and shared.limiters is not None
             else {n: LocalRateLimiter.new(rp.rate, rp.burst) for n, rp in config.rate_plans.items()}
         )
+        # Concurrent connections per instance: counted by the shard's quotas in one process; in
+        # a cluster each edge counts its own connections against the instance's plan (so the
+        # limit holds per edge, not across edges, and operators' overrides stay at the origin).
+        self.quotas = (
+            origin.quotas
+            if isinstance(origin, OriginShard)
+            else Quotas(config.plans, self._plan_of, now_ms)
+        )
         self._accept_scope = trio.CancelScope()
         self.draining = False
         self._all_closed = trio.Event()
@@ -126,6 +137,7 @@ class Gateway:
         origin.member_listeners.append(self._on_members)
         origin.read_listeners.append(self._on_read)
         origin.watch_listeners.append(self.hubs.ensure)
+        origin.tenancy_listeners.append(self._on_tenancy)
         self.hubs.on_evict = origin.unwatch
         if isinstance(origin, RemoteOrigin):
             origin.lost_listeners.append(self._on_origin_lost)
@@ -247,8 +259,15 @@ class Gateway:
         log("client_too_slow", peer=conn.peer, session=conn.session)
         self._close(conn, CLOSE_TOO_SLOW, "too slow to keep up; resume")
 
+    def _plan_of(self, instance: str) -> str | None:
+        inst = self.origin.state.instances.get(instance)
+        return inst.plan if inst is not None else None
+
     def _forget(self, conn: Connection) -> None:
         self.conns.discard(conn)
+        if conn.quota_instance is not None:
+            self.quotas.release(conn.quota_instance, "connections")
+            conn.quota_instance = None
         if not self.conns and self.draining:
             self._all_closed.set()
         for sub in conn.subs.values():
@@ -417,6 +436,13 @@ class Gateway:
         principal = await self.origin.authenticate(hello.token)
         session = new_id("ses")
         first = principal.id not in self.by_user
+        # Refused here (quota_exceeded) the socket stays open for another hello; taken here,
+        # `_forget` gives it back when the connection ends, however it ends.
+        if conn.quota_instance is not None:  # an earlier hello on this socket got this far
+            self.quotas.release(conn.quota_instance, "connections")
+            conn.quota_instance = None
+        self.quotas.acquire(principal.instance.id, "connections")
+        conn.quota_instance = principal.instance.id
         if self.shared is not None:
             await self.shared.follow_instance(principal.instance.id)
             first = await self.shared.session_opened(principal.id, session)
@@ -597,6 +623,26 @@ class Gateway:
                 self._close(conn, CLOSE_INTERNAL, "origin unreachable; resume")
         for room in rooms:
             self.hubs.drop(room)
+
+    def _on_tenancy(self, record: Instance | User) -> None:
+        """An instance or user changed on its shard. Live connections take the new record (a
+        role or plan change applies at once); those of an instance no longer active, or of a
+        deleted user, close with 4003 (their tokens are refused at `hello` from now on)."""
+        if isinstance(record, Instance):
+            conns = [c for c in self.conns if c.principal and c.principal.instance.id == record.id]
+        else:
+            conns = list(self.by_user.get(record.id, ()))
+        for conn in conns:
+            who = conn.principal
+            if who is None or conn.state is not State.READY:
+                continue
+            if record.status != "active":
+                what = "instance" if isinstance(record, Instance) else "user"
+                self._close(conn, CLOSE_UNAUTHORIZED, f"{what} {record.status}")
+            elif isinstance(record, Instance):
+                conn.principal = attrs.evolve(who, instance=record)
+            else:
+                conn.principal = attrs.evolve(who, user=record)
 
     def _on_read(self, room: str, user: str, seq: int) -> None:
         hub = self.hubs.get(room)

@@ -53,7 +53,17 @@ from origin.pg_append import EVENT_COLS
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_persister import PgPersister, prepare
 from origin.pg_store import PgStore, open_pool
-from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User, event_from_row
+from origin.records import (
+    ApiKey,
+    FileRecord,
+    Instance,
+    Org,
+    OrgMember,
+    RoomRecord,
+    Token,
+    User,
+    event_from_row,
+)
 from origin.sqlite_store import AppendCallback, Appended, AppendItem, now_ms
 
 _ATTEMPTS: Final = 3  # appends of one batch whose transaction aborted
@@ -461,6 +471,65 @@ class KafkaStore:
 
     async def meta(self, key: str) -> str | None:
         return await self.pg.meta(key)
+
+    # Tenancy (origin/tenancy.py): relational data, PostgreSQL's.
+
+    async def update_org(self, org: Org) -> None:
+        await self.pg.update_org(org)
+
+    async def delete_org(self, org_id: str) -> None:
+        await self.pg.delete_org(org_id)
+
+    async def update_instance(self, inst: Instance) -> None:
+        await self.pg.update_instance(inst)
+
+    async def update_user(self, user: User) -> None:
+        await self.pg.update_user(user)
+
+    async def delete_user(self, user_id: str) -> None:
+        await self.pg.delete_user(user_id)
+
+    async def create_org_member(self, member: OrgMember) -> None:
+        await self.pg.create_org_member(member)
+
+    async def update_org_member(self, member: OrgMember) -> None:
+        await self.pg.update_org_member(member)
+
+    async def delete_org_member(self, member_id: str) -> None:
+        await self.pg.delete_org_member(member_id)
+
+    async def create_member_token(self, token: Token, digest: str) -> None:
+        await self.pg.create_member_token(token, digest)
+
+    async def revoke_member_token(self, member: str, token_id: str) -> bool:
+        return await self.pg.revoke_member_token(member, token_id)
+
+    async def member_token(self, digest: str) -> Token | None:
+        return await self.pg.member_token(digest)
+
+    async def create_api_key(self, key: ApiKey, digest: str) -> None:
+        await self.pg.create_api_key(key, digest)
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        return await self.pg.revoke_api_key(key_id)
+
+    async def api_key(self, digest: str) -> ApiKey | None:
+        return await self.pg.api_key(digest)
+
+    async def load_access(self) -> tuple[list[OrgMember], list[ApiKey]]:
+        return await self.pg.load_access()
+
+    async def messages_since(self, since_ms: int) -> dict[str, int]:
+        # At start the log has been persisted to its end (`_recover`), so PostgreSQL has it.
+        await self._caught_up(self._seq.unpersisted.behind())
+        return await self.pg.messages_since(since_ms)
+
+    async def stored_bytes(self) -> dict[str, int]:
+        return await self.pg.stored_bytes()
+
+    async def event_by_cid(self, room: str, sender: str, cid: str) -> Event | None:
+        await self._caught_up([room])  # what was acknowledged is in PostgreSQL
+        return await self.pg.event_by_cid(room, sender, cid)
 
 
 if TYPE_CHECKING:  # KafkaStore fits the port (checked by mypy)

@@ -16,7 +16,8 @@ from typing import Any
 import attrs
 
 from node.errors import forbidden, not_found
-from origin.records import MODERATOR_ROLES, Instance, RoomRecord, User
+from origin import rbac
+from origin.records import Instance, RoomRecord, User
 
 
 @attrs.frozen
@@ -32,7 +33,12 @@ class Principal:
 
     @property
     def moderator(self) -> bool:
-        return self.user.role in MODERATOR_ROLES
+        """Manages every room of the instance (the role's `room.moderate`, origin/rbac.py)."""
+        return rbac.instance_role_allows(self.user.role, rbac.ROOM_MODERATE)
+
+    @property
+    def actor(self) -> rbac.Actor:
+        return rbac.user_actor(self.user.id, self.instance.id, self.user.role)
 
 
 @attrs.define
@@ -90,7 +96,7 @@ class Membership:
         found = []
         for uid in users:
             user = self.users.get(uid)
-            if user is None or user.instance != who.instance.id:
+            if user is None or user.instance != who.instance.id or user.status != "active":
                 raise not_found(f"user {uid} not found")
             found.append(uid)
         return found
@@ -104,8 +110,10 @@ class Membership:
 
     def principal(self, user_id: str) -> Principal | None:
         user = self.users.get(user_id)
-        inst = self.instances.get(user.instance) if user else None
-        return Principal(user, inst) if user is not None and inst is not None else None
+        if user is None or user.status != "active":  # a deleted user (an edge's tombstone)
+            return None
+        inst = self.instances.get(user.instance)
+        return Principal(user, inst) if inst is not None else None
 
     # --- changes (applied after they are durable) ----------------------------------------
 

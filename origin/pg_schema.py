@@ -76,6 +76,24 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         size bigint NOT NULL, type text NOT NULL, created_at bigint NOT NULL);
     CREATE TABLE meta(key text PRIMARY KEY, value text NOT NULL);
     """,
+    # Tenancy (origin/tenancy.py): soft-deleted orgs and users, org members and their
+    # tokens, API keys (digests only, like tokens; permissions space-separated).
+    """
+    ALTER TABLE orgs ADD COLUMN deleted boolean NOT NULL DEFAULT false;
+    ALTER TABLE users ADD COLUMN status text NOT NULL DEFAULT 'active';
+    CREATE TABLE org_members(
+        id text PRIMARY KEY, org text NOT NULL REFERENCES orgs(id), name text NOT NULL,
+        role text NOT NULL, created_at bigint NOT NULL);
+    CREATE TABLE member_tokens(
+        id text PRIMARY KEY, digest text NOT NULL UNIQUE,
+        member text NOT NULL REFERENCES org_members(id), expires_at bigint NOT NULL,
+        revoked boolean NOT NULL DEFAULT false, created_at bigint NOT NULL);
+    CREATE TABLE api_keys(
+        id text PRIMARY KEY, digest text NOT NULL UNIQUE, org text NOT NULL REFERENCES orgs(id),
+        instance text REFERENCES instances(id), name text NOT NULL, permissions text NOT NULL,
+        created_by text NOT NULL, expires_at bigint, revoked boolean NOT NULL DEFAULT false,
+        created_at bigint NOT NULL);
+    """,
 )
 
 

@@ -52,12 +52,16 @@ from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_schema import Partitions, check_schema_name, migrate
 from origin.pg_search import tsquery_literal
 from origin.records import (
+    API_KEY_COLS,
+    ApiKey,
     FileRecord,
     Instance,
     Org,
+    OrgMember,
     RoomRecord,
     Token,
     User,
+    api_key_from_row,
     event_from_row,
     hit_from_row,
 )
@@ -308,8 +312,8 @@ class PgStore:
     async def create_user(self, user: User) -> None:
         async def tx(c: Any) -> None:
             await c.execute(
-                "INSERT INTO users(id, instance, name, role, created_at)"
-                " VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO users(id, instance, name, role, created_at, status)"
+                " VALUES ($1, $2, $3, $4, $5, $6)",
                 *attrs.astuple(user),
             )
 
@@ -494,7 +498,12 @@ class PgStore:
 
     async def load_tenancy(self) -> tuple[list[Org], list[Instance], list[User]]:
         async def q(c: Any) -> tuple[list[Org], list[Instance], list[User]]:
-            orgs = [Org(*r) for r in await c.fetch("SELECT id, name, parent, created_at FROM orgs")]
+            orgs = [
+                Org(*r)
+                for r in await c.fetch(
+                    "SELECT id, name, parent, created_at FROM orgs WHERE NOT deleted"
+                )
+            ]
             insts = [
                 Instance(*r)
                 for r in await c.fetch(
@@ -503,7 +512,10 @@ class PgStore:
             ]
             users = [
                 User(*r)
-                for r in await c.fetch("SELECT id, instance, name, role, created_at FROM users")
+                for r in await c.fetch(
+                    "SELECT id, instance, name, role, created_at, status FROM users"
+                    " WHERE status <> 'deleted'"
+                )
             ]
             return orgs, insts, users
 
@@ -542,6 +554,218 @@ class PgStore:
         async def q(c: Any) -> str | None:
             value: str | None = await c.fetchval("SELECT value FROM meta WHERE key = $1", key)
             return value
+
+        return await self._read(q)
+
+    # --- quota counts at start -----------------------------------------------------------
+
+    async def messages_since(self, since_ms: int) -> dict[str, int]:
+        async def q(c: Any) -> dict[str, int]:
+            # `ts` prunes to the current month's partition of each instance.
+            rows = await c.fetch(
+                "SELECT instance, count(*) FROM events WHERE type = 'message' AND ts >= $1"
+                " GROUP BY instance",
+                since_ms,
+            )
+            return {r[0]: int(r[1]) for r in rows}
+
+        return await self._read(q)
+
+    async def stored_bytes(self) -> dict[str, int]:
+        async def q(c: Any) -> dict[str, int]:
+            rows = await c.fetch(
+                "SELECT r.instance, sum(f.size) FROM files f JOIN rooms r ON r.id = f.room"
+                " GROUP BY r.instance"
+            )
+            return {r[0]: int(r[1]) for r in rows}
+
+        return await self._read(q)
+
+    async def event_by_cid(self, room: str, sender: str, cid: str) -> Event | None:
+        cols = ", ".join("e." + c.strip() for c in EVENT_COLS.split(","))
+
+        async def q(c: Any) -> Event | None:
+            # event_keys holds the key; its (instance, ts) prunes `events` to one partition.
+            row = await c.fetchrow(
+                f"SELECT {cols} FROM event_keys k JOIN events e ON e.instance = k.instance"
+                " AND e.ts = k.ts AND e.room = k.room AND e.seq = k.seq"
+                " WHERE k.room = $1 AND k.sender = $2 AND k.cid = $3",
+                room,
+                sender,
+                cid,
+            )
+            return event_from_row(row) if row is not None else None
+
+        return await self._read(q)
+
+    # --- the org tree, lifecycles, org members and API keys ------------------------------
+
+    async def _update(self, sql: str, args: tuple[Any, ...], what: str) -> None:
+        """One UPDATE that must hit a row: `not_found` naming `what` otherwise."""
+
+        async def tx(c: Any) -> None:
+            if await c.execute(sql, *args) == "UPDATE 0":
+                raise not_found(f"{what} not found")
+
+        await self._write(tx)
+
+    async def update_org(self, org: Org) -> None:
+        await self._update(
+            "UPDATE orgs SET name = $1 WHERE id = $2 AND NOT deleted",
+            (org.name, org.id),
+            f"organization {org.id}",
+        )
+
+    async def delete_org(self, org_id: str) -> None:
+        async def tx(c: Any) -> None:
+            status = await c.execute(
+                "UPDATE orgs SET deleted = true WHERE id = $1 AND NOT deleted", org_id
+            )
+            if status == "UPDATE 0":
+                raise not_found(f"organization {org_id} not found")
+            await c.execute(
+                "DELETE FROM member_tokens WHERE member IN"
+                " (SELECT id FROM org_members WHERE org = $1)",
+                org_id,
+            )
+            await c.execute("DELETE FROM org_members WHERE org = $1", org_id)
+            await c.execute("DELETE FROM api_keys WHERE org = $1", org_id)
+
+        await self._write(tx)
+
+    async def update_instance(self, inst: Instance) -> None:
+        await self._update(
+            "UPDATE instances SET name = $1, plan = $2, status = $3 WHERE id = $4",
+            (inst.name, inst.plan, inst.status, inst.id),
+            f"instance {inst.id}",
+        )
+
+    async def update_user(self, user: User) -> None:
+        await self._update(
+            "UPDATE users SET name = $1, role = $2 WHERE id = $3 AND status <> 'deleted'",
+            (user.name, user.role, user.id),
+            f"user {user.id}",
+        )
+
+    async def delete_user(self, user_id: str) -> None:
+        async def tx(c: Any) -> None:
+            status = await c.execute(
+                "UPDATE users SET status = 'deleted' WHERE id = $1 AND status <> 'deleted'",
+                user_id,
+            )
+            if status == "UPDATE 0":
+                raise not_found(f"user {user_id} not found")
+            await c.execute("UPDATE tokens SET revoked = true WHERE user_id = $1", user_id)
+            await c.execute("DELETE FROM members WHERE user_id = $1", user_id)
+
+        await self._write(tx)
+
+    async def create_org_member(self, member: OrgMember) -> None:
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO org_members(id, org, name, role, created_at)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                *attrs.astuple(member),
+            )
+
+        await self._write(tx)
+
+    async def update_org_member(self, member: OrgMember) -> None:
+        await self._update(
+            "UPDATE org_members SET name = $1, role = $2 WHERE id = $3",
+            (member.name, member.role, member.id),
+            f"member {member.id}",
+        )
+
+    async def delete_org_member(self, member_id: str) -> None:
+        async def tx(c: Any) -> None:
+            await c.execute("DELETE FROM member_tokens WHERE member = $1", member_id)
+            if await c.execute("DELETE FROM org_members WHERE id = $1", member_id) == "DELETE 0":
+                raise not_found(f"member {member_id} not found")
+
+        await self._write(tx)
+
+    async def create_member_token(self, token: Token, digest: str) -> None:
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO member_tokens(id, digest, member, expires_at, revoked, created_at)"
+                " VALUES ($1, $2, $3, $4, false, $5)",
+                token.id,
+                digest,
+                token.user,
+                token.expires_at,
+                now_ms(),
+            )
+
+        await self._write(tx)
+
+    async def revoke_member_token(self, member: str, token_id: str) -> bool:
+        async def tx(c: Any) -> bool:
+            status: str = await c.execute(
+                "UPDATE member_tokens SET revoked = true WHERE id = $1 AND member = $2",
+                token_id,
+                member,
+            )
+            return status != "UPDATE 0"
+
+        return await self._write(tx)
+
+    async def member_token(self, digest: str) -> Token | None:
+        async def q(c: Any) -> Token | None:
+            row = await c.fetchrow(
+                "SELECT id, member, expires_at, revoked FROM member_tokens WHERE digest = $1",
+                digest,
+            )
+            return Token(row[0], row[1], row[2], bool(row[3])) if row else None
+
+        return await self._read(q)
+
+    async def create_api_key(self, key: ApiKey, digest: str) -> None:
+        async def tx(c: Any) -> None:
+            await c.execute(
+                "INSERT INTO api_keys(id, digest, org, instance, name, permissions, created_by,"
+                " expires_at, revoked, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                key.id,
+                digest,
+                key.org,
+                key.instance,
+                key.name,
+                " ".join(key.permissions),
+                key.created_by,
+                key.expires_at,
+                key.revoked,
+                key.created_at,
+            )
+
+        await self._write(tx)
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        async def tx(c: Any) -> bool:
+            status: str = await c.execute(
+                "UPDATE api_keys SET revoked = true WHERE id = $1", key_id
+            )
+            return status != "UPDATE 0"
+
+        return await self._write(tx)
+
+    async def api_key(self, digest: str) -> ApiKey | None:
+        async def q(c: Any) -> ApiKey | None:
+            row = await c.fetchrow(f"SELECT {API_KEY_COLS} FROM api_keys WHERE digest = $1", digest)
+            return api_key_from_row(row) if row else None
+
+        return await self._read(q)
+
+    async def load_access(self) -> tuple[list[OrgMember], list[ApiKey]]:
+        async def q(c: Any) -> tuple[list[OrgMember], list[ApiKey]]:
+            members = [
+                OrgMember(*r)
+                for r in await c.fetch("SELECT id, org, name, role, created_at FROM org_members")
+            ]
+            keys = [
+                api_key_from_row(r) for r in await c.fetch(f"SELECT {API_KEY_COLS} FROM api_keys")
+            ]
+            return members, keys
 
         return await self._read(q)
 

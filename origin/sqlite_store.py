@@ -39,12 +39,16 @@ from node.errors import CONFLICT, INTERNAL, UNAVAILABLE, GB6Error, forbidden, no
 from node.events import Event
 from node.log import log
 from origin.records import (
+    API_KEY_COLS,
+    ApiKey,
     FileRecord,
     Instance,
     Org,
+    OrgMember,
     RoomRecord,
     Token,
     User,
+    api_key_from_row,
     event_from_row,
     hit_from_row,
 )
@@ -91,6 +95,24 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     # The full-text index moved to search.db, fed by a consumer of the log (search_index.py).
     """
     DROP TABLE events_fts;
+    """,
+    # Tenancy (origin/tenancy.py): soft-deleted orgs and users, org members and their
+    # tokens, API keys (digests only, like tokens).
+    """
+    ALTER TABLE orgs ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE users ADD COLUMN status TEXT NOT NULL DEFAULT 'active';
+    CREATE TABLE org_members(
+        id TEXT PRIMARY KEY, org TEXT NOT NULL REFERENCES orgs(id), name TEXT NOT NULL,
+        role TEXT NOT NULL, created_at INTEGER NOT NULL);
+    CREATE TABLE member_tokens(
+        id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE,
+        member TEXT NOT NULL REFERENCES org_members(id), expires_at INTEGER NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+    CREATE TABLE api_keys(
+        id TEXT PRIMARY KEY, digest TEXT NOT NULL UNIQUE, org TEXT NOT NULL REFERENCES orgs(id),
+        instance TEXT REFERENCES instances(id), name TEXT NOT NULL, permissions TEXT NOT NULL,
+        created_by TEXT NOT NULL, expires_at INTEGER, revoked INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL);
     """,
 )
 
@@ -550,8 +572,9 @@ class SqliteStore:
     async def create_user(self, user: User) -> None:
         await self.write(
             lambda c: c.execute(
-                "INSERT INTO users(id, instance, name, role, created_at) VALUES (?,?,?,?,?)",
-                (user.id, user.instance, user.name, user.role, user.created_at),
+                "INSERT INTO users(id, instance, name, role, created_at, status)"
+                " VALUES (?,?,?,?,?,?)",
+                (user.id, user.instance, user.name, user.role, user.created_at, user.status),
             )
         )
 
@@ -701,7 +724,10 @@ class SqliteStore:
 
     async def load_tenancy(self) -> tuple[list[Org], list[Instance], list[User]]:
         def q(c: sqlite3.Connection) -> tuple[list[Org], list[Instance], list[User]]:
-            orgs = [Org(*r) for r in c.execute("SELECT id, name, parent, created_at FROM orgs")]
+            orgs = [
+                Org(*r)
+                for r in c.execute("SELECT id, name, parent, created_at FROM orgs WHERE deleted=0")
+            ]
             insts = [
                 Instance(*r)
                 for r in c.execute(
@@ -710,7 +736,10 @@ class SqliteStore:
             ]
             users = [
                 User(*r)
-                for r in c.execute("SELECT id, instance, name, role, created_at FROM users")
+                for r in c.execute(
+                    "SELECT id, instance, name, role, created_at, status FROM users"
+                    " WHERE status != 'deleted'"
+                )
             ]
             return orgs, insts, users
 
@@ -750,5 +779,195 @@ class SqliteStore:
         def q(c: sqlite3.Connection) -> str | None:
             row = c.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
             return row[0] if row else None
+
+        return await self.read(q)
+
+    # --- quota counts at start -----------------------------------------------------------
+
+    async def messages_since(self, since_ms: int) -> dict[str, int]:
+        # Once at start; events has no ts index (it would cost every append), so this scans.
+        return await self.read(
+            lambda c: dict(
+                c.execute(
+                    "SELECT r.instance, COUNT(*) FROM events e JOIN rooms r ON r.id = e.room"
+                    " WHERE e.type = 'message' AND e.ts >= ? GROUP BY r.instance",
+                    (since_ms,),
+                ).fetchall()
+            )
+        )
+
+    async def stored_bytes(self) -> dict[str, int]:
+        return await self.read(
+            lambda c: dict(
+                c.execute(
+                    "SELECT r.instance, SUM(f.size) FROM files f JOIN rooms r ON r.id = f.room"
+                    " GROUP BY r.instance"
+                ).fetchall()
+            )
+        )
+
+    async def event_by_cid(self, room: str, sender: str, cid: str) -> Event | None:
+        def q(c: sqlite3.Connection) -> Event | None:
+            row = c.execute(
+                f"SELECT {_EVENT_COLS} FROM events WHERE room=? AND sender=? AND cid=?",
+                (room, sender, cid),
+            ).fetchone()
+            return event_from_row(row) if row is not None else None
+
+        return await self.read(q)
+
+    # --- the org tree, lifecycles, org members and API keys ------------------------------
+
+    async def _update(self, sql: str, args: tuple[Any, ...], what: str) -> None:
+        """One UPDATE that must hit a row: `not_found` naming `what` otherwise."""
+
+        def tx(c: sqlite3.Connection) -> None:
+            if c.execute(sql, args).rowcount == 0:
+                raise not_found(f"{what} not found")
+
+        await self.write(tx)
+
+    async def update_org(self, org: Org) -> None:
+        await self._update(
+            "UPDATE orgs SET name=? WHERE id=? AND deleted=0",
+            (org.name, org.id),
+            f"organization {org.id}",
+        )
+
+    async def delete_org(self, org_id: str) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            cur = c.execute("UPDATE orgs SET deleted=1 WHERE id=? AND deleted=0", (org_id,))
+            if cur.rowcount == 0:
+                raise not_found(f"organization {org_id} not found")
+            c.execute(
+                "DELETE FROM member_tokens WHERE member IN"
+                " (SELECT id FROM org_members WHERE org=?)",
+                (org_id,),
+            )
+            c.execute("DELETE FROM org_members WHERE org=?", (org_id,))
+            c.execute("DELETE FROM api_keys WHERE org=?", (org_id,))
+
+        await self.write(tx)
+
+    async def update_instance(self, inst: Instance) -> None:
+        await self._update(
+            "UPDATE instances SET name=?, plan=?, status=? WHERE id=?",
+            (inst.name, inst.plan, inst.status, inst.id),
+            f"instance {inst.id}",
+        )
+
+    async def update_user(self, user: User) -> None:
+        await self._update(
+            "UPDATE users SET name=?, role=? WHERE id=? AND status != 'deleted'",
+            (user.name, user.role, user.id),
+            f"user {user.id}",
+        )
+
+    async def delete_user(self, user_id: str) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            cur = c.execute(
+                "UPDATE users SET status='deleted' WHERE id=? AND status != 'deleted'", (user_id,)
+            )
+            if cur.rowcount == 0:
+                raise not_found(f"user {user_id} not found")
+            c.execute("UPDATE tokens SET revoked=1 WHERE user=?", (user_id,))
+            c.execute("DELETE FROM members WHERE user=?", (user_id,))
+
+        await self.write(tx)
+
+    async def create_org_member(self, member: OrgMember) -> None:
+        await self.write(
+            lambda c: c.execute(
+                "INSERT INTO org_members(id, org, name, role, created_at) VALUES (?,?,?,?,?)",
+                (member.id, member.org, member.name, member.role, member.created_at),
+            )
+        )
+
+    async def update_org_member(self, member: OrgMember) -> None:
+        await self._update(
+            "UPDATE org_members SET name=?, role=? WHERE id=?",
+            (member.name, member.role, member.id),
+            f"member {member.id}",
+        )
+
+    async def delete_org_member(self, member_id: str) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("DELETE FROM member_tokens WHERE member=?", (member_id,))
+            if c.execute("DELETE FROM org_members WHERE id=?", (member_id,)).rowcount == 0:
+                raise not_found(f"member {member_id} not found")
+
+        await self.write(tx)
+
+    async def create_member_token(self, token: Token, digest: str) -> None:
+        await self.write(
+            lambda c: c.execute(
+                "INSERT INTO member_tokens(id, digest, member, expires_at, revoked, created_at)"
+                " VALUES (?,?,?,?,0,?)",
+                (token.id, digest, token.user, token.expires_at, now_ms()),
+            )
+        )
+
+    async def revoke_member_token(self, member: str, token_id: str) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE member_tokens SET revoked=1 WHERE id=? AND member=?", (token_id, member)
+            )
+            return cur.rowcount > 0
+
+        return await self.write(tx)
+
+    async def member_token(self, digest: str) -> Token | None:
+        def q(c: sqlite3.Connection) -> Token | None:
+            row = c.execute(
+                "SELECT id, member, expires_at, revoked FROM member_tokens WHERE digest=?",
+                (digest,),
+            ).fetchone()
+            return Token(row[0], row[1], row[2], bool(row[3])) if row else None
+
+        return await self.read(q)
+
+    async def create_api_key(self, key: ApiKey, digest: str) -> None:
+        await self.write(
+            lambda c: c.execute(
+                "INSERT INTO api_keys(id, digest, org, instance, name, permissions, created_by,"
+                " expires_at, revoked, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    key.id,
+                    digest,
+                    key.org,
+                    key.instance,
+                    key.name,
+                    " ".join(key.permissions),
+                    key.created_by,
+                    key.expires_at,
+                    int(key.revoked),
+                    key.created_at,
+                ),
+            )
+        )
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        def tx(c: sqlite3.Connection) -> bool:
+            return c.execute("UPDATE api_keys SET revoked=1 WHERE id=?", (key_id,)).rowcount > 0
+
+        return await self.write(tx)
+
+    async def api_key(self, digest: str) -> ApiKey | None:
+        def q(c: sqlite3.Connection) -> ApiKey | None:
+            sql = f"SELECT {API_KEY_COLS} FROM api_keys WHERE digest=?"
+            row = c.execute(sql, (digest,)).fetchone()
+            return api_key_from_row(row) if row else None
+
+        return await self.read(q)
+
+    async def load_access(self) -> tuple[list[OrgMember], list[ApiKey]]:
+        def q(c: sqlite3.Connection) -> tuple[list[OrgMember], list[ApiKey]]:
+            members = [
+                OrgMember(*r)
+                for r in c.execute("SELECT id, org, name, role, created_at FROM org_members")
+            ]
+            rows = c.execute(f"SELECT {API_KEY_COLS} FROM api_keys")
+            keys = [api_key_from_row(r) for r in rows]
+            return members, keys
 
         return await self.read(q)

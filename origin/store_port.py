@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from node.events import Event
-from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
+from origin.records import ApiKey, FileRecord, Instance, Org, OrgMember, RoomRecord, Token, User
 from origin.sqlite_store import AppendCallback, Appended, AppendItem
 
 __all__ = ["AppendCallback", "AppendItem", "Appended", "RelationalStore"]
@@ -117,6 +117,79 @@ class RelationalStore(Protocol):
     async def file(self, file_id: str) -> FileRecord | None: ...
 
     async def meta(self, key: str) -> str | None: ...
+
+    # --- quota counts at start (origin/quotas.py) ----------------------------------------
+
+    async def messages_since(self, since_ms: int) -> dict[str, int]:
+        """Per instance, how many `message` events (sends) have `ts >= since_ms`; instances
+        without any are left out."""
+        ...
+
+    async def stored_bytes(self) -> dict[str, int]:
+        """Per instance, the total size of its files; instances without any are left out."""
+        ...
+
+    async def event_by_cid(self, room: str, sender: str, cid: str) -> Event | None:
+        """The committed event of (room, sender, cid), if any: how the shard answers a repeat
+        that arrives once the instance is at its daily `messages` quota."""
+        ...
+
+    # --- the org tree, lifecycles, org members and API keys (origin/tenancy.py) -----------
+    # Writes are durable on return; a missing target is `not_found`, a duplicate `conflict`.
+
+    async def update_org(self, org: Org) -> None:
+        """Store the org's new name (the parent never changes)."""
+        ...
+
+    async def delete_org(self, org_id: str) -> None:
+        """Soft delete: the row stays (deleted instances still name it) but `load_tenancy` no
+        longer returns it; its members, their tokens and its API keys are removed with it."""
+        ...
+
+    async def update_instance(self, inst: Instance) -> None:
+        """Store the instance's name, plan and status."""
+        ...
+
+    async def update_user(self, user: User) -> None:
+        """Store the user's name and role."""
+        ...
+
+    async def delete_user(self, user_id: str) -> None:
+        """In one transaction: the user's status becomes `deleted`, every token of theirs is
+        revoked and they leave every room. `load_tenancy` no longer returns them."""
+        ...
+
+    async def create_org_member(self, member: OrgMember) -> None: ...
+
+    async def update_org_member(self, member: OrgMember) -> None:
+        """Store the member's name and role."""
+        ...
+
+    async def delete_org_member(self, member_id: str) -> None:
+        """The member and every token of theirs."""
+        ...
+
+    async def create_member_token(self, token: Token, digest: str) -> None:
+        """An org member's admin-API token (`token.user` is the member's id)."""
+        ...
+
+    async def revoke_member_token(self, member: str, token_id: str) -> bool:
+        """True if `member` had that token (revoking twice is still True)."""
+        ...
+
+    async def member_token(self, digest: str) -> Token | None: ...
+
+    async def create_api_key(self, key: ApiKey, digest: str) -> None: ...
+
+    async def revoke_api_key(self, key_id: str) -> bool:
+        """True if the key exists (revoking twice is still True)."""
+        ...
+
+    async def api_key(self, digest: str) -> ApiKey | None: ...
+
+    async def load_access(self) -> tuple[list[OrgMember], list[ApiKey]]:
+        """Every org member and every API key (revoked ones included) of live orgs."""
+        ...
 
 
 if TYPE_CHECKING:  # the embedded adapter fits the port as it is (checked by mypy)

@@ -28,6 +28,7 @@ from node.errors import UNAUTHORIZED, UNAVAILABLE, GB6Error
 from node.events import Event
 from node.log import log
 from origin.membership import Membership, MembershipChange, Principal, RoomState
+from origin.records import Instance, User
 from origin.sqlite_store import Appended
 from replication import link
 from replication.shard_map import ShardMap, open_kv
@@ -188,9 +189,13 @@ class ShardLink:
             remote.state.instances[inst.id] = inst
             self._instances.add(inst.id)
             remote.shard_of[inst.id] = self
+            for tenancy_listener in remote.tenancy_listeners:
+                tenancy_listener(inst)
         elif kind == "user":
             user = link.user_from_wire(msg["user"])
             remote.state.users[user.id] = user
+            for tenancy_listener in remote.tenancy_listeners:
+                tenancy_listener(user)
         else:
             raise link.LinkBroken(f"unknown push {kind!r}")
 
@@ -269,6 +274,8 @@ class RemoteOrigin:
         self.member_listeners: list[Callable[[MembershipChange], None]] = []
         self.read_listeners: list[Callable[[str, str, int], None]] = []
         self.watch_listeners: list[Callable[[str, int], object]] = []
+        # Instances and users as the shard changed them (a suspended instance, a deleted user).
+        self.tenancy_listeners: list[Callable[[Instance | User], None]] = []
         # (rooms, instances) of a shard whose link broke
         self.lost_listeners: list[Callable[[set[str], set[str]], None]] = []
         self.publish_context: Callable[[], AbstractContextManager[object]] = nullcontext

@@ -8,6 +8,11 @@ Keys (values are UTF-8):
   the shard creates the instance: an instance is placed once and never silently moves (a move
   is a compare-and-set from the old shard to the new one, after fencing; not built yet).
 
+Regions: an instance's data lives only on origin shards of its region (`[regions]` in the
+config maps region → shard names). `check_region` is the one check, made by a shard before it
+creates an instance and by `place` when it is told the instance's region: placing an instance on
+a shard outside its region is `forbidden`, naming the region.
+
 `open_kv(spec)` builds the adapter a `[cluster] kv` setting names: `sqlite:PATH`,
 `postgres:DSN` (table in schema `gb6_kv`) or `tikv:HOST:PORT[,HOST:PORT…]` (placement drivers).
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from node.errors import GB6Error, invalid
+from node.errors import GB6Error, forbidden, invalid
 from origin.kv import KV
 
 _SHARD: Final = b"shardmap/shard/"
@@ -42,6 +47,18 @@ def open_kv(spec: str) -> KV:
     raise invalid(f"[cluster] kv must be sqlite:PATH, postgres:DSN or tikv:PD[,PD…], not {spec!r}")
 
 
+def check_region(region: str, region_shards: tuple[str, ...] | None, shard: str) -> None:
+    """Refuse to keep an instance of `region` on `shard`: `invalid` for a region that is not
+    configured, `forbidden` for a shard that does not serve it."""
+    if region_shards is None:
+        raise invalid(f"unknown region {region!r}")
+    if shard not in region_shards:
+        raise forbidden(
+            f"region {region!r} is served by shard(s) {', '.join(region_shards) or 'none'},"
+            f" not by {shard!r}: an instance's data stays in its region"
+        )
+
+
 class ShardMap:
     """The map's operations over a running kv adapter (the owner runs the adapter)."""
 
@@ -63,8 +80,18 @@ class ShardMap:
                 return out
             after = page[-1].key
 
-    async def place(self, instance: str, shard: str) -> None:
-        """Record that `shard` holds `instance`; refused if another shard already does."""
+    async def place(
+        self,
+        instance: str,
+        shard: str,
+        *,
+        region: str | None = None,
+        region_shards: tuple[str, ...] | None = None,
+    ) -> None:
+        """Record that `shard` holds `instance`; refused if another shard already does, or
+        (when `region` is given) if `shard` is not one of `region_shards` (`check_region`)."""
+        if region is not None:
+            check_region(region, region_shards, shard)
         key = _INSTANCE + instance.encode()
         if await self.kv.compare_and_set(key, None, shard.encode()):
             return
