@@ -22,7 +22,6 @@ from node.errors import (
     QUOTA_EXCEEDED,
     UNAUTHORIZED,
     GB6Error,
-    forbidden,
     invalid,
     not_found,
 )
@@ -30,6 +29,7 @@ from node.events import Event
 from node.ids import new_id, new_secret, secret_digest
 from origin.blobs import LocalBlobStore
 from origin.membership import Membership, MembershipChange, Principal, RoomState
+from origin.rbac import OPERATOR, ROOM_CREATE, authorize
 from origin.records import (
     INSTANCE_ROLES,
     PLANS,
@@ -42,6 +42,8 @@ from origin.records import (
 )
 from origin.sqlite_store import Appended, AppendItem, SqliteStore, now_ms
 from origin.store_port import RelationalStore
+from origin.tenancy import Tenancy
+from replication.shard_map import check_region
 
 AppendReply = Callable[[outcome.Outcome[Appended]], None]
 EventListener = Callable[[str, list[Event]], None]
@@ -83,6 +85,8 @@ class OriginShard:
         self.rooms = self.state.rooms
         self.user_rooms = self.state.user_rooms
         self.tenancy_listeners: list[Callable[[Instance | User], None]] = []
+        # Orgs, members, lifecycles, API keys, authorization (origin/tenancy.py).
+        self.tenancy = Tenancy(self)
         self.placement: Callable[[str], Awaitable[None]] | None = None  # cluster: the shard map
         self._room_locks: dict[str, trio.Lock] = {}  # only while someone holds or waits
         self.watch_listeners: list[Callable[[str, int], object]] = []  # edges in other processes
@@ -100,6 +104,7 @@ class OriginShard:
             self.orgs = {o.id: o for o in orgs}
             self.instances.update((i.id, i) for i in insts)
             self.users.update((u.id, u) for u in users)
+            self.tenancy.load(*await self.store.load_access())
             for rec, head, members in await self.store.load_rooms():
                 self.state.add_room(RoomState(rec, head, members))
             task_status.started()
@@ -111,12 +116,8 @@ class OriginShard:
     # --- tenancy (admin) -----------------------------------------------------------------
 
     async def create_org(self, name: str, parent: str | None) -> Org:
-        if parent is not None and parent not in self.orgs:
-            raise not_found(f"organization {parent} not found")
-        org = Org(new_id("org"), name, parent, now_ms())
-        await self.store.create_org(org)
-        self.orgs[org.id] = org
-        return org
+        """As the operator; `tenancy.create_org` for anyone else."""
+        return await self.tenancy.create_org(OPERATOR, name, parent)
 
     async def create_instance(
         self, org: str, name: str, region: str | None, plan: str | None
@@ -127,8 +128,7 @@ class OriginShard:
         if plan not in PLANS:
             raise invalid(f"unknown plan {plan!r}; plans: {', '.join(PLANS)}")
         region = region or self.config.region
-        if region != self.config.region:
-            raise invalid(f"this node serves region {self.config.region!r}, not {region!r}")
+        check_region(region, self.config.region_shards(region), self.config.shard)
         inst = Instance(new_id("ins"), org, name, region, plan, "active", now_ms())
         if self.placement is not None:
             await self.placement(inst.id)  # in the shard map first: never an unplaced instance
@@ -212,8 +212,7 @@ class OriginShard:
     async def create_room(
         self, who: Principal, name: str, kind: str, members: Iterable[str], open_: bool
     ) -> RoomState:
-        if who.user.role == "guest":
-            raise forbidden("guests cannot create rooms")
+        authorize(who.actor, ROOM_CREATE, instance=who.instance.id)  # not for guests
         users = [who.id, *(u for u in self.state.same_instance_users(who, members) if u != who.id)]
         if len(users) > self.limits.members_per_room:
             raise GB6Error(
