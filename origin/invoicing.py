@@ -1,0 +1,155 @@
+"""Usage and invoices of an origin shard's instances: the Python API the admin HTTP API calls.
+
+`Billing` is a component (`await nursery.start(billing.run)`) that owns the billing store and
+the meter. Its calls:
+
+- `usage(instance, period)`: metric → quantity for a UTC day (`YYYY-MM-DD`) or month
+  (`YYYY-MM`), counted up to now (it catches the meter up first).
+- `preview(instance)`: the running month's invoice under the instance's current plan, as it
+  would be if the month ended now; not stored, no number.
+- `close(instance, month)`: issue the invoice of a month that has ended (`conflict` for the
+  running or a future month): numbered, stored, immutable. Closing again returns the same
+  invoice. Usage that reaches a closed month later goes to the next open month (see
+  origin/billing_store.py), so it is billed once, on the next invoice.
+- `invoices(instance, after=None, limit=100)`, `invoice(instance, month)`: issued invoices.
+- `record_usage(instance, metric, quantity, key, ts=None)`: usage that is not in the log
+  (`stored_bytes`, `recording_minutes`, `webhook_calls`, `media_minutes`), once per key.
+
+Prices come from the instance's plan (`[plans.NAME.pricing]`, origin/billing.py), looked up when
+an invoice is made: a month is billed at the plan the instance has when it is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import trio
+
+from node.config import Config
+from node.errors import CONFLICT, GB6Error, not_found
+from origin.billing import (
+    FREE,
+    Invoice,
+    Pricing,
+    check_month,
+    check_period,
+    invoice,
+    month_end_ms,
+    month_of,
+    parse_pricing,
+)
+from origin.billing_store import BillingStore, StoredInvoice, check_record
+from origin.metering import EventSource, Meter, PgEventSource, SqliteEventSource
+from origin.sqlite_store import now_ms
+
+PlanOf = Callable[[str], str | None]  # instance → its plan's name; None: no such instance
+
+
+def plan_pricing(config: Config, plan: str) -> Pricing:
+    """The pricing of `plan` from the config's plans (`[plans.NAME.pricing]`); FREE if none."""
+    plans: Mapping[str, Any] = getattr(config, "plans", None) or {}
+    found = plans.get(plan)
+    table = getattr(found, "pricing", None)
+    return parse_pricing(table or None, f"plans.{plan}.pricing")
+
+
+class Billing:
+    """Usage, previews and invoices (see the module docstring). `clock` gives ms (tests move
+    it to close a month)."""
+
+    def __init__(
+        self,
+        store: BillingStore,
+        source: EventSource,
+        plan_of: PlanOf,
+        pricing_of: Callable[[str], Pricing],
+        *,
+        clock: Callable[[], int] = now_ms,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.meter = Meter(store, source, poll_s=poll_s)
+        self._plan_of = plan_of
+        self.pricing_of = pricing_of  # plan → Pricing
+        self.clock = clock
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.store.run)
+            await nursery.start(self.meter.run)
+            task_status.started()
+
+    def _pricing(self, instance: str) -> Pricing:
+        plan = self._plan_of(instance)
+        if plan is None:
+            raise not_found(f"instance {instance} not found")
+        return self.pricing_of(plan)
+
+    async def usage(self, instance: str, period: str) -> dict[str, int]:
+        check_period(period)
+        await self.meter.catch_up()
+        return await self.store.usage(instance, period)
+
+    async def preview(self, instance: str) -> Invoice:
+        pricing = self._pricing(instance)
+        month = month_of(self.clock())
+        return invoice(instance, month, pricing, await self.usage(instance, month))
+
+    async def close(self, instance: str, month: str) -> StoredInvoice:
+        check_month(month)
+        now = self.clock()
+        if now < month_end_ms(month):
+            raise GB6Error(CONFLICT, f"{month} has not ended yet: only past months are closed")
+        pricing = self._pricing(instance)
+        await self.meter.catch_up()  # what the log holds for the month is on its invoice
+
+        def make(usage: Mapping[str, int]) -> Invoice:
+            return invoice(instance, month, pricing, usage)
+
+        return await self.store.close(instance, month, make, now)
+
+    async def invoice(self, instance: str, month: str) -> StoredInvoice:
+        found = await self.store.invoice(instance, check_month(month))
+        if found is None:
+            raise not_found(f"no invoice for {month}")
+        return found
+
+    async def invoices(
+        self, instance: str, *, after: str | None = None, limit: int = 100
+    ) -> list[StoredInvoice]:
+        return await self.store.invoices(instance, after=after, limit=limit)
+
+    async def record_usage(
+        self, instance: str, metric: str, quantity: int, key: str, ts: int | None = None
+    ) -> bool:
+        """Add usage that the log does not carry, once per (instance, key); True if added."""
+        check_record(instance, metric, quantity, key)
+        return await self.store.record(
+            instance, metric, quantity, key, self.clock() if ts is None else ts
+        )
+
+
+def open_billing(config: Config, plan_of: PlanOf, *, clock: Callable[[], int] = now_ms) -> Billing:
+    """The billing of an origin shard on `config`'s backend: `billing.db` beside `gb6.db` for
+    the embedded store; `billing_*` tables in the store's schema for postgres and kafka.
+    Raises `invalid` if a plan's pricing table is bad."""
+    plans: Mapping[str, Any] = getattr(config, "plans", None) or {}
+    for plan in plans:  # a bad price list stops the start, with the table's name
+        plan_pricing(config, plan)
+    store: BillingStore
+    source: EventSource
+    if config.store_backend == "sqlite":
+        from origin.billing_sqlite import SqliteBillingStore
+
+        store = SqliteBillingStore(config.data_dir / "billing.db")
+        source = SqliteEventSource(config.data_dir / "gb6.db")
+    else:
+        from origin.billing_pg import PgBillingStore
+
+        store = PgBillingStore(config.pg_dsn, schema=config.pg_schema)
+        source = PgEventSource(config.pg_dsn, config.pg_schema)
+    return Billing(store, source, plan_of, lambda plan: plan_pricing(config, plan), clock=clock)
+
+
+__all__ = ["FREE", "Billing", "open_billing", "plan_pricing"]

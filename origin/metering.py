@@ -1,0 +1,237 @@
+"""Usage metering: a consumer of the log of record with its own offset (DESIGN §3.5).
+
+Rules:
+- The meter reads the shard's committed events in log order from where its stored offset says,
+  folds each batch into usage (`fold`, pure) and hands usage and the new offset to the billing
+  store in ONE transaction (`BillingStore.apply`, which refuses a batch whose starting offset is
+  no longer the stored one). Replaying the log, restarting mid-stream or a crash between read
+  and write never counts an event twice or misses one; a fresh store fed the log from the start
+  ends with the same usage (given the same months closed: see origin/billing_store.py).
+- What is counted, per instance, UTC day and UTC month: `messages` (sends), `edits`, `deletes`,
+  `reactions`, and `seats`: the distinct users with any such event in the period. The period is
+  the event's own `ts` (when the log committed it), never when the meter read it.
+- The meter is derived data, off the commit path: it wakes every `poll_s`, or at once when
+  someone calls `catch_up` (which returns once everything committed before the call is
+  counted: reads and invoices see their own writes).
+- Sources (`EventSource`): the embedded store's `events` table in `gb6.db` (read-only, on a
+  thread of the source's own), or the PostgreSQL store's `events` (`PgEventSource`), which the
+  `kafka` backend's persister fills from the Kafka log in log order. An offset is the text of
+  the last event id counted.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import attrs
+import trio
+from trio_asyncio import aio_as_trio
+
+from node.errors import UNAVAILABLE, GB6Error
+from node.log import log
+from origin.billing import day_of, month_of
+from origin.billing_sqlite import SqliteWorker
+from origin.billing_store import BillingStore, UsageDelta
+from origin.pg_errors import DB_ERRORS, translate
+
+METRIC_OF_TYPE: Final = {
+    "message": "messages",
+    "edit": "edits",
+    "delete": "deletes",
+    "react": "reactions",
+}
+BATCH: Final = 5_000  # events per transaction
+POLL_S: Final = 1.0
+
+
+@attrs.frozen
+class MeterEvent:
+    """What the meter needs of one committed event."""
+
+    instance: str
+    ts: int  # ms
+    type: str
+    sender: str
+
+
+def fold(events: Iterable[MeterEvent]) -> UsageDelta:
+    """The usage `events` add, per (instance, day and month, metric), and their active users."""
+    counts: dict[tuple[str, str, str], int] = {}
+    seats: set[tuple[str, str, str]] = set()
+    for ev in events:
+        metric = METRIC_OF_TYPE.get(ev.type)
+        if metric is None:
+            continue  # a type that is not billed
+        for period in (day_of(ev.ts), month_of(ev.ts)):
+            key = (ev.instance, period, metric)
+            counts[key] = counts.get(key, 0) + 1
+            seats.add((ev.instance, period, ev.sender))
+    return UsageDelta(counts, frozenset(seats))
+
+
+class EventSource(Protocol):
+    """Committed events in log order, by offset. A component: `nursery.start(source.run)`."""
+
+    name: str  # the consumer's name in the billing store's offsets
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None: ...
+
+    async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
+        """Up to `limit` events after `after` (None: from the start) and the offset after
+        them; None, at once, when there are none yet."""
+        ...
+
+
+def _after_id(after: str | None) -> int:
+    try:
+        return 0 if after is None else int(after)
+    except ValueError:
+        raise GB6Error(UNAVAILABLE, f"metering offset {after!r} is not an event id") from None
+
+
+_READ: Final = (
+    "SELECT e.id, r.instance, e.ts, e.type, e.sender FROM events e JOIN rooms r ON r.id = e.room"
+    " WHERE e.id > ? ORDER BY e.id LIMIT ?"
+)
+
+
+class SqliteEventSource:
+    """The embedded store's events (`gb6.db`), read on a read-only connection of its own."""
+
+    name = "meter"
+
+    def __init__(self, log_path: Path) -> None:
+        self._path = log_path
+        self._worker = SqliteWorker("gb6-meter-reader", self._open)
+
+    def _open(self) -> sqlite3.Connection:
+        # The store made the file (in WAL mode) before the meter starts; only ever read here.
+        conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._worker.run(task_status=task_status)
+
+    async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
+        start = _after_id(after)
+
+        def q(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(_READ, (start, limit)).fetchall()
+
+        rows = await self._worker.call(q)
+        if not rows:
+            return None
+        return [MeterEvent(r[1], r[2], r[3], r[4]) for r in rows], str(rows[-1][0])
+
+
+class PgEventSource:
+    """The PostgreSQL store's events, by id (one writer per shard assigns ids in commit order:
+    the store's writer for `postgres`, the persister for `kafka`)."""
+
+    name = "meter"
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self._dsn = dsn
+        self._schema = schema
+        self._pool: Any = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from origin.pg_store import open_pool
+
+        self._pool = await open_pool(self._dsn, self._schema, "gb6-meter", 1)
+        try:
+            # The meter reads `events` by id, across its partitions: an index per partition
+            # (made once; IF NOT EXISTS) keeps each read to the new rows.
+            try:
+                await aio_as_trio(self._pool.execute)(
+                    "CREATE INDEX IF NOT EXISTS events_by_id ON events(id)"
+                )
+            except DB_ERRORS as exc:
+                raise translate(exc, "indexing events for metering") from exc
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            pool, self._pool = self._pool, None
+            with trio.CancelScope(shield=True), trio.move_on_after(10):
+                await aio_as_trio(pool.close)()
+
+    async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
+        if self._pool is None:
+            raise GB6Error(UNAVAILABLE, "the meter's event source is not running")
+        try:
+            rows = await aio_as_trio(self._pool.fetch)(
+                "SELECT id, instance, ts, type, sender FROM events WHERE id > $1"
+                " ORDER BY id LIMIT $2",
+                _after_id(after),
+                limit,
+            )
+        except DB_ERRORS as exc:
+            raise translate(exc, "reading events for metering") from exc
+        if not rows:
+            return None
+        events = [MeterEvent(r["instance"], r["ts"], r["type"], r["sender"]) for r in rows]
+        return events, str(rows[-1]["id"])
+
+
+class Meter:
+    """Feeds the billing store from a source. A component: `await nursery.start(meter.run)`.
+
+    `run` starts the source, serves once the offset is loaded, and meters every `poll_s` until
+    cancelled. `catch_up` meters now; it raises `unavailable` if the store or source fails.
+    """
+
+    def __init__(
+        self,
+        store: BillingStore,
+        source: EventSource,
+        *,
+        poll_s: float = POLL_S,
+        batch: int = BATCH,
+    ) -> None:
+        self.store = store
+        self.source = source
+        self._poll_s = poll_s
+        self.batch = batch  # events per transaction
+        self._offset: str | None = None
+        self._lock = trio.Lock()  # one pass at a time: the loop's or a catch_up's
+        self._running = False
+        self.applied = 0  # batches applied; for tests and metrics
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.source.run)
+            self._offset = await self.store.offset(self.source.name)
+            self._running = True
+            task_status.started()
+            try:
+                while True:
+                    await trio.sleep(self._poll_s)
+                    try:
+                        await self.catch_up()
+                    except GB6Error as exc:  # the next pass retries; nothing was half-applied
+                        log("metering_failed", error=exc.message)
+            finally:
+                self._running = False
+                nursery.cancel_scope.cancel()
+
+    async def catch_up(self) -> None:
+        """Meter everything committed so far."""
+        if not self._running:
+            raise GB6Error(UNAVAILABLE, "the meter is not running")
+        async with self._lock:
+            while True:
+                got = await self.source.read(self._offset, self.batch)
+                if got is None:
+                    return
+                events, resume = got
+                if await self.store.apply(self.source.name, self._offset, resume, fold(events)):
+                    self._offset = resume
+                    self.applied += 1
+                else:  # someone else moved the offset on: continue from theirs
+                    self._offset = await self.store.offset(self.source.name)

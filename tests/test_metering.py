@@ -1,0 +1,274 @@
+"""Usage metering from the log of record (origin/metering.py) and invoices (origin/invoicing.py).
+
+Through a real origin shard (in process, on its embedded store: the ops go through the same
+`append` the gateway calls and are committed to gb6.db) and through a real `gb6 run` process
+spoken to over its WebSocket and killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import outcome
+import pytest
+import trio
+from conftest import Node, make_room
+
+from node.config import Config, load
+from node.errors import CONFLICT, INVALID, NOT_FOUND, GB6Error
+from origin.billing import (
+    day_of,
+    invoice,
+    month_end_ms,
+    month_of,
+    next_month,
+    parse_pricing,
+)
+from origin.billing_sqlite import SqliteBillingStore
+from origin.invoicing import Billing, open_billing, plan_pricing
+from origin.membership import Principal
+from origin.metering import EventSource, MeterEvent, SqliteEventSource
+from origin.shard import OriginShard
+from origin.sqlite_store import Appended, now_ms
+
+SEAT_PRICE = parse_pricing(
+    {
+        "currency": "EUR",
+        "components": [
+            {"model": "per_seat", "unit_price": 100},
+            {
+                "model": "graduated",
+                "metric": "messages",
+                "tiers": [{"up_to": 2, "unit_price": 0}, {"unit_price": "0.5"}],
+            },
+        ],
+    }
+)
+
+
+@asynccontextmanager
+async def shard_on(data_dir: Path) -> AsyncIterator[OriginShard]:
+    """A shard serving on `data_dir`; drained and stopped on exit."""
+    shard = OriginShard(Config(data_dir=data_dir))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(shard.run)
+        try:
+            yield shard
+            await shard.drain()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def op(shard: OriginShard, who: Principal, room: str, type_: str, cid: str, **kw: Any) -> int:
+    """One seq-taking op through the shard, as the gateway does it; its seq once durable."""
+    done = trio.Event()
+    box: list[outcome.Outcome[Appended]] = []
+
+    def reply(result: outcome.Outcome[Appended]) -> None:
+        box.append(result)
+        done.set()
+
+    await shard.append(who, room, type_, cid, reply, **kw)
+    with trio.fail_after(10):
+        await done.wait()
+    return box[0].unwrap().event.seq
+
+
+async def tenant(shard: OriginShard, *names: str) -> tuple[str, str, list[Principal]]:
+    """An instance with users `names`, and a room they are all members of."""
+    org = await shard.create_org("org", None)
+    inst = await shard.create_instance(org.id, "i", None, "unlimited")
+    who = []
+    for name in names:
+        user = await shard.create_user(inst.id, name, "member")
+        principal = shard.state.principal(user.id)
+        assert principal is not None
+        who.append(principal)
+    room = await shard.create_room(who[0], "r", "chat", [p.id for p in who[1:]], False)
+    return inst.id, room.record.id, who
+
+
+async def test_usage_counts_sends_edits_deletes_reactions_and_seats(tmp_path: Path) -> None:
+    async with shard_on(tmp_path / "data") as shard:
+        inst, room, (alice, bob, _carol) = await tenant(shard, "alice", "bob", "carol")
+        other, other_room, (dave,) = await tenant(shard, "dave")
+        first = await op(shard, alice, room, "message", "a1", body={"text": "hi"})
+        await op(shard, alice, room, "message", "a2", body={"text": "hi"})
+        await op(shard, alice, room, "message", "a2", body={"text": "again"})  # a repeat: no event
+        await op(shard, bob, room, "message", "b1", body={"text": "yo"})
+        await op(shard, bob, room, "react", "b2", target=first, emoji="👍")
+        await op(shard, alice, room, "edit", "a3", target=first, body={"text": "hello"})
+        await op(shard, alice, room, "delete", "a4", target=first)
+        await op(shard, dave, other_room, "message", "d1", body={"text": "x"})
+        with pytest.raises(GB6Error):  # refused ops take no seq and are not usage
+            await op(shard, bob, room, "edit", "b3", target=first, body={"text": "no"})
+        month, day = month_of(now_ms()), day_of(now_ms())
+        # 3 sends (the repeat is not an event), 1 edit, 1 delete, 1 reaction; alice and bob
+        # were active, carol was not.
+        expected = {"messages": 3, "edits": 1, "deletes": 1, "reactions": 1, "seats": 2}
+        assert await shard.billing.usage(inst, month) == expected
+        assert await shard.billing.usage(inst, day) == expected
+        assert await shard.billing.usage(other, month) == {"messages": 1, "seats": 1}
+        assert await shard.billing.usage(inst, next_month(month)) == {}
+
+
+async def test_replaying_the_log_into_a_fresh_store_gives_the_same_totals(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    async with shard_on(data) as shard:
+        inst, room, (alice, bob) = await tenant(shard, "alice", "bob")
+        for i in range(30):
+            await op(shard, (alice, bob)[i % 2], room, "message", f"c{i}", body={"text": "m"})
+        month = month_of(now_ms())
+        before = await shard.billing.usage(inst, month)
+        assert before == {"messages": 30, "seats": 2}
+        # Metering again from where it is counts nothing twice.
+        await shard.billing.meter.catch_up()
+        assert await shard.billing.usage(inst, month) == before
+    for path in data.glob("billing.db*"):
+        path.unlink()
+    async with shard_on(data) as shard:  # the meter starts from offset 0 of the same log
+        assert await shard.billing.usage(inst, month) == before
+        assert await shard.billing.store.offset("meter") is not None
+
+
+class Stopping:
+    """An event source that ends after `batches` reads: a meter stopped mid-stream."""
+
+    name = "meter"
+
+    def __init__(self, source: SqliteEventSource, batches: int) -> None:
+        self.source = source
+        self.batches = batches
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.source.run(task_status=task_status)
+
+    async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
+        if self.batches == 0:
+            return None
+        self.batches -= 1
+        return await self.source.read(after, limit)
+
+
+async def meter_once(data: Path, source: EventSource, batch: int) -> Billing:
+    store = SqliteBillingStore(data / "billing.db")
+    billing = Billing(store, source, lambda _: "free", lambda _: SEAT_PRICE)
+    billing.meter.batch = batch
+    async with trio.open_nursery() as nursery:
+        await nursery.start(billing.run)
+        await billing.meter.catch_up()
+        nursery.cancel_scope.cancel()
+    return billing
+
+
+async def test_a_meter_stopped_mid_stream_resumes_without_double_counting(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    async with shard_on(data) as shard:
+        inst, room, (alice,) = await tenant(shard, "alice")
+        for i in range(25):
+            await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
+    for path in data.glob("billing.db*"):
+        path.unlink()  # a fresh store: the meter starts from the log's beginning
+    month = month_of(now_ms())
+    # Two batches of 4 events, then the meter stops: 8 counted, the offset after the 8th.
+    await meter_once(data, Stopping(SqliteEventSource(data / "gb6.db"), 2), 4)
+    billing = await meter_once(data, Stopping(SqliteEventSource(data / "gb6.db"), 0), 4)
+    assert billing.meter.applied == 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(billing.store.run)
+        assert await billing.store.usage(inst, month) == {"messages": 8, "seats": 1}
+        nursery.cancel_scope.cancel()
+    # Restarted, it carries on from there (batches of 7 this time): 25, none twice.
+    billing = await meter_once(data, SqliteEventSource(data / "gb6.db"), 7)
+    assert billing.meter.applied == 3  # 7 + 7 + 3
+    async with shard_on(data) as shard:
+        assert await shard.billing.usage(inst, month) == {"messages": 25, "seats": 1}
+
+
+async def test_preview_close_and_late_usage(tmp_path: Path) -> None:
+    async with shard_on(tmp_path / "data") as shard:
+        billing = shard.billing
+        billing.pricing_of = lambda plan: SEAT_PRICE
+        inst, room, (alice, bob, _carol) = await tenant(shard, "alice", "bob", "carol")
+        for i in range(5):
+            await op(shard, (alice, bob)[i % 2], room, "message", f"c{i}", body={"text": "m"})
+        month = month_of(now_ms())
+        preview = await billing.preview(inst)
+        # seats: 2 x 100 = 200; messages: 2 free, then 3 x 0.5 = 1.5 → 2 (half to even)
+        assert (preview.period, [line.amount for line in preview.lines]) == (month, [200, 2])
+        assert preview.total == 202
+        assert await billing.invoices(inst) == []  # a preview is not stored
+        with pytest.raises(GB6Error) as err:
+            await billing.close(inst, month)  # the month is still running
+        assert err.value.code == CONFLICT
+        billing.clock = lambda: month_end_ms(month) + 1  # the month has ended
+        closed = await billing.close(inst, month)
+        assert (closed.number, closed.total, closed.period) == (1, 202, month)
+        assert await billing.close(inst, month) == closed
+        # A send committed now (still `month` by its timestamp) after the month was closed is
+        # billed on the next month, and the closed invoice does not change.
+        await op(shard, alice, room, "message", "late", body={"text": "m"})
+        assert await billing.usage(inst, month) == {"messages": 5, "seats": 2}
+        assert await billing.usage(inst, next_month(month)) == {"messages": 1, "seats": 1}
+        late = await billing.preview(inst)
+        assert (late.period, late.total) == (next_month(month), 100)  # 1 seat, 1 free message
+        assert await billing.invoice(inst, month) == closed
+        assert [i.number for i in await billing.invoices(inst)] == [1]
+        with pytest.raises(GB6Error) as err:
+            await billing.preview("ins_nope")
+        assert err.value.code == NOT_FOUND
+        # Usage recorded by other parts (quotas, recorder), once per key.
+        assert await billing.record_usage(inst, "stored_bytes", 2048, "file_1")
+        assert not await billing.record_usage(inst, "stored_bytes", 2048, "file_1")
+        assert (await billing.usage(inst, next_month(month)))["stored_bytes"] == 2048
+
+
+async def test_gb6_run_meters_its_log_and_survives_kill_9(node: Node, peer_factory: Any) -> None:
+    t = node.create_tenant()
+    alice, bob = t.user("alice"), t.user("bob")
+    async with peer_factory(alice.token) as a, peer_factory(bob.token) as b:
+        room = await make_room(a, [bob.id])
+        for i in range(10):
+            await a.ok("send", room=room, cid=f"a{i}", body={"text": "m"})
+        await b.ok("send", room=room, cid="b0", body={"text": "m"})
+    node.kill()  # SIGKILL: nothing drained
+    assert (node.data_dir / "billing.db").exists()  # the node's own meter made its store
+    node.start()
+    async with peer_factory(bob.token) as b:
+        await b.ok("send", room=room, cid="b1", body={"text": "m"})
+    node.kill()
+    with sqlite3.connect(node.data_dir / "gb6.db") as conn:
+        sends = conn.execute("SELECT COUNT(*) FROM events WHERE type='message'").fetchone()[0]
+    assert sends == 12
+    billing = open_billing(Config(data_dir=node.data_dir), lambda _: "free")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(billing.run)
+        usage = await billing.usage(t.instance, month_of(now_ms()))
+        nursery.cancel_scope.cancel()
+    assert usage == {"messages": 12, "seats": 2}
+
+
+def test_prices_come_from_the_plans_in_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "gb6.toml"
+    path.write_text(
+        '[plans.team.pricing]\ncurrency = "USD"\n'
+        '[[plans.team.pricing.components]]\nmodel = "per_seat"\nunit_price = 700\n'
+    )
+    config = load(path, {"data_dir": str(tmp_path)})
+    team = plan_pricing(config, "team")
+    # 3 seats x 700 = 2100
+    assert invoice("ins_a", "2026-10", team, {"seats": 3}).total == 2100
+    assert team.currency == "USD"
+    assert plan_pricing(config, "free").components == ()  # no pricing: free
+    path.write_text('[plans.team.pricing]\n[[plans.team.pricing.components]]\nmodel = "gift"\n')
+    with pytest.raises(GB6Error) as err:
+        open_billing(load(path, {"data_dir": str(tmp_path)}), lambda _: "team")
+    assert err.value.code == INVALID
+    assert "plans.team.pricing.components[0].model" in err.value.message
