@@ -28,6 +28,7 @@ from node.errors import (
 from node.events import Event
 from node.ids import new_id, new_secret, secret_digest
 from origin.blobs import LocalBlobStore
+from origin.invoicing import open_billing
 from origin.membership import Membership, MembershipChange, Principal, RoomState
 from origin.rbac import OPERATOR, ROOM_CREATE, authorize
 from origin.records import (
@@ -96,10 +97,15 @@ class OriginShard:
         # Entered around each committed batch's replies and publications (all synchronous),
         # so an edge can coalesce its writes per connection.
         self.publish_context: Callable[[], AbstractContextManager[object]] = nullcontext
+        # Usage metering and invoices (origin/invoicing.py): a consumer of this shard's log.
+        self.billing = open_billing(
+            config, lambda i: x.plan if (x := self.instances.get(i)) else None
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.store.run)
+            await nursery.start(self.billing.run)  # after the store: it reads the store's log
             orgs, insts, users = await self.store.load_tenancy()
             self.orgs = {o.id: o for o in orgs}
             self.instances.update((i.id, i) for i in insts)
