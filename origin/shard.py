@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import orjson
 import outcome
 import trio
 
@@ -30,10 +31,10 @@ from node.ids import new_id, new_secret, secret_digest
 from origin.blobs import LocalBlobStore
 from origin.invoicing import open_billing
 from origin.membership import Membership, MembershipChange, Principal, RoomState
+from origin.quotas import Quotas, day_start_ms
 from origin.rbac import OPERATOR, ROOM_CREATE, authorize
 from origin.records import (
     INSTANCE_ROLES,
-    PLANS,
     FileRecord,
     Instance,
     Org,
@@ -47,6 +48,7 @@ from origin.tenancy import Tenancy
 from replication.shard_map import check_region
 
 AppendReply = Callable[[outcome.Outcome[Appended]], None]
+_QUOTA_OVERRIDES = "quota_overrides"  # meta key: {instance: {resource: limit}} as JSON
 EventListener = Callable[[str, list[Event]], None]
 
 
@@ -97,6 +99,9 @@ class OriginShard:
         # Entered around each committed batch's replies and publications (all synchronous),
         # so an edge can coalesce its writes per connection.
         self.publish_context: Callable[[], AbstractContextManager[object]] = nullcontext
+        # Quotas of every instance here (origin/quotas.py): checked where resources are made.
+        self.quotas = Quotas(config.plans, self._plan_of, now_ms)
+        self.tenancy_listeners.append(self._quota_limits_changed)
         # Usage metering and invoices (origin/invoicing.py): a consumer of this shard's log.
         self.billing = open_billing(
             config, lambda i: x.plan if (x := self.instances.get(i)) else None
@@ -113,6 +118,7 @@ class OriginShard:
             self.tenancy.load(*await self.store.load_access())
             for rec, head, members in await self.store.load_rooms():
                 self.state.add_room(RoomState(rec, head, members))
+            await self._load_quotas()
             task_status.started()
 
     async def drain(self) -> None:
@@ -131,8 +137,8 @@ class OriginShard:
         if org not in self.orgs:
             raise not_found(f"organization {org} not found")
         plan = plan or "free"
-        if plan not in PLANS:
-            raise invalid(f"unknown plan {plan!r}; plans: {', '.join(PLANS)}")
+        if plan not in self.config.plans:  # PLANS and the config's [plans.*] (origin/plans.py)
+            raise invalid(f"unknown plan {plan!r}; plans: {', '.join(self.config.plans)}")
         region = region or self.config.region
         check_region(region, self.config.region_shards(region), self.config.shard)
         inst = Instance(new_id("ins"), org, name, region, plan, "active", now_ms())
@@ -149,7 +155,12 @@ class OriginShard:
         if role not in INSTANCE_ROLES:
             raise invalid(f"role must be one of {', '.join(INSTANCE_ROLES)}")
         user = User(new_id("usr"), instance, name, role, now_ms())
-        await self.store.create_user(user)
+        # Held until the row is durable: concurrent creators cannot both take the last slot.
+        with (
+            self.quotas.reserve(instance, "bots" if role == "bot" else "users"),
+            trio.CancelScope(shield=True),  # once queued it commits: memory and count follow
+        ):
+            await self.store.create_user(user)
         self.users[user.id] = user
         self._tenancy_changed(user)
         return user
@@ -225,7 +236,10 @@ class OriginShard:
                 QUOTA_EXCEEDED, f"a room has at most {self.limits.members_per_room} members"
             )
         rec = RoomRecord(new_id("room"), who.instance.id, name, kind, open_, who.id, now_ms())
-        with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
+        with (
+            self.quotas.reserve(who.instance.id, "rooms"),
+            trio.CancelScope(shield=True),  # once queued it commits: memory must follow
+        ):
             await self.store.create_room(rec, users)
         state = RoomState(rec, 0, dict.fromkeys(users, 0))
         self.state.add_room(state)
@@ -342,7 +356,29 @@ class OriginShard:
             may_moderate=may_moderate,
             reply=reply,
         )
+        if type_ == "message":  # a `send`
+            # Held until the store answers: `_publish` keeps it for a new message and gives it
+            # back for a repeat or a failure. A dict lookup and an addition: no await.
+            try:
+                self.quotas.take(who.instance.id, "messages")
+            except GB6Error as refused:
+                await self._repeat_over_quota(item, refused)
+                return
+            try:
+                await self.store.submit_append(item)
+            except BaseException:
+                self.quotas.settle(who.instance.id, "messages", 1, keep=False)
+                raise
+            return
         await self.store.submit_append(item)
+
+    async def _repeat_over_quota(self, item: AppendItem, refused: GB6Error) -> None:
+        """At the daily limit, a repeat of an acknowledged send still gets its original seq
+        (as the store's dedup would answer it): look it up; anything else gets `refused`."""
+        prior = await self.store.event_by_cid(item.room, item.sender, item.cid)
+        if prior is None:
+            raise refused
+        item.reply(outcome.Value(Appended(prior, duplicate=True)))
 
     def _on_appended(self, results: list[tuple[AppendItem, outcome.Outcome[Appended]]]) -> None:
         with self.publish_context():
@@ -361,6 +397,11 @@ class OriginShard:
             for listener in self.event_listeners:
                 listener(room_id, events)
         for item, result in results:
+            if item.type == "message":  # the `take` in `append`
+                room = self.rooms.get(item.room)
+                if room is not None:
+                    kept = isinstance(result, outcome.Value) and not result.value.duplicate
+                    self.quotas.settle(room.record.instance, "messages", 1, keep=kept)
             item.reply(result)
 
     async def events_after(self, room_id: str, after: int, limit: int) -> list[Event]:
@@ -394,8 +435,9 @@ class OriginShard:
         if ctype in self.limits.file_types_denied or "/" not in ctype or len(ctype) > 100:
             raise GB6Error(INVALID, f"files of type {ctype!r} are not accepted")
         rec = FileRecord(new_id("file"), room_id, who.id, len(data), ctype, now_ms())
-        await self.blobs.put(rec.id, data)
-        await self.store.create_file(rec)
+        with self.quotas.reserve(who.instance.id, "stored_bytes", len(data)):
+            await self.blobs.put(rec.id, data)
+            await self.store.create_file(rec)
         return rec
 
     async def get_file(self, who: Principal, file_id: str) -> tuple[FileRecord, Path]:
@@ -406,3 +448,73 @@ class OriginShard:
         if room is None or room.record.instance != who.instance.id or who.id not in room.members:
             raise not_found(f"file {file_id} not found")
         return rec, self.blobs.path(rec.id)
+
+    # --- quotas (origin/quotas.py) -------------------------------------------------------
+
+    def _plan_of(self, instance: str) -> str | None:
+        inst = self.instances.get(instance)
+        return inst.plan if inst is not None else None
+
+    def _quota_limits_changed(self, record: Instance | User) -> None:
+        if isinstance(record, Instance):  # its plan may have changed
+            self.quotas.refresh(record.id)
+
+    async def _load_quotas(self) -> None:
+        """Counters as they stand: users, bots and rooms from memory, today's sends and the
+        stored bytes from the store, the operators' overrides from the store's meta."""
+        raw = await self.store.meta(_QUOTA_OVERRIDES)
+        if raw:
+            overrides = orjson.loads(raw)
+            self.quotas.overrides = {i: dict(o) for i, o in overrides.items() if o}
+        held: dict[tuple[str, str], int] = {}
+        for user in self.users.values():
+            if getattr(user, "status", "active") == "deleted":
+                continue
+            key = (user.instance, "bots" if user.role == "bot" else "users")
+            held[key] = held.get(key, 0) + 1
+        for room in self.rooms.values():
+            key = (room.record.instance, "rooms")
+            held[key] = held.get(key, 0) + 1
+        for instance, size in (await self.store.stored_bytes()).items():
+            held[(instance, "stored_bytes")] = size
+        for (instance, resource), n in held.items():
+            self.quotas.set_used(instance, resource, n)
+        now = now_ms()
+        for instance, n in (await self.store.messages_since(day_start_ms(now))).items():
+            self.quotas.set_used(instance, "messages", n, period_ms=now)
+
+    def quota_usage(self, instance: str) -> dict[str, Any]:
+        """An instance's plan, and per resource its usage now and its limit (None: unlimited),
+        with the period it is counted in: the admin API's answer."""
+        if instance not in self.instances:
+            raise not_found(f"instance {instance} not found")
+        return {
+            "instance": instance,
+            "plan": self.quotas.plan(instance).name,
+            "usage": [u.to_json() for u in self.quotas.usage(instance)],
+            "overrides": dict(self.quotas.overrides.get(instance, {})),
+        }
+
+    async def set_quota_override(self, instance: str, resource: str, value: object) -> None:
+        """Give one instance its own limit for `resource` (an int >= 0, or None: unlimited),
+        whatever its plan says; durable on return. `clear_quota_override` goes back to the
+        plan's limit."""
+        if instance not in self.instances:
+            raise not_found(f"instance {instance} not found")
+        limit = self.quotas.check_override(resource, value)
+        mine = {**self.quotas.overrides.get(instance, {}), resource: limit}
+        await self._store_overrides(instance, mine)
+        self.quotas.set_override(instance, resource, limit)
+
+    async def clear_quota_override(self, instance: str, resource: str) -> None:
+        if instance not in self.instances:
+            raise not_found(f"instance {instance} not found")
+        self.quotas.check_override(resource, None)
+        mine = {k: v for k, v in self.quotas.overrides.get(instance, {}).items() if k != resource}
+        await self._store_overrides(instance, mine)
+        self.quotas.clear_override(instance, resource)
+
+    async def _store_overrides(self, instance: str, mine: dict[str, int | None]) -> None:
+        every = {**self.quotas.overrides, instance: mine}
+        with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
+            await self.store.set_meta(_QUOTA_OVERRIDES, orjson.dumps(every).decode())
