@@ -54,6 +54,14 @@ def build_app(blueprints: list[Blueprint], max_body: int) -> QuartTrio:
     for bp in blueprints:
         app.register_blueprint(bp)
 
+    @app.before_request
+    async def _read_body() -> None:
+        # Every body is read to its end before any answer (bounded by MAX_CONTENT_LENGTH):
+        # Hypercorn's h11 protocol reuses a keep-alive connection only if the request was
+        # read completely when the response ended; an answer given before (401, 404, 405, a
+        # bad query) left the client's next request on that connection unanswered.
+        await request.get_data(cache=True)
+
     @app.errorhandler(GB6Error)
     async def _gb6(err: GB6Error) -> Response:
         return error_response(err)
