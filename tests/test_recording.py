@@ -26,13 +26,14 @@ import pytest
 import trio
 from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.opus import OpusEncoder
-from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
+from aiortc.codecs.vpx import Vp8Encoder, VpxPayloadDescriptor, vp8_depayload
 from aiortc.rtp import RtpPacket as AiortcRtp
 
 from edge.recording import Manifest, Recorder, TrackFile
 from edge.recording._h264 import sps_size
 from edge.recording._reorder import ReorderBuffer
 from edge.recording._rtp import RtpPacket
+from edge.recording._vp8 import strip_descriptor
 from node.config import Limits
 from node.errors import GB6Error
 from origin.blobs import LocalBlobStore
@@ -87,9 +88,11 @@ def _video(codec: str, ssrc: int) -> list[Sent]:
     encoder = Vp8Encoder() if codec == "vp8" else H264Encoder()
     seq, ts0 = 65_400, (1 << 32) - 90_000 * 3  # both wrap a few seconds in
     out: list[Sent] = []
+    noise = numpy.random.default_rng(7).integers(0, 256, (48, 96), numpy.uint8)
     for i in range(FRAMES):
         luma = numpy.full((HEIGHT, WIDTH), (i * 3) % 256, numpy.uint8)
         luma[(i * 2) % (HEIGHT - 20) :][:20] = 255  # a moving bar
+        luma[:48, :96] = noise  # detail: keyframes span packets (VP8 continuations, FU-A)
         chroma = numpy.full((HEIGHT // 2, WIDTH), 128, numpy.uint8)
         frame = av.VideoFrame.from_ndarray(numpy.vstack([luma, chroma]), format="yuv420p")
         frame.pts, frame.time_base = i * 3000, fractions.Fraction(1, 90_000)
@@ -125,7 +128,13 @@ def _opus(ssrc: int) -> list[Sent]:
 @pytest.fixture(scope="module")
 def media() -> dict[str, list[Sent]]:
     """10 s of each codec, encoded once for the whole module (about a second of CPU)."""
-    return {"vp8": _video("vp8", 0x1111), "h264": _video("h264", 0x2222), "opus": _opus(0x3333)}
+    made = {"vp8": _video("vp8", 0x1111), "h264": _video("h264", 0x2222), "opus": _opus(0x3333)}
+    # Every packetization the depacketizers handle is in there: VP8 frames over several
+    # packets, H.264 STAP-A (SPS, PPS, IDR), FU-A and single NAL unit packets.
+    assert any(a.frame == b.frame for a, b in zip(made["vp8"], made["vp8"][1:], strict=False))
+    kinds = {RtpPacket.parse(s.data).payload[0] & 0x1F for s in made["h264"]}
+    assert {24, 28} <= kinds and kinds & set(range(1, 24)), kinds
+    return made
 
 
 @pytest.fixture
@@ -506,6 +515,23 @@ def test_reorder_buffer_orders_unwraps_and_declares_loss() -> None:
     assert [r.seq for r in out] == [65534, 65535, 65536, 65537, 65539, 65540, 65541, 65542, 65543]
     assert [r.lost_before for r in out if r.lost_before] == [1]  # 65538 (seq 2) never came
     assert buf.late == 2 and buf.lost == 1  # the duplicate 1 and the old 65533
+
+
+def test_vp8_descriptor_with_every_optional_field() -> None:
+    """Descriptors as browsers send them (picture id, TL0PICIDX, TID/KEYIDX), serialized by
+    aiortc, come off cleanly."""
+    for fields in (
+        {},
+        {"picture_id": 17},
+        {"picture_id": 4_000, "tl0picidx": 3},
+        {"picture_id": 4_000, "tl0picidx": 3, "tid": (1, 1), "keyidx": 5},
+        {"tid": (2, 0)},
+    ):
+        descriptor = VpxPayloadDescriptor(partition_start=1, partition_id=0, **fields)
+        start, pid, data = strip_descriptor(bytes(descriptor) + b"VP8DATA")
+        assert (start, pid, data) == (True, 0, b"VP8DATA"), fields
+    with pytest.raises(ValueError):
+        strip_descriptor(b"\x80\x80")  # says a picture id follows; none does
 
 
 def test_rtp_parse_rejects_what_is_not_rtp() -> None:

@@ -47,7 +47,7 @@ class BlobStore(Protocol):
 
 @attrs.define
 class _Entry:
-    track: Track
+    track: Track | None  # None once its file is stored: the memory goes with it
     queued: int = 0  # fed, not yet muxed
     dropped: int = 0  # fed while the queue was full
     removed: bool = False
@@ -215,7 +215,7 @@ class Recorder:
                 except trio.WouldBlock:
                     break
             for entry in self._entries:
-                if entry.removed and entry.queued == 0 and entry.result is None:
+                if entry.removed and entry.queued == 0 and entry.track is not None:
                     await self._store(entry, start)
 
     def _mux(self, item: _Item) -> None:
@@ -223,7 +223,7 @@ class Recorder:
             return
         entry, packet, arrival = item
         entry.queued -= 1
-        if entry.result is None:
+        if entry.track is not None:
             entry.track.push(packet, arrival)
 
     async def _finish(self, start: float, started_at: int) -> None:
@@ -236,7 +236,7 @@ class Recorder:
         self._active.clear()
         stopped_at = now_ms()
         for entry in self._entries:
-            if entry.result is None:
+            if entry.track is not None:
                 await self._store(entry, start)
         self.manifest = Manifest(
             id=self.id,
@@ -253,7 +253,8 @@ class Recorder:
             self._done.set()
 
     async def _store(self, entry: _Entry, start: float) -> None:
-        track = entry.track
+        track, entry.track = entry.track, None
+        assert track is not None
         data = track.finish()
         file_id: str | None = None
         error: str | None = None
