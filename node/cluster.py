@@ -18,6 +18,7 @@ import trio
 from edge.files_api import files_blueprint
 from edge.gateway import Gateway
 from edge.shared_signals import SharedSignals
+from edge.web_api import web_blueprint
 from node.config import Config
 from node.errors import invalid
 from node.health import health_blueprint
@@ -83,7 +84,7 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
         gateway = Gateway(config, origin, shared)
         ws_port = await nursery.start(gateway.run)
         return Served(
-            [health_blueprint(None, gateway)],
+            [health_blueprint(None, gateway), web_blueprint(ws_port, files=False)],
             1 << 20,
             {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},
             gateway.drain,

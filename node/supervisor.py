@@ -25,6 +25,7 @@ from quart import Blueprint
 
 from edge.files_api import files_blueprint
 from edge.gateway import Gateway
+from edge.web_api import web_blueprint
 from node.config import Config
 from node.health import health_blueprint
 from node.http import bind, build_app, serve_http
@@ -141,6 +142,7 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
                 admin_blueprint(shard, token),
                 files_blueprint(shard),
                 health_blueprint(shard, gateway),
+                web_blueprint(ws_port, files=True),
             ],
             config.limits.file_bytes,
             {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},
