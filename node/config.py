@@ -152,6 +152,8 @@ class Config:
     # `[regions]`: region → the origin shards that serve it (an instance's data lives only on
     # shards of its region). Empty: the node's region is served by its own shard alone.
     regions: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
+    # `[media]`: the SFU's UDP address, port range, ICE servers and media limits.
+    media: MediaConfig = MediaConfig()
 
     def region_shards(self, region: str) -> tuple[str, ...] | None:
         """The shards of `region`; None if no such region is configured."""
@@ -215,6 +217,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
             kwargs["limits"] = Limits(**{k: _tuple(v) for k, v in raw["limits"].items()})
         except TypeError as exc:
             raise invalid(f"config [limits]: {exc}") from exc
+    if "media" in raw:
+        kwargs["media"] = _media(dict(raw["media"]))
     if "plans" in raw or "rate_plans" in raw:
         kwargs["plans"] = parse_plans(raw.get("plans", {}), raw.get("rate_plans", {}))
     for key, value in overrides.items():
