@@ -10,9 +10,12 @@ import orjson
 
 from node.events import Event
 
-INSTANCE_ROLES: Final = ("owner", "admin", "member", "guest")
-MODERATOR_ROLES: Final = frozenset({"owner", "admin"})
+INSTANCE_ROLES: Final = ("owner", "admin", "member", "guest", "bot")
 PLANS: Final = ("free", "unlimited")
+# An instance is served only while `active`; `deleted` is terminal (its data is kept).
+INSTANCE_STATUSES: Final = ("active", "suspended", "deleted")
+# Org members: accounts of an organization (not instance users), for the admin API.
+ORG_ROLES: Final = ("owner", "admin", "member")
 
 
 @attrs.frozen
@@ -60,6 +63,9 @@ class User:
     name: str
     role: str
     created_at: int
+    # `deleted` users stay in the store (their messages name them) but nothing serves them;
+    # the edges' replicas learn of a deletion as a User pushed with this status.
+    status: str = "active"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +73,56 @@ class User:
             "instance": self.instance,
             "name": self.name,
             "role": self.role,
+            "created_at": iso(self.created_at),
+        }
+
+
+@attrs.frozen
+class OrgMember:
+    """An account of an organization (owner, admin or member): administers the org's subtree
+    through the admin API with its own tokens (`gb6o_…`)."""
+
+    id: str
+    org: str
+    name: str
+    role: str
+    created_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "org": self.org,
+            "name": self.name,
+            "role": self.role,
+            "created_at": iso(self.created_at),
+        }
+
+
+@attrs.frozen
+class ApiKey:
+    """A machine's credential (`gb6k_…`): a scope (an org subtree, or one instance of it when
+    `instance` is set), explicit permissions, an optional expiry. Stored as a digest only."""
+
+    id: str
+    org: str
+    instance: str | None
+    name: str
+    permissions: tuple[str, ...]
+    created_by: str  # "operator" or the org member's id
+    expires_at: int | None  # ms; None: never
+    revoked: bool
+    created_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "org": self.org,
+            "instance": self.instance,
+            "name": self.name,
+            "permissions": list(self.permissions),
+            "created_by": self.created_by,
+            "expires_at": iso(self.expires_at) if self.expires_at is not None else None,
+            "revoked": self.revoked,
             "created_at": iso(self.created_at),
         }
 
@@ -139,3 +195,24 @@ def hit_from_row(row: Sequence[Any]) -> Event:
     if row[11] is not None:
         ev = attrs.evolve(ev, body=orjson.loads(row[11]), edited=row[12])
     return ev
+
+
+API_KEY_COLS: Final = (
+    "id, org, instance, name, permissions, created_by, expires_at, revoked, created_at"
+)
+
+
+def api_key_from_row(row: Sequence[Any]) -> ApiKey:
+    """An ApiKey from a store's row of `API_KEY_COLS` (permissions stored space-separated)."""
+    id_, org, instance, name, perms, created_by, expires_at, revoked, created_at = row
+    return ApiKey(
+        id_,
+        org,
+        instance,
+        name,
+        tuple(perms.split()),
+        created_by,
+        expires_at,
+        bool(revoked),
+        created_at,
+    )
