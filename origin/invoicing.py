@@ -40,7 +40,13 @@ from origin.billing import (
     parse_pricing,
 )
 from origin.billing_store import BillingStore, StoredInvoice, check_record
-from origin.metering import EventSource, Meter, PgEventSource, SqliteEventSource
+from origin.metering import (
+    EventSource,
+    KafkaEventSource,
+    Meter,
+    PgEventSource,
+    SqliteEventSource,
+)
 from origin.sqlite_store import now_ms
 
 PlanOf = Callable[[str], str | None]  # instance → its plan's name; None: no such instance
@@ -132,7 +138,8 @@ class Billing:
 
 def open_billing(config: Config, plan_of: PlanOf, *, clock: Callable[[], int] = now_ms) -> Billing:
     """The billing of an origin shard on `config`'s backend: `billing.db` beside `gb6.db` for
-    the embedded store; `billing_*` tables in the store's schema for postgres and kafka.
+    the embedded store; `billing_*` tables in the store's schema for postgres and kafka. The
+    meter reads gb6.db's events, PostgreSQL's events, or the Kafka log of record.
     Raises `invalid` if a plan's pricing table is bad."""
     plans: Mapping[str, Any] = getattr(config, "plans", None) or {}
     for plan in plans:  # a bad price list stops the start, with the table's name
@@ -148,7 +155,13 @@ def open_billing(config: Config, plan_of: PlanOf, *, clock: Callable[[], int] = 
         from origin.billing_pg import PgBillingStore
 
         store = PgBillingStore(config.pg_dsn, schema=config.pg_schema)
-        source = PgEventSource(config.pg_dsn, config.pg_schema)
+        if config.store_backend == "kafka":  # the log of record itself, from our own offsets
+            from origin.kafka_store import default_topic
+
+            topic = config.kafka_topic or default_topic(config.shard)
+            source = KafkaEventSource(config.kafka_bootstrap, topic)
+        else:
+            source = PgEventSource(config.pg_dsn, config.pg_schema)
     return Billing(store, source, plan_of, lambda plan: plan_pricing(config, plan), clock=clock)
 
 

@@ -14,9 +14,9 @@ Rules:
   someone calls `catch_up` (which returns once everything committed before the call is
   counted: reads and invoices see their own writes).
 - Sources (`EventSource`): the embedded store's `events` table in `gb6.db` (read-only, on a
-  thread of the source's own), or the PostgreSQL store's `events` (`PgEventSource`), which the
-  `kafka` backend's persister fills from the Kafka log in log order. An offset is the text of
-  the last event id counted.
+  thread of the source's own) and the PostgreSQL store's `events` (`PgEventSource`), by event
+  id (the offset is the text of the last id counted); the `kafka` backend's log of record itself
+  (`KafkaEventSource`, the offset is JSON partition → next offset).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final, Protocol
 
 import attrs
+import orjson
 import trio
 from trio_asyncio import aio_as_trio
 
@@ -44,6 +45,8 @@ METRIC_OF_TYPE: Final = {
     "react": "reactions",
 }
 BATCH: Final = 5_000  # events per transaction
+_IDLE_S: Final = 0.2  # how long a Kafka read waits for records before it says "none yet"
+_TAIL_S: Final = 15.0  # how long asking Kafka for its end may take
 POLL_S: Final = 1.0
 
 
@@ -83,7 +86,12 @@ class EventSource(Protocol):
 
     async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
         """Up to `limit` events after `after` (None: from the start) and the offset after
-        them; None, at once, when there are none yet."""
+        them; None, promptly, when there are none yet."""
+        ...
+
+    async def drained(self, after: str | None) -> bool:
+        """After `read` said None: True if nothing committed is after `after` (the sources
+        that read a table know that already; a log consumer asks the log)."""
         ...
 
 
@@ -128,6 +136,9 @@ class SqliteEventSource:
         if not rows:
             return None
         return [MeterEvent(r[1], r[2], r[3], r[4]) for r in rows], str(rows[-1][0])
+
+    async def drained(self, after: str | None) -> bool:
+        return True  # `read` found no row after `after`
 
 
 class PgEventSource:
@@ -178,6 +189,101 @@ class PgEventSource:
         events = [MeterEvent(r["instance"], r["ts"], r["type"], r["sender"]) for r in rows]
         return events, str(rows[-1]["id"])
 
+    async def drained(self, after: str | None) -> bool:
+        return True  # `read` found no row after `after`
+
+
+class KafkaEventSource:
+    """The shard's Kafka log of record, from the offsets the billing store keeps (JSON:
+    partition → next offset). It joins no consumer group: the offsets stored with the usage
+    are the only ones, so usage and position commit together (origin/kafka_consumer.py).
+
+    A `read` from other offsets than where the consumer stands (the first read, or after
+    another meter moved the stored offset) starts a new consumer there. `read` waits at most
+    `_IDLE_S` for records; `drained` asks the broker whether a committed record is left
+    (origin/kafka_tail.py), so `catch_up` sees every acknowledged event.
+    """
+
+    name = "meter-kafka"  # its offsets mean Kafka positions, not event ids
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._nursery: trio.Nursery | None = None
+        self._consumer: Any = None
+        self._scope: trio.CancelScope | None = None
+        self._position: dict[int, int] | None = None
+        self._max_batch = 1_000
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    async def _serve(
+        self, start: dict[int, int], *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        from origin.kafka_consumer import KafkaLogConsumer  # confluent-kafka only where used
+
+        consumer = KafkaLogConsumer(
+            self._bootstrap, self._topic, start, name="meter", max_batch=self._max_batch
+        )
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(consumer.run)
+                task_status.started((consumer, scope))
+
+    async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
+        from origin.kafka_records import decode
+
+        start = _offsets(after)
+        if self._nursery is None:
+            raise GB6Error(UNAVAILABLE, "the meter's event source is not running")
+        if self._consumer is None or self._position != start:
+            if self._scope is not None:
+                self._scope.cancel()
+            self._max_batch = max(1, min(limit, 100_000))
+            self._consumer, self._scope = await self._nursery.start(self._serve, start)
+            self._position = start
+        with trio.move_on_after(_IDLE_S):
+            batch = await self._consumer.next_batch()
+            events = []
+            for entry in batch.entries:
+                logged = decode(entry)
+                ev = logged.event
+                events.append(MeterEvent(logged.instance, ev.ts, ev.type, ev.sender))
+            self._position = dict(batch.resume)
+            return events, orjson.dumps(
+                {str(p): o for p, o in sorted(batch.resume.items())}
+            ).decode()
+        return None
+
+    async def drained(self, after: str | None) -> bool:
+        from origin.kafka_tail import committed_records_after
+
+        start = _offsets(after)
+        with trio.fail_after(_TAIL_S + 5):
+            more = await trio.to_thread.run_sync(
+                lambda: committed_records_after(
+                    self._bootstrap, self._topic, start, timeout_s=_TAIL_S
+                )
+            )
+        return not more
+
+
+def _offsets(after: str | None) -> dict[int, int]:
+    if after is None:
+        return {}
+    try:
+        raw = orjson.loads(after)
+        return {int(p): int(o) for p, o in raw.items()}
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        raise GB6Error(UNAVAILABLE, f"metering offset {after!r} is not Kafka offsets") from None
+
 
 class Meter:
     """Feeds the billing store from a source. A component: `await nursery.start(meter.run)`.
@@ -213,22 +319,24 @@ class Meter:
                 while True:
                     await trio.sleep(self._poll_s)
                     try:
-                        await self.catch_up()
+                        await self.catch_up(exact=False)
                     except GB6Error as exc:  # the next pass retries; nothing was half-applied
                         log("metering_failed", error=exc.message)
             finally:
                 self._running = False
                 nursery.cancel_scope.cancel()
 
-    async def catch_up(self) -> None:
-        """Meter everything committed so far."""
+    async def catch_up(self, *, exact: bool = True) -> None:
+        """Meter everything committed so far (`exact=False`: what the source has at hand)."""
         if not self._running:
             raise GB6Error(UNAVAILABLE, "the meter is not running")
         async with self._lock:
             while True:
                 got = await self.source.read(self._offset, self.batch)
                 if got is None:
-                    return
+                    if not exact or await self.source.drained(self._offset):
+                        return
+                    continue
                 events, resume = got
                 if await self.store.apply(self.source.name, self._offset, resume, fold(events)):
                     self._offset = resume

@@ -8,7 +8,8 @@ spoken to over its WebSocket and killed with SIGKILL.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,10 @@ from typing import Any
 import outcome
 import pytest
 import trio
+import trio_asyncio
 from conftest import Node, make_room
+from services import require
+from test_store_contract import _delete_topic, _drop_schema
 
 from node.config import Config, load
 from node.errors import CONFLICT, INVALID, NOT_FOUND, GB6Error
@@ -31,7 +35,13 @@ from origin.billing import (
 from origin.billing_sqlite import SqliteBillingStore
 from origin.invoicing import Billing, open_billing, plan_pricing
 from origin.membership import Principal
-from origin.metering import EventSource, MeterEvent, SqliteEventSource
+from origin.metering import (
+    EventSource,
+    KafkaEventSource,
+    MeterEvent,
+    PgEventSource,
+    SqliteEventSource,
+)
 from origin.shard import OriginShard
 from origin.sqlite_store import Appended, now_ms
 
@@ -51,17 +61,46 @@ SEAT_PRICE = parse_pricing(
 
 
 @asynccontextmanager
-async def shard_on(data_dir: Path) -> AsyncIterator[OriginShard]:
-    """A shard serving on `data_dir`; drained and stopped on exit."""
-    shard = OriginShard(Config(data_dir=data_dir))
-    async with trio.open_nursery() as nursery:
-        with trio.fail_after(20):
+async def shard_on(data_dir: Path, config: Config | None = None) -> AsyncIterator[OriginShard]:
+    """A shard serving on `data_dir` (or `config`); drained and stopped on exit."""
+    shard = OriginShard(config or Config(data_dir=data_dir))
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        with trio.fail_after(30):
             await nursery.start(shard.run)
         try:
             yield shard
             await shard.drain()
         finally:
             nursery.cancel_scope.cancel()
+
+
+# A sync fixture, so that require()'s skip keeps its reason (see tests/services.py).
+@pytest.fixture(params=["sqlite", "postgres", "kafka"])
+def config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Config]:
+    """A shard's config on each store backend: the meter reads gb6.db's events (sqlite),
+    PostgreSQL's (postgres) or the Kafka log of record (kafka)."""
+    data = tmp_path / "data"
+    if request.param == "sqlite":
+        yield Config(data_dir=data)
+        return
+    dsn = require("postgres")
+    suffix = uuid.uuid4().hex[:12]
+    schema = f"gb6_meter_test_{suffix}"
+    extra: dict[str, Any] = {}
+    if request.param == "kafka":
+        extra = {
+            "kafka_bootstrap": require("kafka"),
+            "kafka_topic": f"gb6-meter-test-{suffix}",
+            "shard": f"m{suffix}",
+        }
+    try:
+        yield Config(
+            data_dir=data, store_backend=request.param, pg_dsn=dsn, pg_schema=schema, **extra
+        )
+    finally:
+        trio.run(_drop_schema, dsn, schema)
+        if request.param == "kafka":
+            _delete_topic(extra["kafka_bootstrap"], extra["kafka_topic"])
 
 
 async def op(shard: OriginShard, who: Principal, room: str, type_: str, cid: str, **kw: Any) -> int:
@@ -93,8 +132,8 @@ async def tenant(shard: OriginShard, *names: str) -> tuple[str, str, list[Princi
     return inst.id, room.record.id, who
 
 
-async def test_usage_counts_sends_edits_deletes_reactions_and_seats(tmp_path: Path) -> None:
-    async with shard_on(tmp_path / "data") as shard:
+async def test_usage_counts_sends_edits_deletes_reactions_and_seats(config: Config) -> None:
+    async with shard_on(config.data_dir, config) as shard:
         inst, room, (alice, bob, _carol) = await tenant(shard, "alice", "bob", "carol")
         other, other_room, (dave,) = await tenant(shard, "dave")
         first = await op(shard, alice, room, "message", "a1", body={"text": "hi"})
@@ -115,6 +154,11 @@ async def test_usage_counts_sends_edits_deletes_reactions_and_seats(tmp_path: Pa
         assert await shard.billing.usage(inst, day) == expected
         assert await shard.billing.usage(other, month) == {"messages": 1, "seats": 1}
         assert await shard.billing.usage(inst, next_month(month)) == {}
+        # Each backend meters its own log of record, from offsets kept with the usage.
+        source = shard.billing.meter.source
+        kind = {"sqlite": SqliteEventSource, "postgres": PgEventSource, "kafka": KafkaEventSource}
+        assert isinstance(source, kind[config.store_backend])
+        assert await shard.billing.store.offset(source.name) is not None
 
 
 async def test_replaying_the_log_into_a_fresh_store_gives_the_same_totals(tmp_path: Path) -> None:
@@ -153,6 +197,9 @@ class Stopping:
             return None
         self.batches -= 1
         return await self.source.read(after, limit)
+
+    async def drained(self, after: str | None) -> bool:
+        return True
 
 
 async def meter_once(data: Path, source: EventSource, batch: int) -> Billing:
