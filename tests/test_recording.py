@@ -13,6 +13,7 @@ from __future__ import annotations
 import fractions
 import json
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -498,6 +499,26 @@ async def test_cancelling_the_recorder_still_writes_the_files(
     assert int(info["streams"][0]["nb_read_frames"]) == manifest.tracks[0].frames > 0
 
 
+async def test_a_failing_blob_store_is_reported_not_hidden(
+    tmp_path: Path, media: dict[str, list[Sent]]
+) -> None:
+    """The blob store's root is a file, so every write fails: run() raises the store's error
+    and wait() answers `unavailable` instead of a manifest that was never stored."""
+    root = tmp_path / "not_a_directory"
+    root.write_bytes(b"")
+    recorder = Recorder("room_test", LocalBlobStore(root), Limits())
+    with pytest.RaisesGroup(OSError, flatten_subgroups=True):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(recorder.run)
+            recorder.add_track("mic", "opus")
+            for s in media["opus"][:50]:
+                recorder.feed("mic", s.data, s.arrival)
+            recorder.stop()
+    with pytest.raises(GB6Error) as err:
+        await recorder.wait()
+    assert err.value.code == "unavailable"
+
+
 # --- pure pieces --------------------------------------------------------------------------
 
 
@@ -548,3 +569,13 @@ def test_sps_size_reads_cropped_dimensions(media: dict[str, list[Sent]]) -> None
             assert sps_size(payload[3 : 3 + size]) == (WIDTH, HEIGHT)
             return
     raise AssertionError("no STAP-A with an SPS")
+
+
+async def test_the_recorder_loads_no_codec_library() -> None:
+    """No encoder or decoder runs in the edge's recorder: importing it loads neither PyAV
+    (FFmpeg) nor aiortc (whose codecs sit on PyAV)."""
+    code = "import sys, edge.recording; print(sorted({'av', 'aiortc'} & set(sys.modules)))"
+    result = await trio.run_process(
+        [sys.executable, "-c", code], capture_stdout=True, cwd=Path(__file__).parent.parent
+    )
+    assert result.stdout.strip() == b"[]"

@@ -30,7 +30,7 @@ import trio
 from edge.recording._manifest import Manifest, TrackFile
 from edge.recording._track import CODECS, CONTAINERS, Track, TrackLimits
 from node.config import Limits
-from node.errors import CONFLICT, QUOTA_EXCEEDED, GB6Error, invalid, not_found
+from node.errors import CONFLICT, QUOTA_EXCEEDED, UNAVAILABLE, GB6Error, invalid, not_found
 from node.ids import new_id
 from origin.sqlite_store import now_ms
 
@@ -165,9 +165,11 @@ class Recorder:
         self._wake()
 
     async def wait(self) -> Manifest:
-        """The manifest, once `run()` has written it."""
+        """The manifest, once `run()` has written it. Raises GB6Error unavailable if finishing
+        failed or took longer than `limits.recording_finish_s`."""
         await self._done.wait()
-        assert self.manifest is not None
+        if self.manifest is None:
+            raise GB6Error(UNAVAILABLE, "the recording could not be finished")
         return self.manifest
 
     def statistics(self) -> RecorderStats:
@@ -200,9 +202,16 @@ class Recorder:
             raise
         finally:
             self._stopping = True
-            with trio.CancelScope(shield=True), trio.move_on_after(self.limits.recording_finish_s):
-                await self._finish(start, started_at)
-        assert self.manifest is not None
+            try:
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(self.limits.recording_finish_s),
+                ):
+                    await self._finish(start, started_at)
+            finally:
+                self._done.set()
+        if self.manifest is None:
+            raise GB6Error(UNAVAILABLE, "the recording could not be finished in time")
         return self.manifest
 
     async def _loop(self, start: float) -> None:
@@ -238,7 +247,7 @@ class Recorder:
         for entry in self._entries:
             if entry.track is not None:
                 await self._store(entry, start)
-        self.manifest = Manifest(
+        manifest = Manifest(
             id=self.id,
             room=self.room,
             started_at=started_at,
@@ -247,10 +256,8 @@ class Recorder:
             tracks=tuple(e.result for e in self._entries if e.result is not None),
             unknown_packets=self._unknown,
         )
-        try:
-            await self.blobs.put(self.id, orjson.dumps(self.manifest.to_json()))
-        finally:
-            self._done.set()
+        await self.blobs.put(self.id, orjson.dumps(manifest.to_json()))
+        self.manifest = manifest  # only once stored: `wait()` returning means it is durable
 
     async def _store(self, entry: _Entry, start: float) -> None:
         track, entry.track = entry.track, None
