@@ -329,14 +329,15 @@ class Quotas:
         self._roll(c)
         return c.used
 
+    def usage_of(self, instance: str, resource: str) -> Usage:
+        """One resource's committed usage, limit and current period for `instance`."""
+        c = self._counter(instance, resource)
+        self._roll(c)
+        return Usage(resource, c.used, c.limit, period_label(c.kind, c.period))
+
     def usage(self, instance: str) -> list[Usage]:
         """Every resource's committed usage and limit for `instance`, in RESOURCES order."""
-        out = []
-        for r in RESOURCES:
-            c = self._counter(instance, r)
-            self._roll(c)
-            out.append(Usage(r, c.used, c.limit, period_label(c.kind, c.period)))
-        return out
+        return [self.usage_of(instance, r) for r in RESOURCES]
 
     def forget(self, instance: str) -> None:
         """Drop an instance's counters (it left this shard)."""

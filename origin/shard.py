@@ -28,6 +28,7 @@ from node.errors import (
 )
 from node.events import Event
 from node.ids import new_id, new_secret, secret_digest
+from node.log import log
 from origin.blobs import LocalBlobStore
 from origin.invoicing import open_billing
 from origin.membership import Membership, MembershipChange, Principal, RoomState
@@ -438,6 +439,7 @@ class OriginShard:
         with self.quotas.reserve(who.instance.id, "stored_bytes", len(data)):
             await self.blobs.put(rec.id, data)
             await self.store.create_file(rec)
+        await self._bill(who.instance.id, "stored_bytes", len(data), rec.id)
         return rec
 
     async def get_file(self, who: Principal, file_id: str) -> tuple[FileRecord, Path]:
@@ -482,6 +484,39 @@ class OriginShard:
         now = now_ms()
         for instance, n in (await self.store.messages_since(day_start_ms(now))).items():
             self.quotas.set_used(instance, "messages", n, period_ms=now)
+        # Recording minutes and webhook calls are usage records of the billing store; only
+        # instances whose plan limits them need them now.
+        for resource in ("recording_minutes", "webhook_calls"):
+            for instance in self.instances:
+                if self.quotas.limit(instance, resource) is None:
+                    continue
+                period = self.quotas.usage_of(instance, resource).period
+                assert period is not None
+                used = (await self.billing.usage(instance, period)).get(resource, 0)
+                self.quotas.set_used(instance, resource, used, period_ms=now)
+
+    async def charge_usage(self, instance: str, resource: str, n: int, key: str) -> None:
+        """Count `n` of a periodic resource that was used (`recording_minutes`: the recorder,
+        per minute or part of one; `webhook_calls`: the webhook sender, per call) against the
+        instance's quota, and record it for billing once per `key` (a repeat of a key counts
+        nothing). Raises quota_exceeded (nothing counted or recorded) past the limit: the
+        caller stops the recording or drops the call. Charge before the use (a minute as it
+        starts, a call before it is made); a repeat of a key once the limit is reached is
+        refused too (the quota is checked before the key)."""
+        with self.quotas.reserve(instance, resource, n) as held:
+            if not await self._bill(instance, resource, n, key):
+                held.cancel()  # this key was counted before
+
+    async def _bill(self, instance: str, metric: str, quantity: int, key: str) -> bool:
+        """A usage record for billing (origin/invoicing.py), once per key; True if new. A
+        failure is logged, not raised: what it was for has happened already."""
+        added = True
+        try:
+            with trio.CancelScope(shield=True):
+                added = await self.billing.record_usage(instance, metric, quantity, key)
+        except GB6Error as exc:
+            log("usage_record_failed", instance=instance, metric=metric, error=exc.message)
+        return added
 
     def quota_usage(self, instance: str) -> dict[str, Any]:
         """An instance's plan, and per resource its usage now and its limit (None: unlimited),

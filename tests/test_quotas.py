@@ -8,6 +8,7 @@ adapter (SQLite, PostgreSQL, Kafka + PostgreSQL) through the store contract's fi
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -256,6 +257,10 @@ async def send(shard: OriginShard, who: Principal, room: str, cid: str) -> Appen
     return box[0].unwrap()
 
 
+def f1_month(rec: FileRecord) -> str:
+    return datetime.datetime.fromtimestamp(rec.created_at / 1000, tz=datetime.UTC).strftime("%Y-%m")
+
+
 def principal(shard: OriginShard, user: User) -> Principal:
     who = shard.state.principal(user.id)
     assert who is not None
@@ -315,6 +320,7 @@ async def test_each_quota_at_the_shard_then_after_a_restart(tmp_path: Path) -> N
         # stored bytes: 60 + 40, then one byte more is refused and no file is written.
         f1 = await shard.put_file(a, r1, "text/plain", b"x" * 60)
         await shard.put_file(a, r1, "text/plain", b"y" * 40)
+        assert (await shard.billing.usage(inst, f1_month(f1)))["stored_bytes"] == 100
         blobs_before = sorted(p.name for p in (data / "blobs").rglob("*") if p.is_file())
         with pytest.raises(GB6Error) as exc:
             await shard.put_file(a, r1, "text/plain", b"z")
@@ -393,7 +399,8 @@ async def test_concurrent_creators_do_not_both_take_the_last_slot(tmp_path: Path
 
 
 async def test_media_recording_and_webhook_quotas_at_their_api(tmp_path: Path) -> None:
-    """What the SFU, the recorder and the webhook sender call (through `shard.quotas`)."""
+    """What the SFU (`shard.quotas.acquire/release`), the recorder and the webhook sender
+    (`shard.charge_usage`: quota and billing record in one call) use."""
     async with running_shard(tmp_path / "data") as shard:
         org = await shard.create_org("acme", None)
         inst = (await shard.create_instance(org.id, "main", None, "tiny")).id
@@ -407,15 +414,16 @@ async def test_media_recording_and_webhook_quotas_at_their_api(tmp_path: Path) -
         refused(exc, "media_participants")
         q.release(inst, "media_participants")
         q.acquire(inst, "media_participants")
-        q.charge(inst, "recording_minutes", 6)
-        q.charge(inst, "recording_minutes", 4)
+        await shard.charge_usage(inst, "recording_minutes", 3, "rec_1:0")
+        await shard.charge_usage(inst, "recording_minutes", 3, "rec_1:0")  # a repeat: nothing
+        await shard.charge_usage(inst, "recording_minutes", 7, "rec_1:3")
         with pytest.raises(GB6Error) as exc:
-            q.charge(inst, "recording_minutes", 1)
+            await shard.charge_usage(inst, "recording_minutes", 1, "rec_1:10")
         refused(exc, "recording_minutes")
-        for _ in range(3):
-            q.charge(inst, "webhook_calls")
+        for i in range(3):
+            await shard.charge_usage(inst, "webhook_calls", 1, f"call{i}")
         with pytest.raises(GB6Error) as exc:
-            q.charge(inst, "webhook_calls")
+            await shard.charge_usage(inst, "webhook_calls", 1, "call3")
         refused(exc, "webhook_calls")
         got = usage(shard, inst)
         assert (got["media_participants"], got["recording_minutes"], got["webhook_calls"]) == (
@@ -431,6 +439,17 @@ async def test_media_recording_and_webhook_quotas_at_their_api(tmp_path: Path) -
         periods = {u["resource"]: u["period"] for u in shard.quota_usage(inst)["usage"]}
         assert periods["media_participants"] is None
         assert len(periods["recording_minutes"]) == 7 and len(periods["webhook_calls"]) == 10
+        # Billing has the records, each key once (refused ones are not there).
+        month = await shard.billing.usage(inst, periods["recording_minutes"])
+        assert month["recording_minutes"] == 10 and month["webhook_calls"] == 3
+    # After a restart the period's counts come back from billing's records.
+    async with running_shard(tmp_path / "data") as shard:
+        got = usage(shard, inst)
+        assert (got["recording_minutes"], got["webhook_calls"]) == (10, 3)
+        with pytest.raises(GB6Error) as exc:
+            await shard.charge_usage(inst, "webhook_calls", 1, "call4")
+        refused(exc, "webhook_calls")
+        assert got["media_participants"] == 0  # sessions did not survive the process
 
 
 async def test_an_operators_override_is_kept_across_a_restart(tmp_path: Path) -> None:
