@@ -27,6 +27,7 @@ from origin.billing_store import (
     UsageDelta,
     check_list,
     check_record,
+    check_ts,
     shift_closed,
     usage_key_check,
 )
@@ -198,6 +199,7 @@ class PgBillingStore:
 
     async def record(self, instance: str, metric: str, quantity: int, key: str, ts: int) -> bool:
         check_record(instance, metric, quantity, key)
+        check_ts(ts)
         delta = UsageDelta(
             {(instance, day_of(ts), metric): quantity, (instance, month_of(ts), metric): quantity}
         )

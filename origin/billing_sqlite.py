@@ -30,6 +30,7 @@ from origin.billing_store import (
     UsageDelta,
     check_list,
     check_record,
+    check_ts,
     shift_closed,
     usage_key_check,
 )
@@ -239,6 +240,7 @@ class SqliteBillingStore:
 
     async def record(self, instance: str, metric: str, quantity: int, key: str, ts: int) -> bool:
         check_record(instance, metric, quantity, key)
+        check_ts(ts)
         delta = UsageDelta(
             {(instance, day_of(ts), metric): quantity, (instance, month_of(ts), metric): quantity}
         )

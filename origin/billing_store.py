@@ -106,6 +106,16 @@ def check_record(instance: str, metric: str, quantity: int, key: str) -> None:
         raise invalid(f"a usage record's idempotency key is 1..{MAX_KEY_CHARS} characters")
 
 
+MAX_TS: Final = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
+
+def check_ts(ts: int) -> int:
+    """`invalid` unless `ts` is a time in ms between 1970 and 9999."""
+    if type(ts) is not int or not 0 <= ts <= MAX_TS:
+        raise invalid(f"a usage record's ts is ms since 1970 (0..{MAX_TS}), not {ts!r}")
+    return ts
+
+
 def check_list(limit: int, after: str | None) -> None:
     if type(limit) is not int or not 1 <= limit <= MAX_LIST:
         raise invalid(f"limit must be 1..{MAX_LIST}")
@@ -163,9 +173,8 @@ def usage_key_check(instance: str, period: str) -> None:
 if TYPE_CHECKING:
 
     def _fits() -> None:
-        from origin.billing_sqlite import SqliteBillingStore
-
         from origin.billing_pg import PgBillingStore
+        from origin.billing_sqlite import SqliteBillingStore
 
         def sqlite(store: SqliteBillingStore) -> BillingStore:
             return store

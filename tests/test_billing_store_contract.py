@@ -133,6 +133,10 @@ async def test_records_count_once_per_key(backend: Backend) -> None:
             with pytest.raises(GB6Error) as err:
                 await store.record(*bad, OCT_5)
             assert err.value.code == INVALID
+        for ts in (-1, 10**20, "2026-10-05"):
+            with pytest.raises(GB6Error) as err:
+                await store.record("ins_a", "stored_bytes", 1, "k", ts)  # type: ignore[arg-type]
+            assert err.value.code == INVALID
         assert await store.record("ins_a", "stored_bytes", 1, "k", OCT_5)  # "k" was never used
 
 
