@@ -94,6 +94,9 @@ class Tenancy:
         self.limits = shard.limits
         self.members: dict[str, OrgMember] = {}
         self.keys: dict[str, ApiKey] = {}
+        # One tenancy change at a time: a check (a limit, "no children", a status) and the
+        # write it allows must not interleave with another's across the store's await.
+        self._writing = trio.Lock()
 
     def load(self, members: Iterable[OrgMember], keys: Iterable[ApiKey]) -> None:
         """At start, what the store holds (the shard's orgs are loaded already)."""
@@ -158,25 +161,26 @@ class Tenancy:
 
     async def create_org(self, actor: Actor, name: str, parent: str | None) -> Org:
         """A root org (operator only) or a child of `parent` (`org.write` there)."""
-        if parent is None:
-            self.authorize(actor, rbac.ORG_WRITE)
-        else:
-            self.authorize(actor, rbac.ORG_WRITE, org=parent)
-            chain = self.org_chain(parent) or []
-            if len(chain) + 1 > self.limits.org_depth:
-                raise GB6Error(
-                    QUOTA_EXCEEDED, f"organizations nest at most {self.limits.org_depth} levels"
-                )
-            if len(self.children(parent)) >= self.limits.org_children:
-                raise GB6Error(
-                    QUOTA_EXCEEDED,
-                    f"an organization has at most {self.limits.org_children} children",
-                )
-        org = Org(new_id("org"), name, parent, now_ms())
-        with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
-            await self.shard.store.create_org(org)
-        self.shard.orgs[org.id] = org
-        return org
+        async with self._writing:
+            if parent is None:
+                self.authorize(actor, rbac.ORG_WRITE)
+            else:
+                self.authorize(actor, rbac.ORG_WRITE, org=parent)
+                chain = self.org_chain(parent) or []
+                if len(chain) + 1 > self.limits.org_depth:
+                    raise GB6Error(
+                        QUOTA_EXCEEDED, f"organizations nest at most {self.limits.org_depth} levels"
+                    )
+                if len(self.children(parent)) >= self.limits.org_children:
+                    raise GB6Error(
+                        QUOTA_EXCEEDED,
+                        f"an organization has at most {self.limits.org_children} children",
+                    )
+            org = Org(new_id("org"), name, parent, now_ms())
+            with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
+                await self.shard.store.create_org(org)
+            self.shard.orgs[org.id] = org
+            return org
 
     def get_org(self, actor: Actor, org: str) -> Org:
         self.authorize(actor, rbac.ORG_READ, org=org)
@@ -203,26 +207,30 @@ class Tenancy:
         return paginate(items, lambda o: o.id, limit, cursor, self.limits.page_limit)
 
     async def rename_org(self, actor: Actor, org: str, name: str) -> Org:
-        self.authorize(actor, rbac.ORG_WRITE, org=org)
-        rec = attrs.evolve(self._org(org), name=name)
-        with trio.CancelScope(shield=True):
-            await self.shard.store.update_org(rec)
-        self.shard.orgs[org] = rec
-        return rec
+        async with self._writing:
+            self.authorize(actor, rbac.ORG_WRITE, org=org)
+            rec = attrs.evolve(self._org(org), name=name)
+            with trio.CancelScope(shield=True):
+                await self.shard.store.update_org(rec)
+            self.shard.orgs[org] = rec
+            return rec
 
     async def delete_org(self, actor: Actor, org: str) -> None:
-        self.authorize(actor, rbac.ORG_WRITE, org=org)
-        if self.children(org):
-            raise GB6Error(CONFLICT, f"organization {org} has child organizations")
-        live = [i.id for i in self.shard.instances.values() if i.org == org]
-        live = [i for i in live if self.shard.instances[i].status != "deleted"]
-        if live:
-            raise GB6Error(CONFLICT, f"organization {org} has {len(live)} instance(s) not deleted")
-        with trio.CancelScope(shield=True):
-            await self.shard.store.delete_org(org)
-        del self.shard.orgs[org]
-        self.members = {k: m for k, m in self.members.items() if m.org != org}
-        self.keys = {k: v for k, v in self.keys.items() if v.org != org}
+        async with self._writing:
+            self.authorize(actor, rbac.ORG_WRITE, org=org)
+            if self.children(org):
+                raise GB6Error(CONFLICT, f"organization {org} has child organizations")
+            live = [i.id for i in self.shard.instances.values() if i.org == org]
+            live = [i for i in live if self.shard.instances[i].status != "deleted"]
+            if live:
+                raise GB6Error(
+                    CONFLICT, f"organization {org} has {len(live)} instance(s) not deleted"
+                )
+            with trio.CancelScope(shield=True):
+                await self.shard.store.delete_org(org)
+            del self.shard.orgs[org]
+            self.members = {k: m for k, m in self.members.items() if m.org != org}
+            self.keys = {k: v for k, v in self.keys.items() if v.org != org}
 
     # --- org members ---------------------------------------------------------------------
 
@@ -245,17 +253,18 @@ class Tenancy:
             raise forbidden(f"only an owner may give or take the role {org_role!r}")
 
     async def add_member(self, actor: Actor, org: str, name: str, role: str) -> OrgMember:
-        self.authorize(actor, rbac.ORG_MEMBERS, org=org)
-        self._check_grant(actor, role)
-        if sum(1 for m in self.members.values() if m.org == org) >= self.limits.org_members:
-            raise GB6Error(
-                QUOTA_EXCEEDED, f"an organization has at most {self.limits.org_members} members"
-            )
-        member = OrgMember(new_id("mem"), org, name, role, now_ms())
-        with trio.CancelScope(shield=True):
-            await self.shard.store.create_org_member(member)
-        self.members[member.id] = member
-        return member
+        async with self._writing:
+            self.authorize(actor, rbac.ORG_MEMBERS, org=org)
+            self._check_grant(actor, role)
+            if sum(1 for m in self.members.values() if m.org == org) >= self.limits.org_members:
+                raise GB6Error(
+                    QUOTA_EXCEEDED, f"an organization has at most {self.limits.org_members} members"
+                )
+            member = OrgMember(new_id("mem"), org, name, role, now_ms())
+            with trio.CancelScope(shield=True):
+                await self.shard.store.create_org_member(member)
+            self.members[member.id] = member
+            return member
 
     def get_member(self, actor: Actor, member_id: str) -> OrgMember:
         return self._member(actor, member_id, rbac.ORG_READ)
@@ -278,22 +287,24 @@ class Tenancy:
     async def update_member(
         self, actor: Actor, member_id: str, *, name: str | None = None, role: str | None = None
     ) -> OrgMember:
-        member = self._member(actor, member_id, rbac.ORG_MEMBERS)
-        if role is not None:
-            self._check_grant(actor, role)  # the new role...
-            self._check_grant(actor, member.role)  # ...and the one taken away
-        rec = attrs.evolve(member, name=name or member.name, role=role or member.role)
-        with trio.CancelScope(shield=True):
-            await self.shard.store.update_org_member(rec)
-        self.members[rec.id] = rec
-        return rec
+        async with self._writing:
+            member = self._member(actor, member_id, rbac.ORG_MEMBERS)
+            if role is not None:
+                self._check_grant(actor, role)  # the new role...
+                self._check_grant(actor, member.role)  # ...and the one taken away
+            rec = attrs.evolve(member, name=name or member.name, role=role or member.role)
+            with trio.CancelScope(shield=True):
+                await self.shard.store.update_org_member(rec)
+            self.members[rec.id] = rec
+            return rec
 
     async def remove_member(self, actor: Actor, member_id: str) -> None:
-        member = self._member(actor, member_id, rbac.ORG_MEMBERS)
-        self._check_grant(actor, member.role)
-        with trio.CancelScope(shield=True):
-            await self.shard.store.delete_org_member(member_id)
-        self.members.pop(member_id, None)
+        async with self._writing:
+            member = self._member(actor, member_id, rbac.ORG_MEMBERS)
+            self._check_grant(actor, member.role)
+            with trio.CancelScope(shield=True):
+                await self.shard.store.delete_org_member(member_id)
+            self.members.pop(member_id, None)
 
     async def issue_member_token(
         self, actor: Actor, member_id: str, ttl_s: int | None = None
@@ -339,8 +350,9 @@ class Tenancy:
     ) -> Instance:
         """In `region` (default: the node's) on `plan` (default `free`); refused (`forbidden`,
         naming the region) unless this shard serves the region."""
-        self.authorize(actor, rbac.INSTANCE_CREATE, org=org)
-        return await self.shard.create_instance(org, name, region, plan)
+        async with self._writing:
+            self.authorize(actor, rbac.INSTANCE_CREATE, org=org)
+            return await self.shard.create_instance(org, name, region, plan)
 
     def get_instance(self, actor: Actor, instance: str) -> Instance:
         self.authorize(actor, rbac.INSTANCE_READ, instance=instance)
@@ -370,13 +382,14 @@ class Tenancy:
     async def update_instance(
         self, actor: Actor, instance: str, *, name: str | None = None, plan: str | None = None
     ) -> Instance:
-        self.authorize(actor, rbac.INSTANCE_WRITE, instance=instance)
-        inst = self._live(instance)
-        if plan is not None and plan not in self.shard.config.plans:
-            raise invalid(f"unknown plan {plan!r}; plans: {', '.join(self.shard.config.plans)}")
-        return await self._put_instance(
-            attrs.evolve(inst, name=name or inst.name, plan=plan or inst.plan)
-        )
+        async with self._writing:
+            self.authorize(actor, rbac.INSTANCE_WRITE, instance=instance)
+            inst = self._live(instance)
+            if plan is not None and plan not in self.shard.config.plans:
+                raise invalid(f"unknown plan {plan!r}; plans: {', '.join(self.shard.config.plans)}")
+            return await self._put_instance(
+                attrs.evolve(inst, name=name or inst.name, plan=plan or inst.plan)
+            )
 
     async def suspend_instance(self, actor: Actor, instance: str) -> Instance:
         return await self._lifecycle(actor, instance, "suspend")
@@ -388,12 +401,13 @@ class Tenancy:
         return await self._lifecycle(actor, instance, "delete")
 
     async def _lifecycle(self, actor: Actor, instance: str, action: str) -> Instance:
-        self.authorize(actor, rbac.INSTANCE_LIFECYCLE, instance=instance)
-        inst = self._instance(instance)
-        status = _TRANSITIONS[inst.status].get(action)
-        if status is None:
-            raise GB6Error(CONFLICT, f"cannot {action} an instance that is {inst.status}")
-        return await self._put_instance(attrs.evolve(inst, status=status))
+        async with self._writing:
+            self.authorize(actor, rbac.INSTANCE_LIFECYCLE, instance=instance)
+            inst = self._instance(instance)
+            status = _TRANSITIONS[inst.status].get(action)
+            if status is None:
+                raise GB6Error(CONFLICT, f"cannot {action} an instance that is {inst.status}")
+            return await self._put_instance(attrs.evolve(inst, status=status))
 
     async def _put_instance(self, inst: Instance) -> Instance:
         with trio.CancelScope(shield=True):
@@ -411,9 +425,10 @@ class Tenancy:
             raise not_found(f"user {user_id} not found in instance {instance}") from None
 
     async def create_user(self, actor: Actor, instance: str, name: str, role: str) -> User:
-        self.authorize(actor, rbac.USER_WRITE, instance=instance)
-        self._live(instance)
-        return await self.shard.create_user(instance, name, role)
+        async with self._writing:
+            self.authorize(actor, rbac.USER_WRITE, instance=instance)
+            self._live(instance)
+            return await self.shard.create_user(instance, name, role)
 
     def get_user(self, actor: Actor, instance: str, user_id: str) -> User:
         self.authorize(actor, rbac.USER_READ, instance=instance)
@@ -454,39 +469,41 @@ class Tenancy:
         name: str | None = None,
         role: str | None = None,
     ) -> User:
-        self.authorize(actor, rbac.USER_WRITE, instance=instance)
-        self._live(instance)
-        user = self._user(instance, user_id)
-        if role is not None and role not in INSTANCE_ROLES:
-            raise invalid(f"role must be one of {', '.join(INSTANCE_ROLES)}")
-        rec = attrs.evolve(user, name=name or user.name, role=role or user.role)
-        quotas = self.shard.quotas
-        moved = _quota_kind(user.role) != _quota_kind(rec.role)
-        with trio.CancelScope(shield=True):
-            if moved:  # a member becoming a bot counts against bots, and back
-                with quotas.reserve(instance, _quota_kind(rec.role)):
+        async with self._writing:
+            self.authorize(actor, rbac.USER_WRITE, instance=instance)
+            self._live(instance)
+            user = self._user(instance, user_id)
+            if role is not None and role not in INSTANCE_ROLES:
+                raise invalid(f"role must be one of {', '.join(INSTANCE_ROLES)}")
+            rec = attrs.evolve(user, name=name or user.name, role=role or user.role)
+            quotas = self.shard.quotas
+            moved = _quota_kind(user.role) != _quota_kind(rec.role)
+            with trio.CancelScope(shield=True):
+                if moved:  # a member becoming a bot counts against bots, and back
+                    with quotas.reserve(instance, _quota_kind(rec.role)):
+                        await self.shard.store.update_user(rec)
+                    quotas.remove(instance, _quota_kind(user.role))
+                else:
                     await self.shard.store.update_user(rec)
-                quotas.remove(instance, _quota_kind(user.role))
-            else:
-                await self.shard.store.update_user(rec)
-        self.shard.users[rec.id] = rec
-        self.shard._tenancy_changed(rec)  # edges refresh the principal of live sockets
-        return rec
+            self.shard.users[rec.id] = rec
+            self.shard._tenancy_changed(rec)  # edges refresh the principal of live sockets
+            return rec
 
     async def delete_user(self, actor: Actor, instance: str, user_id: str) -> None:
         """Tokens revoked, removed from every room (members see a `members` event), sockets
         closed (4003); the user's events stay."""
-        self.authorize(actor, rbac.USER_WRITE, instance=instance)
-        user = self._user(instance, user_id)
-        rooms = sorted(self.shard.user_rooms.get(user_id, ()))
-        with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
-            await self.shard.store.delete_user(user_id)
-        del self.shard.users[user_id]
-        self.shard.quotas.remove(instance, _quota_kind(user.role))
-        for room in rooms:
-            self.shard.state.remove_members(room, [user_id])
-            self.shard._members_changed(MembershipChange(room, (), (user_id,)))
-        self.shard._tenancy_changed(attrs.evolve(user, status="deleted"))
+        async with self._writing:
+            self.authorize(actor, rbac.USER_WRITE, instance=instance)
+            user = self._user(instance, user_id)
+            rooms = sorted(self.shard.user_rooms.get(user_id, ()))
+            with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
+                await self.shard.store.delete_user(user_id)
+            del self.shard.users[user_id]
+            self.shard.quotas.remove(instance, _quota_kind(user.role))
+            for room in rooms:
+                self.shard.state.remove_members(room, [user_id])
+                self.shard._members_changed(MembershipChange(room, (), (user_id,)))
+            self.shard._tenancy_changed(attrs.evolve(user, status="deleted"))
 
     async def issue_token(
         self, actor: Actor, instance: str, user_id: str, ttl_s: int | None = None
@@ -514,23 +531,32 @@ class Tenancy:
     ) -> tuple[str, ApiKey]:
         """A key for machines, scoped to `org`'s subtree or to one `instance` of it, holding
         `permissions` (a subset of the creator's). The secret is returned once."""
-        self.authorize(actor, rbac.APIKEY_WRITE, org=org)
-        if instance is not None:
-            self.authorize(actor, rbac.APIKEY_WRITE, instance=instance)
-            chain = self.org_chain(self._instance(instance).org) or []
-            if org not in chain:
-                raise not_found(f"instance {instance} not found")
-        if sum(1 for k in self.keys.values() if k.org == org) >= self.limits.org_api_keys:
-            raise GB6Error(
-                QUOTA_EXCEEDED, f"an organization has at most {self.limits.org_api_keys} API keys"
+        async with self._writing:
+            self.authorize(actor, rbac.APIKEY_WRITE, org=org)
+            if instance is not None:
+                self.authorize(actor, rbac.APIKEY_WRITE, instance=instance)
+                chain = self.org_chain(self._instance(instance).org) or []
+                if org not in chain:
+                    raise not_found(f"instance {instance} not found")
+            if sum(1 for k in self.keys.values() if k.org == org) >= self.limits.org_api_keys:
+                raise GB6Error(
+                    QUOTA_EXCEEDED,
+                    f"an organization has at most {self.limits.org_api_keys} API keys",
+                )
+            secret, key = api_keys.mint(
+                actor,
+                org,
+                instance,
+                name,
+                permissions,
+                ttl_s,
+                now_ms(),
+                self.limits.token_ttl_max_s,
             )
-        secret, key = api_keys.mint(
-            actor, org, instance, name, permissions, ttl_s, now_ms(), self.limits.token_ttl_max_s
-        )
-        with trio.CancelScope(shield=True):
-            await self.shard.store.create_api_key(key, secret_digest(secret))
-        self.keys[key.id] = key
-        return secret, key
+            with trio.CancelScope(shield=True):
+                await self.shard.store.create_api_key(key, secret_digest(secret))
+            self.keys[key.id] = key
+            return secret, key
 
     def _key(self, actor: Actor, key_id: str, permission: str) -> ApiKey:
         key = self.keys.get(key_id)
@@ -555,12 +581,13 @@ class Tenancy:
         return paginate(items, lambda k: k.id, limit, cursor, self.limits.page_limit)
 
     async def revoke_api_key(self, actor: Actor, key_id: str) -> ApiKey:
-        key = self._key(actor, key_id, rbac.APIKEY_WRITE)
-        with trio.CancelScope(shield=True):
-            await self.shard.store.revoke_api_key(key_id)
-        rec = attrs.evolve(key, revoked=True)
-        self.keys[key_id] = rec
-        return rec
+        async with self._writing:
+            key = self._key(actor, key_id, rbac.APIKEY_WRITE)
+            with trio.CancelScope(shield=True):
+                await self.shard.store.revoke_api_key(key_id)
+            rec = attrs.evolve(key, revoked=True)
+            self.keys[key_id] = rec
+            return rec
 
 
 def _quota_kind(role: str) -> str:

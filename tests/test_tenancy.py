@@ -141,6 +141,23 @@ async def test_children_pages_limits_and_delete_rules_survive_a_restart(tmp_path
         await t.add_member(OPERATOR, root.id, "b", "member")
         await refused("quota_exceeded", t.add_member(OPERATOR, root.id, "c", "member"))
 
+        # Two at once for the last slot of a new org: one fits, the other is refused.
+        last = await t.create_org(OPERATOR, "last", None)
+        outcomes: list[str] = []
+
+        async def add(name: str) -> None:
+            try:
+                await t.add_member(OPERATOR, last.id, name, "member")
+                outcomes.append("ok")
+            except GB6Error as exc:
+                outcomes.append(exc.code)
+
+        await t.add_member(OPERATOR, last.id, "first", "owner")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(add, "x")
+            nursery.start_soon(add, "y")
+        assert sorted(outcomes) == ["ok", "quota_exceeded"]
+
         seen, cursor = [], None
         while True:  # two per page: every child once, in order
             page = t.list_orgs(OPERATOR, root.id, 2, cursor)
