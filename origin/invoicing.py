@@ -8,7 +8,8 @@ the meter. Its calls:
 - `preview(instance)`: the running month's invoice under the instance's current plan, as it
   would be if the month ended now; not stored, no number.
 - `close(instance, month)`: issue the invoice of a month that has ended (`conflict` for the
-  running or a future month): numbered, stored, immutable. Closing again returns the same
+  running or a future month, `invalid` for one that ended before the instance existed):
+  numbered, stored, immutable. Closing again returns the same
   invoice. Usage that reaches a closed month later goes to the next open month (see
   origin/billing_store.py), so it is billed once, on the next invoice.
 - `invoices(instance, after=None, limit=100)`, `invoice(instance, month)`: issued invoices.
@@ -27,7 +28,7 @@ from typing import Any
 import trio
 
 from node.config import Config
-from node.errors import CONFLICT, GB6Error, not_found
+from node.errors import CONFLICT, GB6Error, invalid, not_found
 from origin.billing import (
     FREE,
     Invoice,
@@ -47,9 +48,10 @@ from origin.metering import (
     PgEventSource,
     SqliteEventSource,
 )
+from origin.records import Instance
 from origin.sqlite_store import now_ms
 
-PlanOf = Callable[[str], str | None]  # instance → its plan's name; None: no such instance
+InstanceOf = Callable[[str], Instance | None]  # the shard's instance record; None: not here
 
 
 def plan_pricing(config: Config, plan: str) -> Pricing:
@@ -68,7 +70,7 @@ class Billing:
         self,
         store: BillingStore,
         source: EventSource,
-        plan_of: PlanOf,
+        instance_of: InstanceOf,
         pricing_of: Callable[[str], Pricing],
         *,
         clock: Callable[[], int] = now_ms,
@@ -76,7 +78,7 @@ class Billing:
     ) -> None:
         self.store = store
         self.meter = Meter(store, source, poll_s=poll_s)
-        self._plan_of = plan_of
+        self._instance_of = instance_of
         self.pricing_of = pricing_of  # plan → Pricing
         self.clock = clock
 
@@ -86,11 +88,11 @@ class Billing:
             await nursery.start(self.meter.run)
             task_status.started()
 
-    def _pricing(self, instance: str) -> Pricing:
-        plan = self._plan_of(instance)
-        if plan is None:
+    def _instance(self, instance: str) -> Instance:
+        found = self._instance_of(instance)
+        if found is None:
             raise not_found(f"instance {instance} not found")
-        return self.pricing_of(plan)
+        return found
 
     async def usage(self, instance: str, period: str) -> dict[str, int]:
         check_period(period)
@@ -98,7 +100,7 @@ class Billing:
         return await self.store.usage(instance, period)
 
     async def preview(self, instance: str) -> Invoice:
-        pricing = self._pricing(instance)
+        pricing = self.pricing_of(self._instance(instance).plan)
         month = month_of(self.clock())
         return invoice(instance, month, pricing, await self.usage(instance, month))
 
@@ -107,7 +109,10 @@ class Billing:
         now = self.clock()
         if now < month_end_ms(month):
             raise GB6Error(CONFLICT, f"{month} has not ended yet: only past months are closed")
-        pricing = self._pricing(instance)
+        inst = self._instance(instance)
+        if month_end_ms(month) <= inst.created_at:
+            raise invalid(f"instance {instance} did not exist in {month}")
+        pricing = self.pricing_of(inst.plan)
         await self.meter.catch_up()  # what the log holds for the month is on its invoice
 
         def make(usage: Mapping[str, int]) -> Invoice:
@@ -136,7 +141,9 @@ class Billing:
         )
 
 
-def open_billing(config: Config, plan_of: PlanOf, *, clock: Callable[[], int] = now_ms) -> Billing:
+def open_billing(
+    config: Config, instance_of: InstanceOf, *, clock: Callable[[], int] = now_ms
+) -> Billing:
     """The billing of an origin shard on `config`'s backend: `billing.db` beside `gb6.db` for
     the embedded store; `billing_*` tables in the store's schema for postgres and kafka. The
     meter reads gb6.db's events, PostgreSQL's events, or the Kafka log of record.
@@ -162,7 +169,7 @@ def open_billing(config: Config, plan_of: PlanOf, *, clock: Callable[[], int] = 
             source = KafkaEventSource(config.kafka_bootstrap, topic)
         else:
             source = PgEventSource(config.pg_dsn, config.pg_schema)
-    return Billing(store, source, plan_of, lambda plan: plan_pricing(config, plan), clock=clock)
+    return Billing(store, source, instance_of, lambda plan: plan_pricing(config, plan), clock=clock)
 
 
 __all__ = ["FREE", "Billing", "open_billing", "plan_pricing"]

@@ -204,7 +204,7 @@ class Stopping:
 
 async def meter_once(data: Path, source: EventSource, batch: int) -> Billing:
     store = SqliteBillingStore(data / "billing.db")
-    billing = Billing(store, source, lambda _: "free", lambda _: SEAT_PRICE)
+    billing = Billing(store, source, lambda _: None, lambda _: SEAT_PRICE)
     billing.meter.batch = batch
     async with trio.open_nursery() as nursery:
         await nursery.start(billing.run)
@@ -256,6 +256,10 @@ async def test_preview_close_and_late_usage(tmp_path: Path) -> None:
             await billing.close(inst, month)  # the month is still running
         assert err.value.code == CONFLICT
         billing.clock = lambda: month_end_ms(month) + 1  # the month has ended
+        with pytest.raises(GB6Error) as err:  # the instance did not exist then
+            await billing.close(inst, "2020-01")
+        assert err.value.code == INVALID
+        assert await billing.invoices(inst) == []
         closed = await billing.close(inst, month)
         assert (closed.number, closed.total, closed.period) == (1, 202, month)
         assert await billing.close(inst, month) == closed
@@ -294,7 +298,7 @@ async def test_gb6_run_meters_its_log_and_survives_kill_9(node: Node, peer_facto
     with sqlite3.connect(node.data_dir / "gb6.db") as conn:
         sends = conn.execute("SELECT COUNT(*) FROM events WHERE type='message'").fetchone()[0]
     assert sends == 12
-    billing = open_billing(Config(data_dir=node.data_dir), lambda _: "free")
+    billing = open_billing(Config(data_dir=node.data_dir), lambda _: None)
     async with trio.open_nursery() as nursery:
         await nursery.start(billing.run)
         usage = await billing.usage(t.instance, month_of(now_ms()))
@@ -316,6 +320,6 @@ def test_prices_come_from_the_plans_in_the_config(tmp_path: Path) -> None:
     assert plan_pricing(config, "free").components == ()  # no pricing: free
     path.write_text('[plans.team.pricing]\n[[plans.team.pricing.components]]\nmodel = "gift"\n')
     with pytest.raises(GB6Error) as err:
-        open_billing(load(path, {"data_dir": str(tmp_path)}), lambda _: "team")
+        open_billing(load(path, {"data_dir": str(tmp_path)}), lambda _: None)
     assert err.value.code == INVALID
     assert "plans.team.pricing.components[0].model" in err.value.message
