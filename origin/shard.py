@@ -104,9 +104,7 @@ class OriginShard:
         self.quotas = Quotas(config.plans, self._plan_of, now_ms)
         self.tenancy_listeners.append(self._quota_limits_changed)
         # Usage metering and invoices (origin/invoicing.py): a consumer of this shard's log.
-        self.billing = open_billing(
-            config, lambda i: x.plan if (x := self.instances.get(i)) else None
-        )
+        self.billing = open_billing(config, self.instances.get)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
