@@ -10,7 +10,13 @@ import httpx
 import pytest
 import trio
 
-from tests.browser_harness import BrowserTools, browser_tools, open_scenario, run_scenario
+from tests.browser_harness import (
+    SCRIPTS,
+    BrowserTools,
+    browser_tools,
+    open_scenario,
+    run_scenario,
+)
 from tests.conftest import Node, User, module_node
 
 node = module_node("web")
@@ -92,10 +98,18 @@ async def test_unknown_paths_and_traversal_are_404(node: Node, path: str) -> Non
     assert healthy.status_code == 200
 
 
+async def test_sdk_core_in_node(tools: BrowserTools) -> None:
+    """The SDK's pure core (resume, cid resends, errors, drain) under `node --test`."""
+    script = str(SCRIPTS / "sdk_core.test.mjs")
+    with trio.fail_after(30):
+        done = await trio.run_process(["node", "--test", script], capture_stdout=True, check=False)
+    assert done.returncode == 0, done.stdout.decode()[-3000:]
+
+
 # --- two users in the browser ----------------------------------------------------------------
 
 
-async def test_two_users_chat_live_with_typing_receipts_history_and_unread(
+async def test_two_users_chat_live_with_typing_receipts_history_unread_and_files(
     node: Node, tools: BrowserTools, request: pytest.FixtureRequest
 ) -> None:
     tenant = node.create_tenant()
@@ -120,6 +134,8 @@ async def test_two_users_chat_live_with_typing_receipts_history_and_unread(
         "are you there?",
         "ping",
     ]
+    assert out["downloadName"] == "notes.txt"
+    assert out["downloaded"] == "file from alice\n"
     assert out["pageErrors"] == []
 
 

@@ -59,6 +59,7 @@ class Harness {
     this.browser = null;
     this.pages = new Map(); // label -> page
     this.pageErrors = []; // uncaught errors of any page: a scenario usually asserts none
+    this.started = Date.now();
   }
 
   async launch() {
@@ -89,6 +90,7 @@ class Harness {
 
   /** Save a screenshot of `page` as <artifacts>/<name>.png. */
   async shot(page, name) {
+    log(`[${((Date.now() - this.started) / 1000).toFixed(2)} s] screenshot ${name}`);
     fs.mkdirSync(this.artifacts, { recursive: true });
     const file = path.join(this.artifacts, `${name}.png`);
     await page.screenshot({ path: file, fullPage: true });
@@ -125,7 +127,9 @@ export async function scenario(body) {
   let code = 0;
   try {
     await h.launch();
+    log(`[${((Date.now() - h.started) / 1000).toFixed(2)} s] browser launched`);
     const result = await body(h);
+    log(`[${((Date.now() - h.started) / 1000).toFixed(2)} s] scenario done`);
     out({ result: result ?? null });
   } catch (err) {
     code = 1;

@@ -1,8 +1,10 @@
 // Two users chat in the web app (tests/test_web_client.py::test_two_users_chat).
 // input: {http, alice: {id, token}, bob: {id, token}}
 // Alice creates a room and adds Bob; they chat both ways, with typing, receipts, edit,
-// reaction and delete; Bob reloads and sees the history; Alice sees an unread count.
+// reaction and delete; Bob reloads and sees the history; Alice sees an unread count; Alice
+// sends a file and Bob downloads it.
 
+import fs from 'node:fs';
 import { scenario } from './harness.mjs';
 import { connected, message, messageTexts, seeMessage, send, signIn, waitForTexts } from './web_ui.mjs';
 
@@ -86,6 +88,18 @@ await scenario(async (h) => {
   await seeMessage(a, 'ping');
   await link.getByText(/unread/).waitFor({ state: 'detached' });
   out.aliceFinal = await messageTexts(a);
+
+  // Files: Alice attaches one (uploaded over HTTP, sent as a message); Bob downloads it.
+  await a.getByLabel('Attach a file').setInputFiles({
+    name: 'notes.txt', mimeType: 'text/plain', buffer: Buffer.from('file from alice\n'),
+  });
+  await seeMessage(b, 'notes.txt');
+  const [download] = await Promise.all([
+    b.waitForEvent('download'),
+    message(b, 'notes.txt').getByRole('button', { name: 'Download notes.txt' }).click(),
+  ]);
+  out.downloadName = download.suggestedFilename();
+  out.downloaded = fs.readFileSync(await download.path(), 'utf8');
   out.pageErrors = h.pageErrors;
   return out;
 });

@@ -179,13 +179,17 @@ export class Room extends Emitter {
     return out;
   }
 
-  /** Send a text; shown as pending until its event arrives. @returns {Promise<import('./client.js').Ack>} */
-  async send(text, o = {}) {
+  /**
+   * Send a text (or a body object with `text`); shown as pending until its event arrives.
+   * @param {string|Record<string, any>} body @returns {Promise<import('./client.js').Ack>}
+   */
+  async send(body, o = {}) {
     const cid = o.cid ?? newCid();
-    this.pending.set(cid, { text, ts: Date.now(), failed: null });
+    const b = typeof body === 'string' ? { text: body } : body;
+    this.pending.set(cid, { text: String(b.text ?? ''), ts: Date.now(), failed: null });
     this.emit('change');
     try {
-      const ack = await this.client.send(this.id, { text }, { cid, thread: o.thread });
+      const ack = await this.client.send(this.id, b, { cid, thread: o.thread });
       if (this.events.has(ack.seq)) this.pending.delete(cid);
       return ack;
     } catch (err) {

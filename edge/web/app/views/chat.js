@@ -11,6 +11,15 @@ import { h, replace, time } from '../dom.js';
 const TYPING_EVERY_MS = 2_000;
 const REACTIONS = ['👍', '❤️', '😂'];
 
+/** The files a message body refers to (`files`: [{id, name, type, size}]), well-formed ones only. */
+function filesOf(body) {
+  const files = Array.isArray(body?.files) ? body.files : [];
+  return files
+    .filter((f) => f && typeof f.id === 'string' && f.id)
+    .slice(0, 20)
+    .map((f) => ({ id: f.id, name: typeof f.name === 'string' && f.name ? f.name : f.id }));
+}
+
 export async function mount(el, ctx, [roomId]) {
   const { client, rooms } = ctx;
   const me = client.user.id;
@@ -28,8 +37,11 @@ export async function mount(el, ctx, [roomId]) {
   const older = h('button', { type: 'button', text: 'Load older messages', hidden: true });
   const typing = h('p', { class: 'typing', role: 'status', 'aria-label': 'Typing' });
   const text = h('textarea', { id: 'composer', rows: 2, maxlength: 20000 });
+  const attach = h('input', { id: 'attach', type: 'file', class: 'visually-hidden' });
   const composer = h('form', { class: 'composer', 'aria-label': 'Send a message' },
     h('label', { for: 'composer', class: 'visually-hidden', text: 'Message' }), text,
+    client.http === null ? null : h('label', { for: 'attach', class: 'attach', text: 'Attach a file' }),
+    client.http === null ? null : attach,
     h('button', { type: 'submit', text: 'Send' }));
   const addId = h('input', { id: 'add-member', placeholder: 'usr_…', required: true });
   const add = h('form', { 'aria-label': 'Add a member' },
@@ -59,6 +71,19 @@ export async function mount(el, ctx, [roomId]) {
     if (!body) return;
     text.value = '';
     room.send(body).catch(fail('Not sent'));
+  });
+  attach.addEventListener('change', async () => {
+    const files = [...attach.files];
+    attach.value = '';
+    for (const file of files) {
+      try {
+        const rec = await client.uploadFile(roomId, file);
+        // Messages refer to files by id; the name and type are for display.
+        await room.send({ text: file.name, files: [{ id: rec.id, name: file.name, type: rec.type, size: rec.size }] });
+      } catch (err) {
+        fail(`Could not send ${file.name}`)(err);
+      }
+    }
   });
   text.addEventListener('keydown', (e) => {
     if (e.key === 'Enter' && !e.shiftKey) {
@@ -106,6 +131,9 @@ export async function mount(el, ctx, [roomId]) {
     } else {
       item.append(h('p', { class: 'text', text: m.text }));
       if (m.edited) item.append(h('span', { class: 'edited', text: '(edited)' }));
+      for (const f of filesOf(m.body)) {
+        item.append(h('button', { type: 'button', class: 'file', text: `Download ${f.name}`, onclick: () => download(f) }));
+      }
     }
     if (m.reactions.size) {
       item.append(h('div', { class: 'reactions', 'aria-label': 'Reactions' },
@@ -122,6 +150,20 @@ export async function mount(el, ctx, [roomId]) {
     }
     if (readers?.length) item.append(h('p', { class: 'readby', text: `Read by ${readers.map(who).join(', ')}` }));
     return item;
+  }
+
+  async function download(f) {
+    try {
+      const blob = await client.downloadFile(f.id);
+      const url = URL.createObjectURL(blob);
+      const a = h('a', { href: url, download: f.name, hidden: true });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60_000);
+    } catch (err) {
+      fail(`Could not download ${f.name}`)(err);
+    }
   }
 
   function render() {
