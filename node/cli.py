@@ -38,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
         "--origin", action="append", help="an origin shard's link address host:port (repeat)"
     )
     edge.add_argument("--config", type=Path, help="TOML configuration file")
+    audit = sub.add_parser("audit", help="the audit log (origin/audit_log.py)")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser(
+        "verify",
+        help="check the hash chain and its anchor: exit 0 if intact, 1 naming the"
+        " first bad record (reads GB6_AUDIT_KEY for the anchor's MAC)",
+    )
+    verify.add_argument("--data", type=Path, help="the origin's state directory")
+    verify.add_argument("--config", type=Path, help="TOML configuration file (store backend)")
     return parser
 
 
@@ -58,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         flags["origins"] = tuple(args.origin)
     try:
         config = cfg.load(args.config, flags)
+        if args.command == "audit":
+            return _audit_verify(config)
         if args.command == "run":
             from node.supervisor import run_node
 
@@ -76,6 +87,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gb6: {exc.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _audit_verify(config: cfg.Config) -> int:
+    """`gb6 audit verify`: one summary line on stdout; exit 0 if the log is intact, 1 if not
+    (2, as for every command, when it could not be checked: a `GB6Error`)."""
+    import trio_asyncio
+
+    from origin.audit_log import verify_config
+
+    async def check() -> bool:
+        async with trio_asyncio.open_loop():
+            report = await verify_config(config)
+        print(report.summary())
+        return report.ok
+
+    return 0 if trio.run(check) else 1
 
 
 if __name__ == "__main__":

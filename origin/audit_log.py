@@ -12,8 +12,9 @@ How to record (the API other code calls):
   listeners, the hello path): it queues without blocking. The queue is bounded
   (`AuditLimits.pending`); past it a record is dropped and counted, and the count itself is
   recorded (`audit.dropped`) as soon as there is room.
-- `audit.hello_refused(reason, instance)`: refused hellos, aggregated by `RefusalCounter`, so a
-  flood of bad tokens costs a bounded number of records per window.
+- `audit.hello_refused(reason, instance)`: a user token refused (at `hello`, or on a file call),
+  recorded as `auth.token_refused`, aggregated by `RefusalCounter`, so a flood of bad tokens
+  costs a bounded number of records per window.
 - `await audit.page(query)` lists records newest first, `(records, next cursor)`; the cursor is
   the text of a seq, turned back into `AuditQuery.before` by `cursor_before`.
 
@@ -222,6 +223,7 @@ class AuditLog:
         self._inflight = 0
         self._idle = trio.Event()
         self._idle.set()
+        self._statuses: dict[str, str] = {}  # instance → status last seen (instance_seen)
         self.dropped = 0  # records refused by a full queue, not yet recorded as a count
         self.commits = 0  # batches appended; for tests and metrics
         # The org an instance belongs to (the shard sets it), for records that name only one.
@@ -230,6 +232,17 @@ class AuditLog:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        except BaseExceptionGroup as group:
+            # A refusal at start (a tampered tail, an unreachable store) is one GB6Error:
+            # raise it as itself, so the process can say what is wrong in one line.
+            leaves = _leaves(group)
+            if len(leaves) == 1 and isinstance(leaves[0], GB6Error):
+                raise leaves[0] from None
+            raise
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         # The store and the anchor outlive the writer: cancelling `run` stops the writer
         # first, commits what was queued, and only then closes them (their own scopes, shielded
         # from the caller's cancellation, are cancelled here, last).
@@ -388,10 +401,25 @@ class AuditLog:
         if now:
             self.record_soon(
                 actor="anonymous",
-                action="auth.hello_refused",
+                action="auth.token_refused",
                 instance=instance,
                 outcome="denied",
                 details={"reason": reason, "count": 1},
+            )
+
+    def instance_seen(self, instance: str, status: str) -> None:
+        """An instance as the shard now holds it: a change of status (suspend, resume,
+        delete) since it was last seen is recorded (`instance.status`); the first sight is
+        not (creating an instance is the admin API's record)."""
+        before = self._statuses.get(instance)
+        self._statuses[instance] = status
+        if before is not None and before != status:
+            self.record_soon(
+                actor="system",
+                action="instance.status",
+                instance=instance,
+                target=instance,
+                details={"from": before, "to": status},
             )
 
     def quota_event(self, event: Any) -> None:
@@ -491,7 +519,7 @@ class AuditLog:
             for (reason, instance), count, start, end in self._refusals.due(self._clock()):
                 self.record_soon(
                     actor="anonymous",
-                    action="auth.hello_refused",
+                    action="auth.token_refused",
                     instance=instance,
                     outcome="denied",
                     details={
@@ -517,6 +545,8 @@ class AuditLog:
         """One page of `q`, newest first, and the cursor of the next page (None at the end).
         Scope the query (`orgs`, `instances`) to what the caller may see."""
         q = q.checked(self.limits)
+        if q.limit > self.limits.page:
+            raise invalid(f"audit page limit must be 1..{self.limits.page}")
         rows = await self.store.query(attrs.evolve(q, limit=q.limit + 1))
         if len(rows) > q.limit:
             return rows[: q.limit], str(rows[q.limit - 1].seq)
@@ -525,6 +555,13 @@ class AuditLog:
     async def verify(self) -> Report:
         """Verify the whole log against its anchor (reads every record)."""
         return await verify_store(self.store, await self.anchors.load(), self.key)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 async def _keep(

@@ -60,7 +60,8 @@ class AuditQuery:
     instances: frozenset[str] | None = None
 
     def checked(self, limits: AuditLimits) -> AuditQuery:
-        if not isinstance(self.limit, int) or not 1 <= self.limit <= limits.page:
+        # One more than a page: the log asks for it to tell whether another page follows.
+        if not isinstance(self.limit, int) or not 1 <= self.limit <= limits.page + 1:
             raise invalid(f"audit page limit must be 1..{limits.page}")
         for name in ("actor", "action", "org", "instance"):
             value = getattr(self, name)

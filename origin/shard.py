@@ -29,6 +29,7 @@ from node.errors import (
 from node.events import Event
 from node.ids import new_id, new_secret, secret_digest
 from node.log import log
+from origin.audit_log import AuditLog, open_audit
 from origin.blobs import LocalBlobStore
 from origin.invoicing import open_billing
 from origin.membership import Membership, MembershipChange, Principal, RoomState
@@ -100,20 +101,29 @@ class OriginShard:
         # Entered around each committed batch's replies and publications (all synchronous),
         # so an edge can coalesce its writes per connection.
         self.publish_context: Callable[[], AbstractContextManager[object]] = nullcontext
+        # Usage metering and invoices (origin/invoicing.py): a consumer of this shard's log.
+        self.billing = open_billing(config, self.instances.get)
         # Quotas of every instance here (origin/quotas.py): checked where resources are made.
         self.quotas = Quotas(config.plans, self._plan_of, now_ms)
         self.tenancy_listeners.append(self._quota_limits_changed)
-        # Usage metering and invoices (origin/invoicing.py): a consumer of this shard's log.
-        self.billing = open_billing(config, self.instances.get)
+        # The audit log (origin/audit_log.py): security events from here, admin actions from
+        # the admin API; quota events and instance status changes through listeners.
+        self.audit: AuditLog = open_audit(config)
+        self.audit.org_of = lambda i: x.org if (x := self.instances.get(i)) else None
+        self.quotas.listeners.append(self.audit.quota_event)
+        self.tenancy_listeners.append(self._audit_tenancy)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.store.run)
+            await nursery.start(self.audit.run)
             await nursery.start(self.billing.run)  # after the store: it reads the store's log
             orgs, insts, users = await self.store.load_tenancy()
             self.orgs = {o.id: o for o in orgs}
             self.instances.update((i.id, i) for i in insts)
             self.users.update((u.id, u) for u in users)
+            for inst in insts:
+                self.audit.instance_seen(inst.id, inst.status)
             self.tenancy.load(*await self.store.load_access())
             for rec, head, members in await self.store.load_rooms():
                 self.state.add_room(RoomState(rec, head, members))
@@ -123,6 +133,7 @@ class OriginShard:
     async def drain(self) -> None:
         """Wait until every accepted write is durable and answered."""
         await self.store.wait_idle()
+        await self.audit.wait_idle()
 
     # --- tenancy (admin) -----------------------------------------------------------------
 
@@ -175,7 +186,7 @@ class OriginShard:
         return user
 
     async def issue_token(
-        self, instance: str, user_id: str, ttl_s: int | None
+        self, instance: str, user_id: str, ttl_s: int | None, *, actor: str = "admin"
     ) -> tuple[str, Token]:
         self.user_of_instance(instance, user_id)
         ttl = self.limits.token_ttl_s if ttl_s is None else ttl_s
@@ -186,14 +197,45 @@ class OriginShard:
         secret = f"gb6u_{instance}.{new_secret()}"
         token = Token(new_id("tok"), user_id, now_ms() + ttl * 1000, False)
         await self.store.create_token(token, secret_digest(secret))
+        await self.audit.record(  # answered only once audited
+            actor=actor,
+            action="token.issue",
+            instance=instance,
+            target=token.id,
+            details={"user": user_id, "expires_at": token.expires_at},
+        )
         return secret, token
 
-    async def revoke_token(self, instance: str, user_id: str, token_id: str) -> None:
+    async def revoke_token(
+        self, instance: str, user_id: str, token_id: str, *, actor: str = "admin"
+    ) -> None:
         self.user_of_instance(instance, user_id)
         if not await self.store.revoke_token(user_id, token_id):
             raise not_found(f"token {token_id} not found")
+        await self.audit.record(
+            actor=actor,
+            action="token.revoke",
+            instance=instance,
+            target=token_id,
+            details={"user": user_id},
+        )
 
     async def authenticate(self, secret: str) -> Principal:
+        """The principal a user token stands for; `unauthorized` otherwise (a security event
+        for the audit log, aggregated there so a flood of bad tokens stays a few records)."""
+        try:
+            return await self._check_token(secret)
+        except GB6Error as exc:
+            if exc.code == UNAUTHORIZED:
+                named = secret[5:].partition(".")[0] if secret.startswith("gb6u_") else ""
+                self.audit.hello_refused(exc.message, named if named in self.instances else None)
+            raise
+
+    def _audit_tenancy(self, record: Instance | User) -> None:
+        if isinstance(record, Instance):  # lifecycle changes: suspended, resumed, deleted
+            self.audit.instance_seen(record.id, record.status)
+
+    async def _check_token(self, secret: str) -> Principal:
         token = await self.store.token(secret_digest(secret))
         if token is None:
             raise GB6Error(UNAUTHORIZED, "unknown token")
