@@ -9,10 +9,11 @@ Every request goes through `_serve`, the one place that:
 1. authenticates the bearer (the guard: operator token, org member token or API key),
 2. validates path parameters, query parameters and the body against the route's schemas
    (`invalid`, 400, before anything is looked up or changed),
-3. resolves the target (the org and instance the path names; unknown or foreign: 404) and
-   authorizes the route's permission on it (403),
+3. resolves the target (the org or instance the path, or the route's `scope` parameter,
+   names) and authorizes the route's permission on it: unknown or another tenant's: 404;
+   within reach without the permission: 403 (a refused change is noted in the audit log),
 4. calls the handler, and for a route that changes something records the action in the audit
-   log (the recorder) once the change is made.
+   log (the recorder) once the change is made, before answering.
 
 List routes take `limit` (1-`MAX_PAGE`, default `DEFAULT_PAGE`) and `after` (the `next` of the
 previous page) and answer `{"items": [...], "next": cursor | null}`; `paginate` is the one
@@ -30,7 +31,7 @@ from quart import Blueprint, request
 
 from node.errors import UNAUTHORIZED, GB6Error
 from node.http import json_body
-from origin.admin_schema import Schema, array, id_string, integer, obj, string, validate
+from origin.admin_schema import Schema, array, integer, obj, string, validate
 
 T = TypeVar("T")
 DEFAULT_PAGE = 50
@@ -47,19 +48,22 @@ class Target:
 
 
 class Guard(Protocol):
-    """Authentication and authorization, decided elsewhere (origin.rbac); called only here."""
+    """Authentication and authorization, decided elsewhere (origin/rbac.py); called only here."""
 
     async def authenticate(self, bearer: str) -> Any:
         """The actor behind a bearer token; raises `unauthorized`."""
         ...
 
-    async def resolve(self, actor: Any, params: Mapping[str, str]) -> Target:
-        """The org/instance the path parameters name; `not_found` for unknown ids and for
-        ids the actor may not even see (so another tenant's ids read like missing ones)."""
+    def resolve(self, params: Mapping[str, str]) -> Target:
+        """The org/instance named by `params` (path parameters, and the route's scope
+        parameter from the body or query). Nothing is looked up here but the instance's org."""
         ...
 
     def authorize(self, actor: Any, permission: str, target: Target) -> None:
-        """Raise `forbidden` unless the actor holds `permission` on `target`."""
+        """Raise `not_found` if the target is absent or outside the actor's tenancy, else
+        `forbidden` unless the actor holds `permission` on it. A target naming nothing means
+        "whatever the actor may see": only the permission itself is checked (the handler
+        lists what is visible)."""
         ...
 
 
@@ -67,8 +71,15 @@ class Recorder(Protocol):
     """The audit log, as the admin API sees it."""
 
     async def record(
-        self, actor: Any, action: str, target: Target, details: Mapping[str, Any]
-    ) -> None: ...
+        self, actor: Any, action: str, target: Target, subject: str | None, outcome: str
+    ) -> None:
+        """Record an admin action once done (outcome `ok`), durable on return."""
+        ...
+
+    def refused(self, actor: Any, action: str, subject: str | None, code: str) -> None:
+        """Note a change that was refused by authorization (outcome `denied`), without
+        waiting; kept out of the target's tenant (it may be someone else's)."""
+        ...
 
 
 @attrs.frozen
@@ -109,7 +120,7 @@ class Route:
     op_id: str  # unique; also the audit action of a route that changes something
     summary: str
     tag: str
-    permission: str
+    permission: str | None  # None: any authenticated actor (plans)
     handler: Handler
     status: int = 200
     response: Schema | None = None  # None: no body (204)
@@ -117,6 +128,9 @@ class Route:
     query: tuple[Param, ...] = ()
     # Path parameter → its schema; every {name} of `path` must be here.
     path_params: Mapping[str, Schema] = attrs.field(factory=dict)
+    # Where the target org/instance is named when the path does not: ("body", "parent"),
+    # ("query", "org"), ... (the value goes to the guard under that name).
+    scope: tuple[str, str] | None = None
 
     @property
     def changes(self) -> bool:
@@ -221,15 +235,26 @@ async def _serve(route: Route, guard: Guard, recorder: Recorder, params: dict[st
     if route.body is not None:
         body = await json_body()
         validate(route.body, body)
-    target = await guard.resolve(actor, params)
-    guard.authorize(actor, route.permission, target)
+    named = dict(params)
+    if route.scope is not None:
+        where, name = route.scope
+        value = (body if where == "body" else query).get(name)
+        if value is not None:
+            named[name] = value
+    subject = params[route.path_names()[-1]] if params else None
+    if route.permission is not None:
+        try:
+            target = guard.resolve(named)
+            guard.authorize(actor, route.permission, target)
+        except GB6Error as exc:
+            if route.changes:
+                recorder.refused(actor, route.op_id, subject, exc.code)
+            raise
+    else:
+        target = Target()
     reply = await route.handler(Call(actor, target, params, query, body))
     if route.changes:
-        subject = reply.subject
-        if subject is None and params:
-            subject = params[route.path_names()[-1]]
-        details = {"subject": subject, "params": dict(params)}
-        await recorder.record(actor, route.op_id, target, details)
+        await recorder.record(actor, route.op_id, target, reply.subject or subject, "ok")
     if reply.payload is None:
         # A str body: Quart's bodiless Response is read through a worker thread whose
         # StopAsyncIteration escaped into trio-asyncio and took the process down.
@@ -271,7 +296,3 @@ def check_table(routes: Sequence[Route]) -> None:
             raise ValueError(f"route {r.op_id}: path parameters and their schemas differ")
         if r.method == "GET" and r.body is not None:
             raise ValueError(f"route {r.op_id}: a GET has no body")
-
-
-def id_param(description: str = "") -> Schema:
-    return id_string(description=description or None)

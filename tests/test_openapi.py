@@ -25,20 +25,31 @@ CHECKS = ",".join(
         "negative_data_rejection",
     )
 )
-MAX_EXAMPLES = 8  # per operation and phase: the run stays well under two minutes
+MAX_EXAMPLES = 5  # per operation and phase: the run stays well under two minutes
 
 
 def test_schemathesis_finds_nothing(node: Node, tmp_path: Path) -> None:
     tenant = node.create_tenant()
     user = tenant.user("fuzzed")
+    member = node.admin("POST", f"/v1/orgs/{tenant.org}/members", {"name": "m", "role": "admin"})
+    key = node.admin(
+        "POST", f"/v1/orgs/{tenant.org}/api_keys", {"name": "k", "permissions": ["org.read"]}
+    )
+    assert member.status_code == 201 and key.status_code == 201, (member.text, key.text)
     # A config file pins each path parameter (by name) to something that exists.
+    pinned = {
+        "org": tenant.org,
+        "inst": tenant.instance,
+        "user": user.id,
+        "member": member.json()["id"],
+        "key": key.json()["id"],
+        "plan": "free",
+        "resource": "rooms",
+        "period": "2020-01",
+    }
     config = tmp_path / "schemathesis.toml"
     config.write_text(
-        "[parameters]\n"
-        f'"path.org" = "{tenant.org}"\n'
-        f'"path.inst" = "{tenant.instance}"\n'
-        f'"path.user" = "{user.id}"\n'
-        '"path.plan" = "free"\n'
+        "[parameters]\n" + "".join(f'"path.{k}" = "{v}"\n' for k, v in pinned.items())
     )
     cmd = [
         str(ST),
@@ -57,8 +68,10 @@ def test_schemathesis_finds_nothing(node: Node, tmp_path: Path) -> None:
         "--seed",
         "6",
         "--generation-deterministic",
+        # One worker: with threads, hypothesis's lambda descriptions hit a CPython 3.11
+        # ast.parse race ("AST constructor recursion depth mismatch").
         "--workers",
-        "2",
+        "1",
         "--request-timeout",
         "10",
         "--no-color",
