@@ -9,6 +9,7 @@ pinned to 127.0.0.1 (aioice leaves loopback out by default). No ICE servers anyw
 from __future__ import annotations
 
 import fractions
+import itertools
 import math
 import random
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ from trio_asyncio import aio_as_trio
 
 from edge.sfu import (
     ActiveSpeakers,
+    ParticipantLeft,
     Peer,
     Sfu,
     SfuEvent,
@@ -99,10 +101,14 @@ class Client:
         self.peer: Peer = sfu.join(room, name, self.events)
         self.tracks: dict[str, MediaStreamTrack] = {}  # by the SFU's track id (msid)
         self.rtp: list[tuple[int, int, int]] = []  # (ssrc, seq, ts) as received
+        self._arrived = trio.Event()
 
-        @self.pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            pass
+    async def until(self, condition: Any, within: float = 10) -> None:
+        """Wait until `condition()` holds, checking as packets arrive."""
+        with trio.fail_after(within):
+            while not condition():
+                await self._arrived.wait()
+                self._arrived = trio.Event()
 
     async def publish(self, *tracks: MediaStreamTrack) -> None:
         for t in tracks:
@@ -132,13 +138,10 @@ class Client:
 
             async def tap(packet: Any, arrival_time_ms: int, _o: Any = original) -> None:
                 self.rtp.append((packet.ssrc, packet.sequence_number, packet.timestamp))
+                self._arrived.set()  # trio_asyncio: the same thread as Trio
                 await _o(packet, arrival_time_ms)
 
             receiver._handle_rtp_packet = tap  # type: ignore[method-assign]
-        for t in self.pc.getTransceivers():
-            if t.receiver.track is not None:
-                for s in self.pc.remoteDescription.sdp.splitlines():
-                    pass
         self.tracks = self._tracks_by_msid()
 
     def _tracks_by_msid(self) -> dict[str, MediaStreamTrack]:
@@ -177,6 +180,7 @@ class Tone(AudioStreamTrack):
 
     async def recv(self) -> AudioFrame:
         frame = await super().recv()
+        assert isinstance(frame, AudioFrame)
         samples = frame.samples
         t = (np.arange(samples) + self._phase) / 48_000
         self._phase += samples
@@ -208,3 +212,315 @@ async def test_publisher_to_two_subscribers_decodes_video_and_audio(sfu: Sfu) ->
         assert audio[-1].sample_rate == 48_000
     for c in [pub, *subs]:
         await c.close()
+
+
+def receiver_of(client: Client, track_id: str) -> Any:
+    mid = client.peer.mid_of(track_id)
+    return next(t.receiver for t in client.pc.getTransceivers() if t.mid == mid)
+
+
+def ssrc_of(client: Client, track_id: str) -> int:
+    """The SSRC the SFU announced for `track_id` in the subscriber's description."""
+    mid, current = client.peer.mid_of(track_id), ""
+    for line in client.pc.remoteDescription.sdp.splitlines():
+        if line.startswith("a=mid:"):
+            current = line[6:]
+        elif line.startswith("a=ssrc:") and current == mid:
+            return int(line[7:].split()[0])
+    raise AssertionError(f"no ssrc for {track_id}")
+
+
+async def wait_packets(client: Client, ssrc: int, n: int, within: float = 10) -> None:
+    await client.until(lambda: sum(1 for p in client.rtp if p[0] == ssrc) >= n, within)
+
+
+async def publisher_and_subscriber(
+    sfu: Sfu, room: str, *tracks: MediaStreamTrack
+) -> tuple[Client, Client, dict[str, str]]:
+    pub = Client(sfu, room, "alice")
+    await pub.publish(*tracks)
+    ids: dict[str, str] = {t.kind: t.track_id for t in pub.peer.tracks}
+    sub = Client(sfu, room, "bob")
+    for tid in ids.values():
+        sub.peer.subscribe(tid)
+    await sub.renegotiate()
+    return pub, sub, ids
+
+
+async def test_switching_publishers_keeps_ssrc_and_sequence_continuous(sfu: Sfu) -> None:
+    pub1, sub, ids = await publisher_and_subscriber(sfu, "r2", VideoStreamTrack())
+    pub2 = Client(sfu, "r2", "dave")
+    await pub2.publish(VideoStreamTrack())
+    (second,) = pub2.peer.tracks
+    ssrc = ssrc_of(sub, ids["video"])
+    await wait_packets(sub, ssrc, 30)
+    before = len(sub.rtp)
+    sub.peer.switch(ids["video"], second.track_id)
+    assert sub.peer.subscriptions == (second.track_id,)
+    await wait_packets(sub, ssrc, before + 30)
+    # One SSRC throughout; sequence numbers without a gap or a jump at the switch;
+    # timestamps moving forward (the new source's are offset onto the old ones).
+    assert {p[0] for p in sub.rtp} == {ssrc}
+    seqs = [p[1] for p in sub.rtp]
+    unique = list(dict.fromkeys(seqs))
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(unique))
+    ts_step = (sub.rtp[before][2] - sub.rtp[before - 1][2]) & 0xFFFFFFFF
+    assert 0 < ts_step < 90_000  # under one second of the 90 kHz clock
+    frames = await sub.frames(ids["video"], 3)  # the same m-line and track keep decoding
+    assert frames[-1].width == 640
+    for c in (pub1, pub2, sub):
+        await c.close()
+
+
+async def test_nack_is_answered_from_the_subscribers_history(sfu: Sfu) -> None:
+    pub, sub, ids = await publisher_and_subscriber(sfu, "r3", VideoStreamTrack())
+    ssrc = ssrc_of(sub, ids["video"])
+    await wait_packets(sub, ssrc, 20)
+    # Lose three packets on the subscriber's wire (SRTP leaves the RTP header in the clear):
+    # its NACKs (aiortc's receiver sends them) must bring them back from the SFU's history.
+    ice = receiver_of(sub, ids["video"]).transport.transport
+    receive = ice._recv
+    dropped: list[int] = []
+
+    async def lossy() -> bytes:
+        while True:
+            data: bytes = await receive()
+            is_media = len(data) > 12 and 128 <= data[0] < 192 and not 192 <= data[1] <= 223
+            if is_media and int.from_bytes(data[8:12], "big") == ssrc and len(dropped) < 3:
+                dropped.append(int.from_bytes(data[2:4], "big"))
+                continue
+            return data
+
+    ice._recv = lossy
+    await sub.until(lambda: len(dropped) == 3 and set(dropped) <= {p[1] for p in sub.rtp})
+    (down,) = [s for s in sub.peer.stats() if s.direction == "down"]
+    assert down.retransmitted >= 3
+    for c in (pub, sub):
+        await c.close()
+
+
+async def test_subscriber_plis_reach_the_publisher_at_most_once_a_second(sfu: Sfu) -> None:
+    pub, sub, ids = await publisher_and_subscriber(sfu, "r4", VideoStreamTrack())
+    ssrc = ssrc_of(sub, ids["video"])
+    await wait_packets(sub, ssrc, 10)
+    sender = pub.pc.getSenders()[0]
+    seen: list[float] = []
+    original = sender._handle_rtcp_packet
+
+    async def count(packet: Any) -> None:
+        if getattr(packet, "fmt", None) == 1 and type(packet).__name__ == "RtcpPsfbPacket":
+            seen.append(trio.current_time())
+        await original(packet)
+
+    sender._handle_rtcp_packet = count  # type: ignore[method-assign]
+    receiver = receiver_of(sub, ids["video"])
+    start = trio.current_time()
+    while trio.current_time() - start < 2.5:
+        await aio_as_trio(receiver._send_rtcp_pli)(ssrc)
+        await trio.sleep(0.05)
+    await trio.sleep(1.2)  # a request held back by the limit goes out when its turn comes
+    assert 2 <= len(seen) <= 4, seen  # ~50 asked for in 2.5 s
+    assert all(b - a >= 0.9 for a, b in itertools.pairwise(seen)), seen
+    for c in (pub, sub):
+        await c.close()
+
+
+async def test_active_speaker_from_the_audio_level_extension(sfu: Sfu) -> None:
+    loud = Client(sfu, "r5", "alice")
+    quiet = Client(sfu, "r5", "bob")
+    await loud.publish(Tone())
+    await quiet.publish(AudioStreamTrack())
+    event = await quiet.events.wait(ActiveSpeakers, lambda e: len(e.speakers) > 0)
+    assert [s.participant for s in event.speakers] == ["alice"]
+    assert event.speakers[0].track_id == loud.peer.tracks[0].track_id
+    loud.peer.mute(loud.peer.tracks[0].track_id)
+    await quiet.events.wait(ActiveSpeakers, lambda e: e.speakers == ())
+    for c in (loud, quiet):
+        await c.close()
+
+
+async def test_mute_stops_forwarding_and_tells_subscribers(sfu: Sfu) -> None:
+    pub, sub, ids = await publisher_and_subscriber(sfu, "r6", VideoStreamTrack())
+    ssrc = ssrc_of(sub, ids["video"])
+    await wait_packets(sub, ssrc, 10)
+    pub.peer.mute(ids["video"])
+    event = await sub.events.wait(TrackMuted)
+    assert (event.participant, event.track_id, event.muted) == ("alice", ids["video"], True)
+    assert sfu.tracks("r6")[0].muted
+    await trio.sleep(0.2)  # packets already in flight
+    frozen = len(sub.rtp)
+    await trio.sleep(0.7)
+    assert len(sub.rtp) == frozen
+    up = next(s for s in pub.peer.stats() if s.direction == "up")
+    await trio.sleep(0.3)
+    assert next(s for s in pub.peer.stats() if s.direction == "up").packets > up.packets
+    pub.peer.mute(ids["video"], False)
+    await sub.events.wait(TrackMuted, lambda e: not e.muted)
+    await wait_packets(sub, ssrc, frozen + 10)
+    for c in (pub, sub):
+        await c.close()
+
+
+async def test_unpublish_and_leave_remove_tracks(sfu: Sfu) -> None:
+    pub, sub, ids = await publisher_and_subscriber(
+        sfu, "r7", VideoStreamTrack(), AudioStreamTrack()
+    )
+    pub.peer.unpublish(ids["audio"])
+    gone = await sub.events.wait(TrackUnpublished)
+    assert gone.track_id == ids["audio"]
+    assert sub.peer.subscriptions == (ids["video"],)
+    assert sub.peer.needs_negotiation
+    await sub.renegotiate()  # the audio m-line is rejected, the video one stays
+    assert not sub.peer.needs_negotiation
+    assert "m=audio 0 " in sub.pc.remoteDescription.sdp
+    await sub.frames(ids["video"], 2)
+    with pytest.raises(GB6Error) as err:
+        sub.peer.subscribe(ids["audio"])
+    assert err.value.code == "not_found"
+    await pub.close()
+    left = await sub.events.wait(ParticipantLeft)
+    assert left.participant == "alice"
+    assert sfu.tracks("r7") == () and sfu.participants("r7") == ("bob",)
+    assert sub.peer.subscriptions == ()
+    await sub.close()
+    assert sfu.participants("r7") == ()
+
+
+async def offer_of(*tracks: MediaStreamTrack) -> tuple[RTCPeerConnection, str]:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    for t in tracks:
+        pc.addTrack(t)
+
+    async def make() -> str:
+        await pc.setLocalDescription(await pc.createOffer())
+        return str(pc.localDescription.sdp)
+
+    return pc, await aio_as_trio(make)()
+
+
+async def refused(code: str, call: Any, *args: Any) -> str:
+    with pytest.raises(GB6Error) as err:
+        result = call(*args)
+        if hasattr(result, "__await__"):
+            await result
+    assert err.value.code == code, err.value
+    return err.value.message
+
+
+async def test_bad_input_is_refused_and_the_room_keeps_working() -> None:
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        sfu = Sfu(media_config(tracks_per_participant=2, participants_per_room=2))
+        await nursery.start(sfu.run)
+        peer = sfu.join("bad", "mallory", Events())
+        pc, offer = await offer_of(VideoStreamTrack(), VideoStreamTrack(), AudioStreamTrack())
+        assert "v=0" in await refused("invalid", peer.answer, "hello")
+        assert "no media" in await refused("invalid", peer.answer, "v=0\r\ns=-\r\nt=0 0\r\n")
+        no_bundle = "".join(x for x in offer.splitlines(True) if "a=group:BUNDLE" not in x)
+        assert "BUNDLE" in await refused("invalid", peer.answer, no_bundle)
+        assert "larger" in await refused("invalid", peer.answer, offer + "a=x:" + "y" * 70_000)
+        assert "too many tracks" in await refused("quota_exceeded", peer.answer, offer)
+        assert peer.tracks == () and sfu.tracks("bad") == ()
+        await refused("not_found", peer.subscribe, "tr_nope")
+        await refused("not_found", peer.unpublish, "tr_nope")
+        await refused("not_found", peer.mute, "tr_nope")
+        await refused("invalid", peer.publish, "smell", "camera")
+        await refused("invalid", peer.publish, "video", "hologram")
+        await refused("invalid", peer.add_ice_candidate, "candidate:garbage")
+        mdns = "candidate:1 1 udp 2130706431 3f2a.local 5000 typ host"
+        await refused("invalid", peer.add_ice_candidate, mdns)
+        await refused("conflict", sfu.join, "bad", "mallory", Events())
+        await aio_as_trio(pc.close)()
+
+        # The same room, right after: a publisher and a subscriber work.
+        pub = Client(sfu, "bad", "alice")
+        await refused("quota_exceeded", sfu.join, "bad", "eve", Events())
+        assert pub.peer.publish("video", "screen")
+        await pub.publish(VideoStreamTrack())
+        (track,) = pub.peer.tracks
+        assert track.source == "screen"
+        await peer.leave()
+        sub = Client(sfu, "bad", "bob")
+        sub.peer.subscribe(track.track_id)
+        await sub.renegotiate()
+        assert (await sub.frames(track.track_id, 2))[-1].width == 640
+        for c in (pub, sub):
+            await c.close()
+        nursery.cancel_scope.cancel()
+
+
+class Wire:
+    """A sink that keeps what the forwarding core sends."""
+
+    def __init__(self) -> None:
+        self.rtp: list[bytes] = []
+        self.rtcp: list[bytes] = []
+
+    def send_rtp(self, data: bytes) -> None:
+        self.rtp.append(data)
+
+    def send_rtcp(self, data: bytes) -> None:
+        self.rtcp.append(data)
+
+
+def vp8_packet(seq: int, ts: int, ssrc: int, key: bool) -> bytes:
+    header = bytes([0x80, 96]) + seq.to_bytes(2, "big") + ts.to_bytes(4, "big")
+    return header + ssrc.to_bytes(4, "big") + bytes([0x10, 0x00 if key else 0x01]) + b"x" * 20
+
+
+def test_core_remb_is_the_minimum_over_subscribers_capped_and_video_starts_on_a_keyframe() -> None:
+    from aiortc import rtp as artp
+
+    from edge.sfu._events import TrackInfo
+    from edge.sfu._forward import DownTrack, UpTrack
+    from edge.sfu._rtp import RtpIn
+
+    publisher = Wire()
+    info = TrackInfo("tr_1", "alice", "video", "camera", "vp8")
+    up = UpTrack(
+        info,
+        codec_pt=96,
+        clock_rate=90_000,
+        feedback=publisher,
+        keyframe_interval=1.0,
+        remb_cap=2_000_000,
+    )
+    up.ssrcs.add(1234)
+    wires = [Wire(), Wire()]
+    downs = [DownTrack(up, f"s{i}", w, 100 + i, 64) for i, w in enumerate(wires)]
+    for d in downs:
+        up.add(d)
+        up.activate(d, now=0.0)
+    assert len(publisher.rtcp) == 1  # one PLI for both subscribers (the limit)
+    up.on_rtp(RtpIn(vp8_packet(10, 1000, 1234, key=False)), 0.1)
+    assert wires[0].rtp == []  # no keyframe yet
+    up.on_rtp(RtpIn(vp8_packet(11, 4000, 1234, key=True)), 0.2)
+    up.on_rtp(RtpIn(vp8_packet(12, 4000, 1234, key=False)), 0.2)
+    out = [RtpIn(p) for p in wires[1].rtp]
+    assert [p.ssrc for p in out] == [101, 101] and out[1].seq == (out[0].seq + 1) & 0xFFFF
+    downs[0].remb_bps, downs[1].remb_bps = 5_000_000, 3_000_000
+    up.tick(2.0, remb_interval=1.0)
+    (remb,) = artp.RtcpPacket.parse(publisher.rtcp[-1])
+    assert isinstance(remb, artp.RtcpPsfbPacket)
+    assert artp.unpack_remb_fci(remb.fci) == (2_000_000, [1234])  # min 3 Mbit/s, capped at 2
+    downs[1].remb_bps = 1_000_000
+    up.tick(3.1, remb_interval=1.0)
+    (remb,) = artp.RtcpPacket.parse(publisher.rtcp[-1])
+    assert isinstance(remb, artp.RtcpPsfbPacket)
+    assert artp.unpack_remb_fci(remb.fci)[0] == 1_000_000
+
+
+def test_media_config_is_read_and_checked(tmp_path: Any) -> None:
+    from node.config import load
+
+    path = tmp_path / "node.toml"
+    path.write_text(
+        "[media]\nhost = '127.0.0.1'\nudp_port_min = 41000\nudp_port_max = 41999\n"
+        "ice_servers = [{urls = 'turn:127.0.0.1:3478', username = 'u', credential = 'p'}]\n"
+    )
+    media = load(path, {}).media
+    assert (media.udp_port_min, media.udp_port_max) == (41000, 41999)
+    assert media.ice_servers[0].urls == ("turn:127.0.0.1:3478",)
+    assert load(None, {}).media.ice_servers == ()  # none unless configured: no public STUN
+    path.write_text("[media]\nudp_port_min = 5000\nudp_port_max = 4000\n")
+    with pytest.raises(GB6Error):
+        load(path, {})

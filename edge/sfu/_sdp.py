@@ -13,6 +13,8 @@ Rules:
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from aiortc import sdp as asdp
 from aiortc.rtcdtlstransport import RTCDtlsFingerprint, RTCDtlsParameters
@@ -162,10 +164,14 @@ def media_section(
     msid: str | None = None,
     cname: str = "gb6-sfu",
 ) -> asdp.MediaDescription:
-    """One m-line; `codec` None (or direction "rejected") gives a rejected line (port 0)."""
+    """One m-line; direction "rejected" (or no codec) gives a rejected line: port 0, inactive,
+    the codec kept (a client checks it still has one in common)."""
     port = 9 if codec is not None and direction != "rejected" else 0
-    fmt = [codec.payloadType] if codec is not None else [0 if kind == "audio" else 96]
-    m = asdp.MediaDescription(kind=kind, port=port, profile="UDP/TLS/RTP/SAVPF", fmt=fmt)
+    fmt: list[Any] = [codec.payloadType] if codec is not None else [0 if kind == "audio" else 96]
+    profile = "UDP/TLS/RTP/SAVPF"
+    if kind == "application":  # data channels are not offered: always rejected
+        port, fmt, profile, codec = 0, ["webrtc-datachannel"], "UDP/DTLS/SCTP", None
+    m = asdp.MediaDescription(kind=kind, port=port, profile=profile, fmt=fmt)
     m.host = "0.0.0.0"
     m.direction = "inactive" if direction == "rejected" else direction
     m.rtp = RTCRtpParameters(

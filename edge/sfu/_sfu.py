@@ -637,7 +637,7 @@ class Peer:
                     mid=s.mid,
                     direction=direction,
                     setup=setup,
-                    codec=s.codec if s.role != "rejected" else None,
+                    codec=s.codec,
                     extensions=s.extensions if s.role == "publish" else [],
                     ssrc=s.ssrc,
                     msid=s.msid,

@@ -199,9 +199,10 @@ class PeerTransport:
         dtls_role: str,
         on_connected: Callable[[], None],
     ) -> bool:
-        """Connect (ICE, then DTLS; `candidates` first, then end-of-candidates if known), call `on_connected`, then drain the relayed-send queue
-        until cancelled. Returns False when the connection failed. Cancelling it (the Trio task
-        that owns it) stops sending; `close` releases the sockets."""
+        """Connect (ICE with `candidates`, then end-of-candidates if known; then DTLS), call
+        `on_connected`, then drain the relayed-send queue until cancelled. Returns False when
+        the connection failed. Cancelling it (the Trio task that owns it) stops sending;
+        `close` releases the sockets."""
         self._conn.ice_controlling = controlling
         for c in candidates:
             await self.add_candidate(c)
