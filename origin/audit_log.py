@@ -46,6 +46,7 @@ whole chain, anchors it and records `audit.anchor_missing`.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -189,8 +190,8 @@ class _Pending:
 
 def cursor_before(cursor: str) -> int:
     """A page cursor (the `next` of the previous page) as `AuditQuery.before`."""
-    if not isinstance(cursor, str) or not cursor.isdigit() or len(cursor) > 18:
-        raise invalid("bad audit cursor")
+    if not isinstance(cursor, str) or not re.fullmatch(r"[0-9]{1,18}", cursor):
+        raise invalid("bad audit cursor: the `next` of the previous page")
     return int(cursor)
 
 

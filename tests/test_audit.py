@@ -27,8 +27,8 @@ from test_audit_store_contract import _pg_sql, _sqlite_sql
 
 from node.config import Config
 from node.errors import GB6Error
-from origin.audit import AuditRecord, Problem, RefusalCounter, chain_hash
-from origin.audit_log import AuditLog, open_audit, verify_store
+from origin.audit import Anchor, AuditRecord, Problem, RefusalCounter, chain_hash
+from origin.audit_log import AuditLog, KvAnchor, open_audit, verify_store
 from origin.audit_store import AuditQuery
 from origin.rbac import OPERATOR
 from origin.shard import OriginShard
@@ -340,6 +340,27 @@ async def test_the_chain_continues_across_restarts(site: Site) -> None:
         scoped = AuditQuery(limit=50, orgs=frozenset({"org_b"}))
         assert [x.seq for x in (await audit.page(scoped))[0]] == [9]
     assert (await _verify_in_process(site)).ok
+
+
+@pytest.mark.parametrize("sites", ["postgres"], indirect=True)  # embedded: always a file
+async def test_the_anchor_in_the_cluster_kv(sites: Callable[[], Site]) -> None:
+    """PostgreSQL audit with `[cluster] kv`: the anchor is a kv key (not a file), it only moves
+    forward, and the command finds it there to name a truncation."""
+    site = sites()
+    kv_path = site.toml.parent / "kv.db"
+    site.toml.write_text(site.toml.read_text() + f'[cluster]\nkv = "sqlite:{kv_path}"\n')
+    kv_site = attrs.evolve(site, config=attrs.evolve(site.config, kv=f"sqlite:{kv_path}"))
+    records = await _fill(kv_site)
+    assert not (site.config.data_dir / "audit.anchor").exists()
+    async with running_log(kv_site.config) as audit:
+        assert isinstance(audit.anchors, KvAnchor)
+        assert await audit.anchors.load() == Anchor(RECORDS, records[-1].hash)
+        await audit.anchors.save(Anchor(3, records[2].hash))  # an older head: ignored
+        assert (await audit.anchors.load() or Anchor(0, b"")).seq == RECORDS
+    assert (await gb6_verify(site.config.data_dir, site.toml)).returncode == 0
+    await _tamper(site, f"DELETE FROM {site.table} WHERE seq > 6")
+    done = await gb6_verify(site.config.data_dir, site.toml)
+    assert done.returncode == 1 and "BAD at seq 7: truncated" in done.stdout, done.stdout
 
 
 def test_refusals_are_aggregated_per_window() -> None:
