@@ -27,7 +27,17 @@ from test_audit_store_contract import _pg_sql, _sqlite_sql
 
 from node.config import Config
 from node.errors import GB6Error
-from origin.audit import Anchor, AuditRecord, Problem, RefusalCounter, chain_hash
+from origin.audit import (
+    GENESIS,
+    Anchor,
+    AuditRecord,
+    Problem,
+    RefusalCounter,
+    canonical,
+    chain_hash,
+    entry,
+    seal,
+)
 from origin.audit_log import AuditLog, KvAnchor, open_audit, verify_store
 from origin.audit_store import AuditQuery
 from origin.rbac import OPERATOR
@@ -361,6 +371,46 @@ async def test_the_anchor_in_the_cluster_kv(sites: Callable[[], Site]) -> None:
     await _tamper(site, f"DELETE FROM {site.table} WHERE seq > 6")
     done = await gb6_verify(site.config.data_dir, site.toml)
     assert done.returncode == 1 and "BAD at seq 7: truncated" in done.stdout, done.stdout
+
+
+def test_the_canonical_encoding_is_frozen() -> None:
+    """Old logs must verify forever: these bytes and this hash never change (a new encoding
+    would be VERSION 2, next to this one)."""
+    e = entry(
+        actor="admin", action="org.create", org="org_a", details={"b": 1, "a": [True, None, "é"]}
+    )
+    assert (
+        canonical(e, 1, 1_700_000_000_000)
+        == (
+            '[1,1,1700000000000,"admin","org.create","org_a",null,null,"ok",'
+            '{"a":[true,null,"é"],"b":1}]'
+        ).encode()
+    )
+    assert seal(e, 1, 1_700_000_000_000, GENESIS).hash.hex() == (
+        "a23632c05debced5e89a4d1946271b7ce095d6100ce0972dc9fac7eb316171d7"
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"details": {"x": 1.5}},  # no floats: encoders disagree on them
+        {"details": {"x": 2**53 + 1}},
+        {"details": {"a": {"b": {"c": {"d": {"e": 1}}}}}},  # too deep
+        {"details": {"x": "y" * 5000}},  # too large
+        {"details": {1: "x"}},
+        {"action": "Org.Create"},
+        {"action": "org..create"},
+        {"outcome": "maybe"},
+        {"actor": ""},
+        {"org": "o" * 201},
+    ],
+)
+def test_bad_entries_are_invalid(bad: dict[str, Any]) -> None:
+    fields: dict[str, Any] = {"actor": "admin", "action": "org.create", **bad}
+    with pytest.raises(GB6Error) as err:
+        entry(**fields)
+    assert err.value.code == "invalid"
 
 
 def test_refusals_are_aggregated_per_window() -> None:
