@@ -100,6 +100,7 @@ class Reply:
 
     payload: Any
     subject: str | None = None
+    target: Target | None = None  # for the audit record, when the call made the target
 
 
 Handler = Callable[[Call], Awaitable[Reply]]
@@ -254,7 +255,8 @@ async def _serve(route: Route, guard: Guard, recorder: Recorder, params: dict[st
         target = Target()
     reply = await route.handler(Call(actor, target, params, query, body))
     if route.changes:
-        await recorder.record(actor, route.op_id, target, reply.subject or subject, "ok")
+        where = reply.target or target
+        await recorder.record(actor, route.op_id, where, reply.subject or subject, "ok")
     if reply.payload is None:
         # A str body: Quart's bodiless Response is read through a worker thread whose
         # StopAsyncIteration escaped into trio-asyncio and took the process down.

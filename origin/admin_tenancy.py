@@ -23,6 +23,7 @@ from origin.admin_routes import (
     Param,
     Reply,
     Route,
+    Target,
     page_query,
     page_reply,
     page_schema,
@@ -160,7 +161,7 @@ def tenancy_routes(shard: OriginShard) -> list[Route]:
 
     async def create_org(call: Call) -> Reply:
         org = await tenancy.create_org(call.actor, call.body["name"], call.body.get("parent"))
-        return Reply(org.to_json(), org.id)
+        return Reply(org.to_json(), org.id, Target(org.id))
 
     async def list_orgs(call: Call) -> Reply:
         parent, name = call.query.get("parent"), call.query.get("name")

@@ -220,3 +220,178 @@ def test_openapi_document_describes_every_route(node: Node) -> None:
         ("POST", "/v1/instances/{inst}/users"),
         ("POST", "/v1/instances/{inst}/users/{user}/tokens"),
     } <= have
+
+
+def test_org_update_delete_and_conflicts(node: Node) -> None:
+    org = new_org(node, "before")
+    renamed = ok(node.admin("PATCH", f"/v1/orgs/{org['id']}", {"name": "after"}))
+    assert renamed["name"] == "after" and renamed["id"] == org["id"]
+    assert ok(node.admin("GET", f"/v1/orgs/{org['id']}"))["name"] == "after"
+    child = new_org(node, "kid", org["id"])
+    # Not while it has children or live instances.
+    error(node.admin("DELETE", f"/v1/orgs/{org['id']}"), 409, "conflict")
+    ok(node.admin("DELETE", f"/v1/orgs/{child['id']}"), 204)
+    inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "i"}), 201)
+    error(node.admin("DELETE", f"/v1/orgs/{org['id']}"), 409, "conflict")
+    ok(node.admin("DELETE", f"/v1/instances/{inst['id']}"))
+    ok(node.admin("DELETE", f"/v1/orgs/{org['id']}"), 204)
+    error(node.admin("GET", f"/v1/orgs/{org['id']}"), 404, "not_found")
+
+
+def test_instance_lifecycle(node: Node) -> None:
+    org = new_org(node)
+    inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "i"}), 201)
+    base = f"/v1/instances/{inst['id']}"
+    changed = ok(node.admin("PATCH", base, {"name": "renamed", "plan": "unlimited"}))
+    assert changed["name"] == "renamed" and changed["plan"] == "unlimited"
+    assert ok(node.admin("POST", f"{base}/suspend"))["status"] == "suspended"
+    error(node.admin("POST", f"{base}/suspend"), 409, "conflict")
+    assert (
+        walk(node, f"/v1/orgs/{org['id']}/instances", 5, status="suspended")[0]["id"] == inst["id"]
+    )
+    assert ok(node.admin("POST", f"{base}/resume"))["status"] == "active"
+    assert ok(node.admin("DELETE", base))["status"] == "deleted"
+    error(node.admin("POST", f"{base}/resume"), 409, "conflict")
+    error(node.admin("PATCH", base, {"name": "zombie"}), 409, "conflict")
+    error(node.admin("PATCH", base, {"plan": "gold"}), 409, "conflict")
+
+
+def test_users_update_delete_and_tokens(node: Node) -> None:
+    org = new_org(node)
+    inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "i"}), 201)
+    base = f"/v1/instances/{inst['id']}/users"
+    user = ok(node.admin("POST", base, {"name": "ann"}), 201)
+    assert user["role"] == "member"
+    upd = ok(node.admin("PATCH", f"{base}/{user['id']}", {"name": "anne", "role": "admin"}))
+    assert (upd["name"], upd["role"]) == ("anne", "admin")
+    error(node.admin("PATCH", f"{base}/{user['id']}", {"role": "king"}), 400, "invalid")
+    tok = ok(node.admin("POST", f"{base}/{user['id']}/tokens", {"ttl_seconds": 60}), 201)
+    r = node.admin("DELETE", f"{base}/{user['id']}/tokens/{tok['id']}")
+    assert r.status_code == 204
+    error(node.admin("DELETE", f"{base}/{user['id']}/tokens/tok_nope"), 404, "not_found")
+    ok(node.admin("DELETE", f"{base}/{user['id']}"), 204)
+    error(node.admin("GET", f"{base}/{user['id']}"), 404, "not_found")
+    assert walk(node, base, 10) == []
+
+
+def test_org_members_tokens_and_their_reach(node: Node) -> None:
+    org = new_org(node, "members-org")
+    other = new_org(node, "elsewhere")
+    base = f"/v1/orgs/{org['id']}/members"
+    owner = ok(node.admin("POST", base, {"name": "olga", "role": "owner"}), 201)
+    reader = ok(node.admin("POST", base, {"name": "rita"}), 201)
+    assert reader["role"] == "member"
+    assert {m["id"] for m in walk(node, base, 1)} == {owner["id"], reader["id"]}
+    assert walk(node, base, 10, role="owner") == [owner]
+    upd = ok(node.admin("PATCH", f"{base}/{reader['id']}", {"name": "rita b"}))
+    assert upd["name"] == "rita b" and upd["role"] == "member"
+    otok = ok(node.admin("POST", f"{base}/{owner['id']}/tokens", {}), 201)["token"]
+    rtok = ok(node.admin("POST", f"{base}/{reader['id']}/tokens", {}), 201)["token"]
+
+    # The owner runs the org's subtree, and only it.
+    child = ok(node.admin("POST", "/v1/orgs", {"name": "sub", "parent": org["id"]}, otok), 201)
+    assert ok(node.admin("GET", "/v1/orgs", token=otok))["items"] == [
+        ok(node.admin("GET", f"/v1/orgs/{org['id']}"))
+    ]
+    error(node.admin("POST", "/v1/orgs", {"name": "root"}, otok), 403, "forbidden")
+    error(node.admin("GET", f"/v1/orgs/{other['id']}", token=otok), 404, "not_found")
+    inst = ok(node.admin("POST", f"/v1/orgs/{child['id']}/instances", {"name": "i"}, otok), 201)
+    assert [i["id"] for i in walk(node, "/v1/instances", 10, org=child["id"])] == [inst["id"]]
+    # A member reads, and changes nothing.
+    assert ok(node.admin("GET", f"/v1/instances/{inst['id']}", token=rtok))["id"] == inst["id"]
+    error(node.admin("POST", f"/v1/instances/{inst['id']}/suspend", token=rtok), 403, "forbidden")
+    error(node.admin("POST", base, {"name": "x"}, rtok), 403, "forbidden")
+    # Removing a member ends its tokens.
+    ok(node.admin("DELETE", f"{base}/{reader['id']}"), 204)
+    error(node.admin("GET", f"/v1/orgs/{org['id']}", token=rtok), 401, "unauthorized")
+    # A member of another org is not found under this one.
+    stranger = ok(node.admin("POST", f"/v1/orgs/{other['id']}/members", {"name": "s"}), 201)
+    error(node.admin("GET", f"{base}/{stranger['id']}"), 404, "not_found")
+
+
+def test_api_keys(node: Node) -> None:
+    org = new_org(node, "keys-org")
+    inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "i"}), 201)
+    base = f"/v1/orgs/{org['id']}/api_keys"
+    key = ok(
+        node.admin("POST", base, {"name": "ci", "permissions": ["instance.read", "user.read"]}),
+        201,
+    )
+    assert key["secret"].startswith("gb6k_") and key["revoked"] is False
+    scoped = ok(
+        node.admin(
+            "POST", base, {"name": "one", "permissions": ["user.write"], "instance": inst["id"]}
+        ),
+        201,
+    )
+    listed = walk(node, base, 1)
+    assert {k["id"] for k in listed} == {key["id"], scoped["id"]}
+    assert all("secret" not in k for k in listed)
+    assert walk(node, base, 10, instance=inst["id"])[0]["id"] == scoped["id"]
+    error(node.admin("POST", base, {"name": "x", "permissions": ["root"]}), 400, "invalid")
+    error(node.admin("POST", base, {"name": "x", "permissions": []}), 400, "invalid")
+
+    # A key does what it was given, no more.
+    secret = key["secret"]
+    assert ok(node.admin("GET", f"/v1/instances/{inst['id']}", token=secret))["id"] == inst["id"]
+    path = f"/v1/instances/{inst['id']}/users"
+    error(node.admin("POST", path, {"name": "u"}, secret), 403, "forbidden")
+    assert ok(node.admin("POST", path, {"name": "u"}, scoped["secret"]), 201)["name"] == "u"
+    error(node.admin("GET", f"/v1/orgs/{org['id']}", token=scoped["secret"]), 404, "not_found")
+
+    ok(node.admin("DELETE", f"{base}/{key['id']}"), 204)
+    assert ok(node.admin("GET", f"{base}/{key['id']}"))["revoked"] is True
+    error(node.admin("GET", f"/v1/instances/{inst['id']}", token=secret), 401, "unauthorized")
+
+
+def test_quotas_usage_and_invoices(node: Node) -> None:
+    org = new_org(node)
+    inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "i"}), 201)
+    base = f"/v1/instances/{inst['id']}"
+    quotas = ok(node.admin("GET", f"{base}/quotas"))
+    assert quotas["plan"] == "free"
+    rooms = {u["resource"]: u for u in quotas["usage"]}["rooms"]
+    assert rooms["used"] == 0 and rooms["limit"] == 1000
+    set_ = ok(node.admin("PUT", f"{base}/quotas/rooms", {"limit": 3}))
+    assert {u["resource"]: u for u in set_["usage"]}["rooms"]["limit"] == 3
+    assert set_["overrides"] == {"rooms": 3}
+    error(node.admin("PUT", f"{base}/quotas/rooms", {"limit": -1}), 400, "invalid")
+    error(node.admin("PUT", f"{base}/quotas/unicorns", {"limit": 1}), 400, "invalid")
+    cleared = ok(node.admin("DELETE", f"{base}/quotas/rooms"))
+    assert cleared["overrides"] == {}
+
+    usage = ok(node.admin("GET", f"{base}/usage"))
+    assert usage["instance"] == inst["id"] and isinstance(usage["usage"], dict)
+    assert ok(node.admin("GET", f"{base}/usage?period=2026-01-02"))["period"] == "2026-01-02"
+    error(node.admin("GET", f"{base}/usage?period=2026-13"), 400, "invalid")
+    preview = ok(node.admin("GET", f"{base}/invoices/preview"))
+    assert preview["instance"] == inst["id"] and preview["total"] >= 0
+    assert ok(node.admin("GET", f"{base}/invoices")) == {"items": [], "next": None}
+    error(node.admin("GET", f"{base}/invoices/2020-01"), 404, "not_found")
+    # The running month cannot be closed yet; a month before the instance existed has no bill.
+    month = preview["period"]
+    error(node.admin("POST", f"{base}/invoices", {"period": month}), 409, "conflict")
+    error(node.admin("POST", f"{base}/invoices", {"period": "2020-1"}), 400, "invalid")
+
+
+def test_audit_records_every_admin_change(node: Node) -> None:
+    org = new_org(node, "audited")
+    inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "i"}), 201)
+    ok(node.admin("POST", f"/v1/instances/{inst['id']}/suspend"))
+    records = walk(node, "/v1/audit", 2, org=org["id"])
+    actions = [r["action"] for r in records]
+    # Newest first; each change once, by the operator.
+    assert actions.index("admin.suspend_instance") < actions.index("admin.create_instance")
+    assert "admin.create_org" in actions
+    mine = [r for r in records if r["action"].startswith("admin.")]
+    assert all(r["actor"] == "operator" and r["outcome"] == "ok" for r in mine)
+    assert len(mine) == 3
+    seqs = [r["seq"] for r in records]
+    assert seqs == sorted(seqs, reverse=True) and len(seqs) == len(set(seqs))
+    only = walk(node, "/v1/audit", 50, action="admin.suspend_instance", instance=inst["id"])
+    assert [r["target"] for r in only] == [inst["id"]]
+    assert walk(node, "/v1/audit", 50, org=org["id"], since="2999-01-01T00:00:00Z") == []
+    error(node.admin("GET", "/v1/audit?since=yesterday"), 400, "invalid")
+    # Reads are not recorded.
+    ok(node.admin("GET", f"/v1/instances/{inst['id']}"))
+    assert len(walk(node, "/v1/audit", 50, org=org["id"])) == len(records)
