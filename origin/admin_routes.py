@@ -238,8 +238,8 @@ async def _serve(route: Route, guard: Guard, recorder: Recorder, params: dict[st
         validate(route.body, body)
     named = dict(params)
     if route.scope is not None:
-        where, name = route.scope
-        value = (body if where == "body" else query).get(name)
+        source, name = route.scope
+        value = (body if source == "body" else query).get(name)
         if value is not None:
             named[name] = value
     subject = params[route.path_names()[-1]] if params else None
@@ -255,8 +255,8 @@ async def _serve(route: Route, guard: Guard, recorder: Recorder, params: dict[st
         target = Target()
     reply = await route.handler(Call(actor, target, params, query, body))
     if route.changes:
-        where = reply.target or target
-        await recorder.record(actor, route.op_id, where, reply.subject or subject, "ok")
+        made = reply.target or target
+        await recorder.record(actor, route.op_id, made, reply.subject or subject, "ok")
     if reply.payload is None:
         # A str body: Quart's bodiless Response is read through a worker thread whose
         # StopAsyncIteration escaped into trio-asyncio and took the process down.
