@@ -26,6 +26,7 @@ from node.ids import new_id
 from node.ratelimit import RateLimiter
 from node.supervisor import Served, admin_token, announced_host, serve
 from origin.admin_api import admin_blueprint
+from origin.admin_console import console_blueprint
 from origin.shard import OriginShard
 from replication.edge_link import RemoteOrigin
 from replication.origin_link import LinkServer
@@ -60,7 +61,12 @@ async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:
             shard.placement = lambda instance: shard_map.place(instance, config.shard)
             await shard_map.register_shard(config.shard, f"{config.host}:{link_port}")
         return Served(
-            [admin_blueprint(shard, token), files_blueprint(shard), health_blueprint(shard, None)],
+            [
+                admin_blueprint(shard, token),
+                console_blueprint(),
+                files_blueprint(shard),
+                health_blueprint(shard, None),
+            ],
             config.limits.file_bytes,
             {"link": f"{announced_host(config)}:{link_port}", "shard": config.shard},
             shard.drain,

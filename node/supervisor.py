@@ -32,6 +32,7 @@ from node.http import bind, build_app, serve_http
 from node.ids import new_secret
 from node.log import log
 from origin.admin_api import admin_blueprint
+from origin.admin_console import console_blueprint
 from origin.shard import OriginShard
 
 
@@ -140,6 +141,7 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
         return Served(
             [
                 admin_blueprint(shard, token),
+                console_blueprint(),
                 files_blueprint(shard),
                 health_blueprint(shard, gateway),
                 web_blueprint(ws_port, files=True),
