@@ -237,7 +237,28 @@ async def test_operator_creates_suspends_and_audits_in_the_browser(
     assert out["bobTree"] == ["Acme"]
     assert out["bobOther"].startswith("not_found")
 
+    # An API key made in the console for acme-prod (instance.read, quota.read, audit.read):
+    # it sees that instance only, reads its quotas, not its users, and may not resume it.
+    assert out["keys"] == [
+        [
+            "reader",
+            "acme-prod",
+            "audit.read, instance.read, quota.read",
+            "never",
+            "active",
+            "Revoke",
+        ]
+    ]
+    assert out["keyWho"] == "Signed in (API key)"
+    assert "forbidden" in out["keyOrgs"]
+    assert [r[0] for r in out["keyInstances"]] == ["acme-prod"]
+    assert out["keyUsers"].startswith("forbidden")
+    assert out["keyQuota"]["text"] == "1 of 1 (100 %)"
+    assert out["keyResume"].startswith("forbidden")
+    assert admin_get(node, f"/v1/instances/{out['instance']}")["status"] == "suspended"
+
     shots = artifacts_root() / name
     assert (shots / "organization.png").stat().st_size > 0
     assert (shots / "instance.png").stat().st_size > 0
     assert (shots / "audit.png").stat().st_size > 0
+    assert (shots / "api-key.png").stat().st_size > 0

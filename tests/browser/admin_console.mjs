@@ -119,7 +119,41 @@ await scenario(async (h) => {
   await bobPage.getByRole('heading', { name: 'Could not load this view' }).waitFor();
   const bobOther = await bobPage.getByRole('alert').first().textContent();
 
+  // An API key for the instance, made in the console: it reads the instance, not its users,
+  // and may not resume it.
+  await page.getByRole('navigation', { name: 'Sections' }).getByRole('link', { name: 'Organizations' }).click();
+  await page.getByRole('navigation', { name: 'Organization tree' }).getByRole('link', { name: 'Acme' }).click();
+  await page.getByRole('heading', { name: 'Acme', level: 2 }).waitFor();
+  await settled(page);
+  await page.getByLabel('Key name').fill('reader');
+  await page.getByLabel('Key scope').selectOption({ label: 'acme-prod' });
+  for (const p of ['instance.read', 'quota.read', 'audit.read']) await page.getByRole('checkbox', { name: p }).check();
+  await page.getByRole('button', { name: 'Create API key' }).click();
+  const keyOut = page.locator('output[aria-label="New API key"]', { hasText: 'gb6k_' });
+  await keyOut.waitFor();
+  const key = await keyOut.textContent();
+  const keys = await rows(page, 'API keys');
+
+  const keyPage = await h.newPage('key');
+  await signIn(keyPage, http, key);
+  await settled(keyPage);
+  const keyWho = await keyPage.getByRole('status', { name: 'Signed in as' }).textContent();
+  const keyOrgs = await keyPage.getByRole('navigation', { name: 'Organization tree' }).textContent();
+  await keyPage.getByRole('navigation', { name: 'Sections' }).getByRole('link', { name: 'Instances' }).click();
+  await keyPage.getByRole('heading', { name: 'Instances', level: 2 }).waitFor();
+  await settled(keyPage);
+  const keyInstances = await rows(keyPage, 'Instances');
+  await keyPage.getByRole('link', { name: 'acme-prod' }).click();
+  await keyPage.getByRole('heading', { name: 'acme-prod', level: 2 }).waitFor();
+  await settled(keyPage);
+  const keyUsers = await keyPage.getByRole('region', { name: 'Users', exact: true }).getByRole('alert').textContent();
+  const keyQuota = await quota(keyPage, 'users');
+  await keyPage.getByRole('button', { name: 'Resume instance' }).click();
+  const keyResume = await keyPage.locator('header.instance-head').getByRole('alert').filter({ hasText: 'forbidden' }).textContent();
+  await h.shot(keyPage, 'api-key');
+
   return {
+    keys, keyWho, keyOrgs, keyInstances, keyUsers, keyQuota, keyResume,
     refused, who, tree, instance, users, quotas, usage, preview, total, month, closeError, status,
     resumeShown, audit, filtered, firstPage, pages, allSeqs, bobWho, bobTree, bobOther,
     pageErrors: h.pageErrors,

@@ -35,14 +35,23 @@ function deleteButtons(alert, remove) {
 
 export async function orgsView(ctx, view, selected) {
   const { api } = ctx;
-  const orgs = await loadOrgs(api);
+  let orgs = [];
+  let refusal = null;
+  try {
+    orgs = await loadOrgs(api);
+  } catch (err) {
+    if (err.code !== 'forbidden') throw err;
+    refusal = err; // an instance-scoped key, say: the other sections may still serve it
+  }
   if (!ctx.current()) return;
   const alert = alertBox();
   const name = h('input', { name: 'name', required: true, maxlength: 200 });
   const side = h('aside', { class: 'side' },
     h('nav', { 'aria-label': 'Organization tree' },
       h('h2', {}, 'Organizations'),
-      orgs.length ? treeList(forest(orgs), selected) : h('p', { class: 'muted' }, 'No organizations.')),
+      orgs.length ? treeList(forest(orgs), selected)
+        : h('p', { class: 'muted' }, refusal ? `${refusal.code}: ${refusal.message}. ` : 'No organizations. ',
+          'See ', h('a', { href: '#/instances' }, 'Instances'), '.')),
     h('form', {
       class: 'stack', 'aria-label': 'New root organization',
       onsubmit: onSubmit(alert, async () => {
@@ -67,6 +76,7 @@ async function orgDetail(ctx, main, id) {
     api.get(base), api.all(`${base}/members`), api.all(`${base}/instances`), api.all('/v1/plans'),
   ]);
   if (!ctx.current()) return;
+  const keys = h('section', { 'aria-labelledby': 'keys-title' });
 
   // rename, child
   const renameAlert = alertBox();
@@ -166,5 +176,60 @@ async function orgDetail(ctx, main, id) {
         }),
       }, field('Instance name', instName), field('Plan', instPlan), field('Region', instRegion),
       h('button', { type: 'submit' }, 'Create instance')),
-      instAlert.el));
+      instAlert.el),
+    keys);
+  try {
+    await apiKeys(ctx, keys, base, instances);
+  } catch (err) {
+    const alert = alertBox();
+    alert.show(err);
+    replace(keys, h('h3', { id: 'keys-title' }, 'API keys'), alert.el);
+  }
+}
+
+/** The permissions an API key may hold, as the API document declares them (one source). */
+async function keyPermissions(api) {
+  const doc = await api.get('/openapi.json');
+  const body = doc.paths['/v1/orgs/{org}/api_keys'].post.requestBody.content['application/json'].schema;
+  return [...body.properties.permissions.items.enum].sort();
+}
+
+async function apiKeys(ctx, el, base, instances) {
+  const { api } = ctx;
+  const [list, permissions] = await Promise.all([api.all(`${base}/api_keys`), keyPermissions(api)]);
+  const alert = alertBox();
+  const secret = h('output', { 'aria-label': 'New API key', class: 'secret' });
+  const name = h('input', { name: 'name', required: true, maxlength: 200 });
+  const scope = select({ name: 'instance' },
+    [['', 'the whole organization'], ...instances.map((i) => [i.id, i.name])], '');
+  const boxes = permissions.map((p) => h('input', { type: 'checkbox', name: 'permission', value: p }));
+  const rows = list.map((k) => [
+    k.name,
+    k.instance ? (instances.find((i) => i.id === k.instance)?.name ?? k.instance) : 'organization',
+    k.permissions.join(', '),
+    k.expires_at ? utc(Date.parse(k.expires_at)) : 'never',
+    k.revoked ? 'revoked' : 'active',
+    k.revoked ? '' : action('Revoke', alert, async () => {
+      await api.delete(`${base}/api_keys/${seg(k.id)}`);
+      await apiKeys(ctx, el, base, instances);
+    }, { 'aria-label': `Revoke ${k.name}` }),
+  ]);
+  replace(el,
+    h('h3', { id: 'keys-title' }, 'API keys'),
+    table('API keys', ['Name', 'Scope', 'Permissions', 'Expires', 'State', 'Actions'], rows, 'No API keys.'),
+    secret,
+    h('form', {
+      class: 'stack wide', 'aria-label': 'New API key',
+      onsubmit: onSubmit(alert, async () => {
+        const chosen = boxes.filter((b) => b.checked).map((b) => b.value);
+        const key = await api.post(`${base}/api_keys`, { name: name.value.trim(), permissions: chosen, instance: scope.value || null });
+        await apiKeys(ctx, el, base, instances);
+        el.querySelector('output').textContent = key.secret; // shown once: the server keeps a digest
+      }),
+    },
+    h('div', { class: 'inline' }, field('Key name', name), field('Key scope', scope)),
+    h('fieldset', { class: 'perms' }, h('legend', {}, 'Permissions'),
+      boxes.map((b) => h('label', { class: 'check' }, b, b.value))),
+    h('button', { type: 'submit' }, 'Create API key')),
+    alert.el);
 }
