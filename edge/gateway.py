@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -27,6 +28,7 @@ from edge import wsframe
 from edge.bus import LocalRateLimiter
 from edge.handshake import Accepted, Rejected, ServerHandshake
 from edge.hub import Hubs, Subscription
+from edge.media_signaling import ConnectionMedia, MediaRooms
 from edge.outbox import Cork, Outbox
 from edge.shared_signals import SharedSignals
 from edge.wsread import FrameReader
@@ -79,7 +81,9 @@ class Connection:
     nursery: trio.Nursery | None = None
     status: str = "online"
     last_typing: dict[str, float] = attrs.Factory(dict)
-    quota_instance: str | None = None  # holds one of this instance's `connections` until closed
+    media: ConnectionMedia | None = None  # the rooms whose media it joined (media.join)
+    # Gives back this socket's slot of its instance's `connections` quota (held until closed).
+    quota_release: Callable[[], None] | None = None
 
     @property
     def user(self) -> str:
@@ -122,9 +126,9 @@ class Gateway:
             if shared is not None and shared.limiters is not None
             else {n: LocalRateLimiter.new(rp.rate, rp.burst) for n, rp in config.rate_plans.items()}
         )
-        # Concurrent connections per instance: counted by the shard's quotas in one process; in
-        # a cluster each edge counts its own connections against the instance's plan (so the
-        # limit holds per edge, not across edges, and operators' overrides stay at the origin).
+        # Concurrent connections are counted by the instance's origin shard across every edge
+        # (`origin.acquire_connection`). These quotas are the shard's own in one process; on a
+        # cluster edge a local copy of the plans, for what is still counted per edge.
         self.quotas = (
             origin.quotas
             if isinstance(origin, OriginShard)
@@ -133,6 +137,7 @@ class Gateway:
         self._accept_scope = trio.CancelScope()
         self.draining = False
         self._all_closed = trio.Event()
+        self.media: MediaRooms | None = None  # set by whoever starts the SFU (media.* ops)
         origin.event_listeners.append(self.hubs.publish)
         origin.member_listeners.append(self._on_members)
         origin.read_listeners.append(self._on_read)
@@ -265,14 +270,16 @@ class Gateway:
 
     def _forget(self, conn: Connection) -> None:
         self.conns.discard(conn)
-        if conn.quota_instance is not None:
-            self.quotas.release(conn.quota_instance, "connections")
-            conn.quota_instance = None
+        if conn.quota_release is not None:
+            conn.quota_release()
+            conn.quota_release = None
         if not self.conns and self.draining:
             self._all_closed.set()
         for sub in conn.subs.values():
             self.hubs.release(sub)
         conn.subs.clear()
+        if conn.media is not None:
+            conn.media.close()  # socket close = leave
         if conn.principal is not None:
             peers = self.by_user.get(conn.user)
             if peers is not None:
@@ -438,11 +445,11 @@ class Gateway:
         first = principal.id not in self.by_user
         # Refused here (quota_exceeded) the socket stays open for another hello; taken here,
         # `_forget` gives it back when the connection ends, however it ends.
-        if conn.quota_instance is not None:  # an earlier hello on this socket got this far
-            self.quotas.release(conn.quota_instance, "connections")
-            conn.quota_instance = None
-        self.quotas.acquire(principal.instance.id, "connections")
-        conn.quota_instance = principal.instance.id
+        if conn.quota_release is not None:  # an earlier hello on this socket got this far
+            conn.quota_release()
+            conn.quota_release = None
+        # At the instance's shard, which counts the connections of every edge.
+        conn.quota_release = await self.origin.acquire_connection(principal.instance.id)
         if self.shared is not None:
             await self.shared.follow_instance(principal.instance.id)
             first = await self.shared.session_opened(principal.id, session)
@@ -520,6 +527,15 @@ class Gateway:
                 self._set_status(conn, req)
             case p.PresenceGet():
                 self._reply(conn, req.id, {"presence": await self._presence_of(who, req.users)})
+            case p.MediaRequest():
+                if self.media is None:
+                    raise GB6Error(UNAVAILABLE, "media is not running on this edge")
+                if conn.media is None:
+                    out = conn.outbox
+                    conn.media = self.media.connection(
+                        lambda type_, fields: out.write(wsframe.text(p.event(type_, fields)))
+                    )
+                self._reply(conn, req.id, await conn.media.handle(who, req))
             case _:
                 raise invalid("unsupported op")
 

@@ -558,6 +558,21 @@ class OriginShard:
             log("usage_record_failed", instance=instance, metric=metric, error=exc.message)
         return added
 
+    async def acquire_connection(self, instance: str) -> Callable[[], None]:
+        """Take one of the instance's `connections` (quota_exceeded past its limit); returns
+        the release, to call once when the socket ends (more calls do nothing). The same call
+        as `RemoteOrigin.acquire_connection`, whose slots this shard counts for its edges."""
+        self.quotas.acquire(instance, "connections")
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.quotas.release(instance, "connections")
+
+        return release
+
     def quota_usage(self, instance: str) -> dict[str, Any]:
         """An instance's plan, and per resource its usage now and its limit (None: unlimited),
         with the period it is counted in: the admin API's answer."""

@@ -58,6 +58,12 @@ class ShardLink:
         self._appends = trio.Semaphore(remote.config.limits.link_inflight_appends)
         self._instances: set[str] = set()  # of this shard, for the shard map
         self._rooms: set[str] = set()
+        # Connection slots (the `connections` quota, counted by the origin): a slot is taken
+        # under one link generation; when that link breaks the origin frees all of it, so a
+        # later release of an older generation is dropped. Releases are batched per wake-up.
+        self.generation = 0
+        self._releases: dict[str, int] = {}
+        self._release_wake = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         ready = trio.Event()
@@ -90,6 +96,7 @@ class ShardLink:
         async with stream, trio.open_nursery() as nursery:
             writer = _StreamWriter(stream)
             nursery.start_soon(writer.run)
+            nursery.start_soon(self._flush_releases)
             hello = {"t": "hello", "secret": self.remote.config.link_secret, "edge": "edge"}
             writer.write(link.encode(hello))
             decoder = link.FrameDecoder()
@@ -142,6 +149,8 @@ class ShardLink:
         self._instances = set(snap.instances)
         for inst in snap.instances:
             self.remote.shard_of[inst] = self
+        self.generation += 1  # slots of the previous link were freed by the origin
+        self._releases.clear()
 
     def _set_room(self, room: RoomState) -> MembershipChange:
         """Replace a room's state in the replica; returns what changed in its membership."""
@@ -246,6 +255,23 @@ class ShardLink:
         await done.wait()
         value: dict[str, Any] = box[0].unwrap()
         return value
+
+    def release_connection(self, instance: str, generation: int) -> None:
+        """Give back a connection slot taken under `generation` (no await: batched by
+        `_flush_releases`). A slot of an earlier link is already free at the origin."""
+        if generation != self.generation or not self.connected:
+            return
+        self._releases[instance] = self._releases.get(instance, 0) + 1
+        self._release_wake.set()
+
+    async def _flush_releases(self) -> None:
+        """One `conn.release` frame for every release made since the last one."""
+        while True:
+            await self._release_wake.wait()
+            self._release_wake = trio.Event()
+            if self._releases and self.connected:
+                counts, self._releases = self._releases, {}
+                self.send({"op": "conn.release", "counts": counts}, lambda result: None)
 
     async def append(
         self, fields: dict[str, Any], reply: Callable[[outcome.Outcome[Any]], None]
@@ -442,6 +468,43 @@ class RemoteOrigin:
 
     async def drain(self) -> None:
         await self._idle.wait()
+
+    async def acquire_connection(self, instance: str) -> Callable[[], None]:
+        """Take one of the instance's `connections` at its origin shard, which counts every
+        edge's (`quota_exceeded` past the limit, `unavailable` without a link). Returns the
+        release, to call once when the socket ends (more calls do nothing). If the link
+        breaks, the origin frees every slot this edge held, and the gateway closes the
+        sockets of that shard's instances (`lost_listeners`)."""
+        shard_link = self._link_for_instance(instance)
+        generation = shard_link.generation
+        done = trio.Event()
+        box: list[outcome.Outcome[Any]] = []
+        abandoned = False
+
+        def reply(result: outcome.Outcome[Any]) -> None:
+            if abandoned and isinstance(result, outcome.Value):
+                shard_link.release_connection(instance, generation)  # nobody holds it
+            box.append(result)
+            done.set()
+
+        shard_link.send({"op": "conn.acquire", "instance": instance}, reply)
+        try:
+            await done.wait()
+        except BaseException:  # cancelled (the socket ended): the answer's slot goes back
+            abandoned = True
+            if box and isinstance(box[0], outcome.Value):  # answered before the cancel
+                shard_link.release_connection(instance, generation)
+            raise
+        box[0].unwrap()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                shard_link.release_connection(instance, generation)
+
+        return release
 
     async def events_after(self, room_id: str, after: int, limit: int) -> list[Event]:
         room = self.state.rooms.get(room_id)

@@ -22,7 +22,7 @@ import outcome
 import trio
 
 from node.config import Config
-from node.errors import INTERNAL, UNAUTHORIZED, GB6Error, invalid
+from node.errors import INTERNAL, UNAUTHORIZED, GB6Error, invalid, not_found
 from node.events import Event
 from node.log import log
 from origin.membership import MembershipChange, Principal
@@ -51,6 +51,8 @@ class EdgePeer:
         # Events and heads of the committed batch being published, flushed as one frame.
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.heads: dict[str, int] = {}
+        # `connections` quota slots this edge holds, per instance: freed when the link ends.
+        self.connections: dict[str, int] = {}
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.broken:
@@ -212,6 +214,7 @@ class LinkServer:
         finally:
             if peer is not None:
                 self.peers.discard(peer)
+                self._release_all(peer)
                 log("link_edge_gone", edge=peer.name)
             await stream.aclose()
 
@@ -257,6 +260,14 @@ class LinkServer:
             peer.watched.discard(str(msg.get("room")))
             peer.send({"t": "res", "id": req_id, "ok": {}})
             return
+        if op in ("conn.acquire", "conn.release"):
+            # Inline, in the order the edge sent them: a release never overtakes its acquire.
+            try:
+                self._connections(peer, op, msg)
+                peer.send({"t": "res", "id": req_id, "ok": {}})
+            except GB6Error as exc:
+                peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(exc)})
+            return
         await limiter.acquire_on_behalf_of(req_id)
         nursery.start_soon(self._answer, peer, req_id, msg, limiter)
 
@@ -275,6 +286,38 @@ class LinkServer:
             )
         finally:
             limiter.release_on_behalf_of(req_id)
+
+    def _connections(self, peer: EdgePeer, op: str, msg: dict[str, Any]) -> None:
+        """The `connections` quota of this shard's instances, counted across every edge:
+        `conn.acquire` {instance} takes one slot (quota_exceeded past the limit),
+        `conn.release` {counts: {instance: n}} gives back what this edge holds."""
+        quotas = self.shard.quotas
+        if op == "conn.acquire":
+            instance = msg.get("instance")
+            if not isinstance(instance, str) or instance not in self.shard.instances:
+                raise not_found(f"instance {instance!r} is not on this shard")
+            quotas.acquire(instance, "connections")
+            peer.connections[instance] = peer.connections.get(instance, 0) + 1
+            return
+        counts = msg.get("counts")
+        if not isinstance(counts, dict):
+            raise invalid("conn.release needs counts")
+        for instance, n in counts.items():
+            held = peer.connections.get(instance, 0)
+            if not isinstance(n, int) or n <= 0 or held == 0:
+                continue
+            n = min(n, held)  # never more than this edge holds
+            quotas.release(instance, "connections", n)
+            if held > n:
+                peer.connections[instance] = held - n
+            else:
+                del peer.connections[instance]
+
+    def _release_all(self, peer: EdgePeer) -> None:
+        """The edge's link ended (closed, broken, or the edge killed): its slots are free."""
+        for instance, n in peer.connections.items():
+            self.shard.quotas.release(instance, "connections", n)
+        peer.connections.clear()
 
     def _who(self, msg: dict[str, Any]) -> Principal:
         who = self.shard.state.principal(str(msg.get("who")))
