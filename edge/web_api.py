@@ -3,13 +3,8 @@
 
 Rules:
 - Only the files found under `edge/web/app` and `edge/web/sdk` when the blueprint is built are
-  served: a request path is looked up in that table (never joined onto a directory), so `..`,
-  encoded slashes, symlinks out of the tree and unknown names are all `404 not_found`. Files
-  are read once at start (they are small; the whole tree is bounded by `MAX_TREE_BYTES`).
-- Only known extensions are served, with their type (`text/javascript` for modules) and
-  `X-Content-Type-Options: nosniff`. Caching: `Cache-Control: no-cache` with a strong `ETag`
-  (module URLs carry no version, so the browser revalidates and gets `304` when unchanged);
-  `/v1/config` is `no-store`.
+  served, by node/static.py (a table read once: no path is joined onto a directory; types,
+  `nosniff`, `no-cache` + `ETag`); `/v1/config` is `no-store`.
 - The WebSocket is on its own port. `/v1/config` answers `{"ws": URL, "files": bool}` where URL
   is `ws://<the host the page was loaded from>:<the gateway's port>/v1/ws` (`wss` behind https),
   so a page loaded as `localhost` talks to `localhost`; `files` says whether this HTTP listener
@@ -21,61 +16,20 @@ Rules:
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Final
 
-import attrs
 import orjson
 from quart import Blueprint, Response, redirect, request
 from werkzeug.wrappers.response import Response as WerkzeugResponse
 
-from node.errors import invalid, not_found
+from node.errors import invalid
+from node.static import load_tree, serve_file
 
 WEB_ROOT: Final = Path(__file__).resolve().parent / "web"
-MAX_TREE_BYTES: Final = 8 << 20  # everything served; a larger tree is a packaging mistake
-TYPES: Final = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".mjs": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".json": "application/json",
-    ".png": "image/png",
-    ".ico": "image/x-icon",
-    ".txt": "text/plain; charset=utf-8",
-}
 # A Host header's host part: a DNS name or IPv4 address, or a bracketed IPv6 address.
 _HOST = re.compile(r"^(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253})(?::[0-9]{1,5})?$")
-
-
-@attrs.frozen
-class _File:
-    body: bytes
-    type: str
-    etag: str
-
-
-def load_tree(root: Path) -> dict[str, _File]:
-    """Relative path (with `/`) → file, for every servable file under `root`."""
-    files: dict[str, _File] = {}
-    total = 0
-    if not root.is_dir():
-        return files
-    base = root.resolve()
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.suffix not in TYPES or path.name.startswith("."):
-            continue
-        real = path.resolve()
-        if not real.is_relative_to(base):
-            continue  # a symlink out of the tree
-        body = real.read_bytes()
-        total += len(body)
-        if total > MAX_TREE_BYTES:
-            raise invalid(f"{root}: more than {MAX_TREE_BYTES} bytes to serve")
-        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-        files[path.relative_to(root).as_posix()] = _File(body, TYPES[path.suffix], etag)
-    return files
 
 
 def ws_url_for(host_header: str, ws_port: int, secure: bool) -> str:
@@ -115,19 +69,7 @@ def web_blueprint(ws_port: int, *, files: bool, root: Path = WEB_ROOT) -> Bluepr
         return ws_url_for(request.host, ws_port, request.scheme == "https")
 
     def serve(tree: str, name: str) -> Response:
-        f = trees[tree].get(name)
-        if f is None:
-            raise not_found("no such file")
-        if f.etag in (t.strip() for t in request.headers.get("If-None-Match", "").split(",")):
-            resp = Response(b"", status=304)
-        else:
-            resp = Response(f.body, status=200, content_type=f.type)
-        resp.headers["ETag"] = f.etag
-        resp.headers["Cache-Control"] = "no-cache"
-        resp.headers["X-Content-Type-Options"] = "nosniff"
-        resp.headers["Referrer-Policy"] = "no-referrer"
-        resp.headers["Content-Security-Policy"] = content_security_policy(ws_url())
-        return resp
+        return serve_file(trees[tree], name, content_security_policy(ws_url()))
 
     @bp.get("/app")
     async def app_root() -> WerkzeugResponse:

@@ -9,7 +9,7 @@ on the server, per request).
 Rules:
 - Only the files found under `origin/admin_web` when the blueprint is built are served (read
   once, looked up by name in that table: `..`, encoded slashes, symlinks out of the tree and
-  unknown names are `404 not_found`; `edge.web_api.load_tree` is the one loader).
+  unknown names are `404 not_found`; node/static.py serves them, as it does the web client).
 - Every answer carries a Content-Security-Policy that allows only the page's own scripts and
   styles and connections to its own origin: nothing inline, no frames (the console cannot be
   framed: clickjacking an admin is the attack), no plugins, no forms posted elsewhere.
@@ -24,11 +24,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final
 
-from quart import Blueprint, Response, redirect, request
+from quart import Blueprint, Response, redirect
 from werkzeug.wrappers.response import Response as WerkzeugResponse
 
-from edge.web_api import load_tree
-from node.errors import not_found
+from node.static import load_tree, serve_file
 
 CONSOLE_ROOT: Final = Path(__file__).resolve().parent / "admin_web"
 CSP: Final = "; ".join(
@@ -51,20 +50,7 @@ def console_blueprint(root: Path = CONSOLE_ROOT) -> Blueprint:
     files = load_tree(root)
 
     def serve(name: str) -> Response:
-        f = files.get(name)
-        if f is None:
-            raise not_found("no such file")
-        if f.etag in (t.strip() for t in request.headers.get("If-None-Match", "").split(",")):
-            resp = Response(b"", status=304)
-        else:
-            resp = Response(f.body, status=200, content_type=f.type)
-        resp.headers["ETag"] = f.etag
-        resp.headers["Cache-Control"] = "no-cache"
-        resp.headers["X-Content-Type-Options"] = "nosniff"
-        resp.headers["Referrer-Policy"] = "no-referrer"
-        resp.headers["X-Frame-Options"] = "DENY"
-        resp.headers["Content-Security-Policy"] = CSP
-        return resp
+        return serve_file(files, name, CSP, frame_deny=True)
 
     @bp.get("/admin")
     async def console_root() -> WerkzeugResponse:
