@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from node.errors import invalid
+from origin.audit import AuditLimits
 from origin.plans import Plan, builtin_plans, parse_plans
 
 
@@ -67,6 +68,12 @@ class Limits:
     org_members: int = 1_000  # members (owners, admins, members) per organization
     org_api_keys: int = 100  # API keys per organization, revoked ones included
     page_limit: int = 200  # items per page of an admin listing (50 unless asked)
+    # Media signaling (edge/media_signaling.py), WHIP/WHEP (edge/media_http.py).
+    media_rooms_per_connection: int = 4  # rooms whose media one WebSocket joins at once
+    media_tracks_per_request: int = 100  # track ids in one media.subscribe / unsubscribe
+    media_http_sessions: int = 1_000  # WHIP and WHEP sessions per edge
+    media_cohosts: int = 16  # co-hosts per live room
+    media_viewer_interval_s: float = 1.0  # a live room's viewer count is sent at most this often
 
 
 @attrs.frozen
@@ -154,6 +161,9 @@ class Config:
     regions: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
     # `[media]`: the SFU's UDP address, port range, ICE servers and media limits.
     media: MediaConfig = MediaConfig()
+    # `[audit]`: the audit log's sizes, batch, queue, page and refusal aggregation
+    # (origin/audit.py `AuditLimits`; each has a floor).
+    audit: AuditLimits = attrs.field(factory=AuditLimits)
 
     def region_shards(self, region: str) -> tuple[str, ...] | None:
         """The shards of `region`; None if no such region is configured."""
@@ -219,6 +229,11 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
             raise invalid(f"config [limits]: {exc}") from exc
     if "media" in raw:
         kwargs["media"] = _media(dict(raw["media"]))
+    if "audit" in raw:
+        try:
+            kwargs["audit"] = AuditLimits(**dict(raw["audit"]))
+        except TypeError as exc:
+            raise invalid(f"config [audit]: {exc}") from exc
     if "plans" in raw or "rate_plans" in raw:
         kwargs["plans"] = parse_plans(raw.get("plans", {}), raw.get("rate_plans", {}))
     for key, value in overrides.items():

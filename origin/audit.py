@@ -75,6 +75,28 @@ class AuditLimits:
     refusal_window_s: float = 60.0  # refused hellos: one record per kind, then one count
     refusal_kinds: int = 64  # distinct (reason, instance) per window; more share one kind
 
+    def __attrs_post_init__(self) -> None:
+        # Set from the config's `[audit]`: each at least its floor, so the shard's own records
+        # (ids, actions such as org.member.token.revoke, their details) always fit.
+        for name, floor in _LIMIT_FLOORS.items():
+            value = getattr(self, name)
+            kind = float if name == "refusal_window_s" else int
+            if isinstance(value, bool) or not isinstance(value, (kind, int)) or value < floor:
+                raise invalid(f"[audit] {name} must be a number of at least {floor}")
+
+
+_LIMIT_FLOORS: Final[dict[str, float]] = {
+    "details_bytes": 1024,
+    "details_depth": 2,
+    "text_chars": 64,
+    "action_chars": 32,
+    "batch": 1,
+    "pending": 1,
+    "page": 1,
+    "refusal_window_s": 0.1,
+    "refusal_kinds": 1,
+}
+
 
 def _text(value: object, what: str, max_chars: int, *, optional: bool) -> str | None:
     if value is None and optional:

@@ -604,7 +604,7 @@ def open_audit(config: Config, *, readonly: bool = False) -> AuditLog:
     """The audit log of an origin with this configuration: SQLite next to the embedded store,
     PostgreSQL (the shard's schema) for the postgres and kafka backends; the anchor as the
     module docstring says. `readonly` opens the SQLite file read-only (the verifier)."""
-    limits = AuditLimits()
+    limits = config.audit  # `[audit]` in the config
     anchors: AnchorStore = FileAnchor(config.data_dir / "audit.anchor")
     store: AuditStore
     if config.store_backend == "sqlite":
