@@ -137,6 +137,25 @@ class PresenceGet:
     users: tuple[str, ...]
 
 
+@attrs.frozen
+class MediaRequest:
+    """Every `media.*` op (edge/media_signaling.py handles them; docs/protocol.md "Media").
+    Fields an op does not take keep their defaults."""
+
+    id: ReqId
+    op: str
+    room: str
+    kind: str = ""
+    source: str = ""
+    track: str = ""
+    tracks: tuple[str, ...] = ()
+    sdp: str = ""
+    candidate: str | None = None
+    muted: bool = False
+    user: str = ""
+    on: bool = False
+
+
 Request = (
     Hello
     | Ping
@@ -153,6 +172,7 @@ Request = (
     | Search
     | PresenceSet
     | PresenceGet
+    | MediaRequest
 )
 
 
@@ -360,6 +380,57 @@ def _presence_get(f: _Fields, op: str) -> Request:
     return PresenceGet(f.id(), f.ids("users"))
 
 
+MEDIA_KINDS: Final = ("audio", "video")
+MEDIA_SOURCES: Final = ("camera", "microphone", "screen", "screen_audio")
+_TRACK_CHARS = 128
+_CANDIDATE_CHARS = 1024
+
+
+def _media(f: _Fields, op: str) -> Request:
+    """The `media.*` ops: each reads only its own fields (see docs/protocol.md, "Media")."""
+    room = f.text("room")
+    fields: dict[str, Any] = {}
+    if op == "media.publish":
+        kind = f.text("kind", max_chars=16)
+        source = f.text("source", max_chars=16)
+        if kind not in MEDIA_KINDS:
+            raise f.fail("field 'kind' must be audio or video")
+        if source not in MEDIA_SOURCES:
+            raise f.fail("field 'source' must be one of " + ", ".join(MEDIA_SOURCES))
+        fields = {"kind": kind, "source": source}
+        track = f.opt_text("msid_track", max_chars=_TRACK_CHARS)
+        if track is not None:
+            fields["track"] = track
+    elif op in ("media.unpublish", "media.mute"):
+        fields = {"track": f.text("track", max_chars=_TRACK_CHARS)}
+        if op == "media.mute":
+            fields["muted"] = f.flag("muted", True)
+    elif op in ("media.subscribe", "media.unsubscribe"):
+        value = f.frame.get("tracks")
+        if not isinstance(value, list) or not value:
+            raise f.fail("field 'tracks' must be a non-empty list of track ids")
+        if len(value) > f.limits.media_tracks_per_request:
+            raise f.fail(f"field 'tracks' has more than {f.limits.media_tracks_per_request} ids")
+        if not all(isinstance(v, str) and 0 < len(v) <= _TRACK_CHARS for v in value):
+            raise f.fail(f"field 'tracks' must hold track ids of 1 to {_TRACK_CHARS} characters")
+        fields = {"tracks": tuple(dict.fromkeys(value))}
+    elif op in ("media.offer", "media.answer"):
+        fields = {"sdp": f.text("sdp", max_chars=f.limits.message_bytes)}
+    elif op == "media.ice":
+        value = f.frame.get("candidate")
+        if value is not None and (not isinstance(value, str) or len(value) > _CANDIDATE_CHARS):
+            raise f.fail(
+                f"field 'candidate' must be a string of at most {_CANDIDATE_CHARS}"
+                " characters, or null for the end of candidates"
+            )
+        fields = {"candidate": value or None}
+    elif op == "media.cohost":
+        fields = {"user": f.text("user"), "on": f.flag("on", True)}
+    elif op == "media.record":
+        fields = {"on": f.flag("on", True)}
+    return MediaRequest(f.id(), op, room, **fields)
+
+
 _PARSERS = {
     "hello": _hello,
     "ping": _ping,
@@ -381,6 +452,19 @@ _PARSERS = {
     "search": _search,
     "presence.set": _presence_set,
     "presence.get": _presence_get,
+    "media.join": _media,
+    "media.leave": _media,
+    "media.publish": _media,
+    "media.unpublish": _media,
+    "media.mute": _media,
+    "media.offer": _media,
+    "media.answer": _media,
+    "media.subscribe": _media,
+    "media.unsubscribe": _media,
+    "media.renegotiate": _media,
+    "media.ice": _media,
+    "media.cohost": _media,
+    "media.record": _media,
 }
 
 

@@ -25,6 +25,7 @@ from quart import Blueprint
 
 from edge.files_api import files_blueprint
 from edge.gateway import Gateway
+from edge.media_signaling import start_media
 from edge.web_api import web_blueprint
 from node.config import Config
 from node.health import health_blueprint
@@ -133,6 +134,7 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
         await nursery.start(shard.run)
         gateway = Gateway(config, shard)
         ws_port = await nursery.start(gateway.run)
+        await start_media(nursery, config, gateway)
 
         async def drain() -> None:
             await gateway.drain()
