@@ -29,7 +29,6 @@ from edge.bus import LocalRateLimiter
 from edge.handshake import Accepted, Rejected, ServerHandshake
 from edge.hub import Hubs, Subscription
 from edge.media_signaling import ConnectionMedia, MediaRooms
-from edge.media_signaling import ConnectionMedia, MediaRooms
 from edge.outbox import Cork, Outbox
 from edge.shared_signals import SharedSignals
 from edge.wsread import FrameReader
@@ -82,7 +81,6 @@ class Connection:
     nursery: trio.Nursery | None = None
     status: str = "online"
     last_typing: dict[str, float] = attrs.Factory(dict)
-    media: ConnectionMedia | None = None  # the rooms whose media it joined (media.join)
     media: ConnectionMedia | None = None  # the rooms whose media it joined (media.join)
     # Gives back this socket's slot of its instance's `connections` quota (held until closed).
     quota_release: Callable[[], None] | None = None
@@ -139,7 +137,6 @@ class Gateway:
         self._accept_scope = trio.CancelScope()
         self.draining = False
         self._all_closed = trio.Event()
-        self.media: MediaRooms | None = None  # set by whoever starts the SFU (media.* ops)
         self.media: MediaRooms | None = None  # set by whoever starts the SFU (media.* ops)
         origin.event_listeners.append(self.hubs.publish)
         origin.member_listeners.append(self._on_members)
@@ -281,8 +278,6 @@ class Gateway:
         for sub in conn.subs.values():
             self.hubs.release(sub)
         conn.subs.clear()
-        if conn.media is not None:
-            conn.media.close()  # socket close = leave
         if conn.media is not None:
             conn.media.close()  # socket close = leave
         if conn.principal is not None:
@@ -532,15 +527,6 @@ class Gateway:
                 self._set_status(conn, req)
             case p.PresenceGet():
                 self._reply(conn, req.id, {"presence": await self._presence_of(who, req.users)})
-            case p.MediaRequest():
-                if self.media is None:
-                    raise GB6Error(UNAVAILABLE, "media is not running on this edge")
-                if conn.media is None:
-                    out = conn.outbox
-                    conn.media = self.media.connection(
-                        lambda type_, fields: out.write(wsframe.text(p.event(type_, fields)))
-                    )
-                self._reply(conn, req.id, await conn.media.handle(who, req))
             case p.MediaRequest():
                 if self.media is None:
                     raise GB6Error(UNAVAILABLE, "media is not running on this edge")
