@@ -222,8 +222,7 @@ def _query(route: Route) -> dict[str, Any]:
             if value not in ("true", "false"):
                 raise GB6Error("invalid", f"query parameter '{p.name}' must be true or false")
             value = value == "true"
-        validate(p.schema, value, f"query parameter '{p.name}'")
-        out[p.name] = value
+        out[p.name] = validate(p.schema, value, f"query parameter '{p.name}'")
     return out
 
 
@@ -234,8 +233,7 @@ async def _serve(route: Route, guard: Guard, recorder: Recorder, params: dict[st
     query = _query(route)
     body: dict[str, Any] = {}
     if route.body is not None:
-        body = await json_body()
-        validate(route.body, body)
+        body = validate(route.body, await json_body())
     named = dict(params)
     if route.scope is not None:
         source, name = route.scope

@@ -7,8 +7,10 @@ says is what the server checks. No I/O, no Trio.
 The subset: `type` (one name, or `[name, "null"]`), `properties`, `required`,
 `additionalProperties: false`, `minLength`/`maxLength`/`pattern`/`enum` for strings,
 `minimum`/`maximum` for integers, `items`/`maxItems` for arrays. `validate` raises `invalid`
-naming the first field at fault; it never changes its input. Strings count characters (code
-points), as JSON Schema does.
+naming the first field at fault, or returns the value with integral floats made ints (JSON
+Schema counts 1.0 as an integer); it never changes its input. Strings count characters (code
+points) and `$` ends the input, as JSON Schema (ECMA-262 patterns) does.
+`tests/test_openapi.py` checks `validate` against a JSON Schema implementation.
 """
 
 from __future__ import annotations
@@ -114,23 +116,32 @@ _TYPES: dict[str, tuple[type, ...]] = {
 def _is(value: Any, name: str) -> bool:
     if name in ("integer", "number") and isinstance(value, bool):
         return False
+    if name == "integer" and isinstance(value, float):
+        return value.is_integer()  # JSON Schema: 1.0 is an integer (`validate` makes it 1)
     return isinstance(value, _TYPES[name])
 
 
 @cache
 def _regex(pattern: str) -> re.Pattern[str]:
+    # JSON Schema patterns are ECMA-262: `$` ends the input. Python's `$` also matches before
+    # a final newline, which would let "id\n" through.
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + r"\Z"
     return re.compile(pattern)
 
 
-def validate(schema: Schema, value: Any, where: str = "body") -> None:
-    """Raise `invalid` (naming `where` and the field path) unless `value` fits `schema`."""
+def validate(schema: Schema, value: Any, where: str = "body") -> Any:
+    """`value` if it fits `schema` (integral floats where integers are expected made ints; the
+    input itself is never changed), else `invalid` naming `where` and the field path."""
     types = schema.get("type")
     if types is not None:
         names = [types] if isinstance(types, str) else list(types)
         if not any(_is(value, n) for n in names):
             raise invalid(f"{where} must be {' or '.join(_article(n) for n in names)}")
+        if isinstance(value, float) and "integer" in names:
+            value = int(value)
     if value is None:
-        return
+        return value
     if "enum" in schema and value not in schema["enum"]:
         choices = ", ".join(str(c) for c in schema["enum"] if c is not None)
         raise invalid(f"{where} must be one of {choices}")
@@ -141,7 +152,7 @@ def validate(schema: Schema, value: Any, where: str = "body") -> None:
         pattern = schema.get("pattern")
         if pattern is not None and _regex(pattern).search(value) is None:
             raise invalid(f"{where} is not well-formed (expected {pattern})")
-    elif isinstance(value, int) and not isinstance(value, bool):
+    elif isinstance(value, int | float) and not isinstance(value, bool):
         lo, hi = schema.get("minimum"), schema.get("maximum")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise invalid(f"{where} must be between {lo} and {hi}")
@@ -150,27 +161,31 @@ def validate(schema: Schema, value: Any, where: str = "body") -> None:
             raise invalid(f"{where} has more than {schema['maxItems']} items")
         items = schema.get("items")
         if items is not None:
-            for i, item in enumerate(value):
-                validate(items, item, f"{where}[{i}]")
+            value = [validate(items, item, f"{where}[{i}]") for i, item in enumerate(value)]
     elif isinstance(value, dict):
-        _validate_object(schema, value, where)
+        value = _validate_object(schema, value, where)
+    return value
 
 
-def _validate_object(schema: Schema, value: dict[str, Any], where: str) -> None:
+def _validate_object(schema: Schema, value: dict[str, Any], where: str) -> dict[str, Any]:
     props: dict[str, Schema] = schema.get("properties", {})
     for key in schema.get("required", ()):
         if key not in value:
             raise invalid(f"{_field(where, key)} is required")
     extra = schema.get("additionalProperties", True)
+    out: dict[str, Any] = {}
     for key, item in value.items():
         sub = props.get(key)
         if sub is not None:
-            validate(sub, item, _field(where, key))
+            out[key] = validate(sub, item, _field(where, key))
         elif extra is False:
             allowed = ", ".join(props) or "none"
             raise invalid(f"{_field(where, key)} is not allowed (fields: {allowed})")
         elif isinstance(extra, dict):
-            validate(extra, item, _field(where, key))
+            out[key] = validate(extra, item, _field(where, key))
+        else:
+            out[key] = item
+    return out
 
 
 def _field(where: str, key: str) -> str:

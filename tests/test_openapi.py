@@ -8,10 +8,19 @@ user made first, so the generated calls reach the handlers, not only the 404 of 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import httpx
+import jsonschema_rs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.errors import GB6Error
+from origin.admin_schema import validate
 from tests.conftest import Node, module_node
 
 node = module_node("openapi")
@@ -86,3 +95,76 @@ def test_schemathesis_finds_nothing(node: Node, tmp_path: Path) -> None:
     assert "passed" in proc.stdout, report
     # The node is still serving after all of it.
     assert node.admin("GET", f"/v1/orgs/{tenant.org}").status_code == 200
+
+
+def _near(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
+    """Values around `schema`: mostly shaped like it (known fields, bounds, patterns), often
+    not (wrong types, extra fields, one character too many)."""
+    json_leaf = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-3, 2**31),
+        st.sampled_from([0.0, 1.0, 2.5, -1.0, 1e30]),
+        st.text(max_size=5),
+    )
+    kind = schema.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    options: list[st.SearchStrategy[Any]] = [json_leaf]
+    if "enum" in schema:
+        options.append(st.sampled_from(schema["enum"]))
+    if "string" in kinds:
+        lo, hi = schema.get("minLength", 0), schema.get("maxLength", 10)
+        options.append(st.text(min_size=max(0, lo - 1), max_size=min(hi + 1, 300)))
+        if "pattern" in schema:
+            pat = schema["pattern"].removesuffix("$")
+            options.append(st.from_regex(pat, fullmatch=True))
+            options.append(st.from_regex(pat, fullmatch=True).map(lambda v: v + "\n"))
+    if "integer" in kinds:
+        lo, hi = schema.get("minimum", -10), schema.get("maximum", 10**6)
+        options.append(st.integers(lo - 1, min(hi + 1, 2**62)))
+        options.append(st.sampled_from([lo, hi]).map(float))
+    if "array" in kinds:
+        options.append(st.lists(_near(schema.get("items", {})), max_size=3))
+    if "object" in kinds:
+        props = schema.get("properties", {})
+        fields = {k: _near(v) for k, v in props.items()}
+        options.append(
+            st.fixed_dictionaries({}, optional={**fields, "extra": json_leaf})
+            if fields
+            else st.dictionaries(st.text(max_size=3), json_leaf, max_size=2)
+        )
+    return st.one_of(options)
+
+
+def test_request_validation_is_json_schema(node: Node) -> None:
+    """What the server accepts is exactly what the document's schemas accept (checked against
+    an independent JSON Schema implementation, jsonschema_rs)."""
+    doc = httpx.get(node.http_url + "/openapi.json", timeout=10).json()
+    schemas = []
+    for item in doc["paths"].values():
+        for op in item.values():
+            schemas += [p["schema"] for p in op["parameters"]]
+            body = op.get("requestBody")
+            if body is not None:
+                schemas.append(body["content"]["application/json"]["schema"])
+    unique = {json.dumps(s, sort_keys=True): s for s in schemas}
+    assert len(unique) > 20
+
+    for schema in unique.values():
+        _agrees_with_reference(schema)
+
+
+def _agrees_with_reference(schema: dict[str, Any]) -> None:
+    reference = jsonschema_rs.validator_for(schema)
+
+    @settings(max_examples=60, derandomize=True, database=None, deadline=None)
+    @given(_near(schema))
+    def agrees(value: Any) -> None:
+        try:
+            validate(schema, value)
+            ours = True
+        except GB6Error:
+            ours = False
+        assert ours == reference.is_valid(value), (schema, value)
+
+    agrees()
