@@ -514,6 +514,12 @@ class Gateway:
                 self._reply(conn, req.id, {"room": room.summary()})
             case p.ListRooms():
                 self._reply(conn, req.id, {"rooms": origin.rooms_of(who)})
+            case p.RoomReads():
+                # Members only; from memory (the shard's, or this edge's replica, which the
+                # origin's `read` pushes keep current). Up to members_per_room entries.
+                room = origin.room_for_member(who, req.room)
+                reads = {"room": req.room, "reads": dict(room.members)}
+                await self._reply_page(conn, req.id, reads)
             case p.Receipt():
                 await origin.set_read(who, req.room, req.read)
                 self._reply(conn, req.id)
@@ -685,6 +691,28 @@ class Gateway:
                 sub = conn.subs.pop(change.room, None)
                 if sub is not None:
                     self.hubs.release(sub)
+        self._tell_members(change)
+
+    def _tell_members(self, change: MembershipChange) -> None:
+        """`room.added` / `room.removed` to the live connections of each user added to or
+        removed from the room (the one who made the change included), so a client's room list
+        follows without polling. `room.added` carries the room as `rooms` lists it."""
+        state = self.origin.rooms.get(change.room)
+        if state is None:
+            return
+        summary = state.summary()
+        for user in change.added:
+            peers = self.by_user.get(user)
+            if peers:
+                room = {**summary, "head": state.head, "read": state.members.get(user, 0)}
+                frame = wsframe.text(p.event("room.added", {"room": room}))
+                for conn in peers:
+                    conn.outbox.write(frame)
+        if change.removed:
+            gone = wsframe.text(p.event("room.removed", {"room": summary}))
+            for user in change.removed:
+                for conn in self.by_user.get(user, ()):
+                    conn.outbox.write(gone)
 
     async def _presence_of(self, who: Principal, users: tuple[str, ...]) -> dict[str, str]:
         """`online`, `away` or `offline` for each user of the caller's instance who shares a

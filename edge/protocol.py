@@ -71,6 +71,14 @@ class ListRooms:
 
 
 @attrs.frozen
+class RoomReads:
+    """room.reads: the read positions of a room's members (members only)."""
+
+    id: ReqId
+    room: str
+
+
+@attrs.frozen
 class Subscribe:
     id: ReqId
     room: str
@@ -163,6 +171,7 @@ Request = (
     | RoomOp
     | RoomMembers
     | ListRooms
+    | RoomReads
     | Subscribe
     | Unsubscribe
     | Append
@@ -323,6 +332,10 @@ def _rooms(f: _Fields, op: str) -> Request:
     return ListRooms(f.id())
 
 
+def _room_reads(f: _Fields, op: str) -> Request:
+    return RoomReads(f.id(), f.text("room"))
+
+
 def _subscribe(f: _Fields, op: str) -> Request:
     return Subscribe(f.id(), f.text("room"), f.integer("after"))
 
@@ -440,6 +453,7 @@ _PARSERS = {
     "room.add": _room_members,
     "room.remove": _room_members,
     "rooms": _rooms,
+    "room.reads": _room_reads,
     "subscribe": _subscribe,
     "unsubscribe": _unsubscribe,
     "send": _send,
