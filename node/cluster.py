@@ -17,6 +17,7 @@ import trio
 
 from edge.files_api import files_blueprint
 from edge.gateway import Gateway
+from edge.media_http import media_blueprint
 from edge.media_signaling import start_media
 from edge.shared_signals import SharedSignals
 from edge.web_api import web_blueprint
@@ -90,9 +91,13 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
         shared = await nursery.start(_shared_signals, config) if config.redis_url else None
         gateway = Gateway(config, origin, shared)
         ws_port = await nursery.start(gateway.run)
-        await start_media(nursery, config, gateway)
+        media = await start_media(nursery, config, gateway)
         return Served(
-            [health_blueprint(None, gateway), web_blueprint(ws_port, files=False)],
+            [
+                health_blueprint(None, gateway),
+                web_blueprint(ws_port, files=False),
+                media_blueprint(media, origin.authenticate),
+            ],
             1 << 20,
             {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},
             gateway.drain,

@@ -25,6 +25,7 @@ from quart import Blueprint
 
 from edge.files_api import files_blueprint
 from edge.gateway import Gateway
+from edge.media_http import media_blueprint
 from edge.media_signaling import start_media
 from edge.web_api import web_blueprint
 from node.config import Config
@@ -134,7 +135,7 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
         await nursery.start(shard.run)
         gateway = Gateway(config, shard)
         ws_port = await nursery.start(gateway.run)
-        await start_media(nursery, config, gateway)
+        media = await start_media(nursery, config, gateway)
 
         async def drain() -> None:
             await gateway.drain()
@@ -147,6 +148,7 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
                 files_blueprint(shard),
                 health_blueprint(shard, gateway),
                 web_blueprint(ws_port, files=True),
+                media_blueprint(media, shard.authenticate),
             ],
             config.limits.file_bytes,
             {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},

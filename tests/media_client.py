@@ -20,6 +20,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from aiortc import (
@@ -134,3 +135,64 @@ async def media_event(ws: Peer, type_: str, pred: Any = lambda e: True) -> dict[
         ev = await ws.event(type_)
         if pred(ev):
             return ev
+
+
+class HttpMediaClient:
+    """WHIP (publish `tracks`) or WHEP (receive `kinds`) from a non-browser client (aiortc),
+    over the node's HTTP API with a member's bearer token."""
+
+    def __init__(self, http_url: str, room: str, token: str) -> None:
+        self.http_url = http_url
+        self.room = room
+        self.token = token
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.location = ""
+
+    def headers(self, content_type: str = "application/sdp") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}", "Content-Type": content_type}
+
+    async def post(self, path: str, sdp: str) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=20) as http:
+            return await http.post(
+                f"{self.http_url}/v1/rooms/{self.room}/{path}", content=sdp, headers=self.headers()
+            )
+
+    async def whip(self, *tracks: MediaStreamTrack) -> httpx.Response:
+        for t in tracks:
+            self.pc.addTransceiver(t, direction="sendonly")
+        return await self._start("whip")
+
+    async def whep(self, *kinds: str) -> httpx.Response:
+        for k in kinds:
+            self.pc.addTransceiver(k, direction="recvonly")
+        return await self._start("whep")
+
+    async def _start(self, path: str) -> httpx.Response:
+        await aio_as_trio(self._local_offer)()
+        resp = await self.post(path, self.pc.localDescription.sdp)
+        if resp.status_code == 201:
+            self.location = resp.headers["location"]
+            answer = RTCSessionDescription(resp.text, "answer")
+            await aio_as_trio(self.pc.setRemoteDescription)(answer)
+        return resp
+
+    async def _local_offer(self) -> None:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+
+    def received(self, kind: str) -> MediaStreamTrack:
+        return next(t.receiver.track for t in self.pc.getTransceivers() if t.kind == kind)
+
+    async def frames(self, kind: str, n: int, within: float = 15) -> list[Any]:
+        track = self.received(kind)
+        got = []
+        with trio.fail_after(within):
+            for _ in range(n):
+                got.append(await aio_as_trio(track.recv)())
+        return got
+
+    async def delete(self) -> httpx.Response:
+        async with httpx.AsyncClient(timeout=20) as http:
+            return await http.delete(self.http_url + self.location, headers=self.headers())
+
+    async def close(self) -> None:
+        await aio_as_trio(self.pc.close)()

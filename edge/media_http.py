@@ -1,0 +1,127 @@
+"""Media over HTTP: WHIP ingest and WHEP playback (RFC 9725 and the WHEP draft), and a room's
+recordings, as one quart-trio blueprint of the edge's HTTP listener.
+
+Rules:
+- Every call takes a room member's bearer token (`authenticate`); what a member may do is
+  decided by `MediaRooms` exactly as for the WebSocket: WHIP only by those who may publish
+  (`forbidden` for a live room's viewers), WHEP by any member; only meeting and live rooms
+  (`invalid` otherwise); `not_found` for rooms the caller cannot see.
+- `POST .../whip` and `.../whep` take an `application/sdp` offer (at most `[media]
+  sdp_bytes`) and answer `201 Created` with the SDP answer and a `Location` naming the session;
+  `DELETE` on it ends the session (only by the user who made it: others get `404`), `PATCH`
+  with an `application/trickle-ice-sdpfrag` body adds the candidates it carries (`204`).
+- A WHEP session receives every track published in the room when it starts (a live room: its
+  hosts'); with nothing published yet it is `404 not_found` (try again once the stream is up).
+- A session whose transport fails or closes (or never connects within `[media]
+  connect_timeout_s`) ends by itself; at most `limits.media_http_sessions` at once per edge
+  (`503 unavailable` past it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from quart import Blueprint, Response, request
+
+from edge.media_signaling import MediaRooms, MediaSession, Want
+from node.errors import TOO_LARGE, UNAVAILABLE, GB6Error, invalid, not_found
+from origin.admin_api import bearer
+from origin.membership import Principal
+
+Authenticate = Callable[[str], Awaitable[Principal]]
+SDP = "application/sdp"
+TRICKLE = "application/trickle-ice-sdpfrag"
+
+
+def media_blueprint(media: MediaRooms, authenticate: Authenticate) -> Blueprint:
+    bp = Blueprint("media", __name__)
+
+    async def body_text(content_type: str) -> str:
+        if request.mimetype != content_type:
+            raise invalid(f"Content-Type must be {content_type}")
+        data = await request.get_data(cache=True, as_text=False)
+        assert isinstance(data, bytes)
+        if len(data) > media.sfu.media.sdp_bytes:
+            raise GB6Error(TOO_LARGE, f"at most {media.sfu.media.sdp_bytes} bytes of SDP")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise invalid("the body is not UTF-8") from None
+
+    async def start(room: str, want: Want, path: str) -> Response:
+        who = await authenticate(bearer())
+        offer = await body_text(SDP)
+        if len(media.http) >= media.limits.media_http_sessions:
+            raise GB6Error(UNAVAILABLE, "too many WHIP/WHEP sessions on this edge; retry later")
+        session = media.join(who, room, None, want)
+        try:
+            if want == "viewer":
+                tracks = media.tracks_of_hosts(room)
+                if not tracks:
+                    raise not_found(f"nothing is published in room {room} yet")
+                peer = session.require_peer()
+                for t in tracks:
+                    peer.subscribe(t.track_id)
+            answer = await session.answer(offer)
+        except BaseException:
+            await session.leave()
+            raise
+        media.http[session.id] = session
+        session.on_state = lambda state: _ended(media, session, state)
+        resp = Response(answer, status=201, content_type=SDP)
+        resp.headers["Location"] = f"/v1/rooms/{room}/{path}/{session.id}"
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    async def session_of(room: str, session_id: str) -> MediaSession:
+        who = await authenticate(bearer())
+        session = media.http.get(session_id)
+        if session is None or session.room != room or session.who.id != who.id:
+            raise not_found(f"no media session {session_id}")
+        return session
+
+    @bp.post("/v1/rooms/<room>/whip")
+    async def whip(room: str) -> Response:
+        return await start(room, "host", "whip")
+
+    @bp.post("/v1/rooms/<room>/whep")
+    async def whep(room: str) -> Response:
+        return await start(room, "viewer", "whep")
+
+    @bp.delete("/v1/rooms/<room>/<any(whip, whep):kind>/<session_id>")
+    async def end(room: str, kind: str, session_id: str) -> tuple[str, int]:
+        session = await session_of(room, session_id)
+        await session.leave()
+        return "", 200
+
+    @bp.patch("/v1/rooms/<room>/<any(whip, whep):kind>/<session_id>")
+    async def trickle(room: str, kind: str, session_id: str) -> tuple[str, int]:
+        session = await session_of(room, session_id)
+        frag = await body_text(TRICKLE)
+        candidates = parse_sdpfrag(frag)
+        peer = session.require_peer()
+        for c in candidates:
+            await peer.add_ice_candidate(c)
+        return "", 204
+
+    return bp
+
+
+def _ended(media: MediaRooms, session: MediaSession, state: str) -> None:
+    if state in ("failed", "closed"):
+        media.end(session)
+
+
+def parse_sdpfrag(frag: str, max_candidates: int = 32) -> list[str | None]:
+    """The candidates of a trickle-ice-sdpfrag body (RFC 8840), in order; None for
+    `a=end-of-candidates`. Other lines (ice-ufrag, m=, mid) are ignored: no ICE restarts."""
+    out: list[str | None] = []
+    for raw in frag.splitlines():
+        line = raw.strip()
+        if line.startswith("a=candidate:"):
+            out.append(line[2:])
+        elif line == "a=end-of-candidates":
+            out.append(None)
+        if len(out) > max_candidates:
+            raise invalid(f"at most {max_candidates} candidates per PATCH")
+    return out
