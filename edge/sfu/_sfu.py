@@ -160,6 +160,32 @@ class Sfu:
         r = self._rooms.get(room)
         return tuple(r.peers) if r else ()
 
+    def tap(
+        self, room: str, track_id: str, name: str, sink: Callable[[bytes], None]
+    ) -> Callable[[], None]:
+        """Hand `track_id`'s forwarded packets to `sink` (the recorder): one more subscription
+        of the track without a transport, under the subscriber name `name` (not a participant
+        id), so the packets are rewritten like a subscriber's (one SSRC, sequence numbers and
+        timestamps continuing across publisher restarts and mutes, video from a keyframe: the
+        publisher is asked for one). `sink` is called synchronously in the SFU's loop and must
+        not block or raise. Returns the function that ends the tap (idempotent); the tap also
+        ends with the track. Raises not_found, quota_exceeded (subscribers_per_track)."""
+        r = self._rooms.get(room)
+        up = r.tracks.get(track_id) if r is not None else None
+        if up is None:
+            raise not_found(f"no track {track_id} in room {room}")
+        if len(up.downtracks) >= self.media.subscribers_per_track:
+            raise _too_many("subscribers of this track", self.media.subscribers_per_track)
+        down = DownTrack(up, name, _TapSink(sink), random.getrandbits(32) or 1, 64)
+        up.add(down)
+        up.activate(down, time.monotonic())
+
+        def end() -> None:
+            if up.downtracks.get(name) is down:
+                up.remove(name)
+
+        return end
+
     def _start(self, fn: Callable[[], Any]) -> None:
         if self._nursery is None:
             raise GB6Error("unavailable", "the SFU is not running")
@@ -198,6 +224,16 @@ class Sfu:
         changed = room.speakers.update(levels)
         if changed is not None:
             room.emit(ActiveSpeakers(room.name, changed))
+
+
+class _TapSink:
+    """A tap's sink (`Sfu.tap`): packets to a function; RTCP nowhere (it reports nothing)."""
+
+    def __init__(self, fn: Callable[[bytes], None]) -> None:
+        self.send_rtp = fn
+
+    def send_rtcp(self, data: bytes) -> None:
+        pass
 
 
 class Peer:
