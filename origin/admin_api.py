@@ -25,7 +25,8 @@ from collections.abc import Mapping
 
 from quart import Blueprint
 
-from node.errors import forbidden
+from node.errors import GB6Error, forbidden
+from node.log import log
 from origin.admin_billing import billing_routes
 from origin.admin_routes import Route, Target, bearer, bind
 from origin.admin_tenancy import tenancy_routes
@@ -87,19 +88,26 @@ class _Recorder:
             details={"actor_kind": actor.kind},
         )
 
-    def refused(self, actor: Actor, action: str, subject: str | None, code: str) -> None:
-        self.shard.audit.record_soon(
-            actor=actor.id,
-            action=f"admin.{action}",
-            target=subject,
-            outcome="denied",
-            details={"actor_kind": actor.kind, "code": code},
-        )
+    async def refused(self, actor: Actor, action: str, subject: str | None, code: str) -> None:
+        # Awaited, so a refusal is on record once answered; the refusal stays the answer even
+        # if the log cannot take it now (then it is logged instead).
+        try:
+            await self.shard.audit.record(
+                actor=actor.id,
+                action=f"admin.{action}",
+                target=subject,
+                outcome="denied",
+                details={"actor_kind": actor.kind, "code": code},
+            )
+        except GB6Error as exc:
+            log("admin_denied_not_audited", action=action, error=exc.message)
 
 
 def admin_blueprint(shard: OriginShard, admin_token: str) -> Blueprint:
     """The admin API for `shard`, the operator holding `admin_token`; with /openapi.json."""
     table = routes(shard)
-    bp = bind(table, _Guard(shard, admin_token), _Recorder(shard), "admin")
+    # Admin bodies are small JSON objects: the message body limit (64 KiB) is ample.
+    max_body = shard.limits.body_bytes
+    bp = bind(table, _Guard(shard, admin_token), _Recorder(shard), "admin", max_body)
     openapi_route(bp, table)
     return bp

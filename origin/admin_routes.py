@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 import attrs
 from quart import Blueprint, request
 
-from node.errors import UNAUTHORIZED, GB6Error
+from node.errors import TOO_LARGE, UNAUTHORIZED, GB6Error
 from node.http import json_body
 from origin.admin_schema import Schema, array, integer, obj, string, validate
 
@@ -76,9 +76,9 @@ class Recorder(Protocol):
         """Record an admin action once done (outcome `ok`), durable on return."""
         ...
 
-    def refused(self, actor: Any, action: str, subject: str | None, code: str) -> None:
-        """Note a change that was refused by authorization (outcome `denied`), without
-        waiting; kept out of the target's tenant (it may be someone else's)."""
+    async def refused(self, actor: Any, action: str, subject: str | None, code: str) -> None:
+        """Record a change refused by authorization (outcome `denied`), durable on return;
+        kept out of the target's tenant (it may be someone else's)."""
         ...
 
 
@@ -226,13 +226,17 @@ def _query(route: Route) -> dict[str, Any]:
     return out
 
 
-async def _serve(route: Route, guard: Guard, recorder: Recorder, params: dict[str, str]) -> Any:
+async def _serve(
+    route: Route, guard: Guard, recorder: Recorder, max_body: int, params: dict[str, str]
+) -> Any:
     actor = await guard.authenticate(bearer())
     for name, schema in route.path_params.items():
         validate(schema, params[name], f"path parameter '{name}'")
     query = _query(route)
     body: dict[str, Any] = {}
     if route.body is not None:
+        if len(await request.get_data(cache=True)) > max_body:
+            raise GB6Error(TOO_LARGE, f"admin request bodies are limited to {max_body} bytes")
         body = validate(route.body, await json_body())
     named = dict(params)
     if route.scope is not None:
@@ -247,7 +251,7 @@ async def _serve(route: Route, guard: Guard, recorder: Recorder, params: dict[st
             guard.authorize(actor, route.permission, target)
         except GB6Error as exc:
             if route.changes:
-                recorder.refused(actor, route.op_id, subject, exc.code)
+                await recorder.refused(actor, route.op_id, subject, exc.code)
             raise
     else:
         target = Target()
@@ -262,23 +266,28 @@ async def _serve(route: Route, guard: Guard, recorder: Recorder, params: dict[st
     return reply.payload, route.status
 
 
-def bind(routes: Sequence[Route], guard: Guard, recorder: Recorder, name: str) -> Blueprint:
-    """A blueprint serving `routes` (checked for duplicate ids and undeclared parameters)."""
+def bind(
+    routes: Sequence[Route], guard: Guard, recorder: Recorder, name: str, max_body: int
+) -> Blueprint:
+    """A blueprint serving `routes` (checked for duplicate ids and undeclared parameters);
+    request bodies above `max_body` bytes are `too_large` (413)."""
     check_table(routes)
     bp = Blueprint(name, __name__)
     for route in routes:
         bp.add_url_rule(
             route.quart_path(),
             endpoint=route.op_id,
-            view_func=_view(route, guard, recorder),
+            view_func=_view(route, guard, recorder, max_body),
             methods=[route.method],
         )
     return bp
 
 
-def _view(route: Route, guard: Guard, recorder: Recorder) -> Callable[..., Awaitable[Any]]:
+def _view(
+    route: Route, guard: Guard, recorder: Recorder, max_body: int
+) -> Callable[..., Awaitable[Any]]:
     async def view(**params: str) -> Any:
-        return await _serve(route, guard, recorder, params)
+        return await _serve(route, guard, recorder, max_body, params)
 
     view.__name__ = route.op_id
     return view

@@ -177,6 +177,9 @@ def test_errors_have_the_protocol_shape_and_change_nothing(node: Node) -> None:
         node.admin("POST", path, {"name": "i", "region": "mars"}), 400, "invalid"
     )
 
+    big = {"name": "x", "pad": "y" * (64 << 10)}
+    error(node.admin("POST", "/v1/orgs", big), 413, "too_large")
+
     # Query parameters: declared ones only, in range.
     assert "limit" in error(node.admin("GET", "/v1/orgs?limit=0"), 400, "invalid")
     assert "limit" in error(node.admin("GET", "/v1/orgs?limit=201"), 400, "invalid")
@@ -392,6 +395,15 @@ def test_audit_records_every_admin_change(node: Node) -> None:
     assert [r["target"] for r in only] == [inst["id"]]
     assert walk(node, "/v1/audit", 50, org=org["id"], since="2999-01-01T00:00:00Z") == []
     error(node.admin("GET", "/v1/audit?since=yesterday"), 400, "invalid")
+    # A change refused by authorization is recorded as denied (node-wide: operator only).
+    reader = ok(node.admin("POST", f"/v1/orgs/{org['id']}/members", {"name": "r"}), 201)
+    path = f"/v1/orgs/{org['id']}/members/{reader['id']}/tokens"
+    rtok = ok(node.admin("POST", path, {}), 201)["token"]
+    error(node.admin("POST", f"/v1/instances/{inst['id']}/resume", token=rtok), 403, "forbidden")
+    denied = walk(node, "/v1/audit", 5, action="admin.resume_instance", actor=reader["id"])
+    assert [(r["outcome"], r["target"]) for r in denied] == [("denied", inst["id"])]
+    assert walk(node, "/v1/audit", 5, action="admin.resume_instance", org=org["id"]) == []
+    records = walk(node, "/v1/audit", 50, org=org["id"])
     # Reads are not recorded.
     ok(node.admin("GET", f"/v1/instances/{inst['id']}"))
     assert len(walk(node, "/v1/audit", 50, org=org["id"])) == len(records)
