@@ -4,6 +4,7 @@
     python -m bench.run fanout [--clients 500 --senders 4 --window 16 | --rate R]
     python -m bench.run idle   [--connections 10000]
     python -m bench.run appends [--clients 200 --room-size 2 --window 16]  (closed loop)
+    python -m bench.run relay  [--subscribers 1,5,10,20 --mbps 15]  (the SFU, bench/relay.py)
     add --cluster [--store sqlite|postgres --origins 1 --edges 2]: gb6 origin/edge processes
 
 By default it starts its own `gb6 run` on a temporary data directory; `--ws/--http/--admin-token`
@@ -1227,6 +1228,10 @@ def parser() -> argparse.ArgumentParser:
         "--switch-interval-ms", type=float, default=0.0, help="sys.setswitchinterval (0: keep)"
     )
 
+    from bench.relay import add_arguments as relay_arguments
+
+    relay_help = "the SFU: forwarded RTP packets/s, CPU and loss vs subscribers"
+    relay_arguments(sub.add_parser("relay", help=relay_help))
     ip = sub.add_parser("idle", help="C idle connections: server RSS per connection")
     common(ip)
     ip.add_argument("--connections", type=int, default=10_000)
@@ -1257,6 +1262,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     m = report.machine()
     log(f"machine: {report.machine_line(m)}")
+    if args.mode == "relay":
+        from bench.relay import run_relay
+
+        run_relay(args, m)
+        return 0
     if args.mode == "store":
         from bench.store import run_store
 

@@ -28,6 +28,8 @@ import attrs
 from edge.sfu import _rtp
 from edge.sfu._events import Kind, Source, TrackInfo, TrackStats
 
+_pack = _rtp.pack_header
+
 
 class MediaSink(Protocol):
     def send_rtp(self, data: bytes) -> None: ...
@@ -144,8 +146,9 @@ class DownTrack:
             self.started = True
         seq = (pkt.seq + self.seq_off) & 0xFFFF
         ts = (pkt.ts + self.ts_off) & 0xFFFFFFFF
-        out = _rtp.build_rtp(pkt, self.out_pt, seq, ts, self.out_ssrc)
-        if _seq_newer(seq, self.last_out_seq) or not self.packets:
+        # build_rtp, inlined: this runs once per packet and subscriber.
+        out = _pack(pkt.out_b0, pkt.marker | self.out_pt, seq, ts, self.out_ssrc) + pkt.tail
+        if 0 < ((seq - self.last_out_seq) & 0xFFFF) < 0x8000 or not self.packets:
             self.last_out_seq = seq
             self.last_out_ts = ts
             self.last_out_at = now

@@ -29,7 +29,18 @@ _NTP_EPOCH: Final = 2_208_988_800
 class RtpIn:
     """One received RTP packet's header fields, and the bytes every copy of it shares."""
 
-    __slots__ = ("b0", "data", "marker", "payload_offset", "pt", "seq", "ssrc", "tail", "ts")
+    __slots__ = (
+        "b0",
+        "data",
+        "marker",
+        "out_b0",
+        "payload_offset",
+        "pt",
+        "seq",
+        "ssrc",
+        "tail",
+        "ts",
+    )
 
     def __init__(self, data: bytes) -> None:
         if len(data) < 12 or data[0] >> 6 != 2:
@@ -45,6 +56,7 @@ class RtpIn:
             raise ValueError("truncated RTP packet")
         self.data = data
         self.b0 = b0
+        self.out_b0 = 0x80 | (b0 & 0x2F)  # forwarded: V=2, P and CC kept, X cleared
         self.marker = b1 & 0x80
         self.pt = b1 & 0x7F
         self.seq = seq
@@ -62,8 +74,10 @@ def parse_rtp(data: bytes) -> RtpIn:
 
 def build_rtp(pkt: RtpIn, pt: int, seq: int, ts: int, ssrc: int) -> bytes:
     """The packet as one subscriber receives it: V=2, P and CC kept, X cleared."""
-    b0 = 0x80 | (pkt.b0 & 0x2F)
-    return _HEADER.pack(b0, pkt.marker | pt, seq, ts, ssrc) + pkt.tail
+    return _HEADER.pack(pkt.out_b0, pkt.marker | pt, seq, ts, ssrc) + pkt.tail
+
+
+pack_header = _HEADER.pack  # (b0, marker|pt, seq, ts, ssrc): the forwarder's hot path
 
 
 def rtp_seq(data: bytes) -> int:

@@ -411,6 +411,7 @@ class Peer:
             setup = self._dtls_role if self._started else role
             text = self._describe(self._sections, "answer", setup)
             if not self._started:
+                self._transport.set_controlling(False)
                 self._start_transport(remote, controlling=False, dtls_role=role)
             self._activate()
             return text
@@ -448,6 +449,8 @@ class Peer:
                     )
                 )
             self._offered = sections
+            if not self._started:
+                self._transport.set_controlling(True)
             setup = self._dtls_role if self._started else "auto"
             return self._describe(sections, "offer", setup)
 

@@ -45,6 +45,8 @@ from node.errors import GB6Error
 log = logging.getLogger("gb6.sfu")
 
 _SLOW_QUEUE = 1_024
+_DRAIN = 64  # datagrams read per readable event, past the first
+_MAX_DATAGRAM = 65_536
 _CERTIFICATE: RTCCertificate | None = None
 
 
@@ -64,12 +66,48 @@ def ice_servers(media: MediaConfig) -> list[RTCIceServer]:
     ]
 
 
+class _FastStunProtocol(aice.StunProtocol):
+    """aioice's UDP protocol, with SRTP/SRTCP datagrams (first byte 128..191, which STUN and
+    DTLS never start with) handed to `Connection.fast_rx` synchronously once DTLS is up:
+    no STUN parse attempt, no queue, no task wake-up per packet."""
+
+    def datagram_received(self, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        rx = self.receiver.fast_rx  # type: ignore[attr-defined]
+        if rx is None or not isinstance(data, bytes):
+            super().datagram_received(data, addr)
+            return
+        self._one(rx, data, addr)
+        self._drain(rx)
+
+    def _drain(self, rx: Callable[[bytes], None]) -> None:
+        # Media comes in bursts (a video frame is many packets): read what else is queued
+        # now, so one event-loop wake-up serves up to _DRAIN datagrams instead of one.
+        sock = getattr(self.transport, "_sock", None)
+        if sock is None:
+            return
+        for _ in range(_DRAIN):
+            try:
+                data, addr = sock.recvfrom(_MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # asyncio's own reader reports it on its next call
+            self._one(rx, data, addr)
+
+    def _one(self, rx: Callable[[bytes], None], data: bytes, addr: tuple[Any, ...]) -> None:
+        if data and 127 < data[0] < 192:
+            rx(data)
+        else:
+            super().datagram_received(data, addr)
+
+
 class _PinnedConnection(aice.Connection):
     """aioice Connection whose host candidates are the configured address and port range."""
 
     def __init__(self, media: MediaConfig, **kwargs: Any) -> None:
         super().__init__(ice_controlling=False, **kwargs)
         self._media = media
+        self.fast_rx: Callable[[bytes], None] | None = None
 
     async def get_component_candidates(
         self,
@@ -87,7 +125,7 @@ class _PinnedConnection(aice.Connection):
             port = media.udp_port_min + (start + i) % span
             try:
                 _, proto = await loop.create_datagram_endpoint(
-                    lambda: aice.StunProtocol(self), local_addr=(media.host, port)
+                    lambda: _FastStunProtocol(self), local_addr=(media.host, port)
                 )
             except OSError:
                 continue
@@ -163,6 +201,11 @@ class PeerTransport:
         self._ice = RTCIceTransport(gatherer)
         self._dtls = _TapDtls(self._ice, on_rtp, on_rtcp)
         self._slow: asyncio.Queue[bytes] = asyncio.Queue(_SLOW_QUEUE)
+        self._on_rtp = on_rtp
+        self._on_rtcp = on_rtcp
+        # Set once connected: (protect, protect_rtcp, sendto, remote address).
+        self._tx: tuple[Any, Any, Callable[[bytes, Any], Any], Any] | None = None
+        self._tx_connected: tuple[Any, Any, Callable[[bytes], Any]] | None = None
         self.dropped = 0
         self.sent = 0
 
@@ -173,6 +216,12 @@ class PeerTransport:
     @property
     def dtls_state(self) -> str:
         return self._dtls.state
+
+    def set_controlling(self, controlling: bool) -> None:
+        """The ICE role, known from who offered first: set before our description leaves,
+        since the remote's checks may arrive before `serve` starts (a wrong role then would
+        be "repaired" into both sides controlled)."""
+        self._conn.ice_controlling = controlling
 
     async def gather(self) -> tuple[RTCIceParameters, list[RTCIceCandidate], list[Any]]:
         """Bind the sockets; our ICE parameters, candidates and DTLS fingerprints."""
@@ -217,6 +266,7 @@ class PeerTransport:
         if self._dtls._state != State.CONNECTED:
             log.info("DTLS failed (%s)", self._dtls.state)
             return False
+        self._fast_path()
         on_connected()
         while True:
             data = await self._slow.get()
@@ -224,6 +274,77 @@ class PeerTransport:
             if pair is not None:
                 with contextlib.suppress(ConnectionError, OSError):
                     await pair.protocol.send_data(data, pair.remote_addr)
+
+    def _fast_path(self) -> None:
+        """After DTLS: receive SRTP synchronously, and send straight to the nominated pair's
+        socket (host pairs; relayed pairs keep the queue)."""
+        dtls = self._dtls
+        rx = dtls._rx_srtp
+        on_rtp, on_rtcp = self._on_rtp, self._on_rtcp
+
+        def fast_rx(data: bytes) -> None:
+            try:
+                if len(data) > 1 and 192 <= data[1] <= 223:
+                    on_rtcp(rx.unprotect_rtcp(data))
+                else:
+                    on_rtp(rx.unprotect(data))
+            except pylibsrtp.Error:
+                self.dropped += 1
+
+        self._conn.fast_rx = fast_rx
+        pair = self._conn._nominated.get(1)
+        if pair is not None and isinstance(pair.protocol, _FastStunProtocol):
+            transport = pair.protocol.transport
+            sock = getattr(transport, "_sock", None)  # asyncio's: skip its per-call checks
+            tx = dtls._tx_srtp
+            if sock is not None and len(self._conn._protocols) == 1:
+                # One socket, one remote from now on: connect it, so the kernel keeps the
+                # route instead of looking it up per packet (aioice's own sendto still works).
+                try:
+                    sock.connect(pair.remote_addr)
+                except OSError:
+                    pass
+                else:
+                    self._tx_connected = (tx.protect, tx.protect_rtcp, sock.send)
+                    return
+            sendto = sock.sendto if sock is not None else transport.sendto
+            self._tx = (tx.protect, tx.protect_rtcp, sendto, pair.remote_addr)
+
+    def send_rtp(self, data: bytes) -> None:
+        """Protect and send now (never blocks; a full socket buffer drops the packet)."""
+        conn = self._tx_connected
+        if conn is not None:
+            try:
+                conn[2](conn[0](data))
+            except (OSError, pylibsrtp.Error):
+                self.dropped += 1
+            return
+        fast = self._tx
+        if fast is None:
+            self._send(data, False)
+            return
+        try:
+            fast[2](fast[0](data), fast[3])
+            self.sent += 1
+        except (OSError, pylibsrtp.Error):
+            self.dropped += 1
+
+    def send_rtcp(self, data: bytes) -> None:
+        conn = self._tx_connected
+        if conn is not None:
+            try:
+                conn[2](conn[1](data))
+            except (OSError, pylibsrtp.Error):
+                self.dropped += 1
+            return
+        fast = self._tx
+        if fast is None:
+            self._send(data, True)
+            return
+        try:
+            fast[2](fast[1](data), fast[3])
+        except (OSError, pylibsrtp.Error):
+            self.dropped += 1
 
     def _send(self, data: bytes, rtcp: bool) -> None:
         dtls = self._dtls
@@ -238,23 +359,14 @@ class PeerTransport:
             self.dropped += 1
             return
         self.sent += 1
-        if type(pair.protocol) is aice.StunProtocol:
-            transport = pair.protocol.transport
-            if transport is not None:
-                transport.sendto(data, pair.remote_addr)
-            return
         try:
             self._slow.put_nowait(data)
         except asyncio.QueueFull:
             self.dropped += 1
 
-    def send_rtp(self, data: bytes) -> None:
-        self._send(data, False)
-
-    def send_rtcp(self, data: bytes) -> None:
-        self._send(data, True)
-
     async def close(self) -> None:
+        self._tx = self._tx_connected = None
+        self._conn.fast_rx = None
         with contextlib.suppress(Exception):
             await self._dtls.stop()
         with contextlib.suppress(Exception):
