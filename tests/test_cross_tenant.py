@@ -71,7 +71,9 @@ def _tenant(node: Node, tag: str) -> dict[str, str]:
     inst = _ok(admin("POST", f"/v1/orgs/{org}/instances", {"name": f"{tag}-inst"}))["id"]
     t: dict[str, str] = {"org": org, "child": child, "inst": inst}
     for role in ("owner", "member"):
-        user = _ok(admin("POST", f"/v1/instances/{inst}/users", {"name": f"{tag}-{role}"}))
+        user = _ok(
+            admin("POST", f"/v1/instances/{inst}/users", {"name": f"{tag}-{role}", "role": role})
+        )
         tok = _ok(admin("POST", f"/v1/instances/{inst}/users/{user['id']}/tokens", {}))
         t[f"user_{role}"], t[f"user_{role}_token"] = user["id"], tok["token"]
         t[f"user_{role}_token_id"] = tok["id"]
