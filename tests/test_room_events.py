@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from tests.browser_harness import BrowserTools, browser_tools, run_scenario
 from tests.conftest import Node, Peer, Tenant, connect
 from tests.test_cluster import Cluster
 
@@ -128,3 +130,34 @@ async def test_cluster_edges_tell_added_removed_and_serve_reads(cluster: Cluster
         assert (await b.event("room.removed"))["room"] == room
         reply = await b.request("room.reads", room=room["id"])
         assert reply["code"] == "not_found", reply
+
+
+@pytest.fixture
+def tools() -> BrowserTools:
+    return browser_tools()  # skips, naming the tool, where Chromium or Playwright is missing
+
+
+async def test_web_app_follows_membership_and_reads(
+    node: Node, tools: BrowserTools, request: pytest.FixtureRequest
+) -> None:
+    """The web app (edge/web) in headless Chromium: room lists follow room.added/room.removed
+    with no polling, and "Read by" is seeded from room.reads (tests/browser/web_room_events.mjs)."""
+    tenant = node.create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    with trio.fail_after(50):
+        out = await run_scenario(
+            tools,
+            "web_room_events.mjs",
+            {
+                "http": node.http_url,
+                "alice": {"id": alice.id, "token": alice.token},
+                "bob": {"id": bob.id, "token": bob.token},
+            },
+            request.node.name,
+        )
+    assert out == {
+        "bobListed": True,
+        "readByAfterReload": True,
+        "removedInOtherTab": True,
+        "pageErrors": [],
+    }

@@ -1,9 +1,9 @@
 // The signed-in user's rooms with unread counts, kept current.
 //
-// Rules: the list comes from the `rooms` request (each with `head` and `read`), refreshed every
-// `refreshMs`, when the window gets focus, and on demand (a room someone adds the user to
-// appears at the next refresh: the protocol tells a user nothing about rooms they are not
-// subscribed to). Every listed room is subscribed after its head (at most MAX_SUBSCRIBED), so
+// Rules: the list comes from the `rooms` request (each with `head` and `read`), loaded at start,
+// after every (re)connect (changes made while away are not replayed) and on demand; between
+// those, `room.added` / `room.removed` events (sent to each of the user's connections) add and
+// drop rooms as they happen: no polling. Every listed room is subscribed after its head (at most MAX_SUBSCRIBED), so
 // new events move `head` live; unread = head − read, the room's seq events since the user's
 // last receipt.
 
@@ -13,7 +13,7 @@ const MAX_SUBSCRIBED = 500; // the server allows 1,000 subscriptions per connect
 
 export class RoomList extends Emitter {
   /** @param {import('/sdk/index.js').Client} client */
-  constructor(client, { refreshMs = 10_000 } = {}) {
+  constructor(client) {
     super();
     this.client = client;
     /** @type {Map<string, {id: string, name: string, kind: string, open: boolean, head: number, read: number}>} */
@@ -22,15 +22,10 @@ export class RoomList extends Emitter {
       client.on('event', (ev) => this._onEvent(ev)),
       client.on('ready', () => this.refresh().catch(() => {})),
     ];
-    this._timer = setInterval(() => this.refresh().catch(() => {}), refreshMs);
-    this._onFocus = () => this.refresh().catch(() => {});
-    window.addEventListener('focus', this._onFocus);
   }
 
   stop() {
     for (const off of this._offs) off();
-    clearInterval(this._timer);
-    window.removeEventListener('focus', this._onFocus);
   }
 
   get(id) {
@@ -94,6 +89,25 @@ export class RoomList extends Emitter {
   }
 
   _onEvent(ev) {
+    if (ev.type === 'room.added' && ev.room?.id) {
+      const known = this.rooms.get(ev.room.id);
+      this.rooms.set(ev.room.id, {
+        ...ev.room,
+        head: Math.max(ev.room.head ?? 0, known?.head ?? 0),
+        read: Math.max(ev.room.read ?? 0, known?.read ?? 0),
+      });
+      this.emit('change');
+      if (!this.client.subscriptions.has(ev.room.id) && this.client.subscriptions.size < MAX_SUBSCRIBED) {
+        this.client.subscribe(ev.room.id, this.rooms.get(ev.room.id).head).catch(() => {});
+      }
+      return;
+    }
+    if (ev.type === 'room.removed' && ev.room?.id) {
+      // The server ended the subscription already; forget it here too.
+      if (this.rooms.delete(ev.room.id)) this.emit('change');
+      if (this.client.subscriptions.has(ev.room.id)) this.client.unsubscribe(ev.room.id).catch(() => {});
+      return;
+    }
     const r = this.rooms.get(ev.room);
     if (!r || !Number.isInteger(ev.seq)) return;
     if (ev.seq > r.head) {

@@ -168,6 +168,8 @@ export class Client extends Emitter {
   }
 
   async joinRoom(room) { return (await this.request('room.join', { room })).room; }
+  /** @returns {Promise<Record<string, number>>} every member's read seq (members only) */
+  async roomReads(room) { return (await this.request('room.reads', { room })).reads; }
   async leaveRoom(room) { return (await this.request('room.leave', { room })).room; }
   async addMembers(room, users) { return (await this.request('room.add', { room, users })).room; }
   async removeMembers(room, users) { return (await this.request('room.remove', { room, users })).room; }

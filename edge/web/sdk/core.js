@@ -28,7 +28,7 @@ export const SEQ_TYPES = new Set(['message', 'edit', 'delete', 'react']);
 export const APPEND_OPS = new Set(['send', 'edit', 'delete', 'react']);
 export const RETRY_OPS = new Set([
   'ping', 'rooms', 'history', 'search', 'subscribe', 'unsubscribe', 'receipt', 'presence.set',
-  'presence.get',
+  'presence.get', 'room.reads',
 ]);
 /** A local event (never sent by a server): a subscription that a resume could not restore. */
 export const SUBSCRIPTION_LOST = 'client.subscription_lost';

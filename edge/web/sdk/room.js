@@ -12,8 +12,8 @@
 //   client is already subscribed to the room (the stream then continues from where it is).
 // - A send shows at once as `pending` (keyed by its cid) and turns into the message when the
 //   room's own event with that cid arrives; the cid makes a retry idempotent.
-// - `readers` is what receipt events said since the room was opened (user → read seq); a
-//   typing user is shown for `typingMs` after their last signal or until their next message.
+// - `readers` (user → read seq) starts from `room.reads` when the room opens and then follows
+//   receipt events (each only moves a reader forward); a typing user is shown for `typingMs` after their last signal or until their next message.
 // - At most `maxEvents` events are kept; older ones are dropped from memory (loadOlder brings
 //   them back).
 
@@ -64,6 +64,11 @@ export class Room extends Emitter {
     if (page.length === 0) this.oldest = 1;
     if (!this.client.subscriptions.has(this.id)) {
       await this.client.subscribe(this.id, this.newest);
+    }
+    // Who has read what so far; receipts that arrive meanwhile are kept (the larger wins).
+    const reads = await this.client.roomReads(this.id).catch(() => null);
+    for (const [user, read] of Object.entries(reads ?? {})) {
+      this.readers.set(user, Math.max(read, this.readers.get(user) ?? 0));
     }
     this.emit('change');
   }
