@@ -60,7 +60,9 @@ async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:
             shard_map = ShardMap(kv)
             for instance in list(shard.instances):
                 await shard_map.place(instance, config.shard)
-            shard.placement = lambda instance: shard_map.place(instance, config.shard)
+            shard.placement = lambda instance, region: shard_map.place(
+                instance, config.shard, region=region, region_shards=config.region_shards(region)
+            )
             await shard_map.register_shard(config.shard, f"{config.host}:{link_port}")
         return Served(
             [

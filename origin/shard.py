@@ -92,7 +92,8 @@ class OriginShard:
         self.tenancy_listeners: list[Callable[[Instance | User], None]] = []
         # Orgs, members, lifecycles, API keys, authorization (origin/tenancy.py).
         self.tenancy = Tenancy(self)
-        self.placement: Callable[[str], Awaitable[None]] | None = None  # cluster: the shard map
+        # Cluster: place (instance, region) in the shard map, which checks the region too.
+        self.placement: Callable[[str, str], Awaitable[None]] | None = None
         self._room_locks: dict[str, trio.Lock] = {}  # only while someone holds or waits
         self.watch_listeners: list[Callable[[str, int], object]] = []  # edges in other processes
         self.event_listeners: list[EventListener] = []
@@ -153,7 +154,7 @@ class OriginShard:
         check_region(region, self.config.region_shards(region), self.config.shard)
         inst = Instance(new_id("ins"), org, name, region, plan, "active", now_ms())
         if self.placement is not None:
-            await self.placement(inst.id)  # in the shard map first: never an unplaced instance
+            await self.placement(inst.id, region)  # in the map first: never an unplaced one
         await self.store.create_instance(inst)
         self.instances[inst.id] = inst
         self._tenancy_changed(inst)
