@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import attrs
+import trio
 from quart import Blueprint, request
 
 from node.errors import TOO_LARGE, UNAUTHORIZED, GB6Error
@@ -258,7 +259,9 @@ async def _serve(
     reply = await route.handler(Call(actor, target, params, query, body))
     if route.changes:
         made = reply.target or target
-        await recorder.record(actor, route.op_id, made, reply.subject or subject, "ok")
+        # The change is made: a client that goes away now must not leave it unaudited.
+        with trio.CancelScope(shield=True):
+            await recorder.record(actor, route.op_id, made, reply.subject or subject, "ok")
     if reply.payload is None:
         # A str body: Quart's bodiless Response is read through a worker thread whose
         # StopAsyncIteration escaped into trio-asyncio and took the process down.
