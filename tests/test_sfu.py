@@ -32,8 +32,10 @@ from trio_asyncio import aio_as_trio
 
 from edge.sfu import (
     ActiveSpeakers,
+    ConnectionQuality,
     ParticipantLeft,
     Peer,
+    PeerState,
     Sfu,
     SfuEvent,
     TrackMuted,
@@ -198,6 +200,10 @@ async def test_publisher_to_two_subscribers_decodes_video_and_audio(sfu: Sfu) ->
     published = await pub.events.wait(TrackPublished, lambda e: e.track.kind == "video")
     assert published.track.source == "camera" and published.track.codec == "vp8"
     ids = {t.kind: t.track_id for t in pub.peer.tracks}
+    audio_info = next(t for t in sfu.tracks("r1") if t.kind == "audio")
+    assert (audio_info.codec, audio_info.clock_rate, audio_info.channels) == ("opus", 48_000, 2)
+    tapped: list[bytes] = []
+    untap = sfu.tap("r1", ids["video"], "recorder", tapped.append)
     subs = [Client(sfu, "r1", name) for name in ("bob", "carol")]
     for s in subs:
         for tid in ids.values():
@@ -210,6 +216,14 @@ async def test_publisher_to_two_subscribers_decodes_video_and_audio(sfu: Sfu) ->
         assert video[-1].width == 640 and video[-1].height == 480
         audio = await s.frames(ids["audio"], 5)
         assert audio[-1].sample_rate == 48_000
+    # The tap (what a recorder is fed): the track as a subscriber gets it, one SSRC, in order.
+    untap()
+    assert tapped and len({p[8:12] for p in tapped}) == 1
+    seqs = [int.from_bytes(p[2:4], "big") for p in tapped]
+    assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
+    quality = await pub.events.wait(ConnectionQuality, lambda e: e.participant == "alice")
+    assert quality.quality == "excellent"
+    await pub.events.wait(PeerState, lambda e: e.participant == "bob" and e.state == "connected")
     for c in [pub, *subs]:
         await c.close()
 

@@ -6,6 +6,8 @@ Public API (everything else in this package is private):
     await nursery.start(sfu.run)             # inside the process's trio_asyncio.open_loop()
     peer = sfu.join(room, participant, listener)   # listener(event) for the room's SfuEvents
     sfu.tracks(room) -> tuple[TrackInfo, ...];  sfu.participants(room) -> tuple[str, ...]
+    end = sfu.tap(room, track_id, name, sink)   # a transport-less subscription: sink(rtp)
+        # gets the track's rewritten packets (the recorder's feed); end() stops it
 
   Negotiation (one BUNDLEd transport per peer; either side may offer, one at a time):
     answer_sdp = await peer.answer(offer_sdp)      # client offers (publish, or WHIP/WHEP)

@@ -27,6 +27,8 @@ class TrackInfo:
     source: Source
     codec: str  # "opus", "vp8", "h264"
     muted: bool = False
+    clock_rate: int = 90_000
+    channels: int = 0  # audio: as negotiated (Opus: 2); video: 0
 
 
 @attrs.frozen

@@ -629,6 +629,8 @@ class Peer:
                 kind=m.kind,
                 source=source,
                 codec=codec.name.lower(),
+                clock_rate=codec.clockRate,
+                channels=(codec.channels or 1) if m.kind == "audio" else 0,
             )
             cap = (
                 self._media.video_bitrate_cap_bps
