@@ -16,7 +16,7 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve
 from quart import Blueprint, Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from node.errors import GB6Error, invalid
 from node.log import log
@@ -78,6 +78,8 @@ def build_app(blueprints: list[Blueprint], max_body: int) -> QuartTrio:
         }.get(err.code or 500, "internal")
         resp = error_response(GB6Error(code, err.description or err.name))
         resp.status_code = err.code or 500
+        if isinstance(err, MethodNotAllowed) and err.valid_methods:
+            resp.headers["Allow"] = ", ".join(err.valid_methods)  # RFC 9110: 405 lists them
         return resp
 
     @app.errorhandler(Exception)

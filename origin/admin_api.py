@@ -16,7 +16,7 @@ Rules:
 - Lists are paginated (`limit`, `after`; `{"items", "next"}`) with filters as query
   parameters; `routes(shard)` is the whole table (tests enumerate it via /openapi.json).
 - Every route that changes something is recorded in the audit log (`admin.<operation id>`)
-  before it is answered; a change refused by authorization is recorded as `denied`.
+  before it is answered; a change refused with 403 is recorded as `denied`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Every request goes through `_serve`, the one place that:
    (`invalid`, 400, before anything is looked up or changed),
 3. resolves the target (the org or instance the path, or the route's `scope` parameter,
    names) and authorizes the route's permission on it: unknown or another tenant's: 404;
-   within reach without the permission: 403 (a refused change is noted in the audit log),
+   within reach without the permission: 403 (such a refused change is audited as denied),
 4. calls the handler, and for a route that changes something records the action in the audit
    log (the recorder) once the change is made, before answering.
 
@@ -30,7 +30,7 @@ import attrs
 import trio
 from quart import Blueprint, request
 
-from node.errors import TOO_LARGE, UNAUTHORIZED, GB6Error
+from node.errors import FORBIDDEN, TOO_LARGE, UNAUTHORIZED, GB6Error
 from node.http import json_body
 from origin.admin_schema import Schema, array, integer, obj, string, validate
 
@@ -251,7 +251,9 @@ async def _serve(
             target = guard.resolve(named)
             guard.authorize(actor, route.permission, target)
         except GB6Error as exc:
-            if route.changes:
+            # A 403 is a credential reaching for more than it holds: on record. A 404 (an
+            # unknown id, or another tenant's) is not: anyone could fill the log with them.
+            if route.changes and exc.code == FORBIDDEN:
                 await recorder.refused(actor, route.op_id, subject, exc.code)
             raise
     else:

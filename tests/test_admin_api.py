@@ -196,7 +196,9 @@ def test_errors_have_the_protocol_shape_and_change_nothing(node: Node) -> None:
     error(node.admin("POST", "/v1/orgs", {"name": "x", "parent": "org_nope"}), 404, "not_found")
 
     # Methods and paths the API does not have.
-    error(node.admin("PUT", "/v1/orgs"), 405, "invalid")
+    r = node.admin("PUT", "/v1/orgs")
+    error(r, 405, "invalid")
+    assert set(r.headers["Allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
     error(node.admin("GET", "/v1/nothing"), 404, "not_found")
 
     assert walk(node, "/v1/orgs", 200) == before  # nothing was created by any of these

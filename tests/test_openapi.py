@@ -32,6 +32,8 @@ CHECKS = ",".join(
         "content_type_conformance",
         "response_schema_conformance",
         "negative_data_rejection",
+        "ignored_auth",  # a call without (or with a bad) credential must be refused
+        "unsupported_method",  # 405 with `Allow` for a method the path does not have
     )
 )
 MAX_EXAMPLES = 5  # per operation and phase: the run stays well under two minutes
