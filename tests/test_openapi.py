@@ -75,7 +75,7 @@ def test_schemathesis_finds_nothing(node: Node, tmp_path: Path) -> None:
         "--max-examples",
         str(MAX_EXAMPLES),
         "--phases",
-        "examples,coverage,fuzzing",
+        "examples,coverage,fuzzing,stateful",
         "--seed",
         "6",
         "--generation-deterministic",
