@@ -127,7 +127,7 @@ class Gateway:
             else {n: LocalRateLimiter.new(rp.rate, rp.burst) for n, rp in config.rate_plans.items()}
         )
         # Concurrent connections are counted by the instance's origin shard across every edge
-        # (`origin.acquire_connection`). These quotas are the shard's own in one process; on a
+        # (`origin.acquire_slot`). These quotas are the shard's own in one process; on a
         # cluster edge a local copy of the plans, for what is still counted per edge.
         self.quotas = (
             origin.quotas
@@ -449,7 +449,7 @@ class Gateway:
             conn.quota_release()
             conn.quota_release = None
         # At the instance's shard, which counts the connections of every edge.
-        conn.quota_release = await self.origin.acquire_connection(principal.instance.id)
+        conn.quota_release = await self.origin.acquire_slot(principal.instance.id, "connections")
         if self.shared is not None:
             await self.shared.follow_instance(principal.instance.id)
             first = await self.shared.session_opened(principal.id, session)

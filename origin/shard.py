@@ -33,6 +33,7 @@ from origin.audit_log import AuditLog, open_audit
 from origin.blobs import LocalBlobStore
 from origin.invoicing import open_billing
 from origin.membership import Membership, MembershipChange, Principal, RoomState
+from origin.plans import KINDS
 from origin.quotas import Quotas, day_start_ms
 from origin.rbac import OPERATOR, ROOM_CREATE, authorize
 from origin.records import (
@@ -559,18 +560,21 @@ class OriginShard:
             log("usage_record_failed", instance=instance, metric=metric, error=exc.message)
         return added
 
-    async def acquire_connection(self, instance: str) -> Callable[[], None]:
-        """Take one of the instance's `connections` (quota_exceeded past its limit); returns
-        the release, to call once when the socket ends (more calls do nothing). The same call
-        as `RemoteOrigin.acquire_connection`, whose slots this shard counts for its edges."""
-        self.quotas.acquire(instance, "connections")
+    async def acquire_slot(self, instance: str, resource: str) -> Callable[[], None]:
+        """Take one of the instance's concurrent `resource` (`connections`,
+        `media_participants`; quota_exceeded past its limit); returns the release, to call once
+        when the session ends (more calls do nothing). The same call as
+        `RemoteOrigin.acquire_slot`, whose slots this shard counts for every edge."""
+        if KINDS.get(resource) != "concurrent":
+            raise invalid(f"{resource!r} is not a concurrent resource")
+        self.quotas.acquire(instance, resource)
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.quotas.release(instance, "connections")
+                self.quotas.release(instance, resource)
 
         return release
 

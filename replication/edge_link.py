@@ -58,11 +58,12 @@ class ShardLink:
         self._appends = trio.Semaphore(remote.config.limits.link_inflight_appends)
         self._instances: set[str] = set()  # of this shard, for the shard map
         self._rooms: set[str] = set()
-        # Connection slots (the `connections` quota, counted by the origin): a slot is taken
-        # under one link generation; when that link breaks the origin frees all of it, so a
-        # later release of an older generation is dropped. Releases are batched per wake-up.
+        # Slots of concurrent quotas (connections, media participants), counted by the origin:
+        # a slot is taken under one link generation; when that link breaks the origin frees
+        # all of it, so a later release of an older generation is dropped. Releases are
+        # batched per wake-up.
         self.generation = 0
-        self._releases: dict[str, int] = {}
+        self._releases: dict[tuple[str, str], int] = {}
         self._release_wake = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -256,22 +257,24 @@ class ShardLink:
         value: dict[str, Any] = box[0].unwrap()
         return value
 
-    def release_connection(self, instance: str, generation: int) -> None:
-        """Give back a connection slot taken under `generation` (no await: batched by
-        `_flush_releases`). A slot of an earlier link is already free at the origin."""
+    def release_slot(self, instance: str, resource: str, generation: int) -> None:
+        """Give back a slot taken under `generation` (no await: batched by `_flush_releases`).
+        A slot of an earlier link is already free at the origin."""
         if generation != self.generation or not self.connected:
             return
-        self._releases[instance] = self._releases.get(instance, 0) + 1
+        key = (instance, resource)
+        self._releases[key] = self._releases.get(key, 0) + 1
         self._release_wake.set()
 
     async def _flush_releases(self) -> None:
-        """One `conn.release` frame for every release made since the last one."""
+        """One `slot.release` frame for every release made since the last one."""
         while True:
             await self._release_wake.wait()
             self._release_wake = trio.Event()
             if self._releases and self.connected:
-                counts, self._releases = self._releases, {}
-                self.send({"op": "conn.release", "counts": counts}, lambda result: None)
+                counts = [[i, r, n] for (i, r), n in self._releases.items()]
+                self._releases = {}
+                self.send({"op": "slot.release", "counts": counts}, lambda result: None)
 
     async def append(
         self, fields: dict[str, Any], reply: Callable[[outcome.Outcome[Any]], None]
@@ -469,12 +472,13 @@ class RemoteOrigin:
     async def drain(self) -> None:
         await self._idle.wait()
 
-    async def acquire_connection(self, instance: str) -> Callable[[], None]:
-        """Take one of the instance's `connections` at its origin shard, which counts every
-        edge's (`quota_exceeded` past the limit, `unavailable` without a link). Returns the
-        release, to call once when the socket ends (more calls do nothing). If the link
-        breaks, the origin frees every slot this edge held, and the gateway closes the
-        sockets of that shard's instances (`lost_listeners`)."""
+    async def acquire_slot(self, instance: str, resource: str) -> Callable[[], None]:
+        """Take one of the instance's concurrent `resource` (`connections`,
+        `media_participants`) at its origin shard, which counts every edge's
+        (`quota_exceeded` past the limit, `unavailable` without a link). Returns the release,
+        to call once when the session ends (more calls do nothing). If the link breaks, the
+        origin frees every slot this edge held, and the gateway closes the sockets of that
+        shard's instances (`lost_listeners`)."""
         shard_link = self._link_for_instance(instance)
         generation = shard_link.generation
         done = trio.Event()
@@ -483,17 +487,17 @@ class RemoteOrigin:
 
         def reply(result: outcome.Outcome[Any]) -> None:
             if abandoned and isinstance(result, outcome.Value):
-                shard_link.release_connection(instance, generation)  # nobody holds it
+                shard_link.release_slot(instance, resource, generation)  # nobody holds it
             box.append(result)
             done.set()
 
-        shard_link.send({"op": "conn.acquire", "instance": instance}, reply)
+        shard_link.send({"op": "slot.acquire", "instance": instance, "resource": resource}, reply)
         try:
             await done.wait()
-        except BaseException:  # cancelled (the socket ended): the answer's slot goes back
+        except BaseException:  # cancelled (the session ended): the answer's slot goes back
             abandoned = True
             if box and isinstance(box[0], outcome.Value):  # answered before the cancel
-                shard_link.release_connection(instance, generation)
+                shard_link.release_slot(instance, resource, generation)
             raise
         box[0].unwrap()
         released = False
@@ -502,7 +506,7 @@ class RemoteOrigin:
             nonlocal released
             if not released:
                 released = True
-                shard_link.release_connection(instance, generation)
+                shard_link.release_slot(instance, resource, generation)
 
         return release
 

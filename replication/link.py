@@ -11,9 +11,9 @@ Conversation:
   has applied `snap_end`.
 - edge → origin `req` {id, op, who?, ...}; origin → edge `res` {id, ok} or {id, err}.
   `who` is the user id the edge authenticated; the origin resolves it against its own state.
-  `conn.acquire` {instance} / `conn.release` {counts: {instance: n}}: the `connections` quota,
-  counted by the origin across edges (handled in order); what an edge holds is freed when its
-  link ends.
+  `slot.acquire` {instance, resource} / `slot.release` {counts: [[instance, resource, n]]}:
+  concurrent quotas (`connections`, `media_participants`), counted by the origin across edges
+  (handled in order); what an edge holds is freed when its link ends.
 - origin → edge pushes: `batch` {events: {room: [event]}, heads: {room: seq}} once per
   committed batch (events for rooms this edge watches, heads for the others); `room` {room}
   (a room's whole state, after a membership change); `read` {room, user, seq}; `instance`,

@@ -26,6 +26,7 @@ from node.errors import INTERNAL, UNAUTHORIZED, GB6Error, invalid, not_found
 from node.events import Event
 from node.log import log
 from origin.membership import MembershipChange, Principal
+from origin.plans import KINDS
 from origin.records import Instance, User
 from origin.shard import OriginShard
 from origin.sqlite_store import Appended
@@ -51,8 +52,9 @@ class EdgePeer:
         # Events and heads of the committed batch being published, flushed as one frame.
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.heads: dict[str, int] = {}
-        # `connections` quota slots this edge holds, per instance: freed when the link ends.
-        self.connections: dict[str, int] = {}
+        # Concurrent quota slots this edge holds, per (instance, resource): freed when the
+        # link ends.
+        self.slots: dict[tuple[str, str], int] = {}
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.broken:
@@ -260,10 +262,10 @@ class LinkServer:
             peer.watched.discard(str(msg.get("room")))
             peer.send({"t": "res", "id": req_id, "ok": {}})
             return
-        if op in ("conn.acquire", "conn.release"):
+        if op in ("slot.acquire", "slot.release"):
             # Inline, in the order the edge sent them: a release never overtakes its acquire.
             try:
-                self._connections(peer, op, msg)
+                self._slots(peer, op, msg)
                 peer.send({"t": "res", "id": req_id, "ok": {}})
             except GB6Error as exc:
                 peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(exc)})
@@ -287,37 +289,43 @@ class LinkServer:
         finally:
             limiter.release_on_behalf_of(req_id)
 
-    def _connections(self, peer: EdgePeer, op: str, msg: dict[str, Any]) -> None:
-        """The `connections` quota of this shard's instances, counted across every edge:
-        `conn.acquire` {instance} takes one slot (quota_exceeded past the limit),
-        `conn.release` {counts: {instance: n}} gives back what this edge holds."""
-        quotas = self.shard.quotas
-        if op == "conn.acquire":
-            instance = msg.get("instance")
+    def _slots(self, peer: EdgePeer, op: str, msg: dict[str, Any]) -> None:
+        """Concurrent quotas of this shard's instances, counted across every edge:
+        `slot.acquire` {instance, resource} takes one (quota_exceeded past the limit),
+        `slot.release` {counts: [[instance, resource, n]]} gives back what this edge holds
+        (never more; anything else in it is ignored)."""
+        if op == "slot.acquire":
+            instance, resource = msg.get("instance"), msg.get("resource")
             if not isinstance(instance, str) or instance not in self.shard.instances:
                 raise not_found(f"instance {instance!r} is not on this shard")
-            quotas.acquire(instance, "connections")
-            peer.connections[instance] = peer.connections.get(instance, 0) + 1
+            if KINDS.get(str(resource)) != "concurrent":
+                raise invalid(f"{resource!r} is not a concurrent resource")
+            key = (instance, str(resource))
+            self.shard.quotas.acquire(*key)
+            peer.slots[key] = peer.slots.get(key, 0) + 1
             return
         counts = msg.get("counts")
-        if not isinstance(counts, dict):
-            raise invalid("conn.release needs counts")
-        for instance, n in counts.items():
-            held = peer.connections.get(instance, 0)
-            if not isinstance(n, int) or n <= 0 or held == 0:
+        if not isinstance(counts, list):
+            raise invalid("slot.release needs counts")
+        for item in counts:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[2], int)):
                 continue
-            n = min(n, held)  # never more than this edge holds
-            quotas.release(instance, "connections", n)
+            key = (str(item[0]), str(item[1]))
+            held = peer.slots.get(key, 0)
+            n = min(item[2], held)  # never more than this edge holds
+            if n <= 0:
+                continue
+            self.shard.quotas.release(*key, n)
             if held > n:
-                peer.connections[instance] = held - n
+                peer.slots[key] = held - n
             else:
-                del peer.connections[instance]
+                del peer.slots[key]
 
     def _release_all(self, peer: EdgePeer) -> None:
         """The edge's link ended (closed, broken, or the edge killed): its slots are free."""
-        for instance, n in peer.connections.items():
-            self.shard.quotas.release(instance, "connections", n)
-        peer.connections.clear()
+        for (instance, resource), n in peer.slots.items():
+            self.shard.quotas.release(instance, resource, n)
+        peer.slots.clear()
 
     def _who(self, msg: dict[str, Any]) -> Principal:
         who = self.shard.state.principal(str(msg.get("who")))
