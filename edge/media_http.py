@@ -20,9 +20,11 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from quart import Blueprint, Response, request
 
+from edge.media_recording import Recordings
 from edge.media_signaling import MediaRooms, MediaSession, Want
 from node.errors import TOO_LARGE, UNAVAILABLE, GB6Error, invalid, not_found
 from origin.admin_api import bearer
@@ -103,6 +105,35 @@ def media_blueprint(media: MediaRooms, authenticate: Authenticate) -> Blueprint:
         for c in candidates:
             await peer.add_ice_candidate(c)
         return "", 204
+
+    async def recordings_of(room: str) -> Recordings:
+        """The room's recordings, for its members only."""
+        who = await authenticate(bearer())
+        media.origin.room_for_member(who, room)
+        recordings = media.recordings
+        if not isinstance(recordings, Recordings):
+            raise GB6Error(UNAVAILABLE, "this edge does not record")
+        return recordings
+
+    @bp.get("/v1/rooms/<room>/recordings")
+    async def list_recordings(room: str) -> dict[str, Any]:
+        recordings = await recordings_of(room)
+        return {"recordings": await recordings.list(room)}
+
+    @bp.get("/v1/rooms/<room>/recordings/<recording>")
+    async def get_recording(room: str, recording: str) -> dict[str, Any]:
+        recordings = await recordings_of(room)
+        return await recordings.manifest(room, recording)
+
+    @bp.get("/v1/rooms/<room>/recordings/<recording>/files/<file_id>")
+    async def get_recording_file(room: str, recording: str, file_id: str) -> Response:
+        recordings = await recordings_of(room)
+        data, content_type = await recordings.file(room, recording, file_id)
+        resp = Response(data, status=200, content_type=content_type)
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Content-Disposition"] = f'attachment; filename="{file_id}"'
+        resp.headers["Cache-Control"] = "private, max-age=0"
+        return resp
 
     return bp
 

@@ -456,10 +456,14 @@ class MediaRooms:
                 if r.kind != "live" or r.viewers == r.viewers_sent:
                     continue
                 r.viewers_sent = r.viewers
-                fields = {"room": room_id, "count": r.viewers}
-                for s in list(r.sessions.values()):
-                    if s.sink is not None:
-                        s.sink("media.viewers", fields)
+                self.broadcast(room_id, "media.viewers", {"room": room_id, "count": r.viewers})
+
+    def broadcast(self, room_id: str, type_: str, fields: dict[str, Any]) -> None:
+        """An event to every WebSocket session in the room's media on this edge."""
+        r = self._rooms.get(room_id)
+        for s in list(r.sessions.values()) if r is not None else ():
+            if s.sink is not None:
+                s.sink(type_, fields)
 
     # --- membership ----------------------------------------------------------------------
 
@@ -594,13 +598,26 @@ async def _offer_if_needed(peer: Peer) -> dict[str, Any]:
     return {"sdp": await peer.offer()}
 
 
-async def start_media(nursery: trio.Nursery, config: Config, gateway: Any) -> MediaRooms:
+async def start_media(
+    nursery: trio.Nursery,
+    config: Config,
+    gateway: Any,
+    blobs: Any = None,
+    charge: Any = None,
+) -> MediaRooms:
     """Start the SFU and the media rooms in `nursery` (inside the process's trio-asyncio
-    loop) for `gateway` (edge/gateway.py), and hand the gateway its `media.*` ops."""
+    loop) for `gateway` (edge/gateway.py), and hand the gateway its `media.*` ops. With a blob
+    store and the shard's `charge_usage` (one process: `gb6 run`) the edge also records
+    (edge/media_recording.py); a cluster edge has neither and answers `media.record` with
+    `unavailable`."""
     sfu = Sfu(config.media)
     await nursery.start(sfu.run)
     rooms = MediaRooms(config, sfu, gateway.origin, gateway.quotas)
     await nursery.start(rooms.run)
+    if blobs is not None and charge is not None:
+        from edge.media_recording import Recordings  # it imports this module
+
+        await nursery.start(Recordings(config, rooms, blobs, charge).run)
     gateway.media = rooms
     gateway.origin.member_listeners.append(rooms.on_members)
     return rooms

@@ -135,7 +135,7 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
         await nursery.start(shard.run)
         gateway = Gateway(config, shard)
         ws_port = await nursery.start(gateway.run)
-        media = await start_media(nursery, config, gateway)
+        media = await start_media(nursery, config, gateway, shard.blobs, shard.charge_usage)
 
         async def drain() -> None:
             await gateway.drain()

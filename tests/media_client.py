@@ -126,7 +126,10 @@ class MediaClient:
         return got
 
     async def close(self) -> None:
-        await aio_as_trio(self.pc.close)()
+        """Close the peer connection (leave the media first: aiortc's close can wait long for
+        a transport whose other end still serves)."""
+        with trio.move_on_after(5):
+            await aio_as_trio(self.pc.close)()
 
 
 async def media_event(ws: Peer, type_: str, pred: Any = lambda e: True) -> dict[str, Any]:
@@ -195,4 +198,7 @@ class HttpMediaClient:
             return await http.delete(self.http_url + self.location, headers=self.headers())
 
     async def close(self) -> None:
-        await aio_as_trio(self.pc.close)()
+        """Close the peer connection (leave the media first: aiortc's close can wait long for
+        a transport whose other end still serves)."""
+        with trio.move_on_after(5):
+            await aio_as_trio(self.pc.close)()

@@ -1,0 +1,260 @@
+"""Recording control: `media.record` starts and stops a room's recording, the recorder taps the
+SFU's forwarded packets, and the files and manifest land in the blob store, listed per room.
+
+Who holds what: `Recordings` (one per edge that records, a component) owns one task per room
+being recorded, which owns that room's `edge.recording.Recorder` and its minute charger.
+
+Rules:
+- Only a meeting or live room's creator or the instance's owners and admins start or stop its
+  recording (`forbidden` for other members; `not_found` for those who cannot see the room).
+  One recording per room at a time (`conflict`); stopping when none runs is `not_found`.
+- Recording minutes are charged to the instance (`charge_usage`, quota and billing in one) as
+  each minute starts, the first before anything is recorded: past the quota, starting is
+  `quota_exceeded` and a running recording stops (`media.recording` with `reason`).
+- Every track published in the room while recording (and those already there) is recorded
+  from the SFU's forwarded packets (`Sfu.tap`: one SSRC, keyframe first, nothing decoded);
+  its file is finished when it is unpublished. `media.record` with `on: false` answers once
+  the manifest is stored, so what it names can be downloaded at once.
+- Each room keeps an index blob of its recordings (newest last, at most `_INDEX` ids), written
+  when a recording finishes; the HTTP API (edge/media_http.py) lists and serves them to the
+  room's members only.
+- Nothing here may take the edge down: a recording that fails to finish is logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import orjson
+import trio
+
+from edge.media_signaling import MEDIA_KINDS, MediaRooms
+from edge.recording import Manifest, Recorder
+from edge.sfu import TrackInfo
+from node.config import Config
+from node.errors import CONFLICT, QUOTA_EXCEEDED, GB6Error, forbidden, invalid, not_found
+from node.log import log
+from origin.membership import Principal
+
+_INDEX = 1_000  # recordings listed per room (the oldest fall off the list, not the store)
+Charge = Callable[[str, str, int, str], Awaitable[None]]
+
+
+class Blobs(Protocol):
+    """origin/blobs.py LocalBlobStore fits."""
+
+    def path(self, blob_id: str) -> Path: ...
+
+    async def put(self, blob_id: str, data: bytes) -> None: ...
+
+
+@attrs.define(eq=False)
+class _Active:
+    room: str
+    instance: str
+    recorder: Recorder
+    taps: dict[str, Callable[[], None]] = attrs.Factory(dict)
+    reason: str = "stopped"
+
+
+def index_blob(room: str) -> str:
+    return "recs_" + room
+
+
+class Recordings:
+    """`await nursery.start(recordings.run)`; `MediaRooms.recordings` points here."""
+
+    def __init__(self, config: Config, media: MediaRooms, blobs: Blobs, charge: Charge) -> None:
+        self.limits = config.limits
+        self.media = media
+        self.blobs = blobs
+        self.charge = charge
+        self._active: dict[str, _Active] = {}
+        self._index_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; cancelling finishes every running recording (files and
+        manifest written, shielded and bounded by `limits.recording_finish_s`)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.media.recordings = self
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    # --- control (media.record) ----------------------------------------------------------
+
+    async def control(self, who: Principal, room_id: str, on: bool) -> dict[str, Any]:
+        room = self.media.origin.room_for_member(who, room_id)
+        if room.record.kind not in MEDIA_KINDS:
+            raise invalid("only meeting and live rooms are recorded")
+        if room.record.creator != who.id and not who.moderator:
+            raise forbidden("only the room's creator or an instance owner or admin records it")
+        if not on:
+            return await self._stop(room_id)
+        if room_id in self._active:
+            raise GB6Error(CONFLICT, f"room {room_id} is being recorded already")
+        if self._nursery is None:
+            raise GB6Error("unavailable", "recording is not running on this edge")
+        recorder = Recorder(room_id, self.blobs, self.limits)
+        instance = room.record.instance
+        await self.charge(instance, "recording_minutes", 1, f"{recorder.id}:0")
+        active = _Active(room_id, instance, recorder)
+        await self._nursery.start(self._record, active)
+        return {"recording": recorder.id}
+
+    async def _stop(self, room_id: str) -> dict[str, Any]:
+        active = self._active.pop(room_id, None)  # a second stop is not_found at once
+        if active is None:
+            raise not_found(f"room {room_id} is not being recorded")
+        for end in active.taps.values():
+            end()
+        active.recorder.stop()
+        manifest = await active.recorder.wait()
+        return {"recording": manifest.id, "manifest": manifest.to_json()}
+
+    # --- the SFU's tracks (from MediaSession listeners, synchronously) -------------------
+
+    def track_published(self, room: str, track: TrackInfo) -> None:
+        active = self._active.get(room)
+        if active is not None:
+            self._add(active, track)
+
+    def track_unpublished(self, room: str, track_id: str) -> None:
+        active = self._active.get(room)
+        if active is None:
+            return
+        end = active.taps.pop(track_id, None)
+        if end is not None:
+            end()
+            try:
+                active.recorder.remove_track(track_id)
+            except GB6Error:
+                pass  # it was never being recorded
+
+    def _add(self, active: _Active, track: TrackInfo) -> None:
+        if track.track_id in active.taps:
+            return
+        recorder = active.recorder
+        try:
+            recorder.add_track(track.track_id, track.codec)
+            feed = recorder.feed
+            track_id = track.track_id
+            active.taps[track_id] = self.media.sfu.tap(
+                active.room, track_id, f"rec:{recorder.id}", lambda data: feed(track_id, data)
+            )
+        except GB6Error as exc:  # an unsupported codec, too many tracks: the rest go on
+            log(
+                "recording_track_refused", room=active.room, track=track.track_id, error=exc.message
+            )
+
+    # --- one recording -------------------------------------------------------------------
+
+    async def _record(
+        self, active: _Active, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        recorder = active.recorder
+        room = active.room
+        self._active[room] = active
+        manifest: Manifest | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._run_recorder, recorder)
+                for track in self.media.sfu.tracks(room):
+                    self._add(active, track)
+                task_status.started()
+                self.media.broadcast(room, "media.recording", _event(room, recorder.id, "started"))
+                nursery.start_soon(self._charge_minutes, active)
+                try:
+                    manifest = await recorder.wait()
+                except GB6Error as exc:
+                    log("recording_failed", room=room, recording=recorder.id, error=exc.message)
+                nursery.cancel_scope.cancel()  # the charger
+        finally:
+            for end in active.taps.values():
+                end()
+            active.taps.clear()
+            if self._active.get(room) is active:
+                del self._active[room]
+            stopped = _event(room, recorder.id, "stopped")
+            stopped["reason"] = active.reason if manifest is not None else "failed"
+            self.media.broadcast(room, "media.recording", stopped)
+            if manifest is not None:
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(self.limits.recording_finish_s),
+                ):
+                    await self._index(room, manifest.id)
+
+    async def _run_recorder(
+        self, recorder: Recorder, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await recorder.run(task_status=task_status)
+        except (GB6Error, OSError) as exc:  # the manifest could not be stored: wait() says so
+            log("recording_not_stored", room=recorder.room, recording=recorder.id, error=str(exc))
+
+    async def _charge_minutes(self, active: _Active) -> None:
+        started = trio.current_time()
+        minute = 0
+        while True:
+            minute += 1
+            await trio.sleep_until(started + 60 * minute)
+            try:
+                await self.charge(
+                    active.instance, "recording_minutes", 1, f"{active.recorder.id}:{minute}"
+                )
+            except GB6Error as exc:
+                if exc.code != QUOTA_EXCEEDED:
+                    log("recording_charge_failed", room=active.room, error=exc.message)
+                    continue
+                active.reason = "quota_exceeded"
+                active.recorder.stop()
+                return
+
+    async def _index(self, room: str, recording: str) -> None:
+        async with self._index_lock:
+            ids = await self.recording_ids(room)
+            ids = [*ids, recording][-_INDEX:]
+            await self.blobs.put(index_blob(room), orjson.dumps(ids))
+
+    # --- reading (the HTTP API) ----------------------------------------------------------
+
+    async def recording_ids(self, room: str) -> list[str]:
+        path = trio.Path(self.blobs.path(index_blob(room)))
+        try:
+            data = await path.read_bytes()
+        except FileNotFoundError:
+            return []
+        ids = orjson.loads(data)
+        return [i for i in ids if isinstance(i, str)]
+
+    async def manifest(self, room: str, recording: str) -> dict[str, Any]:
+        if recording not in await self.recording_ids(room):
+            raise not_found(f"no recording {recording} in room {room}")
+        data = await trio.Path(self.blobs.path(recording)).read_bytes()
+        out: dict[str, Any] = orjson.loads(data)
+        return out
+
+    async def list(self, room: str) -> list[dict[str, Any]]:
+        """The room's recordings' manifests, newest first."""
+        ids = await self.recording_ids(room)
+        return [await self.manifest(room, i) for i in reversed(ids)]
+
+    async def file(self, room: str, recording: str, file_id: str) -> tuple[bytes, str]:
+        manifest = await self.manifest(room, recording)
+        track = next((t for t in manifest["tracks"] if t.get("file") == file_id), None)
+        if track is None:
+            raise not_found(f"no file {file_id} in recording {recording}")
+        data = await trio.Path(self.blobs.path(file_id)).read_bytes()
+        return data, str(track["content_type"])
+
+
+def _event(room: str, recording: str, state: str) -> dict[str, Any]:
+    return {"room": room, "recording": recording, "state": state}
