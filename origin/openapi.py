@@ -87,10 +87,36 @@ def operation(route: Route) -> dict[str, Any]:
     return op
 
 
+def links(route: Route, routes: Sequence[Route]) -> dict[str, Any]:
+    """OpenAPI links from a create (`POST …` answering 201 with an `id`) to the operations on
+    what it made: those whose path continues the create's path with one more parameter
+    (`POST /v1/orgs` → `/v1/orgs/{org}…`), given the new id and the create's own parameters.
+    Clients (and schemathesis' stateful phase) follow them."""
+    if route.method != "POST" or route.status != 201 or route.response is None:
+        return {}
+    if "id" not in route.response.get("properties", {}):
+        return {}
+    found: dict[str, Any] = {}
+    prefix = route.path + "/{"
+    for other in routes:
+        if not other.path.startswith(prefix):
+            continue
+        new = other.path[len(prefix) :].split("}", 1)[0]
+        params = {name: f"$request.path.{name}" for name in route.path_names()}
+        params[new] = "$response.body#/id"
+        if set(params) == set(other.path_names()) and new not in route.path_names():
+            found[other.op_id] = {"operationId": other.op_id, "parameters": params}
+    return found
+
+
 def document(routes: Sequence[Route]) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
-        paths.setdefault(route.path, {})[route.method.lower()] = operation(route)
+        op = operation(route)
+        made = links(route, routes)
+        if made:
+            op["responses"][str(route.status)]["links"] = made
+        paths.setdefault(route.path, {})[route.method.lower()] = op
     return {
         "openapi": "3.1.0",
         "info": {
