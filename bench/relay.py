@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per case")
     p.add_argument("--port-min", type=int, default=52_000, help="the SFU's UDP port range start")
     p.add_argument("--profile", action="store_true", help="py-spy the SFU in the last case")
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        help="before each case, wait up to S s for an idle machine",
+    )
 
 
 # --- the client process: publisher and subscribers -------------------------------------------
@@ -318,6 +324,10 @@ async def _serve_cases(
         await nursery.start(sfu.run)
         for idx, n in enumerate(cases):
             room = f"relay-{idx}"
+            if args.quiet_wait > 0:
+                from bench.run import wait_quiet
+
+                await trio.to_thread.run_sync(wait_quiet, args.quiet_wait)
             conn.send(("case", n, args.mbps, args.payload, args.duration))
             peers = []
             track_id = ""
@@ -342,6 +352,7 @@ async def _serve_cases(
                     await p.set_answer(msg[2])
                     conn.send("ok")
                 elif msg == ("window", "open"):
+                    psutil.cpu_percent()  # the machine-wide meter starts with the window
                     cpu0, t0 = me.cpu_times(), time.monotonic()
                     fwd0, in0 = _sfu_counts(peers)
                     if args.profile and idx == len(cases) - 1:
@@ -350,6 +361,7 @@ async def _serve_cases(
                     cpu1, elapsed = me.cpu_times(), time.monotonic() - t0
                     sfu_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / elapsed
                     fwd1, in1 = _sfu_counts(peers)
+                    busy = psutil.cpu_percent()
                     sfu_fwd, sfu_in = (fwd1 - fwd0) / elapsed, (in1 - in0) / elapsed
                 elif msg[0] == "result":
                     r = msg[1]
@@ -387,7 +399,15 @@ async def _serve_cases(
                 "loss_mean_pct": round(100 * sum(losses) / len(losses), 3),
                 "loss_max_pct": round(100 * max(losses), 3),
                 "client_cpu_pct": round(100 * r["client_cpu"], 1),
-                "machine_busy_pct": psutil.cpu_percent(),
+                "machine_busy_pct": busy,
+                # Everything else on the machine, in % of one core (the 2 cores are shared).
+                "others_cpu_pct": round(
+                    max(
+                        0.0,
+                        busy * (psutil.cpu_count() or 1) - 100 * sfu_cpu - 100 * r["client_cpu"],
+                    ),
+                    1,
+                ),
             }
             results.append(row)
             log(
@@ -395,7 +415,7 @@ async def _serve_cases(
                 f" pkt/s) → forwarded {row['forwarded_pps']:,} pkt/s; SFU CPU "
                 f"{row['sfu_cpu_pct']}% → {row['pps_per_core']:,} pkt/s per core; loss mean "
                 f"{row['loss_mean_pct']}% max {row['loss_max_pct']}%; clients CPU "
-                f"{row['client_cpu_pct']}%"
+                f"{row['client_cpu_pct']}%; others {row['others_cpu_pct']}%"
             )
             if spy is not None and spy_path.exists():
                 summary = profile.summarize(spy_path, args.duration)

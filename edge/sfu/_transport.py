@@ -1,11 +1,17 @@
 """One participant's ICE + DTLS + SRTP transport, on aiortc's transports (asyncio side).
 
 Rules:
-- aiortc's RTCRtpReceiver/RTCRtpSender are never created: `_TapDtls` hands every decrypted RTP
-  and RTCP packet to the forwarder as bytes, and `send_rtp`/`send_rtcp` protect and send on the
-  nominated ICE pair synchronously (one SRTP call and one `sendto`, no coroutine per packet).
-  Relayed (TURN) pairs go through a bounded queue drained by `serve`; overflow is dropped
-  (real-time media is better lost than late) and counted.
+- aiortc's RTCRtpReceiver/RTCRtpSender are never created. `_TapDtls` hands decrypted RTP/RTCP
+  to the forwarder as bytes during the handshake; once DTLS is up, `_FastStunProtocol` takes
+  SRTP/SRTCP datagrams (first byte 128..191) straight from the socket callback, decrypts and
+  forwards them synchronously, and drains up to `_DRAIN` more queued datagrams per readable
+  event (no STUN parse, no queue, no task wake-up per packet: the event loop's per-datagram
+  cost was most of the SFU's CPU). SRTP authenticates them, so the sender address is not
+  checked again.
+- `send_rtp`/`send_rtcp` protect and send synchronously: on a host pair the socket is
+  connected to the nominated remote (the kernel keeps the route) and written directly; a full
+  socket buffer drops the packet (real-time media is better lost than late) and counts it.
+  Relayed (TURN) pairs go through a bounded queue drained by `serve`.
 - Host candidates are pinned: one UDP socket per component bound to `[media] host` on a port
   of `udp_port_min..udp_port_max`, announced as `announced_address` when set. aioice's own
   interface enumeration is never used, and only the configured ICE servers are (none by default).
