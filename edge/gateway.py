@@ -84,6 +84,9 @@ class Connection:
     media: ConnectionMedia | None = None  # the rooms whose media it joined (media.join)
     # Gives back this socket's slot of its instance's `connections` quota (held until closed).
     quota_release: Callable[[], None] | None = None
+    # The room op this socket is waiting for (its room; "" for room.create): it gets the `ok`,
+    # so it is left out of that change's room.added / room.removed.
+    acting: str | None = None
 
     @property
     def user(self) -> str:
@@ -502,15 +505,27 @@ class Gateway:
                 messages = [{"type": ev.type, **ev.to_wire()} for ev in events]
                 await self._reply_page(conn, req.id, {"messages": messages})
             case p.RoomCreate():
-                room = await origin.create_room(who, req.name, req.kind, req.members, req.open)
+                conn.acting = ""
+                try:
+                    room = await origin.create_room(who, req.name, req.kind, req.members, req.open)
+                finally:
+                    conn.acting = None
                 self._reply(conn, req.id, {"room": room.summary()})
             case p.RoomOp():
                 fn = origin.join if req.op == "room.join" else origin.leave
-                room = await fn(who, req.room)
+                conn.acting = req.room
+                try:
+                    room = await fn(who, req.room)
+                finally:
+                    conn.acting = None
                 self._reply(conn, req.id, {"room": room.summary()})
             case p.RoomMembers():
                 fn2 = origin.add_members if req.op == "room.add" else origin.remove_members
-                room = await fn2(who, req.room, req.users)
+                conn.acting = req.room
+                try:
+                    room = await fn2(who, req.room, req.users)
+                finally:
+                    conn.acting = None
                 self._reply(conn, req.id, {"room": room.summary()})
             case p.ListRooms():
                 self._reply(conn, req.id, {"rooms": origin.rooms_of(who)})
@@ -695,14 +710,24 @@ class Gateway:
 
     def _tell_members(self, change: MembershipChange) -> None:
         """`room.added` / `room.removed` to the live connections of each user added to or
-        removed from the room (the one who made the change included), so a client's room list
-        follows without polling. `room.added` carries the room as `rooms` lists it."""
+        removed from the room, so a client's room list follows without polling; the socket
+        whose request made the change gets its `ok` instead. `room.added` carries the room as
+        `rooms` lists it."""
         state = self.origin.rooms.get(change.room)
         if state is None:
             return
         summary = state.summary()
+        creator = state.record.creator
+
+        def others(user: str) -> list[Connection]:
+            return [
+                c
+                for c in self.by_user.get(user, ())
+                if not (c.acting == change.room or (c.acting == "" and user == creator))
+            ]
+
         for user in change.added:
-            peers = self.by_user.get(user)
+            peers = others(user)
             if peers:
                 room = {**summary, "head": state.head, "read": state.members.get(user, 0)}
                 frame = wsframe.text(p.event("room.added", {"room": room}))
@@ -711,7 +736,7 @@ class Gateway:
         if change.removed:
             gone = wsframe.text(p.event("room.removed", {"room": summary}))
             for user in change.removed:
-                for conn in self.by_user.get(user, ()):
+                for conn in others(user):
                     conn.outbox.write(gone)
 
     async def _presence_of(self, who: Principal, users: tuple[str, ...]) -> dict[str, str]:
