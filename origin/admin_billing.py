@@ -158,12 +158,14 @@ def billing_routes(shard: OriginShard) -> list[Route]:
 
     async def set_quota(call: Call) -> Reply:
         p = call.params
-        await shard.set_quota_override(p["inst"], p["resource"], call.body["limit"])
+        await shard.tenancy.set_quota_override(
+            call.actor, p["inst"], p["resource"], call.body["limit"]
+        )
         return Reply(shard.quota_usage(p["inst"]))
 
     async def clear_quota(call: Call) -> Reply:
         p = call.params
-        await shard.clear_quota_override(p["inst"], p["resource"])
+        await shard.tenancy.clear_quota_override(call.actor, p["inst"], p["resource"])
         return Reply(shard.quota_usage(p["inst"]))
 
     async def get_usage(call: Call) -> Reply:

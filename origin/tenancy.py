@@ -10,15 +10,24 @@ Rules:
   children and `limits.org_members` members each (`quota_exceeded` past them). An org member
   (owner, admin, member) of an org acts on it and every descendant, and their instances.
 - An org is deleted only without children and without instances other than deleted ones
-  (`conflict`); its members, their tokens and its API keys go with it.
+  (`conflict`); its members, their tokens and its API keys go with it. Its deleted instances
+  stay: still deleted, reachable by the operator alone (their usage, invoices and audit remain
+  readable and a past month can still be closed), before and after a restart.
+- An org is never left without an owner: removing or demoting an owner is `conflict` when no
+  other owner of the org or of an ancestor (who administers it too) remains.
 - Instance lifecycle (data, `_TRANSITIONS`): active ⇄ suspended, either → deleted (terminal:
-  data kept, nothing served, no change accepted). Whenever an instance is not active, its
-  tokens are refused at `hello` (`unauthorized`) and the edges close its sockets (4003): they
-  follow `shard.tenancy_listeners`.
+  data kept, nothing served, no change accepted: renames, plans, quota overrides, users, their
+  tokens, keys scoped to it are all `conflict`; only billing closes its past months).
+  Whenever an instance is not active, its tokens are refused at `hello` (`unauthorized`) and
+  the edges close its sockets (4003): they follow `shard.tenancy_listeners`.
 - Regions: an instance is created only in a region whose shards include this one
   (`replication.shard_map.check_region`, done by the shard).
 - Users: deleting one revokes their tokens and removes them from every room (one store
   transaction); their events keep their id. Roles change freely within `INSTANCE_ROLES`.
+- API keys are bounded at USE time by their creator (`_key_permissions`): a key holds the
+  permissions it was given that its creator (an org member, the operator, or the key that made
+  it) still holds now; a demoted creator's keys lose what the creator lost, and keys of a removed
+  member (or of a revoked, expired or removed key) are `unauthorized`.
 - Org member tokens are `gb6o_…`, API keys `gb6k_…`, user tokens `gb6u_…`: the prefix says what
   a credential is; only digests are stored.
 - Listings are pages: items in id order (ids are time-ordered), `limit` (1 to
@@ -148,8 +157,32 @@ class Tenancy:
             key = await self.shard.store.api_key(secret_digest(bearer))
             if key is None or key.id not in self.keys:
                 raise GB6Error(UNAUTHORIZED, "unknown API key")
-            return api_keys.actor_of(key, now_ms())
+            now = now_ms()
+            actor = api_keys.actor_of(key, now)
+            held = self._key_permissions(self.keys[key.id], now, self.limits.org_api_keys)
+            if held is None:
+                raise GB6Error(UNAUTHORIZED, "the API key's creator is gone")
+            return attrs.evolve(actor, granted=actor.granted & held)
         raise GB6Error(UNAUTHORIZED, "unknown credential")
+
+    def _key_permissions(self, key: ApiKey, now: int, depth: int) -> frozenset[str] | None:
+        """What `key` may do now: its permissions within what its creator holds now; None
+        if the key, or its creator, is unusable (revoked, expired, removed). Keys made by keys
+        are followed at most `depth` links (no chain is longer than an org's keys)."""
+        if key.revoked or (key.expires_at is not None and key.expires_at <= now) or depth < 0:
+            return None
+        mine = frozenset(key.permissions)
+        creator = key.created_by
+        if creator == rbac.OPERATOR_ID:
+            return mine
+        member = self.members.get(creator)
+        if member is not None:
+            return mine & rbac.ROLE_PERMISSIONS[rbac.ORG_ROLE[member.role]]
+        parent = self.keys.get(creator)
+        if parent is None:
+            return None
+        above = self._key_permissions(parent, now, depth - 1)
+        return None if above is None else mine & above
 
     # --- organizations -------------------------------------------------------------------
 
@@ -246,6 +279,19 @@ class Tenancy:
             raise
         return member
 
+    def _keeps_an_owner(self, member: OrgMember) -> None:
+        """`conflict` if `member` is the last owner of its org and of every ancestor."""
+        if member.role != "owner":
+            return
+        chain = set(self.org_chain(member.org) or ())
+        others = (m for m in self.members.values() if m.role == "owner" and m.id != member.id)
+        if not any(m.org in chain for m in others):
+            raise GB6Error(
+                CONFLICT,
+                f"member {member.id} is the last owner of organization {member.org}"
+                " (add another owner first)",
+            )
+
     def _check_grant(self, actor: Actor, org_role: str) -> None:
         if org_role not in ORG_ROLES:
             raise invalid(f"role must be one of {', '.join(ORG_ROLES)}")
@@ -292,6 +338,8 @@ class Tenancy:
             if role is not None:
                 self._check_grant(actor, role)  # the new role...
                 self._check_grant(actor, member.role)  # ...and the one taken away
+                if role != "owner":
+                    self._keeps_an_owner(member)
             rec = attrs.evolve(member, name=name or member.name, role=role or member.role)
             with trio.CancelScope(shield=True):
                 await self.shard.store.update_org_member(rec)
@@ -302,6 +350,7 @@ class Tenancy:
         async with self._writing:
             member = self._member(actor, member_id, rbac.ORG_MEMBERS)
             self._check_grant(actor, member.role)
+            self._keeps_an_owner(member)
             with trio.CancelScope(shield=True):
                 await self.shard.store.delete_org_member(member_id)
             self.members.pop(member_id, None)
@@ -400,6 +449,22 @@ class Tenancy:
     async def delete_instance(self, actor: Actor, instance: str) -> Instance:
         return await self._lifecycle(actor, instance, "delete")
 
+    async def set_quota_override(
+        self, actor: Actor, instance: str, resource: str, limit: object
+    ) -> None:
+        """The instance's own limit for `resource` (shard.set_quota_override), not on a
+        deleted instance; one change at a time, as the overrides are stored as one value."""
+        async with self._writing:
+            self.authorize(actor, rbac.QUOTA_WRITE, instance=instance)
+            self._live(instance)
+            await self.shard.set_quota_override(instance, resource, limit)
+
+    async def clear_quota_override(self, actor: Actor, instance: str, resource: str) -> None:
+        async with self._writing:
+            self.authorize(actor, rbac.QUOTA_WRITE, instance=instance)
+            self._live(instance)
+            await self.shard.clear_quota_override(instance, resource)
+
     async def _lifecycle(self, actor: Actor, instance: str, action: str) -> Instance:
         async with self._writing:
             self.authorize(actor, rbac.INSTANCE_LIFECYCLE, instance=instance)
@@ -494,6 +559,7 @@ class Tenancy:
         closed (4003); the user's events stay."""
         async with self._writing:
             self.authorize(actor, rbac.USER_WRITE, instance=instance)
+            self._live(instance)
             user = self._user(instance, user_id)
             rooms = sorted(self.shard.user_rooms.get(user_id, ()))
             with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
@@ -515,6 +581,7 @@ class Tenancy:
 
     async def revoke_token(self, actor: Actor, instance: str, user_id: str, token_id: str) -> None:
         self.authorize(actor, rbac.TOKEN_ISSUE, instance=instance)
+        self._live(instance)
         await self.shard.revoke_token(instance, user_id, token_id)
 
     # --- API keys ------------------------------------------------------------------------
@@ -538,6 +605,7 @@ class Tenancy:
                 chain = self.org_chain(self._instance(instance).org) or []
                 if org not in chain:
                     raise not_found(f"instance {instance} not found")
+                self._live(instance)
             if sum(1 for k in self.keys.values() if k.org == org) >= self.limits.org_api_keys:
                 raise GB6Error(
                     QUOTA_EXCEEDED,

@@ -409,3 +409,26 @@ def test_audit_records_every_admin_change(node: Node) -> None:
     # Reads are not recorded.
     ok(node.admin("GET", f"/v1/instances/{inst['id']}"))
     assert len(walk(node, "/v1/audit", 50, org=org["id"])) == len(records)
+
+
+def test_a_deleted_instance_and_an_orgs_last_owner_refuse_changes(node: Node) -> None:
+    org = new_org(node, "lifecycle")
+    inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "i"}), 201)
+    base = f"/v1/instances/{inst['id']}"
+    ok(node.admin("PUT", f"{base}/quotas/rooms", {"limit": 3}))
+    ok(node.admin("DELETE", base))
+    error(node.admin("PUT", f"{base}/quotas/rooms", {"limit": 5}), 409, "conflict")
+    error(node.admin("DELETE", f"{base}/quotas/rooms"), 409, "conflict")
+    assert ok(node.admin("GET", f"{base}/quotas"))["overrides"] == {"rooms": 3}
+    # The org may go; the operator still reads the deleted instance and its bills.
+    ok(node.admin("DELETE", f"/v1/orgs/{org['id']}"), 204)
+    assert ok(node.admin("GET", base))["status"] == "deleted"
+    assert ok(node.admin("GET", f"{base}/invoices/preview"))["instance"] == inst["id"]
+
+    org = new_org(node, "owned")
+    members = f"/v1/orgs/{org['id']}/members"
+    owner = ok(node.admin("POST", members, {"name": "only", "role": "owner"}), 201)
+    error(node.admin("DELETE", f"{members}/{owner['id']}"), 409, "conflict")
+    error(node.admin("PATCH", f"{members}/{owner['id']}", {"role": "admin"}), 409, "conflict")
+    ok(node.admin("POST", members, {"name": "next", "role": "owner"}), 201)
+    ok(node.admin("DELETE", f"{members}/{owner['id']}"), 204)

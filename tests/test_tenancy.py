@@ -417,3 +417,106 @@ async def test_a_cluster_edge_closes_sockets_of_a_suspended_instance(tmp_path: P
         async with peer_of(node) as p:
             assert (await p.request("hello", token=token))["code"] == "unauthorized"
         nursery.cancel_scope.cancel()
+
+
+# --- lifecycle holes (issue 4 part L) ------------------------------------------------------
+
+
+async def test_a_deleted_instance_takes_no_change_and_outlives_its_deleted_org(
+    tmp_path: Path,
+) -> None:
+    async with embedded(tmp_path) as (shard, _):
+        t = shard.tenancy
+        parent = await t.create_org(OPERATOR, "parent", None)
+        org = await t.create_org(OPERATOR, "o", parent.id)
+        inst = await t.create_instance(OPERATOR, org.id, "i", None, None)
+        ann = await t.create_user(OPERATOR, inst.id, "ann", "member")
+        _, tok = await t.issue_token(OPERATOR, inst.id, ann.id)
+        await t.set_quota_override(OPERATOR, inst.id, "rooms", 5)
+        parent_owner = await member_actor(t, parent.id, "owner")
+        org_reader = await member_actor(t, org.id, "member")
+        await t.delete_instance(OPERATOR, inst.id)
+        for change in (
+            t.set_quota_override(OPERATOR, inst.id, "rooms", 9),
+            t.clear_quota_override(OPERATOR, inst.id, "rooms"),
+            t.delete_user(OPERATOR, inst.id, ann.id),
+            t.revoke_token(OPERATOR, inst.id, ann.id, tok.id),
+            t.create_api_key(OPERATOR, org.id, "k", ["user.read"], instance=inst.id),
+        ):
+            await refused("conflict", change)
+        assert shard.quota_usage(inst.id)["overrides"] == {"rooms": 5}  # unchanged
+
+        # The org goes; its deleted instance stays, the operator's alone.
+        await t.delete_org(OPERATOR, org.id)
+        await refused("not_found", lambda: t.get_instance(parent_owner, inst.id))
+        assert org_reader.id not in t.members
+    async with embedded(tmp_path) as (shard, _):
+        t = shard.tenancy
+        assert t.get_instance(OPERATOR, inst.id).status == "deleted"
+        assert shard.quota_usage(inst.id)["instance"] == inst.id
+        assert (await shard.billing.preview(inst.id)).instance == inst.id
+        await refused("conflict", t.set_quota_override(OPERATOR, inst.id, "rooms", 9))
+        owner = await member_actor(t, parent.id, "owner")
+        await refused("not_found", lambda: t.get_instance(owner, inst.id))
+        await refused("not_found", lambda: t.get_org(OPERATOR, org.id))
+
+
+async def test_an_org_keeps_an_owner(tmp_path: Path) -> None:
+    async with embedded(tmp_path) as (shard, _):
+        t = shard.tenancy
+        root = await t.create_org(OPERATOR, "root", None)
+        child = await t.create_org(OPERATOR, "child", root.id)
+        first = await t.add_member(OPERATOR, root.id, "first", "owner")
+        await refused("conflict", t.remove_member(OPERATOR, first.id))
+        await refused("conflict", t.update_member(OPERATOR, first.id, role="admin"))
+        assert (await t.update_member(OPERATOR, first.id, name="renamed")).role == "owner"
+        second = await t.add_member(OPERATOR, root.id, "second", "owner")
+        assert (await t.update_member(OPERATOR, first.id, role="member")).role == "member"
+        await refused("conflict", t.remove_member(OPERATOR, second.id))  # the last one again
+        # A child's only owner may go: the root's owner administers the child still.
+        kid_owner = await t.add_member(OPERATOR, child.id, "kid", "owner")
+        await t.remove_member(OPERATOR, kid_owner.id)
+        assert t.list_members(OPERATOR, root.id, role="owner").items == (t.members[second.id],)
+
+
+async def test_api_keys_hold_at_use_what_their_creator_still_holds(tmp_path: Path) -> None:
+    async with embedded(tmp_path) as (shard, _):
+        t = shard.tenancy
+        org = await t.create_org(OPERATOR, "o", None)
+        inst = await t.create_instance(OPERATOR, org.id, "i", None, None)
+        await t.add_member(OPERATOR, org.id, "keeper", "owner")  # so the other may be demoted
+        m = await t.add_member(OPERATOR, org.id, "maker", "owner")
+        secret, _ = await t.issue_member_token(OPERATOR, m.id)
+        maker = await t.authenticate_admin(secret, "admin-secret")
+        wanted = ["instance.read", "instance.lifecycle", "quota.write", "apikey.write"]
+        key_secret, key = await t.create_api_key(maker, org.id, "ci", wanted)
+        # A key made by that key: bounded by it, hence by the member too.
+        sub_secret, _ = await t.create_api_key(
+            await t.authenticate_admin(key_secret, "admin-secret"), org.id, "sub", wanted[:3]
+        )
+
+        async def key_actor(s: str) -> Actor:
+            return await t.authenticate_admin(s, "admin-secret")
+
+        assert (await key_actor(key_secret)).permissions == frozenset(wanted)
+        await t.set_quota_override(await key_actor(sub_secret), inst.id, "rooms", 3)
+
+        await t.update_member(OPERATOR, m.id, role="admin")  # admins set no quota overrides
+        for s in (key_secret, sub_secret):
+            k = await key_actor(s)
+            assert "quota.write" not in k.permissions and "instance.lifecycle" in k.permissions
+            await refused("forbidden", t.set_quota_override(k, inst.id, "rooms", 4))
+        await t.suspend_instance(await key_actor(sub_secret), inst.id)
+        await t.update_member(OPERATOR, m.id, role="member")  # reads only
+        k = await key_actor(key_secret)
+        assert k.permissions == frozenset({"instance.read"})
+        await refused("forbidden", t.resume_instance(k, inst.id))
+        assert t.get_instance(k, inst.id).status == "suspended"
+        # Promoted again, the key gets back what it was given (never more).
+        await t.update_member(OPERATOR, m.id, role="owner")
+        assert (await key_actor(key_secret)).permissions == frozenset(wanted)
+        # Removed: the member's keys, and the keys those made, stop authenticating.
+        await t.remove_member(OPERATOR, m.id)
+        for s in (key_secret, sub_secret):
+            await refused("unauthorized", key_actor(s))
+        assert t.get_api_key(OPERATOR, key.id).revoked is False  # kept, for the record
