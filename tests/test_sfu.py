@@ -538,3 +538,40 @@ def test_media_config_is_read_and_checked(tmp_path: Any) -> None:
     path.write_text("[media]\nudp_port_min = 5000\nudp_port_max = 4000\n")
     with pytest.raises(GB6Error):
         load(path, {})
+
+
+async def test_renegotiation_adds_a_screen_share_to_a_running_session(sfu: Sfu) -> None:
+    pub, sub, ids = await publisher_and_subscriber(sfu, "r8", VideoStreamTrack())
+    await sub.frames(ids["video"], 2)
+    screen = pub.peer.publish("video", "screen")
+    await pub.publish(VideoStreamTrack())  # a second offer on the same transport
+    shared = await sub.events.wait(TrackPublished, lambda e: e.track.source == "screen")
+    assert shared.track.track_id == screen
+    sub.peer.subscribe(screen)
+    await sub.renegotiate()
+    assert (await sub.frames(screen, 2))[-1].width == 640
+    assert (await sub.frames(ids["video"], 2))[-1].width == 640  # the camera kept flowing
+    for c in (pub, sub):
+        await c.close()
+
+
+async def test_a_receive_only_client_offer_takes_its_subscriptions_whep_style(sfu: Sfu) -> None:
+    pub = Client(sfu, "r9", "host")
+    await pub.publish(VideoStreamTrack(), AudioStreamTrack())
+    viewer = Client(sfu, "r9", "viewer")
+    for track in pub.peer.tracks:
+        viewer.peer.subscribe(track.track_id)
+    viewer.pc.addTransceiver("video", direction="recvonly")
+    viewer.pc.addTransceiver("audio", direction="recvonly")
+    await aio_as_trio(viewer._local_offer)()
+    answer = await viewer.peer.answer(viewer.pc.localDescription.sdp)
+    assert answer.count("a=sendonly") == 2 and "a=msid:host " in answer
+    await aio_as_trio(viewer.pc.setRemoteDescription)(RTCSessionDescription(answer, "answer"))
+    assert not viewer.peer.needs_negotiation
+    receivers = {t.kind: t.receiver.track for t in viewer.pc.getTransceivers()}
+    with trio.fail_after(15):
+        frame = await aio_as_trio(receivers["video"].recv)()
+        assert frame.width == 640
+        await aio_as_trio(receivers["audio"].recv)()
+    for c in (pub, viewer):
+        await c.close()
