@@ -575,3 +575,27 @@ async def test_a_receive_only_client_offer_takes_its_subscriptions_whep_style(sf
         await aio_as_trio(receivers["audio"].recv)()
     for c in (pub, viewer):
         await c.close()
+
+
+async def test_trickled_candidates_connect_a_publisher(sfu: Sfu) -> None:
+    pub = Client(sfu, "r10", "alice")
+    pub.pc.addTrack(VideoStreamTrack())
+    await aio_as_trio(pub._local_offer)()
+    lines = pub.pc.localDescription.sdp.splitlines(True)
+    trickled = [x.strip()[2:] for x in lines if x.startswith("a=candidate:")]
+    assert trickled
+    await pub.peer.add_ice_candidate(trickled[0])  # before the offer: kept for later
+    bare = "".join(x for x in lines if not x.startswith(("a=candidate:", "a=end-of-candidates")))
+    answer = await pub.peer.answer(bare)
+    await aio_as_trio(pub.pc.setRemoteDescription)(RTCSessionDescription(answer, "answer"))
+    for cand in trickled[1:]:
+        await pub.peer.add_ice_candidate(cand)
+    await pub.peer.add_ice_candidate(None)
+    await pub.events.wait(PeerState, lambda e: e.participant == "alice" and e.state == "connected")
+    sub = Client(sfu, "r10", "bob")
+    (track,) = pub.peer.tracks
+    sub.peer.subscribe(track.track_id)
+    await sub.renegotiate()
+    assert (await sub.frames(track.track_id, 2))[-1].width == 640
+    for c in (pub, sub):
+        await c.close()

@@ -492,7 +492,7 @@ class Peer:
         cand = _sdp.candidate(candidate, self._media.ice_candidate_chars) if candidate else None
         if cand is not None and cand.ip and not _ip_allowed(cand.ip):
             raise invalid("ice candidate: only IP addresses are accepted (no mDNS names)")
-        if not self._started or self._scope is None:
+        if not self._transport.trickle_open:  # the transport's task takes them, in order
             if len(self._early_candidates) >= self._media.remote_candidates:
                 raise _too_many("ICE candidates", self._media.remote_candidates)
             self._early_candidates.append(cand)
@@ -700,10 +700,14 @@ class Peer:
         self._started = True
         self._dtls_role = dtls_role
         self._remote_ufrag = remote.ice.usernameFragment
-        candidates = [c for c in remote.candidates if _ip_allowed(c.ip)]
-        candidates += [c for c in self._early_candidates if c is not None]
-        end = remote.end_of_candidates or None in self._early_candidates
-        self._early_candidates = []
+        # The description's candidates first, then those trickled before it (end-of-candidates
+        # last); the list stays the buffer `serve` reads until it opens trickling.
+        early = self._early_candidates
+        candidates: list[Any] = [c for c in remote.candidates if _ip_allowed(c.ip)]
+        candidates += [c for c in early if c is not None]
+        if remote.end_of_candidates or None in early:
+            candidates.append(None)
+        self._early_candidates = candidates
         scope = trio.CancelScope(deadline=trio.current_time() + self._media.connect_timeout_s)
         self._scope = scope
 
@@ -720,7 +724,6 @@ class Peer:
                     remote.ice,
                     remote.dtls,
                     candidates,
-                    end_of_candidates=end,
                     controlling=controlling,
                     dtls_role=dtls_role,
                     on_connected=connected,

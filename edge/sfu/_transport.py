@@ -212,6 +212,7 @@ class PeerTransport:
         # Set once connected: (protect, protect_rtcp, sendto, remote address).
         self._tx: tuple[Any, Any, Callable[[bytes, Any], Any], Any] | None = None
         self._tx_connected: tuple[Any, Any, Callable[[bytes], Any]] | None = None
+        self.trickle_open = False
         self.dropped = 0
         self.sent = 0
 
@@ -247,22 +248,25 @@ class PeerTransport:
         self,
         ice: RTCIceParameters,
         dtls: RTCDtlsParameters,
-        candidates: list[RTCIceCandidate],
+        candidates: list[RTCIceCandidate | None],
         *,
-        end_of_candidates: bool,
         controlling: bool,
         dtls_role: str,
         on_connected: Callable[[], None],
     ) -> bool:
-        """Connect (ICE with `candidates`, then end-of-candidates if known; then DTLS), call
-        `on_connected`, then drain the relayed-send queue until cancelled. Returns False when
-        the connection failed. Cancelling it (the Trio task that owns it) stops sending;
-        `close` releases the sockets."""
+        """Connect (ICE, then DTLS), call `on_connected`, then drain the relayed-send queue
+        until cancelled. Returns False when the connection failed. Cancelling it (the Trio task
+        that owns it) stops sending; `close` releases the sockets.
+
+        `candidates` (None: end of candidates) is the caller's buffer: it may grow while this
+        adds them, and once `trickle_open` is True the caller calls `add_candidate` itself, so
+        trickled candidates always come after the description's, in order."""
         self._conn.ice_controlling = controlling
-        for c in candidates:
-            await self.add_candidate(c)
-        if end_of_candidates:
-            await self.add_candidate(None)
+        i = 0
+        while i < len(candidates):
+            await self.add_candidate(candidates[i])
+            i += 1
+        self.trickle_open = True  # no await since the last length check: nothing is missed
         self._dtls._set_role(dtls_role)
         await self._ice.start(ice)
         if self._ice.state != "completed":
