@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -12,8 +14,12 @@ import trio_asyncio
 from aiortc import VideoStreamTrack
 from aiortc.mediastreams import AudioStreamTrack
 
+from edge.media_http import parse_sdpfrag
+from edge.media_signaling import sending_sections, wire_event
+from edge.sfu import ParticipantJoined, TrackInfo, TrackMuted, TrackPublished
+from node.errors import GB6Error
 from tests.conftest import Node, Peer, Tenant, module_node, refused
-from tests.media_client import MediaClient, loopback_ice, media_event, ws_of
+from tests.media_client import HttpMediaClient, MediaClient, loopback_ice, media_event, ws_of
 
 _PORTS = random.randrange(20_000, 60_000, 1_000)
 node = module_node(
@@ -161,3 +167,94 @@ async def test_who_may_join_and_the_participants_quota(node: Node) -> None:
                     await refused(wc, "media.join", ("quota_exceeded",), room=room)
                     await wb.ok("media.leave", room=room)
                     await wc.ok("media.join", room=room)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One origin shard (SQLite) and one `gb6 edge` with its SFU."""
+    from tests.test_cluster import Cluster
+
+    c = Cluster(Path(tmp_path_factory.mktemp("media_cluster")))
+    try:
+        ports = random.randrange(20_000, 60_000, 1_000)
+        c.edge(f"[media]\nudp_port_min = {ports}\nudp_port_max = {ports + 999}\n")
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_media_on_a_cluster_edge(cluster: Any) -> None:
+    """The edge decides membership and roles from its replica of the origin's rooms, runs the
+    SFU and WHIP; recording needs the origin's blob store and says it is unavailable."""
+    tenant = cluster.origins[0].create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    edge = cluster.edges[0]
+    with trio.fail_after(40):
+        async with trio_asyncio.open_loop(), ws_of(edge, alice.token) as wa:
+            room = await room_of(wa, "meeting", [bob.id])
+            a = MediaClient(wa, room)
+            await a.join()
+            (video,) = await a.publish(VideoStreamTrack())
+            async with ws_of(edge, bob.token) as wb:
+                b = MediaClient(wb, room)
+                assert [t["id"] for t in (await b.join())["tracks"]] == [video]
+                await b.subscribe([video])
+                assert (await b.frames(video, 3))[-1].width == 640
+                await refused(wa, "media.record", ("unavailable",), room=room, on=True)
+                whip = HttpMediaClient(edge.http_url, room, bob.token)
+                assert (await whip.whip(AudioStreamTrack())).status_code == 201
+                published = await media_event(
+                    wa, "media.track_published", lambda e: e["track"]["kind"] == "audio"
+                )
+                assert published["track"]["user"] == bob.id
+                assert (await whip.delete()).status_code == 200
+                await whip.close()
+                await wb.ok("media.leave", room=room)
+                await b.close()
+            await wa.ok("media.leave", room=room)
+            await a.close()
+
+
+# --- the pure parts ------------------------------------------------------------------------
+
+
+def test_sending_sections_counts_media_lines_that_send() -> None:
+    sdp = (
+        "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\n"
+        "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=recvonly\r\n"
+        "m=video 0 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n"  # rejected: port 0
+        "m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n"
+        "m=video 9 UDP/TLS/RTP/SAVPF 96\r\n"  # no direction: sendrecv
+    )
+    assert sending_sections(sdp) == 2
+    assert sending_sections("m=audio 9 RTP/AVP 0\r\na=inactive\r\n") == 0
+    assert sending_sections("garbage") == 0
+
+
+def test_wire_events_name_users_and_hide_live_viewers() -> None:
+    users = {"pa_1": "usr_a", "pa_2": "usr_b"}
+    hidden = {"pa_2"}.__contains__
+    assert wire_event(ParticipantJoined("r", "pa_1"), users, hidden) == (
+        "media.participant_joined",
+        {"room": "r", "participant": "pa_1", "user": "usr_a"},
+    )
+    assert wire_event(ParticipantJoined("r", "pa_2"), users, hidden) is None
+    track = TrackInfo("tr_1", "pa_1", "video", "screen", "vp8")
+    type_, fields = wire_event(TrackPublished("r", track), users, hidden) or ("", {})
+    assert type_ == "media.track_published" and fields["track"]["user"] == "usr_a"
+    assert fields["track"]["source"] == "screen"
+    muted = wire_event(TrackMuted("r", "pa_1", "tr_1", True), users, hidden)
+    assert muted == (
+        "media.track_muted",
+        {"room": "r", "participant": "pa_1", "track": "tr_1", "muted": True},
+    )
+
+
+def test_trickle_fragments() -> None:
+    frag = (
+        "a=ice-ufrag:abcd\r\na=ice-pwd:x\r\nm=audio 9 RTP/AVP 0\r\na=mid:0\r\n"
+        "a=candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host\r\na=end-of-candidates\r\n"
+    )
+    assert parse_sdpfrag(frag) == ["candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host", None]
+    with pytest.raises(GB6Error):
+        parse_sdpfrag("a=candidate:x\r\n" * 40)
