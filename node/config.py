@@ -68,6 +68,14 @@ class Limits:
     org_members: int = 1_000  # members (owners, admins, members) per organization
     org_api_keys: int = 100  # API keys per organization, revoked ones included
     page_limit: int = 200  # items per page of an admin listing (50 unless asked)
+    # Admin HTTP API rate limits (origin/admin_limits.py): GCRA per credential (the operator,
+    # an org member, an API key), and per client address for failed authentication (429 and
+    # Retry-After past them); the per-address limit skips loopback unless admin_auth_loopback.
+    admin_rate: float = 50.0  # requests per second per credential, sustained
+    admin_burst: int = 500  # at once
+    admin_auth_failures_rate: float = 1.0  # failed authentications per second per address
+    admin_auth_failures_burst: int = 20
+    admin_auth_loopback: bool = False
     # Media signaling (edge/media_signaling.py), WHIP/WHEP (edge/media_http.py).
     media_rooms_per_connection: int = 4  # rooms whose media one WebSocket joins at once
     media_tracks_per_request: int = 100  # track ids in one media.subscribe / unsubscribe

@@ -16,7 +16,11 @@ Rules:
 - Lists are paginated (`limit`, `after`; `{"items", "next"}`) with filters as query
   parameters; `routes(shard)` is the whole table (tests enumerate it via /openapi.json).
 - Every route that changes something is recorded in the audit log (`admin.<operation id>`)
-  before it is answered; a change refused with 403 is recorded as `denied`.
+  before it is answered; a change refused with 403, a request over its rate (429) and a failed
+  authentication (401) are recorded as `denied` in aggregate (`audit.admin_refused`).
+- Rate limits per credential and per client address for failed authentication
+  (origin/admin_limits.py, `[limits] admin_*`), shared by a cluster's origins through
+  `[cluster] redis_url` when set.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from quart import Blueprint
 from node.errors import GB6Error, forbidden
 from node.log import log
 from origin.admin_billing import billing_routes
+from origin.admin_limits import admin_limiter
 from origin.admin_routes import Route, Target, bearer, bind
 from origin.admin_tenancy import tenancy_routes
 from origin.openapi import openapi_route
@@ -88,16 +93,13 @@ class _Recorder:
             details={"actor_kind": actor.kind},
         )
 
-    async def refused(self, actor: Actor, action: str, subject: str | None, code: str) -> None:
-        # Awaited, so a refusal is on record once answered; the refusal stays the answer even
+    async def refused(self, actor: str, action: str, subject: str | None, code: str) -> None:
+        # Aggregated (a flood of refusals costs a bounded number of records); the first of a
+        # kind is awaited, so it is on record once answered. The refusal stays the answer even
         # if the log cannot take it now (then it is logged instead).
         try:
-            await self.shard.audit.record(
-                actor=actor.id,
-                action=f"admin.{action}",
-                target=subject,
-                outcome="denied",
-                details={"actor_kind": actor.kind, "code": code},
+            await self.shard.audit.admin_refused(
+                actor=actor, action=f"admin.{action}", code=code, target=subject
             )
         except GB6Error as exc:
             log("admin_denied_not_audited", action=action, error=exc.message)
@@ -108,6 +110,7 @@ def admin_blueprint(shard: OriginShard, admin_token: str) -> Blueprint:
     table = routes(shard)
     # Admin bodies are small JSON objects: the message body limit (64 KiB) is ample.
     max_body = shard.limits.body_bytes
-    bp = bind(table, _Guard(shard, admin_token), _Recorder(shard), "admin", max_body)
+    limiter = admin_limiter(shard.config, admin_token)
+    bp = bind(table, _Guard(shard, admin_token), _Recorder(shard), "admin", max_body, limiter)
     openapi_route(bp, table)
     return bp

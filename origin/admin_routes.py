@@ -6,12 +6,17 @@ Quart blueprint; `origin.openapi` turns the same table into the OpenAPI document
 and the checks cannot drift apart.
 
 Every request goes through `_serve`, the one place that:
-1. authenticates the bearer (the guard: operator token, org member token or API key),
+0. refuses (429) a client address blocked after too many failed authentications, before its
+   credential is looked at (origin/admin_limits.py),
+1. authenticates the bearer (the guard: operator token, org member token or API key); a 401
+   counts against the address; then counts the request against its credential's rate limit
+   (429 `rate_limited` with `Retry-After` past it),
 2. validates path parameters, query parameters and the body against the route's schemas
    (`invalid`, 400, before anything is looked up or changed),
 3. resolves the target (the org or instance the path, or the route's `scope` parameter,
    names) and authorizes the route's permission on it: unknown or another tenant's: 404;
-   within reach without the permission: 403 (such a refused change is audited as denied),
+   within reach without the permission: 403 (such a refused change is audited as denied,
+   like 401s and 429s: in aggregate, see `Recorder.refused`),
 4. calls the handler, and for a route that changes something records the action in the audit
    log (the recorder) once the change is made, before answering.
 
@@ -30,8 +35,9 @@ import attrs
 import trio
 from quart import Blueprint, request
 
-from node.errors import FORBIDDEN, TOO_LARGE, UNAUTHORIZED, GB6Error
+from node.errors import FORBIDDEN, RATE_LIMITED, TOO_LARGE, UNAUTHORIZED, GB6Error
 from node.http import json_body
+from origin.admin_limits import AdminLimiter, rate_limited
 from origin.admin_schema import Schema, array, integer, obj, string, validate
 
 T = TypeVar("T")
@@ -77,9 +83,12 @@ class Recorder(Protocol):
         """Record an admin action once done (outcome `ok`), durable on return."""
         ...
 
-    async def refused(self, actor: Any, action: str, subject: str | None, code: str) -> None:
-        """Record a change refused by authorization (outcome `denied`), durable on return;
-        kept out of the target's tenant (it may be someone else's)."""
+    async def refused(self, actor: str, action: str, subject: str | None, code: str) -> None:
+        """Record a refused request (outcome `denied`): a change refused by authorization
+        (403), a credential over its rate (429), a failed authentication (401, `actor` is the
+        client's address). Aggregated: the first of each (actor, action, code) in a window is
+        durable on return, later ones are counted into one record. Kept out of the target's
+        tenant (it may be someone else's)."""
         ...
 
 
@@ -227,10 +236,41 @@ def _query(route: Route) -> dict[str, Any]:
     return out
 
 
+async def _authenticate(guard: Guard, recorder: Recorder, limiter: AdminLimiter) -> Any:
+    """The actor behind the request's bearer, within the address's and the credential's
+    rate limits (origin/admin_limits.py); refusals go to the recorder."""
+    address = request.remote_addr or "unknown"
+    who = f"address:{address}"
+    wait = limiter.blocked(address)
+    if wait > 0:
+        await recorder.refused(who, "authenticate", None, RATE_LIMITED)
+        raise rate_limited(wait, "failed authentications from this address")
+    try:
+        actor = await guard.authenticate(bearer())
+    except GB6Error as exc:
+        if exc.code != UNAUTHORIZED:
+            raise
+        await recorder.refused(who, "authenticate", None, exc.code)
+        wait = await limiter.failed(address)
+        if wait > 0:
+            raise rate_limited(wait, "failed authentications from this address") from None
+        raise
+    wait = await limiter.admit(f"{actor.kind}:{actor.id}")
+    if wait > 0:
+        await recorder.refused(actor.id, "rate_limited", None, RATE_LIMITED)
+        raise rate_limited(wait, "admin requests with this credential")
+    return actor
+
+
 async def _serve(
-    route: Route, guard: Guard, recorder: Recorder, max_body: int, params: dict[str, str]
+    route: Route,
+    guard: Guard,
+    recorder: Recorder,
+    limiter: AdminLimiter,
+    max_body: int,
+    params: dict[str, str],
 ) -> Any:
-    actor = await guard.authenticate(bearer())
+    actor = await _authenticate(guard, recorder, limiter)
     for name, schema in route.path_params.items():
         validate(schema, params[name], f"path parameter '{name}'")
     query = _query(route)
@@ -254,7 +294,7 @@ async def _serve(
             # A 403 is a credential reaching for more than it holds: on record. A 404 (an
             # unknown id, or another tenant's) is not: anyone could fill the log with them.
             if route.changes and exc.code == FORBIDDEN:
-                await recorder.refused(actor, route.op_id, subject, exc.code)
+                await recorder.refused(actor.id, route.op_id, subject, exc.code)
             raise
     else:
         target = Target()
@@ -272,27 +312,34 @@ async def _serve(
 
 
 def bind(
-    routes: Sequence[Route], guard: Guard, recorder: Recorder, name: str, max_body: int
+    routes: Sequence[Route],
+    guard: Guard,
+    recorder: Recorder,
+    name: str,
+    max_body: int,
+    limiter: AdminLimiter,
 ) -> Blueprint:
     """A blueprint serving `routes` (checked for duplicate ids and undeclared parameters);
-    request bodies above `max_body` bytes are `too_large` (413)."""
+    request bodies above `max_body` bytes are `too_large` (413); `limiter` rates requests
+    (its Redis client, if any, is closed when the app stops serving)."""
     check_table(routes)
     bp = Blueprint(name, __name__)
+    bp.after_app_serving(limiter.aclose)
     for route in routes:
         bp.add_url_rule(
             route.quart_path(),
             endpoint=route.op_id,
-            view_func=_view(route, guard, recorder, max_body),
+            view_func=_view(route, guard, recorder, limiter, max_body),
             methods=[route.method],
         )
     return bp
 
 
 def _view(
-    route: Route, guard: Guard, recorder: Recorder, max_body: int
+    route: Route, guard: Guard, recorder: Recorder, limiter: AdminLimiter, max_body: int
 ) -> Callable[..., Awaitable[Any]]:
     async def view(**params: str) -> Any:
-        return await _serve(route, guard, recorder, max_body, params)
+        return await _serve(route, guard, recorder, limiter, max_body, params)
 
     view.__name__ = route.op_id
     return view

@@ -15,6 +15,11 @@ How to record (the API other code calls):
 - `audit.hello_refused(reason, instance)`: a user token refused (at `hello`, or on a file call),
   recorded as `auth.token_refused`, aggregated by `RefusalCounter`, so a flood of bad tokens
   costs a bounded number of records per window.
+- `await audit.admin_refused(actor=..., action=..., code=..., target=...)`: an admin request
+  refused (403 on a change, 429, 401), aggregated like refused hellos per (actor, action, code):
+  the first of its kind in a window is recorded (and awaited: on record once answered), later
+  ones only counted, one `aggregated` record per kind when the window closes. So no credential,
+  nor anyone without one, grows the log faster than the window allows, whatever it sends.
 - `await audit.page(query)` lists records newest first, `(records, next cursor)`; the cursor is
   the text of a seq, turned back into `AuditQuery.before` by `cursor_before`.
 
@@ -220,6 +225,10 @@ class AuditLog:
         self._refusals = RefusalCounter(
             int(self.limits.refusal_window_s * 1000), self.limits.refusal_kinds
         )
+        # Refused admin requests, kind (f"{action} {code}", actor); same window and bound.
+        self._admin_refusals = RefusalCounter(
+            int(self.limits.refusal_window_s * 1000), self.limits.refusal_kinds
+        )
         self._serving = False
         self._inflight = 0
         self._idle = trio.Event()
@@ -408,6 +417,23 @@ class AuditLog:
                 details={"reason": reason, "count": 1},
             )
 
+    async def admin_refused(
+        self, *, actor: str, action: str, code: str, target: str | None = None
+    ) -> None:
+        """An admin request refused with `code`: recorded (and awaited) if it is the first of
+        its (actor, action, code) in the window, counted otherwise (see `RefusalCounter`)."""
+        actor, action = actor[: self.limits.text_chars], action[: self.limits.action_chars]
+        (kind, who), now = self._admin_refusals.note(f"{action} {code}", actor, self._clock())
+        if now:
+            act, _, why = kind.partition(" ")
+            await self.record(
+                actor=who or "anonymous",
+                action=act if why else "admin.refused",
+                target=target,
+                outcome="denied",
+                details={"code": why or "other", "count": 1},
+            )
+
     def instance_seen(self, instance: str, status: str) -> None:
         """An instance as the shard now holds it: a change of status (suspend, resume,
         delete) since it was last seen is recorded (`instance.status`); the first sight is
@@ -525,6 +551,20 @@ class AuditLog:
                     outcome="denied",
                     details={
                         "reason": reason,
+                        "count": count,
+                        "aggregated": True,
+                        "window_start": start,
+                        "window_end": end,
+                    },
+                )
+            for (kind, who), count, start, end in self._admin_refusals.due(self._clock()):
+                act, _, why = kind.partition(" ")
+                self.record_soon(
+                    actor=who or "anonymous",
+                    action=act if why else "admin.refused",
+                    outcome="denied",
+                    details={
+                        "code": why or "other",
                         "count": count,
                         "aggregated": True,
                         "window_start": start,

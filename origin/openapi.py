@@ -72,6 +72,13 @@ def operation(route: Route) -> dict[str, Any]:
             "description": description,
             "content": _json({"$ref": "#/components/schemas/Error"}),
         }
+    responses["429"]["headers"] = {
+        "Retry-After": {
+            "description": "whole seconds to wait before retrying (origin/admin_limits.py)",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+        }
+    }
     op: dict[str, Any] = {
         "operationId": route.op_id,
         "summary": route.summary,

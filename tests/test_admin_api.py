@@ -3,11 +3,17 @@ and errors in the protocol's shape (PROTOCOL.md: `{"error": {"code", "message"}}
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.conftest import Node, module_node
+from node.config import Config, Limits
+from node.errors import GB6Error
+from origin.admin_limits import admin_limiter
+from tests.conftest import Node, module_node, running_node
 
 node = module_node("admin_api")
 
@@ -432,3 +438,81 @@ def test_a_deleted_instance_and_an_orgs_last_owner_refuse_changes(node: Node) ->
     error(node.admin("PATCH", f"{members}/{owner['id']}", {"role": "admin"}), 409, "conflict")
     ok(node.admin("POST", members, {"name": "next", "role": "owner"}), 201)
     ok(node.admin("DELETE", f"{members}/{owner['id']}"), 204)
+
+
+RATE_LIMITED_CONFIG = """
+[limits]
+admin_rate = 0.2
+admin_burst = 20
+admin_auth_failures_rate = 0.2
+admin_auth_failures_burst = 3
+admin_auth_loopback = true
+
+[audit]
+refusal_window_s = 1.0
+"""
+
+
+def limited(r: httpx.Response) -> int:
+    """A 429 in the protocol's shape; its Retry-After (whole seconds)."""
+    error(r, 429, "rate_limited")
+    retry = int(r.headers["Retry-After"])
+    assert 1 <= retry <= 5, retry  # 1 / 0.2 per second at most
+    return retry
+
+
+def test_rate_limits_per_credential_and_per_address_and_refusals_audited_in_aggregate(
+    tmp_path: Path,
+) -> None:
+    with running_node(tmp_path, RATE_LIMITED_CONFIG) as node:
+        org = new_org(node, "limited")
+        inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "i"}), 201)
+        members = f"/v1/orgs/{org['id']}/members"
+        reader = ok(node.admin("POST", members, {"name": "r"}), 201)
+        rtok = ok(node.admin("POST", f"{members}/{reader['id']}/tokens", {}), 201)["token"]
+
+        # The member's budget: 20 at once. Eight refused changes, then reads up to the limit.
+        resume = f"/v1/instances/{inst['id']}/resume"
+        for _ in range(8):
+            error(node.admin("POST", resume, token=rtok), 403, "forbidden")
+        for _ in range(12):
+            ok(node.admin("GET", f"/v1/instances/{inst['id']}", token=rtok))
+        limited(node.admin("GET", f"/v1/instances/{inst['id']}", token=rtok))
+        limited(node.admin("POST", resume, token=rtok))  # refused before anything else
+        # Another credential has its own budget.
+        assert ok(node.admin("GET", f"/v1/instances/{inst['id']}"))["status"] == "active"
+
+        # Refusals are on record, aggregated: one record for the first of a kind in a window,
+        # one count for the rest once the window is over; never one per request.
+        def denied() -> list[dict[str, Any]]:
+            got = ok(node.admin("GET", f"/v1/audit?actor={reader['id']}&limit=50"))["items"]
+            return [r for r in got if r["outcome"] == "denied"]
+
+        deadline = time.monotonic() + 10
+        while True:
+            records = denied()
+            forbidden = [r for r in records if r["action"] == "admin.resume_instance"]
+            if sum(r["details"]["count"] for r in forbidden) == 8 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert sum(r["details"]["count"] for r in forbidden) == 8, records
+        assert 2 <= len(forbidden) <= 4, forbidden  # one window, or at worst two
+        assert forbidden[-1]["target"] == inst["id"] and forbidden[-1]["details"]["count"] == 1
+        assert any(r["details"].get("aggregated") for r in forbidden)
+        rate = [r for r in records if r["action"] == "admin.rate_limited"]
+        assert rate and rate[-1]["details"]["code"] == "rate_limited"
+
+        # Failed authentication from one address: three may fail; then the address waits,
+        # even with the right credential (the credential is not even looked at).
+        for _ in range(3):
+            error(node.admin("GET", "/v1/orgs", token="gb6o_guess"), 401, "unauthorized")
+        limited(node.admin("GET", "/v1/orgs", token="gb6o_guess"))
+        limited(node.admin("GET", f"/v1/orgs/{org['id']}"))
+        assert node.proc is not None and node.proc.poll() is None  # still serving
+
+
+def test_bad_admin_rate_limits_are_refused_at_start() -> None:
+    for bad in ({"admin_rate": 0}, {"admin_burst": 1.5}, {"admin_auth_failures_rate": -1}):
+        with pytest.raises(GB6Error) as info:
+            admin_limiter(Config(limits=Limits(**bad)), "token")
+        assert info.value.code == "invalid" and next(iter(bad)) in info.value.message
