@@ -70,7 +70,6 @@ await scenario(async (h) => {
     const p = await progress(page, 500);
     out.afterLeave[u.name] = { carolTracks, stillReceived: carolTracks.filter((id) => id in p), tracks: Object.keys(p).length };
   }
-  await h.shot(pages[alice.id], 'after-carol-left');
   out.pageErrors = h.pageErrors;
   return out;
 });
