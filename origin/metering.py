@@ -37,6 +37,7 @@ from origin.billing import day_of, month_of
 from origin.billing_sqlite import SqliteWorker
 from origin.billing_store import BillingStore, UsageDelta
 from origin.pg_errors import DB_ERRORS, translate
+from origin.quotas import DAY_MS
 
 METRIC_OF_TYPE: Final = {
     "message": "messages",
@@ -58,19 +59,27 @@ class MeterEvent:
     ts: int  # ms
     type: str
     sender: str
+    n: int = 1  # how many such events (same instance, UTC day, type and sender)
 
 
 def fold(events: Iterable[MeterEvent]) -> UsageDelta:
     """The usage `events` add, per (instance, day and month, metric), and their active users."""
     counts: dict[tuple[str, str, str], int] = {}
     seats: set[tuple[str, str, str]] = set()
+    # A UTC day is exactly DAY_MS (POSIX time has no leap seconds), so the day number names
+    # the day and month: strftime once per day, not twice per event (~10 µs each).
+    periods: dict[int, tuple[str, str]] = {}
     for ev in events:
         metric = METRIC_OF_TYPE.get(ev.type)
         if metric is None:
             continue  # a type that is not billed
-        for period in (day_of(ev.ts), month_of(ev.ts)):
+        day = ev.ts // DAY_MS
+        pair = periods.get(day)
+        if pair is None:
+            pair = periods[day] = (day_of(ev.ts), month_of(ev.ts))
+        for period in pair:
             key = (ev.instance, period, metric)
-            counts[key] = counts.get(key, 0) + 1
+            counts[key] = counts.get(key, 0) + ev.n
             seats.add((ev.instance, period, ev.sender))
     return UsageDelta(counts, frozenset(seats))
 
@@ -102,14 +111,22 @@ def _after_id(after: str | None) -> int:
         raise GB6Error(UNAVAILABLE, f"metering offset {after!r} is not an event id") from None
 
 
+# The embedded source folds in SQLite (C code, GIL released, on its own thread): one row per
+# (instance, UTC day, type, sender) with its count, so the event loop handles a few rows per
+# active user and day instead of building and folding one object per event (at 2,000 sends/s
+# that was a stall of 20+ ms of the event loop once a second). Events have `ts` ≥ 0, so
+# integer division is the floor `fold` uses.
+_BATCH_END: Final = "SELECT MAX(id) FROM (SELECT id FROM events WHERE id > ? ORDER BY id LIMIT ?)"
 _READ: Final = (
-    "SELECT e.id, r.instance, e.ts, e.type, e.sender FROM events e JOIN rooms r ON r.id = e.room"
-    " WHERE e.id > ? ORDER BY e.id LIMIT ?"
+    "SELECT r.instance, MIN(e.ts), e.type, e.sender, COUNT(*)"
+    " FROM events e JOIN rooms r ON r.id = e.room WHERE e.id > ? AND e.id <= ?"
+    f" GROUP BY r.instance, e.ts / {DAY_MS}, e.type, e.sender"
 )
 
 
 class SqliteEventSource:
-    """The embedded store's events (`gb6.db`), read on a read-only connection of its own."""
+    """The embedded store's events (`gb6.db`), read on a read-only connection of its own,
+    counted per instance, day, type and sender there (`MeterEvent.n`)."""
 
     name = "meter"
 
@@ -129,13 +146,19 @@ class SqliteEventSource:
     async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
         start = _after_id(after)
 
-        def q(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            return conn.execute(_READ, (start, limit)).fetchall()
+        def q(conn: sqlite3.Connection) -> tuple[int | None, list[tuple[Any, ...]]]:
+            conn.execute("BEGIN")  # one snapshot for both statements
+            try:
+                (end,) = conn.execute(_BATCH_END, (start, limit)).fetchone()
+                rows = [] if end is None else conn.execute(_READ, (start, end)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return end, rows
 
-        rows = await self._worker.call(q)
-        if not rows:
+        end, rows = await self._worker.call(q)
+        if end is None:
             return None
-        return [MeterEvent(r[1], r[2], r[3], r[4]) for r in rows], str(rows[-1][0])
+        return [MeterEvent(r[0], r[1], r[2], r[3], r[4]) for r in rows], str(end)
 
     async def drained(self, after: str | None) -> bool:
         return True  # `read` found no row after `after`
