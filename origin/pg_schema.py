@@ -106,6 +106,9 @@ def check_schema_name(name: str) -> str:
     return name
 
 
+SCHEMA_VERSION: Final = len(_MIGRATIONS)  # what `migrate` brings a schema to
+
+
 async def migrate(conn: Any, schema: str) -> int:
     """Apply what is missing (asyncio side); returns the schema version."""
     async with conn.transaction():
