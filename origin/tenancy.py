@@ -17,7 +17,8 @@ Rules:
   other owner of the org or of an ancestor (who administers it too) remains.
 - Instance lifecycle (data, `_TRANSITIONS`): active ⇄ suspended, either → deleted (terminal:
   data kept, nothing served, no change accepted: renames, plans, quota overrides, users, their
-  tokens, keys scoped to it are all `conflict`; only billing closes its past months).
+  tokens, new keys scoped to it are all `conflict`; billing still closes its past months and
+  its keys may still be revoked).
   Whenever an instance is not active, its tokens are refused at `hello` (`unauthorized`) and
   the edges close its sockets (4003): they follow `shard.tenancy_listeners`.
 - Regions: an instance is created only in a region whose shards include this one
