@@ -17,8 +17,11 @@ from typing import Any
 
 import httpx
 import pytest
+import trio_asyncio
 from services import require
 
+from node.config import Config, Limits
+from origin.admin_limits import admin_limiter
 from tests.conftest import Node
 from tests.test_cluster import _config, _delete_topics, _pg
 
@@ -150,3 +153,16 @@ def test_origins_share_the_admin_rate_limits_through_redis(tmp_path: Path) -> No
     finally:
         for node in origins:
             node.kill()
+
+
+async def test_without_redis_each_origin_keeps_its_own_admin_limit() -> None:
+    """Redis gone: the limit still holds, per process (it neither fails open nor locks the
+    operator out)."""
+    config = Config(redis_url="redis://127.0.0.1:1/0", limits=Limits(admin_burst=2))
+    limiter = admin_limiter(config, "operator-token")
+    async with trio_asyncio.open_loop():
+        try:
+            assert [await limiter.admit("operator:operator") for _ in range(2)] == [0.0, 0.0]
+            assert await limiter.admit("operator:operator") > 0
+        finally:
+            await limiter.aclose()
