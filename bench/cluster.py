@@ -1,11 +1,16 @@
 """Cluster mode: N `gb6 origin` and M `gb6 edge` as subprocesses on this machine.
 
 Rules: one generated config per process kind in a temporary directory, with a random link
-secret (never a fixed one); origins on SQLite (their own data directory) or on PostgreSQL (the
-DSN from GB6_PG_DSN, a fresh schema per origin, dropped in `stop`); edges list every origin's
-link address. Processes stop edges first (their clients go away before the origins they
-forward to), each with SIGTERM and a bounded wait. Tenancy is created on an origin's admin
-API, so `http` and `admin_token` are origin 0's; clients connect to the edges (`ws_urls`).
+secret (never a fixed one); origins on SQLite (their own data directory), on PostgreSQL (the
+DSN from GB6_PG_DSN, a fresh schema per origin, dropped in `stop`) or on Kafka + PostgreSQL
+(`kafka`: log of record on the broker at GB6_KAFKA_BOOTSTRAP, default 127.0.0.1:59092, a
+fresh topic per origin, deleted in `stop`, besides the fresh schema). With Kafka each origin's
+shard name carries the run's random suffix, because the shard name is the producer's
+transactional id: a fixed `s1` would fence (or be fenced by) a test's shard s1 on the same
+broker. Edges list every origin's link address. Processes stop edges first (their clients go
+away before the origins they forward to), each with SIGTERM and a bounded wait. Tenancy is
+created on an origin's admin API, so `http` and `admin_token` are origin 0's; clients connect
+to the edges (`ws_urls`).
 """
 
 from __future__ import annotations
@@ -24,17 +29,26 @@ import psutil
 from bench.server import Server
 
 MAX_PROCESSES = 8  # origins + edges: this harness runs them all on one machine
+STORES = ("sqlite", "postgres", "kafka")
+DEFAULT_KAFKA = "127.0.0.1:59092"  # scripts/services' broker
 
 
 class Cluster:
     def __init__(
-        self, origins: list[Server], edges: list[Server], store: str, schemas: list[str]
+        self,
+        origins: list[Server],
+        edges: list[Server],
+        store: str,
+        schemas: list[str],
+        topics: list[str] | None = None,
     ) -> None:
         self.origins = origins
         self.edges = edges
         self.store = store
         self.schemas = schemas
+        self.topics = topics or []  # Kafka topics of the origins' logs (store "kafka")
         self.pg_dsn = os.environ.get("GB6_PG_DSN", "")
+        self.kafka = os.environ.get("GB6_KAFKA_BOOTSTRAP", DEFAULT_KAFKA)
         self._tmp: Path | None = None  # the configs and data directories
         self.keep = False  # --keep-data: leave the data directories (schemas are still dropped)
 
@@ -80,18 +94,22 @@ class Cluster:
 
     def service_pids(self) -> list[tuple[str, int]]:
         """The PostgreSQL server the origins store into (its postmaster; backends are its
-        children). Shared with whoever else uses it: its CPU is shown, not added to ours."""
-        if self.store != "postgres":
+        children) and, with Kafka, the broker's JVM. Shared with whoever else uses them: their
+        CPU is shown, not added to ours."""
+        if self.store == "sqlite":
             return []
-        for p in psutil.process_iter(["name", "ppid"]):
+        found: list[tuple[str, int]] = []
+        for p in psutil.process_iter(["name", "ppid", "cmdline"]):
             try:
                 if p.info["name"] == "postgres" and psutil.Process(p.info["ppid"]).name() != (
                     "postgres"
                 ):
-                    return [("postgres (all backends, shared)", p.pid)]
+                    found.append(("postgres (all backends, shared)", p.pid))
+                elif self.store == "kafka" and "kafka.Kafka" in (p.info["cmdline"] or []):
+                    found.append(("kafka broker (shared)", p.pid))
             except psutil.Error:
                 continue
-        return []
+        return found
 
     def alive(self) -> bool:
         return all(s.alive() for _, s in self.named)
@@ -108,6 +126,7 @@ class Cluster:
             "cluster": True,
             "store": self.store,
             "schemas": self.schemas,
+            "topics": self.topics,
             "processes": {
                 name: {
                     "pid": s.pid,
@@ -138,36 +157,41 @@ class Cluster:
                 f"--origins {origins} --edges {edges}: need at least 1 of each and at most "
                 f"{MAX_PROCESSES} processes in all"
             )
-        if store not in ("sqlite", "postgres"):
-            raise ValueError(f"--store must be sqlite or postgres, not {store!r}")
+        if store not in STORES:
+            raise ValueError(f"--store must be one of {', '.join(STORES)}, not {store!r}")
         dsn = os.environ.get("GB6_PG_DSN", "")
-        if store == "postgres" and not dsn:
+        kafka = os.environ.get("GB6_KAFKA_BOOTSTRAP", DEFAULT_KAFKA)
+        if store != "sqlite" and not dsn:
             raise ValueError(
-                '--store postgres needs GB6_PG_DSN (e.g. eval "$(scripts/services up)")'
+                f'--store {store} needs GB6_PG_DSN (e.g. eval "$(scripts/services up)")'
             )
-        if '"' in dsn or "\\" in dsn:
-            raise ValueError("GB6_PG_DSN must not contain quotes or backslashes (TOML string)")
+        for name, value in (("GB6_PG_DSN", dsn), ("GB6_KAFKA_BOOTSTRAP", kafka)):
+            if '"' in value or "\\" in value:
+                raise ValueError(f"{name} must not contain quotes or backslashes (TOML string)")
         base = Path(tempfile.mkdtemp(prefix="gb6-bench-cluster-"))
         secret = secrets.token_hex(24)
         suffix = secrets.token_hex(5)
-        schemas = (
-            [f"bench_{suffix}_s{i + 1}" for i in range(origins)] if store == "postgres" else []
-        )
-        c = cls([], [], store, schemas)
+        schemas = [f"bench_{suffix}_s{i + 1}" for i in range(origins)] if store != "sqlite" else []
+        topics = [f"bench-{suffix}-s{i + 1}" for i in range(origins)] if store == "kafka" else []
+        c = cls([], [], store, schemas, topics)
         c._tmp = base
         c.keep = bool(extra.get("keep_data"))
         try:
             for i in range(origins):
                 conf = base / f"s{i + 1}.toml"
                 text = f'[cluster]\nlink_secret = "{secret}"\n'
-                if store == "postgres":
+                shard = f"s{i + 1}"
+                if store != "sqlite":
                     text += (
-                        f'[store]\nbackend = "postgres"\npg_dsn = "{dsn}"\n'
+                        f'[store]\nbackend = "{store}"\npg_dsn = "{dsn}"\n'
                         f'pg_schema = "{schemas[i]}"\n'
                     )
+                if store == "kafka":
+                    text += f'kafka_bootstrap = "{kafka}"\nkafka_topic = "{topics[i]}"\n'
+                    shard = f"bench-{suffix}-s{i + 1}"  # the transactional id: see the doc
                 conf.write_text(text)
                 args = ["--data", str(base / f"s{i + 1}"), "--link-port", "0", "--http-port", "0"]
-                args += ["--shard", f"s{i + 1}", "--config", str(conf)]
+                args += ["--shard", shard, "--config", str(conf)]
                 c.origins.append(
                     Server.start(
                         out_dir,
@@ -200,12 +224,15 @@ class Cluster:
         return c
 
     def stop(self) -> dict[str, int | None]:
-        """SIGTERM every process (edges first), then drop the PostgreSQL schemas."""
+        """SIGTERM every process (edges first), then drop the PostgreSQL schemas and delete
+        the Kafka topics."""
         codes: dict[str, int | None] = {}
         for name, s in reversed(self.named):
             codes[name] = s.stop()
         if self.schemas:
             asyncio.run(_drop_schemas(self.pg_dsn, self.schemas))
+        if self.topics:
+            _delete_topics(self.kafka, self.topics)
         if self._tmp is not None and not self.keep:
             shutil.rmtree(self._tmp, ignore_errors=True)
         elif self._tmp is not None:
@@ -214,6 +241,22 @@ class Cluster:
 
 
 _SCHEMA = re.compile(r"^bench_[0-9a-f]{10}_s[0-9]+$")
+_TOPIC = re.compile(r"^bench-[0-9a-f]{10}-s[0-9]+$")
+
+
+def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    # Only the names this harness made, as for schemas.
+    bad = [t for t in topics if not _TOPIC.match(t)]
+    if bad:
+        raise ValueError(f"refusing to delete topics not made by the bench: {bad}")
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the answers came
+    for future in admin.delete_topics(topics, operation_timeout=10).values():
+        try:
+            future.result(timeout=15)
+        except Exception as exc:  # a topic never created (the origin failed first)
+            print(f"cluster: deleting a Kafka topic: {exc}", flush=True)
 
 
 async def _drop_schemas(dsn: str, schemas: list[str]) -> None:

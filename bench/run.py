@@ -5,7 +5,7 @@
     python -m bench.run idle   [--connections 10000]
     python -m bench.run appends [--clients 200 --room-size 2 --window 16]  (closed loop)
     python -m bench.run relay  [--subscribers 1,5,10,20 --mbps 15]  (the SFU, bench/relay.py)
-    add --cluster [--store sqlite|postgres --origins 1 --edges 2]: gb6 origin/edge processes
+    add --cluster [--store sqlite|postgres|kafka --origins 1 --edges 2]: gb6 origin/edge processes
 
 By default it starts its own `gb6 run` on a temporary data directory; `--ws/--http/--admin-token`
 attach to a running node instead (`--server-pid` for its CPU and memory, else found by port).
@@ -1128,10 +1128,11 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--edges", type=int, default=2, help="edges (default 2)")
         c.add_argument(
             "--store",
-            choices=["sqlite", "postgres"],
+            choices=["sqlite", "postgres", "kafka"],
             default="sqlite",
             help="the origins' store; postgres: GB6_PG_DSN, a fresh schema per origin, dropped "
-            "afterwards",
+            "afterwards; kafka: log of record on GB6_KAFKA_BOOTSTRAP (default 127.0.0.1:59092), "
+            "a fresh topic per origin, deleted afterwards, and PostgreSQL as for postgres",
         )
         sp.add_argument(
             "--quiet-wait",
