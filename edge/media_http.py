@@ -55,7 +55,7 @@ def media_blueprint(media: MediaRooms, authenticate: Authenticate) -> Blueprint:
         offer = await body_text(SDP)
         if len(media.http) >= media.limits.media_http_sessions:
             raise GB6Error(UNAVAILABLE, "too many WHIP/WHEP sessions on this edge; retry later")
-        session = media.join(who, room, None, want)
+        session = await media.join(who, room, None, want)
         try:
             if want == "viewer":
                 tracks = media.tracks_of_hosts(room)

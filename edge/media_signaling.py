@@ -6,7 +6,9 @@ Who holds what:
   (edge/media_http.py), per room: who is a host, the live co-hosts, the viewer count. Its
   nursery runs the leaves of closed sockets and ended HTTP sessions, and the viewer ticker.
 - `MediaSession`: one participant (an SFU `Peer`) of one room: its principal, its role, and
-  the `media_participants` quota it holds (acquired at join, released exactly once at leave).
+  the `media_participants` slot it holds: taken at join from the instance's origin
+  (`origin.acquire_slot`: the shard itself in one process, over the link on a cluster edge,
+  so the plan's limit holds across every edge), released exactly once at leave.
 - `ConnectionMedia`: one WebSocket's sessions by room (at most
   `limits.media_rooms_per_connection`); the socket closing leaves them all.
 
@@ -72,11 +74,7 @@ class Origin(Protocol):
 
     def room_for_member(self, who: Principal, room_id: str) -> RoomState: ...
 
-
-class Quotas(Protocol):
-    def acquire(self, instance: str, resource: str, n: int = 1) -> None: ...
-
-    def release(self, instance: str, resource: str, n: int = 1) -> None: ...
+    async def acquire_slot(self, instance: str, resource: str) -> Callable[[], None]: ...
 
 
 class Recordings(Protocol):
@@ -235,6 +233,7 @@ class MediaSession:
         self.peer: Peer | None = None
         self.left = False
         self.on_state: Callable[[str], None] | None = None  # HTTP sessions end on failed/closed
+        self.release_slot: Callable[[], None] = _nothing  # the media_participants slot
 
     @property
     def hidden(self) -> bool:
@@ -296,6 +295,10 @@ class MediaSession:
             self.sink(*wire)
 
 
+def _nothing() -> None:
+    pass
+
+
 def _hidden(room: _MediaRoom, participant: str) -> bool:
     s = room.sessions.get(participant)
     return s is not None and s.hidden
@@ -304,12 +307,11 @@ def _hidden(room: _MediaRoom, participant: str) -> bool:
 class MediaRooms:
     """The edge's media: `await nursery.start(media.run)` after the SFU started."""
 
-    def __init__(self, config: Config, sfu: Sfu, origin: Origin, quotas: Quotas) -> None:
+    def __init__(self, config: Config, sfu: Sfu, origin: Origin) -> None:
         self.config = config
         self.limits = config.limits
         self.sfu = sfu
         self.origin = origin
-        self.quotas = quotas
         self.recordings: Recordings | None = None  # set when this edge records
         self._rooms: dict[str, _MediaRoom] = {}
         self.http: dict[str, MediaSession] = {}  # WHIP/WHEP sessions by id
@@ -332,45 +334,53 @@ class MediaRooms:
 
     # --- joining and leaving -------------------------------------------------------------
 
-    def join(self, who: Principal, room_id: str, sink: Sink | None, want: Want) -> MediaSession:
+    async def join(
+        self, who: Principal, room_id: str, sink: Sink | None, want: Want
+    ) -> MediaSession:
         """A new participant of `room_id`'s media. Raises not_found/forbidden (membership),
         invalid (a chat room), forbidden (WHIP by a viewer), quota_exceeded
-        (media_participants, or the SFU's room size), unavailable (no SFU)."""
+        (media_participants, counted by the instance's origin across edges, or the SFU's room
+        size), unavailable (no SFU, or the origin unreachable)."""
+        self._check_joinable(who, room_id, want)
+        # The slot first (the one await): the checks are made again after it, on the state
+        # as it is then, and the slot goes back if they or the SFU refuse.
+        release = await self.origin.acquire_slot(who.instance.id, "media_participants")
+        try:
+            room, role = self._check_joinable(who, room_id, want)
+            r = self._rooms.get(room_id)
+            if r is None:
+                r = self._rooms[room_id] = _MediaRoom(room.record.kind)
+            session = MediaSession(self, who, room_id, room.record.kind, role, sink)
+            session.release_slot = release
+            # Known before the SFU announces it, so the others' listeners can name its user.
+            r.users[session.id] = who.id
+            r.sessions[session.id] = session
+            try:
+                session.peer = self.sfu.join(room_id, session.id, session._listener)
+            except BaseException:
+                r.users.pop(session.id, None)
+                r.sessions.pop(session.id, None)
+                self._drop_if_empty(room_id)
+                raise
+        except BaseException:
+            release()
+            raise
+        if session.hidden:
+            r.viewers += 1
+        log("media_join", room=room_id, participant=session.id, user=who.id, role=role)
+        return session
+
+    def _check_joinable(self, who: Principal, room_id: str, want: Want) -> tuple[RoomState, Role]:
         if self._nursery is None:
             raise GB6Error(UNAVAILABLE, "media is not running on this edge")
         room = self.origin.room_for_member(who, room_id)
         if room.record.kind not in MEDIA_KINDS:
             raise invalid("only meeting and live rooms take media")
         r = self._rooms.get(room_id)
-        cohosts = r.cohosts if r is not None else ()
-        host = may_host(room, who, cohosts)
+        host = may_host(room, who, r.cohosts if r is not None else ())
         if want == "host" and not host:
             raise forbidden("only the room's hosts publish into a live room")
-        role: Role = "host" if host and want != "viewer" else "viewer"
-        if r is None:
-            r = self._rooms[room_id] = _MediaRoom(room.record.kind)
-        session = MediaSession(self, who, room_id, room.record.kind, role, sink)
-        instance = who.instance.id
-        try:
-            self.quotas.acquire(instance, "media_participants")
-        except GB6Error:
-            self._drop_if_empty(room_id)
-            raise
-        # Known before the SFU announces it, so the others' listeners can name its user.
-        r.users[session.id] = who.id
-        r.sessions[session.id] = session
-        try:
-            session.peer = self.sfu.join(room_id, session.id, session._listener)
-        except BaseException:
-            r.users.pop(session.id, None)
-            r.sessions.pop(session.id, None)
-            self.quotas.release(instance, "media_participants")
-            self._drop_if_empty(room_id)
-            raise
-        if session.hidden:
-            r.viewers += 1
-        log("media_join", room=room_id, participant=session.id, user=who.id, role=role)
-        return session
+        return room, "host" if host and want != "viewer" else "viewer"
 
     def end(self, session: MediaSession) -> None:
         """Leave from the component's nursery (for callers that cannot wait: a closed socket,
@@ -388,7 +398,7 @@ class MediaRooms:
             r.users.pop(session.id, None)
             if session.hidden:
                 r.viewers -= 1
-            self.quotas.release(session.who.instance.id, "media_participants")
+            session.release_slot()
             self._drop_if_empty(session.room)
         self.http.pop(session.id, None)
         log("media_leave", room=session.room, participant=session.id)
@@ -491,8 +501,11 @@ class ConnectionMedia:
         self.rooms = rooms
         self.write = write
         self.sessions: dict[str, MediaSession] = {}
+        self._joining: set[str] = set()  # rooms whose join awaits its slot
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
         for session in self.sessions.values():
             self.rooms.end(session)
         self.sessions.clear()
@@ -507,7 +520,7 @@ class ConnectionMedia:
     async def handle(self, who: Principal, req: MediaRequest) -> dict[str, Any]:
         op = req.op
         if op == "media.join":
-            return self._join(who, req.room)
+            return await self._join(who, req.room)
         if op == "media.cohost":
             self.rooms.cohost(who, req.room, req.user, req.on)
             return {}
@@ -547,15 +560,22 @@ class ConnectionMedia:
                 return {}
         raise invalid(f"unsupported media op {op}")
 
-    def _join(self, who: Principal, room: str) -> dict[str, Any]:
+    async def _join(self, who: Principal, room: str) -> dict[str, Any]:
         existing = self.sessions.get(room)
-        if existing is not None and not existing.left:
+        if room in self._joining or (existing is not None and not existing.left):
             raise GB6Error(CONFLICT, f"this connection is already in the media of room {room}")
         self.sessions.pop(room, None)
-        if len(self.sessions) >= self.rooms.limits.media_rooms_per_connection:
+        if len(self.sessions) + len(self._joining) >= self.rooms.limits.media_rooms_per_connection:
             limit = self.rooms.limits.media_rooms_per_connection
             raise GB6Error(QUOTA_EXCEEDED, f"at most {limit} rooms' media per connection")
-        session = self.rooms.join(who, room, self.write, "auto")
+        self._joining.add(room)
+        try:
+            session = await self.rooms.join(who, room, self.write, "auto")
+        finally:
+            self._joining.discard(room)
+        if self.closed:  # the socket ended while the slot was on its way
+            self.rooms.end(session)
+            raise GB6Error(UNAVAILABLE, "the connection closed")
         self.sessions[room] = session
         return self.rooms.snapshot(session)
 
@@ -612,7 +632,7 @@ async def start_media(
     `unavailable`."""
     sfu = Sfu(config.media)
     await nursery.start(sfu.run)
-    rooms = MediaRooms(config, sfu, gateway.origin, gateway.quotas)
+    rooms = MediaRooms(config, sfu, gateway.origin)
     await nursery.start(rooms.run)
     if blobs is not None and charge is not None:
         from edge.media_recording import Recordings  # it imports this module
