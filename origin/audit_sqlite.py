@@ -4,9 +4,9 @@ A file apart from gb6.db: the audit log has its own writer and its own lifetime 
 evidence when everything else is thrown away), and an append never waits behind the message
 path's group commit.
 
-Threading: one worker thread, started and joined by `run`, owns the only connection and does
-every call (appends are batched by the log already, reads are rare: admin listings and the
-verifier); callers hand it jobs through a queue and wait on a trio.Event. Durability: WAL with
+Threading: one worker thread (origin/sqlite_worker.py), started and joined by `run`, owns the
+only connection and does every call (appends are batched by the log already, reads are rare:
+admin listings and the verifier). Durability: WAL with
 `synchronous=FULL`, so `append` returns only after its commit reached the disk.
 
 Append-only: the code has no UPDATE or DELETE, and triggers make SQLite refuse both, so a
@@ -19,21 +19,18 @@ creates or migrates one, and reads a missing file as an empty log.
 
 from __future__ import annotations
 
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import attrs
 import orjson
-import outcome
 import trio
 
 from node.errors import CONFLICT, INTERNAL, UNAVAILABLE, GB6Error
 from origin.audit import AuditLimits, AuditRecord
 from origin.audit_store import COLUMNS, AuditQuery, record_from_row, record_row, where
+from origin.sqlite_worker import SqliteWorker
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
     """
@@ -52,15 +49,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
 )
-_STOP: Final = object()
 T = TypeVar("T")
-
-
-@attrs.define
-class _Job:
-    fn: Callable[[sqlite3.Connection], Any]
-    done: trio.Event = attrs.field(factory=trio.Event)
-    result: outcome.Outcome[Any] | None = None
 
 
 def _translate(exc: sqlite3.Error) -> GB6Error:
@@ -80,44 +69,29 @@ class SqliteAuditStore:
         self.path = path
         self.limits = limits or AuditLimits()
         self.readonly = readonly
-        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
-        self._running = False
+        self._worker = SqliteWorker("gb6-audit-sqlite", self._open, _translate)
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            conn = await trio.to_thread.run_sync(self._open)
-        except sqlite3.Error as exc:
-            raise _translate(exc) from None
-        token = trio.lowlevel.current_trio_token()
-        thread = threading.Thread(
-            target=self._worker, args=(conn, token), name="gb6-audit-sqlite", daemon=True
-        )
-        thread.start()
-        try:
-            self._running = True
-            task_status.started()
-            await trio.sleep_forever()
-        finally:
-            self._running = False
-            self._queue.put(_STOP)  # the worker finishes what was queued before it, then closes
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(thread.join)
+        await self._worker.run(task_status=task_status)
 
-    def _open(self) -> sqlite3.Connection | None:
+    def _open(self) -> sqlite3.Connection:
         if self.readonly:
-            if not self.path.exists():
-                return None
-            uri = f"{self.path.resolve().as_uri()}?mode=ro"
-            return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
-        )
+            if self.path.exists():
+                uri = f"{self.path.resolve().as_uri()}?mode=ro"
+                return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            # A missing file reads as an empty log: an empty in-memory one, nothing created.
+            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
+            )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            if not self.readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
                 conn.execute("BEGIN IMMEDIATE")
@@ -130,41 +104,8 @@ class SqliteAuditStore:
             raise
         return conn
 
-    # --- the worker thread ---------------------------------------------------------------
-
-    def _worker(self, conn: sqlite3.Connection | None, token: trio.lowlevel.TrioToken) -> None:
-        try:
-            while True:
-                job = self._queue.get()
-                if job is _STOP:
-                    return
-                assert isinstance(job, _Job)
-                try:
-                    job.result = outcome.Value(job.fn(conn) if conn is not None else None)
-                except sqlite3.Error as exc:
-                    if conn is not None and conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    job.result = outcome.Error(_translate(exc))
-                except Exception as exc:  # the caller gets it; the worker must go on
-                    job.result = outcome.Error(exc)
-                try:
-                    token.run_sync_soon(job.done.set)
-                except trio.RunFinishedError:
-                    return
-        finally:
-            if conn is not None:
-                conn.close()
-
-    async def _call(self, fn: Callable[[sqlite3.Connection], T], empty: T) -> T:
-        """Run `fn` on the worker's connection; `empty` when read-only on a missing file."""
-        if not self._running:
-            raise GB6Error(UNAVAILABLE, "the audit store is not running")
-        job = _Job(fn)
-        self._queue.put(job)
-        await job.done.wait()
-        assert job.result is not None
-        value = job.result.unwrap()
-        return empty if value is None and self.readonly else value
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._worker.call(fn)
 
     # --- the port ------------------------------------------------------------------------
 
@@ -181,14 +122,14 @@ class SqliteAuditStore:
             conn.execute("COMMIT")
             return True
 
-        await self._call(fn, False)
+        await self._call(fn)
 
     async def head(self) -> AuditRecord | None:
         def fn(conn: sqlite3.Connection) -> AuditRecord | None:
             row = conn.execute(f"SELECT {COLUMNS} FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
             return None if row is None else record_from_row(row)
 
-        return await self._call(fn, None)
+        return await self._call(fn)
 
     async def scan(self, after: int, limit: int) -> list[AuditRecord]:
         def fn(conn: sqlite3.Connection) -> list[AuditRecord]:
@@ -197,7 +138,7 @@ class SqliteAuditStore:
             ).fetchall()
             return [record_from_row(r) for r in rows]
 
-        return await self._call(fn, [])
+        return await self._call(fn)
 
     async def query(self, q: AuditQuery) -> list[AuditRecord]:
         q = q.checked(self.limits)
@@ -217,7 +158,7 @@ class SqliteAuditStore:
         def fn(conn: sqlite3.Connection) -> list[AuditRecord]:
             return [record_from_row(r) for r in conn.execute(sql, args).fetchall()]
 
-        return await self._call(fn, [])
+        return await self._call(fn)
 
 
 def _statements(script: str) -> list[str]:

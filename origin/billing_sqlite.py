@@ -10,16 +10,12 @@ log of record, so a call returns only once its commit reached the disk.
 
 from __future__ import annotations
 
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import attrs
 import orjson
-import outcome
 import trio
 
 from node.errors import INTERNAL, UNAVAILABLE, GB6Error
@@ -34,9 +30,9 @@ from origin.billing_store import (
     shift_closed,
     usage_key_check,
 )
+from origin.sqlite_worker import SqliteWorker
 
 T = TypeVar("T")
-_STOP: Final = object()
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS usage(instance TEXT NOT NULL, period TEXT NOT NULL,
         metric TEXT NOT NULL, quantity INTEGER NOT NULL,
@@ -56,84 +52,6 @@ def _translate(exc: sqlite3.Error) -> GB6Error:
     if isinstance(exc, sqlite3.OperationalError):  # locked, disk full, I/O error, unopenable
         return GB6Error(UNAVAILABLE, f"billing store (sqlite) unavailable: {exc}")
     return GB6Error(INTERNAL, f"billing store (sqlite) failed: {type(exc).__name__}: {exc}")
-
-
-@attrs.define
-class _Job:
-    fn: Callable[[sqlite3.Connection], Any]
-    done: trio.Event = attrs.field(factory=trio.Event)
-    result: outcome.Outcome[Any] | None = None
-
-
-class SqliteWorker:
-    """One thread that owns one SQLite connection and runs calls on it, one at a time.
-
-    A component: `await nursery.start(worker.run)` opens the connection (with `opener`, in the
-    thread) and serves; cancelling `run` finishes the calls queued before it, then joins the
-    thread. `call` runs `fn(conn)` there and returns its result; sqlite3 errors become
-    `GB6Error`. A caller cancelled while waiting may still see its call applied.
-    """
-
-    def __init__(self, name: str, opener: Callable[[], sqlite3.Connection]) -> None:
-        self._name = name
-        self._opener = opener
-        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
-        self._running = False
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        token = trio.lowlevel.current_trio_token()
-        opened: trio.Event = trio.Event()
-        failure: list[BaseException] = []
-
-        def main() -> None:
-            try:
-                conn = self._opener()
-            except BaseException as exc:  # reported to run, which raises it
-                failure.append(exc)
-                token.run_sync_soon(opened.set)
-                return
-            token.run_sync_soon(opened.set)
-            try:
-                while (job := self._queue.get()) is not _STOP:
-                    assert isinstance(job, _Job)
-                    result = outcome.capture(job.fn, conn)
-                    job.result = result
-                    try:
-                        token.run_sync_soon(job.done.set)
-                    except trio.RunFinishedError:
-                        return
-            finally:
-                conn.close()
-
-        thread = threading.Thread(target=main, name=self._name, daemon=True)
-        thread.start()
-        try:
-            with trio.CancelScope(shield=True):
-                await opened.wait()
-            if failure:
-                exc = failure[0]
-                raise _translate(exc) if isinstance(exc, sqlite3.Error) else exc
-            self._running = True
-            task_status.started()
-            await trio.sleep_forever()
-        finally:
-            self._running = False
-            self._queue.put(_STOP)
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(thread.join)
-
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if not self._running:
-            raise GB6Error(UNAVAILABLE, f"{self._name} is not running")
-        job = _Job(fn)
-        self._queue.put(job)
-        with trio.CancelScope(shield=True):  # handed over: wait for the truth
-            await job.done.wait()
-        assert job.result is not None
-        try:
-            return job.result.unwrap()  # type: ignore[no-any-return]
-        except sqlite3.Error as exc:
-            raise _translate(exc) from None
 
 
 def _transaction(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
@@ -197,7 +115,7 @@ class SqliteBillingStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._worker = SqliteWorker("gb6-billing-sqlite", self._open)
+        self._worker = SqliteWorker("gb6-billing-sqlite", self._open, _translate)
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,10 +34,10 @@ from trio_asyncio import aio_as_trio
 from node.errors import UNAVAILABLE, GB6Error
 from node.log import log
 from origin.billing import day_of, month_of
-from origin.billing_sqlite import SqliteWorker
 from origin.billing_store import BillingStore, UsageDelta
 from origin.pg_errors import DB_ERRORS, translate
 from origin.quotas import DAY_MS
+from origin.sqlite_worker import SqliteWorker
 
 METRIC_OF_TYPE: Final = {
     "message": "messages",
@@ -124,6 +124,10 @@ _READ: Final = (
 )
 
 
+def _reader_error(exc: sqlite3.Error) -> GB6Error:
+    return GB6Error(UNAVAILABLE, f"the meter cannot read the embedded log: {exc}")
+
+
 class SqliteEventSource:
     """The embedded store's events (`gb6.db`), read on a read-only connection of its own,
     counted per instance, day, type and sender there (`MeterEvent.n`)."""
@@ -132,7 +136,7 @@ class SqliteEventSource:
 
     def __init__(self, log_path: Path) -> None:
         self._path = log_path
-        self._worker = SqliteWorker("gb6-meter-reader", self._open)
+        self._worker = SqliteWorker("gb6-meter-reader", self._open, _reader_error)
 
     def _open(self) -> sqlite3.Connection:
         # The store made the file (in WAL mode) before the meter starts; only ever read here.
