@@ -106,30 +106,31 @@ def media_blueprint(media: MediaRooms, authenticate: Authenticate) -> Blueprint:
             await peer.add_ice_candidate(c)
         return "", 204
 
-    async def recordings_of(room: str) -> Recordings:
-        """The room's recordings, for its members only."""
+    async def recordings_of(room: str) -> tuple[Recordings, str]:
+        """The room's recordings and its instance, for its members only."""
         who = await authenticate(bearer())
-        media.origin.room_for_member(who, room)
+        state = media.origin.room_for_member(who, room)
         recordings = media.recordings
         if not isinstance(recordings, Recordings):
             raise GB6Error(UNAVAILABLE, "this edge does not record")
-        return recordings
+        return recordings, state.record.instance
 
     @bp.get("/v1/rooms/<room>/recordings")
     async def list_recordings(room: str) -> dict[str, Any]:
-        recordings = await recordings_of(room)
-        return {"recordings": await recordings.list(room)}
+        recordings, instance = await recordings_of(room)
+        return {"recordings": await recordings.list(instance, room)}
 
     @bp.get("/v1/rooms/<room>/recordings/<recording>")
     async def get_recording(room: str, recording: str) -> dict[str, Any]:
-        recordings = await recordings_of(room)
-        return await recordings.manifest(room, recording)
+        recordings, instance = await recordings_of(room)
+        return await recordings.manifest(instance, room, recording)
 
     @bp.get("/v1/rooms/<room>/recordings/<recording>/files/<file_id>")
     async def get_recording_file(room: str, recording: str, file_id: str) -> Response:
-        recordings = await recordings_of(room)
-        data, content_type = await recordings.file(room, recording, file_id)
-        resp = Response(data, status=200, content_type=content_type)
+        recordings, instance = await recordings_of(room)
+        content_type, size, chunks = await recordings.file(instance, room, recording, file_id)
+        resp = Response(chunks, status=200, content_type=content_type)
+        resp.headers["Content-Length"] = str(size)
         resp.headers["X-Content-Type-Options"] = "nosniff"
         resp.headers["Content-Disposition"] = f'attachment; filename="{file_id}"'
         resp.headers["Cache-Control"] = "private, max-age=0"

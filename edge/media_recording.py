@@ -1,7 +1,7 @@
 """Recording control: `media.record` starts and stops a room's recording, the recorder taps the
 SFU's forwarded packets, and the files and manifest land in the blob store, listed per room.
 
-Who holds what: `Recordings` (one per edge that records, a component) owns one task per room
+Who holds what: `Recordings` (one per edge, a component) owns one task per room
 being recorded, which owns that room's `edge.recording.Recorder` and its minute charger.
 
 Rules:
@@ -15,16 +15,19 @@ Rules:
   from the SFU's forwarded packets (`Sfu.tap`: one SSRC, keyframe first, nothing decoded);
   its file is finished when it is unpublished. `media.record` with `on: false` answers once
   the manifest is stored, so what it names can be downloaded at once.
-- Each room keeps an index blob of its recordings (newest last, at most `_INDEX` ids), written
-  when a recording finishes; the HTTP API (edge/media_http.py) lists and serves them to the
-  room's members only.
+- Everything lands at the instance's origin shard (`Backend`): in one process the shard's
+  blob store directly, on a cluster edge over the link: each file uploaded in chunks as its
+  track ends, the manifest last, then the recording is added to the room's index
+  (origin/recording_store.py). Minutes are charged at the origin too (`charge_usage`), so the
+  plan's `recording_minutes` hold across edges.
+- The HTTP API (edge/media_http.py, on every edge) lists and serves a room's recordings to its
+  members only, reading them from the origin by range (a download holds one chunk).
 - Nothing here may take the edge down: a recording that fails to finish is logged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import attrs
@@ -38,17 +41,70 @@ from node.config import Config
 from node.errors import CONFLICT, QUOTA_EXCEEDED, GB6Error, forbidden, invalid, not_found
 from node.log import log
 from origin.membership import Principal
-
-_INDEX = 1_000  # recordings listed per room (the oldest fall off the list, not the store)
-Charge = Callable[[str, str, int, str], Awaitable[None]]
+from origin.recording_store import CHUNK, RecordingStore
 
 
-class Blobs(Protocol):
-    """origin/blobs.py LocalBlobStore fits."""
+class Backend(Protocol):
+    """Where an instance's recordings go and where its minutes are charged: the instance's
+    origin shard. `LocalBackend` in one process (`gb6 run`); on a cluster edge
+    `replication.edge_link.RemoteOrigin`, the same calls over the link."""
 
-    def path(self, blob_id: str) -> Path: ...
+    async def charge_usage(self, instance: str, resource: str, n: int, key: str) -> None: ...
 
-    async def put(self, blob_id: str, data: bytes) -> None: ...
+    async def recording_write(
+        self, instance: str, blob_id: str, offset: int, data: bytes, last: bool
+    ) -> None: ...
+
+    async def recording_read(
+        self, instance: str, blob_id: str, offset: int
+    ) -> tuple[bytes, int]: ...
+
+    async def recording_index(self, instance: str, room: str) -> list[str]: ...
+
+    async def recording_indexed(self, instance: str, room: str, recording: str) -> None: ...
+
+
+class LocalBackend:
+    """The origin shard in this process: its blob store (origin/recording_store.py) and its
+    `charge_usage`."""
+
+    def __init__(self, store: RecordingStore, charge: Any) -> None:
+        self.store = store
+        self.charge_usage = charge
+
+    async def recording_write(
+        self, instance: str, blob_id: str, offset: int, data: bytes, last: bool
+    ) -> None:
+        await self.store.write(blob_id, offset, data, last)
+
+    async def recording_read(self, instance: str, blob_id: str, offset: int) -> tuple[bytes, int]:
+        return await self.store.read(blob_id, offset)
+
+    async def recording_index(self, instance: str, room: str) -> list[str]:
+        return await self.store.index(room)
+
+    async def recording_indexed(self, instance: str, room: str, recording: str) -> None:
+        await self.store.add_to_index(room, recording)
+
+
+class _Uploads:
+    """The recorder's blob store for one instance: each blob goes to the origin in chunks of
+    at most `CHUNK` bytes, one after the other (what is in flight is one chunk)."""
+
+    def __init__(self, backend: Backend, instance: str) -> None:
+        self.backend = backend
+        self.instance = instance
+
+    async def put(self, blob_id: str, data: bytes) -> None:
+        view = memoryview(data)
+        offset = 0
+        while True:
+            chunk = bytes(view[offset : offset + CHUNK])
+            last = offset + len(chunk) >= len(data)
+            await self.backend.recording_write(self.instance, blob_id, offset, chunk, last)
+            offset += len(chunk)
+            if last:
+                return
 
 
 @attrs.define(eq=False)
@@ -60,20 +116,14 @@ class _Active:
     reason: str = "stopped"
 
 
-def index_blob(room: str) -> str:
-    return "recs_" + room
-
-
 class Recordings:
     """`await nursery.start(recordings.run)`; `MediaRooms.recordings` points here."""
 
-    def __init__(self, config: Config, media: MediaRooms, blobs: Blobs, charge: Charge) -> None:
+    def __init__(self, config: Config, media: MediaRooms, backend: Backend) -> None:
         self.limits = config.limits
         self.media = media
-        self.blobs = blobs
-        self.charge = charge
+        self.backend = backend
         self._active: dict[str, _Active] = {}
-        self._index_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -102,9 +152,9 @@ class Recordings:
             raise GB6Error(CONFLICT, f"room {room_id} is being recorded already")
         if self._nursery is None:
             raise GB6Error("unavailable", "recording is not running on this edge")
-        recorder = Recorder(room_id, self.blobs, self.limits)
         instance = room.record.instance
-        await self.charge(instance, "recording_minutes", 1, f"{recorder.id}:0")
+        recorder = Recorder(room_id, _Uploads(self.backend, instance), self.limits)
+        await self.backend.charge_usage(instance, "recording_minutes", 1, f"{recorder.id}:0")
         active = _Active(room_id, instance, recorder)
         await self._nursery.start(self._record, active)
         return {"recording": recorder.id}
@@ -190,7 +240,7 @@ class Recordings:
                     trio.CancelScope(shield=True),
                     trio.move_on_after(self.limits.recording_finish_s),
                 ):
-                    await self._index(room, manifest.id)
+                    await self._index(active, manifest.id)
 
     async def _run_recorder(
         self, recorder: Recorder, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -207,7 +257,7 @@ class Recordings:
             minute += 1
             await trio.sleep_until(started + 60 * minute)
             try:
-                await self.charge(
+                await self.backend.charge_usage(
                     active.instance, "recording_minutes", 1, f"{active.recorder.id}:{minute}"
                 )
             except GB6Error as exc:
@@ -218,42 +268,54 @@ class Recordings:
                 active.recorder.stop()
                 return
 
-    async def _index(self, room: str, recording: str) -> None:
-        async with self._index_lock:
-            ids = await self.recording_ids(room)
-            ids = [*ids, recording][-_INDEX:]
-            await self.blobs.put(index_blob(room), orjson.dumps(ids))
+    async def _index(self, active: _Active, recording: str) -> None:
+        try:
+            await self.backend.recording_indexed(active.instance, active.room, recording)
+        except GB6Error as exc:
+            log("recording_not_indexed", room=active.room, recording=recording, error=exc.message)
 
     # --- reading (the HTTP API) ----------------------------------------------------------
 
-    async def recording_ids(self, room: str) -> list[str]:
-        path = trio.Path(self.blobs.path(index_blob(room)))
-        try:
-            data = await path.read_bytes()
-        except FileNotFoundError:
-            return []
-        ids = orjson.loads(data)
-        return [i for i in ids if isinstance(i, str)]
+    async def _read_all(self, instance: str, blob_id: str) -> bytes:
+        data, size = await self.backend.recording_read(instance, blob_id, 0)
+        while len(data) < size:
+            more, _ = await self.backend.recording_read(instance, blob_id, len(data))
+            if not more:
+                break
+            data += more
+        return data
 
-    async def manifest(self, room: str, recording: str) -> dict[str, Any]:
-        if recording not in await self.recording_ids(room):
+    async def manifest(self, instance: str, room: str, recording: str) -> dict[str, Any]:
+        if recording not in await self.backend.recording_index(instance, room):
             raise not_found(f"no recording {recording} in room {room}")
-        data = await trio.Path(self.blobs.path(recording)).read_bytes()
-        out: dict[str, Any] = orjson.loads(data)
+        out: dict[str, Any] = orjson.loads(await self._read_all(instance, recording))
         return out
 
-    async def list(self, room: str) -> list[dict[str, Any]]:
+    async def list(self, instance: str, room: str) -> list[dict[str, Any]]:
         """The room's recordings' manifests, newest first."""
-        ids = await self.recording_ids(room)
-        return [await self.manifest(room, i) for i in reversed(ids)]
+        ids = await self.backend.recording_index(instance, room)
+        return [await self.manifest(instance, room, i) for i in reversed(ids)]
 
-    async def file(self, room: str, recording: str, file_id: str) -> tuple[bytes, str]:
-        manifest = await self.manifest(room, recording)
+    async def file(
+        self, instance: str, room: str, recording: str, file_id: str
+    ) -> tuple[str, int, AsyncIterator[bytes]]:
+        """(content type, size, the bytes in chunks): a download holds one chunk at a time."""
+        manifest = await self.manifest(instance, room, recording)
         track = next((t for t in manifest["tracks"] if t.get("file") == file_id), None)
         if track is None:
             raise not_found(f"no file {file_id} in recording {recording}")
-        data = await trio.Path(self.blobs.path(file_id)).read_bytes()
-        return data, str(track["content_type"])
+        first, size = await self.backend.recording_read(instance, file_id, 0)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            data, offset = first, 0
+            while data:
+                yield data
+                offset += len(data)
+                if offset >= size:
+                    return
+                data, _ = await self.backend.recording_read(instance, file_id, offset)
+
+        return str(track["content_type"]), size, chunks()
 
 
 def _event(room: str, recording: str, state: str) -> dict[str, Any]:

@@ -624,20 +624,29 @@ async def start_media(
     gateway: Any,
     blobs: Any = None,
     charge: Any = None,
+    *,
+    recording: Any = None,
 ) -> MediaRooms:
     """Start the SFU and the media rooms in `nursery` (inside the process's trio-asyncio
-    loop) for `gateway` (edge/gateway.py), and hand the gateway its `media.*` ops. With a blob
-    store and the shard's `charge_usage` (one process: `gb6 run`) the edge also records
-    (edge/media_recording.py); a cluster edge has neither and answers `media.record` with
-    `unavailable`."""
+    loop) for `gateway` (edge/gateway.py), and hand the gateway its `media.*` ops. The edge
+    records (edge/media_recording.py) into the instance's origin: `blobs` and `charge` are the
+    shard's blob store and `charge_usage` in one process (`gb6 run`); `recording` is the
+    origin as a cluster edge reaches it (`RemoteOrigin`, over the link)."""
     sfu = Sfu(config.media)
     await nursery.start(sfu.run)
     rooms = MediaRooms(config, sfu, gateway.origin)
     await nursery.start(rooms.run)
-    if blobs is not None and charge is not None:
-        from edge.media_recording import Recordings  # it imports this module
+    if recording is None and blobs is not None and charge is not None:
+        from origin.recording_store import RecordingStore
 
-        await nursery.start(Recordings(config, rooms, blobs, charge).run)
+        store = RecordingStore(blobs, config.limits.recording_track_bytes)
+        from edge.media_recording import LocalBackend  # it imports this module
+
+        recording = LocalBackend(store, charge)
+    if recording is not None:
+        from edge.media_recording import Recordings
+
+        await nursery.start(Recordings(config, rooms, recording).run)
     gateway.media = rooms
     gateway.origin.member_listeners.append(rooms.on_members)
     return rooms

@@ -93,7 +93,7 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
         shared = await nursery.start(_shared_signals, config) if config.redis_url else None
         gateway = Gateway(config, origin, shared)
         ws_port = await nursery.start(gateway.run)
-        media = await start_media(nursery, config, gateway)
+        media = await start_media(nursery, config, gateway, recording=origin)
         return Served(
             [
                 health_blueprint(None, gateway),

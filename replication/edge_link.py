@@ -15,6 +15,7 @@ resent by the client under its cid), and the link reconnects with backoff.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -509,6 +510,44 @@ class RemoteOrigin:
                 shard_link.release_slot(instance, resource, generation)
 
         return release
+
+    # --- recordings (edge/media_recording.py's Backend): at the instance's origin ----------
+
+    async def charge_usage(self, instance: str, resource: str, n: int, key: str) -> None:
+        """The shard's `charge_usage` (quota_exceeded past the plan's limit)."""
+        await self._link_for_instance(instance).request(
+            "usage.charge", instance=instance, resource=resource, n=n, key=key
+        )
+
+    async def recording_write(
+        self, instance: str, blob_id: str, offset: int, data: bytes, last: bool
+    ) -> None:
+        """One chunk (≤ origin.recording_store.CHUNK bytes) of a recording blob."""
+        await self._link_for_instance(instance).request(
+            "rec.write",
+            instance=instance,
+            blob=blob_id,
+            offset=offset,
+            data=base64.b64encode(data).decode(),
+            last=last,
+        )
+
+    async def recording_read(self, instance: str, blob_id: str, offset: int) -> tuple[bytes, int]:
+        ok = await self._link_for_instance(instance).request(
+            "rec.read", instance=instance, blob=blob_id, offset=offset
+        )
+        return base64.b64decode(ok["data"]), int(ok["size"])
+
+    async def recording_index(self, instance: str, room: str) -> list[str]:
+        ok = await self._link_for_instance(instance).request(
+            "rec.index", instance=instance, room=room
+        )
+        return [str(i) for i in ok["recordings"]]
+
+    async def recording_indexed(self, instance: str, room: str, recording: str) -> None:
+        await self._link_for_instance(instance).request(
+            "rec.indexed", instance=instance, room=room, recording=recording
+        )
 
     async def events_after(self, room_id: str, after: int, limit: int) -> list[Event]:
         room = self.state.rooms.get(room_id)

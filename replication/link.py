@@ -14,6 +14,12 @@ Conversation:
   `slot.acquire` {instance, resource} / `slot.release` {counts: [[instance, resource, n]]}:
   concurrent quotas (`connections`, `media_participants`), counted by the origin across edges
   (handled in order); what an edge holds is freed when its link ends.
+- Recordings made on an edge (edge/media_recording.py) live at the instance's origin
+  (origin/recording_store.py): `rec.write` {instance, blob, offset, data (base64, ≤ 256 KiB),
+  last} uploads a file in order, `rec.read` {instance, blob, offset} → {data, size} reads a
+  range, `rec.index` {instance, room} → {recordings}, `rec.indexed` {instance, room,
+  recording} lists a finished one; `usage.charge` {instance, resource: recording_minutes, n,
+  key} is the shard's `charge_usage`.
 - origin → edge pushes: `batch` {events: {room: [event]}, heads: {room: seq}} once per
   committed batch (events for rooms this edge watches, heads for the others); `room` {room}
   (a room's whole state, after a membership change); `read` {room, user, seq}; `instance`,

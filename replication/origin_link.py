@@ -12,6 +12,7 @@ most `_CONCURRENT` per edge, so a slow history read does not hold up sends.
 
 from __future__ import annotations
 
+import base64
 import hmac
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from node.events import Event
 from node.log import log
 from origin.membership import MembershipChange, Principal
 from origin.plans import KINDS
+from origin.recording_store import RecordingStore
 from origin.records import Instance, User
 from origin.shard import OriginShard
 from origin.sqlite_store import Appended
@@ -34,6 +36,9 @@ from replication import link
 
 _CONCURRENT: Final = 64
 _SNAPSHOT_CHUNK: Final = 500
+_RECORDING_OPS: Final = frozenset(
+    {"usage.charge", "rec.write", "rec.read", "rec.index", "rec.indexed"}
+)
 
 
 class EdgePeer:
@@ -97,6 +102,7 @@ class LinkServer:
         self.shard = shard
         self.secret = secret
         self.peers: set[EdgePeer] = set()
+        self.recordings = RecordingStore(shard.blobs, config.limits.recording_track_bytes)
         self._publishing = False
         shard.event_listeners.append(self._on_events)
         shard.member_listeners.append(self._on_members)
@@ -359,12 +365,53 @@ class LinkServer:
             emoji=msg.get("emoji"),
         )
 
+    async def _recording(self, op: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """An edge's recorder and recordings API (edge/media_recording.py): blobs of the
+        instance's recordings (origin/recording_store.py) and its minutes. The instance must
+        be on this shard, the room (if any) one of its rooms."""
+        instance = msg.get("instance")
+        if not isinstance(instance, str) or instance not in self.shard.instances:
+            raise not_found(f"instance {instance!r} is not on this shard")
+        store = self.recordings
+        if op == "usage.charge":
+            resource, n, key = msg.get("resource"), msg.get("n"), msg.get("key")
+            if resource != "recording_minutes" or not isinstance(n, int) or n < 1:
+                raise invalid("usage.charge takes recording_minutes, n >= 1")
+            await self.shard.charge_usage(instance, resource, n, str(key)[:200])
+            return {}
+        if op == "rec.write":
+            try:
+                data = base64.b64decode(str(msg.get("data")), validate=True)
+            except ValueError:
+                raise invalid("rec.write data is not base64") from None
+            offset = msg.get("offset")
+            if not isinstance(offset, int):
+                raise invalid("rec.write needs an offset")
+            await store.write(str(msg.get("blob")), offset, data, bool(msg.get("last")))
+            return {}
+        if op == "rec.read":
+            offset = msg.get("offset")
+            if not isinstance(offset, int):
+                raise invalid("rec.read needs an offset")
+            chunk, size = await store.read(str(msg.get("blob")), offset)
+            return {"data": base64.b64encode(chunk).decode(), "size": size}
+        room = str(msg.get("room"))
+        state = self.shard.rooms.get(room)
+        if state is None or state.record.instance != instance:
+            raise not_found(f"room {room} not found")
+        if op == "rec.index":
+            return {"recordings": await store.index(room)}
+        await store.add_to_index(room, str(msg.get("recording")))
+        return {}
+
     async def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:
         shard = self.shard
         op = msg.get("op")
         if op == "auth":
             who = await shard.authenticate(str(msg.get("token")))
             return {"user": who.id}
+        if op in _RECORDING_OPS:
+            return await self._recording(op, msg)
         if op == "events_after":
             events = await shard.events_after(
                 str(msg.get("room")), int(msg["after"]), int(msg["limit"])

@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import json
 import random
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +20,14 @@ import trio
 import trio_asyncio
 from aiortc import VideoStreamTrack
 from aiortc.mediastreams import AudioStreamTrack
-from services import require_tool
 
 from tests.conftest import Node, refused
 from tests.media_client import MediaClient, loopback_ice, media_event, ws_of
+from tests.services import require_tool
 from tests.test_cluster import Cluster
+from tests.test_media_recording import probe
+
+RECORD_S = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,98 @@ async def test_media_participants_are_counted_across_edges(cluster: Cluster) -> 
             await _until_used(origin, tenant.instance, "media_participants", 1)
             await wb.ok("media.join", room=room)
             await _until_used(origin, tenant.instance, "media_participants", 2)
+
+
+async def test_an_edge_records_into_the_origin(cluster: Cluster, tmp_path: Any) -> None:
+    """Recorded on e0, listed and downloaded through e1 (which never saw the media): the
+    files and manifest are the origin's; minutes are charged there; non-members get nothing."""
+    ffprobe = require_tool("ffprobe")
+    origin = cluster.origins[0]
+    tenant = origin.create_tenant()
+    alice, bob, eve = tenant.user("alice"), tenant.user("bob"), tenant.user("eve")
+    e0, e1 = cluster.edges
+    with trio.fail_after(50):
+        async with trio_asyncio.open_loop(), ws_of(e0, alice.token) as wa:
+            ok = await wa.ok("room.create", name="m", kind="meeting", members=[bob.id])
+            room = ok["room"]["id"]
+            a = MediaClient(wa, room)
+            await a.join()
+            await a.publish(VideoStreamTrack(), AudioStreamTrack())
+            rec = (await wa.ok("media.record", room=room, on=True))["recording"]
+            ev = await media_event(wa, "media.recording")
+            assert ev == {**ev, "recording": rec, "state": "started"}
+            await trio.sleep(RECORD_S)  # the recording's length is the point: real time
+            manifest = (await wa.ok("media.record", room=room, on=False))["manifest"]
+            await wa.ok("media.leave", room=room)
+            await a.close()
+    assert manifest["id"] == rec and len(manifest["tracks"]) == 2
+    # The first minute was charged at the origin, before anything was recorded.
+    assert await trio.to_thread.run_sync(_used, origin, tenant.instance, "recording_minutes") == 1
+    files = {}
+    async with httpx.AsyncClient(base_url=e1.http_url, timeout=20) as http:
+        auth = {"Authorization": f"Bearer {bob.token}"}
+        listed = (await http.get(f"/v1/rooms/{room}/recordings", headers=auth)).json()
+        assert [r["id"] for r in listed["recordings"]] == [rec]
+        for track in manifest["tracks"]:
+            url = f"/v1/rooms/{room}/recordings/{rec}/files/{track['file']}"
+            r = await http.get(url, headers=auth)
+            assert r.status_code == 200, r.text
+            assert r.headers["content-type"] == track["content_type"]
+            assert len(r.content) == track["bytes"] > 0
+            files[track["kind"]] = (track, r.content)
+            # Not a member of the room (same instance), another tenant: refused, nothing sent.
+            for who in (eve, cluster.origins[0].create_tenant().user("x")):
+                r = await http.get(url, headers={"Authorization": f"Bearer {who.token}"})
+                assert r.status_code in (403, 404), r.text
+                assert r.json()["error"]["code"] in ("forbidden", "not_found"), r.text
+        # A recording id that is not the room's: not found.
+        r = await http.get(f"/v1/rooms/{room}/recordings/rec_nope", headers=auth)
+        assert r.status_code == 404
+    for kind, codec in (("video", "vp8"), ("audio", "opus")):
+        track, data = files[kind]
+        info = await probe(ffprobe, data, tmp_path)
+        assert [s["codec_name"] for s in info["streams"]] == [codec]
+        assert abs(float(info["format"]["duration"]) - RECORD_S) < 1.0, info["format"]
+
+
+async def test_recording_minutes_quota_holds_on_an_edge(cluster: Cluster) -> None:
+    origin = cluster.origins[0]
+    tenant = origin.create_tenant()
+    path = f"/v1/instances/{tenant.instance}/quotas/recording_minutes"
+    assert origin.admin("PUT", path, {"limit": 0}).status_code == 200
+    alice = tenant.user("alice")
+    with trio.fail_after(20):
+        async with ws_of(cluster.edges[1], alice.token) as wa:
+            ok = await wa.ok("room.create", name="m", kind="meeting", members=[])
+            room = ok["room"]["id"]
+            await refused(wa, "media.record", ("quota_exceeded",), room=room, on=True)
+            await refused(wa, "media.record", ("not_found",), room=room, on=False)
+
+
+async def test_recording_store_takes_only_ordered_chunks_of_recording_blobs(tmp_path: Any) -> None:
+    """What an edge may send over the link (rec.write/rec.read): recording blob ids only, each
+    chunk where the previous ended, bounded; a refused call changes nothing."""
+    from node.errors import GB6Error
+    from origin.blobs import LocalBlobStore
+    from origin.recording_store import CHUNK, RecordingStore
+
+    store = RecordingStore(LocalBlobStore(tmp_path), max_bytes=CHUNK + 10)
+    for bad in ("file_abc", "../x", "rec_", "REC_A"):
+        with pytest.raises(GB6Error) as exc:
+            await store.write(bad, 0, b"x", True)
+        assert exc.value.code == "invalid"
+    await store.write("recf_a", 0, b"a" * CHUNK, False)
+    with pytest.raises(GB6Error) as exc:  # not where the upload is
+        await store.write("recf_a", 5, b"b", True)
+    assert exc.value.code == "invalid"
+    with pytest.raises(GB6Error) as exc:  # past the file limit
+        await store.write("recf_a", CHUNK, b"b" * 11, True)
+    assert exc.value.code == "too_large"
+    with pytest.raises(GB6Error) as exc:  # not readable before its last chunk
+        await store.read("recf_a", 0)
+    assert exc.value.code == "not_found"
+    await store.write("recf_a", CHUNK, b"b" * 10, True)
+    assert await store.read("recf_a", CHUNK - 1) == (b"a" + b"b" * 10, CHUNK + 10)
+    await store.add_to_index("room_1", "rec_1")
+    await store.add_to_index("room_1", "rec_2")
+    assert await store.index("room_1") == ["rec_1", "rec_2"] and await store.index("r2") == []
