@@ -10,8 +10,10 @@ Rules:
   sdp_bytes`) and answer `201 Created` with the SDP answer and a `Location` naming the session;
   `DELETE` on it ends the session (only by the user who made it: others get `404`), `PATCH`
   with an `application/trickle-ice-sdpfrag` body adds the candidates it carries (`204`).
-- A WHEP session receives every track published in the room when it starts (a live room: its
-  hosts'); with nothing published yet it is `404 not_found` (try again once the stream is up).
+- A WHEP session's recvonly m-lines are slots (WHEP has no renegotiation): each plays the
+  newest track of its kind (and codec) published in the room (a live room: by its hosts), and
+  when that track goes, the next one published, with no new offer (`Peer.fill`). A session
+  may start before anything is published: its slots wait.
 - A session whose transport fails or closes (or never connects within `[media]
   connect_timeout_s`) ends by itself; at most `limits.media_http_sessions` at once per edge
   (`503 unavailable` past it).
@@ -58,13 +60,14 @@ def media_blueprint(media: MediaRooms, authenticate: Authenticate) -> Blueprint:
         session = await media.join(who, room, None, want)
         try:
             if want == "viewer":
+                # Every recvonly m-line is a slot (no renegotiation in WHEP): fed now by the
+                # hosts' newest track of its kind and codec, later by whatever replaces it.
                 tracks = media.tracks_of_hosts(room)
-                if not tracks:
-                    raise not_found(f"nothing is published in room {room} yet")
                 peer = session.require_peer()
-                for t in tracks:
-                    peer.subscribe(t.track_id)
+                peer.accept_slots({t.kind: t.codec for t in tracks})
             answer = await session.answer(offer)
+            if want == "viewer":
+                session.fill_slots()
         except BaseException:
             await session.leave()
             raise

@@ -19,8 +19,13 @@ Rules:
 - In a `live` room the room's creator, the instance's owners and admins, and the co-hosts the
   creator names (`media.cohost`) are hosts; everybody else joins as a viewer: `media.publish`
   and offers with a sending m-line are `forbidden`, and viewers are not announced to the room,
-  only counted (`media.viewers`, at most once per `limits.media_viewer_interval_s`). A role is
-  fixed when the participant joins (a new co-host joins again to publish).
+  only counted (`media.viewers`, at most once per `limits.media_viewer_interval_s`).
+- Naming a co-host takes effect at once for the user's joined WebSocket sessions: a viewer
+  becomes a host (`media.role` to it, `media.participant_joined` to the others; it may then
+  publish). Un-naming one who is a host only as a co-host unpublishes its tracks and makes it
+  a viewer again (`media.role`; the others see its tracks go and `media.participant_left`);
+  its WHIP sessions end. WHEP sessions stay viewers. Co-hosts are this edge's (a cluster
+  does not share them between edges).
 - Negotiation never collides because only the client starts it: the client offers for its own
   tracks (`media.offer` → the SFU's answer), and asks for the SFU's offer
   (`media.subscribe`, `media.unsubscribe`, `media.renegotiate` → an `ok` with `sdp`, answered
@@ -222,8 +227,10 @@ class MediaSession:
         kind: str,
         role: Role,
         sink: Sink | None,
+        want: Want = "auto",
     ) -> None:
         self.rooms = rooms
+        self.want: Want = want
         self.who = who
         self.room = room
         self.kind = kind
@@ -257,6 +264,17 @@ class MediaSession:
             raise forbidden("viewers of a live room do not publish: offer receive-only m-lines")
         return await peer.answer(offer)
 
+    def fill_slots(self) -> None:
+        """WHEP: feed free slots from the hosts' tracks, newest first (edge/media_http.py)."""
+        peer = self.peer
+        if peer is None or self.left:
+            return
+        for track in reversed(self.rooms.tracks_of_hosts(self.room)):
+            try:
+                peer.fill(track.track_id)
+            except GB6Error as exc:  # too many subscribers of that track: the slot waits
+                log("media_slot_refused", participant=self.id, error=exc.message)
+
     async def leave(self) -> None:
         """Leave the SFU, release the quota, forget the session. Idempotent."""
         if self.left:
@@ -278,6 +296,8 @@ class MediaSession:
                 tap.track_published(self.room, event.track)
             elif isinstance(event, TrackUnpublished) and event.participant == self.id:
                 tap.track_unpublished(self.room, event.track_id)
+        if self.want == "viewer" and isinstance(event, TrackPublished | TrackUnpublished):
+            self.fill_slots()  # WHEP: a new track, or a slot freed
         if isinstance(event, PeerState):
             if event.participant != self.id:
                 return
@@ -297,6 +317,10 @@ class MediaSession:
 
 def _nothing() -> None:
     pass
+
+
+def _participant(s: MediaSession) -> dict[str, Any]:
+    return {"room": s.room, "participant": s.id, "user": s.who.id}
 
 
 def _hidden(room: _MediaRoom, participant: str) -> bool:
@@ -350,7 +374,7 @@ class MediaRooms:
             r = self._rooms.get(room_id)
             if r is None:
                 r = self._rooms[room_id] = _MediaRoom(room.record.kind)
-            session = MediaSession(self, who, room_id, room.record.kind, role, sink)
+            session = MediaSession(self, who, room_id, room.record.kind, role, sink, want)
             session.release_slot = release
             # Known before the SFU announces it, so the others' listeners can name its user.
             r.users[session.id] = who.id
@@ -457,7 +481,38 @@ class MediaRooms:
             r.cohosts.add(user)
         else:
             r.cohosts.discard(user)
+        for s in list(r.sessions.values()):
+            if s.who.id == user and not s.left:
+                self._set_role(r, s, may_host(room, s.who, r.cohosts))
+        if not on:
             self._drop_if_empty(room_id)
+
+    def _set_role(self, r: _MediaRoom, s: MediaSession, host: bool) -> None:
+        """A joined participant's role follows a co-host change (see the module rules)."""
+        if s.want == "viewer" or (s.role == "host") == host:
+            return
+        if s.want == "host":  # WHIP publishes or is nothing
+            self.end(s)
+            return
+        peer = s.require_peer()
+        others = [o for o in r.sessions.values() if o is not s and o.sink is not None]
+        if host:
+            s.role = "host"
+            r.viewers -= 1
+            for o in others:  # as the SFU would have announced it, had it joined a host
+                assert o.sink is not None
+                o.sink("media.participant_joined", _participant(s))
+        else:
+            for track in peer.tracks:  # TrackUnpublished to the room, while still shown
+                peer.unpublish(track.track_id)
+            for o in others:
+                assert o.sink is not None
+                o.sink("media.participant_left", _participant(s))
+            s.role = "viewer"
+            r.viewers += 1
+        if s.sink is not None:
+            s.sink("media.role", {"room": s.room, "participant": s.id, "role": s.role})
+        log("media_role", room=s.room, participant=s.id, role=s.role)
 
     async def _viewer_ticker(self) -> None:
         while True:

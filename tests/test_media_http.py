@@ -35,9 +35,11 @@ async def test_whip_host_to_websocket_and_whep_viewers(node: Node) -> None:
         async with trio_asyncio.open_loop(), ws_of(node, host.token) as wh:
             ok = await wh.ok("room.create", name="live", kind="live", members=[viewer.id])
             room = ok["room"]["id"]
-            # Nothing published yet: WHEP has nothing to play.
+            # Nothing published yet: a WHEP session starts anyway, its m-line a waiting slot
+            # (tests/test_media_whep.py plays what is published later).
             early = HttpMediaClient(node.http_url, room, viewer.token)
-            assert (await early.whep("video")).status_code == 404
+            assert (await early.whep("video")).status_code == 201
+            assert (await early.delete()).status_code == 200
             await early.close()
             pub = HttpMediaClient(node.http_url, room, host.token)
             resp = await pub.whip(VideoStreamTrack(), AudioStreamTrack())

@@ -25,6 +25,9 @@ Public API (everything else in this package is private):
     peer.unpublish(track_id); peer.mute(track_id, muted=True)   # TrackUnpublished/TrackMuted
     peer.subscribe(track_id); peer.unsubscribe(track_id)        # then renegotiate
     peer.switch(track_id, to_track_id)   # same m-line, another publisher: seamless seq/ts
+    peer.accept_slots({kind: codec})     # WHEP: the next offer's free recvonly m-lines
+        # become slots (sendonly, own SSRC, no track yet); peer.fill(track_id) -> bool feeds a
+        # free one (its track gone or unsubscribed) of that kind and codec, no renegotiation
     peer.mid_of(track_id) -> mid | None; peer.subscriptions; peer.stats() -> TrackStats...
     await peer.leave()                   # unpublish all, close; ParticipantLeft to the room
 

@@ -77,7 +77,7 @@ class _Section:
 
     mid: str
     kind: str
-    role: Literal["publish", "subscribe", "rejected"]
+    role: Literal["publish", "subscribe", "slot", "rejected"]
     track_id: str | None = None
     codec: RTCRtpCodecParameters | None = None
     extensions: list[RTCRtpHeaderExtensionParameters] = attrs.field(factory=list)
@@ -256,6 +256,10 @@ class Peer:
         self._by_mid: dict[str, UpTrack] = {}
         self._mid_ext = 0
         self._subs: dict[str, DownTrack] = {}  # by published track id
+        # Slots (WHEP): sendonly m-lines fed by whichever track `fill` gives them; each keeps
+        # its DownTrack (by mid) so its SSRC, sequence numbers and timestamps continue.
+        self._slot_codecs: dict[str, str] | None = None
+        self._slot_down: dict[str, DownTrack] = {}
         self._down_by_ssrc: dict[int, DownTrack] = {}
         self._started = False
         self._remote_ufrag: str | None = None
@@ -282,7 +286,11 @@ class Peer:
     @property
     def needs_negotiation(self) -> bool:
         """True when a subscription or unsubscription waits for an `offer()`."""
-        placed = {s.track_id for s in self._sections if s.role == "subscribe"}
+        placed = {
+            s.track_id
+            for s in self._sections
+            if s.role == "subscribe" or (s.role == "slot" and s.track_id in self._subs)
+        }
         return placed != set(self._subs)
 
     def stats(self) -> tuple[TrackStats, ...]:
@@ -391,6 +399,49 @@ class Peer:
         if not paused:
             up.activate(down, time.monotonic())
 
+    def accept_slots(self, prefer: dict[str, str]) -> None:
+        """The next client offer's recvonly m-lines that no subscription takes become slots
+        (WHEP): sendonly m-lines with an SSRC and no track yet, whose codec is `prefer[kind]`
+        when the m-line offers it, else its first codec the SFU forwards. `fill` feeds them."""
+        self._check_open()
+        self._slot_codecs = dict(prefer)
+
+    def fill(self, track_id: str) -> bool:
+        """Feed a free slot of the track's kind and codec from `track_id`, with no
+        renegotiation (a slot is free when its track is gone or unsubscribed); it flows once
+        the transport is up. False when no slot takes it (none free, or the track is already
+        received or this participant's own). Raises not_found, quota_exceeded."""
+        self._check_open()
+        up = self._room.tracks.get(track_id)
+        if up is None:
+            raise not_found(f"no track {track_id} in room {self.room}")
+        if track_id in self._subs or up.info.participant == self.participant:
+            return False
+        for s in self._sections:
+            if s.role != "slot" or s.kind != up.kind or s.track_id in self._subs:
+                continue
+            if s.codec is None or s.ssrc is None or s.codec.name.lower() != up.codec:
+                continue
+            if len(up.downtracks) >= self._media.subscribers_per_track:
+                raise _too_many("subscribers of this track", self._media.subscribers_per_track)
+            down = self._slot_down.get(s.mid)
+            if down is None:
+                history = self._media.nack_history_packets
+                down = DownTrack(up, self.participant, self._transport, s.ssrc, history)
+                down.out_pt = s.codec.payloadType or down.out_pt
+                self._slot_down[s.mid] = down
+            else:
+                down.track = up  # out_pt stays: the slot's negotiated payload type
+            down.paused = True
+            self._down_by_ssrc[s.ssrc] = down
+            self._subs[track_id] = down
+            s.track_id = track_id
+            up.add(down)
+            if self.state == "connected":
+                up.activate(down, time.monotonic())
+            return True
+        return False
+
     # -- negotiation ----------------------------------------------------------------------
 
     async def answer(self, offer: str) -> str:
@@ -426,7 +477,7 @@ class Peer:
             for s in sections:
                 if s.role == "subscribe" and s.track_id not in self._subs:
                     s.role, s.track_id = "rejected", None
-                elif s.role == "subscribe" and s.track_id:
+                elif s.role in ("subscribe", "slot") and s.track_id in self._subs:
                     placed.add(s.track_id)
             used = {s.mid for s in sections}
             for track_id, down in self._subs.items():
@@ -534,6 +585,7 @@ class Peer:
         """Check every m-line before anything changes; what each one becomes."""
         plan: list[tuple[str, Any]] = []
         new_tracks = 0
+        slots = sum(1 for s in self._sections if s.role == "slot")
         declared = list(self._declared)
         wanted = [t for t in self._subs if t not in {s.track_id for s in self._sections}]
         if len(desc.media) < len(self._sections):
@@ -577,7 +629,17 @@ class Peer:
             else:  # recvonly: a subscription the client makes room for (WHEP)
                 track_id = next((t for t in wanted if self._subs[t].track.kind == m.kind), None)
                 codec = _sdp.choose_codec(m, self._subs[track_id].track.codec) if track_id else None
-                if track_id is None or codec is None:
+                if track_id is None and self._slot_codecs is not None:
+                    slots += 1
+                    limit = self._media.subscriptions_per_participant
+                    if len(self._subs) + slots > limit:
+                        raise _too_many("subscriptions", limit)
+                    preferred = self._slot_codecs.get(m.kind)
+                    codec = (_sdp.choose_codec(m, preferred) if preferred else None) or (
+                        _sdp.choose_codec(m)
+                    )
+                    plan.append(("slot", codec) if codec is not None else ("reject", None))
+                elif track_id is None or codec is None:
                     plan.append(("reject", None))
                 else:
                     wanted.remove(track_id)
@@ -597,6 +659,19 @@ class Peer:
                 continue
             if what == "reject":
                 self._sections.append(_Section(mid=mid, kind=m.kind, role="rejected"))
+                continue
+            if what == "slot":
+                ssrc = self._new_ssrc()
+                self._sections.append(
+                    _Section(
+                        mid=mid,
+                        kind=m.kind,
+                        role="slot",
+                        codec=arg,
+                        ssrc=ssrc,
+                        msid=f"{self.participant} slot-{mid}",
+                    )
+                )
                 continue
             if what == "subscribe":
                 track_id, codec = arg
@@ -670,7 +745,9 @@ class Peer:
         assert self._local is not None
         media = []
         for s in sections:
-            direction = {"publish": "recvonly", "subscribe": "sendonly"}.get(s.role, "rejected")
+            direction = {"publish": "recvonly", "subscribe": "sendonly", "slot": "sendonly"}.get(
+                s.role, "rejected"
+            )
             media.append(
                 _sdp.media_section(
                     self._local,
@@ -738,7 +815,7 @@ class Peer:
         if self.state != "connected":
             return
         now = time.monotonic()
-        placed = {s.track_id for s in self._sections if s.role == "subscribe"}
+        placed = {s.track_id for s in self._sections if s.role in ("subscribe", "slot")}
         for track_id, down in self._subs.items():
             if track_id in placed and down.paused:
                 down.track.activate(down, now)
@@ -746,7 +823,8 @@ class Peer:
     def _new_ssrc(self) -> int:
         while True:
             ssrc = random.getrandbits(32)
-            if ssrc and ssrc not in self._down_by_ssrc:
+            slots = (s.ssrc for s in self._sections if s.role == "slot")
+            if ssrc and ssrc not in self._down_by_ssrc and ssrc not in slots:
                 return ssrc
 
     def _remove_track(self, up: UpTrack) -> None:
