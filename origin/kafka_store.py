@@ -22,6 +22,14 @@ Rules:
   again (their seqs reused, so no gap and no duplicate), at most `_ATTEMPTS` times, then every
   new op of the batch is `unavailable` and the next batch takes the seqs. `LogFenced` or an
   unknown outcome: the store refuses every later append (`unavailable`) — a zombie never writes.
+- Pipelined, one transaction at a time: while batch N's transaction commits (in its own task),
+  the sequencer takes batch N+1 and runs its PostgreSQL lookup; it plans N+1 only once N's
+  outcome is known (so N+1's seqs follow N's, or reuse them if N aborted), starts N+1's
+  transaction, and only then answers N (the producer thread works while the shard publishes).
+  The early lookup is sound because the shard is its rooms' only writer: what it does not find
+  in PostgreSQL was not appended before, except by batch N, whose keys, heads and targets the
+  plan reads from memory first once N committed; entries are pruned only at the top of an
+  iteration, never between a lookup and its plan.
 - Memory: what is appended and not yet persisted is held by the sequencer; above
   `_MAX_UNPERSISTED` entries the sequencer waits for the persister (backpressure).
 - Reads that must see acknowledged messages (events_after, history, search, load_rooms' heads)
@@ -36,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import outcome
 import trio
 from trio_asyncio import aio_as_trio
@@ -79,24 +88,36 @@ _HEADS: Final = (
     "SELECT r, COALESCE((SELECT max(seq) FROM event_keys WHERE room = r), 0)"
     " FROM unnest($1::text[]) AS r"
 )
+# One index probe per key (LATERAL … LIMIT 1 keeps the planner from hashing all of
+# `event_keys` for a batch's keys: that plan's cost grew with the table, ~45 ms per batch at
+# 17,000 rows). See pg_append._PRIORS.
 _PRIORS: Final = (
     f"SELECT {_E_COLS} FROM unnest($1::text[], $2::text[], $3::text[]) AS q(room, sender, cid)"
-    " JOIN event_keys k ON k.room = q.room AND k.sender = q.sender AND k.cid = q.cid"
-    " JOIN events e ON e.instance = k.instance AND e.ts = k.ts AND e.room = k.room"
-    " AND e.seq = k.seq"
+    " CROSS JOIN LATERAL (SELECT e.* FROM event_keys k JOIN events e ON e.instance = k.instance"
+    " AND e.ts = k.ts AND e.room = k.room AND e.seq = k.seq"
+    " WHERE k.room = q.room AND k.sender = q.sender AND k.cid = q.cid LIMIT 1) e"
 )
 _TARGETS: Final = (
     "SELECT e.room, e.seq, e.type, e.sender, e.deleted"
     " FROM unnest($1::text[], $2::bigint[]) AS q(room, seq)"
-    " JOIN event_keys k ON k.room = q.room AND k.seq = q.seq"
-    " JOIN events e ON e.instance = k.instance AND e.ts = k.ts AND e.room = k.room"
-    " AND e.seq = k.seq"
+    " CROSS JOIN LATERAL (SELECT e.* FROM event_keys k JOIN events e ON e.instance = k.instance"
+    " AND e.ts = k.ts AND e.room = k.room AND e.seq = k.seq"
+    " WHERE k.room = q.room AND k.seq = q.seq LIMIT 1) e"
 )
 
 
 def default_topic(shard: str) -> str:
     """The topic of a shard's log when the config names none."""
     return f"gb6-log-{shard}"
+
+
+@attrs.define(eq=False)
+class _Inflight:
+    """A planned batch whose transaction is being appended; `failure` once `done`, if any."""
+
+    plan: Plan
+    failure: GB6Error | None = None
+    done: trio.Event = attrs.Factory(trio.Event)
 
 
 def _ignore(_: Any) -> None:
@@ -233,22 +254,97 @@ class KafkaStore:
     # --- the sequencer -------------------------------------------------------------------
 
     async def _sequencer(self) -> None:
+        """The pipelined loop (see the module doc). Every op taken is answered, whatever is
+        cancelled: the work on taken ops is shielded, and a transaction in flight is waited
+        for on the way out."""
         last_batch = 0
         carry: list[AppendItem] = []
-        while True:
-            while len(self._seq.unpersisted) > _MAX_UNPERSISTED:  # the persister is behind
-                await self._progress.wait()
-                self._seq.unpersisted.prune()
-            if not carry:
-                carry = [await self._recv.receive()]
-                if last_batch > 1 and self.limits.writer_linger_s > 0:
-                    # Under load, let the batch fill (see PgStore). Shielded: ops are taken.
+        inflight: _Inflight | None = None
+        async with trio.open_nursery() as writes:
+            try:
+                while True:
+                    while len(self._seq.unpersisted) > _MAX_UNPERSISTED:  # persister behind
+                        await self._progress.wait()
+                        self._seq.unpersisted.prune()
+                    if inflight is None and not carry:
+                        carry = [await self._recv.receive()]
+                        if last_batch > 1 and self.limits.writer_linger_s > 0:
+                            # Under load, let the batch fill (see PgStore). Shielded: ops taken.
+                            with trio.CancelScope(shield=True):
+                                await trio.sleep(self.limits.writer_linger_s)
+                    batch = carry + self._take(self.limits.writer_batch - len(carry))
+                    last_batch = len(batch)
                     with trio.CancelScope(shield=True):
-                        await trio.sleep(self.limits.writer_linger_s)
-            batch = carry + self._take(self.limits.writer_batch - len(carry))
-            last_batch = len(batch)
-            with trio.CancelScope(shield=True):
-                carry = await self._append(batch)
+                        inflight, carry = await self._step(writes, inflight, batch)
+            finally:
+                if inflight is not None:
+                    with trio.CancelScope(shield=True):
+                        await inflight.done.wait()
+                        self._answer(self._settle(inflight))
+
+    async def _step(
+        self, writes: trio.Nursery, inflight: _Inflight | None, batch: list[AppendItem]
+    ) -> tuple[_Inflight | None, list[AppendItem]]:
+        """Look `batch` up while `inflight` commits; settle `inflight`; plan `batch` and start
+        its transaction; answer `inflight`. Returns the new transaction in flight and the ops
+        left for the next batch."""
+        lookup: Lookup | GB6Error = Lookup()
+        if batch and self._dead is None:
+            self._seq.unpersisted.prune()
+            needs = self._seq.needs(batch)
+            if needs:
+                try:
+                    lookup = await self._lookup(needs)
+                except GB6Error as exc:
+                    lookup = exc
+        done: list[tuple[AppendItem, Appended | GB6Error]] = []
+        if inflight is not None:
+            await inflight.done.wait()
+            done = self._settle(inflight)
+        started: _Inflight | None = None
+        left: list[AppendItem] = []
+        if self._dead is not None:
+            done += [(item, self._dead) for item in batch]
+        elif isinstance(lookup, GB6Error):
+            done += [(item, lookup) for item in batch]
+        elif batch:
+            plan, left = self._plan(batch, lookup)
+            if plan.records:
+                started = _Inflight(plan)
+                writes.start_soon(self._write_task, started)
+            else:  # repeats and refusals only: nothing to append
+                done += plan.results
+        self._answer(done)  # after the next transaction started: the producer works meanwhile
+        return started, left
+
+    def _plan(self, batch: list[AppendItem], lookup: Lookup) -> tuple[Plan, list[AppendItem]]:
+        plan = self._seq.plan(lookup, now_ms())
+        for i, item in enumerate(batch):
+            if plan.full():
+                return plan, batch[i:]
+            plan.add(item)
+        return plan, []
+
+    async def _write_task(self, inflight: _Inflight) -> None:
+        with trio.CancelScope(shield=True):  # once planned, its outcome must be learned
+            try:
+                inflight.failure = await self._write(inflight.plan)
+            finally:
+                inflight.done.set()
+
+    def _settle(self, inflight: _Inflight) -> list[tuple[AppendItem, Appended | GB6Error]]:
+        """The answers of a finished transaction; its plan becomes the state if it committed."""
+        plan, failure = inflight.plan, inflight.failure
+        if failure is None:
+            self._seq.commit(plan)
+            return plan.results
+        made = {(e.room, e.seq) for e in plan.keys.values()}
+        return [
+            (item, failure)
+            if isinstance(r, Appended) and (r.event.room, r.event.seq) in made
+            else (item, r)
+            for item, r in plan.results
+        ]
 
     def _take(self, n: int) -> list[AppendItem]:
         batch: list[AppendItem] = []
@@ -260,48 +356,15 @@ class KafkaStore:
         return batch
 
     async def _commit_queued(self) -> None:
-        """On exit: append what was queued before the store closed (shielded by the caller)."""
+        """On exit: append what was queued before the store closed (shielded by the caller),
+        one transaction at a time."""
         carry: list[AppendItem] = []
-        while batch := carry + self._take(self.limits.writer_batch - len(carry)):
-            carry = await self._append(batch)
-
-    async def _append(self, batch: list[AppendItem]) -> list[AppendItem]:
-        """Plan, append and answer (a prefix of) `batch`; returns the ops left for the next."""
-        if self._dead is not None:
-            self._answer([(item, self._dead) for item in batch])
-            return []
-        self._seq.unpersisted.prune()
-        needs = self._seq.needs(batch)
-        try:
-            lookup = await self._lookup(needs) if needs else Lookup()
-        except GB6Error as exc:
-            self._answer([(item, exc) for item in batch])
-            return []
-        plan = self._seq.plan(lookup, now_ms())
-        left: list[AppendItem] = []
-        for i, item in enumerate(batch):
-            if plan.full():
-                left = batch[i:]
-                break
-            plan.add(item)
-        failure = await self._write(plan) if plan.records else None
-        if failure is None:
-            self._seq.commit(plan)
-            self._answer(plan.results)
-        else:
-            made = {(e.room, e.seq) for e in plan.keys.values()}
-            self._answer(
-                [
-                    (item, failure)
-                    if isinstance(r, Appended) and (r.event.room, r.event.seq) in made
-                    else (item, r)
-                    for item, r in plan.results
-                ]
-            )
-            if self._dead is not None and left:
-                self._answer([(item, self._dead) for item in left])
-                left = []
-        return left
+        async with trio.open_nursery() as writes:
+            while batch := carry + self._take(self.limits.writer_batch - len(carry)):
+                inflight, carry = await self._step(writes, None, batch)
+                if inflight is not None:
+                    await inflight.done.wait()
+                    self._answer(self._settle(inflight))
 
     async def _write(self, plan: Plan) -> GB6Error | None:
         """Append the plan's records as one transaction; the error its ops get, if any."""
