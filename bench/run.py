@@ -293,6 +293,7 @@ def traffic(
         last_print = time.monotonic()
         last_counts = {"sent": 0, "acked": 0, "delivered": 0}
         last_print_t = time.monotonic()
+        last_sys = psutil.cpu_times()  # the machine's CPU between progress lines
         wal = WalWatch(server.data_dir / "gb6.db-wal" if server.data_dir else None)
         while len(results) < nw:
             if now_ns() < t_end + 1_000_000_000:
@@ -343,6 +344,14 @@ def traffic(
                 ]
                 scpu = srv_meter.mark() if srv_meter else float("nan")
                 gcpu = gen_meter.mark()
+                # Everything else on the machine in this interval (% of one core), so that
+                # a run on a shared machine shows which of its seconds were contended.
+                sys_now = psutil.cpu_times()
+                sys_dt = sum(sys_now) - sum(last_sys)
+                busy_dt = sys_dt - (sys_now.idle - last_sys.idle)
+                busy_dt -= getattr(sys_now, "iowait", 0.0) - getattr(last_sys, "iowait", 0.0)
+                last_sys = sys_now
+                ocpu = 100 * busy_dt / dt_s - (0.0 if scpu != scpu else scpu) - gcpu
                 errs = sum(p.get("errors", 0) for p in progress.values())
                 closed = sum(p.get("closed", 0) for p in progress.values())
                 t_rel = (now - t0) / 1e9
@@ -352,13 +361,15 @@ def traffic(
                         **{f"{k}_per_s": round(v) for k, v in rates.items()},
                         "server_cpu_pct": round(scpu, 1),
                         "gen_cpu_pct": round(gcpu, 1),
+                        "others_cpu_pct": round(ocpu, 1),
                         "server_rss": rss,
                     }
                 )
                 log(
                     f"  t={t_rel:5.1f}s  sends/s {rates['sent']:8.0f}  acks/s {rates['acked']:8.0f}"
                     f"  deliveries/s {rates['delivered']:9.0f}  server CPU {scpu:5.1f}%"
-                    f" RSS {mb(rss)}  generator CPU {gcpu:5.1f}%  errors {errs} closed {closed}"
+                    f" RSS {mb(rss)}  generator CPU {gcpu:5.1f}%  others {ocpu:5.1f}%"
+                    f"  errors {errs} closed {closed}"
                 )
             if not server.alive():
                 if isinstance(server, Cluster):
