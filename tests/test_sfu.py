@@ -384,9 +384,13 @@ async def test_unpublish_and_leave_remove_tracks(sfu: Sfu) -> None:
     assert gone.track_id == ids["audio"]
     assert sub.peer.subscriptions == (ids["video"],)
     assert sub.peer.needs_negotiation
-    await sub.renegotiate()  # the audio m-line is rejected, the video one stays
+    await sub.renegotiate()  # the audio m-line goes inactive, the video one stays
     assert not sub.peer.needs_negotiation
-    assert "m=audio 0 " in sub.pc.remoteDescription.sdp
+    sdp = sub.pc.remoteDescription.sdp
+    audio = sdp[sdp.index("m=audio") :]
+    # Kept in the BUNDLE group (port 9, inactive), never rejected: see edge/sfu/_sfu.py.
+    assert audio.startswith("m=audio 9 ") and "a=inactive" in audio
+    assert "a=group:BUNDLE 0 1" in sdp
     await sub.frames(ids["video"], 2)
     with pytest.raises(GB6Error) as err:
         sub.peer.subscribe(ids["audio"])

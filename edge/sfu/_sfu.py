@@ -77,7 +77,10 @@ class _Section:
 
     mid: str
     kind: str
-    role: Literal["publish", "subscribe", "slot", "rejected"]
+    # "inactive": a subscription whose track went; the m-line stays in the BUNDLE group (port
+    # 9, a=inactive) rather than rejected: rejecting the group's first m-line makes browsers
+    # move the transport (Chromium's connection went back to "new" and failed).
+    role: Literal["publish", "subscribe", "slot", "inactive", "rejected"]
     track_id: str | None = None
     codec: RTCRtpCodecParameters | None = None
     extensions: list[RTCRtpHeaderExtensionParameters] = attrs.field(factory=list)
@@ -476,7 +479,7 @@ class Peer:
             placed: set[str] = set()
             for s in sections:
                 if s.role == "subscribe" and s.track_id not in self._subs:
-                    s.role, s.track_id = "rejected", None
+                    s.role, s.track_id = "inactive", None
                 elif s.role in ("subscribe", "slot") and s.track_id in self._subs:
                     placed.add(s.track_id)
             used = {s.mid for s in sections}
@@ -745,9 +748,12 @@ class Peer:
         assert self._local is not None
         media = []
         for s in sections:
-            direction = {"publish": "recvonly", "subscribe": "sendonly", "slot": "sendonly"}.get(
-                s.role, "rejected"
-            )
+            direction = {
+                "publish": "recvonly",
+                "subscribe": "sendonly",
+                "slot": "sendonly",
+                "inactive": "inactive",
+            }.get(s.role, "rejected")
             media.append(
                 _sdp.media_section(
                     self._local,

@@ -19,8 +19,16 @@
 // and the connection renegotiated. ICE: the configured servers only (none by default), host
 // candidates gathered before the offer goes out, later ones trickled (`media.ice`). Events:
 // 'joined', 'participant_joined', 'participant_left', 'track', 'track_removed', 'track_muted',
-// 'speakers', 'quality', 'viewers', 'recording', 'state' ({state}), 'change' (after any of
-// them), 'error' (a background negotiation failed: {error}).
+// 'speakers', 'quality', 'viewers', 'recording', 'role', 'state' ({state}), 'change' (after
+// any of them), 'error' (a background negotiation failed: {error}).
+//
+// Resume: the server ends a participant when its socket closes, so when the client
+// reconnects (status 'reconnecting' then 'ready') the session joins again by itself: state
+// 'reconnecting' meanwhile (received tracks removed, the local ones kept), then a new
+// participant on a new RTCPeerConnection that republishes the same local tracks (each `pub`
+// object keeps its identity and gets the new track id; mutes are applied again) and receives
+// what is published ('joined' again). Only a client that closes for good ends the session.
+// A live room's host un-named as co-host (`role` viewer) stops sending its tracks.
 
 import { Emitter } from './client.js';
 import { GB6Error } from './errors.js';
@@ -74,19 +82,16 @@ export class MediaSession extends Emitter {
     this._mids = new Map();
     this._off = [];
     this._closed = false;
+    this._suspended = false;
   }
 
   get pc() { return this._pc; }
 
   /** Join the room's media; receives what is published already (with autoSubscribe). */
   async join() {
-    this._pc = new RTCPeerConnection({ iceServers: this.iceServers, bundlePolicy: 'max-bundle' });
-    this._pc.ontrack = (e) => this._onTrack(e);
-    this._pc.onconnectionstatechange = () => this._setState(this._pc.connectionState);
+    this._pc = this._newPc();
     this._off.push(this.client.on('event', (ev) => this._onEvent(ev)));
-    this._off.push(this.client.on('status', ({ status }) => {
-      if (status !== 'ready') this._ended('closed'); // the server left for us: socket close = leave
-    }));
+    this._off.push(this.client.on('status', ({ status }) => this._onStatus(status)));
     let ok;
     try {
       ok = await this.client.request('media.join', { room: this.room });
@@ -94,6 +99,11 @@ export class MediaSession extends Emitter {
       this._teardown();
       throw err;
     }
+    this._joined(ok);
+    return ok;
+  }
+
+  _joined(ok) {
     this.participant = ok.participant;
     this.role = ok.role;
     this.viewers = ok.viewers ?? null;
@@ -105,7 +115,71 @@ export class MediaSession extends Emitter {
       const ids = ok.tracks.map((t) => t.id);
       if (ids.length) this.subscribe(ids).catch((error) => this.emit('error', { error }));
     }
-    return ok;
+  }
+
+  _newPc() {
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers, bundlePolicy: 'max-bundle' });
+    pc.ontrack = (e) => { if (pc === this._pc) this._onTrack(e); };
+    pc.onconnectionstatechange = () => { if (pc === this._pc) this._setState(pc.connectionState); };
+    return pc;
+  }
+
+  // --- resume ----------------------------------------------------------------------------
+
+  _onStatus(status) {
+    if (this._closed) return;
+    if (status === 'closed') this._ended('closed');
+    else if (status === 'ready' && this._suspended) this._resume();
+    else if (status !== 'ready' && !this._suspended && this.participant) this._suspend();
+  }
+
+  /** The socket is gone, and with it our participant at the server: keep the local tracks. */
+  _suspend() {
+    this._suspended = true;
+    this._pc.onicecandidate = null;
+    this._pc.close();
+    for (const id of [...this.remote.keys()]) this._dropRemote(id);
+    this.participants.clear();
+    this.published.clear();
+    this.speakers = [];
+    this.participant = null;
+    this._setState('reconnecting');
+  }
+
+  /** Join again on a new connection; republish the same tracks; resubscribe. */
+  _resume() {
+    this._suspended = false;
+    const pubs = [...this.local.values()];
+    this.local.clear();
+    this._pc = this._newPc();
+    this._mids = new Map();
+    const run = this._queue.then(async () => {
+      const ok = await this.client.request('media.join', { room: this.room });
+      if (this._closed) return;
+      this.participant = ok.participant; // before our tracks' own track_published events
+      if (ok.role !== 'host') for (const pub of pubs) pub.track.stop(); // may no longer publish
+      else if (pubs.length) {
+        for (const pub of pubs) {
+          const res = await this.client.request('media.publish', {
+            room: this.room, kind: pub.track.kind, source: pub.source, msid_track: pub.track.id,
+          });
+          const tr = this._pc.addTransceiver(pub.track, { direction: 'sendonly', streams: [new MediaStream([pub.track])] });
+          Object.assign(pub, { id: res.track, sender: tr.sender, transceiver: tr });
+          this.local.set(pub.id, pub);
+        }
+        await this._offer();
+        for (const pub of pubs) {
+          if (pub.muted) await this.client.request('media.mute', { room: this.room, track: pub.id, muted: true });
+        }
+      }
+      this._joined(ok); // after our own tracks: the snapshot's tracks are the others'
+    });
+    this._queue = run.catch(() => {});
+    run.catch((error) => {
+      if (this._closed) return;
+      this.emit('error', { error });
+      if (this.client.status === 'ready') this._ended('failed');
+    });
   }
 
   // --- publishing ------------------------------------------------------------------------
@@ -350,6 +424,12 @@ export class MediaSession extends Emitter {
         this.recording = ev.state === 'started' ? ev.recording : null;
         this.emit('recording', ev);
         break;
+      case 'media.role':
+        if (ev.participant !== this.participant) return;
+        this.role = ev.role;
+        if (ev.role === 'viewer') this._stopSending();
+        this.emit('role', ev);
+        break;
       case 'media.state':
         if (ev.state === 'closed' || ev.state === 'failed') this._ended(ev.state);
         return;
@@ -357,6 +437,16 @@ export class MediaSession extends Emitter {
         return;
     }
     this._changed();
+  }
+
+  /** Our tracks were unpublished by the server (un-named co-host): stop sending them. */
+  _stopSending() {
+    for (const pub of this.local.values()) {
+      pub.sender.replaceTrack(null).catch(() => {});
+      pub.transceiver.direction = 'inactive';
+      pub.track.stop();
+    }
+    this.local.clear();
   }
 
   _setState(state) {
