@@ -49,6 +49,7 @@ class Cluster:
         self.topics = topics or []  # Kafka topics of the origins' logs (store "kafka")
         self.pg_dsn = os.environ.get("GB6_PG_DSN", "")
         self.kafka = os.environ.get("GB6_KAFKA_BOOTSTRAP", DEFAULT_KAFKA)
+        self.secret = ""  # the link secret (bench/linkload.py speaks the link itself)
         self._tmp: Path | None = None  # the configs and data directories
         self.keep = False  # --keep-data: leave the data directories (schemas are still dropped)
 
@@ -151,10 +152,10 @@ class Cluster:
         extra: dict[str, Any],
     ) -> Cluster:
         """`extra`: Server.start's experiment options (prelude, gc_log, switch interval), for
-        every process."""
-        if origins < 1 or edges < 1 or origins + edges > MAX_PROCESSES:
+        every process. `edges` may be 0 (the `links` mode loads the origin itself)."""
+        if origins < 1 or edges < 0 or origins + edges > MAX_PROCESSES:
             raise ValueError(
-                f"--origins {origins} --edges {edges}: need at least 1 of each and at most "
+                f"--origins {origins} --edges {edges}: need at least 1 origin and at most "
                 f"{MAX_PROCESSES} processes in all"
             )
         if store not in STORES:
@@ -175,6 +176,7 @@ class Cluster:
         topics = [f"bench-{suffix}-s{i + 1}" for i in range(origins)] if store == "kafka" else []
         c = cls([], [], store, schemas, topics)
         c._tmp = base
+        c.secret = secret
         c.keep = bool(extra.get("keep_data"))
         try:
             for i in range(origins):

@@ -1240,6 +1240,11 @@ def parser() -> argparse.ArgumentParser:
         "--switch-interval-ms", type=float, default=0.0, help="sys.setswitchinterval (0: keep)"
     )
 
+    from bench.linkload import add_arguments as links_arguments
+
+    links_help = "one origin shard loaded over the edge-origin link: durable appends/s per shard"
+    links_arguments(sub.add_parser("links", help=links_help))
+
     from bench.relay import add_arguments as relay_arguments
 
     relay_help = "the SFU: forwarded RTP packets/s, CPU and loss vs subscribers"
@@ -1278,6 +1283,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench.relay import run_relay
 
         run_relay(args, m)
+        return 0
+    if args.mode == "links":
+        from bench.linkload import run_links
+
+        run_links(args, m, meta_for(args, m))
         return 0
     if args.mode == "store":
         from bench.store import run_store
