@@ -6,7 +6,8 @@ each open one link connection and speak replication/link.py as an edge does — 
 the cluster's secret, the snapshot, `watch` of every room (so the origin pushes each committed
 event to every link, as it does to two edges whose clients sit in every room), then `append`
 requests kept `--window` in flight per link, many frames per write, answers read in bulk.
-An append's `res` comes once the store made it durable, so res/s is durable appends/s. The
+An append is answered (an `acks` entry of a `batch` frame, or a `res`) once the store made it
+durable, so answers/s is durable appends/s. The
 `appends --cluster` mode measures the whole path (clients → 2 edges → origin → edges →
 clients); on a 2-core machine most of its CPU goes to the edges and the clients, so it
 understates what the shard does. Compare the two: this mode is the shard's ceiling.
@@ -201,11 +202,16 @@ def _worker(
                 break
             frame = bytes(buf[pos + 4 : pos + 4 + n])
             pos += 4 + n
-            if frame.startswith(b'{"t":"batch"'):
-                msg = orjson.loads(frame)
-                delivered.append((arrived, sum(len(v) for v in msg["events"].values())))
-                continue
             msg = orjson.loads(frame)
+            if msg.get("t") == "batch":
+                delivered.append((arrived, sum(len(v) for v in msg["events"].values())))
+                for ack in msg.get("acks", ()):  # new events of our appends (link.py)
+                    start = sent_at.pop(ack[0], None)
+                    if start is not None:
+                        answered += 1
+                        acks_at.append(arrived)
+                        lat_ns.append(arrived - start)
+                continue
             if msg.get("t") != "res":
                 continue
             start = sent_at.pop(msg["id"], None)

@@ -24,8 +24,13 @@ _MAX_LEXEME_BYTES: Final = 2046
 
 def lexemes(text: str) -> list[str]:
     """The distinct normalized words of `text`, in a stable order."""
-    decomposed = unicodedata.normalize("NFD", text)
-    folded = "".join(c for c in decomposed if unicodedata.category(c) != "Mn").casefold()
+    if text.isascii():
+        # No diacritics to remove, and ASCII case folding is lower(): the same words, without
+        # the per-character loop (~6 % of a PostgreSQL origin's CPU under load).
+        folded = text.lower()
+    else:
+        decomposed = unicodedata.normalize("NFD", text)
+        folded = "".join(c for c in decomposed if unicodedata.category(c) != "Mn").casefold()
     words = dict.fromkeys(w for w in _WORD.findall(folded) if len(w.encode()) <= _MAX_LEXEME_BYTES)
     return list(words)
 

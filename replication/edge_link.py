@@ -186,6 +186,10 @@ class ShardLink:
                     listener(room_id, events)
             for room_id, head in msg["heads"].items():
                 self._advance(room_id, head)
+            for req_id, seq, ts in msg.get("acks", ()):  # new events of our appends (link.py)
+                ack = self._pending.pop(req_id, None)
+                if ack is not None:
+                    ack(outcome.Value({"seq": seq, "ts": ts}))
         elif kind == "room":
             change = self._set_room(link.room_from_wire(msg["room"]))
             if change.added or change.removed:
@@ -454,7 +458,24 @@ class RemoteOrigin:
                 self._idle.set()
             if isinstance(result, outcome.Value):
                 ok = result.value
-                reply(outcome.Value(Appended(link.event_from_wire(ok["event"]), ok["duplicate"])))
+                if "event" in ok:  # a repeat: the original event
+                    ev = link.event_from_wire(ok["event"])
+                    reply(outcome.Value(Appended(ev, ok["duplicate"])))
+                    return
+                # An ack: the event is this request at the origin's seq and ts (link.py).
+                ev = Event(
+                    room=room_id,
+                    seq=ok["seq"],
+                    ts=ok["ts"],
+                    type=type_,
+                    sender=who.id,
+                    cid=cid,
+                    body=body,
+                    thread=thread,
+                    target=target,
+                    emoji=emoji,
+                )
+                reply(outcome.Value(Appended(ev, False)))
             else:
                 reply(result)
 

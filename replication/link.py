@@ -20,8 +20,13 @@ Conversation:
   range, `rec.index` {instance, room} → {recordings}, `rec.indexed` {instance, room,
   recording} lists a finished one; `usage.charge` {instance, resource: recording_minutes, n,
   key} is the shard's `charge_usage`.
-- origin → edge pushes: `batch` {events: {room: [event]}, heads: {room: seq}} once per
-  committed batch (events for rooms this edge watches, heads for the others); `room` {room}
+- origin → edge pushes: `batch` {events: {room: [event]}, heads: {room: seq}, acks?:
+  [[id, seq, ts]]} once per committed batch (events for rooms this edge watches, heads for the
+  others). `acks` answers this edge's `append` requests that made a new event: the event is
+  the request's fields at that seq and ts, so the origin neither encodes it a second time nor
+  the edge decodes it (a frame per answer and an event per answer cost ~10 % of an origin's
+  CPU). The edge handles `acks` after the frame's events, as it would `res` frames after the
+  batch. A repeat (`duplicate`) or a refusal is answered with `res` as before. `room` {room}
   (a room's whole state, after a membership change); `read` {room, user, seq}; `instance`,
   `user` (tenancy records created on the shard).
 - `watch` is a request whose answer {room, head} is written, in the same step as the origin
@@ -66,22 +71,32 @@ class FrameDecoder:
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        self._buf += data
+        buf = self._buf
+        buf += data
         out: list[dict[str, Any]] = []
-        while len(self._buf) >= 4:
-            (n,) = _LEN.unpack_from(self._buf)
-            if n > self._max:
-                raise LinkBroken(f"frame of {n} bytes is over {self._max}")
-            if len(self._buf) < 4 + n:
-                break
-            try:
-                msg = orjson.loads(bytes(self._buf[4 : 4 + n]))
-            except orjson.JSONDecodeError as exc:
-                raise LinkBroken(f"frame is not JSON: {exc}") from exc
-            del self._buf[: 4 + n]
-            if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
-                raise LinkBroken("frame is not an object with a kind")
-            out.append(msg)
+        # Walk the frames with a position and drop what was read once at the end: deleting
+        # each frame from the front moved the rest of a 64 KiB read per frame (~6 % of an
+        # origin's CPU under load, hundreds of small appends per read).
+        pos, end = 0, len(buf)
+        view = memoryview(buf)
+        try:
+            while end - pos >= 4:
+                (n,) = _LEN.unpack_from(buf, pos)
+                if n > self._max:
+                    raise LinkBroken(f"frame of {n} bytes is over {self._max}")
+                if end - pos - 4 < n:
+                    break
+                try:
+                    msg = orjson.loads(view[pos + 4 : pos + 4 + n])
+                except orjson.JSONDecodeError as exc:
+                    raise LinkBroken(f"frame is not JSON: {exc}") from exc
+                pos += 4 + n
+                if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+                    raise LinkBroken("frame is not an object with a kind")
+                out.append(msg)
+        finally:
+            view.release()  # a bytearray with an export cannot be resized
+            del buf[:pos]
         return out
 
 

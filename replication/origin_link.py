@@ -57,6 +57,7 @@ class EdgePeer:
         # Events and heads of the committed batch being published, flushed as one frame.
         self.events: dict[str, list[dict[str, Any]]] = {}
         self.heads: dict[str, int] = {}
+        self.acks: list[tuple[int, int, int]] = []  # (request id, seq, ts) of new events
         # Concurrent quota slots this edge holds, per (instance, resource): freed when the
         # link ends.
         self.slots: dict[tuple[str, str], int] = {}
@@ -64,15 +65,18 @@ class EdgePeer:
     def send(self, msg: dict[str, Any]) -> None:
         if self.broken:
             return
-        if self.events or self.heads:
+        if self.events or self.heads or self.acks:
             self.flush_batch()
         self._queue(link.encode(msg))
 
     def flush_batch(self) -> None:
-        if not (self.events or self.heads):
+        if not (self.events or self.heads or self.acks):
             return
-        frame = link.encode({"t": "batch", "events": self.events, "heads": self.heads})
-        self.events, self.heads = {}, {}
+        msg: dict[str, Any] = {"t": "batch", "events": self.events, "heads": self.heads}
+        if self.acks:
+            msg["acks"] = self.acks
+        frame = link.encode(msg)
+        self.events, self.heads, self.acks = {}, {}, []
         self._queue(frame)
 
     def _queue(self, frame: bytes) -> None:
@@ -341,7 +345,12 @@ class LinkServer:
 
     async def _append(self, peer: EdgePeer, req_id: int, msg: dict[str, Any]) -> None:
         def reply(result: outcome.Outcome[Appended]) -> None:
-            if isinstance(result, outcome.Value):
+            if isinstance(result, outcome.Value) and not result.value.duplicate:
+                ev = result.value.event
+                peer.acks.append((req_id, ev.seq, ev.ts))  # in the batch frame (link.py)
+                if not self._publishing:
+                    peer.flush_batch()
+            elif isinstance(result, outcome.Value):
                 ev = result.value.event
                 ok = {"event": link.event_to_wire(ev), "duplicate": result.value.duplicate}
                 peer.send({"t": "res", "id": req_id, "ok": ok})
