@@ -150,19 +150,19 @@ class SqliteEventSource:
     async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
         start = _after_id(after)
 
-        def q(conn: sqlite3.Connection) -> tuple[int | None, list[tuple[Any, ...]]]:
+        def q(conn: sqlite3.Connection) -> tuple[int | None, list[MeterEvent]]:
             conn.execute("BEGIN")  # one snapshot for both statements
             try:
                 (end,) = conn.execute(_BATCH_END, (start, limit)).fetchone()
                 rows = [] if end is None else conn.execute(_READ, (start, end)).fetchall()
             finally:
                 conn.execute("COMMIT")
-            return end, rows
+            return end, [MeterEvent(*r) for r in rows]  # here, not on the event loop
 
-        end, rows = await self._worker.call(q)
+        end, events = await self._worker.call(q)
         if end is None:
             return None
-        return [MeterEvent(r[0], r[1], r[2], r[3], r[4]) for r in rows], str(end)
+        return events, str(end)
 
     async def drained(self, after: str | None) -> bool:
         return True  # `read` found no row after `after`
