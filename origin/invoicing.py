@@ -42,6 +42,7 @@ from origin.billing import (
 )
 from origin.billing_store import BillingStore, StoredInvoice, check_record
 from origin.metering import (
+    POLL_S,
     EventSource,
     KafkaEventSource,
     Meter,
@@ -74,7 +75,7 @@ class Billing:
         pricing_of: Callable[[str], Pricing],
         *,
         clock: Callable[[], int] = now_ms,
-        poll_s: float = 1.0,
+        poll_s: float = POLL_S,
     ) -> None:
         self.store = store
         self.meter = Meter(store, source, poll_s=poll_s)
