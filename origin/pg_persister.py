@@ -14,6 +14,12 @@ Rules (DESIGN §3.5):
   pause, until it succeeds or the persister is cancelled; each failure is logged.
 - Every crossing into asyncpg is one batch (`aio_as_trio`), on the connection pool its owner
   gives it; partitions a batch needs are made before its transaction (pg_schema.Partitions).
+- One round trip per batch in the common case: the rows are built in Python first (outside
+  any transaction), then ONE statement inserts the keys, the events whose keys were new, and
+  the offsets (`_PERSIST`: a statement is its own transaction). A batch holding edits or
+  deletes runs that statement and the target updates in one explicit transaction instead.
+  (Before: BEGIN, keys, Python work, events, offsets, COMMIT — five round trips, the
+  transaction held open across the Python work, seen as `idle in transaction`.)
 """
 
 from __future__ import annotations
@@ -40,20 +46,33 @@ _OFFSETS_TABLE: Final = (
     " consumer text NOT NULL, topic text NOT NULL, partition integer NOT NULL,"
     " next bigint NOT NULL, PRIMARY KEY (consumer, topic, partition))"
 )
-_KEYS: Final = (
-    "INSERT INTO event_keys(room, seq, sender, cid, instance, ts)"
-    " SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[],"
-    " $6::bigint[]) ON CONFLICT DO NOTHING RETURNING room, seq"
-)
-_EVENTS: Final = (
-    "INSERT INTO events(instance, room, seq, ts, type, sender, cid, body, thread, target,"
+# $1..$12: the events' columns; $13, $14: consumer and topic; $15, $16: partitions and their
+# next offsets. Keys first (ON CONFLICT: a replayed event is skipped), then the events whose
+# keys were new, in log order (event ids, search's newest-first order, follow it), and the
+# offsets: a data-modifying CTE runs to completion whether or not it is read.
+_PERSIST: Final = (
+    "WITH keys AS ("
+    " INSERT INTO event_keys(room, seq, sender, cid, instance, ts)"
+    " SELECT room, seq, sender, cid, instance, ts"
+    " FROM unnest($2::text[], $3::bigint[], $6::text[], $7::text[], $1::text[], $4::bigint[])"
+    " AS k(room, seq, sender, cid, instance, ts)"
+    " ON CONFLICT DO NOTHING RETURNING room, seq),"
+    " offsets AS ("
+    " INSERT INTO log_offsets(consumer, topic, partition, next)"
+    " SELECT $13, $14, p, n FROM unnest($15::integer[], $16::bigint[]) AS o(p, n)"
+    " ON CONFLICT (consumer, topic, partition)"
+    " DO UPDATE SET next = GREATEST(log_offsets.next, excluded.next))"
+    " INSERT INTO events(instance, room, seq, ts, type, sender, cid, body, thread, target,"
     " emoji, tsv)"
-    " SELECT instance, room, seq, ts, type, sender, cid, body, thread, target, emoji,"
-    " tsv::tsvector"
+    " SELECT t.instance, t.room, t.seq, t.ts, t.type, t.sender, t.cid, t.body, t.thread,"
+    " t.target, t.emoji, t.tsv::tsvector"
     " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[],"
     " $7::text[], $8::bytea[], $9::bigint[], $10::bigint[], $11::text[], $12::text[])"
     " WITH ORDINALITY AS t(instance, room, seq, ts, type, sender, cid, body, thread, target,"
-    " emoji, tsv, n) ORDER BY n"  # event ids (search's newest-first order) follow log order
+    " emoji, tsv, n)"
+    " JOIN keys ON keys.room = t.room AND keys.seq = t.seq"
+    " ORDER BY t.n"
+    " RETURNING room, seq"
 )
 # The target's ts from event_keys prunes `events` to one partition.
 _EDIT: Final = (
@@ -68,12 +87,6 @@ _DELETE: Final = (
     " AND ts = (SELECT ts FROM event_keys WHERE room = $2 AND seq = $3))"
     " UPDATE events SET deleted = true, body = NULL, current_body = NULL, tsv = NULL"
     " WHERE instance = $1 AND room = $2 AND target = $3 AND type = 'edit'"
-)
-_SAVE_OFFSETS: Final = (
-    "INSERT INTO log_offsets(consumer, topic, partition, next)"
-    " SELECT $1, $2, p, n FROM unnest($3::integer[], $4::bigint[]) AS t(p, n)"
-    " ON CONFLICT (consumer, topic, partition)"
-    " DO UPDATE SET next = GREATEST(log_offsets.next, excluded.next)"
 )
 
 
@@ -161,74 +174,70 @@ class PgPersister:
                 raise translate(exc, "persisting the log") from exc
 
     async def _apply(self, events: Sequence[LoggedEvent], resume: Mapping[int, int]) -> None:
+        # The Python work first, outside the transaction.
+        months: dict[int, set[str]] = {}
+        first_ts: dict[int, int] = {}
+        month: dict[int, int] = {}  # ts → month key: a batch holds few distinct ts
+        for e in events:
+            ts = e.event.ts
+            key = month.get(ts)
+            if key is None:
+                key = month[ts] = month_of(ts)[0]
+            months.setdefault(key, set()).add(e.instance)
+            first_ts.setdefault(key, ts)
+        parts = sorted(resume)
+        args = (*_columns(events), self._name, self._topic, parts, [resume[p] for p in parts])
+        side = [
+            e for e in events if e.event.type in ("edit", "delete") and e.event.target is not None
+        ]
         async with self._pool.acquire() as conn:
-            months: dict[int, set[str]] = {}
-            first_ts: dict[int, int] = {}
-            for e in events:
-                key = month_of(e.event.ts)[0]
-                months.setdefault(key, set()).add(e.instance)
-                first_ts.setdefault(key, e.event.ts)
             for key, instances in months.items():
                 await self._partitions.ensure(conn, instances, first_ts[key])
+            if not side:
+                await conn.execute(_PERSIST, *args)  # one statement, one transaction
+                return
             async with conn.transaction():
-                if events:
-                    await self._insert(conn, events)
-                parts = sorted(resume)
-                await conn.execute(
-                    _SAVE_OFFSETS,
-                    self._name,
-                    self._topic,
-                    parts,
-                    [resume[p] for p in parts],
-                )
+                fresh = {(r[0], int(r[1])) for r in await conn.fetch(_PERSIST, *args)}
+                for e in side:  # side effects on targets, in log order, of new events only
+                    if (e.event.room, e.event.seq) in fresh:
+                        await self._side_effect(conn, e)
 
-    async def _insert(self, conn: Any, events: Sequence[LoggedEvent]) -> None:
-        rows = [e.event for e in events]
-        fresh = await conn.fetch(
-            _KEYS,
-            [r.room for r in rows],
-            [r.seq for r in rows],
-            [r.sender for r in rows],
-            [r.cid for r in rows],
-            [e.instance for e in events],
-            [r.ts for r in rows],
-        )
-        new = {(r[0], int(r[1])) for r in fresh}
-        todo = [e for e in events if (e.event.room, e.event.seq) in new]
-        if not todo:
-            return
-        columns: list[list[Any]] = [[] for _ in range(12)]
-        for e in todo:
-            ev = e.event
-            tsv = tsvector_literal(_text(ev.body)) if ev.type == "message" else None
-            values = (
+    async def _side_effect(self, conn: Any, e: LoggedEvent) -> None:
+        ev = e.event
+        if ev.type == "edit":
+            await conn.execute(
+                _EDIT,
                 e.instance,
                 ev.room,
-                ev.seq,
-                ev.ts,
-                ev.type,
-                ev.sender,
-                ev.cid,
-                e.body,
-                ev.thread,
                 ev.target,
-                ev.emoji,
-                tsv,
+                orjson.dumps(ev.body) if ev.body is not None else None,
+                ev.seq,
+                tsvector_literal(_text(ev.body)),
             )
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
-        await conn.execute(_EVENTS, *columns)
-        for e in todo:  # side effects on targets, in log order
-            ev = e.event
-            if ev.type == "edit" and ev.target is not None:
-                await conn.execute(
-                    _EDIT,
-                    e.instance,
-                    ev.room,
-                    ev.target,
-                    orjson.dumps(ev.body) if ev.body is not None else None,
-                    ev.seq,
-                    tsvector_literal(_text(ev.body)),
-                )
-            elif ev.type == "delete" and ev.target is not None:
-                await conn.execute(_DELETE, e.instance, ev.room, ev.target)
+        else:
+            await conn.execute(_DELETE, e.instance, ev.room, ev.target)
+
+
+def _columns(events: Sequence[LoggedEvent]) -> list[list[Any]]:
+    """The events as `_PERSIST`'s twelve column arrays."""
+    columns: list[list[Any]] = [[] for _ in range(12)]
+    for e in events:
+        ev = e.event
+        tsv = tsvector_literal(_text(ev.body)) if ev.type == "message" else None
+        values = (
+            e.instance,
+            ev.room,
+            ev.seq,
+            ev.ts,
+            ev.type,
+            ev.sender,
+            ev.cid,
+            e.body,
+            ev.thread,
+            ev.target,
+            ev.emoji,
+            tsv,
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    return columns
