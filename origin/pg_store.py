@@ -8,8 +8,10 @@ a write, a read), so the ~50 µs a crossing costs is paid once per unit, not per
 Group commit, like the embedded writer: `submit_append` takes a slot (at most
 `max_inflight_appends` in flight) and puts the op on a bounded channel; one writer task takes
 every op waiting (at most `writer_batch`), and under load lingers `writer_linger_s` for the batch
-to fill. It runs the batch in one transaction in one crossing (pg_append.py), then calls
-`on_appended` once with the batch's outcomes, so batches reach the shard in commit order. The
+to fill. It runs the batch in one transaction in one crossing (pg_append.py): a batch of plain
+ops (no target or thread, no cid twice) is written by a single INSERT after its reads, so that
+statement is the transaction (no BEGIN/COMMIT round trips); any other batch opens one. Then it
+calls `on_appended` once with the batch's outcomes, so batches reach the shard in commit order. The
 crossing is shielded: once a batch is sent to PostgreSQL the writer learns its outcome, whatever
 is cancelled meanwhile (asyncpg's `command_timeout` bounds that wait).
 
@@ -93,6 +95,14 @@ async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
         )
     except DB_ERRORS as exc:
         raise translate(exc, "connecting to PostgreSQL") from exc
+
+
+def _single_write(batch: list[AppendItem]) -> bool:
+    """True when AppendBatch writes `batch` with one statement: plain ops (no target or thread
+    to check against what the batch wrote) and no (room, sender, cid) twice."""
+    if any(item.target is not None or item.thread is not None for item in batch):
+        return False
+    return len({(item.room, item.sender, item.cid) for item in batch}) == len(batch)
 
 
 class PgStore:
@@ -206,8 +216,13 @@ class PgStore:
                 rooms = {item.room for item in batch}
                 instances = {r: self._instances[r] for r in rooms if r in self._instances}
                 await self._partitions.ensure(conn, set(instances.values()), ts)
+                appender = AppendBatch(conn, self._heads, instances, ts)
+                if _single_write(batch):
+                    # Reads, then ONE insert, which is a transaction of its own: no BEGIN and
+                    # COMMIT round trips, nothing held open while Python stages the rows.
+                    return await appender.apply(batch)
                 async with conn.transaction():
-                    return await AppendBatch(conn, self._heads, instances, ts).apply(batch)
+                    return await appender.apply(batch)
         except DB_ERRORS as exc:
             failure = GB6Error(
                 UNAVAILABLE,
