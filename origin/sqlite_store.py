@@ -2,9 +2,12 @@
 
 Durability: WAL with `synchronous=FULL`, so a commit has reached the disk (fsync) before any
 caller hears of it. One writer thread owns the only write connection and group-commits: it takes
-every job waiting in its queue (up to `writer_batch`), applies each inside its own savepoint, and
-commits once. Results cross back to Trio once per batch, through a channel that one committer task
-drains in commit order, so the origin can acknowledge and publish in seq order.
+every job waiting in its queue (up to `writer_batch`), applies them in order and commits once.
+Consecutive plain sends (no target, no thread) go in with one multi-row INSERT, since every
+statement is a GIL hand-off; any other job runs alone, inside its own savepoint when it may fail
+halfway. A job's own failure undoes only that job. Results cross back to Trio once per batch,
+through a channel that one committer task drains in commit order, so the origin can acknowledge
+and publish in seq order.
 
 WAL checkpoints stay off the commit path: a checkpointer thread with its own connection copies
 the log into the database (PASSIVE, so it never blocks the writer) while the writer commits.
