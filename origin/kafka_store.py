@@ -23,7 +23,9 @@ Rules:
   new op of the batch is `unavailable` and the next batch takes the seqs. `LogFenced` or an
   unknown outcome: the store refuses every later append (`unavailable`) — a zombie never writes.
 - Pipelined, one transaction at a time: while batch N's transaction commits (in its own task),
-  the sequencer takes batch N+1 and runs its PostgreSQL lookup; it plans N+1 only once N's
+  the sequencer takes batch N+1 — at once when a whole batch (`writer_batch`) waits, else
+  once N is done, so that a light load still fills each transaction with what arrived while
+  the previous one committed — and runs its PostgreSQL lookup; it plans N+1 only once N's
   outcome is known (so N+1's seqs follow N's, or reuse them if N aborted), starts N+1's
   transaction, and only then answers N (the producer thread works while the shard publishes).
   The early lookup is sound because the shard is its rooms' only writer: what it does not find
@@ -266,6 +268,11 @@ class KafkaStore:
                     while len(self._seq.unpersisted) > _MAX_UNPERSISTED:  # persister behind
                         await self._progress.wait()
                         self._seq.unpersisted.prune()
+                    if inflight is not None and not self._full(carry):
+                        # Fewer ops wait than a batch holds: taking them now would make the
+                        # next transaction small and leave those arriving meanwhile for the
+                        # one after. Let them gather while this one commits.
+                        await inflight.done.wait()
                     if inflight is None and not carry:
                         carry = [await self._recv.receive()]
                         if last_batch > 1 and self.limits.writer_linger_s > 0:
@@ -316,6 +323,11 @@ class KafkaStore:
                 done += plan.results
         self._answer(done)  # after the next transaction started: the producer works meanwhile
         return started, left
+
+    def _full(self, carry: list[AppendItem]) -> bool:
+        """Whether a whole batch is waiting (carried over and queued)."""
+        waiting = len(carry) + self._recv.statistics().current_buffer_used
+        return waiting >= self.limits.writer_batch
 
     def _plan(self, batch: list[AppendItem], lookup: Lookup) -> tuple[Plan, list[AppendItem]]:
         plan = self._seq.plan(lookup, now_ms())
