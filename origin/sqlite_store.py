@@ -2,12 +2,9 @@
 
 Durability: WAL with `synchronous=FULL`, so a commit has reached the disk (fsync) before any
 caller hears of it. One writer thread owns the only write connection and group-commits: it takes
-every job waiting in its queue (up to `writer_batch`), applies them in order and commits once.
-Consecutive plain sends (no target, no thread) go in with one multi-row INSERT, since every
-statement is a GIL hand-off; any other job runs alone, inside its own savepoint when it may fail
-halfway. A job's own failure undoes only that job. Results cross back to Trio once per batch,
-through a channel that one committer task drains in commit order, so the origin can acknowledge
-and publish in seq order.
+every job waiting in its queue (up to `writer_batch`), applies each inside its own savepoint, and
+commits once. Results cross back to Trio once per batch, through a channel that one committer task
+drains in commit order, so the origin can acknowledge and publish in seq order.
 
 WAL checkpoints stay off the commit path: a checkpointer thread with its own connection copies
 the log into the database (PASSIVE, so it never blocks the writer) while the writer commits.
@@ -23,7 +20,6 @@ commit drops that cache, so a seq is never skipped or reused.
 
 from __future__ import annotations
 
-import functools
 import queue
 import re
 import sqlite3
@@ -123,16 +119,8 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
 _SIDE_PASS_S: Final = 0.05  # how often the checkpointer copies the log into the database
 _RESTART_FRAMES: Final = 4096  # past this many log pages (16 MiB) the writer restarts the log
 _SEARCH_CATCH_UP_S: Final = 2.0  # a search waits at most this long for the index
-_PLAIN_ROWS: Final = 256  # plain sends per INSERT (2,048 parameters)
 _EVENT_COLS: Final = "room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted"
 _WORD = re.compile(r"\w+", re.UNICODE)
-
-
-@functools.lru_cache(maxsize=64)
-def _plain_insert(rows: int) -> str:
-    """INSERT of `rows` plain sends (8 parameters each)."""
-    values = ",".join(["(?,?,?,?,?,?,?,?)"] * rows)
-    return f"INSERT INTO events(room, seq, ts, type, sender, cid, body, emoji) VALUES {values}"
 
 
 def now_ms() -> int:
@@ -363,19 +351,41 @@ class SqliteStore:
         results: list[tuple[_Job, outcome.Outcome[Any]]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            plain: list[_Job] = []  # consecutive plain sends, not yet written
             for job in batch:
-                if (
-                    job.append is not None
-                    and job.append.target is None
-                    and job.append.thread is None
-                ):
-                    plain.append(job)
+                # Plain messages write with single statements that fail whole, so they need
+                # no savepoint; everything else may fail halfway and gets one.
+                simple = job.append is not None and job.append.target is None
+                if not simple:
+                    conn.execute("SAVEPOINT job")
+                try:
+                    if job.append is not None:
+                        value: Any = self._append(conn, job.append)
+                    else:
+                        assert job.call is not None
+                        value = job.call(conn)
+                except (GB6Error, sqlite3.IntegrityError) as exc:
+                    # The job's own fault: undo just its writes, keep the rest of the batch.
+                    if not simple:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                    if job.append is not None:
+                        self._heads.pop(job.append.room, None)
+                    err = exc if isinstance(exc, GB6Error) else GB6Error(CONFLICT, str(exc))
+                    results.append((job, outcome.Error(err)))
                     continue
-                self._append_plain(conn, plain, results)  # in order: this job may read them
-                plain = []
-                self._apply_one(conn, job, results)
-            self._append_plain(conn, plain, results)
+                except sqlite3.Error:
+                    raise  # the storage itself failed: the whole batch is refused below
+                except Exception as exc:  # a bug in one job must not stop the writer thread
+                    log("writer_job_failed", error=repr(exc))
+                    if not simple:
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                    self._heads.clear()
+                    results.append((job, outcome.Error(GB6Error(INTERNAL, "internal error"))))
+                    continue
+                if not simple:
+                    conn.execute("RELEASE job")
+                results.append((job, outcome.Value(value)))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
@@ -384,88 +394,6 @@ class SqliteStore:
             failure = GB6Error(UNAVAILABLE, f"storage failed, nothing was written: {exc}")
             return [(job, outcome.Error(failure)) for job in batch]
         return results
-
-    def _append_plain(
-        self,
-        conn: sqlite3.Connection,
-        jobs: list[_Job],
-        results: list[tuple[_Job, outcome.Outcome[Any]]],
-    ) -> None:
-        """Plain sends (no target, no thread) with one INSERT per `_PLAIN_ROWS`.
-
-        Why: sqlite3 releases the GIL around every statement, and each time the writer takes it
-        back it may wait for the event loop's thread (up to the switch interval): one statement
-        per batch instead of one per message. A repeated cid (or any constraint) fails the
-        statement whole (SQLite backs out just that statement), and those sends then go one by
-        one, where the repeat is answered with its original."""
-        for start in range(0, len(jobs), _PLAIN_ROWS):
-            chunk = jobs[start : start + _PLAIN_ROWS]
-            ts = now_ms()
-            heads: dict[str, int] = {}
-            seqs: list[int] = []
-            params: list[Any] = []
-            for job in chunk:
-                item = job.append
-                assert item is not None
-                seq = heads.get(item.room)
-                seq = (self._head(conn, item.room) if seq is None else seq) + 1
-                heads[item.room] = seq
-                seqs.append(seq)
-                body = orjson.dumps(item.body) if item.body is not None else None
-                params += (item.room, seq, ts, item.type, item.sender, item.cid, body, item.emoji)
-            try:
-                conn.execute(_plain_insert(len(chunk)), params)
-            except sqlite3.IntegrityError:
-                for job in chunk:
-                    self._apply_one(conn, job, results)
-                continue
-            self._heads.update(heads)
-            for job, seq in zip(chunk, seqs, strict=True):
-                assert job.append is not None
-                appended = Appended(job.append.event(seq, ts), duplicate=False)
-                results.append((job, outcome.Value(appended)))
-
-    def _apply_one(
-        self,
-        conn: sqlite3.Connection,
-        job: _Job,
-        results: list[tuple[_Job, outcome.Outcome[Any]]],
-    ) -> None:
-        """One job in the open transaction; its own failure undoes only its writes."""
-        # Plain messages write with single statements that fail whole, so they need no
-        # savepoint; everything else may fail halfway and gets one.
-        simple = job.append is not None and job.append.target is None
-        if not simple:
-            conn.execute("SAVEPOINT job")
-        try:
-            if job.append is not None:
-                value: Any = self._append(conn, job.append)
-            else:
-                assert job.call is not None
-                value = job.call(conn)
-        except (GB6Error, sqlite3.IntegrityError) as exc:
-            # The job's own fault: undo just its writes, keep the rest of the batch.
-            if not simple:
-                conn.execute("ROLLBACK TO job")
-                conn.execute("RELEASE job")
-            if job.append is not None:
-                self._heads.pop(job.append.room, None)
-            err = exc if isinstance(exc, GB6Error) else GB6Error(CONFLICT, str(exc))
-            results.append((job, outcome.Error(err)))
-            return
-        except sqlite3.Error:
-            raise  # the storage itself failed: the whole batch is refused by the caller
-        except Exception as exc:  # a bug in one job must not stop the writer thread
-            log("writer_job_failed", error=repr(exc))
-            if not simple:
-                conn.execute("ROLLBACK TO job")
-                conn.execute("RELEASE job")
-            self._heads.clear()
-            results.append((job, outcome.Error(GB6Error(INTERNAL, "internal error"))))
-            return
-        if not simple:
-            conn.execute("RELEASE job")
-        results.append((job, outcome.Value(value)))
 
     def _head(self, conn: sqlite3.Connection, room: str) -> int:
         head = self._heads.get(room)

@@ -1,8 +1,8 @@
-"""The embedded store's group commit with plain sends written in multi-row statements.
+"""The embedded store's group commit: one batch holding many kinds of ops at once.
 
 One writer batch gets everything at once (the writer is held by a slow job while the ops queue
-up): more plain sends than one statement takes, spread over rooms, with repeated cids inside the
-batch and against earlier batches, a thread reply and an edit of a message from the same batch.
+up): 300 plain sends spread over rooms, with repeated cids inside the batch and against earlier
+batches, a thread reply and an edit of a message from the same batch.
 Every op gets the answer it would get alone, seqs stay gapless, nothing is written twice, and it
 all survives a reopen.
 """
