@@ -66,6 +66,12 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument("--quiet-wait", type=float, default=60.0)
     sp.add_argument("--keep-data", action="store_true")
+    sp.add_argument(
+        "--server-prelude",
+        default="",
+        help="Python the origin runs first, e.g. \"import sys; sys.path.insert(0, '/tmp/old')\" "
+        "to measure another checkout's code (A/B) with this harness",
+    )
     sp.add_argument("--profile", action="store_true", help="py-spy the origin in the window")
     sp.add_argument("--profile-rate", type=int, default=200)
 
@@ -251,7 +257,11 @@ def run_links(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any])
     if args.quiet_wait > 0:
         wait_quiet(args.quiet_wait)
     cluster = Cluster.start(
-        OUT, origins=1, edges=0, store=args.store, extra={"keep_data": args.keep_data}
+        OUT,
+        origins=1,
+        edges=0,
+        store=args.store,
+        extra={"keep_data": args.keep_data, "prelude": args.server_prelude},
     )
     origin = cluster.origins[0]
     log(f"origin s1 pid {origin.pid} link {origin.link}; log {origin.log_path}")
