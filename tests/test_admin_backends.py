@@ -158,7 +158,11 @@ def test_origins_share_the_admin_rate_limits_through_redis(tmp_path: Path) -> No
 async def test_without_redis_each_origin_keeps_its_own_admin_limit() -> None:
     """Redis gone: the limit still holds, per process (it neither fails open nor locks the
     operator out)."""
-    config = Config(redis_url="redis://127.0.0.1:1/0", limits=Limits(admin_burst=2))
+    # A slow refill (one request per 100 s): the third admit is over the burst however long the
+    # failed Redis attempts take on a loaded machine.
+    config = Config(
+        redis_url="redis://127.0.0.1:1/0", limits=Limits(admin_rate=0.01, admin_burst=2)
+    )
     limiter = admin_limiter(config, "operator-token")
     async with trio_asyncio.open_loop():
         try:
