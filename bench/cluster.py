@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from bench.server import Server
+from bench.server import BOOTSTRAP_LIMITS, Server
 
 MAX_PROCESSES = 8  # origins + edges: this harness runs them all on one machine
 STORES = ("sqlite", "postgres", "kafka")
@@ -181,7 +181,7 @@ class Cluster:
         try:
             for i in range(origins):
                 conf = base / f"s{i + 1}.toml"
-                text = f'[cluster]\nlink_secret = "{secret}"\n'
+                text = f'{BOOTSTRAP_LIMITS}[cluster]\nlink_secret = "{secret}"\n'
                 shard = f"s{i + 1}"
                 if store != "sqlite":
                     text += (
