@@ -289,10 +289,16 @@ class SqliteStore:
                 first = self._queue.get()
                 if first is _STOP:
                     return
-                if last_batch > 1 and self.limits.writer_linger_s > 0:
+                if (
+                    last_batch > 1
+                    and self.limits.writer_linger_s > 0
+                    and self._queue.qsize() < last_batch
+                ):
                     # Under load (the last commit carried several jobs), give the batch a
                     # moment to fill: fewer, larger commits write far fewer WAL pages and
-                    # spend far less CPU per message. A lone message never waits.
+                    # spend far less CPU per message. A lone message never waits, nor does a
+                    # backlog at least as large as the last batch (a slow commit left it: the
+                    # batch is full enough, and waiting would only add to its latency).
                     time.sleep(self.limits.writer_linger_s)
                 batch: list[_Job] = [first]  # type: ignore[list-item]
                 stop = False
