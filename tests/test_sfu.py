@@ -603,3 +603,30 @@ async def test_trickled_candidates_connect_a_publisher(sfu: Sfu) -> None:
     assert (await sub.frames(track.track_id, 2))[-1].width == 640
     for c in (pub, sub):
         await c.close()
+
+
+async def test_a_flood_of_datagrams_before_ice_is_bounded() -> None:
+    """Anyone can send to a candidate's port: aioice queues every datagram that is not STUN for
+    its `recv`, unbounded; the SFU's connection keeps at most `_ICE_QUEUE` and drops the rest."""
+    import socket
+
+    from edge.sfu._transport import _ICE_QUEUE, _PinnedConnection
+
+    async with trio_asyncio.open_loop():
+        conn = _PinnedConnection(media_config())
+        await aio_as_trio(conn.gather_candidates)()
+        port = conn.local_candidates[0].port
+        sent = 3 * _ICE_QUEUE
+        with trio.socket.socket(type=socket.SOCK_DGRAM) as sock:
+            for i in range(sent):
+                # A DTLS application-data record header, then junk: not STUN, not SRTP.
+                await sock.sendto(b"\x17\xfe\xfd" + i.to_bytes(4, "big"), (HOST, port))
+                if i % 64 == 63:
+                    await trio.sleep(0.001)  # let the loop read: the kernel must not drop them
+        with trio.fail_after(5):
+            # aioice offers no signal for a queued datagram: poll.
+            while conn.dropped_datagrams + conn._queue.qsize() < sent:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert conn._queue.qsize() == _ICE_QUEUE
+        assert conn.dropped_datagrams == sent - _ICE_QUEUE
+        await aio_as_trio(conn.close)()

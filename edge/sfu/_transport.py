@@ -51,6 +51,9 @@ from node.errors import GB6Error
 log = logging.getLogger("gb6.sfu")
 
 _SLOW_QUEUE = 1_024
+# aioice queues every datagram that is not STUN (DTLS records, here) for `recv`, from any
+# sender and without a bound: past this many waiting, a datagram is dropped, as UDP may drop it.
+_ICE_QUEUE = 1_024
 _DRAIN = 64  # datagrams read per readable event, past the first
 _MAX_DATAGRAM = 65_536
 _CERTIFICATE: RTCCertificate | None = None
@@ -114,6 +117,13 @@ class _PinnedConnection(aice.Connection):
         super().__init__(ice_controlling=False, **kwargs)
         self._media = media
         self.fast_rx: Callable[[bytes], None] | None = None
+        self.dropped_datagrams = 0  # over `_ICE_QUEUE`
+
+    def data_received(self, data: bytes, component: int) -> None:
+        if self._queue.qsize() >= _ICE_QUEUE:
+            self.dropped_datagrams += 1
+            return
+        super().data_received(data, component)
 
     async def get_component_candidates(
         self,
