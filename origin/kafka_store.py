@@ -76,6 +76,7 @@ from origin.records import (
     event_from_row,
 )
 from origin.sqlite_store import AppendCallback, Appended, AppendItem, now_ms
+from origin.store_port import take_waiting
 
 _ATTEMPTS: Final = 3  # appends of one batch whose transaction aborted
 _MAX_UNPERSISTED: Final = 200_000
@@ -279,7 +280,7 @@ class KafkaStore:
                             # Under load, let the batch fill (see PgStore). Shielded: ops taken.
                             with trio.CancelScope(shield=True):
                                 await trio.sleep(self.limits.writer_linger_s)
-                    batch = carry + self._take(self.limits.writer_batch - len(carry))
+                    batch = carry + take_waiting(self._recv, self.limits.writer_batch - len(carry))
                     last_batch = len(batch)
                     with trio.CancelScope(shield=True):
                         inflight, carry = await self._step(writes, inflight, batch)
@@ -358,21 +359,12 @@ class KafkaStore:
             for item, r in plan.results
         ]
 
-    def _take(self, n: int) -> list[AppendItem]:
-        batch: list[AppendItem] = []
-        while len(batch) < n:
-            try:
-                batch.append(self._recv.receive_nowait())
-            except trio.WouldBlock:
-                break
-        return batch
-
     async def _commit_queued(self) -> None:
         """On exit: append what was queued before the store closed (shielded by the caller),
         one transaction at a time."""
         carry: list[AppendItem] = []
         async with trio.open_nursery() as writes:
-            while batch := carry + self._take(self.limits.writer_batch - len(carry)):
+            while batch := carry + take_waiting(self._recv, self.limits.writer_batch - len(carry)):
                 inflight, carry = await self._step(writes, None, batch)
                 if inflight is not None:
                     await inflight.done.wait()

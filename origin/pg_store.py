@@ -68,6 +68,7 @@ from origin.records import (
     hit_from_row,
 )
 from origin.sqlite_store import AppendCallback, AppendItem, now_ms
+from origin.store_port import take_waiting
 
 T = TypeVar("T")
 
@@ -180,22 +181,13 @@ class PgStore:
                 # waits. Shielded: `first` is taken, and must be committed even on shutdown.
                 with trio.CancelScope(shield=True):
                     await trio.sleep(self.limits.writer_linger_s)
-            batch = [first, *self._take(self.limits.writer_batch - 1)]
+            batch = [first, *take_waiting(self._recv, self.limits.writer_batch - 1)]
             last_batch = len(batch)
             await self._commit(batch)
 
-    def _take(self, n: int) -> list[AppendItem]:
-        batch: list[AppendItem] = []
-        while len(batch) < n:
-            try:
-                batch.append(self._recv.receive_nowait())
-            except trio.WouldBlock:
-                break
-        return batch
-
     async def _commit_queued(self) -> None:
         """On exit: commit what was queued before the store closed (shielded by the caller)."""
-        while batch := self._take(self.limits.writer_batch):
+        while batch := take_waiting(self._recv, self.limits.writer_batch):
             await self._commit(batch)
 
     async def _commit(self, batch: list[AppendItem]) -> None:
