@@ -326,11 +326,31 @@ class AuditLog:
 
     # --- recording -----------------------------------------------------------------------
 
-    def _entry(self, kwargs: Mapping[str, Any]) -> AuditEntry:
-        fields = dict(kwargs)
-        if fields.get("org") is None and fields.get("instance") is not None:
-            fields["org"] = self.org_of(fields["instance"])
-        return entry(**fields, limits=self.limits)
+    def _entry(
+        self,
+        *,
+        actor: str,
+        action: str,
+        org: str | None,
+        instance: str | None,
+        target: str | None,
+        outcome: str,
+        details: Mapping[str, Any] | None,
+    ) -> AuditEntry:
+        """The checked entry of `record` and `record_soon` (their one builder): `org` defaults
+        to the org of `instance`. Raises `invalid` for bad input."""
+        if org is None and instance is not None:
+            org = self.org_of(instance)
+        return entry(
+            actor=actor,
+            action=action,
+            org=org,
+            instance=instance,
+            target=target,
+            outcome=outcome,
+            details=details,
+            limits=self.limits,
+        )
 
     async def record(
         self,
@@ -347,15 +367,13 @@ class AuditLog:
         `org` defaults to the org of `instance`. Raises `invalid` for bad input, `unavailable`
         when the log cannot write."""
         e = self._entry(
-            dict(
-                actor=actor,
-                action=action,
-                org=org,
-                instance=instance,
-                target=target,
-                outcome=outcome,
-                details=details,
-            )
+            actor=actor,
+            action=action,
+            org=org,
+            instance=instance,
+            target=target,
+            outcome=outcome,
+            details=details,
         )
         if not self._serving:
             raise GB6Error(UNAVAILABLE, "the audit log is not serving")
@@ -387,15 +405,13 @@ class AuditLog:
         """Queue one entry without waiting; dropped (and counted) when the queue is full.
         Raises `invalid` for bad input."""
         e = self._entry(
-            dict(
-                actor=actor,
-                action=action,
-                org=org,
-                instance=instance,
-                target=target,
-                outcome=outcome,
-                details=details,
-            )
+            actor=actor,
+            action=action,
+            org=org,
+            instance=instance,
+            target=target,
+            outcome=outcome,
+            details=details,
         )
         self._enter()
         try:
