@@ -282,6 +282,14 @@ class RedisRateLimiter:
         check_name("rate limit key", key)
         return await self._batcher.call(key)
 
+    async def check_unbatched(self, key: str) -> float:
+        """`check` in a Redis round trip of its own, without the batching worker (`run` need
+        not be running): for callers that check rarely and have no nursery to run it in (the
+        admin API). Same answers and errors as `check`."""
+        check_name("rate limit key", key)
+        waits = await self._check_batch([key])
+        return waits[0]
+
     async def _check_batch(self, keys: list[str]) -> list[float]:
         def build(pipe: Any) -> None:
             for key in keys:

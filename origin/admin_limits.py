@@ -64,7 +64,7 @@ class _LocalGcra:
 class _RedisGcra:
     """`RateLimiter` in Redis for a cluster's origins; falls back to `local` when Redis does
     not answer. The admin API has no nursery of its own to run `RedisRateLimiter`'s batching
-    worker in, and its rate is low: each check is one pipeline of its own (`_check_batch`)."""
+    worker in, and its rate is low: each check is a round trip of its own (`check_unbatched`)."""
 
     def __init__(self, url: str, prefix: str, rate: float, burst: int, local: RateLimiter) -> None:
         self.url = url
@@ -90,8 +90,8 @@ class _RedisGcra:
             )
         try:
             with trio.fail_after(3):
-                waits: list[float] = await self._limiter._check_batch([key])
-            return waits[0]
+                wait: float = await self._limiter.check_unbatched(key)
+            return wait
         except (GB6Error, trio.TooSlowError) as exc:
             if isinstance(exc, GB6Error) and exc.code != UNAVAILABLE:
                 raise
