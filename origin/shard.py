@@ -96,6 +96,10 @@ class OriginShard:
         # Cluster: place (instance, region) in the shard map, which checks the region too.
         self.placement: Callable[[str, str], Awaitable[None]] | None = None
         self._room_locks: dict[str, trio.Lock] = {}  # only while someone holds or waits
+        # Quota overrides are stored as ONE meta value for every instance: each change reads
+        # it, changes one entry and rewrites it whole, so changes go one at a time (any two
+        # interleaved across the store's await would store only the later one).
+        self._overrides_lock = trio.Lock()
         self.watch_listeners: list[Callable[[str, int], object]] = []  # edges in other processes
         self.event_listeners: list[EventListener] = []
         self.member_listeners: list[Callable[[MembershipChange], None]] = []
@@ -597,19 +601,24 @@ class OriginShard:
         if instance not in self.instances:
             raise not_found(f"instance {instance} not found")
         limit = self.quotas.check_override(resource, value)
-        mine = {**self.quotas.overrides.get(instance, {}), resource: limit}
-        await self._store_overrides(instance, mine)
-        self.quotas.set_override(instance, resource, limit)
+        async with self._overrides_lock:
+            mine = {**self.quotas.overrides.get(instance, {}), resource: limit}
+            await self._store_overrides(instance, mine)
+            self.quotas.set_override(instance, resource, limit)
 
     async def clear_quota_override(self, instance: str, resource: str) -> None:
         if instance not in self.instances:
             raise not_found(f"instance {instance} not found")
         self.quotas.check_override(resource, None)
-        mine = {k: v for k, v in self.quotas.overrides.get(instance, {}).items() if k != resource}
-        await self._store_overrides(instance, mine)
-        self.quotas.clear_override(instance, resource)
+        async with self._overrides_lock:
+            mine = {
+                k: v for k, v in self.quotas.overrides.get(instance, {}).items() if k != resource
+            }
+            await self._store_overrides(instance, mine)
+            self.quotas.clear_override(instance, resource)
 
     async def _store_overrides(self, instance: str, mine: dict[str, int | None]) -> None:
+        """Store every override with `instance`'s replaced by `mine`; hold `_overrides_lock`."""
         every = {**self.quotas.overrides, instance: mine}
         with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
             await self.store.set_meta(_QUOTA_OVERRIDES, orjson.dumps(every).decode())

@@ -478,6 +478,22 @@ async def test_an_operators_override_is_kept_across_a_restart(tmp_path: Path) ->
         assert limits["rooms"] is None and limits["users"] == 3
 
 
+async def test_concurrent_overrides_of_one_instance_both_stick(tmp_path: Path) -> None:
+    """Direct callers (not serialized by the admin API's tenancy lock): two overrides started
+    together, each storing the whole overrides value, must not lose one another's."""
+    data = tmp_path / "data"
+    async with running_shard(data) as shard:
+        org = await shard.create_org("acme", None)
+        inst = (await shard.create_instance(org.id, "main", None, "tiny")).id
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shard.set_quota_override, inst, "users", 7)
+            nursery.start_soon(shard.set_quota_override, inst, "rooms", 9)
+        assert shard.quota_usage(inst)["overrides"] == {"users": 7, "rooms": 9}
+    async with running_shard(data) as shard:  # what the store holds
+        assert shard.quota_usage(inst)["overrides"] == {"users": 7, "rooms": 9}
+        assert (shard.quotas.limit(inst, "users"), shard.quotas.limit(inst, "rooms")) == (7, 9)
+
+
 # --- the store's count queries, on every adapter -------------------------------------------
 
 
