@@ -276,7 +276,12 @@ class KafkaStore:
                         await inflight.done.wait()
                     if inflight is None and not carry:
                         carry = [await self._recv.receive()]
-                        if last_batch > 1 and self.limits.writer_linger_s > 0:
+                        waiting = self._recv.statistics().current_buffer_used
+                        if (
+                            last_batch > 1
+                            and self.limits.writer_linger_s > 0
+                            and waiting < last_batch
+                        ):
                             # Under load, let the batch fill (see PgStore). Shielded: ops taken.
                             with trio.CancelScope(shield=True):
                                 await trio.sleep(self.limits.writer_linger_s)

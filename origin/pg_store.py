@@ -176,9 +176,11 @@ class PgStore:
         last_batch = 0
         while True:
             first = await self._recv.receive()
-            if last_batch > 1 and self.limits.writer_linger_s > 0:
+            waiting = self._recv.statistics().current_buffer_used
+            if last_batch > 1 and self.limits.writer_linger_s > 0 and waiting < last_batch:
                 # Under load, let the batch fill: fewer, larger transactions. A lone op never
-                # waits. Shielded: `first` is taken, and must be committed even on shutdown.
+                # waits, nor does a backlog at least as large as the last batch (as in
+                # SqliteStore). Shielded: `first` is taken, and must be committed on shutdown.
                 with trio.CancelScope(shield=True):
                     await trio.sleep(self.limits.writer_linger_s)
             batch = [first, *take_waiting(self._recv, self.limits.writer_batch - 1)]
