@@ -46,6 +46,19 @@ from origin.shard import OriginShard
 
 # --- what the API answers -------------------------------------------------------------------
 
+# Who the credential is and what it may do (`GET /v1/me`): a console shows only what it allows.
+ME: Final = obj(
+    {
+        "kind": string(enum=["operator", "org_member", "api_key"]),
+        "id": string(1, 80),
+        "role": string(1, 40),
+        "org": id_string(nullable=True),
+        "instance": id_string(nullable=True),
+        "permissions": array(string(enum=sorted(rbac.ALL_PERMISSIONS))),
+    },
+    ["kind", "id", "role", "org", "instance", "permissions"],
+)
+
 ORG: Final = obj(
     {
         "id": id_string(),
@@ -156,6 +169,19 @@ def visible_instances(shard: OriginShard, actor: Actor) -> set[str] | None:
 
 def tenancy_routes(shard: OriginShard) -> list[Route]:
     tenancy = shard.tenancy
+
+    async def get_me(call: Call) -> Reply:
+        actor: Actor = call.actor
+        return Reply(
+            {
+                "kind": actor.kind,
+                "id": actor.id,
+                "role": actor.role,
+                "org": actor.org,
+                "instance": actor.instance,
+                "permissions": sorted(actor.permissions),
+            }
+        )
 
     # organizations
 
@@ -387,6 +413,16 @@ def tenancy_routes(shard: OriginShard) -> list[Route]:
     ttl = integer(1, shard.limits.token_ttl_max_s)
     token_body = obj({"ttl_seconds": ttl})
     return [
+        Route(
+            "GET",
+            "/v1/me",
+            "get_me",
+            "The calling credential: its kind, id, role, home org or instance, and permissions",
+            "me",
+            None,
+            get_me,
+            response=ME,
+        ),
         # organizations
         Route(
             "POST",

@@ -12,6 +12,7 @@ import pytest
 
 from node.config import Config, Limits
 from node.errors import GB6Error
+from origin import rbac
 from origin.admin_limits import admin_limiter
 from tests.conftest import Node, module_node, running_node
 
@@ -208,6 +209,45 @@ def test_errors_have_the_protocol_shape_and_change_nothing(node: Node) -> None:
     error(node.admin("GET", "/v1/nothing"), 404, "not_found")
 
     assert walk(node, "/v1/orgs", 200) == before  # nothing was created by any of these
+
+
+def test_me_tells_a_credential_who_it_is_and_what_it_may_do(node: Node) -> None:
+    me = ok(node.admin("GET", "/v1/me"))
+    assert me["kind"] == "operator" and me["org"] is None and me["instance"] is None
+    assert me["permissions"] == sorted(rbac.ALL_PERMISSIONS)
+
+    org = new_org(node, "me-org")
+    inst = ok(node.admin("POST", f"/v1/orgs/{org['id']}/instances", {"name": "i"}), 201)
+    base = f"/v1/orgs/{org['id']}/members"
+    for role, as_role in (("owner", "org_owner"), ("admin", "org_admin"), ("member", "org_member")):
+        member = ok(node.admin("POST", base, {"name": role, "role": role}), 201)
+        tok = ok(node.admin("POST", f"{base}/{member['id']}/tokens", {}), 201)["token"]
+        me = ok(node.admin("GET", "/v1/me", token=tok))
+        assert (me["kind"], me["id"], me["role"]) == ("org_member", member["id"], as_role)
+        assert (me["org"], me["instance"]) == (org["id"], None)
+        assert me["permissions"] == sorted(rbac.ROLE_PERMISSIONS[as_role])
+    assert "billing.close" not in ok(node.admin("GET", "/v1/me", token=tok))["permissions"]
+
+    key = ok(
+        node.admin(
+            "POST",
+            f"/v1/orgs/{org['id']}/api_keys",
+            {"name": "k", "permissions": ["user.write", "user.read"], "instance": inst["id"]},
+        ),
+        201,
+    )
+    me = ok(node.admin("GET", "/v1/me", token=key["secret"]))
+    assert (me["kind"], me["id"], me["instance"]) == ("api_key", key["id"], inst["id"])
+    assert me["permissions"] == ["user.read", "user.write"]
+
+    # Nobody, a revoked key and an instance user's token are not admin credentials.
+    assert httpx.get(node.http_url + "/v1/me", timeout=10).status_code == 401
+    ok(node.admin("DELETE", f"/v1/orgs/{org['id']}/api_keys/{key['id']}"), 204)
+    error(node.admin("GET", "/v1/me", token=key["secret"]), 401, "unauthorized")
+    user = ok(node.admin("POST", f"/v1/instances/{inst['id']}/users", {"name": "u"}), 201)
+    path = f"/v1/instances/{inst['id']}/users/{user['id']}/tokens"
+    utok = ok(node.admin("POST", path, {}), 201)["token"]
+    error(node.admin("GET", "/v1/me", token=utok), 401, "unauthorized")
 
 
 def test_openapi_document_describes_every_route(node: Node) -> None:
