@@ -67,6 +67,7 @@ from edge.bus import (
     edge_of,
     new_incarnation,
 )
+from node.channels import take_all_waiting, take_waiting
 from node.errors import INTERNAL, QUOTA_EXCEEDED, UNAVAILABLE, GB6Error
 from node.log import log
 
@@ -194,11 +195,7 @@ class _Batcher(Generic[T, R]):
             task_status.started()
             while True:
                 batch = [await recv.receive()]
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(recv.receive_nowait())
-                    except trio.WouldBlock:
-                        break
+                batch += take_waiting(recv, self.max_batch - 1)
                 try:
                     results = await self.handle([s.item for s in batch])
                 except GB6Error as exc:
@@ -212,11 +209,7 @@ class _Batcher(Generic[T, R]):
                 batch = []
         finally:
             self._send = None
-            while True:
-                try:
-                    batch.append(recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch += take_all_waiting(recv)
             recv.close()  # callers still blocked on a full queue get BrokenResourceError
             stopped = GB6Error(UNAVAILABLE, f"{self.what} stopped")
             for slot in batch:
@@ -647,11 +640,7 @@ class RedisPubSub:
     async def _publish_loop(self) -> None:
         while True:
             batch = [await self._out_recv.receive()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._out_recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch += take_waiting(self._out_recv, self.max_batch - 1)
             try:
                 with _translated("publish"):
                     await aio_as_trio(self._publish_batch)(batch)

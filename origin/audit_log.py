@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import attrs
 import trio
 
+from node.channels import take_waiting
 from node.errors import UNAVAILABLE, GB6Error, invalid
 from node.log import log
 from origin.audit import (
@@ -277,7 +278,7 @@ class AuditLog:
                 self._serving = False
                 with trio.CancelScope(shield=True):
                     with trio.move_on_after(_DRAIN_S):
-                        while batch := self._take():
+                        while batch := take_waiting(self._recv, self.limits.batch):
                             await self._commit(batch)
                     store_scope.cancel()
                     anchor_scope.cancel()
@@ -496,16 +497,8 @@ class AuditLog:
     async def _writer(self) -> None:
         while True:
             first = await self._recv.receive()
-            await self._commit([first, *self._take()])  # no checkpoint before it is sent
-
-    def _take(self) -> list[_Pending]:
-        batch: list[_Pending] = []
-        while len(batch) < self.limits.batch:
-            try:
-                batch.append(self._recv.receive_nowait())
-            except trio.WouldBlock:
-                break
-        return batch
+            # No checkpoint before it is sent.
+            await self._commit([first, *take_waiting(self._recv, self.limits.batch)])
 
     async def _commit(self, batch: list[_Pending]) -> None:
         ts = max(self._clock(), self._last_ts)  # ts never goes back along the chain

@@ -51,6 +51,7 @@ import outcome
 import trio
 from trio_asyncio import aio_as_trio
 
+from node.channels import take_waiting
 from node.config import Limits
 from node.errors import INVALID, UNAVAILABLE, GB6Error
 from node.events import Event
@@ -76,7 +77,6 @@ from origin.records import (
     event_from_row,
 )
 from origin.sqlite_store import AppendCallback, Appended, AppendItem, now_ms
-from origin.store_port import take_waiting
 
 _ATTEMPTS: Final = 3  # appends of one batch whose transaction aborted
 _MAX_UNPERSISTED: Final = 200_000

@@ -45,6 +45,7 @@ import outcome
 import trio
 from trio_asyncio import aio_as_trio
 
+from node.channels import take_waiting
 from node.config import Limits
 from node.errors import INTERNAL, UNAVAILABLE, GB6Error, invalid, not_found
 from node.events import Event
@@ -68,7 +69,6 @@ from origin.records import (
     hit_from_row,
 )
 from origin.sqlite_store import AppendCallback, AppendItem, now_ms
-from origin.store_port import take_waiting
 
 T = TypeVar("T")
 

@@ -26,14 +26,12 @@ The contract, for every adapter:
 
 SqliteStore also has a generic `write(fn)` and `read(fn)` that take a `sqlite3.Connection`;
 they are SQLite's own and stay out of this port (only SqliteStore's own methods call them).
-
-`take_waiting` is the one way the adapters' writer tasks drain their append queue into a batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -41,21 +39,7 @@ from node.events import Event
 from origin.records import ApiKey, FileRecord, Instance, Org, OrgMember, RoomRecord, Token, User
 from origin.sqlite_store import AppendCallback, Appended, AppendItem
 
-__all__ = ["AppendCallback", "AppendItem", "Appended", "RelationalStore", "take_waiting"]
-
-_T = TypeVar("_T")
-
-
-def take_waiting(recv: trio.MemoryReceiveChannel[_T], n: int) -> list[_T]:
-    """Up to `n` items already waiting on `recv`, oldest first, without blocking (an empty
-    list if none waits). The items are taken: the caller owns them from here on."""
-    batch: list[_T] = []
-    while len(batch) < n:
-        try:
-            batch.append(recv.receive_nowait())
-        except trio.WouldBlock:
-            break
-    return batch
+__all__ = ["AppendCallback", "AppendItem", "Appended", "RelationalStore"]
 
 
 class RelationalStore(Protocol):

@@ -29,6 +29,7 @@ import trio
 
 from edge.recording._manifest import Manifest, TrackFile
 from edge.recording._track import CODECS, CONTAINERS, Track, TrackLimits
+from node.channels import take_all_waiting, take_waiting
 from node.config import Limits
 from node.errors import CONFLICT, QUOTA_EXCEEDED, UNAVAILABLE, GB6Error, invalid, not_found
 from node.ids import new_id
@@ -218,11 +219,8 @@ class Recorder:
         while not self._stopping:
             item = await self._recv.receive()
             self._mux(item)
-            for _ in range(_BATCH):
-                try:
-                    self._mux(self._recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            for item in take_waiting(self._recv, _BATCH):
+                self._mux(item)
             for entry in self._entries:
                 if entry.removed and entry.queued == 0 and entry.track is not None:
                     await self._store(entry, start)
@@ -236,11 +234,8 @@ class Recorder:
             entry.track.push(packet, arrival)
 
     async def _finish(self, start: float, started_at: int) -> None:
-        while True:
-            try:
-                self._mux(self._recv.receive_nowait())
-            except trio.WouldBlock:
-                break
+        for item in take_all_waiting(self._recv):
+            self._mux(item)
         self._send.close()
         self._active.clear()
         stopped_at = now_ms()
