@@ -454,7 +454,8 @@ class Tenancy:
         self, actor: Actor, instance: str, resource: str, limit: object
     ) -> None:
         """The instance's own limit for `resource` (shard.set_quota_override), not on a
-        deleted instance; one change at a time, as the overrides are stored as one value."""
+        deleted instance: under the tenancy lock, so it cannot be deleted meanwhile (the shard
+        serializes the stored overrides itself)."""
         async with self._writing:
             self.authorize(actor, rbac.QUOTA_WRITE, instance=instance)
             self._live(instance)
