@@ -234,6 +234,7 @@ async def test_operator_creates_suspends_and_audits_in_the_browser(
 
     # Bob (admin of Acme, his own gb6o_ token from the page) sees Acme only; Other is not found.
     assert out["bobWho"] == "Signed in (organization member)"
+    assert out["bobSections"] == ["Organizations", "Instances", "Audit log"]
     assert out["bobTree"] == ["Acme"]
     assert out["bobOther"].startswith("not_found")
 
@@ -250,6 +251,10 @@ async def test_operator_creates_suspends_and_audits_in_the_browser(
         ]
     ]
     assert out["keyWho"] == "Signed in (API key)"
+    # GET /v1/me: the key may read instances and the audit log, not organizations.
+    assert out["keySections"] == ["Instances", "Audit log"]
+    assert out["keyFirst"] == "Instances"
+    assert out["keyReloaded"] == out["keySections"]
     assert "forbidden" in out["keyOrgs"]
     assert [r[0] for r in out["keyInstances"]] == ["acme-prod"]
     assert out["keyUsers"].startswith("forbidden")

@@ -5,7 +5,8 @@
 //   #/audit?actor=…&instance=…    the audit log, filtered, a page at a time
 // The credential lives in this tab's sessionStorage only. Every view reads what it shows from
 // the API when it opens (nothing is cached across views), so what a view shows is what the
-// server says now; a 401 anywhere signs out.
+// server says now; a 401 anywhere signs out. `GET /v1/me` at sign-in says what the credential
+// may do: sections it may not read are not offered (views get `ctx.can(permission)`).
 
 import { Api } from './api.js';
 import { alertBox, field, h, onSubmit, replace } from './dom.js';
@@ -20,9 +21,15 @@ const who = document.getElementById('who');
 const nav = document.getElementById('sections');
 const signout = document.getElementById('signout');
 
-const SECTIONS = [['orgs', 'Organizations'], ['instances', 'Instances'], ['audit', 'Audit log']];
+// [hash, title, the permission that reads it]
+const SECTIONS = [
+  ['orgs', 'Organizations', 'org.read'],
+  ['instances', 'Instances', 'instance.read'],
+  ['audit', 'Audit log', 'audit.read'],
+];
 
 let api = null;
+let me = null; // GET /v1/me of the signed-in credential
 let rendering = 0; // the newest render wins: an older one finishing late is dropped
 
 function signIn(message) {
@@ -41,9 +48,9 @@ function signIn(message) {
       class: 'stack',
       onsubmit: onSubmit(alert, async () => {
         const candidate = new Api(input.value.trim());
-        await candidate.get('/v1/plans', { limit: 1 }); // any credential may read plans: 401 if not one
+        const who = await candidate.get('/v1/me'); // any admin credential: 401 if not one
         sessionStorage.setItem(KEY, candidate.credential);
-        start(candidate);
+        start(candidate, who);
       }),
     },
     field('Admin credential', input),
@@ -52,14 +59,32 @@ function signIn(message) {
   input.focus();
 }
 
-function start(client) {
+function sections() {
+  return SECTIONS.filter(([, , permission]) => me.permissions.includes(permission));
+}
+
+function start(client, whoami) {
   api = client;
+  me = whoami;
   api.onUnauthorized = (err) => signIn(`Signed out: ${err.message}`);
   who.textContent = `Signed in (${credentialKind(api.credential)})`;
   nav.hidden = false;
   signout.hidden = false;
-  if (!location.hash) location.hash = '#/orgs';
+  const first = sections()[0];
+  if (!location.hash) location.hash = `#/${first ? first[0] : 'orgs'}`;
   else route();
+}
+
+async function resume(client) {
+  // A reload: the saved credential may have been revoked meanwhile.
+  let whoami;
+  try {
+    whoami = await client.get('/v1/me');
+  } catch (err) {
+    signIn(`Signed out: ${err.message}`);
+    return;
+  }
+  start(client, whoami);
 }
 
 function parseHash() {
@@ -73,10 +98,11 @@ async function route() {
   const mine = ++rendering;
   const { parts, query } = parseHash();
   const section = parts[0] || 'orgs';
-  replace(nav, SECTIONS.map(([id, text]) =>
+  replace(nav, sections().map(([id, text]) =>
     h('a', { href: `#/${id}`, 'aria-current': id === section ? 'page' : null }, text)));
   const ctx = {
     api,
+    can: (permission) => me.permissions.includes(permission),
     go: (hash) => { if (location.hash === hash) route(); else location.hash = hash; },
     refresh: () => route(),
     current: () => mine === rendering,
@@ -103,5 +129,5 @@ signout.addEventListener('click', () => { signIn(); history.replaceState(null, '
 window.addEventListener('hashchange', route);
 
 const saved = sessionStorage.getItem(KEY);
-if (saved) start(new Api(saved));
+if (saved) resume(new Api(saved));
 else signIn();

@@ -114,6 +114,7 @@ await scenario(async (h) => {
   await signIn(bobPage, http, bobToken);
   await settled(bobPage);
   const bobWho = await bobPage.getByRole('status', { name: 'Signed in as' }).textContent();
+  const bobSections = await bobPage.getByRole('navigation', { name: 'Sections' }).getByRole('link').allTextContents();
   const bobTree = await bobPage.getByRole('navigation', { name: 'Organization tree' }).getByRole('link').allTextContents();
   await bobPage.goto(`${http}/admin/#/orgs/${h.input.other_org}`);
   await bobPage.getByRole('heading', { name: 'Could not load this view' }).waitFor();
@@ -138,6 +139,16 @@ await scenario(async (h) => {
   await signIn(keyPage, http, key);
   await settled(keyPage);
   const keyWho = await keyPage.getByRole('status', { name: 'Signed in as' }).textContent();
+  // Its first section is shown first; Organizations (no org.read) is not offered, and opened
+  // by its address it is refused.
+  const keySections = await keyPage.getByRole('navigation', { name: 'Sections' }).getByRole('link').allTextContents();
+  const keyFirst = await keyPage.locator('#root h2').first().textContent();
+  // A reload keeps the tab signed in (the credential is asked `GET /v1/me` again).
+  await keyPage.reload();
+  await keyPage.getByRole('navigation', { name: 'Sections' }).waitFor();
+  const keyReloaded = await keyPage.getByRole('navigation', { name: 'Sections' }).getByRole('link').allTextContents();
+  await keyPage.goto(`${http}/admin/#/orgs`);
+  await keyPage.getByRole('navigation', { name: 'Organization tree' }).waitFor();
   const keyOrgs = await keyPage.getByRole('navigation', { name: 'Organization tree' }).textContent();
   await keyPage.getByRole('navigation', { name: 'Sections' }).getByRole('link', { name: 'Instances' }).click();
   await keyPage.getByRole('heading', { name: 'Instances', level: 2 }).waitFor();
@@ -153,7 +164,7 @@ await scenario(async (h) => {
   await h.shot(keyPage, 'api-key');
 
   return {
-    keys, keyWho, keyOrgs, keyInstances, keyUsers, keyQuota, keyResume,
+    keys, keyWho, keySections, keyFirst, keyReloaded, bobSections, keyOrgs, keyInstances, keyUsers, keyQuota, keyResume,
     refused, who, tree, instance, users, quotas, usage, preview, total, month, closeError, status,
     resumeShown, audit, filtered, firstPage, pages, allSeqs, bobWho, bobTree, bobOther,
     pageErrors: h.pageErrors,
