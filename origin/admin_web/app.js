@@ -102,6 +102,7 @@ async function route() {
     h('a', { href: `#/${id}`, 'aria-current': id === section ? 'page' : null }, text)));
   const ctx = {
     api,
+    me,
     can: (permission) => me.permissions.includes(permission),
     go: (hash) => { if (location.hash === hash) route(); else location.hash = hash; },
     refresh: () => route(),

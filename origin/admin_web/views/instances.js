@@ -69,6 +69,7 @@ function header(ctx, inst, plans, base) {
     ctx.refresh();
   }, { class: 'danger', hidden: true });
   const live = inst.status !== 'deleted';
+  const lifecycle = ctx.can('instance.lifecycle');
   return h('header', { class: 'instance-head' },
     h('h2', {}, inst.name),
     h('dl', { class: 'facts', 'aria-label': 'Instance' },
@@ -79,21 +80,21 @@ function header(ctx, inst, plans, base) {
       h('dt', {}, 'Id'), h('dd', {}, inst.id),
       h('dt', {}, 'Created'), h('dd', {}, utc(Date.parse(inst.created_at)))),
     h('div', { class: 'actions' },
-      inst.status === 'active' ? action('Suspend instance', alert, async () => {
+      lifecycle && inst.status === 'active' ? action('Suspend instance', alert, async () => {
         await api.post(`${base}/suspend`);
         ctx.refresh();
       }) : null,
-      inst.status === 'suspended' ? action('Resume instance', alert, async () => {
+      lifecycle && inst.status === 'suspended' ? action('Resume instance', alert, async () => {
         await api.post(`${base}/resume`);
         ctx.refresh();
       }) : null,
-      live ? h('button', {
+      lifecycle && live ? h('button', {
         type: 'button', class: 'danger',
         onclick: (ev) => { ev.currentTarget.hidden = true; confirmDelete.hidden = false; confirmDelete.focus(); },
       }, 'Delete instance') : null,
       confirmDelete,
       h('a', { href: `#/audit?instance=${seg(inst.id)}` }, 'Audit of this instance')),
-    live ? h('form', {
+    live && ctx.can('instance.write') ? h('form', {
       class: 'inline', 'aria-label': 'Change plan',
       onsubmit: onSubmit(alert, async () => {
         await api.patch(base, { plan: plan.value });
@@ -110,9 +111,10 @@ async function users(ctx, el, base) {
   const tokenOut = h('output', { 'aria-label': 'Issued user token', class: 'secret' });
   const name = h('input', { name: 'name', required: true, maxlength: 200 });
   const role = select({ name: 'role' }, INSTANCE_ROLES, 'member');
+  const write = ctx.can('user.write');
   const rows = list.map((u) => [
     u.name,
-    select({
+    !write ? u.role : select({
       'aria-label': `Role of ${u.name}`,
       onchange: async (ev) => {
         alert.clear();
@@ -128,13 +130,13 @@ async function users(ctx, el, base) {
     u.id,
     utc(Date.parse(u.created_at)),
     h('span', { class: 'actions' },
-      action('Issue token', alert, async () => {
+      !ctx.can('token.issue') ? null : action('Issue token', alert, async () => {
         const t = await api.post(`${base}/users/${seg(u.id)}/tokens`, {});
         tokenOut.textContent = t.token;
         tokenOut.dataset.user = u.name;
         tokenOut.title = `Token for ${u.name}, expires ${t.expires_at} (shown once)`;
       }, { 'aria-label': `Issue a token for ${u.name}` }),
-      action('Delete', alert, async () => {
+      !write ? null : action('Delete', alert, async () => {
         await api.delete(`${base}/users/${seg(u.id)}`);
         ctx.refresh();
       }, { 'aria-label': `Delete ${u.name}`, class: 'danger' })),
@@ -143,7 +145,7 @@ async function users(ctx, el, base) {
     h('h3', { id: 'users-title' }, 'Users'),
     table('Users', ['Name', 'Role', 'Id', 'Created', 'Actions'], rows, 'No users.'),
     tokenOut,
-    h('form', {
+    !write ? null : h('form', {
       class: 'inline', 'aria-label': 'New user',
       onsubmit: onSubmit(alert, async () => {
         await api.post(`${base}/users`, { name: name.value.trim(), role: role.value });
@@ -171,6 +173,7 @@ async function quotas(ctx, el, base) {
   const alert = alertBox();
   const rows = q.usage.map((u) => {
     const override = Object.hasOwn(q.overrides, u.resource);
+    if (!ctx.can('quota.write')) return [u.resource, bar(u.resource, u.used, u.limit), u.period ?? '—', override ? `${q.overrides[u.resource] ?? 'unlimited'}` : '—'];
     const input = h('input', { type: 'number', min: 0, step: 1, class: 'narrow', 'aria-label': `Limit override for ${u.resource}` });
     return [
       u.resource, bar(u.resource, u.used, u.limit), u.period ?? '—',
@@ -229,7 +232,7 @@ async function invoices(ctx, el, base, note = null) {
         invoiceTable('Invoice preview', preview)),
       h('div', {},
         h('h4', {}, 'Close a period'),
-        h('form', {
+        !ctx.can('billing.close') ? h('p', { class: 'muted' }, 'Closing a period is not allowed for this credential.') : h('form', {
           class: 'inline', 'aria-label': 'Close a period',
           onsubmit: onSubmit(alert, async () => {
             const inv = await api.post(`${base}/invoices`, { period: period.value.trim() });

@@ -52,7 +52,7 @@ export async function orgsView(ctx, view, selected) {
       orgs.length ? treeList(forest(orgs), selected)
         : h('p', { class: 'muted' }, refusal ? `${refusal.code}: ${refusal.message}. ` : 'No organizations. ',
           'See ', h('a', { href: '#/instances' }, 'Instances'), '.')),
-    h('form', {
+    ctx.me.kind !== 'operator' ? null : h('form', { // roots are the operator's
       class: 'stack', 'aria-label': 'New root organization',
       onsubmit: onSubmit(alert, async () => {
         const org = await api.post('/v1/orgs', { name: name.value.trim() });
@@ -89,9 +89,10 @@ async function orgDetail(ctx, main, id) {
   const memberName = h('input', { name: 'name', required: true, maxlength: 200 });
   const memberRole = select({ name: 'role' }, ORG_ROLES, 'member');
   const tokenOut = h('output', { 'aria-label': 'Issued member token', class: 'secret' });
+  const can = ctx.can;
   const memberRows = members.map((m) => [
     m.name,
-    select({
+    !can('org.members') ? m.role : select({
       'aria-label': `Role of ${m.name}`,
       onchange: async (ev) => {
         memberAlert.clear();
@@ -104,7 +105,7 @@ async function orgDetail(ctx, main, id) {
       },
     }, ORG_ROLES, m.role),
     utc(Date.parse(m.created_at)),
-    h('span', { class: 'actions' },
+    !can('org.members') ? '' : h('span', { class: 'actions' },
       action('Issue token', memberAlert, async () => {
         const t = await api.post(`${base}/members/${seg(m.id)}/tokens`, {});
         tokenOut.textContent = `${m.name}: ${t.token}`;
@@ -130,7 +131,7 @@ async function orgDetail(ctx, main, id) {
     h('p', { class: 'muted' }, `Organization ${org.id}`,
       org.parent ? [' · parent ', h('a', { href: `#/orgs/${seg(org.parent)}` }, org.parent)] : ' · root',
       ` · created ${utc(Date.parse(org.created_at))}`),
-    h('div', { class: 'row' },
+    !can('org.write') ? null : h('div', { class: 'row' },
       h('form', {
         class: 'stack', 'aria-label': 'Rename organization',
         onsubmit: onSubmit(renameAlert, async () => {
@@ -154,7 +155,7 @@ async function orgDetail(ctx, main, id) {
       h('h3', { id: 'members-title' }, 'Members'),
       table('Members', ['Name', 'Role', 'Created', 'Actions'], memberRows, 'No members.'),
       tokenOut,
-      h('form', {
+      !can('org.members') ? null : h('form', {
         class: 'inline', 'aria-label': 'Add member',
         onsubmit: onSubmit(memberAlert, async () => {
           await api.post(`${base}/members`, { name: memberName.value.trim(), role: memberRole.value });
@@ -166,7 +167,7 @@ async function orgDetail(ctx, main, id) {
     h('section', { 'aria-labelledby': 'instances-title' },
       h('h3', { id: 'instances-title' }, 'Instances'),
       table('Instances', ['Name', 'Plan', 'Region', 'Status'], instRows, 'No instances.'),
-      h('form', {
+      !can('instance.create') ? null : h('form', {
         class: 'inline', 'aria-label': 'New instance',
         onsubmit: onSubmit(instAlert, async () => {
           const inst = await api.post(`${base}/instances`, {
@@ -209,7 +210,7 @@ async function apiKeys(ctx, el, base, instances) {
     k.permissions.join(', '),
     k.expires_at ? utc(Date.parse(k.expires_at)) : 'never',
     k.revoked ? 'revoked' : 'active',
-    k.revoked ? '' : action('Revoke', alert, async () => {
+    k.revoked || !ctx.can('apikey.write') ? '' : action('Revoke', alert, async () => {
       await api.delete(`${base}/api_keys/${seg(k.id)}`);
       await apiKeys(ctx, el, base, instances);
     }, { 'aria-label': `Revoke ${k.name}` }),
@@ -218,7 +219,7 @@ async function apiKeys(ctx, el, base, instances) {
     h('h3', { id: 'keys-title' }, 'API keys'),
     table('API keys', ['Name', 'Scope', 'Permissions', 'Expires', 'State', 'Actions'], rows, 'No API keys.'),
     secret,
-    h('form', {
+    !ctx.can('apikey.write') ? null : h('form', {
       class: 'stack wide', 'aria-label': 'New API key',
       onsubmit: onSubmit(alert, async () => {
         const chosen = boxes.filter((b) => b.checked).map((b) => b.value);
