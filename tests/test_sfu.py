@@ -221,8 +221,13 @@ async def test_publisher_to_two_subscribers_decodes_video_and_audio(sfu: Sfu) ->
     assert tapped and len({p[8:12] for p in tapped}) == 1
     seqs = [int.from_bytes(p[2:4], "big") for p in tapped]
     assert all((b - a) & 0xFFFF == 1 for a, b in itertools.pairwise(seqs))
-    quality = await pub.events.wait(ConnectionQuality, lambda e: e.participant == "alice")
-    assert quality.quality == "excellent"
+    # Quality is judged every 0.5 s here: on a saturated machine the test's own encoder can
+    # starve for an interval, which the SFU rightly reports as "lost"; once media flows on
+    # loopback without loss, the publisher's quality is excellent.
+    quality = await pub.events.wait(
+        ConnectionQuality, lambda e: e.participant == "alice" and e.quality != "lost"
+    )
+    assert quality.quality == "excellent" and quality.loss < 0.02
     await pub.events.wait(PeerState, lambda e: e.participant == "bob" and e.state == "connected")
     for c in [pub, *subs]:
         await c.close()
