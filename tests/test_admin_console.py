@@ -194,7 +194,8 @@ async def test_operator_creates_suspends_and_audits_in_the_browser(
     org = admin_get(node, f"/v1/orgs/{inst['org']}")
     assert org["name"] == "Acme" and org["parent"] is None
     assert [(u[0], u[2]) for u in out["users"]] == [("alice", step["user"])]
-    assert [m["name"] for m in admin_get(node, f"/v1/orgs/{org['id']}/members")["items"]] == ["bob"]
+    members = admin_get(node, f"/v1/orgs/{org['id']}/members")["items"]
+    assert sorted(m["name"] for m in members) == ["bob", "mia"]  # mia: added by bob, below
 
     # Quotas: 1 of 1 user (full), 4 of 5 messages (past 80 %), rooms unlimited on this plan.
     assert out["quotas"]["users"] == {"level": "full", "text": "1 of 1 (100 %)"}
@@ -237,6 +238,11 @@ async def test_operator_creates_suspends_and_audits_in_the_browser(
     assert out["bobSections"] == ["Organizations", "Instances", "Audit log"]
     assert out["bobTree"] == ["Acme"]
     assert out["bobOther"].startswith("not_found")
+    # Mia, a plain member Bob added: Organizations and Instances (no audit.read); Acme's members
+    # listed with their roles as text; none of the changes she may not make is offered.
+    assert out["miaSections"] == ["Organizations", "Instances"]
+    assert sorted(out["miaMembers"]) == [["bob", "admin"], ["mia", "member"]]
+    assert out["miaButtons"] == dict.fromkeys(out["miaButtons"], 0) and len(out["miaButtons"]) == 7
 
     # An API key made in the console for acme-prod (instance.read, quota.read, audit.read):
     # it sees that instance only, reads its quotas, not its users, and is offered no action it

@@ -120,6 +120,31 @@ await scenario(async (h) => {
   await bobPage.getByRole('heading', { name: 'Could not load this view' }).waitFor();
   const bobOther = await bobPage.getByRole('alert').first().textContent();
 
+  // Bob adds Mia, a plain member, and issues her a token: she reads Acme and is offered no
+  // change (GET /v1/me: org.read and the like, no org.write, org.members, instance.create).
+  await bobPage.goto(`${http}/admin/#/orgs`);
+  await bobPage.getByRole('navigation', { name: 'Organization tree' }).getByRole('link', { name: 'Acme' }).click();
+  await bobPage.getByRole('heading', { name: 'Acme', level: 2 }).waitFor();
+  await settled(bobPage);
+  await bobPage.getByLabel('Member name').fill('mia');
+  await bobPage.getByRole('button', { name: 'Add member' }).click();
+  await bobPage.getByRole('button', { name: 'Issue a token for mia' }).click();
+  const miaOut = bobPage.locator('output[aria-label="Issued member token"]', { hasText: 'gb6o_' });
+  await miaOut.waitFor();
+  const miaToken = (await miaOut.textContent()).replace(/^mia: /, '');
+  const miaPage = await h.newPage('mia');
+  await signIn(miaPage, http, miaToken);
+  await settled(miaPage);
+  const miaSections = await miaPage.getByRole('navigation', { name: 'Sections' }).getByRole('link').allTextContents();
+  await miaPage.getByRole('navigation', { name: 'Organization tree' }).getByRole('link', { name: 'Acme' }).click();
+  await miaPage.getByRole('heading', { name: 'Acme', level: 2 }).waitFor();
+  await settled(miaPage);
+  const miaMembers = (await rows(miaPage, 'Members')).map((r) => [r[0], r[1]]);
+  const miaButtons = {};
+  for (const name of ['Rename', 'Create child organization', 'Delete organization', 'Add member', 'Issue a token for bob', 'Create instance', 'Create organization']) {
+    miaButtons[name] = await miaPage.getByRole('button', { name, exact: true }).count();
+  }
+
   // An API key for the instance, made in the console: it reads the instance, not its users,
   // and is offered no action it may not take.
   await page.getByRole('navigation', { name: 'Sections' }).getByRole('link', { name: 'Organizations' }).click();
@@ -165,7 +190,7 @@ await scenario(async (h) => {
   await h.shot(keyPage, 'api-key');
 
   return {
-    keys, keyWho, keySections, keyFirst, keyReloaded, bobSections, keyOrgs, keyInstances, keyUsers, keyQuota, keyResume, keyOverride,
+    keys, keyWho, miaSections, miaMembers, miaButtons, keySections, keyFirst, keyReloaded, bobSections, keyOrgs, keyInstances, keyUsers, keyQuota, keyResume, keyOverride,
     refused, who, tree, instance, users, quotas, usage, preview, total, month, closeError, status,
     resumeShown, audit, filtered, firstPage, pages, allSeqs, bobWho, bobTree, bobOther,
     pageErrors: h.pageErrors,
