@@ -15,7 +15,8 @@ pass began; its next transaction then writes the log from its start again.
 
 Reads run on a small pool of read connections in worker threads (WAL readers never block the
 writer). Seqs are assigned inside the writer's transaction from a per-room head cache; a failed
-commit drops that cache, so a seq is never skipped or reused.
+commit drops that cache, so a seq is never skipped or reused. The log holds no index of cids:
+the writer finds repeats among the keys it holds and in `search.db` (cid_index.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from node.config import Limits
 from node.errors import CONFLICT, INTERNAL, UNAVAILABLE, GB6Error, forbidden, not_found
 from node.events import Event
 from node.log import log
+from origin import cid_index
 from origin.records import (
     API_KEY_COLS,
     ApiKey,
@@ -114,11 +116,30 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         created_by TEXT NOT NULL, expires_at INTEGER, revoked INTEGER NOT NULL DEFAULT 0,
         created_at INTEGER NOT NULL);
     """,
+    # Idempotency keys moved to search.db (cid_index.py): the log keeps no index of them, so
+    # a commit writes half the pages. A unique constraint cannot be dropped: rebuild the table.
+    """
+    CREATE TABLE events_rebuilt(
+        id INTEGER PRIMARY KEY, room TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL,
+        type TEXT NOT NULL, sender TEXT NOT NULL, cid TEXT NOT NULL, body BLOB,
+        thread INTEGER, target INTEGER, emoji TEXT, deleted INTEGER NOT NULL DEFAULT 0,
+        current BLOB, edited INTEGER,
+        UNIQUE(room, seq));
+    INSERT INTO events_rebuilt(id, room, seq, ts, type, sender, cid, body, thread, target, emoji,
+        deleted, current, edited)
+        SELECT id, room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted,
+        current, edited FROM events;
+    DROP TABLE events;
+    ALTER TABLE events_rebuilt RENAME TO events;
+    """,
 )
 
 _SIDE_PASS_S: Final = 0.05  # how often the checkpointer copies the log into the database
 _RESTART_FRAMES: Final = 4096  # past this many log pages (16 MiB) the writer restarts the log
 _SEARCH_CATCH_UP_S: Final = 2.0  # a search waits at most this long for the index
+# Keys written but not yet indexed in search.db, held by the writer (cid_index.py): ~1 minute
+# of a busy store; past it the index has stalled and sends are refused until it catches up.
+_MAX_RECENT_KEYS: Final = 200_000
 _EVENT_COLS: Final = "room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted"
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -203,6 +224,8 @@ class SqliteStore:
         self._readers: list[sqlite3.Connection] = []
         self._read_limiter = trio.CapacityLimiter(2)
         self._heads: dict[str, int] = {}  # writer thread only
+        self._recent = cid_index.RecentKeys()  # writer thread only
+        self._keys: sqlite3.Connection | None = None  # writer thread only: reads search.db
         self._thread: threading.Thread | None = None
         self._checkpointer: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -224,6 +247,8 @@ class SqliteStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         writer = await trio.to_thread.run_sync(self._open_writer)
         await trio.to_thread.run_sync(self._index.open)
+        await trio.to_thread.run_sync(self._index.catch_up_keys)
+        self._keys = await trio.to_thread.run_sync(self._open_keys)
         self._readers = [await trio.to_thread.run_sync(self._open_reader) for _ in range(2)]
         token = trio.lowlevel.current_trio_token()
         self._index.start(token)
@@ -266,6 +291,13 @@ class SqliteStore:
     def _open_reader(self) -> sqlite3.Connection:
         conn = _connect(self.path, readonly=True)
         conn.execute("ATTACH DATABASE ? AS idx", (str(self._index.path),))
+        return conn
+
+    def _open_keys(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            str(self._index.path), isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        conn.execute("PRAGMA query_only=ON")
         return conn
 
     def _open_writer(self) -> sqlite3.Connection:
@@ -324,6 +356,8 @@ class SqliteStore:
                     self._restart_log(conn)
         finally:
             conn.close()
+            if self._keys is not None:
+                self._keys.close()
 
     def _restart_log(self, conn: sqlite3.Connection) -> None:
         """Copy the frames the side pass has not, so the next transaction restarts the log."""
@@ -355,6 +389,8 @@ class SqliteStore:
         self, conn: sqlite3.Connection, batch: list[_Job]
     ) -> list[tuple[_Job, outcome.Outcome[Any]]]:
         results: list[tuple[_Job, outcome.Outcome[Any]]] = []
+        self._recent.forget_upto(self._index.keys_indexed)
+        mark = self._recent.mark()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
@@ -396,6 +432,7 @@ class SqliteStore:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            self._recent.undo(mark)
             self._heads.clear()  # reloaded from the log on next use: no seq skipped or reused
             failure = GB6Error(UNAVAILABLE, f"storage failed, nothing was written: {exc}")
             return [(job, outcome.Error(failure)) for job in batch]
@@ -411,26 +448,28 @@ class SqliteStore:
 
     def _append(self, conn: sqlite3.Connection, item: AppendItem) -> Appended:
         """Raises GB6Error only before it writes anything."""
-        if item.target is not None or item.thread is not None:
-            # Idempotency first: a repeat answers with the original even if its checks
-            # would fail now.
-            prior = self._prior(conn, item)
-            if prior is not None:
-                return prior
-            if item.target is not None:
-                self._check_target(conn, item)
-            if item.thread is not None:
-                row = conn.execute(
-                    "SELECT type FROM events WHERE room=? AND seq=?", (item.room, item.thread)
-                ).fetchone()
-                if row is None or row[0] != "message":
-                    raise not_found(f"thread root {item.thread} is not a message of this room")
+        key = (item.room, item.sender, item.cid)
+        # Idempotency first: a repeat answers with the original even if its checks would
+        # fail now.
+        prior = self._prior(conn, key)
+        if prior is not None:
+            return Appended(prior, duplicate=True)
+        if len(self._recent) >= _MAX_RECENT_KEYS:
+            raise GB6Error(UNAVAILABLE, "the idempotency index is behind; retry the send")
+        if item.target is not None:
+            self._check_target(conn, item)
+        if item.thread is not None:
+            row = conn.execute(
+                "SELECT type FROM events WHERE room=? AND seq=?", (item.room, item.thread)
+            ).fetchone()
+            if row is None or row[0] != "message":
+                raise not_found(f"thread root {item.thread} is not a message of this room")
         seq = self._head(conn, item.room) + 1
         ts = now_ms()
         body = orjson.dumps(item.body) if item.body is not None else None
         cur = conn.execute(
             "INSERT INTO events(room, seq, ts, type, sender, cid, body, thread, target, emoji)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(room, sender, cid) DO NOTHING",
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
                 item.room,
                 seq,
@@ -444,10 +483,8 @@ class SqliteStore:
                 item.emoji,
             ),
         )
-        if cur.rowcount == 0:  # a repeated cid: the original answers, nothing is written
-            prior = self._prior(conn, item)
-            assert prior is not None
-            return prior
+        event_id = cur.lastrowid
+        assert event_id is not None
         # The search index follows the log on its own (search_index.py).
         if item.type == "edit":
             conn.execute(
@@ -461,14 +498,20 @@ class SqliteStore:
                 (item.room, item.target, item.target),
             )
         self._heads[item.room] = seq
+        self._recent.add(key, event_id)  # last: nothing after it can fail
         return Appended(item.event(seq, ts), duplicate=False)
 
-    def _prior(self, conn: sqlite3.Connection, item: AppendItem) -> Appended | None:
-        row = conn.execute(
-            f"SELECT {_EVENT_COLS} FROM events WHERE room=? AND sender=? AND cid=?",
-            (item.room, item.sender, item.cid),
-        ).fetchone()
-        return Appended(event_from_row(row), duplicate=True) if row is not None else None
+    def _prior(self, conn: sqlite3.Connection, key: cid_index.Key) -> Event | None:
+        """The event that used `key`, in the writer thread: the keys it holds, then the index
+        (which holds every key the writer has forgotten)."""
+        event_id = self._recent.get(key)
+        if event_id is None:
+            assert self._keys is not None
+            event_id = cid_index.lookup(self._keys, key)
+            if event_id is None:
+                return None
+        row = conn.execute(f"SELECT {_EVENT_COLS} FROM events WHERE id=?", (event_id,)).fetchone()
+        return event_from_row(row)
 
     def _check_target(self, conn: sqlite3.Connection, item: AppendItem) -> None:
         row = conn.execute(
@@ -813,14 +856,8 @@ class SqliteStore:
         )
 
     async def event_by_cid(self, room: str, sender: str, cid: str) -> Event | None:
-        def q(c: sqlite3.Connection) -> Event | None:
-            row = c.execute(
-                f"SELECT {_EVENT_COLS} FROM events WHERE room=? AND sender=? AND cid=?",
-                (room, sender, cid),
-            ).fetchone()
-            return event_from_row(row) if row is not None else None
-
-        return await self.read(q)
+        # Through the writer: only it knows the keys not yet indexed.
+        return await self.write(lambda c: self._prior(c, (room, sender, cid)))
 
     # --- the org tree, lifecycles, org members and API keys ------------------------------
 
