@@ -134,7 +134,10 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     """,
 )
 
-_SIDE_PASS_S: Final = 0.05  # how often the checkpointer copies the log into the database
+# How often the checkpointer copies the log into the database. Each pass writes a page once
+# however often commits rewrote it since the last: 0.5 s wrote 25% fewer bytes than 0.05 s at
+# 2,000 appends/s (161 vs 213 MB in the store bench), p99 no worse.
+_SIDE_PASS_S: Final = 0.5
 _RESTART_FRAMES: Final = 4096  # past this many log pages (16 MiB) the writer restarts the log
 _SEARCH_CATCH_UP_S: Final = 2.0  # a search waits at most this long for the index
 # Keys written but not yet indexed in search.db, held by the writer (cid_index.py): ~1 minute
