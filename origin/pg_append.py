@@ -99,6 +99,31 @@ def _has_nul(item: AppendItem) -> bool:
     return any("\x00" in s for s in (item.room, item.sender, item.cid, item.emoji or ""))
 
 
+def single_write(batch: list[AppendItem]) -> bool:
+    """True when a batch is written with one statement: plain ops (no target or thread to check
+    against what the batch wrote) and no (room, sender, cid) twice."""
+    if any(item.target is not None or item.thread is not None for item in batch):
+        return False
+    return len({(item.room, item.sender, item.cid) for item in batch}) == len(batch)
+
+
+@attrs.frozen
+class Staged:
+    """A batch of plain ops read and staged, not written: its answers once `insert_staged`
+    succeeds, its rows, and the keys it writes."""
+
+    results: Results
+    columns: list[list[Any]]
+    ts: int
+    keys: set[tuple[str, str, str]]
+
+
+async def insert_staged(conn: Any, staged: Staged) -> None:
+    """Write a staged batch: one statement, a transaction of its own."""
+    if staged.columns[0]:
+        await conn.execute(_INSERT, *staged.columns, staged.ts)
+
+
 @attrs.define
 class _Staged:
     """Rows waiting for the next insert, as the columns of `_INSERT`."""
@@ -128,6 +153,19 @@ class AppendBatch:
         self._written: set[tuple[str, str, str]] = set()  # keys inserted by this batch
 
     async def apply(self, items: list[AppendItem]) -> Results:
+        results = await self._each(items)
+        await self._flush()
+        return results
+
+    async def stage(self, items: list[AppendItem]) -> Staged:
+        """Read and stage a batch of plain ops (`single_write`) without writing anything; the
+        rows are written by `insert_staged`, on any connection."""
+        assert single_write(items)
+        results = await self._each(items)
+        staged, self._staged = self._staged, _Staged()
+        return Staged(results, staged.columns, self._ts, self._written)
+
+    async def _each(self, items: list[AppendItem]) -> Results:
         await self._load_heads({i.room for i in items if i.room in self._instances})
         priors = await self._priors(items)
         results: Results = []
@@ -141,7 +179,6 @@ class AppendBatch:
             except Exception as exc:  # a bug in one op must not refuse the others
                 log("writer_job_failed", error=repr(exc))
                 results.append((item, outcome.Error(GB6Error(INTERNAL, "internal error"))))
-        await self._flush()
         return results
 
     async def _one(self, item: AppendItem, priors: dict[tuple[str, str, str], Event]) -> Appended:

@@ -8,12 +8,19 @@ a write, a read), so the ~50 µs a crossing costs is paid once per unit, not per
 Group commit, like the embedded writer: `submit_append` takes a slot (at most
 `max_inflight_appends` in flight) and puts the op on a bounded channel; one writer task takes
 every op waiting (at most `writer_batch`), and under load lingers `writer_linger_s` for the batch
-to fill. It runs the batch in one transaction in one crossing (pg_append.py): a batch of plain
-ops (no target or thread, no cid twice) is written by a single INSERT after its reads, so that
-statement is the transaction (no BEGIN/COMMIT round trips); any other batch opens one. Then it
-calls `on_appended` once with the batch's outcomes, so batches reach the shard in commit order. The
-crossing is shielded: once a batch is sent to PostgreSQL the writer learns its outcome, whatever
-is cancelled meanwhile (asyncpg's `command_timeout` bounds that wait).
+to fill. A batch of plain ops (no target or thread, no cid twice) is read and staged in one
+crossing and written by a single INSERT in another, so that statement is the transaction (no
+BEGIN/COMMIT round trips); any other batch runs in one transaction in one crossing
+(pg_append.py). Then `on_appended` gets the batch's outcomes once, so batches reach the shard in
+commit order. Crossings are shielded: once a batch is sent to PostgreSQL the writer learns its
+outcome, whatever is cancelled meanwhile (asyncpg's `command_timeout` bounds that wait).
+
+Pipelined: while one batch's INSERT runs on one connection, the writer stages the next on
+another (its seqs follow the cached heads, which already count the first batch), so the origin's
+Python and PostgreSQL's insert overlap instead of taking turns. The next INSERT is sent only
+once the previous one committed; if that one failed, the staged batch is refused with it,
+unwritten (its seqs would follow a gap). A batch that repeats a key of the one in flight, or is
+not plain, waits for it to finish first (its reads must see what it wrote).
 
 Durability: every connection sets `synchronous_commit=on`, so a batch is acknowledged only
 once PostgreSQL has it on disk (and on its synchronous standbys, where it has some).
@@ -50,7 +57,7 @@ from node.config import Limits
 from node.errors import INTERNAL, UNAVAILABLE, GB6Error, invalid, not_found
 from node.events import Event
 from node.log import log
-from origin.pg_append import EVENT_COLS, AppendBatch, Results
+from origin.pg_append import EVENT_COLS, AppendBatch, Results, Staged, insert_staged, single_write
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_schema import Partitions, check_schema_name, migrate
 from origin.pg_search import tsquery_literal
@@ -98,12 +105,29 @@ async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
         raise translate(exc, "connecting to PostgreSQL") from exc
 
 
-def _single_write(batch: list[AppendItem]) -> bool:
-    """True when AppendBatch writes `batch` with one statement: plain ops (no target or thread
-    to check against what the batch wrote) and no (room, sender, cid) twice."""
-    if any(item.target is not None or item.thread is not None for item in batch):
-        return False
-    return len({(item.room, item.sender, item.cid) for item in batch}) == len(batch)
+@attrs.define(eq=False)
+class _InFlight:
+    """A staged batch whose INSERT the writer has sent."""
+
+    keys: set[tuple[str, str, str]]
+    done: trio.Event = attrs.Factory(trio.Event)
+    ok: bool = False
+
+
+def _refused(batch: list[AppendItem], exc: BaseException) -> Results:
+    """Every op of `batch` refused with what `exc` means for it."""
+    if isinstance(exc, GB6Error):
+        failure = exc
+    elif isinstance(exc, DB_ERRORS):
+        failure = GB6Error(
+            UNAVAILABLE,
+            f"storage failed; the batch may not have been written (resend with the same"
+            f" cid): {exc}",
+        )
+    else:
+        log("writer_batch_failed", error=repr(exc))
+        failure = GB6Error(INTERNAL, "internal error")
+    return [(item, outcome.Error(failure)) for item in batch]
 
 
 class PgStore:
@@ -133,6 +157,8 @@ class PgStore:
         self._pool: Any = None
         self._partitions = Partitions(self.schema)
         self._heads: dict[str, int] = {}  # writer only
+        self._in_flight: _InFlight | None = None  # writer only
+        self._stale = False  # an INSERT failed: heads to be read again once none is in flight
         self._instances: dict[str, str] = {}  # room → instance
         self._slots = trio.Semaphore(limits.max_inflight_appends)
         self._send, self._recv = trio.open_memory_channel[AppendItem](limits.max_inflight_appends)
@@ -174,62 +200,116 @@ class PgStore:
 
     async def _writer(self) -> None:
         last_batch = 0
-        while True:
-            first = await self._recv.receive()
-            waiting = self._recv.statistics().current_buffer_used
-            if last_batch > 1 and self.limits.writer_linger_s > 0 and waiting < last_batch:
-                # Under load, let the batch fill: fewer, larger transactions. A lone op never
-                # waits, nor does a backlog at least as large as the last batch (as in
-                # SqliteStore). Shielded: `first` is taken, and must be committed on shutdown.
+        async with trio.open_nursery() as inserts:
+            while True:
+                first = await self._recv.receive()
+                # Shielded from here: `first` is taken, and must be committed on shutdown.
                 with trio.CancelScope(shield=True):
-                    await trio.sleep(self.limits.writer_linger_s)
-            batch = [first, *take_waiting(self._recv, self.limits.writer_batch - 1)]
-            last_batch = len(batch)
-            await self._commit(batch)
+                    waiting = self._recv.statistics().current_buffer_used
+                    if last_batch > 1 and self.limits.writer_linger_s > 0 and waiting < last_batch:
+                        # Under load, let the batch fill: fewer, larger transactions. A lone op
+                        # never waits, nor does a backlog at least as large as the last batch
+                        # (as in SqliteStore).
+                        await trio.sleep(self.limits.writer_linger_s)
+                    batch = [first, *take_waiting(self._recv, self.limits.writer_batch - 1)]
+                    last_batch = len(batch)
+                    await self._commit(batch, inserts)
 
     async def _commit_queued(self) -> None:
         """On exit: commit what was queued before the store closed (shielded by the caller)."""
-        while batch := take_waiting(self._recv, self.limits.writer_batch):
-            await self._commit(batch)
+        async with trio.open_nursery() as inserts:
+            while batch := take_waiting(self._recv, self.limits.writer_batch):
+                await self._commit(batch, inserts)
 
-    async def _commit(self, batch: list[AppendItem]) -> None:
+    async def _commit(self, batch: list[AppendItem], inserts: trio.Nursery) -> None:
+        """Stage `batch` (while the previous INSERT runs) and start its INSERT in `inserts`; or,
+        for a batch that is not plain, run its transaction once the previous one is done."""
+        before = self._in_flight
+        plain = single_write(batch)
+        if before is not None and (
+            not plain or not before.keys.isdisjoint((i.room, i.sender, i.cid) for i in batch)
+        ):
+            await before.done.wait()
+            before = None
+        if before is None and self._stale:
+            self._forget()
+        if not plain:
+            self._answer(batch, await aio_as_trio(self._apply)(batch))
+            return
+        staged: Staged | Results = await aio_as_trio(self._stage)(batch)
+        if before is not None:
+            await before.done.wait()
+            if not before.ok and isinstance(staged, Staged):
+                staged = _refused(batch, GB6Error(UNAVAILABLE, "the batch before failed"))
+        if not isinstance(staged, Staged):  # refused whole: drop what it staged
+            self._forget()
+            self._answer(batch, staged)
+            return
+        in_flight = _InFlight(staged.keys)
+        self._in_flight = in_flight
+        inserts.start_soon(self._insert, batch, staged, in_flight)
+
+    async def _insert(self, batch: list[AppendItem], staged: Staged, in_flight: _InFlight) -> None:
         with trio.CancelScope(shield=True):
-            results: Results = await aio_as_trio(self._apply)(batch)
+            failure: Results | None = await aio_as_trio(self._insert_staged)(batch, staged)
+        if failure is not None:
+            self._stale = True  # not cleared here: the next batch may be staging on them
+        in_flight.ok = failure is None
+        if self._in_flight is in_flight:
+            self._in_flight = None
+        self._answer(batch, failure if failure is not None else staged.results)
+        in_flight.done.set()
+
+    def _answer(self, batch: list[AppendItem], results: Results) -> None:
         self.commits += 1
         try:
             self._on_appended(results)
         finally:
             self._release(len(batch))
 
-    async def _apply(self, batch: list[AppendItem]) -> Results:
-        """One batch, one transaction (asyncio side). Never raises: failures are outcomes."""
+    def _forget(self) -> None:
+        """After a failure: heads and partitions are read again, so no seq is skipped or
+        reused (the writer calls this only when no INSERT is in flight)."""
+        self._heads.clear()
+        self._partitions.forget()
+        self._stale = False
+
+    async def _stage(self, batch: list[AppendItem]) -> Staged | Results:
+        """Read and stage a plain batch (asyncio side). Never raises: failures are outcomes."""
         try:
             ts = now_ms()
             async with self._pool.acquire() as conn:
-                await self._learn_instances(conn, {item.room for item in batch})
-                rooms = {item.room for item in batch}
-                instances = {r: self._instances[r] for r in rooms if r in self._instances}
-                await self._partitions.ensure(conn, set(instances.values()), ts)
-                appender = AppendBatch(conn, self._heads, instances, ts)
-                if _single_write(batch):
-                    # Reads, then ONE insert, which is a transaction of its own: no BEGIN and
-                    # COMMIT round trips, nothing held open while Python stages the rows.
-                    return await appender.apply(batch)
+                appender = await self._appender(conn, batch, ts)
+                return await appender.stage(batch)
+        except Exception as exc:
+            return _refused(batch, exc)
+
+    async def _insert_staged(self, batch: list[AppendItem], staged: Staged) -> Results | None:
+        """Write a staged batch (asyncio side): None once committed, else its refusals."""
+        try:
+            async with self._pool.acquire() as conn:
+                await insert_staged(conn, staged)
+            return None
+        except Exception as exc:
+            return _refused(batch, exc)
+
+    async def _apply(self, batch: list[AppendItem]) -> Results:
+        """One batch that is not plain, one transaction (asyncio side). Never raises."""
+        try:
+            async with self._pool.acquire() as conn:
+                appender = await self._appender(conn, batch, now_ms())
                 async with conn.transaction():
                     return await appender.apply(batch)
-        except DB_ERRORS as exc:
-            failure = GB6Error(
-                UNAVAILABLE,
-                f"storage failed; the batch may not have been written (resend with the same"
-                f" cid): {exc}",
-            )
         except Exception as exc:
-            log("writer_batch_failed", error=repr(exc))
-            failure = GB6Error(INTERNAL, "internal error")
-        # Reloaded on next use: no seq skipped or reused; partitions are checked again.
-        self._heads.clear()
-        self._partitions.forget()
-        return [(item, outcome.Error(failure)) for item in batch]
+            self._forget()
+            return _refused(batch, exc)
+
+    async def _appender(self, conn: Any, batch: list[AppendItem], ts: int) -> AppendBatch:
+        rooms = {item.room for item in batch}
+        await self._learn_instances(conn, rooms)
+        instances = {r: self._instances[r] for r in rooms if r in self._instances}
+        await self._partitions.ensure(conn, set(instances.values()), ts)
+        return AppendBatch(conn, self._heads, instances, ts)
 
     async def _learn_instances(self, conn: Any, rooms: Iterable[str]) -> None:
         missing = [r for r in rooms if r not in self._instances]

@@ -704,6 +704,80 @@ async def test_pg_failed_transaction_skips_and_reuses_no_seq(pg_backend: Backend
         assert seqs(await store.events_after(r, 0, 10)) == [1, 2, 3]
 
 
+async def test_pg_pipelined_batches_after_a_failed_insert_are_refused_with_it(
+    pg_backend: Backend,
+) -> None:
+    """The writer stages the next batch while an INSERT runs. When that INSERT fails, the
+    batch staged behind it (seqs after the failed ones) is refused too, unwritten: acknowledged
+    seqs stay gapless, and every refused op can be resent."""
+    small = Limits(max_inflight_appends=2_000, writer_batch=10)
+    backend = attrs.evolve(
+        pg_backend, make=lambda rec: PgStore(pg_backend.dsn, small, rec, schema=pg_backend.schema)
+    )
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        await _pg(
+            pg_backend.dsn,
+            f'SET search_path = "{pg_backend.schema}"',
+            "ALTER TABLE events ADD CONSTRAINT no_poison"
+            " CHECK (body IS NULL OR position('poison'::bytea in body) = 0)",
+        )
+        ops = [
+            item(r, (t.alice, t.bob)[i % 2], f"m{i}", body={"text": "poison" if i == 95 else "ok"})
+            for i in range(300)
+        ]
+        pending = [await submit(store, op) for op in ops]  # queued: 30 batches or so
+        await store.wait_idle()
+        got = [p() for p in pending]
+        acked = [g.unwrap().event for g in got if isinstance(g, outcome.Value)]
+        refused = [op for op, g in zip(ops, got, strict=True) if isinstance(g, outcome.Error)]
+        assert 10 <= len(refused) < 300  # the poisoned batch at least, not everything
+        for g in got:
+            if isinstance(g, outcome.Error):
+                with pytest.raises(GB6Error) as info:
+                    g.unwrap()
+                assert info.value.code == UNAVAILABLE
+        assert sorted(e.seq for e in acked) == list(range(1, len(acked) + 1))
+        assert await store.events_after(r, 0, 1000) == sorted(acked, key=lambda e: e.seq)
+
+        await _pg(
+            pg_backend.dsn,
+            f'SET search_path = "{pg_backend.schema}"',
+            "ALTER TABLE events DROP CONSTRAINT no_poison",
+        )
+        resent = [await append(store, op) for op in refused]
+        assert not any(a.duplicate for a in resent)
+        assert [a.event.seq for a in resent] == list(range(len(acked) + 1, 301))
+        again = await append(store, ops[0])
+        assert again.duplicate and again.event == pending[0]().unwrap().event
+        assert seqs(await store.events_after(r, 0, 1000)) == list(range(1, 301))
+
+
+async def test_pg_a_repeat_of_the_batch_in_flight_answers_the_original(
+    pg_backend: Backend,
+) -> None:
+    """The batch staged while an INSERT runs cannot see its rows: when it repeats one of its
+    keys, it waits for that INSERT, then answers with the original."""
+    small = Limits(max_inflight_appends=2_000, writer_batch=10)
+    backend = attrs.evolve(
+        pg_backend, make=lambda rec: PgStore(pg_backend.dsn, small, rec, schema=pg_backend.schema)
+    )
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        # Each cid comes back ten ops later: in the next batch of ten.
+        ops = [item(r, t.alice, f"m{i % 10 + 10 * (i // 20)}") for i in range(200)]
+        pending = [await submit(store, op) for op in ops]
+        await store.wait_idle()
+        got = [p().unwrap() for p in pending]
+        firsts = {op.cid: a for op, a in zip(ops, got, strict=True) if not a.duplicate}
+        assert len(firsts) == 100
+        for op, a in zip(ops, got, strict=True):
+            assert a.event == firsts[op.cid].event
+        assert seqs(await store.events_after(r, 0, 1000)) == list(range(1, 101))
+
+
 async def test_pg_nul_characters_are_refused_alone(pg_backend: Backend) -> None:
     """PostgreSQL text cannot hold NUL: such an op is `invalid`, and only it is refused."""
     async with serving(pg_backend) as store:
