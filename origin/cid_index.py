@@ -22,6 +22,8 @@ import collections
 import sqlite3
 from typing import Final
 
+import orjson
+
 SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS cids("
     " room TEXT NOT NULL, sender TEXT NOT NULL, cid TEXT NOT NULL, id INTEGER NOT NULL,"
@@ -80,6 +82,17 @@ def lookup(conn: sqlite3.Connection, key: Key) -> int | None:
     must see what the consumer committed since (a statement left open would pin a snapshot)."""
     rows = conn.execute("SELECT id FROM cids WHERE room=? AND sender=? AND cid=?", key).fetchall()
     return int(rows[0][0]) if rows else None
+
+
+def lookup_many(conn: sqlite3.Connection, keys: list[Key]) -> dict[Key, int]:
+    """The event ids indexed for those of `keys` the index holds: one statement (the keys
+    travel as one JSON text, so its SQL is the same for any number of them)."""
+    rows = conn.execute(
+        "SELECT c.room, c.sender, c.cid, c.id FROM json_each(?) AS j JOIN cids AS c"
+        " ON c.room = j.value->>0 AND c.sender = j.value->>1 AND c.cid = j.value->>2",
+        (orjson.dumps(keys).decode(),),
+    ).fetchall()
+    return {(room, sender, cid): int(event_id) for room, sender, cid, event_id in rows}
 
 
 class RecentKeys:

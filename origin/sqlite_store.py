@@ -143,6 +143,15 @@ _SEARCH_CATCH_UP_S: Final = 2.0  # a search waits at most this long for the inde
 # Keys written but not yet indexed in search.db, held by the writer (cid_index.py): ~1 minute
 # of a busy store; past it the index has stalled and sends are refused until it catches up.
 _MAX_RECENT_KEYS: Final = 200_000
+# A batch of plain sends in one statement: `rows` is the JSON array of `_row`s, `keep` which of
+# them are new events, `seqs` their seqs (in `keep`'s order).
+_INSERT_PLAIN: Final = (
+    "INSERT INTO events(room, seq, ts, type, sender, cid, body, emoji)"
+    " SELECT r.value->>0, s.value, ?1, r.value->>1, r.value->>2, r.value->>3,"
+    " CAST(json_extract(r.value, '$[4]') AS BLOB), r.value->>5"
+    " FROM json_each(?4) AS k JOIN json_each(?2) AS s ON s.key = k.key"
+    " JOIN json_each(?3) AS r ON r.key = k.value ORDER BY k.key"
+)
 _EVENT_COLS: Final = "room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted"
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -200,6 +209,20 @@ class Appended:
 
 
 AppendCallback = Callable[[list[tuple[AppendItem, outcome.Outcome[Appended]]]], None]
+
+
+def _index_behind() -> GB6Error:
+    return GB6Error(UNAVAILABLE, "the idempotency index is behind; retry the send")
+
+
+def _plain(item: AppendItem) -> bool:
+    """A send that checks nothing the log holds: no target, no thread."""
+    return item.target is None and item.thread is None
+
+
+def _row(item: AppendItem) -> list[Any]:
+    """A plain send as `_INSERT_PLAIN` takes it (the seq is added by the writer)."""
+    return [item.room, item.type, item.sender, item.cid, item.body, item.emoji]
 
 
 @attrs.define
@@ -391,8 +414,15 @@ class SqliteStore:
     def _apply(
         self, conn: sqlite3.Connection, batch: list[_Job]
     ) -> list[tuple[_Job, outcome.Outcome[Any]]]:
-        results: list[tuple[_Job, outcome.Outcome[Any]]] = []
         self._recent.forget_upto(self._index.keys_indexed)
+        if all(job.append is not None and _plain(job.append) for job in batch):
+            try:
+                rows = orjson.dumps([_row(job.append) for job in batch if job.append]).decode()
+            except TypeError:
+                pass  # a body orjson cannot encode: each op fails alone below
+            else:
+                return self._apply_plain(conn, batch, rows)
+        results: list[tuple[_Job, outcome.Outcome[Any]]] = []
         mark = self._recent.mark()
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -441,6 +471,54 @@ class SqliteStore:
             return [(job, outcome.Error(failure)) for job in batch]
         return results
 
+    def _apply_plain(
+        self, conn: sqlite3.Connection, batch: list[_Job], rows: str
+    ) -> list[tuple[_Job, outcome.Outcome[Any]]]:
+        """A batch of plain sends: one read for the keys the writer does not hold and one
+        INSERT, which is its own transaction. Every SQLite call lets the event loop's thread
+        take the GIL, and the writer waits up to the switch interval to get it back: two
+        calls per batch instead of two per send (plus BEGIN and COMMIT)."""
+        items = [job.append for job in batch if job.append is not None]
+        ts = now_ms()
+        try:
+            priors = self._priors(conn, [(i.room, i.sender, i.cid) for i in items])
+            results: list[tuple[_Job, outcome.Outcome[Any]]] = []
+            fresh: dict[cid_index.Key, Appended] = {}
+            keep: list[int] = []  # the rows (of `rows`, by index) that are new events
+            for n, (job, item) in enumerate(zip(batch, items, strict=True)):
+                key = (item.room, item.sender, item.cid)
+                prior = priors.get(key)
+                if prior is None and key in fresh:
+                    prior = fresh[key].event
+                if prior is not None:
+                    results.append((job, outcome.Value(Appended(prior, duplicate=True))))
+                    continue
+                if len(self._recent) + len(fresh) >= _MAX_RECENT_KEYS:
+                    results.append((job, outcome.Error(_index_behind())))
+                    continue
+                seq = self._head(conn, item.room) + 1
+                self._heads[item.room] = seq
+                fresh[key] = Appended(item.event(seq, ts), duplicate=False)
+                keep.append(n)
+                results.append((job, outcome.Value(fresh[key])))
+            if keep:
+                seqs = orjson.dumps([fresh[k].event.seq for k in fresh]).decode()
+                cur = conn.execute(_INSERT_PLAIN, (ts, seqs, rows, orjson.dumps(keep).decode()))
+                last = cur.lastrowid
+                assert last is not None
+                # One statement gives its rows consecutive ids, in the order it inserts them.
+                for event_id, key in enumerate(fresh, start=last - len(fresh) + 1):
+                    self._recent.add(key, event_id)
+        except Exception as exc:
+            self._heads.clear()  # reloaded from the log on next use: no seq skipped or reused
+            if isinstance(exc, sqlite3.Error):
+                failure = GB6Error(UNAVAILABLE, f"storage failed, nothing was written: {exc}")
+            else:  # a bug must not stop the writer thread
+                log("writer_batch_failed", error=repr(exc))
+                failure = GB6Error(INTERNAL, "internal error")
+            return [(job, outcome.Error(failure)) for job in batch]
+        return results
+
     def _head(self, conn: sqlite3.Connection, room: str) -> int:
         head = self._heads.get(room)
         if head is None:
@@ -458,7 +536,7 @@ class SqliteStore:
         if prior is not None:
             return Appended(prior, duplicate=True)
         if len(self._recent) >= _MAX_RECENT_KEYS:
-            raise GB6Error(UNAVAILABLE, "the idempotency index is behind; retry the send")
+            raise _index_behind()
         if item.target is not None:
             self._check_target(conn, item)
         if item.thread is not None:
@@ -503,6 +581,30 @@ class SqliteStore:
         self._heads[item.room] = seq
         self._recent.add(key, event_id)  # last: nothing after it can fail
         return Appended(item.event(seq, ts), duplicate=False)
+
+    def _priors(
+        self, conn: sqlite3.Connection, keys: list[cid_index.Key]
+    ) -> dict[cid_index.Key, Event]:
+        """`_prior` for many keys, in at most two statements."""
+        ids: dict[cid_index.Key, int] = {}
+        missing: list[cid_index.Key] = []
+        for key in keys:
+            event_id = self._recent.get(key)
+            if event_id is None:
+                missing.append(key)
+            else:
+                ids[key] = event_id
+        if missing:
+            assert self._keys is not None
+            ids.update(cid_index.lookup_many(self._keys, missing))
+        if not ids:
+            return {}
+        rows = conn.execute(
+            f"SELECT id, {_EVENT_COLS} FROM events WHERE id IN (SELECT value FROM json_each(?))",
+            (orjson.dumps(list(ids.values())).decode(),),
+        ).fetchall()
+        by_id = {row[0]: event_from_row(row[1:]) for row in rows}
+        return {key: by_id[event_id] for key, event_id in ids.items()}
 
     def _prior(self, conn: sqlite3.Connection, key: cid_index.Key) -> Event | None:
         """The event that used `key`, in the writer thread: the keys it holds, then the index
