@@ -143,14 +143,14 @@ _SEARCH_CATCH_UP_S: Final = 2.0  # a search waits at most this long for the inde
 # Keys written but not yet indexed in search.db, held by the writer (cid_index.py): ~1 minute
 # of a busy store; past it the index has stalled and sends are refused until it catches up.
 _MAX_RECENT_KEYS: Final = 200_000
-# A batch of plain sends in one statement: `rows` is the JSON array of `_row`s, `keep` which of
-# them are new events, `seqs` their seqs (in `keep`'s order).
+# A batch of plain sends in one statement: ?1 their ts, ?2 a JSON array of rows (room, seq,
+# type, sender, cid, body, emoji), inserted in its order. (No joins of json_each: SQLite would
+# loop over one inside the other.)
 _INSERT_PLAIN: Final = (
     "INSERT INTO events(room, seq, ts, type, sender, cid, body, emoji)"
-    " SELECT r.value->>0, s.value, ?1, r.value->>1, r.value->>2, r.value->>3,"
-    " CAST(json_extract(r.value, '$[4]') AS BLOB), r.value->>5"
-    " FROM json_each(?4) AS k JOIN json_each(?2) AS s ON s.key = k.key"
-    " JOIN json_each(?3) AS r ON r.key = k.value ORDER BY k.key"
+    " SELECT value->>0, value->>1, ?1, value->>2, value->>3, value->>4,"
+    " CAST(json_extract(value, '$[5]') AS BLOB), value->>6"
+    " FROM json_each(?2) ORDER BY key"
 )
 _EVENT_COLS: Final = "room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted"
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -218,11 +218,6 @@ def _index_behind() -> GB6Error:
 def _plain(item: AppendItem) -> bool:
     """A send that checks nothing the log holds: no target, no thread."""
     return item.target is None and item.thread is None
-
-
-def _row(item: AppendItem) -> list[Any]:
-    """A plain send as `_INSERT_PLAIN` takes it (the seq is added by the writer)."""
-    return [item.room, item.type, item.sender, item.cid, item.body, item.emoji]
 
 
 @attrs.define
@@ -416,12 +411,7 @@ class SqliteStore:
     ) -> list[tuple[_Job, outcome.Outcome[Any]]]:
         self._recent.forget_upto(self._index.keys_indexed)
         if all(job.append is not None and _plain(job.append) for job in batch):
-            try:
-                rows = orjson.dumps([_row(job.append) for job in batch if job.append]).decode()
-            except TypeError:
-                pass  # a body orjson cannot encode: each op fails alone below
-            else:
-                return self._apply_plain(conn, batch, rows)
+            return self._apply_plain(conn, batch)
         results: list[tuple[_Job, outcome.Outcome[Any]]] = []
         mark = self._recent.mark()
         try:
@@ -472,7 +462,7 @@ class SqliteStore:
         return results
 
     def _apply_plain(
-        self, conn: sqlite3.Connection, batch: list[_Job], rows: str
+        self, conn: sqlite3.Connection, batch: list[_Job]
     ) -> list[tuple[_Job, outcome.Outcome[Any]]]:
         """A batch of plain sends: one read for the keys the writer does not hold and one
         INSERT, which is its own transaction. Every SQLite call lets the event loop's thread
@@ -484,8 +474,8 @@ class SqliteStore:
             priors = self._priors(conn, [(i.room, i.sender, i.cid) for i in items])
             results: list[tuple[_Job, outcome.Outcome[Any]]] = []
             fresh: dict[cid_index.Key, Appended] = {}
-            keep: list[int] = []  # the rows (of `rows`, by index) that are new events
-            for n, (job, item) in enumerate(zip(batch, items, strict=True)):
+            rows: list[list[Any]] = []  # the new events, as `_INSERT_PLAIN` takes them
+            for job, item in zip(batch, items, strict=True):
                 key = (item.room, item.sender, item.cid)
                 prior = priors.get(key)
                 if prior is None and key in fresh:
@@ -499,11 +489,11 @@ class SqliteStore:
                 seq = self._head(conn, item.room) + 1
                 self._heads[item.room] = seq
                 fresh[key] = Appended(item.event(seq, ts), duplicate=False)
-                keep.append(n)
+                row = [item.room, seq, item.type, item.sender, item.cid, item.body, item.emoji]
+                rows.append(row)
                 results.append((job, outcome.Value(fresh[key])))
-            if keep:
-                seqs = orjson.dumps([fresh[k].event.seq for k in fresh]).decode()
-                cur = conn.execute(_INSERT_PLAIN, (ts, seqs, rows, orjson.dumps(keep).decode()))
+            if rows:
+                cur = conn.execute(_INSERT_PLAIN, (ts, orjson.dumps(rows).decode()))
                 last = cur.lastrowid
                 assert last is not None
                 # One statement gives its rows consecutive ids, in the order it inserts them.
