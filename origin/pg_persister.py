@@ -46,19 +46,19 @@ _OFFSETS_TABLE: Final = (
     " consumer text NOT NULL, topic text NOT NULL, partition integer NOT NULL,"
     " next bigint NOT NULL, PRIMARY KEY (consumer, topic, partition))"
 )
-# $1: the events as one JSON document (each an array in `_rows`' order) and $2 their bodies
-# (bytea: a body may hold "\u0000", which PostgreSQL's json functions refuse to extract), as the
-# writer sends them (pg_append.py: one JSON text costs the origin far less CPU than twelve
-# arrays); $3, $4: consumer and topic; $5, $6: partitions and their next offsets. Keys first
-# (ON CONFLICT: a replayed event is skipped), then the events whose keys were new, in log order
-# (event ids, search's newest-first order, follow it), and the offsets: a data-modifying CTE
-# runs to completion whether or not it is read.
+# $1: the events as one jsonb document (each an array in `_rows`' order) and $2 their bodies
+# (bytea: a body may hold "\u0000", which jsonb refuses), as the writer sends them
+# (pg_append.py: one JSON text costs the origin far less CPU than twelve arrays); $3, $4:
+# consumer and topic; $5, $6: partitions and their next offsets. Keys first (ON CONFLICT: a
+# replayed event is skipped), then the events whose keys were new, in log order (event ids,
+# search's newest-first order, follow it), and the offsets: a data-modifying CTE runs to
+# completion whether or not it is read.
 _PERSIST: Final = (
     "WITH t AS ("
     " SELECT r->>0 AS instance, r->>1 AS room, (r->>2)::bigint AS seq, (r->>3)::bigint AS ts,"
     " r->>4 AS type, r->>5 AS sender, r->>6 AS cid, body, (r->>7)::bigint AS thread,"
     " (r->>8)::bigint AS target, r->>9 AS emoji, r->>10 AS tsv, n"
-    " FROM ROWS FROM (json_array_elements($1::json), unnest($2::bytea[])) WITH ORDINALITY"
+    " FROM ROWS FROM (jsonb_array_elements($1::jsonb), unnest($2::bytea[])) WITH ORDINALITY"
     " AS e(r, body, n)),"
     " keys AS ("
     " INSERT INTO event_keys(room, seq, sender, cid, instance, ts)"
