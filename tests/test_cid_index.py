@@ -34,6 +34,11 @@ def _indexed_keys(data: Path) -> set[tuple[str, str, str]]:
         conn.close()
 
 
+def _lose_index(data: Path) -> None:
+    for name in ("search.db", "search.db-wal", "search.db-shm"):
+        (data / name).unlink(missing_ok=True)
+
+
 async def _until_indexed(data: Path, *keys: tuple[str, str, str]) -> None:
     with trio.fail_after(10):
         while not set(keys) <= _indexed_keys(data):  # noqa: ASYNC110 - another thread writes it
@@ -71,8 +76,7 @@ async def test_a_lost_index_is_rebuilt_from_the_log_before_the_first_send(tmp_pa
         r = await room(store, t)
         sent = [await append(store, item(r, t.alice, f"m{i}")) for i in range(20)]
         nursery.cancel_scope.cancel()
-    for name in ("search.db", "search.db-wal", "search.db-shm"):
-        (tmp_path / name).unlink(missing_ok=True)
+    _lose_index(tmp_path)
 
     reopened = SqliteStore(tmp_path / "gb6.db", LIMITS, Recorder())
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
@@ -114,8 +118,7 @@ async def test_a_data_directory_from_before_the_move_keeps_its_keys(tmp_path: Pa
         """
     )
     conn.close()
-    for name in ("search.db", "search.db-wal", "search.db-shm"):
-        (tmp_path / name).unlink(missing_ok=True)
+    _lose_index(tmp_path)
 
     reopened = SqliteStore(tmp_path / "gb6.db", LIMITS, Recorder())
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:

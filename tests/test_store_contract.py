@@ -710,11 +710,7 @@ async def test_pg_pipelined_batches_after_a_failed_insert_are_refused_with_it(
     """The writer stages the next batch while an INSERT runs. When that INSERT fails, the
     batch staged behind it (seqs after the failed ones) is refused too, unwritten: acknowledged
     seqs stay gapless, and every refused op can be resent."""
-    small = Limits(max_inflight_appends=2_000, writer_batch=10)
-    backend = attrs.evolve(
-        pg_backend, make=lambda rec: PgStore(pg_backend.dsn, small, rec, schema=pg_backend.schema)
-    )
-    async with serving(backend) as store:
+    async with serving(_in_batches_of_ten(pg_backend)) as store:
         t = await tenant(store)
         r = await room(store, t)
         await _pg(
@@ -754,16 +750,20 @@ async def test_pg_pipelined_batches_after_a_failed_insert_are_refused_with_it(
         assert seqs(await store.events_after(r, 0, 1000)) == list(range(1, 301))
 
 
+def _in_batches_of_ten(pg_backend: Backend) -> Backend:
+    """PostgreSQL whose writer takes at most ten ops per batch: many batches in a row."""
+    small = Limits(max_inflight_appends=2_000, writer_batch=10)
+    return attrs.evolve(
+        pg_backend, make=lambda rec: PgStore(pg_backend.dsn, small, rec, schema=pg_backend.schema)
+    )
+
+
 async def test_pg_a_repeat_of_the_batch_in_flight_answers_the_original(
     pg_backend: Backend,
 ) -> None:
     """The batch staged while an INSERT runs cannot see its rows: when it repeats one of its
     keys, it waits for that INSERT, then answers with the original."""
-    small = Limits(max_inflight_appends=2_000, writer_batch=10)
-    backend = attrs.evolve(
-        pg_backend, make=lambda rec: PgStore(pg_backend.dsn, small, rec, schema=pg_backend.schema)
-    )
-    async with serving(backend) as store:
+    async with serving(_in_batches_of_ten(pg_backend)) as store:
         t = await tenant(store)
         r = await room(store, t)
         # Each cid comes back ten ops later: in the next batch of ten.
