@@ -2,9 +2,11 @@
 
 Durability: WAL with `synchronous=FULL`, so a commit has reached the disk (fsync) before any
 caller hears of it. One writer thread owns the only write connection and group-commits: it takes
-every job waiting in its queue (up to `writer_batch`), applies each inside its own savepoint, and
-commits once. Results cross back to Trio once per batch, through a channel that one committer task
-drains in commit order, so the origin can acknowledge and publish in seq order.
+every job waiting in its queue (up to `writer_batch`) and commits them at once. A batch of plain
+sends is one INSERT of all its rows (its own transaction: the fewer SQLite calls, the fewer times
+the writer waits for the GIL); any other batch applies each job inside its own savepoint and
+commits once. Results cross back to Trio once per batch, through a channel that one committer
+task drains in commit order, so the origin can acknowledge and publish in seq order.
 
 WAL checkpoints stay off the commit path: a checkpointer thread with its own connection copies
 the log into the database (PASSIVE, so it never blocks the writer) while the writer commits.
