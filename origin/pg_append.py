@@ -10,17 +10,21 @@ Rules, the same as the embedded store's:
 - An op's own failure (`GB6Error`: bad target, not allowed, unknown room) is found by reads
   before the op writes anything, so it needs no savepoint and the batch carries on.
 
-Round trips: a batch of plain messages costs at most two reads (heads not cached, earlier
-cids) and one insert, whatever its size: the rows are staged in Python and written with one
-statement over one JSON document and one array of bodies (the store caches each room's
-instance). An op with a target or a thread writes what is staged first (its checks must see
-it), reads its target, then writes itself and the target's update.
+Round trips: a batch of plain messages costs one insert, whatever its size, plus a read of the
+heads the writer has not cached: the rows are staged in Python and written with one statement
+over one JSON document and one array of bodies (the store caches each room's instance). Such a
+batch does not look for earlier cids: `event_keys`' unique (room, sender, cid) refuses the insert
+of a repeat whole (`is_repeat`), and the writer runs that batch again with `apply`, which reads
+them first (a resend is rare; a read per batch was a third of the batch's time under load).
+An op with a target or a thread writes what is staged first (its checks must see it), reads its
+target, then writes itself and the target's update.
 """
 
 from __future__ import annotations
 
 from typing import Any, Final
 
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import attrs
 import orjson
 import outcome
@@ -33,6 +37,7 @@ from origin.pg_search import tsvector_literal
 from origin.records import event_from_row
 from origin.sqlite_store import Appended, AppendItem
 
+_KEY_CONSTRAINT: Final = "event_keys_room_sender_cid_key"  # UNIQUE (room, sender, cid)
 EVENT_COLS: Final = "room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted"
 _EVENT_COLS_E: Final = ", ".join("e." + c.strip() for c in EVENT_COLS.split(","))
 
@@ -125,8 +130,17 @@ class Staged:
 
 
 async def insert_staged(conn: Any, staged: Staged) -> None:
-    """Write a staged batch: one statement, a transaction of its own."""
+    """Write a staged batch: one statement, a transaction of its own. Raises what `is_repeat`
+    knows when a key of the batch was written before (nothing is written then)."""
     await _insert(conn, staged.rows, staged.bodies, staged.ts)
+
+
+def is_repeat(exc: BaseException) -> bool:
+    """True for the error of an insert that repeats an existing (room, sender, cid)."""
+    return (
+        isinstance(exc, asyncpg.UniqueViolationError)
+        and getattr(exc, "constraint_name", None) == _KEY_CONSTRAINT
+    )
 
 
 async def _insert(conn: Any, rows: list[list[Any]], bodies: list[bytes | None], ts: int) -> None:
@@ -165,10 +179,26 @@ class AppendBatch:
         return results
 
     async def stage(self, items: list[AppendItem]) -> Staged:
-        """Read and stage a batch of plain ops (`single_write`) without writing anything; the
-        rows are written by `insert_staged`, on any connection."""
+        """Stage a batch of plain ops (`single_write`) without writing anything, after reading
+        the heads it needs; the rows are written by `insert_staged`, on any connection."""
+        await self._load_heads({i.room for i in items if i.room in self._instances})
+        return self.stage_loaded(items)
+
+    def stage_loaded(self, items: list[AppendItem]) -> Staged:
+        """`stage` once the heads of the batch's rooms are loaded: no round trip, any thread.
+
+        Repeats are not looked for: the insert's unique key on (room, sender, cid) finds them
+        (`is_repeat`), and the writer then runs the batch with `apply`, which does."""
         assert single_write(items)
-        results = await self._each(items)
+        results: Results = []
+        for item in items:
+            try:
+                results.append((item, outcome.Value(self._stage(item, self._instance_of(item)))))
+            except GB6Error as exc:
+                results.append((item, outcome.Error(exc)))
+            except Exception as exc:  # a bug in one op must not refuse the others
+                log("writer_job_failed", error=repr(exc))
+                results.append((item, outcome.Error(GB6Error(INTERNAL, "internal error"))))
         staged, self._staged = self._staged, _Staged()
         return Staged(results, staged.rows, staged.bodies, self._ts, self._written)
 
@@ -196,11 +226,7 @@ class AppendBatch:
             return Appended(prior, duplicate=True)
         if key in priors:
             return Appended(priors[key], duplicate=True)
-        if _has_nul(item):
-            raise invalid("ids, cids and emoji must not contain NUL characters")
-        instance = self._instances.get(item.room)
-        if instance is None:
-            raise not_found(f"room {item.room} not found")
+        instance = self._instance_of(item)
         if item.target is None and item.thread is None:
             return self._stage(item, instance)
         await self._flush()  # the checks must see what this batch wrote before
@@ -225,6 +251,14 @@ class AppendBatch:
         elif item.type == "delete":
             await self._conn.execute(_DELETE, instance, target_ts, item.room, item.target)
         return appended
+
+    def _instance_of(self, item: AppendItem) -> str:
+        if _has_nul(item):
+            raise invalid("ids, cids and emoji must not contain NUL characters")
+        instance = self._instances.get(item.room)
+        if instance is None:
+            raise not_found(f"room {item.room} not found")
+        return instance
 
     async def _check_target(self, item: AppendItem, instance: str) -> int:
         """The target's ts, once it is a live message this op may change."""

@@ -149,6 +149,11 @@ class Partitions:
     def forget(self) -> None:
         self._known.clear()
 
+    def known(self, instances: set[str], ts_ms: int) -> bool:
+        """True when `ensure` has nothing to do for these."""
+        key = month_of(ts_ms)[0]
+        return all((i, key) in self._known for i in instances)
+
     async def ensure(self, conn: Any, instances: set[str], ts_ms: int) -> None:
         key, start, end = month_of(ts_ms)
         missing = sorted(i for i in instances if (i, key) not in self._known)

@@ -8,18 +8,22 @@ a write, a read), so the ~50 µs a crossing costs is paid once per unit, not per
 Group commit, like the embedded writer: `submit_append` takes a slot (at most
 `max_inflight_appends` in flight) and puts the op on a bounded channel; one writer task takes
 every op waiting (at most `writer_batch`), and under load lingers `writer_linger_s` for the batch
-to fill. A batch of plain ops (no target or thread, no cid twice) is read and staged in one
-crossing and written by a single INSERT in another, so that statement is the transaction (no
-BEGIN/COMMIT round trips); any other batch runs in one transaction in one crossing
-(pg_append.py). Then `on_appended` gets the batch's outcomes once, so batches reach the shard in
-commit order. Crossings are shielded: once a batch is sent to PostgreSQL the writer learns its
-outcome, whatever is cancelled meanwhile (asyncpg's `command_timeout` bounds that wait).
+to fill. A batch of plain ops (no target or thread, no cid twice) is staged on the writer's
+cached heads (a crossing only to read the heads, instances or partitions it lacks) and written
+by a single INSERT in one crossing, so that statement is the transaction (no BEGIN/COMMIT round
+trips). When that INSERT finds a repeated (room, sender, cid), it wrote nothing, and the batch
+runs again as any other batch does: in one transaction in one crossing, reading earlier cids
+first (pg_append.py). Then `on_appended` gets the batch's outcomes once, so batches reach the
+shard in commit order. Crossings are shielded: once a batch is sent to PostgreSQL the writer
+learns its outcome, whatever is cancelled meanwhile (asyncpg's `command_timeout` bounds that
+wait).
 
 Pipelined: while one batch's INSERT runs on one connection, the writer stages the next on
 another (its seqs follow the cached heads, which already count the first batch), so the origin's
 Python and PostgreSQL's insert overlap instead of taking turns. The next INSERT is sent only
 once the previous one committed; if that one failed, the staged batch is refused with it,
-unwritten (its seqs would follow a gap). A batch that repeats a key of the one in flight, or is
+unwritten (its seqs would follow a gap); if it ran again for a repeat, the staged batch is staged
+again on heads read afresh. A batch that repeats a key of the one in flight, or is
 not plain, waits for it to finish first (its reads must see what it wrote).
 
 Durability: every connection sets `synchronous_commit=on`, so a batch is acknowledged only
@@ -43,6 +47,7 @@ the next): never a duplicate or a gap.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -57,7 +62,15 @@ from node.config import Limits
 from node.errors import INTERNAL, UNAVAILABLE, GB6Error, invalid, not_found
 from node.events import Event
 from node.log import log
-from origin.pg_append import EVENT_COLS, AppendBatch, Results, Staged, insert_staged, single_write
+from origin.pg_append import (
+    EVENT_COLS,
+    AppendBatch,
+    Results,
+    Staged,
+    insert_staged,
+    is_repeat,
+    single_write,
+)
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_schema import Partitions, check_schema_name, migrate
 from origin.pg_search import tsquery_literal
@@ -100,9 +113,17 @@ async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
                 # A commit is acknowledged once durable, whatever the server's default.
                 "synchronous_commit": "on",
             },
+            reset=_keep_session,
         )
     except DB_ERRORS as exc:
         raise translate(exc, "connecting to PostgreSQL") from exc
+
+
+async def _keep_session(conn: Any) -> None:
+    """A connection goes back to the pool as it is. asyncpg's default reset is one more round
+    trip per use (as many as the batch's INSERT), and there is nothing to reset: our
+    connections keep no session state (SET LOCAL and transaction advisory locks only), and
+    asyncpg rolls back an open transaction itself."""
 
 
 @attrs.define(eq=False)
@@ -112,6 +133,14 @@ class _InFlight:
     keys: set[tuple[str, str, str]]
     done: trio.Event = attrs.Factory(trio.Event)
     ok: bool = False
+    restage: bool = False  # it ran again for a repeat: the batch staged behind it is wrong
+
+
+class _Repeats(enum.Enum):
+    REPEATS = "repeats"
+
+
+_REPEATS: Final = _Repeats.REPEATS  # an INSERT that found a repeated key, and wrote nothing
 
 
 def _refused(batch: list[AppendItem], exc: BaseException) -> Results:
@@ -234,12 +263,15 @@ class PgStore:
         if before is None and self._stale:
             self._forget()
         if not plain:
-            self._answer(batch, await aio_as_trio(self._apply)(batch))
+            self._answer(batch, await aio_as_trio(self._apply)(batch, self._heads))
             return
-        staged: Staged | Results = await aio_as_trio(self._stage)(batch)
+        staged = await self._stage(batch)
         if before is not None:
             await before.done.wait()
-            if not before.ok and isinstance(staged, Staged):
+            if before.restage:
+                self._forget()
+                staged = await self._stage(batch)
+            elif not before.ok and isinstance(staged, Staged):
                 staged = _refused(batch, GB6Error(UNAVAILABLE, "the batch before failed"))
         if not isinstance(staged, Staged):  # refused whole: drop what it staged
             self._forget()
@@ -251,13 +283,20 @@ class PgStore:
 
     async def _insert(self, batch: list[AppendItem], staged: Staged, in_flight: _InFlight) -> None:
         with trio.CancelScope(shield=True):
-            failure: Results | None = await aio_as_trio(self._insert_staged)(batch, staged)
-        if failure is not None:
+            failure = await aio_as_trio(self._insert_staged)(batch, staged)
+            results = staged.results if failure is None else failure
+            if failure is _REPEATS:
+                # Nothing was written. Run it again reading earlier cids, on heads of its own:
+                # the next batch may be staging on the writer's.
+                in_flight.restage = True
+                results = await aio_as_trio(self._apply)(batch, {})
+                failure = None
+        if failure is not None or in_flight.restage:
             self._stale = True  # not cleared here: the next batch may be staging on them
         in_flight.ok = failure is None
         if self._in_flight is in_flight:
             self._in_flight = None
-        self._answer(batch, failure if failure is not None else staged.results)
+        self._answer(batch, results)
         in_flight.done.set()
 
     def _answer(self, batch: list[AppendItem], results: Results) -> None:
@@ -275,41 +314,63 @@ class PgStore:
         self._stale = False
 
     async def _stage(self, batch: list[AppendItem]) -> Staged | Results:
-        """Read and stage a plain batch (asyncio side). Never raises: failures are outcomes."""
+        """Stage a plain batch: here when the writer has cached all it needs, else in one
+        crossing. Never raises: failures are outcomes."""
+        ts = now_ms()
+        rooms = {item.room for item in batch}
+        instances = {r: self._instances[r] for r in rooms if r in self._instances}
+        if (
+            len(instances) < len(rooms)
+            or not self._heads.keys() >= rooms
+            or not self._partitions.known(set(instances.values()), ts)
+        ):
+            result: Staged | Results = await aio_as_trio(self._read_and_stage)(batch, ts)
+            return result
         try:
-            ts = now_ms()
+            return AppendBatch(None, self._heads, instances, ts).stage_loaded(batch)
+        except Exception as exc:
+            return _refused(batch, exc)
+
+    async def _read_and_stage(self, batch: list[AppendItem], ts: int) -> Staged | Results:
+        """Read what the writer lacks and stage a plain batch (asyncio side). Never raises."""
+        try:
             async with self._pool.acquire() as conn:
-                appender = await self._appender(conn, batch, ts)
+                appender = await self._appender(conn, batch, ts, self._heads)
                 return await appender.stage(batch)
         except Exception as exc:
             return _refused(batch, exc)
 
-    async def _insert_staged(self, batch: list[AppendItem], staged: Staged) -> Results | None:
-        """Write a staged batch (asyncio side): None once committed, else its refusals."""
+    async def _insert_staged(
+        self, batch: list[AppendItem], staged: Staged
+    ) -> Results | _Repeats | None:
+        """Write a staged batch (asyncio side): None once committed, `_REPEATS` when a key of
+        it was written before (nothing is written), else its refusals."""
         try:
             async with self._pool.acquire() as conn:
                 await insert_staged(conn, staged)
             return None
         except Exception as exc:
-            return _refused(batch, exc)
+            return _REPEATS if is_repeat(exc) else _refused(batch, exc)
 
-    async def _apply(self, batch: list[AppendItem]) -> Results:
-        """One batch that is not plain, one transaction (asyncio side). Never raises."""
+    async def _apply(self, batch: list[AppendItem], heads: dict[str, int]) -> Results:
+        """One batch in one transaction, reading earlier cids (asyncio side). Never raises."""
         try:
             async with self._pool.acquire() as conn:
-                appender = await self._appender(conn, batch, now_ms())
+                appender = await self._appender(conn, batch, now_ms(), heads)
                 async with conn.transaction():
                     return await appender.apply(batch)
         except Exception as exc:
-            self._forget()
+            self._stale = True
             return _refused(batch, exc)
 
-    async def _appender(self, conn: Any, batch: list[AppendItem], ts: int) -> AppendBatch:
+    async def _appender(
+        self, conn: Any, batch: list[AppendItem], ts: int, heads: dict[str, int]
+    ) -> AppendBatch:
         rooms = {item.room for item in batch}
         await self._learn_instances(conn, rooms)
         instances = {r: self._instances[r] for r in rooms if r in self._instances}
         await self._partitions.ensure(conn, set(instances.values()), ts)
-        return AppendBatch(conn, self._heads, instances, ts)
+        return AppendBatch(conn, heads, instances, ts)
 
     async def _learn_instances(self, conn: Any, rooms: Iterable[str]) -> None:
         missing = [r for r in rooms if r not in self._instances]

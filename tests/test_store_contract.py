@@ -778,6 +778,32 @@ async def test_pg_a_repeat_of_the_batch_in_flight_answers_the_original(
         assert seqs(await store.events_after(r, 0, 1000)) == list(range(1, 101))
 
 
+async def test_pg_repeats_of_committed_cids_among_pipelined_batches(pg_backend: Backend) -> None:
+    """A plain batch is inserted without looking for earlier cids; one that repeats a committed
+    key is refused by the unique key, runs again reading them, and the batch staged behind it
+    is staged again: repeats answer the original, new ops get gapless seqs."""
+    async with serving(_in_batches_of_ten(pg_backend)) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        first = [await append(store, item(r, t.alice, f"old{i}")) for i in range(20)]
+        # Every seventh op resends an old cid: most batches of ten hold one.
+        ops = [
+            item(r, t.alice, f"old{i % 20}" if i % 7 == 3 else f"new{i}", body={"text": "x"})
+            for i in range(200)
+        ]
+        pending = [await submit(store, op) for op in ops]
+        await store.wait_idle()
+        got = [p().unwrap() for p in pending]
+        for op, a in zip(ops, got, strict=True):
+            if op.cid.startswith("old"):
+                assert a.duplicate and a.event == first[int(op.cid[3:])].event
+            else:
+                assert not a.duplicate
+        fresh = [a.event.seq for a in got if not a.duplicate]
+        assert fresh == list(range(21, 21 + len(fresh)))  # in submission order, no gap
+        assert seqs(await store.events_after(r, 0, 1000)) == list(range(1, 21 + len(fresh)))
+
+
 async def test_pg_nul_characters_are_refused_alone(pg_backend: Backend) -> None:
     """PostgreSQL text cannot hold NUL: such an op is `invalid`, and only it is refused."""
     async with serving(pg_backend) as store:
