@@ -11,6 +11,8 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -50,7 +52,7 @@ def encode(instance: str, event: Event) -> LogRecord:
 
 def decode(entry: LogEntry) -> LoggedEvent:
     """The event of a committed record; `internal` if the payload is not one of ours."""
-    try:
+    with _ours(entry):
         fields = orjson.loads(entry.payload)
         body = fields.get("body")
         event = Event(
@@ -68,6 +70,21 @@ def decode(entry: LogEntry) -> LoggedEvent:
         return LoggedEvent(
             str(fields["i"]), event, orjson.dumps(body) if body is not None else None
         )
+
+
+def decode_usage(entry: LogEntry) -> tuple[str, int, str, str]:
+    """(instance, ts, type, sender) of a committed record, all the meter counts: `decode`
+    without building the event or encoding its body again."""
+    with _ours(entry):
+        fields = orjson.loads(entry.payload)
+        return str(fields["i"]), int(fields["ts"]), str(fields["type"]), str(fields["sender"])
+
+
+@contextlib.contextmanager
+def _ours(entry: LogEntry) -> Iterator[None]:
+    """A payload that does not decode is not ours: `internal`, naming the record."""
+    try:
+        yield
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise GB6Error(
             INTERNAL,

@@ -33,6 +33,7 @@ from node.errors import CONFLICT, GB6Error, forbidden, invalid, not_found
 from node.events import Event
 from origin.kafka_records import encode
 from origin.log_port import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, LogRecord
+from origin.pg_append import has_nul
 from origin.sqlite_store import Appended, AppendItem
 
 Key = tuple[str, str, str]  # (room, sender, cid)
@@ -125,11 +126,6 @@ class Unpersisted:
                 del self._order[room]
 
 
-def _has_nul(item: AppendItem) -> bool:
-    # PostgreSQL text cannot hold NUL: refuse the op here, or the persister could never write it.
-    return any("\x00" in s for s in (item.room, item.sender, item.cid, item.emoji or ""))
-
-
 class Plan:
     """One batch being planned: the state as it will be if the batch commits."""
 
@@ -158,7 +154,7 @@ class Plan:
         prior = self.keys.get(key) or self._seq.prior(key, self._lookup)
         if prior is not None:
             return Appended(prior, duplicate=True)
-        if _has_nul(item):
+        if has_nul(item):
             raise invalid("ids, cids and emoji must not contain NUL characters")
         instance = self._seq.instance(item.room, self._lookup)
         if instance is None:
@@ -226,7 +222,7 @@ class Sequencer:
             if item.room not in self.heads:
                 heads.add(item.room)
             key = (item.room, item.sender, item.cid)
-            if key not in self.unpersisted.keys and not _has_nul(item):
+            if key not in self.unpersisted.keys and not has_nul(item):
                 keys.add(key)
             for seq in (item.target, item.thread):
                 if seq is not None and (item.room, seq) not in self.unpersisted.targets:

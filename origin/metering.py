@@ -267,7 +267,7 @@ class KafkaEventSource:
                 task_status.started((consumer, scope))
 
     async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
-        from origin.kafka_records import decode
+        from origin.kafka_records import decode_usage
 
         start = _offsets(after)
         if self._nursery is None:
@@ -280,11 +280,7 @@ class KafkaEventSource:
             self._position = start
         with trio.move_on_after(_IDLE_S):
             batch = await self._consumer.next_batch()
-            events = []
-            for entry in batch.entries:
-                logged = decode(entry)
-                ev = logged.event
-                events.append(MeterEvent(logged.instance, ev.ts, ev.type, ev.sender))
+            events = [MeterEvent(*decode_usage(entry)) for entry in batch.entries]
             self._position = dict(batch.resume)
             return events, orjson.dumps(
                 {str(p): o for p, o in sorted(batch.resume.items())}

@@ -68,7 +68,7 @@ _TARGET: Final = (
 # as one bytea array beside it: asyncpg encodes eleven arrays at ~9 µs of the origin's CPU per
 # row (it checks every element for nesting), a JSON text at ~1. jsonb, parsed once (`json` is
 # parsed again for every field taken from a row: PostgreSQL's CPU per append +25%). jsonb holds
-# no "\u0000", nor do these fields (`_has_nul`); bodies may, so they stay bytea.
+# no "\u0000", nor do these fields (`has_nul`); bodies may, so they stay bytea.
 _INSERT: Final = (
     "WITH rows AS ("
     " SELECT r->>0 AS room, (r->>1)::bigint AS seq, r->>2 AS sender, r->>3 AS cid,"
@@ -104,9 +104,16 @@ def _text_of(body: dict[str, Any] | None) -> str | None:
     return text if isinstance(text, str) and text else None
 
 
-def _has_nul(item: AppendItem) -> bool:
-    # PostgreSQL text cannot hold NUL; refuse the op alone rather than fail its batch.
-    return any("\x00" in s for s in (item.room, item.sender, item.cid, item.emoji or ""))
+def has_nul(item: AppendItem) -> bool:
+    """Whether an id, the cid or the emoji holds NUL, which PostgreSQL text cannot: such an op
+    is refused alone rather than failing its batch (or, on Kafka, its persisting)."""
+    # Four tests, not a generator over the strings: ~0.2 µs against ~1 per op.
+    return (
+        "\x00" in item.room
+        or "\x00" in item.sender
+        or "\x00" in item.cid
+        or (item.emoji is not None and "\x00" in item.emoji)
+    )
 
 
 def single_write(batch: list[AppendItem]) -> bool:
@@ -253,7 +260,7 @@ class AppendBatch:
         return appended
 
     def _instance_of(self, item: AppendItem) -> str:
-        if _has_nul(item):
+        if has_nul(item):
             raise invalid("ids, cids and emoji must not contain NUL characters")
         instance = self._instances.get(item.room)
         if instance is None:
@@ -299,7 +306,7 @@ class AppendBatch:
                 self._heads[room] = int(head)
 
     async def _priors(self, items: list[AppendItem]) -> dict[tuple[str, str, str], Event]:
-        keys = {(i.room, i.sender, i.cid) for i in items if not _has_nul(i)}
+        keys = {(i.room, i.sender, i.cid) for i in items if not has_nul(i)}
         if not keys:
             return {}
         rooms, senders, cids = (list(col) for col in zip(*keys, strict=True))
