@@ -31,6 +31,7 @@ from trio_asyncio import aio_as_trio
 
 from node.errors import INTERNAL, UNAVAILABLE, GB6Error, invalid
 from origin.kv import Entry, KvLimits, ScanRange, not_running, scan_range
+from origin.pg_store import keep_session
 
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -115,6 +116,7 @@ class PostgresKv:
                 max_size=self.pool_size,
                 timeout=self.op_timeout_s,
                 server_settings={"application_name": "gb6-kv"},
+                reset=keep_session,
             )
         try:
             with _mapped("migrate"), trio.fail_after(self.op_timeout_s):

@@ -113,13 +113,13 @@ async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
                 # A commit is acknowledged once durable, whatever the server's default.
                 "synchronous_commit": "on",
             },
-            reset=_keep_session,
+            reset=keep_session,
         )
     except DB_ERRORS as exc:
         raise translate(exc, "connecting to PostgreSQL") from exc
 
 
-async def _keep_session(conn: Any) -> None:
+async def keep_session(conn: Any) -> None:
     """A connection goes back to the pool as it is. asyncpg's default reset is one more round
     trip per use (as many as the batch's INSERT), and there is nothing to reset: our
     connections keep no session state (SET LOCAL and transaction advisory locks only), and
