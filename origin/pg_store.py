@@ -3,7 +3,8 @@
 Ownership: `run` opens an asyncpg pool (the caller has opened the trio-asyncio loop), migrates
 the schema (pg_schema.py), serves, and on exit commits what was queued, then closes the pool.
 Every call into asyncpg is one `aio_as_trio` crossing that does a whole unit of work (a batch,
-a write, a read), so the ~50 µs a crossing costs is paid once per unit, not per statement.
+a write, a read), so the ~140 µs of CPU a crossing costs here is paid once per unit, not per
+statement.
 
 Group commit, like the embedded writer: `submit_append` takes a slot (at most
 `max_inflight_appends` in flight) and puts the op on a bounded channel; one writer task takes
