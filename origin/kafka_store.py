@@ -23,15 +23,15 @@ Rules:
   new op of the batch is `unavailable` and the next batch takes the seqs. `LogFenced` or an
   unknown outcome: the store refuses every later append (`unavailable`) — a zombie never writes.
 - Pipelined, one transaction at a time: while batch N's transaction commits (in its own task),
-  the sequencer takes batch N+1 — at once when a whole batch (`writer_batch`) waits, else
-  once N is done, so that a light load still fills each transaction with what arrived while
-  the previous one committed — and runs its PostgreSQL lookup; it plans N+1 only once N's
-  outcome is known (so N+1's seqs follow N's, or reuse them if N aborted), starts N+1's
-  transaction, and only then answers N (the producer thread works while the shard publishes).
-  The early lookup is sound because the shard is its rooms' only writer: what it does not find
-  in PostgreSQL was not appended before, except by batch N, whose keys, heads and targets the
-  plan reads from memory first once N committed; entries are pruned only at the top of an
-  iteration, never between a lookup and its plan.
+  the sequencer takes batch N+1 — at once when a whole batch (`writer_batch`) waits, else once N
+  is done, so that a light load still fills each transaction with what arrived while the
+  previous one committed — and runs its PostgreSQL lookup; it plans N+1 only once N's outcome is
+  known (so N+1's seqs follow N's, or reuse them if N aborted), starts N+1's transaction, and
+  only then answers N (the producer thread works while the shard publishes) — unless N was done
+  before N+1 was taken: then N is answered first. The early lookup is sound because the shard is
+  its rooms' only writer: what it does not find in PostgreSQL was not appended before, except by
+  batch N, whose keys, heads and targets the plan reads from memory first once N committed;
+  entries are pruned only at the top of an iteration, never between a lookup and its plan.
 - Memory: what is appended and not yet persisted is held by the sequencer; above
   `_MAX_UNPERSISTED` entries the sequencer waits for the persister (backpressure).
 - Reads that must see acknowledged messages (events_after, history, search, load_rooms' heads)
@@ -274,6 +274,12 @@ class KafkaStore:
                         # next transaction small and leave those arriving meanwhile for the
                         # one after. Let them gather while this one commits.
                         await inflight.done.wait()
+                    if inflight is not None and inflight.done.is_set():
+                        # Done before the next batch is taken: answered now, not after that
+                        # batch's lookup and plan (under a light load, every op waited for
+                        # them: 23 ms p50 of a lookup at 2,000 sends/s in the cluster).
+                        self._answer(self._settle(inflight))
+                        inflight = None
                     if inflight is None and not carry:
                         carry = [await self._recv.receive()]
                         waiting = self._recv.statistics().current_buffer_used
