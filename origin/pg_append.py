@@ -166,6 +166,15 @@ class _Staged:
         return len(self.rows)
 
 
+def _op_failed(exc: Exception) -> outcome.Error:
+    """One op's outcome when it raised: its own refusal, or (a bug of ours) `internal`, so
+    that it does not refuse the others of its batch."""
+    if isinstance(exc, GB6Error):
+        return outcome.Error(exc)
+    log("writer_job_failed", error=repr(exc))
+    return outcome.Error(GB6Error(INTERNAL, "internal error"))
+
+
 class AppendBatch:
     """Applies one batch inside the caller's transaction on `conn`. Mutates `heads` as it goes
     (the caller drops it if the transaction fails)."""
@@ -201,11 +210,8 @@ class AppendBatch:
         for item in items:
             try:
                 results.append((item, outcome.Value(self._stage(item, self._instance_of(item)))))
-            except GB6Error as exc:
-                results.append((item, outcome.Error(exc)))
-            except Exception as exc:  # a bug in one op must not refuse the others
-                log("writer_job_failed", error=repr(exc))
-                results.append((item, outcome.Error(GB6Error(INTERNAL, "internal error"))))
+            except Exception as exc:
+                results.append((item, _op_failed(exc)))
         staged, self._staged = self._staged, _Staged()
         return Staged(results, staged.rows, staged.bodies, self._ts, self._written)
 
@@ -216,13 +222,10 @@ class AppendBatch:
         for item in items:
             try:
                 results.append((item, outcome.Value(await self._one(item, priors))))
-            except GB6Error as exc:
-                results.append((item, outcome.Error(exc)))
             except DB_ERRORS:
                 raise  # the storage failed: the whole batch is refused by the caller
-            except Exception as exc:  # a bug in one op must not refuse the others
-                log("writer_job_failed", error=repr(exc))
-                results.append((item, outcome.Error(GB6Error(INTERNAL, "internal error"))))
+            except Exception as exc:
+                results.append((item, _op_failed(exc)))
         return results
 
     async def _one(self, item: AppendItem, priors: dict[tuple[str, str, str], Event]) -> Appended:
