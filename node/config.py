@@ -13,6 +13,7 @@ import attrs
 
 from node.errors import invalid
 from origin.audit import AuditLimits
+from origin.log_port import MAX_PARTITIONS
 from origin.plans import Plan, builtin_plans, parse_plans
 
 
@@ -164,6 +165,16 @@ class Config:
     pg_schema: str = "gb6"
     kafka_bootstrap: str = ""
     kafka_topic: str = ""
+    # Partitions of a topic the shard creates (an existing topic keeps its own). One is the
+    # default: the shard is the topic's only writer and its consumers read every partition, so
+    # more only add produce requests and transaction markers per batch (bench/RESULTS.md).
+    kafka_partitions: int = attrs.field(
+        default=1,
+        validator=[
+            attrs.validators.instance_of(int),
+            attrs.validators.in_(range(1, MAX_PARTITIONS + 1)),
+        ],
+    )
     # `[regions]`: region → the origin shards that serve it (an instance's data lives only on
     # shards of its region). Empty: the node's region is served by its own shard alone.
     regions: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
@@ -216,6 +227,7 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         ("pg_schema", "pg_schema"),
         ("kafka_bootstrap", "kafka_bootstrap"),
         ("kafka_topic", "kafka_topic"),
+        ("kafka_partitions", "kafka_partitions"),
     ):
         if key in store:
             kwargs[name] = store[key]
@@ -250,7 +262,9 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     try:
         return Config(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise invalid(f"config: {exc}") from exc
+        # attrs' validators put the message first, then the attribute and the value.
+        why = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        raise invalid(f"config: {why}") from exc
 
 
 def _media(section: dict[str, Any]) -> MediaConfig:

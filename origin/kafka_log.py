@@ -111,7 +111,7 @@ class KafkaLog:
         topic: str,
         transactional_id: str,
         *,
-        partitions: int = 8,
+        partitions: int = 1,
         max_inflight: int = 8,
         linger_ms: int = 5,
         commit_timeout_s: float = 30.0,

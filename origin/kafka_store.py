@@ -6,7 +6,9 @@ transaction committed. PostgreSQL is the relational store: tenancy, reads and se
 `PgStore` (same schema, same tables), and a persister (pg_persister.py) writes the log's
 committed events into it, storing its offsets in the same transaction.
 
-Topics: one topic per shard (`kafka_topic`, by default `gb6-log-<shard>`), keyed by room. The
+Topics: one topic per shard (`kafka_topic`, by default `gb6-log-<shard>`), keyed by room, created
+with `kafka_partitions` partitions (one by default: every partition a batch touches costs a
+produce request and a commit marker, and the shard's consumers read them all anyway). The
 shard's producer is the topic's only writer, so once its `init_transactions` has fenced the
 previous incarnation no transaction is open there, and "the end of the log" is well defined.
 
@@ -145,7 +147,7 @@ class KafkaStore:
         on_appended: AppendCallback,
         *,
         schema: str = "gb6",
-        partitions: int = 8,
+        partitions: int = 1,
     ) -> None:
         if not bootstrap or not topic or not shard:
             raise GB6Error(INVALID, "the kafka store needs kafka_bootstrap, a topic and a shard")

@@ -79,6 +79,7 @@ class OriginShard:
                 config.limits,
                 self._on_appended,
                 schema=config.pg_schema,
+                partitions=config.kafka_partitions,
             )
         else:
             self.store = SqliteStore(config.data_dir / "gb6.db", config.limits, self._on_appended)

@@ -22,6 +22,7 @@ from node.client import Client
 from tests.conftest import Node, Tenant, connect
 
 SECRET = "test-link-secret-0123456789"
+S1_PARTITIONS = 3
 
 
 def _config(
@@ -69,6 +70,8 @@ class Cluster:
                 )
             if kafka is not None:
                 store += f'kafka_bootstrap = "{kafka}"\nkafka_topic = "{topic}"\n'
+                if i == 1:  # s1 on several partitions, s2 on the default (one)
+                    store += f"kafka_partitions = {S1_PARTITIONS}\n"
             conf = _config(base, [], store, name=f"s{i}", kv=kv)
             self.origins.append(
                 Node(
@@ -500,6 +503,30 @@ async def test_a_second_origin_of_a_shard_fences_the_first(cluster: Cluster) -> 
             2,
         ]
     assert await trio.to_thread.run_sync(c.stored, 0, room) == [(1, "before"), (2, "after")]
+
+
+@pytest.mark.parametrize("cluster", ["kafka"], indirect=True)
+def test_each_shard_creates_its_topic_with_the_configured_partitions(cluster: Cluster) -> None:
+    """`kafka_partitions` reaches the topic a shard creates (s1: 3; s2: the default, one),
+    and the shards above already conversed, resumed and restarted on them."""
+    from confluent_kafka.admin import AdminClient
+
+    assert cluster.kafka is not None
+    topics = AdminClient({"bootstrap.servers": cluster.kafka}).list_topics(timeout=10).topics
+    assert [len(topics[t].partitions) for t in cluster.topics] == [S1_PARTITIONS, 1]
+
+
+@pytest.mark.parametrize("value", ["0", "4097", '"8"', "2.5"])
+def test_a_bad_kafka_partitions_is_refused_when_the_config_loads(
+    tmp_path: Path, value: str
+) -> None:
+    from node.config import load
+    from node.errors import GB6Error
+
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[store]\nbackend = "kafka"\nkafka_partitions = {value}\n')
+    with pytest.raises(GB6Error, match="kafka_partitions"):
+        load(path, {})
 
 
 async def _stored_when_persisted(
