@@ -2,9 +2,10 @@
 
 Rules:
 - The meter reads the shard's committed events in log order from where its stored offset says,
-  folds each batch into usage (`fold`, pure) and hands usage and the new offset to the billing
-  store in ONE transaction (`BillingStore.apply`, which refuses a batch whose starting offset is
-  no longer the stored one). Replaying the log, restarting mid-stream or a crash between read
+  folds them into usage read by read (`Usage`, pure) and hands usage and the new offset to the
+  billing store in ONE transaction per `batch` events or `_GATHER_S` of reading
+  (`BillingStore.apply`, which refuses a batch whose starting offset is no longer the stored
+  one). Replaying the log, restarting mid-stream or a crash between read
   and write never counts an event twice or misses one; a fresh store fed the log from the start
   ends with the same usage (given the same months closed: see origin/billing_store.py).
 - What is counted, per instance, UTC day and UTC month: `messages` (sends), `edits`, `deletes`,
@@ -51,6 +52,8 @@ BATCH: Final = 20_000  # events per transaction
 _IDLE_S: Final = 0.2  # how long a Kafka read waits for records before it says "none yet"
 _TAIL_S: Final = 15.0  # how long asking Kafka for its end may take
 POLL_S: Final = 10.0  # background passes; reads of usage catch up first anyway
+_CONSUMER_BATCH: Final = 1_000  # records per read of the Kafka meter's consumer, at most
+_GATHER_S: Final = 1.0  # reads gathered into one billing transaction, at most this long
 
 
 @attrs.frozen
@@ -64,26 +67,36 @@ class MeterEvent:
     n: int = 1  # how many such events (same instance, UTC day, type and sender)
 
 
-def fold(events: Iterable[MeterEvent]) -> UsageDelta:
-    """The usage `events` add, per (instance, day and month, metric), and their active users."""
-    counts: dict[tuple[str, str, str], int] = {}
-    seats: set[tuple[str, str, str]] = set()
+@attrs.define
+class Usage:
+    """The usage of events, per (instance, day and month, metric), and their active users:
+    folded read after read until it is applied as one delta."""
+
+    counts: dict[tuple[str, str, str], int] = attrs.Factory(dict)
+    seats: set[tuple[str, str, str]] = attrs.Factory(set)
+    events: int = 0  # folded so far (a MeterEvent may stand for several)
     # A UTC day is exactly DAY_MS (POSIX time has no leap seconds), so the day number names
     # the day and month: strftime once per day, not twice per event (~10 µs each).
-    periods: dict[int, tuple[str, str]] = {}
-    for ev in events:
-        metric = METRIC_OF_TYPE.get(ev.type)
-        if metric is None:
-            continue  # a type that is not billed
-        day = ev.ts // DAY_MS
-        pair = periods.get(day)
-        if pair is None:
-            pair = periods[day] = (day_of(ev.ts), month_of(ev.ts))
-        for period in pair:
-            key = (ev.instance, period, metric)
-            counts[key] = counts.get(key, 0) + ev.n
-            seats.add((ev.instance, period, ev.sender))
-    return UsageDelta(counts, frozenset(seats))
+    _periods: dict[int, tuple[str, str]] = attrs.Factory(dict)
+
+    def add(self, events: Iterable[MeterEvent]) -> None:
+        counts, seats, periods = self.counts, self.seats, self._periods
+        for ev in events:
+            self.events += ev.n
+            metric = METRIC_OF_TYPE.get(ev.type)
+            if metric is None:
+                continue  # a type that is not billed
+            day = ev.ts // DAY_MS
+            pair = periods.get(day)
+            if pair is None:
+                pair = periods[day] = (day_of(ev.ts), month_of(ev.ts))
+            for period in pair:
+                key = (ev.instance, period, metric)
+                counts[key] = counts.get(key, 0) + ev.n
+                seats.add((ev.instance, period, ev.sender))
+
+    def delta(self) -> UsageDelta:
+        return UsageDelta(dict(self.counts), frozenset(self.seats))
 
 
 class EventSource(Protocol):
@@ -117,7 +130,7 @@ def _after_id(after: str | None) -> int:
 # (instance, UTC day, type, sender) with its count, so the event loop handles a few rows per
 # active user and day instead of building and folding one object per event (at 2,000 sends/s
 # that was a stall of 20+ ms of the event loop once a second). Events have `ts` ≥ 0, so
-# integer division is the floor `fold` uses.
+# integer division is the floor `Usage.add` uses.
 _BATCH_END: Final = "SELECT MAX(id) FROM (SELECT id FROM events WHERE id > ? ORDER BY id LIMIT ?)"
 _READ: Final = (
     "SELECT r.instance, MIN(e.ts), e.type, e.sender, COUNT(*)"
@@ -242,7 +255,7 @@ class KafkaEventSource:
         self._consumer: Any = None
         self._scope: trio.CancelScope | None = None
         self._position: dict[int, int] | None = None
-        self._max_batch = 1_000
+        self._max_batch = _CONSUMER_BATCH
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -275,7 +288,8 @@ class KafkaEventSource:
         if self._consumer is None or self._position != start:
             if self._scope is not None:
                 self._scope.cancel()
-            self._max_batch = max(1, min(limit, 100_000))
+            # Small reads: each is decoded on the event loop; `catch_up` gathers them.
+            self._max_batch = max(1, min(limit, _CONSUMER_BATCH))
             self._consumer, self._scope = await self._nursery.start(self._serve, start)
             self._position = start
         with trio.move_on_after(_IDLE_S):
@@ -365,15 +379,30 @@ class Meter:
                 return
             if exact:
                 self._exact_passes += 1
+            # Reads are gathered into one transaction of the billing store, up to `batch`
+            # events or `_GATHER_S` of reading: a log consumer's reads are as small as the
+            # log's transactions, and under load a pass applied one store transaction (seven
+            # round trips) per log transaction, ~17 a second (bench/RESULTS.md).
+            usage = Usage()
+            resume: str | None = None  # where `usage` ends
+            since = trio.current_time()
             while True:
-                got = await self.source.read(self._offset, self.batch)
-                if got is None:
-                    if not exact or await self.source.drained(self._offset):
-                        return
-                    continue
-                events, resume = got
-                if await self.store.apply(self.source.name, self._offset, resume, fold(events)):
-                    self._offset = resume
-                    self.applied += 1
-                else:  # someone else moved the offset on: continue from theirs
-                    self._offset = await self.store.offset(self.source.name)
+                after = self._offset if resume is None else resume
+                got = await self.source.read(after, self.batch - usage.events)
+                if got is not None:
+                    usage.add(got[0])  # folded read by read: no stall at apply time
+                    resume = got[1]
+                    if usage.events < self.batch and trio.current_time() - since < _GATHER_S:
+                        continue
+                if resume is not None:
+                    await self._apply(usage.delta(), resume)
+                    usage, resume, since = Usage(), None, trio.current_time()
+                if got is None and (not exact or await self.source.drained(self._offset)):
+                    return
+
+    async def _apply(self, delta: UsageDelta, resume: str) -> None:
+        if await self.store.apply(self.source.name, self._offset, resume, delta):
+            self._offset = resume
+            self.applied += 1
+        else:  # someone else moved the offset on: continue from theirs
+            self._offset = await self.store.offset(self.source.name)

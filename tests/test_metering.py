@@ -161,6 +161,23 @@ async def test_usage_counts_sends_edits_deletes_reactions_and_seats(config: Conf
         assert await shard.billing.store.offset(source.name) is not None
 
 
+@pytest.mark.parametrize("config", ["kafka"], indirect=True)
+async def test_a_pass_gathers_many_log_transactions_into_one_billing_transaction(
+    config: Config,
+) -> None:
+    """Each op below commits a Kafka transaction of its own, and the meter's consumer hands
+    them over one by one; a pass still applies them as one transaction of the billing store."""
+    async with shard_on(config.data_dir, config) as shard:
+        inst, room, (alice,) = await tenant(shard, "alice")
+        await shard.billing.meter.catch_up()
+        before = shard.billing.meter.applied
+        for i in range(30):
+            await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
+        await shard.billing.meter.catch_up()
+        assert shard.billing.meter.applied == before + 1
+        assert await shard.billing.usage(inst, month_of(now_ms())) == {"messages": 30, "seats": 1}
+
+
 async def test_replaying_the_log_into_a_fresh_store_gives_the_same_totals(tmp_path: Path) -> None:
     data = tmp_path / "data"
     async with shard_on(data) as shard:
