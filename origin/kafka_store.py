@@ -63,7 +63,7 @@ from origin.kafka_log import KafkaLog
 from origin.kafka_sequencer import Lookup, Needs, Plan, Sequencer, Target
 from origin.kafka_tail import committed_records_after
 from origin.log_port import LogAborted, LogBatch, writer_id
-from origin.pg_append import EVENT_COLS
+from origin.pg_append import HEADS, PRIORS
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_persister import PgPersister, prepare
 from origin.pg_store import PgStore, open_pool
@@ -87,27 +87,15 @@ _DRAIN_IDLE_S: Final = 0.2  # recovery: a quiet consumer this long means "ask th
 _COMMAND_TIMEOUT_S: Final = 30.0
 _CLOSE_TIMEOUT_S: Final = 10.0
 
-_E_COLS: Final = ", ".join("e." + c.strip() for c in EVENT_COLS.split(","))
 _ROOMS: Final = "SELECT id, instance FROM rooms WHERE id = ANY($1::text[])"
-_HEADS: Final = (
-    "SELECT r, COALESCE((SELECT max(seq) FROM event_keys WHERE room = r), 0)"
-    " FROM unnest($1::text[]) AS r"
-)
-# One index probe per key (LATERAL … LIMIT 1 keeps the planner from hashing all of
-# `event_keys` for a batch's keys: that plan's cost grew with the table, ~45 ms per batch at
-# 17,000 rows). See pg_append._PRIORS.
-_PRIORS: Final = (
-    f"SELECT {_E_COLS} FROM unnest($1::text[], $2::text[], $3::text[]) AS q(room, sender, cid)"
-    " CROSS JOIN LATERAL (SELECT e.* FROM event_keys k JOIN events e ON e.instance = k.instance"
-    " AND e.ts = k.ts AND e.room = k.room AND e.seq = k.seq"
-    " WHERE k.room = q.room AND k.sender = q.sender AND k.cid = q.cid LIMIT 1) e"
-)
+# As pg_append.PRIORS: the key, then its event, each a LATERAL … LIMIT 1 (one probe each).
 _TARGETS: Final = (
     "SELECT e.room, e.seq, e.type, e.sender, e.deleted"
     " FROM unnest($1::text[], $2::bigint[]) AS q(room, seq)"
-    " CROSS JOIN LATERAL (SELECT e.* FROM event_keys k JOIN events e ON e.instance = k.instance"
-    " AND e.ts = k.ts AND e.room = k.room AND e.seq = k.seq"
-    " WHERE k.room = q.room AND k.seq = q.seq LIMIT 1) e"
+    " CROSS JOIN LATERAL (SELECT k.instance, k.ts FROM event_keys k"
+    " WHERE k.room = q.room AND k.seq = q.seq LIMIT 1) k"
+    " CROSS JOIN LATERAL (SELECT e.* FROM events e WHERE e.instance = k.instance"
+    " AND e.ts = k.ts AND e.room = q.room AND e.seq = q.seq LIMIT 1) e"
 )
 
 
@@ -177,7 +165,8 @@ class KafkaStore:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # The sequencer's lookups, the persister, one spare.
-        self._pool = await open_pool(self.dsn, self.schema, "gb6-origin-log", 3)
+        # Custom plans: the lookups run per batch while `event_keys` grows from empty.
+        self._pool = await open_pool(self.dsn, self.schema, "gb6-origin-log", 3, custom_plans=True)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pg.run)
@@ -423,11 +412,11 @@ class KafkaStore:
                     rows = await c.fetch(_ROOMS, sorted(needs.rooms))
                     found.instances.update((r[0], r[1]) for r in rows)
                 if needs.heads:
-                    rows = await c.fetch(_HEADS, sorted(needs.heads))
+                    rows = await c.fetch(HEADS, sorted(needs.heads))
                     found.heads.update((r[0], int(r[1])) for r in rows)
                 if needs.keys:
                     rooms, senders, cids = (list(col) for col in zip(*needs.keys, strict=True))
-                    for r in await c.fetch(_PRIORS, rooms, senders, cids):
+                    for r in await c.fetch(PRIORS, rooms, senders, cids):
                         found.priors[(r[0], r[4], r[5])] = event_from_row(r)
                 if needs.targets:
                     rooms_, seqs = (list(col) for col in zip(*needs.targets, strict=True))

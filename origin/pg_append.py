@@ -43,19 +43,24 @@ _EVENT_COLS_E: Final = ", ".join("e." + c.strip() for c in EVENT_COLS.split(",")
 
 Results = list[tuple[AppendItem, outcome.Outcome[Appended]]]
 
-_HEADS: Final = (
+HEADS: Final = (
     "SELECT r, COALESCE((SELECT max(seq) FROM event_keys WHERE room = r), 0)"
     " FROM unnest($1::text[]) AS r"
 )
-# One index probe per key of the batch. A plain join of the unnest with `event_keys` was
-# planned as a hash join over the whole table (a sequential scan per batch: ~45 ms at 17,000
-# rows, growing with every append); LATERAL … LIMIT 1 cannot be flattened into that join.
-_PRIORS: Final = (
+# One index probe per key of the batch, whatever the statistics say. A plain join of the unnest
+# with `event_keys` was planned as a hash join over the whole table (~45 ms at 17,000 rows,
+# growing with every append); LATERAL … LIMIT 1 cannot be flattened into it. The key and its
+# event are two such subqueries, so `events` is probed by the key's (instance, ts, room, seq):
+# as one, a plan made while the tables were small probed `events` by room alone, and a generic
+# plan cached then scanned both tables per key (a 200-key lookup at 40,000 rows: 1 s, against
+# 5 ms; bench/RESULTS.md). Used by the Kafka sequencer too.
+PRIORS: Final = (
     f"SELECT {_EVENT_COLS_E}"
     " FROM unnest($1::text[], $2::text[], $3::text[]) AS q(room, sender, cid)"
-    " CROSS JOIN LATERAL (SELECT e.* FROM event_keys k JOIN events e ON e.instance = k.instance"
-    " AND e.ts = k.ts AND e.room = k.room AND e.seq = k.seq"
-    " WHERE k.room = q.room AND k.sender = q.sender AND k.cid = q.cid LIMIT 1) e"
+    " CROSS JOIN LATERAL (SELECT k.instance, k.ts, k.room, k.seq FROM event_keys k"
+    " WHERE k.room = q.room AND k.sender = q.sender AND k.cid = q.cid LIMIT 1) k"
+    " CROSS JOIN LATERAL (SELECT e.* FROM events e WHERE e.instance = k.instance"
+    " AND e.ts = k.ts AND e.room = k.room AND e.seq = k.seq LIMIT 1) e"
 )
 # The instance prunes `events` when planning, the ts from `event_keys` when executing: one
 # partition is read, however many months the instance has.
@@ -305,7 +310,7 @@ class AppendBatch:
     async def _load_heads(self, rooms: set[str]) -> None:
         missing = sorted(r for r in rooms if r not in self._heads)
         if missing:
-            for room, head in await self._conn.fetch(_HEADS, missing):
+            for room, head in await self._conn.fetch(HEADS, missing):
                 self._heads[room] = int(head)
 
     async def _priors(self, items: list[AppendItem]) -> dict[tuple[str, str, str], Event]:
@@ -313,5 +318,5 @@ class AppendBatch:
         if not keys:
             return {}
         rooms, senders, cids = (list(col) for col in zip(*keys, strict=True))
-        rows = await self._conn.fetch(_PRIORS, rooms, senders, cids)
+        rows = await self._conn.fetch(PRIORS, rooms, senders, cids)
         return {(r[0], r[4], r[5]): event_from_row(r) for r in rows}

@@ -99,9 +99,24 @@ _CONNECT_TIMEOUT_S: Final = 10.0
 _CLOSE_TIMEOUT_S: Final = 10.0
 
 
-async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
+async def open_pool(
+    dsn: str, schema: str, name: str, size: int, *, custom_plans: bool = False
+) -> Any:
     """An asyncpg pool (through trio-asyncio) whose connections use `schema` and commit
-    durably; connection failures become GB6Error."""
+    durably; connection failures become GB6Error.
+
+    `custom_plans`: every execution is planned for its parameters and the tables as they are.
+    asyncpg prepares each statement, and after five executions PostgreSQL may keep a generic
+    plan; one made while the tables were small scans them, and is kept until the next
+    ANALYZE. For pools whose lookups run on every batch of a growing log."""
+    settings = {
+        "search_path": schema,
+        "application_name": name,
+        # A commit is acknowledged once durable, whatever the server's default.
+        "synchronous_commit": "on",
+    }
+    if custom_plans:
+        settings["plan_cache_mode"] = "force_custom_plan"
     try:
         return await aio_as_trio(asyncpg.create_pool)(
             dsn,
@@ -109,12 +124,7 @@ async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
             max_size=size,
             timeout=_CONNECT_TIMEOUT_S,
             command_timeout=_COMMAND_TIMEOUT_S,
-            server_settings={
-                "search_path": schema,
-                "application_name": name,
-                # A commit is acknowledged once durable, whatever the server's default.
-                "synchronous_commit": "on",
-            },
+            server_settings=settings,
             reset=keep_session,
         )
     except DB_ERRORS as exc:

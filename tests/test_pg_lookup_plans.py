@@ -1,0 +1,117 @@
+"""The batch lookups by idempotency key stay index probes while `event_keys` grows from empty.
+
+The Kafka sequencer looks up every batch's keys (pg_append.PRIORS). In a fresh schema the
+tables start empty, and PostgreSQL plans with statistics from when they were small: a cached
+generic plan scanned both tables per key, and even a fresh plan probed `events` by room alone.
+A lookup then grew with the log, the sequencer's batches grew with the lookup, and a bench run
+ran away (seconds per batch). These tests build that state: statistics taken at 100 events,
+then 40,000 more without an ANALYZE.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio_asyncio
+from services import require
+from trio_asyncio import aio_as_trio
+
+from origin.pg_append import PRIORS
+from origin.pg_schema import migrate
+from origin.pg_store import open_pool
+
+STALE_AT = 100
+GROWN_TO = 40_000
+
+
+@pytest.fixture
+def pg_dsn() -> str:
+    return require("postgres")
+
+
+def _keys(n: int) -> tuple[list[str], list[str], list[str]]:
+    """`n` keys, half of them stored (c<g>), half not (x<g>)."""
+    gs = range(1, n + 1)
+    return (
+        [f"r{g % 100}" for g in gs],
+        [f"u{g % 1000}" for g in gs],
+        [f"c{g}" if g % 2 else f"x{g}" for g in gs],
+    )
+
+
+async def _events(conn: Any, first: int, last: int) -> None:
+    await conn.execute(
+        "INSERT INTO event_keys SELECT 'r' || (g % 100), g, 'u' || (g % 1000), 'c' || g, 'i1', 500"
+        f" FROM generate_series({first}, {last}) g"
+    )
+    await conn.execute(
+        "INSERT INTO events(instance, room, seq, ts, type, sender, cid)"
+        " SELECT 'i1', 'r' || (g % 100), g, 500, 'message', 'u' || (g % 1000), 'c' || g"
+        f" FROM generate_series({first}, {last}) g"
+    )
+
+
+@asynccontextmanager
+async def _schema(dsn: str) -> AsyncIterator[str]:
+    """A migrated schema with one instance's partition, analyzed at STALE_AT events."""
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    schema = f"plans_{uuid.uuid4().hex[:10]}"
+    conn = await aio_as_trio(asyncpg.connect)(dsn, server_settings={"search_path": schema})
+    try:
+        await aio_as_trio(migrate)(conn, schema)
+        await aio_as_trio(conn.execute)(
+            "CREATE TABLE events_i1 PARTITION OF events FOR VALUES IN ('i1')"
+            " PARTITION BY RANGE (ts);"
+            " CREATE TABLE events_i1_0 PARTITION OF events_i1 FOR VALUES FROM (0) TO (1000)"
+        )
+        await aio_as_trio(_events)(conn, 1, STALE_AT)
+        await aio_as_trio(conn.execute)(f'ANALYZE "{schema}".event_keys, "{schema}".events')
+        yield schema
+    finally:
+        await aio_as_trio(conn.execute)(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await aio_as_trio(conn.close)()
+
+
+async def _plan_after_growth(pool: Any) -> str:
+    """PRIORS prepared and run while the tables are small (PostgreSQL may settle on a generic
+    plan after five runs), then the plan it would run with once they have grown."""
+    keys = _keys(200)
+    # EXECUTE takes no bind parameters: the arrays as literals (the keys are plain words).
+    args = ", ".join("ARRAY[" + ",".join(f"'{v}'" for v in col) + "]" for col in keys)
+
+    async def go() -> str:
+        async with pool.acquire() as conn:
+            await conn.execute(f"PREPARE priors(text[], text[], text[]) AS {PRIORS}")
+            for _ in range(8):
+                await conn.fetch(f"EXECUTE priors({args})")
+            await _events(conn, STALE_AT + 1, GROWN_TO)
+            # The lookup still finds what it should.
+            found = await conn.fetch(f"EXECUTE priors({args})")
+            assert sorted(r["cid"] for r in found) == sorted(c for c in keys[2] if c[0] == "c")
+            rows = await conn.fetch(f"EXPLAIN EXECUTE priors({args})")
+            await conn.execute("DEALLOCATE priors")
+            return "\n".join(r[0] for r in rows)
+
+    plan: str = await aio_as_trio(go)()
+    return plan
+
+
+async def test_the_log_pools_lookup_probes_indexes_after_the_tables_grew(pg_dsn: str) -> None:
+    """With `custom_plans` (the Kafka sequencer's pool), each key is one probe of each
+    table's index: no scan of a table, no filter of a room's events. (Without it PostgreSQL
+    keeps the generic plan it made while the tables were small, which scans them per key.)"""
+    async with trio_asyncio.open_loop(), _schema(pg_dsn) as schema:
+        pool = await open_pool(pg_dsn, schema, "gb6-test-plans", 1, custom_plans=True)
+        try:
+            plan = await _plan_after_growth(pool)
+        finally:
+            await aio_as_trio(pool.close)()
+    assert "Seq Scan" not in plan, plan
+    # `events` is probed by the key's row: one index entry, not every event of the room.
+    assert "Index Cond: ((room = k.room) AND (seq = k.seq))" in plan, plan
+    assert "Join Filter" not in plan, plan
