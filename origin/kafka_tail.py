@@ -1,4 +1,5 @@
 """Is there a committed record after these offsets? The test a recovering persister needs.
+And where does the log end now (`end_offsets`)?
 
 A consumer's `resume` offsets cannot say by themselves that it reached the end of a partition:
 Kafka's transaction markers and aborted records take offsets of their own, so the last record a
@@ -77,6 +78,36 @@ def committed_records_after(
                 raise GB6Error(INTERNAL, f"Kafka topic {topic!r}: {err.str()}")
             # Anything else is transport trouble that librdkafka retries by itself.
         return False
+    except KafkaException as exc:
+        raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {exc}") from None
+    finally:
+        consumer.close()
+
+
+def end_offsets(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> dict[int, int]:
+    """Partition → the offset after its last record now (its high watermark): whatever was
+    committed before the call lies below it. Blocking; see the module doc."""
+    try:
+        consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "client.id": "gb6-tail",
+                "group.id": "gb6-tail",  # required by the client; never joined
+                "enable.auto.commit": False,
+            }
+        )
+    except KafkaException as exc:
+        raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {exc}") from None
+    try:
+        meta = consumer.list_topics(topic, timeout_s)
+        found = meta.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            why = found.error if found is not None else "missing"
+            raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {why}")
+        return {
+            p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout_s)[1])
+            for p in sorted(found.partitions)
+        }
     except KafkaException as exc:
         raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {exc}") from None
     finally:

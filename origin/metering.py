@@ -25,7 +25,7 @@ Rules:
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -118,6 +118,13 @@ class EventSource(Protocol):
         that read a table know that already; a log consumer asks the log)."""
         ...
 
+    async def end(self) -> Callable[[str], bool] | None:
+        """Where the log ends now, as a test of an offset: True once reading up to it has
+        read everything committed before this call. None where `read` saying None is the end
+        already (a table). A log consumer needs it: under a steady load its reads never say
+        None, and an exact pass would never end."""
+        ...
+
 
 def _after_id(after: str | None) -> int:
     try:
@@ -182,6 +189,9 @@ class SqliteEventSource:
     async def drained(self, after: str | None) -> bool:
         return True  # `read` found no row after `after`
 
+    async def end(self) -> Callable[[str], bool] | None:
+        return None  # a read past the last row says None
+
 
 class PgEventSource:
     """The PostgreSQL store's events, by id (one writer per shard assigns ids in commit order:
@@ -233,6 +243,9 @@ class PgEventSource:
 
     async def drained(self, after: str | None) -> bool:
         return True  # `read` found no row after `after`
+
+    async def end(self) -> Callable[[str], bool] | None:
+        return None  # a read past the last row says None
 
 
 class KafkaEventSource:
@@ -300,6 +313,20 @@ class KafkaEventSource:
                 {str(p): o for p, o in sorted(batch.resume.items())}
             ).decode()
         return None
+
+    async def end(self) -> Callable[[str], bool] | None:
+        from origin.kafka_tail import end_offsets
+
+        with trio.fail_after(_TAIL_S + 5):
+            ends = await trio.to_thread.run_sync(
+                lambda: end_offsets(self._bootstrap, self._topic, timeout_s=_TAIL_S)
+            )
+
+        def passed(offset: str) -> bool:
+            at = _offsets(offset)
+            return all(at.get(p, 0) >= end for p, end in ends.items())
+
+        return passed
 
     async def drained(self, after: str | None) -> bool:
         from origin.kafka_tail import committed_records_after
@@ -383,21 +410,28 @@ class Meter:
             # events or `_GATHER_S` of reading: a log consumer's reads are as small as the
             # log's transactions, and under load a pass applied one store transaction (seven
             # round trips) per log transaction, ~17 a second (bench/RESULTS.md).
+            end = await self.source.end() if exact else None
             usage = Usage()
             resume: str | None = None  # where `usage` ends
             since = trio.current_time()
             while True:
                 after = self._offset if resume is None else resume
                 got = await self.source.read(after, self.batch - usage.events)
+                done = False
                 if got is not None:
                     usage.add(got[0])  # folded read by read: no stall at apply time
                     resume = got[1]
-                    if usage.events < self.batch and trio.current_time() - since < _GATHER_S:
+                    done = end is not None and end(resume)
+                    if (
+                        not done
+                        and usage.events < self.batch
+                        and trio.current_time() - since < _GATHER_S
+                    ):
                         continue
                 if resume is not None:
                     await self._apply(usage.delta(), resume)
                     usage, resume, since = Usage(), None, trio.current_time()
-                if got is None and (not exact or await self.source.drained(self._offset)):
+                if done or (got is None and (not exact or await self.source.drained(self._offset))):
                     return
 
     async def _apply(self, delta: UsageDelta, resume: str) -> None:

@@ -7,9 +7,10 @@ spoken to over its WebSocket and killed with SIGKILL.
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,32 @@ async def test_a_pass_gathers_many_log_transactions_into_one_billing_transaction
         assert await shard.billing.usage(inst, month_of(now_ms())) == {"messages": 30, "seats": 1}
 
 
+async def test_usage_answers_while_sends_go_on_and_counts_every_earlier_one(
+    config: Config,
+) -> None:
+    """A usage read catches the meter up to the call, not to a log that never stops growing
+    (on Kafka a read always finds the next transaction: the pass used to go on forever)."""
+    async with shard_on(config.data_dir, config) as shard:
+        inst, room, (alice,) = await tenant(shard, "alice")
+        acked = 0
+
+        async def send_forever() -> None:
+            nonlocal acked
+            for i in itertools.count():
+                await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
+                acked += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_forever)
+            for _ in range(3):
+                await trio.sleep(0.5)
+                before = acked
+                with trio.fail_after(15):
+                    usage = await shard.billing.usage(inst, month_of(now_ms()))
+                assert usage["messages"] >= before > 0
+            nursery.cancel_scope.cancel()
+
+
 async def test_replaying_the_log_into_a_fresh_store_gives_the_same_totals(tmp_path: Path) -> None:
     data = tmp_path / "data"
     async with shard_on(data) as shard:
@@ -217,6 +244,9 @@ class Stopping:
 
     async def drained(self, after: str | None) -> bool:
         return True
+
+    async def end(self) -> Callable[[str], bool] | None:
+        return None
 
 
 async def meter_once(data: Path, source: EventSource, batch: int) -> Billing:
