@@ -122,7 +122,7 @@ class EventSource(Protocol):
         """Where the log ends now, as a test of an offset: True once reading up to it has
         read everything committed before this call. None where `read` saying None is the end
         already (a table). A log consumer needs it: under a steady load its reads never say
-        None, and an exact pass would never end."""
+        None, and a pass would never end."""
         ...
 
 
@@ -410,7 +410,9 @@ class Meter:
             # events or `_GATHER_S` of reading: a log consumer's reads are as small as the
             # log's transactions, and under load a pass applied one store transaction (seven
             # round trips) per log transaction, ~17 a second (bench/RESULTS.md).
-            end = await self.source.end() if exact else None
+            # Where the log ends now: under a steady load a log consumer's reads never come
+            # back empty, and a pass (holding the lock) must end all the same.
+            end = await self.source.end()
             usage = Usage()
             resume: str | None = None  # where `usage` ends
             since = trio.current_time()
