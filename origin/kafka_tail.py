@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Final
+from typing import Any, Final
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -36,28 +36,18 @@ def committed_records_after(
     """True if some partition of `topic` holds a committed record at or after its offset in
     `offsets` (a partition without one: from its beginning). Blocking; see the module doc."""
     deadline = time.monotonic() + timeout_s
+    consumer = _consumer(
+        bootstrap,
+        topic,
+        {
+            "isolation.level": "read_committed",
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "error",
+        },
+    )
     try:
-        consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "client.id": "gb6-tail",
-                "group.id": "gb6-tail",  # required by the client; never joined (assign only)
-                "isolation.level": "read_committed",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "error",
-            }
-        )
-    except KafkaException as exc:
-        raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {exc}") from None
-    try:
-        meta = consumer.list_topics(topic, timeout_s)
-        found = meta.topics.get(topic)
-        if found is None or found.error is not None or not found.partitions:
-            why = found.error if found is not None else "missing"
-            raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {why}")
-        pending = set(found.partitions)
+        pending = set(_partitions(consumer, topic, timeout_s))
         consumer.assign(
             [TopicPartition(topic, p, offsets.get(p, OFFSET_BEGINNING)) for p in sorted(pending)]
         )
@@ -87,28 +77,38 @@ def committed_records_after(
 def end_offsets(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> dict[int, int]:
     """Partition → the offset after its last record now (its high watermark): whatever was
     committed before the call lies below it. Blocking; see the module doc."""
+    consumer = _consumer(bootstrap, topic, {})
     try:
-        consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "client.id": "gb6-tail",
-                "group.id": "gb6-tail",  # required by the client; never joined
-                "enable.auto.commit": False,
-            }
-        )
-    except KafkaException as exc:
-        raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {exc}") from None
-    try:
-        meta = consumer.list_topics(topic, timeout_s)
-        found = meta.topics.get(topic)
-        if found is None or found.error is not None or not found.partitions:
-            why = found.error if found is not None else "missing"
-            raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {why}")
         return {
             p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout_s)[1])
-            for p in sorted(found.partitions)
+            for p in _partitions(consumer, topic, timeout_s)
         }
     except KafkaException as exc:
         raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {exc}") from None
     finally:
         consumer.close()
+
+
+def _consumer(bootstrap: str, topic: str, config: Mapping[str, Any]) -> Consumer:
+    try:
+        return Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "client.id": "gb6-tail",
+                "group.id": "gb6-tail",  # required by the client; never joined (assign only)
+                "enable.auto.commit": False,
+                **config,
+            }
+        )
+    except KafkaException as exc:
+        raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {exc}") from None
+
+
+def _partitions(consumer: Consumer, topic: str, timeout_s: float) -> list[int]:
+    """The topic's partitions, in order; `unavailable` if the broker does not know it."""
+    meta = consumer.list_topics(topic, timeout_s)
+    found = meta.topics.get(topic)
+    if found is None or found.error is not None or not found.partitions:
+        why = found.error if found is not None else "missing"
+        raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {why}")
+    return sorted(found.partitions)
