@@ -42,7 +42,6 @@ from origin.billing import (
 )
 from origin.billing_store import BillingStore, StoredInvoice, check_record
 from origin.metering import (
-    POLL_S,
     EventSource,
     KafkaEventSource,
     Meter,
@@ -75,7 +74,7 @@ class Billing:
         pricing_of: Callable[[str], Pricing],
         *,
         clock: Callable[[], int] = now_ms,
-        poll_s: float = POLL_S,
+        poll_s: float | None = None,
     ) -> None:
         self.store = store
         self.meter = Meter(store, source, poll_s=poll_s)

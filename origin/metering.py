@@ -13,9 +13,13 @@ Rules:
   the event's own `ts` (when the log committed it), never when the meter read it.
 - The meter is derived data, off the commit path: it wakes every `poll_s`, or at once when
   someone calls `catch_up` (which returns once everything committed before the call is
-  counted: reads and invoices see their own writes). A pass costs about one row per active
-  user (seats) whatever the number of events, so passes are rare (`POLL_S`) and large
-  (`BATCH`): at 2,000 sends/s from 1,000 users a pass a second cost the event loop tens of ms.
+  counted: reads and invoices see their own writes). A background pass reads what the source
+  has at hand for at most `_GATHER_S` and applies it; it never asks where the log ends.
+- How often the background passes run is the source's (`EventSource.poll_s`). A table source
+  folds a read in SQL and pays about one row per active user (seats) whatever the number of
+  events, so its passes are rare (`POLL_S`) and large (`BATCH`). A log consumer decodes every
+  record on the event loop: its passes are frequent (`LOG_POLL_S`) so that this work is
+  spread out; every 10 s it came as a burst of ~90 ms (bench/RESULTS.md).
 - Sources (`EventSource`): the embedded store's `events` table in `gb6.db` (read-only, on a
   thread of the source's own) and the PostgreSQL store's `events` (`PgEventSource`), by event
   id (the offset is the text of the last id counted); the `kafka` backend's log of record itself
@@ -51,7 +55,8 @@ METRIC_OF_TYPE: Final = {
 BATCH: Final = 20_000  # events per transaction
 _IDLE_S: Final = 0.2  # how long a Kafka read waits for records before it says "none yet"
 _TAIL_S: Final = 15.0  # how long asking Kafka for its end may take
-POLL_S: Final = 10.0  # background passes; reads of usage catch up first anyway
+POLL_S: Final = 10.0  # background passes of a table source; reads of usage catch up first anyway
+LOG_POLL_S: Final = 1.0  # background passes of a log consumer
 _CONSUMER_BATCH: Final = 1_000  # records per read of the Kafka meter's consumer, at most
 _GATHER_S: Final = 1.0  # reads gathered into one billing transaction, at most this long
 
@@ -103,6 +108,7 @@ class EventSource(Protocol):
     """Committed events in log order, by offset. A component: `nursery.start(source.run)`."""
 
     name: str  # the consumer's name in the billing store's offsets
+    poll_s: float  # how often the meter's background passes run on this source
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -166,6 +172,7 @@ class SqliteEventSource:
     counted per instance, day, type and sender there (`MeterEvent.n`)."""
 
     name = "meter"
+    poll_s = POLL_S
 
     def __init__(self, log_path: Path) -> None:
         self._path = log_path
@@ -209,6 +216,7 @@ class PgEventSource:
     the store's writer for `postgres`, the persister for `kafka`)."""
 
     name = "meter"
+    poll_s = POLL_S
 
     def __init__(self, dsn: str, schema: str) -> None:
         self._dsn = dsn
@@ -266,6 +274,7 @@ class KafkaEventSource:
     """
 
     name = "meter-kafka"  # its offsets mean Kafka positions, not event ids
+    poll_s = LOG_POLL_S
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self._bootstrap = bootstrap
@@ -365,8 +374,9 @@ def _offsets(after: str | None) -> dict[int, int]:
 class Meter:
     """Feeds the billing store from a source. A component: `await nursery.start(meter.run)`.
 
-    `run` starts the source, serves once the offset is loaded, and meters every `poll_s` until
-    cancelled. `catch_up` meters now; it raises `unavailable` if the store or source fails.
+    `run` starts the source, serves once the offset is loaded, and meters every `poll_s` (by
+    default the source's) until cancelled. `catch_up` meters now; it raises `unavailable` if
+    the store or source fails.
     """
 
     def __init__(
@@ -374,12 +384,12 @@ class Meter:
         store: BillingStore,
         source: EventSource,
         *,
-        poll_s: float = POLL_S,
+        poll_s: float | None = None,
         batch: int = BATCH,
     ) -> None:
         self.store = store
         self.source = source
-        self._poll_s = poll_s
+        self._poll_s = source.poll_s if poll_s is None else poll_s
         self.batch = batch  # events per transaction
         self._offset: str | None = None
         self._lock = trio.Lock()  # one pass at a time: the loop's or a catch_up's
@@ -422,11 +432,12 @@ class Meter:
             # log's transactions, and under load a pass applied one store transaction (seven
             # round trips) per log transaction, ~17 a second (bench/RESULTS.md).
             # Where the log ends now: under a steady load a log consumer's reads never come
-            # back empty, and a pass (holding the lock) must end all the same.
-            end = await self.source.end()
+            # back empty, and an exact pass (holding the lock) must end all the same. A
+            # background pass ends after its first `_GATHER_S` instead.
+            end = await self.source.end() if exact else None
             usage = Usage()
             resume: str | None = None  # where `usage` ends
-            since = trio.current_time()
+            began = since = trio.current_time()
             while True:
                 after = self._offset if resume is None else resume
                 got = await self.source.read(after, self.batch - usage.events)
@@ -444,6 +455,7 @@ class Meter:
                 if resume is not None:
                     await self._apply(usage.delta(), resume)
                     usage, resume, since = Usage(), None, trio.current_time()
+                    done = done or (not exact and since - began >= _GATHER_S)
                 if done or (got is None and (not exact or await self.source.drained(self._offset))):
                     return
 

@@ -38,6 +38,7 @@ from origin.billing_sqlite import SqliteBillingStore
 from origin.invoicing import Billing, open_billing, plan_pricing
 from origin.membership import Principal
 from origin.metering import (
+    POLL_S,
     EventSource,
     KafkaEventSource,
     MeterEvent,
@@ -165,10 +166,11 @@ async def test_usage_counts_sends_edits_deletes_reactions_and_seats(config: Conf
 
 @pytest.mark.parametrize("config", ["kafka"], indirect=True)
 async def test_a_pass_gathers_many_log_transactions_into_one_billing_transaction(
-    config: Config,
+    config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each op below commits a Kafka transaction of its own, and the meter's consumer hands
     them over one by one; a pass still applies them as one transaction of the billing store."""
+    monkeypatch.setattr(KafkaEventSource, "poll_s", 3600.0)  # only the passes asked for here
     async with shard_on(config.data_dir, config) as shard:
         inst, room, (alice,) = await tenant(shard, "alice")
         await shard.billing.meter.catch_up()
@@ -198,7 +200,7 @@ async def test_usage_answers_while_sends_go_on_and_counts_every_earlier_one(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send_forever)
             await trio.sleep(0.5)
-            # A background pass (every 10 s in a running shard) runs meanwhile: it ends too.
+            # A background pass runs meanwhile: it ends too.
             nursery.start_soon(partial(shard.billing.meter.catch_up, exact=False))
             for _ in range(3):
                 await trio.sleep(0.5)
@@ -232,6 +234,7 @@ class Stopping:
     """An event source that ends after `batches` reads: a meter stopped mid-stream."""
 
     name = "meter"
+    poll_s = POLL_S
 
     def __init__(self, source: SqliteEventSource, batches: int) -> None:
         self.source = source
