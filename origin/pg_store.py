@@ -99,24 +99,23 @@ _CONNECT_TIMEOUT_S: Final = 10.0
 _CLOSE_TIMEOUT_S: Final = 10.0
 
 
-async def open_pool(
-    dsn: str, schema: str, name: str, size: int, *, custom_plans: bool = False
-) -> Any:
-    """An asyncpg pool (through trio-asyncio) whose connections use `schema` and commit
-    durably; connection failures become GB6Error.
+async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
+    """An asyncpg pool (through trio-asyncio) whose connections use `schema`, commit durably
+    and plan every execution for its parameters and the tables as they are; connection
+    failures become GB6Error.
 
-    `custom_plans`: every execution is planned for its parameters and the tables as they are.
-    asyncpg prepares each statement, and after five executions PostgreSQL may keep a generic
-    plan; one made while the tables were small scans them, and is kept until the next
-    ANALYZE. For pools whose lookups run on every batch of a growing log."""
+    Why custom plans: asyncpg prepares each statement, and after five executions PostgreSQL
+    may keep a generic plan. One made while the tables were small (a fresh schema) scans them,
+    and is kept until the next ANALYZE: the Kafka sequencer's key lookup grew with the log
+    and a cluster ran away (bench/RESULTS.md, 2026-11-26). Planning each time cost nothing
+    measurable in `links --store postgres` (A/B pairs, same file)."""
     settings = {
         "search_path": schema,
         "application_name": name,
         # A commit is acknowledged once durable, whatever the server's default.
         "synchronous_commit": "on",
+        "plan_cache_mode": "force_custom_plan",
     }
-    if custom_plans:
-        settings["plan_cache_mode"] = "force_custom_plan"
     try:
         return await aio_as_trio(asyncpg.create_pool)(
             dsn,

@@ -102,11 +102,11 @@ async def _plan_after_growth(pool: Any) -> str:
 
 
 async def test_the_log_pools_lookup_probes_indexes_after_the_tables_grew(pg_dsn: str) -> None:
-    """With `custom_plans` (the Kafka sequencer's pool), each key is one probe of each
-    table's index: no scan of a table, no filter of a room's events. (Without it PostgreSQL
-    keeps the generic plan it made while the tables were small, which scans them per key.)"""
+    """On a pool of ours (custom plans), each key is one probe of each table's index: no scan
+    of a table, no filter of a room's events. (On a pool that lets PostgreSQL cache a generic
+    plan, it keeps the one it made while the tables were small, which scans them per key.)"""
     async with trio_asyncio.open_loop(), _schema(pg_dsn) as schema:
-        pool = await open_pool(pg_dsn, schema, "gb6-test-plans", 1, custom_plans=True)
+        pool = await open_pool(pg_dsn, schema, "gb6-test-plans", 1)
         try:
             plan = await _plan_after_growth(pool)
         finally:
