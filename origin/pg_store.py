@@ -19,13 +19,15 @@ shard in commit order. Crossings are shielded: once a batch is sent to PostgreSQ
 learns its outcome, whatever is cancelled meanwhile (asyncpg's `command_timeout` bounds that
 wait).
 
-Pipelined: while one batch's INSERT runs on one connection, the writer stages the next on
-another (its seqs follow the cached heads, which already count the first batch), so the origin's
-Python and PostgreSQL's insert overlap instead of taking turns. The next INSERT is sent only
-once the previous one committed; if that one failed, the staged batch is refused with it,
-unwritten (its seqs would follow a gap); if it ran again for a repeat, the staged batch is staged
-again on heads read afresh. A batch that repeats a key of the one in flight, or is
-not plain, waits for it to finish first (its reads must see what it wrote).
+Pipelined, two INSERTs at a time: while one batch's INSERT runs, the writer stages the next
+(its seqs follow the cached heads, which already count the first batch) and sends it at once on
+a second connection, in a transaction that commits only once the first committed. So the
+origin's Python, the hops between the loops and PostgreSQL's inserts overlap instead of taking
+turns: with one INSERT at a time PostgreSQL sat idle a third of each cycle (bench/RESULTS.md).
+If the first batch failed or ran again for a repeat, the second rolls back (its seqs would
+follow a gap, or be taken twice) and runs again once the first is written, on heads read then.
+A batch that repeats a key of the one in flight, or is not plain, waits for it to finish first
+(its reads must see what it wrote).
 
 Durability: every connection sets `synchronous_commit=on`, so a batch is acknowledged only
 once PostgreSQL has it on disk (and on its synchronous standbys, where it has some).
@@ -48,6 +50,7 @@ the next): never a duplicate or a gap.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -137,21 +140,43 @@ async def keep_session(conn: Any) -> None:
     asyncpg rolls back an open transaction itself."""
 
 
+_BACKLOG_PART: Final = 4  # a backlog is a quarter of `writer_batch` waiting, or more
+
+
 @attrs.define(eq=False)
 class _InFlight:
     """A staged batch whose INSERT the writer has sent."""
 
     keys: set[tuple[str, str, str]]
-    done: trio.Event = attrs.Factory(trio.Event)
+    conn: int  # which of the writer's connections
+    depends: bool  # sent before `after` was written: commits only if that one did as staged
+    after: _InFlight | None = None  # the batch before it, until that one is answered
+    sent: trio.Event = attrs.Factory(trio.Event)  # its INSERT is on the wire (or over)
+    written: trio.Event = attrs.Factory(trio.Event)  # its outcome is known, `ok` and `restage`
+    done: trio.Event = attrs.Factory(trio.Event)  # answered too
     ok: bool = False
     restage: bool = False  # it ran again for a repeat: the batch staged behind it is wrong
+    # Committed as staged (True) or not (False): what the next batch's transaction waits for
+    # before it commits (asyncio side, made by whichever of the two asks first).
+    status: asyncio.Future[bool] | None = None
+
+    def status_future(self) -> asyncio.Future[bool]:
+        if self.status is None:
+            self.status = asyncio.get_running_loop().create_future()
+        return self.status
 
 
 class _Repeats(enum.Enum):
     REPEATS = "repeats"
+    BEFORE = "before"
 
 
 _REPEATS: Final = _Repeats.REPEATS  # an INSERT that found a repeated key, and wrote nothing
+_BEFORE: Final = _Repeats.BEFORE  # rolled back: the batch before did not commit as staged
+
+
+class _BeforeNotWritten(Exception):
+    """The batch before did not commit as staged: roll this one back."""
 
 
 def _refused(batch: list[AppendItem], exc: BaseException) -> Results:
@@ -188,15 +213,15 @@ class PgStore:
         schema: str = "gb6",
         pool_size: int = 4,
     ) -> None:
-        if not 2 <= pool_size <= 64:
-            raise invalid(f"pool_size must be between 2 and 64, not {pool_size}")
+        if not 3 <= pool_size <= 64:  # the writer holds two
+            raise invalid(f"pool_size must be between 3 and 64, not {pool_size}")
         self.dsn = dsn
         self.schema = check_schema_name(schema)
         self.limits = limits
         self._on_appended = on_appended
         self._pool_size = pool_size
         self._pool: Any = None
-        self._insert_conn: Any = None  # the writer's, for its INSERTs (asyncio side)
+        self._insert_conns: list[Any] = [None, None]  # the writer's, for its INSERTs (asyncio side)
         self._partitions = Partitions(self.schema)
         self._heads: dict[str, int] = {}  # writer only
         self._in_flight: _InFlight | None = None  # writer only
@@ -226,7 +251,8 @@ class PgStore:
             with trio.CancelScope(shield=True):
                 await self._commit_queued()
                 with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
-                    await aio_as_trio(self._give_back_insert_conn)()
+                    for i in range(len(self._insert_conns)):
+                        await aio_as_trio(self._give_back_insert_conn)(i)
                     await aio_as_trio(self._pool.close)()
                 if scope.cancelled_caught:
                     self._pool.terminate()
@@ -249,7 +275,21 @@ class PgStore:
                 # Shielded from here: `first` is taken, and must be committed on shutdown.
                 with trio.CancelScope(shield=True):
                     waiting = self._recv.statistics().current_buffer_used
-                    if last_batch > 1 and self.limits.writer_linger_s > 0 and waiting < last_batch:
+                    before = self._in_flight
+                    if (
+                        before is not None
+                        and not before.written.is_set()
+                        and waiting + 1 < self.limits.writer_batch // _BACKLOG_PART
+                    ):
+                        # No backlog: the ops gather while the INSERT in flight commits. A
+                        # second INSERT at once pays off under a backlog only. It costs a
+                        # transaction's round trips (~1 ms), which a batch of a quarter of
+                        # `writer_batch` (~20 ms of PostgreSQL's work here) dwarfs; at 2,000
+                        # ops/s in the cluster it made smaller batches and a higher latency.
+                        await before.written.wait()
+                    elif (
+                        last_batch > 1 and self.limits.writer_linger_s > 0 and waiting < last_batch
+                    ):
                         # Under load, let the batch fill: fewer, larger transactions. A lone op
                         # never waits, nor does a backlog at least as large as the last batch
                         # (as in SqliteStore).
@@ -265,8 +305,8 @@ class PgStore:
                 await self._commit(batch, inserts)
 
     async def _commit(self, batch: list[AppendItem], inserts: trio.Nursery) -> None:
-        """Stage `batch` (while the previous INSERT runs) and start its INSERT in `inserts`; or,
-        for a batch that is not plain, run its transaction once the previous one is done."""
+        """Stage `batch` (while INSERTs run) and start its INSERT in `inserts`; or, for a batch
+        that is not plain, run its transaction once the one before is done."""
         before = self._in_flight
         plain = single_write(batch)
         if before is not None and (
@@ -274,40 +314,59 @@ class PgStore:
         ):
             await before.done.wait()
             before = None
+        if before is not None and before.after is not None:
+            await before.after.written.wait()  # two INSERTs at a time: its connection is free
+        if before is not None and self._stale:
+            # A batch failed or ran again: the heads are wrong until read again, and every
+            # batch staged on them would roll back behind it.
+            await before.written.wait()
         if before is None and self._stale:
             self._forget()
         if not plain:
             self._answer(batch, await aio_as_trio(self._apply)(batch, self._heads))
             return
         staged = await self._stage(batch)
-        if before is not None:
-            await before.done.wait()
-            if before.restage:
-                self._forget()
-                staged = await self._stage(batch)
-            elif not before.ok and isinstance(staged, Staged):
-                staged = _refused(batch, GB6Error(UNAVAILABLE, "the batch before failed"))
+        if before is not None and before.written.is_set() and (before.restage or not before.ok):
+            # Staged on heads that counted it as written: again, on heads read afresh.
+            self._forget()
+            staged = await self._stage(batch)
         if not isinstance(staged, Staged):  # refused whole: drop what it staged
             self._forget()
             self._answer(batch, staged)
             return
-        in_flight = _InFlight(staged.keys)
+        # Sent now and committed once `before` is (no checkpoint since the test above).
+        depends = before is not None and not before.written.is_set()
+        conn = 0 if before is None else 1 - before.conn
+        in_flight = _InFlight(staged.keys, conn, depends, before)
         self._in_flight = in_flight
         inserts.start_soon(self._insert, batch, staged, in_flight)
+        # Staging the next batch takes the event loop for milliseconds without a checkpoint:
+        # this INSERT goes out first, or PostgreSQL would wait for that too.
+        await in_flight.sent.wait()
 
     async def _insert(self, batch: list[AppendItem], staged: Staged, in_flight: _InFlight) -> None:
         with trio.CancelScope(shield=True):
-            failure = await aio_as_trio(self._insert_staged)(batch, staged)
+            try:
+                failure = await aio_as_trio(self._insert_staged)(batch, staged, in_flight)
+            finally:
+                in_flight.sent.set()
             results = staged.results if failure is None else failure
-            if failure is _REPEATS:
-                # Nothing was written. Run it again reading earlier cids, on heads of its own:
-                # the next batch may be staging on the writer's.
+            if failure is _REPEATS or failure is _BEFORE:
+                # Nothing was written. Run it again reading earlier cids, on heads of its own
+                # (the next batch may be staging on the writer's), read once the batch before
+                # is written: heads read while it runs would not count it.
+                if in_flight.after is not None:  # cleared only below
+                    await in_flight.after.written.wait()
                 in_flight.restage = True
                 results = await aio_as_trio(self._apply)(batch, {})
                 failure = None
-        if failure is not None or in_flight.restage:
-            self._stale = True  # not cleared here: the next batch may be staging on them
-        in_flight.ok = failure is None
+            if failure is not None or in_flight.restage:
+                self._stale = True  # not cleared here: the next batch may be staging on them
+            in_flight.ok = failure is None
+            in_flight.written.set()
+            if in_flight.after is not None:
+                await in_flight.after.done.wait()  # answers in commit order
+                in_flight.after = None
         if self._in_flight is in_flight:
             self._in_flight = None
         self._answer(batch, results)
@@ -355,29 +414,51 @@ class PgStore:
             return _refused(batch, exc)
 
     async def _insert_staged(
-        self, batch: list[AppendItem], staged: Staged
+        self, batch: list[AppendItem], staged: Staged, in_flight: _InFlight
     ) -> Results | _Repeats | None:
         """Write a staged batch (asyncio side): None once committed, `_REPEATS` when a key of
-        it was written before (nothing is written), else its refusals.
+        it was written before, `_BEFORE` when the batch before it (still running when this one
+        was sent) did not commit as staged (nothing is written in either case), else its
+        refusals. Sets its `status` for the batch after it, whatever happens.
 
-        The INSERTs, one at a time, go over a connection the writer keeps: taking one from the
-        pool and giving it back cost ~300 µs of CPU per batch on this project's machines."""
+        The INSERTs go over two connections the writer keeps: taking one from the pool and
+        giving it back cost ~300 µs of CPU per batch on this project's machines."""
+        status = in_flight.status_future()
+        # Taken now: `after` is cleared once the batch before is answered, and that waits for
+        # this batch's outcome when it depends on it.
+        waits = in_flight.after.status_future() if in_flight.depends and in_flight.after else None
         try:
-            if self._insert_conn is None:
-                self._insert_conn = await self._pool.acquire()
-            await insert_staged(self._insert_conn, staged)
+            i = in_flight.conn
+            if self._insert_conns[i] is None:
+                self._insert_conns[i] = await self._pool.acquire()
+            conn = self._insert_conns[i]
+            # Runs once this coroutine first waits: asyncpg has sent its first statement by then.
+            asyncio.get_running_loop().call_soon(in_flight.sent.set)
+            if waits is None:
+                await insert_staged(conn, staged)  # the statement is the transaction
+            else:
+                async with conn.transaction():
+                    await insert_staged(conn, staged)
+                    if not await waits:
+                        raise _BeforeNotWritten
+            status.set_result(True)
             return None
+        except _BeforeNotWritten:
+            return _BEFORE
         except Exception as exc:
             if is_repeat(exc):
                 return _REPEATS
             # The pool knows how to bring a connection back from a failure (a timeout's
             # cancellation, a broken socket): the next batch takes a fresh one.
-            await self._give_back_insert_conn()
+            await self._give_back_insert_conn(in_flight.conn)
             return _refused(batch, exc)
+        finally:
+            if not status.done():
+                status.set_result(False)
 
-    async def _give_back_insert_conn(self) -> None:
+    async def _give_back_insert_conn(self, i: int) -> None:
         """To the pool, which replaces a broken one (asyncio side)."""
-        conn, self._insert_conn = self._insert_conn, None
+        conn, self._insert_conns[i] = self._insert_conns[i], None
         if conn is not None:
             with contextlib.suppress(Exception):  # it failed to reset: the pool dropped it
                 await self._pool.release(conn)
