@@ -3,23 +3,28 @@
 Rules:
 - The meter reads the shard's committed events in log order from where its stored offset says,
   folds them into usage read by read (`Usage`, pure) and hands usage and the new offset to the
-  billing store in ONE transaction per `batch` events or `_GATHER_S` of reading
-  (`BillingStore.apply`, which refuses a batch whose starting offset is no longer the stored
-  one). Replaying the log, restarting mid-stream or a crash between read
-  and write never counts an event twice or misses one; a fresh store fed the log from the start
-  ends with the same usage (given the same months closed: see origin/billing_store.py).
+  billing store in ONE transaction (`BillingStore.apply`, which refuses a batch whose starting
+  offset is no longer the stored one). What is folded and not applied yet is held in memory,
+  from pass to pass (lost on a crash: read again from the stored offset). Replaying the log,
+  restarting mid-stream or a crash between read and write never counts an event twice or
+  misses one; a fresh store fed the log from the start ends with the same usage (given the
+  same months closed: see origin/billing_store.py).
 - What is counted, per instance, UTC day and UTC month: `messages` (sends), `edits`, `deletes`,
   `reactions`, and `seats`: the distinct users with any such event in the period. The period is
   the event's own `ts` (when the log committed it), never when the meter read it.
 - The meter is derived data, off the commit path: it wakes every `poll_s`, or at once when
   someone calls `catch_up` (which returns once everything committed before the call is
   counted: reads and invoices see their own writes). A background pass reads what the source
-  has at hand for at most `_GATHER_S` and applies it; it never asks where the log ends.
+  has at hand for at most `_GATHER_S`, never asking where the log ends; it applies once it
+  holds `batch` events, once what it holds is `APPLY_S` old, or when the source has nothing
+  more at hand. An exact pass applies at least every `_GATHER_S` and at its end.
 - How often the background passes run is the source's (`EventSource.poll_s`). A table source
   folds a read in SQL and pays about one row per active user (seats) whatever the number of
   events, so its passes are rare (`POLL_S`) and large (`BATCH`). A log consumer decodes every
   record on the event loop: its passes are frequent (`LOG_POLL_S`) so that this work is
-  spread out; every 10 s it came as a burst of ~90 ms (bench/RESULTS.md).
+  spread out (every 10 s it came as a burst of ~90 ms), while its applies stay ten seconds
+  apart under load (each is one row per active user, and slowed the sequencer's lookups in
+  PostgreSQL): bench/RESULTS.md.
 - Sources (`EventSource`): the embedded store's `events` table in `gb6.db` (read-only, on a
   thread of the source's own) and the PostgreSQL store's `events` (`PgEventSource`), by event
   id (the offset is the text of the last id counted); the `kafka` backend's log of record itself
@@ -58,7 +63,10 @@ _TAIL_S: Final = 15.0  # how long asking Kafka for its end may take
 POLL_S: Final = 10.0  # background passes of a table source; reads of usage catch up first anyway
 LOG_POLL_S: Final = 1.0  # background passes of a log consumer
 _CONSUMER_BATCH: Final = 1_000  # records per read of the Kafka meter's consumer, at most
-_GATHER_S: Final = 1.0  # reads gathered into one billing transaction, at most this long
+_GATHER_S: Final = (
+    1.0  # an exact pass applies at least this often; a background pass reads this long
+)
+APPLY_S: Final = 10.0  # under load, background passes apply at most this often
 
 
 @attrs.frozen
@@ -391,7 +399,11 @@ class Meter:
         self.source = source
         self._poll_s = source.poll_s if poll_s is None else poll_s
         self.batch = batch  # events per transaction
-        self._offset: str | None = None
+        self._offset: str | None = None  # the store's: where `_pending` begins
+        # Read and folded, not applied yet (passes carry it over), and where it ends.
+        self._pending = Usage()
+        self._resume: str | None = None
+        self._since = 0.0  # when `_pending` began
         self._lock = trio.Lock()  # one pass at a time: the loop's or a catch_up's
         self._exact_passes = 0  # exact passes begun (under the lock)
         self._running = False
@@ -427,41 +439,51 @@ class Meter:
                 return
             if exact:
                 self._exact_passes += 1
-            # Reads are gathered into one transaction of the billing store, up to `batch`
-            # events or `_GATHER_S` of reading: a log consumer's reads are as small as the
-            # log's transactions, and under load a pass applied one store transaction (seven
-            # round trips) per log transaction, ~17 a second (bench/RESULTS.md).
+            # Reads are gathered into one transaction of the billing store: a log consumer's
+            # reads are as small as the log's transactions, and under load a pass applied one
+            # store transaction (seven round trips, one row per active user) per log
+            # transaction, ~17 a second (bench/RESULTS.md). An exact pass applies at least
+            # every `_GATHER_S` and at its end; a background pass (reading at most
+            # `_GATHER_S`) applies what it gathered once it reached `batch` events, is
+            # `APPLY_S` old, or the source has nothing more at hand. So a log consumer reads a
+            # little every second (spread out) and applies every ten under load: each apply
+            # slowed the sequencer's lookups in PostgreSQL (bench/RESULTS.md).
             # Where the log ends now: under a steady load a log consumer's reads never come
-            # back empty, and an exact pass (holding the lock) must end all the same. A
-            # background pass ends after its first `_GATHER_S` instead.
+            # back empty, and an exact pass (holding the lock) must end all the same.
             end = await self.source.end() if exact else None
-            usage = Usage()
-            resume: str | None = None  # where `usage` ends
-            began = since = trio.current_time()
+            began = trio.current_time()
             while True:
-                after = self._offset if resume is None else resume
-                got = await self.source.read(after, self.batch - usage.events)
-                done = False
+                after = self._offset if self._resume is None else self._resume
+                got = await self.source.read(after, self.batch - self._pending.events)
+                done = got is None
                 if got is not None:
-                    usage.add(got[0])  # folded read by read: no stall at apply time
-                    resume = got[1]
-                    done = end is not None and end(resume)
-                    if (
-                        not done
-                        and usage.events < self.batch
-                        and trio.current_time() - since < _GATHER_S
-                    ):
-                        continue
-                if resume is not None:
-                    await self._apply(usage.delta(), resume)
-                    usage, resume, since = Usage(), None, trio.current_time()
-                    done = done or (not exact and since - began >= _GATHER_S)
-                if done or (got is None and (not exact or await self.source.drained(self._offset))):
+                    if self._resume is None:
+                        self._since = trio.current_time()
+                    self._pending.add(got[0])  # folded read by read: no stall at apply time
+                    self._resume = got[1]
+                    done = (end is not None and end(self._resume)) or (
+                        not exact and trio.current_time() - began >= _GATHER_S
+                    )
+                now = trio.current_time()
+                if self._resume is not None and (
+                    self._pending.events >= self.batch
+                    or (exact and (done or now - max(began, self._since) >= _GATHER_S))
+                    or (not exact and (got is None or now - self._since >= APPLY_S))
+                ):
+                    await self._apply()
+                if done and (
+                    got is not None or not exact or await self.source.drained(self._offset)
+                ):
                     return
 
-    async def _apply(self, delta: UsageDelta, resume: str) -> None:
-        if await self.store.apply(self.source.name, self._offset, resume, delta):
-            self._offset = resume
+    async def _apply(self) -> None:
+        """Apply `_pending` (up to `_resume`) as one transaction of the billing store."""
+        assert self._resume is not None
+        if await self.store.apply(
+            self.source.name, self._offset, self._resume, self._pending.delta()
+        ):
+            self._offset = self._resume
             self.applied += 1
         else:  # someone else moved the offset on: continue from theirs
             self._offset = await self.store.offset(self.source.name)
+        self._pending, self._resume = Usage(), None

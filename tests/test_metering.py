@@ -182,6 +182,47 @@ async def test_a_pass_gathers_many_log_transactions_into_one_billing_transaction
         assert await shard.billing.usage(inst, month_of(now_ms())) == {"messages": 30, "seats": 1}
 
 
+@pytest.mark.parametrize("config", ["kafka"], indirect=True)
+async def test_background_passes_hold_their_usage_under_load_until_it_is_due(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a steady load a background pass reads a second's worth and keeps it (applies are
+    one row per active user: under load, every `APPLY_S`); a usage read applies it with the
+    rest, and nothing is lost or counted twice."""
+    monkeypatch.setattr(KafkaEventSource, "poll_s", 3600.0)  # only the passes asked for here
+    async with shard_on(config.data_dir, config) as shard:
+        inst, room, (alice,) = await tenant(shard, "alice")
+        meter = shard.billing.meter
+        await meter.catch_up()
+        acked = 0
+        sending = True
+
+        async def send_until_told() -> None:
+            nonlocal acked
+            for i in itertools.count():
+                if not sending:
+                    return
+                await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
+                acked += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_until_told)
+            await trio.sleep(0.3)
+            before = meter.applied
+            await meter.catch_up(exact=False)
+            await meter.catch_up(exact=False)
+            assert meter.applied == before
+            counted = acked
+            usage = await shard.billing.usage(inst, month_of(now_ms()))
+            assert meter.applied == before + 1
+            assert usage["messages"] >= counted > 0
+            sending = False
+        assert await shard.billing.usage(inst, month_of(now_ms())) == {
+            "messages": acked,
+            "seats": 1,
+        }
+
+
 async def test_usage_answers_while_sends_go_on_and_counts_every_earlier_one(
     config: Config,
 ) -> None:
