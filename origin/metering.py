@@ -21,10 +21,11 @@ Rules:
 - How often the background passes run is the source's (`EventSource.poll_s`). A table source
   folds a read in SQL and pays about one row per active user (seats) whatever the number of
   events, so its passes are rare (`POLL_S`) and large (`BATCH`). A log consumer decodes every
-  record on the event loop: its passes are frequent (`LOG_POLL_S`) so that this work is
-  spread out (every 10 s it came as a burst of ~90 ms), while its applies stay ten seconds
-  apart under load (each is one row per active user, and slowed the sequencer's lookups in
-  PostgreSQL): bench/RESULTS.md.
+  record on the event loop: its passes run nearly back to back (`LOG_POLL_S`), so that it
+  reads each log transaction soon after it commits and this work is spread out (every 10 s
+  it came as a burst of ~90 ms; every 2 s, the second's backlog still slowed the sequencer),
+  while its applies stay ten seconds apart under load (each is one row per active user, and
+  slowed the sequencer's lookups in PostgreSQL): bench/RESULTS.md.
 - Sources (`EventSource`): the embedded store's `events` table in `gb6.db` (read-only, on a
   thread of the source's own) and the PostgreSQL store's `events` (`PgEventSource`), by event
   id (the offset is the text of the last id counted); the `kafka` backend's log of record itself
@@ -61,7 +62,7 @@ BATCH: Final = 20_000  # events per transaction
 _IDLE_S: Final = 0.2  # how long a Kafka read waits for records before it says "none yet"
 _TAIL_S: Final = 15.0  # how long asking Kafka for its end may take
 POLL_S: Final = 10.0  # background passes of a table source; reads of usage catch up first anyway
-LOG_POLL_S: Final = 1.0  # background passes of a log consumer
+LOG_POLL_S: Final = 0.05  # between background passes of a log consumer
 _CONSUMER_BATCH: Final = 1_000  # records per read of the Kafka meter's consumer, at most
 _GATHER_S: Final = (
     1.0  # an exact pass applies at least this often; a background pass reads this long
