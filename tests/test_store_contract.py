@@ -450,6 +450,9 @@ async def test_search_every_word_newest_first_edits_and_deletes(backend: Backend
         cafe = await say(r, "Crème brûlée at the CAFÉ")
         assert await hits("creme cafe") == [(r, cafe)]
         assert await hits("BRÛLÉE") == [(r, cafe)]
+        # Quotes and backslashes split words and are never part of one.
+        quoted = await say(r, "don't \\panic\\ 'ok'")
+        assert await hits("panic DON'T ok") == [(r, quoted)]
 
         # An edited message is found by its new text, shown with it and the edit's seq.
         whale = await say(r, "blue whale")
