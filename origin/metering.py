@@ -64,9 +64,8 @@ _TAIL_S: Final = 15.0  # how long asking Kafka for its end may take
 POLL_S: Final = 10.0  # background passes of a table source; reads of usage catch up first anyway
 LOG_POLL_S: Final = 0.05  # between background passes of a log consumer
 _CONSUMER_BATCH: Final = 1_000  # records per read of the Kafka meter's consumer, at most
-_GATHER_S: Final = (
-    1.0  # an exact pass applies at least this often; a background pass reads this long
-)
+# An exact pass applies at least this often; a background pass reads at most this long.
+_GATHER_S: Final = 1.0
 APPLY_S: Final = 10.0  # under load, background passes apply at most this often
 
 
@@ -446,8 +445,8 @@ class Meter:
             # transaction, ~17 a second (bench/RESULTS.md). An exact pass applies at least
             # every `_GATHER_S` and at its end; a background pass (reading at most
             # `_GATHER_S`) applies what it gathered once it reached `batch` events, is
-            # `APPLY_S` old, or the source has nothing more at hand. So a log consumer reads a
-            # little every second (spread out) and applies every ten under load: each apply
+            # `APPLY_S` old, or the source has nothing more at hand. So a log consumer reads
+            # all along (spread out) and applies every ten seconds under load: each apply
             # slowed the sequencer's lookups in PostgreSQL (bench/RESULTS.md).
             # Where the log ends now: under a steady load a log consumer's reads never come
             # back empty, and an exact pass (holding the lock) must end all the same.

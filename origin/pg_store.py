@@ -166,13 +166,15 @@ class _InFlight:
         return self.status
 
 
-class _Repeats(enum.Enum):
+class _Unwritten(enum.Enum):
+    """Outcomes of an INSERT that wrote nothing and is run again."""
+
     REPEATS = "repeats"
     BEFORE = "before"
 
 
-_REPEATS: Final = _Repeats.REPEATS  # an INSERT that found a repeated key, and wrote nothing
-_BEFORE: Final = _Repeats.BEFORE  # rolled back: the batch before did not commit as staged
+_REPEATS: Final = _Unwritten.REPEATS  # an INSERT that found a repeated key, and wrote nothing
+_BEFORE: Final = _Unwritten.BEFORE  # rolled back: the batch before did not commit as staged
 
 
 class _BeforeNotWritten(Exception):
@@ -415,7 +417,7 @@ class PgStore:
 
     async def _insert_staged(
         self, batch: list[AppendItem], staged: Staged, in_flight: _InFlight
-    ) -> Results | _Repeats | None:
+    ) -> Results | _Unwritten | None:
         """Write a staged batch (asyncio side): None once committed, `_REPEATS` when a key of
         it was written before, `_BEFORE` when the batch before it (still running when this one
         was sent) did not commit as staged (nothing is written in either case), else its
