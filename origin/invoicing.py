@@ -74,10 +74,9 @@ class Billing:
         pricing_of: Callable[[str], Pricing],
         *,
         clock: Callable[[], int] = now_ms,
-        poll_s: float | None = None,
     ) -> None:
         self.store = store
-        self.meter = Meter(store, source, poll_s=poll_s)
+        self.meter = Meter(store, source)
         self._instance_of = instance_of
         self.pricing_of = pricing_of  # plan → Pricing
         self.clock = clock

@@ -165,7 +165,6 @@ class KafkaStore:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # The sequencer's lookups, the persister, one spare.
-        # Custom plans: the lookups run per batch while `event_keys` grows from empty.
         self._pool = await open_pool(self.dsn, self.schema, "gb6-origin-log", 3)
         try:
             async with trio.open_nursery() as nursery:

@@ -12,9 +12,9 @@ Rules:
 - What is counted, per instance, UTC day and UTC month: `messages` (sends), `edits`, `deletes`,
   `reactions`, and `seats`: the distinct users with any such event in the period. The period is
   the event's own `ts` (when the log committed it), never when the meter read it.
-- The meter is derived data, off the commit path: it wakes every `poll_s`, or at once when
-  someone calls `catch_up` (which returns once everything committed before the call is
-  counted: reads and invoices see their own writes). A background pass reads what the source
+- The meter is derived data, off the commit path: it wakes every `EventSource.poll_s`, or at
+  once when someone calls `catch_up` (which returns once everything committed before the call
+  is counted: reads and invoices see their own writes). A background pass reads what the source
   has at hand for at most `_GATHER_S`, never asking where the log ends; it applies once it
   holds `batch` events, once what it holds is `APPLY_S` old, or when the source has nothing
   more at hand. An exact pass applies at least every `_GATHER_S` and at its end.
@@ -382,8 +382,8 @@ def _offsets(after: str | None) -> dict[int, int]:
 class Meter:
     """Feeds the billing store from a source. A component: `await nursery.start(meter.run)`.
 
-    `run` starts the source, serves once the offset is loaded, and meters every `poll_s` (by
-    default the source's) until cancelled. `catch_up` meters now; it raises `unavailable` if
+    `run` starts the source, serves once the offset is loaded, and meters every
+    `source.poll_s` until cancelled. `catch_up` meters now; it raises `unavailable` if
     the store or source fails.
     """
 
@@ -392,12 +392,10 @@ class Meter:
         store: BillingStore,
         source: EventSource,
         *,
-        poll_s: float | None = None,
         batch: int = BATCH,
     ) -> None:
         self.store = store
         self.source = source
-        self._poll_s = source.poll_s if poll_s is None else poll_s
         self.batch = batch  # events per transaction
         self._offset: str | None = None  # the store's: where `_pending` begins
         # Read and folded, not applied yet (passes carry it over), and where it ends.
@@ -417,7 +415,7 @@ class Meter:
             task_status.started()
             try:
                 while True:
-                    await trio.sleep(self._poll_s)
+                    await trio.sleep(self.source.poll_s)
                     try:
                         await self.catch_up(exact=False)
                     except GB6Error as exc:  # the next pass retries; nothing was half-applied
