@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +29,9 @@ import psutil
 from bench import profile, report
 from bench.bootstrap import Tenant, bootstrap, create_rooms
 from bench.cluster import Cluster
+from bench.pool import open_pool
 from bench.server import CpuMeter, ProcWatch, Server, gc_pauses
 from bench.worker import ClientSpec, WorkerConfig, raise_nofile
-from bench.worker import main as worker_main
 
 OUT = Path(__file__).resolve().parent / "out"
 MiB = 2**20
@@ -44,63 +42,6 @@ def log(msg: str) -> None:
 
 
 # --- worker pool ------------------------------------------------------------------------------
-
-
-class Pool:
-    """Worker processes, each with its own pipe."""
-
-    def __init__(self, cfgs: list[WorkerConfig]) -> None:
-        ctx = mp.get_context("spawn")
-        self.pipes: list[Connection] = []
-        self.procs: list[Any] = []
-        for cfg in cfgs:
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(cfg, child), daemon=True)
-            p.start()
-            child.close()
-            self.pipes.append(parent)
-            self.procs.append(p)
-        self.pids = [int(p.pid) for p in self.procs]
-
-    def recv_any(self, timeout: float) -> list[tuple[int, Any]]:
-        out: list[tuple[int, Any]] = []
-        for conn in wait(self.pipes, timeout):
-            assert isinstance(conn, Connection)
-            i = self.pipes.index(conn)
-            try:
-                msg = conn.recv()
-            except EOFError:
-                raise RuntimeError(f"worker {i} died (exit {self.procs[i].exitcode})") from None
-            if msg[0] == "crash":
-                raise RuntimeError(f"worker {i} crashed: {msg[1]}")
-            out.append((i, msg))
-        return out
-
-    def send_all(self, msg: tuple[Any, ...]) -> None:
-        for p in self.pipes:
-            with contextlib.suppress(OSError):
-                p.send(msg)
-
-    def wait_ready(self, on_progress: Any) -> list[dict[str, Any]]:
-        ready: dict[int, dict[str, Any]] = {}
-        counts = [0] * len(self.pipes)
-        while len(ready) < len(self.pipes):
-            for i, msg in self.recv_any(1.0):
-                if msg[0] == "connecting":
-                    counts[i] = msg[1]
-                elif msg[0] == "ready":
-                    ready[i] = msg[1]
-                    counts[i] = msg[1]["ready"]
-            on_progress(sum(counts))
-        return [ready[i] for i in range(len(self.pipes))]
-
-    def stop(self) -> None:
-        self.send_all(("stop",))
-        for p in self.procs:
-            p.join(10)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
 
 
 def split(items: list[ClientSpec], n: int) -> list[list[ClientSpec]]:
@@ -249,7 +190,7 @@ def traffic(
     proc_cpu: dict[str, list[float]] = {}  # "warm"/"end": CPU seconds of each named process
     proc_rss_max = [0] * len(named)
     t_conn = time.monotonic()
-    pool = Pool(cfgs)
+    pool = open_pool(cfgs, args.generator)
     try:
         last = [0.0]
 
@@ -875,7 +816,7 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
     points: list[tuple[int, int]] = [(0, rss0)]
     t_conn = time.monotonic()
     srv_meter = CpuMeter(srv)
-    pool = Pool(cfgs)
+    pool = open_pool(cfgs, args.generator)
     try:
         last = [0.0, -1]
 
@@ -1156,6 +1097,13 @@ def parser() -> argparse.ArgumentParser:
             type=int,
             default=max(1, os.cpu_count() or 1),
             help="load-generator processes (default: one per core)",
+        )
+        sp.add_argument(
+            "--generator",
+            choices=("auto", "go", "python"),
+            default="auto",
+            help="load-generator workers: Go (bench/gen/, far less CPU) or Python "
+            "(bench/worker.py); auto: Go where `go` is installed",
         )
 
     def traffic_opts(sp: argparse.ArgumentParser, clients: int, duration: float) -> None:

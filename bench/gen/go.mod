@@ -1,0 +1,3 @@
+module gb6/bench/gen
+
+go 1.22
