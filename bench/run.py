@@ -223,6 +223,9 @@ def traffic(
         t_end = t0 + int(duration * 1e9)
         srv_meter = CpuMeter(srv) if srv else None
         gen_meter = CpuMeter(gen)
+        # Per cluster process and service, per progress line (JSON only): `--progress 1` lines up
+        # each second's latency with who had the CPU (a broker's JIT burst, a PostgreSQL spike).
+        proc_meters = [(name, CpuMeter(w)) for name, w in named]
         marks: dict[str, Any] = {}
         others: list[str] = []
         threads_warm: dict[str, float] = {}
@@ -304,6 +307,7 @@ def traffic(
                         "gen_cpu_pct": round(gcpu, 1),
                         "others_cpu_pct": round(ocpu, 1),
                         "server_rss": rss,
+                        "processes_cpu_pct": {name: round(m.mark(), 1) for name, m in proc_meters},
                     }
                 )
                 log(
