@@ -106,21 +106,18 @@ type conn struct {
 }
 
 type worker struct {
-	cfg        config
-	st         stats
-	out        *bufio.Writer
-	outMu      sync.Mutex
-	all        []*conn
-	allMu      sync.Mutex
-	ready      atomic.Int64
-	failed     atomic.Int64
-	connErrs   []string
-	senders    []*conn
-	running    atomic.Bool
-	pings      atomic.Int64
-	text       []byte
-	sendBuf    []byte
-	cpuStarted time.Time
+	cfg      config
+	st       stats
+	out      *bufio.Writer
+	outMu    sync.Mutex
+	all      []*conn
+	ready    atomic.Int64
+	failed   atomic.Int64
+	connErrs []string
+	senders  []*conn
+	running  atomic.Bool
+	pings    atomic.Int64
+	text     []byte
 }
 
 func (w *worker) emit(msg ...any) {
