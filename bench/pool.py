@@ -135,14 +135,14 @@ class GoPool(Pool):
     def recv_any(self, timeout: float) -> list[tuple[int, Any]]:
         # Lines already read come first: their pipe may not be readable again.
         if not any(b"\n" in b for b in self._bufs):
-            wait([self._fd(i) for i in range(len(self.procs))], timeout)
-            for i in range(len(self.procs)):
-                if wait([self._fd(i)], 0):
-                    chunk = os.read(self._fd(i), 1 << 22)
-                    if not chunk:
-                        code = self.procs[i].poll()
-                        raise RuntimeError(f"worker {i} died (exit {code})")
-                    self._bufs[i] += chunk
+            fds = [self._fd(i) for i in range(len(self.procs))]
+            for fd in wait(fds, timeout):
+                assert isinstance(fd, int)
+                i = fds.index(fd)
+                chunk = os.read(self._fd(i), 1 << 22)
+                if not chunk:
+                    raise RuntimeError(f"worker {i} died (exit {self.procs[i].poll()})")
+                self._bufs[i] += chunk
         out: list[tuple[int, Any]] = []
         for i, buf in enumerate(self._bufs):
             while b"\n" in buf:
