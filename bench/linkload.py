@@ -36,10 +36,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench import profile, report
+from bench import profile, report, speed
 from bench.bootstrap import bootstrap
 from bench.cluster import Cluster
 from bench.server import ProcWatch
+from bench.speed import SpeedProbe
 
 OUT = Path(__file__).resolve().parent / "out"
 _LEN = struct.Struct("!I")
@@ -321,34 +322,38 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
     watch = ProcWatch([origin.pid] if origin.pid else [])
     services = [(name, ProcWatch([pid])) for name, pid in c.service_pids()]
     ours = {origin.pid or -1, *(p.pid or -1 for p in procs)}
-    t0 = time.monotonic() + 0.5
-    for _ in procs:
-        go.put(t0)
-    log(
-        f"links: {args.links} x window {args.window}, {args.rooms} rooms of {args.room_size}, "
-        f"{args.duration:g} s ({args.warmup:g} s warm-up), store {args.store}"
-    )
-    w0 = t0 + args.warmup
-    w1 = t0 + args.duration
-    time.sleep(max(0.0, w0 - time.monotonic()))
-    cpu0 = watch.cpu_s()
-    th0 = watch.thread_cpu()
-    svc0 = [w.cpu_s() for _, w in services]
-    top_others(ours)  # primes per-process counters
-    busy0 = _busy()
-    prof_path = OUT / f"links-{meta['stamp']}-pyspy.txt"
-    prof = (
-        profile.start(origin.pid, args.duration - args.warmup, prof_path, args.profile_rate)
-        if args.profile and origin.pid
-        else None
-    )
-    time.sleep(max(0.0, w1 - time.monotonic()))
-    window = w1 - w0
-    cpu = (watch.cpu_s() - cpu0) / window
-    th1 = watch.thread_cpu()
-    svc = [(name, (w.cpu_s() - s0) / window) for (name, w), s0 in zip(services, svc0, strict=True)]
-    busy = _busy_since(busy0)
-    others = top_others(ours)
+    with SpeedProbe(OUT / f"links-{meta['stamp']}-speed.txt") as probe:
+        t0 = time.monotonic() + 0.5
+        for _ in procs:
+            go.put(t0)
+        log(
+            f"links: {args.links} x window {args.window}, {args.rooms} rooms of {args.room_size}, "
+            f"{args.duration:g} s ({args.warmup:g} s warm-up), store {args.store}"
+        )
+        w0 = t0 + args.warmup
+        w1 = t0 + args.duration
+        time.sleep(max(0.0, w0 - time.monotonic()))
+        cpu0 = watch.cpu_s()
+        th0 = watch.thread_cpu()
+        svc0 = [w.cpu_s() for _, w in services]
+        top_others(ours)  # primes per-process counters
+        busy0 = _busy()
+        prof_path = OUT / f"links-{meta['stamp']}-pyspy.txt"
+        prof = (
+            profile.start(origin.pid, args.duration - args.warmup, prof_path, args.profile_rate)
+            if args.profile and origin.pid
+            else None
+        )
+        time.sleep(max(0.0, w1 - time.monotonic()))
+        window = w1 - w0
+        cpu = (watch.cpu_s() - cpu0) / window
+        th1 = watch.thread_cpu()
+        svc = [
+            (name, (w.cpu_s() - s0) / window) for (name, w), s0 in zip(services, svc0, strict=True)
+        ]
+        busy = _busy_since(busy0)
+        others = top_others(ours)
+        host_speed = speed.summarize(probe.between(w0, w1))
     results = [pipe.recv() for pipe in pipes]
     for p in procs:
         p.join(10)
@@ -402,6 +407,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         "generator_cpu_pct": round(100 * gen_cpu, 1),
         "machine_busy_pct": round(busy, 1),
         "others": others,
+        "host_speed_probe_ms": host_speed,
         "origin": cluster_info(c),
         "profile": (
             profile.summarize(prof_path, args.duration - args.warmup, args.profile_rate)
@@ -430,6 +436,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         print(f"  {name}: CPU {100 * v:.1f}% of one core")
     print(f"generator: CPU {100 * gen_cpu:.1f}% of one core ({args.links} processes)")
     print(f"machine: {busy:.1f}% of all cores busy; busiest others: {'; '.join(others) or '-'}")
+    print(speed.fmt(host_speed))
     if result["profile"]:
         profile.print_summary(result["profile"])
     print(f"results: {path}", flush=True)

@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench import profile, report
+from bench import profile, report, speed
 from bench.bootstrap import Tenant, bootstrap, create_rooms
 from bench.cluster import Cluster
 from bench.pool import open_pool
 from bench.server import CpuMeter, ProcWatch, Server, gc_pauses
+from bench.speed import SpeedProbe
 from bench.worker import ClientSpec, WorkerConfig, raise_nofile
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -191,7 +192,9 @@ def traffic(
     proc_rss_max = [0] * len(named)
     t_conn = time.monotonic()
     pool = open_pool(cfgs, args.generator)
+    probe = SpeedProbe(OUT / f"{mode}-{meta['stamp']}-speed.txt")
     try:
+        probe.start()
         last = [0.0]
 
         def connecting(k: int) -> None:
@@ -308,6 +311,7 @@ def traffic(
                         "others_cpu_pct": round(ocpu, 1),
                         "server_rss": rss,
                         "processes_cpu_pct": {name: round(m.mark(), 1) for name, m in proc_meters},
+                        "host_speed_probe_ms": probe.latest(),
                     }
                 )
                 log(
@@ -378,8 +382,10 @@ def traffic(
             "worker_cpu_pct": [
                 round(100 * (b - a) / span, 1) for a, b in zip(ww, we, strict=False)
             ],
+            "host_speed_probe_ms": speed.summarize(probe.between(mw, me)),
         }
     finally:
+        probe.stop()
         pool.stop()
         profile.finish(prof)
 
@@ -506,6 +512,7 @@ def summarize_traffic(
         "worker_cpu_pct": cpu.get("worker_cpu_pct"),
         "machine_busy_pct": cpu.get("machine_busy_pct"),
         "machine_iowait_pct": cpu.get("machine_iowait_pct"),
+        "host_speed_probe_ms": cpu.get("host_speed_probe_ms"),
         "others_cpu_pct": cpu.get("others_cpu_pct"),
         "others_top": cpu.get("others_top"),
         "server_gc": cpu.get("gc"),
@@ -596,6 +603,7 @@ def print_traffic(r: dict[str, Any]) -> None:
     )
     if r.get("others_top"):
         log(f"  busiest other processes: {'; '.join(r['others_top'])}")
+    log(speed.fmt(r.get("host_speed_probe_ms") or {}))
     if r.get("server_gc"):
         g = r["server_gc"]
         log(
