@@ -94,6 +94,17 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         created_by text NOT NULL, expires_at bigint, revoked boolean NOT NULL DEFAULT false,
         created_at bigint NOT NULL);
     """,
+    # Ids compare bytewise, whatever the database's locale: under an ICU en-US collation the
+    # keys' btree inserts took ~20% longer than under "C" (bench/RESULTS.md, 2026-11-26
+    # evening). No rewrite of the rows, the indexes are rebuilt. `events.instance` is the
+    # partition key, which PostgreSQL cannot retype; it routes rows and is in no index.
+    """
+    ALTER TABLE event_keys ALTER COLUMN room TYPE text COLLATE "C",
+        ALTER COLUMN sender TYPE text COLLATE "C", ALTER COLUMN cid TYPE text COLLATE "C",
+        ALTER COLUMN instance TYPE text COLLATE "C";
+    ALTER TABLE events ALTER COLUMN room TYPE text COLLATE "C",
+        ALTER COLUMN sender TYPE text COLLATE "C", ALTER COLUMN cid TYPE text COLLATE "C";
+    """,
 )
 
 

@@ -650,6 +650,33 @@ async def test_pg_two_stores_starting_at_once_migrate_once(pg_backend: Backend) 
         nursery.cancel_scope.cancel()
 
 
+async def test_pg_a_schema_of_the_previous_version_migrates_with_its_events(
+    pg_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upgrading: a store made before the last migration, with events in its partitions, is
+    migrated on start; its events, seqs and idempotency keys carry on as before."""
+    from origin import pg_schema
+
+    monkeypatch.setattr(pg_schema, "_MIGRATIONS", pg_schema._MIGRATIONS[:-1])
+    async with serving(pg_backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        for i in range(5):
+            await append(store, item(r, t.alice, f"c{i}", body={"text": f"heron {i}"}))
+        before = await store.events_after(r, 0, 100)
+    monkeypatch.undo()
+    async with serving(pg_backend) as store:
+        rows = await _pg(
+            pg_backend.dsn, f'SELECT version FROM "{pg_backend.schema}".schema_version'
+        )
+        assert [r[0] for r in rows] == [SCHEMA_VERSION]
+        assert await store.events_after(r, 0, 100) == before
+        again = await append(store, item(r, t.alice, "c2"))
+        assert again.duplicate and again.event.seq == 3
+        assert (await append(store, item(r, t.alice, "c5"))).event.seq == 6
+        assert [e.seq for e in await store.search([r], "heron 4", 10)] == [5]
+
+
 async def test_pg_events_live_in_partitions_per_instance_and_month(pg_backend: Backend) -> None:
     async with serving(pg_backend) as store:
         t1, t2 = await tenant(store), await tenant(store)
