@@ -41,6 +41,7 @@ def _thread_cpu() -> dict[str, float]:
 
 async def _run(args: Any, data: Path) -> dict[str, Any]:
     from node.config import Limits
+    from node.errors import GB6Error
     from origin.sqlite_store import AppendItem, SqliteStore
 
     lat_us: list[int] = []
@@ -54,7 +55,8 @@ async def _run(args: Any, data: Path) -> dict[str, Any]:
         now = time.perf_counter_ns()
         batches.append(len(results))
         for item, res in results:
-            res.unwrap()
+            if isinstance(res, GB6Error):
+                raise res
             lat_us.append((now - item.reply) // 1000)
         state["acked"] += len(results)
         state["inflight"] -= len(results)

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import outcome
 import trio
 
 from edge import protocol as p
@@ -49,7 +48,7 @@ from origin.membership import MembershipChange, Principal
 from origin.quotas import Quotas
 from origin.records import Instance, User
 from origin.shard import OriginShard
-from origin.sqlite_store import Appended, now_ms
+from origin.sqlite_store import AppendResult, now_ms
 from replication.edge_link import RemoteOrigin
 
 CLOSE_BAD_HANDSHAKE = 4001
@@ -580,17 +579,12 @@ class Gateway:
         conn.outbox.write_reply(wsframe.text(p.ok(req_id, fields)))
 
     def _append_reply(self, conn: Connection, req_id: p.ReqId) -> Any:
-        def done(result: outcome.Outcome[Appended]) -> None:
-            if isinstance(result, outcome.Value):
-                ev = result.value.event
-                self._reply(conn, req_id, {"room": ev.room, "seq": ev.seq, "ts": ev.ts})
+        def done(result: AppendResult) -> None:
+            if isinstance(result, GB6Error):
+                self._reply_error(conn, req_id, result)
             else:
-                assert isinstance(result, outcome.Error)
-                err = result.error
-                if not isinstance(err, GB6Error):
-                    log("append_failed", error=repr(err))
-                    err = GB6Error(INTERNAL, "internal error")
-                self._reply_error(conn, req_id, err)
+                ev = result.event
+                self._reply(conn, req_id, {"room": ev.room, "seq": ev.seq, "ts": ev.ts})
 
         return done
 

@@ -49,7 +49,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-import outcome
 import trio
 from trio_asyncio import aio_as_trio
 
@@ -392,12 +391,8 @@ class KafkaStore:
     def _answer(self, results: list[tuple[AppendItem, Appended | GB6Error]]) -> None:
         if not results:
             return
-        outcomes: list[tuple[AppendItem, outcome.Outcome[Appended]]] = [
-            (item, outcome.Error(r) if isinstance(r, GB6Error) else outcome.Value(r))
-            for item, r in results
-        ]
         try:
-            self._on_appended(outcomes)
+            self._on_appended(results)
         finally:
             self._release(len(results))
 

@@ -27,7 +27,6 @@ from typing import Any, Final
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import attrs
 import orjson
-import outcome
 
 from node.errors import CONFLICT, INTERNAL, GB6Error, forbidden, invalid, not_found
 from node.events import Event
@@ -35,13 +34,13 @@ from node.log import log
 from origin.pg_errors import DB_ERRORS
 from origin.pg_search import tsvector_literal
 from origin.records import event_from_row
-from origin.sqlite_store import Appended, AppendItem
+from origin.sqlite_store import Appended, AppendItem, AppendResult
 
 _KEY_CONSTRAINT: Final = "event_keys_room_sender_cid_key"  # UNIQUE (room, sender, cid)
 EVENT_COLS: Final = "room, seq, ts, type, sender, cid, body, thread, target, emoji, deleted"
 _EVENT_COLS_E: Final = ", ".join("e." + c.strip() for c in EVENT_COLS.split(","))
 
-Results = list[tuple[AppendItem, outcome.Outcome[Appended]]]
+Results = list[tuple[AppendItem, AppendResult]]
 
 HEADS: Final = (
     "SELECT r, COALESCE((SELECT max(seq) FROM event_keys WHERE room = r), 0)"
@@ -171,13 +170,13 @@ class _Staged:
         return len(self.rows)
 
 
-def _op_failed(exc: Exception) -> outcome.Error:
+def _op_failed(exc: Exception) -> GB6Error:
     """One op's outcome when it raised: its own refusal, or (a bug of ours) `internal`, so
     that it does not refuse the others of its batch."""
     if isinstance(exc, GB6Error):
-        return outcome.Error(exc)
+        return exc
     log("writer_job_failed", error=repr(exc))
-    return outcome.Error(GB6Error(INTERNAL, "internal error"))
+    return GB6Error(INTERNAL, "internal error")
 
 
 class AppendBatch:
@@ -214,7 +213,7 @@ class AppendBatch:
         results: Results = []
         for item in items:
             try:
-                results.append((item, outcome.Value(self._stage(item, self._instance_of(item)))))
+                results.append((item, self._stage(item, self._instance_of(item))))
             except Exception as exc:
                 results.append((item, _op_failed(exc)))
         staged, self._staged = self._staged, _Staged()
@@ -226,7 +225,7 @@ class AppendBatch:
         results: Results = []
         for item in items:
             try:
-                results.append((item, outcome.Value(await self._one(item, priors))))
+                results.append((item, await self._one(item, priors)))
             except DB_ERRORS:
                 raise  # the storage failed: the whole batch is refused by the caller
             except Exception as exc:

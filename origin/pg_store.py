@@ -58,7 +58,6 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import attrs
-import outcome
 import trio
 from trio_asyncio import aio_as_trio
 
@@ -194,7 +193,7 @@ def _refused(batch: list[AppendItem], exc: BaseException) -> Results:
     else:
         log("writer_batch_failed", error=repr(exc))
         failure = GB6Error(INTERNAL, "internal error")
-    return [(item, outcome.Error(failure)) for item in batch]
+    return [(item, failure) for item in batch]
 
 
 class PgStore:

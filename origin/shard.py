@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import outcome
 import trio
 
 from node.config import Config
@@ -45,12 +44,12 @@ from origin.records import (
     Token,
     User,
 )
-from origin.sqlite_store import Appended, AppendItem, SqliteStore, now_ms
+from origin.sqlite_store import Appended, AppendItem, AppendResult, SqliteStore, now_ms
 from origin.store_port import RelationalStore
 from origin.tenancy import Tenancy
 from replication.shard_map import check_region
 
-AppendReply = Callable[[outcome.Outcome[Appended]], None]
+AppendReply = Callable[[AppendResult], None]
 _QUOTA_OVERRIDES = "quota_overrides"  # meta key: {instance: {resource: limit}} as JSON
 EventListener = Callable[[str, list[Event]], None]
 
@@ -426,17 +425,17 @@ class OriginShard:
         prior = await self.store.event_by_cid(item.room, item.sender, item.cid)
         if prior is None:
             raise refused
-        item.reply(outcome.Value(Appended(prior, duplicate=True)))
+        item.reply(Appended(prior, duplicate=True))
 
-    def _on_appended(self, results: list[tuple[AppendItem, outcome.Outcome[Appended]]]) -> None:
+    def _on_appended(self, results: list[tuple[AppendItem, AppendResult]]) -> None:
         with self.publish_context():
             self._publish(results)
 
-    def _publish(self, results: list[tuple[AppendItem, outcome.Outcome[Appended]]]) -> None:
+    def _publish(self, results: list[tuple[AppendItem, AppendResult]]) -> None:
         fresh: dict[str, list[Event]] = {}
         for _item, result in results:
-            if isinstance(result, outcome.Value) and not result.value.duplicate:
-                ev = result.value.event
+            if isinstance(result, Appended) and not result.duplicate:
+                ev = result.event
                 fresh.setdefault(ev.room, []).append(ev)
         for room_id, events in fresh.items():
             state = self.rooms.get(room_id)
@@ -448,7 +447,7 @@ class OriginShard:
             if item.type == "message":  # the `take` in `append`
                 room = self.rooms.get(item.room)
                 if room is not None:
-                    kept = isinstance(result, outcome.Value) and not result.value.duplicate
+                    kept = isinstance(result, Appended) and not result.duplicate
                     self.quotas.settle(room.record.instance, "messages", 1, keep=kept)
             item.reply(result)
 

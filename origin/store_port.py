@@ -37,9 +37,9 @@ import trio
 
 from node.events import Event
 from origin.records import ApiKey, FileRecord, Instance, Org, OrgMember, RoomRecord, Token, User
-from origin.sqlite_store import AppendCallback, Appended, AppendItem
+from origin.sqlite_store import AppendCallback, Appended, AppendItem, AppendResult
 
-__all__ = ["AppendCallback", "AppendItem", "Appended", "RelationalStore"]
+__all__ = ["AppendCallback", "AppendItem", "AppendResult", "Appended", "RelationalStore"]
 
 
 class RelationalStore(Protocol):

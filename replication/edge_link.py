@@ -25,12 +25,12 @@ import outcome
 import trio
 
 from node.config import Config
-from node.errors import UNAUTHORIZED, UNAVAILABLE, GB6Error
+from node.errors import INTERNAL, UNAUTHORIZED, UNAVAILABLE, GB6Error
 from node.events import Event
 from node.log import log
 from origin.membership import Membership, MembershipChange, Principal, RoomState
 from origin.records import Instance, User
-from origin.sqlite_store import Appended
+from origin.sqlite_store import Appended, AppendResult
 from replication import link
 from replication.shard_map import ShardMap, open_kv
 
@@ -439,7 +439,7 @@ class RemoteOrigin:
         room_id: str,
         type_: str,
         cid: str,
-        reply: Callable[[outcome.Outcome[Appended]], None],
+        reply: Callable[[AppendResult], None],
         *,
         body: dict[str, Any] | None = None,
         thread: int | None = None,
@@ -460,7 +460,7 @@ class RemoteOrigin:
                 ok = result.value
                 if "event" in ok:  # a repeat: the original event
                     ev = link.event_from_wire(ok["event"])
-                    reply(outcome.Value(Appended(ev, ok["duplicate"])))
+                    reply(Appended(ev, ok["duplicate"]))
                     return
                 # An ack: the event is this request at the origin's seq and ts (link.py).
                 ev = Event(
@@ -475,9 +475,11 @@ class RemoteOrigin:
                     target=target,
                     emoji=emoji,
                 )
-                reply(outcome.Value(Appended(ev, False)))
+                reply(Appended(ev, False))
             else:
-                reply(result)
+                assert isinstance(result, outcome.Error)
+                err = result.error
+                reply(err if isinstance(err, GB6Error) else GB6Error(INTERNAL, "internal error"))
 
         fields = {
             "who": who.id,

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from typing import Any, Final
 
 import attrs
-import outcome
 import trio
 
 from node.config import Config
@@ -31,7 +30,7 @@ from origin.plans import KINDS
 from origin.recording_store import RecordingStore
 from origin.records import Instance, User
 from origin.shard import OriginShard
-from origin.sqlite_store import Appended
+from origin.sqlite_store import AppendResult
 from replication import link
 
 _CONCURRENT: Final = 64
@@ -344,23 +343,17 @@ class LinkServer:
         return who
 
     async def _append(self, peer: EdgePeer, req_id: int, msg: dict[str, Any]) -> None:
-        def reply(result: outcome.Outcome[Appended]) -> None:
-            if isinstance(result, outcome.Value) and not result.value.duplicate:
-                ev = result.value.event
+        def reply(result: AppendResult) -> None:
+            if isinstance(result, GB6Error):
+                peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(result)})
+            elif not result.duplicate:
+                ev = result.event
                 peer.acks.append((req_id, ev.seq, ev.ts))  # in the batch frame (link.py)
                 if not self._publishing:
                     peer.flush_batch()
-            elif isinstance(result, outcome.Value):
-                ev = result.value.event
-                ok = {"event": link.event_to_wire(ev), "duplicate": result.value.duplicate}
-                peer.send({"t": "res", "id": req_id, "ok": ok})
             else:
-                assert isinstance(result, outcome.Error)
-                err = result.error
-                if not isinstance(err, GB6Error):
-                    log("append_failed", error=repr(err))
-                    err = GB6Error(INTERNAL, "internal error")
-                peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(err)})
+                ok = {"event": link.event_to_wire(result.event), "duplicate": True}
+                peer.send({"t": "res", "id": req_id, "ok": ok})
 
         await self.shard.append(
             self._who(msg),

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import outcome
 import pytest
 import trio
 import trio_asyncio
@@ -46,7 +45,7 @@ from origin.metering import (
     SqliteEventSource,
 )
 from origin.shard import OriginShard
-from origin.sqlite_store import Appended, now_ms
+from origin.sqlite_store import AppendResult, now_ms
 
 SEAT_PRICE = parse_pricing(
     {
@@ -109,16 +108,18 @@ def config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Config]:
 async def op(shard: OriginShard, who: Principal, room: str, type_: str, cid: str, **kw: Any) -> int:
     """One seq-taking op through the shard, as the gateway does it; its seq once durable."""
     done = trio.Event()
-    box: list[outcome.Outcome[Appended]] = []
+    box: list[AppendResult] = []
 
-    def reply(result: outcome.Outcome[Appended]) -> None:
+    def reply(result: AppendResult) -> None:
         box.append(result)
         done.set()
 
     await shard.append(who, room, type_, cid, reply, **kw)
     with trio.fail_after(10):
         await done.wait()
-    return box[0].unwrap().event.seq
+    if isinstance(box[0], GB6Error):
+        raise box[0]
+    return box[0].event.seq
 
 
 async def tenant(shard: OriginShard, *names: str) -> tuple[str, str, list[Principal]]:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import outcome
 import pytest
 import trio
 
@@ -27,7 +26,7 @@ from origin.plans import RESOURCES, Plan, builtin_plans, parse_plans, unlimited_
 from origin.quotas import DAY_MS, QuotaEvent, Quotas, day_start_ms
 from origin.records import FileRecord, Instance, Org, RoomRecord, User
 from origin.shard import OriginShard
-from origin.sqlite_store import Appended, now_ms
+from origin.sqlite_store import Appended, AppendResult, now_ms
 from tests.conftest import Node, Peer, connect, running_node
 from tests.test_store_contract import Backend, append, item, serving
 from tests.test_store_contract import backend as backend  # the adapter fixture, reused
@@ -250,11 +249,13 @@ async def running_shard(data: Path) -> AsyncIterator[OriginShard]:
 
 
 async def send(shard: OriginShard, who: Principal, room: str, cid: str) -> Appended:
-    box: list[outcome.Outcome[Appended]] = []
+    box: list[AppendResult] = []
     await shard.append(who, room, "message", cid, box.append, body={"text": cid})
     with trio.fail_after(10):
         await shard.drain()
-    return box[0].unwrap()
+    if isinstance(box[0], GB6Error):
+        raise box[0]
+    return box[0]
 
 
 def f1_month(rec: FileRecord) -> str:
@@ -305,7 +306,7 @@ async def test_each_quota_at_the_shard_then_after_a_restart(tmp_path: Path) -> N
         # messages: 4 sends a day; a repeat (same cid) and an edit do not count.
         seqs = [(await send(shard, a, r1, f"m{i}")).event.seq for i in range(3)]
         assert (await send(shard, a, r1, "m0")).duplicate
-        edited: list[outcome.Outcome[Appended]] = []
+        edited: list[AppendResult] = []
         await shard.append(a, r1, "edit", "e1", edited.append, body={"text": "x"}, target=1)
         await send(shard, a, r1, "m3")
         with pytest.raises(GB6Error) as exc:

@@ -33,10 +33,10 @@ from origin.pg_schema import SCHEMA_VERSION
 from origin.pg_store import PgStore
 from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
 from origin.sqlite_store import SqliteStore, now_ms
-from origin.store_port import Appended, AppendItem, RelationalStore
+from origin.store_port import Appended, AppendItem, AppendResult, RelationalStore
 
 LIMITS = Limits(max_inflight_appends=2_000, writer_batch=500)
-Batch = list[tuple[AppendItem, outcome.Outcome[Appended]]]
+Batch = list[tuple[AppendItem, AppendResult]]
 
 
 class Recorder:
@@ -54,10 +54,10 @@ class Recorder:
     def fresh(self) -> list[Event]:
         """Every new (not repeated) event the store reported, in the order it reported them."""
         return [
-            r.value.event
+            r.event
             for batch in self.batches
             for _, r in batch
-            if isinstance(r, outcome.Value) and not r.value.duplicate
+            if isinstance(r, Appended) and not r.duplicate
         ]
 
 
@@ -202,16 +202,13 @@ def item(room_id: str, sender: str, cid: str, **fields: Any) -> AppendItem:
 
 async def submit(store: RelationalStore, it: AppendItem) -> Callable[[], outcome.Outcome[Appended]]:
     """Queue `it` without waiting for it; the returned function gives its outcome once known."""
-    box: list[outcome.Outcome[Appended]] = []
+    box: list[AppendResult] = []
     await store.submit_append(attrs.evolve(it, reply=box.append))
 
     def result() -> outcome.Outcome[Appended]:
         assert box, f"no outcome for {it.cid}"
-        got = box[0]  # a fresh copy each time: an Outcome unwraps once
-        if isinstance(got, outcome.Value):
-            return outcome.Value(got.value)
-        assert isinstance(got, outcome.Error)
-        return outcome.Error(got.error)
+        got = box[0]  # a fresh Outcome each time: an Outcome unwraps once
+        return outcome.Error(got) if isinstance(got, GB6Error) else outcome.Value(got)
 
     return result
 
