@@ -104,7 +104,7 @@ _CLOSE_TIMEOUT_S: Final = 10.0
 async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
     """An asyncpg pool (through trio-asyncio) whose connections use `schema`, commit durably
     and plan every execution for its parameters and the tables as they are; connection
-    failures become GB6Error.
+    failures become GB6Error, without JIT compilation.
 
     Why custom plans: asyncpg prepares each statement, and after five executions PostgreSQL
     may keep a generic plan. One made while the tables were small (a fresh schema) scans them,
@@ -117,6 +117,10 @@ async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
         # A commit is acknowledged once durable, whatever the server's default.
         "synchronous_commit": "on",
         "plan_cache_mode": "force_custom_plan",
+        # Our statements are short OLTP ones planned per execution; JIT would compile one
+        # whose estimate crosses `jit_above_cost` (a batch's key lookup over a large table)
+        # for tens to hundreds of ms, which no short statement wins back.
+        "jit": "off",
     }
     try:
         return await aio_as_trio(asyncpg.create_pool)(

@@ -674,6 +674,24 @@ async def test_pg_a_schema_of_the_previous_version_migrates_with_its_events(
         assert [e.seq for e in await store.search([r], "heron 4", 10)] == [5]
 
 
+async def test_pg_connections_commit_durably_plan_per_execution_and_never_jit(
+    pg_backend: Backend,
+) -> None:
+    """What every pool of ours asks of its connections, whatever the server's defaults."""
+    from origin.pg_store import open_pool
+
+    async with trio_asyncio.open_loop():
+        pool = await open_pool(pg_backend.dsn, pg_backend.schema, "gb6-test", 1)
+        try:
+            got = await aio_as_trio(pool.fetchrow)(
+                "SELECT current_setting('synchronous_commit'),"
+                " current_setting('plan_cache_mode'), current_setting('jit')"
+            )
+        finally:
+            await aio_as_trio(pool.close)()
+    assert tuple(got) == ("on", "force_custom_plan", "off")
+
+
 async def test_pg_events_live_in_partitions_per_instance_and_month(pg_backend: Backend) -> None:
     async with serving(pg_backend) as store:
         t1, t2 = await tenant(store), await tenant(store)
