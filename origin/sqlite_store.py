@@ -217,10 +217,6 @@ AppendResult = Appended | GB6Error
 AppendCallback = Callable[[list[tuple[AppendItem, AppendResult]]], None]
 
 
-def _internal() -> GB6Error:
-    return GB6Error(INTERNAL, "internal error")
-
-
 def _index_behind() -> GB6Error:
     return GB6Error(UNAVAILABLE, "the idempotency index is behind; retry the send")
 
@@ -646,8 +642,10 @@ class SqliteStore:
                     appended.append((job.append, result.value))
                 else:
                     assert isinstance(result, outcome.Error)
-                    err = result.error
-                    appended.append((job.append, err if isinstance(err, GB6Error) else _internal()))
+                    err = result.error  # a GB6Error: `_apply` wraps every failure
+                    if not isinstance(err, GB6Error):
+                        err = GB6Error(INTERNAL, "internal error")
+                    appended.append((job.append, err))
             elif job.done is not None:
                 job.done(result)
         self.commits += 1
