@@ -532,6 +532,38 @@ def test_core_remb_is_the_minimum_over_subscribers_capped_and_video_starts_on_a_
     assert artp.unpack_remb_fci(remb.fci)[0] == 1_000_000
 
 
+def test_core_a_video_subscription_asks_again_until_its_keyframe_comes() -> None:
+    """The PLI sent when a subscription starts may be lost, or its keyframe may be: while the
+    subscription drops packets waiting for one it keeps asking, once per interval."""
+    from edge.sfu._events import TrackInfo
+    from edge.sfu._forward import DownTrack, UpTrack
+    from edge.sfu._rtp import RtpIn
+
+    publisher, wire = Wire(), Wire()
+    up = UpTrack(
+        TrackInfo("tr_1", "alice", "video", "camera", "vp8"),
+        codec_pt=96,
+        clock_rate=90_000,
+        feedback=publisher,
+        keyframe_interval=1.0,
+        remb_cap=2_000_000,
+    )
+    up.ssrcs.add(1234)
+    down = DownTrack(up, "s0", wire, 100, 64)
+    up.add(down)
+    up.activate(down, now=0.0)
+    assert len(publisher.rtcp) == 1  # the first request: its answer never comes
+    for i in range(20):  # 2 s of delta frames
+        up.on_rtp(RtpIn(vp8_packet(10 + i, 1000 + 9000 * i, 1234, key=False)), 0.1 * (i + 1))
+        up.tick(0.1 * (i + 1), remb_interval=60.0)
+    assert wire.rtp == []
+    assert len(publisher.rtcp) == 3  # at 1.0 and 2.0 s: once per interval, not per packet
+    up.on_rtp(RtpIn(vp8_packet(30, 190_000, 1234, key=True)), 2.1)
+    up.on_rtp(RtpIn(vp8_packet(31, 199_000, 1234, key=False)), 2.2)
+    up.tick(3.5, remb_interval=60.0)
+    assert len(wire.rtp) == 2 and len(publisher.rtcp) == 3  # started: no more requests
+
+
 def test_media_config_is_read_and_checked(tmp_path: Any) -> None:
     from node.config import load
 

@@ -9,8 +9,9 @@ Rules:
   continue at last+1 and its timestamps advance by the wall time that passed, so a publisher
   switch, restart (new SSRC) or unmute is seamless for the subscriber's jitter buffer.
 - A video subscription (re)starts on a keyframe: until one arrives its packets are dropped and
-  a keyframe is requested from the publisher (PLI), at most once per `keyframe_interval_s` per
-  track; a request inside the interval is kept and sent when the interval ends.
+  a keyframe is requested from the publisher (PLI), again for every packet dropped, at most
+  once per `keyframe_interval_s` per track; a request inside the interval is kept and sent when
+  the interval ends.
 - Subscriber NACKs are answered from that subscription's history (`nack_history` packets, a
   power of two); subscriber PLI/FIR go through the same per-track limit; REMB: the minimum
   over the track's subscriptions, capped, goes to the publisher every `remb_interval_s`.
@@ -136,6 +137,10 @@ class DownTrack:
     def forward(self, pkt: _rtp.RtpIn, is_key: Callable[[], bool], now: float) -> None:
         if self.need_keyframe:
             if not is_key():
+                # Ask again (within the track's limit) for as long as it waits: the first PLI,
+                # or the keyframe it brought, may have been lost, and a publisher's own next
+                # keyframe can be minutes away; the subscriber would see nothing until then.
+                self.track.request_keyframe(now)
                 return
             self.need_keyframe = False
         if not self.started or pkt.ssrc != self.src_ssrc:
