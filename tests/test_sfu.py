@@ -490,17 +490,14 @@ def vp8_packet(seq: int, ts: int, ssrc: int, key: bool) -> bytes:
     return header + ssrc.to_bytes(4, "big") + bytes([0x10, 0x00 if key else 0x01]) + b"x" * 20
 
 
-def test_core_remb_is_the_minimum_over_subscribers_capped_and_video_starts_on_a_keyframe() -> None:
-    from aiortc import rtp as artp
-
+def vp8_uptrack(publisher: Wire) -> Any:
+    """A published VP8 camera (SSRC 1234) whose feedback goes to `publisher`: one keyframe
+    request a second at most, REMB capped at 2 Mbit/s."""
     from edge.sfu._events import TrackInfo
-    from edge.sfu._forward import DownTrack, UpTrack
-    from edge.sfu._rtp import RtpIn
+    from edge.sfu._forward import UpTrack
 
-    publisher = Wire()
-    info = TrackInfo("tr_1", "alice", "video", "camera", "vp8")
     up = UpTrack(
-        info,
+        TrackInfo("tr_1", "alice", "video", "camera", "vp8"),
         codec_pt=96,
         clock_rate=90_000,
         feedback=publisher,
@@ -508,6 +505,17 @@ def test_core_remb_is_the_minimum_over_subscribers_capped_and_video_starts_on_a_
         remb_cap=2_000_000,
     )
     up.ssrcs.add(1234)
+    return up
+
+
+def test_core_remb_is_the_minimum_over_subscribers_capped_and_video_starts_on_a_keyframe() -> None:
+    from aiortc import rtp as artp
+
+    from edge.sfu._forward import DownTrack
+    from edge.sfu._rtp import RtpIn
+
+    publisher = Wire()
+    up = vp8_uptrack(publisher)
     wires = [Wire(), Wire()]
     downs = [DownTrack(up, f"s{i}", w, 100 + i, 64) for i, w in enumerate(wires)]
     for d in downs:
@@ -535,20 +543,11 @@ def test_core_remb_is_the_minimum_over_subscribers_capped_and_video_starts_on_a_
 def test_core_a_video_subscription_asks_again_until_its_keyframe_comes() -> None:
     """The PLI sent when a subscription starts may be lost, or its keyframe may be: while the
     subscription drops packets waiting for one it keeps asking, once per interval."""
-    from edge.sfu._events import TrackInfo
-    from edge.sfu._forward import DownTrack, UpTrack
+    from edge.sfu._forward import DownTrack
     from edge.sfu._rtp import RtpIn
 
     publisher, wire = Wire(), Wire()
-    up = UpTrack(
-        TrackInfo("tr_1", "alice", "video", "camera", "vp8"),
-        codec_pt=96,
-        clock_rate=90_000,
-        feedback=publisher,
-        keyframe_interval=1.0,
-        remb_cap=2_000_000,
-    )
-    up.ssrcs.add(1234)
+    up = vp8_uptrack(publisher)
     down = DownTrack(up, "s0", wire, 100, 64)
     up.add(down)
     up.activate(down, now=0.0)

@@ -134,14 +134,11 @@ class DownTrack:
         self.started = False
         self.need_keyframe = self.video
 
-    def forward(self, pkt: _rtp.RtpIn, is_key: Callable[[], bool], now: float) -> None:
+    def forward(self, pkt: _rtp.RtpIn, is_key: Callable[[], bool], now: float) -> bool:
+        """Send `pkt` on; False when it was dropped waiting for a keyframe."""
         if self.need_keyframe:
             if not is_key():
-                # Ask again (within the track's limit) for as long as it waits: the first PLI,
-                # or the keyframe it brought, may have been lost, and a publisher's own next
-                # keyframe can be minutes away; the subscriber would see nothing until then.
-                self.track.request_keyframe(now)
-                return
+                return False
             self.need_keyframe = False
         if not self.started or pkt.ssrc != self.src_ssrc:
             gap = max(1, int((now - self.last_out_at) * self.clock_rate)) if self.packets else 0
@@ -161,6 +158,7 @@ class DownTrack:
         self.packets += 1
         self.bytes += len(out)
         self.sink.send_rtp(out)
+        return True
 
     def on_nack(self, lost: list[int]) -> int:
         """Resend what the history still holds; returns how many were resent."""
@@ -334,9 +332,15 @@ class UpTrack:
                 key.append(_rtp.is_keyframe_start(self.codec, pkt.data[pkt.payload_offset :]))
             return key[0]
 
+        waiting = False
         for down in self._down:
-            if not down.paused:
-                down.forward(pkt, is_key, now)
+            if not down.paused and not down.forward(pkt, is_key, now):
+                waiting = True
+        if waiting:
+            # Ask again (within the limit) while a subscription waits: the first PLI, or the
+            # keyframe it brought, may have been lost, and a publisher's own next keyframe can
+            # be minutes away. Once per packet, however many subscriptions wait.
+            self.request_keyframe(now)
 
     def _count(self, pkt: _rtp.RtpIn, now: float) -> None:
         seq = pkt.seq
