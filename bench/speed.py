@@ -1,8 +1,9 @@
 """The host's speed during a run: a fixed piece of Python timed once per second.
 
 On a shared VM the same work takes a different CPU time from one second to the next: on this
-project's 2-vCPU machine, with nothing else running in the guest, this probe took 83 to 165 ms
-of CPU per 0.25 s of work within one minute (bench/RESULTS.md, 2026-11-26 evening). A run's
+project's 2-vCPU machine, with nothing else running in the guest, one fixed Python loop took
+83 to 165 ms of CPU from one second to the next within a minute (bench/RESULTS.md, 2026-11-26
+evening), and this probe reads ~0.45 ms when the host is fast, ~0.65 when it is slow. A run's
 figures mean little without the speed the host gave it, so the bench records this probe beside
 them.
 
