@@ -1,4 +1,4 @@
-"""The Kafka log of record, producer side: one transactional, idempotent producer per shard.
+"""The Kafka log of record, producer side: the transactional, idempotent producers of a shard.
 
 Rules:
 - The producer lives in one thread that `KafkaLog.run` starts and joins (confluent-kafka
@@ -6,11 +6,20 @@ Rules:
   batches wait or run (backpressure on the sequencer).
 - At start the thread creates the topic if it is missing (`partitions` partitions; an existing
   topic keeps its count, since changing it would move rooms between partitions), then calls
-  `init_transactions` under the shard's transactional id. That call bumps the id's epoch, which
-  fences any older producer with the same id and aborts whatever transaction it left open.
+  `init_transactions` under each of the shard's transactional ids. That call bumps the id's
+  epoch, which fences any older producer with the same id and aborts whatever transaction it
+  left open.
 - One batch is one transaction: begin, produce every record (key = room, so a room's records
   share a partition and keep their order; header `seq` = the seq, 8 bytes big-endian), commit.
   `acks=all` and idempotence make the commit durable without duplicates.
+- Lanes: the shard's writer is `lanes` producers (transactional ids `<id>`, `<id>.1`, …) that
+  take the batches in turn, still one transaction at a time, so the log holds the batches in
+  the order they were committed. Why: the broker writes a transaction's commit markers after it
+  answered the commit, and a producer's next transaction that registers a partition before they
+  are written is refused (CONCURRENT_TRANSACTIONS), which librdkafka retries 20 ms later: measured
+  here, one transaction in ten waited those 20 ms. The next lane's id has no markers pending.
+  `init_transactions` runs on every lane before the writer serves, so a restarted shard fences
+  every lane of its zombie.
 - confluent-kafka's errors are translated here, once: a commit that fails retriably is retried
   until `commit_timeout_s`; an abortable failure is aborted (`LogAborted`: read_committed
   consumers never see the batch, and the next batch may reuse its seqs); a fenced producer
@@ -47,6 +56,7 @@ from origin.log_port import (
 SEQ_HEADER: Final = "seq"
 _SEQ: Final = struct.Struct(">q")
 _STOP: Final = object()
+MAX_LANES: Final = 4
 # The codes with which librdkafka and the broker say a newer producer took the transactional id.
 _FENCED_CODES: Final = frozenset(
     {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
@@ -60,6 +70,11 @@ def encode_seq(seq: int) -> bytes:
 def decode_seq(raw: bytes) -> int:
     (seq,) = _SEQ.unpack(raw)
     return int(seq)
+
+
+def lane_id(transactional_id: str, lane: int) -> str:
+    """The transactional id of a writer's `lane` (lane 0 keeps the writer's own id)."""
+    return transactional_id if lane == 0 else f"{transactional_id}.{lane}"
 
 
 def kafka_error(exc: BaseException) -> KafkaError | None:
@@ -98,11 +113,12 @@ class _Job:
 
 
 class KafkaLog:
-    """The Kafka `LogWriter` of one shard: `transactional_id` on `topic` at `bootstrap`.
+    """The Kafka `LogWriter` of one shard: `transactional_id` on `topic` at `bootstrap`, in
+    `lanes` producers taken in turn (see the module doc).
 
-    A component: `await nursery.start(log.run)` returns once `init_transactions` succeeded (this
-    producer owns the id; older ones are fenced). Cancelling `run` lets the batches already
-    handed to the producer thread finish, then joins it.
+    A component: `await nursery.start(log.run)` returns once `init_transactions` succeeded on
+    every lane (this writer owns the ids; older producers are fenced). Cancelling `run` lets
+    the batches already handed to the producer thread finish, then joins it.
     """
 
     def __init__(
@@ -112,6 +128,7 @@ class KafkaLog:
         transactional_id: str,
         *,
         partitions: int = 1,
+        lanes: int = 2,
         max_inflight: int = 8,
         linger_ms: int = 5,
         commit_timeout_s: float = 30.0,
@@ -121,6 +138,8 @@ class KafkaLog:
             raise GB6Error(INVALID, "a Kafka log needs a topic and a transactional id")
         if not 1 <= partitions <= MAX_PARTITIONS:
             raise GB6Error(INVALID, f"partitions must be 1..{MAX_PARTITIONS}, not {partitions}")
+        if not 1 <= lanes <= MAX_LANES:
+            raise GB6Error(INVALID, f"lanes must be 1..{MAX_LANES}, not {lanes}")
         if not 1 <= max_inflight <= 1_000:
             raise GB6Error(INVALID, f"max_inflight must be 1..1000, not {max_inflight}")
         self.bootstrap = bootstrap
@@ -128,10 +147,9 @@ class KafkaLog:
         self.transactional_id = transactional_id
         self.partitions = partitions
         self.commit_timeout_s = commit_timeout_s
+        self.transactional_ids = [lane_id(transactional_id, lane) for lane in range(lanes)]
         self._config: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
-            "client.id": transactional_id,
-            "transactional.id": transactional_id,
             "enable.idempotence": True,
             "acks": "all",
             # The commit flushes at once anyway; a short linger fills a batch's produce requests.
@@ -209,7 +227,7 @@ class KafkaLog:
     # --- the producer thread -------------------------------------------------------------
 
     def _producer_main(self, token: trio.lowlevel.TrioToken, started: _Job) -> None:
-        producer: Producer | None = None
+        producers: list[Producer] = []
 
         def post(job: _Job, result: outcome.Outcome[None]) -> bool:
             try:
@@ -220,22 +238,25 @@ class KafkaLog:
 
         try:
             try:
-                producer = self._start()
+                producers = self._start()
                 first: outcome.Outcome[None] = outcome.Value(None)
             except GB6Error as exc:
                 first = outcome.Error(exc)
             if not post(started, first):
                 return
+            turn = 0
             while True:
                 job = self._queue.get()
                 if job is _STOP:
                     return
                 assert isinstance(job, _Job)
-                if producer is None or self._dead is not None:
+                if not producers or self._dead is not None:
                     outcome_: outcome.Outcome[None] = outcome.Error(
                         self._dead or GB6Error(UNAVAILABLE, "Kafka log did not start")
                     )
                 else:
+                    producer = producers[turn % len(producers)]
+                    turn += 1
                     outcome_ = outcome.capture(self._transact, producer, job)
                     if isinstance(outcome_, outcome.Error) and not isinstance(
                         outcome_.error, GB6Error
@@ -246,24 +267,34 @@ class KafkaLog:
                 if not post(job, outcome_):
                     return
         finally:
-            if producer is not None and self._dead is None:
-                producer.close()
-            elif producer is not None:
-                # A fenced or failed producer cannot abort on close (it would warn); its
-                # unsent records are dropped, which is what fencing means.
-                producer.purge()
-                producer.poll(0)
+            for producer in producers:
+                if self._dead is None:
+                    producer.close()
+                else:
+                    # A fenced or failed producer cannot abort on close (it would warn); its
+                    # unsent records are dropped, which is what fencing means.
+                    producer.purge()
+                    producer.poll(0)
 
-    def _start(self) -> Producer:
+    def _start(self) -> list[Producer]:
+        """One producer per lane, each owning its transactional id (older ones are fenced)."""
+        producers: list[Producer] = []
         try:
             ensure_topic(self.bootstrap, self.topic, self.partitions, self.commit_timeout_s)
-            producer = Producer(self._config)
-            producer.init_transactions(self.commit_timeout_s)
+            for txn_id in self.transactional_ids:
+                producer = Producer(
+                    {**self._config, "client.id": txn_id, "transactional.id": txn_id}
+                )
+                producers.append(producer)
+                producer.init_transactions(self.commit_timeout_s)
         except Exception as exc:  # KafkaException, a timeout, a bad setting: all say "no"
+            for producer in producers:
+                producer.purge()
+                producer.poll(0)
             raise GB6Error(
                 UNAVAILABLE, f"Kafka log {self.transactional_id}: cannot start: {exc!r}"
             ) from None
-        return producer
+        return producers
 
     def _transact(self, producer: Producer, job: _Job) -> None:
         try:

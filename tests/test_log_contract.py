@@ -100,6 +100,16 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     if request.param == "sqlite":
         yield Backend("sqlite", f"gb6-shard-test-{suffix}", path=tmp_path / "log.db")
         return
+    yield from kafka_backend_of(suffix)
+
+
+@pytest.fixture
+def kafka_backend() -> Iterator[Backend]:
+    yield from kafka_backend_of(uuid.uuid4().hex[:12])
+
+
+def kafka_backend_of(suffix: str) -> Iterator[Backend]:
+    """A Kafka backend on a topic of its own, deleted after."""
     bootstrap = require("kafka")
     topic = f"gb6-test-log-{suffix}"
     yield Backend("kafka", f"gb6-shard-test-{suffix}", bootstrap=bootstrap, topic=topic)
@@ -301,3 +311,39 @@ async def test_bad_input_is_refused_and_changes_nothing(backend: Backend) -> Non
         async with running(backend.consumer({}, writer=writer)) as consumer:
             entries, _ = await read(consumer, 2)
     assert by_room(entries) == by_room(good)
+
+
+async def test_a_restarted_kafka_writer_aborts_what_any_lane_of_its_zombie_left_open(
+    kafka_backend: Backend,
+) -> None:
+    """The writer's lanes (origin/kafka_log.py) each have a transactional id; a zombie may hold
+    an open transaction on any of them. Left open, it would hold every consumer back (they read
+    only up to the first open transaction) until it timed out."""
+    from confluent_kafka import KafkaException, Producer
+
+    from origin.kafka_log import lane_id
+
+    backend = kafka_backend
+    async with running(backend.writer()):  # creates the topic
+        pass
+    zombie = Producer(
+        {
+            "bootstrap.servers": backend.bootstrap,
+            "transactional.id": lane_id(backend.writer_id, 1),
+            "transaction.timeout.ms": 300_000,
+        }
+    )
+    zombie.init_transactions(15)
+    zombie.begin_transaction()
+    for record in records(["a", "b"], range(1, 3), "zombie"):
+        zombie.produce(backend.topic, key=record.room.encode(), value=record.payload)
+    assert zombie.flush(15) == 0  # on the broker, in an open transaction
+    after = records(["a", "b"], range(1, 4), "successor")
+    async with running(backend.writer()) as successor:
+        await successor.append_batch(after[:2])
+        await successor.append_batch(after[2:])  # the next lane
+        async with running(backend.consumer({}, writer=successor)) as consumer:
+            entries, _ = await read(consumer, len(after))
+    assert by_room(entries) == by_room(after)
+    with pytest.raises(KafkaException, match=r"(?i)fenced|epoch"):
+        zombie.commit_transaction(15)
