@@ -20,6 +20,10 @@ Rules:
   here, one transaction in ten waited those 20 ms. The next lane's id has no markers pending.
   `init_transactions` runs on every lane before the writer serves, so a restarted shard fences
   every lane of its zombie.
+- A batch may be appended on a condition (`confirm`): its records are produced at once, and the
+  transaction is committed only if `confirm` answers yes (aborted otherwise: `LogWithdrawn`, and
+  nothing of it is visible). The store uses it to write a batch while it still checks, in
+  PostgreSQL, that none of its ops is a resend.
 - confluent-kafka's errors are translated here, once: a commit that fails retriably is retried
   until `commit_timeout_s`; an abortable failure is aborted (`LogAborted`: read_committed
   consumers never see the batch, and the next batch may reuse its seqs); a fenced producer
@@ -33,7 +37,7 @@ import queue
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import attrs
@@ -100,10 +104,17 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float) 
             raise
 
 
+class LogWithdrawn(LogAborted):
+    """The batch's `confirm` said no (or failed): its transaction was aborted, as asked."""
+
+
 @attrs.define(eq=False)
 class _Job:
     records: Sequence[LogRecord]
     abort_after: int | None
+    # A conditional batch: the thread commits once `gate` is set, and only if `confirmed`.
+    gate: threading.Event | None = None
+    confirmed: bool = False
     done: trio.Event = attrs.Factory(trio.Event)
     result: outcome.Outcome[None] | None = None
 
@@ -206,20 +217,32 @@ class KafkaLog:
         broker), then aborts its transaction."""
         self._abort_after = records
 
-    async def append_batch(self, records: Sequence[LogRecord]) -> None:
-        """See `LogWriter.append_batch`."""
+    async def append_batch(
+        self,
+        records: Sequence[LogRecord],
+        *,
+        confirm: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        """See `LogWriter.append_batch`. With `confirm`, the records are produced while it runs
+        and committed only if it returns True; otherwise (or if it raises) the transaction is
+        aborted and `LogWithdrawn` raised. `confirm` runs shielded: it must bound its time."""
         check_batch(records)
         async with self._slots:
             if self._dead is not None:
                 raise self._dead
             if self._closed:
                 raise GB6Error(UNAVAILABLE, f"Kafka log {self.transactional_id} is not running")
-            job = _Job(records, self._abort_after)
+            job = _Job(records, self._abort_after, threading.Event() if confirm else None)
             self._abort_after = None
             self._queue.put(job)
             # Once handed over, the outcome is the truth the sequencer needs: wait for it
             # (bounded by commit_timeout_s plus an abort).
             with trio.CancelScope(shield=True):
+                if confirm is not None and job.gate is not None:
+                    try:
+                        job.confirmed = await confirm()
+                    finally:
+                        job.gate.set()
                 await job.done.wait()
         assert job.result is not None
         job.result.unwrap()
@@ -312,6 +335,12 @@ class KafkaLog:
                 producer.flush(self.commit_timeout_s)
                 producer.abort_transaction(self.commit_timeout_s)
                 raise LogAborted(f"batch aborted after {len(records)} records (test hook)")
+            # A conditional batch's records travel to the broker while it waits (linger.ms).
+            if job.gate is not None and not (
+                job.gate.wait(self.commit_timeout_s) and job.confirmed
+            ):
+                producer.abort_transaction(self.commit_timeout_s)
+                raise LogWithdrawn(f"Kafka log {self.transactional_id}: batch withdrawn")
             self._commit(producer)
             self.commits += 1
         except (KafkaException, BufferError) as exc:

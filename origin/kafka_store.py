@@ -58,7 +58,7 @@ from node.errors import INVALID, UNAVAILABLE, GB6Error
 from node.events import Event
 from node.log import log
 from origin.kafka_consumer import KafkaLogConsumer
-from origin.kafka_log import KafkaLog
+from origin.kafka_log import KafkaLog, LogWithdrawn
 from origin.kafka_sequencer import Lookup, Needs, Plan, Sequencer, Target
 from origin.kafka_tail import committed_records_after
 from origin.log_port import LogAborted, LogBatch, writer_id
@@ -104,10 +104,37 @@ def default_topic(shard: str) -> str:
 
 
 @attrs.define(eq=False)
+class _Check:
+    """The lookup of a batch whose only needs are keys, run while its transaction is written."""
+
+    needs: Needs
+    result: Lookup | GB6Error | None = None
+    done: trio.Event = attrs.Factory(trio.Event)
+
+    async def confirm(self) -> bool:
+        """Whether none of the batch's keys is in PostgreSQL (a failed lookup: no)."""
+        await self.done.wait()
+        return isinstance(self.result, Lookup) and not self.result.priors
+
+    def verdict(self) -> Lookup | GB6Error:
+        """The lookup's answer, once `done`."""
+        return self.result or GB6Error(UNAVAILABLE, "the batch's lookup did not finish")
+
+
+def _refuses_a_key_of(plan: Plan, needs: Needs) -> bool:
+    """Whether `plan` refused an op whose key it did not know (it may be a resend)."""
+    return any(
+        isinstance(result, GB6Error) and (item.room, item.sender, item.cid) in needs.keys
+        for item, result in plan.results
+    )
+
+
+@attrs.define(eq=False)
 class _Inflight:
     """A planned batch whose transaction is being appended; `failure` once `done`, if any."""
 
     plan: Plan
+    check: _Check | None = None  # the batch was planned as if none of its keys were repeats
     failure: GB6Error | None = None
     done: trio.Event = attrs.Factory(trio.Event)
 
@@ -159,12 +186,13 @@ class KafkaStore:
         self._idle.set()
         self._progress = trio.Event()  # set (and replaced) whenever the persister writes
         self.commits = 0  # batches committed to the log; for metrics and tests
+        self.withdrawn = 0  # transactions aborted because their check found a resend; same
 
     # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # The sequencer's lookups, the persister, one spare.
-        self._pool = await open_pool(self.dsn, self.schema, "gb6-origin-log", 3)
+        # The sequencer's lookups (two batches' may overlap), the persister, one spare.
+        self._pool = await open_pool(self.dsn, self.schema, "gb6-origin-log", 4)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.pg.run)
@@ -267,7 +295,7 @@ class KafkaStore:
                         # Done before the next batch is taken: answered now, not after that
                         # batch's lookup and plan (under a light load, every op waited for
                         # them: 23 ms p50 of a lookup at 2,000 sends/s in the cluster).
-                        self._answer(self._settle(inflight))
+                        self._answer(await self._finish(inflight))
                         inflight = None
                     if inflight is None and not carry:
                         carry = [await self._recv.receive()]
@@ -286,9 +314,7 @@ class KafkaStore:
                         inflight, carry = await self._step(writes, inflight, batch)
             finally:
                 if inflight is not None:
-                    with trio.CancelScope(shield=True):
-                        await inflight.done.wait()
-                        self._answer(self._settle(inflight))
+                    self._answer(await self._finish(inflight))
 
     async def _step(
         self, writes: trio.Nursery, inflight: _Inflight | None, batch: list[AppendItem]
@@ -297,28 +323,43 @@ class KafkaStore:
         its transaction; answer `inflight`. Returns the new transaction in flight and the ops
         left for the next batch."""
         lookup: Lookup | GB6Error = Lookup()
+        check: _Check | None = None
         if batch and self._dead is None:
             self._seq.unpersisted.prune()
             needs = self._seq.needs(batch)
-            if needs:
+            if needs.keys and not (needs.rooms or needs.heads or needs.targets):
+                # Only keys: the usual case. Planned as if none were a repeat, the batch's
+                # transaction is written while PostgreSQL is asked, and committed only if
+                # none was (else redone, see `_finish`): the lookup leaves the critical path.
+                check = _Check(needs)
+                writes.start_soon(self._check_task, check)
+            elif needs:
                 try:
                     lookup = await self._lookup(needs)
                 except GB6Error as exc:
                     lookup = exc
         done: list[tuple[AppendItem, Appended | GB6Error]] = []
         if inflight is not None:
-            await inflight.done.wait()
-            done = self._settle(inflight)
-        started: _Inflight | None = None
+            done = await self._finish(inflight)
+        plan: Plan | None = None
         left: list[AppendItem] = []
+        if batch and self._dead is None and not isinstance(lookup, GB6Error):
+            plan, left = self._plan(batch, lookup)
+            if check is not None and _refuses_a_key_of(plan, check.needs):
+                # A refusal stands only if the op is not a resend (whose answer is the
+                # original): ask PostgreSQL before answering, and plan again with its answer.
+                await check.done.wait()
+                lookup, check, plan, left = check.verdict(), None, None, []
+                if not isinstance(lookup, GB6Error):
+                    plan, left = self._plan(batch, lookup)
+        started: _Inflight | None = None
         if self._dead is not None:
             done += [(item, self._dead) for item in batch]
         elif isinstance(lookup, GB6Error):
             done += [(item, lookup) for item in batch]
-        elif batch:
-            plan, left = self._plan(batch, lookup)
+        elif plan is not None:
             if plan.records:
-                started = _Inflight(plan)
+                started = _Inflight(plan, check)
                 writes.start_soon(self._write_task, started)
             else:  # repeats and refusals only: nothing to append
                 done += plan.results
@@ -341,9 +382,49 @@ class KafkaStore:
     async def _write_task(self, inflight: _Inflight) -> None:
         with trio.CancelScope(shield=True):  # once planned, its outcome must be learned
             try:
-                inflight.failure = await self._write(inflight.plan)
+                inflight.failure = await self._write(inflight.plan, inflight.check)
             finally:
                 inflight.done.set()
+
+    async def _check_task(self, check: _Check) -> None:
+        with trio.CancelScope(shield=True):  # a transaction waits for its verdict
+            try:
+                check.result = await self._lookup(check.needs)
+            except GB6Error as exc:
+                check.result = exc
+            finally:
+                check.done.set()
+
+    async def _finish(self, inflight: _Inflight) -> list[tuple[AppendItem, Appended | GB6Error]]:
+        """Wait for a transaction, redo it if its check found a repeat, and settle it. Run by
+        the sequencer's task only, so no prune comes between the redo's lookup and its plan."""
+        with trio.CancelScope(shield=True):  # ops taken are answered
+            await inflight.done.wait()
+            if isinstance(inflight.failure, LogWithdrawn):
+                self.withdrawn += 1
+                inflight = await self._redo(inflight.plan)
+        return self._settle(inflight)
+
+    async def _redo(self, withdrawn: Plan) -> _Inflight:
+        """Plan the ops of a withdrawn transaction again, with what PostgreSQL holds, and append
+        them (its seqs are taken again: nothing of it is visible). Returns it done."""
+        items = [item for item, _ in withdrawn.results]
+        needs = self._seq.needs(items)
+        try:
+            lookup = await self._lookup(needs) if needs else Lookup()
+        except GB6Error as exc:
+            failed = _Inflight(withdrawn, failure=exc)
+            failed.done.set()
+            return failed
+        plan = self._seq.plan(lookup, now_ms())
+        for item in items:
+            plan.add(item)
+        redo = _Inflight(plan)
+        if plan.records:
+            await self._write_task(redo)
+        else:
+            redo.done.set()
+        return redo
 
     def _settle(self, inflight: _Inflight) -> list[tuple[AppendItem, Appended | GB6Error]]:
         """The answers of a finished transaction; its plan becomes the state if it committed."""
@@ -367,16 +448,20 @@ class KafkaStore:
             while batch := carry + take_waiting(self._recv, self.limits.writer_batch - len(carry)):
                 inflight, carry = await self._step(writes, None, batch)
                 if inflight is not None:
-                    await inflight.done.wait()
-                    self._answer(self._settle(inflight))
+                    self._answer(await self._finish(inflight))
 
-    async def _write(self, plan: Plan) -> GB6Error | None:
-        """Append the plan's records as one transaction; the error its ops get, if any."""
+    async def _write(self, plan: Plan, check: _Check | None) -> GB6Error | None:
+        """Append the plan's records as one transaction (on `check`'s verdict, if any); the
+        error its ops get, if any (`LogWithdrawn`: the check found a repeat, or failed)."""
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                await self.log.append_batch(plan.records)
+                await self.log.append_batch(
+                    plan.records, confirm=check.confirm if check is not None else None
+                )
                 self.commits += 1
                 return None
+            except LogWithdrawn as exc:
+                return exc
             except LogAborted as exc:
                 log("log_batch_aborted", topic=self.topic, attempt=attempt, error=exc.message)
                 failure: GB6Error = exc

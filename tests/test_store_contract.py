@@ -937,6 +937,55 @@ async def test_kafka_aborted_transaction_leaves_no_gap_and_no_duplicate(
     assert sorted(s for room_, s in raw if room_ == r) == [1, 2, 2, 3, 3, 4, 5, 6, 7]
 
 
+async def test_kafka_resends_known_only_to_postgresql_answer_their_originals(
+    kafka_backend: Backend,
+) -> None:
+    """The sequencer plans a batch as if none of its ops were a resend of one it no longer
+    holds in memory, and writes its transaction while PostgreSQL says whether one is. A resend
+    found there aborts that transaction (redone without it), and a refusal waits for the answer:
+    either way the resend gets its original, and seqs stay gapless."""
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    rec = Recorder()
+    async with serving(kafka_backend, rec) as store:
+        assert isinstance(store, KafkaStore)
+        t = await tenant(store)
+        r = await room(store, t)
+        first = await append(store, item(r, t.alice, "a", body={"text": "original"}))
+        edit = await append(store, item(r, t.alice, "e", type="edit", target=1, body={"text": "x"}))
+        assert seqs(await store.events_after(r, 0, 10)) == [1, 2]  # waits for the persister
+        # Hold the persister back, so the delete below stays in the sequencer's memory.
+        conn = await aio_as_trio(asyncpg.connect)(kafka_backend.dsn, timeout=10)
+        lock = conn.transaction()
+        await aio_as_trio(lock.start)()
+        await aio_as_trio(conn.execute)(f'LOCK TABLE "{kafka_backend.schema}".events IN SHARE MODE')
+        try:
+            deleted = await append(store, item(r, t.alice, "del", type="delete", target=1))
+            assert deleted.event.seq == 3
+            held = store._seq.unpersisted  # the delete's step dropped what PostgreSQL has
+            assert (r, t.alice, "e") not in held.keys and (r, t.alice, "a") not in held.keys
+            # Checked as new, the edit of a deleted message is refused; as a resend, it is not.
+            again = await append(
+                store, item(r, t.alice, "e", type="edit", target=1, body={"text": "y"})
+            )
+            assert again.duplicate and again.event == edit.event
+            # A resend among new ops: its first transaction is withdrawn, the redo has seqs 4, 5.
+            pending = [await submit(store, item(r, t.alice, cid)) for cid in ("a", "c", "d")]
+            with trio.fail_after(20):
+                await store.wait_idle()
+            a, c, d = (p().unwrap() for p in pending)
+            assert a.duplicate and a.event == first.event
+            assert (c.duplicate, c.event.seq, d.duplicate, d.event.seq) == (False, 4, False, 5)
+            assert store.withdrawn == 1
+        finally:
+            await aio_as_trio(lock.rollback)()
+            await aio_as_trio(conn.close)()
+        assert seqs(await store.events_after(r, 0, 10)) == [1, 2, 3, 4, 5]
+        assert seqs(rec.fresh()) == [1, 2, 3, 4, 5]
+    committed = await _topic_records(kafka_backend, "read_committed")
+    assert sorted(s for room_, s in committed if room_ == r) == [1, 2, 3, 4, 5]
+
+
 async def test_kafka_a_second_store_of_the_shard_fences_the_first(kafka_backend: Backend) -> None:
     """Two incarnations of one shard: the later one takes the log; the earlier (a zombie)
     is refused every append from then on and writes nothing."""
