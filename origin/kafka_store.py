@@ -34,6 +34,13 @@ Rules:
   its rooms' only writer: what it does not find in PostgreSQL was not appended before, except by
   batch N, whose keys, heads and targets the plan reads from memory first once N committed;
   entries are pruned only at the top of an iteration, never between a lookup and its plan.
+- The check (the usual case, when a batch needs nothing of PostgreSQL but whether some keys are
+  resends): the lookup runs as a task, the batch is planned as if none were, and its
+  transaction is written with the commit held until the lookup answers (kafka_log.py's
+  `confirm`). No resend: it commits. A resend: it is aborted (`LogWithdrawn`, nothing
+  visible) and the batch is planned again, in the sequencer's task, with a fresh lookup, then
+  appended. A plan that refuses an op whose key it did not know waits for the answer first (a
+  resend's answer is its original, whatever the checks say now).
 - Memory: what is appended and not yet persisted is held by the sequencer; above
   `_MAX_UNPERSISTED` entries the sequencer waits for the persister (backpressure).
 - Reads that must see acknowledged messages (events_after, history, search, load_rooms' heads)
