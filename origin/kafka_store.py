@@ -284,7 +284,6 @@ class KafkaStore:
         """The pipelined loop (see the module doc). Every op taken is answered, whatever is
         cancelled: the work on taken ops is shielded, and a transaction in flight is waited
         for on the way out."""
-        last_batch = 0
         carry: list[AppendItem] = []
         inflight: _Inflight | None = None
         async with trio.open_nursery() as writes:
@@ -305,18 +304,12 @@ class KafkaStore:
                         self._answer(await self._finish(inflight))
                         inflight = None
                     if inflight is None and not carry:
+                        # No linger (unlike PgStore's writer): the ops of a batch gathered while
+                        # the previous transaction committed; waiting longer only added latency
+                        # (2 ms writer_linger_s: 4.4 -> 2.5 ms p50 from one commit to the next
+                        # transaction, cluster at 2,000 sends/s).
                         carry = [await self._recv.receive()]
-                        waiting = self._recv.statistics().current_buffer_used
-                        if (
-                            last_batch > 1
-                            and self.limits.writer_linger_s > 0
-                            and waiting < last_batch
-                        ):
-                            # Under load, let the batch fill (see PgStore). Shielded: ops taken.
-                            with trio.CancelScope(shield=True):
-                                await trio.sleep(self.limits.writer_linger_s)
                     batch = carry + take_waiting(self._recv, self.limits.writer_batch - len(carry))
-                    last_batch = len(batch)
                     with trio.CancelScope(shield=True):
                         inflight, carry = await self._step(writes, inflight, batch)
             finally:
