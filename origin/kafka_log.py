@@ -224,8 +224,9 @@ class KafkaLog:
         confirm: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         """See `LogWriter.append_batch`. With `confirm`, the records are produced while it runs
-        and committed only if it returns True; otherwise (or if it raises) the transaction is
-        aborted and `LogWithdrawn` raised. `confirm` runs shielded: it must bound its time."""
+        and committed only if it returns True; otherwise the transaction is aborted and
+        `LogWithdrawn` raised (if it raises, aborted too, and its error goes on once the abort is
+        done). `confirm` runs shielded: it must bound its time."""
         check_batch(records)
         async with self._slots:
             if self._dead is not None:
@@ -238,12 +239,13 @@ class KafkaLog:
             # Once handed over, the outcome is the truth the sequencer needs: wait for it
             # (bounded by commit_timeout_s plus an abort).
             with trio.CancelScope(shield=True):
-                if confirm is not None and job.gate is not None:
-                    try:
+                try:
+                    if confirm is not None and job.gate is not None:
                         job.confirmed = await confirm()
-                    finally:
+                finally:
+                    if job.gate is not None:
                         job.gate.set()
-                await job.done.wait()
+                    await job.done.wait()  # even if `confirm` raised: then it aborts
         assert job.result is not None
         job.result.unwrap()
 

@@ -193,7 +193,7 @@ class KafkaStore:
         self._idle.set()
         self._progress = trio.Event()  # set (and replaced) whenever the persister writes
         self.commits = 0  # batches committed to the log; for metrics and tests
-        self.withdrawn = 0  # transactions aborted because their check found a resend; same
+        self.withdrawn = 0  # transactions withdrawn (their check found a resend, or failed); same
 
     # --- lifecycle -----------------------------------------------------------------------
 

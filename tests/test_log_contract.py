@@ -347,3 +347,39 @@ async def test_a_restarted_kafka_writer_aborts_what_any_lane_of_its_zombie_left_
     assert by_room(entries) == by_room(after)
     with pytest.raises(KafkaException, match=r"(?i)fenced|epoch"):
         zombie.commit_transaction(15)
+
+
+async def test_a_kafka_batch_on_condition_commits_only_if_confirmed(
+    kafka_backend: Backend,
+) -> None:
+    """`confirm` runs while the batch's records are produced: no withdraws the transaction
+    (nothing visible; its seqs reused), an error too (and goes on), yes commits it."""
+    from origin.kafka_log import KafkaLog, LogWithdrawn
+
+    rooms = ["a", "b"]
+    answers: list[str] = []
+
+    def answer(verdict: bool | None) -> Any:
+        async def confirm() -> bool:
+            await trio.sleep(0.05)  # the records reach the broker meanwhile
+            answers.append(str(verdict))
+            if verdict is None:
+                raise RuntimeError("the check failed")
+            return verdict
+
+        return confirm
+
+    writer = kafka_backend.writer()
+    assert isinstance(writer, KafkaLog)
+    async with running(writer):
+        with pytest.raises(LogWithdrawn):
+            await writer.append_batch(records(rooms, range(1, 3), "no"), confirm=answer(False))
+        with pytest.raises(RuntimeError, match="check failed"):
+            await writer.append_batch(records(rooms, range(1, 3), "err"), confirm=answer(None))
+        kept = records(rooms, range(1, 3), "yes")
+        await writer.append_batch(kept, confirm=answer(True))
+        async with running(kafka_backend.consumer({})) as consumer:
+            entries, _ = await read(consumer, len(kept))
+        assert writer.commits == 1
+    assert answers == ["False", "None", "True"]
+    assert by_room(entries) == by_room(kept)
