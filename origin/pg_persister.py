@@ -164,7 +164,7 @@ class PgPersister:
         self.batches += 1
         heads: dict[str, int] = {}
         for e in events:
-            heads[e.event.room] = max(heads.get(e.event.room, 0), e.event.seq)
+            heads[e.room] = max(heads.get(e.room, 0), e.seq)
         self._on_persisted(heads)
 
     async def _write_once(self, events: Sequence[LoggedEvent], resume: Mapping[int, int]) -> None:
@@ -182,7 +182,7 @@ class PgPersister:
         first_ts: dict[int, int] = {}
         month: dict[int, int] = {}  # ts → month key: a batch holds few distinct ts
         for e in events:
-            ts = e.event.ts
+            ts = e.ts
             key = month.get(ts)
             if key is None:
                 key = month[ts] = month_of(ts)[0]
@@ -190,9 +190,7 @@ class PgPersister:
             first_ts.setdefault(key, ts)
         parts = sorted(resume)
         args = (*_rows(events), self._name, self._topic, parts, [resume[p] for p in parts])
-        side = [
-            e for e in events if e.event.type in ("edit", "delete") and e.event.target is not None
-        ]
+        side = [e for e in events if e.type in ("edit", "delete") and e.target is not None]
         async with self._pool.acquire() as conn:
             for key, instances in months.items():
                 await self._partitions.ensure(conn, instances, first_ts[key])
@@ -202,32 +200,30 @@ class PgPersister:
             async with conn.transaction():
                 fresh = {(r[0], int(r[1])) for r in await conn.fetch(_PERSIST, *args)}
                 for e in side:  # side effects on targets, in log order, of new events only
-                    if (e.event.room, e.event.seq) in fresh:
+                    if (e.room, e.seq) in fresh:
                         await self._side_effect(conn, e)
 
     async def _side_effect(self, conn: Any, e: LoggedEvent) -> None:
-        ev = e.event
-        if ev.type == "edit":
+        if e.type == "edit":
             await conn.execute(
                 _EDIT,
                 e.instance,
-                ev.room,
-                ev.target,
-                orjson.dumps(ev.body) if ev.body is not None else None,
-                ev.seq,
-                tsvector_literal(_text(ev.body)),
+                e.room,
+                e.target,
+                e.body_json,
+                e.seq,
+                tsvector_literal(_text(e.body)),
             )
         else:
-            await conn.execute(_DELETE, e.instance, ev.room, ev.target)
+            await conn.execute(_DELETE, e.instance, e.room, e.target)
 
 
 def _rows(events: Sequence[LoggedEvent]) -> tuple[str, list[bytes | None]]:
     """The events as `_PERSIST` takes them: a JSON text of rows, and their bodies."""
     rows: list[list[Any]] = []
     for e in events:
-        ev = e.event
-        tsv = tsvector_literal(_text(ev.body)) if ev.type == "message" else None
-        row = [e.instance, ev.room, ev.seq, ev.ts, ev.type, ev.sender, ev.cid, ev.thread]
-        row += (ev.target, ev.emoji, tsv)
+        tsv = tsvector_literal(_text(e.body)) if e.type == "message" else None
+        row = [e.instance, e.room, e.seq, e.ts, e.type, e.sender, e.cid, e.thread]
+        row += (e.target, e.emoji, tsv)
         rows.append(row)
-    return orjson.dumps(rows).decode(), [e.body for e in events]
+    return orjson.dumps(rows).decode(), [e.body_json for e in events]
