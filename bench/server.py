@@ -264,7 +264,8 @@ class ProcWatch:
 
     def thread_cpu(self) -> dict[str, float]:
         """CPU seconds per thread of the first process: `main` (tid = pid) and the others by
-        tid and kernel name (Python thread names are not visible from outside)."""
+        tid and kernel name (Python thread names are not visible from outside); then each
+        child process (if watched) by pid and the last word of its command line."""
         out: dict[str, float] = {}
         p = self.procs[0]
         with contextlib.suppress(psutil.Error):
@@ -277,6 +278,11 @@ class ProcWatch:
                         comm = Path(f"/proc/{p.pid}/task/{t.id}/comm").read_text().strip()
                     key = f"tid {t.id} ({comm})"
                 out[key] = t.user_time + t.system_time
+            # A child (the Kafka store's persister) as one entry: its own core, its own row.
+            for child in p.children(recursive=True) if self.children else ():
+                with contextlib.suppress(psutil.Error):
+                    t = child.cpu_times()
+                    out[f"child {child.pid} ({child.cmdline()[-1]})"] = t.user + t.system
         return out
 
     def rss(self) -> int:

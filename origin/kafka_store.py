@@ -16,7 +16,9 @@ Rules:
 - Start (recovery): PgStore migrates; the Kafka producer takes the transactional id (fencing a
   zombie and aborting what it left open); the persister reads from its stored offsets until no
   committed record is left (kafka_tail.py), so PostgreSQL holds every acknowledged event and
-  the heads loaded from it continue gapless after a kill -9. Only then does `run` serve.
+  the heads loaded from it continue gapless after a kill -9. That recovery persister is
+  stopped, and the persister proper starts in a child process (persister_process.py: the
+  origin's busy thread keeps the CPU it would take). Only then does `run` serve.
 - Appends: `submit_append` takes a slot (at most `max_inflight_appends` in flight); one
   sequencer task takes every op waiting (at most `writer_batch`), asks PostgreSQL once for what
   its memory lacks (kafka_sequencer.py), plans, appends the batch as one transaction, and calls
@@ -69,6 +71,8 @@ from origin.kafka_log import KafkaLog, LogWithdrawn
 from origin.kafka_sequencer import Lookup, Needs, Plan, Sequencer, Target
 from origin.kafka_tail import committed_records_after
 from origin.log_port import LogAborted, LogBatch, writer_id
+from origin.persister_main import Settings
+from origin.persister_process import PersisterProcess
 from origin.pg_append import HEADS, PRIORS
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_persister import PgPersister, prepare
@@ -182,7 +186,7 @@ class KafkaStore:
         self._on_appended = on_appended
         self._seq = Sequencer()
         self._pool: Any = None
-        self._persister: PgPersister | None = None
+        self.persister: PersisterProcess | None = None  # once recovered
         self._log_scope = trio.CancelScope(shield=True)
         self._slots = trio.Semaphore(limits.max_inflight_appends)
         self._send, self._recv = trio.open_memory_channel[AppendItem](limits.max_inflight_appends)
@@ -198,7 +202,7 @@ class KafkaStore:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        # The sequencer's lookups (two batches' may overlap), the persister, one spare.
+        # The sequencer's lookups (two batches' may overlap), recovery's persister, one spare.
         self._pool = await open_pool(self.dsn, self.schema, "gb6-origin-log", 4)
         try:
             async with trio.open_nursery() as nursery:
@@ -223,12 +227,15 @@ class KafkaStore:
             prepare, "reading the persister's offsets", self._pool, self.topic, "persister"
         )
         await nursery.start(self._run_log)
-        consumer = KafkaLogConsumer(self.bootstrap, self.topic, offsets, name="persister")
-        await nursery.start(consumer.run)
-        persister = PgPersister(self._pool, self.schema, self.topic, consumer, self._persisted)
-        self._persister = persister
-        await self._recover(consumer, persister, offsets)
-        nursery.start_soon(persister.run_forever)
+        async with trio.open_nursery() as recovery:
+            consumer = KafkaLogConsumer(self.bootstrap, self.topic, offsets, name="persister")
+            await recovery.start(consumer.run)
+            persister = PgPersister(self._pool, self.schema, self.topic, consumer, self._persisted)
+            await self._recover(consumer, persister, offsets)
+            recovery.cancel_scope.cancel()  # stopped before its successor reads: one at a time
+        settings = Settings(self.dsn, self.schema, self.bootstrap, self.topic)
+        self.persister = PersisterProcess(settings, self._persisted)
+        await nursery.start(self.persister.run)
         self._closed = False
         async with trio.open_nursery() as inner:
             inner.start_soon(self._sequencer)

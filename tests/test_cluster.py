@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import trio
 from services import require
@@ -313,9 +314,15 @@ async def test_kill9_origin_mid_stream_restart_continues_gapless(cluster: Cluste
         with trio.fail_after(20):
             while len(acked) < 80:  # noqa: ASYNC110 - polling the storm's progress
                 await trio.sleep(0.01)
+        assert origin.proc is not None
+        # Kafka: the shard's persister, a child process. It must die with its origin.
+        children = psutil.Process(origin.proc.pid).children()
+        assert len(children) == (1 if cluster.kafka else 0)
         origin.kill()
         await trio.sleep(0.3)
         origin.start()  # same data, same link port: the edges reconnect
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert alive == []
     assert len(acked) == 400
     _check_log(await _read_room(e2, users[1].token, room, 400), acked)
     # And in the shard's own store (PostgreSQL in the postgres and kafka runs, where the

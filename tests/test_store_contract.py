@@ -10,6 +10,10 @@ its partitions, a failed transaction; Kafka's aborted transactions and fencing).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import orjson
 import outcome
 import pytest
 import trio
@@ -29,6 +34,7 @@ from node.errors import CONFLICT, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE, GB
 from node.events import Event
 from node.ids import new_id
 from origin.kafka_store import KafkaStore
+from origin.persister_main import Settings
 from origin.pg_schema import SCHEMA_VERSION
 from origin.pg_store import PgStore
 from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
@@ -984,6 +990,67 @@ async def test_kafka_resends_known_only_to_postgresql_answer_their_originals(
         assert seqs(rec.fresh()) == [1, 2, 3, 4, 5]
     committed = await _topic_records(kafka_backend, "read_committed")
     assert sorted(s for room_, s in committed if room_ == r) == [1, 2, 3, 4, 5]
+
+
+async def test_kafka_persister_process_is_started_again_when_it_dies(
+    kafka_backend: Backend,
+) -> None:
+    """The persister runs in a child process. Killed, it is started again from its stored
+    offsets: what was acknowledged meanwhile reaches PostgreSQL, each event once."""
+    rec = Recorder()
+    async with serving(kafka_backend, rec) as store:
+        assert isinstance(store, KafkaStore) and store.persister is not None
+        t = await tenant(store)
+        r = await room(store, t)
+        assert (await append(store, item(r, t.alice, "m1"))).event.seq == 1
+        assert seqs(await store.events_after(r, 0, 10)) == [1]
+        first = store.persister.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        for i in range(2, 6):  # acknowledged by the log while no persister runs
+            assert (await append(store, item(r, t.alice, f"m{i}"))).event.seq == i
+        with trio.fail_after(30):
+            assert seqs(await store.events_after(r, 0, 10)) == [1, 2, 3, 4, 5]
+        assert store.persister.restarts == 1
+        assert store.persister.pid not in (None, first)
+    rows = await _pg_rows(kafka_backend, "SELECT seq FROM events WHERE room = $1", r)
+    assert sorted(row[0] for row in rows) == [1, 2, 3, 4, 5]
+
+
+async def test_kafka_persister_process_exits_when_its_stdin_ends(kafka_backend: Backend) -> None:
+    """The child's stdin is its parent's pipe: its end (the parent stopped it, or died) makes
+    the child exit, even with nothing to write, its stdout still open."""
+    async with serving(kafka_backend) as store:  # the schema and the topic exist
+        assert isinstance(store, KafkaStore)
+        settings = Settings(store.dsn, store.schema, store.bootstrap, store.topic)
+        child = subprocess.Popen(  # noqa: ASYNC220 - its pipes are read in a thread below
+            [sys.executable, "-m", "origin.persister_main"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write(settings.encode())
+            child.stdin.flush()
+            line = await trio.to_thread.run_sync(child.stdout.readline)
+            assert orjson.loads(line).keys() == {"ready"}
+            child.stdin.close()
+            assert await trio.to_thread.run_sync(lambda: child.wait(15)) == 0
+        finally:
+            child.kill()
+            child.wait()
+
+
+async def _pg_rows(backend: Backend, query: str, *args: Any) -> list[Any]:
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    async with trio_asyncio.open_loop():
+        conn = await aio_as_trio(asyncpg.connect)(backend.dsn, timeout=10)
+        try:
+            await aio_as_trio(conn.execute)(f'SET search_path = "{backend.schema}"')
+            return list(await aio_as_trio(conn.fetch)(query, *args))
+        finally:
+            await aio_as_trio(conn.close)()
 
 
 async def test_kafka_a_second_store_of_the_shard_fences_the_first(kafka_backend: Backend) -> None:
