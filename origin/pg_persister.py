@@ -14,6 +14,9 @@ Rules (DESIGN §3.5):
   pause, until it succeeds or the persister is cancelled; each failure is logged.
 - Every crossing into asyncpg is one batch (`aio_as_trio`), on the connection pool its owner
   gives it; partitions a batch needs are made before its transaction (pg_schema.Partitions).
+- Every batch is tried first as if all its events were new (`_FIRST`: plain inserts, cheaper
+  for PostgreSQL); a unique key violated means a replay, and that batch is written again with
+  the statement that skips what is there (`_PERSIST`). Either way, one transaction.
 - One round trip per batch in the common case: the rows are built in Python first (outside
   any transaction), then ONE statement inserts the keys, the events whose keys were new, and
   the offsets (`_PERSIST`: a statement is its own transaction). A batch holding edits or
@@ -27,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import orjson
 import trio
 from trio_asyncio import aio_as_trio
@@ -76,6 +80,33 @@ _PERSIST: Final = (
     " FROM t JOIN keys ON keys.room = t.room AND keys.seq = t.seq"
     " ORDER BY t.n"
     " RETURNING room, seq"
+)
+# The first try of every batch: `_PERSIST` without what only a replay needs. ON CONFLICT
+# checks each key against both unique indexes of `event_keys` before inserting it, and the
+# join and RETURNING build a hash of the keys: PostgreSQL spent ~38 µs of CPU per event on
+# `_PERSIST` against ~23 per append in the PostgreSQL store's own insert (bench/RESULTS.md,
+# 2026-11-27). A batch read again (a zombie persister beside its successor) fails here on a
+# unique key, changing nothing, and is written with `_PERSIST`.
+_FIRST: Final = (
+    "WITH t AS ("
+    " SELECT r->>0 AS instance, r->>1 AS room, (r->>2)::bigint AS seq, (r->>3)::bigint AS ts,"
+    " r->>4 AS type, r->>5 AS sender, r->>6 AS cid, body, (r->>7)::bigint AS thread,"
+    " (r->>8)::bigint AS target, r->>9 AS emoji, r->>10 AS tsv, n"
+    " FROM ROWS FROM (jsonb_array_elements($1::jsonb), unnest($2::bytea[])) WITH ORDINALITY"
+    " AS e(r, body, n)),"
+    " keys AS ("
+    " INSERT INTO event_keys(room, seq, sender, cid, instance, ts)"
+    " SELECT room, seq, sender, cid, instance, ts FROM t),"
+    " offsets AS ("
+    " INSERT INTO log_offsets(consumer, topic, partition, next)"
+    " SELECT $3, $4, p, n FROM unnest($5::integer[], $6::bigint[]) AS o(p, n)"
+    " ON CONFLICT (consumer, topic, partition)"
+    " DO UPDATE SET next = GREATEST(log_offsets.next, excluded.next))"
+    " INSERT INTO events(instance, room, seq, ts, type, sender, cid, body, thread, target,"
+    " emoji, tsv)"
+    " SELECT instance, room, seq, ts, type, sender, cid, body, thread, target, emoji,"
+    " tsv::tsvector"
+    " FROM t ORDER BY n"
 )
 # The target's ts from event_keys prunes `events` to one partition.
 _EDIT: Final = (
@@ -141,6 +172,7 @@ class PgPersister:
         self._partitions = Partitions(schema)
         self.offsets: dict[int, int] = {}  # after the last batch written
         self.batches = 0  # written; for metrics and tests
+        self.replays = 0  # batches that held events written already; same
 
     async def step(self) -> None:
         """Read the next batch (waits for one) and write it, retrying until it is written."""
@@ -194,6 +226,17 @@ class PgPersister:
         async with self._pool.acquire() as conn:
             for key, instances in months.items():
                 await self._partitions.ensure(conn, instances, first_ts[key])
+            try:  # every event new: the usual case
+                if not side:
+                    await conn.execute(_FIRST, *args)
+                    return
+                async with conn.transaction():
+                    await conn.execute(_FIRST, *args)
+                    for e in side:
+                        await self._side_effect(conn, e)
+                return
+            except asyncpg.UniqueViolationError:
+                self.replays += 1  # nothing of it was written; now skip what is there
             if not side:
                 await conn.execute(_PERSIST, *args)  # one statement, one transaction
                 return

@@ -1041,6 +1041,68 @@ async def test_kafka_persister_process_exits_when_its_stdin_ends(kafka_backend: 
             child.wait()
 
 
+async def test_the_persister_writes_a_batch_read_again_once(pg_backend: Backend) -> None:
+    """The persister is idempotent: a batch read again (a zombie persister beside its successor,
+    a crash before its offsets were known) or one overlapping what is written adds only what is
+    new, applies an edit or a delete once, and never moves the stored offsets back."""
+    from origin.kafka_records import encode
+    from origin.log_port import LogBatch, LogEntry
+    from origin.pg_persister import PgPersister, prepare
+    from origin.pg_store import open_pool
+
+    async with serving(pg_backend) as store:  # the schema, migrated
+        t = await tenant(store)
+        r = await room(store, t)
+        ts = now_ms()
+
+        def batch(first: int, events: list[Event], resume: int) -> LogBatch:
+            entries = []
+            for n, e in enumerate(events, start=first):
+                record = encode(t.instance, e)
+                entries.append(LogEntry(record.room, record.seq, record.payload, 0, n))
+            return LogBatch(tuple(entries), {0: resume})
+
+        m1 = Event(r, 1, ts, "message", t.alice, "c1", body={"text": "one"})
+        m2 = Event(r, 2, ts, "message", t.alice, "c2", body={"text": "two"})
+        edit = Event(r, 3, ts, "edit", t.alice, "c3", body={"text": "uno"}, target=1)
+        delete = Event(r, 4, ts, "delete", t.alice, "c4", target=2)
+        m5 = Event(r, 5, ts, "message", t.bob, "c5", body={"text": "five"})
+        pool = await open_pool(pg_backend.dsn, pg_backend.schema, "test-persister", 2)
+        try:
+            await aio_as_trio(prepare)(pool, "topic", "persister")
+            heads: list[dict[str, int]] = []
+            persister = PgPersister(pool, pg_backend.schema, "topic", None, heads.append)  # type: ignore[arg-type]
+            with trio.fail_after(30):  # a replay that failed would be retried forever
+                await persister.write(batch(0, [m1, m2, edit], 3))
+                assert persister.replays == 0
+                await persister.write(batch(0, [m1, m2, edit], 3))  # the same batch again
+                await persister.write(batch(1, [m2, edit, delete, m5], 5))  # overlapping
+                assert persister.replays == 2
+                await persister.write(batch(0, [m1], 1))  # an old one: offsets stay where they are
+            assert heads == [{r: 3}, {r: 3}, {r: 5}, {r: 1}]
+            got = await store.events_after(r, 0, 10)
+            assert [(e.seq, e.cid) for e in got] == [
+                (1, "c1"),
+                (2, "c2"),
+                (3, "c3"),
+                (4, "c4"),
+                (5, "c5"),
+            ]
+            q = "SELECT seq, edited, current_body, deleted FROM events WHERE room = $1 ORDER BY seq"
+            rows = [tuple(x) for x in await aio_as_trio(pool.fetch)(q, r)]
+            assert rows == [
+                (1, 3, b'{"text":"uno"}', False),  # edited once, by seq 3
+                (2, None, None, True),
+                (3, None, None, False),
+                (4, None, None, False),
+                (5, None, None, False),
+            ]
+            offsets = await aio_as_trio(prepare)(pool, "topic", "persister")
+            assert offsets == {0: 5}
+        finally:
+            await aio_as_trio(pool.close)()
+
+
 async def _pg_rows(backend: Backend, query: str, *args: Any) -> list[Any]:
     import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
