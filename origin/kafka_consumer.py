@@ -40,6 +40,13 @@ if TYPE_CHECKING:
     from confluent_kafka._types import HeadersType  # the client's own name for the shape
 
 _POLL_S: Final = 0.1  # how often an idle thread looks at the stop flag
+# For a consumer off the ack path (the persister, the meter): the broker answers a fetch once
+# it holds this much, or after this long. Each batch such a consumer handles costs about the
+# same whatever its size (a thread hop, a round trip, syscalls: ~1.5 ms of the persister's
+# CPU), and reading every transaction as it committed made batches of ~20 events at 2,000
+# sends/s (the persister took 17.5% of a core, 8% with this; bench/RESULTS.md, 2026-11-27).
+# What waits for such a consumer (a read after a send) waits this long more, at most.
+GATHERED: Final = {"fetch.wait.max.ms": 50, "fetch.min.bytes": 256 << 10}
 _METADATA_TIMEOUT_S: Final = 15.0
 
 

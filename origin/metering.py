@@ -305,10 +305,16 @@ class KafkaEventSource:
     async def _serve(
         self, start: dict[int, int], *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        from origin.kafka_consumer import KafkaLogConsumer  # confluent-kafka only where used
+        # confluent-kafka only where used
+        from origin.kafka_consumer import GATHERED, KafkaLogConsumer
 
         consumer = KafkaLogConsumer(
-            self._bootstrap, self._topic, start, name="meter", max_batch=self._max_batch
+            self._bootstrap,
+            self._topic,
+            start,
+            name="meter",
+            max_batch=self._max_batch,
+            config=GATHERED,
         )
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:

@@ -32,7 +32,7 @@ import trio_asyncio
 
 from node.errors import INVALID, GB6Error
 from node.log import log
-from origin.kafka_consumer import KafkaLogConsumer
+from origin.kafka_consumer import GATHERED, KafkaLogConsumer
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_persister import PgPersister, prepare
 from origin.pg_store import open_pool
@@ -112,7 +112,7 @@ async def serve(
             except DB_ERRORS as exc:
                 raise translate(exc, "reading the persister's offsets") from exc
             consumer = KafkaLogConsumer(
-                settings.bootstrap, settings.topic, offsets, name="persister"
+                settings.bootstrap, settings.topic, offsets, name="persister", config=GATHERED
             )
             await nursery.start(consumer.run)
             heads = _Heads(out)
