@@ -296,10 +296,7 @@ class KafkaLog:
                 if self._dead is None:
                     producer.close()
                 else:
-                    # A fenced or failed producer cannot abort on close (it would warn); its
-                    # unsent records are dropped, which is what fencing means.
-                    producer.purge()
-                    producer.poll(0)
+                    _drop(producer)
 
     def _start(self) -> list[Producer]:
         """One producer per lane, each owning its transactional id (older ones are fenced)."""
@@ -314,8 +311,7 @@ class KafkaLog:
                 producer.init_transactions(self.commit_timeout_s)
         except Exception as exc:  # KafkaException, a timeout, a bad setting: all say "no"
             for producer in producers:
-                producer.purge()
-                producer.poll(0)
+                _drop(producer)
             raise GB6Error(
                 UNAVAILABLE, f"Kafka log {self.transactional_id}: cannot start: {exc!r}"
             ) from None
@@ -390,3 +386,14 @@ class KafkaLog:
                 )
             return self._dead
         return LogAborted(f"Kafka log {self.transactional_id}: batch aborted: {why}")
+
+
+def _drop(producer: Producer) -> None:
+    """Let go of a fenced or failed producer: it cannot abort on close (it would warn), and its
+    unsent records are dropped, which is what fencing means. Its last poll may raise the fatal
+    error again (seen as an unhandled exception ending the producer thread): it is known."""
+    try:
+        producer.purge()
+        producer.poll(0)
+    except KafkaException:
+        pass
