@@ -333,7 +333,10 @@ class KafkaLog:
                 producer.flush(self.commit_timeout_s)
                 producer.abort_transaction(self.commit_timeout_s)
                 raise LogAborted(f"batch aborted after {len(records)} records (test hook)")
-            # A conditional batch's records travel to the broker while it waits (linger.ms).
+            if job.gate is not None and not job.gate.is_set():
+                # While the verdict is awaited, the records travel: a flush sends them at once
+                # (linger.ms holds them otherwise, until the commit's own flush).
+                producer.flush(self.commit_timeout_s)
             if job.gate is not None and not (
                 job.gate.wait(self.commit_timeout_s) and job.confirmed
             ):
