@@ -42,6 +42,12 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
                 "# TYPE gb6_rooms gauge",
                 f"gb6_rooms {len(shard.rooms)}",
             ]
+            persister = getattr(shard.store, "persister", None)  # the Kafka store's child
+            if persister is not None:
+                lines += [
+                    "# TYPE gb6_persister_restarts_total counter",
+                    f"gb6_persister_restarts_total {persister.restarts}",
+                ]
         return Response("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
 
     return bp

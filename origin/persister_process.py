@@ -8,9 +8,12 @@ Rules:
   because we died, kill -9 included) makes it finish the batch it writes and exit. On
   cancellation we close stdin, wait `_STOP_S` for it, then kill it.
 - A child that fails before it is ready makes `run` raise (`unavailable`, with its exit code):
-  a store that cannot persist must not serve. One that dies later is started again after
-  `_RESTART_S`, from the offsets it stored; nothing acknowledged is lost (the log holds it)
-  and reads that wait for the persister wait a little longer.
+  a store that cannot persist must not serve. One that dies later is started again, from the
+  offsets it stored; nothing acknowledged is lost (the log holds it) and reads that wait for
+  the persister wait a little longer. The pause before a restart doubles from `_RESTART_S` up
+  to `_RESTART_MAX_S` while children keep dying young (Kafka or PostgreSQL down: a Python
+  process started every second would take a core), and is back to `_RESTART_S` after one lived
+  `_LIVED_S`.
 - The child runs in a session of its own: a terminal's Ctrl-C reaches the origin, which stops
   it in order, not the child mid-batch.
 - Every size is bounded: a line from the child above `MAX_LINE` bytes is an error (the child
@@ -37,6 +40,8 @@ MAX_LINE: Final = 16 << 20
 _START_TIMEOUT_S: Final = 60.0  # imports, the pool, the topic's metadata (15 s at most)
 _STOP_S: Final = 30.0  # a batch under way is written before the child exits
 _RESTART_S: Final = 1.0
+_RESTART_MAX_S: Final = 30.0
+_LIVED_S: Final = 60.0
 # The directory `origin` is imported from: the child imports the same code as its parent.
 _ROOT: Final = str(Path(__file__).resolve().parent.parent)
 
@@ -65,15 +70,18 @@ class PersisterProcess:
                 started = True
                 task_status.started()
 
+        pause = 0.0
         while True:
+            born = trio.current_time()
             try:
                 await self._child(ready)
             except _ChildFailed as exc:
                 if not started:
                     raise GB6Error(UNAVAILABLE, f"the persister did not start: {exc}") from None
-                log("persister_restart", topic=self._settings.topic, reason=str(exc))
+                pause = restart_pause(pause, trio.current_time() - born)
+                log("persister_restart", topic=self._settings.topic, reason=str(exc), pause=pause)
             self.restarts += 1
-            await trio.sleep(_RESTART_S)
+            await trio.sleep(pause)
 
     async def _child(self, ready: Callable[[], None]) -> None:
         env = dict(os.environ)
@@ -110,6 +118,13 @@ class PersisterProcess:
             self.pid = None
             with trio.CancelScope(shield=True):
                 await _stop(proc)
+
+
+def restart_pause(previous: float, lived_s: float) -> float:
+    """The pause before starting a child again, after the last one lived `lived_s`."""
+    if lived_s >= _LIVED_S or previous <= 0:
+        return _RESTART_S
+    return min(previous * 2, _RESTART_MAX_S)
 
 
 async def _stop(proc: trio.Process) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 import trio
@@ -332,6 +333,27 @@ async def test_kill9_origin_mid_stream_restart_continues_gapless(cluster: Cluste
     assert [seq for seq, _ in stored] == list(range(1, len(stored) + 1))
     assert len({cid for _, cid in stored}) == len(stored)
     assert {cid: seq for seq, cid in stored if cid in acked} == acked
+
+
+async def test_an_origin_reports_its_metrics(cluster: Cluster) -> None:
+    """`/metrics` of an origin: its commits, and with Kafka its persister's restarts."""
+    origin = cluster.origins[0]
+    alice = origin.create_tenant().user("alice")
+    before = _metrics(origin)
+    async with _peer(cluster.edges[0], alice.token) as a:
+        room = (await a.ok("room.create", name="m", kind="chat", members=[]))["room"]["id"]
+        await a.ok("send", room=room, cid="m1", body={"text": "counted"})
+    after = _metrics(origin)
+    assert after["gb6_commits_total"] > before["gb6_commits_total"]
+    assert ("gb6_persister_restarts_total" in after) == (cluster.kafka is not None)
+    assert after.get("gb6_persister_restarts_total", 0) == 0
+
+
+def _metrics(node: Node) -> dict[str, float]:
+    res = httpx.get(node.http_url + "/metrics", timeout=10)
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
+    samples = [line.split() for line in res.text.splitlines() if not line.startswith("#")]
+    return {name: float(value) for name, value in samples}
 
 
 @pytest.fixture

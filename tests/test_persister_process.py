@@ -13,7 +13,7 @@ import trio_asyncio
 
 from node.errors import INVALID, UNAVAILABLE, GB6Error
 from origin.persister_main import Settings
-from origin.persister_process import PersisterProcess
+from origin.persister_process import PersisterProcess, restart_pause
 
 
 def test_settings_round_trip_and_refuse_what_is_not_theirs() -> None:
@@ -48,3 +48,11 @@ async def test_a_child_that_cannot_start_stops_the_parent_with_its_reason() -> N
     assert info.value.code == UNAVAILABLE
     assert "the persister did not start: exited at start with 1" in info.value.message
     assert process.pid is None and process.restarts == 0 and persisted == []
+
+
+def test_restarts_back_off_while_children_die_young() -> None:
+    pauses = [restart_pause(0.0, 0.5)]
+    for _ in range(7):
+        pauses.append(restart_pause(pauses[-1], 2.0))
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert restart_pause(30.0, 61.0) == 1.0  # one lived long enough: quick again
