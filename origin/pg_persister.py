@@ -50,24 +50,27 @@ _OFFSETS_TABLE: Final = (
     " consumer text NOT NULL, topic text NOT NULL, partition integer NOT NULL,"
     " next bigint NOT NULL, PRIMARY KEY (consumer, topic, partition))"
 )
-# $1: the events as one jsonb document (each an array in `_rows`' order) and $2 their bodies
-# (bytea: a body may hold "\u0000", which jsonb refuses), as the writer sends them
-# (pg_append.py: one JSON text costs the origin far less CPU than twelve arrays); $3, $4:
-# consumer and topic; $5, $6: partitions and their next offsets. Keys first (ON CONFLICT: a
-# replayed event is skipped), then the events whose keys were new, in log order (event ids,
-# search's newest-first order, follow it), and the offsets: a data-modifying CTE runs to
-# completion whether or not it is read.
-_PERSIST: Final = (
-    "WITH t AS ("
+# `_PERSIST` and `_FIRST`, made of these parts. $1: the events as one jsonb document (each
+# an array in `_rows`' order) and $2 their bodies (bytea: a body may hold "\u0000", which
+# jsonb refuses), as the writer sends them (pg_append.py: one JSON text costs the origin far
+# less CPU than twelve arrays); $3, $4: consumer and topic; $5, $6: partitions and their next
+# offsets. Keys first (in `_PERSIST`, ON CONFLICT: a replayed event is skipped), then the
+# events whose keys were new, in log order (event ids, search's newest-first order, follow
+# it), and the offsets: a data-modifying CTE runs to completion whether or not it is read.
+_ROWS: Final = (
+    " t AS ("
     " SELECT r->>0 AS instance, r->>1 AS room, (r->>2)::bigint AS seq, (r->>3)::bigint AS ts,"
     " r->>4 AS type, r->>5 AS sender, r->>6 AS cid, body, (r->>7)::bigint AS thread,"
     " (r->>8)::bigint AS target, r->>9 AS emoji, r->>10 AS tsv, n"
     " FROM ROWS FROM (jsonb_array_elements($1::jsonb), unnest($2::bytea[])) WITH ORDINALITY"
-    " AS e(r, body, n)),"
+    " AS e(r, body, n))"
+)
+_KEYS: Final = (
     " keys AS ("
     " INSERT INTO event_keys(room, seq, sender, cid, instance, ts)"
     " SELECT room, seq, sender, cid, instance, ts FROM t"
-    " ON CONFLICT DO NOTHING RETURNING room, seq),"
+)
+_OFFSETS: Final = (
     " offsets AS ("
     " INSERT INTO log_offsets(consumer, topic, partition, next)"
     " SELECT $3, $4, p, n FROM unnest($5::integer[], $6::bigint[]) AS o(p, n)"
@@ -75,6 +78,9 @@ _PERSIST: Final = (
     " DO UPDATE SET next = GREATEST(log_offsets.next, excluded.next))"
     " INSERT INTO events(instance, room, seq, ts, type, sender, cid, body, thread, target,"
     " emoji, tsv)"
+)
+_PERSIST: Final = (
+    f"WITH{_ROWS},{_KEYS} ON CONFLICT DO NOTHING RETURNING room, seq),{_OFFSETS}"
     " SELECT t.instance, t.room, t.seq, t.ts, t.type, t.sender, t.cid, t.body, t.thread,"
     " t.target, t.emoji, t.tsv::tsvector"
     " FROM t JOIN keys ON keys.room = t.room AND keys.seq = t.seq"
@@ -88,22 +94,7 @@ _PERSIST: Final = (
 # 2026-11-27). A batch read again (a zombie persister beside its successor) fails here on a
 # unique key, changing nothing, and is written with `_PERSIST`.
 _FIRST: Final = (
-    "WITH t AS ("
-    " SELECT r->>0 AS instance, r->>1 AS room, (r->>2)::bigint AS seq, (r->>3)::bigint AS ts,"
-    " r->>4 AS type, r->>5 AS sender, r->>6 AS cid, body, (r->>7)::bigint AS thread,"
-    " (r->>8)::bigint AS target, r->>9 AS emoji, r->>10 AS tsv, n"
-    " FROM ROWS FROM (jsonb_array_elements($1::jsonb), unnest($2::bytea[])) WITH ORDINALITY"
-    " AS e(r, body, n)),"
-    " keys AS ("
-    " INSERT INTO event_keys(room, seq, sender, cid, instance, ts)"
-    " SELECT room, seq, sender, cid, instance, ts FROM t),"
-    " offsets AS ("
-    " INSERT INTO log_offsets(consumer, topic, partition, next)"
-    " SELECT $3, $4, p, n FROM unnest($5::integer[], $6::bigint[]) AS o(p, n)"
-    " ON CONFLICT (consumer, topic, partition)"
-    " DO UPDATE SET next = GREATEST(log_offsets.next, excluded.next))"
-    " INSERT INTO events(instance, room, seq, ts, type, sender, cid, body, thread, target,"
-    " emoji, tsv)"
+    f"WITH{_ROWS},{_KEYS}),{_OFFSETS}"
     " SELECT instance, room, seq, ts, type, sender, cid, body, thread, target, emoji,"
     " tsv::tsvector"
     " FROM t ORDER BY n"
