@@ -64,3 +64,11 @@ def forbidden(message: str = "not allowed") -> GB6Error:
 
 def not_found(message: str = "not found") -> GB6Error:
     return GB6Error(NOT_FOUND, message)
+
+
+def leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions of a (nested) group, flattened: what a nursery's failure was made of."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out

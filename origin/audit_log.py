@@ -60,7 +60,7 @@ import attrs
 import trio
 
 from node.channels import take_waiting
-from node.errors import UNAVAILABLE, GB6Error, invalid
+from node.errors import UNAVAILABLE, GB6Error, invalid, leaves
 from node.log import log
 from origin.audit import (
     Anchor,
@@ -248,9 +248,9 @@ class AuditLog:
         except BaseExceptionGroup as group:
             # A refusal at start (a tampered tail, an unreachable store) is one GB6Error:
             # raise it as itself, so the process can say what is wrong in one line.
-            leaves = _leaves(group)
-            if len(leaves) == 1 and isinstance(leaves[0], GB6Error):
-                raise leaves[0] from None
+            found = leaves(group)
+            if len(found) == 1 and isinstance(found[0], GB6Error):
+                raise found[0] from None
             raise
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
@@ -605,13 +605,6 @@ class AuditLog:
     async def verify(self) -> Report:
         """Verify the whole log against its anchor (reads every record)."""
         return await verify_store(self.store, await self.anchors.load(), self.key)
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-    return out
 
 
 async def _keep(

@@ -30,7 +30,7 @@ import orjson
 import trio
 import trio_asyncio
 
-from node.errors import INVALID, GB6Error
+from node.errors import INVALID, GB6Error, leaves
 from node.log import log
 from origin.kafka_consumer import GATHERED, KafkaLogConsumer
 from origin.pg_errors import DB_ERRORS, translate
@@ -137,15 +137,17 @@ async def _main(settings: Settings) -> None:
 
 
 def main() -> int:
+    failures: list[BaseException] = []
     try:
         settings = Settings.decode(sys.stdin.buffer.readline(MAX_SETTINGS_BYTES + 1))
         trio.run(_main, settings)
-    except GB6Error as exc:
-        log("persister_failed", error=exc.message)
-        return 1
-    except trio.BrokenResourceError:  # the parent closed our stdout: it is gone
-        return 0
-    return 0
+    except* GB6Error as group:  # bad settings, PostgreSQL or Kafka refusing: said in one line
+        failures += leaves(group)
+    except* trio.BrokenResourceError:
+        pass  # the parent closed our stdout: it is gone, and so are we
+    for exc in failures:
+        log("persister_failed", error=str(exc))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -140,6 +140,8 @@ async def _stop(proc: trio.Process) -> None:
         log("persister_killed", pid=proc.pid)
         proc.kill()
         await proc.wait()
+    if proc.stdout is not None:
+        await proc.stdout.aclose()  # one pipe per child, not one more per restart
 
 
 class _Lines:

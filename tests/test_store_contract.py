@@ -1041,6 +1041,25 @@ async def test_kafka_persister_process_exits_when_its_stdin_ends(kafka_backend: 
             child.wait()
 
 
+async def test_kafka_persister_process_says_why_it_stops(kafka_backend: Backend) -> None:
+    """A child whose log cannot be read (here: no such topic) exits 1, saying why in one
+    structured line, not a traceback."""
+    async with serving(kafka_backend) as store:  # the schema exists
+        assert isinstance(store, KafkaStore)
+        settings = Settings(store.dsn, store.schema, store.bootstrap, store.topic + "-missing")
+        done = await trio.run_process(
+            [sys.executable, "-m", "origin.persister_main"],
+            stdin=settings.encode(),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 1 and done.stdout == b""
+    lines = [orjson.loads(line) for line in done.stderr.splitlines()]
+    assert [line["event"] for line in lines] == ["persister_failed"]
+    assert "-missing" in lines[0]["error"] and "Traceback" not in done.stderr.decode()
+
+
 async def test_the_persister_writes_a_batch_read_again_once(pg_backend: Backend) -> None:
     """The persister is idempotent: a batch read again (a zombie persister beside its successor,
     a crash before its offsets were known) or one overlapping what is written adds only what is
