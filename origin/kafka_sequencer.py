@@ -210,6 +210,7 @@ class Sequencer:
         self.heads: dict[str, int] = {}
         self.instances: dict[str, str] = {}  # room → instance (a room never moves)
         self.unpersisted = Unpersisted()
+        self.last_ts = 0  # of the last plan
 
     def needs(self, items: Iterable[AppendItem]) -> Needs:
         rooms: set[str] = set()
@@ -230,7 +231,11 @@ class Sequencer:
         return Needs(frozenset(rooms), frozenset(heads), frozenset(keys), frozenset(targets))
 
     def plan(self, lookup: Lookup, ts: int) -> Plan:
-        return Plan(self, lookup, ts)
+        """A plan whose events get `ts`, or 1 ms after the last plan's if that is later: with
+        several partitions the persister writes events (and so numbers them) in log order only
+        per partition, and search's newest-first order is by ts first."""
+        self.last_ts = max(ts, self.last_ts + 1)
+        return Plan(self, lookup, self.last_ts)
 
     def prior(self, key: Key, lookup: Lookup) -> Event | None:
         held = self.unpersisted.keys.get(key)

@@ -55,8 +55,9 @@ _OFFSETS_TABLE: Final = (
 # jsonb refuses), as the writer sends them (pg_append.py: one JSON text costs the origin far
 # less CPU than twelve arrays); $3, $4: consumer and topic; $5, $6: partitions and their next
 # offsets. Keys first (in `_PERSIST`, ON CONFLICT: a replayed event is skipped), then the
-# events whose keys were new, in log order (event ids, search's newest-first order, follow
-# it), and the offsets: a data-modifying CTE runs to completion whether or not it is read.
+# events whose keys were new, in log order (event ids follow it, per partition; search
+# orders by ts first), and the offsets: a data-modifying CTE runs to completion whether or
+# not it is read.
 _ROWS: Final = (
     " t AS ("
     " SELECT r->>0 AS instance, r->>1 AS room, (r->>2)::bigint AS seq, (r->>3)::bigint AS ts,"

@@ -737,13 +737,16 @@ class PgStore:
             return []
         room_list = list(dict.fromkeys(rooms))
 
+        # Newest first: by ts (a batch's commit time), then id (the order of writes). ts first
+        # for the Kafka store: with several partitions its persister writes, and so numbers,
+        # events in log order only per partition; its sequencer gives each batch a later ts.
         async def q(c: Any) -> list[Event]:
             await self._learn_instances(c, room_list)
             instances = sorted({self._instances[r] for r in room_list if r in self._instances})
             rows = await c.fetch(
                 f"SELECT {EVENT_COLS}, current_body, edited FROM events"
                 " WHERE instance = ANY($1::text[]) AND room = ANY($2::text[])"
-                " AND tsv @@ $3::tsquery AND NOT deleted ORDER BY id DESC LIMIT $4",
+                " AND tsv @@ $3::tsquery AND NOT deleted ORDER BY ts DESC, id DESC LIMIT $4",
                 instances,
                 room_list,
                 tsquery,

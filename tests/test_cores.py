@@ -181,3 +181,14 @@ def test_token_digests_are_not_reversible_ids() -> None:
     assert ident.startswith("usr_") and len(ident) > 20
     assert secret_digest("a") != secret_digest("b")
     assert base64.b16decode(secret_digest("a").upper())  # hex, 32 bytes
+
+
+def test_each_kafka_batch_is_later_than_the_one_before() -> None:
+    """Search orders by ts first: with several partitions, event ids follow the log only per
+    partition, so batches planned within one millisecond, or while the clock steps back, still
+    get increasing ts."""
+    from origin.kafka_sequencer import Lookup, Sequencer
+
+    seq = Sequencer()
+    stamps = [seq.plan(Lookup(), now).ts for now in (1_000, 1_000, 999, 1_005, 1_004)]
+    assert stamps == [1_000, 1_001, 1_002, 1_005, 1_006]
