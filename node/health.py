@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from quart import Blueprint, Response
 
+from node.metrics import Metric, render
+
 if TYPE_CHECKING:
     from edge.gateway import Gateway
     from origin.shard import OriginShard
@@ -27,27 +29,39 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
 
     @bp.get("/metrics")
     async def metrics() -> Response:
-        lines = []
+        samples: list[Metric] = []
         if gateway is not None:
-            lines += [
-                "# TYPE gb6_connections gauge",
-                f"gb6_connections {len(gateway.conns)}",
-                "# TYPE gb6_room_hubs gauge",
-                f"gb6_room_hubs {len(gateway.hubs.hubs)}",
+            samples += [
+                Metric("gb6_connections", "gauge", "client connections", len(gateway.conns)),
+                Metric("gb6_room_hubs", "gauge", "rooms with a local hub", len(gateway.hubs.hubs)),
             ]
         if shard is not None:
-            lines += [
-                "# TYPE gb6_commits_total counter",
-                f"gb6_commits_total {shard.store.commits}",
-                "# TYPE gb6_rooms gauge",
-                f"gb6_rooms {len(shard.rooms)}",
+            counts = shard.counts
+            samples += [
+                Metric(
+                    "gb6_commits_total",
+                    "counter",
+                    "batches committed to the log of record",
+                    shard.store.commits,
+                ),
+                Metric("gb6_appends_total", "counter", "new events committed", counts.appended),
+                Metric(
+                    "gb6_append_repeats_total",
+                    "counter",
+                    "resends answered with their original event",
+                    counts.repeats,
+                ),
+                Metric(
+                    "gb6_append_refusals_total",
+                    "counter",
+                    "appends answered with an error",
+                    counts.refused,
+                ),
+                Metric("gb6_rooms", "gauge", "rooms of this shard", len(shard.rooms)),
             ]
-            persister = getattr(shard.store, "persister", None)  # the Kafka store's child
-            if persister is not None:
-                lines += [
-                    "# TYPE gb6_persister_restarts_total counter",
-                    f"gb6_persister_restarts_total {persister.restarts}",
-                ]
-        return Response("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
+            store_metrics = getattr(shard.store, "metrics", None)  # the Kafka store's own
+            if store_metrics is not None:
+                samples += store_metrics()
+        return Response(render(samples), content_type="text/plain; version=0.0.4")
 
     return bp

@@ -66,6 +66,7 @@ from node.config import Limits
 from node.errors import INVALID, UNAVAILABLE, GB6Error
 from node.events import Event
 from node.log import log
+from node.metrics import Metric
 from origin.kafka_consumer import KafkaLogConsumer
 from origin.kafka_log import KafkaLog, LogWithdrawn
 from origin.kafka_sequencer import Lookup, Needs, Plan, Sequencer, Target
@@ -279,6 +280,36 @@ class KafkaStore:
             self._seq.unpersisted.persisted_upto(room, seq)
         progress, self._progress = self._progress, trio.Event()
         progress.set()
+
+    def metrics(self) -> list[Metric]:
+        """This store's part of `/metrics`."""
+        state = self._seq.unpersisted
+        return [
+            Metric(
+                "gb6_log_withdrawn_total",
+                "counter",
+                "log transactions withdrawn (a resend found after they were written)",
+                self.withdrawn,
+            ),
+            Metric(
+                "gb6_unpersisted_entries",
+                "gauge",
+                "keys and targets committed to the log and not yet in PostgreSQL",
+                len(state),
+            ),
+            Metric(
+                "gb6_persister_rooms_behind",
+                "gauge",
+                "rooms whose last committed event is not yet in PostgreSQL",
+                len(state.behind()),
+            ),
+            Metric(
+                "gb6_persister_restarts_total",
+                "counter",
+                "restarts of the persister's child process",
+                self.persister.restarts if self.persister is not None else 0,
+            ),
+        ]
 
     async def wait_idle(self) -> None:
         """Return once every submitted append and write has been committed and answered."""

@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import attrs
 import orjson
 import trio
 
@@ -52,6 +53,15 @@ from replication.shard_map import check_region
 AppendReply = Callable[[AppendResult], None]
 _QUOTA_OVERRIDES = "quota_overrides"  # meta key: {instance: {resource: limit}} as JSON
 EventListener = Callable[[str, list[Event]], None]
+
+
+@attrs.define
+class AppendCounts:
+    """What the shard's appends came to, since it started (counters of `/metrics`)."""
+
+    appended: int = 0  # new events, committed
+    repeats: int = 0  # resends answered with their original event
+    refused: int = 0  # ops answered with an error (by the checks, or the store failed)
 
 
 class OriginShard:
@@ -102,6 +112,7 @@ class OriginShard:
         self._overrides_lock = trio.Lock()
         self.watch_listeners: list[Callable[[str, int], object]] = []  # edges in other processes
         self.event_listeners: list[EventListener] = []
+        self.counts = AppendCounts()  # for /metrics
         self.member_listeners: list[Callable[[MembershipChange], None]] = []
         self.read_listeners: list[Callable[[str, str, int], None]] = []
         # Entered around each committed batch's replies and publications (all synchronous),
@@ -425,6 +436,7 @@ class OriginShard:
         prior = await self.store.event_by_cid(item.room, item.sender, item.cid)
         if prior is None:
             raise refused
+        self.counts.repeats += 1
         item.reply(Appended(prior, duplicate=True))
 
     def _on_appended(self, results: list[tuple[AppendItem, AppendResult]]) -> None:
@@ -433,8 +445,14 @@ class OriginShard:
 
     def _publish(self, results: list[tuple[AppendItem, AppendResult]]) -> None:
         fresh: dict[str, list[Event]] = {}
+        counts = self.counts
         for _item, result in results:
-            if isinstance(result, Appended) and not result.duplicate:
+            if not isinstance(result, Appended):
+                counts.refused += 1
+            elif result.duplicate:
+                counts.repeats += 1
+            else:
+                counts.appended += 1
                 ev = result.event
                 fresh.setdefault(ev.room, []).append(ev)
         for room_id, events in fresh.items():

@@ -336,17 +336,33 @@ async def test_kill9_origin_mid_stream_restart_continues_gapless(cluster: Cluste
 
 
 async def test_an_origin_reports_its_metrics(cluster: Cluster) -> None:
-    """`/metrics` of an origin: its commits, and with Kafka its persister's restarts."""
+    """`/metrics` of an origin: its commits, its appends by outcome, and with Kafka its log's
+    and persister's figures."""
     origin = cluster.origins[0]
     alice = origin.create_tenant().user("alice")
     before = _metrics(origin)
     async with _peer(cluster.edges[0], alice.token) as a:
         room = (await a.ok("room.create", name="m", kind="chat", members=[]))["room"]["id"]
-        await a.ok("send", room=room, cid="m1", body={"text": "counted"})
+        first = await a.ok("send", room=room, cid="m1", body={"text": "counted"})
+        again = await a.ok("send", room=room, cid="m1", body={"text": "counted"})
+        assert again["seq"] == first["seq"]
+        refused = await a.request("edit", room=room, cid="e1", target=999, body={"text": "x"})
+        assert refused["op"] == "error"
     after = _metrics(origin)
     assert after["gb6_commits_total"] > before["gb6_commits_total"]
-    assert ("gb6_persister_restarts_total" in after) == (cluster.kafka is not None)
+    assert after["gb6_appends_total"] - before["gb6_appends_total"] == 1
+    assert after["gb6_append_repeats_total"] - before["gb6_append_repeats_total"] == 1
+    assert after["gb6_append_refusals_total"] - before["gb6_append_refusals_total"] == 1
+    kafka = cluster.kafka is not None
+    for name in ("gb6_persister_restarts_total", "gb6_log_withdrawn_total"):
+        assert (name in after) == kafka
     assert after.get("gb6_persister_restarts_total", 0) == 0
+    if kafka:
+        # The persister catches up: nothing committed stays out of PostgreSQL.
+        deadline = trio.current_time() + 20
+        while _metrics(origin)["gb6_persister_rooms_behind"] > 0:
+            assert trio.current_time() < deadline, "the persister did not catch up"
+            await trio.sleep(0.05)
 
 
 def _metrics(node: Node) -> dict[str, float]:
