@@ -41,7 +41,7 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
                 Metric(
                     "gb6_commits_total",
                     "counter",
-                    "batches committed to the log of record",
+                    "transactions the store committed (with Kafka: the log's only)",
                     shard.store.commits,
                 ),
                 Metric("gb6_appends_total", "counter", "new events committed", counts.appended),
