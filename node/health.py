@@ -54,7 +54,7 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
                 Metric(
                     "gb6_append_refusals_total",
                     "counter",
-                    "appends answered with an error",
+                    "appends the store answered with an error (its checks, or a failure)",
                     counts.refused,
                 ),
                 Metric("gb6_rooms", "gauge", "rooms of this shard", len(shard.rooms)),

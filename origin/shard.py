@@ -61,7 +61,7 @@ class AppendCounts:
 
     appended: int = 0  # new events, committed
     repeats: int = 0  # resends answered with their original event
-    refused: int = 0  # ops answered with an error (by the checks, or the store failed)
+    refused: int = 0  # ops the store answered with an error (its checks, or a failure)
 
 
 class OriginShard:
