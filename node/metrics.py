@@ -15,11 +15,12 @@ class Metric:
     name: str
     kind: Literal["counter", "gauge"]
     help: str
-    value: float
+    value: int | float
 
 
 def render(metrics: Iterable[Metric]) -> str:
+    """Every digit of a value: `repr` of an int or a float (`%g` would round 1,234,567)."""
     lines: list[str] = []
     for m in metrics:
-        lines += [f"# HELP {m.name} {m.help}", f"# TYPE {m.name} {m.kind}", f"{m.name} {m.value:g}"]
+        lines += [f"# HELP {m.name} {m.help}", f"# TYPE {m.name} {m.kind}", f"{m.name} {m.value!r}"]
     return "\n".join(lines) + "\n"

@@ -192,3 +192,20 @@ def test_each_kafka_batch_is_later_than_the_one_before() -> None:
     seq = Sequencer()
     stamps = [seq.plan(Lookup(), now).ts for now in (1_000, 1_000, 999, 1_005, 1_004)]
     assert stamps == [1_000, 1_001, 1_002, 1_005, 1_006]
+
+
+def test_metrics_render_every_digit_of_a_count() -> None:
+    """A counter past a million keeps its last digits (Prometheus sums and rates need them)."""
+    from node.metrics import Metric, render
+
+    text = render(
+        [Metric("gb6_x_total", "counter", "things", 1_234_567), Metric("g", "gauge", "h", 0.5)]
+    )
+    assert text.splitlines() == [
+        "# HELP gb6_x_total things",
+        "# TYPE gb6_x_total counter",
+        "gb6_x_total 1234567",
+        "# HELP g h",
+        "# TYPE g gauge",
+        "g 0.5",
+    ]
