@@ -104,6 +104,19 @@ def per_second(at_ms: np.ndarray[Any, Any], lat_us: np.ndarray[Any, Any]) -> lis
     return out
 
 
+def fmt_seconds(per_sec: list[list[float]], window: tuple[int, int], worst: int = 3) -> str:
+    """The p99 of the window's median second and of its worst seconds (from `per_second`):
+    whether a run's p99 comes from every second or from a few."""
+    inside = [row for row in per_sec if window[0] <= row[0] < window[1]]
+    if not inside:
+        return "no seconds in the window"
+    p99s = sorted(row[2] for row in inside)
+    tops = sorted(inside, key=lambda row: row[2], reverse=True)[:worst]
+    return f"median second {p99s[len(p99s) // 2]:.1f} ms; worst " + ", ".join(
+        f"second {int(row[0])} {row[2]:.1f} ms" for row in tops
+    )
+
+
 def write_json(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")

@@ -573,6 +573,9 @@ def print_traffic(r: dict[str, Any]) -> None:
     )
     log(report.fmt_lat("send→ack", r["send_to_ack_ms"]))
     log(report.fmt_lat("send→deliver", r["send_to_deliver_ms"]))
+    per_sec = (r.get("per_second") or {}).get("send_to_deliver_ms")
+    if per_sec:
+        log(f"send→deliver p99 per second: {report.fmt_seconds(per_sec, (a, b))}")
     lag = r["send_lag_ms"]
     if lag.get("n"):
         log(f"generator send lag behind schedule: p99 {lag['p99']:.2f} ms  max {lag['max']:.2f} ms")
