@@ -351,7 +351,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         svc = [
             (name, (w.cpu_s() - s0) / window) for (name, w), s0 in zip(services, svc0, strict=True)
         ]
-        busy = _busy_since(busy0)
+        busy, stolen = _busy_since(busy0)
         others = top_others(ours)
         host_speed = speed.summarize(probe.between(w0, w1))
     results = [pipe.recv() for pipe in pipes]
@@ -406,6 +406,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         "services_cpu_pct": {name: round(100 * v, 1) for name, v in svc},
         "generator_cpu_pct": round(100 * gen_cpu, 1),
         "machine_busy_pct": round(busy, 1),
+        "machine_steal_pct": round(stolen, 1),
         "others": others,
         "host_speed_probe_ms": host_speed,
         "origin": cluster_info(c),
@@ -435,7 +436,10 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
     for name, v in svc:
         print(f"  {name}: CPU {100 * v:.1f}% of one core")
     print(f"generator: CPU {100 * gen_cpu:.1f}% of one core ({args.links} processes)")
-    print(f"machine: {busy:.1f}% of all cores busy; busiest others: {'; '.join(others) or '-'}")
+    print(
+        f"machine: {busy:.1f}% of all cores busy, {stolen:.1f}% stolen by the host; "
+        f"busiest others: {'; '.join(others) or '-'}"
+    )
     print(speed.fmt(host_speed))
     if result["profile"]:
         profile.print_summary(result["profile"])
@@ -448,13 +452,16 @@ def cluster_info(c: Cluster) -> dict[str, Any]:
     return {**info, "pid": c.origins[0].pid, "command": c.origins[0].command}
 
 
-def _busy() -> tuple[float, float]:
+def _busy() -> tuple[float, float, float]:
+    """(busy s, stolen s, total s) of all cores so far."""
     import psutil
 
     t = psutil.cpu_times()
-    return (t.user + t.system + t.nice + t.irq + t.softirq + t.steal, sum(t))
+    return (t.user + t.system + t.nice + t.irq + t.softirq, speed.stolen_s(t), sum(t))
 
 
-def _busy_since(start: tuple[float, float]) -> float:
-    busy, total = _busy()
-    return 100.0 * (busy - start[0]) / max(1e-9, total - start[1])
+def _busy_since(start: tuple[float, float, float]) -> tuple[float, float]:
+    """% of all cores busy, and % stolen by the host, since `start`."""
+    busy, stolen, total = _busy()
+    span = max(1e-9, total - start[2])
+    return 100.0 * (busy - start[0]) / span, 100.0 * (stolen - start[1]) / span

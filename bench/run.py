@@ -297,6 +297,8 @@ def traffic(
                 sys_dt = sum(sys_now) - sum(last_sys)
                 busy_dt = sys_dt - (sys_now.idle - last_sys.idle)
                 busy_dt -= getattr(sys_now, "iowait", 0.0) - getattr(last_sys, "iowait", 0.0)
+                steal_dt = speed.stolen_s(sys_now) - speed.stolen_s(last_sys)
+                busy_dt -= steal_dt
                 last_sys = sys_now
                 ocpu = 100 * busy_dt / dt_s - (0.0 if scpu != scpu else scpu) - gcpu
                 errs = sum(p.get("errors", 0) for p in progress.values())
@@ -312,12 +314,14 @@ def traffic(
                         "server_rss": rss,
                         "processes_cpu_pct": {name: round(m.mark(), 1) for name, m in proc_meters},
                         "host_speed_probe_ms": probe.latest(),
+                        "steal_pct": round(100 * steal_dt / dt_s, 1),
                     }
                 )
                 log(
                     f"  t={t_rel:5.1f}s  sends/s {rates['sent']:8.0f}  acks/s {rates['acked']:8.0f}"
                     f"  deliveries/s {rates['delivered']:9.0f}  server CPU {scpu:5.1f}%"
                     f" RSS {mb(rss)}  generator CPU {gcpu:5.1f}%  others {ocpu:5.1f}%"
+                    f"  stolen {100 * steal_dt / dt_s:4.1f}%"
                     f"  errors {errs} closed {closed}"
                 )
             if not server.alive():
@@ -346,6 +350,8 @@ def traffic(
         sys_all = sum(sys_e) - sum(sys_w)
         sys_idle = sys_e.idle - sys_w.idle
         sys_io = getattr(sys_e, "iowait", 0.0) - getattr(sys_w, "iowait", 0.0)
+        sys_steal = speed.stolen_s(sys_e) - speed.stolen_s(sys_w)
+        sys_busy = sys_all - sys_idle - sys_io - sys_steal
         span = max(1e-9, me - mw)
         p_warm = proc_cpu.get("warm", [])
         p_end = proc_cpu.get("end", [])
@@ -363,14 +369,15 @@ def traffic(
             "processes": processes,
             "server_cpu_pct": round(100 * (se - sw) / span, 1) if srv else None,
             "generator_cpu_pct": round(100 * (ge - gw) / span, 1),
-            "machine_busy_pct": round(100 * (sys_all - sys_idle - sys_io) / max(1e-9, sys_all), 1),
+            "machine_busy_pct": round(100 * sys_busy / max(1e-9, sys_all), 1),
             # A service the cluster stores into (PostgreSQL) is listed in `processes`, not here.
             "others_cpu_pct": round(
-                100 * ((sys_all - sys_idle - sys_io) - (se - sw) - (ge - gw)) / span
+                100 * (sys_busy - (se - sw) - (ge - gw)) / span
                 - sum(p["cpu_pct"] or 0.0 for n, p in processes.items() if n in service_names),
                 1,
             ),
             "machine_iowait_pct": round(100 * sys_io / max(1e-9, sys_all), 1),
+            "machine_steal_pct": round(100 * sys_steal / max(1e-9, sys_all), 1),
             "others_top": others,
             "gc": gc_summary(gc_list, t0) if args.server_gc_log else None,
             "wal_checkpoints": wal.events,
@@ -512,6 +519,7 @@ def summarize_traffic(
         "worker_cpu_pct": cpu.get("worker_cpu_pct"),
         "machine_busy_pct": cpu.get("machine_busy_pct"),
         "machine_iowait_pct": cpu.get("machine_iowait_pct"),
+        "machine_steal_pct": cpu.get("machine_steal_pct"),
         "host_speed_probe_ms": cpu.get("host_speed_probe_ms"),
         "others_cpu_pct": cpu.get("others_cpu_pct"),
         "others_top": cpu.get("others_top"),
@@ -602,7 +610,8 @@ def print_traffic(r: dict[str, Any]) -> None:
     )
     log(
         f"machine: {r['machine_busy_pct']}% of all {r['machine']['cores_logical']} cores busy, "
-        f"{r['machine_iowait_pct']}% iowait; other processes {r['others_cpu_pct']}% of one core"
+        f"{r['machine_iowait_pct']}% iowait, {r.get('machine_steal_pct')}% stolen by the host; "
+        f"other processes {r['others_cpu_pct']}% of one core"
     )
     if r.get("others_top"):
         log(f"  busiest other processes: {'; '.join(r['others_top'])}")
@@ -876,6 +885,7 @@ def run_idle(args: argparse.Namespace, server: Server, m: dict[str, Any]) -> dic
         profile.finish(prof)
         busy_s = (sum(sys1) - sum(sys0)) - (sys1.idle - sys0.idle)
         busy_s -= getattr(sys1, "iowait", 0.0) - getattr(sys0, "iowait", 0.0)
+        busy_s -= speed.stolen_s(sys1) - speed.stolen_s(sys0)
         others_pct = 100 * busy_s / args.hold - hold_cpu - gen_cpu
         rss2 = srv.rss()
         threads = srv.threads()
@@ -1027,9 +1037,11 @@ def wait_quiet(max_s: float, busy_pct: float = 15.0) -> None:
     deadline = time.monotonic() + max_s
     while True:
         list(psutil.process_iter(["cpu_percent"]))  # prime per-process counters
-        busy = psutil.cpu_percent(interval=2.0)
+        pct = psutil.cpu_times_percent(interval=2.0)
+        stolen = speed.stolen_s(pct)
+        busy = 100.0 - pct.idle - getattr(pct, "iowait", 0.0) - stolen
         if busy < busy_pct:
-            log(f"machine quiet: {busy:.0f}% busy over 2 s")
+            log(f"machine quiet: {busy:.0f}% busy over 2 s ({stolen:.0f}% stolen by the host)")
             return
         if time.monotonic() > deadline:
             log(f"WARNING: machine still {busy:.0f}% busy after {max_s:.0f} s; going on anyway")

@@ -89,6 +89,13 @@ class SpeedProbe:
         return [ms for t, ms in self.samples() if start <= t < end]
 
 
+def stolen_s(t: Any) -> float:
+    """CPU seconds the host gave to other guests while ours wanted it (`psutil.cpu_times().steal`;
+    0 where the kernel does not count it). Neither busy nor idle: counted as busy, it would
+    look like load from other processes of ours."""
+    return float(getattr(t, "steal", 0.0))
+
+
 def summarize(values: list[float]) -> dict[str, Any]:
     """p10/p50/p90 of the probe's ms (lower is faster)."""
     if not values:
