@@ -35,6 +35,9 @@ class Limits:
     max_inflight_appends: int = 20_000  # per origin shard, across clients
     writer_batch: int = 2_000  # appends per group commit
     writer_linger_s: float = 0.002  # under load, how long a commit waits for its batch to fill
+    # Kafka store: memory of the rooms' resend filters together (~1.3 bytes per key); a room
+    # past it asks PostgreSQL about every key (origin/key_filter.py).
+    key_filter_bytes: int = 64 << 20
     room_name_chars: int = 200
     members_per_request: int = 1_000
     members_per_room: int = 100_000

@@ -8,7 +8,8 @@ only for what it does not know (`Needs` → `Lookup`):
 - Per-room heads are cached for good once known (nobody else appends to the shard's rooms);
   a room first seen is read from PostgreSQL, which holds all of it (recovery ran before).
 - (room, sender, cid) of every event appended and not yet persisted, with its event: a repeat
-  answers the original; older keys are looked up in PostgreSQL.
+  answers the original; older keys are looked up in PostgreSQL, unless the room's filter says
+  the room certainly lacks them (key_filter.py: nearly every new cid).
 - Every message not yet persisted (type, sender) and every delete not yet persisted (its
   target is dead), so edit/delete/react/thread checks see them; the rest is in PostgreSQL.
 - An entry is dropped once the persister has written the event that made it (`prune`, run by
@@ -32,6 +33,7 @@ import attrs
 from node.errors import CONFLICT, GB6Error, forbidden, invalid, not_found
 from node.events import Event
 from origin.kafka_records import encode
+from origin.key_filter import KeyFilters
 from origin.log_port import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, LogRecord
 from origin.pg_append import has_nul
 from origin.sqlite_store import Appended, AppendItem
@@ -96,6 +98,10 @@ class Unpersisted:
     def add_target(self, pos: Pos, target: Target, made_by: int) -> None:
         self.targets[pos] = (target, made_by)
         self._order.setdefault(pos[0], deque()).append((made_by, None, pos))
+
+    def keys_of(self, room: str) -> list[tuple[str, str]]:
+        """(sender, cid) of `room`'s entries."""
+        return [(key[1], key[2]) for _, key, _ in self._order.get(room, ()) if key is not None]
 
     def persisted_upto(self, room: str, seq: int) -> None:
         if seq > self.persisted.get(room, 0):
@@ -206,10 +212,12 @@ class Plan:
 class Sequencer:
     """Heads, room instances and the unpersisted state; plans batches (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, key_filter_bytes: int = 0) -> None:
         self.heads: dict[str, int] = {}
         self.instances: dict[str, str] = {}  # room → instance (a room never moves)
         self.unpersisted = Unpersisted()
+        # Keys a room certainly lacks need no lookup (key_filter.py); 0 bytes: every key is asked.
+        self.key_filters = KeyFilters(key_filter_bytes)
         self.last_ts = 0  # of the last plan
 
     def needs(self, items: Iterable[AppendItem]) -> Needs:
@@ -223,7 +231,11 @@ class Sequencer:
             if item.room not in self.heads:
                 heads.add(item.room)
             key = (item.room, item.sender, item.cid)
-            if key not in self.unpersisted.keys and not has_nul(item):
+            if (
+                key not in self.unpersisted.keys
+                and not has_nul(item)
+                and not self.key_filters.rules_out(*key)
+            ):
                 keys.add(key)
             for seq in (item.target, item.thread):
                 if seq is not None and (item.room, seq) not in self.unpersisted.targets:
@@ -257,6 +269,7 @@ class Sequencer:
 
     def commit(self, plan: Plan) -> None:
         """The plan's transaction committed: its events are the log's now."""
+        first = [room for room in plan.heads if room not in self.heads]
         self.heads.update(plan.heads)
         state = self.unpersisted
         made: list[tuple[int, Key | None, Pos | None, Target | None, Event | None]] = [
@@ -270,3 +283,7 @@ class Sequencer:
                 state.add_target(pos, target, by)
         for room, head in plan.heads.items():
             state.acked[room] = head
+        for room, sender, cid in plan.keys:
+            self.key_filters.add(room, sender, cid)
+        for room in first:  # its keys are in `state` now, this plan's included
+            self.key_filters.track(room, plan.heads[room], state.keys_of(room))

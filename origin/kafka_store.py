@@ -21,7 +21,8 @@ Rules:
   origin's busy thread keeps the CPU it would take). Only then does `run` serve.
 - Appends: `submit_append` takes a slot (at most `max_inflight_appends` in flight); one
   sequencer task takes every op waiting (at most `writer_batch`), asks PostgreSQL once for what
-  its memory lacks (kafka_sequencer.py), plans, appends the batch as one transaction, and calls
+  its memory lacks (kafka_sequencer.py; a room's key filter, key_filter.py, spares it the new
+  cids, filled in by the key loader task), plans, appends the batch as one transaction, and calls
   `on_appended` once it committed, in commit order. `LogAborted`: the same records are tried
   again (their seqs reused, so no gap and no duplicate), at most `_ATTEMPTS` times, then every
   new op of the batch is `unavailable` and the next batch takes the seqs. `LogFenced` or an
@@ -99,6 +100,11 @@ _COMMAND_TIMEOUT_S: Final = 30.0
 _CLOSE_TIMEOUT_S: Final = 10.0
 
 _ROOMS: Final = "SELECT id, instance FROM rooms WHERE id = ANY($1::text[])"
+# A page of a room's keys for its filter (origin/key_filter.py), by the primary key's order.
+_ROOM_KEYS: Final = (
+    "SELECT seq, sender, cid FROM event_keys WHERE room = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+)
+_KEYS_PAGE: Final = 5_000
 # As pg_append.PRIORS: the key, then its event, each a LATERAL … LIMIT 1 (one probe each).
 _TARGETS: Final = (
     "SELECT e.room, e.seq, e.type, e.sender, e.deleted"
@@ -185,7 +191,8 @@ class KafkaStore:
         self.schema = schema
         self.limits = limits
         self._on_appended = on_appended
-        self._seq = Sequencer()
+        self._seq = Sequencer(limits.key_filter_bytes)
+        self._keys_wanted = trio.Event()  # set when a room's filter waits for its keys
         self._pool: Any = None
         self.persister: PersisterProcess | None = None  # once recovered
         self._log_scope = trio.CancelScope(shield=True)
@@ -199,6 +206,7 @@ class KafkaStore:
         self._progress = trio.Event()  # set (and replaced) whenever the persister writes
         self.commits = 0  # batches committed to the log; for metrics and tests
         self.withdrawn = 0  # transactions withdrawn (their check found a resend, or failed); same
+        self.keys_asked = 0  # op keys looked up in PostgreSQL (no filter ruled them out); same
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -240,6 +248,7 @@ class KafkaStore:
         self._closed = False
         async with trio.open_nursery() as inner:
             inner.start_soon(self._sequencer)
+            inner.start_soon(self._key_loader)
             task_status.started()
             await trio.sleep_forever()
 
@@ -292,6 +301,24 @@ class KafkaStore:
                 self.withdrawn,
             ),
             Metric(
+                "gb6_key_lookups_total",
+                "counter",
+                "op keys asked of PostgreSQL: possible resends no room filter ruled out",
+                self.keys_asked,
+            ),
+            Metric(
+                "gb6_key_filter_rooms",
+                "gauge",
+                "rooms whose resend filter holds all their keys",
+                self._seq.key_filters.ready_rooms(),
+            ),
+            Metric(
+                "gb6_key_filter_bytes",
+                "gauge",
+                "memory of the rooms' resend filters",
+                self._seq.key_filters.nbytes,
+            ),
+            Metric(
                 "gb6_unpersisted_entries",
                 "gauge",
                 "keys and targets committed to the log and not yet in PostgreSQL",
@@ -310,6 +337,35 @@ class KafkaStore:
                 self.persister.restarts if self.persister is not None else 0,
             ),
         ]
+
+    async def _key_loader(self) -> None:
+        """Fill each newly tracked room's key filter from PostgreSQL, a page per crossing; a
+        failed page is read again after a pause (the room asks PostgreSQL meanwhile)."""
+        filters = self._seq.key_filters
+        while True:
+            room = filters.next_to_load()
+            if room is None:
+                self._keys_wanted = trio.Event()
+                await self._keys_wanted.wait()
+                continue
+            after, pause = 0, 1.0
+            while room in filters.rooms:
+                try:
+                    rows = await self._call(self._room_keys, "reading a room's keys", room, after)
+                except GB6Error as exc:
+                    log("key_filter_load_failed", room=room, error=exc.message)
+                    await trio.sleep(pause)
+                    pause = min(2 * pause, 30.0)
+                    continue
+                last = len(rows) < _KEYS_PAGE
+                filters.loaded(room, ((r[1], r[2]) for r in rows), last=last)
+                if last:
+                    break
+                after = int(rows[-1][0])
+
+    async def _room_keys(self, room: str, after: int) -> list[Any]:
+        async with self._pool.acquire() as c:
+            return list(await c.fetch(_ROOM_KEYS, room, after, _KEYS_PAGE))
 
     async def wait_idle(self) -> None:
         """Return once every submitted append and write has been committed and answered."""
@@ -469,6 +525,8 @@ class KafkaStore:
         plan, failure = inflight.plan, inflight.failure
         if failure is None:
             self._seq.commit(plan)
+            if self._seq.key_filters.wants_load():
+                self._keys_wanted.set()
             return plan.results
         made = {(e.room, e.seq) for e in plan.keys.values()}
         return [
@@ -532,6 +590,7 @@ class KafkaStore:
                     rows = await c.fetch(HEADS, sorted(needs.heads))
                     found.heads.update((r[0], int(r[1])) for r in rows)
                 if needs.keys:
+                    self.keys_asked += len(needs.keys)
                     rooms, senders, cids = (list(col) for col in zip(*needs.keys, strict=True))
                     for r in await c.fetch(PRIORS, rooms, senders, cids):
                         found.priors[(r[0], r[4], r[5])] = event_from_row(r)

@@ -354,10 +354,17 @@ async def test_an_origin_reports_its_metrics(cluster: Cluster) -> None:
     assert after["gb6_append_repeats_total"] - before["gb6_append_repeats_total"] == 1
     assert after["gb6_append_refusals_total"] - before["gb6_append_refusals_total"] == 1
     kafka = cluster.kafka is not None
-    for name in ("gb6_persister_restarts_total", "gb6_log_withdrawn_total"):
+    for name in ("gb6_persister_restarts_total", "gb6_log_withdrawn_total", "gb6_key_filter_bytes"):
         assert (name in after) == kafka
     assert after.get("gb6_persister_restarts_total", 0) == 0
     if kafka:
+        # The resend was a possible one: PostgreSQL was asked. The new room gets its filter.
+        assert after["gb6_key_lookups_total"] > before["gb6_key_lookups_total"]
+        assert after["gb6_key_filter_bytes"] > 0
+        deadline = trio.current_time() + 20
+        while _metrics(origin)["gb6_key_filter_rooms"] <= before["gb6_key_filter_rooms"]:
+            assert trio.current_time() < deadline, "the room's key filter was not loaded"
+            await trio.sleep(0.05)
         # The persister catches up: nothing committed stays out of PostgreSQL.
         deadline = trio.current_time() + 20
         while _metrics(origin)["gb6_persister_rooms_behind"] > 0:

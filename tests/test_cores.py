@@ -209,3 +209,46 @@ def test_metrics_render_every_digit_of_a_count() -> None:
         "# TYPE g gauge",
         "g 0.5",
     ]
+
+
+def test_room_key_filter_rules_out_only_what_the_room_cannot_hold() -> None:
+    """A room's resend filter answers only once PostgreSQL's pages are in; then it never rules
+    out a key the room holds (seeded, committed or read), and rules out nearly every new one."""
+    from origin.key_filter import KeyFilters
+
+    filters = KeyFilters(max_bytes=1 << 20)
+    filters.track("r1", 1, [("alice", "seeded")])
+    filters.add("r1", "alice", "committed")
+    assert not filters.rules_out("r1", "alice", "new")  # not ready: PostgreSQL is asked
+    assert filters.next_to_load() == "r1" and filters.next_to_load() is None
+    filters.loaded("r1", [("bob", f"old{i}") for i in range(5_000)], last=False)
+    assert not filters.rules_out("r1", "alice", "new")
+    filters.loaded("r1", [("bob", f"old{i}") for i in range(5_000, 9_000)], last=True)
+    held = [("alice", "seeded"), ("alice", "committed")] + [
+        ("bob", f"old{i}") for i in range(9_000)
+    ]
+    for i in range(3_000):  # committed after the load: layers grow
+        filters.add("r1", "carol", f"late{i}")
+        held.append(("carol", f"late{i}"))
+    assert not any(filters.rules_out("r1", sender, cid) for sender, cid in held)
+    # Another sender's cids, or the same cid from another sender, are new keys.
+    new = [("bob", f"late{i}") for i in range(5_000)] + [("dave", f"old{i}") for i in range(5_000)]
+    passed = sum(not filters.rules_out("r1", sender, cid) for sender, cid in new)
+    assert passed < 0.03 * len(new)
+    assert not filters.rules_out("r2", "alice", "new")  # an untracked room is always asked
+
+
+def test_room_key_filters_stay_within_their_memory() -> None:
+    """Past `max_bytes` a room gets no filter, or loses the one it had: its keys are asked."""
+    from origin.key_filter import KeyFilters
+
+    filters = KeyFilters(max_bytes=500)  # a first layer (256 keys, ~11 bits each) is 357 bytes
+    filters.track("r1", 0, [])
+    filters.loaded("r1", [], last=True)
+    assert filters.rules_out("r1", "alice", "new")
+    filters.track("r2", 0, [])
+    assert "r2" not in filters.rooms and not filters.rules_out("r2", "alice", "new")
+    for i in range(300):  # r1's second layer would pass the budget
+        filters.add("r1", "alice", f"c{i}")
+    assert "r1" not in filters.rooms and not filters.rules_out("r1", "alice", "new")
+    assert filters.nbytes == 0 and filters.dropped == 2

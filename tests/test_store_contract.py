@@ -992,6 +992,38 @@ async def test_kafka_resends_known_only_to_postgresql_answer_their_originals(
     assert sorted(s for room_, s in committed if room_ == r) == [1, 2, 3, 4, 5]
 
 
+async def test_kafka_room_filters_spare_new_cids_the_lookup_and_keep_old_ones(
+    kafka_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a restart, the first commit to a room starts its resend filter, filled from
+    PostgreSQL in pages (origin/key_filter.py). Once it is ready, new cids are appended without
+    asking PostgreSQL, and a resend of any cid only PostgreSQL held still answers its original."""
+    from origin import kafka_store
+
+    monkeypatch.setattr(kafka_store, "_KEYS_PAGE", 3)  # 8 keys: pages of 3, 3 and 2
+    async with serving(kafka_backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        firsts = [await append(store, item(r, t.alice, f"k{i}")) for i in range(8)]
+    async with serving(kafka_backend) as store:
+        assert isinstance(store, KafkaStore)
+        assert (await append(store, item(r, t.bob, "n0"))).event.seq == 9
+        filters = store._seq.key_filters
+        deadline = trio.current_time() + 10
+        while not (r in filters.rooms and filters.rooms[r].ready):
+            assert trio.current_time() < deadline, "the room's keys were not loaded"
+            await trio.sleep(0.01)
+        asked = store.keys_asked
+        news = [await append(store, item(r, t.bob, f"n{i}")) for i in range(1, 6)]
+        assert [a.event.seq for a in news] == [10, 11, 12, 13, 14]
+        assert store.keys_asked == asked  # not one lookup
+        for first in firsts:
+            again = await append(store, item(r, t.alice, first.event.cid))
+            assert again.duplicate and again.event == first.event
+        assert store.keys_asked >= asked + 8  # possible resends all: PostgreSQL was asked
+        assert seqs(await store.events_after(r, 0, 100)) == list(range(1, 15))
+
+
 async def test_kafka_persister_process_is_started_again_when_it_dies(
     kafka_backend: Backend,
 ) -> None:
