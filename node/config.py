@@ -35,6 +35,9 @@ class Limits:
     max_inflight_appends: int = 20_000  # per origin shard, across clients
     writer_batch: int = 2_000  # appends per group commit
     writer_linger_s: float = 0.002  # under load, how long a commit waits for its batch to fill
+    # Kafka store: a shard starts at most one log transaction per interval unless a whole batch
+    # waits (each costs the broker and the origin a fixed CPU; Kafka Streams commits per 100 ms).
+    log_transaction_interval_s: float = 0.010
     # Kafka store: memory of the rooms' resend filters together (~1.3 bytes per key); a room
     # past it asks PostgreSQL about every key (origin/key_filter.py).
     key_filter_bytes: int = 64 << 20

@@ -30,13 +30,15 @@ Rules:
 - Pipelined, one transaction at a time: while batch N's transaction commits (in its own task),
   the sequencer takes batch N+1 — at once when a whole batch (`writer_batch`) waits, else once N
   is done, so that a light load still fills each transaction with what arrived while the
-  previous one committed — and runs its PostgreSQL lookup; it plans N+1 only once N's outcome is
-  known (so N+1's seqs follow N's, or reuse them if N aborted), starts N+1's transaction, and
-  only then answers N (the producer thread works while the shard publishes) — unless N was done
-  before N+1 was taken: then N is answered first. The early lookup is sound because the shard is
-  its rooms' only writer: what it does not find in PostgreSQL was not appended before, except by
-  batch N, whose keys, heads and targets the plan reads from memory first once N committed;
-  entries are pruned only at the top of an iteration, never between a lookup and its plan.
+  previous one committed, and no sooner than `log_transaction_interval_s` after N started
+  (unless a whole batch waits) — and runs its PostgreSQL lookup; it plans N+1 only once N's
+  outcome is known (so N+1's seqs follow N's, or reuse them if N aborted), starts N+1's
+  transaction, and only then answers N (the producer thread works while the shard publishes) —
+  unless N was done before N+1 was taken: then N is answered first. The early lookup is sound
+  because the shard is its rooms' only writer: what it does not find in PostgreSQL was not
+  appended before, except by batch N, whose keys, heads and targets the plan reads from memory
+  first once N committed; entries are pruned only at the top of an iteration, never between a
+  lookup and its plan.
 - The check (the usual case, when a batch needs nothing of PostgreSQL but whether some keys are
   resends): the lookup runs as a task, the batch is planned as if none were, and its
   transaction is written with the commit held until the lookup answers (kafka_log.py's
@@ -56,6 +58,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from math import inf
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -201,6 +204,7 @@ class KafkaStore:
         self._closed = True  # until run serves
         self._dead: GB6Error | None = None  # fenced, or the log's outcome unknown: final
         self._inflight = 0
+        self._carry: list[AppendItem] = []  # the sequencer's ops not yet in a batch, once it ended
         self._idle = trio.Event()
         self._idle.set()
         self._progress = trio.Event()  # set (and replaced) whenever the persister writes
@@ -380,6 +384,7 @@ class KafkaStore:
         for on the way out."""
         carry: list[AppendItem] = []
         inflight: _Inflight | None = None
+        started_at = -inf
         async with trio.open_nursery() as writes:
             try:
                 while True:
@@ -398,15 +403,22 @@ class KafkaStore:
                         self._answer(await self._finish(inflight))
                         inflight = None
                     if inflight is None and not carry:
-                        # No linger (unlike PgStore's writer): the ops of a batch gathered while
-                        # the previous transaction committed; waiting longer only added latency
-                        # (2 ms writer_linger_s: 4.4 -> 2.5 ms p50 from one commit to the next
-                        # transaction, cluster at 2,000 sends/s).
+                        # No linger after the first op (unlike PgStore's writer), only the
+                        # interval below: the ops of a batch gathered while the previous
+                        # transaction committed, and a linger added latency (2 ms: 4.4 -> 2.5 ms
+                        # p50 from one commit to the next transaction, 2,000 sends/s).
                         carry = [await self._recv.receive()]
+                    if not self._full(carry):
+                        # At most one transaction per interval: each costs the broker and this
+                        # process a fixed CPU, so fewer, larger ones leave the machine more
+                        # (cluster at 2,000 sends/s: 78% -> 66-70% of 2 cores busy; RESULTS.md).
+                        await trio.sleep_until(started_at + self.limits.log_transaction_interval_s)
+                    started_at = trio.current_time()
                     batch = carry + take_waiting(self._recv, self.limits.writer_batch - len(carry))
                     with trio.CancelScope(shield=True):
                         inflight, carry = await self._step(writes, inflight, batch)
             finally:
+                self._carry = carry  # taken, not yet in a batch: `_commit_queued` appends them
                 if inflight is not None:
                     self._answer(await self._finish(inflight))
 
@@ -539,7 +551,7 @@ class KafkaStore:
     async def _commit_queued(self) -> None:
         """On exit: append what was queued before the store closed (shielded by the caller),
         one transaction at a time."""
-        carry: list[AppendItem] = []
+        carry, self._carry = self._carry, []
         async with trio.open_nursery() as writes:
             while batch := carry + take_waiting(self._recv, self.limits.writer_batch - len(carry)):
                 inflight, carry = await self._step(writes, None, batch)
