@@ -108,6 +108,7 @@ _ROOM_KEYS: Final = (
     "SELECT seq, sender, cid FROM event_keys WHERE room = $1 AND seq > $2 ORDER BY seq LIMIT $3"
 )
 _KEYS_PAGE: Final = 1_000  # ~3.5 ms of the busy thread to add to a filter
+_KEYS_RETRY_S: Final = (1.0, 30.0)  # the key loader's pause after a failed page: first, most
 # As pg_append.PRIORS: the key, then its event, each a LATERAL … LIMIT 1 (one probe each).
 _TARGETS: Final = (
     "SELECT e.room, e.seq, e.type, e.sender, e.deleted"
@@ -343,24 +344,30 @@ class KafkaStore:
         ]
 
     async def _key_loader(self) -> None:
-        """Fill each newly tracked room's key filter from PostgreSQL, a page per crossing; a
-        failed page is read again after a pause (the room asks PostgreSQL meanwhile)."""
+        """Fill each newly tracked room's key filter from PostgreSQL, a page per crossing. A
+        failed page drops the room's filter (it asks PostgreSQL, as an untracked room does; its
+        next commit tracks it again, behind the rooms already waiting), and the loader pauses
+        before the next room, longer after each failure in a row."""
         filters = self._seq.key_filters
+        first_pause, most_pause = _KEYS_RETRY_S
+        pause = first_pause
         while True:
             room = filters.next_to_load()
             if room is None:
                 self._keys_wanted = trio.Event()
                 await self._keys_wanted.wait()
                 continue
-            after, pause = 0, 1.0
+            after = 0
             while room in filters.rooms:
                 try:
                     rows = await self._call(self._room_keys, "reading a room's keys", room, after)
                 except GB6Error as exc:
                     log("key_filter_load_failed", room=room, error=exc.message)
+                    filters.drop(room)
                     await trio.sleep(pause)
-                    pause = min(2 * pause, 30.0)
-                    continue
+                    pause = min(2 * pause, most_pause)
+                    break
+                pause = first_pause
                 last = len(rows) < _KEYS_PAGE
                 filters.loaded(room, ((r[1], r[2]) for r in rows), last=last)
                 if last:

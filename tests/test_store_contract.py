@@ -1048,6 +1048,44 @@ async def test_kafka_room_filters_spare_new_cids_the_lookup_and_keep_old_ones(
         assert seqs(await store.events_after(r, 0, 100)) == list(range(1, 15))
 
 
+async def test_kafka_room_whose_keys_cannot_be_read_holds_up_no_other_room(
+    kafka_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A room whose keys PostgreSQL fails to read loses its filter and asks PostgreSQL about
+    its keys, as before filters (a resend still answers its original); the rooms queued
+    behind it get their filters all the same."""
+    from origin import kafka_store
+
+    monkeypatch.setattr(kafka_store, "_KEYS_RETRY_S", (0.05, 0.2))
+    async with serving(kafka_backend) as store:
+        t = await tenant(store)
+        bad = await room(store, t)
+        good = await room(store, t)
+        first = await append(store, item(bad, t.alice, "b0"))
+        await append(store, item(good, t.alice, "g0"))
+    # A real PostgreSQL error (division by zero), only ever raised by `bad`'s rows.
+    failing = kafka_store._ROOM_KEYS.replace(
+        "ORDER BY", f"AND CASE WHEN room = '{bad}' THEN seq / (seq - seq) ELSE 0 END = 0 ORDER BY"
+    )
+    monkeypatch.setattr(kafka_store, "_ROOM_KEYS", failing)
+    async with serving(kafka_backend) as store:
+        assert isinstance(store, KafkaStore)
+        filters = store._seq.key_filters
+        assert (await append(store, item(bad, t.bob, "b1"))).event.seq == 2  # queued first
+        assert (await append(store, item(good, t.bob, "g1"))).event.seq == 2
+        deadline = trio.current_time() + 10
+        while not (good in filters.rooms and filters.rooms[good].ready):
+            assert trio.current_time() < deadline, "a room waited behind one that fails"
+            await trio.sleep(0.01)
+        assert bad not in filters.rooms
+        asked = store.keys_asked
+        again = await append(store, item(bad, t.alice, "b0"))
+        assert again.duplicate and again.event == first.event
+        assert (await append(store, item(bad, t.bob, "b2"))).event.seq == 3
+        assert store.keys_asked >= asked + 2  # no filter: both keys asked
+        assert seqs(await store.events_after(bad, 0, 10)) == [1, 2, 3]
+
+
 async def test_kafka_persister_process_is_started_again_when_it_dies(
     kafka_backend: Backend,
 ) -> None:
