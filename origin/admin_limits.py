@@ -38,6 +38,9 @@ from node.log import log
 from node.ratelimit import Gcra, RateLimiter
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from edge.redis_bus import RedisRateLimiter
     from node.config import Config, Limits
 
 __all__ = ["AdminLimiter", "admin_limiter", "rate_limited"]
@@ -72,8 +75,8 @@ class _RedisGcra:
         self.rate = rate
         self.burst = burst
         self.local = local
-        self._client: Any = None
-        self._limiter: Any = None
+        self._client: aioredis.Redis | None = None
+        self._limiter: RedisRateLimiter | None = None
 
     async def check(self, key: str) -> float:
         from edge.redis_bus import RedisRateLimiter
@@ -90,7 +93,7 @@ class _RedisGcra:
             )
         try:
             with trio.fail_after(3):
-                wait: float = await self._limiter.check_unbatched(key)
+                wait = await self._limiter.check_unbatched(key)
             return wait
         except (GB6Error, trio.TooSlowError) as exc:
             if isinstance(exc, GB6Error) and exc.code != UNAVAILABLE:
