@@ -41,16 +41,6 @@ class Limits:
     # Kafka store: memory of the rooms' resend filters together (~1.3 bytes per key); a room
     # past it asks PostgreSQL about every key (origin/key_filter.py).
     key_filter_bytes: int = 64 << 20
-    # Kafka store: the persister child's niceness above the origin's (0..19). It is off the
-    # commit path; under contention it yields the CPU to the shard and to whatever shares the
-    # machine (bench/RESULTS.md, 2026-11-27: p99 send→deliver ~30 → ~27 ms on two cores).
-    persister_nice: int = attrs.field(default=10)
-
-    @persister_nice.validator
-    def _check_nice(self, attribute: attrs.Attribute[int], value: int) -> None:
-        if type(value) is not int or not 0 <= value <= 19:
-            raise ValueError(f"persister_nice must be an integer 0..19, not {value!r}")
-
     room_name_chars: int = 200
     members_per_request: int = 1_000
     members_per_room: int = 100_000
@@ -261,8 +251,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     if "limits" in raw:
         try:
             kwargs["limits"] = Limits(**{k: _tuple(v) for k, v in raw["limits"].items()})
-        except (TypeError, ValueError) as exc:
-            raise invalid(f"config [limits]: {_why(exc)}") from exc
+        except TypeError as exc:
+            raise invalid(f"config [limits]: {exc}") from exc
     if "media" in raw:
         kwargs["media"] = _media(dict(raw["media"]))
     if "audit" in raw:
@@ -278,12 +268,9 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     try:
         return Config(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise invalid(f"config: {_why(exc)}") from exc
-
-
-def _why(exc: TypeError | ValueError) -> str:
-    # attrs' validators put the message first, then the attribute and the value.
-    return exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        # attrs' validators put the message first, then the attribute and the value.
+        why = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+        raise invalid(f"config: {why}") from exc
 
 
 def _media(section: dict[str, Any]) -> MediaConfig:

@@ -247,9 +247,7 @@ class KafkaStore:
             persister = PgPersister(self._pool, self.schema, self.topic, consumer, self._persisted)
             await self._recover(consumer, persister, offsets)
             recovery.cancel_scope.cancel()  # stopped before its successor reads: one at a time
-        settings = Settings(
-            self.dsn, self.schema, self.bootstrap, self.topic, self.limits.persister_nice
-        )
+        settings = Settings(self.dsn, self.schema, self.bootstrap, self.topic)
         self.persister = PersisterProcess(settings, self._persisted)
         await nursery.start(self.persister.run)
         self._closed = False

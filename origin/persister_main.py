@@ -49,7 +49,6 @@ class Settings:
     schema: str
     bootstrap: str
     topic: str
-    nice: int = 0  # added to the child's niceness at start (`[limits] persister_nice`)
 
     def encode(self) -> bytes:
         return orjson.dumps(attrs.asdict(self)) + b"\n"
@@ -60,8 +59,7 @@ class Settings:
             raise GB6Error(INVALID, "persister settings: one JSON line expected on stdin")
         try:
             raw = orjson.loads(line)
-            texts = {name: _text(raw, name) for name in ("dsn", "schema", "bootstrap", "topic")}
-            return cls(**texts, nice=_nice(raw))
+            return cls(**{f.name: _text(raw, f.name) for f in attrs.fields(cls)})
         except (orjson.JSONDecodeError, TypeError, AttributeError) as exc:
             raise GB6Error(INVALID, f"persister settings: {exc}") from None
 
@@ -70,13 +68,6 @@ def _text(raw: dict[str, object], name: str) -> str:
     value = raw.get(name)
     if not isinstance(value, str) or not value:
         raise TypeError(f"{name} must be a non-empty string")
-    return value
-
-
-def _nice(raw: dict[str, object]) -> int:
-    value = raw.get("nice", 0)
-    if type(value) is not int or not 0 <= value <= 19:
-        raise TypeError("nice must be an integer 0..19")
     return value
 
 
@@ -149,7 +140,6 @@ def main() -> int:
     failures: list[BaseException] = []
     try:
         settings = Settings.decode(sys.stdin.buffer.readline(MAX_SETTINGS_BYTES + 1))
-        os.nice(settings.nice)  # off the commit path: yield the CPU to the shard under contention
         trio.run(_main, settings)
     except* GB6Error as group:  # bad settings, PostgreSQL or Kafka refusing: said in one line
         failures += leaves(group)

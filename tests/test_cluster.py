@@ -581,17 +581,6 @@ def test_a_bad_kafka_partitions_is_refused_when_the_config_loads(
         load(path, {})
 
 
-@pytest.mark.parametrize("value", ["-1", "20", '"10"', "2.5", "true"])
-def test_a_bad_persister_nice_is_refused_when_the_config_loads(tmp_path: Path, value: str) -> None:
-    from node.config import load
-    from node.errors import GB6Error
-
-    path = tmp_path / "bad.toml"
-    path.write_text(f"[limits]\npersister_nice = {value}\n")
-    with pytest.raises(GB6Error, match="persister_nice"):
-        load(path, {})
-
-
 async def _stored_when_persisted(
     cluster: Cluster, shard: int, room: str, at_least: int
 ) -> list[tuple[int, str]]:
