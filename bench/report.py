@@ -104,17 +104,29 @@ def per_second(at_ms: np.ndarray[Any, Any], lat_us: np.ndarray[Any, Any]) -> lis
     return out
 
 
-def fmt_seconds(per_sec: list[list[float]], window: tuple[int, int], worst: int = 3) -> str:
+def fmt_seconds(
+    per_sec: list[list[float]],
+    window: tuple[int, int],
+    steal: list[list[float]] | None = None,
+    worst: int = 3,
+) -> str:
     """The p99 of the window's median second and of its worst seconds (from `per_second`):
-    whether a run's p99 comes from every second or from a few."""
+    whether a run's p99 comes from every second or from a few; with `steal` ([second, % of
+    all cores]), how much of each worst second the host took."""
     inside = [row for row in per_sec if window[0] <= row[0] < window[1]]
     if not inside:
         return "no seconds in the window"
+    stolen = {int(sec): pct for sec, pct in steal or []}
     p99s = sorted(row[2] for row in inside)
     tops = sorted(inside, key=lambda row: row[2], reverse=True)[:worst]
-    return f"median second {p99s[len(p99s) // 2]:.1f} ms; worst " + ", ".join(
-        f"second {int(row[0])} {row[2]:.1f} ms" for row in tops
-    )
+
+    def one(row: list[float]) -> str:
+        pct = stolen.get(int(row[0]))
+        return f"second {int(row[0])} {row[2]:.1f} ms" + (
+            f" ({pct:g}% stolen)" if pct is not None else ""
+        )
+
+    return f"median second {p99s[len(p99s) // 2]:.1f} ms; worst " + ", ".join(map(one, tops))
 
 
 def write_json(path: Path, result: dict[str, Any]) -> None:

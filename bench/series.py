@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.report import fmt_seconds
-
 
 def _row(path: Path, run: dict[str, Any]) -> dict[str, Any]:
     lat = run.get("send_to_deliver_ms") or {}
@@ -40,7 +38,6 @@ def _row(path: Path, run: dict[str, Any]) -> dict[str, Any]:
         "p99": lat.get("p99"),
         "median_second_p99": inside[len(inside) // 2] if inside else None,
         "lost": (run.get("delivered_expected") or 0) - (run.get("delivered") or 0),
-        "seconds": fmt_seconds(per_sec, (window[0], window[1])) if per_sec else "",
     }
 
 

@@ -96,6 +96,12 @@ def stolen_s(t: Any) -> float:
     return float(getattr(t, "steal", 0.0))
 
 
+def steal_share(before: Any, after: Any) -> float:
+    """Percent of all cores' time the host stole between two `psutil.cpu_times()`."""
+    total = sum(after) - sum(before)
+    return round(100 * (stolen_s(after) - stolen_s(before)) / total, 1) if total > 0 else 0.0
+
+
 def summarize(values: list[float]) -> dict[str, Any]:
     """p10/p50/p90 of the probe's ms (lower is faster)."""
     if not values:
