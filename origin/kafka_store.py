@@ -347,7 +347,9 @@ class KafkaStore:
         """Fill each newly tracked room's key filter from PostgreSQL, a page per crossing. A
         failed page drops the room's filter (it asks PostgreSQL, as an untracked room does; its
         next commit tracks it again, behind the rooms already waiting), and the loader pauses
-        before the next room, longer after each failure in a row."""
+        before the next room, longer after each failure in a row. A load serves the one filter
+        it began for: if that was dropped meanwhile (a failure, the memory budget) and a commit
+        started a new one, the new one, queued by its start, is loaded from the first page."""
         filters = self._seq.key_filters
         first_pause, most_pause = _KEYS_RETRY_S
         pause = first_pause
@@ -357,17 +359,20 @@ class KafkaStore:
                 self._keys_wanted = trio.Event()
                 await self._keys_wanted.wait()
                 continue
-            after = 0
-            while room in filters.rooms:
+            target, after = filters.rooms[room], 0
+            while True:
                 try:
                     rows = await self._call(self._room_keys, "reading a room's keys", room, after)
                 except GB6Error as exc:
                     log("key_filter_load_failed", room=room, error=exc.message)
-                    filters.drop(room)
+                    if filters.rooms.get(room) is target:
+                        filters.drop(room)
                     await trio.sleep(pause)
                     pause = min(2 * pause, most_pause)
                     break
                 pause = first_pause
+                if filters.rooms.get(room) is not target:
+                    break
                 last = len(rows) < _KEYS_PAGE
                 filters.loaded(room, ((r[1], r[2]) for r in rows), last=last)
                 if last:

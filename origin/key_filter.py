@@ -138,10 +138,12 @@ class KeyFilters:
         return bool(self._to_load)
 
     def next_to_load(self) -> str | None:
-        """The next tracked room whose keys PostgreSQL must fill in, if any."""
+        """The next tracked room whose keys PostgreSQL must fill in, if any (a room queued twice,
+        dropped and tracked anew before its load began, is loaded once)."""
         while self._to_load:
             room = self._to_load.popleft()
-            if room in self.rooms:
+            keys = self.rooms.get(room)
+            if keys is not None and not keys.ready:
                 return room
         return None
 
