@@ -1017,6 +1017,15 @@ async def test_kafka_shard_starts_at_most_one_transaction_per_interval(
         assert store.commits - before <= elapsed / 0.2 + 1
 
 
+async def _filter_ready(store: KafkaStore, room_id: str) -> None:
+    """Until the room's resend filter is loaded (origin/key_filter.py)."""
+    filters = store._seq.key_filters
+    deadline = trio.current_time() + 10
+    while not (room_id in filters.rooms and filters.rooms[room_id].ready):
+        assert trio.current_time() < deadline, f"the keys of {room_id} were not loaded"
+        await trio.sleep(0.01)
+
+
 async def test_kafka_room_filters_spare_new_cids_the_lookup_and_keep_old_ones(
     kafka_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1033,11 +1042,7 @@ async def test_kafka_room_filters_spare_new_cids_the_lookup_and_keep_old_ones(
     async with serving(kafka_backend) as store:
         assert isinstance(store, KafkaStore)
         assert (await append(store, item(r, t.bob, "n0"))).event.seq == 9
-        filters = store._seq.key_filters
-        deadline = trio.current_time() + 10
-        while not (r in filters.rooms and filters.rooms[r].ready):
-            assert trio.current_time() < deadline, "the room's keys were not loaded"
-            await trio.sleep(0.01)
+        await _filter_ready(store, r)
         asked = store.keys_asked
         news = [await append(store, item(r, t.bob, f"n{i}")) for i in range(1, 6)]
         assert [a.event.seq for a in news] == [10, 11, 12, 13, 14]
@@ -1074,10 +1079,7 @@ async def test_kafka_room_whose_keys_cannot_be_read_holds_up_no_other_room(
         filters = store._seq.key_filters
         assert (await append(store, item(bad, t.bob, "b1"))).event.seq == 2  # queued first
         assert (await append(store, item(good, t.bob, "g1"))).event.seq == 2
-        deadline = trio.current_time() + 10
-        while not (good in filters.rooms and filters.rooms[good].ready):
-            assert trio.current_time() < deadline, "a room waited behind one that fails"
-            await trio.sleep(0.01)
+        await _filter_ready(store, good)  # not held up by `bad`
         assert bad not in filters.rooms
         asked = store.keys_asked
         again = await append(store, item(bad, t.alice, "b0"))
@@ -1120,11 +1122,7 @@ async def test_kafka_room_filter_started_anew_during_its_load_is_loaded_whole(
     async with serving(kafka_backend) as store:
         assert isinstance(store, KafkaStore)
         assert (await append(store, item(r, t.bob, "n0"))).event.seq == 9
-        filters = store._seq.key_filters
-        deadline = trio.current_time() + 10
-        while not (r in filters.rooms and filters.rooms[r].ready):
-            assert trio.current_time() < deadline, "the room's keys were not loaded"
-            await trio.sleep(0.01)
+        await _filter_ready(store, r)
         for first in firsts:
             again = await append(store, item(r, t.alice, first.event.cid))
             assert again.duplicate and again.event == first.event
