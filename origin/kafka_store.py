@@ -345,11 +345,9 @@ class KafkaStore:
 
     async def _key_loader(self) -> None:
         """Fill each newly tracked room's key filter from PostgreSQL, a page per crossing. A
-        failed page drops the room's filter (it asks PostgreSQL, as an untracked room does; its
-        next commit tracks it again, behind the rooms already waiting), and the loader pauses
-        before the next room, longer after each failure in a row. A load serves the one filter
-        it began for: if that was dropped meanwhile (a failure, the memory budget) and a commit
-        started a new one, the new one, queued by its start, is loaded from the first page."""
+        failed page queues the room again behind the rooms waiting (it asks PostgreSQL
+        meanwhile, its filter not ready) and the loader pauses before the next room, longer
+        after each failure in a row. A room dropped past the memory budget is not loaded on."""
         filters = self._seq.key_filters
         first_pause, most_pause = _KEYS_RETRY_S
         pause = first_pause
@@ -359,25 +357,22 @@ class KafkaStore:
                 self._keys_wanted = trio.Event()
                 await self._keys_wanted.wait()
                 continue
-            target, after = filters.rooms[room], 0
-            while True:
+            while (keys := filters.rooms.get(room)) is not None:
+                after = keys.loaded_upto
                 try:
                     rows = await self._call(self._room_keys, "reading a room's keys", room, after)
                 except GB6Error as exc:
                     log("key_filter_load_failed", room=room, error=exc.message)
-                    if filters.rooms.get(room) is target:
-                        filters.drop(room)
+                    filters.retry_later(room)
                     await trio.sleep(pause)
                     pause = min(2 * pause, most_pause)
                     break
                 pause = first_pause
-                if filters.rooms.get(room) is not target:
-                    break
                 last = len(rows) < _KEYS_PAGE
-                filters.loaded(room, ((r[1], r[2]) for r in rows), last=last)
+                upto = int(rows[-1][0]) if rows else after
+                filters.loaded(room, ((r[1], r[2]) for r in rows), upto=upto, last=last)
                 if last:
                     break
-                after = int(rows[-1][0])
 
     async def _room_keys(self, room: str, after: int) -> list[Any]:
         async with self._pool.acquire() as c:

@@ -68,13 +68,15 @@ class _Layer:
 
 
 class RoomKeys:
-    """One room's filter: its layers, and whether it holds every key of the room yet."""
+    """One room's filter: its layers, whether it holds every key of the room yet, and the seq
+    up to which PostgreSQL's keys are in."""
 
-    __slots__ = ("layers", "ready")
+    __slots__ = ("layers", "loaded_upto", "ready")
 
     def __init__(self, capacity: int) -> None:
         self.layers = [_Layer(capacity, _HASHES)]
         self.ready = False
+        self.loaded_upto = 0
 
     def nbytes(self) -> int:
         return sum(len(layer.bits) for layer in self.layers)
@@ -138,22 +140,28 @@ class KeyFilters:
         return bool(self._to_load)
 
     def next_to_load(self) -> str | None:
-        """The next tracked room whose keys PostgreSQL must fill in, if any (a room queued twice,
-        dropped and tracked anew before its load began, is loaded once)."""
+        """The next tracked room whose keys PostgreSQL must fill in, if any."""
         while self._to_load:
             room = self._to_load.popleft()
-            keys = self.rooms.get(room)
-            if keys is not None and not keys.ready:
+            if room in self.rooms:
                 return room
         return None
 
-    def loaded(self, room: str, keys: Iterable[tuple[str, str]], *, last: bool) -> None:
-        """A page of `room`'s keys read from PostgreSQL; `last`: no more pages."""
+    def retry_later(self, room: str) -> None:
+        """`room`'s load failed: queue it behind the rooms waiting (it goes on from the seq its
+        last page ended at)."""
+        if room in self.rooms:
+            self._to_load.append(room)
+
+    def loaded(self, room: str, keys: Iterable[tuple[str, str]], *, upto: int, last: bool) -> None:
+        """A page of `room`'s keys read from PostgreSQL, up to seq `upto`; `last`: no more
+        pages."""
         for sender, cid in keys:
             self.add(room, sender, cid)
         found = self.rooms.get(room)
-        if last and found is not None:
-            found.ready = True
+        if found is not None:
+            found.loaded_upto = max(found.loaded_upto, upto)
+            found.ready = found.ready or last
 
     def drop(self, room: str) -> None:
         keys = self.rooms.pop(room, None)
