@@ -19,7 +19,7 @@ Memory: a first layer for twice the room's seqs (at least 256 keys), ~10 bits pe
 ~0.8% false positives); a full layer gets a successor of twice its capacity with one hash more
 (and ~1.45 bits per key more), so all layers together stay under ~1.6%. All rooms' layers
 together take at most `max_bytes`; a room that would pass it is dropped, and its keys are asked
-of PostgreSQL as before. The hashes are Python's own, randomized per process: a filter lives
+of PostgreSQL as before (for good: tracking starts only at a room's first commit since start). The hashes are Python's own, randomized per process: a filter lives
 and dies with its process.
 """
 
@@ -87,8 +87,8 @@ class RoomKeys:
 
 class KeyFilters:
     """The shard's room filters (see the module doc). Driven by the sequencer's task: `track`
-    and `add` from its commits, `rules_out` from its `needs`; `next_to_load` and `loaded` from
-    the store's key loader."""
+    and `add` from its commits, `rules_out` from its `needs`; `next_to_load`, `loaded` and
+    `retry_later` from the store's key loader."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
