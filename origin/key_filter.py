@@ -19,8 +19,8 @@ Memory: a first layer for twice the room's seqs (at least 256 keys), ~10 bits pe
 ~0.8% false positives); a full layer gets a successor of twice its capacity with one hash more
 (and ~1.45 bits per key more), so all layers together stay under ~1.6%. All rooms' layers
 together take at most `max_bytes`; a room that would pass it is dropped, and its keys are asked
-of PostgreSQL as before (for good: tracking starts only at a room's first commit since start). The hashes are Python's own, randomized per process: a filter lives
-and dies with its process.
+of PostgreSQL as before (for good: tracking starts only at a room's first commit since start).
+The hashes are Python's own, randomized per process: a filter lives and dies with its process.
 """
 
 from __future__ import annotations
