@@ -108,7 +108,7 @@ _ROOM_KEYS: Final = (
     "SELECT seq, sender, cid FROM event_keys WHERE room = $1 AND seq > $2 ORDER BY seq LIMIT $3"
 )
 _KEYS_PAGE: Final = 1_000  # ~3.5 ms of the busy thread to add to a filter
-_KEYS_RETRY_S: Final = (1.0, 30.0)  # the key loader's pause after a failed page: first, most
+_KEYS_RETRY_S: Final = (1.0, 30.0)  # the key loader's waits after a failed page: first, most
 # As pg_append.PRIORS: the key, then its event, each a LATERAL … LIMIT 1 (one probe each).
 _TARGETS: Final = (
     "SELECT e.room, e.seq, e.type, e.sender, e.deleted"
@@ -345,17 +345,21 @@ class KafkaStore:
 
     async def _key_loader(self) -> None:
         """Fill each newly tracked room's key filter from PostgreSQL, a page per crossing. A
-        failed page queues the room again behind the rooms waiting (it asks PostgreSQL
-        meanwhile, its filter not ready) and the loader pauses before the next room, longer
-        after each failure in a row. A room dropped past the memory budget is not loaded on."""
+        room whose page fails asks PostgreSQL meanwhile (its filter not ready) and is tried
+        again later, from where it stopped: after 1 s, doubling with each failure in a row up to
+        30 s, while the rooms behind it load. Failures in a row, whatever their rooms, also
+        pause the loader, for as long, so a PostgreSQL that is down is asked rarely. A room
+        dropped past the memory budget is not loaded on."""
         filters = self._seq.key_filters
         first_pause, most_pause = _KEYS_RETRY_S
         pause = first_pause
         while True:
-            room = filters.next_to_load()
+            room = filters.next_to_load(trio.current_time())
             if room is None:
                 self._keys_wanted = trio.Event()
-                await self._keys_wanted.wait()
+                retry_at = filters.next_retry_at()
+                with trio.move_on_at(inf if retry_at is None else retry_at):
+                    await self._keys_wanted.wait()
                 continue
             while (keys := filters.rooms.get(room)) is not None:
                 after = keys.loaded_upto
@@ -363,7 +367,8 @@ class KafkaStore:
                     rows = await self._call(self._room_keys, "reading a room's keys", room, after)
                 except GB6Error as exc:
                     log("key_filter_load_failed", room=room, error=exc.message)
-                    filters.retry_later(room)
+                    wait = min(first_pause * 2**keys.failures, most_pause)
+                    filters.retry_later(room, trio.current_time() + wait)
                     await trio.sleep(pause)
                     pause = min(2 * pause, most_pause)
                     break

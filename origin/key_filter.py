@@ -13,7 +13,8 @@ room has (`ready`):
 - a loader then reads the room's keys from PostgreSQL in pages by seq. Every page is read after
   tracking began, so a key persisted before then is in some page, and one persisted later was
   either not yet persisted then (seeded) or committed since (added);
-- once the last page is in, the filter is ready.
+- once the last page is in, the filter is ready. A page that fails is read again later, the
+  room offered after the rooms newly tracked meanwhile, so one room's bad rows hold up no other.
 
 Memory: a first layer for twice the room's seqs (at least 256 keys), ~10 bits per key (7 hashes,
 ~0.8% false positives); a full layer gets a successor of twice its capacity with one hash more
@@ -25,6 +26,7 @@ The hashes are Python's own, randomized per process: a filter lives and dies wit
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Iterable
 from typing import Final
@@ -68,15 +70,16 @@ class _Layer:
 
 
 class RoomKeys:
-    """One room's filter: its layers, whether it holds every key of the room yet, and the seq
-    up to which PostgreSQL's keys are in."""
+    """One room's filter: its layers, whether it holds every key of the room yet, the seq up
+    to which PostgreSQL's keys are in, and how many of its loads in a row failed."""
 
-    __slots__ = ("layers", "loaded_upto", "ready")
+    __slots__ = ("failures", "layers", "loaded_upto", "ready")
 
     def __init__(self, capacity: int) -> None:
         self.layers = [_Layer(capacity, _HASHES)]
         self.ready = False
         self.loaded_upto = 0
+        self.failures = 0
 
     def nbytes(self) -> int:
         return sum(len(layer.bits) for layer in self.layers)
@@ -96,6 +99,8 @@ class KeyFilters:
         self.nbytes = 0  # all rooms' layers together
         self.dropped = 0  # rooms left without a filter for the budget
         self._to_load: deque[str] = deque()
+        self._retries: list[tuple[float, int, str]] = []  # (when, tie-break, room), a heap
+        self._retries_made = 0
 
     def track(self, room: str, head: int, keys: Iterable[tuple[str, str]]) -> None:
         """Start on `room`, first committed to now (its seqs go up to `head`), with its `keys`
@@ -139,19 +144,31 @@ class KeyFilters:
     def wants_load(self) -> bool:
         return bool(self._to_load)
 
-    def next_to_load(self) -> str | None:
-        """The next tracked room whose keys PostgreSQL must fill in, if any."""
+    def next_to_load(self, now: float) -> str | None:
+        """The next tracked room whose keys PostgreSQL must fill in, if any: a newly tracked
+        room first, then one whose load failed and whose retry is due at `now`."""
         while self._to_load:
             room = self._to_load.popleft()
             if room in self.rooms:
                 return room
+        while self._retries and self._retries[0][0] <= now:
+            room = heapq.heappop(self._retries)[2]
+            if room in self.rooms:
+                return room
         return None
 
-    def retry_later(self, room: str) -> None:
-        """`room`'s load failed: queue it behind the rooms waiting (it goes on from the seq its
-        last page ended at)."""
-        if room in self.rooms:
-            self._to_load.append(room)
+    def next_retry_at(self) -> float | None:
+        """When the earliest failed load is due again, if any is waiting."""
+        return self._retries[0][0] if self._retries else None
+
+    def retry_later(self, room: str, at: float) -> None:
+        """`room`'s load failed: offer it again at `at`, after the rooms newly tracked meanwhile
+        (it goes on from the seq its last page ended at)."""
+        keys = self.rooms.get(room)
+        if keys is not None:
+            keys.failures += 1
+            self._retries_made += 1
+            heapq.heappush(self._retries, (at, self._retries_made, room))
 
     def loaded(self, room: str, keys: Iterable[tuple[str, str]], *, upto: int, last: bool) -> None:
         """A page of `room`'s keys read from PostgreSQL, up to seq `upto`; `last`: no more
@@ -160,6 +177,7 @@ class KeyFilters:
             self.add(room, sender, cid)
         found = self.rooms.get(room)
         if found is not None:
+            found.failures = 0
             found.loaded_upto = max(found.loaded_upto, upto)
             found.ready = found.ready or last
 

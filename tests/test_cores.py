@@ -220,13 +220,19 @@ def test_room_key_filter_rules_out_only_what_the_room_cannot_hold() -> None:
     filters.track("r1", 1, [("alice", "seeded")])
     filters.add("r1", "alice", "committed")
     assert not filters.rules_out("r1", "alice", "new")  # not ready: PostgreSQL is asked
-    assert filters.next_to_load() == "r1" and filters.next_to_load() is None
+    assert filters.next_to_load(0.0) == "r1" and filters.next_to_load(0.0) is None
     filters.loaded("r1", [("bob", f"old{i}") for i in range(5_000)], upto=5_000, last=False)
     assert not filters.rules_out("r1", "alice", "new")
-    # A failed page: queued again, to go on from where the last page ended.
-    filters.retry_later("r1")
-    assert filters.next_to_load() == "r1" and filters.rooms["r1"].loaded_upto == 5_000
+    # A failed page: offered again when its retry is due, after rooms tracked meanwhile, to go
+    # on from where the last page ended.
+    filters.retry_later("r1", at=10.0)
+    assert filters.rooms["r1"].failures == 1 and filters.next_retry_at() == 10.0
+    filters.track("r2", 1, [])
+    assert filters.next_to_load(9.9) == "r2" and filters.next_to_load(9.9) is None
+    assert filters.next_to_load(10.0) == "r1" and filters.rooms["r1"].loaded_upto == 5_000
+    assert filters.next_retry_at() is None
     filters.loaded("r1", [("bob", f"old{i}") for i in range(5_000, 9_000)], upto=9_000, last=True)
+    assert filters.rooms["r1"].failures == 0  # a page read: the next failure waits the least
     held = [("alice", "seeded"), ("alice", "committed")] + [
         ("bob", f"old{i}") for i in range(9_000)
     ]
@@ -238,7 +244,7 @@ def test_room_key_filter_rules_out_only_what_the_room_cannot_hold() -> None:
     new = [("bob", f"late{i}") for i in range(5_000)] + [("dave", f"old{i}") for i in range(5_000)]
     passed = sum(not filters.rules_out("r1", sender, cid) for sender, cid in new)
     assert passed < 0.03 * len(new)
-    assert not filters.rules_out("r2", "alice", "new")  # an untracked room is always asked
+    assert not filters.rules_out("r3", "alice", "new")  # an untracked room is always asked
 
 
 def test_room_key_filters_stay_within_their_memory() -> None:
