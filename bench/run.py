@@ -392,6 +392,7 @@ def traffic(
             "machine_iowait_pct": round(100 * sys_io / max(1e-9, sys_all), 1),
             "machine_steal_pct": round(100 * sys_steal / max(1e-9, sys_all), 1),
             "steal_by_second": steal_by_second,
+            "t0_unix_ns": t0,
             "others_top": others,
             "gc": gc_summary(gc_list, t0) if args.server_gc_log else None,
             "wal_checkpoints": wal.events,
@@ -543,6 +544,9 @@ def summarize_traffic(
         "worker_frames": sum(r["frames"] for r in res),
         "worker_recvs": sum(r["recvs"] for r in res),
         "timeline": timeline,
+        # Second 0 of `per_second` starts here (wall clock), to line it up with other processes'
+        # logs (a broker's GC pauses).
+        "t0_unix_ns": cpu.get("t0_unix_ns"),
         "per_second": {
             "deliveries": per_sec_dl,
             "sends": per_sec_sends,
