@@ -38,8 +38,9 @@ class Limits:
     # Kafka store: a shard starts at most one log transaction per interval unless a whole batch
     # waits (each costs the broker and the origin a fixed CPU; Kafka Streams commits per 100 ms).
     log_transaction_interval_s: float = 0.010
-    # Kafka store: memory of the rooms' resend filters together (~1.3 bytes per key); a room
-    # past it asks PostgreSQL about every key (origin/key_filter.py).
+    # Kafka store: memory of the rooms' resend filters together (~1.3 bytes per key); when it
+    # is full, idle rooms' filters make way, else a room asks PostgreSQL about every key
+    # (origin/key_filter.py).
     key_filter_bytes: int = 64 << 20
     room_name_chars: int = 200
     members_per_request: int = 1_000

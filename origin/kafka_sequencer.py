@@ -269,7 +269,6 @@ class Sequencer:
 
     def commit(self, plan: Plan) -> None:
         """The plan's transaction committed: its events are the log's now."""
-        first = [room for room in plan.heads if room not in self.heads]
         self.heads.update(plan.heads)
         state = self.unpersisted
         made: list[tuple[int, Key | None, Pos | None, Target | None, Event | None]] = [
@@ -283,7 +282,5 @@ class Sequencer:
                 state.add_target(pos, target, by)
         for room, head in plan.heads.items():
             state.acked[room] = head
-        for room, sender, cid in plan.keys:
-            self.key_filters.add(room, sender, cid)
-        for room in first:  # its keys are in `state` now, this plan's included
-            self.key_filters.track(room, plan.heads[room], state.keys_of(room))
+        # A room's keys are in `state` now, this plan's included.
+        self.key_filters.committed(plan.heads, plan.keys, state.keys_of)

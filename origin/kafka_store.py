@@ -324,6 +324,12 @@ class KafkaStore:
                 self._seq.key_filters.nbytes,
             ),
             Metric(
+                "gb6_key_filters_given_up_total",
+                "counter",
+                "rooms' resend filters given up for the memory budget (idle rooms' making way)",
+                self._seq.key_filters.evicted,
+            ),
+            Metric(
                 "gb6_unpersisted_entries",
                 "gauge",
                 "keys and targets committed to the log and not yet in PostgreSQL",
@@ -348,35 +354,36 @@ class KafkaStore:
         room whose page fails asks PostgreSQL meanwhile (its filter not ready) and is tried
         again later, from where it stopped: after 1 s, doubling with each failure in a row up to
         30 s, while the rooms behind it load. Failures in a row, whatever their rooms, also
-        pause the loader, for as long, so a PostgreSQL that is down is asked rarely. A room
-        dropped past the memory budget is not loaded on."""
+        pause the loader, for as long, so a PostgreSQL that is down is asked rarely. A filter
+        given up for the memory budget is not loaded on."""
         filters = self._seq.key_filters
         first_pause, most_pause = _KEYS_RETRY_S
         pause = first_pause
         while True:
-            room = filters.next_to_load(trio.current_time())
-            if room is None:
+            found = filters.next_to_load(trio.current_time())
+            if found is None:
                 self._keys_wanted = trio.Event()
                 retry_at = filters.next_retry_at()
                 with trio.move_on_at(inf if retry_at is None else retry_at):
                     await self._keys_wanted.wait()
                 continue
-            while (keys := filters.rooms.get(room)) is not None:
+            room, keys = found
+            while True:
                 after = keys.loaded_upto
                 try:
                     rows = await self._call(self._room_keys, "reading a room's keys", room, after)
                 except GB6Error as exc:
                     log("key_filter_load_failed", room=room, error=exc.message)
                     wait = min(first_pause * 2**keys.failures, most_pause)
-                    filters.retry_later(room, trio.current_time() + wait)
+                    filters.retry_later(room, keys, trio.current_time() + wait)
                     await trio.sleep(pause)
                     pause = min(2 * pause, most_pause)
                     break
                 pause = first_pause
                 last = len(rows) < _KEYS_PAGE
                 upto = int(rows[-1][0]) if rows else after
-                filters.loaded(room, ((r[1], r[2]) for r in rows), upto=upto, last=last)
-                if last:
+                pairs = ((r[1], r[2]) for r in rows)
+                if not filters.loaded(room, keys, pairs, upto=upto, last=last) or last:
                     break
 
     async def _room_keys(self, room: str, after: int) -> list[Any]:

@@ -8,19 +8,23 @@ for ~99% of new keys; "maybe" (a resend, or a false positive) still asks Postgre
 "not held" would admit a duplicate, so a room's filter answers only once it holds every key the
 room has (`ready`):
 
-- tracking starts when the sequencer first commits to the room, seeded with the room's keys not
+- tracking starts when the sequencer commits to a room without a filter (its first commit since
+  start, or its first since its filter made way for others), seeded with the room's keys not
   yet persisted, and every key committed to the room later is added;
 - a loader then reads the room's keys from PostgreSQL in pages by seq. Every page is read after
   tracking began, so a key persisted before then is in some page, and one persisted later was
-  either not yet persisted then (seeded) or committed since (added);
+  either not yet persisted then (seeded) or committed since (added). A page read for a filter
+  that was given up meanwhile is thrown away, never given to the room's next filter;
 - once the last page is in, the filter is ready. A page that fails is read again later, the
   room offered after the rooms newly tracked meanwhile, so one room's bad rows hold up no other.
 
 Memory: a first layer for twice the room's seqs (at least 256 keys), ~10 bits per key (7 hashes,
 ~0.8% false positives); a full layer gets a successor of twice its capacity with one hash more
 (and ~1.45 bits per key more), so all layers together stay under ~1.6%. All rooms' layers
-together take at most `max_bytes`; a room that would pass it is dropped, and its keys are asked
-of PostgreSQL as before (for good: tracking starts only at a room's first commit since start).
+together take at most `max_bytes`. When a filter would pass it, the filters of rooms no commit
+touched for `idle_commits` commits make way, least recent first; if that is not enough, the room
+goes without one (its keys are asked of PostgreSQL, as before any filter) and tries again at its
+next commit. So the budget holds the active rooms' filters, not the first rooms seen since start.
 The hashes are Python's own, randomized per process: a filter lives and dies with its process.
 """
 
@@ -28,11 +32,14 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 _HASHES: Final = 7  # of a room's first layer; each later layer has one more
 _FIRST_CAPACITY: Final = 256
+# A room's filter may make way for another's once no commit touched its room for this many: at
+# ~100 transactions/s, 100 s. Fewer would reload rooms that are merely quiet.
+_IDLE_COMMITS: Final = 10_000
 _MASK64: Final = (1 << 64) - 1
 
 
@@ -50,8 +57,16 @@ class _Layer:
         self.capacity = capacity
         self.count = 0
         self.k = k
-        self.m = (capacity * 145 * k + 99) // 100
+        self.m = _Layer.bits_for(capacity, k)
         self.bits = bytearray((self.m + 7) // 8)
+
+    @staticmethod
+    def bits_for(capacity: int, k: int) -> int:
+        return (capacity * 145 * k + 99) // 100
+
+    @staticmethod
+    def nbytes_for(capacity: int, k: int) -> int:
+        return (_Layer.bits_for(capacity, k) + 7) // 8
 
     def add(self, h: int) -> None:
         h1, h2, m, bits = h & 0xFFFFFFFF, (h >> 32) | 1, self.m, self.bits
@@ -73,13 +88,14 @@ class RoomKeys:
     """One room's filter: its layers, whether it holds every key of the room yet, the seq up
     to which PostgreSQL's keys are in, and how many of its loads in a row failed."""
 
-    __slots__ = ("failures", "layers", "loaded_upto", "ready")
+    __slots__ = ("failures", "last_commit", "layers", "loaded_upto", "ready")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, last_commit: int) -> None:
         self.layers = [_Layer(capacity, _HASHES)]
         self.ready = False
         self.loaded_upto = 0
         self.failures = 0
+        self.last_commit = last_commit
 
     def nbytes(self) -> int:
         return sum(len(layer.bits) for layer in self.layers)
@@ -89,35 +105,71 @@ class RoomKeys:
 
 
 class KeyFilters:
-    """The shard's room filters (see the module doc). Driven by the sequencer's task: `track`
-    and `add` from its commits, `rules_out` from its `needs`; `next_to_load`, `loaded` and
-    `retry_later` from the store's key loader."""
+    """The shard's room filters (see the module doc). Driven by the sequencer's task: `committed`
+    from its commits, `rules_out` from its `needs`; `next_to_load`, `loaded` and `retry_later`
+    from the store's key loader."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, idle_commits: int = _IDLE_COMMITS) -> None:
         self.max_bytes = max_bytes
+        self.idle_commits = idle_commits
+        # By recency: the room least recently committed to first (`committed` moves a room last).
         self.rooms: dict[str, RoomKeys] = {}
         self.nbytes = 0  # all rooms' layers together
-        self.dropped = 0  # rooms left without a filter for the budget
+        self.evicted = 0  # filters given up for the budget
+        self.commits = 0  # the sequencer's commits so far: the clock of rooms' recency
         self._to_load: deque[str] = deque()
-        self._retries: list[tuple[float, int, str]] = []  # (when, tie-break, room), a heap
+        self._retries: list[tuple[float, int, str, RoomKeys]] = []  # (when, tie-break, …): a heap
         self._retries_made = 0
 
-    def track(self, room: str, head: int, keys: Iterable[tuple[str, str]]) -> None:
-        """Start on `room`, first committed to now (its seqs go up to `head`), with its `keys`
-        not yet persisted, and ask for its load. A room already tracked is left as it is."""
-        if room in self.rooms:
-            return
-        keys_of_room = RoomKeys(max(_FIRST_CAPACITY, 2 * head))
-        size = keys_of_room.nbytes()
-        if self.nbytes + size > self.max_bytes:
-            self.dropped += 1
-            return
+    def committed(
+        self,
+        heads: Mapping[str, int],
+        keys: Iterable[tuple[str, str, str]],
+        unpersisted: Callable[[str], Iterable[tuple[str, str]]],
+    ) -> None:
+        """A transaction committed `keys` (room, sender, cid) to rooms whose seqs now go up to
+        `heads`. A room without a filter starts one, seeded with its keys not yet persisted
+        (`unpersisted`, this transaction's included), and asks for its load."""
+        self.commits += 1
+        untracked = []
+        for room in heads:
+            found = self.rooms.pop(room, None)
+            if found is None:
+                untracked.append(room)
+            else:
+                found.last_commit = self.commits
+                self.rooms[room] = found
+        for room, sender, cid in keys:
+            self.add(room, sender, cid)
+        for room in untracked:
+            self._track(room, heads[room], unpersisted)
+
+    def _track(
+        self, room: str, head: int, unpersisted: Callable[[str], Iterable[tuple[str, str]]]
+    ) -> None:
+        capacity = max(_FIRST_CAPACITY, 2 * head)
+        if not self._fit(_Layer.nbytes_for(capacity, _HASHES)):
+            return  # tried again at the room's next commit
+        keys_of_room = RoomKeys(capacity, self.commits)
         self.rooms[room] = keys_of_room
-        self.nbytes += size
-        for sender, cid in keys:
+        self.nbytes += keys_of_room.nbytes()
+        for sender, cid in unpersisted(room):
             self.add(room, sender, cid)
         if room in self.rooms:
             self._to_load.append(room)
+
+    def _fit(self, size: int) -> bool:
+        """Make room for `size` more bytes by giving up the filters of rooms idle for
+        `idle_commits` commits, least recent first; False if that is not enough."""
+        if size > self.max_bytes:
+            return False
+        while self.nbytes + size > self.max_bytes:
+            room, keys = next(iter(self.rooms.items()))
+            if self.commits - keys.last_commit < self.idle_commits:
+                return False
+            self.drop(room)
+            self.evicted += 1
+        return True
 
     def add(self, room: str, sender: str, cid: str) -> None:
         """A key `room` now holds (committed, or read from PostgreSQL)."""
@@ -126,11 +178,13 @@ class KeyFilters:
             return
         last = keys.layers[-1]
         if last.count >= last.capacity:
-            grown = _Layer(2 * last.capacity, last.k + 1)
-            if self.nbytes + len(grown.bits) > self.max_bytes:
+            if not self._fit(_Layer.nbytes_for(2 * last.capacity, last.k + 1)):
                 self.drop(room)
-                self.dropped += 1
+                self.evicted += 1
                 return
+            if self.rooms.get(room) is not keys:
+                return  # an idle room's own filter made way (a page read for it)
+            grown = _Layer(2 * last.capacity, last.k + 1)
             keys.layers.append(grown)
             self.nbytes += len(grown.bits)
             last = grown
@@ -144,42 +198,46 @@ class KeyFilters:
     def wants_load(self) -> bool:
         return bool(self._to_load)
 
-    def next_to_load(self, now: float) -> str | None:
-        """The next tracked room whose keys PostgreSQL must fill in, if any: a newly tracked
-        room first, then one whose load failed and whose retry is due at `now`."""
+    def next_to_load(self, now: float) -> tuple[str, RoomKeys] | None:
+        """The next room whose filter PostgreSQL must fill in, with that filter, if any: a
+        newly tracked room first, then one whose load failed and whose retry is due at `now`."""
         while self._to_load:
             room = self._to_load.popleft()
-            if room in self.rooms:
-                return room
+            keys = self.rooms.get(room)
+            if keys is not None and not keys.ready:
+                return room, keys
         while self._retries and self._retries[0][0] <= now:
-            room = heapq.heappop(self._retries)[2]
-            if room in self.rooms:
-                return room
+            _, _, room, keys = heapq.heappop(self._retries)
+            if self.rooms.get(room) is keys and not keys.ready:
+                return room, keys
         return None
 
     def next_retry_at(self) -> float | None:
         """When the earliest failed load is due again, if any is waiting."""
         return self._retries[0][0] if self._retries else None
 
-    def retry_later(self, room: str, at: float) -> None:
-        """`room`'s load failed: offer it again at `at`, after the rooms newly tracked meanwhile
-        (it goes on from the seq its last page ended at)."""
-        keys = self.rooms.get(room)
-        if keys is not None:
+    def retry_later(self, room: str, keys: RoomKeys, at: float) -> None:
+        """The load of `room`'s filter `keys` failed: offer it again at `at`, after the rooms
+        newly tracked meanwhile (it goes on from the seq its last page ended at)."""
+        if self.rooms.get(room) is keys:
             keys.failures += 1
             self._retries_made += 1
-            heapq.heappush(self._retries, (at, self._retries_made, room))
+            heapq.heappush(self._retries, (at, self._retries_made, room, keys))
 
-    def loaded(self, room: str, keys: Iterable[tuple[str, str]], *, upto: int, last: bool) -> None:
-        """A page of `room`'s keys read from PostgreSQL, up to seq `upto`; `last`: no more
-        pages."""
-        for sender, cid in keys:
+    def loaded(
+        self, room: str, keys: RoomKeys, rows: Iterable[tuple[str, str]], *, upto: int, last: bool
+    ) -> bool:
+        """A page of `room`'s keys, read from PostgreSQL for its filter `keys`, up to seq `upto`;
+        `last`: no more pages. False, and nothing done, if that filter was given up meanwhile:
+        a filter tracked since must not take a page read before it began."""
+        if self.rooms.get(room) is not keys:
+            return False
+        for sender, cid in rows:
             self.add(room, sender, cid)
-        found = self.rooms.get(room)
-        if found is not None:
-            found.failures = 0
-            found.loaded_upto = max(found.loaded_upto, upto)
-            found.ready = found.ready or last
+        keys.failures = 0
+        keys.loaded_upto = max(keys.loaded_upto, upto)
+        keys.ready = keys.ready or last
+        return self.rooms.get(room) is keys
 
     def drop(self, room: str) -> None:
         keys = self.rooms.pop(room, None)

@@ -361,6 +361,7 @@ async def test_an_origin_reports_its_metrics(cluster: Cluster) -> None:
         # The resend was a possible one: PostgreSQL was asked. The new room gets its filter.
         assert after["gb6_key_lookups_total"] > before["gb6_key_lookups_total"]
         assert after["gb6_key_filter_bytes"] > 0
+        assert after["gb6_key_filters_given_up_total"] == 0  # 64 MiB: room for every filter
         deadline = trio.current_time() + 20
         while _metrics(origin)["gb6_key_filter_rooms"] <= before["gb6_key_filter_rooms"]:
             assert trio.current_time() < deadline, "the room's key filter was not loaded"

@@ -217,27 +217,32 @@ def test_room_key_filter_rules_out_only_what_the_room_cannot_hold() -> None:
     from origin.key_filter import KeyFilters
 
     filters = KeyFilters(max_bytes=1 << 20)
-    filters.track("r1", 1, [("alice", "seeded")])
-    filters.add("r1", "alice", "committed")
+    unpersisted = {"r1": [("alice", "seeded"), ("alice", "committed")], "r2": []}
+    filters.committed({"r1": 2}, [("r1", "alice", "committed")], unpersisted.__getitem__)
     assert not filters.rules_out("r1", "alice", "new")  # not ready: PostgreSQL is asked
-    assert filters.next_to_load(0.0) == "r1" and filters.next_to_load(0.0) is None
-    filters.loaded("r1", [("bob", f"old{i}") for i in range(5_000)], upto=5_000, last=False)
+    found = filters.next_to_load(0.0)
+    assert found is not None and found[0] == "r1" and filters.next_to_load(0.0) is None
+    r1 = found[1]
+    page = [("bob", f"old{i}") for i in range(5_000)]
+    assert filters.loaded("r1", r1, page, upto=5_000, last=False)
     assert not filters.rules_out("r1", "alice", "new")
     # A failed page: offered again when its retry is due, after rooms tracked meanwhile, to go
     # on from where the last page ended.
-    filters.retry_later("r1", at=10.0)
-    assert filters.rooms["r1"].failures == 1 and filters.next_retry_at() == 10.0
-    filters.track("r2", 1, [])
-    assert filters.next_to_load(9.9) == "r2" and filters.next_to_load(9.9) is None
-    assert filters.next_to_load(10.0) == "r1" and filters.rooms["r1"].loaded_upto == 5_000
+    filters.retry_later("r1", r1, at=10.0)
+    assert r1.failures == 1 and filters.next_retry_at() == 10.0
+    filters.committed({"r2": 1}, [], unpersisted.__getitem__)
+    assert filters.next_to_load(9.9) == ("r2", filters.rooms["r2"])
+    assert filters.next_to_load(9.9) is None
+    assert filters.next_to_load(10.0) == ("r1", r1) and r1.loaded_upto == 5_000
     assert filters.next_retry_at() is None
-    filters.loaded("r1", [("bob", f"old{i}") for i in range(5_000, 9_000)], upto=9_000, last=True)
-    assert filters.rooms["r1"].failures == 0  # a page read: the next failure waits the least
+    page = [("bob", f"old{i}") for i in range(5_000, 9_000)]
+    assert filters.loaded("r1", r1, page, upto=9_000, last=True)
+    assert r1.ready and r1.failures == 0  # a page read: the next failure waits the least
     held = [("alice", "seeded"), ("alice", "committed")] + [
         ("bob", f"old{i}") for i in range(9_000)
     ]
     for i in range(3_000):  # committed after the load: layers grow
-        filters.add("r1", "carol", f"late{i}")
+        filters.committed({"r1": 3 + i}, [("r1", "carol", f"late{i}")], unpersisted.__getitem__)
         held.append(("carol", f"late{i}"))
     assert not any(filters.rules_out("r1", sender, cid) for sender, cid in held)
     # Another sender's cids, or the same cid from another sender, are new keys.
@@ -248,16 +253,56 @@ def test_room_key_filter_rules_out_only_what_the_room_cannot_hold() -> None:
 
 
 def test_room_key_filters_stay_within_their_memory() -> None:
-    """Past `max_bytes` a room gets no filter, or loses the one it had: its keys are asked."""
+    """Past `max_bytes` the filters of rooms idle longest make way for an active room's; a room
+    that finds none idle goes without (its keys are asked) and tries again at its next commit.
+    A page read for a filter given up meanwhile is never applied to the room's next one."""
     from origin.key_filter import KeyFilters
 
-    filters = KeyFilters(max_bytes=500)  # a first layer (256 keys, ~11 bits each) is 357 bytes
-    filters.track("r1", 0, [])
-    filters.loaded("r1", [], upto=0, last=True)
+    # A first layer (256 keys, ~11 bits each) is 357 bytes: the budget holds two.
+    filters = KeyFilters(max_bytes=800, idle_commits=3)
+
+    def commit(room: str, head: int, *cids: str) -> None:
+        filters.committed({room: head}, [(room, "alice", c) for c in cids], lambda _: ())
+
+    commit("r1", 0)
+    commit("r2", 0)
+    found = filters.next_to_load(0.0)
+    assert found is not None and found[0] == "r1"
+    assert filters.loaded("r1", found[1], [], upto=0, last=True)
     assert filters.rules_out("r1", "alice", "new")
-    filters.track("r2", 0, [])
-    assert "r2" not in filters.rooms and not filters.rules_out("r2", "alice", "new")
-    for i in range(300):  # r1's second layer would pass the budget
-        filters.add("r1", "alice", f"c{i}")
-    assert "r1" not in filters.rooms and not filters.rules_out("r1", "alice", "new")
-    assert filters.nbytes == 0 and filters.dropped == 2
+    commit("r3", 0)  # r1 and r2 were committed to 1 and 2 commits ago: none idle
+    assert set(filters.rooms) == {"r1", "r2"} and not filters.rules_out("r3", "alice", "new")
+    commit("r2", 1)
+    commit("r3", 0)  # r1 idle for 3 commits now: it makes way
+    assert set(filters.rooms) == {"r2", "r3"} and filters.evicted == 1
+    assert not filters.rules_out("r1", "alice", "new")  # asked again
+    # r2's load reads a page, and meanwhile r2 loses its filter and starts a new one: that page
+    # was read before the new filter began, so it may lack keys persisted since.
+    loading = filters.next_to_load(0.0)
+    assert loading is not None and loading[0] == "r2"
+    for i in range(3):
+        commit("r3", 1 + i)
+    commit("r1", 1)  # r2 idle: it makes way for r1
+    assert set(filters.rooms) == {"r3", "r1"}
+    commit("r2", 2, "m2")  # r2 again: r3 and r1 are active, so r2 goes without
+    assert "r2" not in filters.rooms
+    for i in range(3):
+        commit("r3", 5 + i)
+    commit("r2", 3, "m3")  # now r1 is idle: a new filter for r2
+    assert set(filters.rooms) == {"r3", "r2"} and filters.rooms["r2"] is not loading[1]
+    assert not filters.loaded("r2", loading[1], [("alice", "m1")], upto=1, last=True)
+    assert not filters.rooms["r2"].ready  # the stale page changed nothing
+    # A room that grows past what idle rooms can free loses its filter, and starts one sized for
+    # its seqs at its next commit, to be loaded again; until its seqs alone pass the budget.
+    evicted = filters.evicted
+    for i in range(300):
+        commit("r3", 9 + i, f"c{i}")
+        assert filters.nbytes <= 800
+    assert filters.evicted >= evicted + 2  # r2 made way, then r3 itself
+    assert not filters.rooms["r3"].ready and filters.next_to_load(0.0) == (
+        "r3",
+        filters.rooms["r3"],
+    )
+    for i in range(300, 1_000):
+        commit("r3", 9 + i, f"c{i}")
+    assert "r3" not in filters.rooms and filters.nbytes == 0

@@ -1053,6 +1053,39 @@ async def test_kafka_room_filters_spare_new_cids_the_lookup_and_keep_old_ones(
         assert seqs(await store.events_after(r, 0, 100)) == list(range(1, 15))
 
 
+async def test_kafka_room_filter_that_made_way_is_started_again(
+    kafka_backend: Backend,
+) -> None:
+    """With the filters' memory full, the filter of the room idle longest makes way for a room
+    in use. Meanwhile its new keys are asked of PostgreSQL, and a resend answers its original;
+    back in use, the room starts a new filter, loaded from PostgreSQL, that spares new cids the
+    lookup."""
+    async with serving(kafka_backend) as store:
+        assert isinstance(store, KafkaStore)
+        filters = store._seq.key_filters
+        filters.max_bytes, filters.idle_commits = 800, 2  # two first layers (357 bytes each)
+        t = await tenant(store)
+        a, b, c = [await room(store, t) for _ in range(3)]
+        first = await append(store, item(a, t.alice, "a0"))
+        await _filter_ready(store, a)
+        await append(store, item(b, t.alice, "b0"))
+        await append(store, item(c, t.alice, "c0"))  # `a` idle for two commits: it makes way
+        assert a not in filters.rooms and c in filters.rooms and filters.evicted == 1
+        again = await append(store, item(a, t.alice, "a0"))
+        assert again.duplicate and again.event == first.event
+        asked = store.keys_asked
+        assert (await append(store, item(a, t.bob, "a1"))).event.seq == 2  # `b` makes way
+        assert store.keys_asked > asked  # no filter for `a` when it was planned: asked
+        assert b not in filters.rooms and filters.evicted == 2
+        await _filter_ready(store, a)
+        asked = store.keys_asked
+        assert (await append(store, item(a, t.bob, "a2"))).event.seq == 3
+        assert store.keys_asked == asked  # ruled out by the new filter
+        again = await append(store, item(a, t.alice, "a0"))
+        assert again.duplicate and again.event == first.event
+        assert seqs(await store.events_after(a, 0, 10)) == [1, 2, 3]
+
+
 async def test_kafka_room_whose_keys_cannot_be_read_holds_up_no_other_room(
     kafka_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
