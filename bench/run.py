@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench import profile, report, speed
+from bench import jvm_gc, profile, report, speed
 from bench.bootstrap import Tenant, bootstrap, create_rooms
 from bench.cluster import Cluster
 from bench.pool import open_pool
@@ -186,6 +186,7 @@ def traffic(
     else:
         srv = ProcWatch([server.pid]) if server.pid else None
         named = []
+        services = []
         service_names = set()
         server_pids = {server.pid or -1}
     proc_cpu: dict[str, list[float]] = {}  # "warm"/"end": CPU seconds of each named process
@@ -345,6 +346,13 @@ def traffic(
         gc_list: list[dict[str, float]] = []
         if args.server_gc_log and server.log_path:
             gc_list = gc_pauses(server.log_path, t_warm / 1e9, t_end / 1e9)
+        broker_gc = None
+        for name, pid in services:
+            with contextlib.suppress(psutil.Error):
+                gc_log = jvm_gc.log_path(psutil.Process(pid).cmdline())
+                if name.startswith("kafka broker") and gc_log is not None:
+                    found = jvm_gc.pauses(gc_log, t_warm / 1e9, t_end / 1e9)
+                    broker_gc = jvm_gc.summary(found, t0 / 1e9)
         rss_max = max(rss_max, rss_after)
         if "end" not in marks:
             marks["end"] = (
@@ -395,6 +403,7 @@ def traffic(
             "t0_unix_ns": t0,
             "others_top": others,
             "gc": gc_summary(gc_list, t0) if args.server_gc_log else None,
+            "broker_gc": broker_gc,
             "wal_checkpoints": wal.events,
             "server_threads_cpu_pct": {
                 k: round(100 * (v - threads_warm.get(k, 0.0)) / span, 1)
@@ -539,6 +548,8 @@ def summarize_traffic(
         "others_cpu_pct": cpu.get("others_cpu_pct"),
         "others_top": cpu.get("others_top"),
         "server_gc": cpu.get("gc"),
+        # The Kafka broker's GC pauses in the window, from its GC log (bench/jvm_gc.py).
+        "broker_gc": cpu.get("broker_gc"),
         "wal_checkpoints_at_s": cpu.get("wal_checkpoints"),
         "server_threads_cpu_pct": cpu.get("server_threads_cpu_pct"),
         "worker_frames": sum(r["frames"] for r in res),
@@ -642,6 +653,10 @@ def print_traffic(r: dict[str, Any]) -> None:
             f"server GC pauses >= 2 ms in the window: {g['count']} totalling {g['total_ms']} ms, "
             f"max {g['max_ms']} ms; longest at s {g['longest']}"
         )
+    if r.get("broker_gc"):
+        g = r["broker_gc"]
+        at = ", ".join(f"s {sec} {ms:g} ms" for sec, _, ms in g["at"])
+        log(f"broker GC pauses in the window: {g['count']} totalling {g['total_ms']} ms ({at})")
     if r.get("wal_checkpoints_at_s"):
         log(f"WAL restarts after checkpoints at s: {r['wal_checkpoints_at_s']}")
     if (r.get("others_cpu_pct") or 0) > 20:
