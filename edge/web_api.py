@@ -63,7 +63,7 @@ def web_blueprint(ws_port: int, *, files: bool, root: Path = WEB_ROOT) -> Bluepr
     """Serve `root/app` at `/app/` and `root/sdk` at `/sdk/`; `ws_port` is the gateway's
     bound port, `files` whether this HTTP listener serves the files API."""
     bp = Blueprint("web", __name__)
-    trees = {"app": load_tree(root / "app"), "sdk": load_tree(root / "sdk")}
+    trees = {"app": load_tree(root / "app"), "sdk": load_tree(root / "sdk", shared=None)}
 
     def ws_url() -> str:
         return ws_url_for(request.host, ws_port, request.scheme == "https")

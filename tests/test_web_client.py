@@ -4,12 +4,14 @@ two users in headless Chromium (tests/browser_harness.py) clicking and typing in
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
 
+import node as node_package
 from tests.browser_harness import (
     SCRIPTS,
     BrowserTools,
@@ -59,6 +61,35 @@ async def test_app_and_sdk_are_served_with_types_caching_and_csp(node: Node) -> 
 
     redirect = await http_get(node.http_url + "/app")
     assert redirect.status_code == 308 and redirect.headers["location"].endswith("/app/")
+
+
+async def test_pages_share_one_copy_of_their_common_modules(node: Node) -> None:
+    """The web app and the admin console import `h` from node/web/elements.js, served beside
+    each page's files; the SDK, a library for other pages, does not carry it."""
+    shared = (Path(node_package.__file__).parent / "web" / "elements.js").read_bytes()
+    for page in ("/app/", "/admin/"):
+        got = await http_get(node.http_url + page + "elements.js")
+        assert got.status_code == 200 and got.content == shared
+        assert got.headers["content-type"].startswith("text/javascript")
+    assert (await http_get(node.http_url + "/sdk/elements.js")).status_code == 404
+
+
+def test_a_page_module_named_like_a_shared_one_is_refused(tmp_path: Path) -> None:
+    """Two files for one URL would be a packaging mistake: the tree is refused at start."""
+    from node.errors import GB6Error
+    from node.static import load_tree
+
+    (tmp_path / "page").mkdir()
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "page" / "app.js").write_text("export {};\n")
+    (tmp_path / "shared" / "elements.js").write_text("export {};\n")
+    assert set(load_tree(tmp_path / "page", shared=tmp_path / "shared")) == {
+        "app.js",
+        "elements.js",
+    }
+    (tmp_path / "page" / "elements.js").write_text("export const h = 1;\n")
+    with pytest.raises(GB6Error, match=r"elements\.js also in"):
+        load_tree(tmp_path / "page", shared=tmp_path / "shared")
 
 
 async def test_config_names_the_websocket_for_the_host_the_page_came_from(node: Node) -> None:

@@ -1,38 +1,7 @@
-// DOM helpers. Text always goes in as text nodes (never HTML): message bodies are other
-// people's input.
+// DOM helpers of the web app: the node's shared `h` and `replace` (node/web/elements.js), and
+// the app's own.
 
-/**
- * Create an element: `h('button', {type: 'button', onclick: fn, 'aria-label': 'x'}, 'text')`.
- * Attributes starting with `on` are listeners; `class`, `text` and boolean attributes as usual.
- * @param {string} tag @param {Record<string, any>} [attrs] @param {...(Node|string|number|null|undefined|false)} children
- * @returns {HTMLElement}
- */
-export function h(tag, attrs = {}, ...children) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k.startsWith('on') && typeof v === 'function') el.addEventListener(k.slice(2), v);
-    else if (k === 'text') el.textContent = String(v);
-    else if (k === 'value') el.value = v;
-    else if (v === true) el.setAttribute(k, '');
-    else el.setAttribute(k, String(v));
-  }
-  append(el, children);
-  return el;
-}
-
-function append(el, children) {
-  for (const c of children.flat()) {
-    if (c === undefined || c === null || c === false) continue;
-    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
-  }
-}
-
-/** Replace the children of `el`. */
-export function replace(el, ...children) {
-  el.replaceChildren();
-  append(el, children);
-}
+export { h, replace } from './elements.js';
 
 /** A short, readable time for a `ts` (ms since the epoch). */
 export function time(ts) {
