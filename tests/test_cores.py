@@ -269,12 +269,13 @@ def test_room_key_filters_stay_within_their_memory() -> None:
     found = filters.next_to_load(0.0)
     assert found is not None and found[0] == "r1"
     assert filters.loaded("r1", found[1], [], upto=0, last=True)
-    assert filters.rules_out("r1", "alice", "new")
+    assert filters.rules_out("r1", "alice", "new") and filters.ready_rooms() == 1
     commit("r3", 0)  # r1 and r2 were committed to 1 and 2 commits ago: none idle
     assert set(filters.rooms) == {"r1", "r2"} and not filters.rules_out("r3", "alice", "new")
     commit("r2", 1)
     commit("r3", 0)  # r1 idle for 3 commits now: it makes way
     assert set(filters.rooms) == {"r2", "r3"} and filters.evicted == 1
+    assert filters.ready_rooms() == 0  # r1's was the ready one
     assert not filters.rules_out("r1", "alice", "new")  # asked again
     # r2's load reads a page, and meanwhile r2 loses its filter and starts a new one: that page
     # was read before the new filter began, so it may lack keys persisted since.
@@ -306,3 +307,4 @@ def test_room_key_filters_stay_within_their_memory() -> None:
     for i in range(300, 1_000):
         commit("r3", 9 + i, f"c{i}")
     assert "r3" not in filters.rooms and filters.nbytes == 0
+    assert filters.ready_rooms() == sum(keys.ready for keys in filters.rooms.values()) == 0
