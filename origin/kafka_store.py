@@ -374,8 +374,7 @@ class KafkaStore:
                     rows = await self._call(self._room_keys, "reading a room's keys", room, after)
                 except GB6Error as exc:
                     log("key_filter_load_failed", room=room, error=exc.message)
-                    wait = min(first_pause * 2**keys.failures, most_pause)
-                    filters.retry_later(room, keys, trio.current_time() + wait)
+                    filters.retry_later(room, keys, trio.current_time(), _KEYS_RETRY_S)
                     await trio.sleep(pause)
                     pause = min(2 * pause, most_pause)
                     break

@@ -217,13 +217,22 @@ class KeyFilters:
         """When the earliest failed load is due again, if any is waiting."""
         return self._retries[0][0] if self._retries else None
 
-    def retry_later(self, room: str, keys: RoomKeys, at: float) -> None:
-        """The load of `room`'s filter `keys` failed: offer it again at `at`, after the rooms
-        newly tracked meanwhile (it goes on from the seq its last page ended at)."""
-        if self.rooms.get(room) is keys:
-            keys.failures += 1
-            self._retries_made += 1
-            heapq.heappush(self._retries, (at, self._retries_made, room, keys))
+    def retry_later(
+        self, room: str, keys: RoomKeys, now: float, waits: tuple[float, float]
+    ) -> float | None:
+        """The load of `room`'s filter `keys` failed at `now`: offer it again after the first of
+        `waits` (first, most), doubled for each failure in a row before, and after the rooms
+        newly tracked meanwhile (it goes on from the seq its last page ended at). When, or
+        None if that filter was given up meanwhile."""
+        if self.rooms.get(room) is not keys:
+            return None
+        first, most = waits
+        # The doubling is capped: 2.0 ** (a thousand failures) is no float.
+        at = now + min(first * (1 << min(keys.failures, 32)), most)
+        keys.failures += 1
+        self._retries_made += 1
+        heapq.heappush(self._retries, (at, self._retries_made, room, keys))
+        return at
 
     def loaded(
         self, room: str, keys: RoomKeys, rows: Iterable[tuple[str, str]], *, upto: int, last: bool

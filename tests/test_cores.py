@@ -228,7 +228,7 @@ def test_room_key_filter_rules_out_only_what_the_room_cannot_hold() -> None:
     assert not filters.rules_out("r1", "alice", "new")
     # A failed page: offered again when its retry is due, after rooms tracked meanwhile, to go
     # on from where the last page ended.
-    filters.retry_later("r1", r1, at=10.0)
+    assert filters.retry_later("r1", r1, now=9.0, waits=(1.0, 30.0)) == 10.0
     assert r1.failures == 1 and filters.next_retry_at() == 10.0
     filters.committed({"r2": 1}, [], unpersisted.__getitem__)
     assert filters.next_to_load(9.9) == ("r2", filters.rooms["r2"])
@@ -238,6 +238,10 @@ def test_room_key_filter_rules_out_only_what_the_room_cannot_hold() -> None:
     page = [("bob", f"old{i}") for i in range(5_000, 9_000)]
     assert filters.loaded("r1", r1, page, upto=9_000, last=True)
     assert r1.ready and r1.failures == 0  # a page read: the next failure waits the least
+    # Failures in a row wait twice as long each time, up to the most (however many there are).
+    r2 = filters.rooms["r2"]
+    waits = [filters.retry_later("r2", r2, 0.0, (1.0, 30.0)) for _ in range(2_000)]
+    assert waits[:6] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0] and waits[-1] == 30.0
     held = [("alice", "seeded"), ("alice", "committed")] + [
         ("bob", f"old{i}") for i in range(9_000)
     ]
