@@ -161,13 +161,22 @@ class KeyFilters:
 
     def _fit(self, size: int) -> bool:
         """Make room for `size` more bytes by giving up the filters of rooms idle for
-        `idle_commits` commits, least recent first; False if that is not enough."""
-        if size > self.max_bytes:
-            return False
-        while self.nbytes + size > self.max_bytes:
-            room, keys = next(iter(self.rooms.items()))
+        `idle_commits` commits, least recent first; False, and none given up, if that is not
+        enough."""
+        need = self.nbytes + size - self.max_bytes
+        if need <= 0:
+            return True
+        victims: list[str] = []
+        for room, keys in self.rooms.items():
             if self.commits - keys.last_commit < self.idle_commits:
-                return False
+                return False  # the rest are more recent still
+            victims.append(room)
+            need -= keys.nbytes()
+            if need <= 0:
+                break
+        if need > 0:
+            return False
+        for room in victims:
             self.drop(room)
             self.evicted += 1
         return True

@@ -277,7 +277,11 @@ def test_room_key_filters_stay_within_their_memory() -> None:
     commit("r3", 0)  # r1 and r2 were committed to 1 and 2 commits ago: none idle
     assert set(filters.rooms) == {"r1", "r2"} and not filters.rules_out("r3", "alice", "new")
     commit("r2", 1)
-    commit("r3", 0)  # r1 idle for 3 commits now: it makes way
+    # r1 is idle now, but its 357 bytes would not make room for a first layer of 508 (200
+    # seqs): it keeps its filter rather than give it up for nothing.
+    commit("big", 200)
+    assert set(filters.rooms) == {"r1", "r2"} and filters.evicted == 0
+    commit("r3", 0)  # 357 bytes are enough for r3: r1 makes way
     assert set(filters.rooms) == {"r2", "r3"} and filters.evicted == 1
     assert filters.ready_rooms() == 0  # r1's was the ready one
     assert not filters.rules_out("r1", "alice", "new")  # asked again
