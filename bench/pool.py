@@ -26,7 +26,15 @@ from bench.worker import main as worker_main
 GEN_DIR = Path(__file__).resolve().parent / "gen"
 GEN_BIN = GEN_DIR / ".bin" / "gen"
 # Result fields the report reads as int64 buffers (worker.py sends `array("q")`).
-_ARRAYS = ("ack_lat_us", "ack_at_ms", "dl_lat_us", "dl_at_ms", "send_lag_us", "send_lag_at_ms")
+_ARRAYS = (
+    "ack_lat_us",
+    "ack_at_ms",
+    "dl_lat_us",
+    "dl_rx_lat_us",
+    "dl_at_ms",
+    "send_lag_us",
+    "send_lag_at_ms",
+)
 
 
 class Pool:

@@ -6,8 +6,10 @@ One run's p99 on this kind of machine says little: the host takes CPU away (up t
 cores in some runs, `stolen by the host`), and its speed changes from run to run (the probe).
 This prints each run's figures, sets aside runs with more than `--max-steal` percent stolen,
 and gives, per store, rate and commit, the median and range of the rest and how many met
-`--target` (p99 send→deliver, ms). `bgc` is the Kafka broker's longest GC pause in the window
-(ms). It reads the JSON the runs wrote; it runs nothing.
+`--target` (p99 send→deliver, ms). `sock` is the p99 send→socket (to the kernel's receive time
+at the client's socket: the generator's own wait for a CPU left out; `bench/README.md`), `bgc`
+the Kafka broker's longest GC pause in the window (ms). It reads the JSON the runs wrote; it
+runs nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def _row(path: Path, run: dict[str, Any]) -> dict[str, Any]:
         "busy": run.get("machine_busy_pct"),
         "p50": lat.get("p50"),
         "p99": lat.get("p99"),
+        "socket_p99": (run.get("send_to_socket_ms") or {}).get("p99"),
         "median_second_p99": inside[len(inside) // 2] if inside else None,
         "broker_gc_max": (run.get("broker_gc") or {}).get("max_ms"),
         "lost": (run.get("delivered_expected") or 0) - (run.get("delivered") or 0),
@@ -51,14 +54,15 @@ def summarize(rows: list[dict[str, Any]], max_steal: float, target: float | None
     """The table's lines: one per run, then the quiet runs' figures."""
     out = [
         f"{'date':25} {'commit':8} {'store':8} {'rate':>6} {'probe':>5} {'stolen':>6} "
-        f"{'busy':>5} {'p50':>6} {'p99':>7} {'med.s':>6} {'bgc':>5} {'lost':>4}"
+        f"{'busy':>5} {'p50':>6} {'p99':>7} {'sock':>6} {'med.s':>6} {'bgc':>5} {'lost':>4}"
     ]
     for r in rows:
         quiet = r["steal"] is not None and r["steal"] <= max_steal
         out.append(
             f"{r['date']:25} {r['commit']:8} {r['store']:8} {_fmt(r['rate'], '.0f'):>6} "
             f"{_fmt(r['probe'], '.2f'):>5} {_fmt(r['steal']):>5}% {_fmt(r['busy']):>4}% "
-            f"{_fmt(r['p50']):>6} {_fmt(r['p99']):>7} {_fmt(r['median_second_p99']):>6} "
+            f"{_fmt(r['p50']):>6} {_fmt(r['p99']):>7} {_fmt(r['socket_p99']):>6} "
+            f"{_fmt(r['median_second_p99']):>6} "
             f"{_fmt(r['broker_gc_max']):>5} {r['lost']:>4}"
             f"{'' if quiet else '  (set aside: stolen)'}"
         )

@@ -9,7 +9,10 @@ chunk at once: nothing is JSON-decoded after the `hello`/`subscribe` replies.
 Latency: each `send` carries its own send time (`time.time_ns()`) as its request id, its `cid`
 and its body's `t`. The sender's `ok` echoes the id (`re`) → send→ack; every delivered `message`
 event carries `"t":<ns>` in its body → send→deliver, extracted on the sampled connections only.
-Both clocks are the same machine's wall clock.
+Both clocks are the same machine's wall clock. The sampled connections also read the kernel's
+receive time (`SO_TIMESTAMPNS`) → send→socket: when the delivery reached the client's socket,
+which this process's own wait for a CPU does not move (for TCP the kernel gives the newest
+segment's time of those a read returns: frames that came earlier are stamped late, never early).
 
 The parent talks to the worker over a `multiprocessing` pipe (registered in the same epoll):
   worker → ("connecting", ready, failed) …, ("ready", summary)
@@ -26,6 +29,7 @@ import re
 import resource
 import select
 import socket
+import struct
 import time
 from array import array
 from collections import Counter
@@ -58,6 +62,10 @@ CONNECTING, HANDSHAKE, HELLO, SUBSCRIBE, READY, CLOSED = range(6)
 # (128 KiB) every call maps and unmaps fresh pages: a 256 KiB recv costs ~4x a 64 KiB one.
 RECV_BYTES = 1 << 16
 IN = select.EPOLLIN | select.EPOLLRDHUP
+# Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS), which Python's socket module does not name.
+SO_TIMESTAMPNS = 35
+_STAMP = struct.Struct("@qq")  # struct timespec
+_ANC_BYTES = socket.CMSG_SPACE(_STAMP.size)
 OUT = select.EPOLLOUT
 
 
@@ -102,6 +110,7 @@ class Conn:
     outstanding: int = 0
     heartbeat_ms: int = 30_000
     writing: bool = False
+    stamped: bool = False  # reads carry the kernel's receive time
 
 
 class Stats:
@@ -121,6 +130,7 @@ class Stats:
         self.ack_at = array("q")  # send time, ms after t0
         self.dl_lat = array("q")  # µs
         self.dl_at = array("q")  # send time, ms after t0
+        self.dl_rx_lat = array("q")  # µs to the kernel's receive time, aligned with dl_at
         self.send_lag = array("q")  # µs behind schedule (open loop)
         self.send_lag_at = array("q")  # scheduled send time, ms after t0
         self.error_samples: list[str] = []
@@ -321,6 +331,10 @@ class Worker:
             )
         if c.spec.sender:
             self.senders.append(c)
+        if c.spec.sampled:
+            with contextlib.suppress(OSError):
+                c.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                c.stamped = True
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -334,8 +348,16 @@ class Worker:
             self.close(c, f"close {code}")
 
     def on_readable(self, c: Conn, now: int) -> None:
+        rx_at = now
         try:
-            data = c.sock.recv(RECV_BYTES)
+            if c.stamped:
+                data, anc, _flags, _addr = c.sock.recvmsg(RECV_BYTES, _ANC_BYTES)
+                for level, kind, cdata in anc:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                        sec, nsec = _STAMP.unpack_from(cdata)
+                        rx_at = min(now, sec * 1_000_000_000 + nsec)
+            else:
+                data = c.sock.recv(RECV_BYTES)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -392,10 +414,12 @@ class Worker:
                 t0 = st.t0
                 lat = st.dl_lat
                 at = st.dl_at
+                rx_lat = st.dl_rx_lat
                 for m in RE_T.findall(buf, 0, pos):
                     t = int(m)
                     if t >= t0:
                         lat.append((now - t) // 1000)
+                        rx_lat.append((rx_at - t) // 1000)
                         at.append((t - t0) // 1_000_000)
         if c.spec.sender:
             acks = RE_ACK.findall(buf, 0, pos)
@@ -651,6 +675,7 @@ class Worker:
             "ack_at_ms": st.ack_at,
             "dl_lat_us": st.dl_lat,
             "dl_at_ms": st.dl_at,
+            "dl_rx_lat_us": st.dl_rx_lat,
             "send_lag_us": st.send_lag,
             "send_lag_at_ms": st.send_lag_at,
             "closed": st.closed,

@@ -21,6 +21,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/url"
@@ -74,6 +75,7 @@ type stats struct {
 	perSecAcks, perSecSends []int64
 	ackLat, ackAt           []int64
 	dlLat, dlAt             []int64
+	dlRxLat                 []int64 // send → the kernel's receive time (rxConn), aligned with dlAt
 	sendLag, sendLagAt      []int64
 	errorSamples            []string
 	closeCodes              map[string]int64
@@ -403,11 +405,82 @@ func digitsAfter(b, prefix []byte, minDigits int, ends string, fn func(int64)) {
 	}
 }
 
+// rxConn reads with recvmsg and the kernel's receive timestamp (SO_TIMESTAMPNS): when the
+// bytes reached this socket, which this process's wait for a CPU does not move. For TCP the
+// kernel gives the newest segment's time of those a read returns, so frames that came earlier
+// in the same read are stamped late, never early.
+type rxConn struct {
+	raw syscall.RawConn
+	oob []byte
+}
+
+func newRxConn(nc net.Conn) *rxConn {
+	tc, ok := nc.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	raw, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_TIMESTAMPNS, 1)
+	}); err != nil || serr != nil {
+		return nil
+	}
+	return &rxConn{raw: raw, oob: make([]byte, syscall.CmsgSpace(64))}
+}
+
+// read: like net.Conn.Read, plus the receive time in ns (0 when the kernel gave none).
+func (r *rxConn) read(p []byte) (int, int64, error) {
+	var n, oobn int
+	var rerr error
+	err := r.raw.Read(func(fd uintptr) bool {
+		for {
+			n, oobn, _, _, rerr = syscall.Recvmsg(int(fd), p, r.oob, 0)
+			if rerr != syscall.EINTR {
+				return rerr != syscall.EAGAIN
+			}
+		}
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return 0, 0, err
+	}
+	if n == 0 {
+		return 0, 0, io.EOF
+	}
+	return n, rxStamp(r.oob[:oobn]), nil
+}
+
+func rxStamp(oob []byte) int64 {
+	msgs, err := syscall.ParseSocketControlMessage(oob)
+	if err != nil {
+		return 0
+	}
+	for _, m := range msgs {
+		if m.Header.Level == syscall.SOL_SOCKET && m.Header.Type == syscall.SCM_TIMESTAMPNS && len(m.Data) >= 16 {
+			sec := int64(binary.NativeEndian.Uint64(m.Data[0:8]))
+			nsec := int64(binary.NativeEndian.Uint64(m.Data[8:16]))
+			return sec*1e9 + nsec
+		}
+	}
+	return 0
+}
+
 func (w *worker) reader(c *conn, rbuf []byte) {
 	buf := make([]byte, 0, 65536)
 	buf = append(buf, rbuf...)
 	tmp := make([]byte, 65536)
 	st := &w.st
+	var rx *rxConn
+	if c.spec.Sampled {
+		rx = newRxConn(c.c)
+	}
+	var stamp int64 // the kernel's receive time of the last read, 0 if unknown
 	for {
 		pos := 0
 		n := len(buf)
@@ -448,7 +521,7 @@ func (w *worker) reader(c *conn, rbuf []byte) {
 		}
 	partial:
 		if pos > 0 {
-			w.onFrames(c, buf[:pos], frames, st)
+			w.onFrames(c, buf[:pos], frames, st, stamp)
 			for _, k := range controls {
 				switch k.op {
 				case 9:
@@ -465,7 +538,13 @@ func (w *worker) reader(c *conn, rbuf []byte) {
 			}
 			buf = append(buf[:0], buf[pos:]...)
 		}
-		m, err := c.c.Read(tmp)
+		var m int
+		var err error
+		if rx != nil {
+			m, stamp, err = rx.read(tmp)
+		} else {
+			m, err = c.c.Read(tmp)
+		}
 		if m > 0 {
 			buf = append(buf, tmp[:m]...)
 		}
@@ -481,8 +560,12 @@ func (w *worker) reader(c *conn, rbuf []byte) {
 	}
 }
 
-func (w *worker) onFrames(c *conn, b []byte, frames int64, st *stats) {
+func (w *worker) onFrames(c *conn, b []byte, frames int64, st *stats, stamp int64) {
 	now := time.Now().UnixNano()
+	rxAt := now
+	if stamp > 0 && stamp < now {
+		rxAt = stamp
+	}
 	k := int64(bytes.Count(b, msgEvent))
 	isErr := bytes.Contains(b, errOp)
 	st.mu.Lock()
@@ -500,6 +583,7 @@ func (w *worker) onFrames(c *conn, b []byte, frames int64, st *stats) {
 			digitsAfter(b, tPrefix, 1, ",}", func(t int64) {
 				if t >= t0 {
 					st.dlLat = append(st.dlLat, (now-t)/1000)
+					st.dlRxLat = append(st.dlRxLat, (rxAt-t)/1000)
 					st.dlAt = append(st.dlAt, (t-t0)/1_000_000)
 				}
 			})
@@ -731,7 +815,7 @@ func (w *worker) result() map[string]any {
 		"sent_by_room": st.sentByRoom, "per_sec_deliveries": orEmpty(st.perSecDeliveries),
 		"per_sec_acks": orEmpty(st.perSecAcks), "per_sec_sends": orEmpty(st.perSecSends),
 		"ack_lat_us": orEmpty(st.ackLat), "ack_at_ms": orEmpty(st.ackAt),
-		"dl_lat_us": orEmpty(st.dlLat), "dl_at_ms": orEmpty(st.dlAt),
+		"dl_lat_us": orEmpty(st.dlLat), "dl_at_ms": orEmpty(st.dlAt), "dl_rx_lat_us": orEmpty(st.dlRxLat),
 		"send_lag_us": orEmpty(st.sendLag), "send_lag_at_ms": orEmpty(st.sendLagAt),
 		"closed": st.closed, "close_codes": st.closeCodes, "recvs": atomic.LoadInt64(&st.recvs),
 		"frames": st.frames, "pings": w.pings.Load(), "rusage_cpu_s": cpuSeconds(),
