@@ -209,6 +209,7 @@ class KafkaStore:
         self._idle = trio.Event()
         self._idle.set()
         self._progress = trio.Event()  # set (and replaced) whenever the persister writes
+        self._restarted = trio.Event()  # set (and replaced) when a new persister child is ready
         self.commits = 0  # batches committed to the log; for metrics and tests
         self.withdrawn = 0  # transactions withdrawn (their check found a resend, or failed); same
         self.keys_asked = 0  # op keys looked up in PostgreSQL (no filter ruled them out); same
@@ -248,12 +249,13 @@ class KafkaStore:
             await self._recover(consumer, persister, offsets)
             recovery.cancel_scope.cancel()  # stopped before its successor reads: one at a time
         settings = Settings(self.dsn, self.schema, self.bootstrap, self.topic)
-        self.persister = PersisterProcess(settings, self._persisted)
+        self.persister = PersisterProcess(settings, self._persisted, lambda: self._restarted.set())
         await nursery.start(self.persister.run)
         self._closed = False
         async with trio.open_nursery() as inner:
             inner.start_soon(self._sequencer)
             inner.start_soon(self._key_loader)
+            inner.start_soon(self._heads_after_restarts)
             task_status.started()
             await trio.sleep_forever()
 
@@ -294,6 +296,32 @@ class KafkaStore:
             self._seq.unpersisted.persisted_upto(room, seq)
         progress, self._progress = self._progress, trio.Event()
         progress.set()
+
+    async def _heads_after_restarts(self) -> None:
+        """A persister child that died may have written batches it never reported, and its
+        successor starts after them: without this, a room whose last events were in them would
+        wait for PostgreSQL (reads `unavailable` after `_READ_WAIT_S`) until its next append.
+        Once a new child is ready, PostgreSQL says how far the rooms still waited on are; a
+        failed question is asked again, after 1 s doubling to 30 s."""
+        first_pause, most_pause = _KEYS_RETRY_S
+        while True:
+            await self._restarted.wait()
+            self._restarted = trio.Event()
+            pause = first_pause
+            while rooms := self._seq.unpersisted.behind():
+                try:
+                    heads = await self._call(self._heads, "reading the rooms' heads", rooms)
+                except GB6Error as exc:
+                    log("persister_heads_failed", rooms=len(rooms), error=exc.message)
+                    await trio.sleep(pause)
+                    pause = min(2 * pause, most_pause)
+                    continue
+                self._persisted(heads)
+                break
+
+    async def _heads(self, rooms: list[str]) -> dict[str, int]:
+        async with self._pool.acquire() as c:
+            return {r[0]: int(r[1]) for r in await c.fetch(HEADS, rooms)}
 
     def metrics(self) -> list[Metric]:
         """This store's part of `/metrics`."""

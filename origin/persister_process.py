@@ -14,6 +14,10 @@ Rules:
   to `_RESTART_MAX_S` while children keep dying young (Kafka or PostgreSQL down: a Python
   process started every second would take a core), and is back to `_RESTART_S` after one lived
   `_LIVED_S`.
+- A child reports what it wrote after each commit, so one that dies may have written batches it
+  never reported. Its successor starts after them (their offsets are stored with their rows);
+  once it is ready, `on_restarted` is called so that the owner asks PostgreSQL how far the rooms
+  it still waits on are.
 - The child runs in a session of its own: a terminal's Ctrl-C reaches the origin, which stops
   it in order, not the child mid-batch.
 - Every size is bounded: a line from the child above `MAX_LINE` bytes is an error (the child
@@ -54,10 +58,14 @@ class PersisterProcess:
     """Runs and restarts the persister's child (see the module doc)."""
 
     def __init__(
-        self, settings: Settings, on_persisted: Callable[[Mapping[str, int]], None]
+        self,
+        settings: Settings,
+        on_persisted: Callable[[Mapping[str, int]], None],
+        on_restarted: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
         self._on_persisted = on_persisted
+        self._on_restarted = on_restarted
         self.restarts = 0  # children started again after one died; for metrics and tests
         self.pid: int | None = None  # the child's, while one runs
 
@@ -108,6 +116,8 @@ class PersisterProcess:
             if first is None or "ready" not in first:
                 raise _ChildFailed(f"exited at start with {await proc.wait()}")
             ready()
+            if self.restarts:
+                self._on_restarted()
             while (message := await lines.next()) is not None:
                 heads = message.get("heads")
                 if not isinstance(heads, dict):

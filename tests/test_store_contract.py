@@ -1153,6 +1153,36 @@ async def test_kafka_persister_process_is_started_again_when_it_dies(
     assert sorted(row[0] for row in rows) == [1, 2, 3, 4, 5]
 
 
+async def test_kafka_rooms_written_by_a_persister_that_died_unreported_are_not_waited_on(
+    kafka_backend: Backend,
+) -> None:
+    """A persister child reports what it wrote after each commit. One killed between the two
+    wrote rows its parent never heard of, and its successor starts after them: reads of those
+    rooms must not wait for PostgreSQL (they would fail `unavailable` after 10 s each)."""
+    rec = Recorder()
+    async with serving(kafka_backend, rec) as store:
+        assert isinstance(store, KafkaStore) and store.persister is not None
+        t = await tenant(store)
+        r = await room(store, t)
+        process = store.persister
+        report = process._on_persisted
+        process._on_persisted = lambda heads: None  # the child's reports are lost from here
+        assert (await append(store, item(r, t.alice, "m1"))).event.seq == 1
+        with trio.fail_after(30):
+            while not await _pg_rows(kafka_backend, "SELECT seq FROM events WHERE room = $1", r):
+                await trio.sleep(0.05)  # written by the child, unreported
+        process._on_persisted = report
+        pid = process.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        with trio.fail_after(30):
+            while process.restarts < 1 or process.pid in (None, pid):
+                await trio.sleep(0.05)
+        with trio.fail_after(5):  # well under the reads' 10 s wait for the persister
+            assert seqs(await store.events_after(r, 0, 10)) == [1]
+            assert seqs(await store.history(r, None, 10)) == [1]
+
+
 async def test_kafka_persister_process_exits_when_its_stdin_ends(kafka_backend: Backend) -> None:
     """The child's stdin is its parent's pipe: its end (the parent stopped it, or died) makes
     the child exit, even with nothing to write, its stdout still open."""
