@@ -328,20 +328,30 @@ class KafkaEventSource:
         if self._nursery is None:
             raise GB6Error(UNAVAILABLE, "the meter's event source is not running")
         if self._consumer is None or self._position != start:
-            if self._scope is not None:
-                self._scope.cancel()
+            self._drop_consumer()
             # Small reads: each is decoded on the event loop; `catch_up` gathers them.
             self._max_batch = max(1, min(limit, _CONSUMER_BATCH))
             self._consumer, self._scope = await self._nursery.start(self._serve, start)
             self._position = start
         with trio.move_on_after(_IDLE_S):
-            batch = await self._consumer.next_batch()
-            events = [MeterEvent(*decode_usage(entry)) for entry in batch.entries]
+            try:
+                batch = await self._consumer.next_batch()
+                events = [MeterEvent(*decode_usage(entry)) for entry in batch.entries]
+            except Exception:  # not a cancellation: the idle timeout leaves it reading
+                # The consumer has moved past a batch that was not counted, or has stopped:
+                # the next read starts a new one at the position last counted.
+                self._drop_consumer()
+                raise
             self._position = dict(batch.resume)
             return events, orjson.dumps(
                 {str(p): o for p, o in sorted(batch.resume.items())}
             ).decode()
         return None
+
+    def _drop_consumer(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+        self._consumer = self._scope = self._position = None
 
     async def end(self) -> Callable[[str], bool] | None:
         from origin.kafka_tail import end_offsets

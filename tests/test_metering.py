@@ -24,7 +24,7 @@ from services import require
 from test_store_contract import _delete_topic, _drop_schema
 
 from node.config import Config, load
-from node.errors import CONFLICT, INVALID, NOT_FOUND, GB6Error
+from node.errors import CONFLICT, INTERNAL, INVALID, NOT_FOUND, GB6Error
 from origin.billing import (
     day_of,
     invoice,
@@ -181,6 +181,34 @@ async def test_a_pass_gathers_many_log_transactions_into_one_billing_transaction
         await shard.billing.meter.catch_up()
         assert shard.billing.meter.applied == before + 1
         assert await shard.billing.usage(inst, month_of(now_ms())) == {"messages": 30, "seats": 1}
+
+
+@pytest.mark.parametrize("config", ["kafka"], indirect=True)
+async def test_a_batch_the_meter_failed_to_count_is_read_again(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that fails once its consumer took a batch (a record it cannot decode) leaves
+    that batch uncounted: the next pass reads it again, instead of going on after it."""
+    import origin.kafka_records
+
+    monkeypatch.setattr(KafkaEventSource, "poll_s", 3600.0)  # only the passes asked for here
+    async with shard_on(config.data_dir, config) as shard:
+        inst, room, (alice,) = await tenant(shard, "alice")
+        await shard.billing.meter.catch_up()
+        for i in range(3):
+            await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
+        decode = origin.kafka_records.decode_usage
+
+        def fails(entry: Any) -> Any:
+            raise GB6Error(INTERNAL, "cannot decode")
+
+        monkeypatch.setattr(origin.kafka_records, "decode_usage", fails)
+        with pytest.raises(GB6Error, match="cannot decode"):
+            await shard.billing.meter.catch_up()
+        monkeypatch.setattr(origin.kafka_records, "decode_usage", decode)
+        with trio.fail_after(20):
+            await shard.billing.meter.catch_up()
+        assert await shard.billing.usage(inst, month_of(now_ms())) == {"messages": 3, "seats": 1}
 
 
 @pytest.mark.parametrize("config", ["kafka"], indirect=True)
