@@ -1169,15 +1169,16 @@ async def test_kafka_rooms_written_by_a_persister_that_died_unreported_are_not_w
         process._on_persisted = lambda heads: None  # the child's reports are lost from here
         assert (await append(store, item(r, t.alice, "m1"))).event.seq == 1
         with trio.fail_after(30):
-            while not await _pg_rows(kafka_backend, "SELECT seq FROM events WHERE room = $1", r):
+            query = "SELECT seq FROM events WHERE room = $1"
+            while not await _pg_rows(kafka_backend, query, r):  # noqa: ASYNC110 - the child's
                 await trio.sleep(0.05)  # written by the child, unreported
         process._on_persisted = report
         pid = process.pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
         with trio.fail_after(30):
-            while process.restarts < 1 or process.pid in (None, pid):
-                await trio.sleep(0.05)
+            while process.restarts < 1 or process.pid in (None, pid):  # noqa: ASYNC110
+                await trio.sleep(0.05)  # a new child is started after a pause
         with trio.fail_after(5):  # well under the reads' 10 s wait for the persister
             assert seqs(await store.events_after(r, 0, 10)) == [1]
             assert seqs(await store.history(r, None, 10)) == [1]
