@@ -159,6 +159,7 @@ class _Inflight:
     check: _Check | None = None  # the batch was planned as if none of its keys were repeats
     failure: GB6Error | None = None
     done: trio.Event = attrs.Factory(trio.Event)
+    settled: bool = False  # its answers were given out (`_finish`): never twice
 
 
 def _ignore(_: Any) -> None:
@@ -434,9 +435,6 @@ class KafkaStore:
         async with trio.open_nursery() as writes:
             try:
                 while True:
-                    while len(self._seq.unpersisted) > _MAX_UNPERSISTED:  # persister behind
-                        await self._progress.wait()
-                        self._seq.unpersisted.prune()
                     if inflight is not None and not self._full(carry):
                         # Fewer ops wait than a batch holds: taking them now would make the
                         # next transaction small and leave those arriving meanwhile for the
@@ -448,6 +446,7 @@ class KafkaStore:
                         # them: 23 ms p50 of a lookup at 2,000 sends/s in the cluster).
                         self._answer(await self._finish(inflight))
                         inflight = None
+                    await self._persister_behind()
                     if inflight is None and not carry:
                         # No linger after the first op (unlike PgStore's writer), only the
                         # interval below: the ops of a batch gathered while the previous
@@ -467,6 +466,16 @@ class KafkaStore:
                 self._carry = carry  # taken, not yet in a batch: `_commit_queued` appends them
                 if inflight is not None:
                     self._answer(await self._finish(inflight))
+
+    async def _persister_behind(self) -> None:
+        """Wait while the sequencer's memory holds more than `_MAX_UNPERSISTED` entries that
+        PostgreSQL lacks. Pruned before each wait: entries the persister reported while the
+        sequencer looked elsewhere would otherwise be waited on for a report that never comes."""
+        unpersisted = self._seq.unpersisted
+        while len(unpersisted) > _MAX_UNPERSISTED:
+            unpersisted.prune()
+            if len(unpersisted) > _MAX_UNPERSISTED:
+                await self._progress.wait()
 
     async def _step(
         self, writes: trio.Nursery, inflight: _Inflight | None, batch: list[AppendItem]
@@ -550,6 +559,9 @@ class KafkaStore:
     async def _finish(self, inflight: _Inflight) -> list[tuple[AppendItem, Appended | GB6Error]]:
         """Wait for a transaction, redo it if its check found a repeat, and settle it. Run by
         the sequencer's task only, so no prune comes between the redo's lookup and its plan."""
+        if inflight.settled:  # a raise between `_finish` and forgetting it: answered already
+            return []
+        inflight.settled = True
         with trio.CancelScope(shield=True):  # ops taken are answered
             await inflight.done.wait()
             if isinstance(inflight.failure, LogWithdrawn):

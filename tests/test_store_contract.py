@@ -1184,6 +1184,48 @@ async def test_kafka_rooms_written_by_a_persister_that_died_unreported_are_not_w
             assert seqs(await store.history(r, None, 10)) == [1]
 
 
+async def test_kafka_sequencer_does_not_wait_for_a_report_it_already_had(
+    kafka_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above `_MAX_UNPERSISTED` entries in memory the sequencer waits for the persister. A
+    report that came while it looked elsewhere must count: here the persister writes m1 and
+    reports it while the next batch (bob's edit of m1, refused: no records) is looked up, and m1's
+    entries join the memory only after that, as m1 settles. Nothing is left for the persister
+    to report, so a wait for its next report would hold every later append for good."""
+    from origin import kafka_store
+
+    monkeypatch.setattr(kafka_store, "_MAX_UNPERSISTED", 1)  # m1's key and target are 2
+    async with serving(kafka_backend) as store:
+        assert isinstance(store, KafkaStore)
+        t = await tenant(store)
+        r = await room(store, t)
+        store.limits = attrs.evolve(store.limits, writer_batch=1)  # the edit goes beside m1
+        lookup = store._lookup
+        edits: list[Callable[[], outcome.Outcome[Appended]]] = []
+        calls = 0
+
+        async def looking_up(needs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # m1's: the edit is queued before m1's transaction starts
+                edit = item(r, t.bob, "e1", type="edit", target=1, body={"text": "x"})
+                edits.append(await submit(store, edit))
+            elif calls == 2:  # the edit's, while m1 commits: m1 is written and reported
+                with trio.fail_after(30):
+                    while store._seq.unpersisted.persisted.get(r, 0) < 1:  # noqa: ASYNC110
+                        await trio.sleep(0.02)  # the persister's report, from its child
+            return await lookup(needs)
+
+        monkeypatch.setattr(store, "_lookup", looking_up)
+        first = await submit(store, item(r, t.alice, "m1"))
+        with trio.fail_after(30):
+            await store.wait_idle()
+        assert first().unwrap().event.seq == 1
+        assert edits[0]().error.code == FORBIDDEN  # type: ignore[union-attr]
+        with trio.fail_after(10):
+            assert (await append(store, item(r, t.alice, "m2"))).event.seq == 2
+
+
 async def test_kafka_persister_process_exits_when_its_stdin_ends(kafka_backend: Backend) -> None:
     """The child's stdin is its parent's pipe: its end (the parent stopped it, or died) makes
     the child exit, even with nothing to write, its stdout still open."""
