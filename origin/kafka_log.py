@@ -167,7 +167,10 @@ class KafkaLog:
             "linger.ms": linger_ms,
             # Java clients' partitioner, so every client maps a room to the same partition.
             "partitioner": "murmur2_random",
-            "transaction.timeout.ms": int(max(commit_timeout_s * 2, 10.0) * 1000),
+            # Longer than a transaction can stay open: a batch with a check flushes, waits for
+            # its verdict and commits, each bounded by commit_timeout_s. A broker that timed it
+            # out would bump the epoch, and the next call would read as fenced (final).
+            "transaction.timeout.ms": int(max(commit_timeout_s * 4, 10.0) * 1000),
             **(config or {}),
         }
         self._max_inflight = max_inflight
