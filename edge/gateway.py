@@ -59,6 +59,9 @@ CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL = 1011
 CLOSE_PROTOCOL_ERROR = 1002
+# A client resuming on this edge with a seq that another edge delivered: how long this edge's
+# pushes of the room may take to catch up before `after` is refused as beyond the head.
+AHEAD_WAIT_S = 2.0
 
 
 class State(enum.Enum):
@@ -599,6 +602,13 @@ class Gateway:
             # hub at the head it answers with, before any of them arrives).
             await self.origin.watch(req.room)
         hub = self.hubs.get(req.room)
+        if hub is not None and req.after > hub.head and self.origin.pushes_lag:
+            # The client saw `after` on another edge: this edge's pushes of the room may be a
+            # little behind that one's. Refused at once, the resume would lose the room.
+            with trio.move_on_after(AHEAD_WAIT_S):
+                await hub.wait_head(req.after)
+        # Checked again after the waits: a removal that came meanwhile found no subscription.
+        room = self.origin.room_for_member(who, req.room)
         head = hub.head if hub is not None else room.head
         if req.after > head:
             raise invalid(f"after {req.after} is beyond the room's head {head}")

@@ -54,6 +54,7 @@ class RoomHub:
         self.cache_used = 0  # frame bytes held
         self.live: dict[Subscription, None] = {}  # insertion-ordered set
         self.catching: set[Subscription] = set()
+        self._advanced = trio.lowlevel.ParkingLot()  # tasks waiting for `head` to move
 
     @property
     def idle(self) -> bool:
@@ -84,9 +85,16 @@ class RoomHub:
             self.edit_targets.popleft()
         if not frames:
             return
+        if self._advanced:
+            self._advanced.unpark_all()
         blob = frames[0] if len(frames) == 1 else b"".join(frames)
         for sub in self.live:
             sub.outbox.write(blob)
+
+    async def wait_head(self, seq: int) -> None:
+        """Return once this hub has seen `seq` (its owner bounds the wait)."""
+        while self.head < seq:
+            await self._advanced.park()
 
     def write_ephemeral(self, frame: bytes, skip_user: str | None = None) -> None:
         for sub in self.live:

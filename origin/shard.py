@@ -67,6 +67,8 @@ class AppendCounts:
 class OriginShard:
     """A component: `await nursery.start(shard.run)`; serves once its state is loaded."""
 
+    pushes_lag = False  # in one process the hubs see every event as it is published
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.limits = config.limits

@@ -296,6 +296,10 @@ class ShardLink:
 class RemoteOrigin:
     """What the gateway calls the origin, when the origins run in other processes."""
 
+    # Another edge's pushes of a room can be ahead of this one's: a client that resumes here
+    # may have seen seqs this edge's hub has not yet (see the gateway's subscribe).
+    pushes_lag = True
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.state = Membership()

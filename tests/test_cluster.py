@@ -510,6 +510,39 @@ async def test_an_evicted_room_is_watched_again_without_a_gap(cluster: Cluster) 
         assert (await b.event("message"))["seq"] == s3
 
 
+async def test_a_resume_ahead_of_this_edge_waits_for_its_pushes(cluster: Cluster) -> None:
+    """A client that resumes on another edge may have seen seqs that edge's pushes of the room
+    have not brought yet: its subscribe waits for them (bounded) instead of refusing `after`,
+    which would lose the room for the client. Here the seq comes after the subscribe."""
+    tenant = cluster.origins[0].create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    e1, e2 = cluster.edges[0], cluster.edges[1]
+    async with (
+        _peer(e1, alice.token) as a,
+        _peer(e2, bob.token) as b,
+        _peer(e2, bob.token) as resumed,
+    ):
+        room = (await a.ok("room.create", name="r", kind="chat", members=[bob.id]))["room"]["id"]
+        with trio.fail_after(5):
+            while not any(r["id"] == room for r in (await b.ok("rooms"))["rooms"]):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        await b.ok("subscribe", room=room, after=0)  # e2 follows the room
+        s1 = (await a.ok("send", room=room, cid="c1", body={"text": "one"}))["seq"]
+        assert (await b.event("message"))["seq"] == s1
+        heads: list[int] = []
+
+        async def resume() -> None:
+            heads.append((await resumed.ok("subscribe", room=room, after=s1 + 1))["head"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(resume)
+            await trio.sleep(0.3)  # the subscribe reaches e2 first
+            s2 = (await a.ok("send", room=room, cid="c2", body={"text": "two"}))["seq"]
+        assert heads == [s2] == [s1 + 1]
+        s3 = (await a.ok("send", room=room, cid="c3", body={"text": "three"}))["seq"]
+        assert (await resumed.event("message"))["seq"] == s3  # live from s2 on, s2 not again
+
+
 @pytest.mark.parametrize("cluster", ["kafka"], indirect=True)  # fencing is the Kafka log's
 async def test_a_second_origin_of_a_shard_fences_the_first(cluster: Cluster) -> None:
     """Start another `gb6 origin` with shard s1's name and config: its producer takes the
