@@ -34,6 +34,7 @@ from origin.sqlite_store import Appended, AppendResult
 from replication import link
 from replication.shard_map import ShardMap, open_kv
 
+_RETRY_FIRST_S: Final = 0.05
 _RETRY_MAX_S: Final = 2.0
 _FIRST_CONNECT_S: Final = 10.0
 _TOKEN_INSTANCE: Final = re.compile(r"gb6u_(ins_[a-z0-9]+)\.")
@@ -81,14 +82,19 @@ class ShardLink:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(first_connect_deadline)
-            delay = 0.05
+            delay = _RETRY_FIRST_S
             while True:
                 try:
                     await self._connect_and_serve(ready)
-                    delay = 0.05
                 except* (OSError, trio.BrokenResourceError, link.LinkBroken) as group:
                     log("link_origin_failed", origin=self.address, error=repr(group.exceptions))
+                except* Exception as group:
+                    # A frame this edge cannot apply (an origin of another version) or a bug
+                    # in a listener: this shard's clients resume, the other shards' stay.
+                    log("link_origin_error", origin=self.address, error=repr(group.exceptions))
                 finally:
+                    if self.connected:  # it served: a new failure starts the backoff again
+                        delay = _RETRY_FIRST_S
                     self._lost()
                 await trio.sleep(delay)
                 delay = min(_RETRY_MAX_S, delay * 2)
@@ -457,9 +463,7 @@ class RemoteOrigin:
             self._idle = trio.Event()
 
         def answered(result: outcome.Outcome[Any]) -> None:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+            self._answered_one()
             if isinstance(result, outcome.Value):
                 ok = result.value
                 if "event" in ok:  # a repeat: the original event
@@ -495,7 +499,16 @@ class RemoteOrigin:
             "target": target,
             "emoji": emoji,
         }
-        await shard_link.append(fields, answered)
+        try:
+            await shard_link.append(fields, answered)
+        except BaseException:  # cancelled while it waited for a slot: not sent, never answered
+            self._answered_one()
+            raise
+
+    def _answered_one(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
 
     async def drain(self) -> None:
         await self._idle.wait()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 
+from node.config import Config
 from replication import link
+from replication.edge_link import RemoteOrigin
 from tests.test_cluster import Cluster
 
 
@@ -55,3 +59,34 @@ async def test_a_wrong_secret_gets_nothing(origin_only: Cluster) -> None:
             await stream.send_all(link.encode(hello))
             with trio.fail_after(5):
                 assert await stream.receive_some(1024) == b""  # closed, no welcome, no data
+
+
+async def test_an_edge_survives_a_push_it_cannot_apply(tmp_path: Path) -> None:
+    """A push the edge cannot apply (from an origin of another version, say) drops that link,
+    whose clients resume, and the link connects again: the edge process goes on serving."""
+    connections = 0
+    again = trio.Event()
+
+    async def origin(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        await stream.receive_some(1 << 16)  # the edge's hello
+        await stream.send_all(link.encode({"t": "welcome", "shard": "s1"}))
+        await stream.send_all(link.encode({"t": "snap_end"}))
+        if connections == 1:  # an event without its fields
+            await stream.send_all(link.encode({"t": "batch", "events": {"r": [{}]}, "heads": {}}))
+        else:
+            again.set()
+        while await stream.receive_some(1 << 16):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, origin, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        config = Config(data_dir=tmp_path, origins=(f"127.0.0.1:{port}",), link_secret="secret")
+        remote = RemoteOrigin(config)
+        await nursery.start(remote.run)
+        with trio.fail_after(10):
+            await again.wait()
+        assert remote.links[0].connected
+        nursery.cancel_scope.cancel()
