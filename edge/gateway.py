@@ -44,7 +44,7 @@ from node.errors import (
 from node.ids import new_id
 from node.log import log
 from node.ratelimit import RateLimiter
-from origin.membership import MembershipChange, Principal
+from origin.membership import MembershipChange, Principal, RoomState
 from origin.quotas import Quotas
 from origin.records import Instance, User
 from origin.shard import OriginShard
@@ -594,7 +594,31 @@ class Gateway:
     async def _subscribe(self, conn: Connection, req: p.Subscribe) -> None:
         who = conn.principal
         assert who is not None and conn.nursery is not None
-        room = self.origin.room_for_member(who, req.room)
+        try:
+            room = await self._validate_subscribe(conn, req)
+        except BaseException:
+            # A hub the watch in there created for this subscribe joins the idle ones (evicted
+            # in time, and unwatched) instead of being pushed the room's events for good.
+            self.hubs.settle(req.room)
+            raise
+        # Validated: from here on nothing fails, so a refused subscribe changes nothing.
+        old = conn.subs.pop(req.room, None)
+        if old is not None:
+            self.hubs.release(old)
+        hub = self.hubs.ensure(req.room, room.head)
+        self._reply(conn, req.id, {"room": req.room, "head": hub.head})
+        # The scope exists before the task starts, so a release that comes first (an
+        # unsubscribe or a new subscribe in the same read) still cancels it.
+        sub = Subscription(req.room, who.id, conn.outbox, scope=trio.CancelScope())
+        conn.subs[req.room] = sub
+        hub.catching.add(sub)
+        conn.nursery.start_soon(self._catch_up, conn, sub, req.after)
+
+    async def _validate_subscribe(self, conn: Connection, req: p.Subscribe) -> RoomState:
+        """The room, once this edge follows it and `req` may subscribe to it."""
+        who = conn.principal
+        assert who is not None
+        self.origin.room_for_member(who, req.room)  # before this edge follows the room
         if self.hubs.get(req.room) is None:
             if self.shared is not None:
                 await self.shared.follow_room(req.room)
@@ -616,18 +640,7 @@ class Gateway:
             raise GB6Error(
                 "quota_exceeded", f"at most {self.limits.max_subscriptions} subscriptions"
             )
-        # Validated: from here on nothing fails, so a refused subscribe changes nothing.
-        old = conn.subs.pop(req.room, None)
-        if old is not None:
-            self.hubs.release(old)
-        hub = self.hubs.ensure(req.room, room.head)
-        self._reply(conn, req.id, {"room": req.room, "head": hub.head})
-        # The scope exists before the task starts, so a release that comes first (an
-        # unsubscribe or a new subscribe in the same read) still cancels it.
-        sub = Subscription(req.room, who.id, conn.outbox, scope=trio.CancelScope())
-        conn.subs[req.room] = sub
-        hub.catching.add(sub)
-        conn.nursery.start_soon(self._catch_up, conn, sub, req.after)
+        return room
 
     async def _catch_up(self, conn: Connection, sub: Subscription, after: int) -> None:
         assert sub.scope is not None

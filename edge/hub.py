@@ -181,10 +181,20 @@ class Hubs:
         hub.remove(sub)
         if hub.idle:
             self._idle[sub.room] = None
-            while len(self._idle) > self.idle_max:
-                gone, _ = self._idle.popitem(last=False)
-                self.hubs.pop(gone, None)
-                self.on_evict(gone)
+            self._evict()
+
+    def settle(self, room: str) -> None:
+        """A hub no subscription took (its subscribe failed) joins the idle ones."""
+        hub = self.hubs.get(room)
+        if hub is not None and hub.idle and room not in self._idle:
+            self._idle[room] = None
+            self._evict()
+
+    def _evict(self) -> None:
+        while len(self._idle) > self.idle_max:
+            gone, _ = self._idle.popitem(last=False)
+            self.hubs.pop(gone, None)
+            self.on_evict(gone)
 
     async def catch_up(
         self,

@@ -1,19 +1,28 @@
-"""The edge↔origin link's framing (pure, with bytes) and its door (a real origin's port)."""
+"""The edge↔origin link: its framing (pure, with bytes), its door (a real origin's port), and the
+edge's end of it (an edge and an origin in this process)."""
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
+import trio_asyncio
 
-from node.config import Config
+from edge.gateway import Gateway
+from node.config import Config, Limits
+from origin.rbac import OPERATOR
+from origin.shard import OriginShard
 from replication import link
 from replication.edge_link import RemoteOrigin
-from tests.test_cluster import Cluster
+from replication.origin_link import LinkServer
+from tests.conftest import Node, connect, make_room, refused
+from tests.test_cluster import SECRET, Cluster
 
 
 def test_frames_round_trip_whatever_the_split() -> None:
@@ -89,4 +98,41 @@ async def test_an_edge_survives_a_push_it_cannot_apply(tmp_path: Path) -> None:
         with trio.fail_after(10):
             await again.wait()
         assert remote.links[0].connected
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_subscribe_refused_after_its_watch_leaves_no_hub_behind(tmp_path: Path) -> None:
+    """A cluster edge watches a room (the origin pushes it the room's events) before it checks
+    the rest of a subscribe. One refused after the watch leaves the room's hub idle, to be
+    forgotten and unwatched in time, not held and pushed to for good."""
+    limits = Limits(idle_room_cache_rooms=0, max_subscriptions=1)
+    origin_cfg = Config(data_dir=tmp_path / "o", link_port=0, link_secret=SECRET, limits=limits)
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        shard = OriginShard(origin_cfg)
+        await nursery.start(shard.run)
+        link_port = await nursery.start(LinkServer(origin_cfg, shard, SECRET).run)
+        edge_cfg = attrs.evolve(
+            origin_cfg, data_dir=tmp_path / "e", ws_port=0, origins=(f"127.0.0.1:{link_port}",)
+        )
+        remote = RemoteOrigin(edge_cfg)
+        gateway = Gateway(edge_cfg, remote)
+        await nursery.start(remote.run)
+        ws_port = await nursery.start(gateway.run)
+        node = Node(tmp_path, ws_url=f"ws://127.0.0.1:{ws_port}/v1/ws")
+        pushed = trio.Event()
+        remote.tenancy_listeners.append(lambda rec: pushed.set() if rec.name == "ann" else None)
+        t = shard.tenancy
+        org = await t.create_org(OPERATOR, "o", None)
+        inst = await t.create_instance(OPERATOR, org.id, "i", None, None)
+        ann = await t.create_user(OPERATOR, inst.id, "ann", "member")
+        token, _ = await t.issue_token(OPERATOR, inst.id, ann.id)
+        with trio.fail_after(5):
+            await pushed.wait()  # the user reached the edge's replica
+        async with asynccontextmanager(connect)(node, token) as a:
+            first = await make_room(a, [])
+            second = await make_room(a, [])
+            await a.ok("subscribe", room=first, after=0)
+            await refused(a, "subscribe", ("quota_exceeded",), room=second, after=0)
+            assert gateway.hubs.get(first) is not None
+            assert gateway.hubs.get(second) is None  # idle, and past the idle ones kept (0)
         nursery.cancel_scope.cancel()
