@@ -107,11 +107,15 @@ class ShardLink:
             nursery.start_soon(self._flush_releases)
             hello = {"t": "hello", "secret": self.remote.config.link_secret, "edge": "edge"}
             writer.write(link.encode(hello))
+            nursery.start_soon(self._ping, writer)
             decoder = link.FrameDecoder()
             snap = Membership()
             loaded = False
             while True:
-                data = await stream.receive_some(1 << 20)
+                with trio.move_on_after(link.SILENT_S) as waited:
+                    data = await stream.receive_some(1 << 20)
+                if waited.cancelled_caught:
+                    raise link.LinkBroken(f"the origin said nothing for {link.SILENT_S:g} s")
                 if not data:
                     raise trio.BrokenResourceError("the origin closed the link")
                 frames = decoder.feed(data)
@@ -126,6 +130,14 @@ class ShardLink:
                             self.connected = True
                             ready.set()
                             log("link_origin_connected", origin=self.address, shard=self.shard)
+
+    async def _ping(self, writer: _StreamWriter) -> None:
+        """A request every `PING_S`, so that the origin answers something even when nothing
+        happens: each end can then tell a silent peer from a quiet one (link.py)."""
+        while True:
+            await trio.sleep(link.PING_S)
+            self._next_id += 1  # its answer finds no pending reply: dropped
+            writer.write(link.encode({"t": "req", "id": self._next_id, "op": "ping"}))
 
     # --- snapshot and pushes -------------------------------------------------------------
 

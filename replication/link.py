@@ -29,6 +29,9 @@ Conversation:
   batch. A repeat (`duplicate`) or a refusal is answered with `res` as before. `room` {room}
   (a room's whole state, after a membership change); `read` {room, user, seq}; `instance`,
   `user` (tenancy records created on the shard).
+- Liveness: the edge sends a `ping` request every `PING_S`, which the origin answers; each end
+  drops a link on which it received nothing for `SILENT_S` (a peer frozen, or whose host went
+  away without closing the connection), which frees what the other end held for it.
 - `watch` is a request whose answer {room, head} is written, in the same step as the origin
   starts sending that room's events, before any of them: the edge creates its hub at `head`
   while it handles the answer, so it sees every later event exactly once. `unwatch` (when the
@@ -49,6 +52,8 @@ from origin.membership import RoomState
 from origin.records import Instance, RoomRecord, User
 
 MAX_FRAME: Final = 64 << 20  # a catch-up page: 500 events of up to 64 KiB of body each
+PING_S: Final = 5.0
+SILENT_S: Final = 15.0
 _LEN = struct.Struct("!I")
 
 

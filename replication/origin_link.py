@@ -212,7 +212,10 @@ class LinkServer:
                     for msg in pending:
                         await self._request(peer, msg, nursery, limiter)
                     while True:
-                        data = await stream.receive_some(65536)
+                        with trio.move_on_after(link.SILENT_S) as waited:
+                            data = await stream.receive_some(65536)
+                        if waited.cancelled_caught:  # the edge pings every PING_S
+                            raise link.LinkBroken(f"the edge said nothing for {link.SILENT_S:g} s")
                         if not data:
                             break
                         for msg in decoder.feed(data):
@@ -266,6 +269,9 @@ class LinkServer:
             # Same step: the answer and the start of the room's events, in this order.
             peer.send({"t": "res", "id": req_id, "ok": {"room": room, "head": state.head}})
             peer.watched.add(room)
+            return
+        if op == "ping":
+            peer.send({"t": "res", "id": req_id, "ok": {}})
             return
         if op == "unwatch":
             peer.watched.discard(str(msg.get("room")))

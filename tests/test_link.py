@@ -136,3 +136,48 @@ async def test_a_subscribe_refused_after_its_watch_leaves_no_hub_behind(tmp_path
             assert gateway.hubs.get(first) is not None
             assert gateway.hubs.get(second) is None  # idle, and past the idle ones kept (0)
         nursery.cancel_scope.cancel()
+
+
+async def test_each_end_drops_a_link_whose_peer_went_silent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that is frozen, or whose host went away without closing the connection, says
+    nothing: each end drops the link after `SILENT_S` (the edge pings, so a quiet link always
+    carries something). The edge then connects again; the origin frees what the edge held."""
+    monkeypatch.setattr(link, "PING_S", 0.1)
+    monkeypatch.setattr(link, "SILENT_S", 0.5)
+    connections = 0
+    again = trio.Event()
+
+    async def frozen_origin(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        await stream.receive_some(1 << 16)
+        await stream.send_all(link.encode({"t": "welcome", "shard": "s1"}))
+        await stream.send_all(link.encode({"t": "snap_end"}))
+        if connections > 1:
+            again.set()
+        while await stream.receive_some(1 << 16):  # reads the pings, answers none
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, frozen_origin, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        config = Config(data_dir=tmp_path, origins=(f"127.0.0.1:{port}",), link_secret="secret")
+        await nursery.start(RemoteOrigin(config).run)
+        with trio.fail_after(10):
+            await again.wait()
+        nursery.cancel_scope.cancel()
+
+    origin_cfg = Config(data_dir=tmp_path / "o", link_port=0, link_secret=SECRET)
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        shard = OriginShard(origin_cfg)
+        await nursery.start(shard.run)
+        link_port = await nursery.start(LinkServer(origin_cfg, shard, SECRET).run)
+        stream = await trio.open_tcp_stream("127.0.0.1", link_port)
+        async with stream:
+            await stream.send_all(link.encode({"t": "hello", "secret": SECRET, "edge": "frozen"}))
+            with trio.fail_after(10):
+                while await stream.receive_some(1 << 16):  # the snapshot, then the end
+                    pass
+        nursery.cancel_scope.cancel()
