@@ -4,6 +4,11 @@ Each edge connection gets a reader task (requests, in order) and a writer task d
 bounded buffer. Pushes are written from the shard's listeners synchronously, in the order the
 shard makes its changes; an edge that lets its buffer pass `limits.link_buffer_bytes` is cut
 off (it reconnects, reloads the snapshot, and its clients resume: nothing acknowledged is lost).
+Answers are not pushes: the edge asked for them, and one may be large (a page of history), so an
+answer waits until the buffer has room for it and does not count toward cutting the edge off (one
+user's reads must not cut off every client of the shard on that edge). A catch-up page
+(`events_after`) holds at most `_PAGE_BYTES` of events, at least one: a large frame delays
+every push queued behind it, and the edge's catch-up reads on from where a page ends.
 
 Appends are handled inline by the reader (the shard only queues them, so this keeps one edge's
 appends in the order the edge sent them); every other request runs in a task of its own, at
@@ -19,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Final
 
 import attrs
+import orjson
 import trio
 
 from node.config import Config
@@ -34,6 +40,7 @@ from origin.sqlite_store import AppendResult
 from replication import link
 
 _CONCURRENT: Final = 64
+_PAGE_BYTES: Final = 1 << 20
 _SNAPSHOT_CHUNK: Final = 500
 _RECORDING_OPS: Final = frozenset(
     {"usage.charge", "rec.write", "rec.read", "rec.index", "rec.indexed"}
@@ -50,6 +57,8 @@ class EdgePeer:
         self.watched: set[str] = set()
         self._out: list[bytes] = []
         self._size = 0
+        self._answers = 0  # bytes of `_size` that are answers (not counted against `limit`)
+        self._drained = trio.lowlevel.ParkingLot()  # answers waiting for room
         self._wake = trio.Event()
         self.broken = False
         self.cancel = trio.CancelScope()
@@ -78,11 +87,24 @@ class EdgePeer:
         self.events, self.heads, self.acks = {}, {}, []
         self._queue(frame)
 
-    def _queue(self, frame: bytes) -> None:
+    async def send_answer(self, msg: dict[str, Any]) -> None:
+        """Queue an answer once the buffer has room for it (or holds nothing)."""
+        frame = link.encode(msg)
+        while not self.broken and self._size and self._size + len(frame) > self.limit:
+            await self._drained.park()
+        if self.broken:
+            return
+        if self.events or self.heads or self.acks:
+            self.flush_batch()
+        self._queue(frame, answer=True)
+
+    def _queue(self, frame: bytes, *, answer: bool = False) -> None:
         self._out.append(frame)
         self._size += len(frame)
+        if answer:
+            self._answers += len(frame)
         self._wake.set()
-        if self._size > self.limit:
+        if self._size - self._answers > self.limit:
             log("link_edge_too_slow", edge=self.name, buffered=self._size)
             self.broken = True
             self.cancel.cancel()
@@ -93,7 +115,8 @@ class EdgePeer:
             self._wake = trio.Event()
             blob = b"".join(self._out)
             self._out.clear()
-            self._size = 0
+            self._size = self._answers = 0
+            self._drained.unpark_all()
             await self.stream.send_all(blob)
 
 
@@ -293,7 +316,6 @@ class LinkServer:
     ) -> None:
         try:
             ok = await self._handle(msg)
-            peer.send({"t": "res", "id": req_id, "ok": ok})
         except GB6Error as exc:
             peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(exc)})
         except Exception as exc:  # a bug: answer, log, keep serving the edge
@@ -301,6 +323,8 @@ class LinkServer:
             peer.send(
                 {"t": "res", "id": req_id, "err": {"code": INTERNAL, "message": "internal error"}}
             )
+        else:
+            await peer.send_answer({"t": "res", "id": req_id, "ok": ok})
         finally:
             limiter.release_on_behalf_of(req_id)
 
@@ -424,7 +448,7 @@ class LinkServer:
             events = await shard.events_after(
                 str(msg.get("room")), int(msg["after"]), int(msg["limit"])
             )
-            return {"events": [link.event_to_wire(e) for e in events]}
+            return {"events": _page(events)}
         who = self._who(msg)
         room = str(msg.get("room"))
         if op == "history":
@@ -454,3 +478,16 @@ class LinkServer:
             await shard.set_read(who, room, int(msg["seq"]))
             return {}
         raise invalid(f"unknown link op {op!r}")
+
+
+def _page(events: list[Event]) -> list[dict[str, Any]]:
+    """The wire shapes of `events` from the first on, up to `_PAGE_BYTES` (at least one)."""
+    page: list[dict[str, Any]] = []
+    size = 0
+    for ev in events:
+        wire = link.event_to_wire(ev)
+        size += len(orjson.dumps(wire))
+        if page and size > _PAGE_BYTES:
+            break
+        page.append(wire)
+    return page

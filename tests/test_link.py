@@ -4,7 +4,7 @@ edge's end of it (an edge and an origin in this process)."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -21,7 +21,7 @@ from origin.shard import OriginShard
 from replication import link
 from replication.edge_link import RemoteOrigin
 from replication.origin_link import LinkServer
-from tests.conftest import Node, connect, make_room, refused
+from tests.conftest import Node, Peer, connect, make_room, refused
 from tests.test_cluster import SECRET, Cluster
 
 
@@ -101,11 +101,12 @@ async def test_an_edge_survives_a_push_it_cannot_apply(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_subscribe_refused_after_its_watch_leaves_no_hub_behind(tmp_path: Path) -> None:
-    """A cluster edge watches a room (the origin pushes it the room's events) before it checks
-    the rest of a subscribe. One refused after the watch leaves the room's hub idle, to be
-    forgotten and unwatched in time, not held and pushed to for good."""
-    limits = Limits(idle_room_cache_rooms=0, max_subscriptions=1)
+@asynccontextmanager
+async def edge_and_origin(
+    tmp_path: Path, limits: Limits
+) -> AsyncIterator[tuple[Gateway, Node, str]]:
+    """An origin and an edge in this process over a real link: the edge's gateway, a node to
+    connect to it, and a token of a user of the origin."""
     origin_cfg = Config(data_dir=tmp_path / "o", link_port=0, link_secret=SECRET, limits=limits)
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         shard = OriginShard(origin_cfg)
@@ -118,7 +119,6 @@ async def test_a_subscribe_refused_after_its_watch_leaves_no_hub_behind(tmp_path
         gateway = Gateway(edge_cfg, remote)
         await nursery.start(remote.run)
         ws_port = await nursery.start(gateway.run)
-        node = Node(tmp_path, ws_url=f"ws://127.0.0.1:{ws_port}/v1/ws")
         pushed = trio.Event()
         remote.tenancy_listeners.append(lambda rec: pushed.set() if rec.name == "ann" else None)
         t = shard.tenancy
@@ -128,14 +128,54 @@ async def test_a_subscribe_refused_after_its_watch_leaves_no_hub_behind(tmp_path
         token, _ = await t.issue_token(OPERATOR, inst.id, ann.id)
         with trio.fail_after(5):
             await pushed.wait()  # the user reached the edge's replica
-        async with asynccontextmanager(connect)(node, token) as a:
+        yield gateway, Node(tmp_path, ws_url=f"ws://127.0.0.1:{ws_port}/v1/ws"), token
+        nursery.cancel_scope.cancel()
+
+
+peer_of = asynccontextmanager(connect)  # `async with peer_of(node, token) as peer:`
+
+
+async def test_a_subscribe_refused_after_its_watch_leaves_no_hub_behind(tmp_path: Path) -> None:
+    """A cluster edge watches a room (the origin pushes it the room's events) before it checks
+    the rest of a subscribe. One refused after the watch leaves the room's hub idle, to be
+    forgotten and unwatched in time, not held and pushed to for good."""
+    limits = Limits(idle_room_cache_rooms=0, max_subscriptions=1)
+    async with edge_and_origin(tmp_path, limits) as (gateway, node, token):
+        a: Peer
+        async with peer_of(node, token) as a:
             first = await make_room(a, [])
             second = await make_room(a, [])
             await a.ok("subscribe", room=first, after=0)
             await refused(a, "subscribe", ("quota_exceeded",), room=second, after=0)
             assert gateway.hubs.get(first) is not None
             assert gateway.hubs.get(second) is None  # idle, and past the idle ones kept (0)
-        nursery.cancel_scope.cancel()
+
+
+async def test_large_answers_wait_for_the_link_and_do_not_cut_the_edge_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page of large messages is bigger than the link's buffer: the answer waits for room
+    instead of cutting the edge off (which would close every client of the shard on it), and
+    a catch-up reads on page after page (here of two events each)."""
+    from replication import origin_link
+
+    monkeypatch.setattr(origin_link, "_PAGE_BYTES", 50_000)
+    text = "x" * 20_000
+    limits = Limits(link_buffer_bytes=64 << 10)
+    async with edge_and_origin(tmp_path, limits) as (_, node, token):
+        a: Peer
+        b: Peer
+        async with peer_of(node, token) as a, peer_of(node, token) as b:
+            room = await make_room(a, [])
+            for i in range(8):  # 160 KB in all
+                await a.ok("send", room=room, cid=f"c{i}", body={"text": text})
+            history = (await a.ok("history", room=room, limit=8))["messages"]
+            assert [m["seq"] for m in history] == list(range(1, 9))
+            await b.ok("subscribe", room=room, after=0)
+            got = [(await b.event("message"))["seq"] for _ in range(8)]
+            assert got == list(range(1, 9))
+            assert (await a.ok("send", room=room, cid="last", body={"text": "hi"}))["seq"] == 9
+            assert (await b.event("message"))["seq"] == 9  # the link stayed up
 
 
 async def test_each_end_drops_a_link_whose_peer_went_silent(
