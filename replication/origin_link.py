@@ -41,7 +41,6 @@ from replication import link
 
 _CONCURRENT: Final = 64
 _PAGE_BYTES: Final = 1 << 20
-_SNAPSHOT_CHUNK: Final = 500
 _RECORDING_OPS: Final = frozenset(
     {"usage.charge", "rec.write", "rec.read", "rec.index", "rec.indexed"}
 )
@@ -70,12 +69,14 @@ class EdgePeer:
         # link ends.
         self.slots: dict[tuple[str, str], int] = {}
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: dict[str, Any], *, asked: bool = False) -> None:
+        """Queue `msg` after what was queued before. `asked`: the edge asked for it (the
+        snapshot), so it does not count toward cutting the edge off."""
         if self.broken:
             return
         if self.events or self.heads or self.acks:
             self.flush_batch()
-        self._queue(link.encode(msg))
+        self._queue(link.encode(msg), answer=asked)
 
     def flush_batch(self) -> None:
         if not (self.events or self.heads or self.acks):
@@ -186,25 +187,21 @@ class LinkServer:
 
     def _snapshot(self, peer: EdgePeer) -> None:
         """Everything the edge's replica needs, queued in one synchronous step: every later
-        change is pushed after it."""
+        change is pushed after it. In frames of about `_PAGE_BYTES` (a room's members make its
+        size), and not counted toward cutting the edge off, whatever the shard's size."""
         shard = self.shard
-        peer.send({"t": "welcome", "shard": self.config.shard})
-        peer.send(
-            {
-                "t": "snap",
-                "instances": [attrs.asdict(i) for i in shard.instances.values()],
-                "users": [],
-                "rooms": [],
-            }
-        )
-        users = [attrs.asdict(u) for u in shard.users.values()]
-        for i in range(0, len(users), _SNAPSHOT_CHUNK * 10):
-            peer.send({"t": "snap", "instances": [], "users": users[i : i + _SNAPSHOT_CHUNK * 10]})
-        rooms = list(shard.rooms.values())
-        for i in range(0, len(rooms), _SNAPSHOT_CHUNK):
-            chunk = [link.room_to_wire(r) for r in rooms[i : i + _SNAPSHOT_CHUNK]]
-            peer.send({"t": "snap", "instances": [], "users": [], "rooms": chunk})
-        peer.send({"t": "snap_end"})
+        peer.send({"t": "welcome", "shard": self.config.shard}, asked=True)
+        parts: list[tuple[str, list[dict[str, Any]]]] = [
+            ("instances", [attrs.asdict(i) for i in shard.instances.values()]),
+            ("users", [attrs.asdict(u) for u in shard.users.values()]),
+            ("rooms", [link.room_to_wire(r) for r in shard.rooms.values()]),
+        ]
+        for kind, items in parts:
+            for chunk in _chunks(items):
+                snap: dict[str, Any] = {"t": "snap", "instances": [], "users": [], "rooms": []}
+                snap[kind] = chunk
+                peer.send(snap, asked=True)
+        peer.send({"t": "snap_end"}, asked=True)
 
     # --- one edge ------------------------------------------------------------------------
 
@@ -482,12 +479,19 @@ class LinkServer:
 
 def _page(events: list[Event]) -> list[dict[str, Any]]:
     """The wire shapes of `events` from the first on, up to `_PAGE_BYTES` (at least one)."""
-    page: list[dict[str, Any]] = []
+    return next(_chunks([link.event_to_wire(ev) for ev in events]), [])
+
+
+def _chunks(items: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """`items` in order, in runs of up to `_PAGE_BYTES` encoded (at least one item each)."""
+    chunk: list[dict[str, Any]] = []
     size = 0
-    for ev in events:
-        wire = link.event_to_wire(ev)
-        size += len(orjson.dumps(wire))
-        if page and size > _PAGE_BYTES:
-            break
-        page.append(wire)
-    return page
+    for item in items:
+        n = len(orjson.dumps(item))
+        if chunk and size + n > _PAGE_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += n
+    if chunk:
+        yield chunk

@@ -103,27 +103,31 @@ async def test_an_edge_survives_a_push_it_cannot_apply(tmp_path: Path) -> None:
 
 @asynccontextmanager
 async def edge_and_origin(
-    tmp_path: Path, limits: Limits
+    tmp_path: Path, limits: Limits, users: int = 0
 ) -> AsyncIterator[tuple[Gateway, Node, str]]:
     """An origin and an edge in this process over a real link: the edge's gateway, a node to
-    connect to it, and a token of a user of the origin."""
+    connect to it, and a token of a user of the origin (with `users` more made before the edge
+    connects)."""
     origin_cfg = Config(data_dir=tmp_path / "o", link_port=0, link_secret=SECRET, limits=limits)
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         shard = OriginShard(origin_cfg)
         await nursery.start(shard.run)
         link_port = await nursery.start(LinkServer(origin_cfg, shard, SECRET).run)
+        t = shard.tenancy
+        org = await t.create_org(OPERATOR, "o", None)
+        inst = await t.create_instance(OPERATOR, org.id, "i", None, "unlimited")
+        for i in range(users):
+            await t.create_user(OPERATOR, inst.id, f"user {i} " + "n" * 100, "member")
         edge_cfg = attrs.evolve(
             origin_cfg, data_dir=tmp_path / "e", ws_port=0, origins=(f"127.0.0.1:{link_port}",)
         )
         remote = RemoteOrigin(edge_cfg)
         gateway = Gateway(edge_cfg, remote)
         await nursery.start(remote.run)
+        assert remote.links[0].connected, "the edge did not load the shard's snapshot"
         ws_port = await nursery.start(gateway.run)
         pushed = trio.Event()
         remote.tenancy_listeners.append(lambda rec: pushed.set() if rec.name == "ann" else None)
-        t = shard.tenancy
-        org = await t.create_org(OPERATOR, "o", None)
-        inst = await t.create_instance(OPERATOR, org.id, "i", None, None)
         ann = await t.create_user(OPERATOR, inst.id, "ann", "member")
         token, _ = await t.issue_token(OPERATOR, inst.id, ann.id)
         with trio.fail_after(5):
@@ -149,6 +153,24 @@ async def test_a_subscribe_refused_after_its_watch_leaves_no_hub_behind(tmp_path
             await refused(a, "subscribe", ("quota_exceeded",), room=second, after=0)
             assert gateway.hubs.get(first) is not None
             assert gateway.hubs.get(second) is None  # idle, and past the idle ones kept (0)
+
+
+async def test_a_snapshot_larger_than_the_link_buffer_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shard's snapshot is what an edge asked for when it connected: whatever its size
+    (here past the link's buffer, in frames of about `_PAGE_BYTES`), it does not get the edge
+    cut off, and the edge serves the shard's users."""
+    from replication import origin_link
+
+    monkeypatch.setattr(origin_link, "_PAGE_BYTES", 16_000)
+    limits = Limits(link_buffer_bytes=64 << 10)
+    async with edge_and_origin(tmp_path, limits, users=500) as (gateway, node, token):
+        a: Peer
+        async with peer_of(node, token) as a:
+            assert await make_room(a, [])
+        names = [u.name for u in gateway.origin.state.users.values()]
+        assert sum(1 for n in names if n.startswith("user ")) == 500
 
 
 async def test_large_answers_wait_for_the_link_and_do_not_cut_the_edge_off(
