@@ -397,6 +397,9 @@ class RemoteOrigin:
             )
             if placed:
                 raise GB6Error(UNAVAILABLE, "this edge does not reach that shard yet; retry")
+            if shard_link is None and not all(other.connected for other in self.links):
+                # The instance may be on a shard whose link is down or not loaded yet.
+                raise GB6Error(UNAVAILABLE, "an origin shard is unreachable; retry")
             if shard_link is None:
                 raise GB6Error(UNAUTHORIZED, "unknown token")
             return await self._authenticate_on(self._link_for_instance(instance), secret)

@@ -3,6 +3,7 @@ edge's end of it (an edge and an origin in this process)."""
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -103,7 +104,7 @@ async def test_an_edge_survives_a_push_it_cannot_apply(tmp_path: Path) -> None:
 
 @asynccontextmanager
 async def edge_and_origin(
-    tmp_path: Path, limits: Limits, users: int = 0
+    tmp_path: Path, limits: Limits, users: int = 0, extra_origins: tuple[str, ...] = ()
 ) -> AsyncIterator[tuple[Gateway, Node, str]]:
     """An origin and an edge in this process over a real link: the edge's gateway, a node to
     connect to it, and a token of a user of the origin (with `users` more made before the edge
@@ -119,7 +120,10 @@ async def edge_and_origin(
         for i in range(users):
             await t.create_user(OPERATOR, inst.id, f"user {i} " + "n" * 100, "member")
         edge_cfg = attrs.evolve(
-            origin_cfg, data_dir=tmp_path / "e", ws_port=0, origins=(f"127.0.0.1:{link_port}",)
+            origin_cfg,
+            data_dir=tmp_path / "e",
+            ws_port=0,
+            origins=(f"127.0.0.1:{link_port}", *extra_origins),
         )
         remote = RemoteOrigin(edge_cfg)
         gateway = Gateway(edge_cfg, remote)
@@ -243,3 +247,29 @@ async def test_each_end_drops_a_link_whose_peer_went_silent(
                 while await stream.receive_some(1 << 16):  # the snapshot, then the end
                     pass
         nursery.cancel_scope.cancel()
+
+
+async def test_a_token_of_a_shard_not_reached_yet_is_unavailable_not_unauthorized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a shard map, an edge learns which instances each shard holds from its link. A
+    token whose instance it does not know, while a link is down, may be of that shard: it is
+    `unavailable` (retry), not `unauthorized` (which tells the client to give up)."""
+    from replication import edge_link
+
+    monkeypatch.setattr(edge_link, "_FIRST_CONNECT_S", 0.2)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        down = probe.getsockname()[1]
+    limits = Limits()
+    async with edge_and_origin(tmp_path, limits, extra_origins=(f"127.0.0.1:{down}",)) as (
+        _,
+        node,
+        token,
+    ):
+        a: Peer
+        async with peer_of(node) as a:
+            reply = await a.request("hello", token="gb6u_ins_elsewhere.secret")
+            assert reply["code"] == "unavailable", reply
+        async with peer_of(node, token) as a:  # the reachable shard's users are served
+            assert await make_room(a, [])
