@@ -209,7 +209,12 @@ class Hubs:
         hub = self.hubs.get(sub.room)
         delivered = after
         while hub is not None and sub in hub.catching:
-            cached = hub.cached_after(delivered, high_water)
+            # A connection resuming many rooms runs a catch-up per room on one outbox: each
+            # waits for room below `high_water` and writes at most what fits under it, so that
+            # together they never pass the outbox's bound (which closes the client with 4008).
+            await sub.outbox.wait_below(high_water)
+            room = max(1, high_water - sub.outbox.queued_bytes)
+            cached = hub.cached_after(delivered, room)
             if cached is not None:
                 blob, last = cached
                 if blob:
@@ -221,7 +226,6 @@ class Hubs:
                     sub.live = True
                     return
                 delivered = last
-                await sub.outbox.wait_below(high_water)
                 continue
             events: list[Event] = await events_after(sub.room, delivered, chunk)
             # The store may already hold commits the hub has not been handed yet; those reach
@@ -233,6 +237,6 @@ class Hubs:
                 await trio.sleep(0.01)
                 continue
             for ev in events:  # one frame at a time: large events never overflow the outbox
+                await sub.outbox.wait_below(high_water)
                 sub.outbox.write(encode_event(ev))
                 delivered = ev.seq
-                await sub.outbox.wait_below(high_water)

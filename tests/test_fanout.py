@@ -305,3 +305,66 @@ async def _pipeline_big(node: Node, token: str, room: str, n: int, text: str) ->
             while acks < n:
                 if json.loads(await ws.get_message()).get("op") == "ok":
                     acks += 1
+
+
+async def test_catch_ups_of_many_rooms_share_one_outbox_within_its_bound() -> None:
+    """A connection that resumes many rooms at once runs a catch-up per room, all writing to
+    its one outbox while the client reads slowly: together they stay under the outbox's bound
+    (past it the client is closed with 4008, and would be again at every resume), and each
+    room's events arrive whole and in order."""
+    from edge.hub import Hubs, Subscription
+    from edge.outbox import Outbox
+    from node.events import Event
+
+    server, client = socket.socketpair()
+    for sock, opt in ((server, socket.SO_SNDBUF), (client, socket.SO_RCVBUF)):
+        sock.setsockopt(socket.SOL_SOCKET, opt, 4096)
+        sock.setblocking(False)
+    overflowed: list[bool] = []
+    outbox = Outbox(server, limit=96 << 10)
+    outbox.on_overflow = lambda: overflowed.append(True)
+    hubs = Hubs(cache_size=512, cache_bytes=256 << 10, idle_max=100)
+    rooms = [f"r{i}" for i in range(10)]
+    for room in rooms:  # 5 events of ~10 KB each in every room's cache
+        body = {"text": "x" * 10_000}
+        hubs.ensure(room, 0).publish(
+            [Event(room, seq, 0, "message", "u", f"c{seq}", body) for seq in range(1, 6)]
+        )
+
+    async def no_store(room: str, after: int, limit: int) -> list[Event]:
+        raise AssertionError("the cache holds every event")
+
+    received = bytearray()
+
+    async def read_slowly() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(client)
+            received.extend(client.recv(4096))
+            await trio.sleep(0.001)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run_writer)
+        nursery.start_soon(read_slowly)
+        async with trio.open_nursery() as catch_ups:
+            for room in rooms:
+                sub = Subscription(room, "u", outbox, scope=trio.CancelScope())
+                hubs.hubs[room].catching.add(sub)
+                catch_ups.start_soon(hubs.catch_up, sub, 0, no_store, 500, 48 << 10)
+        with trio.fail_after(10):
+            while outbox.queued_bytes:  # noqa: ASYNC110 - the client reads at its pace
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    server.close()
+    client.close()
+    assert not overflowed
+    seqs: dict[str, list[int]] = {}
+    pos = 0
+    while pos < len(received):
+        n, pos = received[pos + 1] & 0x7F, pos + 2
+        if n == 126:
+            n, pos = struct.unpack_from("!H", received, pos)[0], pos + 2
+        event = json.loads(received[pos : pos + n])
+        seqs.setdefault(event["room"], []).append(event["seq"])
+        pos += n
+    assert seqs == {room: [1, 2, 3, 4, 5] for room in rooms}
