@@ -10,6 +10,12 @@ Rules:
   holds (retention) is an error, never a silent skip (`auto.offset.reset=error`).
 - Batches cross into Trio through a bounded channel: the thread blocks while `max_pending`
   batches wait, so a slow owner slows the reads, not memory. One batch per thread hop.
+- A batch's `resume` is where each partition's reading stands, past the transaction markers
+  and aborted records that follow its last record once the client has skipped them (its
+  position): a partition whose last record is followed by a marker would otherwise never reach
+  the log's end (its high watermark), which an owner that waits for that end needs (the meter's
+  exact pass, while other partitions keep it busy). What such a position skips delivers
+  nothing, so a batch may carry it for a partition it holds no record of.
 - Each record's seq is its `seq` header (see kafka_log.py); a record without one is not ours
   and stops the consumer with an error naming its position.
 """
@@ -162,6 +168,7 @@ class KafkaLogConsumer:
                     # there without waiting (consume alone would wait for a full batch).
                     first = consumer.poll(_POLL_S)
                     if first is None:
+                        _skip_to_positions(consumer, resume)
                         continue
                     messages = [first]
                     if self._max_batch > 1:
@@ -175,6 +182,11 @@ class KafkaLogConsumer:
                     self._deliver(token, exc)
                     return
                 if entries and not self._deliver(token, LogBatch(entries, resume)):
+                    return
+                try:
+                    _skip_to_positions(consumer, resume)  # carried by the next batch
+                except KafkaException as exc:
+                    self._deliver(token, GB6Error(UNAVAILABLE, f"Kafka log consumer: {exc}"))
                     return
         finally:
             consumer.close()
@@ -225,6 +237,14 @@ class KafkaLogConsumer:
         except trio.Cancelled:
             return False
         return True
+
+
+def _skip_to_positions(consumer: Consumer, resume: dict[int, int]) -> None:
+    """Move `resume` past what the client skipped since (markers, aborted records): every
+    record below its position was returned, so was in a batch already handed over."""
+    for tp in consumer.position(consumer.assignment()):
+        if tp.offset >= 0 and tp.offset > resume.get(tp.partition, -1):
+            resume[tp.partition] = tp.offset
 
 
 def _seq_of(headers: HeadersType | None) -> int | None:

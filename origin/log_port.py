@@ -118,7 +118,8 @@ def _frozen_offsets(offsets: Offsets) -> Mapping[int, int]:
 
 @attrs.frozen
 class LogBatch:
-    """Records read in one go (at least one), in log order, and where to resume after them.
+    """Records read in one go (at least one), in log order, and where to resume after them
+    (on Kafka, past the transaction markers that follow them too, once the client skipped them).
 
     `resume` covers every partition this consumer has a position in, so storing it whole (and
     starting the next consumer from it) is all a consumer's owner has to do.

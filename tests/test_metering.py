@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio_asyncio
@@ -209,6 +210,69 @@ async def test_a_batch_the_meter_failed_to_count_is_read_again(
         with trio.fail_after(20):
             await shard.billing.meter.catch_up()
         assert await shard.billing.usage(inst, month_of(now_ms())) == {"messages": 3, "seats": 1}
+
+
+def _ends(config: Config) -> list[int]:
+    """The high watermark of each partition of the shard's topic."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    assert config.kafka_bootstrap and config.kafka_topic
+    consumer = Consumer({"bootstrap.servers": config.kafka_bootstrap, "group.id": "gb6-test"})
+    try:
+        return [
+            consumer.get_watermark_offsets(TopicPartition(config.kafka_topic, p), 10)[1]
+            for p in range(config.kafka_partitions)
+        ]
+    finally:
+        consumer.close()
+
+
+@pytest.mark.parametrize("config", ["kafka"], indirect=True)
+async def test_an_exact_pass_ends_while_one_partition_is_busy_and_another_quiet(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With two partitions, one busy and one quiet: the quiet one ends with a transaction
+    marker after its last record, so the meter's reading of it never reaches the log's end by
+    records alone, and reads never come back empty while the other is busy. The pass must
+    still end (a usage read waited as long as sends went on)."""
+    monkeypatch.setattr(KafkaEventSource, "poll_s", 3600.0)  # only the passes asked for here
+    config = attrs.evolve(config, kafka_partitions=2)
+    async with shard_on(config.data_dir, config) as shard:
+        inst, busy, (alice,) = await tenant(shard, "alice")
+        before = await trio.to_thread.run_sync(_ends, config)
+        await op(shard, alice, busy, "message", "b0", body={"text": "m"})
+        after = await trio.to_thread.run_sync(_ends, config)
+        busy_partition = next(p for p in range(2) if after[p] > before[p])
+        for i in range(50):  # a room of the other partition
+            quiet = (await shard.create_room(alice, f"q{i}", "chat", [], False)).record.id
+            before = after
+            await op(shard, alice, quiet, "message", f"q{i}", body={"text": "m"})
+            after = await trio.to_thread.run_sync(_ends, config)
+            if after[busy_partition] == before[busy_partition]:
+                break
+        else:
+            raise AssertionError("no room of the other partition in 50")
+        sent = 1 + i + 1
+        stop = trio.Event()
+
+        async def keep_busy() -> None:
+            nonlocal sent
+            n = 0
+            while not stop.is_set():
+                n += 1
+                await op(shard, alice, busy, "message", f"load{n}", body={"text": "m"})
+                sent += 1
+                await trio.sleep(0.02)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_busy)
+            await trio.sleep(0.5)
+            counted_before = sent
+            with trio.fail_after(20):
+                await shard.billing.meter.catch_up()
+            stop.set()
+        usage = await shard.billing.store.usage(inst, month_of(now_ms()))
+        assert counted_before <= usage["messages"] <= sent
 
 
 @pytest.mark.parametrize("config", ["kafka"], indirect=True)
