@@ -115,7 +115,8 @@ class PostgresKv:
                 min_size=1,
                 max_size=self.pool_size,
                 timeout=self.op_timeout_s,
-                server_settings={"application_name": "gb6-kv"},
+                # A write that returns is durable (kv.py), whatever the server's default.
+                server_settings={"application_name": "gb6-kv", "synchronous_commit": "on"},
                 reset=keep_session,
             )
         try:

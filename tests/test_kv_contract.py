@@ -326,3 +326,38 @@ async def test_postgres_concurrent_starts_migrate_once(pg_dsn: str) -> None:
             nursery.cancel_scope.cancel()
     finally:
         await _drop_schema(dsn, schema)
+
+
+async def test_postgres_kv_commits_durably_whatever_the_role_default(pg_dsn: str) -> None:
+    """A kv write that returned is durable (leadership epochs, placements): its connections
+    ask for `synchronous_commit=on` even where the role's default is off."""
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    schema = f"gb6_kv_test_{uuid.uuid4().hex[:12]}"
+
+    async def set_role_default(value: str | None) -> None:
+        conn = await aio_as_trio(asyncpg.connect)(pg_dsn, timeout=10)
+        try:
+            sql = "ALTER ROLE CURRENT_USER " + (
+                f"SET synchronous_commit = {value}" if value else "RESET synchronous_commit"
+            )
+            await aio_as_trio(conn.execute)(sql)
+        finally:
+            await aio_as_trio(conn.close)()
+
+    try:
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            await set_role_default("off")
+            try:
+                kv = PostgresKv(pg_dsn, schema=schema)
+                await nursery.start(kv.run)
+                assert kv._pool is not None
+                got = await aio_as_trio(kv._pool.fetchval)(
+                    "SELECT current_setting('synchronous_commit')"
+                )
+                assert got == "on"
+            finally:
+                await set_role_default(None)
+            nursery.cancel_scope.cancel()
+    finally:
+        await _drop_schema(pg_dsn, schema)
