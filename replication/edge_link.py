@@ -655,6 +655,8 @@ class RemoteOrigin:
         return await self._room_op(who, "remove_members", room=room_id, users=list(users))
 
     async def set_read(self, who: Principal, room_id: str, seq: int) -> None:
+        # Here first, as every room op: another tenant's room must answer as an unknown one.
+        self.state.room_for_member(who, room_id)
         await self._link_for_room(who, room_id).request(
             "set_read", who=who.id, room=room_id, seq=seq
         )

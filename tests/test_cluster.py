@@ -217,6 +217,10 @@ async def test_two_instances_live_on_two_shards(cluster: Cluster) -> None:
         assert refused["op"] == "error" and refused["code"] == "not_found", refused
         refused = await p2.request("history", room=r1, limit=5)
         assert refused["op"] == "error" and refused["code"] == "not_found", refused
+        # A receipt on another tenant's room answers as one on a room that does not exist.
+        for room in (r1, "room_doesnotexist"):
+            refused = await p2.request("receipt", room=room, read=1)
+            assert refused["op"] == "error" and refused["code"] == "not_found", refused
         assert (await p1.ok("search", query="on"))["hits"][0]["room"] == r1
         assert [h["room"] for h in (await p2.ok("search", query="on"))["hits"]] == [r2]
 
