@@ -15,6 +15,7 @@ A CLOSING connection accepts no new frames from the server's side except the fin
 from __future__ import annotations
 
 import enum
+import math
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,10 @@ CLOSE_PROTOCOL_ERROR = 1002
 # A client resuming on this edge with a seq that another edge delivered: how long this edge's
 # pushes of the room may take to catch up before `after` is refused as beyond the head.
 AHEAD_WAIT_S = 2.0
+# A shared rate-limit check slower than this lets its request through, and so do all checks
+# for the pause after it: a Redis that is down or frozen must not hold up every request.
+LIMIT_WAIT_S = 0.5
+LIMIT_PAUSE_S = 5.0
 
 
 class State(enum.Enum):
@@ -141,6 +146,7 @@ class Gateway:
         self.cork = Cork()
         origin.publish_context = lambda: self.cork
         # Per plan. The edges of a cluster share each user's budget (through Redis).
+        self._limits_paused_until = -math.inf  # see LIMIT_PAUSE_S
         self.limiters: dict[str, RateLimiter] = (
             shared.limiters
             if shared is not None and shared.limiters is not None
@@ -442,15 +448,21 @@ class Gateway:
     async def _rate_limit(self, conn: Connection) -> None:
         assert conn.principal is not None
         limiter = self.limiters.get(conn.principal.instance.plan)
-        if limiter is None:
+        if limiter is None or trio.current_time() < self._limits_paused_until:
             return
-        try:
-            wait = await limiter.check(conn.user)
-        except GB6Error as exc:
-            if exc.code != UNAVAILABLE:
-                raise
-            # The shared store is unreachable: serve rather than refuse everyone.
-            log("rate_limit_unavailable", error=exc.message)
+        failure: str | None = f"no answer within {LIMIT_WAIT_S} s"
+        wait = 0.0
+        with trio.move_on_after(LIMIT_WAIT_S):
+            try:
+                wait = await limiter.check(conn.user)
+                failure = None
+            except GB6Error as exc:
+                failure = exc.message
+        if failure is not None:
+            # The shared store is down, frozen or refusing (out of memory, read-only after a
+            # failover): serve rather than refuse or hold up everyone, and ask again later.
+            self._limits_paused_until = trio.current_time() + LIMIT_PAUSE_S
+            log("rate_limit_unavailable", error=failure, pause_s=LIMIT_PAUSE_S)
             return
         if wait > 0:
             raise GB6Error(

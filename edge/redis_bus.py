@@ -53,6 +53,8 @@ import attrs
 import redis.asyncio as aioredis
 import redis.exceptions as rex
 import trio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from trio_asyncio import aio_as_trio
 
 from edge.bus import (
@@ -70,6 +72,8 @@ from edge.bus import (
 from node.channels import take_all_waiting, take_waiting
 from node.errors import INTERNAL, QUOTA_EXCEEDED, UNAVAILABLE, GB6Error
 from node.log import log
+
+_TIMEOUT_S = 2.0  # to connect, and for an answer
 
 __all__ = ["RedisPubSub", "RedisRateLimiter", "RedisSessions", "open_redis"]
 
@@ -95,8 +99,18 @@ async def open_redis(url: str) -> AsyncIterator[Redis]:
     """A redis.asyncio client for `url` that answered PING; closed on exit.
 
     Needs an open `trio_asyncio.open_loop()`. Raises GB6Error(unavailable) if Redis does not
-    answer within 5 s."""
-    client = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    answer within 5 s. A command gets one quick retry (a new connection), then `unavailable`."""
+    # One quick retry, then the caller's fallback: redis-py's default (retries with backoff
+    # up to 10 s, 5 s timeouts) held every request of an edge for tens of seconds while Redis
+    # was down or frozen. The health check and keepalives find a half-open connection.
+    client = aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=_TIMEOUT_S,
+        socket_timeout=_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=15,
+        socket_keepalive=True,
+    )
     try:
         with _translated("ping"), trio.move_on_after(5) as waited:
             await aio_as_trio(client.ping)()

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
+import signal
+import socket
 import sqlite3
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -630,3 +635,56 @@ async def _stored_when_persisted(
             if len(stored) >= at_least:
                 return stored
             await trio.sleep(0.05)
+
+
+@pytest.fixture
+def frozen_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A Redis server of this test's own (real, on loopback), which the test may freeze."""
+    require("redis")  # the project's services installed it
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+
+
+async def test_a_frozen_redis_does_not_hold_up_the_edges_requests(
+    tmp_path: Path, frozen_redis: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """Redis stops answering (frozen, or its host gone): a rate-limit check gives up after
+    `LIMIT_WAIT_S` and lets its request through, and so do the checks of the pause after it,
+    instead of each request waiting out the Redis client's timeouts (5 s or more each)."""
+    url, redis_proc = frozen_redis
+    c = Cluster(tmp_path, redis_url=url)
+    try:
+        edge = c.edge()
+        tenant = c.origins[0].create_tenant(plan="free")  # rate-limited: checks Redis
+        carol = tenant.user("carol")
+        async with _peer(edge, carol.token) as p:
+            await p.ok("ping")
+            redis_proc.send_signal(signal.SIGSTOP)
+            with trio.fail_after(3):  # the first waits 0.5 s, the next ones not at all
+                for _ in range(3):
+                    await p.ok("ping")
+    finally:
+        redis_proc.send_signal(signal.SIGCONT)
+        c.stop()
