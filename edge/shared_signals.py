@@ -8,6 +8,10 @@ its own. Presence across edges: a user goes offline only when their last session
 ends (the session registry answers), and comes online only when their first one starts.
 
 Ephemeral by design (DESIGN §3): a signal the bus drops is lost; nothing here is persisted.
+Presence is state, though: an edge killed with kill -9 (or a dropped "offline") says nothing,
+so every `SWEEP_S` each edge asks the session registry about the users other edges said were
+online, and delivers "offline" for those without a live session left (their sessions lapse
+within the registry's ttl). At most `_MAX_SHOWN` such users per edge are swept.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from typing import Any, Final
 import orjson
 import trio
 
-from edge.bus import PubSub, SessionRegistry, room_channel
+from edge.bus import MAX_LOCATE_USERS, PubSub, SessionRegistry, room_channel
 from node.errors import GB6Error
 from node.log import log
 from node.ratelimit import RateLimiter
 
 _MAX_FOLLOWED: Final = 10_000  # channels per edge; past it, signals of new ones stay local
+SWEEP_S: Final = 10.0
+_MAX_SHOWN: Final = 100_000
 
 
 def instance_channel(instance: str) -> str:
@@ -48,21 +54,54 @@ class SharedSignals:
         self.on_typing: Callable[[str, str], None] = lambda room, user: None
         self.on_presence: Callable[[str, str], None] = lambda user, status: None
         self._followed: set[str] = set()
+        # Users other edges said were online or away, as this edge's clients were told, each
+        # with the number of the signal that said it last (a sweep's answer predating a newer
+        # signal is not used).
+        self._shown: dict[str, int] = {}
+        self._signals = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sweep_forever)
+            task_status.started()
+            while True:
+                signal = await self.pubsub.receive()
+                try:
+                    msg: dict[str, Any] = orjson.loads(signal.data)
+                    if msg.get("edge") == self.edge_id:
+                        continue
+                    if msg.get("kind") == "typing":
+                        self.on_typing(str(msg["room"]), str(msg["user"]))
+                    elif msg.get("kind") == "presence":
+                        self._on_presence(str(msg["user"]), str(msg["status"]))
+                except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+                    log("shared_signal_bad", channel=signal.channel, error=repr(exc))
+
+    def _on_presence(self, user: str, status: str) -> None:
+        self._signals += 1
+        if status == "offline":
+            self._shown.pop(user, None)
+        elif user in self._shown or len(self._shown) < _MAX_SHOWN:
+            self._shown[user] = self._signals
+        self.on_presence(user, status)
+
+    async def _sweep_forever(self) -> None:
         while True:
-            signal = await self.pubsub.receive()
+            await trio.sleep(SWEEP_S)
             try:
-                msg: dict[str, Any] = orjson.loads(signal.data)
-                if msg.get("edge") == self.edge_id:
-                    continue
-                if msg.get("kind") == "typing":
-                    self.on_typing(str(msg["room"]), str(msg["user"]))
-                elif msg.get("kind") == "presence":
-                    self.on_presence(str(msg["user"]), str(msg["status"]))
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                log("shared_signal_bad", channel=signal.channel, error=repr(exc))
+                await self.sweep()
+            except GB6Error as exc:  # the next sweep asks again
+                log("presence_sweep_failed", error=exc.message)
+
+    async def sweep(self) -> None:
+        """Deliver "offline" for the users shown online whose sessions are all gone."""
+        users = list(self._shown.items())
+        for i in range(0, len(users), MAX_LOCATE_USERS):
+            chunk = users[i : i + MAX_LOCATE_USERS]
+            live = await self.sessions.locate([user for user, _ in chunk])
+            for user, said in chunk:
+                if user not in live and self._shown.get(user) == said:
+                    self._on_presence(user, "offline")
 
     async def _follow(self, channel: str) -> None:
         if channel in self._followed or len(self._followed) >= _MAX_FOLLOWED:

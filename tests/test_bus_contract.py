@@ -468,3 +468,34 @@ async def test_redis_unreachable_is_unavailable() -> None:
             assert err.value.code == UNAVAILABLE  # stopped
         finally:
             await aio_as_trio(client.aclose)()
+
+
+async def test_presence_shown_from_a_dead_edge_goes_offline(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice's edge dies (kill -9: nobody says "offline"). Edge b, which told its clients she was
+    online, finds her sessions gone once they lapse, and tells them she is offline, once."""
+    from edge import shared_signals
+    from edge.shared_signals import SharedSignals
+
+    monkeypatch.setattr(shared_signals, "SWEEP_S", TTL / 2)
+    async with open_harness(where) as h:
+        a_sessions, a_scope = await h.sessions("edge-a", ttl=TTL)
+        b_sessions, _ = await h.sessions("edge-b", ttl=TTL)
+        a = SharedSignals(await h.pubsub(), a_sessions, "edge-a")
+        b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
+        shown: list[tuple[str, str]] = []
+        b.on_presence = lambda user, status: shown.append((user, status))
+        await h.start(a)
+        await h.start(b)
+        await b.follow_instance("ins_1")
+        assert await a.session_opened("alice", "ses_1")
+        a.presence("ins_1", "alice", "online")
+        await eventually(lambda: shown == [("alice", "online")])
+        for _ in range(4):  # alive: her sessions are heartbeated, no sweep says otherwise
+            await trio.sleep(TTL / 2)
+        assert shown == [("alice", "online")]
+        a_scope.cancel()  # edge-a "dies"
+        await eventually(lambda: shown == [("alice", "online"), ("alice", "offline")], 10 * TTL)
+        await trio.sleep(TTL)
+        assert shown == [("alice", "online"), ("alice", "offline")]  # once
