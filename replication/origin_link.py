@@ -12,7 +12,8 @@ every push queued behind it, and the edge's catch-up reads on from where a page 
 
 Appends are handled inline by the reader (the shard only queues them, so this keeps one edge's
 appends in the order the edge sent them); every other request runs in a task of its own, at
-most `_CONCURRENT` per edge, so a slow history read does not hold up sends.
+most `_CONCURRENT` per edge (more are answered `unavailable` at once: the reader never waits
+for them), so a slow history read does not hold up sends.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import orjson
 import trio
 
 from node.config import Config
-from node.errors import INTERNAL, UNAUTHORIZED, GB6Error, invalid, not_found
+from node.errors import INTERNAL, UNAUTHORIZED, UNAVAILABLE, GB6Error, invalid, not_found
 from node.events import Event
 from node.log import log
 from origin.membership import MembershipChange, Principal
@@ -305,7 +306,13 @@ class LinkServer:
             except GB6Error as exc:
                 peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(exc)})
             return
-        await limiter.acquire_on_behalf_of(req_id)
+        try:
+            limiter.acquire_on_behalf_of_nowait(req_id)
+        except trio.WouldBlock:
+            # Never wait here: the reader would stop reading this edge's appends and pings.
+            busy = GB6Error(UNAVAILABLE, f"the origin is busy ({_CONCURRENT} requests); retry")
+            peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(busy)})
+            return
         nursery.start_soon(self._answer, peer, req_id, msg, limiter)
 
     async def _answer(

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -17,6 +18,7 @@ import trio_asyncio
 
 from edge.gateway import Gateway
 from node.config import Config, Limits
+from node.errors import GB6Error
 from origin.rbac import OPERATOR
 from origin.shard import OriginShard
 from replication import link
@@ -273,3 +275,46 @@ async def test_a_token_of_a_shard_not_reached_yet_is_unavailable_not_unauthorize
             assert reply["code"] == "unavailable", reply
         async with peer_of(node, token) as a:  # the reachable shard's users are served
             assert await make_room(a, [])
+
+
+async def test_requests_past_the_origins_concurrency_are_refused_not_waited_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The origin runs at most `_CONCURRENT` of an edge's reads at once. One more is answered
+    `unavailable` at once: the origin's reader of that edge must not wait for a slot, or every
+    send through the edge (and the link's pings) would wait behind the slow reads."""
+    from replication import origin_link
+
+    release = trio.Event()
+
+    async def slow_search(self: OriginShard, who: Any, query: str, room: str | None) -> list[Any]:
+        await release.wait()
+        return []
+
+    monkeypatch.setattr(OriginShard, "search", slow_search)
+    async with edge_and_origin(tmp_path, Limits()) as (gateway, node, token):
+        a: Peer
+        async with peer_of(node, token) as a:
+            room = await make_room(a, [])
+            remote = gateway.origin
+            assert isinstance(remote, RemoteOrigin)
+            ann = next(u for u in remote.state.users.values() if u.name == "ann")
+            who = remote.state.principal(ann.id)
+            assert who is not None
+            errors: list[str] = []
+
+            async def search() -> None:
+                try:
+                    await remote.search(who, "word", None)
+                except GB6Error as exc:
+                    errors.append(exc.code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(origin_link._CONCURRENT + 1):
+                    nursery.start_soon(search)
+                with trio.fail_after(5):
+                    while not errors:  # noqa: ASYNC110 - the refusal comes over the link
+                        await trio.sleep(0.01)
+                    assert (await a.ok("send", room=room, cid="c", body={"text": "hi"}))["seq"]
+                release.set()
+            assert errors == ["unavailable"]
