@@ -336,6 +336,10 @@ class PgStore:
             self._forget()
             staged = await self._stage(batch)
         if not isinstance(staged, Staged):  # refused whole: drop what it staged
+            if before is not None:
+                # Heads are read again only with no INSERT in flight: read now, they would
+                # lack `before`'s, and the next batch would take its seqs again (and fail).
+                await before.written.wait()
             self._forget()
             self._answer(batch, staged)
             return
