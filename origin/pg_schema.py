@@ -118,13 +118,22 @@ def check_schema_name(name: str) -> str:
 
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)  # what `migrate` brings a schema to
+_MIGRATE_TIMEOUT_S: Final = 3600.0
 
 
 async def migrate(conn: Any, schema: str) -> int:
-    """Apply what is missing (asyncio side); returns the schema version."""
+    """Apply what is missing (asyncio side); returns the schema version.
+
+    Not bound by the pool's 30 s `command_timeout`, but by `_MIGRATE_TIMEOUT_S`: a migration
+    that rebuilds indexes of a large store takes longer, and one cut short rolls back and is
+    tried again at every start, so the origin would never start. Another process starting
+    meanwhile waits for it on the advisory lock, as long."""
+    t = _MIGRATE_TIMEOUT_S
     async with conn.transaction():
         await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"gb6.migrate.{schema}"
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            f"gb6.migrate.{schema}",
+            timeout=t,
         )
         await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         await conn.execute(
@@ -135,7 +144,7 @@ async def migrate(conn: Any, schema: str) -> int:
             version = 0
             await conn.execute(f'INSERT INTO "{schema}".schema_version(version) VALUES (0)')
         for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-            await conn.execute(script)
+            await conn.execute(script, timeout=t)
             await conn.execute(f'UPDATE "{schema}".schema_version SET version = {number}')
             version = number
         return int(version)

@@ -653,6 +653,29 @@ async def test_pg_two_stores_starting_at_once_migrate_once(pg_backend: Backend) 
         nursery.cancel_scope.cancel()
 
 
+async def test_pg_a_migration_may_take_longer_than_a_statement(
+    pg_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A migration that rebuilds a large store's indexes outlasts the pool's statement timeout
+    (here 0.5 s against a migration of 1.5 s): cut short, it would roll back at every start and
+    the origin would never serve. Two stores start at once: one migrates, the other waits."""
+    from origin import pg_schema, pg_store
+
+    monkeypatch.setattr(pg_store, "_COMMAND_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(pg_schema, "_MIGRATIONS", [*pg_schema._MIGRATIONS, "SELECT pg_sleep(1.5)"])
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        stores = [pg_backend.make(Recorder()) for _ in range(2)]
+        with trio.fail_after(20):
+            async with trio.open_nursery() as starting:
+                for s in stores:
+                    starting.start_soon(nursery.start, s.run)
+        rows = await _pg(
+            pg_backend.dsn, f'SELECT version FROM "{pg_backend.schema}".schema_version'
+        )
+        assert [r[0] for r in rows] == [SCHEMA_VERSION + 1]
+        nursery.cancel_scope.cancel()
+
+
 async def test_pg_a_schema_of_the_previous_version_migrates_with_its_events(
     pg_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
