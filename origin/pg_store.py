@@ -97,6 +97,10 @@ from origin.sqlite_store import AppendCallback, AppendItem, now_ms
 T = TypeVar("T")
 
 _COMMAND_TIMEOUT_S: Final = 30.0  # one statement; bounds every shielded wait
+# A search of a common word over a large instance reads every row that has it: given up after
+# this, and one at a time per connection left to the rest (the writer holds two, and stages
+# on a third: searches holding every other one stalled every send behind them).
+_SEARCH_TIMEOUT_S: Final = 5.0
 _CONNECT_TIMEOUT_S: Final = 10.0
 _CLOSE_TIMEOUT_S: Final = 10.0
 
@@ -225,6 +229,7 @@ class PgStore:
         self.limits = limits
         self._on_appended = on_appended
         self._pool_size = pool_size
+        self._searches = trio.Semaphore(pool_size - 3 or 1)
         self._pool: Any = None
         self._insert_conns: list[Any] = [None, None]  # the writer's, for its INSERTs (asyncio side)
         self._partitions = Partitions(self.schema)
@@ -755,10 +760,12 @@ class PgStore:
                 room_list,
                 tsquery,
                 limit,
+                timeout=_SEARCH_TIMEOUT_S,
             )
             return [hit_from_row(r) for r in rows]
 
-        return await self._read(q)
+        async with self._searches:
+            return await self._read(q)
 
     async def token(self, digest: str) -> Token | None:
         async def q(c: Any) -> Token | None:

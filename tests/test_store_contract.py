@@ -653,6 +653,36 @@ async def test_pg_two_stores_starting_at_once_migrate_once(pg_backend: Backend) 
         nursery.cancel_scope.cancel()
 
 
+async def test_pg_slow_searches_leave_the_writer_a_connection(
+    pg_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Searches of a common word over a large instance are slow. However many run, the writer
+    keeps a connection to stage on: a first send to a room (its head read) is not held up."""
+    import asyncio
+
+    from origin.pg_store import PgStore
+
+    async with serving(pg_backend) as store:
+        assert isinstance(store, PgStore)
+        t = await tenant(store)
+        r1, r2 = await room(store, t), await room(store, t)
+        await append(store, item(r1, t.alice, "m1"))
+        learn = PgStore._learn_instances
+
+        async def slowly(self: PgStore, c: Any, rooms: list[str]) -> None:
+            if list(rooms) == [r1]:  # the searches' (asyncio side: the connection is held)
+                await asyncio.sleep(3)
+            await learn(self, c, rooms)
+
+        monkeypatch.setattr(PgStore, "_learn_instances", slowly)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(store.search, [r1], "m1", 10)
+            await trio.sleep(0.3)  # the searches have their connections
+            with trio.fail_after(1.5):
+                assert (await append(store, item(r2, t.alice, "first"))).event.seq == 1
+
+
 async def test_pg_a_migration_may_take_longer_than_a_statement(
     pg_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
