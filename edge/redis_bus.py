@@ -139,13 +139,22 @@ async def _pipeline(
 ) -> list[Any]:
     """asyncio side: run the commands `build` queues on a pipeline, with results (errors as
     values). After a Redis restart or SCRIPT FLUSH, loads `scripts` and runs them once more:
-    every command here may run twice (a refused EVALSHA did nothing)."""
+    every command here may run twice (a refused EVALSHA did nothing). A command that answered
+    the first time keeps that answer: run again, it saw what its first run did (a SET … GET
+    would answer its own value, and a lapsed key would look alive)."""
+    first: list[Any] | None = None
     for attempt in range(2):
         pipe = client.pipeline(transaction=False)
         build(pipe)
         results: list[Any] = await pipe.execute(raise_on_error=False)
+        if first is not None:
+            results = [
+                a if not isinstance(a, rex.RedisError) else b
+                for a, b in zip(first, results, strict=True)
+            ]
         if attempt or not any(isinstance(r, rex.NoScriptError) for r in results):
             break
+        first = results
         for script in scripts:
             await client.script_load(script.text)
     for r in results:

@@ -499,3 +499,25 @@ async def test_presence_shown_from_a_dead_edge_goes_offline(
         await eventually(lambda: shown == [("alice", "online"), ("alice", "offline")], 10 * TTL)
         await trio.sleep(TTL)
         assert shown == [("alice", "online"), ("alice", "offline")]  # once
+
+
+async def test_redis_commands_run_again_for_lost_scripts_keep_their_first_answers(
+    redis_url: str,
+) -> None:
+    """After a Redis restart the scripts are gone: a pipeline runs again once they are loaded,
+    and every command in it runs twice. A command that answered the first time keeps that
+    answer: the heartbeat's SET … GET must still say the edge's key had lapsed, or the edge
+    would not write its sessions again (they would stay lost until their users reconnect)."""
+    from edge.redis_bus import _GCRA, _pipeline
+
+    async with open_harness(redis_url) as h:
+        key = h.prefix + "edge:test"
+        await aio_as_trio(h.admin.script_flush)()
+
+        def build(pipe: Any) -> None:
+            pipe.set(key, b"1", px=10_000, get=True)
+            pipe.evalsha(_GCRA.sha, 1, h.prefix + "rl:test", 1_000_000, 1_000_000)
+
+        results = await aio_as_trio(_pipeline)(h.admin, [_GCRA], build)
+        assert results[0] is None  # the key did not exist before this pipeline
+        assert int(results[1]) == 0  # the script ran (the second time): no wait
