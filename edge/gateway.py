@@ -66,6 +66,7 @@ AHEAD_WAIT_S = 2.0
 # A shared rate-limit check slower than this lets its request through, and so do all checks
 # for the pause after it: a Redis that is down or frozen must not hold up every request.
 LIMIT_WAIT_S = 0.5
+FOLLOW_WAIT_S = 1.0
 LIMIT_PAUSE_S = 5.0
 
 
@@ -481,7 +482,8 @@ class Gateway:
         # At the instance's shard, which counts the connections of every edge.
         conn.quota_release = await self.origin.acquire_slot(principal.instance.id, "connections")
         if self.shared is not None:
-            await self.shared.follow_instance(principal.instance.id)
+            with trio.move_on_after(FOLLOW_WAIT_S):  # as a room's (see `_validate_subscribe`)
+                await self.shared.follow_instance(principal.instance.id)
             first = await self.shared.session_opened(principal.id, session)
         # No await from here on: `_forget` sees a principal only with its session recorded.
         conn.principal = principal
@@ -631,9 +633,13 @@ class Gateway:
         who = conn.principal
         assert who is not None
         self.origin.room_for_member(who, req.room)  # before this edge follows the room
-        if self.hubs.get(req.room) is None:
-            if self.shared is not None:
+        if self.shared is not None:
+            # At every subscribe, not only the hub's first: a follow that failed (Redis down)
+            # is tried again; one that holds costs a set lookup. Bounded: typing from other
+            # edges is not worth holding up a subscribe while Redis does not answer.
+            with trio.move_on_after(FOLLOW_WAIT_S):
                 await self.shared.follow_room(req.room)
+        if self.hubs.get(req.room) is None:
             # A remote origin starts pushing the room's events to this edge (and creates the
             # hub at the head it answers with, before any of them arrives).
             await self.origin.watch(req.room)

@@ -727,7 +727,12 @@ class RedisPubSub:
         send = self._pubsub.subscribe if kind == "subscribe" else self._pubsub.unsubscribe
         try:
             with _translated(kind), trio.move_on_after(self.confirm_timeout) as waited:
-                await aio_as_trio(send)(*encoded)
+                try:
+                    await aio_as_trio(send)(*encoded)
+                except AttributeError as exc:
+                    # redis-py's pub/sub writes on a connection it has closed (Redis went
+                    # away; the reader reconnects it) and fails on its missing writer.
+                    raise GB6Error(UNAVAILABLE, f"redis {kind}: connection lost ({exc})") from exc
                 await waiter.done.wait()
         finally:
             if waiter in self._waiters:

@@ -112,6 +112,9 @@ class SharedSignals:
         except GB6Error as exc:  # signals of this channel stay on this edge until it works
             self._followed.discard(channel)
             log("shared_follow_failed", channel=channel, error=exc.message)
+        except BaseException:  # cancelled (the caller's bound): tried again next time
+            self._followed.discard(channel)
+            raise
 
     async def follow_room(self, room: str) -> None:
         await self._follow(room_channel(room))
@@ -124,6 +127,8 @@ class SharedSignals:
         self.pubsub.publish(room_channel(room), orjson.dumps(data))
 
     def presence(self, instance: str, user: str, status: str) -> None:
+        if status == "offline":  # said here: the sweep must not say it again
+            self._shown.pop(user, None)
         data = {"edge": self.edge_id, "kind": "presence", "user": user, "status": status}
         self.pubsub.publish(instance_channel(instance), orjson.dumps(data))
 

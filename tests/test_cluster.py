@@ -637,54 +637,105 @@ async def _stored_when_persisted(
             await trio.sleep(0.05)
 
 
-@pytest.fixture
-def frozen_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """A Redis server of this test's own (real, on loopback), which the test may freeze."""
-    require("redis")  # the project's services installed it
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
-    try:
+class OwnRedis:
+    """A Redis server of one test's own (real, on loopback), which it may stop, start again
+    on the same port, or freeze."""
+
+    def __init__(self, data: Path) -> None:
+        require("redis")  # the project's services installed it
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.data = data
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.proc = subprocess.Popen([self.binary, *args], cwd=self.data, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0", proc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    redis = OwnRedis(tmp_path)
+    redis.start()
+    try:
+        yield redis
     finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        proc.wait()
+        redis.stop()
 
 
 async def test_a_frozen_redis_does_not_hold_up_the_edges_requests(
-    tmp_path: Path, frozen_redis: tuple[str, subprocess.Popen[bytes]]
+    tmp_path: Path, own_redis: OwnRedis
 ) -> None:
     """Redis stops answering (frozen, or its host gone): a rate-limit check gives up after
     `LIMIT_WAIT_S` and lets its request through, and so do the checks of the pause after it,
     instead of each request waiting out the Redis client's timeouts (5 s or more each)."""
-    url, redis_proc = frozen_redis
-    c = Cluster(tmp_path, redis_url=url)
+    c = Cluster(tmp_path, redis_url=own_redis.url)
     try:
         edge = c.edge()
         tenant = c.origins[0].create_tenant(plan="free")  # rate-limited: checks Redis
         carol = tenant.user("carol")
         async with _peer(edge, carol.token) as p:
             await p.ok("ping")
-            redis_proc.send_signal(signal.SIGSTOP)
+            own_redis.freeze()
             with trio.fail_after(3):  # the first waits 0.5 s, the next ones not at all
                 for _ in range(3):
                     await p.ok("ping")
     finally:
-        redis_proc.send_signal(signal.SIGCONT)
+        own_redis.stop()
+        c.stop()
+
+
+async def test_a_room_followed_while_redis_was_down_is_followed_once_it_is_back(
+    tmp_path: Path, own_redis: OwnRedis
+) -> None:
+    """An edge follows a room's Redis channel (typing from other edges) when a client
+    subscribes. A follow that failed while Redis was down is tried again at the next
+    subscribe, though the room's hub lives on: typing crosses the edges again."""
+    c = Cluster(tmp_path, redis_url=own_redis.url)
+    try:
+        e1, e2 = c.edge(), c.edge()
+        tenant = c.origins[0].create_tenant()
+        alice, bob = tenant.user("alice"), tenant.user("bob")
+        async with _peer(e1, alice.token) as a, _peer(e2, bob.token) as b:
+            room = (await a.ok("room.create", name="t", kind="chat", members=[bob.id]))["room"]
+            room_id = room["id"]
+            with trio.fail_after(5):
+                while not any(r["id"] == room_id for r in (await b.ok("rooms"))["rooms"]):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            own_redis.stop()
+            await b.ok("subscribe", room=room_id, after=0)  # its follow fails
+            own_redis.start()
+            await a.ok("subscribe", room=room_id, after=0)
+            with trio.fail_after(20):
+                while True:
+                    await b.ok("subscribe", room=room_id, after=0)
+                    await a.ok("typing", room=room_id)
+                    with trio.move_on_after(0.5):
+                        if (await b.event("typing"))["user"] == alice.id:
+                            break
+    finally:
+        own_redis.stop()
         c.stop()
