@@ -22,6 +22,7 @@ from node.errors import (
     INVALID,
     QUOTA_EXCEEDED,
     UNAUTHORIZED,
+    UNAVAILABLE,
     GB6Error,
     invalid,
     not_found,
@@ -62,6 +63,9 @@ class AppendCounts:
     appended: int = 0  # new events, committed
     repeats: int = 0  # resends answered with their original event
     refused: int = 0  # ops the store answered with an error (its checks, or a failure)
+
+
+_REPEAT_LOOKUPS = 16  # sends over the daily quota looked up at once (see `_look_for_repeat`)
 
 
 class OriginShard:
@@ -128,12 +132,17 @@ class OriginShard:
         # The audit log (origin/audit_log.py): security events from here, admin actions from
         # the admin API; quota events and instance status changes through listeners.
         self.audit: AuditLog = open_audit(config)
+        self._repeat_lookups = 0  # running (see `_look_for_repeat`)
+        self._repeats_done = trio.Event()
+        self._repeats_done.set()
+        self._tasks: trio.Nursery  # `run`'s, once it runs
         self.audit.org_of = lambda i: x.org if (x := self.instances.get(i)) else None
         self.quotas.listeners.append(self.audit.quota_event)
         self.tenancy_listeners.append(self._audit_tenancy)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._tasks = nursery
             await nursery.start(self.store.run)
             await nursery.start(self.audit.run)
             await nursery.start(self.billing.run)  # after the store: it reads the store's log
@@ -151,6 +160,7 @@ class OriginShard:
 
     async def drain(self) -> None:
         """Wait until every accepted write is durable and answered."""
+        await self._repeats_done.wait()
         await self.store.wait_idle()
         await self.audit.wait_idle()
 
@@ -422,7 +432,7 @@ class OriginShard:
             try:
                 self.quotas.take(who.instance.id, "messages")
             except GB6Error as refused:
-                await self._repeat_over_quota(item, refused)
+                self._look_for_repeat(item, refused)
                 return
             try:
                 await self.store.submit_append(item)
@@ -432,12 +442,33 @@ class OriginShard:
             return
         await self.store.submit_append(item)
 
-    async def _repeat_over_quota(self, item: AppendItem, refused: GB6Error) -> None:
+    def _look_for_repeat(self, item: AppendItem, refused: GB6Error) -> None:
         """At the daily limit, a repeat of an acknowledged send still gets its original seq
-        (as the store's dedup would answer it): look it up; anything else gets `refused`."""
-        prior = await self.store.event_by_cid(item.room, item.sender, item.cid)
+        (as the store's dedup would answer it): looked up, in a task of its own, and answered
+        through `item.reply`; anything else gets `refused`. The caller must not wait for the
+        store (an edge's link reader appends for every tenant on that edge, in order): at most
+        `_REPEAT_LOOKUPS` at once, the ones past it are `unavailable` (retry)."""
+        if self._repeat_lookups >= _REPEAT_LOOKUPS:
+            item.reply(GB6Error(UNAVAILABLE, "too many sends over the quota at once; retry"))
+            return
+        self._repeat_lookups += 1
+        if self._repeat_lookups == 1:
+            self._repeats_done = trio.Event()
+        self._tasks.start_soon(self._repeat_over_quota, item, refused)
+
+    async def _repeat_over_quota(self, item: AppendItem, refused: GB6Error) -> None:
+        try:
+            prior = await self.store.event_by_cid(item.room, item.sender, item.cid)
+        except GB6Error as exc:
+            item.reply(exc)
+            return
+        finally:
+            self._repeat_lookups -= 1
+            if not self._repeat_lookups:
+                self._repeats_done.set()
         if prior is None:
-            raise refused
+            item.reply(refused)
+            return
         self.counts.repeats += 1
         item.reply(Appended(prior, duplicate=True))
 

@@ -106,7 +106,11 @@ async def test_an_edge_survives_a_push_it_cannot_apply(tmp_path: Path) -> None:
 
 @asynccontextmanager
 async def edge_and_origin(
-    tmp_path: Path, limits: Limits, users: int = 0, extra_origins: tuple[str, ...] = ()
+    tmp_path: Path,
+    limits: Limits,
+    users: int = 0,
+    extra_origins: tuple[str, ...] = (),
+    messages_per_day: int | None = None,
 ) -> AsyncIterator[tuple[Gateway, Node, str]]:
     """An origin and an edge in this process over a real link: the edge's gateway, a node to
     connect to it, and a token of a user of the origin (with `users` more made before the edge
@@ -121,6 +125,8 @@ async def edge_and_origin(
         inst = await t.create_instance(OPERATOR, org.id, "i", None, "unlimited")
         for i in range(users):
             await t.create_user(OPERATOR, inst.id, f"user {i} " + "n" * 100, "member")
+        if messages_per_day is not None:
+            await t.set_quota_override(OPERATOR, inst.id, "messages", messages_per_day)
         edge_cfg = attrs.evolve(
             origin_cfg,
             data_dir=tmp_path / "e",
@@ -318,3 +324,33 @@ async def test_requests_past_the_origins_concurrency_are_refused_not_waited_for(
                     assert (await a.ok("send", room=room, cid="c", body={"text": "hi"}))["seq"]
                 release.set()
             assert errors == ["unavailable"]
+
+
+async def test_a_send_over_the_quota_does_not_hold_up_the_link(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over the daily quota, a send is looked up in the store (a resend of an acknowledged one
+    still gets its seq). The origin appends an edge's ops in order for every tenant on it: the
+    lookup must not hold up the ops behind it (here a reaction of the same client)."""
+    from origin.sqlite_store import SqliteStore
+
+    lookup = SqliteStore.event_by_cid
+
+    async def slow_lookup(self: SqliteStore, room: str, sender: str, cid: str) -> Any:
+        await trio.sleep(3)
+        return await lookup(self, room, sender, cid)
+
+    monkeypatch.setattr(SqliteStore, "event_by_cid", slow_lookup)
+    async with edge_and_origin(tmp_path, Limits(), messages_per_day=1) as (_, node, token):
+        a: Peer
+        async with peer_of(node, token) as a:
+            room = await make_room(a, [])
+            seq = (await a.ok("send", room=room, cid="m1", body={"text": "one"}))["seq"]
+            over = {"op": "send", "id": "over", "room": room, "cid": "m2", "body": {"text": "2"}}
+            await a.send(over)
+            with trio.fail_after(1.5):  # the lookup takes 3 s
+                assert (await a.ok("react", room=room, cid="r1", target=seq, emoji="👍"))["seq"]
+            a.timeout = 10
+            while (reply := await a.recv()).get("re") != "over":
+                pass
+            assert reply["code"] == "quota_exceeded", reply
