@@ -12,8 +12,8 @@ every push queued behind it, and the edge's catch-up reads on from where a page 
 
 Appends are handled inline by the reader (the shard only queues them, so this keeps one edge's
 appends in the order the edge sent them); every other request runs in a task of its own, at
-most `_CONCURRENT` per edge (more are answered `unavailable` at once: the reader never waits
-for them), so a slow history read does not hold up sends.
+most `_CONCURRENT` per edge, with up to `_QUEUED` more waiting (past that, `unavailable` at
+once: the reader never waits for them), so a slow history read does not hold up sends.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from origin.shard import OriginShard
 from origin.sqlite_store import AppendResult
 from replication import link
 
-_CONCURRENT: Final = 64
+_CONCURRENT: Final = 64  # an edge's requests answered at once (tasks of its connection)
+_QUEUED: Final = 10_000  # and waiting for one of them; more are `unavailable`
 _PAGE_BYTES: Final = 1 << 20
 _RECORDING_OPS: Final = frozenset(
     {"usage.charge", "rec.write", "rec.read", "rec.index", "rec.indexed"}
@@ -229,9 +230,11 @@ class LinkServer:
             with peer.cancel:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(peer.run_writer)
-                    limiter = trio.CapacityLimiter(_CONCURRENT)
+                    reads, queued = trio.open_memory_channel[tuple[int, dict[str, Any]]](_QUEUED)
+                    for _ in range(_CONCURRENT):
+                        nursery.start_soon(self._answer_queued, peer, queued)
                     for msg in pending:
-                        await self._request(peer, msg, nursery, limiter)
+                        await self._request(peer, msg, reads)
                     while True:
                         with trio.move_on_after(link.SILENT_S) as waited:
                             data = await stream.receive_some(65536)
@@ -240,7 +243,7 @@ class LinkServer:
                         if not data:
                             break
                         for msg in decoder.feed(data):
-                            await self._request(peer, msg, nursery, limiter)
+                            await self._request(peer, msg, reads)
                     nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError, link.LinkBroken) as group:
             log("link_edge_failed", error=repr(group.exceptions))
@@ -267,8 +270,7 @@ class LinkServer:
         self,
         peer: EdgePeer,
         msg: dict[str, Any],
-        nursery: trio.Nursery,
-        limiter: trio.CapacityLimiter,
+        reads: trio.MemorySendChannel[tuple[int, dict[str, Any]]],
     ) -> None:
         req_id = msg.get("id")
         if msg.get("t") != "req" or not isinstance(req_id, int):
@@ -307,17 +309,19 @@ class LinkServer:
                 peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(exc)})
             return
         try:
-            limiter.acquire_on_behalf_of_nowait(req_id)
+            reads.send_nowait((req_id, msg))
         except trio.WouldBlock:
             # Never wait here: the reader would stop reading this edge's appends and pings.
-            busy = GB6Error(UNAVAILABLE, f"the origin is busy ({_CONCURRENT} requests); retry")
+            busy = GB6Error(UNAVAILABLE, f"the origin is busy ({_QUEUED} requests wait); retry")
             peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(busy)})
-            return
-        nursery.start_soon(self._answer, peer, req_id, msg, limiter)
 
-    async def _answer(
-        self, peer: EdgePeer, req_id: int, msg: dict[str, Any], limiter: trio.CapacityLimiter
+    async def _answer_queued(
+        self, peer: EdgePeer, queued: trio.MemoryReceiveChannel[tuple[int, dict[str, Any]]]
     ) -> None:
+        async for req_id, msg in queued:
+            await self._answer(peer, req_id, msg)
+
+    async def _answer(self, peer: EdgePeer, req_id: int, msg: dict[str, Any]) -> None:
         try:
             ok = await self._handle(msg)
         except GB6Error as exc:
@@ -329,8 +333,6 @@ class LinkServer:
             )
         else:
             await peer.send_answer({"t": "res", "id": req_id, "ok": ok})
-        finally:
-            limiter.release_on_behalf_of(req_id)
 
     def _slots(self, peer: EdgePeer, op: str, msg: dict[str, Any]) -> None:
         """Concurrent quotas of this shard's instances, counted across every edge:

@@ -283,14 +283,17 @@ async def test_a_token_of_a_shard_not_reached_yet_is_unavailable_not_unauthorize
             assert await make_room(a, [])
 
 
-async def test_requests_past_the_origins_concurrency_are_refused_not_waited_for(
+async def test_requests_past_the_origins_queue_are_refused_not_waited_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The origin runs at most `_CONCURRENT` of an edge's reads at once. One more is answered
-    `unavailable` at once: the origin's reader of that edge must not wait for a slot, or every
-    send through the edge (and the link's pings) would wait behind the slow reads."""
+    """The origin answers `_CONCURRENT` of an edge's reads at once and queues `_QUEUED` more
+    (here 2 and 1). One past those is answered `unavailable` at once: the origin's reader of
+    that edge must not wait, or every send through the edge (and the link's pings) would wait
+    behind the slow reads. The queued one is answered in its turn."""
     from replication import origin_link
 
+    monkeypatch.setattr(origin_link, "_CONCURRENT", 2)
+    monkeypatch.setattr(origin_link, "_QUEUED", 1)
     release = trio.Event()
 
     async def slow_search(self: OriginShard, who: Any, query: str, room: str | None) -> list[Any]:
@@ -307,23 +310,24 @@ async def test_requests_past_the_origins_concurrency_are_refused_not_waited_for(
             ann = next(u for u in remote.state.users.values() if u.name == "ann")
             who = remote.state.principal(ann.id)
             assert who is not None
-            errors: list[str] = []
+            outcomes: list[str] = []
 
             async def search() -> None:
                 try:
                     await remote.search(who, "word", None)
+                    outcomes.append("ok")
                 except GB6Error as exc:
-                    errors.append(exc.code)
+                    outcomes.append(exc.code)
 
             async with trio.open_nursery() as nursery:
-                for _ in range(origin_link._CONCURRENT + 1):
+                for _ in range(4):
                     nursery.start_soon(search)
                 with trio.fail_after(5):
-                    while not errors:  # noqa: ASYNC110 - the refusal comes over the link
+                    while not outcomes:  # noqa: ASYNC110 - the refusal comes over the link
                         await trio.sleep(0.01)
                     assert (await a.ok("send", room=room, cid="c", body={"text": "hi"}))["seq"]
                 release.set()
-            assert errors == ["unavailable"]
+            assert sorted(outcomes) == ["ok", "ok", "ok", "unavailable"]
 
 
 async def test_a_send_over_the_quota_does_not_hold_up_the_link(
