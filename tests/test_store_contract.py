@@ -636,14 +636,20 @@ async def test_appends_queued_when_the_store_stops_are_committed(backend: Backen
 # --- PostgreSQL only ------------------------------------------------------------------------
 
 
+async def _two_started(backend: Backend, nursery: trio.Nursery) -> list[RelationalStore]:
+    """Two stores of `backend` started at once, as two processes starting together."""
+    stores = [backend.make(Recorder()) for _ in range(2)]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as starting:
+            for s in stores:
+                starting.start_soon(nursery.start, s.run)
+    return stores
+
+
 async def test_pg_two_stores_starting_at_once_migrate_once(pg_backend: Backend) -> None:
     """Two processes starting on one fresh schema: both serve, the migrations ran once."""
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        stores = [pg_backend.make(Recorder()) for _ in range(2)]
-        with trio.fail_after(20):
-            async with trio.open_nursery() as starting:
-                for s in stores:
-                    starting.start_soon(nursery.start, s.run)
+        stores = await _two_started(pg_backend, nursery)
         t = await tenant(stores[0])
         assert (await stores[1].load_tenancy())[1][0].id == t.instance
         rows = await _pg(
@@ -694,11 +700,7 @@ async def test_pg_a_migration_may_take_longer_than_a_statement(
     monkeypatch.setattr(pg_store, "_COMMAND_TIMEOUT_S", 0.5)
     monkeypatch.setattr(pg_schema, "_MIGRATIONS", [*pg_schema._MIGRATIONS, "SELECT pg_sleep(1.5)"])
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        stores = [pg_backend.make(Recorder()) for _ in range(2)]
-        with trio.fail_after(20):
-            async with trio.open_nursery() as starting:
-                for s in stores:
-                    starting.start_soon(nursery.start, s.run)
+        await _two_started(pg_backend, nursery)
         rows = await _pg(
             pg_backend.dsn, f'SELECT version FROM "{pg_backend.schema}".schema_version'
         )
