@@ -19,6 +19,7 @@ import trio
 
 from node.config import Config
 from node.errors import (
+    INTERNAL,
     INVALID,
     QUOTA_EXCEEDED,
     UNAUTHORIZED,
@@ -461,6 +462,10 @@ class OriginShard:
             prior = await self.store.event_by_cid(item.room, item.sender, item.cid)
         except GB6Error as exc:
             item.reply(exc)
+            return
+        except Exception as exc:  # a bug: answered and logged, not the end of the shard
+            log("repeat_lookup_failed", room=item.room, error=repr(exc))
+            item.reply(GB6Error(INTERNAL, "internal error"))
             return
         finally:
             self._repeat_lookups -= 1
