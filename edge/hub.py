@@ -213,8 +213,8 @@ class Hubs:
             # waits for room below `high_water` and writes at most what fits under it, so that
             # together they never pass the outbox's bound (which closes the client with 4008).
             await sub.outbox.wait_below(high_water)
-            room = max(1, high_water - sub.outbox.queued_bytes)
-            cached = hub.cached_after(delivered, room)
+            space = max(1, high_water - sub.outbox.queued_bytes)
+            cached = hub.cached_after(delivered, space)
             if cached is not None:
                 blob, last = cached
                 if blob:

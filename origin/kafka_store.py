@@ -310,19 +310,16 @@ class KafkaStore:
             self._restarted = trio.Event()
             pause = first_pause
             while rooms := self._seq.unpersisted.behind():
+                none: frozenset[Any] = frozenset()
                 try:
-                    heads = await self._call(self._heads, "reading the rooms' heads", rooms)
+                    found = await self._lookup(Needs(none, frozenset(rooms), none, none))
                 except GB6Error as exc:
                     log("persister_heads_failed", rooms=len(rooms), error=exc.message)
                     await trio.sleep(pause)
                     pause = min(2 * pause, most_pause)
                     continue
-                self._persisted(heads)
+                self._persisted(found.heads)
                 break
-
-    async def _heads(self, rooms: list[str]) -> dict[str, int]:
-        async with self._pool.acquire() as c:
-            return {r[0]: int(r[1]) for r in await c.fetch(HEADS, rooms)}
 
     def metrics(self) -> list[Metric]:
         """This store's part of `/metrics`."""
