@@ -57,6 +57,7 @@ class MembershipChange:
     room: str
     added: tuple[str, ...]
     removed: tuple[str, ...]
+    created: bool = False  # the room is new: `added` is every member
 
 
 @attrs.define

@@ -314,7 +314,7 @@ class OriginShard:
             await self.store.create_room(rec, users)
         state = RoomState(rec, 0, dict.fromkeys(users, 0))
         self.state.add_room(state)
-        self._members_changed(MembershipChange(rec.id, tuple(users), ()))
+        self._members_changed(MembershipChange(rec.id, tuple(users), (), created=True))
         return state
 
     async def join(self, who: Principal, room_id: str) -> RoomState:

@@ -185,6 +185,22 @@ class ShardLink:
         after = set(room.members)
         return MembershipChange(rid, tuple(sorted(after - before)), tuple(sorted(before - after)))
 
+    def _change_members(
+        self, rid: str, added: dict[str, int], removed: list[str]
+    ) -> MembershipChange:
+        """Apply a membership change of a room the replica holds (the origin pushed the room
+        before its changes: a change of another is a broken link, which loads a snapshot)."""
+        room = self.remote.state.rooms.get(rid)
+        if room is None or rid not in self._rooms:
+            raise link.LinkBroken(f"a membership change of room {rid!r}, which is not loaded")
+        new = [u for u in added if u not in room.members]
+        gone = [u for u in removed if u in room.members]
+        self.remote.state.remove_members(rid, gone)
+        self.remote.state.add_members(rid, new)
+        for u in new:
+            room.members[u] = added[u]
+        return MembershipChange(rid, tuple(new), tuple(gone))
+
     def _on_push(self, msg: dict[str, Any]) -> None:
         remote = self.remote
         kind = msg["t"]
@@ -210,6 +226,11 @@ class ShardLink:
                     ack(outcome.Value({"seq": seq, "ts": ts}))
         elif kind == "room":
             change = self._set_room(link.room_from_wire(msg["room"]))
+            if change.added or change.removed:
+                for member_listener in remote.member_listeners:
+                    member_listener(change)
+        elif kind == "members":
+            change = self._change_members(msg["room"], msg["added"], msg["removed"])
             if change.added or change.removed:
                 for member_listener in remote.member_listeners:
                     member_listener(change)

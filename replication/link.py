@@ -27,8 +27,10 @@ Conversation:
   the edge decodes it (a frame per answer and an event per answer cost ~10 % of an origin's
   CPU). The edge handles `acks` after the frame's events, as it would `res` frames after the
   batch. A repeat (`duplicate`) or a refusal is answered with `res` as before. `room` {room}
-  (a room's whole state, after a membership change); `read` {room, user, seq}; `instance`,
-  `user` (tenancy records created on the shard).
+  (a new room's whole state); `members` {room, added: {user: read seq}, removed: [user]} (a
+  membership change of a room pushed before: never the whole member map, which is up to
+  `members_per_room` entries); `read` {room, user, seq}; `instance`, `user` (tenancy records
+  created on the shard).
 - Liveness: the edge sends a `ping` request every `PING_S`, which the origin answers; each end
   drops a link on which it received nothing for `SILENT_S` (a peer frozen, or whose host went
   away without closing the connection), which frees what the other end held for it.

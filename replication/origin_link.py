@@ -174,7 +174,13 @@ class LinkServer:
         state = self.shard.rooms.get(change.room)
         if state is None:
             return
-        msg = {"t": "room", "room": link.room_to_wire(state)}
+        msg: dict[str, Any]
+        if change.created:
+            msg = {"t": "room", "room": link.room_to_wire(state)}
+        else:  # what changed only: a room's whole member map is up to megabytes, per edge
+            added = {u: state.members[u] for u in change.added if u in state.members}
+            msg = {"t": "members", "room": change.room, "added": added}
+            msg["removed"] = list(change.removed)
         for peer in self.peers:
             peer.send(msg)
 

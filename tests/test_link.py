@@ -185,6 +185,34 @@ async def test_a_snapshot_larger_than_the_link_buffer_loads(
         assert sum(1 for n in names if n.startswith("user ")) == 500
 
 
+async def test_a_membership_change_reaches_the_edge_as_the_change_not_the_room(
+    tmp_path: Path,
+) -> None:
+    """A room's member map is up to `members_per_room` entries. Each change reaches every edge
+    as what changed: here the room outgrows the link's buffer while each change fits in it,
+    and the edge is never cut off (which would close every client of the shard on it)."""
+    limits = Limits(link_buffer_bytes=16 << 10)
+    async with edge_and_origin(tmp_path, limits, users=600) as (gateway, node, token):
+        replica = gateway.origin
+        shard_link = replica.links[0]
+        generation = shard_link.generation
+        others = sorted(u.id for u in replica.state.users.values() if u.name.startswith("user "))
+        a: Peer
+        async with peer_of(node, token) as a:
+            room = await make_room(a, [])
+            for i in range(0, 600, 200):
+                await a.ok("room.add", room=room, users=others[i : i + 200])
+            await a.ok("room.remove", room=room, users=others[:10])
+            await a.ok("room.add", room=room, users=others[:2])
+            # The link keeps order: each change was applied before its answer arrived.
+            members = replica.state.rooms[room].members
+            assert len(members) == 1 + 592
+            assert set(others[:2]) | set(others[10:]) <= set(members)
+            assert all(room in replica.state.user_rooms[u] for u in others[:2])
+            assert not any(room in replica.state.user_rooms.get(u, ()) for u in others[2:10])
+        assert shard_link.connected and shard_link.generation == generation
+
+
 async def test_large_answers_wait_for_the_link_and_do_not_cut_the_edge_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
