@@ -143,6 +143,8 @@ class Gateway:
         if shared is not None:
             shared.on_typing = self._typing_from_elsewhere
             shared.on_presence = self._deliver_presence
+            shared.rooms_in_use = self._rooms_in_use
+            shared.instances_in_use = self._instances_in_use
         self._nursery: trio.Nursery | None = None
         self.cork = Cork()
         origin.publish_context = lambda: self.cork
@@ -173,6 +175,18 @@ class Gateway:
         self.hubs.on_evict = origin.unwatch
         if isinstance(origin, RemoteOrigin):
             origin.lost_listeners.append(self._on_origin_lost)
+
+    def _rooms_in_use(self) -> list[str]:
+        return [room for room, hub in self.hubs.hubs.items() if not hub.idle]
+
+    def _instances_in_use(self) -> set[str]:
+        out = set()
+        for conns in self.by_user.values():
+            for conn in conns:
+                assert conn.principal is not None  # set before the connection joins by_user
+                out.add(conn.principal.instance.id)
+                break
+        return out
 
     # --- serving -------------------------------------------------------------------------
 

@@ -6,6 +6,10 @@ once a client of this edge subscribes to the room) and an instance's (presence, 
 user of the instance says hello here). Signals carry the publishing edge's id, so an edge skips
 its own. Presence across edges: a user goes offline only when their last session on ANY edge
 ends (the session registry answers), and comes online only when their first one starts.
+Every `SWEEP_S` an edge stops following the channels of rooms none of its clients subscribes to
+and of instances none of its users is connected to, but for those followed again since the
+sweep before (a subscribe between its follow and its hub): at most `_MAX_FOLLOWED` are followed
+at once, and unused ones would crowd out new ones.
 
 Ephemeral by design (DESIGN §3): a signal the bus drops is lost; nothing here is persisted.
 Presence is state, though: an edge killed with kill -9 (or a dropped "offline") says nothing,
@@ -16,7 +20,7 @@ within the registry's ttl). At most `_MAX_SHOWN` such users per edge are swept.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 import orjson
@@ -30,6 +34,7 @@ from node.ratelimit import RateLimiter
 _MAX_FOLLOWED: Final = 10_000  # channels per edge; past it, signals of new ones stay local
 SWEEP_S: Final = 10.0
 _MAX_SHOWN: Final = 100_000
+_UNFOLLOW_CHUNK: Final = 1000  # channels per unsubscribe command
 
 
 def instance_channel(instance: str) -> str:
@@ -53,7 +58,12 @@ class SharedSignals:
         self.limiters = limiters  # per plan, shared by every edge (None: each edge its own)
         self.on_typing: Callable[[str, str], None] = lambda room, user: None
         self.on_presence: Callable[[str, str], None] = lambda user, status: None
+        # The rooms and instances this edge's clients need signals of (set by the gateway).
+        self.rooms_in_use: Callable[[], Iterable[str]] = tuple
+        self.instances_in_use: Callable[[], Iterable[str]] = tuple
         self._followed: set[str] = set()
+        self._touched: set[str] = set()  # followed channels asked for since the last sweep
+        self._changing = trio.Lock()  # one follow or unfollow at a time: they keep their order
         # Users other edges said were online or away, as this edge's clients were told, each
         # with the number of the signal that said it last (a sweep's answer predating a newer
         # signal is not used).
@@ -92,6 +102,10 @@ class SharedSignals:
                 await self.sweep()
             except GB6Error as exc:  # the next sweep asks again
                 log("presence_sweep_failed", error=exc.message)
+            try:
+                await self.unfollow_unused()
+            except GB6Error as exc:  # a later follow subscribes again
+                log("shared_unfollow_failed", error=exc.message)
 
     async def sweep(self) -> None:
         """Deliver "offline" for the users shown online whose sessions are all gone."""
@@ -103,18 +117,37 @@ class SharedSignals:
                 if user not in live and self._shown.get(user) == said:
                     self._on_presence(user, "offline")
 
+    async def unfollow_unused(self) -> None:
+        """Stop following the channels no client of this edge needs now, but for those asked
+        for since the last call."""
+        async with self._changing:
+            used = {room_channel(r) for r in self.rooms_in_use()}
+            used.update(instance_channel(i) for i in self.instances_in_use())
+            gone = sorted(self._followed - used - self._touched)
+            self._touched.clear()
+            # Given up before Redis confirms: a later follow subscribes again.
+            self._followed.difference_update(gone)
+            for i in range(0, len(gone), _UNFOLLOW_CHUNK):
+                await self.pubsub.unsubscribe(gone[i : i + _UNFOLLOW_CHUNK])
+
     async def _follow(self, channel: str) -> None:
-        if channel in self._followed or len(self._followed) >= _MAX_FOLLOWED:
+        if channel in self._followed:
+            self._touched.add(channel)
             return
-        self._followed.add(channel)
-        try:
-            await self.pubsub.subscribe([channel])
-        except GB6Error as exc:  # signals of this channel stay on this edge until it works
-            self._followed.discard(channel)
-            log("shared_follow_failed", channel=channel, error=exc.message)
-        except BaseException:  # cancelled (the caller's bound): tried again next time
-            self._followed.discard(channel)
-            raise
+        async with self._changing:  # after an unfollow of it under way, not before
+            if channel in self._followed or len(self._followed) >= _MAX_FOLLOWED:
+                return
+            self._followed.add(channel)
+            try:
+                await self.pubsub.subscribe([channel])
+            except GB6Error as exc:  # signals of this channel stay on this edge until it works
+                self._followed.discard(channel)
+                log("shared_follow_failed", channel=channel, error=exc.message)
+                return
+            except BaseException:  # cancelled (the caller's bound): tried again next time
+                self._followed.discard(channel)
+                raise
+            self._touched.add(channel)
 
     async def follow_room(self, room: str) -> None:
         await self._follow(room_channel(room))

@@ -501,6 +501,47 @@ async def test_presence_shown_from_a_dead_edge_goes_offline(
         assert shown == [("alice", "online"), ("alice", "offline")]  # once
 
 
+async def test_an_edge_stops_following_the_channels_its_clients_left(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edge follows a room's channel while a client of its subscribes to the room, an
+    instance's while a user of the instance is connected to it. The sweep unfollows the others
+    (at most `_MAX_FOLLOWED` are followed: unused ones would crowd out new ones), but not one
+    followed again since the sweep before, whose subscribe may not have made its hub yet."""
+    from edge import shared_signals
+    from edge.shared_signals import SharedSignals
+
+    monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # the test sweeps by hand
+    async with open_harness(where) as h:
+        a_sessions, _ = await h.sessions("edge-a", ttl=TTL)
+        b_sessions, _ = await h.sessions("edge-b", ttl=TTL)
+        a = SharedSignals(await h.pubsub(), a_sessions, "edge-a")
+        b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
+        typed: list[tuple[str, str]] = []
+        b.on_typing = lambda room, user: typed.append((room, user))
+        b.rooms_in_use = lambda: ["r1"]
+        b.instances_in_use = lambda: {"ins_1"}
+        await h.start(a)
+        await h.start(b)
+        for room in ("r1", "r2"):
+            await b.follow_room(room)
+        for instance in ("ins_1", "ins_2"):
+            await b.follow_instance(instance)
+        await b.unfollow_unused()  # each was followed since the sweep before
+        assert b.pubsub.statistics().channels == 4
+        await b.follow_room("r2")  # a subscribe to r2 under way: kept one more sweep
+        await b.unfollow_unused()
+        assert b.pubsub.statistics().channels == 3
+        await b.unfollow_unused()
+        assert b.pubsub.statistics().channels == 2  # r1 and ins_1, in use
+        a.typing("r2", "bob")
+        a.typing("r1", "carol")
+        await eventually(lambda: typed == [("r1", "carol")])
+        await b.follow_room("r2")  # a client subscribes to r2 again
+        a.typing("r2", "bob")
+        await eventually(lambda: typed == [("r1", "carol"), ("r2", "bob")])
+
+
 async def test_redis_commands_run_again_for_lost_scripts_keep_their_first_answers(
     redis_url: str,
 ) -> None:

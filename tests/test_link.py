@@ -16,7 +16,9 @@ import pytest
 import trio
 import trio_asyncio
 
+from edge.bus import LocalBroker, LocalPubSub, LocalSessions, SessionTable
 from edge.gateway import Gateway
+from edge.shared_signals import SharedSignals
 from node.config import Config, Limits
 from node.errors import GB6Error
 from origin.rbac import OPERATOR
@@ -111,10 +113,11 @@ async def edge_and_origin(
     users: int = 0,
     extra_origins: tuple[str, ...] = (),
     messages_per_day: int | None = None,
+    shared: bool = False,
 ) -> AsyncIterator[tuple[Gateway, Node, str]]:
     """An origin and an edge in this process over a real link: the edge's gateway, a node to
     connect to it, and a token of a user of the origin (with `users` more made before the edge
-    connects)."""
+    connects). `shared`: the edge shares typing and presence through an in-process bus."""
     origin_cfg = Config(data_dir=tmp_path / "o", link_port=0, link_secret=SECRET, limits=limits)
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         shard = OriginShard(origin_cfg)
@@ -134,7 +137,15 @@ async def edge_and_origin(
             origins=(f"127.0.0.1:{link_port}", *extra_origins),
         )
         remote = RemoteOrigin(edge_cfg)
-        gateway = Gateway(edge_cfg, remote)
+        signals = None
+        if shared:
+            pubsub = LocalPubSub(LocalBroker())
+            sessions = LocalSessions(SessionTable(), "edge")
+            for component in (pubsub, sessions):
+                await nursery.start(component.run)
+            signals = SharedSignals(pubsub, sessions, "edge")
+            await nursery.start(signals.run)
+        gateway = Gateway(edge_cfg, remote, signals)
         await nursery.start(remote.run)
         assert remote.links[0].connected, "the edge did not load the shard's snapshot"
         ws_port = await nursery.start(gateway.run)
@@ -211,6 +222,34 @@ async def test_a_membership_change_reaches_the_edge_as_the_change_not_the_room(
             assert all(room in replica.state.user_rooms[u] for u in others[:2])
             assert not any(room in replica.state.user_rooms.get(u, ()) for u in others[2:10])
         assert shard_link.connected and shard_link.generation == generation
+
+
+async def test_an_edge_follows_the_channels_of_its_clients_rooms_and_instances_only(
+    tmp_path: Path,
+) -> None:
+    """What the gateway tells the shared signals it uses: the rooms its clients subscribe to
+    and the instances of its connected users. The rest is unfollowed by the second sweep."""
+    async with edge_and_origin(tmp_path, Limits(), shared=True) as (gateway, node, token):
+        assert gateway.shared is not None
+        shared = gateway.shared
+
+        async def sweeps() -> set[str]:
+            for _ in range(2):
+                await shared.unfollow_unused()
+            return set(shared.pubsub.inbox.channels)
+
+        a: Peer
+        async with peer_of(node, token) as a:
+            (instance,) = gateway.origin.state.instances  # the shard's one
+            first, second = await make_room(a, []), await make_room(a, [])
+            for room in (first, second):
+                await a.ok("subscribe", room=room, after=0)
+            await a.ok("unsubscribe", room=first)
+            assert await sweeps() == {f"room:{second}", f"instance:{instance}"}
+        with trio.fail_after(5):
+            while gateway.conns:  # noqa: ASYNC110 (the edge notices the close)
+                await trio.sleep(0.01)
+        assert await sweeps() == set()
 
 
 async def test_large_answers_wait_for_the_link_and_do_not_cut_the_edge_off(
