@@ -8,10 +8,11 @@ the schema: two processes starting at once apply them once (the second waits, th
 version current). `schema_version` holds the number of migrations applied.
 
 Events are partitioned by customer and time: LIST by instance, each instance's partition
-RANGE-partitioned by month of `ts` (UTC). Partitions are made when a batch first needs them, in
-a short transaction of their own (before the batch's), under an advisory lock and with
-`IF NOT EXISTS`, so two writers can race for the same month harmlessly. Names come from an md5
-of the instance id, never from the id itself.
+RANGE-partitioned by month of `ts` (UTC). Partitions are made when a batch first needs them (or
+the month after it, near a month's end), in a short transaction of their own (before the
+batch's), under an advisory lock, so two writers can race for the same month harmlessly; they
+are attached without holding up reads and writes of `events` (see `Partitions`). Names come
+from an md5 of the instance id, never from the id itself.
 
 PostgreSQL requires a partitioned table's unique constraints to hold its partition keys, so
 `events` cannot enforce (room, seq) or (room, sender, cid). The small unpartitioned `event_keys`
@@ -30,7 +31,8 @@ from typing import Any, Final
 from node.errors import invalid
 
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-_LOCK_TIMEOUT: Final = "5s"  # partition DDL waits at most this long behind readers
+_LOCK_TIMEOUT: Final = "5s"  # partition DDL waits at most this long (behind other DDL)
+_AHEAD_MS: Final = 3 * 86_400_000  # next month's partitions are made this long before it
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
     """
@@ -160,7 +162,14 @@ def month_of(ts_ms: int) -> tuple[int, int, int]:
 
 
 class Partitions:
-    """Makes the partitions a batch needs; remembers the ones it knows exist (asyncio side)."""
+    """Makes the partitions a batch needs; remembers the ones it knows exist (asyncio side).
+
+    A partition is made whole, then attached: ATTACH PARTITION takes a SHARE UPDATE EXCLUSIVE
+    lock on its parent, which reads and writes of `events` do not conflict with, where CREATE
+    TABLE … PARTITION OF takes ACCESS EXCLUSIVE, which waits behind every read under way (a long
+    search, say: past `_LOCK_TIMEOUT` the whole batch failed) and holds up every read after it.
+    In the last `_AHEAD_MS` of a month the next month's partitions are made too, so the batches
+    at midnight on the first do not all make them at once."""
 
     def __init__(self, schema: str) -> None:
         self._schema = schema
@@ -169,14 +178,24 @@ class Partitions:
     def forget(self) -> None:
         self._known.clear()
 
+    def _missing(self, instances: set[str], ts_ms: int) -> list[tuple[str, int, int, int]]:
+        """(instance, month key, first ms, first ms of the next month) not known to exist."""
+        months = [month_of(ts_ms)]
+        if months[0][2] - ts_ms <= _AHEAD_MS:
+            months.append(month_of(months[0][2]))
+        return [
+            (i, key, start, end)
+            for key, start, end in months
+            for i in sorted(instances)
+            if (i, key) not in self._known
+        ]
+
     def known(self, instances: set[str], ts_ms: int) -> bool:
         """True when `ensure` has nothing to do for these."""
-        key = month_of(ts_ms)[0]
-        return all((i, key) in self._known for i in instances)
+        return not self._missing(instances, ts_ms)
 
     async def ensure(self, conn: Any, instances: set[str], ts_ms: int) -> None:
-        key, start, end = month_of(ts_ms)
-        missing = sorted(i for i in instances if (i, key) not in self._known)
+        missing = self._missing(instances, ts_ms)
         if not missing:
             return
         async with conn.transaction():
@@ -185,24 +204,32 @@ class Partitions:
                 "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                 f"gb6.partition.{self._schema}",
             )
-            for instance in missing:
+            for instance, key, start, end in missing:
                 parent = "ev_" + hashlib.md5(instance.encode()).hexdigest()
-                child = f"{parent}_{key}"
-                # format() quotes the names and the instance literal for us.
-                ddl = await conn.fetchrow(
-                    "SELECT format('CREATE TABLE IF NOT EXISTS %I.%I PARTITION OF %I.events"
-                    " FOR VALUES IN (%L) PARTITION BY RANGE (ts)', $1::text, $2::text,"
-                    " $1::text, $3::text),"
-                    " format('CREATE TABLE IF NOT EXISTS %I.%I PARTITION OF %I.%I"
-                    " FOR VALUES FROM (%s) TO (%s)', $1::text, $4::text, $1::text, $2::text,"
-                    " $5::bigint, $6::bigint)",
-                    self._schema,
-                    parent,
-                    instance,
-                    child,
-                    start,
-                    end,
+                values = await conn.fetchval(
+                    "SELECT format('FOR VALUES IN (%L)', $1::text)", instance
                 )
-                await conn.execute(ddl[0])
-                await conn.execute(ddl[1])
-        self._known.update((i, key) for i in missing)
+                await self._make(conn, "events", parent, "PARTITION BY RANGE (ts)", values)
+                values = f"FOR VALUES FROM ({int(start)}) TO ({int(end)})"
+                await self._make(conn, parent, f"{parent}_{key}", "", values)
+        self._known.update((i, key) for i, key, _, _ in missing)
+
+    async def _make(self, conn: Any, parent: str, name: str, by: str, values: str) -> None:
+        """Make table `name` like `parent` and attach it with bounds `values` (SQL), unless it
+        exists: one that exists was attached in the transaction that made it."""
+        schema = self._schema
+        if await conn.fetchval(
+            "SELECT to_regclass(format('%I.%I', $1::text, $2::text))", schema, name
+        ):
+            return
+        create, attach = await conn.fetchrow(  # format() quotes the names for us
+            "SELECT format('CREATE TABLE %I.%I (LIKE %I.%I INCLUDING DEFAULTS"
+            " INCLUDING CONSTRAINTS INCLUDING STORAGE)', $1::text, $2::text, $1::text, $3::text),"
+            " format('ALTER TABLE %I.%I ATTACH PARTITION %I.%I', $1::text, $3::text, $1::text,"
+            " $2::text)",
+            schema,
+            name,
+            parent,
+        )
+        await conn.execute(f"{create} {by}")
+        await conn.execute(f"{attach} {values}")

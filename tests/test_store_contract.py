@@ -774,6 +774,69 @@ async def test_pg_events_live_in_partitions_per_instance_and_month(pg_backend: B
         assert all(name.endswith(f"_{day.year}{day.month:02d}") for name in tables.values())
 
 
+async def test_pg_a_new_instances_first_event_does_not_wait_for_reads_under_way(
+    pg_backend: Backend,
+) -> None:
+    """An instance's first event needs its partitions made. Made while a read of `events` is
+    under way (a long search, say), they do not wait for it: before, the whole batch waited
+    for the read and was refused past the 5 s lock timeout, holding up every read after it."""
+    import asyncpg
+
+    async with serving(pg_backend) as store:
+        t1 = await tenant(store)
+        r1 = await room(store, t1)
+        await append(store, item(r1, t1.alice, "a"))
+        reader = await aio_as_trio(asyncpg.connect)(pg_backend.dsn, timeout=10)
+        try:
+            await aio_as_trio(reader.execute)(
+                f'SET search_path = "{pg_backend.schema}"; BEGIN;'
+                " SELECT count(*) FROM events WHERE body IS NOT NULL"
+            )
+            t2 = await tenant(store)
+            r2 = await room(store, t2)
+            assert (await append(store, item(r2, t2.alice, "b"))).event.seq == 1
+            assert seqs(await store.events_after(r1, 0, 10)) == [1]
+        finally:
+            await aio_as_trio(reader.close)()
+
+
+async def test_pg_next_months_partitions_are_made_in_the_last_days_of_a_month(
+    pg_backend: Backend,
+) -> None:
+    """So that the first events of a month do not all wait for partitions at midnight."""
+    import asyncpg
+
+    from origin.pg_schema import Partitions, month_of
+
+    async with serving(pg_backend):  # migrated
+        pass
+    _, start, end = month_of(now_ms())
+    async with trio_asyncio.open_loop():
+        conn = await aio_as_trio(asyncpg.connect)(pg_backend.dsn, timeout=10)
+        try:
+            await aio_as_trio(conn.execute)(f'SET search_path = "{pg_backend.schema}"')
+            partitions = Partitions(pg_backend.schema)
+            for instance, ts in (("ins_mid", start + (end - start) // 2), ("ins_end", end - 1)):
+                await aio_as_trio(partitions.ensure)(conn, {instance}, ts)
+
+            async def routed(instance: str, ts: int) -> bool:
+                try:
+                    await aio_as_trio(conn.execute)(
+                        "INSERT INTO events(instance, room, seq, ts, type, sender, cid)"
+                        f" VALUES ('{instance}', 'r', 1, {ts}, 'message', 'u', 'c')"
+                    )
+                except asyncpg.exceptions.CheckViolationError:  # no partition holds the row
+                    return False
+                return True
+
+            assert await routed("ins_mid", end - 1)
+            assert not await routed("ins_mid", end)  # made in the month's last days
+            assert await routed("ins_end", end)
+            assert not await routed("ins_end", month_of(end)[2])  # one month ahead, no more
+        finally:
+            await aio_as_trio(conn.close)()
+
+
 async def test_pg_failed_transaction_skips_and_reuses_no_seq(pg_backend: Backend) -> None:
     """A batch whose transaction fails is refused whole (`unavailable`), and the next batch
     takes the seqs it would have had: none skipped, none reused."""
