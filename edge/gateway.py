@@ -814,11 +814,13 @@ class Gateway:
             and (u == who.id or not mine.isdisjoint(state.user_rooms.get(u, ())))
         ]
         elsewhere: set[str] = set()
-        if self.shared is not None:
+        not_here = [u for u in visible if u not in self.by_user]
+        if self.shared is not None and not_here:
             try:
-                elsewhere = set(await self.shared.sessions.locate(visible))
-            except GB6Error as exc:
+                elsewhere = set(await self.shared.sessions.locate(not_here))
+            except GB6Error as exc:  # not "offline": they may be on another edge
                 log("presence_lookup_failed", error=exc.message)
+                raise GB6Error(UNAVAILABLE, "presence on other edges is unavailable") from exc
         out = {}
         for u in visible:
             if u in self.by_user or u in elsewhere:
@@ -865,6 +867,8 @@ class Gateway:
             gone = await self.shared.session_closed(who.id, session or "")
         except GB6Error as exc:
             log("session_close_failed", user=who.id, error=exc.message)
+            if who.id not in self.by_user:  # "offline" once the registry answers
+                self.shared.recheck(who.id)
             return
         if gone and who.id not in self.by_user:
             self._presence_changed(who, "offline")

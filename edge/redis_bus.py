@@ -35,6 +35,7 @@ resubscribes: signals in between are lost, which ephemeral signals may be.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import secrets
 from collections.abc import (
@@ -47,7 +48,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import attrs
 import redis.asyncio as aioredis
@@ -374,6 +375,10 @@ return out
 _SESSION_SCRIPTS = (_ADD, _REMOVE, _LOCATE)
 
 
+_STRAY_PER_BEAT: Final = 1000  # stray sessions removed per heartbeat
+_MAX_STRAY: Final = 100_000
+
+
 @attrs.frozen
 class _SessionOp:
     kind: str  # "add" | "remove" | "beat"
@@ -390,7 +395,9 @@ class RedisSessions:
     had lapsed (Redis restarted, or the edge was cut off longer than `ttl`), it writes this
     edge's sessions again. When `run()` ends nothing is deleted: the sessions lapse after
     `ttl`, exactly as a killed edge's do. Writes go through one ordered queue, so a heartbeat
-    never revives a session removed before it.
+    never revives a session removed before it. A session whose removal failed, or whose add
+    failed or was cancelled once it may have been written, is removed by the heartbeats after
+    it: while this edge lives it would otherwise stay, a ghost that keeps its user online.
     """
 
     def __init__(
@@ -415,6 +422,8 @@ class RedisSessions:
         self._user_ttl_ms = 3 * self._ttl_ms
         self._incarnation = ""
         self._held: dict[str, set[str]] = {}  # user → sessions this incarnation holds
+        # (user, session) this incarnation may have written and must remove (an ordered set).
+        self._stray: dict[tuple[str, str], None] = {}
         self._writer: _Batcher[_SessionOp, bool] = _Batcher(
             self._write_batch, queue=queue, max_batch=max_batch, what="session registry"
         )
@@ -429,6 +438,7 @@ class RedisSessions:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._incarnation = new_incarnation(self.edge)
         self._held = {}
+        self._stray = {}  # the last incarnation's lapse with it
         async with trio.open_nursery() as nursery:
             await nursery.start(self._writer.run)
             await self._writer.call(_SessionOp("beat"))  # alive before the first add
@@ -443,7 +453,15 @@ class RedisSessions:
     async def add(self, user: str, session: str) -> None:
         check_name("user", user)
         check_name("session", session)
-        if not await self._writer.call(_SessionOp("add", user, session)):
+        # Not given up once queued (the writer's Redis calls are bounded): an add cancelled
+        # while queued would be written after a removal sent in its place.
+        with trio.CancelScope(shield=True):
+            try:
+                added = await self._writer.call(_SessionOp("add", user, session))
+            except GB6Error:  # it may have been written all the same
+                self._remove_later(user, session)
+                raise
+        if not added:
             raise GB6Error(
                 QUOTA_EXCEEDED,
                 f"too many sessions for one user (limit {self.max_sessions_per_user})",
@@ -459,7 +477,17 @@ class RedisSessions:
             held.discard(session)
             if not held:
                 del self._held[user]
-        await self._writer.call(_SessionOp("remove", user, session))
+        try:
+            await self._writer.call(_SessionOp("remove", user, session))
+        except GB6Error:
+            self._remove_later(user, session)
+            raise
+
+    def _remove_later(self, user: str, session: str) -> None:
+        stray = self._stray
+        stray[user, session] = None
+        if len(stray) > _MAX_STRAY:  # Redis down for long: the oldest lapse with the edge
+            del stray[next(iter(stray))]
 
     async def locate(self, users: Collection[str]) -> dict[str, dict[str, str]]:
         wanted = check_users(users)
@@ -488,6 +516,9 @@ class RedisSessions:
 
     async def _write_batch(self, ops: list[_SessionOp]) -> list[bool]:
         inc = self._incarnation
+        # Strays (their ops' batches done: each is removed after what wrote it) go with beats.
+        beat = any(op.kind == "beat" for op in ops)
+        stray = list(itertools.islice(self._stray, _STRAY_PER_BEAT)) if beat else []
         # Where each op's (first) result is: a heartbeat also queues one PEXPIRE per held user,
         # and `_held` may change while the pipeline is out, so positions are noted as built.
         at: list[int] = []
@@ -517,6 +548,8 @@ class RedisSessions:
                         pipe.pexpire(self._user_key(user), self._user_ttl_ms)
                         n += 1
                 n += 1
+            for user, session in stray:  # last: after the ops of this batch
+                pipe.evalsha(_REMOVE.sha, 1, self._user_key(user), session, inc)
 
         with _translated("session write"):
             results = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
@@ -525,6 +558,8 @@ class RedisSessions:
             )
             if lapsed and self._held:
                 await aio_as_trio(self._rewrite_held)()
+        for pair in stray:
+            self._stray.pop(pair, None)
         return [op.kind != "add" or results[i] == 1 for op, i in zip(ops, at, strict=True)]
 
     async def _rewrite_held(self) -> None:

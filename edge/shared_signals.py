@@ -88,12 +88,19 @@ class SharedSignals:
                     log("shared_signal_bad", channel=signal.channel, error=repr(exc))
 
     def _on_presence(self, user: str, status: str) -> None:
-        self._signals += 1
         if status == "offline":
             self._shown.pop(user, None)
-        elif user in self._shown or len(self._shown) < _MAX_SHOWN:
-            self._shown[user] = self._signals
+        else:
+            self.recheck(user)
         self.on_presence(user, status)
+
+    def recheck(self, user: str) -> None:
+        """Have the sweeps deliver "offline" for `user` once no live session of theirs is left
+        (shown online by another edge, or their last session here closed while the registry
+        did not answer)."""
+        self._signals += 1
+        if user in self._shown or len(self._shown) < _MAX_SHOWN:
+            self._shown[user] = self._signals
 
     async def _sweep_forever(self) -> None:
         while True:

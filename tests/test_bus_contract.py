@@ -13,6 +13,7 @@ import inspect
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -540,6 +541,40 @@ async def test_an_edge_stops_following_the_channels_its_clients_left(
         await b.follow_room("r2")  # a client subscribes to r2 again
         a.typing("r2", "bob")
         await eventually(lambda: typed == [("r1", "carol"), ("r2", "bob")])
+
+
+async def test_redis_a_session_whose_removal_failed_is_removed_by_the_heartbeats(
+    tmp_path: Path,
+) -> None:
+    """Redis is down as a session closes: its removal fails. Redis comes back with the session
+    (from its snapshot), the edge lives on, and the user has another session, which keeps the
+    user's key alive: the closed session would stay for good, a ghost session keeping the user
+    online. The edge's heartbeats remove it once Redis answers."""
+    from tests.test_cluster import OwnRedis
+
+    redis = OwnRedis(tmp_path)
+    redis.start()
+    try:
+        async with open_harness(redis.url) as h:
+            sessions, _ = await h.sessions("edge-a", ttl=TTL)
+            for session in ("ses_1", "ses_2"):
+                await sessions.add("alice", session)
+            await aio_as_trio(h.admin.save)()
+            redis.stop()
+            with pytest.raises(GB6Error) as err:
+                await sessions.remove("alice", "ses_1")
+            assert err.value.code == UNAVAILABLE
+            redis.start()
+
+            async def only_the_live_one() -> bool:
+                try:
+                    return await sessions.locate(["alice"]) == {"alice": {"ses_2": "edge-a"}}
+                except GB6Error:  # reconnecting
+                    return False
+
+            await eventually(only_the_live_one, 10 * TTL)
+    finally:
+        redis.stop()
 
 
 async def test_redis_commands_run_again_for_lost_scripts_keep_their_first_answers(

@@ -25,6 +25,7 @@ import pytest
 import trio
 from services import require
 
+from edge.shared_signals import SWEEP_S
 from node.client import Client
 from tests.conftest import Node, Tenant, connect
 
@@ -703,6 +704,45 @@ async def test_a_frozen_redis_does_not_hold_up_the_edges_requests(
             with trio.fail_after(3):  # the first waits 0.5 s, the next ones not at all
                 for _ in range(3):
                     await p.ok("ping")
+    finally:
+        own_redis.stop()
+        c.stop()
+
+
+async def test_presence_while_redis_is_down_is_unavailable_not_offline(
+    tmp_path: Path, own_redis: OwnRedis
+) -> None:
+    """Without Redis an edge cannot know who is connected elsewhere: asked for a user not
+    connected to it, it says `unavailable`, not `offline`. A user whose last session closes
+    meanwhile is told `offline` to their roommates once Redis answers again (the next sweep)."""
+    c = Cluster(tmp_path, redis_url=own_redis.url)
+    try:
+        edge = c.edge()
+        tenant = c.origins[0].create_tenant()
+        alice, bob = tenant.user("alice"), tenant.user("bob")
+        async with _peer(edge, bob.token) as b:
+            await b.ok("room.create", name="t", kind="chat", members=[alice.id])
+            async with _peer(edge, alice.token) as a:
+                ev = await b.event("presence")
+                assert (ev["user"], ev["status"]) == (alice.id, "online")
+                own_redis.stop()
+                got = await b.ok("presence.get", users=[alice.id])  # she is on this edge
+                assert got["presence"] == {alice.id: "online"}
+                await a.ws.aclose()
+            with trio.fail_after(10):
+                while True:
+                    reply = await b.request("presence.get", users=[alice.id])
+                    if reply.get("code") == "unavailable":  # her close reached the edge
+                        break
+                    assert reply["presence"] == {alice.id: "online"}, reply
+                    await trio.sleep(0.05)
+            assert not [e for e in b.events if e.get("type") == "presence"]
+            own_redis.start()
+            b.timeout = 3 * SWEEP_S  # the next sweep, once the edge reconnected
+            ev = await b.event("presence")
+            assert (ev["user"], ev["status"]) == (alice.id, "offline")
+            got = await b.ok("presence.get", users=[alice.id])
+            assert got["presence"] == {alice.id: "offline"}
     finally:
         own_redis.stop()
         c.stop()
