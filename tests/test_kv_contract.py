@@ -361,3 +361,41 @@ async def test_postgres_kv_commits_durably_whatever_the_role_default(pg_dsn: str
             nursery.cancel_scope.cancel()
     finally:
         await _drop_schema(pg_dsn, schema)
+
+
+async def test_postgres_kv_a_refused_statement_is_unavailable_not_internal(pg_dsn: str) -> None:
+    """The server cancels a kv statement (a timeout of its, an operator's cancel): the caller
+    may retry, so it is `unavailable`, as a lost connection is, not an `internal` error."""
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    schema = f"gb6_kv_test_{uuid.uuid4().hex[:12]}"
+    try:
+        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+            kv = PostgresKv(pg_dsn, schema=schema)
+            await nursery.start(kv.run)
+            locker = await aio_as_trio(asyncpg.connect)(pg_dsn, timeout=10)
+            try:
+                await aio_as_trio(locker.execute)(
+                    f'BEGIN; LOCK TABLE "{schema}".kv IN ACCESS EXCLUSIVE MODE'
+                )
+
+                async def cancel_the_waiting_put() -> None:
+                    with trio.fail_after(10):
+                        while not await aio_as_trio(locker.fetchval)(  # noqa: ASYNC110 (polls the server)
+                            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+                            " WHERE wait_event_type = 'Lock' AND query LIKE '%kv%'"
+                            " AND pid <> pg_backend_pid()"
+                        ):
+                            await trio.sleep(0.02)
+
+                nursery.start_soon(cancel_the_waiting_put)
+                with pytest.raises(GB6Error) as err:
+                    await kv.put(b"k", b"v")
+                assert err.value.code == UNAVAILABLE, err.value.message
+            finally:
+                await aio_as_trio(locker.close)()
+            assert await kv.get(b"k") is None  # nothing written, and it serves on
+            await kv.put(b"k", b"v")
+            nursery.cancel_scope.cancel()
+    finally:
+        await _drop_schema(pg_dsn, schema)
