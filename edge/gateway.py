@@ -499,6 +499,14 @@ class Gateway:
             with trio.move_on_after(FOLLOW_WAIT_S):  # as a room's (see `_validate_subscribe`)
                 await self.shared.follow_instance(principal.instance.id)
             first = await self.shared.session_opened(principal.id, session)
+        # Meanwhile the instance may have been suspended or the user deleted or changed: the
+        # pushes that said so closed the live connections, not this one.
+        current = self.origin.state.principal(principal.id)
+        if current is None or current.instance.status != "active":
+            if self.shared is not None and self._nursery is not None:
+                self._nursery.start_soon(self._discard_session, principal.id, session)
+            raise GB6Error(UNAUTHORIZED, "the user or instance is no longer active")
+        principal = current
         # No await from here on: `_forget` sees a principal only with its session recorded.
         conn.principal = principal
         conn.session = session
@@ -860,6 +868,14 @@ class Gateway:
                 seen.add(member)
                 for peer in self.by_user.get(member, ()):
                     peer.outbox.write(frame)
+
+    async def _discard_session(self, user: str, session: str) -> None:
+        """Remove a session recorded for a hello refused after all (no presence was said)."""
+        assert self.shared is not None
+        try:
+            await self.shared.sessions.remove(user, session)
+        except GB6Error as exc:  # the registry's heartbeats remove it later
+            log("session_discard_failed", user=user, error=exc.message)
 
     async def _session_closed(self, who: Principal, session: str | None) -> None:
         assert self.shared is not None

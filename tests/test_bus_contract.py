@@ -550,7 +550,7 @@ async def test_redis_a_session_whose_removal_failed_is_removed_by_the_heartbeats
     (from its snapshot), the edge lives on, and the user has another session, which keeps the
     user's key alive: the closed session would stay for good, a ghost session keeping the user
     online. The edge's heartbeats remove it once Redis answers."""
-    from tests.test_cluster import OwnRedis
+    from tests.conftest import OwnRedis
 
     redis = OwnRedis(tmp_path)
     redis.start()

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +22,7 @@ from services import require
 
 from edge.shared_signals import SWEEP_S
 from node.client import Client
-from tests.conftest import Node, Tenant, connect
+from tests.conftest import Node, OwnRedis, Tenant, connect
 
 SECRET = "test-link-secret-0123456789"
 S1_PARTITIONS = 3
@@ -636,55 +631,6 @@ async def _stored_when_persisted(
             if len(stored) >= at_least:
                 return stored
             await trio.sleep(0.05)
-
-
-class OwnRedis:
-    """A Redis server of one test's own (real, on loopback), which it may stop, start again
-    on the same port, or freeze."""
-
-    def __init__(self, data: Path) -> None:
-        require("redis")  # the project's services installed it
-        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.data = data
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen([self.binary, *args], cwd=self.data, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def freeze(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    redis = OwnRedis(tmp_path)
-    redis.start()
-    try:
-        yield redis
-    finally:
-        redis.stop()
 
 
 async def test_a_frozen_redis_does_not_hold_up_the_edges_requests(

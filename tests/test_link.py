@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,16 @@ import pytest
 import trio
 import trio_asyncio
 
-from edge.bus import LocalBroker, LocalPubSub, LocalSessions, SessionTable
+from edge.bus import (
+    LocalBroker,
+    LocalPubSub,
+    LocalSessions,
+    PubSub,
+    SessionRegistry,
+    SessionTable,
+)
 from edge.gateway import Gateway
+from edge.redis_bus import RedisPubSub, RedisSessions, open_redis
 from edge.shared_signals import SharedSignals
 from node.config import Config, Limits
 from node.errors import GB6Error
@@ -26,8 +34,9 @@ from origin.shard import OriginShard
 from replication import link
 from replication.edge_link import RemoteOrigin
 from replication.origin_link import LinkServer
-from tests.conftest import Node, Peer, connect, make_room, refused
+from tests.conftest import Node, OwnRedis, Peer, connect, make_room, refused
 from tests.test_cluster import SECRET, Cluster
+from tests.test_tenancy import CLOSE_UNAUTHORIZED, closed_with
 
 
 def test_frames_round_trip_whatever_the_split() -> None:
@@ -113,13 +122,18 @@ async def edge_and_origin(
     users: int = 0,
     extra_origins: tuple[str, ...] = (),
     messages_per_day: int | None = None,
-    shared: bool = False,
-) -> AsyncIterator[tuple[Gateway, Node, str]]:
+    shared: bool | str = False,
+) -> AsyncIterator[tuple[Gateway, Node, str, OriginShard]]:
     """An origin and an edge in this process over a real link: the edge's gateway, a node to
-    connect to it, and a token of a user of the origin (with `users` more made before the edge
-    connects). `shared`: the edge shares typing and presence through an in-process bus."""
+    connect to it, a token of a user of the origin (with `users` more made before the edge
+    connects), and the origin. `shared`: the edge shares typing and presence through an
+    in-process bus (True) or through the Redis at this URL."""
     origin_cfg = Config(data_dir=tmp_path / "o", link_port=0, link_secret=SECRET, limits=limits)
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+    async with (
+        trio_asyncio.open_loop(),
+        AsyncExitStack() as stack,
+        trio.open_nursery() as nursery,
+    ):
         shard = OriginShard(origin_cfg)
         await nursery.start(shard.run)
         link_port = await nursery.start(LinkServer(origin_cfg, shard, SECRET).run)
@@ -139,8 +153,15 @@ async def edge_and_origin(
         remote = RemoteOrigin(edge_cfg)
         signals = None
         if shared:
-            pubsub = LocalPubSub(LocalBroker())
-            sessions = LocalSessions(SessionTable(), "edge")
+            pubsub: PubSub
+            sessions: SessionRegistry
+            if isinstance(shared, str):
+                client = await stack.enter_async_context(open_redis(shared))
+                pubsub = RedisPubSub(client, prefix="gb6:")
+                sessions = RedisSessions(client, "edge", prefix="gb6:")
+            else:
+                pubsub = LocalPubSub(LocalBroker())
+                sessions = LocalSessions(SessionTable(), "edge")
             for component in (pubsub, sessions):
                 await nursery.start(component.run)
             signals = SharedSignals(pubsub, sessions, "edge")
@@ -155,7 +176,7 @@ async def edge_and_origin(
         token, _ = await t.issue_token(OPERATOR, inst.id, ann.id)
         with trio.fail_after(5):
             await pushed.wait()  # the user reached the edge's replica
-        yield gateway, Node(tmp_path, ws_url=f"ws://127.0.0.1:{ws_port}/v1/ws"), token
+        yield gateway, Node(tmp_path, ws_url=f"ws://127.0.0.1:{ws_port}/v1/ws"), token, shard
         nursery.cancel_scope.cancel()
 
 
@@ -167,7 +188,7 @@ async def test_a_subscribe_refused_after_its_watch_leaves_no_hub_behind(tmp_path
     the rest of a subscribe. One refused after the watch leaves the room's hub idle, to be
     forgotten and unwatched in time, not held and pushed to for good."""
     limits = Limits(idle_room_cache_rooms=0, max_subscriptions=1)
-    async with edge_and_origin(tmp_path, limits) as (gateway, node, token):
+    async with edge_and_origin(tmp_path, limits) as (gateway, node, token, _):
         a: Peer
         async with peer_of(node, token) as a:
             first = await make_room(a, [])
@@ -188,7 +209,7 @@ async def test_a_snapshot_larger_than_the_link_buffer_loads(
 
     monkeypatch.setattr(origin_link, "_PAGE_BYTES", 16_000)
     limits = Limits(link_buffer_bytes=64 << 10)
-    async with edge_and_origin(tmp_path, limits, users=500) as (gateway, node, token):
+    async with edge_and_origin(tmp_path, limits, users=500) as (gateway, node, token, _):
         a: Peer
         async with peer_of(node, token) as a:
             assert await make_room(a, [])
@@ -203,7 +224,7 @@ async def test_a_membership_change_reaches_the_edge_as_the_change_not_the_room(
     as what changed: here the room outgrows the link's buffer while each change fits in it,
     and the edge is never cut off (which would close every client of the shard on it)."""
     limits = Limits(link_buffer_bytes=16 << 10)
-    async with edge_and_origin(tmp_path, limits, users=600) as (gateway, node, token):
+    async with edge_and_origin(tmp_path, limits, users=600) as (gateway, node, token, _):
         replica = gateway.origin
         shard_link = replica.links[0]
         generation = shard_link.generation
@@ -229,7 +250,7 @@ async def test_an_edge_follows_the_channels_of_its_clients_rooms_and_instances_o
 ) -> None:
     """What the gateway tells the shared signals it uses: the rooms its clients subscribe to
     and the instances of its connected users. The rest is unfollowed by the second sweep."""
-    async with edge_and_origin(tmp_path, Limits(), shared=True) as (gateway, node, token):
+    async with edge_and_origin(tmp_path, Limits(), shared=True) as (gateway, node, token, _):
         assert gateway.shared is not None
         shared = gateway.shared
 
@@ -263,7 +284,7 @@ async def test_large_answers_wait_for_the_link_and_do_not_cut_the_edge_off(
     monkeypatch.setattr(origin_link, "_PAGE_BYTES", 50_000)
     text = "x" * 20_000
     limits = Limits(link_buffer_bytes=64 << 10)
-    async with edge_and_origin(tmp_path, limits) as (_, node, token):
+    async with edge_and_origin(tmp_path, limits) as (_, node, token, _):
         a: Peer
         b: Peer
         async with peer_of(node, token) as a, peer_of(node, token) as b:
@@ -341,6 +362,7 @@ async def test_a_token_of_a_shard_not_reached_yet_is_unavailable_not_unauthorize
         _,
         node,
         token,
+        _,
     ):
         a: Peer
         async with peer_of(node) as a:
@@ -368,7 +390,7 @@ async def test_requests_past_the_origins_queue_are_refused_not_waited_for(
         return []
 
     monkeypatch.setattr(OriginShard, "search", slow_search)
-    async with edge_and_origin(tmp_path, Limits()) as (gateway, node, token):
+    async with edge_and_origin(tmp_path, Limits()) as (gateway, node, token, _):
         a: Peer
         async with peer_of(node, token) as a:
             room = await make_room(a, [])
@@ -412,7 +434,7 @@ async def test_a_send_over_the_quota_does_not_hold_up_the_link(
         return await lookup(self, room, sender, cid)
 
     monkeypatch.setattr(SqliteStore, "event_by_cid", slow_lookup)
-    async with edge_and_origin(tmp_path, Limits(), messages_per_day=1) as (_, node, token):
+    async with edge_and_origin(tmp_path, Limits(), messages_per_day=1) as (_, node, token, _):
         a: Peer
         async with peer_of(node, token) as a:
             room = await make_room(a, [])
@@ -425,3 +447,38 @@ async def test_a_send_over_the_quota_does_not_hold_up_the_link(
             while (reply := await a.recv()).get("re") != "over":
                 pass
             assert reply["code"] == "quota_exceeded", reply
+
+
+async def test_a_hello_under_way_as_its_instance_is_suspended_is_refused(
+    tmp_path: Path, own_redis: OwnRedis
+) -> None:
+    """The instance is suspended while a hello waits on Redis (frozen a moment): the push that
+    said so closed the instance's live sockets, and the hello, once through, is refused as
+    well instead of opening one more socket of a suspended instance."""
+    async with edge_and_origin(tmp_path, Limits(), shared=own_redis.url) as (
+        gateway,
+        node,
+        token,
+        shard,
+    ):
+        (instance,) = shard.instances
+        a: Peer
+        b: Peer
+        async with peer_of(node, token) as a, peer_of(node) as b, trio.open_nursery() as nursery:
+            own_redis.freeze()
+            replies: list[dict[str, Any]] = []
+
+            async def say_hello() -> None:
+                replies.append(await b.request("hello", token=token))
+
+            nursery.start_soon(say_hello)
+            await trio.sleep(0.3)  # through the origin's checks, waiting on Redis
+            await shard.tenancy.suspend_instance(OPERATOR, instance)
+            assert await closed_with(a) == CLOSE_UNAUTHORIZED
+            own_redis.thaw()
+        assert replies[0]["code"] == "unauthorized", replies
+        assert gateway.shared is not None
+        (ann,) = [u.id for u in shard.users.values() if u.name == "ann"]
+        with trio.fail_after(5):  # neither socket's session is left in the registry
+            while await gateway.shared.sessions.locate([ann]):  # noqa: ASYNC110
+                await trio.sleep(0.05)
