@@ -102,6 +102,10 @@ class Membership:
             found.append(uid)
         return found
 
+    def active(self, users: Iterable[str]) -> list[str]:
+        """Those of `users` not deleted (a deletion may have come while they were added)."""
+        return [u for u in users if (user := self.users.get(u)) and user.status == "active"]
+
     def rooms_of(self, who: Principal) -> list[dict[str, Any]]:
         out = []
         for rid in sorted(self.user_rooms.get(who.id, ())):

@@ -150,6 +150,14 @@ async def keep_session(conn: Any) -> None:
 _BACKLOG_PART: Final = 4  # a backlog is a quarter of `writer_batch` waiting, or more
 
 
+# Active users only. FOR SHARE: a user's deletion under way (which removes their memberships)
+# commits first, and the user is then seen deleted, or waits for this insert and removes it.
+_ADD_MEMBERS: Final = (
+    "INSERT INTO members(room, user_id) SELECT $1, id FROM users"
+    " WHERE id = ANY($2::text[]) AND status = 'active' FOR SHARE ON CONFLICT DO NOTHING"
+)
+
+
 @attrs.define(eq=False)
 class _InFlight:
     """A staged batch whose INSERT the writer has sent."""
@@ -626,11 +634,7 @@ class PgStore:
                 " VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 *attrs.astuple(room),
             )
-            await c.execute(
-                "INSERT INTO members(room, user_id) SELECT $1, u FROM unnest($2::text[]) AS u",
-                room.id,
-                users,
-            )
+            await c.execute(_ADD_MEMBERS, room.id, users)
 
         await self._write(tx)
         self._instances[room.id] = room.instance
@@ -639,12 +643,7 @@ class PgStore:
         rows = list(users)
 
         async def tx(c: Any) -> None:
-            await c.execute(
-                "INSERT INTO members(room, user_id) SELECT $1, u FROM unnest($2::text[]) AS u"
-                " ON CONFLICT DO NOTHING",
-                room,
-                rows,
-            )
+            await c.execute(_ADD_MEMBERS, room, rows)
 
         await self._write(tx)
 

@@ -312,6 +312,7 @@ class OriginShard:
             trio.CancelScope(shield=True),  # once queued it commits: memory must follow
         ):
             await self.store.create_room(rec, users)
+        users = self.state.active(users)  # as the store added them
         state = RoomState(rec, 0, dict.fromkeys(users, 0))
         self.state.add_room(state)
         self._members_changed(MembershipChange(rec.id, tuple(users), (), created=True))
@@ -371,8 +372,10 @@ class OriginShard:
     async def _add(self, room: RoomState, users: list[str]) -> None:
         with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
             await self.store.add_members(room.record.id, users)
-        self.state.add_members(room.record.id, users)
-        self._members_changed(MembershipChange(room.record.id, tuple(users), ()))
+        users = self.state.active(users)  # as the store added them
+        if users:
+            self.state.add_members(room.record.id, users)
+            self._members_changed(MembershipChange(room.record.id, tuple(users), ()))
 
     async def _remove(self, room: RoomState, users: list[str]) -> None:
         with trio.CancelScope(shield=True):  # once queued it commits: memory must follow

@@ -173,6 +173,13 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     return conn
 
 
+# A user deleted meanwhile is not added (the store writes one transaction at a time).
+_ADD_MEMBER: Final = (
+    "INSERT OR IGNORE INTO members(room, user)"
+    " SELECT ?, id FROM users WHERE id = ? AND status = 'active'"
+)
+
+
 @attrs.frozen
 class AppendItem:
     """One seq-taking op, already authorized against membership by the origin."""
@@ -768,17 +775,13 @@ class SqliteStore:
                     room.created_at,
                 ),
             )
-            c.executemany(
-                "INSERT INTO members(room, user) VALUES (?, ?)", [(room.id, u) for u in users]
-            )
+            c.executemany(_ADD_MEMBER, [(room.id, u) for u in users])
 
         await self.write(tx)
 
     async def add_members(self, room: str, users: Iterable[str]) -> None:
         rows = [(room, u) for u in users]
-        await self.write(
-            lambda c: c.executemany("INSERT OR IGNORE INTO members(room, user) VALUES (?, ?)", rows)
-        )
+        await self.write(lambda c: c.executemany(_ADD_MEMBER, rows))
 
     async def remove_members(self, room: str, users: Iterable[str]) -> None:
         rows = [(room, u) for u in users]

@@ -81,7 +81,8 @@ class RelationalStore(Protocol):
     async def create_room(self, room: RoomRecord, members: Iterable[str]) -> None: ...
 
     async def add_members(self, room: str, users: Iterable[str]) -> None:
-        """Users already members are left as they are (their read seq kept)."""
+        """Users already members are left as they are (their read seq kept); users not active
+        (deleted while the caller checked them) are not added, here or by `create_room`."""
         ...
 
     async def remove_members(self, room: str, users: Iterable[str]) -> None: ...

@@ -563,9 +563,10 @@ class Tenancy:
             self.authorize(actor, rbac.USER_WRITE, instance=instance)
             self._live(instance)
             user = self._user(instance, user_id)
-            rooms = sorted(self.shard.user_rooms.get(user_id, ()))
             with trio.CancelScope(shield=True):  # once queued it commits: memory must follow
                 await self.shard.store.delete_user(user_id)
+            # Rooms joined while it was written included: the store removed those too.
+            rooms = sorted(self.shard.user_rooms.get(user_id, ()))
             del self.shard.users[user_id]
             self.shard.quotas.remove(instance, _quota_kind(user.role))
             for room in rooms:

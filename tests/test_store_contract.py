@@ -555,6 +555,20 @@ async def test_rooms_members_and_read_seqs(backend: Backend) -> None:
         assert info.value.code == CONFLICT
 
 
+async def test_a_deleted_user_is_not_added_to_rooms(backend: Backend) -> None:
+    """A user deleted while an add or a room's creation naming them was checked and queued:
+    the store adds them nowhere (the deletion removed their memberships; one added after it
+    would stay, a deleted member of the room for good)."""
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t, [t.alice])
+        await store.delete_user(t.carol)
+        await store.add_members(r, [t.bob, t.carol])
+        made = await room(store, t, [t.alice, t.carol])
+        rooms = {rec.id: members for rec, _, members in await store.load_rooms()}
+        assert rooms == {r: {t.alice: 0, t.bob: 0}, made: {t.alice: 0}}
+
+
 async def test_files_and_meta(backend: Backend) -> None:
     async with serving(backend) as store:
         t = await tenant(store)
