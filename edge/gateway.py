@@ -173,6 +173,7 @@ class Gateway:
         origin.watch_listeners.append(self.hubs.ensure)
         origin.tenancy_listeners.append(self._on_tenancy)
         self.hubs.on_evict = origin.unwatch
+        self.hubs.on_gap = self._on_hub_gap
         if isinstance(origin, RemoteOrigin):
             origin.lost_listeners.append(self._on_origin_lost)
 
@@ -719,6 +720,15 @@ class Gateway:
         if hub is not None:
             frame = wsframe.text(p.event("typing", {"room": room, "user": user}))
             hub.write_ephemeral(frame, skip_user=user)
+
+    def _on_hub_gap(self, room: str, missed: list[Subscription]) -> None:
+        """A room's events skipped seqs (a bug somewhere upstream): its live subscribers missed
+        some, so their connections close and the clients resume from what they have."""
+        log("hub_seq_gap", room=room, subscribers=len(missed))
+        outboxes = {id(sub.outbox) for sub in missed}
+        for conn in list(self.conns):
+            if id(conn.outbox) in outboxes:
+                self._close(conn, CLOSE_INTERNAL, "events missed; resume")
 
     def _on_origin_lost(self, rooms: set[str], instances: set[str]) -> None:
         """An origin shard's link broke: its rooms' hubs may miss events from now on and its

@@ -60,15 +60,19 @@ class RoomHub:
     def idle(self) -> bool:
         return not self.live and not self.catching
 
-    def publish(self, events: list[Event]) -> None:
-        """Write new events (consecutive seqs after `head`) to every live subscriber."""
+    def publish(self, events: list[Event]) -> bool:
+        """Write new events (consecutive seqs after `head`) to every live subscriber. False if
+        they skipped seqs (never expected): nothing is written to the live subscribers, which
+        the owner must end (they would miss the skipped events), and the cache starts over."""
         frames = []
+        contiguous = True
         for ev in events:
             if ev.seq <= self.head:
                 continue  # already seen (a replayed batch)
             frame = encode_event(ev)
             frames.append(frame)
-            if ev.seq != self.head + 1:  # never expected; the cache must stay contiguous
+            if ev.seq != self.head + 1:  # the cache must stay contiguous
+                contiguous = False
                 self.frames.clear()
                 self.edit_targets.clear()
                 self.cache_used = 0
@@ -83,13 +87,14 @@ class RoomHub:
         ):
             self.cache_used -= len(self.frames.popleft())
             self.edit_targets.popleft()
-        if not frames:
-            return
-        if self._advanced:
+        if self._advanced and frames:
             self._advanced.unpark_all()
+        if not frames or not contiguous:
+            return contiguous
         blob = frames[0] if len(frames) == 1 else b"".join(frames)
         for sub in self.live:
             sub.outbox.write(blob)
+        return True
 
     async def wait_head(self, seq: int) -> None:
         """Return once this hub has seen `seq` (its owner bounds the wait)."""
@@ -150,6 +155,8 @@ class Hubs:
         self.hubs: dict[str, RoomHub] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         self.on_evict: Callable[[str], None] = lambda room: None  # a hub was forgotten
+        # A hub's events skipped seqs: its live subscribers, which must end (and resume).
+        self.on_gap: Callable[[str, list[Subscription]], None] = lambda room, subs: None
 
     def get(self, room: str) -> RoomHub | None:
         return self.hubs.get(room)
@@ -171,8 +178,11 @@ class Hubs:
 
     def publish(self, room: str, events: list[Event]) -> None:
         hub = self.hubs.get(room)
-        if hub is not None:
-            hub.publish(events)
+        if hub is not None and not hub.publish(events):
+            missed = list(hub.live)
+            for sub in missed:
+                hub.remove(sub)
+            self.on_gap(room, missed)
 
     def release(self, sub: Subscription) -> None:
         hub = self.hubs.get(sub.room)

@@ -482,3 +482,28 @@ async def test_a_hello_under_way_as_its_instance_is_suspended_is_refused(
         with trio.fail_after(5):  # neither socket's session is left in the registry
             while await gateway.shared.sessions.locate([ann]):  # noqa: ASYNC110
                 await trio.sleep(0.05)
+
+
+async def test_a_hub_whose_events_skip_seqs_ends_its_live_subscribers(tmp_path: Path) -> None:
+    """Never expected (a bug upstream): the events an edge is handed for a room skip seqs. Its
+    live subscribers would miss the skipped events without knowing; their connections close
+    instead, and a resume from the last seq each has gets every event from the store."""
+    async with edge_and_origin(tmp_path, Limits()) as (gateway, node, token, _):
+        a: Peer
+        b: Peer
+        async with peer_of(node, token) as a, peer_of(node, token) as b:
+            room = await make_room(a, [])
+            await a.ok("subscribe", room=room, after=0)
+            for i in range(2):
+                await b.ok("send", room=room, cid=f"c{i}", body={"text": "hi"})
+            assert [(await a.event("message"))["seq"] for _ in range(2)] == [1, 2]
+            gateway.origin.event_listeners.remove(gateway.hubs.publish)  # seq 3 goes missing
+            await b.ok("send", room=room, cid="c2", body={"text": "hi"})
+            gateway.origin.event_listeners.append(gateway.hubs.publish)
+            await b.ok("send", room=room, cid="c3", body={"text": "hi"})
+            assert await closed_with(a) == 1011  # CLOSE_INTERNAL: resume
+        async with peer_of(node, token) as a:
+            await a.ok("subscribe", room=room, after=2)
+            assert [(await a.event("message"))["seq"] for _ in range(2)] == [3, 4]
+            assert (await a.ok("send", room=room, cid="c4", body={"text": "hi"}))["seq"] == 5
+            assert (await a.event("message"))["seq"] == 5
