@@ -198,6 +198,10 @@ class _Batcher(Generic[T, R]):
         self._send: trio.MemorySendChannel[_Slot[T, R]] | None = None
 
     async def call(self, item: T) -> R:
+        return await self.result(await self.submit(item))
+
+    async def submit(self, item: T) -> _Slot[T, R]:
+        """Queue `item` (waiting while the queue is full); `result` waits for its answer."""
         send = self._send
         if send is None:
             raise GB6Error(UNAVAILABLE, f"{self.what} is not running")
@@ -206,6 +210,9 @@ class _Batcher(Generic[T, R]):
             await send.send(slot)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise GB6Error(UNAVAILABLE, f"{self.what} stopped") from None
+        return slot
+
+    async def result(self, slot: _Slot[T, R]) -> R:
         await slot.done.wait()
         if slot.error is not None:
             raise slot.error
@@ -377,6 +384,7 @@ _SESSION_SCRIPTS = (_ADD, _REMOVE, _LOCATE)
 
 _STRAY_PER_BEAT: Final = 1000  # stray sessions removed per heartbeat
 _MAX_STRAY: Final = 100_000
+_STRAY_KEEP_S: Final = 30.0  # past the Redis client's timeouts and its retry
 
 
 @attrs.frozen
@@ -422,8 +430,9 @@ class RedisSessions:
         self._user_ttl_ms = 3 * self._ttl_ms
         self._incarnation = ""
         self._held: dict[str, set[str]] = {}  # user → sessions this incarnation holds
-        # (user, session) this incarnation may have written and must remove (an ordered set).
-        self._stray: dict[tuple[str, str], None] = {}
+        # (user, session) this incarnation may have written and must remove, oldest first,
+        # each with the time until which it is removed again at each heartbeat.
+        self._stray: dict[tuple[str, str], float] = {}
         self._writer: _Batcher[_SessionOp, bool] = _Batcher(
             self._write_batch, queue=queue, max_batch=max_batch, what="session registry"
         )
@@ -453,11 +462,12 @@ class RedisSessions:
     async def add(self, user: str, session: str) -> None:
         check_name("user", user)
         check_name("session", session)
+        slot = await self._writer.submit(_SessionOp("add", user, session))
         # Not given up once queued (the writer's Redis calls are bounded): an add cancelled
         # while queued would be written after a removal sent in its place.
         with trio.CancelScope(shield=True):
             try:
-                added = await self._writer.call(_SessionOp("add", user, session))
+                added = await self._writer.result(slot)
             except GB6Error:  # it may have been written all the same
                 self._remove_later(user, session)
                 raise
@@ -485,7 +495,10 @@ class RedisSessions:
 
     def _remove_later(self, user: str, session: str) -> None:
         stray = self._stray
-        stray[user, session] = None
+        stray.pop((user, session), None)
+        # Removed at every heartbeat until then: a write of it sent on a connection the client
+        # gave up on may still be read by Redis after a first removal.
+        stray[user, session] = trio.current_time() + _STRAY_KEEP_S
         if len(stray) > _MAX_STRAY:  # Redis down for long: the oldest lapse with the edge
             del stray[next(iter(stray))]
 
@@ -518,7 +531,9 @@ class RedisSessions:
         inc = self._incarnation
         # Strays (their ops' batches done: each is removed after what wrote it) go with beats.
         beat = any(op.kind == "beat" for op in ops)
-        stray = list(itertools.islice(self._stray, _STRAY_PER_BEAT)) if beat else []
+        stray = list(itertools.islice(self._stray.items(), _STRAY_PER_BEAT)) if beat else []
+        started = trio.current_time()
+        held = list(self._held)  # as the batch began: `build` may run twice (NOSCRIPT)
         # Where each op's (first) result is: a heartbeat also queues one PEXPIRE per held user,
         # and `_held` may change while the pipeline is out, so positions are noted as built.
         at: list[int] = []
@@ -544,11 +559,11 @@ class RedisSessions:
                     pipe.evalsha(_REMOVE.sha, 1, key, op.session, inc)
                 else:
                     pipe.set(self._edge_prefix + inc, b"1", px=self._ttl_ms, get=True)
-                    for user in self._held:
+                    for user in held:
                         pipe.pexpire(self._user_key(user), self._user_ttl_ms)
                         n += 1
                 n += 1
-            for user, session in stray:  # last: after the ops of this batch
+            for (user, session), _ in stray:  # last: after the ops of this batch
                 pipe.evalsha(_REMOVE.sha, 1, self._user_key(user), session, inc)
 
         with _translated("session write"):
@@ -558,8 +573,9 @@ class RedisSessions:
             )
             if lapsed and self._held:
                 await aio_as_trio(self._rewrite_held)()
-        for pair in stray:
-            self._stray.pop(pair, None)
+        for pair, until in stray:
+            if until <= started and self._stray.get(pair) == until:
+                del self._stray[pair]
         return [op.kind != "add" or results[i] == 1 for op, i in zip(ops, at, strict=True)]
 
     async def _rewrite_held(self) -> None:

@@ -9,7 +9,9 @@ ends (the session registry answers), and comes online only when their first one 
 Every `SWEEP_S` an edge stops following the channels of rooms none of its clients subscribes to
 and of instances none of its users is connected to, but for those followed again since the
 sweep before (a subscribe between its follow and its hub): at most `_MAX_FOLLOWED` are followed
-at once, and unused ones would crowd out new ones.
+at once, and unused ones would crowd out new ones. A hello or subscribe that takes longer than
+`SWEEP_S` between its follow and its connection or hub may find the channel unfollowed: the
+next subscribe to the room, or hello of the instance, follows it again.
 
 Ephemeral by design (DESIGN §3): a signal the bus drops is lost; nothing here is persisted.
 Presence is state, though: an edge killed with kill -9 (or a dropped "offline") says nothing,
@@ -135,7 +137,12 @@ class SharedSignals:
             # Given up before Redis confirms: a later follow subscribes again.
             self._followed.difference_update(gone)
             for i in range(0, len(gone), _UNFOLLOW_CHUNK):
-                await self.pubsub.unsubscribe(gone[i : i + _UNFOLLOW_CHUNK])
+                try:
+                    await self.pubsub.unsubscribe(gone[i : i + _UNFOLLOW_CHUNK])
+                except BaseException:
+                    # Those after this chunk are still followed: the next sweep tries them.
+                    self._followed.update(gone[i + _UNFOLLOW_CHUNK :])
+                    raise
 
     async def _follow(self, channel: str) -> None:
         if channel in self._followed:

@@ -18,8 +18,9 @@ The contract (tests/test_kv_contract.py runs it against every adapter):
   not have (as with any remote store): retry with compare_and_set, or read back.
 - Bad input (not bytes, an empty or oversized key, an oversized value, too many keys, a scan
   limit out of range) raises GB6Error `invalid` and changes nothing. Each adapter turns its
-  driver's errors into GB6Error (`unavailable` when the backend cannot be reached or the call
-  ran out of time, `internal` otherwise), and raises `unavailable` when called while not running.
+  driver's errors into GB6Error (`unavailable` when the backend cannot be reached, the call
+  ran out of time or the server refused it in a way a retry may get past, `internal`
+  otherwise), and raises `unavailable` when called while not running.
 
 Each adapter is a component: `await nursery.start(kv.run)` opens it, cancelling `run` closes
 it. The adapters:

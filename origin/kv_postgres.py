@@ -31,7 +31,7 @@ from trio_asyncio import aio_as_trio
 
 from node.errors import INTERNAL, UNAVAILABLE, GB6Error, invalid
 from origin.kv import Entry, KvLimits, ScanRange, not_running, scan_range
-from origin.pg_errors import DB_ERRORS, translate
+from origin.pg_errors import DB_ERRORS, transient
 from origin.pg_store import keep_session
 
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -44,18 +44,18 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
 
 @contextmanager
 def _mapped(what: str) -> Iterator[None]:
-    """Turn asyncpg's and the network's errors into GB6Error, once, here at the edge: the
-    server's refusals (a statement timeout, a deadlock, a server shutting down) are
-    `unavailable` like a lost connection (origin/pg_errors.py), and only our bugs `internal`."""
+    """Turn asyncpg's and the network's errors into GB6Error, once, here at the edge: what a
+    retry may get past (a lost connection, a statement timeout, a deadlock, a server shutting
+    down: `pg_errors.transient`) is `unavailable`, the rest `internal` (origin/kv.py)."""
     try:
         yield
     except GB6Error:
         raise
     except trio.TooSlowError:
         raise GB6Error(UNAVAILABLE, f"kv store (postgres) timed out: {what}") from None
-    except DB_ERRORS as exc:
-        raise translate(exc, f"kv store (postgres) {what}") from None
     except Exception as exc:
+        if isinstance(exc, DB_ERRORS) and transient(exc):
+            raise GB6Error(UNAVAILABLE, f"kv store (postgres) {what} failed: {exc}") from None
         raise GB6Error(
             INTERNAL, f"kv store (postgres) failed on {what}: {type(exc).__name__}: {exc}"
         ) from None

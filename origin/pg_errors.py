@@ -33,6 +33,21 @@ def translate(exc: BaseException, doing: str) -> GB6Error:
     return GB6Error(UNAVAILABLE, f"{doing} failed: {_message(exc)}")
 
 
+# SQLSTATE classes a retry may get past: connection exceptions, transaction rollbacks
+# (serialization failures, deadlocks), insufficient resources, operator intervention (a
+# statement cancelled or timed out, a server shutting down), system errors.
+_TRANSIENT_CLASSES: Final = frozenset({"08", "40", "53", "57", "58"})
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` (one of `DB_ERRORS`) may pass on a retry, as opposed to a fault of ours or
+    of the server's setup (a missing table, a refused password, bad SQL)."""
+    if not isinstance(exc, asyncpg.PostgresError):
+        return True  # the network, a timeout, a connection closed under us
+    state = getattr(exc, "sqlstate", None) or ""
+    return state[:2] in _TRANSIENT_CLASSES or state == "55P03"  # lock_not_available
+
+
 def _message(exc: BaseException) -> str:
     detail = getattr(exc, "detail", None)
     text = str(exc) or type(exc).__name__

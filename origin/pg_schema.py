@@ -25,14 +25,20 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import re
+import time
 from typing import Any, Final
 
 from node.errors import invalid
+from node.log import log
+from origin.pg_errors import DB_ERRORS
 
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _LOCK_TIMEOUT: Final = "5s"  # partition DDL waits at most this long (behind other DDL)
 _AHEAD_MS: Final = 3 * 86_400_000  # next month's partitions are made this long before it
+_AHEAD_LOCK_TIMEOUT: Final = "200ms"  # ... waiting this long at most (other DDL)
+_AHEAD_RETRY_S: Final = 60.0  # ... and tried again this long after a failure
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
     """
@@ -169,19 +175,22 @@ class Partitions:
     TABLE … PARTITION OF takes ACCESS EXCLUSIVE, which waits behind every read under way (a long
     search, say: past `_LOCK_TIMEOUT` the whole batch failed) and holds up every read after it.
     In the last `_AHEAD_MS` of a month the next month's partitions are made too, so the batches
-    at midnight on the first do not all make them at once."""
+    at midnight on the first do not all make them at once: in a transaction of their own, whose
+    failure does not fail the batch (they are tried again `_AHEAD_RETRY_S` later)."""
 
     def __init__(self, schema: str) -> None:
         self._schema = schema
         self._known: set[tuple[str, int]] = set()
+        self._ahead_after = -math.inf  # next month's are not tried before (they failed)
 
     def forget(self) -> None:
         self._known.clear()
 
     def _missing(self, instances: set[str], ts_ms: int) -> list[tuple[str, int, int, int]]:
-        """(instance, month key, first ms, first ms of the next month) not known to exist."""
+        """(instance, month key, first ms, first ms of the next month) not known to exist: the
+        month of `ts_ms`, and near its end the next one (unless that failed a moment ago)."""
         months = [month_of(ts_ms)]
-        if months[0][2] - ts_ms <= _AHEAD_MS:
+        if months[0][2] - ts_ms <= _AHEAD_MS and time.monotonic() >= self._ahead_after:
             months.append(month_of(months[0][2]))
         return [
             (i, key, start, end)
@@ -196,10 +205,23 @@ class Partitions:
 
     async def ensure(self, conn: Any, instances: set[str], ts_ms: int) -> None:
         missing = self._missing(instances, ts_ms)
-        if not missing:
-            return
+        this_month = month_of(ts_ms)[0]
+        needed = [m for m in missing if m[1] == this_month]
+        if needed:
+            await self._make_all(conn, needed, _LOCK_TIMEOUT)
+        ahead = [m for m in missing if m[1] != this_month]
+        if ahead:  # not needed yet: a failure does not fail the batch, and waits a while
+            try:
+                await self._make_all(conn, ahead, _AHEAD_LOCK_TIMEOUT)
+            except DB_ERRORS as exc:
+                self._ahead_after = time.monotonic() + _AHEAD_RETRY_S
+                log("partitions_ahead_failed", instances=len(ahead), error=repr(exc))
+
+    async def _make_all(
+        self, conn: Any, missing: list[tuple[str, int, int, int]], lock_timeout: str
+    ) -> None:
         async with conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+            await conn.execute(f"SET LOCAL lock_timeout = '{lock_timeout}'")
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
                 f"gb6.partition.{self._schema}",

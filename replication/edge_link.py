@@ -105,7 +105,12 @@ class ShardLink:
             writer = _StreamWriter(stream)
             nursery.start_soon(writer.run)
             nursery.start_soon(self._flush_releases)
-            hello = {"t": "hello", "secret": self.remote.config.link_secret, "edge": "edge"}
+            hello = {
+                "t": "hello",
+                "secret": self.remote.config.link_secret,
+                "edge": "edge",
+                "v": link.VERSION,
+            }
             writer.write(link.encode(hello))
             nursery.start_soon(self._ping, writer)
             decoder = link.FrameDecoder()

@@ -5,7 +5,7 @@ Frames are a 4-byte big-endian length followed by that many bytes of JSON (an ob
 direction keep their order, which is what makes the rules below hold.
 
 Conversation:
-- edge → origin `hello` {secret, edge}; origin → edge `welcome` {shard}, then the shard's
+- edge → origin `hello` {secret, edge, v}; origin → edge `welcome` {shard}, then the shard's
   tenancy and rooms in `snap` frames (bounded in size), then `snap_end`. From `welcome` on the
   origin pushes every change, so the edge's replica (origin/membership.py) is current once it
   has applied `snap_end`.
@@ -29,8 +29,10 @@ Conversation:
   batch. A repeat (`duplicate`) or a refusal is answered with `res` as before. `room` {room}
   (a new room's whole state); `members` {room, added: {user: read seq}, removed: [user]} (a
   membership change of a room pushed before: never the whole member map, which is up to
-  `members_per_room` entries); `read` {room, user, seq}; `instance`, `user` (tenancy records
-  created on the shard).
+  `members_per_room` entries; an edge of `v` 1, or none, is pushed the whole `room` instead,
+  so edges and origins upgrade in either order); `read` {room, user, seq}; `instance`, `user`
+  (tenancy records created on the shard). Answers of room ops carry the room without its
+  members: the pushes before them gave the edge those.
 - Liveness: the edge sends a `ping` request every `PING_S`, which the origin answers; each end
   drops a link on which it received nothing for `SILENT_S` (a peer frozen, or whose host went
   away without closing the connection), which frees what the other end held for it.
@@ -54,6 +56,7 @@ from origin.membership import RoomState
 from origin.records import Instance, RoomRecord, User
 
 MAX_FRAME: Final = 64 << 20  # a catch-up page: 500 events of up to 64 KiB of body each
+VERSION: Final = 2  # of the edge's end: 2 takes `members` pushes (1 took the whole `room`)
 PING_S: Final = 5.0
 SILENT_S: Final = 15.0
 _LEN = struct.Struct("!I")

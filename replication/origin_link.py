@@ -32,7 +32,7 @@ from node.config import Config
 from node.errors import INTERNAL, UNAUTHORIZED, UNAVAILABLE, GB6Error, invalid, not_found
 from node.events import Event
 from node.log import log
-from origin.membership import MembershipChange, Principal
+from origin.membership import MembershipChange, Principal, RoomState
 from origin.plans import KINDS
 from origin.recording_store import RecordingStore
 from origin.records import Instance, User
@@ -62,6 +62,7 @@ class EdgePeer:
         self._drained = trio.lowlevel.ParkingLot()  # answers waiting for room
         self._wake = trio.Event()
         self.broken = False
+        self.deltas = True  # takes `members` pushes (link.VERSION 2 on)
         self.cancel = trio.CancelScope()
         # Events and heads of the committed batch being published, flushed as one frame.
         self.events: dict[str, list[dict[str, Any]]] = {}
@@ -174,15 +175,19 @@ class LinkServer:
         state = self.shard.rooms.get(change.room)
         if state is None:
             return
-        msg: dict[str, Any]
-        if change.created:
-            msg = {"t": "room", "room": link.room_to_wire(state)}
-        else:  # what changed only: a room's whole member map is up to megabytes, per edge
-            added = {u: state.members[u] for u in change.added if u in state.members}
-            msg = {"t": "members", "room": change.room, "added": added}
-            msg["removed"] = list(change.removed)
+        whole: dict[str, Any] | None = None
+        delta: dict[str, Any] | None = None
         for peer in self.peers:
-            peer.send(msg)
+            if change.created or not peer.deltas:
+                if whole is None:
+                    whole = {"t": "room", "room": link.room_to_wire(state)}
+                peer.send(whole)
+            else:  # what changed only: a room's whole member map is up to megabytes
+                if delta is None:
+                    added = {u: state.members[u] for u in change.added if u in state.members}
+                    delta = {"t": "members", "room": change.room, "added": added}
+                    delta["removed"] = list(change.removed)
+                peer.send(delta)
 
     def _on_read(self, room: str, user: str, seq: int) -> None:
         for peer in self.peers:
@@ -270,7 +275,10 @@ class LinkServer:
             log("link_edge_refused", reason="wrong secret")
             return None
         name = str(msg.get("edge", "?"))[:100]
-        return EdgePeer(name, stream, self.config.limits.link_buffer_bytes)
+        version = msg.get("v")
+        peer = EdgePeer(name, stream, self.config.limits.link_buffer_bytes)
+        peer.deltas = isinstance(version, int) and version >= 2
+        return peer
 
     async def _request(
         self,
@@ -477,19 +485,25 @@ class LinkServer:
                 list(msg.get("members") or ()),
                 bool(msg.get("open")),
             )
-            return {"room": link.room_to_wire(state)}
+            return _room_answer(state)
         if op in ("join", "leave"):
             fn = shard.join if op == "join" else shard.leave
             state = await fn(who, room)
-            return {"room": link.room_to_wire(state)}
+            return _room_answer(state)
         if op in ("add_members", "remove_members"):
             fn2 = shard.add_members if op == "add_members" else shard.remove_members
             state = await fn2(who, room, list(msg.get("users") or ()))
-            return {"room": link.room_to_wire(state)}
+            return _room_answer(state)
         if op == "set_read":
             await shard.set_read(who, room, int(msg["seq"]))
             return {}
         raise invalid(f"unknown link op {op!r}")
+
+
+def _room_answer(state: RoomState) -> dict[str, Any]:
+    """A room op's answer: the room without its members, which the pushes before the answer
+    gave the edge (a large room's are megabytes)."""
+    return {"room": link.room_to_wire(attrs.evolve(state, members={}))}
 
 
 def _page(events: list[Event]) -> list[dict[str, Any]]:

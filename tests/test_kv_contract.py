@@ -22,7 +22,7 @@ import trio_asyncio
 from services import require
 from trio_asyncio import aio_as_trio
 
-from node.errors import INVALID, UNAVAILABLE, GB6Error
+from node.errors import INTERNAL, INVALID, UNAVAILABLE, GB6Error
 from origin.kv import KV, MAX_KEY_BYTES, MAX_VALUE_BYTES, Entry, KvLimits, prefix_end
 from origin.kv_postgres import PostgresKv
 from origin.kv_sqlite import SqliteKv
@@ -363,9 +363,12 @@ async def test_postgres_kv_commits_durably_whatever_the_role_default(pg_dsn: str
         await _drop_schema(pg_dsn, schema)
 
 
-async def test_postgres_kv_a_refused_statement_is_unavailable_not_internal(pg_dsn: str) -> None:
+async def test_postgres_kv_a_refused_statement_is_unavailable_and_a_fault_internal(
+    pg_dsn: str,
+) -> None:
     """The server cancels a kv statement (a timeout of its, an operator's cancel): the caller
-    may retry, so it is `unavailable`, as a lost connection is, not an `internal` error."""
+    may retry, so it is `unavailable`, as a lost connection is. A fault a retry does not get
+    past is `internal`: a caller retrying it would retry for good."""
     import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
     schema = f"gb6_kv_test_{uuid.uuid4().hex[:12]}"
@@ -396,6 +399,15 @@ async def test_postgres_kv_a_refused_statement_is_unavailable_not_internal(pg_ds
                 await aio_as_trio(locker.close)()
             assert await kv.get(b"k") is None  # nothing written, and it serves on
             await kv.put(b"k", b"v")
+            # A fault no retry gets past (here its table dropped) is not `unavailable`.
+            admin = await aio_as_trio(asyncpg.connect)(pg_dsn, timeout=10)
+            try:
+                await aio_as_trio(admin.execute)(f'DROP TABLE "{schema}".kv')
+            finally:
+                await aio_as_trio(admin.close)()
+            with pytest.raises(GB6Error) as err:
+                await kv.get(b"k")
+            assert err.value.code == INTERNAL, err.value.message
             nursery.cancel_scope.cancel()
     finally:
         await _drop_schema(pg_dsn, schema)

@@ -507,3 +507,52 @@ async def test_a_hub_whose_events_skip_seqs_ends_its_live_subscribers(tmp_path: 
             assert [(await a.event("message"))["seq"] for _ in range(2)] == [3, 4]
             assert (await a.ok("send", room=room, cid="c4", body={"text": "hi"}))["seq"] == 5
             assert (await a.event("message"))["seq"] == 5
+
+
+@pytest.mark.parametrize("version", [None, 1, 2])
+async def test_an_edge_of_an_older_version_is_pushed_whole_rooms(
+    tmp_path: Path, version: int | None
+) -> None:
+    """Edges and origins upgrade in either order: an edge whose hello says no `v`, or 1, does
+    not know `members` pushes, and is pushed the room's whole state after each change."""
+    origin_cfg = Config(data_dir=tmp_path / "o", link_port=0, link_secret=SECRET)
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        shard = OriginShard(origin_cfg)
+        await nursery.start(shard.run)
+        link_port = await nursery.start(LinkServer(origin_cfg, shard, SECRET).run)
+        t = shard.tenancy
+        org = await t.create_org(OPERATOR, "o", None)
+        inst = await t.create_instance(OPERATOR, org.id, "i", None, "unlimited")
+        ann = await t.create_user(OPERATOR, inst.id, "ann", "member")
+        bob = await t.create_user(OPERATOR, inst.id, "bob", "member")
+        who = shard.state.principal(ann.id)
+        assert who is not None
+        room = await shard.create_room(who, "r", "chat", [], False)
+        hello: dict[str, Any] = {"t": "hello", "secret": SECRET, "edge": "e"}
+        if version is not None:
+            hello["v"] = version
+        decoder = link.FrameDecoder()
+        async with await trio.open_tcp_stream("127.0.0.1", link_port) as stream:
+            await stream.send_all(link.encode(hello))
+
+            async def next_frame(kinds: set[str]) -> dict[str, Any]:
+                with trio.fail_after(5):
+                    while True:
+                        for frame in decoder.feed(await stream.receive_some(1 << 16)):
+                            if frame["t"] in kinds:
+                                return frame
+
+            await next_frame({"snap_end"})
+            await shard.add_members(who, room.record.id, [bob.id])
+            pushed = await next_frame({"room", "members"})
+        if version == 2:
+            assert pushed == {
+                "t": "members",
+                "room": room.record.id,
+                "added": {bob.id: 0},
+                "removed": [],
+            }
+        else:
+            assert pushed["t"] == "room"
+            assert pushed["room"]["members"] == {ann.id: 0, bob.id: 0}
+        nursery.cancel_scope.cancel()

@@ -851,6 +851,48 @@ async def test_pg_next_months_partitions_are_made_in_the_last_days_of_a_month(
             await aio_as_trio(conn.close)()
 
 
+async def test_pg_next_months_partitions_failing_do_not_fail_this_months_events(
+    pg_backend: Backend,
+) -> None:
+    """Next month's partitions are not needed yet: when they cannot be made (other DDL holds
+    the instance's table), this month's events are written all the same."""
+    import hashlib
+
+    import asyncpg
+
+    from origin.pg_schema import Partitions, month_of
+
+    async with serving(pg_backend):  # migrated
+        pass
+    _, _, end = month_of(now_ms())
+    async with trio_asyncio.open_loop():
+        conn = await aio_as_trio(asyncpg.connect)(pg_backend.dsn, timeout=10)
+        other = await aio_as_trio(asyncpg.connect)(pg_backend.dsn, timeout=10)
+        try:
+            await aio_as_trio(conn.execute)(f'SET search_path = "{pg_backend.schema}"')
+            await aio_as_trio(other.execute)(f'SET search_path = "{pg_backend.schema}"')
+            early = end - 4 * 86_400_000  # this month's only
+            await aio_as_trio(Partitions(pg_backend.schema).ensure)(conn, {"ins_a"}, early)
+            parent = "ev_" + hashlib.md5(b"ins_a").hexdigest()  # the instance's table
+            await aio_as_trio(other.execute)(
+                f"BEGIN; LOCK TABLE {parent} IN SHARE UPDATE EXCLUSIVE MODE"
+            )
+            partitions = Partitions(pg_backend.schema)  # a new writer, near the month's end
+            await aio_as_trio(partitions.ensure)(conn, {"ins_a"}, end - 1)  # does not raise
+            await aio_as_trio(conn.execute)(
+                "INSERT INTO events(instance, room, seq, ts, type, sender, cid)"
+                f" VALUES ('ins_a', 'r', 1, {end - 1}, 'message', 'u', 'c')"
+            )
+            with pytest.raises(asyncpg.exceptions.CheckViolationError):  # not made (yet)
+                await aio_as_trio(conn.execute)(
+                    "INSERT INTO events(instance, room, seq, ts, type, sender, cid)"
+                    f" VALUES ('ins_a', 'r', 2, {end}, 'message', 'u', 'c')"
+                )
+        finally:
+            await aio_as_trio(other.close)()
+            await aio_as_trio(conn.close)()
+
+
 async def test_pg_failed_transaction_skips_and_reuses_no_seq(pg_backend: Backend) -> None:
     """A batch whose transaction fails is refused whole (`unavailable`), and the next batch
     takes the seqs it would have had: none skipped, none reused."""
