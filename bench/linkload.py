@@ -41,6 +41,7 @@ from bench.bootstrap import bootstrap
 from bench.cluster import Cluster
 from bench.server import ProcWatch
 from bench.speed import SpeedProbe
+from replication import link
 
 OUT = Path(__file__).resolve().parent / "out"
 _LEN = struct.Struct("!I")
@@ -87,7 +88,7 @@ class Link:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
         self.next_id = 0
-        self.send([{"t": "hello", "secret": secret, "edge": name}])
+        self.send([{"t": "hello", "secret": secret, "edge": name, "v": link.VERSION}])
         while not any(f.get("t") == "snap_end" for f in self.read()):
             pass
 

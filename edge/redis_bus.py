@@ -574,8 +574,10 @@ class RedisSessions:
             if lapsed and self._held:
                 await aio_as_trio(self._rewrite_held)()
         for pair, until in stray:
-            if until <= started and self._stray.get(pair) == until:
+            if self._stray.get(pair) == until:
                 del self._stray[pair]
+                if until > started:  # again at a later beat, behind the others
+                    self._stray[pair] = until
         return [op.kind != "add" or results[i] == 1 for op, i in zip(ops, at, strict=True)]
 
     async def _rewrite_held(self) -> None:

@@ -44,8 +44,11 @@ def transient(exc: BaseException) -> bool:
     of the server's setup (a missing table, a refused password, bad SQL)."""
     if not isinstance(exc, asyncpg.PostgresError):
         return True  # the network, a timeout, a connection closed under us
+    if isinstance(exc, asyncpg.InvalidCachedStatementError):
+        return True  # the schema changed under a prepared statement: prepared again
     state = getattr(exc, "sqlstate", None) or ""
-    return state[:2] in _TRANSIENT_CLASSES or state == "55P03"  # lock_not_available
+    # 55P03 lock_not_available; 25006 read_only_sql_transaction (a standby, mid-failover).
+    return state[:2] in _TRANSIENT_CLASSES or state in ("55P03", "25006")
 
 
 def _message(exc: BaseException) -> str:

@@ -204,7 +204,11 @@ class Partitions:
         return not self._missing(instances, ts_ms)
 
     async def ensure(self, conn: Any, instances: set[str], ts_ms: int) -> None:
+        """On a connection in no transaction: the DDL commits in transactions of its own."""
         missing = self._missing(instances, ts_ms)
+        if not missing:
+            return
+        assert not conn.is_in_transaction()
         this_month = month_of(ts_ms)[0]
         needed = [m for m in missing if m[1] == this_month]
         if needed:
