@@ -11,7 +11,8 @@ uses: one process, so "shared" means shared objects) and a Redis adapter in `edg
   heartbeats: when an edge stops (killed, partitioned, or `run()` cancelled) its sessions
   vanish for everyone within `ttl` seconds without anybody removing them. Each `run()` is a
   new incarnation of its edge, so a restarted edge never revives the sessions of its
-  predecessor. Graceful shutdown removes sessions as their connections close.
+  predecessor. Graceful shutdown removes sessions as their connections close. It also holds
+  which edges have a user away, so any edge answers `presence.get` with `away`.
 - `PubSub`: ephemeral signals (presence, typing) on named channels (`room_channel`,
   `user_channel`) between edges, never persisted. `publish` never blocks: it hands the signal
   on or drops it. Each subscriber has one bounded inbox; when the inbox is full, signals for it
@@ -155,6 +156,16 @@ class SessionRegistry(Protocol):
         """Whether `user` has a live session on any edge."""
         ...
 
+    async def set_away(self, user: str, away: bool) -> None:
+        """Record whether `user` is away on this edge (said by `presence.set`); forgotten once
+        their last session here is removed, or this edge's sessions lapse."""
+        ...
+
+    async def presence(self, users: Collection[str]) -> dict[str, str]:
+        """For each online user among `users` (at most 1,000): `away` if every edge holding a
+        live session of theirs has them away, else `online`."""
+        ...
+
 
 def check_users(users: Collection[str]) -> list[str]:
     if isinstance(users, str):
@@ -174,6 +185,7 @@ class SessionTable:
 
     edges: dict[str, float] = attrs.Factory(dict)
     users: dict[str, dict[str, str]] = attrs.Factory(dict)
+    away: dict[str, set[str]] = attrs.Factory(dict)  # user → incarnations that have them away
 
     def alive(self, incarnation: str, now: float) -> bool:
         if self.edges.get(incarnation, -math.inf) > now:
@@ -254,6 +266,35 @@ class LocalSessions:
             del sessions[session]
             if not sessions:
                 del self.table.users[user]
+        if sessions is None or incarnation not in sessions.values():  # none left here
+            self._set_away(user, incarnation, False)
+
+    def _set_away(self, user: str, incarnation: str, away: bool) -> None:
+        edges = self.table.away.setdefault(user, set())
+        if away:
+            edges.add(incarnation)
+        else:
+            edges.discard(incarnation)
+            if not edges:
+                del self.table.away[user]
+
+    async def set_away(self, user: str, away: bool) -> None:
+        check_name("user", user)
+        incarnation = self._serving()
+        await trio.lowlevel.checkpoint()
+        self._set_away(user, incarnation, away)
+
+    async def presence(self, users: Collection[str]) -> dict[str, str]:
+        wanted = check_users(users)
+        await trio.lowlevel.checkpoint()
+        now = trio.current_time()
+        found: dict[str, str] = {}
+        for user in wanted:
+            incarnations = set(self.table.live_sessions(user, now).values())
+            if incarnations:
+                away = incarnations <= self.table.away.get(user, set())
+                found[user] = "away" if away else "online"
+        return found
 
     async def locate(self, users: Collection[str]) -> dict[str, dict[str, str]]:
         wanted = check_users(users)

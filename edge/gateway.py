@@ -597,7 +597,7 @@ class Gateway:
                 page = {"hits": [{"type": ev.type, **ev.to_wire()} for ev in hits]}
                 await self._reply_page(conn, req.id, page)
             case p.PresenceSet():
-                self._set_status(conn, req)
+                await self._set_status(conn, req)
             case p.PresenceGet():
                 self._reply(conn, req.id, {"presence": await self._presence_of(who, req.users)})
             case p.MediaRequest():
@@ -831,26 +831,29 @@ class Gateway:
             and user.instance == who.instance.id
             and (u == who.id or not mine.isdisjoint(state.user_rooms.get(u, ())))
         ]
-        elsewhere: set[str] = set()
-        not_here = [u for u in visible if u not in self.by_user]
-        if self.shared is not None and not_here:
+        # Users away here may be online on another edge: asked too.
+        ask = [u for u in visible if u not in self.by_user or u in self.away]
+        elsewhere: dict[str, str] = {}
+        if self.shared is not None and ask:
             try:
-                elsewhere = set(await self.shared.sessions.locate(not_here))
-            except GB6Error as exc:  # not "offline": they may be on another edge
+                elsewhere = await self.shared.sessions.presence(ask)
+            except GB6Error as exc:
                 log("presence_lookup_failed", error=exc.message)
-                raise GB6Error(UNAVAILABLE, "presence on other edges is unavailable") from exc
+                if any(u not in self.by_user for u in ask):  # not "offline": they may be
+                    raise GB6Error(UNAVAILABLE, "presence on other edges is unavailable") from exc
         out = {}
         for u in visible:
-            if u in self.by_user or u in elsewhere:
-                out[u] = "away" if u in self.away else "online"
+            if u not in self.by_user:
+                out[u] = elsewhere.get(u, "offline")
+            elif u in self.away:  # online if another edge has them online
+                out[u] = elsewhere.get(u, "away")
             else:
-                out[u] = "offline"
+                out[u] = "online"
         return out
 
-    def _set_status(self, conn: Connection, req: p.PresenceSet) -> None:
+    async def _set_status(self, conn: Connection, req: p.PresenceSet) -> None:
         who = conn.principal
         assert who is not None
-        self._reply(conn, req.id)
         was_away = who.id in self.away
         if req.status == "away" and not was_away:
             self.away.add(who.id)
@@ -858,6 +861,15 @@ class Gateway:
         elif req.status == "online" and was_away:
             self.away.discard(who.id)
             self._presence_changed(who, "online")
+        if self.shared is not None and req.status != ("away" if was_away else "online"):
+            # For `presence.get` on other edges; this edge's own state is already said. Bounded
+            # as a follow is: once queued the write keeps its order, answered or not.
+            with trio.move_on_after(FOLLOW_WAIT_S):
+                try:
+                    await self.shared.sessions.set_away(who.id, who.id in self.away)
+                except GB6Error as exc:
+                    log("presence_share_failed", user=who.id, error=exc.message)
+        self._reply(conn, req.id)
 
     def _presence_changed(self, who: Principal, status: str) -> None:
         self._deliver_presence(who.id, status)

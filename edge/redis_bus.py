@@ -22,6 +22,8 @@ Keys:
     {prefix}user:{user}        hash session → incarnation; fields of dead incarnations are
                                 dropped when met, the key expires `3 * ttl` after its last
                                 heartbeat from any edge.
+    {prefix}away:{user}        hash incarnation → 1 for the edges that have the user away
+                                (`presence.set`); refreshed and expiring like the user's hash.
 Channels: {prefix}{channel} for signals; {prefix}ctl:{token} per subscriber, so that the
 subscriber's connection exists (and its reader can block) before any real subscription.
 
@@ -379,7 +381,33 @@ end
 return out
 """)
 
-_SESSION_SCRIPTS = (_ADD, _REMOVE, _LOCATE)
+# KEYS: N user hashes, then the N users' away hashes (incarnation → 1); ARGV[1] edge key
+# prefix. Per user: 0 offline, 1 online, 2 away (every live edge of theirs has them away).
+_PRESENCE = _Script.of("""
+local live = {}
+local out = {}
+local n = #KEYS / 2
+for k = 1, n do
+  local all = redis.call('HGETALL', KEYS[k])
+  local any, away = false, true
+  for i = 1, #all, 2 do
+    local inc = all[i + 1]
+    local ok = live[inc]
+    if ok == nil then
+      ok = redis.call('EXISTS', ARGV[1] .. inc) == 1
+      live[inc] = ok
+    end
+    if ok then
+      any = true
+      if away and redis.call('HEXISTS', KEYS[n + k], inc) == 0 then away = false end
+    end
+  end
+  if not any then out[k] = 0 elseif away then out[k] = 2 else out[k] = 1 end
+end
+return out
+""")
+
+_SESSION_SCRIPTS = (_ADD, _REMOVE, _LOCATE, _PRESENCE)
 
 
 _STRAY_PER_BEAT: Final = 1000  # stray sessions removed per heartbeat
@@ -389,7 +417,7 @@ _STRAY_KEEP_S: Final = 30.0  # past the Redis client's timeouts and its retry
 
 @attrs.frozen
 class _SessionOp:
-    kind: str  # "add" | "remove" | "beat"
+    kind: str  # "add" | "remove" | "beat" | "away" | "back"
     user: str = ""
     session: str = ""
 
@@ -430,6 +458,7 @@ class RedisSessions:
         self._user_ttl_ms = 3 * self._ttl_ms
         self._incarnation = ""
         self._held: dict[str, set[str]] = {}  # user → sessions this incarnation holds
+        self._away: set[str] = set()  # users this incarnation has away
         # (user, session) this incarnation may have written and must remove, oldest first,
         # each with the time until which it is removed again at each heartbeat.
         self._stray: dict[tuple[str, str], float] = {}
@@ -440,6 +469,9 @@ class RedisSessions:
     def _user_key(self, user: str) -> str:
         return self.prefix + "user:" + user
 
+    def _away_key(self, user: str) -> str:
+        return self.prefix + "away:" + user
+
     @property
     def _edge_prefix(self) -> str:
         return self.prefix + "edge:"
@@ -447,6 +479,7 @@ class RedisSessions:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._incarnation = new_incarnation(self.edge)
         self._held = {}
+        self._away = set()
         self._stray = {}  # the last incarnation's lapse with it
         async with trio.open_nursery() as nursery:
             await nursery.start(self._writer.run)
@@ -492,6 +525,30 @@ class RedisSessions:
         except GB6Error:
             self._remove_later(user, session)
             raise
+        if user not in self._held and user in self._away:  # their last session here
+            await self.set_away(user, False)
+
+    async def set_away(self, user: str, away: bool) -> None:
+        check_name("user", user)
+        if away:
+            self._away.add(user)
+        else:
+            self._away.discard(user)
+        await self._writer.call(_SessionOp("away" if away else "back", user))
+
+    async def presence(self, users: Collection[str]) -> dict[str, str]:
+        wanted = check_users(users)
+        if not wanted:
+            return {}
+        keys = [self._user_key(u) for u in wanted] + [self._away_key(u) for u in wanted]
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(_PRESENCE.sha, len(keys), *keys, self._edge_prefix)
+
+        with _translated("presence lookup"):
+            (codes,) = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
+        statuses = {1: "online", 2: "away"}
+        return {u: statuses[c] for u, c in zip(wanted, codes, strict=True) if c in statuses}
 
     def _remove_later(self, user: str, session: str) -> None:
         stray = self._stray
@@ -534,6 +591,7 @@ class RedisSessions:
         stray = list(itertools.islice(self._stray.items(), _STRAY_PER_BEAT)) if beat else []
         started = trio.current_time()
         held = list(self._held)  # as the batch began: `build` may run twice (NOSCRIPT)
+        away = list(self._away)
         # Where each op's (first) result is: a heartbeat also queues one PEXPIRE per held user,
         # and `_held` may change while the pipeline is out, so positions are noted as built.
         at: list[int] = []
@@ -557,10 +615,19 @@ class RedisSessions:
                     )
                 elif op.kind == "remove":
                     pipe.evalsha(_REMOVE.sha, 1, key, op.session, inc)
+                elif op.kind == "away":
+                    pipe.hset(self._away_key(op.user), inc, b"1")
+                    pipe.pexpire(self._away_key(op.user), self._user_ttl_ms)
+                    n += 1
+                elif op.kind == "back":
+                    pipe.hdel(self._away_key(op.user), inc)
                 else:
                     pipe.set(self._edge_prefix + inc, b"1", px=self._ttl_ms, get=True)
                     for user in held:
                         pipe.pexpire(self._user_key(user), self._user_ttl_ms)
+                        n += 1
+                    for user in away:
+                        pipe.pexpire(self._away_key(user), self._user_ttl_ms)
                         n += 1
                 n += 1
             for (user, session), _ in stray:  # last: after the ops of this batch
@@ -588,6 +655,9 @@ class RedisSessions:
             key = self._user_key(user)
             pipe.hset(key, mapping=dict.fromkeys(sessions, self._incarnation))
             pipe.pexpire(key, self._user_ttl_ms)
+        for user in self._away:
+            pipe.hset(self._away_key(user), self._incarnation, b"1")
+            pipe.pexpire(self._away_key(user), self._user_ttl_ms)
         await pipe.execute()
 
 

@@ -543,6 +543,36 @@ async def test_an_edge_stops_following_the_channels_its_clients_left(
         await eventually(lambda: typed == [("r1", "carol"), ("r2", "bob")])
 
 
+async def test_a_user_is_away_once_every_edge_of_theirs_has_them_away(where: str) -> None:
+    """`presence.set away` on one edge: other edges answer `presence.get` with `away` only once
+    every edge holding a live session of the user has them away."""
+    async with open_harness(where) as h:
+        a, _ = await h.sessions("edge-a", ttl=TTL)
+        b, b_scope = await h.sessions("edge-b", ttl=TTL)
+        await a.add("alice", "ses_1")
+        await b.add("alice", "ses_2")
+        await a.add("bob", "ses_3")
+        assert await a.presence(["alice", "bob", "carol"]) == {"alice": "online", "bob": "online"}
+        await a.set_away("alice", True)
+        assert await b.presence(["alice"]) == {"alice": "online"}  # her session on b is not
+        await b.set_away("alice", True)
+        assert await b.presence(["alice"]) == {"alice": "away"}
+        await b.set_away("alice", False)
+        assert await a.presence(["alice"]) == {"alice": "online"}
+        await b.remove("alice", "ses_2")  # her last session on b
+        assert await b.presence(["alice"]) == {"alice": "away"}
+        await b.add("alice", "ses_4")  # back on b: b does not have her away
+        assert await a.presence(["alice"]) == {"alice": "online"}
+        b_scope.cancel()  # edge b dies: its sessions lapse
+
+        async def away_on_a_only() -> bool:
+            return await a.presence(["alice"]) == {"alice": "away"}
+
+        await eventually(away_on_a_only, 10 * TTL)
+        await a.remove("alice", "ses_1")
+        assert await a.presence(["alice", "bob"]) == {"bob": "online"}
+
+
 async def test_redis_a_session_whose_removal_failed_is_removed_by_the_heartbeats(
     tmp_path: Path,
 ) -> None:

@@ -411,6 +411,12 @@ async def test_typing_and_presence_cross_edges_through_redis(redis_cluster: Clus
             await a1.ok("typing", room=room)
             ev = await b.event("typing")
             assert (ev["room"], ev["user"]) == (room, alice.id)
+            await a1.ok("presence.set", status="away")
+            assert (await b.event("presence"))["status"] == "away"
+            got = (await b.ok("presence.get", users=[alice.id]))["presence"]
+            assert got == {alice.id: "away"}  # said on her edge, asked on another
+            await a1.ok("presence.set", status="online")
+            assert (await b.event("presence"))["status"] == "online"
             # A second session of alice's on the other edge: she stays online when the first
             # one ends.
             async with _peer(e2, alice.token) as a2:
