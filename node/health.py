@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from quart import Blueprint, Response
 
 from node.metrics import Metric, render
@@ -24,7 +25,10 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
     @bp.get("/readyz")
     async def readyz() -> Response | dict[str, Any]:
         if gateway is not None and gateway.draining:
-            return Response('{"status": "draining"}', status=503, content_type="application/json")
+            return _not_ready({"status": "draining"})
+        stopped = shard.store.stopped if shard is not None else None
+        if stopped is not None:  # appends are refused until the process restarts
+            return _not_ready({"status": "stopped", "reason": stopped.message})
         return {"status": "ready"}
 
     @bp.get("/metrics")
@@ -58,6 +62,12 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
                     counts.refused,
                 ),
                 Metric("gb6_rooms", "gauge", "rooms of this shard", len(shard.rooms)),
+                Metric(
+                    "gb6_store_stopped",
+                    "gauge",
+                    "1 once the store refuses every append for good (see /readyz; restart)",
+                    int(shard.store.stopped is not None),
+                ),
             ]
             store_metrics = getattr(shard.store, "metrics", None)  # the Kafka store's own
             if store_metrics is not None:
@@ -65,3 +75,7 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
         return Response(render(samples), content_type="text/plain; version=0.0.4")
 
     return bp
+
+
+def _not_ready(body: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(body), status=503, content_type="application/json")

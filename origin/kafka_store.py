@@ -217,6 +217,10 @@ class KafkaStore:
 
     # --- lifecycle -----------------------------------------------------------------------
 
+    @property
+    def stopped(self) -> GB6Error | None:
+        return self._dead
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # The sequencer's lookups (two batches' may overlap), recovery's persister, one spare.
         self._pool = await open_pool(self.dsn, self.schema, "gb6-origin-log", 4)

@@ -252,6 +252,7 @@ class PgStore:
         self._idle = trio.Event()
         self._idle.set()
         self.commits = 0  # transactions committed (batches and writes); for metrics and tests
+        self.stopped: GB6Error | None = None  # never: a failed batch fails alone
 
     # --- lifecycle -----------------------------------------------------------------------
 

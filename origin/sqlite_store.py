@@ -274,6 +274,7 @@ class SqliteStore:
         self._idle = trio.Event()
         self._idle.set()
         self.commits = 0  # batches committed; for metrics and tests
+        self.stopped: GB6Error | None = None  # never: a failed batch fails alone
 
     # --- lifecycle -----------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from node.errors import GB6Error
 from node.events import Event
 from origin.records import ApiKey, FileRecord, Instance, Org, OrgMember, RoomRecord, Token, User
 from origin.sqlite_store import AppendCallback, Appended, AppendItem, AppendResult
@@ -48,6 +49,12 @@ class RelationalStore(Protocol):
     @property
     def commits(self) -> int:
         """Batches committed so far (for metrics and tests)."""
+        ...
+
+    @property
+    def stopped(self) -> GB6Error | None:
+        """Why the store refuses every append for good (its log fenced by a newer writer of
+        the shard, or a write's outcome unknown), else None. The process must be restarted."""
         ...
 
     async def run(

@@ -577,6 +577,11 @@ async def test_a_second_origin_of_a_shard_fences_the_first(cluster: Cluster) -> 
         async with _peer(edge, alice.token) as a:
             reply = await a.request("send", room=room, cid="zombie", body={"text": "z"})
         assert reply["op"] == "error" and reply["code"] == "unavailable", reply
+        ready = await trio.to_thread.run_sync(first.admin, "GET", "/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "stopped", ready.text
+        assert "fenced" in ready.json()["reason"]  # for its operator: restart it, or not
+        metrics = (await trio.to_thread.run_sync(first.admin, "GET", "/metrics")).text
+        assert "gb6_store_stopped 1" in metrics
     finally:
         twin.kill()
     # The zombie wrote nothing: PostgreSQL (fed from the log) holds the first message only.
