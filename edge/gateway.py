@@ -725,9 +725,9 @@ class Gateway:
         """A room's events skipped seqs (a bug somewhere upstream): its live subscribers missed
         some, so their connections close and the clients resume from what they have."""
         log("hub_seq_gap", room=room, subscribers=len(missed))
-        outboxes = {id(sub.outbox) for sub in missed}
+        ended = set(missed)
         for conn in list(self.conns):
-            if id(conn.outbox) in outboxes:
+            if conn.subs.get(room) in ended:
                 self._close(conn, CLOSE_INTERNAL, "events missed; resume")
 
     def _on_origin_lost(self, rooms: set[str], instances: set[str]) -> None:
