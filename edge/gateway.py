@@ -327,11 +327,14 @@ class Gateway:
             if peers is not None:
                 peers.discard(conn)
                 last_here = not peers
+                was_away = conn.user in self.away
                 if last_here:
                     del self.by_user[conn.user]
                     self.away.discard(conn.user)
                 if self.shared is not None and self._nursery is not None:
-                    self._nursery.start_soon(self._session_closed, conn.principal, conn.session)
+                    self._nursery.start_soon(
+                        self._session_closed, conn.principal, conn.session, was_away
+                    )
                 elif last_here:
                     self._presence_changed(conn.principal, "offline")
 
@@ -499,7 +502,9 @@ class Gateway:
         if self.shared is not None:
             with trio.move_on_after(FOLLOW_WAIT_S):  # as a room's (see `_validate_subscribe`)
                 await self.shared.follow_instance(principal.instance.id)
-            first = await self.shared.session_opened(principal.id, session)
+            before = await self.shared.session_opened(principal.id, session)
+            # Online now unless every edge of theirs, this one included, has them away.
+            first = before is None or (before == "away" and principal.id not in self.away)
         # Meanwhile the instance may have been suspended or the user deleted or changed: the
         # pushes that said so closed the live connections, not this one.
         current = self.origin.state.principal(principal.id)
@@ -854,21 +859,26 @@ class Gateway:
     async def _set_status(self, conn: Connection, req: p.PresenceSet) -> None:
         who = conn.principal
         assert who is not None
-        was_away = who.id in self.away
-        if req.status == "away" and not was_away:
-            self.away.add(who.id)
-            self._presence_changed(who, "away")
-        elif req.status == "online" and was_away:
-            self.away.discard(who.id)
-            self._presence_changed(who, "online")
-        if self.shared is not None and req.status != ("away" if was_away else "online"):
-            # For `presence.get` on other edges; this edge's own state is already said. Bounded
-            # as a follow is: once queued the write keeps its order, answered or not.
-            with trio.move_on_after(FOLLOW_WAIT_S):
-                try:
-                    await self.shared.sessions.set_away(who.id, who.id in self.away)
-                except GB6Error as exc:
-                    log("presence_share_failed", user=who.id, error=exc.message)
+        away = req.status == "away"
+        if away != (who.id in self.away):
+            if away:
+                self.away.add(who.id)
+            else:
+                self.away.discard(who.id)
+            say: str | None = req.status
+            if self.shared is not None:
+                # Recorded for the other edges; and away is said only once every edge of the
+                # user's has them away. Bounded as a follow is: once queued the write keeps
+                # its order, answered or not (without an answer, this edge's word is said).
+                with trio.move_on_after(FOLLOW_WAIT_S):
+                    try:
+                        await self.shared.sessions.set_away(who.id, away)
+                        if away and await self.shared.status(who.id) == "online":
+                            say = None  # online on another edge
+                    except GB6Error as exc:
+                        log("presence_share_failed", user=who.id, error=exc.message)
+            if say is not None:
+                self._presence_changed(who, say)
         self._reply(conn, req.id)
 
     def _presence_changed(self, who: Principal, status: str) -> None:
@@ -899,14 +909,18 @@ class Gateway:
         except GB6Error as exc:  # the registry's heartbeats remove it later
             log("session_discard_failed", user=user, error=exc.message)
 
-    async def _session_closed(self, who: Principal, session: str | None) -> None:
+    async def _session_closed(self, who: Principal, session: str | None, was_away: bool) -> None:
         assert self.shared is not None
         try:
-            gone = await self.shared.session_closed(who.id, session or "")
+            after = await self.shared.session_closed(who.id, session or "")
         except GB6Error as exc:
             log("session_close_failed", user=who.id, error=exc.message)
             if who.id not in self.by_user:  # "offline" once the registry answers
                 self.shared.recheck(who.id)
             return
-        if gone and who.id not in self.by_user:
+        if who.id in self.by_user:  # sessions here: as they were
+            return
+        if after is None:
             self._presence_changed(who, "offline")
+        elif after == "away" and not was_away:  # the last edge that had them online
+            self._presence_changed(who, "away")

@@ -179,13 +179,18 @@ class SharedSignals:
         data = {"edge": self.edge_id, "kind": "presence", "user": user, "status": status}
         self.pubsub.publish(instance_channel(instance), orjson.dumps(data))
 
-    async def session_opened(self, user: str, session: str) -> bool:
-        """Record the session; True if it is the user's first live one on any edge."""
-        first = not await self.sessions.online(user)
+    async def session_opened(self, user: str, session: str) -> str | None:
+        """Record the session; the user's presence across the edges before it (`online`,
+        `away`, or None: no live session)."""
+        before = (await self.sessions.presence([user])).get(user)
         await self.sessions.add(user, session)
-        return first
+        return before
 
-    async def session_closed(self, user: str, session: str) -> bool:
-        """Forget the session; True if the user has no live session left on any edge."""
+    async def session_closed(self, user: str, session: str) -> str | None:
+        """Forget the session; the user's presence across the edges after it."""
         await self.sessions.remove(user, session)
-        return not await self.sessions.online(user)
+        return (await self.sessions.presence([user])).get(user)
+
+    async def status(self, user: str) -> str | None:
+        """The user's presence across the edges (None: no live session)."""
+        return (await self.sessions.presence([user])).get(user)

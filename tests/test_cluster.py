@@ -431,6 +431,41 @@ async def test_typing_and_presence_cross_edges_through_redis(redis_cluster: Clus
         assert (ev["user"], ev["status"]) == (alice.id, "offline")
 
 
+async def test_a_user_on_two_edges_is_away_once_both_have_them_away(
+    redis_cluster: Cluster,
+) -> None:
+    """Presence is the user's, not each edge's: with a phone and a desktop on two edges, the
+    idle desktop does not make them away to their roommates; both idle does, once."""
+    tenant = redis_cluster.origins[0].create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    e1, e2 = redis_cluster.edges
+
+    async def no_presence_event(peer: Any) -> None:
+        await trio.sleep(0.5)  # what another edge would say has arrived by now
+        await peer.ok("ping")
+        assert [e for e in peer.events if e.get("type") == "presence"] == []
+
+    async with _peer(e2, bob.token) as b:
+        await b.ok("room.create", name="t", kind="chat", members=[alice.id])
+        async with _peer(e1, alice.token) as desktop:
+            assert (await b.event("presence"))["status"] == "online"
+            async with _peer(e2, alice.token) as phone:
+                await desktop.ok("presence.set", status="away")
+                await no_presence_event(b)
+                got = (await b.ok("presence.get", users=[alice.id]))["presence"]
+                assert got == {alice.id: "online"}
+                await phone.ok("presence.set", status="away")
+                assert (await b.event("presence"))["status"] == "away"
+                await phone.ok("presence.set", status="online")
+                assert (await b.event("presence"))["status"] == "online"
+            # The phone, the one session that had her online, is gone.
+            assert (await b.event("presence"))["status"] == "away"
+            got = (await b.ok("presence.get", users=[alice.id]))["presence"]
+            assert got == {alice.id: "away"}
+        assert (await b.event("presence"))["status"] == "offline"
+        await no_presence_event(b)
+
+
 async def test_rate_limit_is_shared_by_the_edges(redis_cluster: Cluster) -> None:
     """Plan `free`: bursts of 100 per user. 80 requests on each of two edges fit each edge's
     own budget, but not the user's one budget across both."""
