@@ -152,10 +152,6 @@ class SessionRegistry(Protocol):
         """The edges holding at least one live session of `user`."""
         ...
 
-    async def online(self, user: str) -> bool:
-        """Whether `user` has a live session on any edge."""
-        ...
-
     async def set_away(self, user: str, away: bool) -> None:
         """Record whether `user` is away on this edge (said by `presence.set`); forgotten once
         their last session here is removed, or this edge's sessions lapse."""
@@ -309,9 +305,6 @@ class LocalSessions:
 
     async def edges_of(self, user: str) -> frozenset[str]:
         return frozenset((await self.locate([user])).get(user, {}).values())
-
-    async def online(self, user: str) -> bool:
-        return bool(await self.locate([user]))
 
 
 # --- ephemeral pub/sub -----------------------------------------------------------------------

@@ -432,8 +432,9 @@ class RedisSessions:
     edge's sessions again. When `run()` ends nothing is deleted: the sessions lapse after
     `ttl`, exactly as a killed edge's do. Writes go through one ordered queue, so a heartbeat
     never revives a session removed before it. A session whose removal failed, or whose add
-    failed or was cancelled once it may have been written, is removed by the heartbeats after
-    it: while this edge lives it would otherwise stay, a ghost that keeps its user online.
+    failed once it may have been written (an add is not cancelled once queued), is removed by
+    the heartbeats after it: while this edge lives it would otherwise stay, a ghost that keeps
+    its user online.
     """
 
     def __init__(
@@ -580,9 +581,6 @@ class RedisSessions:
 
     async def edges_of(self, user: str) -> frozenset[str]:
         return frozenset((await self.locate([user])).get(user, {}).values())
-
-    async def online(self, user: str) -> bool:
-        return bool(await self.locate([user]))
 
     async def _write_batch(self, ops: list[_SessionOp]) -> list[bool]:
         inc = self._incarnation

@@ -249,8 +249,7 @@ async def test_sessions_are_found_from_another_edge(where: str) -> None:
             "bob": {"ses_3": "edge-b"},
         }
         assert await a.edges_of("alice") == {"edge-a", "edge-b"}
-        assert await b.online("bob")
-        assert not await a.online("carol")
+        assert await b.presence(["bob", "carol"]) == {"bob": "online"}  # carol: offline
         assert await b.locate([]) == {}
         # An edge removes only what it holds; removing twice is harmless.
         await a.remove("alice", "ses_2")
@@ -259,7 +258,7 @@ async def test_sessions_are_found_from_another_edge(where: str) -> None:
         await a.remove("alice", "ses_1")
         assert await b.locate(["alice"]) == {"alice": {"ses_2": "edge-b"}}
         await b.remove("alice", "ses_2")
-        assert not await a.online("alice")
+        assert "alice" not in await a.presence(["alice"])
 
 
 async def test_sessions_expire_when_their_edge_stops_heartbeating(where: str) -> None:
@@ -282,7 +281,7 @@ async def test_sessions_expire_when_their_edge_stops_heartbeating(where: str) ->
         a_scope.cancel()  # edge-a "dies": nobody removes its sessions
 
         async def alice_gone() -> bool:
-            return not await b.online("alice")
+            return "alice" not in await b.presence(["alice"])
 
         await eventually(alice_gone, within=10 * TTL)
         assert await b.locate(["bob"]) == {"bob": {"ses_3": "edge-b"}}
@@ -293,7 +292,7 @@ async def test_sessions_expire_when_their_edge_stops_heartbeating(where: str) ->
 
         # edge-a comes back under the same name: a new incarnation revives nothing.
         a2, _ = await h.sessions("edge-a", ttl=TTL)
-        assert not await a2.online("alice")
+        assert "alice" not in await a2.presence(["alice"])
         await a2.add("alice", "ses_6")
         assert await b.locate(["alice"]) == {"alice": {"ses_6": "edge-a"}}
 
@@ -308,7 +307,7 @@ async def test_redis_sessions_are_written_again_after_redis_lost_them(redis_url:
         await a.add("alice", "ses_2")
         await a.remove("alice", "ses_2")
         assert await aio_as_trio(_delete_prefixed)(h.admin, h.prefix) == 2  # edge key, user key
-        assert not await a.online("alice")
+        assert "alice" not in await a.presence(["alice"])
 
         async def back() -> bool:
             return await a.locate(["alice"]) == {"alice": {"ses_1": "edge-a"}}
