@@ -648,12 +648,14 @@ class Gateway:
         if old is not None:
             self.hubs.release(old)
         hub = self.hubs.ensure(req.room, room.head)
-        self._reply(conn, req.id, {"room": req.room, "head": hub.head})
         # The scope exists before the task starts, so a release that comes first (an
-        # unsubscribe or a new subscribe in the same read) still cancels it.
+        # unsubscribe or a new subscribe in the same read) still cancels it. The subscription
+        # is the hub's before the reply goes out (`write` may send it at once): a typing signal
+        # sent by a client that saw the reply reaches this one.
         sub = Subscription(req.room, who.id, conn.outbox, scope=trio.CancelScope())
         conn.subs[req.room] = sub
         hub.catching.add(sub)
+        self._reply(conn, req.id, {"room": req.room, "head": hub.head})
         conn.nursery.start_soon(self._catch_up, conn, sub, req.after)
 
     async def _validate_subscribe(self, conn: Connection, req: p.Subscribe) -> RoomState:

@@ -102,7 +102,9 @@ class RoomHub:
             await self._advanced.park()
 
     def write_ephemeral(self, frame: bytes, skip_user: str | None = None) -> None:
-        for sub in self.live:
+        """Write an unsequenced frame (typing, receipt, membership) to every subscriber, those
+        still catching up included: they subscribed, and such a frame has no later replay."""
+        for sub in (*self.live, *self.catching):
             if sub.user != skip_user:
                 sub.outbox.write(frame)
 

@@ -368,3 +368,47 @@ async def test_catch_ups_of_many_rooms_share_one_outbox_within_its_bound() -> No
         seqs.setdefault(event["room"], []).append(event["seq"])
         pos += n
     assert seqs == {room: [1, 2, 3, 4, 5] for room in rooms}
+
+
+async def test_a_subscriber_still_catching_up_gets_typing_and_receipts() -> None:
+    """Typing and receipts have no replay: a subscriber whose catch-up is still reading the
+    store when they happen gets them all the same (a client that saw the subscribe reply, and
+    tells another to type, must see the typing)."""
+    from edge.hub import Hubs, Subscription
+    from edge.outbox import Outbox
+    from node.events import Event
+
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    outbox = Outbox(server, limit=1 << 20)
+    hubs = Hubs(cache_size=2, cache_bytes=1 << 20, idle_max=100)
+    hub = hubs.ensure("r", 0)
+    hub.publish([Event("r", seq, 0, "message", "u", f"c{seq}", {"t": "x"}) for seq in (1, 2, 3)])
+    store_read = trio.Event()
+    answer = trio.Event()
+
+    async def slow_store(room: str, after: int, limit: int) -> list[Event]:
+        store_read.set()
+        await answer.wait()
+        return [Event("r", 1, 0, "message", "u", "c1", {"t": "x"})]
+
+    sub = Subscription("r", "bob", outbox, scope=trio.CancelScope())
+    hub.catching.add(sub)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outbox.run_writer)
+        nursery.start_soon(hubs.catch_up, sub, 0, slow_store, 500, 48 << 10)
+        with trio.fail_after(5):
+            await store_read.wait()  # seq 1 left the cache: the catch-up reads the store
+        hub.write_ephemeral(b"typing-of-alice", skip_user="alice")
+        hub.write_ephemeral(b"typing-of-bob", skip_user="bob")
+        answer.set()
+        with trio.fail_after(5):
+            while not sub.live:  # noqa: ASYNC110 - the catch-up task makes it live
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    server.close()
+    received = client.recv(1 << 16)
+    client.close()
+    assert received.startswith(b"typing-of-alice")
+    assert b"typing-of-bob" not in received
+    assert received.count(b'"seq":') == 3  # and the catch-up after it, whole
