@@ -182,6 +182,14 @@ class Config:
             attrs.validators.in_(range(1, MAX_PARTITIONS + 1)),
         ],
     )
+    # How long the shard's producer waits for the broker to commit (or abort) a batch. Past it
+    # the batch's outcome is unknown: its ops are `unavailable` and the shard recovers in place
+    # (origin/kafka_store.py), refusing appends meanwhile.
+    kafka_commit_timeout_s: float = attrs.field(
+        default=30.0,
+        converter=float,
+        validator=[attrs.validators.ge(1.0), attrs.validators.le(300.0)],
+    )
     # `[regions]`: region → the origin shards that serve it (an instance's data lives only on
     # shards of its region). Empty: the node's region is served by its own shard alone.
     regions: dict[str, tuple[str, ...]] = attrs.field(factory=dict)
@@ -235,6 +243,7 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
         ("kafka_bootstrap", "kafka_bootstrap"),
         ("kafka_topic", "kafka_topic"),
         ("kafka_partitions", "kafka_partitions"),
+        ("kafka_commit_timeout_s", "kafka_commit_timeout_s"),
     ):
         if key in store:
             kwargs[name] = store[key]

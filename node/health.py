@@ -27,7 +27,7 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
         if gateway is not None and gateway.draining:
             return _not_ready({"status": "draining"})
         stopped = shard.store.stopped if shard is not None else None
-        if stopped is not None:  # appends are refused until the process restarts
+        if stopped is not None:  # appends are refused: fenced, or recovering
             return _not_ready({"status": "stopped", "reason": stopped.message})
         return {"status": "ready"}
 
@@ -65,7 +65,7 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
                 Metric(
                     "gb6_store_stopped",
                     "gauge",
-                    "1 once the store refuses every append for good (see /readyz; restart)",
+                    "1 while the store refuses appends: fenced, or recovering (see /readyz)",
                     int(shard.store.stopped is not None),
                 ),
             ]

@@ -28,7 +28,8 @@ Rules:
   until `commit_timeout_s`; an abortable failure is aborted (`LogAborted`: read_committed
   consumers never see the batch, and the next batch may reuse its seqs); a fenced producer
   raises `LogFenced` and refuses every later batch; anything else leaves the outcome unknown,
-  and the writer refuses every later batch until its owner restarts it.
+  and the writer refuses every later batch: its owner starts a new one (whose
+  `init_transactions` settles the transaction left open) and learns the outcome from the log.
 """
 
 from __future__ import annotations
@@ -205,6 +206,11 @@ class KafkaLog:
             self._queue.put(_STOP)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(thread.join)
+
+    @property
+    def serving(self) -> bool:
+        """Whether batches can be appended: started, not stopped, neither fenced nor failed."""
+        return not self._closed and self._dead is None
 
     # --- appends -------------------------------------------------------------------------
 

@@ -25,8 +25,17 @@ Rules:
   cids, filled in by the key loader task), plans, appends the batch as one transaction, and calls
   `on_appended` once it committed, in commit order. `LogAborted`: the same records are tried
   again (their seqs reused, so no gap and no duplicate), at most `_ATTEMPTS` times, then every
-  new op of the batch is `unavailable` and the next batch takes the seqs. `LogFenced` or an
-  unknown outcome: the store refuses every later append (`unavailable`) — a zombie never writes.
+  new op of the batch is `unavailable` and the next batch takes the seqs. `LogFenced`: the store
+  refuses every later append (`unavailable`) — a zombie never writes.
+- An unknown outcome (the broker did not answer the commit, nor the abort, within the commit
+  timeout): the batch's ops are `unavailable` and the store refuses appends while it recovers
+  in place, as at start but without a restart: once every op taken is answered, a new producer
+  takes the transactional id (which settles the transaction left open: committed or aborted);
+  the persister writes the log to its end; the sequencer starts afresh (its heads, resend
+  filters and unpersisted entries come from PostgreSQL again); if the batch turned out
+  committed, its events go to `on_recovered` (the shard publishes them: they were not answered
+  as appended, but they are the log's). A failed attempt is tried again after 1 s, doubling to
+  30 s.
 - Pipelined, one transaction at a time: while batch N's transaction commits (in its own task),
   the sequencer takes batch N+1 — at once when a whole batch (`writer_batch`) waits, else once N
   is done, so that a light load still fills each transaction with what arrived while the
@@ -57,7 +66,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from math import inf
 from typing import TYPE_CHECKING, Any, Final
 
@@ -75,7 +84,7 @@ from origin.kafka_consumer import KafkaLogConsumer
 from origin.kafka_log import KafkaLog, LogWithdrawn
 from origin.kafka_sequencer import Lookup, Needs, Plan, Sequencer, Target
 from origin.kafka_tail import committed_records_after
-from origin.log_port import LogAborted, LogBatch, writer_id
+from origin.log_port import LogAborted, LogBatch, LogFenced, writer_id
 from origin.persister_main import Settings
 from origin.persister_process import PersisterProcess
 from origin.pg_append import HEADS, PRIORS
@@ -100,6 +109,7 @@ _MAX_UNPERSISTED: Final = 200_000
 _READ_WAIT_S: Final = 10.0
 _DRAIN_IDLE_S: Final = 0.2  # recovery: a quiet consumer this long means "ask the broker again"
 _COMMAND_TIMEOUT_S: Final = 30.0
+_RECOVERY_READ_S: Final = 120.0  # an in-place recovery's wait for the persister, per attempt
 _CLOSE_TIMEOUT_S: Final = 10.0
 
 _ROOMS: Final = "SELECT id, instance FROM rooms WHERE id = ANY($1::text[])"
@@ -162,6 +172,13 @@ class _Inflight:
     settled: bool = False  # its answers were given out (`_finish`): never twice
 
 
+def _in(plan: Plan, heads: Mapping[str, int]) -> bool:
+    """Whether PostgreSQL's `heads`, read once the whole log is in it, hold `plan`'s events (a
+    transaction is all or nothing: its first room says)."""
+    room, head = next(iter(plan.heads.items()))
+    return heads.get(room, 0) >= head
+
+
 def _ignore(_: Any) -> None:
     """PgStore's append callback: never called, appends go through Kafka."""
 
@@ -185,26 +202,36 @@ class KafkaStore:
         *,
         schema: str = "gb6",
         partitions: int = 1,
+        commit_timeout_s: float = 30.0,
     ) -> None:
         if not bootstrap or not topic or not shard:
             raise GB6Error(INVALID, "the kafka store needs kafka_bootstrap, a topic and a shard")
         self.pg = PgStore(dsn, limits, _ignore, schema=schema)
-        self.log = KafkaLog(bootstrap, topic, writer_id(shard), partitions=partitions)
+        self._shard = shard
+        self._partitions = partitions
+        self._commit_timeout_s = commit_timeout_s
         self.dsn = dsn
         self.bootstrap = bootstrap
         self.topic = topic
+        self.log = self._new_log()
         self.schema = schema
         self.limits = limits
         self._on_appended = on_appended
+        # Events of a batch whose outcome was unknown, found committed by an in-place recovery.
+        self.on_recovered: Callable[[list[Event]], None] = lambda events: None
         self._seq = Sequencer(limits.key_filter_bytes)
         self._keys_wanted = trio.Event()  # set when a room's filter waits for its keys
         self._pool: Any = None
         self.persister: PersisterProcess | None = None  # once recovered
         self._log_scope = trio.CancelScope(shield=True)
+        self._log_ended = trio.Event()
         self._slots = trio.Semaphore(limits.max_inflight_appends)
         self._send, self._recv = trio.open_memory_channel[AppendItem](limits.max_inflight_appends)
         self._closed = True  # until run serves
-        self._dead: GB6Error | None = None  # fenced, or the log's outcome unknown: final
+        self._dead: GB6Error | None = None  # appends refused: fenced (final), or recovering
+        self._unknown: list[Plan] = []  # batches whose outcome the recovery learns
+        self._recovery_wanted = trio.Event()
+        self.recoveries = 0  # in-place recoveries done; for metrics and tests
         self._inflight = 0
         self._carry: list[AppendItem] = []  # the sequencer's ops not yet in a batch, once it ended
         self._idle = trio.Event()
@@ -216,6 +243,15 @@ class KafkaStore:
         self.keys_asked = 0  # op keys looked up in PostgreSQL (no filter ruled them out); same
 
     # --- lifecycle -----------------------------------------------------------------------
+
+    def _new_log(self) -> KafkaLog:
+        return KafkaLog(
+            self.bootstrap,
+            self.topic,
+            writer_id(self._shard),
+            partitions=self._partitions,
+            commit_timeout_s=self._commit_timeout_s,
+        )
 
     @property
     def stopped(self) -> GB6Error | None:
@@ -261,13 +297,18 @@ class KafkaStore:
             inner.start_soon(self._sequencer)
             inner.start_soon(self._key_loader)
             inner.start_soon(self._heads_after_restarts)
+            inner.start_soon(self._recoveries, nursery)
             task_status.started()
             await trio.sleep_forever()
 
     async def _run_log(self, *, task_status: trio.TaskStatus[None]) -> None:
         # Shielded from the store's cancellation; `run` cancels it once queued ops are in.
-        with self._log_scope:
-            await self.log.run(task_status=task_status)
+        scope, ended = self._log_scope, self._log_ended
+        try:
+            with scope:
+                await self.log.run(task_status=task_status)
+        finally:
+            ended.set()
 
     async def _recover(
         self, consumer: KafkaLogConsumer, persister: PgPersister, offsets: Mapping[int, int]
@@ -295,6 +336,72 @@ class KafkaStore:
             resume = dict(persister.offsets)
         if persister.batches:
             log("log_recovered", topic=self.topic, batches=persister.batches)
+
+    async def _recoveries(self, nursery: trio.Nursery) -> None:
+        """Recover in place after each unknown outcome, until it succeeds (see the module doc).
+        `nursery` is the store's: the new log outlives the sequencer at shutdown, as the first."""
+        first_pause, most_pause = _KEYS_RETRY_S
+        while True:
+            await self._recovery_wanted.wait()
+            self._recovery_wanted = trio.Event()
+            pause = first_pause
+            while True:
+                try:
+                    await self._recover_in_place(nursery)
+                    break
+                except GB6Error as exc:
+                    log("log_recovery_failed", topic=self.topic, error=exc.message)
+                    await trio.sleep(pause)
+                    pause = min(2 * pause, most_pause)
+
+    async def _recover_in_place(self, nursery: trio.Nursery) -> None:
+        await self._idle.wait()  # appends are refused: the sequencer answers what it took
+        if not self.log.serving:
+            self._log_scope.cancel()
+            await self._log_ended.wait()  # one producer at a time
+            self.log = self._new_log()
+            self._log_scope, self._log_ended = trio.CancelScope(shield=True), trio.Event()
+            # Its init_transactions fences the old producer and settles what it left open.
+            await nursery.start(self._run_log)
+        with trio.move_on_after(_RECOVERY_READ_S) as reading:
+            while True:  # until PostgreSQL holds the whole log
+                offsets: dict[int, int] = await self._call(
+                    prepare, "reading the persister's offsets", self._pool, self.topic, "persister"
+                )
+                if not await trio.to_thread.run_sync(
+                    committed_records_after, self.bootstrap, self.topic, offsets
+                ):
+                    break
+                with trio.move_on_after(_DRAIN_IDLE_S):
+                    await self._progress.wait()
+        if reading.cancelled_caught:
+            raise GB6Error(UNAVAILABLE, f"the persister did not reach the end of {self.topic}")
+        unknown = self._unknown
+        rooms = frozenset(room for plan in unknown for room in plan.heads)
+        none: frozenset[Any] = frozenset()
+        found = await self._lookup(Needs(none, rooms, none, none)) if rooms else Lookup()
+        committed = [plan for plan in unknown if _in(plan, found.heads)]
+        fresh = Sequencer(self.limits.key_filter_bytes)
+        fresh.instances, fresh.last_ts = self._seq.instances, self._seq.last_ts  # rooms never move
+        self._seq = fresh  # what it needs, it asks PostgreSQL, which holds the whole log
+        self._unknown = []
+        self.recoveries += 1
+        log(
+            "log_recovered_in_place",
+            topic=self.topic,
+            batches=len(unknown),
+            committed=len(committed),
+        )
+        for plan in committed:
+            made = {(e.room, e.seq) for e in plan.keys.values()}
+            self.on_recovered(
+                [
+                    r.event
+                    for _, r in plan.results
+                    if isinstance(r, Appended) and (r.event.room, r.event.seq) in made
+                ]
+            )
+        self._dead = None
 
     def _persisted(self, heads: Mapping[str, int]) -> None:
         for room, seq in heads.items():
@@ -372,6 +479,12 @@ class KafkaStore:
                 len(state.behind()),
             ),
             Metric(
+                "gb6_log_recoveries_total",
+                "counter",
+                "in-place recoveries from a log write whose outcome was unknown",
+                self.recoveries,
+            ),
+            Metric(
                 "gb6_persister_restarts_total",
                 "counter",
                 "restarts of the persister's child process",
@@ -386,10 +499,10 @@ class KafkaStore:
         30 s, while the rooms behind it load. Failures in a row, whatever their rooms, also
         pause the loader, for as long, so a PostgreSQL that is down is asked rarely. A filter
         given up for the memory budget is not loaded on."""
-        filters = self._seq.key_filters
         first_pause, most_pause = _KEYS_RETRY_S
         pause = first_pause
         while True:
+            filters = self._seq.key_filters  # a recovery in place replaces them
             found = filters.next_to_load(trio.current_time())
             if found is None:
                 self._keys_wanted = trio.Event()
@@ -472,10 +585,9 @@ class KafkaStore:
         """Wait while the sequencer's memory holds more than `_MAX_UNPERSISTED` entries that
         PostgreSQL lacks. Pruned before each wait: entries the persister reported while the
         sequencer looked elsewhere would otherwise be waited on for a report that never comes."""
-        unpersisted = self._seq.unpersisted
-        while len(unpersisted) > _MAX_UNPERSISTED:
-            unpersisted.prune()
-            if len(unpersisted) > _MAX_UNPERSISTED:
+        while len(self._seq.unpersisted) > _MAX_UNPERSISTED:
+            self._seq.unpersisted.prune()
+            if len(self._seq.unpersisted) > _MAX_UNPERSISTED:
                 await self._progress.wait()
 
     async def _step(
@@ -632,9 +744,12 @@ class KafkaStore:
             except LogAborted as exc:
                 log("log_batch_aborted", topic=self.topic, attempt=attempt, error=exc.message)
                 failure: GB6Error = exc
-            except GB6Error as exc:  # fenced, or the outcome is unknown: never write again
+            except GB6Error as exc:  # fenced (final), or the outcome is unknown (recovered)
                 log("log_writer_stopped", topic=self.topic, error=exc.message)
                 self._dead = GB6Error(UNAVAILABLE, f"this shard stopped appending: {exc.message}")
+                if not isinstance(exc, LogFenced):
+                    self._unknown.append(plan)
+                    self._recovery_wanted.set()
                 return self._dead
         return GB6Error(
             UNAVAILABLE, f"the log refused the batch (resend with the same cid): {failure.message}"
@@ -712,9 +827,8 @@ class KafkaStore:
 
     async def _caught_up(self, rooms: Iterable[str]) -> None:
         wanted = list(rooms)
-        state = self._seq.unpersisted
         with trio.move_on_after(_READ_WAIT_S):
-            while not state.caught_up(wanted):
+            while not self._seq.unpersisted.caught_up(wanted):  # replaced by a recovery
                 await self._progress.wait()
             return
         raise GB6Error(

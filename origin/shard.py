@@ -96,7 +96,9 @@ class OriginShard:
                 self._on_appended,
                 schema=config.pg_schema,
                 partitions=config.kafka_partitions,
+                commit_timeout_s=config.kafka_commit_timeout_s,
             )
+            self.store.on_recovered = self._on_recovered
         else:
             self.store = SqliteStore(config.data_dir / "gb6.db", config.limits, self._on_appended)
         self.blobs = LocalBlobStore(config.data_dir / "blobs")
@@ -484,8 +486,16 @@ class OriginShard:
         with self.publish_context():
             self._publish(results)
 
+    def _on_recovered(self, events: list[Event]) -> None:
+        """Events of a batch whose ops were answered `unavailable` (the log's outcome was
+        unknown) that the store's recovery found committed: they are the rooms' next events,
+        so they go out as any (a resend of one gets it as a repeat)."""
+        self.counts.appended += len(events)
+        with self.publish_context():
+            self._publish_events(events)
+
     def _publish(self, results: list[tuple[AppendItem, AppendResult]]) -> None:
-        fresh: dict[str, list[Event]] = {}
+        fresh: list[Event] = []
         counts = self.counts
         for _item, result in results:
             if not isinstance(result, Appended):
@@ -494,14 +504,8 @@ class OriginShard:
                 counts.repeats += 1
             else:
                 counts.appended += 1
-                ev = result.event
-                fresh.setdefault(ev.room, []).append(ev)
-        for room_id, events in fresh.items():
-            state = self.rooms.get(room_id)
-            if state is not None:
-                state.head = events[-1].seq
-            for listener in self.event_listeners:
-                listener(room_id, events)
+                fresh.append(result.event)
+        self._publish_events(fresh)
         for item, result in results:
             if item.type == "message":  # the `take` in `append`
                 room = self.rooms.get(item.room)
@@ -509,6 +513,18 @@ class OriginShard:
                     kept = isinstance(result, Appended) and not result.duplicate
                     self.quotas.settle(room.record.instance, "messages", 1, keep=kept)
             item.reply(result)
+
+    def _publish_events(self, events: list[Event]) -> None:
+        """Hand new events (each room's in seq order) to the listeners; heads move on."""
+        by_room: dict[str, list[Event]] = {}
+        for ev in events:
+            by_room.setdefault(ev.room, []).append(ev)
+        for room_id, evs in by_room.items():
+            state = self.rooms.get(room_id)
+            if state is not None:
+                state.head = evs[-1].seq
+            for listener in self.event_listeners:
+                listener(room_id, evs)
 
     async def events_after(self, room_id: str, after: int, limit: int) -> list[Event]:
         return await self.store.events_after(room_id, after, limit)

@@ -53,8 +53,9 @@ class RelationalStore(Protocol):
 
     @property
     def stopped(self) -> GB6Error | None:
-        """Why the store refuses every append for good (its log fenced by a newer writer of
-        the shard, or a write's outcome unknown), else None. The process must be restarted."""
+        """Why the store refuses appends, else None: for good once its log was fenced by a
+        newer writer of the shard (this process must not write again), or until it recovered
+        in place from a write whose outcome was unknown."""
         ...
 
     async def run(

@@ -334,3 +334,62 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
         yield redis
     finally:
         redis.stop()
+
+
+def listening_pid(address: str) -> int | None:
+    """The pid of the process on this machine listening on TCP `address` (host:port), if this
+    user may see it (root sees all)."""
+    import psutil
+
+    port = int(address.rsplit(":", 1)[1])
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return int(conn.pid)
+    return None
+
+
+def broker_pid(bootstrap: str) -> int:
+    """The pid of the Kafka broker at `bootstrap`, which runs on this machine."""
+    pid = listening_pid(bootstrap)
+    assert pid is not None, f"no process of this machine listens on {bootstrap}"
+    return pid
+
+
+@contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The process `pid` stopped (SIGSTOP: its sockets stay open and answer nothing) for the
+    block, and continued after it, whatever happens."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def wait_uncommitted(bootstrap: str, topic: str, room_id: str, seq: int) -> None:
+    """Return once the broker holds `room_id`'s record of `seq`, committed or not (blocking)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from origin.kafka_log import SEQ_HEADER, decode_seq
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "gb6-test-uncommitted",  # assign only: never joined
+            "enable.auto.commit": False,
+            "isolation.level": "read_uncommitted",
+        }
+    )
+    try:
+        parts = consumer.list_topics(topic, 10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.05)
+            if msg is None or msg.error() is not None or msg.key() != room_id.encode():
+                continue
+            if decode_seq(dict(msg.headers() or [])[SEQ_HEADER]) == seq:
+                return
+        raise AssertionError(f"seq {seq} of {room_id} did not reach the broker")
+    finally:
+        consumer.close()

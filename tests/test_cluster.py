@@ -14,15 +14,26 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import httpx
 import psutil
 import pytest
 import trio
+import trio_asyncio
 from services import require
+from trio_asyncio import aio_as_trio
 
 from edge.shared_signals import SWEEP_S
 from node.client import Client
-from tests.conftest import Node, OwnRedis, Tenant, connect
+from tests.conftest import (
+    Node,
+    OwnRedis,
+    Tenant,
+    broker_pid,
+    connect,
+    frozen,
+    wait_uncommitted,
+)
 
 SECRET = "test-link-secret-0123456789"
 S1_PARTITIONS = 3
@@ -56,6 +67,7 @@ class Cluster:
         redis_url: str = "",
         kv: str = "",
         kafka: str | None = None,
+        origin_toml: str = "",
     ) -> None:
         self.base = base
         self.pg_dsn = pg_dsn
@@ -75,7 +87,7 @@ class Cluster:
                 store += f'kafka_bootstrap = "{kafka}"\nkafka_topic = "{topic}"\n'
                 if i == 1:  # s1 on several partitions, s2 on the default (one)
                     store += f"kafka_partitions = {S1_PARTITIONS}\n"
-            conf = _config(base, [], store, name=f"s{i}", kv=kv)
+            conf = _config(base, [], store + origin_toml, name=f"s{i}", kv=kv)
             self.origins.append(
                 Node(
                     base / f"s{i}",
@@ -771,3 +783,68 @@ async def test_a_room_followed_while_redis_was_down_is_followed_once_it_is_back(
     finally:
         own_redis.stop()
         c.stop()
+
+
+@pytest.fixture
+def slow_commit_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Kafka shards that give up on a commit after 4 s, and ask PostgreSQL about every cid (no
+    resend filter), with one edge."""
+    dsn, kafka = require("postgres"), require("kafka")
+    extra = "kafka_commit_timeout_s = 4\n[limits]\nkey_filter_bytes = 0\n"
+    c = Cluster(tmp_path, dsn, kafka=kafka, origin_toml=extra)
+    try:
+        c.edge()
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_an_origin_serves_again_once_kafka_answers_and_publishes_what_it_committed(
+    slow_commit_cluster: Cluster,
+) -> None:
+    """The broker holds a send's record and stops answering before the commit reaches it: the
+    send is `unavailable` and the origin says it stopped (/readyz). Once the broker is back (and
+    commits it), the origin serves again without a restart: the message reaches the room's
+    subscriber in place, a resend of its cid gets its seq, and seqs go on gapless."""
+    c = slow_commit_cluster
+    assert c.kafka is not None and c.pg_dsn is not None
+    s1, edge = c.origins[0], c.edges[0]
+    tenant = s1.create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    pid = broker_pid(c.kafka)
+    async with trio_asyncio.open_loop(), _peer(edge, alice.token) as a, _peer(edge, bob.token) as b:
+        room = (await a.ok("room.create", name="k", kind="chat", members=[bob.id]))["room"]["id"]
+        await b.ok("subscribe", room=room, after=0)
+        assert (await a.ok("send", room=room, cid="m1", body={"text": "1"}))["seq"] == 1
+        assert (await b.event("message"))["seq"] == 1
+        lock = await aio_as_trio(asyncpg.connect)(c.pg_dsn, timeout=10)
+        try:
+            await aio_as_trio(lock.execute)("BEGIN")
+            # The send's check (a resend?) waits on this lock; its record is written meanwhile.
+            await aio_as_trio(lock.execute)(
+                f'LOCK TABLE "{c.schemas[0]}".event_keys IN ACCESS EXCLUSIVE MODE'
+            )
+            await a.send({"op": "send", "id": "u", "room": room, "cid": "u", "body": {"text": "2"}})
+            await trio.to_thread.run_sync(wait_uncommitted, c.kafka, c.topics[0], room, 2)
+            with frozen(pid):
+                await aio_as_trio(lock.execute)("ROLLBACK")  # the check says: commit
+                a.timeout = 30.0  # the commit's 4 s, then the abort's
+                reply = await a.recv()
+                assert (reply["op"], reply["re"], reply["code"]) == ("error", "u", "unavailable")
+                ready = await trio.to_thread.run_sync(s1.admin, "GET", "/readyz")
+                assert ready.status_code == 503 and ready.json()["status"] == "stopped"
+        finally:
+            await aio_as_trio(lock.close)()
+        with trio.fail_after(120):
+            while (await trio.to_thread.run_sync(s1.admin, "GET", "/readyz")).status_code != 200:  # noqa: ASYNC110 - polled
+                await trio.sleep(0.2)
+        metrics = await trio.to_thread.run_sync(_metrics, s1)
+        assert (metrics["gb6_log_recoveries_total"], metrics["gb6_store_stopped"]) == (1, 0)
+        b.timeout = 30.0
+        event = await b.event("message")  # in place: bob's connection was not closed
+        assert (event["seq"], event["cid"]) == (2, "u")
+        assert (await a.ok("send", room=room, cid="u", body={"text": "2"}))["seq"] == 2
+        assert (await a.ok("send", room=room, cid="m3", body={"text": "3"}))["seq"] == 3
+        assert (await b.event("message"))["seq"] == 3
+        history = (await a.ok("history", room=room, limit=10))["messages"]
+        assert [(m["seq"], m["cid"]) for m in history] == [(1, "m1"), (2, "u"), (3, "m3")]

@@ -40,6 +40,7 @@ from origin.pg_store import PgStore
 from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
 from origin.sqlite_store import SqliteStore, now_ms
 from origin.store_port import Appended, AppendItem, AppendResult, RelationalStore
+from tests.conftest import broker_pid, frozen, wait_uncommitted
 
 LIMITS = Limits(max_inflight_appends=2_000, writer_batch=500)
 Batch = list[tuple[AppendItem, AppendResult]]
@@ -1543,3 +1544,117 @@ async def test_kafka_a_second_store_of_the_shard_fences_the_first(kafka_backend:
             (2, "m2"),
         ]
         nursery.cancel_scope.cancel()
+
+
+async def test_kafka_a_batch_whose_outcome_is_unknown_is_learned_and_the_shard_serves_again(
+    kafka_backend: Backend,
+) -> None:
+    """The broker stops answering during a commit, past the commit timeout and the abort's: the
+    batch's op is `unavailable`, the store refuses appends and says it stopped. Once the broker
+    is back, the store recovers without a restart: the transaction left open is settled
+    (committed or aborted, either may happen), and the shard goes on with no gap and no
+    duplicate; if the batch was committed, its event is handed to `on_recovered` (the shard
+    publishes it) and a resend of its cid gets it as a repeat."""
+    pid = broker_pid(kafka_backend.bootstrap)
+    store = _store_with_commit_timeout(kafka_backend, LIMITS, 2.0)
+    recovered: list[Event] = []
+    store.on_recovered = recovered.extend
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            await nursery.start(store.run)
+        t = await tenant(store)
+        r = await room(store, t)
+        assert (await append(store, item(r, t.alice, "m1"))).event.seq == 1
+        with frozen(pid):
+            result = await submit(store, item(r, t.alice, "unknown"))
+            with trio.fail_after(30):
+                await store.wait_idle()
+            with pytest.raises(GB6Error) as info:
+                result().unwrap()
+            assert info.value.code == UNAVAILABLE
+            assert "stopped appending" in info.value.message
+            assert store.stopped is not None
+            with pytest.raises(GB6Error):  # refused at once while it recovers
+                await store.submit_append(item(r, t.alice, "meanwhile"))
+        with trio.fail_after(120):
+            while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
+                await trio.sleep(0.1)
+        assert store.recoveries == 1
+        again = await append(store, item(r, t.alice, "unknown"))
+        after = await append(store, item(r, t.alice, "m3"))
+        events = await store.events_after(r, 0, 10)
+        assert seqs(events) == list(range(1, len(events) + 1))
+        assert sorted(e.cid for e in events) == sorted({"m1", "unknown", "m3"})
+        if recovered:  # the unknown batch had committed: it is the room's seq 2
+            assert [(e.seq, e.cid) for e in recovered] == [(2, "unknown")]
+            assert again.duplicate and again.event.seq == 2 and after.event.seq == 3
+        else:  # it had not: the resend is new, and takes seq 2
+            assert not again.duplicate and again.event.seq == 2 and after.event.seq == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_kafka_a_batch_committed_while_its_outcome_was_unknown_is_published_once_learned(
+    kafka_backend: Backend,
+) -> None:
+    """The broker has a batch's records and stops answering before the commit request arrives:
+    the commit and the abort time out (the op is `unavailable`), and the broker, once back,
+    commits it. The recovery learns that from the log: the event goes to `on_recovered` once,
+    in place, and a resend of its cid gets it as a repeat."""
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    pid = broker_pid(kafka_backend.bootstrap)
+    # Every cid is asked of PostgreSQL (no resend filter): the batch is written while its
+    # check runs, and the check waits on a lock the test holds.
+    store = _store_with_commit_timeout(kafka_backend, attrs.evolve(LIMITS, key_filter_bytes=0), 4.0)
+    recovered: list[Event] = []
+    store.on_recovered = recovered.extend
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            await nursery.start(store.run)
+        t = await tenant(store)
+        r = await room(store, t)
+        assert (await append(store, item(r, t.alice, "m1"))).event.seq == 1
+        lock = await aio_as_trio(asyncpg.connect)(kafka_backend.dsn, timeout=10)
+        try:
+            await aio_as_trio(lock.execute)("BEGIN")
+            await aio_as_trio(lock.execute)(
+                f'LOCK TABLE "{kafka_backend.schema}".event_keys IN ACCESS EXCLUSIVE MODE'
+            )
+            result = await submit(store, item(r, t.alice, "committed"))
+            await trio.to_thread.run_sync(
+                wait_uncommitted, kafka_backend.bootstrap, kafka_backend.topic, r, 2
+            )
+            with frozen(pid):
+                await aio_as_trio(lock.execute)("ROLLBACK")  # the check says: commit
+                with trio.fail_after(30):
+                    await store.wait_idle()
+                with pytest.raises(GB6Error) as info:
+                    result().unwrap()
+                assert "stopped appending" in info.value.message
+        finally:
+            await aio_as_trio(lock.close)()
+        with trio.fail_after(120):
+            while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
+                await trio.sleep(0.1)
+        assert [(e.seq, e.cid) for e in recovered] == [(2, "committed")]
+        again = await append(store, item(r, t.alice, "committed"))
+        assert again.duplicate and again.event.seq == 2
+        assert (await append(store, item(r, t.alice, "m3"))).event.seq == 3
+        events = await store.events_after(r, 0, 10)
+        assert [(e.seq, e.cid) for e in events] == [(1, "m1"), (2, "committed"), (3, "m3")]
+        nursery.cancel_scope.cancel()
+
+
+def _store_with_commit_timeout(backend: Backend, limits: Limits, timeout_s: float) -> KafkaStore:
+    """A Kafka store on `backend`'s schema and topic, as a shard of its own."""
+    return KafkaStore(
+        backend.dsn,
+        backend.bootstrap,
+        backend.topic,
+        f"u{uuid.uuid4().hex[:12]}",
+        limits,
+        Recorder(),
+        schema=backend.schema,
+        partitions=2,
+        commit_timeout_s=timeout_s,
+    )
