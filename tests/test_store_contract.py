@@ -1556,15 +1556,8 @@ async def test_kafka_a_batch_whose_outcome_is_unknown_is_learned_and_the_shard_s
     duplicate; if the batch was committed, its event is handed to `on_recovered` (the shard
     publishes it) and a resend of its cid gets it as a repeat."""
     pid = broker_pid(kafka_backend.bootstrap)
-    store = _store_with_commit_timeout(kafka_backend, LIMITS, 2.0)
-    recovered: list[Event] = []
-    store.on_recovered = recovered.extend
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        with trio.fail_after(30):
-            await nursery.start(store.run)
-        t = await tenant(store)
-        r = await room(store, t)
-        assert (await append(store, item(r, t.alice, "m1"))).event.seq == 1
+    async with serving(_short_commits(kafka_backend, LIMITS, 2.0)) as store:
+        recovered, t, r = await _recorded_room(store)
         with frozen(pid):
             result = await submit(store, item(r, t.alice, "unknown"))
             with trio.fail_after(30):
@@ -1590,7 +1583,6 @@ async def test_kafka_a_batch_whose_outcome_is_unknown_is_learned_and_the_shard_s
             assert again.duplicate and again.event.seq == 2 and after.event.seq == 3
         else:  # it had not: the resend is new, and takes seq 2
             assert not again.duplicate and again.event.seq == 2 and after.event.seq == 3
-        nursery.cancel_scope.cancel()
 
 
 async def test_kafka_a_batch_committed_while_its_outcome_was_unknown_is_published_once_learned(
@@ -1605,15 +1597,9 @@ async def test_kafka_a_batch_committed_while_its_outcome_was_unknown_is_publishe
     pid = broker_pid(kafka_backend.bootstrap)
     # Every cid is asked of PostgreSQL (no resend filter): the batch is written while its
     # check runs, and the check waits on a lock the test holds.
-    store = _store_with_commit_timeout(kafka_backend, attrs.evolve(LIMITS, key_filter_bytes=0), 4.0)
-    recovered: list[Event] = []
-    store.on_recovered = recovered.extend
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        with trio.fail_after(30):
-            await nursery.start(store.run)
-        t = await tenant(store)
-        r = await room(store, t)
-        assert (await append(store, item(r, t.alice, "m1"))).event.seq == 1
+    limits = attrs.evolve(LIMITS, key_filter_bytes=0)
+    async with serving(_short_commits(kafka_backend, limits, 4.0)) as store:
+        recovered, t, r = await _recorded_room(store)
         lock = await aio_as_trio(asyncpg.connect)(kafka_backend.dsn, timeout=10)
         try:
             await aio_as_trio(lock.execute)("BEGIN")
@@ -1642,19 +1628,34 @@ async def test_kafka_a_batch_committed_while_its_outcome_was_unknown_is_publishe
         assert (await append(store, item(r, t.alice, "m3"))).event.seq == 3
         events = await store.events_after(r, 0, 10)
         assert [(e.seq, e.cid) for e in events] == [(1, "m1"), (2, "committed"), (3, "m3")]
-        nursery.cancel_scope.cancel()
 
 
-def _store_with_commit_timeout(backend: Backend, limits: Limits, timeout_s: float) -> KafkaStore:
-    """A Kafka store on `backend`'s schema and topic, as a shard of its own."""
-    return KafkaStore(
-        backend.dsn,
-        backend.bootstrap,
-        backend.topic,
-        f"u{uuid.uuid4().hex[:12]}",
-        limits,
-        Recorder(),
-        schema=backend.schema,
-        partitions=2,
-        commit_timeout_s=timeout_s,
-    )
+async def _recorded_room(store: RelationalStore) -> tuple[list[Event], Tenant, str]:
+    """What `store` hands to `on_recovered` from now on, a tenant, and a room with seq 1."""
+    assert isinstance(store, KafkaStore)
+    recovered: list[Event] = []
+    store.on_recovered = recovered.extend
+    t = await tenant(store)
+    r = await room(store, t)
+    assert (await append(store, item(r, t.alice, "m1"))).event.seq == 1
+    return recovered, t, r
+
+
+def _short_commits(backend: Backend, limits: Limits, timeout_s: float) -> Backend:
+    """`backend`'s schema and topic, for Kafka stores (a shard of their own) that give up on a
+    commit after `timeout_s`."""
+
+    def make(rec: Recorder) -> RelationalStore:
+        return KafkaStore(
+            backend.dsn,
+            backend.bootstrap,
+            backend.topic,
+            f"u{uuid.uuid4().hex[:12]}",
+            limits,
+            rec,
+            schema=backend.schema,
+            partitions=2,
+            commit_timeout_s=timeout_s,
+        )
+
+    return attrs.evolve(backend, make=make)
