@@ -40,6 +40,7 @@ import hashlib
 import itertools
 import math
 import secrets
+from collections import deque
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -664,11 +665,14 @@ class RedisSessions:
 
 @attrs.define(eq=False)
 class _Waiter:
-    """A subscribe/unsubscribe call waiting for Redis to confirm each of its channels."""
+    """A subscribe/unsubscribe call: queued for the reader to send, then waiting for Redis to
+    confirm each of its channels (or for the send's error)."""
 
     kind: str  # "subscribe" | "unsubscribe"
     names: set[bytes]
     done: trio.Event = attrs.Factory(trio.Event)
+    sent: bool = False  # taken by the reader (or given up by its caller): never sent again
+    error: BaseException | None = None
 
 
 class RedisPubSub:
@@ -680,6 +684,14 @@ class RedisPubSub:
     (False). A failed publish batch is logged and dropped: these signals are ephemeral.
     `subscribe`/`unsubscribe` return once Redis has confirmed every channel, or raise
     GB6Error(unavailable) after `confirm_timeout` seconds.
+
+    The subscriber connection has one user, the reader: redis-py reconnects a pub/sub
+    connection from whichever coroutine finds it broken, and two at once (the reader and a
+    subscribe, as Redis restarts) interleave their handshakes on it, which desynchronises it
+    (seen as `readuntil() called while another coroutine is already waiting` and as replies
+    read by the wrong command). So `subscribe`/`unsubscribe` queue their command and wake the
+    reader with a message on the edge's control channel (published on another connection);
+    the reader sends what is queued before each read.
     """
 
     def __init__(
@@ -707,7 +719,9 @@ class RedisPubSub:
         self._running = False
         self._pubsub: Any = None
         self._waiters: list[_Waiter] = []
+        self._queued: deque[_Waiter] = deque()  # for the reader to send
         self._control = trio.Lock()
+        self._control_channel = b""
         self._out_send, self._out_recv = trio.open_memory_channel[Signal](publish_queue)
 
     def _encode(self, channel: str) -> bytes:
@@ -717,6 +731,7 @@ class RedisPubSub:
         pubsub = self.client.pubsub()
         self._pubsub = pubsub
         control = self._encode("ctl:" + secrets.token_hex(8))
+        self._control_channel = control
         try:
             with _translated("subscribe"), trio.move_on_after(self.confirm_timeout) as waited:
                 await aio_as_trio(self._open)(control)
@@ -744,8 +759,23 @@ class RedisPubSub:
                 return
 
     async def _read_batch(self) -> list[dict[str, Any]]:
-        """asyncio side: block for one message, then take what else is already there."""
+        """asyncio side: send the queued commands; block for one message, then take what else
+        is already there. A command whose send failed ends the batch (the read would fail
+        too: redis-py reconnects, and subscribes again, at the next)."""
         out: list[dict[str, Any]] = []
+        while self._queued:
+            waiter = self._queued.popleft()
+            if waiter.sent:  # its caller gave up
+                continue
+            waiter.sent = True
+            send = (
+                self._pubsub.subscribe if waiter.kind == "subscribe" else self._pubsub.unsubscribe
+            )
+            try:
+                await send(*waiter.names)
+            except Exception as exc:  # whatever redis-py raised: its caller hears of it
+                waiter.error = exc
+                return [{"type": "failed", "waiter": waiter}]
         msg = await self._pubsub.get_message(timeout=None)
         while msg is not None:
             out.append(msg)
@@ -767,10 +797,13 @@ class RedisPubSub:
             for msg in messages:
                 kind = msg["type"]
                 if kind == "message":
-                    channel = msg["channel"][prefix_len:].decode()
-                    self.inbox.offer(Signal(channel, msg["data"]))
+                    if msg["channel"] != self._control_channel:  # a wake-up: no signal
+                        channel = msg["channel"][prefix_len:].decode()
+                        self.inbox.offer(Signal(channel, msg["data"]))
                 elif kind in ("subscribe", "unsubscribe"):
                     self._confirmed(kind, msg["channel"])
+                elif kind == "failed":
+                    msg["waiter"].done.set()
 
     def _confirmed(self, kind: str, name: bytes) -> None:
         for waiter in self._waiters:
@@ -842,22 +875,23 @@ class RedisPubSub:
             await self._command("unsubscribe", gone)
 
     async def _command(self, kind: str, channels: list[str]) -> None:
-        encoded = [self._encode(c) for c in channels]
-        waiter = _Waiter(kind, set(encoded))
+        """Have the reader send `kind` for `channels` (see the class doc); return once Redis
+        confirmed each."""
+        waiter = _Waiter(kind, {self._encode(c) for c in channels})
         self._waiters.append(waiter)
-        send = self._pubsub.subscribe if kind == "subscribe" else self._pubsub.unsubscribe
+        self._queued.append(waiter)
         try:
-            with _translated(kind), trio.move_on_after(self.confirm_timeout) as waited:
-                try:
-                    await aio_as_trio(send)(*encoded)
-                except AttributeError as exc:
-                    # redis-py's pub/sub writes on a connection it has closed (Redis went
-                    # away; the reader reconnects it) and fails on its missing writer.
-                    raise GB6Error(UNAVAILABLE, f"redis {kind}: connection lost ({exc})") from exc
+            with trio.move_on_after(self.confirm_timeout) as waited:
+                with _translated("wake the reader"):
+                    await aio_as_trio(self.client.publish)(self._control_channel, b"")
                 await waiter.done.wait()
         finally:
+            waiter.sent = True  # if still queued, the reader skips it
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+        if waiter.error is not None:
+            why = waiter.error
+            raise GB6Error(UNAVAILABLE, f"redis {kind}: connection lost ({why!r})") from why
         if waited.cancelled_caught:
             raise GB6Error(UNAVAILABLE, f"redis did not confirm {kind} in time")
 

@@ -626,3 +626,35 @@ async def test_redis_commands_run_again_for_lost_scripts_keep_their_first_answer
         results = await aio_as_trio(_pipeline)(h.admin, [_GCRA], build)
         assert results[0] is None  # the key did not exist before this pipeline
         assert int(results[1]) == 0  # the script ran (the second time): no wait
+
+
+async def test_redis_pubsub_follows_again_after_redis_restarts(tmp_path: Path) -> None:
+    """Redis restarts under an edge's pub/sub: its reader reconnects while a follow runs. The
+    follow either works or fails `unavailable` (the caller tries again later), never with an
+    internal error; once Redis is back, follows work and signals arrive."""
+    from tests.conftest import OwnRedis
+
+    redis = OwnRedis(tmp_path)
+    redis.start()
+    try:
+        async with open_harness(redis.url) as h:
+            publisher, edge = await h.pubsub(), await h.pubsub()
+            for round_ in range(5):
+                redis.stop()
+                redis.start()
+                channel = f"room:r{round_}"
+                with trio.fail_after(20):
+                    while True:
+                        try:
+                            await edge.subscribe([channel])
+                            break
+                        except GB6Error as exc:
+                            assert exc.code == UNAVAILABLE, exc
+                            await trio.sleep(0.05)
+                    while True:
+                        publisher.publish(channel, b"hi")
+                        with trio.move_on_after(0.2):
+                            assert await receive(edge) == Signal(channel, b"hi")
+                            break
+    finally:
+        redis.stop()
