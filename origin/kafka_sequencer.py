@@ -25,7 +25,7 @@ are taken again by the next batch, no gap and no duplicate). The checks are the 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Final
 
 import attrs
@@ -85,8 +85,12 @@ class Unpersisted:
         self.targets: dict[Pos, tuple[Target, int]] = {}
         # Per room, entries in the order of the seqs that made them: pruning pops the front.
         self._order: dict[str, deque[tuple[int, Key | None, Pos | None]]] = {}
-        self.acked: dict[str, int] = {}  # room → highest seq committed to the log
-        self.persisted: dict[str, int] = {}  # room → highest seq the persister wrote
+        # Per room, the highest seq committed to the log, and the highest the persister wrote;
+        # both dropped once the persister has caught up (absent, both read 0), so they hold
+        # the rooms of the last moments, not every room since the start.
+        self.acked: dict[str, int] = {}
+        self.persisted: dict[str, int] = {}
+        self._reported: set[str] = set()  # rooms the persister reported since the last prune
 
     def __len__(self) -> int:
         return len(self.keys) + len(self.targets)
@@ -106,6 +110,7 @@ class Unpersisted:
     def persisted_upto(self, room: str, seq: int) -> None:
         if seq > self.persisted.get(room, 0):
             self.persisted[room] = seq
+            self._reported.add(room)
 
     def caught_up(self, rooms: Iterable[str]) -> bool:
         """True once the persister wrote every event of `rooms` committed to the log."""
@@ -114,8 +119,11 @@ class Unpersisted:
     def behind(self) -> list[str]:
         return [r for r, seq in self.acked.items() if self.persisted.get(r, 0) < seq]
 
-    def prune(self) -> None:
-        """Drop the entries PostgreSQL holds now. Run by the sequencer's task only."""
+    def prune(self, committing: Container[str] = ()) -> None:
+        """Drop the entries PostgreSQL holds now, and the marks of the rooms it has caught up
+        with but those in `committing` (the transaction in flight may have committed already,
+        and the persister reported it, before `acked` says so). Run by the sequencer's task
+        only."""
         for room in list(self._order):
             order = self._order[room]
             done = self.persisted.get(room, 0)
@@ -130,6 +138,14 @@ class Unpersisted:
                         del self.targets[pos]
             if not order:
                 del self._order[room]
+        kept: set[str] = set()
+        for room in self._reported:
+            if room in committing:
+                kept.add(room)
+            elif self.persisted.get(room, 0) >= self.acked.get(room, 0):
+                self.persisted.pop(room, None)
+                self.acked.pop(room, None)
+        self._reported = kept
 
 
 class Plan:

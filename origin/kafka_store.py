@@ -172,6 +172,11 @@ class _Inflight:
     settled: bool = False  # its answers were given out (`_finish`): never twice
 
 
+def _rooms_of(inflight: _Inflight | None) -> Mapping[str, int]:
+    """The rooms of the transaction in flight, if any (its heads)."""
+    return inflight.plan.heads if inflight is not None else {}
+
+
 def _in(plan: Plan, heads: Mapping[str, int]) -> bool:
     """Whether PostgreSQL's `heads`, read once the whole log is in it, hold `plan`'s events (a
     transaction is all or nothing: its first room says)."""
@@ -560,7 +565,7 @@ class KafkaStore:
                         # them: 23 ms p50 of a lookup at 2,000 sends/s in the cluster).
                         self._answer(await self._finish(inflight))
                         inflight = None
-                    await self._persister_behind()
+                    await self._persister_behind(inflight)
                     if inflight is None and not carry:
                         # No linger after the first op (unlike PgStore's writer), only the
                         # interval below: the ops of a batch gathered while the previous
@@ -581,12 +586,12 @@ class KafkaStore:
                 if inflight is not None:
                     self._answer(await self._finish(inflight))
 
-    async def _persister_behind(self) -> None:
+    async def _persister_behind(self, inflight: _Inflight | None) -> None:
         """Wait while the sequencer's memory holds more than `_MAX_UNPERSISTED` entries that
         PostgreSQL lacks. Pruned before each wait: entries the persister reported while the
         sequencer looked elsewhere would otherwise be waited on for a report that never comes."""
         while len(self._seq.unpersisted) > _MAX_UNPERSISTED:
-            self._seq.unpersisted.prune()
+            self._seq.unpersisted.prune(_rooms_of(inflight))
             if len(self._seq.unpersisted) > _MAX_UNPERSISTED:
                 await self._progress.wait()
 
@@ -599,7 +604,7 @@ class KafkaStore:
         lookup: Lookup | GB6Error = Lookup()
         check: _Check | None = None
         if batch and self._dead is None:
-            self._seq.unpersisted.prune()
+            self._seq.unpersisted.prune(_rooms_of(inflight))
             needs = self._seq.needs(batch)
             if needs.keys and not (needs.rooms or needs.heads or needs.targets):
                 # Only keys: the usual case. Planned as if none were a repeat, the batch's

@@ -316,3 +316,28 @@ def test_room_key_filters_stay_within_their_memory() -> None:
         commit("r3", 9 + i, f"c{i}")
     assert "r3" not in filters.rooms and filters.nbytes == 0
     assert filters.ready_rooms() == sum(keys.ready for keys in filters.rooms.values()) == 0
+
+
+def test_kafka_rooms_the_persister_caught_up_with_are_forgotten() -> None:
+    """The sequencer's per-room marks (committed to the log, written to PostgreSQL) go once the
+    persister has caught up, so they hold the rooms of the last moments, not every room since
+    the start; a room whose transaction is in flight keeps them until it is settled, since the
+    persister may report its commit first."""
+    from origin.kafka_sequencer import Unpersisted
+
+    state = Unpersisted()
+    state.acked.update({"r1": 3, "r2": 4})
+    state.persisted_upto("r1", 3)
+    state.persisted_upto("r2", 2)
+    state.prune()
+    assert (state.acked, state.persisted) == ({"r2": 4}, {"r2": 2})
+    assert state.behind() == ["r2"] and state.caught_up(["r1"]) and not state.caught_up(["r2"])
+    # r1's next transaction committed; the persister says so before the sequencer settles it.
+    state.persisted_upto("r1", 5)
+    state.prune(committing={"r1": 5})
+    state.acked["r1"] = 5  # settled
+    assert state.caught_up(["r1"]) and state.behind() == ["r2"]
+    state.persisted_upto("r2", 4)
+    state.prune()
+    assert (state.acked, state.persisted) == ({}, {})
+    assert state.caught_up(["r1", "r2"]) and state.behind() == []
