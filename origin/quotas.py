@@ -277,6 +277,12 @@ class Quotas:
             if c.used >= c.next_alert:
                 self._announce(instance, resource, c)
 
+    def count(self, instance: str, resource: str, n: int = 1) -> None:
+        """Add `n` already used, whatever the limit: writes that happened (a batch the log
+        committed after its ops were answered `unavailable`)."""
+        self._counter(instance, resource).pending += n
+        self.settle(instance, resource, n, keep=True)
+
     def reserve(self, instance: str, resource: str, n: int = 1) -> Reservation:
         """`take` wrapped in a Reservation (see its doc)."""
         self.take(instance, resource, n)

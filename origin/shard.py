@@ -489,10 +489,15 @@ class OriginShard:
     def _on_recovered(self, events: list[Event]) -> None:
         """Events of a batch whose ops were answered `unavailable` (the log's outcome was
         unknown) that the store's recovery found committed: they are the rooms' next events,
-        so they go out as any (a resend of one gets it as a repeat)."""
+        so they go out as any (a resend of one gets it as a repeat), and its messages count
+        against the day's quota."""
         self.counts.appended += len(events)
         with self.publish_context():
             self._publish_events(events)
+        for ev in events:
+            room = self.rooms.get(ev.room)
+            if ev.type == "message" and room is not None:
+                self.quotas.count(room.record.instance, "messages")
 
     def _publish(self, results: list[tuple[AppendItem, AppendResult]]) -> None:
         fresh: list[Event] = []

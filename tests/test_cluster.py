@@ -848,3 +848,6 @@ async def test_an_origin_serves_again_once_kafka_answers_and_publishes_what_it_c
         assert (await b.event("message"))["seq"] == 3
         history = (await a.ok("history", room=room, limit=10))["messages"]
         assert [(m["seq"], m["cid"]) for m in history] == [(1, "m1"), (2, "u"), (3, "m3")]
+        quotas = s1.admin("GET", f"/v1/instances/{tenant.instance}/quotas").json()
+        used = {u["resource"]: u["used"] for u in quotas["usage"]}
+        assert used["messages"] == 3  # the one refused, then found committed, counts
