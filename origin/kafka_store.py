@@ -33,9 +33,12 @@ Rules:
   takes the transactional id (which settles the transaction left open: committed or aborted);
   the persister writes the log to its end; the sequencer starts afresh (its heads, resend
   filters and unpersisted entries come from PostgreSQL again); if the batch turned out
-  committed, its events go to `on_recovered` (the shard publishes them: they were not answered
-  as appended, but they are the log's). A failed attempt is tried again after 1 s, doubling to
-  30 s.
+  committed (PostgreSQL holds each of its keys at the seq it planned), its events go to
+  `on_recovered` (the shard publishes them: they were not answered as appended, but they are
+  the log's). A failed attempt is tried again after 1 s, doubling to 30 s. Every origin records
+  its incarnation in PostgreSQL before its producer takes the transactional id; one that finds
+  a newer incarnation there while it recovers was cut off while another origin of the shard
+  started, and stops appending for good instead (taking the id back would fence that one).
 - Pipelined, one transaction at a time: while batch N's transaction commits (in its own task),
   the sequencer takes batch N+1 — at once when a whole batch (`writer_batch`) waits, else once N
   is done, so that a light load still fills each transaction with what arrived while the
@@ -66,6 +69,7 @@ Rules:
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from math import inf
 from typing import TYPE_CHECKING, Any, Final
@@ -177,11 +181,13 @@ def _rooms_of(inflight: _Inflight | None) -> Mapping[str, int]:
     return inflight.plan.heads if inflight is not None else {}
 
 
-def _in(plan: Plan, heads: Mapping[str, int]) -> bool:
-    """Whether PostgreSQL's `heads`, read once the whole log is in it, hold `plan`'s events (a
-    transaction is all or nothing: its first room says)."""
-    room, head = next(iter(plan.heads.items()))
-    return heads.get(room, 0) >= head
+def _in(plan: Plan, found: Lookup) -> bool:
+    """Whether PostgreSQL, which holds the whole log, holds `plan`'s events: each of its keys
+    with the very seq the plan gave it (a transaction is all or nothing)."""
+    return all(
+        (prior := found.priors.get(key)) is not None and prior.seq == event.seq
+        for key, event in plan.keys.items()
+    )
 
 
 def _ignore(_: Any) -> None:
@@ -213,6 +219,8 @@ class KafkaStore:
             raise GB6Error(INVALID, "the kafka store needs kafka_bootstrap, a topic and a shard")
         self.pg = PgStore(dsn, limits, _ignore, schema=schema)
         self._shard = shard
+        self._writer_key = f"log_writer:{writer_id(shard)}"
+        self._incarnation = secrets.token_hex(8)
         self._partitions = partitions
         self._commit_timeout_s = commit_timeout_s
         self.dsn = dsn
@@ -287,6 +295,8 @@ class KafkaStore:
         offsets: dict[int, int] = await self._call(
             prepare, "reading the persister's offsets", self._pool, self.topic, "persister"
         )
+        # Before the producer fences its predecessor: a zombie that finds it later stops.
+        await self.pg.set_meta(self._writer_key, self._incarnation)
         await nursery.start(self._run_log)
         async with trio.open_nursery() as recovery:
             consumer = KafkaLogConsumer(self.bootstrap, self.topic, offsets, name="persister")
@@ -361,6 +371,8 @@ class KafkaStore:
 
     async def _recover_in_place(self, nursery: trio.Nursery) -> None:
         await self._idle.wait()  # appends are refused: the sequencer answers what it took
+        if not await self._still_the_writer():
+            return
         if not self.log.serving:
             self._log_scope.cancel()
             await self._log_ended.wait()  # one producer at a time
@@ -368,6 +380,10 @@ class KafkaStore:
             self._log_scope, self._log_ended = trio.CancelScope(shield=True), trio.Event()
             # Its init_transactions fences the old producer and settles what it left open.
             await nursery.start(self._run_log)
+            # Another origin that started meanwhile may be fenced by it: it (its incarnation
+            # the newest) goes on; this one stops.
+            if not await self._still_the_writer():
+                return
         with trio.move_on_after(_RECOVERY_READ_S) as reading:
             while True:  # until PostgreSQL holds the whole log
                 offsets: dict[int, int] = await self._call(
@@ -382,12 +398,13 @@ class KafkaStore:
         if reading.cancelled_caught:
             raise GB6Error(UNAVAILABLE, f"the persister did not reach the end of {self.topic}")
         unknown = self._unknown
-        rooms = frozenset(room for plan in unknown for room in plan.heads)
+        keys = frozenset(key for plan in unknown for key in plan.keys)
         none: frozenset[Any] = frozenset()
-        found = await self._lookup(Needs(none, rooms, none, none)) if rooms else Lookup()
-        committed = [plan for plan in unknown if _in(plan, found.heads)]
-        fresh = Sequencer(self.limits.key_filter_bytes)
-        fresh.instances, fresh.last_ts = self._seq.instances, self._seq.last_ts  # rooms never move
+        found = await self._lookup(Needs(none, none, keys, none)) if keys else Lookup()
+        committed = [plan for plan in unknown if _in(plan, found)]
+        old, fresh = self._seq, Sequencer(self.limits.key_filter_bytes)
+        fresh.instances, fresh.last_ts = old.instances, old.last_ts  # a room never moves
+        fresh.key_filters.evicted = old.key_filters.evicted  # a counter, for /metrics
         self._seq = fresh  # what it needs, it asks PostgreSQL, which holds the whole log
         self._unknown = []
         self.recoveries += 1
@@ -407,6 +424,22 @@ class KafkaStore:
                 ]
             )
         self._dead = None
+
+    async def _still_the_writer(self) -> bool:
+        """Whether this origin is still the shard's newest. If another started since (its
+        incarnation in PostgreSQL), this one, cut off from Kafka meanwhile, is the zombie:
+        taking the transactional id back would fence the origin serving the shard now, so it
+        stops appending for good instead."""
+        holder = await self.pg.meta(self._writer_key)
+        if holder == self._incarnation:
+            return True
+        log("log_writer_superseded", topic=self.topic, incarnation=holder)
+        self._dead = LogFenced(
+            f"this shard stopped appending: another origin of it started (incarnation {holder})"
+            " while this one could not reach Kafka"
+        )
+        self._unknown = []
+        return False
 
     def _persisted(self, heads: Mapping[str, int]) -> None:
         for room, seq in heads.items():

@@ -1659,3 +1659,34 @@ def _short_commits(backend: Backend, limits: Limits, timeout_s: float) -> Backen
         )
 
     return attrs.evolve(backend, make=make)
+
+
+async def test_kafka_a_shard_cut_off_while_another_origin_took_over_stops_for_good(
+    kafka_backend: Backend,
+) -> None:
+    """The broker stops answering during a commit, and meanwhile another origin of the shard
+    starts (it records its incarnation in PostgreSQL before it takes the transactional id).
+    This one, the zombie now, does not recover: taking the id back would fence the origin that
+    serves the shard. It stops appending for good, and says why."""
+    pid = broker_pid(kafka_backend.bootstrap)
+    async with serving(_short_commits(kafka_backend, LIMITS, 2.0)) as store:
+        assert isinstance(store, KafkaStore)
+        _, t, r = await _recorded_room(store)
+        with frozen(pid):
+            result = await submit(store, item(r, t.alice, "cut off"))
+            await _pg(
+                kafka_backend.dsn,
+                f"UPDATE \"{kafka_backend.schema}\".meta SET value = 'another'"
+                " WHERE key LIKE 'log_writer:%'",
+            )
+            with trio.fail_after(30):
+                await store.wait_idle()
+            with pytest.raises(GB6Error):
+                result().unwrap()
+        with trio.fail_after(60):
+            while "another origin" not in getattr(store.stopped, "message", ""):  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert not store.log.serving and store.recoveries == 0  # the id was not taken back
+        with pytest.raises(GB6Error) as info:
+            await store.submit_append(item(r, t.alice, "after"))
+        assert info.value.code == UNAVAILABLE and "another origin" in info.value.message
