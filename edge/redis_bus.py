@@ -40,6 +40,7 @@ import hashlib
 import itertools
 import math
 import secrets
+import socket
 from collections import deque
 from collections.abc import (
     AsyncIterator,
@@ -78,6 +79,11 @@ from node.errors import INTERNAL, QUOTA_EXCEEDED, UNAVAILABLE, GB6Error
 from node.log import log
 
 _TIMEOUT_S = 2.0  # to connect, and for an answer
+_KEEPALIVE: dict[int, int] = (
+    {socket.TCP_KEEPIDLE: 10, socket.TCP_KEEPINTVL: 5, socket.TCP_KEEPCNT: 3}
+    if hasattr(socket, "TCP_KEEPIDLE")
+    else {}
+)
 
 __all__ = ["RedisPubSub", "RedisRateLimiter", "RedisSessions", "open_redis"]
 
@@ -114,6 +120,9 @@ async def open_redis(url: str) -> AsyncIterator[Redis]:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=15,
         socket_keepalive=True,
+        # A host gone without a FIN: found within ~25 s, not the kernel's 2 h (the pub/sub
+        # reader waits on its socket with no timeout).
+        socket_keepalive_options=_KEEPALIVE,
     )
     try:
         with _translated("ping"), trio.move_on_after(5) as waited:
@@ -671,7 +680,7 @@ class _Waiter:
     kind: str  # "subscribe" | "unsubscribe"
     names: set[bytes]
     done: trio.Event = attrs.Factory(trio.Event)
-    sent: bool = False  # taken by the reader (or given up by its caller): never sent again
+    abandoned: bool = False  # its caller stopped waiting: a subscribe not yet sent never is
     error: BaseException | None = None
 
 
@@ -746,6 +755,11 @@ class RedisPubSub:
             self._running = False
             self.inbox.channels.clear()
             self._pubsub = None
+            stopped = GB6Error(UNAVAILABLE, "pub/sub stopped")
+            for waiter in [*self._waiters, *self._queued]:  # their callers hear at once
+                waiter.error = stopped
+                waiter.done.set()
+            self._queued.clear()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await aio_as_trio(pubsub.aclose)()
 
@@ -765,9 +779,8 @@ class RedisPubSub:
         out: list[dict[str, Any]] = []
         while self._queued:
             waiter = self._queued.popleft()
-            if waiter.sent:  # its caller gave up
-                continue
-            waiter.sent = True
+            if waiter.abandoned and waiter.kind == "subscribe":
+                continue  # its caller took it as failed; an unsubscribe is sent all the same
             send = (
                 self._pubsub.subscribe if waiter.kind == "subscribe" else self._pubsub.unsubscribe
             )
@@ -886,7 +899,7 @@ class RedisPubSub:
                     await aio_as_trio(self.client.publish)(self._control_channel, b"")
                 await waiter.done.wait()
         finally:
-            waiter.sent = True  # if still queued, the reader skips it
+            waiter.abandoned = True
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
         if waiter.error is not None:

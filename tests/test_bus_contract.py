@@ -658,3 +658,45 @@ async def test_redis_pubsub_follows_again_after_redis_restarts(tmp_path: Path) -
                             break
     finally:
         redis.stop()
+
+
+async def test_redis_an_unsubscribe_given_up_on_is_sent_once_redis_answers(
+    tmp_path: Path,
+) -> None:
+    """Redis does not answer an unsubscribe in time: the caller hears `unavailable` and has
+    dropped the channel already, so nothing would ask again. The edge's connection must still
+    leave the channel once Redis answers, or it would receive (and drop) its signals for good."""
+    from tests.conftest import OwnRedis
+
+    redis = OwnRedis(tmp_path)
+    redis.start()
+    try:
+        async with open_harness(redis.url) as h:
+            bus = RedisPubSub(await h._client(), prefix=h.prefix, confirm_timeout=1.0)
+            await h.start(bus)
+            await bus.subscribe(["room:a"])
+            await trio.sleep(0.2)  # the reader waits on its socket again: the queue is not read
+            redis.freeze()
+            try:
+                with pytest.raises(GB6Error) as err:
+                    await bus.unsubscribe(["room:a"])
+                assert err.value.code == UNAVAILABLE
+            finally:
+                redis.thaw()
+
+            async def subscribed(channel: str) -> int:
+                rows = await aio_as_trio(h.admin.pubsub_numsub)(h.prefix + channel)
+                return int(rows[0][1])
+
+            async def followed_b() -> bool:
+                try:
+                    await bus.subscribe(["room:b"])  # wakes the edge's reader, if need be
+                except GB6Error:  # reconnecting
+                    return False
+                return True
+
+            await eventually(followed_b, 20)
+            assert await subscribed("room:b") == 1
+            assert await subscribed("room:a") == 0
+    finally:
+        redis.stop()
