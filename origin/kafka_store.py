@@ -415,14 +415,7 @@ class KafkaStore:
             committed=len(committed),
         )
         for plan in committed:
-            made = {(e.room, e.seq) for e in plan.keys.values()}
-            self.on_recovered(
-                [
-                    r.event
-                    for _, r in plan.results
-                    if isinstance(r, Appended) and (r.event.room, r.event.seq) in made
-                ]
-            )
+            self.on_recovered(list(plan.keys.values()))  # the events it made, in seq order
         self._dead = None
 
     async def _still_the_writer(self) -> bool:
