@@ -874,9 +874,13 @@ class Gateway:
                 # its order, answered or not (without an answer, this edge's word is said).
                 with trio.move_on_after(FOLLOW_WAIT_S):
                     try:
+                        # Back online: nothing to say if another edge had them online.
+                        was = None if away else await self.shared.status(who.id)
                         await self.shared.sessions.set_away(who.id, away)
                         if away and await self.shared.status(who.id) == "online":
                             say = None  # online on another edge
+                        elif was == "online":
+                            say = None
                     except GB6Error as exc:
                         log("presence_share_failed", user=who.id, error=exc.message)
             if say is not None:

@@ -447,7 +447,8 @@ async def test_a_user_on_two_edges_is_away_once_both_have_them_away(
     redis_cluster: Cluster,
 ) -> None:
     """Presence is the user's, not each edge's: with a phone and a desktop on two edges, the
-    idle desktop does not make them away to their roommates; both idle does, once."""
+    idle desktop does not make them away to their roommates, nor its return online again;
+    both idle does, once."""
     tenant = redis_cluster.origins[0].create_tenant()
     alice, bob = tenant.user("alice"), tenant.user("bob")
     e1, e2 = redis_cluster.edges
@@ -466,6 +467,10 @@ async def test_a_user_on_two_edges_is_away_once_both_have_them_away(
                 await no_presence_event(b)
                 got = (await b.ok("presence.get", users=[alice.id]))["presence"]
                 assert got == {alice.id: "online"}
+                await desktop.ok("presence.set", status="online")  # online all along
+                await no_presence_event(b)
+                await desktop.ok("presence.set", status="away")
+                await no_presence_event(b)
                 await phone.ok("presence.set", status="away")
                 assert (await b.event("presence"))["status"] == "away"
                 await phone.ok("presence.set", status="online")
