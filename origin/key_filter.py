@@ -68,19 +68,28 @@ class _Layer:
     def nbytes_for(capacity: int, k: int) -> int:
         return (_Layer.bits_for(capacity, k) + 7) // 8
 
+    # Probe i is at (h1 + i * h2) % m, stepped to without a multiplication or a modulo (the
+    # probes are ~10% of the sequencer's thread at full load; 1.9 -> 1.4 µs per add).
+
     def add(self, h: int) -> None:
-        h1, h2, m, bits = h & 0xFFFFFFFF, (h >> 32) | 1, self.m, self.bits
-        for i in range(self.k):
-            p = (h1 + i * h2) % m
+        m, bits = self.m, self.bits
+        p, step = (h & 0xFFFFFFFF) % m, ((h >> 32) | 1) % m
+        for _ in range(self.k):
             bits[p >> 3] |= 1 << (p & 7)
+            p += step
+            if p >= m:
+                p -= m
         self.count += 1
 
     def may_hold(self, h: int) -> bool:
-        h1, h2, m, bits = h & 0xFFFFFFFF, (h >> 32) | 1, self.m, self.bits
-        for i in range(self.k):
-            p = (h1 + i * h2) % m
+        m, bits = self.m, self.bits
+        p, step = (h & 0xFFFFFFFF) % m, ((h >> 32) | 1) % m
+        for _ in range(self.k):
             if not bits[p >> 3] & (1 << (p & 7)):
                 return False
+            p += step
+            if p >= m:
+                p -= m
         return True
 
 

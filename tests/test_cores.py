@@ -256,6 +256,24 @@ def test_room_key_filter_rules_out_only_what_the_room_cannot_hold() -> None:
     assert not filters.rules_out("r3", "alice", "new")  # an untracked room is always asked
 
 
+def test_a_filter_layer_sets_the_double_hashing_probes() -> None:
+    """Key i's probes are (h1 + i * h2) % m (what the false-positive rate assumes), also for
+    hashes whose halves exceed m and for the last probes wrapping around."""
+    import random
+
+    from origin.key_filter import _Layer
+
+    rng = random.Random(7)
+    for _ in range(200):
+        layer = _Layer(rng.choice((1, 3, 256, 5_000)), rng.choice((1, 7, 9)))
+        h = rng.getrandbits(64)
+        layer.add(h)
+        h1, h2 = h & 0xFFFFFFFF, (h >> 32) | 1
+        want = {(h1 + i * h2) % layer.m for i in range(layer.k)}
+        got = {p for p in range(layer.m) if layer.bits[p >> 3] >> (p & 7) & 1}
+        assert got == want and layer.may_hold(h)
+
+
 def test_room_key_filters_stay_within_their_memory() -> None:
     """Past `max_bytes` the filters of rooms idle longest make way for an active room's; a room
     that finds none idle goes without (its keys are asked) and tries again at its next commit.
