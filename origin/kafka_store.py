@@ -25,20 +25,24 @@ Rules:
   cids, filled in by the key loader task), plans, appends the batch as one transaction, and calls
   `on_appended` once it committed, in commit order. `LogAborted`: the same records are tried
   again (their seqs reused, so no gap and no duplicate), at most `_ATTEMPTS` times, then every
-  new op of the batch is `unavailable` and the next batch takes the seqs. `LogFenced`: the store
-  refuses every later append (`unavailable`) — a zombie never writes.
-- An unknown outcome (the broker did not answer the commit, nor the abort, within the commit
-  timeout): the batch's ops are `unavailable` and the store refuses appends while it recovers
-  in place, as at start but without a restart: once every op taken is answered, a new producer
-  takes the transactional id (which settles the transaction left open: committed or aborted);
-  the persister writes the log to its end; the sequencer starts afresh (its heads, resend
-  filters and unpersisted entries come from PostgreSQL again); if the batch turned out
-  committed (PostgreSQL holds each of its keys at the seq it planned), its events go to
-  `on_recovered` (the shard publishes them: they were not answered as appended, but they are
-  the log's). A failed attempt is tried again after 1 s, doubling to 30 s. Every origin records
-  its incarnation in PostgreSQL before its producer takes the transactional id; one that finds
-  a newer incarnation there while it recovers was cut off while another origin of the shard
-  started, and stops appending for good instead (taking the id back would fence that one).
+  new op of the batch is `unavailable` and the next batch takes the seqs.
+- `LogFenced`, or an unknown outcome (the broker did not answer the commit, nor the abort,
+  within the commit timeout): the batch's ops are `unavailable`. Fenced by an origin of the
+  shard started since, the store refuses every later append — a zombie never writes. Otherwise
+  (the outcome unknown; or fenced by a zombie's recovery, or by the broker timing a transaction
+  out) it refuses appends while it recovers in place, as at start but without a restart: once
+  every op taken is answered, a new producer takes the transactional id (which settles the
+  transaction left open: committed or aborted); the persister writes the log to its end; the
+  sequencer starts afresh (its heads, resend filters and unpersisted entries come from
+  PostgreSQL again); if the batch turned out committed (PostgreSQL holds each of its keys at the
+  seq it planned), its events go to `on_recovered` (the shard publishes them: they were not
+  answered as appended, but they are the log's). A failed attempt is tried again after 1 s,
+  doubling to 30 s. Every origin records its incarnation in PostgreSQL before its producer takes
+  the transactional id; one that finds a newer incarnation there when it recovers is the
+  zombie, and stops appending for good (taking the id back would fence the newer one). A zombie
+  that took the id back before it found out (it was cut off while the newer one started) stops
+  then, unwritten, and the newer one, fenced by it, finds itself the newest and takes the id
+  back in turn.
 - Pipelined, one transaction at a time: while batch N's transaction commits (in its own task),
   the sequencer takes batch N+1 — at once when a whole batch (`writer_batch`) waits, else once N
   is done, so that a light load still fills each transaction with what arrived while the
@@ -428,8 +432,8 @@ class KafkaStore:
             return True
         log("log_writer_superseded", topic=self.topic, incarnation=holder)
         self._dead = LogFenced(
-            f"this shard stopped appending: another origin of it started (incarnation {holder})"
-            " while this one could not reach Kafka"
+            f"this shard stopped appending for good: fenced by another origin of it, started"
+            f" since (incarnation {holder})"
         )
         self._unknown = []
         return False
@@ -775,12 +779,11 @@ class KafkaStore:
             except LogAborted as exc:
                 log("log_batch_aborted", topic=self.topic, attempt=attempt, error=exc.message)
                 failure: GB6Error = exc
-            except GB6Error as exc:  # fenced (final), or the outcome is unknown (recovered)
+            except GB6Error as exc:  # fenced, or the outcome is unknown: the recovery decides
                 log("log_writer_stopped", topic=self.topic, error=exc.message)
                 self._dead = GB6Error(UNAVAILABLE, f"this shard stopped appending: {exc.message}")
-                if not isinstance(exc, LogFenced):
-                    self._unknown.append(plan)
-                    self._recovery_wanted.set()
+                self._unknown.append(plan)
+                self._recovery_wanted.set()
                 return self._dead
         return GB6Error(
             UNAVAILABLE, f"the log refused the batch (resend with the same cid): {failure.message}"

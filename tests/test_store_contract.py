@@ -1690,3 +1690,37 @@ async def test_kafka_a_shard_cut_off_while_another_origin_took_over_stops_for_go
         with pytest.raises(GB6Error) as info:
             await store.submit_append(item(r, t.alice, "after"))
         assert info.value.code == UNAVAILABLE and "another origin" in info.value.message
+
+
+async def test_kafka_a_shard_fenced_by_an_older_writer_takes_its_log_back(
+    kafka_backend: Backend,
+) -> None:
+    """A producer of the shard's transactional id that is not a newer origin fences the store
+    (a zombie that took the id back before it found out it was one; the broker times out a
+    transaction likewise): the store, still the newest origin, recovers in place and takes the
+    id back, fencing that producer. Nothing it answered is lost, nothing doubles."""
+    from origin.kafka_log import KafkaLog
+    from origin.log_port import LogFenced, LogRecord
+
+    async with serving(_short_commits(kafka_backend, LIMITS, 5.0)) as store:
+        assert isinstance(store, KafkaStore)
+        _, t, r = await _recorded_room(store)
+        older = KafkaLog(
+            kafka_backend.bootstrap, kafka_backend.topic, store.log.transactional_id, partitions=2
+        )
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                await nursery.start(older.run)  # its init_transactions fences the store
+            err = await refused(store, item(r, t.alice, "fenced"), UNAVAILABLE)
+            assert "fenced" in err.message
+            with trio.fail_after(60):
+                while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
+                    await trio.sleep(0.1)
+            assert store.recoveries == 1
+            with pytest.raises(LogFenced):  # the store took the id back
+                await older.append_batch([LogRecord(r, 99, b"never")])
+            nursery.cancel_scope.cancel()
+        assert (await append(store, item(r, t.alice, "fenced"))).event.seq == 2
+        assert (await append(store, item(r, t.alice, "after"))).event.seq == 3
+        events = await store.events_after(r, 0, 10)
+        assert [(e.seq, e.cid) for e in events] == [(1, "m1"), (2, "fenced"), (3, "after")]
