@@ -256,22 +256,23 @@ def test_room_key_filter_rules_out_only_what_the_room_cannot_hold() -> None:
     assert not filters.rules_out("r3", "alice", "new")  # an untracked room is always asked
 
 
-def test_a_filter_layer_sets_the_double_hashing_probes() -> None:
-    """Key i's probes are (h1 + i * h2) % m (what the false-positive rate assumes), also for
-    hashes whose halves exceed m and for the last probes wrapping around."""
-    import random
-
+def test_a_filter_layer_holds_its_keys_within_its_false_positive_rate() -> None:
+    """A full layer never rules out a key it was given, passes about 2 ** -k of other keys
+    (what the filter's total rate assumes), and is no bigger than the budget reckoned for it
+    before it was made."""
     from origin.key_filter import _Layer
 
-    rng = random.Random(7)
-    for _ in range(200):
-        layer = _Layer(rng.choice((1, 3, 256, 5_000)), rng.choice((1, 7, 9)))
-        h = rng.getrandbits(64)
-        layer.add(h)
-        h1, h2 = h & 0xFFFFFFFF, (h >> 32) | 1
-        want = {(h1 + i * h2) % layer.m for i in range(layer.k)}
-        got = {p for p in range(layer.m) if layer.bits[p >> 3] >> (p & 7) & 1}
-        assert got == want and layer.may_hold(h)
+    for capacity, k in ((5_000, 7), (20_000, 9), (2_000, 4)):
+        layer = _Layer(capacity, k)
+        held = [(f"u{i % 37}", f"cid-{i}") for i in range(capacity)]
+        for key in held:
+            layer.add(key)
+        assert all(key in layer.bloom for key in held)
+        others = [(f"u{i % 37}", f"other-{i}") for i in range(100_000)]
+        rate = sum(key in layer.bloom for key in others) / len(others)
+        # Python's hash is salted per process: 1.5 x the rate is > 5 standard deviations away.
+        assert rate < 1.5 * 2.0**-k, (capacity, k, rate)
+        assert 0 < layer.nbytes <= _Layer.nbytes_for(capacity, k)
 
 
 def test_room_key_filters_stay_within_their_memory() -> None:
@@ -359,3 +360,55 @@ def test_kafka_rooms_the_persister_caught_up_with_are_forgotten() -> None:
     state.prune()
     assert (state.acked, state.persisted) == ({}, {})
     assert state.caught_up(["r1", "r2"]) and state.behind() == []
+
+
+def test_kafka_entries_go_once_the_persister_wrote_their_whole_commit() -> None:
+    """The sequencer's unpersisted entries (keys, and the targets edits and deletes check)
+    answer until PostgreSQL holds every event of the commit that made them, in each room; a
+    message's entry replaced by a later delete's stays until that delete is written; a commit
+    the persister reported before the sequencer settled it goes at the next prune."""
+    from node.events import Event
+    from origin.kafka_sequencer import Target, Unpersisted
+
+    def event(room: str, seq: int, cid: str) -> Event:
+        return Event(room=room, seq=seq, type="message", sender="ann", ts=seq, cid=cid)
+
+    def message(room: str, seq: int) -> tuple[Target, int]:
+        return Target("message", "ann", False), seq
+
+    state = Unpersisted()
+    state.add(
+        {"r1": 2, "r2": 1},
+        {
+            ("r1", "ann", "a"): event("r1", 1, "a"),
+            ("r1", "ann", "b"): event("r1", 2, "b"),
+            ("r2", "ann", "c"): event("r2", 1, "c"),
+        },
+        {("r1", 1): message("r1", 1), ("r1", 2): message("r1", 2), ("r2", 1): message("r2", 1)},
+    )
+    # r1's seq 3 deletes its seq 1: the entry for seq 1 is the delete's now.
+    state.add(
+        {"r1": 3},
+        {("r1", "ann", "d"): event("r1", 3, "d")},
+        {("r1", 1): (Target("message", "ann", True), 3)},
+    )
+    assert state.keys_of("r1") == [("ann", "a"), ("ann", "b"), ("ann", "d")]
+    state.persisted_upto("r1", 1)  # half of r1's first commit
+    state.prune()
+    assert ("r1", "ann", "a") in state.keys and len(state) == 7
+    state.persisted_upto("r1", 2)
+    state.prune()
+    assert set(state.keys) == {("r2", "ann", "c"), ("r1", "ann", "d")}
+    assert state.targets[("r1", 1)] == (Target("message", "ann", True), 3)  # the delete's
+    assert ("r1", 2) not in state.targets and state.keys_of("r1") == [("ann", "d")]
+    state.persisted_upto("r1", 3)
+    state.persisted_upto("r2", 1)
+    state.prune()
+    assert len(state) == 0 and state.keys_of("r1") == []
+    # r2's next commit, reported while in flight: pruned once settled, by the next prune.
+    state.persisted_upto("r2", 2)
+    state.prune(committing={"r2": 2})
+    state.add({"r2": 2}, {("r2", "ann", "e"): event("r2", 2, "e")}, {})
+    assert len(state) == 1
+    state.prune()
+    assert len(state) == 0 and state.behind() == [] and (state.acked, state.persisted) == ({}, {})
