@@ -112,6 +112,25 @@ class Usage:
         return UsageDelta(dict(self.counts), frozenset(self.seats))
 
 
+def fold(usages: Iterable[tuple[str, int, str, str]]) -> list[MeterEvent]:
+    """(instance, ts, type, sender) of events as one MeterEvent per instance, UTC day, type and
+    sender (its ts: the first seen, all a MeterEvent's ts says is its day): what the table
+    sources' SQL folds (`_READ`), here in Python. A MeterEvent and a `Usage.add` per record
+    were ~5% of the origin's busy thread at full load."""
+    folded: dict[tuple[str, int, str, str], list[int]] = {}
+    for instance, ts, type_, sender in usages:
+        key = (instance, ts // DAY_MS, type_, sender)
+        found = folded.get(key)
+        if found is None:
+            folded[key] = [ts, 1]
+        else:
+            found[1] += 1
+    return [
+        MeterEvent(instance, ts, type_, sender, n)
+        for (instance, _, type_, sender), (ts, n) in folded.items()
+    ]
+
+
 class EventSource(Protocol):
     """Committed events in log order, by offset. A component: `nursery.start(source.run)`."""
 
@@ -336,7 +355,7 @@ class KafkaEventSource:
         with trio.move_on_after(_IDLE_S):
             try:
                 batch = await self._consumer.next_batch()
-                events = [MeterEvent(*decode_usage(entry)) for entry in batch.entries]
+                events = fold(decode_usage(entry) for entry in batch.entries)
             except Exception:  # not a cancellation: the idle timeout leaves it reading
                 # The consumer has moved past a batch that was not counted, or has stopped:
                 # the next read starts a new one at the position last counted.

@@ -137,6 +137,35 @@ async def tenant(shard: OriginShard, *names: str) -> tuple[str, str, list[Princi
     return inst.id, room.record.id, who
 
 
+def test_a_log_read_folded_per_user_and_day_counts_as_its_events() -> None:
+    """The Kafka meter folds a read per (instance, UTC day, type, sender) before counting it:
+    the same counts and seats as the events one by one, each in the day and month of its own
+    ts (the 1st of a month's midnight included)."""
+    from origin.metering import Usage, fold
+
+    day = 86_400_000
+    may_31, jun_1 = 1_780_185_600_000, 1_780_272_000_000  # 2026-05-31, 2026-06-01 UTC
+    assert jun_1 - may_31 == day
+    usages = [
+        ("i1", may_31 + 5, "message", "ann"),
+        ("i1", jun_1 - 1, "message", "ann"),  # May's last ms
+        ("i1", jun_1, "message", "ann"),
+        ("i1", jun_1 + 9, "edit", "ann"),
+        ("i1", jun_1 + 7, "message", "ann"),
+        ("i2", jun_1 + 8, "message", "ann"),
+        ("i1", jun_1 + 9, "message", "bob"),
+        ("i1", jun_1 + 10, "join", "cat"),  # not billed: no count, no seat
+    ]
+    one_by_one, folded = Usage(), Usage()
+    one_by_one.add(MeterEvent(*u) for u in usages)
+    events = fold(usages)
+    folded.add(events)
+    assert len(events) == 6 and folded.events == one_by_one.events == len(usages)
+    assert folded.counts == one_by_one.counts and folded.seats == one_by_one.seats
+    assert one_by_one.counts[("i1", "2026-06", "messages")] == 3
+    assert one_by_one.counts[("i1", "2026-05-31", "messages")] == 2
+
+
 async def test_usage_counts_sends_edits_deletes_reactions_and_seats(config: Config) -> None:
     async with shard_on(config.data_dir, config) as shard:
         inst, room, (alice, bob, _carol) = await tenant(shard, "alice", "bob", "carol")
