@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -20,7 +22,7 @@ import attrs
 import httpx
 import pytest
 import trio
-from services import require
+from services import require, require_netns
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -283,27 +285,93 @@ def peer_factory(node: Node) -> Any:
     return asynccontextmanager(lambda token=None: connect(node, token))
 
 
+class Netns:
+    """A network namespace of one test's own, joined to this host by a veth pair on a /30 of
+    10.251.0.0/16: a server run in it (`command`) is reached at `inner`. The test can cut the
+    link (packets dropped: no FIN, no RST, as from a host lost to the network) and tear the
+    namespace down with its TCP state, then make it again at the same address."""
+
+    def __init__(self) -> None:
+        self.ip = require_netns()
+        block = (10 << 24) | (251 << 16) | secrets.randbelow(1 << 14) * 4
+        self.outer = str(ipaddress.IPv4Address(block + 1))
+        self.inner = str(ipaddress.IPv4Address(block + 2))
+        self.name = ""
+        self.host_if = ""
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run([self.ip, *args], check=True, capture_output=True, timeout=10)
+
+    def create(self) -> None:
+        tag = secrets.token_hex(3)  # interface names: at most 15 characters
+        self.name, self.host_if, inner_if = f"gb6t-{tag}", f"gb6h{tag}", f"gb6n{tag}"
+        self._ip("netns", "add", self.name)
+        self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", inner_if)
+        self._ip("link", "set", inner_if, "netns", self.name)
+        self._ip("addr", "add", f"{self.outer}/30", "dev", self.host_if)
+        self._ip("link", "set", self.host_if, "up")
+        inside = ("netns", "exec", self.name, self.ip)
+        self._ip(*inside, "addr", "add", f"{self.inner}/30", "dev", inner_if)
+        self._ip(*inside, "link", "set", inner_if, "up")
+        self._ip(*inside, "link", "set", "lo", "up")
+
+    def command(self, args: list[str]) -> list[str]:
+        """`args` run inside the namespace."""
+        return [self.ip, "netns", "exec", self.name, *args]
+
+    def cut(self) -> None:
+        self._ip("link", "set", self.host_if, "down")
+
+    def delete(self) -> None:
+        """Remove the link and the namespace (its processes must have exited), so that it can
+        be made again at the same address."""
+        if not self.name:
+            return
+        # Both ends at once; the namespace's own teardown would drop them only later.
+        subprocess.run([self.ip, "link", "del", self.host_if], capture_output=True, timeout=10)
+        subprocess.run([self.ip, "netns", "del", self.name], capture_output=True, timeout=10)
+        self.name = ""
+
+
+@pytest.fixture
+def netns() -> Iterator[Netns]:
+    made = Netns()
+    made.create()
+    try:
+        yield made
+    finally:
+        made.delete()
+
+
 class OwnRedis:
     """A Redis server of one test's own (real, on loopback), which it may stop, start again
     on the same port, or freeze."""
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, netns: Netns | None = None) -> None:
         require("redis")  # the project's services installed it
         self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.data = data
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.netns = netns  # run in that namespace, on its address, instead of on loopback
+        if netns is not None:
+            self.host, self.port = netns.inner, 6379  # the namespace's ports are all free
+        else:
+            self.host = "127.0.0.1"
+            with socket.socket() as probe:
+                probe.bind((self.host, 0))
+                self.port = probe.getsockname()[1]
+        self.url = f"redis://{self.host}:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        self.proc = subprocess.Popen([self.binary, *args], cwd=self.data, stdout=subprocess.DEVNULL)
+        args = ["--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no"]
+        command = [self.binary, *args]
+        if self.netns is not None:  # reached from this host, not loopback: no protected mode
+            command = self.netns.command([*command, "--protected-mode", "no"])
+        self.proc = subprocess.Popen(command, cwd=self.data, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((self.host, self.port), timeout=1).close()
                 return
             except OSError:
                 if time.monotonic() > deadline:

@@ -417,6 +417,17 @@ def require_tool(tool: str) -> str:
     return path
 
 
+def require_netns() -> str:
+    """Skip the calling test unless it may make network namespaces (root, iproute2's `ip`), or
+    fail under GB6_REQUIRE_SERVICES=1. Returns the path of `ip`."""
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    if not os.access(ip, os.X_OK):
+        _missing("iproute2's ip not found; a network namespace needs it")
+    if os.geteuid() != 0:
+        _missing("making a network namespace needs root")
+    return ip
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 1 or argv[0] != "probe":
         print("usage: services.py probe [postgres|redis|kafka ...]", file=sys.stderr)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import trio
 import trio_asyncio
+from conftest import Netns, OwnRedis
 from services import require
 from trio_asyncio import aio_as_trio
 
@@ -698,5 +699,46 @@ async def test_redis_an_unsubscribe_given_up_on_is_sent_once_redis_answers(
             await eventually(followed_b, 20)
             assert await subscribed("room:b") == 1
             assert await subscribed("room:a") == 0
+    finally:
+        redis.stop()
+
+
+async def test_redis_pubsub_finds_a_redis_host_lost_without_a_word(
+    tmp_path: Path, netns: Netns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis's host drops off the network (no FIN, no RST reaches the edge) and comes back with
+    a new Redis. The edge's pub/sub reader, blocked on its socket, learns it from TCP keepalives
+    and follows its channels on the new Redis; without them it would wait on the dead
+    connection for the kernel's default of 2 h, hearing nothing of those rooms meanwhile. The
+    keepalives are shortened here (in production a lost host is found within ~25 s)."""
+    import socket
+
+    from edge import redis_bus
+
+    quick = {socket.TCP_KEEPIDLE: 1, socket.TCP_KEEPINTVL: 1, socket.TCP_KEEPCNT: 2}
+    monkeypatch.setattr(redis_bus, "_KEEPALIVE", quick)
+    redis = OwnRedis(tmp_path, netns=netns)
+    redis.start()
+    try:
+        async with open_harness(redis.url) as h:
+            publisher, edge = await h.pubsub(), await h.pubsub()
+            await edge.subscribe(["room:a"])
+
+            async def heard(data: bytes, within: float) -> None:
+                with trio.fail_after(within):
+                    while True:
+                        publisher.publish("room:a", data)
+                        with trio.move_on_after(0.2):
+                            while (await edge.receive()).data != data:
+                                pass
+                            return
+
+            await heard(b"before", 5)
+            netns.cut()  # what Redis sends from now on is lost, its FIN too
+            redis.stop()
+            netns.delete()  # and its TCP state with it: no FIN will ever come
+            netns.create()
+            redis.start()
+            await heard(b"after", 20)
     finally:
         redis.stop()
