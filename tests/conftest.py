@@ -423,15 +423,32 @@ def broker_pid(bootstrap: str) -> int:
     return pid
 
 
+def postgres_pids(dsn: str) -> list[int]:
+    """The PostgreSQL server at `dsn` (on this machine): its postmaster and every process it
+    started (backends, checkpointer, WAL writer, ...)."""
+    from urllib.parse import urlsplit
+
+    import psutil
+
+    where = urlsplit(dsn)
+    pid = listening_pid(f"{where.hostname}:{where.port or 5432}")
+    assert pid is not None, f"no process of this machine serves {where.hostname}:{where.port}"
+    return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+
+
 @contextmanager
-def frozen(pid: int) -> Iterator[None]:
-    """The process `pid` stopped (SIGSTOP: its sockets stay open and answer nothing) for the
-    block, and continued after it, whatever happens."""
-    os.kill(pid, signal.SIGSTOP)
+def frozen(*pids: int) -> Iterator[None]:
+    """The processes `pids` stopped (SIGSTOP: their sockets stay open and answer nothing) for
+    the block, and continued after it, whatever happens."""
+    stopped: list[int] = []
     try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
         yield
     finally:
-        os.kill(pid, signal.SIGCONT)
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
 
 
 def wait_uncommitted(bootstrap: str, topic: str, room_id: str, seq: int) -> None:

@@ -40,7 +40,7 @@ from origin.pg_store import PgStore
 from origin.records import FileRecord, Instance, Org, RoomRecord, Token, User
 from origin.sqlite_store import SqliteStore, now_ms
 from origin.store_port import Appended, AppendItem, AppendResult, RelationalStore
-from tests.conftest import broker_pid, frozen, wait_uncommitted
+from tests.conftest import broker_pid, frozen, postgres_pids, wait_uncommitted
 
 LIMITS = Limits(max_inflight_appends=2_000, writer_batch=500)
 Batch = list[tuple[AppendItem, AppendResult]]
@@ -1544,6 +1544,31 @@ async def test_kafka_a_second_store_of_the_shard_fences_the_first(kafka_backend:
             (2, "m2"),
         ]
         nursery.cancel_scope.cancel()
+
+
+async def test_kafka_sends_are_acknowledged_while_postgresql_is_frozen_and_land_there_once(
+    kafka_backend: Backend,
+) -> None:
+    """PostgreSQL stops answering (frozen: a failover under way, a partition) while a shard
+    serves. Sends to a room whose resend filter is ready need nothing of it: the log of record
+    takes them and they are acknowledged meanwhile, and a resend among them answers its
+    original. Once PostgreSQL answers again, the persister writes each exactly once, with
+    gapless seqs, and reads see them."""
+    async with serving(kafka_backend) as store:
+        assert isinstance(store, KafkaStore)
+        t = await tenant(store)
+        r = await room(store, t)
+        await append(store, item(r, t.alice, "m0"))
+        await _filter_ready(store, r)
+        with frozen(*postgres_pids(kafka_backend.dsn)), trio.fail_after(15):
+            acked = [await append(store, item(r, t.alice, f"f{i}")) for i in range(20)]
+            again = await append(store, item(r, t.alice, "f3"))
+        assert [a.event.seq for a in acked] == list(range(2, 22))
+        assert again.duplicate and again.event == acked[3].event
+        with trio.fail_after(60):
+            events = await store.events_after(r, 0, 100)
+        assert seqs(events) == list(range(1, 22))
+        assert [e.cid for e in events] == ["m0"] + [f"f{i}" for i in range(20)]
 
 
 async def test_kafka_a_batch_whose_outcome_is_unknown_is_learned_and_the_shard_serves_again(
