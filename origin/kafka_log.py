@@ -34,6 +34,7 @@ Rules:
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import struct
 import threading
@@ -61,6 +62,8 @@ from origin.log_port import (
 SEQ_HEADER: Final = "seq"
 _SEQ: Final = struct.Struct(">q")
 _STOP: Final = object()
+# A writer's start waits on the broker in slices this long, so that it notices being stopped.
+_SLICE_S: Final = 0.5
 MAX_LANES: Final = 4
 # The codes with which librdkafka and the broker say a newer producer took the transactional id.
 _FENCED_CODES: Final = frozenset(
@@ -89,20 +92,57 @@ def kafka_error(exc: BaseException) -> KafkaError | None:
     return None
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout_s: float) -> None:
-    """Create `topic` with `partitions` partitions unless it exists (blocking)."""
+def ensure_topic(
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    timeout_s: float,
+    stopping: threading.Event | None = None,
+) -> None:
+    """Create `topic` with `partitions` partitions unless it exists (blocking). Gives up with
+    `_Stopped` soon after `stopping` is set."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.create_topics(
         [NewTopic(topic, num_partitions=partitions, replication_factor=-1)],
         operation_timeout=timeout_s,
         request_timeout=timeout_s,
     )
-    try:
-        futures[topic].result(timeout=timeout_s)
-    except KafkaException as exc:
-        err = kafka_error(exc)
-        if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            futures[topic].result(timeout=min(_SLICE_S, max(0.0, deadline - time.monotonic())))
+            return
+        except concurrent.futures.TimeoutError:
+            if stopping is not None and stopping.is_set():
+                raise _Stopped() from None
+            if time.monotonic() >= deadline:
+                raise
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+            return
+
+
+class _Stopped(Exception):
+    """The writer's start was given up: its owner stopped it."""
+
+
+def _init_transactions(producer: Producer, timeout_s: float, stopping: threading.Event) -> None:
+    """`init_transactions` within `timeout_s`, in slices (librdkafka resumes the call where a
+    timed-out one left it), so that a writer stopped meanwhile gives up within `_SLICE_S`
+    instead of holding its owner's shutdown for the whole timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            producer.init_transactions(min(_SLICE_S, max(0.0, deadline - time.monotonic())))
+            return
+        except KafkaException as exc:
+            err = kafka_error(exc)
+            if err is None or not err.retriable() or time.monotonic() >= deadline:
+                raise
+            if stopping.is_set():
+                raise _Stopped() from None
 
 
 class LogWithdrawn(LogAborted):
@@ -178,6 +218,7 @@ class KafkaLog:
         self._slots = trio.Semaphore(max_inflight)
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._closed = True
+        self._stopping = threading.Event()
         self._dead: GB6Error | None = None  # set by the producer thread; final
         self._abort_after: int | None = None
         self.commits = 0  # committed batches; for metrics and tests
@@ -203,6 +244,7 @@ class KafkaLog:
             await trio.sleep_forever()
         finally:
             self._closed = True
+            self._stopping.set()  # a start under way gives up
             self._queue.put(_STOP)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(thread.join)
@@ -311,13 +353,14 @@ class KafkaLog:
         """One producer per lane, each owning its transactional id (older ones are fenced)."""
         producers: list[Producer] = []
         try:
-            ensure_topic(self.bootstrap, self.topic, self.partitions, self.commit_timeout_s)
+            timeout_s, stopping = self.commit_timeout_s, self._stopping
+            ensure_topic(self.bootstrap, self.topic, self.partitions, timeout_s, stopping)
             for txn_id in self.transactional_ids:
                 producer = Producer(
                     {**self._config, "client.id": txn_id, "transactional.id": txn_id}
                 )
                 producers.append(producer)
-                producer.init_transactions(self.commit_timeout_s)
+                _init_transactions(producer, timeout_s, stopping)
         except Exception as exc:  # KafkaException, a timeout, a bad setting: all say "no"
             for producer in producers:
                 _drop(producer)

@@ -180,6 +180,18 @@ class _Inflight:
     settled: bool = False  # its answers were given out (`_finish`): never twice
 
 
+@attrs.frozen
+class _ShieldWhenStarted:
+    """The task status of the log's `run`: shields `scope` the moment the log serves."""
+
+    inner: trio.TaskStatus[None]
+    scope: trio.CancelScope
+
+    def started(self, value: None = None) -> None:
+        self.scope.shield = True
+        self.inner.started(value)
+
+
 def _rooms_of(inflight: _Inflight | None) -> Mapping[str, int]:
     """The rooms of the transaction in flight, if any (its heads)."""
     return inflight.plan.heads if inflight is not None else {}
@@ -240,7 +252,7 @@ class KafkaStore:
         self._keys_wanted = trio.Event()  # set when a room's filter waits for its keys
         self._pool: Any = None
         self.persister: PersisterProcess | None = None  # once recovered
-        self._log_scope = trio.CancelScope(shield=True)
+        self._log_scope = trio.CancelScope()  # shielded once the log serves (`_run_log`)
         self._log_ended = trio.Event()
         self._slots = trio.Semaphore(limits.max_inflight_appends)
         self._send, self._recv = trio.open_memory_channel[AppendItem](limits.max_inflight_appends)
@@ -321,11 +333,12 @@ class KafkaStore:
             await trio.sleep_forever()
 
     async def _run_log(self, *, task_status: trio.TaskStatus[None]) -> None:
-        # Shielded from the store's cancellation; `run` cancels it once queued ops are in.
+        # Shielded from the store's cancellation once it serves; `run` cancels it once queued
+        # ops are in. Not while it starts: a store stopped then need not wait for the broker.
         scope, ended = self._log_scope, self._log_ended
         try:
             with scope:
-                await self.log.run(task_status=task_status)
+                await self.log.run(task_status=_ShieldWhenStarted(task_status, scope))
         finally:
             ended.set()
 
@@ -381,7 +394,7 @@ class KafkaStore:
             self._log_scope.cancel()
             await self._log_ended.wait()  # one producer at a time
             self.log = self._new_log()
-            self._log_scope, self._log_ended = trio.CancelScope(shield=True), trio.Event()
+            self._log_scope, self._log_ended = trio.CancelScope(), trio.Event()
             # Its init_transactions fences the old producer and settles what it left open.
             await nursery.start(self._run_log)
             # Another origin that started meanwhile may be fenced by it: it (its incarnation

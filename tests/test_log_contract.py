@@ -385,3 +385,55 @@ async def test_a_kafka_batch_on_condition_commits_only_if_confirmed(
         assert writer.commits == 1
     assert answers == ["False", "None", "True"]
     assert by_room(entries) == by_room(kept)
+
+
+@pytest.mark.parametrize("waits_in", ["ensure_topic", "init_transactions"])
+async def test_a_kafka_writer_stopped_while_its_start_waits_on_the_broker_stops_at_once(
+    kafka_backend: Backend, monkeypatch: pytest.MonkeyPatch, waits_in: str
+) -> None:
+    """The broker does not answer a writer's start (frozen). Stopping the writer then (its
+    origin shutting down, or a recovery given up) must not wait out the start's steps (the
+    topic, then each lane's `init_transactions`, up to the commit timeout each: 15 s here), or
+    it would hold the origin's shutdown past any grace period."""
+    from origin import kafka_log
+    from tests.conftest import broker_pid, frozen
+
+    backend = kafka_backend
+    if waits_in == "init_transactions":
+        async with running(backend.writer()):  # the topic, made before the broker freezes
+            pass
+        monkeypatch.setattr(kafka_log, "ensure_topic", lambda *args: None)
+    writer = backend.writer()
+    with frozen(broker_pid(backend.bootstrap)):
+        with trio.move_on_after(1.0) as waited:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+        assert waited.cancelled_caught  # it was still starting
+        assert trio.current_time() - waited.deadline < 5
+
+
+async def test_a_kafka_writer_starts_once_a_broker_slow_to_answer_does(
+    kafka_backend: Backend,
+) -> None:
+    """The broker answers a writer's start only after a few seconds (frozen meanwhile): the
+    start, which waits in slices, goes on where it was and the writer serves."""
+    from tests.conftest import broker_pid, frozen
+
+    backend = kafka_backend
+    async with running(backend.writer()):  # the topic
+        pass
+    writer = backend.writer()
+    batch = records(["a"], range(1, 3), "slow")
+    async with trio.open_nursery() as nursery:
+        with frozen(broker_pid(backend.bootstrap)):
+            nursery.start_soon(nursery.start, writer.run)
+            await trio.sleep(2.5)
+            assert not writer.serving
+        with trio.fail_after(30):
+            while not writer.serving:  # noqa: ASYNC110 - the writer has no event for it
+                await trio.sleep(0.05)
+        await writer.append_batch(batch)
+        async with running(backend.consumer({})) as consumer:
+            entries, _ = await read(consumer, len(batch))
+        assert by_room(entries) == by_room(batch)
+        nursery.cancel_scope.cancel()

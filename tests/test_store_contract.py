@@ -1571,6 +1571,24 @@ async def test_kafka_sends_are_acknowledged_while_postgresql_is_frozen_and_land_
         assert [e.cid for e in events] == ["m0"] + [f"f{i}" for i in range(20)]
 
 
+async def test_kafka_a_store_stopped_while_the_broker_does_not_answer_stops_at_once(
+    kafka_backend: Backend,
+) -> None:
+    """The broker does not answer while a shard starts its log (frozen): stopping the store
+    then (the origin's SIGTERM) must not wait out the log's start (the topic, then each lane's
+    `init_transactions`, up to the commit timeout each: 30 s here), or the origin would outlive
+    any grace period. An in-place recovery starts its new log the same way."""
+    pid = broker_pid(kafka_backend.bootstrap)
+    async with trio_asyncio.open_loop():
+        store = _short_commits(kafka_backend, LIMITS, 30.0).make(Recorder())
+        with frozen(pid):
+            with trio.move_on_after(3) as waited:  # PostgreSQL answers; the broker does not
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(store.run)
+            assert waited.cancelled_caught  # it was still starting
+            assert trio.current_time() - waited.deadline < 5
+
+
 async def test_kafka_a_batch_whose_outcome_is_unknown_is_learned_and_the_shard_serves_again(
     kafka_backend: Backend,
 ) -> None:
