@@ -188,7 +188,11 @@ class _ShieldWhenStarted:
     scope: trio.CancelScope
 
     def started(self, value: None = None) -> None:
-        self.scope.shield = True
+        # Unless its start was cancelled already (it was rescheduled before the cancel came):
+        # then trio leaves it in the starter's nursery, where a shield would keep it, and the
+        # starter waiting on it, for good.
+        if trio.current_effective_deadline() != -inf:
+            self.scope.shield = True
         self.inner.started(value)
 
 

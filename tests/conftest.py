@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -305,15 +305,19 @@ class Netns:
     def create(self) -> None:
         tag = secrets.token_hex(3)  # interface names: at most 15 characters
         self.name, self.host_if, inner_if = f"gb6t-{tag}", f"gb6h{tag}", f"gb6n{tag}"
-        self._ip("netns", "add", self.name)
-        self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", inner_if)
-        self._ip("link", "set", inner_if, "netns", self.name)
-        self._ip("addr", "add", f"{self.outer}/30", "dev", self.host_if)
-        self._ip("link", "set", self.host_if, "up")
-        inside = ("netns", "exec", self.name, self.ip)
-        self._ip(*inside, "addr", "add", f"{self.inner}/30", "dev", inner_if)
-        self._ip(*inside, "link", "set", inner_if, "up")
-        self._ip(*inside, "link", "set", "lo", "up")
+        try:
+            self._ip("netns", "add", self.name)
+            self._ip("link", "add", self.host_if, "type", "veth", "peer", "name", inner_if)
+            self._ip("link", "set", inner_if, "netns", self.name)
+            self._ip("addr", "add", f"{self.outer}/30", "dev", self.host_if)
+            self._ip("link", "set", self.host_if, "up")
+            inside = ("netns", "exec", self.name, self.ip)
+            self._ip(*inside, "addr", "add", f"{self.inner}/30", "dev", inner_if)
+            self._ip(*inside, "link", "set", inner_if, "up")
+            self._ip(*inside, "link", "set", "lo", "up")
+        except subprocess.CalledProcessError as exc:
+            self.delete()
+            raise RuntimeError(f"{exc.cmd}: {exc.stderr.decode(errors='replace')}") from exc
 
     def command(self, args: list[str]) -> list[str]:
         """`args` run inside the namespace."""
@@ -329,15 +333,16 @@ class Netns:
             return
         # Both ends at once; the namespace's own teardown would drop them only later.
         subprocess.run([self.ip, "link", "del", self.host_if], capture_output=True, timeout=10)
-        subprocess.run([self.ip, "netns", "del", self.name], capture_output=True, timeout=10)
+        gone = subprocess.run([self.ip, "netns", "del", self.name], capture_output=True, timeout=10)
+        assert gone.returncode == 0, f"namespace {self.name} not deleted: {gone.stderr!r}"
         self.name = ""
 
 
 @pytest.fixture
 def netns() -> Iterator[Netns]:
     made = Netns()
-    made.create()
     try:
+        made.create()
         yield made
     finally:
         made.delete()
@@ -443,12 +448,16 @@ def frozen(*pids: int) -> Iterator[None]:
     stopped: list[int] = []
     try:
         for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:  # a short-lived child (a worker) gone meanwhile
+                continue
             stopped.append(pid)
         yield
     finally:
         for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def wait_uncommitted(bootstrap: str, topic: str, room_id: str, seq: int) -> None:

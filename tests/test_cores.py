@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 
 import pytest
+import trio
 
 from edge import protocol as p
 from edge import wsframe
@@ -412,3 +413,27 @@ def test_kafka_entries_go_once_the_persister_wrote_their_whole_commit() -> None:
     assert len(state) == 1
     state.prune()
     assert len(state) == 0 and state.behind() == [] and (state.acked, state.persisted) == ({}, {})
+
+
+async def test_a_kafka_log_is_shielded_once_it_serves_unless_its_start_was_cancelled() -> None:
+    """The shard's log is shielded from the store's cancellation from the moment it serves
+    (queued ops are committed through it at shutdown). A log whose start was cancelled in the
+    same tick as it finished must not be: trio leaves such a task in its starter's nursery, and
+    a shield would keep it, and the store's shutdown waiting on it, for good."""
+    from origin.kafka_store import _ShieldWhenStarted
+
+    said: list[None] = []
+
+    class Status:
+        def started(self, value: None = None) -> None:
+            said.append(value)
+
+    for cancelled in (False, True):
+        # No checkpoint inside, on purpose: the start is cancelled, not yet interrupted.
+        with trio.CancelScope() as outer:  # noqa: ASYNC100
+            if cancelled:
+                outer.cancel()
+            with trio.CancelScope() as scope:  # noqa: ASYNC100
+                _ShieldWhenStarted(Status(), scope).started()
+                assert scope.shield is not cancelled
+    assert said == [None, None]

@@ -413,15 +413,18 @@ async def test_a_kafka_writer_stopped_while_its_start_waits_on_the_broker_stops_
 
 
 async def test_a_kafka_writer_starts_once_a_broker_slow_to_answer_does(
-    kafka_backend: Backend,
+    kafka_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The broker answers a writer's start only after a few seconds (frozen meanwhile): the
-    start, which waits in slices, goes on where it was and the writer serves."""
+    """The broker answers a writer's `init_transactions` only after a few seconds (frozen
+    meanwhile): the call, made again slice after slice, goes on where it was and the writer
+    serves."""
+    from origin import kafka_log
     from tests.conftest import broker_pid, frozen
 
     backend = kafka_backend
     async with running(backend.writer()):  # the topic
         pass
+    monkeypatch.setattr(kafka_log, "ensure_topic", lambda *args: None)
     writer = backend.writer()
     batch = records(["a"], range(1, 3), "slow")
     async with trio.open_nursery() as nursery:
