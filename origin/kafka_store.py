@@ -39,7 +39,8 @@ Rules:
   answered as appended, but they are the log's). A failed attempt is tried again after 1 s,
   doubling to 30 s. Every origin records its incarnation in PostgreSQL before its producer takes
   the transactional id; one that finds a newer incarnation there when it recovers is the
-  zombie, and stops appending for good (taking the id back would fence the newer one). A zombie
+  zombie, and stops appending for good (taking the id back would fence the newer one), and
+  stops its persister child (the newer one's writes the log). A zombie
   that took the id back before it found out (it was cut off while the newer one started) stops
   then, unwritten, and the newer one, fenced by it, finds itself the newest and takes the id
   back in turn.
@@ -256,6 +257,7 @@ class KafkaStore:
         self._keys_wanted = trio.Event()  # set when a room's filter waits for its keys
         self._pool: Any = None
         self.persister: PersisterProcess | None = None  # once recovered
+        self._persister_scope = trio.CancelScope()
         self._log_scope = trio.CancelScope()  # shielded once the log serves (`_run_log`)
         self._log_ended = trio.Event()
         self._slots = trio.Semaphore(limits.max_inflight_appends)
@@ -326,7 +328,7 @@ class KafkaStore:
             recovery.cancel_scope.cancel()  # stopped before its successor reads: one at a time
         settings = Settings(self.dsn, self.schema, self.bootstrap, self.topic)
         self.persister = PersisterProcess(settings, self._persisted, lambda: self._restarted.set())
-        await nursery.start(self.persister.run)
+        await nursery.start(self._run_persister, self.persister)
         self._closed = False
         async with trio.open_nursery() as inner:
             inner.start_soon(self._sequencer)
@@ -335,6 +337,12 @@ class KafkaStore:
             inner.start_soon(self._recoveries, nursery)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _run_persister(
+        self, persister: PersisterProcess, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with self._persister_scope:  # cancelled when this origin turns out a zombie
+            await persister.run(task_status=task_status)
 
     async def _run_log(self, *, task_status: trio.TaskStatus[None]) -> None:
         # Shielded from the store's cancellation once it serves; `run` cancels it once queued
@@ -453,6 +461,9 @@ class KafkaStore:
             f" since (incarnation {holder})"
         )
         self._unknown = []
+        # The newer origin's persister writes the log: a second one would read all of it
+        # again only to find each batch written (and wait on the same offsets' row).
+        self._persister_scope.cancel()
         return False
 
     def _persisted(self, heads: Mapping[str, int]) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import attrs
 import orjson
 import outcome
+import psutil
 import pytest
 import trio
 import trio_asyncio
@@ -1710,11 +1711,14 @@ async def test_kafka_a_shard_cut_off_while_another_origin_took_over_stops_for_go
     """The broker stops answering during a commit, and meanwhile another origin of the shard
     starts (it records its incarnation in PostgreSQL before it takes the transactional id).
     This one, the zombie now, does not recover: taking the id back would fence the origin that
-    serves the shard. It stops appending for good, and says why."""
+    serves the shard. It stops appending for good, and says why, and stops its persister child
+    (the newer origin's writes the log)."""
     pid = broker_pid(kafka_backend.bootstrap)
     async with serving(_short_commits(kafka_backend, LIMITS, 2.0)) as store:
-        assert isinstance(store, KafkaStore)
+        assert isinstance(store, KafkaStore) and store.persister is not None
         _, t, r = await _recorded_room(store)
+        child = store.persister.pid
+        assert child is not None
         with frozen(pid):
             result = await submit(store, item(r, t.alice, "cut off"))
             await _pg(
@@ -1733,6 +1737,10 @@ async def test_kafka_a_shard_cut_off_while_another_origin_took_over_stops_for_go
         with pytest.raises(GB6Error) as info:
             await store.submit_append(item(r, t.alice, "after"))
         assert info.value.code == UNAVAILABLE and "another origin" in info.value.message
+        with trio.fail_after(15):
+            while psutil.pid_exists(child):  # noqa: ASYNC110 - nothing to wait on
+                await trio.sleep(0.05)
+        assert store.persister.pid is None and store.persister.restarts == 0
 
 
 async def test_kafka_a_shard_fenced_by_an_older_writer_takes_its_log_back(
