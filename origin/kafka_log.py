@@ -8,7 +8,9 @@ Rules:
   topic keeps its count, since changing it would move rooms between partitions), then calls
   `init_transactions` under each of the shard's transactional ids. That call bumps the id's
   epoch, which fences any older producer with the same id and aborts whatever transaction it
-  left open.
+  left open. Each step waits on the broker up to `commit_timeout_s`, in slices of `_SLICE_S`: a
+  writer stopped meanwhile gives up within one, so its owner's shutdown does not wait for a
+  broker that does not answer.
 - One batch is one transaction: begin, produce every record (key = room, so a room's records
   share a partition and keep their order; header `seq` = the seq, 8 bytes big-endian), commit.
   `acks=all` and idempotence make the commit durable without duplicates.
