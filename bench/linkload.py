@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench import profile, report, speed
+from bench import jvm_gc, profile, report, speed
 from bench.bootstrap import bootstrap
 from bench.cluster import Cluster
 from bench.server import ProcWatch
@@ -322,6 +322,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
             raise RuntimeError("a link worker failed to start")
     watch = ProcWatch([origin.pid] if origin.pid else [])
     services = [(name, ProcWatch([pid])) for name, pid in c.service_pids()]
+    broker = next((pid for name, pid in c.service_pids() if name.startswith("kafka broker")), None)
     ours = {origin.pid or -1, *(p.pid or -1 for p in procs)}
     with SpeedProbe(OUT / f"links-{meta['stamp']}-speed.txt") as probe:
         t0 = time.monotonic() + 0.5
@@ -337,6 +338,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         cpu0 = watch.cpu_s()
         th0 = watch.thread_cpu()
         svc0 = [w.cpu_s() for _, w in services]
+        jit0 = jvm_gc.jit_cpu_s(broker) if broker is not None else 0.0
         top_others(ours)  # primes per-process counters
         busy0 = _busy()
         prof_path = OUT / f"links-{meta['stamp']}-pyspy.txt"
@@ -352,6 +354,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         svc = [
             (name, (w.cpu_s() - s0) / window) for (name, w), s0 in zip(services, svc0, strict=True)
         ]
+        jit = (jvm_gc.jit_cpu_s(broker) - jit0) / window if broker is not None else None
         busy, stolen = _busy_since(busy0)
         others = top_others(ours)
         host_speed = speed.summarize(probe.between(w0, w1))
@@ -405,6 +408,8 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         "origin_cpu_us_per_append": round(1e6 * cpu / rate, 1) if rate else None,
         "origin_threads_cpu_pct": threads,
         "services_cpu_pct": {name: round(100 * v, 1) for name, v in svc},
+        # CPU of the broker's JIT compiler in the window (% of one core): high while it is cold.
+        "broker_jit_cpu_pct": round(100 * jit, 1) if jit is not None else None,
         "generator_cpu_pct": round(100 * gen_cpu, 1),
         "machine_busy_pct": round(busy, 1),
         "machine_steal_pct": round(stolen, 1),
@@ -442,6 +447,8 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         f"busiest others: {'; '.join(others) or '-'}"
     )
     print(speed.fmt(host_speed))
+    if cold := jvm_gc.cold_warning(result["broker_jit_cpu_pct"]):
+        print(cold)
     if result["profile"]:
         profile.print_summary(result["profile"])
     print(f"results: {path}", flush=True)

@@ -183,12 +183,15 @@ def traffic(
         named += [(name, ProcWatch([pid])) for name, pid in services]
         service_names = {name for name, _ in services}
         server_pids = set(server.pids)
+        broker = next((pid for name, pid in services if name.startswith("kafka broker")), None)
     else:
         srv = ProcWatch([server.pid]) if server.pid else None
         named = []
         services = []
         service_names = set()
         server_pids = {server.pid or -1}
+        broker = None
+    jit: dict[str, float] = {}  # "warm"/"end": CPU seconds of the broker's JIT compiler
     proc_cpu: dict[str, list[float]] = {}  # "warm"/"end": CPU seconds of each named process
     proc_rss_max = [0] * len(named)
     t_conn = time.monotonic()
@@ -269,6 +272,8 @@ def traffic(
                 list(psutil.process_iter(["cpu_percent"]))  # prime per-process CPU counters
                 threads_warm = srv.thread_cpu() if srv else {}
                 proc_cpu["warm"] = [w.cpu_s() for _, w in named]
+                if broker is not None:
+                    jit["warm"] = jvm_gc.jit_cpu_s(broker)
                 prof_pid = profiled_pid(args, server)
                 if args.profile and prof_pid:
                     prof = profile.start(prof_pid, duration - warmup, prof_path, args.profile_rate)
@@ -283,6 +288,8 @@ def traffic(
                 others = top_others({*server_pids, os.getpid(), *pool.pids})
                 threads_end = srv.thread_cpu() if srv else {}
                 proc_cpu["end"] = [w.cpu_s() for _, w in named]
+                if broker is not None:
+                    jit["end"] = jvm_gc.jit_cpu_s(broker)
                 marks["end"] = (
                     time.monotonic(),
                     srv.cpu_s() if srv else 0.0,
@@ -404,6 +411,11 @@ def traffic(
             "others_top": others,
             "gc": gc_summary(gc_list, t0) if args.server_gc_log else None,
             "broker_gc": broker_gc,
+            "broker_jit_cpu_pct": (
+                round(100 * (jit["end"] - jit["warm"]) / span, 1)
+                if "warm" in jit and "end" in jit
+                else None
+            ),
             "wal_checkpoints": wal.events,
             "server_threads_cpu_pct": {
                 k: round(100 * (v - threads_warm.get(k, 0.0)) / span, 1)
@@ -555,6 +567,8 @@ def summarize_traffic(
         "server_gc": cpu.get("gc"),
         # The Kafka broker's GC pauses in the window, from its GC log (bench/jvm_gc.py).
         "broker_gc": cpu.get("broker_gc"),
+        # CPU of the broker's JIT compiler in the window (% of one core): high while it is cold.
+        "broker_jit_cpu_pct": cpu.get("broker_jit_cpu_pct"),
         "wal_checkpoints_at_s": cpu.get("wal_checkpoints"),
         "server_threads_cpu_pct": cpu.get("server_threads_cpu_pct"),
         "worker_frames": sum(r["frames"] for r in res),
@@ -666,6 +680,8 @@ def print_traffic(r: dict[str, Any]) -> None:
         g = r["broker_gc"]
         at = ", ".join(f"s {sec} {ms:g} ms" for sec, _, ms in g["at"])
         log(f"broker GC pauses in the window: {g['count']} totalling {g['total_ms']} ms ({at})")
+    if cold := jvm_gc.cold_warning(r.get("broker_jit_cpu_pct")):
+        log(cold)
     if r.get("wal_checkpoints_at_s"):
         log(f"WAL restarts after checkpoints at s: {r['wal_checkpoints_at_s']}")
     if (r.get("others_cpu_pct") or 0) > 20:
