@@ -22,7 +22,7 @@ import attrs
 import httpx
 import pytest
 import trio
-from services import require, require_netns
+from services import missing, require, require_netns
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -426,6 +426,32 @@ def broker_pid(bootstrap: str) -> int:
     pid = listening_pid(bootstrap)
     assert pid is not None, f"no process of this machine listens on {bootstrap}"
     return pid
+
+
+def restartable_broker(bootstrap: str) -> int:
+    """The pid of the Kafka broker at `bootstrap` if it is the one `scripts/services` runs here,
+    which a test may kill and start again (`scripts/services up kafka`); else skip the test (or
+    fail it under GB6_REQUIRE_SERVICES=1)."""
+    import psutil
+
+    pid = broker_pid(bootstrap)
+    state = Path(os.environ.get("GB6_SERVICES_DIR", "/var/tmp/gb6-services"))
+    conf = str(state / "kafka" / "server.properties")
+    if conf not in psutil.Process(pid).cmdline():
+        missing(f"the Kafka broker at {bootstrap} is not the one scripts/services runs ({conf})")
+    return pid
+
+
+def restart_broker() -> None:
+    """Start the broker `restartable_broker` found again, once it is gone (blocking: 15 s or
+    so, its logs recovered)."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [str(root / "scripts" / "services"), "up", "kafka"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        timeout=180,
+    )
 
 
 def postgres_pids(dsn: str) -> list[int]:

@@ -375,10 +375,11 @@ def require(service: str) -> str:
         if service in OPTIONAL
         else "run scripts/services up (and export the settings it prints)"
     )
-    _missing(f"{NAMES[service]} not reachable at {setting(service)} ({why}); {hint}")
+    missing(f"{NAMES[service]} not reachable at {setting(service)} ({why}); {hint}")
 
 
-def _missing(reason: str) -> NoReturn:
+def missing(reason: str) -> NoReturn:
+    """Skip the calling test for `reason`, or fail it under GB6_REQUIRE_SERVICES=1."""
     import pytest
 
     if os.environ.get("GB6_REQUIRE_SERVICES") == "1":
@@ -411,9 +412,9 @@ def require_tool(tool: str) -> str:
         else os.access(path, os.X_OK)
     )
     if not found:
-        _missing(f"{tool} not found at {path}; run scripts/tools up (and export what it prints)")
+        missing(f"{tool} not found at {path}; run scripts/tools up (and export what it prints)")
     if tool == "playwright" and shutil.which("node") is None:
-        _missing("node not found; Node.js 20 runs the Playwright scripts")
+        missing("node not found; Node.js 20 runs the Playwright scripts")
     return path
 
 
@@ -422,9 +423,9 @@ def require_netns() -> str:
     fail under GB6_REQUIRE_SERVICES=1. Returns the path of `ip`."""
     ip = shutil.which("ip") or "/usr/sbin/ip"
     if not os.access(ip, os.X_OK):
-        _missing("iproute2's ip not found; a network namespace needs it")
+        missing("iproute2's ip not found; a network namespace needs it")
     if os.geteuid() != 0:
-        _missing("making a network namespace needs root")
+        missing("making a network namespace needs root")
     return ip
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import signal
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,6 +34,9 @@ from tests.conftest import (
     broker_pid,
     connect,
     frozen,
+    listening_pid,
+    restart_broker,
+    restartable_broker,
     wait_uncommitted,
 )
 
@@ -856,3 +861,68 @@ async def test_an_origin_serves_again_once_kafka_answers_and_publishes_what_it_c
         quotas = s1.admin("GET", f"/v1/instances/{tenant.instance}/quotas").json()
         used = {u["resource"]: u["used"] for u in quotas["usage"]}
         assert used["messages"] == 3  # the one refused, then found committed, counts
+
+
+async def test_a_broker_killed_mid_stream_and_restarted_loses_nothing(
+    slow_commit_cluster: Cluster,
+) -> None:
+    """kill -9 of the Kafka broker while a client sends, then `scripts/services up kafka`: the
+    sends meanwhile are `unavailable`, the same cids sent again are acknowledged once the broker
+    is back (the origin serves again without a restart), and every acknowledged message is in
+    the room once, at its seq, gapless: in what a subscriber received live, in what a new
+    subscriber reads, and in PostgreSQL."""
+    c = slow_commit_cluster
+    assert c.kafka is not None
+    pid = restartable_broker(c.kafka)
+    edge = c.edges[0]
+    tenant = c.origins[0].create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    acked: dict[str, int] = {}
+    refused = 0
+    restarted = trio.Event()
+    async with _peer(edge, alice.token) as a, _peer(edge, bob.token) as b:
+        room = (await a.ok("room.create", name="k", kind="chat", members=[bob.id]))["room"]["id"]
+        await b.ok("subscribe", room=room, after=0)
+        a.timeout = 60.0  # a send in flight when the broker died waits out the commit timeout
+
+        async def sender() -> None:
+            """Each cid sent until it is acknowledged (what a client does), 20 more once the
+            broker is back."""
+            nonlocal refused
+            i = after = 0
+            while after < 20:
+                cid = f"m{i}"
+                while True:
+                    reply = await a.request("send", room=room, cid=cid, body={"text": cid})
+                    if reply["op"] == "ok":
+                        acked[cid] = reply["seq"]
+                        break
+                    assert reply["code"] == "unavailable", reply
+                    refused += 1
+                    await trio.sleep(0.2)
+                i += 1
+                after += restarted.is_set()
+                await trio.sleep(0.01)
+
+        try:
+            with trio.fail_after(240):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sender)
+                    while len(acked) < 20:  # noqa: ASYNC110 - polling the sender's progress
+                        await trio.sleep(0.01)
+                    broker = psutil.Process(pid)
+                    os.kill(pid, signal.SIGKILL)
+                    await trio.to_thread.run_sync(broker.wait, 30)
+                    await trio.to_thread.run_sync(restart_broker)
+                    restarted.set()
+        finally:
+            if listening_pid(c.kafka) is None:  # the rest of the suite needs it
+                await trio.to_thread.run_sync(restart_broker)
+        assert refused > 0, "no send met the broker gone"
+        b.timeout = 30.0
+        live = [(await b.event("message")) for _ in acked]
+    _check_log(live, acked)
+    _check_log(await _read_room(edge, bob.token, room, len(acked)), acked)
+    stored = await _stored_when_persisted(c, 0, room, len(acked))
+    assert [seq for seq, _ in stored] == list(range(1, len(acked) + 1))
+    assert {cid: seq for seq, cid in stored} == acked
