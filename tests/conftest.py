@@ -428,26 +428,43 @@ def broker_pid(bootstrap: str) -> int:
     return pid
 
 
+def _services_state() -> Path:
+    return Path(os.environ.get("GB6_SERVICES_DIR", "/var/tmp/gb6-services"))
+
+
 def restartable_broker(bootstrap: str) -> int:
     """The pid of the Kafka broker at `bootstrap` if it is the one `scripts/services` runs here,
-    which a test may kill and start again (`scripts/services up kafka`); else skip the test (or
+    which a test may kill and start again (`restart_service("kafka")`); else skip the test (or
     fail it under GB6_REQUIRE_SERVICES=1)."""
     import psutil
 
     pid = broker_pid(bootstrap)
-    state = Path(os.environ.get("GB6_SERVICES_DIR", "/var/tmp/gb6-services"))
-    conf = str(state / "kafka" / "server.properties")
+    conf = str(_services_state() / "kafka" / "server.properties")
     if conf not in psutil.Process(pid).cmdline():
         missing(f"the Kafka broker at {bootstrap} is not the one scripts/services runs ({conf})")
     return pid
 
 
-def restart_broker() -> None:
-    """Start the broker `restartable_broker` found again, once it is gone (blocking: 15 s or
-    so, its logs recovered)."""
+def restartable_postgres(dsn: str) -> int:
+    """The postmaster's pid of the PostgreSQL server at `dsn` if it is the one `scripts/services`
+    runs here, which a test may crash (SIGQUIT: an immediate shutdown, recovered from the WAL at
+    the next start) and start again (`restart_service("postgres")`); else skip the test (or
+    fail it under GB6_REQUIRE_SERVICES=1)."""
+    import psutil
+
+    pid = postgres_pids(dsn)[0]
+    data = str(_services_state() / "postgres" / "data")
+    if data not in psutil.Process(pid).cmdline():
+        missing(f"the PostgreSQL server at {dsn} is not the one scripts/services runs ({data})")
+    return pid
+
+
+def restart_service(name: str) -> None:
+    """Start a service that a test stopped again (`scripts/services up NAME`; blocking: the
+    broker takes ~15 s, its logs recovered)."""
     root = Path(__file__).resolve().parents[1]
     subprocess.run(
-        [str(root / "scripts" / "services"), "up", "kafka"],
+        [str(root / "scripts" / "services"), "up", name],
         check=True,
         stdout=subprocess.DEVNULL,
         timeout=180,

@@ -15,8 +15,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
+import attrs
 import httpx
 import psutil
 import pytest
@@ -30,13 +32,16 @@ from node.client import Client
 from tests.conftest import (
     Node,
     OwnRedis,
+    Peer,
     Tenant,
     broker_pid,
     connect,
     frozen,
     listening_pid,
-    restart_broker,
+    postgres_pids,
+    restart_service,
     restartable_broker,
+    restartable_postgres,
     wait_uncommitted,
 )
 
@@ -863,6 +868,52 @@ async def test_an_origin_serves_again_once_kafka_answers_and_publishes_what_it_c
         assert used["messages"] == 3  # the one refused, then found committed, counts
 
 
+@attrs.define
+class _Sends:
+    """One client's sends through an outage: each cid sent until it is acknowledged (what a
+    client does with `unavailable`), then `after` more once `back` is set."""
+
+    peer: Peer
+    room: str
+    after: int = 20
+    back: trio.Event = attrs.Factory(trio.Event)
+    acked: dict[str, int] = attrs.Factory(dict)
+    refused: int = 0
+
+    async def run(self) -> None:
+        i = after = 0
+        while after < self.after:
+            cid = f"m{i}"
+            while True:
+                reply = await self.peer.request("send", room=self.room, cid=cid, body={"text": cid})
+                if reply["op"] == "ok":
+                    self.acked[cid] = reply["seq"]
+                    break
+                assert reply["code"] == "unavailable", reply
+                self.refused += 1
+                await trio.sleep(0.2)
+            i += 1
+            after += self.back.is_set()
+            await trio.sleep(0.01)
+
+    async def started(self, n: int) -> None:
+        """Once `n` are acknowledged."""
+        while len(self.acked) < n:  # noqa: ASYNC110 - polling the sender's progress
+            await trio.sleep(0.01)
+
+
+async def _check_room(c: Cluster, edge: Node, b: Peer, token: str, sends: _Sends) -> None:
+    """Every acknowledged send is in the room once, at its seq, gapless: in what `b` (subscribed
+    from seq 0) got live, in what a new subscriber reads, and in the shard's store."""
+    acked = sends.acked
+    b.timeout = 30.0
+    _check_log([(await b.event("message")) for _ in acked], acked)
+    _check_log(await _read_room(edge, token, sends.room, len(acked)), acked)
+    stored = await _stored_when_persisted(c, 0, sends.room, len(acked))
+    assert [seq for seq, _ in stored] == list(range(1, len(acked) + 1))
+    assert {cid: seq for seq, cid in stored} == acked
+
+
 async def test_a_broker_killed_mid_stream_and_restarted_loses_nothing(
     slow_commit_cluster: Cluster,
 ) -> None:
@@ -877,52 +928,76 @@ async def test_a_broker_killed_mid_stream_and_restarted_loses_nothing(
     edge = c.edges[0]
     tenant = c.origins[0].create_tenant()
     alice, bob = tenant.user("alice"), tenant.user("bob")
-    acked: dict[str, int] = {}
-    refused = 0
-    restarted = trio.Event()
     async with _peer(edge, alice.token) as a, _peer(edge, bob.token) as b:
         room = (await a.ok("room.create", name="k", kind="chat", members=[bob.id]))["room"]["id"]
         await b.ok("subscribe", room=room, after=0)
         a.timeout = 60.0  # a send in flight when the broker died waits out the commit timeout
-
-        async def sender() -> None:
-            """Each cid sent until it is acknowledged (what a client does), 20 more once the
-            broker is back."""
-            nonlocal refused
-            i = after = 0
-            while after < 20:
-                cid = f"m{i}"
-                while True:
-                    reply = await a.request("send", room=room, cid=cid, body={"text": cid})
-                    if reply["op"] == "ok":
-                        acked[cid] = reply["seq"]
-                        break
-                    assert reply["code"] == "unavailable", reply
-                    refused += 1
-                    await trio.sleep(0.2)
-                i += 1
-                after += restarted.is_set()
-                await trio.sleep(0.01)
-
+        sends = _Sends(a, room)
         try:
             with trio.fail_after(240):
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(sender)
-                    while len(acked) < 20:  # noqa: ASYNC110 - polling the sender's progress
-                        await trio.sleep(0.01)
+                    nursery.start_soon(sends.run)
+                    await sends.started(20)
                     broker = psutil.Process(pid)
                     os.kill(pid, signal.SIGKILL)
                     await trio.to_thread.run_sync(broker.wait, 30)
-                    await trio.to_thread.run_sync(restart_broker)
-                    restarted.set()
+                    await trio.to_thread.run_sync(restart_service, "kafka")
+                    sends.back.set()
         finally:
             if listening_pid(c.kafka) is None:  # the rest of the suite needs it
-                await trio.to_thread.run_sync(restart_broker)
-        assert refused > 0, "no send met the broker gone"
-        b.timeout = 30.0
-        live = [(await b.event("message")) for _ in acked]
-    _check_log(live, acked)
-    _check_log(await _read_room(edge, bob.token, room, len(acked)), acked)
-    stored = await _stored_when_persisted(c, 0, room, len(acked))
-    assert [seq for seq, _ in stored] == list(range(1, len(acked) + 1))
-    assert {cid: seq for seq, cid in stored} == acked
+                await trio.to_thread.run_sync(restart_service, "kafka")
+        assert sends.refused > 0, "no send met the broker gone"
+        await _check_room(c, edge, b, bob.token, sends)
+
+
+@pytest.fixture
+def kafka_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Kafka shards with the default settings, and one edge."""
+    c = Cluster(tmp_path, require("postgres"), kafka=require("kafka"))
+    try:
+        c.edge()
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_a_postgres_crash_under_a_kafka_shard_loses_nothing(kafka_cluster: Cluster) -> None:
+    """PostgreSQL crashes (an immediate shutdown: every backend gone, the WAL replayed at the
+    next start) under a Kafka shard while a client sends, and `scripts/services up postgres`
+    starts it again: sends to a room whose resend filter is ready are acknowledged meanwhile
+    (Kafka is the log of record), any other is `unavailable` and acknowledged when sent again;
+    once PostgreSQL is back the persister writes what it missed, and every acknowledged message
+    is in the room once, at its seq, gapless (live, read back, and in PostgreSQL)."""
+    c = kafka_cluster
+    assert c.pg_dsn is not None
+    dsn = c.pg_dsn
+    postmaster = restartable_postgres(dsn)
+    edge = c.edges[0]
+    tenant = c.origins[0].create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    async with _peer(edge, alice.token) as a, _peer(edge, bob.token) as b:
+        room = (await a.ok("room.create", name="p", kind="chat", members=[bob.id]))["room"]["id"]
+        await b.ok("subscribe", room=room, after=0)
+        a.timeout = 60.0
+        sends = _Sends(a, room)
+        try:
+            with trio.fail_after(120):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(sends.run)
+                    await sends.started(20)
+                    while not _metrics(c.origins[0])["gb6_key_filter_rooms"]:  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                    server = [psutil.Process(p) for p in postgres_pids(dsn)]
+                    os.kill(postmaster, signal.SIGQUIT)
+                    await trio.to_thread.run_sync(lambda: psutil.wait_procs(server, 30))
+                    before = len(sends.acked)
+                    await trio.sleep(2)
+                    during = len(sends.acked) - before
+                    await trio.to_thread.run_sync(restart_service, "postgres")
+                    sends.back.set()
+        finally:
+            where = urlsplit(dsn)
+            if listening_pid(f"{where.hostname}:{where.port}") is None:
+                await trio.to_thread.run_sync(restart_service, "postgres")  # the suite needs it
+        assert during > 0, "no send was acknowledged while PostgreSQL was down"
+        await _check_room(c, edge, b, bob.token, sends)
