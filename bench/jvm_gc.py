@@ -43,7 +43,9 @@ def pauses(path: Path, start: float, end: float) -> list[tuple[float, str, float
 
 def jit_cpu_s(pid: int) -> float:
     """CPU seconds used so far by the JIT compiler threads of JVM `pid` (HotSpot names them
-    "C1 CompilerThre…" and "C2 CompilerThre…"); 0 if it is gone."""
+    "C1 CompilerThre…" and "C2 CompilerThre…"); 0 if it is gone. HotSpot adds and ends compiler
+    threads as its queue needs: the CPU of one that ended is no longer counted, so a difference
+    of two readings is a lower bound (callers clamp it at 0)."""
     total = 0
     with contextlib.suppress(OSError):
         for task in Path(f"/proc/{pid}/task").iterdir():

@@ -321,8 +321,9 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         if pipe.recv() != "ready":
             raise RuntimeError("a link worker failed to start")
     watch = ProcWatch([origin.pid] if origin.pid else [])
-    services = [(name, ProcWatch([pid])) for name, pid in c.service_pids()]
-    broker = next((pid for name, pid in c.service_pids() if name.startswith("kafka broker")), None)
+    service_pids = c.service_pids()
+    services = [(name, ProcWatch([pid])) for name, pid in service_pids]
+    broker = next((pid for name, pid in service_pids if name.startswith("kafka broker")), None)
     ours = {origin.pid or -1, *(p.pid or -1 for p in procs)}
     with SpeedProbe(OUT / f"links-{meta['stamp']}-speed.txt") as probe:
         t0 = time.monotonic() + 0.5
@@ -354,7 +355,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         svc = [
             (name, (w.cpu_s() - s0) / window) for (name, w), s0 in zip(services, svc0, strict=True)
         ]
-        jit = (jvm_gc.jit_cpu_s(broker) - jit0) / window if broker is not None else None
+        jit = max(0.0, jvm_gc.jit_cpu_s(broker) - jit0) / window if broker is not None else None
         busy, stolen = _busy_since(busy0)
         others = top_others(ours)
         host_speed = speed.summarize(probe.between(w0, w1))

@@ -412,7 +412,7 @@ def traffic(
             "gc": gc_summary(gc_list, t0) if args.server_gc_log else None,
             "broker_gc": broker_gc,
             "broker_jit_cpu_pct": (
-                round(100 * (jit["end"] - jit["warm"]) / span, 1)
+                round(100 * max(0.0, jit["end"] - jit["warm"]) / span, 1)
                 if "warm" in jit and "end" in jit
                 else None
             ),

@@ -429,20 +429,30 @@ def broker_pid(bootstrap: str) -> int:
 
 
 def _services_state() -> Path:
+    """Where `scripts/services` keeps its servers (its own default)."""
     return Path(os.environ.get("GB6_SERVICES_DIR", "/var/tmp/gb6-services"))
+
+
+def _restartable(address: str, mark: str, what: str) -> int:
+    """The pid listening on `address` if its command line holds `mark` (so `scripts/services`
+    runs it here and may start it again); else skip the test (fail under
+    GB6_REQUIRE_SERVICES=1)."""
+    import psutil
+
+    if os.geteuid() != 0:
+        missing(f"restarting {what} needs root, as scripts/services does")
+    pid = listening_pid(address)
+    if pid is None or mark not in psutil.Process(pid).cmdline():
+        missing(f"{what} at {address} is not the one scripts/services runs here ({mark})")
+    return pid
 
 
 def restartable_broker(bootstrap: str) -> int:
     """The pid of the Kafka broker at `bootstrap` if it is the one `scripts/services` runs here,
     which a test may kill and start again (`restart_service("kafka")`); else skip the test (or
     fail it under GB6_REQUIRE_SERVICES=1)."""
-    import psutil
-
-    pid = broker_pid(bootstrap)
     conf = str(_services_state() / "kafka" / "server.properties")
-    if conf not in psutil.Process(pid).cmdline():
-        missing(f"the Kafka broker at {bootstrap} is not the one scripts/services runs ({conf})")
-    return pid
+    return _restartable(bootstrap, conf, "the Kafka broker")
 
 
 def restartable_postgres(dsn: str) -> int:
@@ -450,21 +460,18 @@ def restartable_postgres(dsn: str) -> int:
     runs here, which a test may crash (SIGQUIT: an immediate shutdown, recovered from the WAL at
     the next start) and start again (`restart_service("postgres")`); else skip the test (or
     fail it under GB6_REQUIRE_SERVICES=1)."""
-    import psutil
+    from urllib.parse import urlsplit
 
-    pid = postgres_pids(dsn)[0]
+    where = urlsplit(dsn)
     data = str(_services_state() / "postgres" / "data")
-    if data not in psutil.Process(pid).cmdline():
-        missing(f"the PostgreSQL server at {dsn} is not the one scripts/services runs ({data})")
-    return pid
+    return _restartable(f"{where.hostname}:{where.port or 5432}", data, "PostgreSQL")
 
 
 def restart_service(name: str) -> None:
-    """Start a service that a test stopped again (`scripts/services up NAME`; blocking: the
-    broker takes ~15 s, its logs recovered)."""
-    root = Path(__file__).resolve().parents[1]
+    """Start a service of `scripts/services` (`up NAME`: quick when it is up; the broker takes
+    ~15 s after a kill, its logs recovered)."""
     subprocess.run(
-        [str(root / "scripts" / "services"), "up", name],
+        [str(ROOT / "scripts" / "services"), "up", name],
         check=True,
         stdout=subprocess.DEVNULL,
         timeout=180,

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import signal
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import attrs
@@ -37,8 +35,6 @@ from tests.conftest import (
     broker_pid,
     connect,
     frozen,
-    listening_pid,
-    postgres_pids,
     restart_service,
     restartable_broker,
     restartable_postgres,
@@ -800,18 +796,28 @@ async def test_a_room_followed_while_redis_was_down_is_followed_once_it_is_back(
         c.stop()
 
 
-@pytest.fixture
-def slow_commit_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """Kafka shards that give up on a commit after 4 s, and ask PostgreSQL about every cid (no
-    resend filter), with one edge."""
-    dsn, kafka = require("postgres"), require("kafka")
-    extra = "kafka_commit_timeout_s = 4\n[limits]\nkey_filter_bytes = 0\n"
-    c = Cluster(tmp_path, dsn, kafka=kafka, origin_toml=extra)
+def _kafka_cluster(tmp_path: Path, origin_toml: str = "") -> Iterator[Cluster]:
+    """Kafka shards (with `origin_toml` added to their config) and one edge."""
+    c = Cluster(tmp_path, require("postgres"), kafka=require("kafka"), origin_toml=origin_toml)
     try:
         c.edge()
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def kafka_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    yield from _kafka_cluster(tmp_path)
+
+
+@pytest.fixture
+def slow_commit_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Kafka shards that give up on a commit after 4 s, and ask PostgreSQL about every cid (no
+    resend filter), with one edge."""
+    yield from _kafka_cluster(
+        tmp_path, "kafka_commit_timeout_s = 4\n[limits]\nkey_filter_bytes = 0\n"
+    )
 
 
 async def test_an_origin_serves_again_once_kafka_answers_and_publishes_what_it_committed(
@@ -871,9 +877,12 @@ async def test_an_origin_serves_again_once_kafka_answers_and_publishes_what_it_c
 @attrs.define
 class _Sends:
     """One client's sends through an outage: each cid sent until it is acknowledged (what a
-    client does with `unavailable`), then `after` more once `back` is set."""
+    client does with `unavailable`), then `after` more once `back` is set. `listener` (a
+    subscriber that sends nothing meanwhile) is pinged every 10 s, so that the edge does not
+    close it for silence (two missed heartbeats: 60 s) while a service comes back."""
 
     peer: Peer
+    listener: Peer
     room: str
     after: int = 20
     back: trio.Event = attrs.Factory(trio.Event)
@@ -881,6 +890,12 @@ class _Sends:
     refused: int = 0
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_listener)
+            await self._send()
+            nursery.cancel_scope.cancel()
+
+    async def _send(self) -> None:
         i = after = 0
         while after < self.after:
             cid = f"m{i}"
@@ -896,69 +911,87 @@ class _Sends:
             after += self.back.is_set()
             await trio.sleep(0.01)
 
+    async def _keep_listener(self) -> None:
+        for n in itertools.count():
+            await trio.sleep(10)
+            await self.listener.send({"op": "ping", "id": f"keep{n}"})  # its answer is dropped
+
     async def started(self, n: int) -> None:
         """Once `n` are acknowledged."""
         while len(self.acked) < n:  # noqa: ASYNC110 - polling the sender's progress
             await trio.sleep(0.01)
 
 
-async def _check_room(c: Cluster, edge: Node, b: Peer, token: str, sends: _Sends) -> None:
-    """Every acknowledged send is in the room once, at its seq, gapless: in what `b` (subscribed
-    from seq 0) got live, in what a new subscriber reads, and in the shard's store."""
-    acked = sends.acked
+async def _check_room(c: Cluster, edge: Node, token: str, sends: _Sends) -> None:
+    """Every acknowledged send is in the room once, at its seq, gapless: in what the listener
+    (subscribed from seq 0) got live, with nothing after, in what a new subscriber reads, and in
+    the shard's store."""
+    acked, b = sends.acked, sends.listener
     b.timeout = 30.0
     _check_log([(await b.event("message")) for _ in acked], acked)
+    with trio.move_on_after(0.5):
+        extra = await b.event("message")
+        raise AssertionError(f"pushed twice, or never acknowledged: {extra}")
     _check_log(await _read_room(edge, token, sends.room, len(acked)), acked)
     stored = await _stored_when_persisted(c, 0, sends.room, len(acked))
     assert [seq for seq, _ in stored] == list(range(1, len(acked) + 1))
     assert {cid: seq for seq, cid in stored} == acked
 
 
-async def test_a_broker_killed_mid_stream_and_restarted_loses_nothing(
-    slow_commit_cluster: Cluster,
-) -> None:
-    """kill -9 of the Kafka broker while a client sends, then `scripts/services up kafka`: the
-    sends meanwhile are `unavailable`, the same cids sent again are acknowledged once the broker
-    is back (the origin serves again without a restart), and every acknowledged message is in
-    the room once, at its seq, gapless: in what a subscriber received live, in what a new
-    subscriber reads, and in PostgreSQL."""
-    c = slow_commit_cluster
-    assert c.kafka is not None
-    pid = restartable_broker(c.kafka)
-    edge = c.edges[0]
+async def _filter_ready(origin: Node) -> None:
+    """Once a room's resend filter on `origin` holds all its keys."""
+    while not (await trio.to_thread.run_sync(_metrics, origin))["gb6_key_filter_rooms"]:  # noqa: ASYNC110
+        await trio.sleep(0.05)
+
+
+async def _through_outage(
+    c: Cluster, service: str, outage: Callable[[_Sends], Awaitable[None]]
+) -> _Sends:
+    """Alice sends to a room of the first origin that Bob follows from seq 0 (both on the first
+    edge), each cid until it is acknowledged. Once 20 are, `outage` takes `service` down (and
+    returns once it is); `scripts/services up` starts it again (in any case: the rest of the
+    suite needs it), 20 more are sent, and the room is checked (`_check_room`)."""
     tenant = c.origins[0].create_tenant()
     alice, bob = tenant.user("alice"), tenant.user("bob")
-    async with _peer(edge, alice.token) as a, _peer(edge, bob.token) as b:
-        room = (await a.ok("room.create", name="k", kind="chat", members=[bob.id]))["room"]["id"]
+    async with _peer(c.edges[0], alice.token) as a, _peer(c.edges[0], bob.token) as b:
+        room = (await a.ok("room.create", name="o", kind="chat", members=[bob.id]))["room"]["id"]
         await b.ok("subscribe", room=room, after=0)
-        a.timeout = 60.0  # a send in flight when the broker died waits out the commit timeout
-        sends = _Sends(a, room)
+        a.timeout = 60.0  # a send in flight when the service went waits out its timeouts
+        sends = _Sends(a, b, room)
         try:
             with trio.fail_after(240):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(sends.run)
                     await sends.started(20)
-                    broker = psutil.Process(pid)
-                    os.kill(pid, signal.SIGKILL)
-                    await trio.to_thread.run_sync(broker.wait, 30)
-                    await trio.to_thread.run_sync(restart_service, "kafka")
+                    await outage(sends)
+                    await trio.to_thread.run_sync(restart_service, service)
                     sends.back.set()
-        finally:
-            if listening_pid(c.kafka) is None:  # the rest of the suite needs it
-                await trio.to_thread.run_sync(restart_service, "kafka")
-        assert sends.refused > 0, "no send met the broker gone"
-        await _check_room(c, edge, b, bob.token, sends)
+        finally:  # quick when it is up
+            await trio.to_thread.run_sync(restart_service, service)
+        await _check_room(c, c.edges[0], bob.token, sends)
+    return sends
 
 
-@pytest.fixture
-def kafka_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    """Kafka shards with the default settings, and one edge."""
-    c = Cluster(tmp_path, require("postgres"), kafka=require("kafka"))
-    try:
-        c.edge()
-        yield c
-    finally:
-        c.stop()
+async def test_a_broker_killed_mid_stream_and_restarted_loses_nothing(
+    slow_commit_cluster: Cluster,
+) -> None:
+    """kill -9 of the Kafka broker while a client sends, then `scripts/services up kafka`: the
+    sends meanwhile are `unavailable`, the origin recovers in place (no restart), the same cids
+    sent again are acknowledged once the broker is back, and every acknowledged message is in
+    the room once, at its seq, gapless: in what a subscriber received live, in what a new
+    subscriber reads, and in PostgreSQL."""
+    c = slow_commit_cluster
+    assert c.kafka is not None
+    broker = psutil.Process(restartable_broker(c.kafka))
+
+    async def kill(sends: _Sends) -> None:
+        broker.kill()
+        await trio.to_thread.run_sync(broker.wait, 30)
+
+    sends = await _through_outage(c, "kafka", kill)
+    assert sends.refused > 0, "no send met the broker gone"
+    metrics = await trio.to_thread.run_sync(_metrics, c.origins[0])
+    assert metrics["gb6_log_recoveries_total"] >= 1 and metrics["gb6_store_stopped"] == 0
 
 
 async def test_a_postgres_crash_under_a_kafka_shard_loses_nothing(kafka_cluster: Cluster) -> None:
@@ -970,34 +1003,18 @@ async def test_a_postgres_crash_under_a_kafka_shard_loses_nothing(kafka_cluster:
     is in the room once, at its seq, gapless (live, read back, and in PostgreSQL)."""
     c = kafka_cluster
     assert c.pg_dsn is not None
-    dsn = c.pg_dsn
-    postmaster = restartable_postgres(dsn)
-    edge = c.edges[0]
-    tenant = c.origins[0].create_tenant()
-    alice, bob = tenant.user("alice"), tenant.user("bob")
-    async with _peer(edge, alice.token) as a, _peer(edge, bob.token) as b:
-        room = (await a.ok("room.create", name="p", kind="chat", members=[bob.id]))["room"]["id"]
-        await b.ok("subscribe", room=room, after=0)
-        a.timeout = 60.0
-        sends = _Sends(a, room)
-        try:
-            with trio.fail_after(120):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(sends.run)
-                    await sends.started(20)
-                    while not _metrics(c.origins[0])["gb6_key_filter_rooms"]:  # noqa: ASYNC110
-                        await trio.sleep(0.05)
-                    server = [psutil.Process(p) for p in postgres_pids(dsn)]
-                    os.kill(postmaster, signal.SIGQUIT)
-                    await trio.to_thread.run_sync(lambda: psutil.wait_procs(server, 30))
-                    before = len(sends.acked)
-                    await trio.sleep(2)
-                    during = len(sends.acked) - before
-                    await trio.to_thread.run_sync(restart_service, "postgres")
-                    sends.back.set()
-        finally:
-            where = urlsplit(dsn)
-            if listening_pid(f"{where.hostname}:{where.port}") is None:
-                await trio.to_thread.run_sync(restart_service, "postgres")  # the suite needs it
-        assert during > 0, "no send was acknowledged while PostgreSQL was down"
-        await _check_room(c, edge, b, bob.token, sends)
+    postmaster = psutil.Process(restartable_postgres(c.pg_dsn))
+    during = 0
+
+    async def crash(sends: _Sends) -> None:
+        nonlocal during
+        await _filter_ready(c.origins[0])
+        # Immediate shutdown: the postmaster ends once every backend has.
+        postmaster.send_signal(signal.SIGQUIT)
+        await trio.to_thread.run_sync(postmaster.wait, 30)
+        before = len(sends.acked)
+        await trio.sleep(2)
+        during = len(sends.acked) - before
+
+    await _through_outage(c, "postgres", crash)
+    assert during > 0, "no send was acknowledged while PostgreSQL was down"
