@@ -1018,3 +1018,34 @@ async def test_a_postgres_crash_under_a_kafka_shard_loses_nothing(kafka_cluster:
 
     await _through_outage(c, "postgres", crash)
     assert during > 0, "no send was acknowledged while PostgreSQL was down"
+
+
+@pytest.fixture
+def postgres_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Shards on PostgreSQL alone (it is their log of record), and one edge."""
+    c = Cluster(tmp_path, require("postgres"))
+    try:
+        c.edge()
+        yield c
+    finally:
+        c.stop()
+
+
+async def test_a_postgres_crash_under_a_postgres_shard_loses_nothing(
+    postgres_cluster: Cluster,
+) -> None:
+    """PostgreSQL, the log of record of a `postgres` shard, crashes (an immediate shutdown) while
+    a client sends, and starts again: the sends meanwhile are `unavailable`, the shard serves
+    again without a restart once its connections are made anew, and every acknowledged message
+    is in the room once, at its seq, gapless (live, read back, and in PostgreSQL)."""
+    c = postgres_cluster
+    assert c.pg_dsn is not None
+    postmaster = psutil.Process(restartable_postgres(c.pg_dsn))
+
+    async def crash(sends: _Sends) -> None:
+        postmaster.send_signal(signal.SIGQUIT)
+        await trio.to_thread.run_sync(postmaster.wait, 30)
+        await trio.sleep(1)
+
+    sends = await _through_outage(c, "postgres", crash)
+    assert sends.refused > 0, "no send met PostgreSQL gone"
