@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench import jvm_gc, profile, report, speed
+from bench import jvm, profile, report, speed
 from bench.bootstrap import bootstrap
 from bench.cluster import Cluster
 from bench.server import ProcWatch
@@ -339,7 +339,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         cpu0 = watch.cpu_s()
         th0 = watch.thread_cpu()
         svc0 = [w.cpu_s() for _, w in services]
-        jit0 = jvm_gc.jit_cpu_s(broker) if broker is not None else 0.0
+        jit0 = jvm.jit_cpu_s(broker) if broker is not None else 0.0
         top_others(ours)  # primes per-process counters
         busy0 = _busy()
         prof_path = OUT / f"links-{meta['stamp']}-pyspy.txt"
@@ -355,7 +355,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         svc = [
             (name, (w.cpu_s() - s0) / window) for (name, w), s0 in zip(services, svc0, strict=True)
         ]
-        jit = max(0.0, jvm_gc.jit_cpu_s(broker) - jit0) / window if broker is not None else None
+        jit = max(0.0, jvm.jit_cpu_s(broker) - jit0) / window if broker is not None else None
         busy, stolen = _busy_since(busy0)
         others = top_others(ours)
         host_speed = speed.summarize(probe.between(w0, w1))
@@ -448,7 +448,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         f"busiest others: {'; '.join(others) or '-'}"
     )
     print(speed.fmt(host_speed))
-    if cold := jvm_gc.cold_warning(result["broker_jit_cpu_pct"]):
+    if cold := jvm.cold_warning(result["broker_jit_cpu_pct"]):
         print(cold)
     if result["profile"]:
         profile.print_summary(result["profile"])

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from bench import jvm_gc, profile, report, speed
+from bench import jvm, profile, report, speed
 from bench.bootstrap import Tenant, bootstrap, create_rooms
 from bench.cluster import Cluster
 from bench.pool import open_pool
@@ -273,7 +273,7 @@ def traffic(
                 threads_warm = srv.thread_cpu() if srv else {}
                 proc_cpu["warm"] = [w.cpu_s() for _, w in named]
                 if broker is not None:
-                    jit["warm"] = jvm_gc.jit_cpu_s(broker)
+                    jit["warm"] = jvm.jit_cpu_s(broker)
                 prof_pid = profiled_pid(args, server)
                 if args.profile and prof_pid:
                     prof = profile.start(prof_pid, duration - warmup, prof_path, args.profile_rate)
@@ -289,7 +289,7 @@ def traffic(
                 threads_end = srv.thread_cpu() if srv else {}
                 proc_cpu["end"] = [w.cpu_s() for _, w in named]
                 if broker is not None:
-                    jit["end"] = jvm_gc.jit_cpu_s(broker)
+                    jit["end"] = jvm.jit_cpu_s(broker)
                 marks["end"] = (
                     time.monotonic(),
                     srv.cpu_s() if srv else 0.0,
@@ -356,10 +356,10 @@ def traffic(
         broker_gc = None
         for name, pid in services:
             with contextlib.suppress(psutil.Error):
-                gc_log = jvm_gc.log_path(psutil.Process(pid).cmdline())
+                gc_log = jvm.log_path(psutil.Process(pid).cmdline())
                 if name.startswith("kafka broker") and gc_log is not None:
-                    found = jvm_gc.pauses(gc_log, t_warm / 1e9, t_end / 1e9)
-                    broker_gc = jvm_gc.summary(found, t0 / 1e9)
+                    found = jvm.pauses(gc_log, t_warm / 1e9, t_end / 1e9)
+                    broker_gc = jvm.summary(found, t0 / 1e9)
         rss_max = max(rss_max, rss_after)
         if "end" not in marks:
             marks["end"] = (
@@ -565,7 +565,7 @@ def summarize_traffic(
         "others_cpu_pct": cpu.get("others_cpu_pct"),
         "others_top": cpu.get("others_top"),
         "server_gc": cpu.get("gc"),
-        # The Kafka broker's GC pauses in the window, from its GC log (bench/jvm_gc.py).
+        # The Kafka broker's GC pauses in the window, from its GC log (bench/jvm.py).
         "broker_gc": cpu.get("broker_gc"),
         # CPU of the broker's JIT compiler in the window (% of one core): high while it is cold.
         "broker_jit_cpu_pct": cpu.get("broker_jit_cpu_pct"),
@@ -680,7 +680,7 @@ def print_traffic(r: dict[str, Any]) -> None:
         g = r["broker_gc"]
         at = ", ".join(f"s {sec} {ms:g} ms" for sec, _, ms in g["at"])
         log(f"broker GC pauses in the window: {g['count']} totalling {g['total_ms']} ms ({at})")
-    if cold := jvm_gc.cold_warning(r.get("broker_jit_cpu_pct")):
+    if cold := jvm.cold_warning(r.get("broker_jit_cpu_pct")):
         log(cold)
     if r.get("wal_checkpoints_at_s"):
         log(f"WAL restarts after checkpoints at s: {r['wal_checkpoints_at_s']}")
