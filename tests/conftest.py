@@ -460,11 +460,8 @@ def restartable_postgres(dsn: str) -> int:
     runs here, which a test may crash (SIGQUIT: an immediate shutdown, recovered from the WAL at
     the next start) and start again (`restart_service("postgres")`); else skip the test (or
     fail it under GB6_REQUIRE_SERVICES=1)."""
-    from urllib.parse import urlsplit
-
-    where = urlsplit(dsn)
     data = str(_services_state() / "postgres" / "data")
-    return _restartable(f"{where.hostname}:{where.port or 5432}", data, "PostgreSQL")
+    return _restartable(_pg_address(dsn), data, "PostgreSQL")
 
 
 def restart_service(name: str) -> None:
@@ -481,14 +478,20 @@ def restart_service(name: str) -> None:
 def postgres_pids(dsn: str) -> list[int]:
     """The PostgreSQL server at `dsn` (on this machine): its postmaster and every process it
     started (backends, checkpointer, WAL writer, ...)."""
-    from urllib.parse import urlsplit
-
     import psutil
 
-    where = urlsplit(dsn)
-    pid = listening_pid(f"{where.hostname}:{where.port or 5432}")
-    assert pid is not None, f"no process of this machine serves {where.hostname}:{where.port}"
+    address = _pg_address(dsn)
+    pid = listening_pid(address)
+    assert pid is not None, f"no process of this machine serves {address}"
     return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+
+
+def _pg_address(dsn: str) -> str:
+    """host:port of the PostgreSQL server at `dsn`."""
+    from urllib.parse import urlsplit
+
+    where = urlsplit(dsn)
+    return f"{where.hostname}:{where.port or 5432}"
 
 
 @contextmanager

@@ -703,6 +703,38 @@ async def test_redis_an_unsubscribe_given_up_on_is_sent_once_redis_answers(
         redis.stop()
 
 
+async def test_redis_a_follow_under_way_when_the_pubsub_stops_fails_at_once(
+    redis_url: str,
+) -> None:
+    """The edge's pub/sub stops (the edge drains, or its Redis task fails) while a follow waits
+    for Redis's confirmation: the caller hears `unavailable` then, not after the confirmation's
+    timeout (a minute here), and the channel is not left followed."""
+    async with open_harness(redis_url) as h:
+        bus = RedisPubSub(await h._client(), prefix=h.prefix, confirm_timeout=60.0)
+        scope = await h.start(bus)
+        failed: list[GB6Error] = []
+
+        async def follow() -> None:
+            with pytest.raises(GB6Error) as err:
+                await bus.subscribe(["room:a"])
+            failed.append(err.value)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow)
+                # Once the follow has queued its command, it waits on Redis: its confirmation
+                # takes round trips (the wake-up, the reader's SUBSCRIBE) that no tick completes.
+                while not bus._waiters:
+                    await trio.lowlevel.checkpoint()
+                scope.cancel()
+        assert failed[0].code == UNAVAILABLE
+        assert "pub/sub stopped" in failed[0].message
+        assert not bus.inbox.channels
+        with pytest.raises(GB6Error) as err:
+            await bus.subscribe(["room:b"])
+        assert err.value.code == UNAVAILABLE  # a stopped pub/sub says so at once
+
+
 async def test_redis_pubsub_finds_a_redis_host_lost_without_a_word(
     tmp_path: Path, netns: Netns, monkeypatch: pytest.MonkeyPatch
 ) -> None:
