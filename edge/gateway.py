@@ -170,7 +170,7 @@ class Gateway:
         origin.event_listeners.append(self.hubs.publish)
         origin.member_listeners.append(self._on_members)
         origin.read_listeners.append(self._on_read)
-        origin.watch_listeners.append(self.hubs.ensure)
+        origin.watch_listeners.append(self.hubs.watched)
         origin.tenancy_listeners.append(self._on_tenancy)
         self.hubs.on_evict = origin.unwatch
         self.hubs.on_gap = self._on_hub_gap
@@ -679,6 +679,11 @@ class Gateway:
             # little behind that one's. Refused at once, the resume would lose the room.
             with trio.move_on_after(AHEAD_WAIT_S):
                 await hub.wait_head(req.after)
+        hub = self.hubs.get(req.room)
+        if hub is None and self.origin.pushes_need_watch:
+            # The hub the watch made, or the idle one found, is gone since (its link broke, or
+            # it was evicted): one made now would have no watch behind it, and get no events.
+            raise GB6Error(UNAVAILABLE, "the room's origin link was lost meanwhile; retry")
         # Checked again after the waits: a removal that came meanwhile found no subscription.
         room = self.origin.room_for_member(who, req.room)
         head = hub.head if hub is not None else room.head

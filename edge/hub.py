@@ -170,6 +170,14 @@ class Hubs:
         self._idle.pop(room, None)
         return hub
 
+    def watched(self, room: str, head: int) -> None:
+        """The origin pushes `room`'s events from `head` on (a watch's answer). Its hub starts
+        idle: the subscribe that asked takes it (`ensure`), and if that subscribe went
+        meanwhile (its client closed), the hub is evicted in time, and unwatched."""
+        if room not in self.hubs:
+            self.hubs[room] = RoomHub(room, head, self.cache_size, self.cache_bytes)
+            self._idle[room] = None
+
     def drop(self, room: str) -> None:
         """Forget a room's hub (its origin link broke: the cache may miss events)."""
         hub = self.hubs.pop(room, None)
@@ -198,7 +206,7 @@ class Hubs:
     def settle(self, room: str) -> None:
         """A hub no subscription took (its subscribe failed) joins the idle ones."""
         hub = self.hubs.get(room)
-        if hub is not None and hub.idle and room not in self._idle:
+        if hub is not None and hub.idle:
             self._idle[room] = None
             self._evict()
 

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import TextIO
 
+import attrs
 import trio
 
 from edge.files_api import files_blueprint
@@ -80,7 +81,7 @@ async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:
 
 
 async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
-    link_secret(config)
+    config = attrs.evolve(config, link_secret=link_secret(config))  # what its links show
     if not config.origins and not config.kv:
         raise invalid(
             "an edge needs [cluster] origins (the origin shards' link addresses) or kv (the"

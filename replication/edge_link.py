@@ -343,6 +343,8 @@ class RemoteOrigin:
     # Another edge's pushes of a room can be ahead of this one's: a client that resumes here
     # may have seen seqs this edge's hub has not yet (see the gateway's subscribe).
     pushes_lag = True
+    # A room's events reach this edge only once the origin answered its `watch`.
+    pushes_need_watch = True
 
     def __init__(self, config: Config) -> None:
         self.config = config

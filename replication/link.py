@@ -78,7 +78,7 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
-        self._max = max_frame
+        self.max_frame = max_frame  # a longer frame breaks the link
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         buf = self._buf
@@ -92,8 +92,8 @@ class FrameDecoder:
         try:
             while end - pos >= 4:
                 (n,) = _LEN.unpack_from(buf, pos)
-                if n > self._max:
-                    raise LinkBroken(f"frame of {n} bytes is over {self._max}")
+                if n > self.max_frame:
+                    raise LinkBroken(f"frame of {n} bytes is over {self.max_frame}")
                 if end - pos - 4 < n:
                     break
                 try:

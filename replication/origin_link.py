@@ -43,6 +43,7 @@ from replication import link
 _CONCURRENT: Final = 64  # an edge's requests answered at once (tasks of its connection)
 _QUEUED: Final = 10_000  # and waiting for one of them; more are `unavailable`
 _PAGE_BYTES: Final = 1 << 20
+_HELLO_BYTES: Final = 64 << 10  # the frames an edge sends before the welcome: hello, pings
 _RECORDING_OPS: Final = frozenset(
     {"usage.charge", "rec.write", "rec.read", "rec.index", "rec.indexed"}
 )
@@ -87,9 +88,13 @@ class EdgePeer:
         msg: dict[str, Any] = {"t": "batch", "events": self.events, "heads": self.heads}
         if self.acks:
             msg["acks"] = self.acks
-        frame = link.encode(msg)
+        try:
+            frames = [link.encode(msg)]
+        except ValueError:  # over link.MAX_FRAME: a large commit of bodies near their limit
+            frames = _split_batch(self.events, self.heads, self.acks)
         self.events, self.heads, self.acks = {}, {}, []
-        self._queue(frame)
+        for frame in frames:
+            self._queue(frame)
 
     async def send_answer(self, msg: dict[str, Any]) -> None:
         """Queue an answer once the buffer has room for it (or holds nothing)."""
@@ -219,7 +224,8 @@ class LinkServer:
     # --- one edge ------------------------------------------------------------------------
 
     async def _serve(self, stream: trio.SocketStream) -> None:
-        decoder = link.FrameDecoder()
+        # Until the edge has shown the secret, it may make the origin hold only a hello's worth.
+        decoder = link.FrameDecoder(_HELLO_BYTES)
         peer: EdgePeer | None = None
         try:
             with trio.move_on_after(10):
@@ -235,6 +241,7 @@ class LinkServer:
                         pending = frames[1:]
             if peer is None:
                 return
+            decoder.max_frame = link.MAX_FRAME
             self.peers.add(peer)
             self._snapshot(peer)
             log("link_edge_connected", edge=peer.name)
@@ -396,13 +403,15 @@ class LinkServer:
         def reply(result: AppendResult) -> None:
             if isinstance(result, GB6Error):
                 peer.send({"t": "res", "id": req_id, "err": link.error_to_wire(result)})
-            elif not result.duplicate:
+            elif not result.duplicate and peer.deltas:
                 ev = result.event
-                peer.acks.append((req_id, ev.seq, ev.ts))  # in the batch frame (link.py)
+                # In the batch frame (link.py). An edge older than link version 2 may not read
+                # acks: it gets the answer as a repeat's, the event in a `res` of its own.
+                peer.acks.append((req_id, ev.seq, ev.ts))
                 if not self._publishing:
                     peer.flush_batch()
             else:
-                ok = {"event": link.event_to_wire(result.event), "duplicate": True}
+                ok = {"event": link.event_to_wire(result.event), "duplicate": result.duplicate}
                 peer.send({"t": "res", "id": req_id, "ok": ok})
 
         await self.shard.append(
@@ -509,6 +518,23 @@ def _room_answer(state: RoomState) -> dict[str, Any]:
 def _page(events: list[Event]) -> list[dict[str, Any]]:
     """The wire shapes of `events` from the first on, up to `_PAGE_BYTES` (at least one)."""
     return next(_chunks([link.event_to_wire(ev) for ev in events]), [])
+
+
+def _split_batch(
+    events: dict[str, list[dict[str, Any]]], heads: dict[str, int], acks: list[tuple[int, int, int]]
+) -> list[bytes]:
+    """A batch too large for one frame, as several the edge applies in turn: each room's events
+    in runs of up to `_PAGE_BYTES`, then the heads and the acks (an ack after its event)."""
+    frames = [
+        link.encode({"t": "batch", "events": {room: chunk}, "heads": {}})
+        for room, wire in events.items()
+        for chunk in _chunks(wire)
+    ]
+    last: dict[str, Any] = {"t": "batch", "events": {}, "heads": heads}
+    if acks:
+        last["acks"] = acks
+    frames.append(link.encode(last))
+    return frames
 
 
 def _chunks(items: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:

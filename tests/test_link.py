@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -82,6 +82,87 @@ async def test_a_wrong_secret_gets_nothing(origin_only: Cluster) -> None:
             await stream.send_all(link.encode(hello))
             with trio.fail_after(5):
                 assert await stream.receive_some(1024) == b""  # closed, no welcome, no data
+
+
+async def test_a_connection_that_has_not_shown_the_secret_may_not_send_a_large_frame(
+    origin_only: Cluster,
+) -> None:
+    """Before the hello, the origin holds only a hello's worth of bytes: a frame announced
+    larger closes the connection at once instead of being buffered (up to 64 MiB each, on as
+    many connections as anyone who reaches the port opens)."""
+    host, _, port = origin_only.origins[0].link.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(struct.pack("!I", 1 << 20) + b"x" * 1000)
+        with trio.fail_after(5):  # the origin's deadline for a hello is 10 s
+            assert await stream.receive_some(1024) == b""
+
+
+@attrs.define
+class RawEdge:
+    """A hand-driven edge end of a link: frames out, frames in."""
+
+    stream: trio.SocketStream
+    decoder: link.FrameDecoder = attrs.Factory(link.FrameDecoder)
+    backlog: list[dict[str, Any]] = attrs.Factory(list)
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        await self.stream.send_all(link.encode(msg))
+
+    async def until(self, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The first frame from the origin for which `done` is true (those before it read)."""
+        with trio.fail_after(10):
+            while True:
+                while self.backlog:
+                    if done(frame := self.backlog.pop(0)):
+                        return frame
+                if not (data := await self.stream.receive_some(1 << 16)):
+                    raise AssertionError("the origin closed the link")
+                self.backlog += self.decoder.feed(data)
+
+
+async def test_an_edge_of_link_version_1_gets_its_appends_answered(origin_only: Cluster) -> None:
+    """An edge of an older release (its hello has no `v`) reads no acks in batch frames: the
+    origin answers its appends in a `res` each, so the two may be upgraded in either order."""
+    user = origin_only.origins[0].create_tenant().user("ann")
+    host, _, port = origin_only.origins[0].link.rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        edge = RawEdge(stream)
+        await edge.send({"t": "hello", "secret": SECRET, "edge": "old"})
+        await edge.until(lambda f: f["t"] == "snap_end")
+        create = {"members": [], "name": "r", "kind": "chat", "open": False}
+        await edge.send({"t": "req", "id": 1, "op": "create_room", "who": user.id, **create})
+        room = (await edge.until(lambda f: f.get("id") == 1))["ok"]["room"]["record"]["id"]
+        for i, cid in ((2, "c1"), (3, "c1")):  # the second is a repeat
+            append = {"room": room, "type": "message", "cid": cid, "body": {"text": "hi"}}
+            await edge.send({"t": "req", "id": i, "op": "append", "who": user.id, **append})
+            ok = (await edge.until(lambda f, i=i: f.get("id") == i))["ok"]  # type: ignore[misc]
+            assert (ok["event"]["seq"], ok["event"]["cid"], ok["duplicate"]) == (1, cid, i == 3)
+
+
+async def test_an_edge_takes_the_link_secret_from_its_environment(
+    origin_only: Cluster, tmp_path: Path
+) -> None:
+    """`GB6_LINK_SECRET` stands for `[cluster] link_secret` on an edge as on an origin: the
+    edge shows it to the origins, whose users it then serves."""
+    conf = tmp_path / "edge.toml"
+    listed = ", ".join(f'"{o.link}"' for o in origin_only.origins)
+    conf.write_text(f"[cluster]\norigins = [{listed}]\n")
+    edge = Node(
+        tmp_path / "e",
+        extra_args=["--config", str(conf)],
+        command="edge",
+        env={"GB6_LINK_SECRET": SECRET},
+    )
+    edge.start()
+    try:
+        user = origin_only.origins[0].create_tenant().user("ann")
+        a: Peer
+        async with peer_of(edge, user.token) as a:
+            assert await make_room(a, [])
+    finally:
+        edge.kill()
 
 
 async def test_an_edge_survives_a_push_it_cannot_apply(tmp_path: Path) -> None:
@@ -197,6 +278,125 @@ async def test_a_subscribe_refused_after_its_watch_leaves_no_hub_behind(tmp_path
             await refused(a, "subscribe", ("quota_exceeded",), room=second, after=0)
             assert gateway.hubs.get(first) is not None
             assert gateway.hubs.get(second) is None  # idle, and past the idle ones kept (0)
+
+
+async def test_a_subscribe_gone_before_its_watch_answer_leaves_the_room_to_be_unwatched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client closed while its subscribe waits for the origin's answer to the watch (here its
+    user was deleted) leaves a hub no subscription takes: it is idle, so it is forgotten in
+    time and the origin stops pushing the room to this edge, as for any room clients left."""
+    servers: list[LinkServer] = []
+    asked, answer = trio.Event(), trio.Event()
+    original = LinkServer._request
+
+    async def request(self: LinkServer, peer: Any, msg: dict[str, Any], reads: Any) -> None:
+        servers.append(self)
+        if msg.get("op") == "watch" and not answer.is_set():
+            asked.set()
+            await answer.wait()  # the origin reads nothing more from this edge meanwhile
+        await original(self, peer, msg, reads)
+
+    monkeypatch.setattr(LinkServer, "_request", request)
+    async with edge_and_origin(tmp_path, Limits(idle_room_cache_rooms=0)) as (
+        gateway,
+        node,
+        token,
+        shard,
+    ):
+        (inst,) = shard.instances
+        bob = await shard.tenancy.create_user(OPERATOR, inst, "bob", "member")
+        bob_token, _ = await shard.tenancy.issue_token(OPERATOR, inst, bob.id)
+        a: Peer
+        b: Peer
+        async with peer_of(node, token) as a, peer_of(node, bob_token) as b:
+            room = await make_room(a, [bob.id])
+            other = await make_room(a, [])
+            await b.send({"op": "subscribe", "id": "s", "room": room, "after": 0})
+            with trio.fail_after(5):
+                await asked.wait()
+            await shard.tenancy.delete_user(OPERATOR, inst, bob.id)
+            assert await closed_with(b) == CLOSE_UNAUTHORIZED
+            answer.set()
+            # Answered after the first: the room's hub exists by then, idle.
+            await a.ok("subscribe", room=other, after=0)
+            await a.ok("unsubscribe", room=other)  # a release: the idle hubs past 0 go
+            assert gateway.hubs.get(room) is None
+            with trio.fail_after(5):
+                while any(room in p.watched for p in servers[0].peers):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+
+
+async def test_a_link_lost_right_after_a_watch_answer_leaves_no_hub_without_its_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link breaks in the same read as the answer to a subscribe's watch, before that
+    subscribe goes on: the subscribe must not make the room's hub again (no watch would be
+    behind it after the reconnect, and no event would reach its subscribers). After the
+    reconnect, a subscriber of the room gets its new events."""
+    from replication.edge_link import ShardLink
+
+    armed: list[str] = []  # the room whose watch's answer breaks the link
+    original = ShardLink._on_push
+
+    def on_push(self: ShardLink, msg: dict[str, Any]) -> None:
+        original(self, msg)
+        ok = msg.get("ok")
+        if armed and msg["t"] == "res" and isinstance(ok, dict) and ok.get("room") == armed[0]:
+            armed.clear()
+            self._lost()  # what the reader's end does, before any other task runs
+            raise link.LinkBroken("broken by the test after a watch's answer")
+
+    monkeypatch.setattr(ShardLink, "_on_push", on_push)
+    async with edge_and_origin(tmp_path, Limits()) as (gateway, node, token, _):
+        shard_link = gateway.origin.links[0]
+        a: Peer
+        b: Peer
+        async with peer_of(node, token) as a:
+            room = await make_room(a, [])
+        armed.append(room)
+        async with peer_of(node, token) as b:
+            await b.send({"op": "subscribe", "id": "s", "room": room, "after": 0})
+            with trio.fail_after(10):
+                while armed or not shard_link.connected:  # noqa: ASYNC110 (it reconnects)
+                    await trio.sleep(0.02)
+        async with peer_of(node, token) as a, peer_of(node, token) as b:
+            await b.ok("subscribe", room=room, after=0)
+            seq = (await a.ok("send", room=room, cid="c1", body={"text": "hi"}))["seq"]
+            with trio.fail_after(5):
+                assert (await b.event("message"))["seq"] == seq
+
+
+def test_a_batch_larger_than_a_frame_reaches_the_edge_in_several(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A commit's push to an edge is one frame, unless it is larger than a frame may be (many
+    bodies near their limit): then it goes in several, each room's events in order, the heads
+    and the acks last, instead of failing the origin's publishing."""
+    from replication import origin_link
+
+    monkeypatch.setattr(link, "MAX_FRAME", 100_000)
+    monkeypatch.setattr(origin_link, "_PAGE_BYTES", 30_000)
+    peer = origin_link.EdgePeer("e", None, 1 << 30)  # type: ignore[arg-type]  # never written
+    text = "x" * 9_000
+    peer.events = {
+        r: [{"room": r, "seq": s, "body": {"text": text}} for s in range(1, n + 1)]
+        for r, n in (("r1", 20), ("r2", 3))
+    }
+    peer.heads = {"r3": 7}
+    peer.acks = [(i, i, 0) for i in range(1, 24)]
+    peer.flush_batch()
+    frames = link.FrameDecoder().feed(b"".join(peer._out))
+    assert len(frames) > 2 and all(len(f) <= link.MAX_FRAME for f in peer._out)
+    assert all(f["t"] == "batch" for f in frames)
+    for room, n in (("r1", 20), ("r2", 3)):
+        seqs = [e["seq"] for f in frames for e in f["events"].get(room, ())]
+        assert seqs == list(range(1, n + 1))
+    assert (frames[-1]["heads"], frames[-1]["acks"]) == (
+        {"r3": 7},
+        [[i, i, 0] for i in range(1, 24)],
+    )
+    assert not any(f["heads"] or f.get("acks") for f in frames[:-1])
 
 
 async def test_a_snapshot_larger_than_the_link_buffer_loads(
