@@ -822,6 +822,11 @@ class KafkaStore:
             return
         try:
             self._on_appended(results)
+        except Exception as exc:
+            # The ops are in the log. A failing callback must not unwind the sequencer between
+            # starting a transaction and keeping it (the ops it carries would be planned again,
+            # at the same seqs); their clients resend, and a resend gets its original.
+            log("appended_callback_failed", topic=self.topic, error=repr(exc))
         finally:
             self._release(len(results))
 

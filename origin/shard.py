@@ -484,8 +484,13 @@ class OriginShard:
         item.reply(Appended(prior, duplicate=True))
 
     def _on_appended(self, results: list[tuple[AppendItem, AppendResult]]) -> None:
-        with self.publish_context():
-            self._publish(results)
+        try:
+            with self.publish_context():
+                self._publish(results)
+        except Exception as exc:
+            # The events are durable and their ops answered: a listener's failure must not
+            # stop the store's writer (an edge that missed a push finds the gap in its hub).
+            log("publish_failed", shard=self.config.shard, error=repr(exc))
 
     def _on_recovered(self, events: list[Event]) -> None:
         """Events of a batch whose ops were answered `unavailable` (the log's outcome was
@@ -511,14 +516,16 @@ class OriginShard:
             else:
                 counts.appended += 1
                 fresh.append(result.event)
-        self._publish_events(fresh)
-        for item, result in results:
-            if item.type == "message":  # the `take` in `append`
-                room = self.rooms.get(item.room)
-                if room is not None:
-                    kept = isinstance(result, Appended) and not result.duplicate
-                    self.quotas.settle(room.record.instance, "messages", 1, keep=kept)
-            item.reply(result)
+        try:
+            self._publish_events(fresh)
+        finally:  # whatever a listener does, every op is answered
+            for item, result in results:
+                if item.type == "message":  # the `take` in `append`
+                    room = self.rooms.get(item.room)
+                    if room is not None:
+                        kept = isinstance(result, Appended) and not result.duplicate
+                        self.quotas.settle(room.record.instance, "messages", 1, keep=kept)
+                item.reply(result)
 
     def _publish_events(self, events: list[Event]) -> None:
         """Hand new events (each room's in seq order) to the listeners; heads move on."""

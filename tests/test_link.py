@@ -399,6 +399,30 @@ def test_a_batch_larger_than_a_frame_reaches_the_edge_in_several(
     assert not any(f["heads"] or f.get("acks") for f in frames[:-1])
 
 
+async def test_a_failing_listener_of_the_shard_leaves_it_answering_and_serving(
+    tmp_path: Path,
+) -> None:
+    """A listener of the shard's new events fails (a bug): the ops of that commit are answered
+    all the same, and the shard goes on appending and serving."""
+    failures: list[int] = []
+
+    def failing(room: str, events: list[Any]) -> None:
+        if not failures:
+            failures.append(events[-1].seq)
+            raise RuntimeError("a listener's bug, made by the test")
+
+    async with edge_and_origin(tmp_path, Limits()) as (_, node, token, shard):
+        shard.event_listeners.append(failing)
+        a: Peer
+        async with peer_of(node, token) as a:
+            room = await make_room(a, [])
+            await a.ok("subscribe", room=room, after=0)
+            assert (await a.ok("send", room=room, cid="c1", body={"text": "1"}))["seq"] == 1
+            assert failures == [1]
+            assert (await a.ok("send", room=room, cid="c2", body={"text": "2"}))["seq"] == 2
+            assert [(await a.event("message"))["seq"] for _ in range(2)] == [1, 2]
+
+
 async def test_a_snapshot_larger_than_the_link_buffer_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

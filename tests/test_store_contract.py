@@ -1192,6 +1192,45 @@ async def test_kafka_shard_starts_at_most_one_transaction_per_interval(
         assert store.commits - before <= elapsed / 0.2 + 1
 
 
+class RaisingOnce(Recorder):
+    """A `Recorder` whose `call`-th batch raises before any of its ops is answered."""
+
+    def __init__(self, call: int) -> None:
+        super().__init__()
+        self.call = call
+
+    def __call__(self, results: Batch) -> None:
+        if len(self.batches) + 1 == self.call:
+            self.batches.append(results)
+            raise RuntimeError("a listener's bug, made by the test")
+        super().__call__(results)
+
+
+async def test_kafka_a_failing_on_appended_neither_stops_the_shard_nor_doubles_a_seq(
+    kafka_backend: Backend,
+) -> None:
+    """`on_appended` raises for one committed batch while the next one's transaction has
+    started (pipelined batches of two). The sequencer goes on: the log holds each (room, seq)
+    once, gapless, and so does PostgreSQL, and later appends go on from there."""
+    rec = RaisingOnce(call=3)
+    async with serving(kafka_backend, rec) as store:
+        assert isinstance(store, KafkaStore)
+        t = await tenant(store)
+        r = await room(store, t)
+        await append(store, item(r, t.alice, "first"))
+        store.limits = attrs.evolve(store.limits, writer_batch=2)
+        pending = [await submit(store, item(r, t.alice, f"c{i}")) for i in range(12)]
+        with trio.fail_after(20):
+            await store.wait_idle()
+        failed = {it.cid for it, _ in rec.batches[2]}
+        answered = [p().unwrap().event.seq for i, p in enumerate(pending) if f"c{i}" not in failed]
+        assert len(answered) == 12 - len(failed) and len(failed) >= 1
+        assert (await append(store, item(r, t.alice, "after"))).event.seq == 14
+        assert seqs(await store.events_after(r, 0, 100)) == list(range(1, 15))
+    committed = await _topic_records(kafka_backend, "read_committed")
+    assert sorted(s for room_, s in committed if room_ == r) == list(range(1, 15))
+
+
 async def _filter_ready(store: KafkaStore, room_id: str) -> None:
     """Until the room's resend filter is loaded (origin/key_filter.py)."""
     filters = store._seq.key_filters
