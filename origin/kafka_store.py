@@ -435,6 +435,7 @@ class KafkaStore:
         fresh.instances, fresh.last_ts = old.instances, old.last_ts  # a room never moves
         fresh.key_filters.evicted = old.key_filters.evicted  # a counter, for /metrics
         self._seq = fresh  # what it needs, it asks PostgreSQL, which holds the whole log
+        self._wake_progress()  # nothing of the old one's is waited on any more
         self._unknown = []
         self.recoveries += 1
         log(
@@ -469,6 +470,11 @@ class KafkaStore:
     def _persisted(self, heads: Mapping[str, int]) -> None:
         for room, seq in heads.items():
             self._seq.unpersisted.persisted_upto(room, seq)
+        self._wake_progress()
+
+    def _wake_progress(self) -> None:
+        """Whoever waits on the persister looks again: it reported, or what they wait on changed
+        (a recovery's fresh sequencer, a stop of appends)."""
         progress, self._progress = self._progress, trio.Event()
         progress.set()
 
@@ -647,8 +653,10 @@ class KafkaStore:
     async def _persister_behind(self, inflight: _Inflight | None) -> None:
         """Wait while the sequencer's memory holds more than `_MAX_UNPERSISTED` entries that
         PostgreSQL lacks. Pruned before each wait: entries the persister reported while the
-        sequencer looked elsewhere would otherwise be waited on for a report that never comes."""
-        while len(self._seq.unpersisted) > _MAX_UNPERSISTED:
+        sequencer looked elsewhere would otherwise be waited on for a report that never comes.
+        Not while appends are stopped: the ops are answered `unavailable` at once, and the
+        recovery (which waits until every op taken is answered) can start."""
+        while self._dead is None and len(self._seq.unpersisted) > _MAX_UNPERSISTED:
             self._seq.unpersisted.prune(_rooms_of(inflight))
             if len(self._seq.unpersisted) > _MAX_UNPERSISTED:
                 await self._progress.wait()
@@ -812,6 +820,7 @@ class KafkaStore:
                 self._dead = GB6Error(UNAVAILABLE, f"this shard stopped appending: {exc.message}")
                 self._unknown.append(plan)
                 self._recovery_wanted.set()
+                self._wake_progress()  # ops held for the persister are answered `unavailable`
                 return self._dead
         return GB6Error(
             UNAVAILABLE, f"the log refused the batch (resend with the same cid): {failure.message}"
