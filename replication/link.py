@@ -5,7 +5,8 @@ Frames are a 4-byte big-endian length followed by that many bytes of JSON (an ob
 direction keep their order, which is what makes the rules below hold.
 
 Conversation:
-- edge → origin `hello` {secret, edge, v}; origin → edge `welcome` {shard}, then the shard's
+- edge → origin `hello` {secret, edge, v} (before it, the origin reads at most 64 KiB of frames:
+  the hello and pings); origin → edge `welcome` {shard}, then the shard's
   tenancy and rooms in `snap` frames (bounded in size), then `snap_end`. From `welcome` on the
   origin pushes every change, so the edge's replica (origin/membership.py) is current once it
   has applied `snap_end`.
@@ -26,7 +27,10 @@ Conversation:
   the request's fields at that seq and ts, so the origin neither encodes it a second time nor
   the edge decodes it (a frame per answer and an event per answer cost ~10 % of an origin's
   CPU). The edge handles `acks` after the frame's events, as it would `res` frames after the
-  batch. A repeat (`duplicate`) or a refusal is answered with `res` as before. `room` {room}
+  batch. A repeat (`duplicate`) or a refusal is answered with `res` as before, and so is every
+  append of an edge of `v` 1 or none (which may not read `acks`). A batch larger than a frame
+  may be (`MAX_FRAME`: many bodies near their limit) comes in several `batch` frames: each
+  room's events in order, the heads and the acks in the last. `room` {room}
   (a new room's whole state); `members` {room, added: {user: read seq}, removed: [user]} (a
   membership change of a room pushed before: never the whole member map, which is up to
   `members_per_room` entries; an edge of `v` 1, or none, is pushed the whole `room` instead,
@@ -38,7 +42,10 @@ Conversation:
   away without closing the connection), which frees what the other end held for it.
 - `watch` is a request whose answer {room, head} is written, in the same step as the origin
   starts sending that room's events, before any of them: the edge creates its hub at `head`
-  while it handles the answer, so it sees every later event exactly once. `unwatch` (when the
+  while it handles the answer, so it sees every later event exactly once (the hub is idle until
+  the subscribe that asked takes it: one whose client went meanwhile is evicted in time, and
+  unwatched; a subscribe that finds the hub gone when it goes on, its link lost or the hub
+  evicted, is `unavailable` rather than make a hub no watch is behind). `unwatch` (when the
   edge forgets an idle room's hub) puts the room back to heads only; a later `watch` starts over.
 """
 
