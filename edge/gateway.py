@@ -107,6 +107,9 @@ class Connection:
     media: ConnectionMedia | None = None  # the rooms whose media it joined (media.join)
     # Gives back this socket's slot of its instance's `connections` quota (held until closed).
     quota_release: Callable[[], None] | None = None
+    # The instance its hello authenticated, set before the hello's awaits: a link to that
+    # instance's shard lost meanwhile closes this socket too (its slot went with the link).
+    instance: str = ""
     # The room op this socket is waiting for (its room; "" for room.create): it gets the `ok`,
     # so it is left out of that change's room.added / room.removed.
     acting: str | None = None
@@ -490,6 +493,7 @@ class Gateway:
 
     async def _hello(self, conn: Connection, hello: p.Hello) -> None:
         principal = await self.origin.authenticate(hello.token)
+        conn.instance = principal.instance.id
         session = new_id("ses")
         first = principal.id not in self.by_user
         # Refused here (quota_exceeded) the socket stays open for another hello; taken here,
@@ -508,9 +512,12 @@ class Gateway:
         # Meanwhile the instance may have been suspended or the user deleted or changed: the
         # pushes that said so closed the live connections, not this one.
         current = self.origin.state.principal(principal.id)
-        if current is None or current.instance.status != "active":
+        closed = conn.state is State.CLOSING  # meanwhile: its shard's link was lost, say
+        if closed or current is None or current.instance.status != "active":
             if self.shared is not None and self._nursery is not None:
                 self._nursery.start_soon(self._discard_session, principal.id, session)
+            if closed:  # its close frame is out: no answer follows it
+                return
             raise GB6Error(UNAUTHORIZED, "the user or instance is no longer active")
         principal = current
         # No await from here on: `_forget` sees a principal only with its session recorded.
@@ -747,8 +754,7 @@ class Gateway:
         users' requests in flight are unanswered, so those connections are closed (the clients
         resume, on any edge, and resend under the same cids) and the hubs forgotten."""
         for conn in list(self.conns):
-            mine = conn.principal is not None and conn.principal.instance.id in instances
-            if mine or any(room in rooms for room in conn.subs):
+            if conn.instance in instances or any(room in rooms for room in conn.subs):
                 self._close(conn, CLOSE_INTERNAL, "origin unreachable; resume")
         for room in rooms:
             self.hubs.drop(room)

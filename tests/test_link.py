@@ -423,6 +423,49 @@ async def test_a_failing_listener_of_the_shard_leaves_it_answering_and_serving(
             assert [(await a.event("message"))["seq"] for _ in range(2)] == [1, 2]
 
 
+async def test_a_hello_under_way_when_its_shards_link_is_lost_does_not_end_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link lost while a hello waits (here on the shared session registry) frees what the
+    origin counted for this edge, its connection slot included: the socket is closed to
+    resume like the shard's others, not made ready with a slot the origin no longer counts."""
+    from trio_websocket import open_websocket_url
+
+    peers: list[Any] = []
+    welcome = LinkServer._welcome
+
+    def welcoming(self: LinkServer, msg: dict[str, Any], stream: Any) -> Any:
+        peer = welcome(self, msg, stream)
+        peers.append(peer)
+        return peer
+
+    monkeypatch.setattr(LinkServer, "_welcome", welcoming)
+    async with edge_and_origin(tmp_path, Limits(), shared=True) as (gateway, node, token, _):
+        assert gateway.shared is not None
+        shared, shard_link = gateway.shared, gateway.origin.links[0]
+        opened = shared.session_opened
+        entered, go_on = trio.Event(), trio.Event()
+
+        async def session_opened(user: str, session: str) -> str | None:
+            entered.set()
+            await go_on.wait()
+            return await opened(user, session)
+
+        monkeypatch.setattr(shared, "session_opened", session_opened)
+        generation = shard_link.generation
+        async with open_websocket_url(node.ws_url) as ws:
+            a = Peer(ws)
+            await a.send({"op": "hello", "id": "h", "token": token})
+            with trio.fail_after(5):
+                await entered.wait()
+            peers[-1].cancel.cancel()  # the origin drops the link
+            with trio.fail_after(10):
+                while shard_link.generation == generation or not shard_link.connected:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            go_on.set()
+            assert await closed_with(a) == 1011
+
+
 async def test_a_snapshot_larger_than_the_link_buffer_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
