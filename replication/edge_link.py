@@ -54,6 +54,7 @@ class ShardLink:
         self.host, self.port = host.strip("[]"), int(port)
         self.shard: str | None = None
         self.connected = False
+        self._scope = trio.CancelScope()  # `retire` ends the link for good
         self._writer: _StreamWriter | None = None
         self._next_id = 0
         self._pending: dict[int, Reply] = {}
@@ -80,24 +81,40 @@ class ShardLink:
                 started = True
                 task_status.started()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(first_connect_deadline)
-            delay = _RETRY_FIRST_S
-            while True:
-                try:
-                    await self._connect_and_serve(ready)
-                except* (OSError, trio.BrokenResourceError, link.LinkBroken) as group:
-                    log("link_origin_failed", origin=self.address, error=repr(group.exceptions))
-                except* Exception as group:
-                    # A frame this edge cannot apply (an origin of another version) or a bug
-                    # in a listener: this shard's clients resume, the other shards' stay.
-                    log("link_origin_error", origin=self.address, error=repr(group.exceptions))
-                finally:
-                    if self.connected:  # it served: a new failure starts the backoff again
-                        delay = _RETRY_FIRST_S
-                    self._lost()
-                await trio.sleep(delay)
-                delay = min(_RETRY_MAX_S, delay * 2)
+        with self._scope:  # cancelled by `retire`
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(first_connect_deadline)
+                delay = _RETRY_FIRST_S
+                while True:
+                    try:
+                        await self._connect_and_serve(ready)
+                    except* (OSError, trio.BrokenResourceError, link.LinkBroken) as group:
+                        log("link_origin_failed", origin=self.address, error=repr(group.exceptions))
+                    except* Exception as group:
+                        # A frame this edge cannot apply (an origin of another version) or a
+                        # bug in a listener: this shard's clients resume, the other shards' stay.
+                        log("link_origin_error", origin=self.address, error=repr(group.exceptions))
+                    finally:
+                        if self.connected:  # it served: a new failure starts the backoff again
+                            delay = _RETRY_FIRST_S
+                        self._lost()
+                    await trio.sleep(delay)
+                    delay = min(_RETRY_MAX_S, delay * 2)
+
+    def retire(self) -> None:
+        """No shard is at this address any more (the shard map says it moved): stop for good,
+        as if the link broke (the clients of its rooms resume), and connect no more. Its
+        instances are routed to the link that holds them now, if any (else the shard map says
+        they are placed: `unavailable` until one does)."""
+        self._scope.cancel()
+        shard_of = self.remote.shard_of
+        for inst in self._instances:
+            if shard_of.get(inst) is self:
+                heirs = [x for x in self.remote.links if x is not self and inst in x._instances]
+                if heirs:
+                    shard_of[inst] = heirs[0]
+                else:
+                    del shard_of[inst]
 
     async def _connect_and_serve(self, ready: trio.Event) -> None:
         stream = await trio.open_tcp_stream(self.host, self.port)
@@ -382,12 +399,20 @@ class RemoteOrigin:
                 # Shards that registered since: a new shard needs no edge reconfigured.
                 await trio.sleep(_DISCOVERY_S)
                 try:
-                    new = self._add_links((await shard_map.shards()).values())
+                    addresses = set((await shard_map.shards()).values())
                 except GB6Error as exc:
                     log("shard_map_unavailable", error=exc.message)
                     continue
-                for shard_link in new:
+                for shard_link in self._add_links(addresses):
                     nursery.start_soon(shard_link.run)
+                # A shard registered at a new address (restarted elsewhere) has left its old
+                # one: that link would try it for good, and keep the edge from ever telling an
+                # unknown token from one of an unreachable shard.
+                for shard_link in [x for x in self.links if x.address not in addresses]:
+                    if shard_link.address not in self.config.origins:
+                        log("link_origin_retired", origin=shard_link.address)
+                        self.links.remove(shard_link)
+                        shard_link.retire()
 
     def _add_links(self, addresses: Iterable[str]) -> list[ShardLink]:
         known = {shard_link.address for shard_link in self.links}
