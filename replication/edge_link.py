@@ -37,6 +37,7 @@ from replication.shard_map import ShardMap, open_kv
 _RETRY_FIRST_S: Final = 0.05
 _RETRY_MAX_S: Final = 2.0
 _FIRST_CONNECT_S: Final = 10.0
+_CONNECT_S: Final = 5.0  # for a TCP connection to an origin
 _TOKEN_INSTANCE: Final = re.compile(r"gb6u_(ins_[a-z0-9]+)\.")
 _DISCOVERY_S: Final = 2.0  # how often an edge looks for new shards in the shard map
 
@@ -117,7 +118,12 @@ class ShardLink:
                     del shard_of[inst]
 
     async def _connect_and_serve(self, ready: trio.Event) -> None:
-        stream = await trio.open_tcp_stream(self.host, self.port)
+        # Bounded: a host gone from the network drops the SYNs, and the kernel tries for
+        # about two minutes; the retry loop tries again sooner, which matters once it is back.
+        with trio.move_on_after(_CONNECT_S) as connecting:
+            stream = await trio.open_tcp_stream(self.host, self.port)
+        if connecting.cancelled_caught:
+            raise OSError(f"no connection to {self.address} within {_CONNECT_S:g} s")
         async with stream, trio.open_nursery() as nursery:
             writer = _StreamWriter(stream)
             nursery.start_soon(writer.run)

@@ -196,6 +196,31 @@ async def test_an_edge_survives_a_push_it_cannot_apply(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_link_to_an_origin_whose_host_does_not_answer_gives_up_its_connect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An origin's host gone from the network drops the edge's SYNs (here: a port whose accept
+    queue is full), and the kernel would go on trying for about two minutes: the edge gives up
+    each connect after `_CONNECT_S` and tries again, so it reconnects soon once the host is
+    back."""
+    from replication import edge_link
+
+    monkeypatch.setattr(edge_link, "_CONNECT_S", 0.5)
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    queued = [socket.create_connection(full.getsockname(), timeout=5)]  # fills the queue (of 1)
+    try:
+        config = Config(data_dir=tmp_path, origins=(), link_secret="secret")
+        host, port = full.getsockname()
+        shard_link = edge_link.ShardLink(RemoteOrigin(config), f"{host}:{port}")
+        with trio.fail_after(5), pytest.raises(OSError, match="no connection"):
+            await shard_link._connect_and_serve(trio.Event())
+    finally:
+        for s in (*queued, full):
+            s.close()
+
+
 @asynccontextmanager
 async def edge_and_origin(
     tmp_path: Path,
