@@ -139,6 +139,12 @@ class OriginShard:
         self._repeat_lookups = 0  # running (see `_look_for_repeat`)
         self._repeats_done = trio.Event()
         self._repeats_done.set()
+        # Sends taken and not answered yet, (room, sender, cid) → how many: a resend over the
+        # quota while its original is under way waits for the original's answer, which the
+        # store could not give it yet (DESIGN §3.3).
+        self._sending: dict[tuple[str, str, str], int] = {}
+        self._sends_answered = trio.Event()  # set and replaced while someone waits on one
+        self._send_waiters = 0
         self._tasks: trio.Nursery  # `run`'s, once it runs
         self.audit.org_of = lambda i: x.org if (x := self.instances.get(i)) else None
         self.quotas.listeners.append(self.audit.quota_event)
@@ -441,17 +447,20 @@ class OriginShard:
             except GB6Error as refused:
                 self._look_for_repeat(item, refused)
                 return
+            key = (room_id, who.id, cid)
+            self._sending[key] = self._sending.get(key, 0) + 1
             try:
                 await self.store.submit_append(item)
             except BaseException:
+                self._answered(key)
                 self.quotas.settle(who.instance.id, "messages", 1, keep=False)
                 raise
             return
         await self.store.submit_append(item)
 
     def _look_for_repeat(self, item: AppendItem, refused: GB6Error) -> None:
-        """At the daily limit, a repeat of an acknowledged send still gets its original seq
-        (as the store's dedup would answer it): looked up, in a task of its own, and answered
+        """At the daily limit, a repeat of a send acknowledged or under way still gets its
+        original seq (as the store's dedup would answer it): looked up, in a task of its own, and answered
         through `item.reply`; anything else gets `refused`. The caller must not wait for the
         store (an edge's link reader appends for every tenant on that edge, in order): at most
         `_REPEAT_LOOKUPS` at once, the ones past it are `unavailable` (retry)."""
@@ -463,8 +472,25 @@ class OriginShard:
             self._repeats_done = trio.Event()
         self._tasks.start_soon(self._repeat_over_quota, item, refused)
 
+    def _answered(self, key: tuple[str, str, str]) -> None:
+        """A send taken by `append` is answered (or was never queued)."""
+        n = self._sending.pop(key, 1) - 1
+        if n:
+            self._sending[key] = n
+        if self._send_waiters:
+            answered, self._sends_answered = self._sends_answered, trio.Event()
+            answered.set()
+
     async def _repeat_over_quota(self, item: AppendItem, refused: GB6Error) -> None:
+        key = (item.room, item.sender, item.cid)
         try:
+            if key in self._sending:  # the original is under way: its answer first
+                self._send_waiters += 1
+                try:
+                    while key in self._sending:
+                        await self._sends_answered.wait()
+                finally:
+                    self._send_waiters -= 1
             prior = await self.store.event_by_cid(item.room, item.sender, item.cid)
         except GB6Error as exc:
             item.reply(exc)
@@ -521,6 +547,7 @@ class OriginShard:
         finally:  # whatever a listener does, every op is answered
             for item, result in results:
                 if item.type == "message":  # the `take` in `append`
+                    self._answered((item.room, item.sender, item.cid))
                     room = self.rooms.get(item.room)
                     if room is not None:
                         kept = isinstance(result, Appended) and not result.duplicate

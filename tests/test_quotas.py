@@ -399,6 +399,54 @@ async def test_concurrent_creators_do_not_both_take_the_last_slot(tmp_path: Path
         assert usage(shard, inst)["rooms"] == 2 and usage(shard, inst)["users"] == 3
 
 
+async def test_a_resend_at_the_limit_while_its_original_is_under_way_gets_the_original(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The send that takes the day's last message is still on its way to the store when its
+    client, reconnected, sends it again: the resend waits for the original's answer and gets
+    its seq, not `quota_exceeded` for a message that is delivered (DESIGN §3.3)."""
+    async with running_shard(tmp_path / "data") as shard, trio.open_nursery() as nursery:
+        org = await shard.create_org("acme", None)
+        inst = (await shard.create_instance(org.id, "main", None, "tiny")).id  # 4 sends a day
+        a = principal(shard, await shard.create_user(inst, "alice", "member"))
+        r1 = (await shard.create_room(a, "r1", "chat", [], False)).record.id
+        for i in range(3):
+            await send(shard, a, r1, f"m{i}")
+        submit, held = shard.store.submit_append, trio.Event()
+
+        async def holding(item: Any) -> None:
+            async def later() -> None:
+                await held.wait()
+                await submit(item)
+
+            if item.cid == "last":
+                nursery.start_soon(later)
+            else:
+                await submit(item)
+
+        monkeypatch.setattr(shard.store, "submit_append", holding)
+        first: list[AppendResult] = []
+        again: list[AppendResult] = []
+        await shard.append(a, r1, "message", "last", first.append, body={"text": "last"})
+        await shard.append(a, r1, "message", "last", again.append, body={"text": "last"})
+        await trio.sleep(0.2)
+        assert not first and not again  # the resend waits for the original
+        held.set()
+        with trio.fail_after(10):
+            while not (first and again):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        original, resent = first[0], again[0]
+        assert isinstance(original, Appended) and isinstance(resent, Appended), (first, again)
+        assert not original.duplicate and original.event.seq == 4
+        assert resent.duplicate and resent.event.seq == 4
+        refused_send: list[AppendResult] = []
+        await shard.append(a, r1, "message", "new", refused_send.append, body={"text": "x"})
+        with trio.fail_after(10):
+            while not refused_send:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert isinstance(refused_send[0], GB6Error) and refused_send[0].code == QUOTA_EXCEEDED
+
+
 async def test_media_recording_and_webhook_quotas_at_their_api(tmp_path: Path) -> None:
     """What the SFU (`shard.quotas.acquire/release`), the recorder and the webhook sender
     (`shard.charge_usage`: quota and billing record in one call) use."""
