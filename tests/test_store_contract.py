@@ -1668,6 +1668,59 @@ async def test_kafka_a_batch_whose_outcome_is_unknown_is_learned_and_the_shard_s
             assert not again.duplicate and again.event.seq == 2 and after.event.seq == 3
 
 
+async def test_kafka_a_batch_whose_outcome_is_unknown_is_answered_while_the_persister_is_behind(
+    kafka_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sequencer holds the next batches while the persister is behind (over
+    `_MAX_UNPERSISTED` entries; here PostgreSQL is frozen). A batch in flight whose outcome
+    turns unknown meanwhile (the broker stops answering during its commit) is answered
+    `unavailable` at once, with the ops held: not once the persister catches up, which it
+    cannot do before the recovery (its reads stop at the open transaction), and the recovery
+    starts only once every op taken is answered. Once both services are back, the shard
+    recovers and goes on gapless."""
+    from origin import kafka_store
+
+    monkeypatch.setattr(kafka_store, "_MAX_UNPERSISTED", 1)  # a batch's key and target are 2
+    broker, pg = broker_pid(kafka_backend.bootstrap), postgres_pids(kafka_backend.dsn)
+    limits = attrs.evolve(LIMITS, writer_batch=1)  # batches of one, pipelined
+    async with serving(_short_commits(kafka_backend, limits, 2.0)) as store:
+        _, t, r = await _recorded_room(store)
+        assert isinstance(store, KafkaStore)
+        await _filter_ready(store, r)  # new cids need nothing of PostgreSQL
+        with trio.fail_after(30):
+            while not store._seq.unpersisted.caught_up([r]):  # noqa: ASYNC110
+                await trio.sleep(0.02)  # m1 is in PostgreSQL: nothing held for it
+        real, calls, stopped = store.log.append_batch, [0], []
+
+        async def appending(records: Any, *, confirm: Any = None) -> None:
+            calls[0] += 1
+            if calls[0] == 2:  # the second batch: the broker stops answering
+                os.kill(broker, signal.SIGSTOP)
+                stopped.append(broker)
+            await real(records, confirm=confirm)
+
+        monkeypatch.setattr(store.log, "append_batch", appending)
+        try:
+            with frozen(*pg):
+                results = [await submit(store, item(r, t.alice, f"a{i}")) for i in range(4)]
+                with trio.fail_after(20):  # the commit's timeout and the abort's, 2 s each
+                    await store.wait_idle()
+                assert results[0]().unwrap().event.seq == 2
+                for result in results[1:]:
+                    with pytest.raises(GB6Error) as info:
+                        result().unwrap()
+                    assert info.value.code == UNAVAILABLE
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        with trio.fail_after(120):
+            while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
+                await trio.sleep(0.1)
+        after = await append(store, item(r, t.alice, "after"))
+        events = await store.events_after(r, 0, 10)
+        assert seqs(events) == list(range(1, len(events) + 1)) and events[-1].seq == after.event.seq
+
+
 async def test_kafka_a_batch_committed_while_its_outcome_was_unknown_is_published_once_learned(
     kafka_backend: Backend,
 ) -> None:
