@@ -460,10 +460,10 @@ class OriginShard:
 
     def _look_for_repeat(self, item: AppendItem, refused: GB6Error) -> None:
         """At the daily limit, a repeat of a send acknowledged or under way still gets its
-        original seq (as the store's dedup would answer it): looked up, in a task of its own, and answered
-        through `item.reply`; anything else gets `refused`. The caller must not wait for the
-        store (an edge's link reader appends for every tenant on that edge, in order): at most
-        `_REPEAT_LOOKUPS` at once, the ones past it are `unavailable` (retry)."""
+        original seq (as the store's dedup would answer it): looked up, in a task of its own,
+        and answered through `item.reply`; anything else gets `refused`. The caller must not
+        wait for the store (an edge's link reader appends for every tenant on that edge, in
+        order): at most `_REPEAT_LOOKUPS` at once, the ones past it are `unavailable` (retry)."""
         if self._repeat_lookups >= _REPEAT_LOOKUPS:
             item.reply(GB6Error(UNAVAILABLE, "too many sends over the quota at once; retry"))
             return
