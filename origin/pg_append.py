@@ -73,13 +73,22 @@ _TARGET: Final = (
 # row (it checks every element for nesting), a JSON text at ~1. jsonb, parsed once (`json` is
 # parsed again for every field taken from a row: PostgreSQL's CPU per append +25%). jsonb holds
 # no "\u0000", nor do these fields (`has_nul`); bodies may, so they stay bytea.
+#
+# Event ids follow commit order, which the meter relies on (it reads `id > offset`:
+# origin/metering.py). The writer sends a batch's INSERT once the one before committed; the
+# transaction-level lock keeps that order for the rest (a batch run again for a repeat, in a
+# transaction of its own, beside a later batch's INSERT): each takes its ids (`nextval`) only
+# once it holds the lock, which the one before holds until it commits. Nothing waits on the
+# client while it holds it.
 _INSERT: Final = (
-    "WITH rows AS ("
+    "WITH ids AS MATERIALIZED ("
+    " SELECT pg_advisory_xact_lock(hashtextextended('gb6.event_ids.' || current_schema(), 0))),"
+    " rows AS ("
     " SELECT r->>0 AS room, (r->>1)::bigint AS seq, r->>2 AS sender, r->>3 AS cid,"
     " r->>4 AS instance, r->>5 AS type, body, (r->>6)::bigint AS thread,"
     " (r->>7)::bigint AS target, r->>8 AS emoji, r->>9 AS tsv, n"
-    " FROM ROWS FROM (jsonb_array_elements($1::jsonb), unnest($2::bytea[])) WITH ORDINALITY"
-    " AS t(r, body, n)),"
+    " FROM ids, ROWS FROM (jsonb_array_elements($1::jsonb), unnest($2::bytea[]))"
+    " WITH ORDINALITY AS t(r, body, n)),"
     " keys AS (INSERT INTO event_keys(room, seq, sender, cid, instance, ts)"
     " SELECT room, seq, sender, cid, instance, $3 FROM rows)"
     " INSERT INTO events(instance, room, seq, ts, type, sender, cid, body, thread, target,"

@@ -19,13 +19,16 @@ shard in commit order. Crossings are shielded: once a batch is sent to PostgreSQ
 learns its outcome, whatever is cancelled meanwhile (asyncpg's `command_timeout` bounds that
 wait).
 
-Pipelined, two INSERTs at a time: while one batch's INSERT runs, the writer stages the next
-(its seqs follow the cached heads, which already count the first batch) and sends it at once on
-a second connection, in a transaction that commits only once the first committed. So the
-origin's Python, the hops between the loops and PostgreSQL's inserts overlap instead of taking
-turns: with one INSERT at a time PostgreSQL sat idle a third of each cycle (bench/RESULTS.md).
-If the first batch failed or ran again for a repeat, the second rolls back (its seqs would
-follow a gap, or be taken twice) and runs again once the first is written, on heads read then.
+Pipelined: while one batch's INSERT runs, the writer stages the next (its seqs follow the
+cached heads, which already count the first batch) and has it sent on a second connection as
+soon as the first committed. So the origin's Python and the hops between the loops overlap
+PostgreSQL's inserts instead of taking turns: with one batch at a time PostgreSQL sat idle a
+third of each cycle (bench/RESULTS.md). The second INSERT waits for the first's commit, not
+only its own: event ids (`nextval`) then follow commit order, which the meter relies on (it
+reads `id > offset`; two INSERTs at once took ids at once, and a meter pass between their
+commits skipped the second's lower ids for good). If the first batch failed or ran again for a
+repeat, the second is not sent (its seqs would follow a gap, or be taken twice) and runs again
+once the first is written, on heads read then.
 A batch that repeats a key of the one in flight, or is not plain, waits for it to finish first
 (its reads must see what it wrote).
 
@@ -455,15 +458,11 @@ class PgStore:
             if self._insert_conns[i] is None:
                 self._insert_conns[i] = await self._pool.acquire()
             conn = self._insert_conns[i]
-            # Runs once this coroutine first waits: asyncpg has sent its first statement by then.
+            if waits is not None and not await waits:
+                raise _BeforeNotWritten
+            # Runs once this coroutine first waits: asyncpg has sent its statement by then.
             asyncio.get_running_loop().call_soon(in_flight.sent.set)
-            if waits is None:
-                await insert_staged(conn, staged)  # the statement is the transaction
-            else:
-                async with conn.transaction():
-                    await insert_staged(conn, staged)
-                    if not await waits:
-                        raise _BeforeNotWritten
+            await insert_staged(conn, staged)  # the statement is the transaction
             status.set_result(True)
             return None
         except _BeforeNotWritten:

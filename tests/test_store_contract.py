@@ -977,6 +977,61 @@ async def test_pg_pipelined_batches_after_a_failed_insert_run_again_and_only_it_
         assert seqs(await store.events_after(r, 0, 1000)) == list(range(1, 301))
 
 
+async def test_pg_event_ids_follow_commit_order(pg_backend: Backend) -> None:
+    """The meter reads a PostgreSQL store's events by id (`id > offset`), so ids must follow
+    commit order: a batch staged while an INSERT runs is sent only once that one committed.
+    Here the first INSERT is held (the events table locked): the second is not at the server
+    meanwhile, where the two would take ids at once; once both commit, ids follow seqs."""
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    # Batches of three: a quarter of that is no backlog to wait for, so the writer sends the
+    # next batch behind every INSERT in flight.
+    limits = Limits(max_inflight_appends=2_000, writer_batch=3)
+    backend = attrs.evolve(
+        pg_backend, make=lambda rec: PgStore(pg_backend.dsn, limits, rec, schema=pg_backend.schema)
+    )
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        await append(store, item(r, t.alice, "m0"))  # the writer has what it needs cached
+        lock = await aio_as_trio(asyncpg.connect)(
+            pg_backend.dsn, timeout=10, server_settings={"search_path": pg_backend.schema}
+        )
+        watcher = await aio_as_trio(asyncpg.connect)(pg_backend.dsn, timeout=10)
+        held = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+
+        async def inserts_held() -> int:
+            # Out of the lock's transaction, which would see the activity of its first look.
+            return int(await aio_as_trio(watcher.fetchval)(held, lock.get_server_pid()))
+
+        try:
+            await aio_as_trio(lock.execute)("BEGIN; LOCK TABLE events IN SHARE MODE")
+            first = await submit(store, item(r, t.alice, "a"))
+            with trio.fail_after(10):
+                while await inserts_held() < 1:  # noqa: ASYNC110 (polled at the server)
+                    await trio.sleep(0.02)
+            later = [await submit(store, item(r, t.bob, f"b{i}")) for i in range(3)]
+            with trio.move_on_after(1):
+                while await inserts_held() < 2:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            assert await inserts_held() == 1
+        finally:
+            await aio_as_trio(lock.execute)("ROLLBACK")
+            for conn in (lock, watcher):
+                await aio_as_trio(conn.close)()
+        with trio.fail_after(10):
+            await store.wait_idle()
+        got = [p().unwrap().event.seq for p in (first, *later)]
+        assert got == [2, 3, 4, 5]
+        rows = await _pg(
+            pg_backend.dsn,
+            f'SET search_path = "{pg_backend.schema}"',
+            f"SELECT id FROM events WHERE room = '{r}' ORDER BY seq",
+        )
+        ids = [row[0] for row in rows]
+        assert ids == sorted(ids) and len(set(ids)) == 5
+
+
 def _in_batches_of_ten(pg_backend: Backend) -> Backend:
     """PostgreSQL whose writer takes at most ten ops per batch: many batches in a row."""
     small = Limits(max_inflight_appends=2_000, writer_batch=10)
