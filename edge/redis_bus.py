@@ -432,6 +432,9 @@ class _SessionOp:
     session: str = ""
 
 
+_UNKNOWN: Final = b"?"  # never a beat's token (see `RedisSessions._beat_token`)
+
+
 class RedisSessions:
     """`SessionRegistry` of one edge in Redis (see `edge.bus` for the contract).
 
@@ -473,6 +476,14 @@ class RedisSessions:
         # (user, session) this incarnation may have written and must remove, oldest first,
         # each with the time until which it is removed again at each heartbeat.
         self._stray: dict[tuple[str, str], float] = {}
+        # What this edge's liveness key holds after its last heartbeat that Redis answered:
+        # each beat writes a new token and reads the one before (SET … GET). Anything else
+        # read back (nothing: the key lapsed; an older token: Redis came back from a snapshot;
+        # this beat's own: the client sent the pipeline twice) means its sessions may be
+        # lost, and they are written again. `_UNKNOWN` after a failed write (of a beat or of
+        # that rewrite): the next beat that Redis answers writes them again.
+        self._beats = 0
+        self._beat_token: bytes | None = None
         self._writer: _Batcher[_SessionOp, bool] = _Batcher(
             self._write_batch, queue=queue, max_batch=max_batch, what="session registry"
         )
@@ -492,6 +503,7 @@ class RedisSessions:
         self._held = {}
         self._away = set()
         self._stray = {}  # the last incarnation's lapse with it
+        self._beat_token = None  # a new incarnation's key does not exist yet
         async with trio.open_nursery() as nursery:
             await nursery.start(self._writer.run)
             await self._writer.call(_SessionOp("beat"))  # alive before the first add
@@ -596,6 +608,9 @@ class RedisSessions:
         inc = self._incarnation
         # Strays (their ops' batches done: each is removed after what wrote it) go with beats.
         beat = any(op.kind == "beat" for op in ops)
+        if beat:
+            self._beats += 1
+        token = b"%d" % self._beats
         stray = list(itertools.islice(self._stray.items(), _STRAY_PER_BEAT)) if beat else []
         started = trio.current_time()
         held = list(self._held)  # as the batch began: `build` may run twice (NOSCRIPT)
@@ -630,7 +645,7 @@ class RedisSessions:
                 elif op.kind == "back":
                     pipe.hdel(self._away_key(op.user), inc)
                 else:
-                    pipe.set(self._edge_prefix + inc, b"1", px=self._ttl_ms, get=True)
+                    pipe.set(self._edge_prefix + inc, token, px=self._ttl_ms, get=True)
                     for user in held:
                         pipe.pexpire(self._user_key(user), self._user_ttl_ms)
                         n += 1
@@ -641,13 +656,19 @@ class RedisSessions:
             for (user, session), _ in stray:  # last: after the ops of this batch
                 pipe.evalsha(_REMOVE.sha, 1, self._user_key(user), session, inc)
 
-        with _translated("session write"):
-            results = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
-            lapsed = any(
-                op.kind == "beat" and results[i] is None for op, i in zip(ops, at, strict=True)
-            )
-            if lapsed and self._held:
-                await aio_as_trio(self._rewrite_held)()
+        try:
+            with _translated("session write"):
+                results = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
+                if beat:
+                    first = next(i for op, i in zip(ops, at, strict=True) if op.kind == "beat")
+                    lapsed = results[first] != self._beat_token
+                    self._beat_token = token
+                    if lapsed and (self._held or self._away):
+                        await aio_as_trio(self._rewrite_held)()
+        except BaseException:
+            if beat:
+                self._beat_token = _UNKNOWN
+            raise
         for pair, until in stray:
             if self._stray.get(pair) == until:
                 del self._stray[pair]

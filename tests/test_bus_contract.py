@@ -316,6 +316,37 @@ async def test_redis_sessions_are_written_again_after_redis_lost_them(redis_url:
         await eventually(back, within=10 * TTL)
 
 
+async def test_redis_sessions_lost_while_their_rewrite_failed_are_written_again(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis loses the keys, and the heartbeat that finds the edge's key gone fails to write
+    the sessions again (a timeout, say) after its SET brought the key back: the next
+    heartbeats must still write them, not take the key they find for a live one."""
+    import redis.exceptions as rex
+
+    from edge.redis_bus import RedisSessions
+
+    rewrite = RedisSessions._rewrite_held
+    failures = [rex.TimeoutError("made by the test")]
+
+    async def failing_once(self: RedisSessions) -> None:
+        if failures:
+            raise failures.pop()
+        await rewrite(self)
+
+    monkeypatch.setattr(RedisSessions, "_rewrite_held", failing_once)
+    async with open_harness(redis_url) as h:
+        a, _ = await h.sessions("edge-a", ttl=TTL)
+        await a.add("alice", "ses_1")
+        assert await aio_as_trio(_delete_prefixed)(h.admin, h.prefix) == 2  # edge key, user key
+
+        async def back() -> bool:
+            return await a.locate(["alice"]) == {"alice": {"ses_1": "edge-a"}}
+
+        await eventually(back, within=10 * TTL)
+        assert not failures  # the rewrite did fail once
+
+
 async def test_sessions_bad_input(where: str) -> None:
     async with open_harness(where) as h:
         a, _ = await h.sessions("edge-a", ttl=TTL)
