@@ -438,7 +438,8 @@ class Meter:
         self._resume: str | None = None
         self._since = 0.0  # when `_pending` began
         self._lock = trio.Lock()  # one pass at a time: the loop's or a catch_up's
-        self._exact_passes = 0  # exact passes begun (under the lock)
+        self._exact_begun = 0  # exact passes begun (under the lock)
+        self._exact_ended = 0  # the latest of them (by `_exact_begun`) that ended counting all
         self._running = False
         self.applied = 0  # batches applied; for tests and metrics
 
@@ -463,51 +464,57 @@ class Meter:
         """Meter everything committed so far (`exact=False`: what the source has at hand)."""
         if not self._running:
             raise GB6Error(UNAVAILABLE, "the meter is not running")
-        before = self._exact_passes
+        before = self._exact_begun
         async with self._lock:
-            if exact and self._exact_passes > before:
-                # An exact pass began after this call did and has ended (we hold the lock):
-                # it counted everything committed before this call. Callers waiting together
-                # share one pass (on Kafka, `drained` asks the broker: worth sharing).
+            if exact and self._exact_ended > before:
+                # An exact pass began after this call did and has ended counting all (we hold
+                # the lock): it counted everything committed before this call. Callers waiting
+                # together share one pass (on Kafka, `drained` asks the broker: worth sharing);
+                # one that failed or was cancelled counts for nobody.
                 return
             if exact:
-                self._exact_passes += 1
-            # Reads are gathered into one transaction of the billing store: a log consumer's
-            # reads are as small as the log's transactions, and under load a pass applied one
-            # store transaction (seven round trips, one row per active user) per log
-            # transaction, ~17 a second (bench/RESULTS.md). An exact pass applies at least
-            # every `_GATHER_S` and at its end; a background pass (reading at most
-            # `_GATHER_S`) applies what it gathered once it reached `batch` events, is
-            # `APPLY_S` old, or the source has nothing more at hand. So a log consumer reads
-            # all along (spread out) and applies every ten seconds under load: each apply
-            # slowed the sequencer's lookups in PostgreSQL (bench/RESULTS.md).
-            # Where the log ends now: under a steady load a log consumer's reads never come
-            # back empty, and an exact pass (holding the lock) must end all the same.
-            end = await self.source.end() if exact else None
-            began = trio.current_time()
-            while True:
-                after = self._offset if self._resume is None else self._resume
-                got = await self.source.read(after, self.batch - self._pending.events)
-                done = got is None
-                if got is not None:
-                    if self._resume is None:
-                        self._since = trio.current_time()
-                    self._pending.add(got[0])  # folded read by read: no stall at apply time
-                    self._resume = got[1]
-                    done = (end is not None and end(self._resume)) or (
-                        not exact and trio.current_time() - began >= _GATHER_S
-                    )
-                now = trio.current_time()
-                if self._resume is not None and (
-                    self._pending.events >= self.batch
-                    or (exact and (done or now - max(began, self._since) >= _GATHER_S))
-                    or (not exact and (got is None or now - self._since >= APPLY_S))
-                ):
-                    await self._apply()
-                if done and (
-                    got is not None or not exact or await self.source.drained(self._offset)
-                ):
-                    return
+                self._exact_begun += 1
+                mine = self._exact_begun
+            await self._pass(exact)
+            if exact:
+                self._exact_ended = mine
+
+    async def _pass(self, exact: bool) -> None:
+        """One pass, under the lock (see `catch_up`)."""
+        # Reads are gathered into one transaction of the billing store: a log consumer's
+        # reads are as small as the log's transactions, and under load a pass applied one
+        # store transaction (seven round trips, one row per active user) per log
+        # transaction, ~17 a second (bench/RESULTS.md). An exact pass applies at least
+        # every `_GATHER_S` and at its end; a background pass (reading at most
+        # `_GATHER_S`) applies what it gathered once it reached `batch` events, is
+        # `APPLY_S` old, or the source has nothing more at hand. So a log consumer reads
+        # all along (spread out) and applies every ten seconds under load: each apply
+        # slowed the sequencer's lookups in PostgreSQL (bench/RESULTS.md).
+        # Where the log ends now: under a steady load a log consumer's reads never come
+        # back empty, and an exact pass (holding the lock) must end all the same.
+        end = await self.source.end() if exact else None
+        began = trio.current_time()
+        while True:
+            after = self._offset if self._resume is None else self._resume
+            got = await self.source.read(after, self.batch - self._pending.events)
+            done = got is None
+            if got is not None:
+                if self._resume is None:
+                    self._since = trio.current_time()
+                self._pending.add(got[0])  # folded read by read: no stall at apply time
+                self._resume = got[1]
+                done = (end is not None and end(self._resume)) or (
+                    not exact and trio.current_time() - began >= _GATHER_S
+                )
+            now = trio.current_time()
+            if self._resume is not None and (
+                self._pending.events >= self.batch
+                or (exact and (done or now - max(began, self._since) >= _GATHER_S))
+                or (not exact and (got is None or now - self._since >= APPLY_S))
+            ):
+                await self._apply()
+            if done and (got is not None or not exact or await self.source.drained(self._offset)):
+                return
 
     async def _apply(self) -> None:
         """Apply `_pending` (up to `_resume`) as one transaction of the billing store."""

@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 import trio_asyncio
 from conftest import Node, make_room
 from services import require
@@ -454,6 +455,59 @@ async def test_a_meter_stopped_mid_stream_resumes_without_double_counting(
     assert billing.meter.applied == 3  # 7 + 7 + 3
     async with shard_on(data) as shard:
         assert await shard.billing.usage(inst, month) == {"messages": 25, "seats": 1}
+
+
+class EndFailsOnce(Stopping):
+    """A source whose first exact pass fails where it asks where the log ends."""
+
+    def __init__(self, source: SqliteEventSource) -> None:
+        super().__init__(source, batches=1_000)
+        self.failed = False
+
+    async def end(self) -> Callable[[str], bool] | None:
+        if not self.failed:
+            self.failed = True
+            raise GB6Error("unavailable", "made by the test")
+        return None
+
+
+async def test_a_catch_up_waiting_behind_a_failed_pass_makes_its_own(tmp_path: Path) -> None:
+    """Callers of `catch_up` waiting together share one exact pass, but not one that failed:
+    the next makes a pass of its own, and usage then counts every event committed before it
+    was called (an invoice closed on it lacks nothing)."""
+    data = tmp_path / "data"
+    async with shard_on(data) as shard:
+        inst, room, (alice,) = await tenant(shard, "alice")
+        for i in range(3):
+            await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
+    for path in data.glob("billing.db*"):
+        path.unlink()  # a fresh store: the meter starts from the log's beginning
+    source = EndFailsOnce(SqliteEventSource(data / "gb6.db"))
+    billing = Billing(
+        SqliteBillingStore(data / "billing.db"), source, lambda _: None, lambda _: SEAT_PRICE
+    )
+    outcomes: list[str] = []
+
+    async def catch_up() -> None:
+        try:
+            await billing.meter.catch_up()
+            outcomes.append("ok")
+        except GB6Error as exc:
+            outcomes.append(exc.code)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(billing.run)
+        async with billing.meter._lock:  # both callers wait behind it, together
+            nursery.start_soon(catch_up)
+            nursery.start_soon(catch_up)
+            await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(10):
+            while len(outcomes) < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert outcomes == ["unavailable", "ok"]
+        usage = await billing.store.usage(inst, month_of(now_ms()))
+        assert usage == {"messages": 3, "seats": 1}
+        nursery.cancel_scope.cancel()
 
 
 async def test_preview_close_and_late_usage(tmp_path: Path) -> None:
