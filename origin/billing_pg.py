@@ -65,8 +65,12 @@ def _stored(row: Any) -> StoredInvoice:
     )
 
 
-async def _add(conn: Any, delta: UsageDelta) -> None:
-    """Add `delta` (months not yet shifted) inside the caller's transaction (asyncio side)."""
+async def _add(conn: Any, delta: UsageDelta, close_key: str) -> None:
+    """Add `delta` (months not yet shifted) inside the caller's transaction (asyncio side).
+    Shares the lock that `close` takes alone (`close_key`), to its commit: a month closed
+    meanwhile would otherwise miss this usage, which it never read and which this add did not
+    shift, since the month was open when it looked."""
+    await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))", close_key)
     instances = sorted({k[0] for k in delta.counts} | {k[0] for k in delta.seats})
     rows = await conn.fetch(
         "SELECT instance, period FROM billing_invoices WHERE instance = ANY($1::text[])", instances
@@ -120,6 +124,7 @@ class PgBillingStore:
     def __init__(self, dsn: str, *, schema: str = "gb6", pool_size: int = 2) -> None:
         self.dsn = dsn
         self.schema = check_schema_name(schema)
+        self._close_key = f"gb6.billing.close.{self.schema}"  # see `close` and `_add`
         self._pool_size = pool_size
         self._pool: Any = None
 
@@ -192,7 +197,7 @@ class PgBillingStore:
                 await conn.execute(
                     "UPDATE billing_offsets SET value = $2 WHERE consumer = $1", consumer, resume
                 )
-            await _add(conn, delta)
+            await _add(conn, delta, self._close_key)
             return True
 
         return await self._tx(tx)
@@ -213,7 +218,7 @@ class PgBillingStore:
             )
             if inserted is None:
                 return False
-            await _add(conn, delta)
+            await _add(conn, delta, self._close_key)
             return True
 
         return await self._tx(tx)
@@ -229,8 +234,7 @@ class PgBillingStore:
 
         async def tx(conn: Any) -> StoredInvoice:
             await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                f"gb6.billing.close.{self.schema}",
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", self._close_key
             )
             row = await conn.fetchrow(
                 f"SELECT {_INVOICE_COLS} FROM billing_invoices WHERE instance = $1 AND period = $2",

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -218,3 +219,45 @@ async def test_bad_periods_are_invalid(backend: Backend) -> None:
             with pytest.raises(GB6Error) as err:
                 await call()
             assert err.value.code == INVALID
+
+
+async def test_pg_usage_added_while_its_month_closes_is_in_the_invoice() -> None:
+    """PostgreSQL only (SQLite's writes take the database in turn): usage added while the
+    month closes (here its insert is held by a table lock) is either counted by the invoice
+    or moved to the next month, never left in a month whose invoice lacks it."""
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+
+    dsn = require("postgres")
+    schema = f"gb6_billing_test_{uuid.uuid4().hex[:12]}"
+    try:
+        async with serving(Backend("postgres", lambda: PgBillingStore(dsn, schema=schema))) as s:
+            await s.apply("meter", None, "1", delta("ins_a", {"u1": 2}))
+            lock = await aio_as_trio(asyncpg.connect)(
+                dsn, timeout=10, server_settings={"search_path": schema}
+            )
+            watcher = await aio_as_trio(asyncpg.connect)(dsn, timeout=10)
+            held = "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))"
+            closed: list[Any] = []
+
+            async def close() -> None:
+                closed.append(await s.close("ins_a", "2026-10", maker("ins_a", "2026-10"), NOV_2))
+
+            try:
+                await aio_as_trio(lock.execute)("BEGIN; LOCK TABLE billing_usage IN SHARE MODE")
+                async with trio.open_nursery() as nursery:
+                    # A new seat in October: the invoice's total says whether it counted it.
+                    nursery.start_soon(s.apply, "meter", "1", "2", delta("ins_a", {"u2": 1}))
+                    with trio.fail_after(10):
+                        while not await aio_as_trio(watcher.fetchval)(held, lock.get_server_pid()):  # noqa: ASYNC110
+                            await trio.sleep(0.02)
+                    nursery.start_soon(close)
+                    await trio.sleep(0.5)  # the close goes as far as it may meanwhile
+                    await aio_as_trio(lock.execute)("ROLLBACK")
+            finally:
+                for conn in (lock, watcher):
+                    await aio_as_trio(conn.close)()
+            october = await s.usage("ins_a", "2026-10")
+            assert closed[0].total == maker("ins_a", "2026-10")(october).total
+            assert await s.usage("ins_a", "2026-10-05") == {"messages": 3, "seats": 2}
+    finally:
+        await _drop_schema(dsn, schema)
