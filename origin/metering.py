@@ -495,6 +495,10 @@ class Meter:
         end = await self.source.end() if exact else None
         began = trio.current_time()
         while True:
+            if self._resume is not None and self._pending.events >= self.batch:
+                # A whole batch held from a pass whose apply failed: a read for none more
+                # would come back empty, and an exact pass would take that for the end.
+                await self._apply()
             after = self._offset if self._resume is None else self._resume
             got = await self.source.read(after, self.batch - self._pending.events)
             done = got is None

@@ -510,6 +510,42 @@ async def test_a_catch_up_waiting_behind_a_failed_pass_makes_its_own(tmp_path: P
         nursery.cancel_scope.cancel()
 
 
+async def test_an_exact_pass_after_a_failed_apply_of_a_whole_batch_counts_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass read a whole batch and failed to apply it (the billing store did not answer):
+    the meter holds it, and the next exact pass applies it, then reads on to the end, instead
+    of taking its first read (for no more events) for the end."""
+    data = tmp_path / "data"
+    async with shard_on(data) as shard:
+        inst, room, (alice,) = await tenant(shard, "alice")
+        for i in range(8):
+            await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
+    for path in data.glob("billing.db*"):
+        path.unlink()  # a fresh store: the meter starts from the log's beginning
+    store = SqliteBillingStore(data / "billing.db")
+    billing = Billing(
+        store, SqliteEventSource(data / "gb6.db"), lambda _: None, lambda _: SEAT_PRICE
+    )
+    billing.meter.batch = 4
+    apply, failures = store.apply, [GB6Error("unavailable", "made by the test")]
+
+    async def failing_once(*args: Any) -> bool:
+        if failures:
+            raise failures.pop()
+        return await apply(*args)
+
+    monkeypatch.setattr(store, "apply", failing_once)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(billing.run)
+        with pytest.raises(GB6Error):
+            await billing.meter.catch_up(exact=False)
+        await billing.meter.catch_up()
+        usage = await store.usage(inst, month_of(now_ms()))
+        assert usage == {"messages": 8, "seats": 1}
+        nursery.cancel_scope.cancel()
+
+
 async def test_preview_close_and_late_usage(tmp_path: Path) -> None:
     async with shard_on(tmp_path / "data") as shard:
         billing = shard.billing
