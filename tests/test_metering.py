@@ -431,16 +431,27 @@ async def meter_once(data: Path, source: EventSource, batch: int) -> Billing:
     return billing
 
 
+async def log_of(data: Path, sends: int) -> str:
+    """A shard's log in `data` with `sends` messages of one user, and no billing store yet (the
+    meter starts from the log's beginning): the instance."""
+    async with shard_on(data) as shard:
+        inst, room, (alice,) = await tenant(shard, "alice")
+        for i in range(sends):
+            await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
+    _no_billing_store(data)
+    return inst
+
+
+def _no_billing_store(data: Path) -> None:
+    for path in data.glob("billing.db*"):
+        path.unlink()
+
+
 async def test_a_meter_stopped_mid_stream_resumes_without_double_counting(
     tmp_path: Path,
 ) -> None:
     data = tmp_path / "data"
-    async with shard_on(data) as shard:
-        inst, room, (alice,) = await tenant(shard, "alice")
-        for i in range(25):
-            await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
-    for path in data.glob("billing.db*"):
-        path.unlink()  # a fresh store: the meter starts from the log's beginning
+    inst = await log_of(data, 25)
     month = month_of(now_ms())
     # Two batches of 4 events, then the meter stops: 8 counted, the offset after the 8th.
     await meter_once(data, Stopping(SqliteEventSource(data / "gb6.db"), 2), 4)
@@ -476,12 +487,7 @@ async def test_a_catch_up_waiting_behind_a_failed_pass_makes_its_own(tmp_path: P
     the next makes a pass of its own, and usage then counts every event committed before it
     was called (an invoice closed on it lacks nothing)."""
     data = tmp_path / "data"
-    async with shard_on(data) as shard:
-        inst, room, (alice,) = await tenant(shard, "alice")
-        for i in range(3):
-            await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
-    for path in data.glob("billing.db*"):
-        path.unlink()  # a fresh store: the meter starts from the log's beginning
+    inst = await log_of(data, 3)
     source = EndFailsOnce(SqliteEventSource(data / "gb6.db"))
     billing = Billing(
         SqliteBillingStore(data / "billing.db"), source, lambda _: None, lambda _: SEAT_PRICE
@@ -517,12 +523,7 @@ async def test_an_exact_pass_after_a_failed_apply_of_a_whole_batch_counts_the_re
     the meter holds it, and the next exact pass applies it, then reads on to the end, instead
     of taking its first read (for no more events) for the end."""
     data = tmp_path / "data"
-    async with shard_on(data) as shard:
-        inst, room, (alice,) = await tenant(shard, "alice")
-        for i in range(8):
-            await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
-    for path in data.glob("billing.db*"):
-        path.unlink()  # a fresh store: the meter starts from the log's beginning
+    inst = await log_of(data, 8)
     store = SqliteBillingStore(data / "billing.db")
     billing = Billing(
         store, SqliteEventSource(data / "gb6.db"), lambda _: None, lambda _: SEAT_PRICE
