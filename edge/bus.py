@@ -13,6 +13,14 @@ uses: one process, so "shared" means shared objects) and a Redis adapter in `edg
   new incarnation of its edge, so a restarted edge never revives the sessions of its
   predecessor. Graceful shutdown removes sessions as their connections close. It also holds
   which edges have a user away, so any edge answers `presence.get` with `away`.
+  It also decides each user's presence across the edges (`Presence`): every call that adds or
+  removes a session or sets away computes, in the same atomic step, the user's status over
+  every live edge, compares it with the status last announced for the user, and if they
+  differ records the new one with a newer version and says so (`changed`: its caller announces
+  it). So two edges racing (a reconnect on one while the other times out the old socket) can
+  never both decide "offline". A status whose sessions lapsed with their edge is corrected by
+  `settle`, and every recorded change also goes into its instance's change feed (`changes`),
+  kept `FEED_KEEP_S`, from which an edge repairs the announcements it missed.
 - `PubSub`: ephemeral signals (presence, typing) on named channels (`room_channel`,
   `user_channel`) between edges, never persisted. `publish` never blocks: it hands the signal
   on or drops it. Each subscriber has one bounded inbox; when the inbox is full, signals for it
@@ -32,7 +40,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Protocol
 
 import attrs
@@ -49,6 +57,7 @@ __all__ = [
     "LocalPubSub",
     "LocalRateLimiter",
     "LocalSessions",
+    "Presence",
     "PubSub",
     "PubSubStatistics",
     "RateLimiter",
@@ -63,6 +72,9 @@ __all__ = [
 MAX_NAME_LEN = 200
 MAX_SIGNAL_BYTES = 64 * 1024
 MAX_LOCATE_USERS = 1_000
+FEED_KEEP_S = 60.0  # an instance's presence changes are kept this long for edges to catch up
+MAX_FEED_READ = 1_000  # changes per instance per `changes` call
+STATUSES = ("offline", "online", "away")  # a `Presence.status`, by its code in the stores
 
 _CONTROL = {chr(c) for c in range(32)} | {"\x7f"}
 
@@ -126,6 +138,20 @@ class LocalRateLimiter:
 # --- sessions --------------------------------------------------------------------------------
 
 
+@attrs.frozen
+class Presence:
+    """A user's presence across the edges, as the registry last decided it.
+
+    `version` orders one user's statuses: a larger one is newer, whichever edge decided it (0:
+    never decided, offline). `changed`: the call that returned it decided it, so its caller
+    announces it."""
+
+    user: str
+    status: str  # "online" | "away" | "offline"
+    version: int
+    changed: bool = False
+
+
 class SessionRegistry(Protocol):
     """Which edge holds which sessions of a user; one registry per edge (see module doc)."""
 
@@ -135,13 +161,14 @@ class SessionRegistry(Protocol):
         """Heartbeat this edge until cancelled; `started()` once its sessions can be added."""
         ...
 
-    async def add(self, user: str, session: str) -> None:
-        """Record that this edge holds `session` of `user` (idempotent). Raises GB6Error:
-        `quota_exceeded` past the per-user limit, `invalid`, `unavailable`."""
+    async def add(self, user: str, session: str, instance: str) -> Presence:
+        """Record that this edge holds `session` of `user`, a user of `instance` (idempotent);
+        the user's presence after it. Raises GB6Error: `quota_exceeded` past the per-user
+        limit, `invalid`, `unavailable`."""
         ...
 
-    async def remove(self, user: str, session: str) -> None:
-        """Forget `session` if this edge holds it (idempotent)."""
+    async def remove(self, user: str, session: str) -> Presence:
+        """Forget `session` if this edge holds it (idempotent); the user's presence after it."""
         ...
 
     async def locate(self, users: Collection[str]) -> dict[str, dict[str, str]]:
@@ -152,9 +179,26 @@ class SessionRegistry(Protocol):
         """The edges holding at least one live session of `user`."""
         ...
 
-    async def set_away(self, user: str, away: bool) -> None:
+    async def set_away(self, user: str, away: bool) -> Presence:
         """Record whether `user` is away on this edge (said by `presence.set`); forgotten once
-        their last session here is removed, or this edge's sessions lapse."""
+        their last session here is removed, or this edge's sessions lapse. The user's presence
+        after it."""
+        ...
+
+    async def settle(self, users: Collection[str]) -> list[Presence]:
+        """The presence of each of `users` (at most 1,000), corrected first where it no longer
+        matches their live sessions (`changed`: their sessions lapsed with their edge, say). A
+        user with no status recorded gets one (`offline` if no live session): the caller
+        shows them with some status, which it may have from before the store lost it."""
+        ...
+
+    async def changes(
+        self, since: Mapping[str, int | None]
+    ) -> dict[str, tuple[int, list[Presence]]]:
+        """For each instance in `since` (at most 1,000): the users whose presence changed at or
+        after that position of its change feed, at most `MAX_FEED_READ`, with their presence
+        now, and the position to ask from next time (the last change's: it is read again,
+        since another may share it). `None`: only the position of the next change."""
         ...
 
     async def presence(self, users: Collection[str]) -> dict[str, str]:
@@ -171,6 +215,16 @@ def check_users(users: Collection[str]) -> list[str]:
     return list(dict.fromkeys(check_name("user", u) for u in users))
 
 
+def check_instances(since: Mapping[str, int | None]) -> list[str]:
+    if len(since) > MAX_LOCATE_USERS:
+        raise invalid(f"at most {MAX_LOCATE_USERS} instances per call")
+    for instance, start in since.items():
+        check_name("instance", instance)
+        if start is not None and (not isinstance(start, int) or start < 0):
+            raise invalid("a feed position is an integer >= 0")
+    return list(since)
+
+
 @attrs.define(eq=False)
 class SessionTable:
     """The in-process session directory that every `LocalSessions` of a process shares.
@@ -182,6 +236,11 @@ class SessionTable:
     edges: dict[str, float] = attrs.Factory(dict)
     users: dict[str, dict[str, str]] = attrs.Factory(dict)
     away: dict[str, set[str]] = attrs.Factory(dict)  # user → incarnations that have them away
+    # user → (status, version, instance) last decided; instance → user → (version, time) of
+    # the changes of the last `FEED_KEEP_S`, oldest first.
+    said: dict[str, tuple[str, int, str]] = attrs.Factory(dict)
+    feed: dict[str, dict[str, tuple[int, float]]] = attrs.Factory(dict)
+    versions: int = 0
 
     def alive(self, incarnation: str, now: float) -> bool:
         if self.edges.get(incarnation, -math.inf) > now:
@@ -200,6 +259,37 @@ class SessionTable:
         if not sessions:
             del self.users[user]
         return sessions
+
+    def status_of(self, user: str, now: float) -> str:
+        incarnations = set(self.live_sessions(user, now).values())
+        if not incarnations:
+            return "offline"
+        return "away" if incarnations <= self.away.get(user, set()) else "online"
+
+    def decide(self, user: str, now: float, instance: str = "", *, force: bool = False) -> Presence:
+        """The user's presence now, recorded (with a newer version, and in the instance's
+        feed) if it differs from the one last decided, or if none was and `force`."""
+        status = self.status_of(user, now)
+        said = self.said.get(user)
+        instance = instance or (said[2] if said is not None else "")
+        if said is not None and said[0] == status:
+            self.said[user] = (status, said[1], instance)
+            return Presence(user, status, said[1])
+        if said is None and status == "offline" and not force:
+            return Presence(user, status, 0)
+        self.versions += 1
+        self.said[user] = (status, self.versions, instance)
+        if instance:
+            feed = self.feed.setdefault(instance, {})
+            feed.pop(user, None)  # to the end: the feed stays in order of time
+            feed[user] = (self.versions, now)
+            while feed and next(iter(feed.values()))[1] < now - FEED_KEEP_S:
+                del feed[next(iter(feed))]
+        return Presence(user, status, self.versions, changed=True)
+
+    def presence_of(self, user: str) -> Presence:
+        said = self.said.get(user)
+        return Presence(user, "offline", 0) if said is None else Presence(user, said[0], said[1])
 
 
 class LocalSessions:
@@ -239,20 +329,23 @@ class LocalSessions:
             raise GB6Error(UNAVAILABLE, "session registry is not running")
         return self._incarnation
 
-    async def add(self, user: str, session: str) -> None:
+    async def add(self, user: str, session: str, instance: str) -> Presence:
         check_name("user", user)
         check_name("session", session)
+        check_name("instance", instance)
         incarnation = self._serving()
         await trio.lowlevel.checkpoint()
-        sessions = self.table.live_sessions(user, trio.current_time())
+        now = trio.current_time()
+        sessions = self.table.live_sessions(user, now)
         if session not in sessions and len(sessions) >= self.max_sessions_per_user:
             raise GB6Error(
                 QUOTA_EXCEEDED,
                 f"too many sessions for one user (limit {self.max_sessions_per_user})",
             )
         self.table.users.setdefault(user, sessions)[session] = incarnation
+        return self.table.decide(user, now, instance)
 
-    async def remove(self, user: str, session: str) -> None:
+    async def remove(self, user: str, session: str) -> Presence:
         check_name("user", user)
         check_name("session", session)
         incarnation = self._serving()
@@ -264,6 +357,7 @@ class LocalSessions:
                 del self.table.users[user]
         if sessions is None or incarnation not in sessions.values():  # none left here
             self._set_away(user, incarnation, False)
+        return self.table.decide(user, trio.current_time())
 
     def _set_away(self, user: str, incarnation: str, away: bool) -> None:
         edges = self.table.away.setdefault(user, set())
@@ -274,11 +368,36 @@ class LocalSessions:
             if not edges:
                 del self.table.away[user]
 
-    async def set_away(self, user: str, away: bool) -> None:
+    async def set_away(self, user: str, away: bool) -> Presence:
         check_name("user", user)
         incarnation = self._serving()
         await trio.lowlevel.checkpoint()
         self._set_away(user, incarnation, away)
+        return self.table.decide(user, trio.current_time())
+
+    async def settle(self, users: Collection[str]) -> list[Presence]:
+        wanted = check_users(users)
+        await trio.lowlevel.checkpoint()
+        now = trio.current_time()
+        return [self.table.decide(user, now, force=True) for user in wanted]
+
+    async def changes(
+        self, since: Mapping[str, int | None]
+    ) -> dict[str, tuple[int, list[Presence]]]:
+        wanted = check_instances(since)
+        await trio.lowlevel.checkpoint()
+        out: dict[str, tuple[int, list[Presence]]] = {}
+        for instance in wanted:
+            start = since[instance]
+            feed = self.table.feed.get(instance, {})
+            versions = sorted((v, u) for u, (v, _) in feed.items())
+            if start is None:
+                out[instance] = (versions[-1][0] + 1 if versions else 0, [])
+                continue
+            page = [(v, u) for v, u in versions if v >= start][:MAX_FEED_READ]
+            got = [self.table.presence_of(u) for _, u in page]
+            out[instance] = (page[-1][0] if page else start, got)
+        return out
 
     async def presence(self, users: Collection[str]) -> dict[str, str]:
         wanted = check_users(users)
@@ -286,10 +405,9 @@ class LocalSessions:
         now = trio.current_time()
         found: dict[str, str] = {}
         for user in wanted:
-            incarnations = set(self.table.live_sessions(user, now).values())
-            if incarnations:
-                away = incarnations <= self.table.away.get(user, set())
-                found[user] = "away" if away else "online"
+            status = self.table.status_of(user, now)
+            if status != "offline":
+                found[user] = status
         return found
 
     async def locate(self, users: Collection[str]) -> dict[str, dict[str, str]]:

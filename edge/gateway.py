@@ -148,6 +148,7 @@ class Gateway:
             shared.on_presence = self._deliver_presence
             shared.rooms_in_use = self._rooms_in_use
             shared.instances_in_use = self._instances_in_use
+            shared.users_here = self.by_user.keys
         self._nursery: trio.Nursery | None = None
         self.cork = Cork()
         origin.publish_context = lambda: self.cork
@@ -330,14 +331,11 @@ class Gateway:
             if peers is not None:
                 peers.discard(conn)
                 last_here = not peers
-                was_away = conn.user in self.away
                 if last_here:
                     del self.by_user[conn.user]
                     self.away.discard(conn.user)
                 if self.shared is not None and self._nursery is not None:
-                    self._nursery.start_soon(
-                        self._session_closed, conn.principal, conn.session, was_away
-                    )
+                    self._nursery.start_soon(self._session_closed, conn.principal, conn.session)
                 elif last_here:
                     self._presence_changed(conn.principal, "offline")
 
@@ -506,16 +504,14 @@ class Gateway:
         if self.shared is not None:
             with trio.move_on_after(FOLLOW_WAIT_S):  # as a room's (see `_validate_subscribe`)
                 await self.shared.follow_instance(principal.instance.id)
-            before = await self.shared.session_opened(principal.id, session)
-            # Online now unless every edge of theirs, this one included, has them away.
-            first = before is None or (before == "away" and principal.id not in self.away)
+            now = await self.shared.sessions.add(principal.id, session, principal.instance.id)
         # Meanwhile the instance may have been suspended or the user deleted or changed: the
         # pushes that said so closed the live connections, not this one.
         current = self.origin.state.principal(principal.id)
         closed = conn.state is State.CLOSING  # meanwhile: its shard's link was lost, say
         if closed or current is None or current.instance.status != "active":
             if self.shared is not None and self._nursery is not None:
-                self._nursery.start_soon(self._discard_session, principal.id, session)
+                self._nursery.start_soon(self._discard_session, principal, session)
             if closed:  # its close frame is out: no answer follows it
                 return
             raise GB6Error(UNAUTHORIZED, "the user or instance is no longer active")
@@ -534,7 +530,9 @@ class Gateway:
                 "heartbeat_ms": self.limits.heartbeat_ms,
             },
         )
-        if first:
+        if self.shared is not None:
+            self.shared.announce(principal.instance.id, now)
+        elif first:
             self._presence_changed(principal, "online")
 
     async def _dispatch(self, conn: Connection, req: p.Request) -> None:
@@ -878,30 +876,24 @@ class Gateway:
                 self.away.add(who.id)
             else:
                 self.away.discard(who.id)
-            say: str | None = req.status
-            if self.shared is not None:
-                # Recorded for the other edges; and away is said only once every edge of the
-                # user's has them away. Bounded as a follow is: once queued the write keeps
-                # its order, answered or not (without an answer, this edge's word is said).
+            if self.shared is None:
+                self._presence_changed(who, req.status)
+            else:
+                # The registry decides: away once every edge of the user's has them away.
+                # Bounded as a follow is: once queued the write keeps its order, answered or
+                # not (without an answer, the sweeps tell its change from the instance's feed).
                 with trio.move_on_after(FOLLOW_WAIT_S):
                     try:
-                        # Back online: nothing to say if another edge had them online.
-                        was = None if away else await self.shared.status(who.id)
-                        await self.shared.sessions.set_away(who.id, away)
-                        if away and await self.shared.status(who.id) == "online":
-                            say = None  # online on another edge
-                        elif was == "online":
-                            say = None
+                        now = await self.shared.sessions.set_away(who.id, away)
                     except GB6Error as exc:
                         log("presence_share_failed", user=who.id, error=exc.message)
-            if say is not None:
-                self._presence_changed(who, say)
+                    else:
+                        self.shared.announce(who.instance.id, now)
         self._reply(conn, req.id)
 
     def _presence_changed(self, who: Principal, status: str) -> None:
+        """Without other edges: this edge's word is the user's presence."""
         self._deliver_presence(who.id, status)
-        if self.shared is not None:
-            self.shared.presence(who.instance.id, who.id, status)
 
     def _deliver_presence(self, user: str, status: str) -> None:
         """Tell every connected user who shares a room with `user` (each connection once)."""
@@ -918,26 +910,21 @@ class Gateway:
                 for peer in self.by_user.get(member, ()):
                     peer.outbox.write(frame)
 
-    async def _discard_session(self, user: str, session: str) -> None:
-        """Remove a session recorded for a hello refused after all (no presence was said)."""
+    async def _discard_session(self, who: Principal, session: str) -> None:
+        """Remove a session recorded for a hello refused after all."""
         assert self.shared is not None
         try:
-            await self.shared.sessions.remove(user, session)
+            now = await self.shared.sessions.remove(who.id, session)
         except GB6Error as exc:  # the registry's heartbeats remove it later
-            log("session_discard_failed", user=user, error=exc.message)
+            log("session_discard_failed", user=who.id, error=exc.message)
+        else:  # its add may have decided "online", which nobody was told
+            self.shared.announce(who.instance.id, now)
 
-    async def _session_closed(self, who: Principal, session: str | None, was_away: bool) -> None:
+    async def _session_closed(self, who: Principal, session: str | None) -> None:
         assert self.shared is not None
         try:
-            after = await self.shared.session_closed(who.id, session or "")
-        except GB6Error as exc:
+            now = await self.shared.sessions.remove(who.id, session or "")
+        except GB6Error as exc:  # the heartbeats remove it, the sweeps settle the user
             log("session_close_failed", user=who.id, error=exc.message)
-            if who.id not in self.by_user:  # "offline" once the registry answers
-                self.shared.recheck(who.id)
-            return
-        if who.id in self.by_user:  # sessions here: as they were
-            return
-        if after is None:
-            self._presence_changed(who, "offline")
-        elif after == "away" and not was_away:  # the last edge that had them online
-            self._presence_changed(who, "away")
+        else:
+            self.shared.announce(who.instance.id, now)

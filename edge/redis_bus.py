@@ -24,6 +24,11 @@ Keys:
                                 heartbeat from any edge.
     {prefix}away:{user}        hash incarnation → 1 for the edges that have the user away
                                 (`presence.set`); refreshed and expiring like the user's hash.
+    {prefix}said:{user}        hash: s (the user's presence last decided: 0 offline, 1 online,
+                                2 away), v (its version), i (the user's instance); refreshed
+                                and expiring like the user's hash.
+    {prefix}feed:{instance}    sorted set user → version of the instance's presence changes of
+                                the last `FEED_KEEP_S` (see `edge.bus`).
 Channels: {prefix}{channel} for signals; {prefix}ctl:{token} per subscriber, so that the
 subscriber's connection exists (and its reader can block) before any real subscription.
 
@@ -49,6 +54,7 @@ from collections.abc import (
     Collection,
     Iterable,
     Iterator,
+    Mapping,
     Sequence,
 )
 from contextlib import asynccontextmanager, contextmanager
@@ -63,11 +69,16 @@ from redis.backoff import NoBackoff
 from trio_asyncio import aio_as_trio
 
 from edge.bus import (
+    FEED_KEEP_S,
+    MAX_FEED_READ,
+    STATUSES,
     Inbox,
+    Presence,
     PubSubStatistics,
     Signal,
     check_channels,
     check_edge,
+    check_instances,
     check_name,
     check_signal,
     check_users,
@@ -340,30 +351,6 @@ class RedisRateLimiter:
 
 # --- sessions --------------------------------------------------------------------------------
 
-# KEYS[1] user hash; ARGV: session, incarnation, max sessions, user key ttl ms, edge key prefix.
-# Returns 1 if recorded, 0 if the user already has `max` live sessions.
-_ADD = _Script.of("""
-local max = tonumber(ARGV[3])
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= max then
-  local all = redis.call('HGETALL', KEYS[1])
-  for i = 1, #all, 2 do
-    if redis.call('EXISTS', ARGV[5] .. all[i + 1]) == 0 then redis.call('HDEL', KEYS[1], all[i]) end
-  end
-  if redis.call('HLEN', KEYS[1]) >= max then return 0 end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
-""")
-
-# KEYS[1] user hash; ARGV: session, incarnation. Only the incarnation that holds it removes it.
-_REMOVE = _Script.of("""
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
-  return redis.call('HDEL', KEYS[1], ARGV[1])
-end
-return 0
-""")
-
 # KEYS: user hashes; ARGV[1] edge key prefix. Per user: session, incarnation, ... of live edges;
 # fields of dead edges are dropped on the way.
 _LOCATE = _Script.of("""
@@ -391,14 +378,17 @@ end
 return out
 """)
 
-# KEYS: N user hashes, then the N users' away hashes (incarnation → 1); ARGV[1] edge key
-# prefix. Per user: 0 offline, 1 online, 2 away (every live edge of theirs has them away).
-_PRESENCE = _Script.of("""
-local live = {}
-local out = {}
-local n = #KEYS / 2
-for k = 1, n do
-  local all = redis.call('HGETALL', KEYS[k])
+# Lua shared by the presence scripts (prepended to each).
+# `live_state`: the user's status over the live edges (0 offline, 1 online, 2 away: every live
+# edge holding a session of theirs has them away); drops the fields of dead incarnations.
+# `decide`: that status, recorded in the user's `said` hash with a newer version (Redis's clock
+# in µs, or the last version + 1) and in the instance's feed if it differs from the one
+# recorded (or none is and `force`); returns {status, version, 1 if recorded now else 0}.
+# The presence scripts' ARGV start with: edge key prefix, feed key prefix, user key ttl ms,
+# feed keep ms.
+_PRESENCE_LUA = """
+local function live_state(ukey, akey, live)
+  local all = redis.call('HGETALL', ukey)
   local any, away = false, true
   for i = 1, #all, 2 do
     local inc = all[i + 1]
@@ -409,15 +399,149 @@ for k = 1, n do
     end
     if ok then
       any = true
-      if away and redis.call('HEXISTS', KEYS[n + k], inc) == 0 then away = false end
+      if away and redis.call('HEXISTS', akey, inc) == 0 then away = false end
+    else
+      redis.call('HDEL', ukey, all[i])
     end
   end
-  if not any then out[k] = 0 elseif away then out[k] = 2 else out[k] = 1 end
+  if not any then return 0 elseif away then return 2 else return 1 end
+end
+
+local function decide(user, ukey, akey, skey, instance, force, live)
+  local st = live_state(ukey, akey, live)
+  local said = redis.call('HMGET', skey, 's', 'v', 'i')
+  local s = tonumber(said[1])
+  local v = tonumber(said[2]) or 0
+  local inst = said[3]
+  if instance ~= '' then inst = instance end
+  if s == st or (s == nil and st == 0 and not force) then
+    if s ~= nil then
+      if instance ~= '' and said[3] ~= instance then redis.call('HSET', skey, 'i', instance) end
+      redis.call('PEXPIRE', skey, ARGV[3])
+    end
+    return {st, v, 0}
+  end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if now > v then v = now else v = v + 1 end
+  local vs = string.format('%.0f', v)
+  redis.call('HSET', skey, 's', st, 'v', vs)
+  if inst then
+    redis.call('HSET', skey, 'i', inst)
+    local f = ARGV[2] .. inst
+    redis.call('ZADD', f, vs, user)
+    redis.call('ZREMRANGEBYSCORE', f, '-inf', string.format('(%.0f', now - ARGV[4] * 1000))
+    redis.call('PEXPIRE', f, ARGV[4])
+  end
+  redis.call('PEXPIRE', skey, ARGV[3])
+  return {st, v, 1}
+end
+"""
+
+# KEYS: user hash, away hash, said hash; ARGV[5..]: user, session, incarnation, max sessions,
+# instance. Returns {0} if the user already has `max` live sessions, else {1, decided...}.
+_ADD = _Script.of(
+    _PRESENCE_LUA
+    + """
+local max = tonumber(ARGV[8])
+if redis.call('HEXISTS', KEYS[1], ARGV[6]) == 0 and redis.call('HLEN', KEYS[1]) >= max then
+  local all = redis.call('HGETALL', KEYS[1])
+  for i = 1, #all, 2 do
+    if redis.call('EXISTS', ARGV[1] .. all[i + 1]) == 0 then redis.call('HDEL', KEYS[1], all[i]) end
+  end
+  if redis.call('HLEN', KEYS[1]) >= max then return {0} end
+end
+redis.call('HSET', KEYS[1], ARGV[6], ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local r = decide(ARGV[5], KEYS[1], KEYS[2], KEYS[3], ARGV[9], false, {})
+return {1, r[1], r[2], r[3]}
+"""
+)
+
+# KEYS: user hash, away hash, said hash; ARGV[5..]: user, session, incarnation. Only the
+# incarnation that holds the session removes it; with its last session goes its away.
+_REMOVE = _Script.of(
+    _PRESENCE_LUA
+    + """
+if redis.call('HGET', KEYS[1], ARGV[6]) == ARGV[7] then redis.call('HDEL', KEYS[1], ARGV[6]) end
+local here = false
+for _, inc in ipairs(redis.call('HVALS', KEYS[1])) do
+  if inc == ARGV[7] then here = true break end
+end
+if not here then redis.call('HDEL', KEYS[2], ARGV[7]) end
+return decide(ARGV[5], KEYS[1], KEYS[2], KEYS[3], '', false, {})
+"""
+)
+
+# KEYS: user hash, away hash, said hash; ARGV[5..]: user, incarnation, 1 (away) or 0 (back).
+_AWAY = _Script.of(
+    _PRESENCE_LUA
+    + """
+if ARGV[7] == '1' then
+  redis.call('HSET', KEYS[2], ARGV[6], 1)
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+else
+  redis.call('HDEL', KEYS[2], ARGV[6])
+end
+return decide(ARGV[5], KEYS[1], KEYS[2], KEYS[3], '', false, {})
+"""
+)
+
+# KEYS: user hash, away hash, said hash of each user; ARGV[5..]: the users.
+_SETTLE = _Script.of(
+    _PRESENCE_LUA
+    + """
+local live = {}
+local out = {}
+for k = 1, #KEYS / 3 do
+  local b = 3 * (k - 1)
+  out[k] = decide(ARGV[4 + k], KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], '', true, live)
+end
+return out
+"""
+)
+
+# KEYS: N user hashes, then the N users' away hashes; ARGV[1] edge key prefix.
+# Per user: 0 offline, 1 online, 2 away.
+_PRESENCE = _Script.of(
+    _PRESENCE_LUA
+    + """
+local live = {}
+local out = {}
+local n = #KEYS / 2
+for k = 1, n do out[k] = live_state(KEYS[k], KEYS[n + k], live) end
+return out
+"""
+)
+
+# KEYS: instances' feeds; ARGV: said key prefix, max users per feed, then per feed the position
+# to read from ('': none, only the position of the next change). Per feed: {next position, then
+# user, status, version for each user changed at or after the position}.
+_FEED = _Script.of("""
+local out = {}
+for k = 1, #KEYS do
+  local since = ARGV[k + 2]
+  if since == '' then
+    local top = redis.call('ZREVRANGE', KEYS[k], 0, 0, 'WITHSCORES')
+    if top[2] then out[k] = {string.format('%.0f', tonumber(top[2]) + 1)} else out[k] = {'0'} end
+  else
+    local page = redis.call(
+      'ZRANGEBYSCORE', KEYS[k], since, '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+    local row = {since}
+    if #page > 0 then row[1] = page[#page] end
+    for i = 1, #page, 2 do
+      local said = redis.call('HMGET', ARGV[1] .. page[i], 's', 'v')
+      row[#row + 1] = page[i]
+      row[#row + 1] = tonumber(said[1]) or 0
+      row[#row + 1] = said[2] or page[i + 1]
+    end
+    out[k] = row
+  end
 end
 return out
 """)
 
-_SESSION_SCRIPTS = (_ADD, _REMOVE, _LOCATE, _PRESENCE)
+_SESSION_SCRIPTS = (_ADD, _REMOVE, _AWAY, _SETTLE, _LOCATE, _PRESENCE, _FEED)
 
 
 _STRAY_PER_BEAT: Final = 1000  # stray sessions removed per heartbeat
@@ -430,9 +554,25 @@ class _SessionOp:
     kind: str  # "add" | "remove" | "beat" | "away" | "back"
     user: str = ""
     session: str = ""
+    instance: str = ""
+
+
+def _presence(user: str, row: Sequence[Any]) -> Presence:
+    """A `Presence` from a presence script's {status, version, changed}."""
+    return Presence(user, STATUSES[int(row[0])], int(row[1]), bool(int(row[2])))
 
 
 _UNKNOWN: Final = b"?"  # never a beat's token (see `RedisSessions._beat_token`)
+
+
+def _op_result(op: _SessionOp, result: Any) -> Presence | None:
+    """A session write's answer: the user's presence after it (None: a beat, or an add
+    refused for the user's session limit)."""
+    if op.kind == "beat":
+        return None
+    if op.kind == "add":
+        return _presence(op.user, result[1:]) if int(result[0]) == 1 else None
+    return _presence(op.user, result)
 
 
 class RedisSessions:
@@ -484,7 +624,7 @@ class RedisSessions:
         # that rewrite): the next beat that Redis answers writes them again.
         self._beats = 0
         self._beat_token: bytes | None = None
-        self._writer: _Batcher[_SessionOp, bool] = _Batcher(
+        self._writer: _Batcher[_SessionOp, Presence | None] = _Batcher(
             self._write_batch, queue=queue, max_batch=max_batch, what="session registry"
         )
 
@@ -493,6 +633,14 @@ class RedisSessions:
 
     def _away_key(self, user: str) -> str:
         return self.prefix + "away:" + user
+
+    def _presence_keys(self, user: str) -> tuple[str, str, str]:
+        return self._user_key(user), self._away_key(user), self.prefix + "said:" + user
+
+    def _presence_args(self) -> tuple[str, str, int, int]:
+        """The first ARGV of every presence script (see `_PRESENCE_LUA`)."""
+        keep_ms = math.ceil(FEED_KEEP_S * 1000)
+        return self._edge_prefix, self.prefix + "feed:", self._user_ttl_ms, keep_ms
 
     @property
     def _edge_prefix(self) -> str:
@@ -515,26 +663,28 @@ class RedisSessions:
                 except GB6Error as exc:  # others see this edge lapse; the next beat may heal it
                     log("session_heartbeat_failed", edge=self.edge, error=exc.message)
 
-    async def add(self, user: str, session: str) -> None:
+    async def add(self, user: str, session: str, instance: str) -> Presence:
         check_name("user", user)
         check_name("session", session)
-        slot = await self._writer.submit(_SessionOp("add", user, session))
+        check_name("instance", instance)
+        slot = await self._writer.submit(_SessionOp("add", user, session, instance))
         # Not given up once queued (the writer's Redis calls are bounded): an add cancelled
         # while queued would be written after a removal sent in its place.
         with trio.CancelScope(shield=True):
             try:
-                added = await self._writer.result(slot)
+                now = await self._writer.result(slot)
             except GB6Error:  # it may have been written all the same
                 self._remove_later(user, session)
                 raise
-        if not added:
+        if now is None:
             raise GB6Error(
                 QUOTA_EXCEEDED,
                 f"too many sessions for one user (limit {self.max_sessions_per_user})",
             )
         self._held.setdefault(user, set()).add(session)
+        return now
 
-    async def remove(self, user: str, session: str) -> None:
+    async def remove(self, user: str, session: str) -> Presence:
         check_name("user", user)
         check_name("session", session)
         # Forget it first: a heartbeat built from now on no longer writes it again.
@@ -543,21 +693,61 @@ class RedisSessions:
             held.discard(session)
             if not held:
                 del self._held[user]
+                self._away.discard(user)  # the script forgets it with their last session here
         try:
-            await self._writer.call(_SessionOp("remove", user, session))
+            now = await self._writer.call(_SessionOp("remove", user, session))
         except GB6Error:
             self._remove_later(user, session)
             raise
-        if user not in self._held and user in self._away:  # their last session here
-            await self.set_away(user, False)
+        assert now is not None
+        return now
 
-    async def set_away(self, user: str, away: bool) -> None:
+    async def set_away(self, user: str, away: bool) -> Presence:
         check_name("user", user)
         if away:
             self._away.add(user)
         else:
             self._away.discard(user)
-        await self._writer.call(_SessionOp("away" if away else "back", user))
+        now = await self._writer.call(_SessionOp("away" if away else "back", user))
+        assert now is not None
+        return now
+
+    async def settle(self, users: Collection[str]) -> list[Presence]:
+        wanted = check_users(users)
+        if not wanted:
+            return []
+        keys = [k for u in wanted for k in self._presence_keys(u)]
+
+        def build(pipe: Any) -> None:
+            pipe.evalsha(_SETTLE.sha, len(keys), *keys, *self._presence_args(), *wanted)
+
+        with _translated("presence settle"):
+            (rows,) = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
+        return [_presence(u, row) for u, row in zip(wanted, rows, strict=True)]
+
+    async def changes(
+        self, since: Mapping[str, int | None]
+    ) -> dict[str, tuple[int, list[Presence]]]:
+        wanted = check_instances(since)
+        if not wanted:
+            return {}
+        keys = [self.prefix + "feed:" + i for i in wanted]
+        starts = ["" if since[i] is None else str(since[i]) for i in wanted]
+
+        def build(pipe: Any) -> None:
+            said = self.prefix + "said:"
+            pipe.evalsha(_FEED.sha, len(keys), *keys, said, MAX_FEED_READ, *starts)
+
+        with _translated("presence changes"):
+            (rows,) = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
+        out: dict[str, tuple[int, list[Presence]]] = {}
+        for instance, row in zip(wanted, rows, strict=True):
+            got = [
+                Presence(row[i].decode(), STATUSES[int(row[i + 1])], int(float(row[i + 2])))
+                for i in range(1, len(row), 3)
+            ]
+            out[instance] = (int(float(row[0])), got)
+        return out
 
     async def presence(self, users: Collection[str]) -> dict[str, str]:
         wanted = check_users(users)
@@ -604,7 +794,7 @@ class RedisSessions:
     async def edges_of(self, user: str) -> frozenset[str]:
         return frozenset((await self.locate([user])).get(user, {}).values())
 
-    async def _write_batch(self, ops: list[_SessionOp]) -> list[bool]:
+    async def _write_batch(self, ops: list[_SessionOp]) -> list[Presence | None]:
         inc = self._incarnation
         # Strays (their ops' batches done: each is removed after what wrote it) go with beats.
         beat = any(op.kind == "beat" for op in ops)
@@ -619,42 +809,45 @@ class RedisSessions:
         # and `_held` may change while the pipeline is out, so positions are noted as built.
         at: list[int] = []
 
+        args = self._presence_args()
+
         def build(pipe: Any) -> None:
             at.clear()
             n = 0
             for op in ops:
                 at.append(n)
-                key = self._user_key(op.user)
+                keys = self._presence_keys(op.user)
                 if op.kind == "add":
                     pipe.evalsha(
                         _ADD.sha,
-                        1,
-                        key,
+                        3,
+                        *keys,
+                        *args,
+                        op.user,
                         op.session,
                         inc,
                         self.max_sessions_per_user,
-                        self._user_ttl_ms,
-                        self._edge_prefix,
+                        op.instance,
                     )
                 elif op.kind == "remove":
-                    pipe.evalsha(_REMOVE.sha, 1, key, op.session, inc)
-                elif op.kind == "away":
-                    pipe.hset(self._away_key(op.user), inc, b"1")
-                    pipe.pexpire(self._away_key(op.user), self._user_ttl_ms)
-                    n += 1
-                elif op.kind == "back":
-                    pipe.hdel(self._away_key(op.user), inc)
+                    pipe.evalsha(_REMOVE.sha, 3, *keys, *args, op.user, op.session, inc)
+                elif op.kind in ("away", "back"):
+                    away_arg = 1 if op.kind == "away" else 0
+                    pipe.evalsha(_AWAY.sha, 3, *keys, *args, op.user, inc, away_arg)
                 else:
                     pipe.set(self._edge_prefix + inc, token, px=self._ttl_ms, get=True)
                     for user in held:
-                        pipe.pexpire(self._user_key(user), self._user_ttl_ms)
-                        n += 1
+                        user_key, _, said_key = self._presence_keys(user)
+                        pipe.pexpire(user_key, self._user_ttl_ms)
+                        pipe.pexpire(said_key, self._user_ttl_ms)
+                        n += 2
                     for user in away:
                         pipe.pexpire(self._away_key(user), self._user_ttl_ms)
                         n += 1
                 n += 1
             for (user, session), _ in stray:  # last: after the ops of this batch
-                pipe.evalsha(_REMOVE.sha, 1, self._user_key(user), session, inc)
+                keys = self._presence_keys(user)
+                pipe.evalsha(_REMOVE.sha, 3, *keys, *args, user, session, inc)
 
         try:
             with _translated("session write"):
@@ -674,7 +867,7 @@ class RedisSessions:
                 del self._stray[pair]
                 if until > started:  # again at a later beat, behind the others
                     self._stray[pair] = until
-        return [op.kind != "add" or results[i] == 1 for op, i in zip(ops, at, strict=True)]
+        return [_op_result(op, results[i]) for op, i in zip(ops, at, strict=True)]
 
     async def _rewrite_held(self) -> None:
         """asyncio side: this edge's liveness key had lapsed; others may have dropped its

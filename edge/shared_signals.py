@@ -14,10 +14,21 @@ at once, and unused ones would crowd out new ones. A hello or subscribe that tak
 next subscribe to the room, or hello of the instance, follows it again.
 
 Ephemeral by design (DESIGN §3): a signal the bus drops is lost; nothing here is persisted.
-Presence is state, though: an edge killed with kill -9 (or a dropped "offline") says nothing,
-so every `SWEEP_S` each edge asks the session registry about the users other edges said were
-online, and delivers "offline" for those without a live session left (their sessions lapse
-within the registry's ttl). At most `_MAX_SHOWN` such users per edge are swept.
+Presence is state, though, and the session registry decides it (see `edge.bus`): each change is
+decided once, atomically, by the edge whose call made it, and carries a version, so that an edge
+tells its clients a user's statuses in the order they were decided, whatever order the signals
+arrive in, and never one older than what it told them last. What a signal fails to say is
+repaired by every `SWEEP_S`:
+- the registry settles the users this edge shows online or away but for those connected here
+  (an edge killed with kill -9 says nothing: its users' sessions lapse within the registry's
+  ttl, and the first edge to settle them decides "offline"), and those connected here that it
+  shows offline (a registry that lost its keys: another edge settled them before this one
+  wrote their sessions again), and this edge tells its clients what it had missed;
+- this edge reads the change feed of each instance it follows since its last read (the
+  feed's position when it began to follow the instance), and tells its clients the changes it
+  had missed.
+At most `_MAX_TOLD` users' presence is remembered per edge (the least recently told are
+forgotten, and no longer settled).
 """
 
 from __future__ import annotations
@@ -25,27 +36,47 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
+import attrs
 import orjson
 import trio
 
-from edge.bus import MAX_LOCATE_USERS, PubSub, SessionRegistry, room_channel
+from edge.bus import (
+    MAX_FEED_READ,
+    MAX_LOCATE_USERS,
+    STATUSES,
+    Presence,
+    PubSub,
+    SessionRegistry,
+    room_channel,
+)
 from node.errors import GB6Error
 from node.log import log
 from node.ratelimit import RateLimiter
 
 _MAX_FOLLOWED: Final = 10_000  # channels per edge; past it, signals of new ones stay local
 SWEEP_S: Final = 10.0
-_MAX_SHOWN: Final = 100_000
+_MAX_TOLD: Final = 100_000
+_MAX_FEED_PAGES: Final = 10  # feed reads per instance per sweep
 _UNFOLLOW_CHUNK: Final = 1000  # channels per unsubscribe command
+_INSTANCE: Final = "instance:"
 
 
 def instance_channel(instance: str) -> str:
-    return "instance:" + instance
+    return _INSTANCE + instance
+
+
+@attrs.frozen
+class _Told:
+    """What this edge's clients were told last of a user's presence."""
+
+    instance: str
+    status: str
+    version: int
 
 
 class SharedSignals:
     """A component: `await nursery.start(shared.run)`. The gateway sets `on_typing` and
-    `on_presence`, which are called (synchronously) for other edges' signals."""
+    `on_presence`, which are called (synchronously) for the signals its clients are told."""
 
     def __init__(
         self,
@@ -63,14 +94,14 @@ class SharedSignals:
         # The rooms and instances this edge's clients need signals of (set by the gateway).
         self.rooms_in_use: Callable[[], Iterable[str]] = tuple
         self.instances_in_use: Callable[[], Iterable[str]] = tuple
+        self.users_here: Callable[[], Iterable[str]] = tuple  # with a session on this edge
         self._followed: set[str] = set()
         self._touched: set[str] = set()  # followed channels asked for since the last sweep
         self._changing = trio.Lock()  # one follow or unfollow at a time: they keep their order
-        # Users other edges said were online or away, as this edge's clients were told, each
-        # with the number of the signal that said it last (a sweep's answer predating a newer
-        # signal is not used).
-        self._shown: dict[str, int] = {}
-        self._signals = 0
+        self._told: dict[str, _Told] = {}  # user → what they were told, least recent first
+        # Followed instance → the position in its change feed to read from next (None: not
+        # known yet; the first read learns it).
+        self._feeds: dict[str, int | None] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -85,24 +116,48 @@ class SharedSignals:
                     if msg.get("kind") == "typing":
                         self.on_typing(str(msg["room"]), str(msg["user"]))
                     elif msg.get("kind") == "presence":
-                        self._on_presence(str(msg["user"]), str(msg["status"]))
+                        self._on_presence_signal(signal.channel, msg)
                 except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
                     log("shared_signal_bad", channel=signal.channel, error=repr(exc))
 
-    def _on_presence(self, user: str, status: str) -> None:
-        if status == "offline":
-            self._shown.pop(user, None)
+    def _on_presence_signal(self, channel: str, msg: dict[str, Any]) -> None:
+        user, status, version = str(msg["user"]), str(msg["status"]), msg.get("version")
+        if status not in STATUSES:
+            raise KeyError(status)
+        if version is None:  # from an edge of an older release: told as it comes
+            self.on_presence(user, status)
+        elif isinstance(version, int) and channel.startswith(_INSTANCE):
+            self._tell(channel[len(_INSTANCE) :], Presence(user, status, version))
         else:
-            self.recheck(user)
-        self.on_presence(user, status)
+            raise TypeError("a presence version is an integer")
 
-    def recheck(self, user: str) -> None:
-        """Have the sweeps deliver "offline" for `user` once no live session of theirs is left
-        (shown online by another edge, or their last session here closed while the registry
-        did not answer)."""
-        self._signals += 1
-        if user in self._shown or len(self._shown) < _MAX_SHOWN:
-            self._shown[user] = self._signals
+    def _tell(self, instance: str, now: Presence) -> bool:
+        """Tell this edge's clients `now` unless they were told it, or newer, already; False
+        if it is not newer (a status decided again, the same, is newer but not told again)."""
+        told = self._told.get(now.user)
+        if now.version == 0 or (told is not None and told.version >= now.version):
+            return False
+        self._told.pop(now.user, None)  # to the end: the least recently told go first
+        self._told[now.user] = _Told(instance, now.status, now.version)
+        if len(self._told) > _MAX_TOLD:
+            del self._told[next(iter(self._told))]
+        if told is None or told.status != now.status:
+            self.on_presence(now.user, now.status)
+        return True
+
+    def announce(self, instance: str, now: Presence) -> None:
+        """A user's presence as a registry call on this edge answered it: told to this edge's
+        clients if newer than what they were told, and to the other edges if this call decided
+        it."""
+        if self._tell(instance, now) and now.changed:
+            data = {
+                "edge": self.edge_id,
+                "kind": "presence",
+                "user": now.user,
+                "status": now.status,
+                "version": now.version,
+            }
+            self.pubsub.publish(instance_channel(instance), orjson.dumps(data))
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -117,14 +172,39 @@ class SharedSignals:
                 log("shared_unfollow_failed", error=exc.message)
 
     async def sweep(self) -> None:
-        """Deliver "offline" for the users shown online whose sessions are all gone."""
-        users = list(self._shown.items())
-        for i in range(0, len(users), MAX_LOCATE_USERS):
-            chunk = users[i : i + MAX_LOCATE_USERS]
-            live = await self.sessions.locate([user for user, _ in chunk])
-            for user, said in chunk:
-                if user not in live and self._shown.get(user) == said:
-                    self._on_presence(user, "offline")
+        """Settle the users shown online or away, but for those connected here, and those
+        connected here shown offline; then read the feeds of the instances followed: tell
+        this edge's clients what they missed."""
+        # Those connected here and shown online or away are so: a registry that lost their
+        # sessions would decide "offline" until this edge's heartbeat writes them again.
+        here = set(self.users_here())
+        shown = [u for u, told in self._told.items() if (told.status == "offline") == (u in here)]
+        for i in range(0, len(shown), MAX_LOCATE_USERS):
+            for now in await self.sessions.settle(shown[i : i + MAX_LOCATE_USERS]):
+                told = self._told.get(now.user)
+                if told is not None:
+                    self.announce(told.instance, now)
+        instances = list(self._feeds)
+        for i in range(0, len(instances), MAX_LOCATE_USERS):
+            await self.read_feeds(instances[i : i + MAX_LOCATE_USERS])
+
+    async def read_feeds(self, instances: list[str]) -> None:
+        """Read the change feeds of `instances` (followed ones) from where the last read ended,
+        and tell this edge's clients the changes they missed."""
+        for _ in range(_MAX_FEED_PAGES):
+            since = {i: self._feeds[i] for i in instances if i in self._feeds}
+            if not since:
+                return
+            more = []
+            for instance, (position, changed) in (await self.sessions.changes(since)).items():
+                if instance not in self._feeds:  # unfollowed meanwhile
+                    continue
+                for now in changed:
+                    self._tell(instance, now)  # said by the edge that decided it, if at all
+                self._feeds[instance] = position
+                if len(changed) >= MAX_FEED_READ:
+                    more.append(instance)
+            instances = more
 
     async def unfollow_unused(self) -> None:
         """Stop following the channels no client of this edge needs now, but for those asked
@@ -136,6 +216,9 @@ class SharedSignals:
             self._touched.clear()
             # Given up before Redis confirms: a later follow subscribes again.
             self._followed.difference_update(gone)
+            for channel in gone:
+                if channel.startswith(_INSTANCE):
+                    self._feeds.pop(channel[len(_INSTANCE) :], None)
             for i in range(0, len(gone), _UNFOLLOW_CHUNK):
                 try:
                     await self.pubsub.unsubscribe(gone[i : i + _UNFOLLOW_CHUNK])
@@ -144,53 +227,40 @@ class SharedSignals:
                     self._followed.update(gone[i + _UNFOLLOW_CHUNK :])
                     raise
 
-    async def _follow(self, channel: str) -> None:
+    async def _follow(self, channel: str) -> bool:
+        """Follow `channel`; False if it was followed already, or cannot be now."""
         if channel in self._followed:
             self._touched.add(channel)
-            return
+            return False
         async with self._changing:  # after an unfollow of it under way, not before
             if channel in self._followed or len(self._followed) >= _MAX_FOLLOWED:
-                return
+                return False
             self._followed.add(channel)
             try:
                 await self.pubsub.subscribe([channel])
             except GB6Error as exc:  # signals of this channel stay on this edge until it works
                 self._followed.discard(channel)
                 log("shared_follow_failed", channel=channel, error=exc.message)
-                return
+                return False
             except BaseException:  # cancelled (the caller's bound): tried again next time
                 self._followed.discard(channel)
                 raise
             self._touched.add(channel)
+            return True
 
     async def follow_room(self, room: str) -> None:
         await self._follow(room_channel(room))
 
     async def follow_instance(self, instance: str) -> None:
-        await self._follow(instance_channel(instance))
+        """Follow the instance's presence signals, and learn where its change feed is now:
+        the changes after it that a signal fails to tell are repaired from there."""
+        if await self._follow(instance_channel(instance)):
+            self._feeds[instance] = None
+            try:
+                await self.read_feeds([instance])
+            except GB6Error as exc:  # the next sweep learns it
+                log("presence_feed_failed", instance=instance, error=exc.message)
 
     def typing(self, room: str, user: str) -> None:
         data = {"edge": self.edge_id, "kind": "typing", "room": room, "user": user}
         self.pubsub.publish(room_channel(room), orjson.dumps(data))
-
-    def presence(self, instance: str, user: str, status: str) -> None:
-        if status == "offline":  # said here: the sweep must not say it again
-            self._shown.pop(user, None)
-        data = {"edge": self.edge_id, "kind": "presence", "user": user, "status": status}
-        self.pubsub.publish(instance_channel(instance), orjson.dumps(data))
-
-    async def session_opened(self, user: str, session: str) -> str | None:
-        """Record the session; the user's presence across the edges before it (`online`,
-        `away`, or None: no live session)."""
-        before = (await self.sessions.presence([user])).get(user)
-        await self.sessions.add(user, session)
-        return before
-
-    async def session_closed(self, user: str, session: str) -> str | None:
-        """Forget the session; the user's presence across the edges after it."""
-        await self.sessions.remove(user, session)
-        return (await self.sessions.presence([user])).get(user)
-
-    async def status(self, user: str) -> str | None:
-        """The user's presence across the edges (None: no live session)."""
-        return (await self.sessions.presence([user])).get(user)

@@ -16,6 +16,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
+import orjson
 import pytest
 import trio
 import trio_asyncio
@@ -29,6 +31,7 @@ from edge.bus import (
     LocalPubSub,
     LocalRateLimiter,
     LocalSessions,
+    Presence,
     PubSub,
     RateLimiter,
     SessionRegistry,
@@ -242,9 +245,9 @@ async def test_sessions_are_found_from_another_edge(where: str) -> None:
     async with open_harness(where) as h:
         a, _ = await h.sessions("edge-a", ttl=TTL)
         b, _ = await h.sessions("edge-b", ttl=TTL)
-        await a.add("alice", "ses_1")
-        await b.add("alice", "ses_2")
-        await b.add("bob", "ses_3")
+        await a.add("alice", "ses_1", "ins_1")
+        await b.add("alice", "ses_2", "ins_1")
+        await b.add("bob", "ses_3", "ins_1")
         assert await a.locate(["alice", "bob", "carol"]) == {
             "alice": {"ses_1": "edge-a", "ses_2": "edge-b"},
             "bob": {"ses_3": "edge-b"},
@@ -266,9 +269,9 @@ async def test_sessions_expire_when_their_edge_stops_heartbeating(where: str) ->
     async with open_harness(where) as h:
         a, a_scope = await h.sessions("edge-a", ttl=TTL, max_sessions_per_user=2)
         b, _ = await h.sessions("edge-b", ttl=TTL, max_sessions_per_user=2)
-        await a.add("alice", "ses_1")
-        await a.add("bob", "ses_2")
-        await b.add("bob", "ses_3")
+        await a.add("alice", "ses_1", "ins_1")
+        await a.add("bob", "ses_2", "ins_1")
+        await b.add("bob", "ses_3", "ins_1")
         for _ in range(6):  # heartbeats keep them alive, all along, well past the TTL
             await trio.sleep(TTL / 2)
             assert await b.locate(["alice", "bob"]) == {
@@ -276,7 +279,7 @@ async def test_sessions_expire_when_their_edge_stops_heartbeating(where: str) ->
                 "bob": {"ses_2": "edge-a", "ses_3": "edge-b"},
             }
         with pytest.raises(GB6Error) as err:
-            await b.add("bob", "ses_4")
+            await b.add("bob", "ses_4", "ins_1")
         assert err.value.code == QUOTA_EXCEEDED
 
         a_scope.cancel()  # edge-a "dies": nobody removes its sessions
@@ -286,15 +289,15 @@ async def test_sessions_expire_when_their_edge_stops_heartbeating(where: str) ->
 
         await eventually(alice_gone, within=10 * TTL)
         assert await b.locate(["bob"]) == {"bob": {"ses_3": "edge-b"}}
-        await b.add("bob", "ses_4")  # the dead edge's session no longer counts
+        await b.add("bob", "ses_4", "ins_1")  # the dead edge's session no longer counts
         with pytest.raises(GB6Error) as err:
-            await a.add("alice", "ses_5")
+            await a.add("alice", "ses_5", "ins_1")
         assert err.value.code == UNAVAILABLE
 
         # edge-a comes back under the same name: a new incarnation revives nothing.
         a2, _ = await h.sessions("edge-a", ttl=TTL)
         assert "alice" not in await a2.presence(["alice"])
-        await a2.add("alice", "ses_6")
+        await a2.add("alice", "ses_6", "ins_1")
         assert await b.locate(["alice"]) == {"alice": {"ses_6": "edge-a"}}
 
 
@@ -304,10 +307,11 @@ async def test_redis_sessions_are_written_again_after_redis_lost_them(redis_url:
     key gone and writes its sessions again."""
     async with open_harness(redis_url) as h:
         a, _ = await h.sessions("edge-a", ttl=TTL)
-        await a.add("alice", "ses_1")
-        await a.add("alice", "ses_2")
+        await a.add("alice", "ses_1", "ins_1")
+        await a.add("alice", "ses_2", "ins_1")
         await a.remove("alice", "ses_2")
-        assert await aio_as_trio(_delete_prefixed)(h.admin, h.prefix) == 2  # edge key, user key
+        # The edge's key, the user's, her presence decided and her instance's feed.
+        assert await aio_as_trio(_delete_prefixed)(h.admin, h.prefix) == 4
         assert "alice" not in await a.presence(["alice"])
 
         async def back() -> bool:
@@ -337,8 +341,9 @@ async def test_redis_sessions_lost_while_their_rewrite_failed_are_written_again(
     monkeypatch.setattr(RedisSessions, "_rewrite_held", failing_once)
     async with open_harness(redis_url) as h:
         a, _ = await h.sessions("edge-a", ttl=TTL)
-        await a.add("alice", "ses_1")
-        assert await aio_as_trio(_delete_prefixed)(h.admin, h.prefix) == 2  # edge key, user key
+        await a.add("alice", "ses_1", "ins_1")
+        # The edge's key, the user's, her presence decided and her instance's feed.
+        assert await aio_as_trio(_delete_prefixed)(h.admin, h.prefix) == 4
 
         async def back() -> bool:
             return await a.locate(["alice"]) == {"alice": {"ses_1": "edge-a"}}
@@ -350,10 +355,18 @@ async def test_redis_sessions_lost_while_their_rewrite_failed_are_written_again(
 async def test_sessions_bad_input(where: str) -> None:
     async with open_harness(where) as h:
         a, _ = await h.sessions("edge-a", ttl=TTL)
-        for user, session in (("", "s"), ("u", ""), ("u\x00", "s"), ("u", "s" * 201)):
+        bad = (("", "s", "i"), ("u", "", "i"), ("u\x00", "s", "i"), ("u", "s" * 201, "i"))
+        for user, session, instance in (*bad, ("u", "s", ""), ("u", "s", "i\n")):
             with pytest.raises(GB6Error) as err:
-                await a.add(user, session)
+                await a.add(user, session, instance)
             assert err.value.code == INVALID
+        for since in ({"i": -1}, {"i": "0"}, {f"i{n}": 0 for n in range(1001)}, {"": 0}):
+            with pytest.raises(GB6Error) as err:
+                await a.changes(since)  # type: ignore[arg-type]
+            assert err.value.code == INVALID
+        with pytest.raises(GB6Error) as err:
+            await a.settle([f"u{i}" for i in range(1001)])
+        assert err.value.code == INVALID
         with pytest.raises(GB6Error) as err:
             await a.locate("alice")
         assert err.value.code == INVALID
@@ -365,7 +378,7 @@ async def test_sessions_bad_input(where: str) -> None:
         assert err.value.code == INVALID
         idle, _ = await h.sessions("edge-c", ttl=TTL, start=False)
         with pytest.raises(GB6Error) as err:
-            await idle.add("alice", "ses_1")
+            await idle.add("alice", "ses_1", "ins_1")
         assert err.value.code == UNAVAILABLE
 
 
@@ -521,8 +534,9 @@ async def test_presence_shown_from_a_dead_edge_goes_offline(
         await h.start(a)
         await h.start(b)
         await b.follow_instance("ins_1")
-        assert await a.session_opened("alice", "ses_1") is None  # her first session
-        a.presence("ins_1", "alice", "online")
+        now = await a_sessions.add("alice", "ses_1", "ins_1")
+        assert (now.status, now.changed) == ("online", True)  # her first session
+        a.announce("ins_1", now)
         await eventually(lambda: shown == [("alice", "online")])
         for _ in range(4):  # alive: her sessions are heartbeated, no sweep says otherwise
             await trio.sleep(TTL / 2)
@@ -531,6 +545,146 @@ async def test_presence_shown_from_a_dead_edge_goes_offline(
         await eventually(lambda: shown == [("alice", "online"), ("alice", "offline")], 10 * TTL)
         await trio.sleep(TTL)
         assert shown == [("alice", "online"), ("alice", "offline")]  # once
+
+
+async def test_presence_is_decided_once_by_the_call_that_changes_it(where: str) -> None:
+    """Each add, remove or away decides the user's presence over every edge in one atomic step
+    and says whether it changed it, with a version that orders her statuses. So a reconnect on
+    edge b racing the close of her old socket on edge a ends online, in either order: the
+    close never decides "offline" from a read made before the new session was there."""
+    async with open_harness(where) as h:
+        a, _ = await h.sessions("edge-a", ttl=TTL)
+        b, _ = await h.sessions("edge-b", ttl=TTL)
+        seen: list[Presence] = []
+
+        async def did(call: Awaitable[Presence]) -> tuple[str, bool]:
+            now = await call
+            assert now.user == "alice"
+            if seen:  # a newer version when decided, the same one otherwise
+                assert now.version > seen[-1].version if now.changed else now == seen[-1]
+            seen.append(attrs.evolve(now, changed=False))
+            return now.status, now.changed
+
+        assert await did(a.add("alice", "ses_1", "ins_1")) == ("online", True)
+        assert await did(a.remove("alice", "ses_1")) == ("offline", True)  # the old socket
+        assert await did(b.add("alice", "ses_2", "ins_1")) == ("online", True)  # then her new
+        assert await did(b.add("alice", "ses_3", "ins_1")) == ("online", False)  # her new one
+        assert await did(b.remove("alice", "ses_2")) == ("online", False)  # then her old one
+        assert await did(a.add("alice", "ses_4", "ins_1")) == ("online", False)
+        assert await did(a.set_away("alice", True)) == ("online", False)  # online on b
+        assert await did(b.set_away("alice", True)) == ("away", True)
+        assert await did(a.remove("alice", "ses_4")) == ("away", False)  # b has her away
+        assert await did(b.set_away("alice", False)) == ("online", True)
+        assert await did(b.remove("alice", "ses_3")) == ("offline", True)
+        assert await did(b.remove("alice", "ses_3")) == ("offline", False)
+        assert await did(a.remove("alice", "ses_1")) == ("offline", False)
+        assert await a.settle(["alice"]) == [seen[-1]]  # as decided: nothing to correct
+        (bob,) = await a.settle(["bob"])  # never decided: now offline, with a version
+        assert (bob.status, bob.changed) == ("offline", True) and bob.version > 0
+        assert await a.settle(["bob"]) == [attrs.evolve(bob, changed=False)]
+
+
+async def test_an_edge_tells_a_users_statuses_in_the_order_they_were_decided(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signals from different edges may arrive out of order: one older than what an edge told
+    its clients last is not told. One without a version (an edge of an older release) is told
+    as it comes."""
+    from edge import shared_signals
+    from edge.shared_signals import SharedSignals, instance_channel
+
+    monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # no sweep: only the signals tell
+    async with open_harness(where) as h:
+        b_sessions, _ = await h.sessions("edge-b", ttl=TTL)
+        b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
+        shown: list[tuple[str, str]] = []
+        b.on_presence = lambda user, status: shown.append((user, status))
+        await h.start(b)
+        await b.follow_instance("ins_1")
+        other = await h.pubsub()
+        for status, version in (("online", 5), ("offline", 3), ("away", 7), ("online", 7)):
+            signal = {"edge": "x", "kind": "presence", "user": "alice", "status": status}
+            other.publish(instance_channel("ins_1"), orjson.dumps({**signal, "version": version}))
+        old = {"edge": "x", "kind": "presence", "user": "bob", "status": "online"}
+        other.publish(instance_channel("ins_1"), orjson.dumps(old))
+        await eventually(lambda: len(shown) == 3)
+        assert shown == [("alice", "online"), ("alice", "away"), ("bob", "online")]
+
+
+async def test_a_presence_change_whose_signal_was_lost_is_told_by_the_sweep(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signals are ephemeral: the one that said a change may be lost (a publish queue full, a
+    subscriber's inbox full, Redis cut off). The next sweep tells it: users shown online or
+    away are settled, and each instance followed has its change feed read on from where the
+    last read ended (from where it was when the edge began to follow the instance)."""
+    from edge import shared_signals
+    from edge.shared_signals import SharedSignals
+
+    monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # the test sweeps by hand
+    async with open_harness(where) as h:
+        a, _ = await h.sessions("edge-a", ttl=TTL)
+        b_sessions, _ = await h.sessions("edge-b", ttl=TTL)
+        b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
+        shown: list[tuple[str, str]] = []
+        b.on_presence = lambda user, status: shown.append((user, status))
+        await h.start(b)
+        assert (await a.add("carol", "ses_0", "ins_1")).changed  # before b follows ins_1
+        await b.follow_instance("ins_1")
+        await b.sweep()
+        assert shown == []  # told by the signal b did not follow, if anyone needed it
+        # Each change below is decided on edge a and said by no signal.
+        assert (await a.add("alice", "ses_1", "ins_1")).changed
+        assert (await a.add("dave", "ses_2", "ins_2")).changed  # an instance b does not follow
+        await b.sweep()
+        assert shown == [("alice", "online")]
+        assert (await a.set_away("alice", True)).changed
+        assert (await a.remove("carol", "ses_0")).changed
+        await b.sweep()
+        assert shown[1:] == [("alice", "away"), ("carol", "offline")]
+        assert (await a.remove("alice", "ses_1")).changed
+        await b.unfollow_unused()
+        await b.unfollow_unused()  # ins_1 is no longer in use: its feed is not read
+        await b.sweep()  # but alice, shown away, is settled
+        assert shown[3:] == [("alice", "offline")]
+        await b.sweep()
+        assert len(shown) == 4  # each once
+
+
+async def test_redis_an_edge_says_its_users_online_again_after_redis_lost_them(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis loses its keys (restarted without persistence): the other edges' sweeps find
+    alice's sessions gone and may tell their clients she is offline. Once her edge has written
+    its sessions again, its own sweep decides she is online again, and says so."""
+    from edge import shared_signals
+    from edge.shared_signals import SharedSignals
+
+    monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # the test sweeps by hand
+    async with open_harness(redis_url) as h:
+        a_sessions, _ = await h.sessions("edge-a", ttl=TTL)
+        b_sessions, _ = await h.sessions("edge-b", ttl=TTL)
+        a = SharedSignals(await h.pubsub(), a_sessions, "edge-a")
+        b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
+        shown: list[tuple[str, str]] = []
+        b.on_presence = lambda user, status: shown.append((user, status))
+        a.users_here = lambda: ["alice"]
+        await h.start(a)
+        await h.start(b)
+        await a.follow_instance("ins_1")  # as an edge does for its users' instances
+        await b.follow_instance("ins_1")
+        a.announce("ins_1", await a_sessions.add("alice", "ses_1", "ins_1"))
+        await eventually(lambda: shown == [("alice", "online")])
+        await aio_as_trio(_delete_prefixed)(h.admin, h.prefix)
+        await b.sweep()  # before edge a wrote her session again: offline, as far as b knows
+        assert shown[-1] == ("alice", "offline")
+
+        async def online_again() -> bool:
+            await a.sweep()
+            return shown[-1] == ("alice", "online")
+
+        await eventually(online_again, 10 * TTL)
+        assert await b_sessions.presence(["alice"]) == {"alice": "online"}
 
 
 async def test_an_edge_stops_following_the_channels_its_clients_left(
@@ -580,9 +734,9 @@ async def test_a_user_is_away_once_every_edge_of_theirs_has_them_away(where: str
     async with open_harness(where) as h:
         a, _ = await h.sessions("edge-a", ttl=TTL)
         b, b_scope = await h.sessions("edge-b", ttl=TTL)
-        await a.add("alice", "ses_1")
-        await b.add("alice", "ses_2")
-        await a.add("bob", "ses_3")
+        await a.add("alice", "ses_1", "ins_1")
+        await b.add("alice", "ses_2", "ins_1")
+        await a.add("bob", "ses_3", "ins_1")
         assert await a.presence(["alice", "bob", "carol"]) == {"alice": "online", "bob": "online"}
         await a.set_away("alice", True)
         assert await b.presence(["alice"]) == {"alice": "online"}  # her session on b is not
@@ -592,7 +746,7 @@ async def test_a_user_is_away_once_every_edge_of_theirs_has_them_away(where: str
         assert await a.presence(["alice"]) == {"alice": "online"}
         await b.remove("alice", "ses_2")  # her last session on b
         assert await b.presence(["alice"]) == {"alice": "away"}
-        await b.add("alice", "ses_4")  # back on b: b does not have her away
+        await b.add("alice", "ses_4", "ins_1")  # back on b: b does not have her away
         assert await a.presence(["alice"]) == {"alice": "online"}
         b_scope.cancel()  # edge b dies: its sessions lapse
 
@@ -619,7 +773,7 @@ async def test_redis_a_session_whose_removal_failed_is_removed_by_the_heartbeats
         async with open_harness(redis.url) as h:
             sessions, _ = await h.sessions("edge-a", ttl=TTL)
             for session in ("ses_1", "ses_2"):
-                await sessions.add("alice", session)
+                await sessions.add("alice", session, "ins_1")
             await aio_as_trio(h.admin.save)()
             redis.stop()
             with pytest.raises(GB6Error) as err:

@@ -20,6 +20,7 @@ from edge.bus import (
     LocalBroker,
     LocalPubSub,
     LocalSessions,
+    Presence,
     PubSub,
     SessionRegistry,
     SessionTable,
@@ -468,15 +469,15 @@ async def test_a_hello_under_way_when_its_shards_link_is_lost_does_not_end_ready
     async with edge_and_origin(tmp_path, Limits(), shared=True) as (gateway, node, token, _):
         assert gateway.shared is not None
         shared, shard_link = gateway.shared, gateway.origin.links[0]
-        opened = shared.session_opened
+        add = shared.sessions.add
         entered, go_on = trio.Event(), trio.Event()
 
-        async def session_opened(user: str, session: str) -> str | None:
+        async def adding(user: str, session: str, instance: str) -> Presence:
             entered.set()
             await go_on.wait()
-            return await opened(user, session)
+            return await add(user, session, instance)
 
-        monkeypatch.setattr(shared, "session_opened", session_opened)
+        monkeypatch.setattr(shared.sessions, "add", adding)
         generation = shard_link.generation
         async with open_websocket_url(node.ws_url) as ws:
             a = Peer(ws)
