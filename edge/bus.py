@@ -185,11 +185,13 @@ class SessionRegistry(Protocol):
         after it."""
         ...
 
-    async def settle(self, users: Collection[str]) -> list[Presence]:
-        """The presence of each of `users` (at most 1,000), corrected first where it no longer
-        matches their live sessions (`changed`: their sessions lapsed with their edge, say). A
-        user with no status recorded gets one (`offline` if no live session): the caller
-        shows them with some status, which it may have from before the store lost it."""
+    async def settle(self, users: Mapping[str, str]) -> list[Presence]:
+        """The presence of each of `users` (user → their instance; at most 1,000), corrected
+        first where it no longer matches their live sessions (`changed`: their sessions lapsed
+        with their edge, say). A user with no status recorded gets one (`offline` if no live
+        session): the caller shows them with some status, which it may have from before the
+        store lost it. Never `offline` for a user this edge holds a session of: the store lost
+        it, and this edge's heartbeat writes it again."""
         ...
 
     async def changes(
@@ -266,11 +268,16 @@ class SessionTable:
             return "offline"
         return "away" if incarnations <= self.away.get(user, set()) else "online"
 
-    def decide(self, user: str, now: float, instance: str = "", *, force: bool = False) -> Presence:
+    def decide(
+        self, user: str, now: float, instance: str = "", *, force: bool = False, here: bool = False
+    ) -> Presence:
         """The user's presence now, recorded (with a newer version, and in the instance's
-        feed) if it differs from the one last decided, or if none was and `force`."""
+        feed) if it differs from the one last decided, or if none was and `force`; never
+        "offline" for a user `here` (see `SessionRegistry.settle`)."""
         status = self.status_of(user, now)
         said = self.said.get(user)
+        if here and status == "offline":
+            return self.presence_of(user)
         instance = instance or (said[2] if said is not None else "")
         if said is not None and said[0] == status:
             self.said[user] = (status, said[1], instance)
@@ -310,9 +317,13 @@ class LocalSessions:
         self.ttl = ttl
         self.max_sessions_per_user = max_sessions_per_user
         self._incarnation: str | None = None
+        # As the Redis adapter counts them: the sessions this edge holds, the users it has away.
+        self._held: dict[str, set[str]] = {}
+        self._away: set[str] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         incarnation = new_incarnation(self.edge)
+        self._held, self._away = {}, set()
         self.table.edges[incarnation] = trio.current_time() + self.ttl
         self._incarnation = incarnation
         try:
@@ -343,6 +354,9 @@ class LocalSessions:
                 f"too many sessions for one user (limit {self.max_sessions_per_user})",
             )
         self.table.users.setdefault(user, sessions)[session] = incarnation
+        self._held.setdefault(user, set()).add(session)
+        if user not in self._away:
+            self._set_away(user, incarnation, False)
         return self.table.decide(user, now, instance)
 
     async def remove(self, user: str, session: str) -> Presence:
@@ -350,12 +364,17 @@ class LocalSessions:
         check_name("session", session)
         incarnation = self._serving()
         await trio.lowlevel.checkpoint()
+        held = self._held.get(user, set())
+        held.discard(session)
+        if not held:
+            self._held.pop(user, None)
+            self._away.discard(user)
         sessions = self.table.users.get(user)
         if sessions is not None and sessions.get(session) == incarnation:
             del sessions[session]
             if not sessions:
                 del self.table.users[user]
-        if sessions is None or incarnation not in sessions.values():  # none left here
+        if not held or sessions is None or incarnation not in sessions.values():  # none here
             self._set_away(user, incarnation, False)
         return self.table.decide(user, trio.current_time())
 
@@ -371,15 +390,23 @@ class LocalSessions:
     async def set_away(self, user: str, away: bool) -> Presence:
         check_name("user", user)
         incarnation = self._serving()
+        if away:
+            self._away.add(user)
+        else:
+            self._away.discard(user)
         await trio.lowlevel.checkpoint()
         self._set_away(user, incarnation, away)
         return self.table.decide(user, trio.current_time())
 
-    async def settle(self, users: Collection[str]) -> list[Presence]:
+    async def settle(self, users: Mapping[str, str]) -> list[Presence]:
         wanted = check_users(users)
+        for instance in users.values():
+            check_name("instance", instance)
         await trio.lowlevel.checkpoint()
         now = trio.current_time()
-        return [self.table.decide(user, now, force=True) for user in wanted]
+        return [
+            self.table.decide(u, now, users[u], force=True, here=u in self._held) for u in wanted
+        ]
 
     async def changes(
         self, since: Mapping[str, int | None]

@@ -383,7 +383,10 @@ return out
 # edge holding a session of theirs has them away); drops the fields of dead incarnations.
 # `decide`: that status, recorded in the user's `said` hash with a newer version (Redis's clock
 # in µs, or the last version + 1) and in the instance's feed if it differs from the one
-# recorded (or none is and `force`); returns {status, version, 1 if recorded now else 0}.
+# recorded (or none is and `force`); returns {status, version, 1 if recorded now else 0}. Never
+# "offline" for a user `here` (held by the calling edge: Redis lost their sessions, which its
+# heartbeat writes again). `live` starts with the calling edge's incarnation: alive, even if
+# its key lapsed before its next heartbeat writes it again.
 # The presence scripts' ARGV start with: edge key prefix, feed key prefix, user key ttl ms,
 # feed keep ms.
 _PRESENCE_LUA = """
@@ -407,11 +410,12 @@ local function live_state(ukey, akey, live)
   if not any then return 0 elseif away then return 2 else return 1 end
 end
 
-local function decide(user, ukey, akey, skey, instance, force, live)
+local function decide(user, ukey, akey, skey, instance, force, here, live)
   local st = live_state(ukey, akey, live)
   local said = redis.call('HMGET', skey, 's', 'v', 'i')
   local s = tonumber(said[1])
   local v = tonumber(said[2]) or 0
+  if here and st == 0 then return {s or 0, v, 0} end
   local inst = said[3]
   if instance ~= '' then inst = instance end
   if s == st or (s == nil and st == 0 and not force) then
@@ -439,7 +443,8 @@ end
 """
 
 # KEYS: user hash, away hash, said hash; ARGV[5..]: user, session, incarnation, max sessions,
-# instance. Returns {0} if the user already has `max` live sessions, else {1, decided...}.
+# instance, 1 if the edge has the user away else 0. Returns {0} if the user already has `max`
+# live sessions, else {1, decided...}.
 _ADD = _Script.of(
     _PRESENCE_LUA
     + """
@@ -453,13 +458,15 @@ if redis.call('HEXISTS', KEYS[1], ARGV[6]) == 0 and redis.call('HLEN', KEYS[1]) 
 end
 redis.call('HSET', KEYS[1], ARGV[6], ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local r = decide(ARGV[5], KEYS[1], KEYS[2], KEYS[3], ARGV[9], false, {})
+if ARGV[10] == '0' then redis.call('HDEL', KEYS[2], ARGV[7]) end
+local r = decide(ARGV[5], KEYS[1], KEYS[2], KEYS[3], ARGV[9], false, false, {[ARGV[7]] = true})
 return {1, r[1], r[2], r[3]}
 """
 )
 
-# KEYS: user hash, away hash, said hash; ARGV[5..]: user, session, incarnation. Only the
-# incarnation that holds the session removes it; with its last session goes its away.
+# KEYS: user hash, away hash, said hash; ARGV[5..]: user, session, incarnation, 1 if it was the
+# edge's last session of the user else 0. Only the incarnation that holds the session removes
+# it; with its last session goes its away.
 _REMOVE = _Script.of(
     _PRESENCE_LUA
     + """
@@ -468,8 +475,8 @@ local here = false
 for _, inc in ipairs(redis.call('HVALS', KEYS[1])) do
   if inc == ARGV[7] then here = true break end
 end
-if not here then redis.call('HDEL', KEYS[2], ARGV[7]) end
-return decide(ARGV[5], KEYS[1], KEYS[2], KEYS[3], '', false, {})
+if ARGV[8] == '1' or not here then redis.call('HDEL', KEYS[2], ARGV[7]) end
+return decide(ARGV[5], KEYS[1], KEYS[2], KEYS[3], '', false, false, {[ARGV[7]] = true})
 """
 )
 
@@ -483,19 +490,21 @@ if ARGV[7] == '1' then
 else
   redis.call('HDEL', KEYS[2], ARGV[6])
 end
-return decide(ARGV[5], KEYS[1], KEYS[2], KEYS[3], '', false, {})
+return decide(ARGV[5], KEYS[1], KEYS[2], KEYS[3], '', false, false, {[ARGV[6]] = true})
 """
 )
 
-# KEYS: user hash, away hash, said hash of each user; ARGV[5..]: the users.
+# KEYS: user hash, away hash, said hash of each user; ARGV[5]: the calling incarnation, then
+# user, instance, 1 if held by the calling edge else 0, for each user.
 _SETTLE = _Script.of(
     _PRESENCE_LUA
     + """
-local live = {}
+local live = {[ARGV[5]] = true}
 local out = {}
 for k = 1, #KEYS / 3 do
   local b = 3 * (k - 1)
-  out[k] = decide(ARGV[4 + k], KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], '', true, live)
+  local user, instance, here = ARGV[6 + b], ARGV[7 + b], ARGV[8 + b] == '1'
+  out[k] = decide(user, KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], instance, true, here, live)
 end
 return out
 """
@@ -555,6 +564,7 @@ class _SessionOp:
     user: str = ""
     session: str = ""
     instance: str = ""
+    flag: bool = False  # add: the edge has the user away; remove: its last session of theirs
 
 
 def _presence(user: str, row: Sequence[Any]) -> Presence:
@@ -667,7 +677,8 @@ class RedisSessions:
         check_name("user", user)
         check_name("session", session)
         check_name("instance", instance)
-        slot = await self._writer.submit(_SessionOp("add", user, session, instance))
+        away = user in self._away
+        slot = await self._writer.submit(_SessionOp("add", user, session, instance, away))
         # Not given up once queued (the writer's Redis calls are bounded): an add cancelled
         # while queued would be written after a removal sent in its place.
         with trio.CancelScope(shield=True):
@@ -694,8 +705,9 @@ class RedisSessions:
             if not held:
                 del self._held[user]
                 self._away.discard(user)  # the script forgets it with their last session here
+        last = user not in self._held
         try:
-            now = await self._writer.call(_SessionOp("remove", user, session))
+            now = await self._writer.call(_SessionOp("remove", user, session, flag=last))
         except GB6Error:
             self._remove_later(user, session)
             raise
@@ -712,14 +724,19 @@ class RedisSessions:
         assert now is not None
         return now
 
-    async def settle(self, users: Collection[str]) -> list[Presence]:
+    async def settle(self, users: Mapping[str, str]) -> list[Presence]:
         wanted = check_users(users)
+        for instance in users.values():
+            check_name("instance", instance)
         if not wanted:
             return []
         keys = [k for u in wanted for k in self._presence_keys(u)]
+        args = [a for u in wanted for a in (u, users[u], 1 if u in self._held else 0)]
 
         def build(pipe: Any) -> None:
-            pipe.evalsha(_SETTLE.sha, len(keys), *keys, *self._presence_args(), *wanted)
+            pipe.evalsha(
+                _SETTLE.sha, len(keys), *keys, *self._presence_args(), self._incarnation, *args
+            )
 
         with _translated("presence settle"):
             (rows,) = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
@@ -828,9 +845,11 @@ class RedisSessions:
                         inc,
                         self.max_sessions_per_user,
                         op.instance,
+                        1 if op.flag else 0,
                     )
                 elif op.kind == "remove":
-                    pipe.evalsha(_REMOVE.sha, 3, *keys, *args, op.user, op.session, inc)
+                    last = 1 if op.flag else 0
+                    pipe.evalsha(_REMOVE.sha, 3, *keys, *args, op.user, op.session, inc, last)
                 elif op.kind in ("away", "back"):
                     away_arg = 1 if op.kind == "away" else 0
                     pipe.evalsha(_AWAY.sha, 3, *keys, *args, op.user, inc, away_arg)
@@ -847,7 +866,8 @@ class RedisSessions:
                 n += 1
             for (user, session), _ in stray:  # last: after the ops of this batch
                 keys = self._presence_keys(user)
-                pipe.evalsha(_REMOVE.sha, 3, *keys, *args, user, session, inc)
+                last = 0 if user in self._held else 1
+                pipe.evalsha(_REMOVE.sha, 3, *keys, *args, user, session, inc, last)
 
         try:
             with _translated("session write"):

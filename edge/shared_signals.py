@@ -19,11 +19,11 @@ decided once, atomically, by the edge whose call made it, and carries a version,
 tells its clients a user's statuses in the order they were decided, whatever order the signals
 arrive in, and never one older than what it told them last. What a signal fails to say is
 repaired by every `SWEEP_S`:
-- the registry settles the users this edge shows online or away but for those connected here
-  (an edge killed with kill -9 says nothing: its users' sessions lapse within the registry's
-  ttl, and the first edge to settle them decides "offline"), and those connected here that it
-  shows offline (a registry that lost its keys: another edge settled them before this one
-  wrote their sessions again), and this edge tells its clients what it had missed;
+- the registry settles the users this edge shows online or away, and those connected here (an
+  edge killed with kill -9 says nothing: its users' sessions lapse within the registry's ttl,
+  and the first edge to settle them decides "offline"; a registry that lost its keys is told
+  them again by each edge's heartbeat, and it never decides "offline" for a user whose edge
+  settles them), and this edge tells its clients what it had missed;
 - this edge reads the change feed of each instance it follows since its last read (the
   feed's position when it began to follow the instance), and tells its clients the changes it
   had missed.
@@ -131,25 +131,25 @@ class SharedSignals:
         else:
             raise TypeError("a presence version is an integer")
 
-    def _tell(self, instance: str, now: Presence) -> bool:
-        """Tell this edge's clients `now` unless they were told it, or newer, already; False
-        if it is not newer (a status decided again, the same, is newer but not told again)."""
+    def _tell(self, instance: str, now: Presence) -> None:
+        """Tell this edge's clients `now` unless they were told it, or newer, already (a
+        status decided again, the same, is newer but not told again)."""
         told = self._told.get(now.user)
         if now.version == 0 or (told is not None and told.version >= now.version):
-            return False
+            return
         self._told.pop(now.user, None)  # to the end: the least recently told go first
         self._told[now.user] = _Told(instance, now.status, now.version)
         if len(self._told) > _MAX_TOLD:
             del self._told[next(iter(self._told))]
         if told is None or told.status != now.status:
             self.on_presence(now.user, now.status)
-        return True
 
     def announce(self, instance: str, now: Presence) -> None:
         """A user's presence as a registry call on this edge answered it: told to this edge's
         clients if newer than what they were told, and to the other edges if this call decided
         it."""
-        if self._tell(instance, now) and now.changed:
+        self._tell(instance, now)
+        if now.changed:  # even if told already (by a feed read or settle that came first)
             data = {
                 "edge": self.edge_id,
                 "kind": "presence",
@@ -172,17 +172,18 @@ class SharedSignals:
                 log("shared_unfollow_failed", error=exc.message)
 
     async def sweep(self) -> None:
-        """Settle the users shown online or away, but for those connected here, and those
-        connected here shown offline; then read the feeds of the instances followed: tell
-        this edge's clients what they missed."""
-        # Those connected here and shown online or away are so: a registry that lost their
-        # sessions would decide "offline" until this edge's heartbeat writes them again.
+        """Settle the users shown online or away and those connected here, then read the
+        feeds of the instances followed: tell this edge's clients what they missed."""
         here = set(self.users_here())
-        shown = [u for u, told in self._told.items() if (told.status == "offline") == (u in here)]
+        shown = [u for u, told in self._told.items() if told.status != "offline" or u in here]
         for i in range(0, len(shown), MAX_LOCATE_USERS):
-            for now in await self.sessions.settle(shown[i : i + MAX_LOCATE_USERS]):
-                told = self._told.get(now.user)
-                if told is not None:
+            chunk = {
+                u: t.instance for u in shown[i : i + MAX_LOCATE_USERS] if (t := self._told.get(u))
+            }
+            for now in await self.sessions.settle(chunk):
+                told = self._told.pop(now.user, None)
+                if told is not None:  # to the end: those settled are forgotten last
+                    self._told[now.user] = told
                     self.announce(told.instance, now)
         instances = list(self._feeds)
         for i in range(0, len(instances), MAX_LOCATE_USERS):
@@ -216,15 +217,21 @@ class SharedSignals:
             self._touched.clear()
             # Given up before Redis confirms: a later follow subscribes again.
             self._followed.difference_update(gone)
-            for channel in gone:
-                if channel.startswith(_INSTANCE):
-                    self._feeds.pop(channel[len(_INSTANCE) :], None)
+            feeds = {
+                c: self._feeds.pop(c[len(_INSTANCE) :], None)
+                for c in gone
+                if c.startswith(_INSTANCE)
+            }
             for i in range(0, len(gone), _UNFOLLOW_CHUNK):
                 try:
                     await self.pubsub.unsubscribe(gone[i : i + _UNFOLLOW_CHUNK])
                 except BaseException:
                     # Those after this chunk are still followed: the next sweep tries them.
-                    self._followed.update(gone[i + _UNFOLLOW_CHUNK :])
+                    kept = gone[i + _UNFOLLOW_CHUNK :]
+                    self._followed.update(kept)
+                    for channel in kept:
+                        if channel in feeds:
+                            self._feeds[channel[len(_INSTANCE) :]] = feeds[channel]
                     raise
 
     async def _follow(self, channel: str) -> bool:
@@ -252,14 +259,19 @@ class SharedSignals:
         await self._follow(room_channel(room))
 
     async def follow_instance(self, instance: str) -> None:
-        """Follow the instance's presence signals, and learn where its change feed is now:
-        the changes after it that a signal fails to tell are repaired from there."""
-        if await self._follow(instance_channel(instance)):
-            self._feeds[instance] = None
-            try:
-                await self.read_feeds([instance])
-            except GB6Error as exc:  # the next sweep learns it
-                log("presence_feed_failed", instance=instance, error=exc.message)
+        """Follow the instance's presence signals; the changes from when it began to that a
+        signal fails to tell are repaired from its change feed (where it was just before)."""
+        channel = instance_channel(instance)
+        if channel in self._followed:
+            await self._follow(channel)  # touched
+            return
+        try:
+            position = (await self.sessions.changes({instance: None}))[instance][0]
+        except GB6Error as exc:  # the first sweep learns it
+            log("presence_feed_failed", instance=instance, error=exc.message)
+            position = None
+        if await self._follow(channel):
+            self._feeds[instance] = position
 
     def typing(self, room: str, user: str) -> None:
         data = {"edge": self.edge_id, "kind": "typing", "room": room, "user": user}

@@ -365,7 +365,7 @@ async def test_sessions_bad_input(where: str) -> None:
                 await a.changes(since)  # type: ignore[arg-type]
             assert err.value.code == INVALID
         with pytest.raises(GB6Error) as err:
-            await a.settle([f"u{i}" for i in range(1001)])
+            await a.settle({f"u{i}": "ins_1" for i in range(1001)})
         assert err.value.code == INVALID
         with pytest.raises(GB6Error) as err:
             await a.locate("alice")
@@ -578,10 +578,54 @@ async def test_presence_is_decided_once_by_the_call_that_changes_it(where: str) 
         assert await did(b.remove("alice", "ses_3")) == ("offline", True)
         assert await did(b.remove("alice", "ses_3")) == ("offline", False)
         assert await did(a.remove("alice", "ses_1")) == ("offline", False)
-        assert await a.settle(["alice"]) == [seen[-1]]  # as decided: nothing to correct
-        (bob,) = await a.settle(["bob"])  # never decided: now offline, with a version
+        assert await a.settle({"alice": "ins_1"}) == [seen[-1]]  # as decided: nothing to do
+        (bob,) = await a.settle({"bob": "ins_1"})  # never decided: now offline, with a version
         assert (bob.status, bob.changed) == ("offline", True) and bob.version > 0
-        assert await a.settle(["bob"]) == [attrs.evolve(bob, changed=False)]
+        assert await a.settle({"bob": "ins_1"}) == [attrs.evolve(bob, changed=False)]
+
+
+async def test_redis_a_session_added_after_redis_lost_the_keys_is_online(redis_url: str) -> None:
+    """Redis lost its keys, the edge's liveness key with them, and a hello comes before the
+    edge's next heartbeat writes it again: the edge adding the session is alive all the same,
+    so its user is online (not the session dropped as a dead edge's, and nobody told)."""
+    async with open_harness(redis_url) as h:
+        a, _ = await h.sessions("edge-a", ttl=10.0)  # no heartbeat during the test
+        await a.add("alice", "ses_1", "ins_1")
+        await aio_as_trio(_delete_prefixed)(h.admin, h.prefix)
+        now = await a.add("bob", "ses_2", "ins_1")
+        assert (now.status, now.changed) == ("online", True)
+        assert await a.locate(["bob"]) == {}  # the edge's key is back only at its heartbeat
+        assert (await a.settle({"bob": "ins_1"}))[0].status == "online"  # held here
+
+
+async def test_an_edge_settles_its_own_users_too(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice is online on edge c and away on edge a. Edge c dies: she is away now, and edge a,
+    whose clients were told she is online, tells them so (nobody else may be there to)."""
+    from edge import shared_signals
+    from edge.shared_signals import SharedSignals
+
+    monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # the test sweeps by hand
+    async with open_harness(where) as h:
+        a_sessions, _ = await h.sessions("edge-a", ttl=TTL)
+        c_sessions, c_scope = await h.sessions("edge-c", ttl=TTL)
+        a = SharedSignals(await h.pubsub(), a_sessions, "edge-a")
+        shown: list[tuple[str, str]] = []
+        a.on_presence = lambda user, status: shown.append((user, status))
+        a.users_here = lambda: ["alice"]
+        await h.start(a)
+        assert (await c_sessions.add("alice", "ses_1", "ins_1")).changed
+        a.announce("ins_1", await a_sessions.add("alice", "ses_2", "ins_1"))
+        a.announce("ins_1", await a_sessions.set_away("alice", True))
+        assert shown == [("alice", "online")]  # online on edge c
+        c_scope.cancel()  # edge c dies
+
+        async def away() -> bool:
+            await a.sweep()
+            return shown == [("alice", "online"), ("alice", "away")]
+
+        await eventually(away, 10 * TTL)
 
 
 async def test_an_edge_tells_a_users_statuses_in_the_order_they_were_decided(
