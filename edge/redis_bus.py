@@ -36,7 +36,10 @@ Pub/sub: Redis delivers each signal to every subscribed connection; the reader t
 signals into the subscriber's bounded `Inbox`, dropping (and counting) those that do not fit, so
 a slow consumer loses ephemeral signals instead of holding memory. If the reader itself falls
 behind, Redis's own pub/sub output limit disconnects the connection and redis-py reconnects and
-resubscribes: signals in between are lost, which ephemeral signals may be.
+resubscribes: signals in between are lost, which ephemeral signals may be. redis-py also
+subscribes again to channels whose unsubscribe Redis had not confirmed, and a subscribe whose
+caller gave up may reach Redis all the same: after either, the reader unsubscribes the channels
+this edge does not follow.
 """
 
 from __future__ import annotations
@@ -965,6 +968,11 @@ class RedisPubSub:
         self._queued: deque[_Waiter] = deque()  # for the reader to send
         self._control = trio.Lock()
         self._control_channel = b""
+        # Redis may be subscribed to channels this edge no longer follows: redis-py subscribes
+        # again, on a new connection, to those whose unsubscribe Redis had not confirmed, and a
+        # subscribe its caller gave up on may still reach Redis. Set when that may be so: the
+        # reader then unsubscribes what it finds.
+        self._reconcile = False
         self._out_send, self._out_recv = trio.open_memory_channel[Signal](publish_queue)
 
     def _encode(self, channel: str) -> bytes:
@@ -1023,6 +1031,8 @@ class RedisPubSub:
             except Exception as exc:  # whatever redis-py raised: its caller hears of it
                 waiter.error = exc
                 return [{"type": "failed", "waiter": waiter}]
+        if self._reconcile:
+            await self._unsubscribe_strays()
         msg = await self._pubsub.get_message(timeout=None)
         while msg is not None:
             out.append(msg)
@@ -1031,6 +1041,20 @@ class RedisPubSub:
             msg = await self._pubsub.get_message(timeout=0)
         return out
 
+    async def _unsubscribe_strays(self) -> None:
+        """asyncio side: unsubscribe the channels Redis sends this connection that this edge
+        does not follow, once connected (a reconnect subscribes again first)."""
+        self._reconcile = True  # until done
+        await self._pubsub.connect()
+        wanted = {self._encode(c) for c in self.inbox.channels}
+        wanted.add(self._control_channel)
+        pending = self._pubsub.pending_unsubscribe_channels  # under way
+        strays = [c for c in self._pubsub.channels if c not in wanted and c not in pending]
+        if strays:
+            await self._pubsub.unsubscribe(*strays)
+            log("pubsub_strays_unsubscribed", channels=len(strays))
+        self._reconcile = False
+
     async def _read(self) -> None:
         prefix_len = len(self._bprefix)
         while True:
@@ -1038,6 +1062,7 @@ class RedisPubSub:
                 with _translated("receive"):
                     messages = await aio_as_trio(self._read_batch)()
             except GB6Error as exc:  # redis-py reconnects and resubscribes on the next read
+                self._reconcile = True
                 log("pubsub_read_failed", error=exc.message)
                 await trio.sleep(0.5)
                 continue
@@ -1049,7 +1074,8 @@ class RedisPubSub:
                         self.inbox.offer(Signal(channel, msg["data"]))
                 elif kind in ("subscribe", "unsubscribe"):
                     self._confirmed(kind, msg["channel"])
-                elif kind == "failed":
+                elif kind == "failed":  # its channels may come back with the reconnect
+                    self._reconcile = True
                     msg["waiter"].done.set()
 
     def _confirmed(self, kind: str, name: bytes) -> None:
@@ -1136,6 +1162,8 @@ class RedisPubSub:
             waiter.abandoned = True
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+            if not waiter.done.is_set():  # it may reach Redis all the same
+                self._reconcile = True
         if waiter.error is not None:
             why = waiter.error
             raise GB6Error(UNAVAILABLE, f"redis {kind}: connection lost ({why!r})") from why

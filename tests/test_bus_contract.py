@@ -932,6 +932,68 @@ async def test_redis_an_unsubscribe_given_up_on_is_sent_once_redis_answers(
         redis.stop()
 
 
+async def test_redis_pubsub_leaves_the_channels_the_edge_gave_up_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ways Redis could keep sending an edge a channel it no longer follows, for good: a
+    subscribe that reached Redis after its caller gave up (here its confirmation is held back),
+    and an unsubscribe Redis never read before the connection dropped (redis-py subscribes
+    again, on its new connection, to every channel whose unsubscribe was not confirmed). The
+    edge's reader unsubscribes both."""
+    from tests.conftest import OwnRedis
+
+    redis = OwnRedis(tmp_path)
+    redis.start()
+    try:
+        async with open_harness(redis.url) as h:
+            bus = RedisPubSub(await h._client(), prefix=h.prefix, confirm_timeout=0.5)
+            await h.start(bus)
+
+            async def subscribed(channel: str) -> int:
+                rows = await aio_as_trio(h.admin.pubsub_numsub)(h.prefix + channel)
+                return int(rows[0][1])
+
+            async def left(channel: str) -> bool:
+                try:
+                    await bus.subscribe(["room:wake"])  # a message for the edge's reader
+                    await bus.unsubscribe(["room:wake"])
+                    return await subscribed(channel) == 0
+                except GB6Error:  # reconnecting
+                    return False
+
+            confirmed = RedisPubSub._confirmed
+
+            def slow(self: RedisPubSub, kind: str, name: bytes) -> None:
+                if name != (h.prefix + "room:a").encode():
+                    confirmed(self, kind, name)
+
+            monkeypatch.setattr(RedisPubSub, "_confirmed", slow)
+            with pytest.raises(GB6Error) as err:
+                await bus.subscribe(["room:a"])
+            assert err.value.code == UNAVAILABLE
+            assert await subscribed("room:a") == 1  # it reached Redis all the same
+            monkeypatch.setattr(RedisPubSub, "_confirmed", confirmed)
+            await eventually(lambda: left("room:a"))
+
+            await bus.subscribe(["room:b"])
+            pubsub = bus._pubsub
+            unsubscribe = pubsub.unsubscribe
+
+            async def never_read(*channels: bytes) -> None:  # asyncio side
+                # As if written to a connection about to drop: pending, never confirmed.
+                monkeypatch.setattr(pubsub, "unsubscribe", unsubscribe)
+                pubsub.pending_unsubscribe_channels.update(channels)
+
+            monkeypatch.setattr(pubsub, "unsubscribe", never_read)
+            with pytest.raises(GB6Error):
+                await bus.unsubscribe(["room:b"])
+            redis.stop()
+            redis.start()
+            await eventually(lambda: left("room:b"), 20)
+    finally:
+        redis.stop()
+
+
 async def test_redis_a_follow_under_way_when_the_pubsub_stops_fails_at_once(
     redis_url: str,
 ) -> None:
