@@ -164,7 +164,8 @@ class SessionRegistry(Protocol):
     async def add(self, user: str, session: str, instance: str) -> Presence:
         """Record that this edge holds `session` of `user`, a user of `instance` (idempotent);
         the user's presence after it. Raises GB6Error: `quota_exceeded` past the per-user
-        limit, `invalid`, `unavailable`."""
+        limit, `invalid`, `unavailable`. A session whose add failed otherwise, or was cancelled,
+        is held all the same: the registry writes it once its store answers, until removed."""
         ...
 
     async def remove(self, user: str, session: str) -> Presence:

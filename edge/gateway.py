@@ -25,7 +25,7 @@ import trio
 
 from edge import protocol as p
 from edge import wsframe
-from edge.bus import LocalRateLimiter
+from edge.bus import LocalRateLimiter, Presence
 from edge.handshake import Accepted, Rejected, ServerHandshake
 from edge.hub import Hubs, Subscription
 from edge.media_signaling import ConnectionMedia, MediaRooms
@@ -35,6 +35,7 @@ from edge.wsread import FrameReader
 from node.config import Config
 from node.errors import (
     INTERNAL,
+    QUOTA_EXCEEDED,
     RATE_LIMITED,
     TOO_LARGE,
     UNAUTHORIZED,
@@ -148,7 +149,7 @@ class Gateway:
             shared.on_presence = self._deliver_presence
             shared.rooms_in_use = self._rooms_in_use
             shared.instances_in_use = self._instances_in_use
-            shared.users_here = self.by_user.keys
+            shared.users_here = self._users_here
         self._nursery: trio.Nursery | None = None
         self.cork = Cork()
         origin.publish_context = lambda: self.cork
@@ -504,7 +505,7 @@ class Gateway:
         if self.shared is not None:
             with trio.move_on_after(FOLLOW_WAIT_S):  # as a room's (see `_validate_subscribe`)
                 await self.shared.follow_instance(principal.instance.id)
-            now = await self.shared.sessions.add(principal.id, session, principal.instance.id)
+            now = await self._session_opened(principal, session)
         # Meanwhile the instance may have been suspended or the user deleted or changed: the
         # pushes that said so closed the live connections, not this one.
         current = self.origin.state.principal(principal.id)
@@ -531,7 +532,8 @@ class Gateway:
             },
         )
         if self.shared is not None:
-            self.shared.announce(principal.instance.id, now)
+            if now is not None:
+                self.shared.announce(principal.instance.id, now)
         elif first:
             self._presence_changed(principal, "online")
 
@@ -909,6 +911,27 @@ class Gateway:
                 seen.add(member)
                 for peer in self.by_user.get(member, ()):
                     peer.outbox.write(frame)
+
+    async def _session_opened(self, who: Principal, session: str) -> Presence | None:
+        """Record the session in the shared registry; the user's presence after it, or None if
+        the registry did not answer in time: the connection goes on without it (messaging does
+        not need Redis), and the registry writes the session once Redis answers, the sweeps
+        telling the user's presence then."""
+        assert self.shared is not None
+        with trio.move_on_after(FOLLOW_WAIT_S):
+            try:
+                return await self.shared.sessions.add(who.id, session, who.instance.id)
+            except GB6Error as exc:
+                if exc.code == QUOTA_EXCEEDED:
+                    raise
+                log("session_add_failed", user=who.id, error=exc.message)
+                return None
+        log("session_add_failed", user=who.id, error="no answer in time")
+        return None
+
+    def _users_here(self) -> dict[str, str]:
+        """user → instance of the users connected to this edge (for the presence sweep)."""
+        return {user: next(iter(conns)).instance for user, conns in self.by_user.items()}
 
     async def _discard_session(self, who: Principal, session: str) -> None:
         """Remove a session recorded for a hello refused after all."""

@@ -597,10 +597,10 @@ class RedisSessions:
     had lapsed (Redis restarted, or the edge was cut off longer than `ttl`), it writes this
     edge's sessions again. When `run()` ends nothing is deleted: the sessions lapse after
     `ttl`, exactly as a killed edge's do. Writes go through one ordered queue, so a heartbeat
-    never revives a session removed before it. A session whose removal failed, or whose add
-    failed once it may have been written (an add is not cancelled once queued), is removed by
+    never revives a session removed before it. A session whose removal failed is removed by
     the heartbeats after it: while this edge lives it would otherwise stay, a ghost that keeps
-    its user online.
+    its user online. One whose add failed or was given up is held all the same (its
+    connection may go on without Redis), and the next heartbeat Redis answers writes it.
     """
 
     def __init__(
@@ -637,6 +637,7 @@ class RedisSessions:
         # that rewrite): the next beat that Redis answers writes them again.
         self._beats = 0
         self._beat_token: bytes | None = None
+        self._rewrite = False  # the next beat writes the sessions again (an add failed)
         self._writer: _Batcher[_SessionOp, Presence | None] = _Batcher(
             self._write_batch, queue=queue, max_batch=max_batch, what="session registry"
         )
@@ -682,14 +683,15 @@ class RedisSessions:
         check_name("instance", instance)
         away = user in self._away
         slot = await self._writer.submit(_SessionOp("add", user, session, instance, away))
-        # Not given up once queued (the writer's Redis calls are bounded): an add cancelled
-        # while queued would be written after a removal sent in its place.
-        with trio.CancelScope(shield=True):
-            try:
-                now = await self._writer.result(slot)
-            except GB6Error:  # it may have been written all the same
-                self._remove_later(user, session)
-                raise
+        try:
+            now = await self._writer.result(slot)
+        except BaseException:
+            # Failed or given up (the caller's bound), it may be written or not: held all the
+            # same, so that the next heartbeat Redis answers writes it (again), and removed
+            # by `remove` after it in the queue.
+            self._held.setdefault(user, set()).add(session)
+            self._rewrite = True
+            raise
         if now is None:
             raise GB6Error(
                 QUOTA_EXCEEDED,
@@ -818,8 +820,10 @@ class RedisSessions:
         inc = self._incarnation
         # Strays (their ops' batches done: each is removed after what wrote it) go with beats.
         beat = any(op.kind == "beat" for op in ops)
+        rewrite = False
         if beat:
             self._beats += 1
+            rewrite, self._rewrite = self._rewrite, False
         token = b"%d" % self._beats
         stray = list(itertools.islice(self._stray.items(), _STRAY_PER_BEAT)) if beat else []
         started = trio.current_time()
@@ -877,7 +881,7 @@ class RedisSessions:
                 results = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
                 if beat:
                     first = next(i for op, i in zip(ops, at, strict=True) if op.kind == "beat")
-                    lapsed = results[first] != self._beat_token
+                    lapsed = rewrite or results[first] != self._beat_token
                     self._beat_token = token
                     if lapsed and (self._held or self._away):
                         await aio_as_trio(self._rewrite_held)()

@@ -33,7 +33,7 @@ forgotten, and no longer settled).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -94,7 +94,8 @@ class SharedSignals:
         # The rooms and instances this edge's clients need signals of (set by the gateway).
         self.rooms_in_use: Callable[[], Iterable[str]] = tuple
         self.instances_in_use: Callable[[], Iterable[str]] = tuple
-        self.users_here: Callable[[], Iterable[str]] = tuple  # with a session on this edge
+        # user → instance of those with a session on this edge.
+        self.users_here: Callable[[], Mapping[str, str]] = dict
         self._followed: set[str] = set()
         self._touched: set[str] = set()  # followed channels asked for since the last sweep
         self._changing = trio.Lock()  # one follow or unfollow at a time: they keep their order
@@ -174,17 +175,17 @@ class SharedSignals:
     async def sweep(self) -> None:
         """Settle the users shown online or away and those connected here, then read the
         feeds of the instances followed: tell this edge's clients what they missed."""
-        here = set(self.users_here())
-        shown = [u for u, told in self._told.items() if told.status != "offline" or u in here]
-        for i in range(0, len(shown), MAX_LOCATE_USERS):
-            chunk = {
-                u: t.instance for u in shown[i : i + MAX_LOCATE_USERS] if (t := self._told.get(u))
-            }
+        here = self.users_here()
+        shown = {u: t.instance for u, t in self._told.items() if t.status != "offline"}
+        shown.update(here)  # those whose session was written late were told nothing yet
+        users = list(shown)
+        for i in range(0, len(users), MAX_LOCATE_USERS):
+            chunk = {u: shown[u] for u in users[i : i + MAX_LOCATE_USERS]}
             for now in await self.sessions.settle(chunk):
                 told = self._told.pop(now.user, None)
                 if told is not None:  # to the end: those settled are forgotten last
                     self._told[now.user] = told
-                    self.announce(told.instance, now)
+                self.announce(chunk[now.user], now)
         instances = list(self._feeds)
         for i in range(0, len(instances), MAX_LOCATE_USERS):
             await self.read_feeds(instances[i : i + MAX_LOCATE_USERS])

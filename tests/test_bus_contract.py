@@ -613,7 +613,7 @@ async def test_an_edge_settles_its_own_users_too(
         a = SharedSignals(await h.pubsub(), a_sessions, "edge-a")
         shown: list[tuple[str, str]] = []
         a.on_presence = lambda user, status: shown.append((user, status))
-        a.users_here = lambda: ["alice"]
+        a.users_here = lambda: {"alice": "ins_1"}
         await h.start(a)
         assert (await c_sessions.add("alice", "ses_1", "ins_1")).changed
         a.announce("ins_1", await a_sessions.add("alice", "ses_2", "ins_1"))
@@ -712,7 +712,7 @@ async def test_redis_an_edge_says_its_users_online_again_after_redis_lost_them(
         b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
         shown: list[tuple[str, str]] = []
         b.on_presence = lambda user, status: shown.append((user, status))
-        a.users_here = lambda: ["alice"]
+        a.users_here = lambda: {"alice": "ins_1"}
         await h.start(a)
         await h.start(b)
         await a.follow_instance("ins_1")  # as an edge does for its users' instances

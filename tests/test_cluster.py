@@ -779,6 +779,36 @@ async def test_presence_while_redis_is_down_is_unavailable_not_offline(
         c.stop()
 
 
+async def test_a_user_connects_and_converses_while_redis_is_down(
+    tmp_path: Path, own_redis: OwnRedis
+) -> None:
+    """Redis holds only what is shared between edges (presence, typing, rate limits): while it
+    is down a user still connects and converses. Their session is written once Redis is back,
+    and their roommates are told they are online then (the next sweep)."""
+    c = Cluster(tmp_path, redis_url=own_redis.url)
+    try:
+        edge = c.edge()
+        tenant = c.origins[0].create_tenant()
+        alice, bob = tenant.user("alice"), tenant.user("bob")
+        async with _peer(edge, bob.token) as b:
+            room = (await b.ok("room.create", name="t", kind="chat", members=[alice.id]))["room"]
+            await b.ok("subscribe", room=room["id"], after=0)
+            own_redis.stop()
+            async with _peer(edge, alice.token) as a:
+                await a.ok("send", room=room["id"], cid="c1", body={"text": "hi"})
+                assert (await b.event("message"))["body"] == {"text": "hi"}
+                assert not [e for e in b.events if e.get("type") == "presence"]
+                own_redis.start()
+                b.timeout = 3 * SWEEP_S  # the next sweep, once the edge reconnected
+                ev = await b.event("presence")
+                assert (ev["user"], ev["status"]) == (alice.id, "online")
+                got = await b.ok("presence.get", users=[alice.id])
+                assert got["presence"] == {alice.id: "online"}
+    finally:
+        own_redis.stop()
+        c.stop()
+
+
 async def test_a_room_followed_while_redis_was_down_is_followed_once_it_is_back(
     tmp_path: Path, own_redis: OwnRedis
 ) -> None:
