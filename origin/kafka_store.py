@@ -40,7 +40,9 @@ Rules:
   doubling to 30 s. Every origin records its incarnation in PostgreSQL before its producer takes
   the transactional id; one that finds a newer incarnation there when it recovers is the
   zombie, and stops appending for good (taking the id back would fence the newer one), and
-  stops its persister child (the newer one's writes the log). A zombie
+  stops its persister child (the newer one's writes the log). One whose start fails before it
+  serves gives the shard back (if it is still the newest): the one it replaced finds itself the
+  newest again at its recovery. A zombie
   that took the id back before it found out (it was cut off while the newer one started) stops
   then, unwritten, and the newer one, fenced by it, finds itself the newest and takes the id
   back in turn.
@@ -215,6 +217,16 @@ def _ignore(_: Any) -> None:
     """PgStore's append callback: never called, appends go through Kafka."""
 
 
+async def _give_back(pool: Any, key: str, mine: str, previous: str | None) -> None:
+    """asyncio side: make `previous` the shard's writer again, if `mine` still is."""
+    if previous is None:
+        await pool.execute("DELETE FROM meta WHERE key = $1 AND value = $2", key, mine)
+    else:
+        await pool.execute(
+            "UPDATE meta SET value = $3 WHERE key = $1 AND value = $2", key, mine, previous
+        )
+
+
 class KafkaStore:
     """Kafka as log of record, PostgreSQL as relational store (see the module doc).
 
@@ -318,17 +330,37 @@ class KafkaStore:
             prepare, "reading the persister's offsets", self._pool, self.topic, "persister"
         )
         # Before the producer fences its predecessor: a zombie that finds it later stops.
+        previous = await self.pg.meta(self._writer_key)
         await self.pg.set_meta(self._writer_key, self._incarnation)
-        await nursery.start(self._run_log)
-        async with trio.open_nursery() as recovery:
-            consumer = KafkaLogConsumer(self.bootstrap, self.topic, offsets, name="persister")
-            await recovery.start(consumer.run)
-            persister = PgPersister(self._pool, self.schema, self.topic, consumer, self._persisted)
-            await self._recover(consumer, persister, offsets)
-            recovery.cancel_scope.cancel()  # stopped before its successor reads: one at a time
-        settings = Settings(self.dsn, self.schema, self.bootstrap, self.topic)
-        self.persister = PersisterProcess(settings, self._persisted, lambda: self._restarted.set())
-        await nursery.start(self._run_persister, self.persister)
+        try:
+            await nursery.start(self._run_log)
+            async with trio.open_nursery() as recovery:
+                consumer = KafkaLogConsumer(self.bootstrap, self.topic, offsets, name="persister")
+                await recovery.start(consumer.run)
+                persister = PgPersister(
+                    self._pool, self.schema, self.topic, consumer, self._persisted
+                )
+                await self._recover(consumer, persister, offsets)
+                recovery.cancel_scope.cancel()  # stopped before its successor reads
+            settings = Settings(self.dsn, self.schema, self.bootstrap, self.topic)
+            self.persister = PersisterProcess(
+                settings, self._persisted, lambda: self._restarted.set()
+            )
+            await nursery.start(self._run_persister, self.persister)
+        except BaseException:
+            # A start that failed gives the shard back to the origin it may have fenced: at its
+            # recovery, that one finds itself the newest still and takes the id back, instead
+            # of stopping for good. (A start killed outright cannot: restart that origin.)
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT_S):
+                await self._call(
+                    _give_back,
+                    "giving the shard back",
+                    self._pool,
+                    self._writer_key,
+                    self._incarnation,
+                    previous,
+                )
+            raise
         self._closed = False
         async with trio.open_nursery() as inner:
             inner.start_soon(self._sequencer)
