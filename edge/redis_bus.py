@@ -123,7 +123,9 @@ async def open_redis(url: str) -> AsyncIterator[Redis]:
     """A redis.asyncio client for `url` that answered PING; closed on exit.
 
     Needs an open `trio_asyncio.open_loop()`. Raises GB6Error(unavailable) if Redis does not
-    answer within 5 s. A command gets one quick retry (a new connection), then `unavailable`."""
+    answer within 5 s. A command whose connection failed gets one quick retry on a new one,
+    then `unavailable`; one that timed out is `unavailable` at once: it may have run, and run
+    again it could charge a rate limit twice or publish a signal twice."""
     # One quick retry, then the caller's fallback: redis-py's default (retries with backoff
     # up to 10 s, 5 s timeouts) held every request of an edge for tens of seconds while Redis
     # was down or frozen. The health check and keepalives find a half-open connection.
@@ -131,7 +133,7 @@ async def open_redis(url: str) -> AsyncIterator[Redis]:
         url,
         socket_connect_timeout=_TIMEOUT_S,
         socket_timeout=_TIMEOUT_S,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), 1, supported_errors=(rex.ConnectionError,)),
         health_check_interval=15,
         socket_keepalive=True,
         # A host gone without a FIN: found within ~25 s, not the kernel's 2 h (the pub/sub

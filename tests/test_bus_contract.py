@@ -489,6 +489,46 @@ async def test_pubsub_bad_input(where: str) -> None:
 NOBODY = "redis://127.0.0.1:1/0"  # loopback, a port nothing listens on
 
 
+_BUSY = """
+local t = redis.call('TIME')
+local till = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1])
+repeat t = redis.call('TIME') until tonumber(t[1]) + tonumber(t[2]) / 1e6 > till
+return 1
+"""
+
+
+async def test_redis_a_rate_check_that_timed_out_is_not_sent_again(tmp_path: Path) -> None:
+    """Redis is busy past the client's timeout (a slow script, a fork): the rate check times out
+    (`unavailable`), and Redis runs it once it is free. Sent again on a new connection, it
+    would run twice and charge the user's budget twice for one request."""
+    import redis.asyncio as aioredis
+
+    from tests.conftest import OwnRedis
+
+    redis = OwnRedis(tmp_path)
+    redis.start()
+    try:
+        async with open_harness(redis.url) as h:
+            limiter = await h.limiter(0.001, 5)  # no refill during the test
+            assert await limiter.check("alice") == 0
+            busy = aioredis.Redis.from_url(redis.url)  # no timeout: it waits for its script
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(aio_as_trio(busy.eval), _BUSY, 0, 3.0)
+                    await trio.sleep(0.3)  # Redis is busy
+                    with pytest.raises(GB6Error) as err, trio.fail_after(10):
+                        await limiter.check("alice")
+                    assert err.value.code == UNAVAILABLE
+            finally:
+                await aio_as_trio(busy.aclose)()
+            allowed = 0
+            while await limiter.check("alice") == 0:
+                allowed += 1
+            assert allowed == 3  # 5, less the first check and the one that timed out
+    finally:
+        redis.stop()
+
+
 async def test_redis_unreachable_is_unavailable() -> None:
     import redis.asyncio as aioredis
 
