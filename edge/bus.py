@@ -346,7 +346,6 @@ class LocalSessions:
         check_name("session", session)
         check_name("instance", instance)
         incarnation = self._serving()
-        await trio.lowlevel.checkpoint()
         now = trio.current_time()
         sessions = self.table.live_sessions(user, now)
         if session not in sessions and len(sessions) >= self.max_sessions_per_user:
@@ -358,7 +357,9 @@ class LocalSessions:
         self._held.setdefault(user, set()).add(session)
         if user not in self._away:
             self._set_away(user, incarnation, False)
-        return self.table.decide(user, now, instance)
+        decided = self.table.decide(user, now, instance)
+        await trio.lowlevel.checkpoint()  # recorded, even if cancelled here
+        return decided
 
     async def remove(self, user: str, session: str) -> Presence:
         check_name("user", user)

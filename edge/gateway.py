@@ -505,7 +505,12 @@ class Gateway:
         if self.shared is not None:
             with trio.move_on_after(FOLLOW_WAIT_S):  # as a room's (see `_validate_subscribe`)
                 await self.shared.follow_instance(principal.instance.id)
-            now = await self._session_opened(principal, session)
+            try:
+                now = await self._session_opened(principal, session)
+            except BaseException:  # refused, or cancelled (its socket closing): not left behind
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._discard_session, principal, session)
+                raise
         # Meanwhile the instance may have been suspended or the user deleted or changed: the
         # pushes that said so closed the live connections, not this one.
         current = self.origin.state.principal(principal.id)

@@ -684,22 +684,25 @@ class RedisSessions:
         check_name("session", session)
         check_name("instance", instance)
         away = user in self._away
-        slot = await self._writer.submit(_SessionOp("add", user, session, instance, away))
+        # Held from now on: an add that fails or is given up (the caller's bound, even while
+        # queued), written or not, is written (again) by the next heartbeat Redis answers, and
+        # removed by `remove` after it in the queue.
+        self._held.setdefault(user, set()).add(session)
         try:
+            slot = await self._writer.submit(_SessionOp("add", user, session, instance, away))
             now = await self._writer.result(slot)
         except BaseException:
-            # Failed or given up (the caller's bound), it may be written or not: held all the
-            # same, so that the next heartbeat Redis answers writes it (again), and removed
-            # by `remove` after it in the queue.
-            self._held.setdefault(user, set()).add(session)
             self._rewrite = True
             raise
         if now is None:
+            held = self._held.get(user, set())
+            held.discard(session)
+            if not held:
+                self._held.pop(user, None)
             raise GB6Error(
                 QUOTA_EXCEEDED,
                 f"too many sessions for one user (limit {self.max_sessions_per_user})",
             )
-        self._held.setdefault(user, set()).add(session)
         return now
 
     async def remove(self, user: str, session: str) -> Presence:
@@ -994,6 +997,8 @@ class RedisPubSub:
                 await aio_as_trio(self._open)(control)
             if waited.cancelled_caught:
                 raise GB6Error(UNAVAILABLE, "redis did not confirm a subscription")
+            assert pubsub.connection is not None  # `_open` made it
+            pubsub.connection.register_connect_callback(self._on_connect)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read)
                 nursery.start_soon(self._publish_loop)
@@ -1050,16 +1055,25 @@ class RedisPubSub:
     async def _unsubscribe_strays(self) -> None:
         """asyncio side: unsubscribe the channels Redis sends this connection that this edge
         does not follow, once connected (a reconnect subscribes again first)."""
-        self._reconcile = True  # until done
-        await self._pubsub.connect()
-        wanted = {self._encode(c) for c in self.inbox.channels}
-        wanted.add(self._control_channel)
-        pending = self._pubsub.pending_unsubscribe_channels  # under way
-        strays = [c for c in self._pubsub.channels if c not in wanted and c not in pending]
-        if strays:
-            await self._pubsub.unsubscribe(*strays)
-            log("pubsub_strays_unsubscribed", channels=len(strays))
-        self._reconcile = False
+        self._reconcile = False  # set again meanwhile: done again
+        try:
+            await self._pubsub.connect()
+            wanted = {self._encode(c) for c in self.inbox.channels}
+            wanted.add(self._control_channel)
+            pending = self._pubsub.pending_unsubscribe_channels  # under way
+            strays = [c for c in self._pubsub.channels if c not in wanted and c not in pending]
+            if strays:
+                await self._pubsub.unsubscribe(*strays)
+                log("pubsub_strays_unsubscribed", channels=len(strays))
+        except BaseException:
+            self._reconcile = True
+            raise
+
+    def _on_connect(self, connection: Any) -> None:
+        """redis-py's callback at each (re)connect of the subscriber connection, which it may
+        make inside a read without a word: it subscribes again to the channels whose
+        unsubscribe Redis had not confirmed."""
+        self._reconcile = True
 
     async def _read(self) -> None:
         prefix_len = len(self._bprefix)

@@ -777,6 +777,35 @@ async def test_a_hello_under_way_as_its_instance_is_suspended_is_refused(
                 await trio.sleep(0.05)
 
 
+async def test_a_hello_given_up_while_it_waits_on_redis_leaves_no_session(
+    tmp_path: Path, own_redis: OwnRedis
+) -> None:
+    """Redis freezes while a hello waits on it, and the hello runs out of time: its socket is
+    closed. The session it was adding is not left in the registry, a ghost that would keep
+    the user online (written again at every heartbeat)."""
+    limits = Limits(hello_timeout_s=1.5)  # after the follow's 1 s, during the add's
+    async with edge_and_origin(tmp_path, limits, shared=own_redis.url) as (
+        gateway,
+        node,
+        token,
+        shard,
+    ):
+        assert gateway.shared is not None
+        (ann,) = [u.id for u in shard.users.values() if u.name == "ann"]
+        b: Peer
+        async with peer_of(node) as b:
+            own_redis.freeze()
+            try:
+                await b.send({"op": "hello", "id": "h", "token": token})
+                await closed_with(b)
+            finally:
+                own_redis.thaw()
+        await trio.sleep(1)  # the add, queued while Redis was frozen, is written by now
+        with trio.fail_after(10):
+            while await gateway.shared.sessions.locate([ann]):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+
+
 async def test_a_hub_whose_events_skip_seqs_ends_its_live_subscribers(tmp_path: Path) -> None:
     """Never expected (a bug upstream): the events an edge is handed for a room skip seqs. Its
     live subscribers would miss the skipped events without knowing; their connections close
