@@ -42,7 +42,8 @@ Rules:
   zombie, and stops appending for good (taking the id back would fence the newer one), and
   stops its persister child (the newer one's writes the log). One whose start fails before it
   serves gives the shard back (if it is still the newest): the one it replaced finds itself the
-  newest again at its recovery. A zombie
+  newest again, at its recovery or, if it stopped meanwhile, within `_SUPERSEDED_POLL_S`, and
+  recovers in place, starting its persister child again. A zombie
   that took the id back before it found out (it was cut off while the newer one started) stops
   then, unwritten, and the newer one, fenced by it, finds itself the newest and takes the id
   back in turn.
@@ -122,6 +123,7 @@ _DRAIN_IDLE_S: Final = 0.2  # recovery: a quiet consumer this long means "ask th
 _COMMAND_TIMEOUT_S: Final = 30.0
 _RECOVERY_READ_S: Final = 120.0  # an in-place recovery's wait for the persister, per attempt
 _CLOSE_TIMEOUT_S: Final = 10.0
+_SUPERSEDED_POLL_S: Final = 5.0  # a superseded origin asks this often whether it was given back
 
 _ROOMS: Final = "SELECT id, instance FROM rooms WHERE id = ANY($1::text[])"
 # A page of a room's keys for its filter (origin/key_filter.py), by the primary key's order.
@@ -278,6 +280,7 @@ class KafkaStore:
         self._dead: GB6Error | None = None  # appends refused: fenced (final), or recovering
         self._unknown: list[Plan] = []  # batches whose outcome the recovery learns
         self._recovery_wanted = trio.Event()
+        self._superseded = False  # another origin of the shard started since (see `_dead`)
         self.recoveries = 0  # in-place recoveries done; for metrics and tests
         self._inflight = 0
         self._carry: list[AppendItem] = []  # the sequencer's ops not yet in a batch, once it ended
@@ -331,8 +334,8 @@ class KafkaStore:
         )
         # Before the producer fences its predecessor: a zombie that finds it later stops.
         previous = await self.pg.meta(self._writer_key)
-        await self.pg.set_meta(self._writer_key, self._incarnation)
         try:
+            await self.pg.set_meta(self._writer_key, self._incarnation)
             await nursery.start(self._run_log)
             async with trio.open_nursery() as recovery:
                 consumer = KafkaLogConsumer(self.bootstrap, self.topic, offsets, name="persister")
@@ -342,24 +345,23 @@ class KafkaStore:
                 )
                 await self._recover(consumer, persister, offsets)
                 recovery.cancel_scope.cancel()  # stopped before its successor reads
-            settings = Settings(self.dsn, self.schema, self.bootstrap, self.topic)
-            self.persister = PersisterProcess(
-                settings, self._persisted, lambda: self._restarted.set()
-            )
-            await nursery.start(self._run_persister, self.persister)
+            await self._start_persister(nursery)
         except BaseException:
-            # A start that failed gives the shard back to the origin it may have fenced: at its
-            # recovery, that one finds itself the newest still and takes the id back, instead
-            # of stopping for good. (A start killed outright cannot: restart that origin.)
+            # A start that failed gives the shard back to the origin it may have fenced, which
+            # finds itself the newest again, at its recovery or, if it stopped meanwhile, within
+            # `_SUPERSEDED_POLL_S`. (A start killed outright cannot: restart that origin.)
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT_S):
-                await self._call(
-                    _give_back,
-                    "giving the shard back",
-                    self._pool,
-                    self._writer_key,
-                    self._incarnation,
-                    previous,
-                )
+                try:
+                    await self._call(
+                        _give_back,
+                        "giving the shard back",
+                        self._pool,
+                        self._writer_key,
+                        self._incarnation,
+                        previous,
+                    )
+                except GB6Error as exc:  # the start's own failure is the one to tell
+                    log("log_give_back_failed", topic=self.topic, error=exc.message)
             raise
         self._closed = False
         async with trio.open_nursery() as inner:
@@ -367,8 +369,31 @@ class KafkaStore:
             inner.start_soon(self._key_loader)
             inner.start_soon(self._heads_after_restarts)
             inner.start_soon(self._recoveries, nursery)
+            inner.start_soon(self._watch_superseded)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _start_persister(self, nursery: trio.Nursery) -> None:
+        settings = Settings(self.dsn, self.schema, self.bootstrap, self.topic)
+        self.persister = PersisterProcess(settings, self._persisted, lambda: self._restarted.set())
+        self._persister_scope = trio.CancelScope()
+        await nursery.start(self._run_persister, self.persister)
+
+    async def _watch_superseded(self) -> None:
+        """A superseded origin asks now and then whether the shard is its again (the newer
+        origin's start failed, and it gave the shard back): then it recovers in place."""
+        while True:
+            await trio.sleep(_SUPERSEDED_POLL_S)
+            if not self._superseded:
+                continue
+            try:
+                holder = await self.pg.meta(self._writer_key)
+            except GB6Error:
+                continue
+            if holder == self._incarnation:
+                log("log_writer_given_back", topic=self.topic)
+                self._superseded = False
+                self._recovery_wanted.set()
 
     async def _run_persister(
         self, persister: PersisterProcess, *, task_status: trio.TaskStatus[None]
@@ -445,6 +470,8 @@ class KafkaStore:
             # the newest) goes on; this one stops.
             if not await self._still_the_writer():
                 return
+        if self._persister_scope.cancel_called:  # stopped when it was superseded
+            await self._start_persister(nursery)
         with trio.move_on_after(_RECOVERY_READ_S) as reading:
             while True:  # until PostgreSQL holds the whole log
                 offsets: dict[int, int] = await self._call(
@@ -489,6 +516,7 @@ class KafkaStore:
         if holder == self._incarnation:
             return True
         log("log_writer_superseded", topic=self.topic, incarnation=holder)
+        self._superseded = True
         self._dead = LogFenced(
             f"this shard stopped appending for good: fenced by another origin of it, started"
             f" since (incarnation {holder})"

@@ -1895,9 +1895,10 @@ async def test_kafka_a_failed_start_of_another_origin_gives_the_shard_back(
 ) -> None:
     """Another origin of the shard starts (an operator's slip, say): it records its
     incarnation, takes the transactional id, fencing this one, and fails before it serves
-    (here: stopped during its recovery). It gives the shard back: this one, at its recovery,
-    finds itself the newest still, takes the id back and goes on, instead of stopping for
-    good with no origin serving the shard."""
+    (here: stopped during its recovery). It gives the shard back: this one finds itself the
+    newest again, takes the id back and goes on, instead of stopping for good with no origin
+    serving the shard; whether it found out it was fenced before the give-back (and stopped
+    appending, and its persister) or after it."""
     async with serving(_short_commits(kafka_backend, LIMITS, 5.0)) as store:
         assert isinstance(store, KafkaStore)
         _, t, r = await _recorded_room(store)
@@ -1912,20 +1913,39 @@ async def test_kafka_a_failed_start_of_another_origin_gives_the_shard_back(
             partitions=2,
             commit_timeout_s=5.0,
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(twin.run)
-            with trio.fail_after(30):
-                while not twin.log.serving:  # noqa: ASYNC110 - its producer fenced the store
-                    await trio.sleep(0.02)
-            nursery.cancel_scope.cancel()  # it fails before it serves
-        await refused(store, item(r, t.alice, "fenced"), UNAVAILABLE)
-        with trio.fail_after(60):
-            while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
-                await trio.sleep(0.1)
-        assert store.recoveries == 1
+        for found_out_first in (False, True):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(twin.run)
+                with trio.fail_after(30):
+                    while not twin.log.serving:  # noqa: ASYNC110 - it fenced the store
+                        await trio.sleep(0.02)
+                if found_out_first:
+                    await refused(store, item(r, t.alice, "fenced"), UNAVAILABLE)
+                    with trio.fail_after(60):
+                        while "another origin" not in getattr(store.stopped, "message", ""):  # noqa: ASYNC110
+                            await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()  # it fails before it serves
+            if not found_out_first:
+                await refused(store, item(r, t.alice, "fenced"), UNAVAILABLE)
+            with trio.fail_after(60):
+                while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
+                    await trio.sleep(0.1)
+            twin = KafkaStore(  # a store runs once
+                kafka_backend.dsn,
+                kafka_backend.bootstrap,
+                kafka_backend.topic,
+                store._shard,
+                LIMITS,
+                Recorder(),
+                schema=kafka_backend.schema,
+                partitions=2,
+                commit_timeout_s=5.0,
+            )
+        assert store.recoveries == 2
         assert (await append(store, item(r, t.alice, "fenced"))).event.seq == 2
         events = await store.events_after(r, 0, 10)
         assert [(e.seq, e.cid) for e in events] == [(1, "m1"), (2, "fenced")]
+        assert store.persister is not None and store.persister.pid is not None
 
 
 async def test_kafka_a_shard_fenced_by_an_older_writer_takes_its_log_back(
