@@ -424,9 +424,9 @@ local function decide(user, ukey, akey, skey, instance, force, here, live)
   local inst = said[3]
   if instance ~= '' then inst = instance end
   if s == st or (s == nil and st == 0 and not force) then
-    if s ~= nil then
-      if instance ~= '' and said[3] ~= instance then redis.call('HSET', skey, 'i', instance) end
-      redis.call('PEXPIRE', skey, ARGV[3])
+    -- Its ttl is the holders' heartbeats' to refresh.
+    if s ~= nil and instance ~= '' and said[3] ~= instance then
+      redis.call('HSET', skey, 'i', instance)
     end
     return {st, v, 0}
   end
