@@ -1284,6 +1284,10 @@ def parser() -> argparse.ArgumentParser:
 
     relay_help = "the SFU: forwarded RTP packets/s, CPU and loss vs subscribers"
     relay_arguments(sub.add_parser("relay", help=relay_help))
+    from bench.presence import add_arguments as presence_arguments
+
+    presence_help = "presence across edges in Redis: what an edge's sweep costs"
+    presence_arguments(sub.add_parser("presence", help=presence_help))
     ip = sub.add_parser("idle", help="C idle connections: server RSS per connection")
     common(ip)
     ip.add_argument("--connections", type=int, default=10_000)
@@ -1323,6 +1327,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench.linkload import run_links
 
         run_links(args, m, meta_for(args, m))
+        return 0
+    if args.mode == "presence":
+        from bench.presence import run_presence
+
+        run_presence(args, m, meta_for(args, m))
         return 0
     if args.mode == "store":
         from bench.store import run_store
