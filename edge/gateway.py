@@ -507,7 +507,9 @@ class Gateway:
                 await self.shared.follow_instance(principal.instance.id)
             try:
                 now = await self._session_opened(principal, session)
-            except BaseException:  # refused, or cancelled (its socket closing): not left behind
+            except GB6Error:  # over the user's sessions: not recorded
+                raise
+            except BaseException:  # cancelled (its socket closing): not left behind
                 if self._nursery is not None:
                     self._nursery.start_soon(self._discard_session, principal, session)
                 raise

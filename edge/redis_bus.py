@@ -694,16 +694,18 @@ class RedisSessions:
         except BaseException:
             self._rewrite = True
             raise
-        if now is None:
-            held = self._held.get(user, set())
-            held.discard(session)
-            if not held:
-                self._held.pop(user, None)
+        if now is None:  # no longer held (`_write_batch`)
             raise GB6Error(
                 QUOTA_EXCEEDED,
                 f"too many sessions for one user (limit {self.max_sessions_per_user})",
             )
         return now
+
+    def _unhold(self, user: str, session: str) -> None:
+        held = self._held.get(user, set())
+        held.discard(session)
+        if not held:
+            self._held.pop(user, None)
 
     async def remove(self, user: str, session: str) -> Presence:
         check_name("user", user)
@@ -884,6 +886,10 @@ class RedisSessions:
         try:
             with _translated("session write"):
                 results = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
+                answers = [_op_result(op, results[i]) for op, i in zip(ops, at, strict=True)]
+                for op, answer in zip(ops, answers, strict=True):
+                    if op.kind == "add" and answer is None:  # refused: before a rewrite below
+                        self._unhold(op.user, op.session)
                 if beat:
                     first = next(i for op, i in zip(ops, at, strict=True) if op.kind == "beat")
                     lapsed = rewrite or results[first] != self._beat_token
@@ -899,7 +905,7 @@ class RedisSessions:
                 del self._stray[pair]
                 if until > started:  # again at a later beat, behind the others
                     self._stray[pair] = until
-        return [_op_result(op, results[i]) for op, i in zip(ops, at, strict=True)]
+        return answers
 
     async def _rewrite_held(self) -> None:
         """asyncio side: this edge's liveness key had lapsed; others may have dropped its
@@ -1008,6 +1014,8 @@ class RedisPubSub:
             self._running = False
             self.inbox.channels.clear()
             self._pubsub = None
+            if pubsub.connection is not None:  # back to the pool without this edge's callback
+                pubsub.connection.deregister_connect_callback(self._on_connect)
             stopped = GB6Error(UNAVAILABLE, "pub/sub stopped")
             for waiter in [*self._waiters, *self._queued]:  # their callers hear at once
                 waiter.error = stopped

@@ -376,8 +376,12 @@ class KafkaStore:
     async def _start_persister(self, nursery: trio.Nursery) -> None:
         settings = Settings(self.dsn, self.schema, self.bootstrap, self.topic)
         self.persister = PersisterProcess(settings, self._persisted, lambda: self._restarted.set())
-        self._persister_scope = trio.CancelScope()
-        await nursery.start(self._run_persister, self.persister)
+        scope = self._persister_scope = trio.CancelScope()
+        try:
+            await nursery.start(self._run_persister, self.persister)
+        except BaseException:
+            scope.cancel()  # none runs: a recovery tried again starts one
+            raise
 
     async def _watch_superseded(self) -> None:
         """A superseded origin asks now and then whether the shard is its again (the newer
@@ -393,6 +397,9 @@ class KafkaStore:
             if holder == self._incarnation:
                 log("log_writer_given_back", topic=self.topic)
                 self._superseded = False
+                self._dead = GB6Error(
+                    UNAVAILABLE, "this shard was given back to this origin, which recovers"
+                )
                 self._recovery_wanted.set()
 
     async def _run_persister(
