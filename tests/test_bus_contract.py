@@ -41,6 +41,7 @@ from edge.bus import (
     user_channel,
 )
 from edge.redis_bus import RedisPubSub, RedisRateLimiter, RedisSessions, open_redis
+from edge.shared_signals import SharedSignals
 from node.errors import INVALID, QUOTA_EXCEEDED, TOO_LARGE, UNAVAILABLE, GB6Error
 from node.ratelimit import Gcra
 
@@ -112,6 +113,12 @@ class Harness:
             )
         scope = await self.start(registry) if start else trio.CancelScope()
         return registry, scope
+
+    async def signals(self, edge: str) -> tuple[SharedSignals, SessionRegistry, trio.CancelScope]:
+        """An edge's `SharedSignals` (not started), its session registry (started), and the
+        registry's scope (cancel it: the edge "dies")."""
+        sessions, scope = await self.sessions(edge, ttl=TTL)
+        return SharedSignals(await self.pubsub(), sessions, edge), sessions, scope
 
     async def pubsub(
         self, *, inbox_size: int = 1024, max_channels: int = 100, start: bool = True
@@ -561,14 +568,11 @@ async def test_presence_shown_from_a_dead_edge_goes_offline(
     """Alice's edge dies (kill -9: nobody says "offline"). Edge b, which told its clients she was
     online, finds her sessions gone once they lapse, and tells them she is offline, once."""
     from edge import shared_signals
-    from edge.shared_signals import SharedSignals
 
     monkeypatch.setattr(shared_signals, "SWEEP_S", TTL / 2)
     async with open_harness(where) as h:
-        a_sessions, a_scope = await h.sessions("edge-a", ttl=TTL)
-        b_sessions, _ = await h.sessions("edge-b", ttl=TTL)
-        a = SharedSignals(await h.pubsub(), a_sessions, "edge-a")
-        b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
+        a, a_sessions, a_scope = await h.signals("edge-a")
+        b, _, _ = await h.signals("edge-b")
         shown: list[tuple[str, str]] = []
         b.on_presence = lambda user, status: shown.append((user, status))
         await h.start(a)
@@ -644,13 +648,11 @@ async def test_an_edge_settles_its_own_users_too(
     """Alice is online on edge c and away on edge a. Edge c dies: she is away now, and edge a,
     whose clients were told she is online, tells them so (nobody else may be there to)."""
     from edge import shared_signals
-    from edge.shared_signals import SharedSignals
 
     monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # the test sweeps by hand
     async with open_harness(where) as h:
-        a_sessions, _ = await h.sessions("edge-a", ttl=TTL)
+        a, a_sessions, _ = await h.signals("edge-a")
         c_sessions, c_scope = await h.sessions("edge-c", ttl=TTL)
-        a = SharedSignals(await h.pubsub(), a_sessions, "edge-a")
         shown: list[tuple[str, str]] = []
         a.on_presence = lambda user, status: shown.append((user, status))
         a.users_here = lambda: {"alice": "ins_1"}
@@ -675,12 +677,11 @@ async def test_an_edge_tells_a_users_statuses_in_the_order_they_were_decided(
     its clients last is not told. One without a version (an edge of an older release) is told
     as it comes."""
     from edge import shared_signals
-    from edge.shared_signals import SharedSignals, instance_channel
+    from edge.shared_signals import instance_channel
 
     monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # no sweep: only the signals tell
     async with open_harness(where) as h:
-        b_sessions, _ = await h.sessions("edge-b", ttl=TTL)
-        b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
+        b, _, _ = await h.signals("edge-b")
         shown: list[tuple[str, str]] = []
         b.on_presence = lambda user, status: shown.append((user, status))
         await h.start(b)
@@ -703,13 +704,11 @@ async def test_a_presence_change_whose_signal_was_lost_is_told_by_the_sweep(
     away are settled, and each instance followed has its change feed read on from where the
     last read ended (from where it was when the edge began to follow the instance)."""
     from edge import shared_signals
-    from edge.shared_signals import SharedSignals
 
     monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # the test sweeps by hand
     async with open_harness(where) as h:
         a, _ = await h.sessions("edge-a", ttl=TTL)
-        b_sessions, _ = await h.sessions("edge-b", ttl=TTL)
-        b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
+        b, _, _ = await h.signals("edge-b")
         shown: list[tuple[str, str]] = []
         b.on_presence = lambda user, status: shown.append((user, status))
         await h.start(b)
@@ -742,14 +741,11 @@ async def test_redis_an_edge_says_its_users_online_again_after_redis_lost_them(
     alice's sessions gone and may tell their clients she is offline. Once her edge has written
     its sessions again, its own sweep decides she is online again, and says so."""
     from edge import shared_signals
-    from edge.shared_signals import SharedSignals
 
     monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # the test sweeps by hand
     async with open_harness(redis_url) as h:
-        a_sessions, _ = await h.sessions("edge-a", ttl=TTL)
-        b_sessions, _ = await h.sessions("edge-b", ttl=TTL)
-        a = SharedSignals(await h.pubsub(), a_sessions, "edge-a")
-        b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
+        a, a_sessions, _ = await h.signals("edge-a")
+        b, b_sessions, _ = await h.signals("edge-b")
         shown: list[tuple[str, str]] = []
         b.on_presence = lambda user, status: shown.append((user, status))
         a.users_here = lambda: {"alice": "ins_1"}
@@ -779,14 +775,11 @@ async def test_an_edge_stops_following_the_channels_its_clients_left(
     (at most `_MAX_FOLLOWED` are followed: unused ones would crowd out new ones), but not one
     followed again since the sweep before, whose subscribe may not have made its hub yet."""
     from edge import shared_signals
-    from edge.shared_signals import SharedSignals
 
     monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # the test sweeps by hand
     async with open_harness(where) as h:
-        a_sessions, _ = await h.sessions("edge-a", ttl=TTL)
-        b_sessions, _ = await h.sessions("edge-b", ttl=TTL)
-        a = SharedSignals(await h.pubsub(), a_sessions, "edge-a")
-        b = SharedSignals(await h.pubsub(), b_sessions, "edge-b")
+        a, _, _ = await h.signals("edge-a")
+        b, _, _ = await h.signals("edge-b")
         typed: list[tuple[str, str]] = []
         b.on_typing = lambda room, user: typed.append((room, user))
         b.rooms_in_use = lambda: ["r1"]

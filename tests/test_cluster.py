@@ -740,6 +740,16 @@ async def test_a_frozen_redis_does_not_hold_up_the_edges_requests(
         c.stop()
 
 
+async def _told_at_the_next_sweep(peer: Any, user: str, status: str) -> None:
+    """Redis is back: the next sweep (once the edge reconnected) tells `peer` that `user` is
+    `status`, and `presence.get` says so too."""
+    peer.timeout = 3 * SWEEP_S
+    ev = await peer.event("presence")
+    assert (ev["user"], ev["status"]) == (user, status)
+    got = await peer.ok("presence.get", users=[user])
+    assert got["presence"] == {user: status}
+
+
 async def test_presence_while_redis_is_down_is_unavailable_not_offline(
     tmp_path: Path, own_redis: OwnRedis
 ) -> None:
@@ -769,11 +779,7 @@ async def test_presence_while_redis_is_down_is_unavailable_not_offline(
                     await trio.sleep(0.05)
             assert not [e for e in b.events if e.get("type") == "presence"]
             own_redis.start()
-            b.timeout = 3 * SWEEP_S  # the next sweep, once the edge reconnected
-            ev = await b.event("presence")
-            assert (ev["user"], ev["status"]) == (alice.id, "offline")
-            got = await b.ok("presence.get", users=[alice.id])
-            assert got["presence"] == {alice.id: "offline"}
+            await _told_at_the_next_sweep(b, alice.id, "offline")
     finally:
         own_redis.stop()
         c.stop()
@@ -799,11 +805,7 @@ async def test_a_user_connects_and_converses_while_redis_is_down(
                 assert (await b.event("message"))["body"] == {"text": "hi"}
                 assert not [e for e in b.events if e.get("type") == "presence"]
                 own_redis.start()
-                b.timeout = 3 * SWEEP_S  # the next sweep, once the edge reconnected
-                ev = await b.event("presence")
-                assert (ev["user"], ev["status"]) == (alice.id, "online")
-                got = await b.ok("presence.get", users=[alice.id])
-                assert got["presence"] == {alice.id: "online"}
+                await _told_at_the_next_sweep(b, alice.id, "online")
     finally:
         own_redis.stop()
         c.stop()

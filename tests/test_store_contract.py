@@ -1902,18 +1902,22 @@ async def test_kafka_a_failed_start_of_another_origin_gives_the_shard_back(
     async with serving(_short_commits(kafka_backend, LIMITS, 5.0)) as store:
         assert isinstance(store, KafkaStore)
         _, t, r = await _recorded_room(store)
-        twin = KafkaStore(
-            kafka_backend.dsn,
-            kafka_backend.bootstrap,
-            kafka_backend.topic,
-            store._shard,
-            LIMITS,
-            Recorder(),
-            schema=kafka_backend.schema,
-            partitions=2,
-            commit_timeout_s=5.0,
-        )
+
+        def twin_store() -> KafkaStore:  # a store runs once: one per start
+            return KafkaStore(
+                kafka_backend.dsn,
+                kafka_backend.bootstrap,
+                kafka_backend.topic,
+                store._shard,
+                LIMITS,
+                Recorder(),
+                schema=kafka_backend.schema,
+                partitions=2,
+                commit_timeout_s=5.0,
+            )
+
         for found_out_first in (False, True):
+            twin = twin_store()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(twin.run)
                 with trio.fail_after(30):
@@ -1930,17 +1934,6 @@ async def test_kafka_a_failed_start_of_another_origin_gives_the_shard_back(
             with trio.fail_after(60):
                 while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
                     await trio.sleep(0.1)
-            twin = KafkaStore(  # a store runs once
-                kafka_backend.dsn,
-                kafka_backend.bootstrap,
-                kafka_backend.topic,
-                store._shard,
-                LIMITS,
-                Recorder(),
-                schema=kafka_backend.schema,
-                partitions=2,
-                commit_timeout_s=5.0,
-            )
         assert store.recoveries == 2
         assert (await append(store, item(r, t.alice, "fenced"))).event.seq == 2
         events = await store.events_after(r, 0, 10)
