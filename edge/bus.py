@@ -161,11 +161,13 @@ class SessionRegistry(Protocol):
         """Heartbeat this edge until cancelled; `started()` once its sessions can be added."""
         ...
 
-    async def add(self, user: str, session: str, instance: str) -> Presence:
-        """Record that this edge holds `session` of `user`, a user of `instance` (idempotent);
-        the user's presence after it. Raises GB6Error: `quota_exceeded` past the per-user
-        limit, `invalid`, `unavailable`. A session whose add failed otherwise, or was cancelled,
-        is held all the same: the registry writes it once its store answers, until removed."""
+    async def add(self, user: str, session: str, instance: str, *, away: bool = False) -> Presence:
+        """Record that this edge holds `session` of `user`, a user of `instance` (idempotent),
+        and whether this edge has the user away (its own word, as of the call: the close of
+        their last other session here may still be on its way). Returns the user's presence
+        after it. Raises GB6Error: `quota_exceeded` past the per-user limit, `invalid`,
+        `unavailable`. A session whose add failed otherwise, or was cancelled, is held all the
+        same: the registry writes it once its store answers, until removed."""
         ...
 
     async def remove(self, user: str, session: str) -> Presence:
@@ -341,7 +343,7 @@ class LocalSessions:
             raise GB6Error(UNAVAILABLE, "session registry is not running")
         return self._incarnation
 
-    async def add(self, user: str, session: str, instance: str) -> Presence:
+    async def add(self, user: str, session: str, instance: str, *, away: bool = False) -> Presence:
         check_name("user", user)
         check_name("session", session)
         check_name("instance", instance)
@@ -355,8 +357,11 @@ class LocalSessions:
             )
         self.table.users.setdefault(user, sessions)[session] = incarnation
         self._held.setdefault(user, set()).add(session)
-        if user not in self._away:
-            self._set_away(user, incarnation, False)
+        if away:
+            self._away.add(user)
+        else:
+            self._away.discard(user)
+        self._set_away(user, incarnation, away)
         decided = self.table.decide(user, now, instance)
         await trio.lowlevel.checkpoint()  # recorded, even if cancelled here
         return decided

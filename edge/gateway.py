@@ -927,7 +927,10 @@ class Gateway:
         assert self.shared is not None
         with trio.move_on_after(FOLLOW_WAIT_S):
             try:
-                return await self.shared.sessions.add(who.id, session, who.instance.id)
+                # Away here as this edge has it now: the registry's word may still include a
+                # last session whose close has not reached it yet.
+                away = who.id in self.away
+                return await self.shared.sessions.add(who.id, session, who.instance.id, away=away)
             except GB6Error as exc:
                 if exc.code == QUOTA_EXCEEDED:
                     raise

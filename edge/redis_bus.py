@@ -448,8 +448,8 @@ end
 """
 
 # KEYS: user hash, away hash, said hash; ARGV[5..]: user, session, incarnation, max sessions,
-# instance, 1 if the edge has the user away else 0. Returns {0} if the user already has `max`
-# live sessions, else {1, decided...}.
+# instance, 1 if the edge has the user away else 0 (recorded either way). Returns {0} if the
+# user already has `max` live sessions, else {1, decided...}.
 _ADD = _Script.of(
     _PRESENCE_LUA
     + """
@@ -463,7 +463,12 @@ if redis.call('HEXISTS', KEYS[1], ARGV[6]) == 0 and redis.call('HLEN', KEYS[1]) 
 end
 redis.call('HSET', KEYS[1], ARGV[6], ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if ARGV[10] == '0' then redis.call('HDEL', KEYS[2], ARGV[7]) end
+if ARGV[10] == '1' then
+  redis.call('HSET', KEYS[2], ARGV[7], 1)
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+else
+  redis.call('HDEL', KEYS[2], ARGV[7])
+end
 local r = decide(ARGV[5], KEYS[1], KEYS[2], KEYS[3], ARGV[9], false, false, {[ARGV[7]] = true})
 return {1, r[1], r[2], r[3]}
 """
@@ -679,11 +684,14 @@ class RedisSessions:
                 except GB6Error as exc:  # others see this edge lapse; the next beat may heal it
                     log("session_heartbeat_failed", edge=self.edge, error=exc.message)
 
-    async def add(self, user: str, session: str, instance: str) -> Presence:
+    async def add(self, user: str, session: str, instance: str, *, away: bool = False) -> Presence:
         check_name("user", user)
         check_name("session", session)
         check_name("instance", instance)
-        away = user in self._away
+        if away:
+            self._away.add(user)
+        else:
+            self._away.discard(user)
         # Held from now on: an add that fails or is given up (the caller's bound, even while
         # queued), written or not, is written (again) by the next heartbeat Redis answers, and
         # removed by `remove` after it in the queue.

@@ -835,6 +835,28 @@ async def test_a_user_is_away_once_every_edge_of_theirs_has_them_away(where: str
         assert await a.presence(["alice", "bob"]) == {"bob": "online"}
 
 
+async def test_a_reconnect_on_the_same_edge_is_as_away_as_that_edge_says(where: str) -> None:
+    """Alice, away on edge a, reconnects to it. The edge forgets her away with her old socket
+    (her last session there), but the registry may get her new session before that socket's
+    removal: she is online everywhere all the same, as edge a shows her. A new session on an
+    edge that has her away keeps her away."""
+    async with open_harness(where) as h:
+        a, _ = await h.sessions("edge-a", ttl=TTL)
+        b, _ = await h.sessions("edge-b", ttl=TTL)
+        await a.add("alice", "ses_1", "ins_1")
+        assert (await a.set_away("alice", True)).status == "away"
+        now = await a.add("alice", "ses_2", "ins_1", away=False)  # before ses_1's removal
+        assert (now.status, now.changed) == ("online", True)
+        now = await a.remove("alice", "ses_1")
+        assert (now.status, now.changed) == ("online", False)
+        assert await b.presence(["alice"]) == {"alice": "online"}
+        await a.set_away("alice", True)
+        now = await a.add("alice", "ses_3", "ins_1", away=True)  # a second tab, away here
+        assert (now.status, now.changed) == ("away", False)
+        assert (await a.remove("alice", "ses_2")).status == "away"
+        assert await b.presence(["alice"]) == {"alice": "away"}
+
+
 async def test_redis_a_session_whose_removal_failed_is_removed_by_the_heartbeats(
     tmp_path: Path,
 ) -> None:

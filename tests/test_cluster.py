@@ -485,6 +485,10 @@ async def test_a_user_on_two_edges_is_away_once_both_have_them_away(
             assert (await b.event("presence"))["status"] == "away"
             got = (await b.ok("presence.get", users=[alice.id]))["presence"]
             assert got == {alice.id: "away"}
+            async with _peer(e1, alice.token):  # a second tab where she is away: still away
+                await no_presence_event(b)
+                got = (await b.ok("presence.get", users=[alice.id]))["presence"]
+                assert got == {alice.id: "away"}
         assert (await b.event("presence"))["status"] == "offline"
         await no_presence_event(b)
 
