@@ -271,6 +271,7 @@ class KafkaStore:
         self._keys_wanted = trio.Event()  # set when a room's filter waits for its keys
         self._pool: Any = None
         self.persister: PersisterProcess | None = None  # once recovered
+        self._persister_restarts_before = 0  # by the children this origin replaced
         self._persister_scope = trio.CancelScope()
         self._log_scope = trio.CancelScope()  # shielded once the log serves (`_run_log`)
         self._log_ended = trio.Event()
@@ -375,6 +376,8 @@ class KafkaStore:
 
     async def _start_persister(self, nursery: trio.Nursery) -> None:
         settings = Settings(self.dsn, self.schema, self.bootstrap, self.topic)
+        if self.persister is not None:  # given the shard back: its child starts again
+            self._persister_restarts_before += self.persister.restarts + 1
         self.persister = PersisterProcess(settings, self._persisted, lambda: self._restarted.set())
         scope = self._persister_scope = trio.CancelScope()
         try:
@@ -568,6 +571,13 @@ class KafkaStore:
                 self._persisted(found.heads)
                 break
 
+    @property
+    def persister_restarts(self) -> int:
+        """Times the persister's child started again: after it died, or with a new one when
+        the shard was given back to this origin."""
+        now = self.persister.restarts if self.persister is not None else 0
+        return self._persister_restarts_before + now
+
     def metrics(self) -> list[Metric]:
         """This store's part of `/metrics`."""
         state = self._seq.unpersisted
@@ -624,7 +634,7 @@ class KafkaStore:
                 "gb6_persister_restarts_total",
                 "counter",
                 "restarts of the persister's child process",
-                self.persister.restarts if self.persister is not None else 0,
+                self.persister_restarts,
             ),
         ]
 

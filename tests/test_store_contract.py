@@ -1935,6 +1935,7 @@ async def test_kafka_a_failed_start_of_another_origin_gives_the_shard_back(
                 while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
                     await trio.sleep(0.1)
         assert store.recoveries == 2
+        assert store.persister_restarts == 1  # stopped when fenced, started when given back
         assert (await append(store, item(r, t.alice, "fenced"))).event.seq == 2
         events = await store.events_after(r, 0, 10)
         assert [(e.seq, e.cid) for e in events] == [(1, "m1"), (2, "fenced")]
