@@ -20,7 +20,8 @@ uses: one process, so "shared" means shared objects) and a Redis adapter in `edg
   it). So two edges racing (a reconnect on one while the other times out the old socket) can
   never both decide "offline". A status whose sessions lapsed with their edge is corrected by
   `settle`, and every recorded change also goes into its instance's change feed (`changes`),
-  kept `FEED_KEEP_S`, from which an edge repairs the announcements it missed.
+  kept `FEED_KEEP_S`, from which an edge repairs the announcements it missed. A reader that
+  did not read for longer than that is told it may have missed changes (`FeedRead.missed`).
 - `PubSub`: ephemeral signals (presence, typing) on named channels (`room_channel`,
   `user_channel`) between edges, never persisted. `publish` never blocks: it hands the signal
   on or drops it. Each subscriber has one bounded inbox; when the inbox is full, signals for it
@@ -52,6 +53,7 @@ from node.ratelimit import Gcra, RateLimiter
 __all__ = [
     "MAX_NAME_LEN",
     "MAX_SIGNAL_BYTES",
+    "FeedRead",
     "Inbox",
     "LocalBroker",
     "LocalPubSub",
@@ -152,6 +154,20 @@ class Presence:
     changed: bool = False
 
 
+@attrs.frozen
+class FeedRead:
+    """One read of an instance's change feed (`SessionRegistry.changes`).
+
+    `position`: where to read from next; every change decided after the read has a version at
+    or above it. `missed`: the position read from was older than what the feed keeps, so
+    changes may be gone from it; `changed` is then empty, and the reader learns its users'
+    presence otherwise (their statuses as of the read are no older than `position`)."""
+
+    position: int
+    changed: tuple[Presence, ...] = ()
+    missed: bool = False
+
+
 class SessionRegistry(Protocol):
     """Which edge holds which sessions of a user; one registry per edge (see module doc)."""
 
@@ -197,13 +213,11 @@ class SessionRegistry(Protocol):
         it, and this edge's heartbeat writes it again."""
         ...
 
-    async def changes(
-        self, since: Mapping[str, int | None]
-    ) -> dict[str, tuple[int, list[Presence]]]:
+    async def changes(self, since: Mapping[str, int | None]) -> dict[str, FeedRead]:
         """For each instance in `since` (at most 1,000): the users whose presence changed at or
         after that position of its change feed, at most `MAX_FEED_READ`, with their presence
-        now, and the position to ask from next time (the last change's: it is read again,
-        since another may share it). `None`: only the position of the next change."""
+        now, and the position to ask from next time (the last change's when the page is full:
+        it is read again, since another may share it). `None`: only the position."""
         ...
 
     async def presence(self, users: Collection[str]) -> dict[str, str]:
@@ -245,6 +259,7 @@ class SessionTable:
     # the changes of the last `FEED_KEEP_S`, oldest first.
     said: dict[str, tuple[str, int, str]] = attrs.Factory(dict)
     feed: dict[str, dict[str, tuple[int, float]]] = attrs.Factory(dict)
+    cut: dict[str, int] = attrs.Factory(dict)  # instance → newest version dropped from its feed
     versions: int = 0
 
     def alive(self, incarnation: str, now: float) -> bool:
@@ -294,7 +309,7 @@ class SessionTable:
             feed.pop(user, None)  # to the end: the feed stays in order of time
             feed[user] = (self.versions, now)
             while feed and next(iter(feed.values()))[1] < now - FEED_KEEP_S:
-                del feed[next(iter(feed))]
+                self.cut[instance] = feed.pop(next(iter(feed)))[0]
         return Presence(user, status, self.versions, changed=True)
 
     def presence_of(self, user: str) -> Presence:
@@ -415,22 +430,24 @@ class LocalSessions:
             self.table.decide(u, now, users[u], force=True, here=u in self._held) for u in wanted
         ]
 
-    async def changes(
-        self, since: Mapping[str, int | None]
-    ) -> dict[str, tuple[int, list[Presence]]]:
+    async def changes(self, since: Mapping[str, int | None]) -> dict[str, FeedRead]:
         wanted = check_instances(since)
         await trio.lowlevel.checkpoint()
-        out: dict[str, tuple[int, list[Presence]]] = {}
+        out: dict[str, FeedRead] = {}
+        following = self.table.versions + 1  # the next change's version
         for instance in wanted:
             start = since[instance]
-            feed = self.table.feed.get(instance, {})
-            versions = sorted((v, u) for u, (v, _) in feed.items())
             if start is None:
-                out[instance] = (versions[-1][0] + 1 if versions else 0, [])
+                out[instance] = FeedRead(following)
                 continue
-            page = [(v, u) for v, u in versions if v >= start][:MAX_FEED_READ]
-            got = [self.table.presence_of(u) for _, u in page]
-            out[instance] = (page[-1][0] if page else start, got)
+            if start <= self.table.cut.get(instance, 0):
+                out[instance] = FeedRead(following, missed=True)
+                continue
+            feed = self.table.feed.get(instance, {})
+            page = sorted((v, u) for u, (v, _) in feed.items() if v >= start)[:MAX_FEED_READ]
+            got = tuple(self.table.presence_of(u) for _, u in page)
+            position = page[-1][0] if len(page) >= MAX_FEED_READ else following
+            out[instance] = FeedRead(position, got)
         return out
 
     async def presence(self, users: Collection[str]) -> dict[str, str]:

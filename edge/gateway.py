@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import math
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -150,6 +150,7 @@ class Gateway:
             shared.rooms_in_use = self._rooms_in_use
             shared.instances_in_use = self._instances_in_use
             shared.users_here = self._users_here
+            shared.users_seen = self._users_seen
         self._nursery: trio.Nursery | None = None
         self.cork = Cork()
         origin.publish_context = lambda: self.cork
@@ -942,6 +943,17 @@ class Gateway:
     def _users_here(self) -> dict[str, str]:
         """user → instance of the users connected to this edge (for the presence sweep)."""
         return {user: next(iter(conns)).instance for user, conns in self.by_user.items()}
+
+    def _users_seen(self, instance: str) -> Iterator[str]:
+        """The users this edge's clients of `instance` may be shown the presence of: those
+        sharing a room with one of them (see `_deliver_presence`), repeats included."""
+        for user, conns in list(self.by_user.items()):
+            if next(iter(conns)).instance != instance:
+                continue
+            for room_id in list(self.origin.user_rooms.get(user, ())):
+                room = self.origin.rooms.get(room_id)
+                if room is not None:
+                    yield from list(room.members)
 
     async def _discard_session(self, who: Principal, session: str) -> None:
         """Remove a session recorded for a hello refused after all."""

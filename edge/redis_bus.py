@@ -75,6 +75,7 @@ from edge.bus import (
     FEED_KEEP_S,
     MAX_FEED_READ,
     STATUSES,
+    FeedRead,
     Inbox,
     Presence,
     PubSubStatistics,
@@ -533,21 +534,28 @@ return out
 """
 )
 
-# KEYS: instances' feeds; ARGV: said key prefix, max users per feed, then per feed the position
-# to read from ('': none, only the position of the next change). Per feed: {next position, then
-# user, status, version for each user changed at or after the position}.
+# KEYS: instances' feeds; ARGV: said key prefix, max users per feed, feed keep µs, then per
+# feed the position to read from ('': none, only the position). Per feed: {next position, 1 if
+# the position read from is older than the feed keeps (nothing read) else 0, then user,
+# status, version for each user changed at or after the position}. Redis's clock is the
+# position when a page is not full: each change's version is at least the clock's when
+# decided, and what a feed drops is older than its keep by the clock then.
 _FEED = _Script.of("""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local nows = string.format('%.0f', now)
+local max = tonumber(ARGV[2])
 local out = {}
 for k = 1, #KEYS do
-  local since = ARGV[k + 2]
+  local since = ARGV[k + 3]
   if since == '' then
-    local top = redis.call('ZREVRANGE', KEYS[k], 0, 0, 'WITHSCORES')
-    if top[2] then out[k] = {string.format('%.0f', tonumber(top[2]) + 1)} else out[k] = {'0'} end
+    out[k] = {nows, 0}
+  elseif tonumber(since) < now - tonumber(ARGV[3]) then
+    out[k] = {nows, 1}
   else
-    local page = redis.call(
-      'ZRANGEBYSCORE', KEYS[k], since, '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
-    local row = {since}
-    if #page > 0 then row[1] = page[#page] end
+    local page = redis.call('ZRANGEBYSCORE', KEYS[k], since, '+inf', 'WITHSCORES', 'LIMIT', 0, max)
+    local row = {nows, 0}
+    if #page >= 2 * max then row[1] = page[#page] end
     for i = 1, #page, 2 do
       local said = redis.call('HMGET', ARGV[1] .. page[i], 's', 'v')
       row[#row + 1] = page[i]
@@ -762,28 +770,27 @@ class RedisSessions:
             (rows,) = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
         return [_presence(u, row) for u, row in zip(wanted, rows, strict=True)]
 
-    async def changes(
-        self, since: Mapping[str, int | None]
-    ) -> dict[str, tuple[int, list[Presence]]]:
+    async def changes(self, since: Mapping[str, int | None]) -> dict[str, FeedRead]:
         wanted = check_instances(since)
         if not wanted:
             return {}
         keys = [self.prefix + "feed:" + i for i in wanted]
         starts = ["" if since[i] is None else str(since[i]) for i in wanted]
+        keep_us = math.ceil(FEED_KEEP_S * 1_000_000)
 
         def build(pipe: Any) -> None:
             said = self.prefix + "said:"
-            pipe.evalsha(_FEED.sha, len(keys), *keys, said, MAX_FEED_READ, *starts)
+            pipe.evalsha(_FEED.sha, len(keys), *keys, said, MAX_FEED_READ, keep_us, *starts)
 
         with _translated("presence changes"):
             (rows,) = await aio_as_trio(_pipeline)(self.client, _SESSION_SCRIPTS, build)
-        out: dict[str, tuple[int, list[Presence]]] = {}
+        out: dict[str, FeedRead] = {}
         for instance, row in zip(wanted, rows, strict=True):
-            got = [
+            got = tuple(
                 Presence(row[i].decode(), STATUSES[int(row[i + 1])], int(float(row[i + 2])))
-                for i in range(1, len(row), 3)
-            ]
-            out[instance] = (int(float(row[0])), got)
+                for i in range(2, len(row), 3)
+            )
+            out[instance] = FeedRead(int(float(row[0])), got, missed=bool(int(row[1])))
         return out
 
     async def presence(self, users: Collection[str]) -> dict[str, str]:

@@ -26,7 +26,9 @@ repaired by every `SWEEP_S`:
   settles them), and this edge tells its clients what it had missed;
 - this edge reads the change feed of each instance it follows since its last read (the
   feed's position when it began to follow the instance), and tells its clients the changes it
-  had missed.
+  had missed. If it could not read for longer than the feed keeps changes (Redis unreachable
+  for over a minute), it asks the presence of every user its clients of that instance share a
+  room with (`users_seen`, at most `_MAX_RESYNC`) and tells them what changed.
 At most `_MAX_TOLD` users' presence is remembered per edge (the least recently told are
 forgotten, and no longer settled).
 """
@@ -59,6 +61,7 @@ _MAX_TOLD: Final = 100_000
 _MAX_FEED_PAGES: Final = 10  # feed reads per instance per sweep
 _UNFOLLOW_CHUNK: Final = 1000  # channels per unsubscribe command
 _INSTANCE: Final = "instance:"
+_MAX_RESYNC: Final = 100_000  # users asked per instance after a feed read that missed changes
 
 
 def instance_channel(instance: str) -> str:
@@ -96,6 +99,8 @@ class SharedSignals:
         self.instances_in_use: Callable[[], Iterable[str]] = tuple
         # user → instance of those with a session on this edge.
         self.users_here: Callable[[], Mapping[str, str]] = dict
+        # The users this edge's clients of an instance may be shown the presence of.
+        self.users_seen: Callable[[str], Iterable[str]] = lambda instance: ()
         self._followed: set[str] = set()
         self._touched: set[str] = set()  # followed channels asked for since the last sweep
         self._changing = trio.Lock()  # one follow or unfollow at a time: they keep their order
@@ -193,20 +198,46 @@ class SharedSignals:
     async def read_feeds(self, instances: list[str]) -> None:
         """Read the change feeds of `instances` (followed ones) from where the last read ended,
         and tell this edge's clients the changes they missed."""
+        missed: dict[str, int] = {}
         for _ in range(_MAX_FEED_PAGES):
             since = {i: self._feeds[i] for i in instances if i in self._feeds}
             if not since:
-                return
+                break
             more = []
-            for instance, (position, changed) in (await self.sessions.changes(since)).items():
+            for instance, read in (await self.sessions.changes(since)).items():
                 if instance not in self._feeds:  # unfollowed meanwhile
                     continue
-                for now in changed:
+                for now in read.changed:
                     self._tell(instance, now)  # said by the edge that decided it, if at all
-                self._feeds[instance] = position
-                if len(changed) >= MAX_FEED_READ:
+                self._feeds[instance] = read.position
+                if read.missed:
+                    missed[instance] = read.position
+                elif len(read.changed) >= MAX_FEED_READ:
                     more.append(instance)
             instances = more
+        for instance, position in missed.items():
+            await self._resync(instance, position)
+
+    async def _resync(self, instance: str, position: int) -> None:
+        """After a feed read that missed changes: tell this edge's clients the presence of the
+        users they may be shown, as of after the read (older than any change decided after it,
+        which has a version at or above `position`); a user never told here and offline is left
+        so."""
+        log("presence_feed_missed", instance=instance)
+        seen: dict[str, None] = {}
+        for user in self.users_seen(instance):
+            seen[user] = None
+            if len(seen) >= _MAX_RESYNC:
+                break
+        users = list(seen)
+        for i in range(0, len(users), MAX_LOCATE_USERS):
+            chunk = users[i : i + MAX_LOCATE_USERS]
+            statuses = await self.sessions.presence(chunk)
+            for user in chunk:
+                status = statuses.get(user, "offline")
+                if status == "offline" and user not in self._told:
+                    continue
+                self._tell(instance, Presence(user, status, position - 1))
 
     async def unfollow_unused(self) -> None:
         """Stop following the channels no client of this edge needs now, but for those asked
@@ -267,7 +298,7 @@ class SharedSignals:
             await self._follow(channel)  # touched
             return
         try:
-            position = (await self.sessions.changes({instance: None}))[instance][0]
+            position = (await self.sessions.changes({instance: None}))[instance].position
         except GB6Error as exc:  # the first sweep learns it
             log("presence_feed_failed", instance=instance, error=exc.message)
             position = None

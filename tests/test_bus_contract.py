@@ -734,6 +734,46 @@ async def test_a_presence_change_whose_signal_was_lost_is_told_by_the_sweep(
         assert len(shown) == 4  # each once
 
 
+async def test_an_edge_that_missed_changes_of_the_feed_asks_its_users_presence(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edge that could not read an instance's change feed for longer than the feed keeps
+    changes (Redis unreachable for over a minute, say) may have missed some: the read says so,
+    and the edge asks the presence of the users its clients may be shown (`users_seen`: those
+    sharing a room with them) and tells what changed. One it never told of, and offline, is
+    not told. Its reads go on from there."""
+    from edge import bus, redis_bus, shared_signals
+
+    keep = 0.5
+    monkeypatch.setattr(shared_signals, "SWEEP_S", 3600)  # the test reads by hand
+    monkeypatch.setattr(bus, "FEED_KEEP_S", keep)
+    monkeypatch.setattr(redis_bus, "FEED_KEEP_S", keep)
+    async with open_harness(where) as h:
+        a, _ = await h.sessions("edge-a", ttl=TTL)
+        b, _, _ = await h.signals("edge-b")
+        shown: list[tuple[str, str]] = []
+        b.on_presence = lambda user, status: shown.append((user, status))
+        seen = {"ins_1": ["alice", "bob", "carol", "alice"]}
+        b.users_seen = lambda instance: seen.get(instance, [])
+        await h.start(b)
+        assert (await a.add("carol", "ses_0", "ins_1")).changed
+        await b.follow_instance("ins_1")
+        assert (await a.add("alice", "ses_1", "ins_1")).changed
+        await b.read_feeds(["ins_1"])
+        assert shown == [("alice", "online")]
+        # Changes b does not read in time: gone from the feed once a later change trims it.
+        assert (await a.set_away("alice", True)).changed
+        assert (await a.add("bob", "ses_2", "ins_1")).changed
+        assert (await a.remove("carol", "ses_0")).changed
+        await trio.sleep(2 * keep)
+        assert (await a.add("erin", "ses_3", "ins_1")).changed  # nobody here is shown erin
+        await b.read_feeds(["ins_1"])
+        assert shown == [("alice", "online"), ("alice", "away"), ("bob", "online")]
+        assert (await a.remove("bob", "ses_2")).changed
+        await b.read_feeds(["ins_1"])
+        assert shown[3:] == [("bob", "offline")]
+
+
 async def test_redis_an_edge_says_its_users_online_again_after_redis_lost_them(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
