@@ -228,11 +228,20 @@ class Hubs:
         subscriber's connection; cancelled by `release` or a new subscribe."""
         hub = self.hubs.get(sub.room)
         delivered = after
-        while hub is not None and sub in hub.catching:
+
+        def released() -> bool:
+            # `release` cancels this task, but a task already woken from an await goes on to
+            # its next checkpoint: asked after each await, before any write or join.
+            return hub is None or sub not in hub.catching
+
+        while not released():
+            assert hub is not None
             # A connection resuming many rooms runs a catch-up per room on one outbox: each
             # waits for room below `high_water` and writes at most what fits under it, so that
             # together they never pass the outbox's bound (which closes the client with 4008).
             await sub.outbox.wait_below(high_water)
+            if released():
+                return
             space = max(1, high_water - sub.outbox.queued_bytes)
             cached = hub.cached_after(delivered, space)
             if cached is not None:
@@ -248,6 +257,8 @@ class Hubs:
                 delivered = last
                 continue
             events: list[Event] = await events_after(sub.room, delivered, chunk)
+            if released():
+                return
             # The store may already hold commits the hub has not been handed yet; those reach
             # this subscriber live, so stop at the hub's head.
             events = [ev for ev in events if ev.seq <= hub.head]
@@ -258,5 +269,7 @@ class Hubs:
                 continue
             for ev in events:  # one frame at a time: large events never overflow the outbox
                 await sub.outbox.wait_below(high_water)
+                if released():
+                    return
                 sub.outbox.write(encode_event(ev))
                 delivered = ev.seq

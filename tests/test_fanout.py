@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
+import trio.testing
 from trio_websocket import open_websocket_url
 
 from tests.conftest import Node, Tenant
@@ -412,3 +414,57 @@ async def test_a_subscriber_still_catching_up_gets_typing_and_receipts() -> None
     assert received.startswith(b"typing-of-alice")
     assert b"typing-of-bob" not in received
     assert received.count(b'"seq":') == 3  # and the catch-up after it, whole
+
+
+@pytest.mark.parametrize("waiting_on", ["outbox", "store"])
+async def test_a_catch_up_released_as_it_wakes_writes_nothing_more(waiting_on: str) -> None:
+    """A subscription released (the user removed from the room, an unsubscribe, a subscribe
+    again) while its catch-up task has been woken but has not run yet: cancelling that task no
+    longer stops it before its next checkpoint. It must write nothing more and never join the
+    live subscribers (which would go on getting the room's events, or get each twice)."""
+    from edge.hub import Hubs, Subscription
+    from edge.outbox import Outbox
+    from node.events import Event
+
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    client.setblocking(False)
+    outbox = Outbox(server, limit=1 << 20)
+    hubs = Hubs(cache_size=2 if waiting_on == "store" else 512, cache_bytes=1 << 20, idle_max=100)
+    hub = hubs.ensure("r", 0)
+    hub.publish([Event("r", seq, 0, "message", "u", f"c{seq}", {"t": "x"}) for seq in (1, 2, 3)])
+    asked = trio.Event()
+    answer = trio.Event()
+
+    async def store(room: str, after: int, limit: int) -> list[Event]:
+        asked.set()
+        await answer.wait()
+        return [Event("r", 1, 0, "message", "u", "c1", {"t": "x"})]
+
+    sub = Subscription("r", "bob", outbox, scope=trio.CancelScope())
+    hub.catching.add(sub)
+
+    async def catch_up() -> None:
+        assert sub.scope is not None
+        with sub.scope:
+            await hubs.catch_up(sub, 0, store, 500, 1000)
+
+    if waiting_on == "outbox":
+        outbox.queued_bytes = 2000  # as if the client read slowly: the task waits for room
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(catch_up)
+        await trio.testing.wait_all_tasks_blocked()
+        if waiting_on == "store":
+            assert asked.is_set()
+            answer.set()
+        else:
+            outbox.queued_bytes = 0
+            outbox._drained.unpark_all()
+        hubs.release(sub)  # in the same step as the wake-up: the task has not run yet
+        await trio.testing.wait_all_tasks_blocked()
+        assert sub not in hub.live and not sub.live
+        hub.publish([Event("r", 4, 0, "message", "u", "c4", {"t": "x"})])
+    with pytest.raises(BlockingIOError):
+        client.recv(1 << 16)  # nothing was written after the release
+    server.close()
+    client.close()
