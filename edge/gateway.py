@@ -659,17 +659,19 @@ class Gateway:
             self.hubs.settle(req.room)
             raise
         # Validated: from here on nothing fails, so a refused subscribe changes nothing.
-        old = conn.subs.pop(req.room, None)
-        if old is not None:
-            self.hubs.release(old)
         hub = self.hubs.ensure(req.room, room.head)
         # The scope exists before the task starts, so a release that comes first (an
         # unsubscribe or a new subscribe in the same read) still cancels it. The subscription
         # is the hub's before the reply goes out (`write` may send it at once): a typing signal
         # sent by a client that saw the reply reaches this one.
         sub = Subscription(req.room, who.id, conn.outbox, scope=trio.CancelScope())
-        conn.subs[req.room] = sub
         hub.catching.add(sub)
+        # Released once the new one holds the hub: the hub never goes idle in between, where
+        # it could be evicted and unwatched (with no idle cache, at once) under the new one.
+        old = conn.subs.pop(req.room, None)
+        if old is not None:
+            self.hubs.release(old)
+        conn.subs[req.room] = sub
         self._reply(conn, req.id, {"room": req.room, "head": hub.head})
         conn.nursery.start_soon(self._catch_up, conn, sub, req.after)
 
@@ -722,6 +724,8 @@ class Gateway:
                     self.limits.outbox_bytes // 2,
                 )
             except GB6Error as exc:  # the store could not be read: the client resumes later
+                if sub.scope.cancel_called:  # released meanwhile: nothing is owed
+                    return
                 log("catch_up_failed", session=conn.session, room=sub.room, error=exc.message)
                 self._close(conn, CLOSE_INTERNAL, "could not replay; resume")
 

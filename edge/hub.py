@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from edge import protocol, wsframe
+from node.errors import UNAVAILABLE, GB6Error
 from node.events import Event
 
 if TYPE_CHECKING:
@@ -144,6 +145,10 @@ class RoomHub:
             sub.scope.cancel()
 
 
+CATCH_UP_RETRY_S = 10.0  # a catch-up asks a store that answers `unavailable` again this long
+_RETRY_PAUSE_S = 0.1
+_RETRY_PAUSE_MAX_S = 2.0
+
 EventsAfter = Callable[[str, int, int], Any]  # async (room, after, limit) -> list[Event]
 
 
@@ -228,6 +233,8 @@ class Hubs:
         subscriber's connection; cancelled by `release` or a new subscribe."""
         hub = self.hubs.get(sub.room)
         delivered = after
+        give_up = trio.current_time() + CATCH_UP_RETRY_S
+        pause = _RETRY_PAUSE_S
 
         def released() -> bool:
             # `release` cancels this task, but a task already woken from an await goes on to
@@ -256,7 +263,16 @@ class Hubs:
                     return
                 delivered = last
                 continue
-            events: list[Event] = await events_after(sub.room, delivered, chunk)
+            try:
+                events: list[Event] = await events_after(sub.room, delivered, chunk)
+            except GB6Error as exc:
+                # Busy or briefly cut off (`unavailable` says: retry): asked again a while,
+                # rather than closing the connection for its client to resume into the same.
+                if exc.code != UNAVAILABLE or trio.current_time() >= give_up:
+                    raise
+                await trio.sleep(pause)
+                pause = min(2 * pause, _RETRY_PAUSE_MAX_S)
+                continue
             if released():
                 return
             # The store may already hold commits the hub has not been handed yet; those reach

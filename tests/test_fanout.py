@@ -468,3 +468,43 @@ async def test_a_catch_up_released_as_it_wakes_writes_nothing_more(waiting_on: s
         client.recv(1 << 16)  # nothing was written after the release
     server.close()
     client.close()
+
+
+async def test_a_catch_up_asks_a_store_that_is_briefly_unavailable_again() -> None:
+    """The store answers a catch-up's read with `unavailable` (the origin busy, its link
+    reconnecting): the catch-up asks again after a pause, instead of ending (and the
+    connection with it, for its client to resume into the same); any other error ends it."""
+    from edge.hub import Hubs, Subscription
+    from edge.outbox import Outbox
+    from node.errors import INTERNAL, UNAVAILABLE, GB6Error
+    from node.events import Event
+
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    outbox = Outbox(server, limit=1 << 20)
+    hubs = Hubs(cache_size=1, cache_bytes=1 << 20, idle_max=100)
+    hub = hubs.ensure("r", 0)
+    events = [Event("r", seq, 0, "message", "u", f"c{seq}", {"t": "x"}) for seq in (1, 2, 3)]
+    hub.publish(events)  # the cache holds seq 3 only: 1 and 2 are read from the store
+    errors = [GB6Error(UNAVAILABLE, "busy"), GB6Error(UNAVAILABLE, "busy")]
+
+    async def store(room: str, after: int, limit: int) -> list[Event]:
+        if errors:
+            raise errors.pop(0)
+        return [ev for ev in events if ev.seq > after][:limit]
+
+    sub = Subscription("r", "bob", outbox, scope=trio.CancelScope())
+    hub.catching.add(sub)
+    with trio.fail_after(5):
+        await hubs.catch_up(sub, 0, store, 500, 1 << 16)
+    assert sub.live
+    received = client.recv(1 << 16)
+    assert received.count(b'"seq":') == 3
+    second = Subscription("r", "carol", outbox, scope=trio.CancelScope())
+    hub.catching.add(second)
+    errors.append(GB6Error(INTERNAL, "broken"))
+    with pytest.raises(GB6Error) as err:
+        await hubs.catch_up(second, 0, store, 500, 1 << 16)
+    assert err.value.code == INTERNAL
+    server.close()
+    client.close()

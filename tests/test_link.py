@@ -306,6 +306,27 @@ async def test_a_subscribe_refused_after_its_watch_leaves_no_hub_behind(tmp_path
             assert gateway.hubs.get(second) is None  # idle, and past the idle ones kept (0)
 
 
+async def test_a_subscribe_again_with_no_idle_cache_keeps_the_rooms_events_coming(
+    tmp_path: Path,
+) -> None:
+    """A client subscribes again to a room only it subscribes to on this edge (to resume from
+    another seq). With no idle hubs kept, releasing its old subscription first left the hub
+    idle, evicted and unwatched under the new one: that subscribe was `ok` and then got no
+    more events."""
+    async with edge_and_origin(tmp_path, Limits(idle_room_cache_rooms=0)) as (_, node, token, _):
+        a: Peer
+        async with peer_of(node, token) as a:
+            room = await make_room(a, [])
+            await a.ok("subscribe", room=room, after=0)
+            await a.ok("send", room=room, cid="c1", body={"text": "one"})
+            assert (await a.event("message"))["seq"] == 1
+            await a.ok("subscribe", room=room, after=0)  # again, from the start
+            assert (await a.event("message"))["seq"] == 1
+            await a.ok("send", room=room, cid="c2", body={"text": "two"})
+            with trio.fail_after(5):
+                assert (await a.event("message"))["seq"] == 2
+
+
 async def test_a_subscribe_gone_before_its_watch_answer_leaves_the_room_to_be_unwatched(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -472,10 +493,10 @@ async def test_a_hello_under_way_when_its_shards_link_is_lost_does_not_end_ready
         add = shared.sessions.add
         entered, go_on = trio.Event(), trio.Event()
 
-        async def adding(user: str, session: str, instance: str) -> Presence:
+        async def adding(user: str, session: str, instance: str, *, away: bool) -> Presence:
             entered.set()
             await go_on.wait()
-            return await add(user, session, instance)
+            return await add(user, session, instance, away=away)
 
         monkeypatch.setattr(shared.sessions, "add", adding)
         generation = shard_link.generation
