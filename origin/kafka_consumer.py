@@ -6,8 +6,9 @@ Rules:
   delivered), commits nothing to Kafka (`enable.auto.commit=false`, no offset store) and joins
   no group: it is assigned every partition of the topic at the offsets it was given, so its
   owner stores offsets where its side effects go and resumes exactly there.
-- A partition without a given offset is read from its beginning. An offset the log no longer
-  holds (retention) is an error, never a silent skip (`auto.offset.reset=error`).
+- A partition without a given offset is read from its beginning, which must be the log's first
+  record: one whose first records are gone (retention, `delete_records`) is an error. So is an
+  offset the log no longer holds (`auto.offset.reset=error`). Never a silent skip.
 - Batches cross into Trio through a bounded channel: the thread blocks while `max_pending`
   batches wait, so a slow owner slows the reads, not memory. One batch per thread hop.
 - A batch's `resume` is where each partition's reading stands, past the transaction markers
@@ -129,6 +130,19 @@ class KafkaLogConsumer:
                 why = found.error if found is not None else "missing"
                 raise GB6Error(UNAVAILABLE, f"Kafka topic {self.topic!r}: {why}")
             start = check_offsets(self._start, len(found.partitions))
+            for p in sorted(found.partitions):
+                if p in start:  # below the log's beginning: `auto.offset.reset=error`
+                    continue
+                low, _ = consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), _METADATA_TIMEOUT_S
+                )
+                if low > 0:
+                    raise GB6Error(
+                        INTERNAL,
+                        f"Kafka topic {self.topic!r} partition {p} begins at offset {low}: "
+                        "the records before it are gone (retention?), and this consumer has "
+                        "no stored offset to start after them; it would skip them",
+                    )
             consumer.assign(
                 [
                     TopicPartition(self.topic, p, start.get(p, OFFSET_BEGINNING))

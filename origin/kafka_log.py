@@ -105,7 +105,17 @@ def ensure_topic(
     `_Stopped` soon after `stopping` is set."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.create_topics(
-        [NewTopic(topic, num_partitions=partitions, replication_factor=-1)],
+        [
+            NewTopic(
+                topic,
+                num_partitions=partitions,
+                replication_factor=-1,
+                # The log of record: its consumers (the persister, the meter, the indexer)
+                # start from it, and rebuild from its beginning. The broker's default would
+                # delete acknowledged records, persisted or not.
+                config={"retention.ms": "-1", "retention.bytes": "-1"},
+            )
+        ],
         operation_timeout=timeout_s,
         request_timeout=timeout_s,
     )

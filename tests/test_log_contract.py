@@ -440,3 +440,42 @@ async def test_a_kafka_writer_starts_once_a_broker_slow_to_answer_does(
             entries, _ = await read(consumer, len(batch))
         assert by_room(entries) == by_room(batch)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_kafka_log_keeps_its_records_and_a_consumer_never_skips_lost_ones(
+    kafka_backend: Backend,
+) -> None:
+    """The log of record is made with no retention: the broker's default (24 h on the
+    project's broker) would delete acknowledged records, persisted or not, and a consumer with
+    no stored offset (a meter rebuilding a deleted billing store) would start after them, as if
+    they never were. If records are gone all the same (an operator's retention, or
+    `delete_records`), such a consumer refuses to start, naming the partition; one whose
+    offsets are past them reads on."""
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    from node.errors import INTERNAL
+
+    written = records(["a", "b", "c"], range(1, 6), "kept")
+    async with running(kafka_backend.writer()) as writer:
+        await writer.append_batch(written)
+        async with running(kafka_backend.consumer({})) as consumer:
+            entries, last = await read(consumer, len(written))
+    admin = AdminClient({"bootstrap.servers": kafka_backend.bootstrap})
+    resource = ConfigResource(ConfigResource.Type.TOPIC, kafka_backend.topic)
+    config = admin.describe_configs([resource])[resource].result(timeout=20)
+    assert config["retention.ms"].value == "-1"
+    assert config["retention.bytes"].value == "-1"
+    partition = next(p for p, o in last.resume.items() if o > 1)
+    (done,) = admin.delete_records([TopicPartition(kafka_backend.topic, partition, 1)]).values()
+    done.result(timeout=20)
+    with pytest.raises(GB6Error) as err:
+        await kafka_backend.consumer({}).run()
+    assert err.value.code == INTERNAL
+    assert f"partition {partition} begins at offset 1" in err.value.message
+    async with running(kafka_backend.consumer(dict(last.resume))) as consumer:
+        async with running(kafka_backend.writer()) as writer:
+            await writer.append_batch([LogRecord("a", 6, b"after")])
+        more, _ = await read(consumer, 1)
+    assert [(e.room, e.seq) for e in more] == [("a", 6)]
+    assert len(entries) == len(written)
