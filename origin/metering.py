@@ -63,6 +63,8 @@ _IDLE_S: Final = 0.2  # how long a Kafka read waits for records before it says "
 _TAIL_S: Final = 15.0  # how long asking Kafka for its end may take
 POLL_S: Final = 10.0  # background passes of a table source; reads of usage catch up first anyway
 LOG_POLL_S: Final = 0.05  # between background passes of a log consumer
+_FAILED_PAUSE_S: Final = 0.5  # before the first background pass after a failed one
+_FAILED_PAUSE_MAX_S: Final = 10.0  # doubling with each failure in a row, up to this
 _CONSUMER_BATCH: Final = 1_000  # records per read of the Kafka meter's consumer, at most
 # An exact pass applies at least this often; a background pass reads at most this long.
 _GATHER_S: Final = 1.0
@@ -450,12 +452,18 @@ class Meter:
             self._running = True
             task_status.started()
             try:
+                pause = self.source.poll_s
                 while True:
-                    await trio.sleep(self.source.poll_s)
+                    await trio.sleep(pause)
                     try:
                         await self.catch_up(exact=False)
                     except GB6Error as exc:  # the next pass retries; nothing was half-applied
-                        log("metering_failed", error=exc.message)
+                        # Paused longer after each failure in a row: a pass that fails may
+                        # have opened a consumer of the log (its thread, its connections).
+                        pause = min(max(2 * pause, _FAILED_PAUSE_S), _FAILED_PAUSE_MAX_S)
+                        log("metering_failed", error=exc.message, pause=pause)
+                    else:
+                        pause = self.source.poll_s
             finally:
                 self._running = False
                 nursery.cancel_scope.cancel()

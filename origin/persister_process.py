@@ -94,13 +94,16 @@ class PersisterProcess:
     async def _child(self, ready: Callable[[], None]) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "origin.persister_main"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            start_new_session=True,
-        )
+        try:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "origin.persister_main"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:  # EAGAIN, ENOMEM, EMFILE: tried again like a child that died
+            raise _ChildFailed(f"could not be started: {exc}") from None
         assert proc.stdin is not None and proc.stdout is not None
         self.pid = proc.pid
         try:

@@ -631,3 +631,45 @@ def test_prices_come_from_the_plans_in_the_config(tmp_path: Path) -> None:
         open_billing(load(path, {"data_dir": str(tmp_path)}), lambda _: None)
     assert err.value.code == INVALID
     assert "plans.team.pricing.components[0].model" in err.value.message
+
+
+class ReadsFail(Stopping):
+    """A log source every read of which fails (the billing store's offset older than the log,
+    a record it cannot decode), until `healed`; quick background passes, as Kafka's."""
+
+    poll_s = 0.05
+
+    def __init__(self, source: SqliteEventSource) -> None:
+        super().__init__(source, batches=1_000)
+        self.reads = 0
+        self.healed = False
+
+    async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
+        self.reads += 1
+        if not self.healed:
+            raise GB6Error("unavailable", "made by the test")
+        return await super().read(after, limit)
+
+
+async def test_background_passes_that_keep_failing_back_off(tmp_path: Path) -> None:
+    """A pass that fails may have opened a consumer of the log (a thread, connections): the
+    meter does not try again every 50 ms for as long as the failure lasts, but pauses longer
+    after each (0.5 s, doubling, up to 10 s), and counts as soon as a pass works again."""
+    data = tmp_path / "data"
+    inst = await log_of(data, 3)
+    source = ReadsFail(SqliteEventSource(data / "gb6.db"))
+    billing = Billing(
+        SqliteBillingStore(data / "billing.db"), source, lambda _: None, lambda _: SEAT_PRICE
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(billing.run)
+        await trio.sleep(2.0)  # passes at about 0.05, 0.55, 1.55 s (25 or so without pauses)
+        assert 2 <= source.reads <= 4
+        source.healed = True
+        with trio.fail_after(10):
+            while await billing.store.usage(inst, month_of(now_ms())) != {  # noqa: ASYNC110
+                "messages": 3,
+                "seats": 1,
+            }:
+                await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()

@@ -50,6 +50,27 @@ async def test_a_child_that_cannot_start_stops_the_parent_with_its_reason() -> N
     assert process.pid is None and process.restarts == 0 and persisted == []
 
 
+async def test_a_child_the_system_cannot_start_is_a_failed_start_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fork or its pipes fail (EAGAIN, ENOMEM, EMFILE): that is a child that did not start,
+    said as one (and, after a first child ran, tried again with the restarts' pauses), not an
+    OSError out of the origin's nursery."""
+    settings = Settings("postgresql://gb6:gb6@127.0.0.1:1/gb6", "gb6", "127.0.0.1:1", "gb6-log-x")
+
+    async def no_fork(*args: object, **kwargs: object) -> trio.Process:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(trio.lowlevel, "open_process", no_fork)
+    async with trio.open_nursery() as nursery:
+        process = PersisterProcess(settings, lambda heads: None)
+        with trio.fail_after(10), pytest.raises(GB6Error) as info:
+            await nursery.start(process.run)
+    assert info.value.code == UNAVAILABLE
+    assert "the persister did not start: could not be started" in info.value.message
+    assert "Resource temporarily unavailable" in info.value.message
+
+
 def test_restarts_back_off_while_children_die_young() -> None:
     pauses = [restart_pause(0.0, 0.5)]
     for _ in range(7):
