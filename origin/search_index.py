@@ -201,11 +201,29 @@ class SearchIndex:
 
     # --- the thread ----------------------------------------------------------------------
 
-    def _main(self, token: trio.lowlevel.TrioToken) -> None:
+    def _open_reader(self) -> sqlite3.Connection:
         conn = self._connect()
-        conn.execute("ATTACH DATABASE ? AS log", (str(self._log_path),))  # only ever read
+        try:
+            conn.execute("ATTACH DATABASE ? AS log", (str(self._log_path),))  # only ever read
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _main(self, token: trio.lowlevel.TrioToken) -> None:
+        # Whatever fails is logged and tried again (within a second): the thread never ends
+        # before it is stopped, since sends wait for it to index their keys once the writer
+        # holds too many (`_MAX_RECENT_KEYS`).
+        conn: sqlite3.Connection | None = None
         try:
             while not self._stopping.is_set():
+                if conn is None:
+                    try:
+                        conn = self._open_reader()
+                    except Exception as exc:
+                        log("search_index_failed", error=repr(exc))
+                        self._stopping.wait(1.0)
+                        continue
                 self._wake.wait(1.0)
                 if not self._searching.is_set():
                     # Nobody waits: let events gather, so each pass writes one larger FTS
@@ -215,10 +233,14 @@ class SearchIndex:
                 while not self._stopping.is_set():
                     try:
                         indexed, more = self._index_batch(conn)
-                    except sqlite3.Error as exc:
-                        if conn.in_transaction:
-                            conn.execute("ROLLBACK")
-                        log("search_index_failed", error=str(exc))
+                    except Exception as exc:
+                        log("search_index_failed", error=repr(exc))
+                        try:
+                            if conn.in_transaction:
+                                conn.execute("ROLLBACK")
+                        except sqlite3.Error:  # a connection of its own from now on
+                            conn.close()
+                            conn = None
                         break  # retried on the next nudge or within a second
                     try:
                         token.run_sync_soon(self._advance, indexed)
@@ -227,7 +249,8 @@ class SearchIndex:
                     if not more:
                         break
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def _index_batch(self, conn: sqlite3.Connection) -> tuple[int, bool]:
         """Index the next events after the offsets, in one transaction; (offset, more left).

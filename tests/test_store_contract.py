@@ -1974,3 +1974,38 @@ async def test_kafka_a_shard_fenced_by_an_older_writer_takes_its_log_back(
         assert (await append(store, item(r, t.alice, "after"))).event.seq == 3
         events = await store.events_after(r, 0, 10)
         assert [(e.seq, e.cid) for e in events] == [(1, "m1"), (2, "fenced"), (3, "after")]
+
+
+async def test_sqlite_search_index_goes_on_after_an_unexpected_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded index's thread meets an error that is not SQLite's: it logs it and goes
+    on, rather than ending. Ended, it indexed nothing more, and once the writer held too many
+    keys waiting for it, every send was refused until a restart."""
+    from origin import search_index, sqlite_store
+
+    original = search_index.SearchIndex._index_batch
+    failures = [RuntimeError("made by the test")]
+
+    def index_batch(self: search_index.SearchIndex, conn: Any) -> tuple[int, bool]:
+        if failures:
+            raise failures.pop()
+        return original(self, conn)
+
+    monkeypatch.setattr(search_index.SearchIndex, "_index_batch", index_batch)
+    monkeypatch.setattr(sqlite_store, "_MAX_RECENT_KEYS", 20)
+    backend = Backend("sqlite", lambda rec: SqliteStore(tmp_path / "gb6.db", LIMITS, rec))
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        with trio.fail_after(30):
+            for i in range(40):
+                while True:  # refused while the index is behind: resent, as a client would
+                    try:
+                        await append(store, item(r, t.alice, f"m{i}", body={"text": f"h {i}"}))
+                        break
+                    except GB6Error as exc:
+                        assert exc.code == UNAVAILABLE and "behind" in exc.message
+                        await trio.sleep(0.1)
+            assert len(await store.search([r], "h", 50)) == 40
+    assert not failures
