@@ -99,7 +99,7 @@ from origin.kafka_tail import committed_records_after
 from origin.log_port import LogAborted, LogBatch, LogFenced, writer_id
 from origin.persister_main import Settings
 from origin.persister_process import PersisterProcess
-from origin.pg_append import HEADS, PRIORS
+from origin.pg_append import HEADS, fetch_events_at, fetch_priors
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_persister import PgPersister, prepare
 from origin.pg_store import PgStore, open_pool
@@ -112,7 +112,6 @@ from origin.records import (
     RoomRecord,
     Token,
     User,
-    event_from_row,
 )
 from origin.sqlite_store import AppendCallback, Appended, AppendItem, now_ms
 
@@ -132,14 +131,13 @@ _ROOM_KEYS: Final = (
 )
 _KEYS_PAGE: Final = 1_000  # ~3.5 ms of the busy thread to add to a filter
 _KEYS_RETRY_S: Final = (1.0, 30.0)  # the key loader's waits after a failed page: first, most
-# As pg_append.PRIORS: the key, then its event, each a LATERAL … LIMIT 1 (one probe each).
-_TARGETS: Final = (
-    "SELECT e.room, e.seq, e.type, e.sender, e.deleted"
+# Where each target is (one probe each, as pg_append.KEYS_AT); its event is then read by
+# `fetch_events_at`, with its instance and ts known when PostgreSQL plans it.
+_TARGETS_AT: Final = (
+    "SELECT q.room, q.seq, k.instance, k.ts"
     " FROM unnest($1::text[], $2::bigint[]) AS q(room, seq)"
     " CROSS JOIN LATERAL (SELECT k.instance, k.ts FROM event_keys k"
     " WHERE k.room = q.room AND k.seq = q.seq LIMIT 1) k"
-    " CROSS JOIN LATERAL (SELECT e.* FROM events e WHERE e.instance = k.instance"
-    " AND e.ts = k.ts AND e.room = q.room AND e.seq = q.seq LIMIT 1) e"
 )
 
 
@@ -930,13 +928,15 @@ class KafkaStore:
                     found.heads.update((r[0], int(r[1])) for r in rows)
                 if needs.keys:
                     self.keys_asked += len(needs.keys)
-                    rooms, senders, cids = (list(col) for col in zip(*needs.keys, strict=True))
-                    for r in await c.fetch(PRIORS, rooms, senders, cids):
-                        found.priors[(r[0], r[4], r[5])] = event_from_row(r)
+                    found.priors.update(await fetch_priors(c, needs.keys))
                 if needs.targets:
-                    rooms_, seqs = (list(col) for col in zip(*needs.targets, strict=True))
-                    for r in await c.fetch(_TARGETS, rooms_, seqs):
-                        found.targets[(r[0], int(r[1]))] = Target(r[2], r[3], bool(r[4]))
+                    rooms, seqs = (list(col) for col in zip(*needs.targets, strict=True))
+                    places = [
+                        (r[2], int(r[3]), r[0], int(r[1]))
+                        for r in await c.fetch(_TARGETS_AT, rooms, seqs)
+                    ]
+                    for r in await fetch_events_at(c, places):  # EVENT_COLS
+                        found.targets[(r[0], int(r[1]))] = Target(r[3], r[4], bool(r[10]))
             return found
 
         found: Lookup = await self._call(q, "looking up the batch")

@@ -22,6 +22,7 @@ target, then writes itself and the target's update.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Final
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
@@ -46,21 +47,59 @@ HEADS: Final = (
     "SELECT r, COALESCE((SELECT max(seq) FROM event_keys WHERE room = r), 0)"
     " FROM unnest($1::text[]) AS r"
 )
-# One index probe per key of the batch, whatever the statistics say. A plain join of the unnest
-# with `event_keys` was planned as a hash join over the whole table (~45 ms at 17,000 rows,
-# growing with every append); LATERAL … LIMIT 1 cannot be flattened into it. The key and its
-# event are two such subqueries, so `events` is probed by the key's (instance, ts, room, seq):
-# as one, a plan made while the tables were small probed `events` by room alone, and a generic
-# plan cached then scanned both tables per key (a 200-key lookup at 40,000 rows: 1 s, against
-# 5 ms; bench/RESULTS.md). Used by the Kafka sequencer too.
-PRIORS: Final = (
-    f"SELECT {_EVENT_COLS_E}"
+# Where each key's event is, one index probe per key of the batch whatever the statistics say
+# (a plain join of the unnest with `event_keys` was planned as a hash join over the whole
+# table, ~45 ms at 17,000 rows and growing; LATERAL … LIMIT 1 cannot be flattened into it).
+# `events` is then read by `fetch_events_at`, only for the keys found (a resend is rare).
+KEYS_AT: Final = (
+    "SELECT q.room, q.sender, q.cid, k.instance, k.ts, k.seq"
     " FROM unnest($1::text[], $2::text[], $3::text[]) AS q(room, sender, cid)"
-    " CROSS JOIN LATERAL (SELECT k.instance, k.ts, k.room, k.seq FROM event_keys k"
+    " CROSS JOIN LATERAL (SELECT k.instance, k.ts, k.seq FROM event_keys k"
     " WHERE k.room = q.room AND k.sender = q.sender AND k.cid = q.cid LIMIT 1) k"
-    " CROSS JOIN LATERAL (SELECT e.* FROM events e WHERE e.instance = k.instance"
-    " AND e.ts = k.ts AND e.room = k.room AND e.seq = k.seq LIMIT 1) e"
 )
+# Events of one instance at known (ts, room, seq). The instance and the ts are constants when
+# PostgreSQL plans it (custom plans in every pool), so it opens and locks only their
+# partitions: joined to `event_keys` instead, it locked every partition of every instance and
+# month, for a lookup of one key (past the lock table's size, "out of shared memory"). One
+# index probe per event, as above: a cached generic plan once scanned both tables per key (a
+# 200-key lookup at 40,000 rows: 1 s, against 5 ms; bench/RESULTS.md).
+_EVENTS_AT: Final = (
+    f"SELECT {_EVENT_COLS_E} FROM unnest($3::text[], $4::bigint[]) AS q(room, seq)"
+    " CROSS JOIN LATERAL (SELECT * FROM events e WHERE e.instance = $1"
+    " AND e.ts = ANY($2::bigint[]) AND e.room = q.room AND e.seq = q.seq LIMIT 1) e"
+)
+
+
+async def fetch_events_at(conn: Any, places: list[tuple[str, int, str, int]]) -> list[Any]:
+    """The rows (`EVENT_COLS`) of the events at (instance, ts, room, seq): a query per instance
+    (asyncio side)."""
+    by_instance: dict[str, list[tuple[int, str, int]]] = {}
+    for instance, ts, room, seq in places:
+        by_instance.setdefault(instance, []).append((ts, room, seq))
+    rows: list[Any] = []
+    for instance, at in sorted(by_instance.items()):
+        times = sorted({ts for ts, _, _ in at})
+        rooms = [room for _, room, _ in at]
+        seqs = [seq for _, _, seq in at]
+        rows += await conn.fetch(_EVENTS_AT, instance, times, rooms, seqs)
+    return rows
+
+
+async def fetch_priors(
+    conn: Any, keys: Iterable[tuple[str, str, str]]
+) -> dict[tuple[str, str, str], Event]:
+    """The events already written under these (room, sender, cid) keys (asyncio side)."""
+    wanted = list(keys)
+    if not wanted:
+        return {}
+    rooms, senders, cids = (list(col) for col in zip(*wanted, strict=True))
+    found = await conn.fetch(KEYS_AT, rooms, senders, cids)
+    if not found:
+        return {}
+    rows = await fetch_events_at(conn, [(r[3], int(r[4]), r[0], int(r[5])) for r in found])
+    return {(r[0], r[4], r[5]): event_from_row(r) for r in rows}
+
+
 # The instance prunes `events` when planning, the ts from `event_keys` when executing: one
 # partition is read, however many months the instance has.
 _TARGET: Final = (
@@ -325,6 +364,4 @@ class AppendBatch:
         keys = {(i.room, i.sender, i.cid) for i in items if not has_nul(i)}
         if not keys:
             return {}
-        rooms, senders, cids = (list(col) for col in zip(*keys, strict=True))
-        rows = await self._conn.fetch(PRIORS, rooms, senders, cids)
-        return {(r[0], r[4], r[5]): event_from_row(r) for r in rows}
+        return await fetch_priors(self._conn, keys)

@@ -74,6 +74,7 @@ from origin.pg_append import (
     AppendBatch,
     Results,
     Staged,
+    fetch_priors,
     insert_staged,
     is_repeat,
     single_write,
@@ -861,19 +862,8 @@ class PgStore:
         return await self._read(q)
 
     async def event_by_cid(self, room: str, sender: str, cid: str) -> Event | None:
-        cols = ", ".join("e." + c.strip() for c in EVENT_COLS.split(","))
-
         async def q(c: Any) -> Event | None:
-            # event_keys holds the key; its (instance, ts) prunes `events` to one partition.
-            row = await c.fetchrow(
-                f"SELECT {cols} FROM event_keys k JOIN events e ON e.instance = k.instance"
-                " AND e.ts = k.ts AND e.room = k.room AND e.seq = k.seq"
-                " WHERE k.room = $1 AND k.sender = $2 AND k.cid = $3",
-                room,
-                sender,
-                cid,
-            )
-            return event_from_row(row) if row is not None else None
+            return (await fetch_priors(c, [(room, sender, cid)])).get((room, sender, cid))
 
         return await self._read(q)
 
