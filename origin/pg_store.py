@@ -105,6 +105,7 @@ _COMMAND_TIMEOUT_S: Final = 30.0  # one statement; bounds every shielded wait
 # this, and one at a time per connection left to the rest (the writer holds two, and stages
 # on a third: searches holding every other one stalled every send behind them).
 _SEARCH_TIMEOUT_S: Final = 5.0
+_WRITER_CONNS: Final = 3  # the appends' writer's pool: two INSERTs in flight, and its reads
 _CONNECT_TIMEOUT_S: Final = 10.0
 _CLOSE_TIMEOUT_S: Final = 10.0
 
@@ -221,8 +222,11 @@ class PgStore:
     `trio_asyncio.open_loop()`.
 
     `schema` isolates one store's tables (tests use a random one); `pool_size` bounds the
-    connections it holds (the writer keeps one for its INSERTs; reads, writes and its other
-    batches take the others).
+    connections of its reads and of its writes other than appends. The appends' writer has a
+    pool of its own (`_WRITER_CONNS`: two for its INSERTs, one to read what it lacks and for
+    the batches it runs again), so no read, however slow or many, holds up a send. Searches
+    take at most half of the readers' connections, and one instance's one at a time: a user's
+    slow searches over a large instance do not queue every other instance's behind them.
     """
 
     def __init__(
@@ -234,15 +238,17 @@ class PgStore:
         schema: str = "gb6",
         pool_size: int = 4,
     ) -> None:
-        if not 3 <= pool_size <= 64:  # the writer holds two
-            raise invalid(f"pool_size must be between 3 and 64, not {pool_size}")
+        if not 2 <= pool_size <= 64:
+            raise invalid(f"pool_size must be between 2 and 64, not {pool_size}")
         self.dsn = dsn
         self.schema = check_schema_name(schema)
         self.limits = limits
         self._on_appended = on_appended
         self._pool_size = pool_size
-        self._searches = trio.Semaphore(pool_size - 3 or 1)
+        self._searches = trio.Semaphore(pool_size // 2)
+        self._instance_searches: dict[str, trio.Lock] = {}  # those with a search under way
         self._pool: Any = None
+        self._writer_pool: Any = None
         self._insert_conns: list[Any] = [None, None]  # the writer's, for its INSERTs (asyncio side)
         self._partitions = Partitions(self.schema)
         self._heads: dict[str, int] = {}  # writer only
@@ -263,6 +269,13 @@ class PgStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._pool = await open_pool(self.dsn, self.schema, "gb6-origin", self._pool_size)
         try:
+            self._writer_pool = await open_pool(
+                self.dsn, self.schema, "gb6-origin-writer", _WRITER_CONNS
+            )
+        except BaseException:
+            self._pool.terminate()
+            raise
+        try:
             await self._call(self._migrate, "migration")
             self._closed = False
             async with trio.open_nursery() as nursery:
@@ -276,8 +289,10 @@ class PgStore:
                 with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
                     for i in range(len(self._insert_conns)):
                         await aio_as_trio(self._give_back_insert_conn)(i)
+                    await aio_as_trio(self._writer_pool.close)()
                     await aio_as_trio(self._pool.close)()
                 if scope.cancelled_caught:
+                    self._writer_pool.terminate()
                     self._pool.terminate()
 
     async def wait_idle(self) -> None:
@@ -434,7 +449,7 @@ class PgStore:
     async def _read_and_stage(self, batch: list[AppendItem], ts: int) -> Staged | Results:
         """Read what the writer lacks and stage a plain batch (asyncio side). Never raises."""
         try:
-            async with self._pool.acquire() as conn:
+            async with self._writer_pool.acquire() as conn:
                 appender = await self._appender(conn, batch, ts, self._heads)
                 return await appender.stage(batch)
         except Exception as exc:
@@ -457,7 +472,7 @@ class PgStore:
         try:
             i = in_flight.conn
             if self._insert_conns[i] is None:
-                self._insert_conns[i] = await self._pool.acquire()
+                self._insert_conns[i] = await self._writer_pool.acquire()
             conn = self._insert_conns[i]
             if waits is not None and not await waits:
                 raise _BeforeNotWritten
@@ -484,12 +499,12 @@ class PgStore:
         conn, self._insert_conns[i] = self._insert_conns[i], None
         if conn is not None:
             with contextlib.suppress(Exception):  # it failed to reset: the pool dropped it
-                await self._pool.release(conn)
+                await self._writer_pool.release(conn)
 
     async def _apply(self, batch: list[AppendItem], heads: dict[str, int]) -> Results:
         """One batch in one transaction, reading earlier cids (asyncio side). Never raises."""
         try:
-            async with self._pool.acquire() as conn:
+            async with self._writer_pool.acquire() as conn:
                 appender = await self._appender(conn, batch, now_ms(), heads)
                 async with conn.transaction():
                     return await appender.apply(batch)
@@ -764,8 +779,16 @@ class PgStore:
             )
             return [hit_from_row(r) for r in rows]
 
-        async with self._searches:
-            return await self._read(q)
+        # Keyed by the instance (its rooms' are one user's): its searches wait their turn
+        # on its lock, and only its first competes with other instances' for a connection.
+        key = self._instances.get(room_list[0], room_list[0])
+        lock = self._instance_searches.setdefault(key, trio.Lock())
+        try:
+            async with lock, self._searches:
+                return await self._read(q)
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._instance_searches.pop(key, None)
 
     async def token(self, digest: str) -> Token | None:
         async def q(c: Any) -> Token | None:

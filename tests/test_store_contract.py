@@ -705,6 +705,61 @@ async def test_pg_slow_searches_leave_the_writer_a_connection(
                 assert (await append(store, item(r2, t.alice, "first"))).event.seq == 1
 
 
+async def test_pg_slow_reads_do_not_hold_up_sends(pg_backend: Backend) -> None:
+    """Reads that hold every reader's connection (slow ones: a table locked, a large history)
+    leave the appends' writer its own: a first send to a room, which reads the room's head,
+    is answered at once, not after them."""
+    from origin.pg_store import PgStore
+
+    async with serving(pg_backend) as store:
+        assert isinstance(store, PgStore)
+        t = await tenant(store)
+        r = await room(store, t)
+
+        async def slow_read() -> None:
+            await store._read(lambda c: c.execute("SELECT pg_sleep(3)"))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):  # twice the readers' connections: some wait for one
+                nursery.start_soon(slow_read)
+            await trio.sleep(0.3)  # the reads have their connections
+            with trio.fail_after(1.5):
+                assert (await append(store, item(r, t.alice, "first"))).event.seq == 1
+
+
+async def test_pg_one_instances_slow_searches_do_not_queue_anothers(
+    pg_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user searches a common word over a large instance, again and again (each search up to
+    its 5 s limit). Another instance's search does not wait behind all of them: one instance's
+    searches take their turns among themselves."""
+    import asyncio
+
+    from origin.pg_store import PgStore
+
+    async with serving(pg_backend) as store:
+        assert isinstance(store, PgStore)
+        t, u = await tenant(store), await tenant(store)
+        slow, quick = await room(store, t), await room(store, u)
+        await append(store, item(slow, t.alice, "m1", body={"text": "word"}))
+        await append(store, item(quick, u.alice, "m1", body={"text": "word"}))
+        learn = PgStore._learn_instances
+
+        async def slowly(self: PgStore, c: Any, rooms: list[str]) -> None:
+            if list(rooms) == [slow]:  # the connection is held meanwhile
+                await asyncio.sleep(2)
+            await learn(self, c, rooms)
+
+        monkeypatch.setattr(PgStore, "_learn_instances", slowly)
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(store.search, [slow], "word", 10)
+            await trio.sleep(0.3)  # the first of them has its connection
+            with trio.fail_after(1.5):
+                assert [e.room for e in await store.search([quick], "word", 10)] == [quick]
+            nursery.cancel_scope.cancel()
+
+
 async def test_pg_a_migration_may_take_longer_than_a_statement(
     pg_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
