@@ -28,6 +28,7 @@ from origin.audit_store import COLUMNS, AuditQuery, record_from_row, record_row,
 from origin.pg_errors import DB_ERRORS, translate
 from origin.pg_schema import check_schema_name
 from origin.pg_store import open_pool
+from origin.schema_version import check_known
 
 _CLOSE_TIMEOUT_S: Final = 10.0
 
@@ -103,6 +104,7 @@ class PgAuditStore:
             if version is None:
                 version = 0
                 await conn.execute(f"INSERT INTO {s}.audit_schema_version(version) VALUES (0)")
+            check_known("the audit log", version, len(_MIGRATIONS))
             for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
                 await conn.execute(script.replace("{s}", s))
                 await conn.execute(f"UPDATE {s}.audit_schema_version SET version = {number}")

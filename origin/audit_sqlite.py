@@ -30,6 +30,7 @@ import trio
 from node.errors import CONFLICT, INTERNAL, UNAVAILABLE, GB6Error
 from origin.audit import AuditLimits, AuditRecord
 from origin.audit_store import COLUMNS, AuditQuery, record_from_row, record_row, where
+from origin.schema_version import check_known
 from origin.sqlite_worker import SqliteWorker
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
@@ -93,6 +94,7 @@ class SqliteAuditStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            check_known("the audit log", version, len(_MIGRATIONS))
             for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
                 conn.execute("BEGIN IMMEDIATE")
                 for statement in _statements(script):

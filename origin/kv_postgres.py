@@ -33,6 +33,7 @@ from node.errors import INTERNAL, UNAVAILABLE, GB6Error, invalid
 from origin.kv import Entry, KvLimits, ScanRange, not_running, scan_range
 from origin.pg_errors import DB_ERRORS, transient
 from origin.pg_store import keep_session
+from origin.schema_version import check_known
 
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -234,6 +235,7 @@ async def _migrate(pool: Any, schema: str) -> None:
             " version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
         done = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {quoted}.kv_migrations")
+        check_known("the kv", done, len(_MIGRATIONS))
         for number, statement in enumerate(_MIGRATIONS[done:], start=done + 1):
             await conn.execute(statement.format(s=quoted))
             await conn.execute(f"INSERT INTO {quoted}.kv_migrations (version) VALUES ($1)", number)

@@ -33,6 +33,7 @@ from typing import Any, Final
 from node.errors import invalid
 from node.log import log
 from origin.pg_errors import DB_ERRORS
+from origin.schema_version import check_known
 
 _SCHEMA_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _LOCK_TIMEOUT: Final = "5s"  # partition DDL waits at most this long (behind other DDL)
@@ -151,6 +152,7 @@ async def migrate(conn: Any, schema: str) -> int:
         if version is None:
             version = 0
             await conn.execute(f'INSERT INTO "{schema}".schema_version(version) VALUES (0)')
+        check_known(f"schema {schema}", version, len(_MIGRATIONS))
         for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
             await conn.execute(script, timeout=t)
             await conn.execute(f'UPDATE "{schema}".schema_version SET version = {number}')

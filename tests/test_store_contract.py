@@ -2064,3 +2064,49 @@ async def test_sqlite_search_index_goes_on_after_an_unexpected_error(
                         await trio.sleep(0.1)
             assert len(await store.search([r], "h", 50)) == 40
     assert not failures
+
+
+async def _refused_as_newer(backend: Backend, newer: int) -> None:
+    with pytest.raises(BaseException) as info:
+        async with serving(backend):
+            pass
+    found = [e for e in _leaves(info.value) if isinstance(e, GB6Error)]
+    assert found, info.value
+    assert f"schema version {newer}, newer than this release knows" in found[0].message
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+async def test_sqlite_a_store_made_by_a_newer_release_is_refused(tmp_path: Path) -> None:
+    """After a rollback, an older release starts on tables a newer one migrated: it would read
+    and write them without knowing their changes. It refuses to start, saying why."""
+    import sqlite3
+
+    backend = Backend("sqlite", lambda rec: SqliteStore(tmp_path / "gb6.db", LIMITS, rec))
+    async with serving(backend):  # made, at this release's version
+        pass
+    with sqlite3.connect(tmp_path / "gb6.db") as conn:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn.execute(f"PRAGMA user_version = {version + 1}")
+    await _refused_as_newer(backend, version + 1)
+
+
+async def test_pg_a_store_made_by_a_newer_release_is_refused(pg_backend: Backend) -> None:
+    """As on SQLite: a schema a newer release migrated is refused, and left as it is."""
+    async with serving(pg_backend):
+        pass
+    newer = SCHEMA_VERSION + 1
+    async with trio_asyncio.open_loop():
+        await _pg(
+            pg_backend.dsn, f'UPDATE "{pg_backend.schema}".schema_version SET version = {newer}'
+        )
+    await _refused_as_newer(pg_backend, newer)
+    async with trio_asyncio.open_loop():
+        rows = await _pg(
+            pg_backend.dsn, f'SELECT version FROM "{pg_backend.schema}".schema_version'
+        )
+    assert [r[0] for r in rows] == [newer]
