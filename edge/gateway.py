@@ -705,12 +705,21 @@ class Gateway:
         room = self.origin.room_for_member(who, req.room)
         head = hub.head if hub is not None else room.head
         if req.after > head:
+            if self.origin.pushes_lag and await self._origin_has(req.room, req.after):
+                # Seen on another edge; this one's pushes are further behind than the wait.
+                raise GB6Error(
+                    UNAVAILABLE, f"this edge has not received seq {req.after} of the room yet"
+                )
             raise invalid(f"after {req.after} is beyond the room's head {head}")
         if req.room not in conn.subs and len(conn.subs) >= self.limits.max_subscriptions:
             raise GB6Error(
                 "quota_exceeded", f"at most {self.limits.max_subscriptions} subscriptions"
             )
         return room
+
+    async def _origin_has(self, room: str, seq: int) -> bool:
+        """Whether the room's origin has committed `seq` (asked when this edge has not)."""
+        return any(ev.seq == seq for ev in await self.origin.events_after(room, seq - 1, 1))
 
     async def _catch_up(self, conn: Connection, sub: Subscription, after: int) -> None:
         assert sub.scope is not None

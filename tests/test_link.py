@@ -327,6 +327,43 @@ async def test_a_subscribe_again_with_no_idle_cache_keeps_the_rooms_events_comin
                 assert (await a.event("message"))["seq"] == 2
 
 
+async def test_a_resume_further_ahead_than_this_edges_pushes_is_told_to_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client saw a seq on another edge that this edge's pushes have not brought even after
+    the subscribe's wait (the origin let a backlog build up for this edge). `unavailable`, to
+    retry: `invalid` says never to, and the client would lose the room. An `after` beyond
+    what the origin itself has is `invalid`."""
+    from edge import gateway as gateway_module
+
+    held: list[tuple[LinkServer, str, list[Any]]] = []
+    holding = False
+    push = LinkServer._on_events
+
+    def on_events(self: LinkServer, room: str, events: list[Any]) -> None:
+        if holding:
+            held.append((self, room, events))
+        else:
+            push(self, room, events)
+
+    monkeypatch.setattr(LinkServer, "_on_events", on_events)
+    monkeypatch.setattr(gateway_module, "AHEAD_WAIT_S", 0.2)
+    async with edge_and_origin(tmp_path, Limits()) as (_, node, token, _):
+        a: Peer
+        async with peer_of(node, token) as a:
+            room = await make_room(a, [])
+            await a.ok("subscribe", room=room, after=0)
+            await a.ok("send", room=room, cid="c1", body={"text": "one"})
+            holding = True  # the edge's pushes lag from here
+            await a.ok("send", room=room, cid="c2", body={"text": "two"})
+            await refused(a, "subscribe", ("unavailable",), room=room, after=2)
+            await refused(a, "subscribe", ("invalid",), room=room, after=3)
+            holding = False
+            for server, r, events in held:
+                push(server, r, events)
+            assert (await a.ok("subscribe", room=room, after=2))["head"] == 2
+
+
 async def test_a_subscribe_gone_before_its_watch_answer_leaves_the_room_to_be_unwatched(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
