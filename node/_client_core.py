@@ -27,7 +27,9 @@ Rules:
   of rooms not in `_subs`, or with a seq not above it, are dropped: a stream restarted by a
   resume may repeat what the application already has.
 - After each hello ok, every subscribed room is subscribed again with `after` = its last seq
-  (internal requests), before any other queued request is written.
+  (internal requests), before any other queued request is written. One refused `unavailable`
+  is asked again, up to `RESUME_ATTEMPTS` in all; then, or on another error, the application
+  gets a `client.subscription_lost` event.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ APPEND_OPS: Final = frozenset({"send", "edit", "delete", "react"})
 RETRY_OPS: Final = frozenset(
     {"ping", "rooms", "history", "search", "subscribe", "unsubscribe", "receipt", "presence.set"}
 )
+RESUME_ATTEMPTS: Final = 3  # a resume subscribe refused `unavailable` is asked again, so often
 # Local event types (never sent by a server): a subscription that a resume could not restore.
 SUBSCRIPTION_LOST: Final = "client.subscription_lost"
 
@@ -221,6 +224,7 @@ class _Pending:
     room: str | None = None
     after: int = 0  # subscribe
     sent: bool = False
+    attempts: int = 1  # a resume subscribe: how many times it was asked
 
 
 class ClientCore:
@@ -453,7 +457,11 @@ class ClientCore:
         del self._pending[re]
         if pending.kind is Kind.INTERNAL:
             if pending.op == "subscribe" and not ok:
-                return self._subscription_lost(pending, error_from_frame(frame))
+                err = error_from_frame(frame)
+                if err.code == "unavailable" and pending.attempts < RESUME_ATTEMPTS:
+                    self._resubscribe(pending)  # the edge lags, or its origin is busy
+                    return None
+                return self._subscription_lost(pending, err)
             return None
         if not ok:
             return Failure(re, error_from_frame(frame))
@@ -461,6 +469,15 @@ class ClientCore:
             self._subs[pending.room] = pending.after
         fields = {k: v for k, v in frame.items() if k not in ("op", "re")}
         return Reply(re, fields)
+
+    def _resubscribe(self, pending: _Pending) -> None:
+        """Ask again (at once: an edge whose pushes lag waits for them before it answers)."""
+        if pending.room is None or pending.room not in self._subs:
+            return  # unsubscribed meanwhile
+        last = self._subs[pending.room]
+        sub = self._add("subscribe", Kind.INTERNAL, {"room": pending.room, "after": last})
+        sub.after, sub.attempts = last, pending.attempts + 1
+        self._queue.append(sub.id)
 
     def _subscription_lost(self, pending: _Pending, err: ClientError) -> Output | None:
         if pending.room is None or self._subs.pop(pending.room, None) is None:

@@ -29,7 +29,10 @@ replaced after a bounded, jittered exponential backoff (`backoff_initial` doubli
 `drain_timeout` seconds for the replies it is owed, and move to a new connection at once.
 After each new `hello` the client subscribes again to every subscribed room with `after` = the
 last seq it delivered from that room, and drops any seq event at or below it: the application
-sees each event of a subscribed room exactly once, in seq order. `url` may be a callable
+sees each event of a subscribed room exactly once, in seq order. Such a subscribe refused
+`unavailable` (the new edge has not yet seen that seq, or its origin is busy) is asked again,
+up to 3 times in all; a room it cannot restore is reported by a `client.subscription_lost`
+event (with the error's `code` and `message`). `url` may be a callable
 returning the URL to use for each attempt (service discovery, or a test's restarted node).
 
 Requests across reconnects. `send`, `edit`, `delete` and `react` whose `ok` has not arrived are

@@ -17,6 +17,7 @@ import pytest
 import trio
 
 from node._client_core import (
+    RESUME_ATTEMPTS,
     SUBSCRIPTION_LOST,
     ClientCore,
     CloseAction,
@@ -160,6 +161,35 @@ def test_core_resubscribe_failure_is_reported_as_a_local_event() -> None:
     assert isinstance(out, Deliver)
     assert out.event["type"] == SUBSCRIPTION_LOST and out.event["room"] == "r"
     assert out.event["code"] == "forbidden" and core.subscriptions == {}
+
+
+def test_core_resubscribe_refused_unavailable_is_asked_again_a_few_times() -> None:
+    """A resume subscribe refused `unavailable` (the edge's pushes of the room lag behind the
+    seq the client had from another edge; its origin is busy) is asked again from the same
+    seq, up to RESUME_ATTEMPTS in all, before the room is reported lost."""
+    core = ClientCore("tok")
+    _ready(core)
+    sub = core.request("subscribe", {"room": "r", "after": 5})
+    _drain_outgoing(core)
+    core.receive(_ok(sub, room="r", head=5))
+    core.connection_lost()
+    _ready(core)
+    for _ in range(RESUME_ATTEMPTS - 1):
+        (resub,) = _drain_outgoing(core)
+        assert (resub["op"], resub["room"], resub["after"]) == ("subscribe", "r", 5)
+        busy = {"op": "error", "re": resub["id"], "code": "unavailable", "message": "lags"}
+        assert core.receive(json.dumps(busy)) is None
+    (resub,) = _drain_outgoing(core)
+    assert core.receive(_ok(resub["id"], room="r", head=6)) is None  # restored
+    assert _deliver(core, _event("message", "r", 6)) is not None
+    core.connection_lost()
+    _ready(core)
+    for _ in range(RESUME_ATTEMPTS):
+        (resub,) = _drain_outgoing(core)
+        busy = {"op": "error", "re": resub["id"], "code": "unavailable", "message": "lags"}
+        out = core.receive(json.dumps(busy))
+    assert isinstance(out, Deliver) and out.event["type"] == SUBSCRIPTION_LOST
+    assert out.event["code"] == "unavailable" and core.subscriptions == {}
 
 
 def test_core_unsubscribe_stops_events_and_is_answered_locally_after_a_loss() -> None:
