@@ -16,6 +16,7 @@ resent by the client under its cid), and the link reconnects with backoff.
 from __future__ import annotations
 
 import base64
+import math
 import re
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -40,6 +41,8 @@ _FIRST_CONNECT_S: Final = 10.0
 _CONNECT_S: Final = 5.0  # for a TCP connection to an origin
 _TOKEN_INSTANCE: Final = re.compile(r"gb6u_(ins_[a-z0-9]+)\.")
 _DISCOVERY_S: Final = 2.0  # how often an edge looks for new shards in the shard map
+_UNPLACED_S: Final = 5.0  # an instance the shard map does not place is not asked again so soon
+_MAX_UNPLACED: Final = 10_000
 
 Reply = Callable[[outcome.Outcome[Any]], None]
 
@@ -377,6 +380,7 @@ class RemoteOrigin:
         self.shard_of: dict[str, ShardLink] = {}  # the shard map: instance → its shard's link
         self.links = [ShardLink(self, address) for address in config.origins]
         self._shard_map: ShardMap | None = None
+        self._unplaced: dict[str, float] = {}  # instance → until when it is known unplaced
         self.event_listeners: list[Callable[[str, list[Event]], None]] = []
         self.member_listeners: list[Callable[[MembershipChange], None]] = []
         self.read_listeners: list[Callable[[str, str, int], None]] = []
@@ -439,6 +443,23 @@ class RemoteOrigin:
         instance = room.record.instance if room is not None else who.instance.id
         return self._link_for_instance(instance)
 
+    async def _placed(self, instance: str) -> bool:
+        """Whether the shard map places `instance` (on a shard this edge has no link to yet).
+        An instance found unplaced is not asked again for `_UNPLACED_S`: a hello's token is
+        checked before its sender is known, and made-up ones must not reach the kv each."""
+        if self._shard_map is None:
+            return False
+        now = trio.current_time()
+        if self._unplaced.get(instance, -math.inf) > now:
+            return False
+        if await self._shard_map.shard_of(instance) is not None:
+            return True
+        self._unplaced.pop(instance, None)  # to the end: the oldest go first
+        self._unplaced[instance] = now + _UNPLACED_S
+        while len(self._unplaced) > _MAX_UNPLACED:
+            del self._unplaced[next(iter(self._unplaced))]
+        return False
+
     # --- what the gateway calls ----------------------------------------------------------
 
     async def authenticate(self, secret: str) -> Principal:
@@ -449,11 +470,7 @@ class RemoteOrigin:
         if match is not None:
             instance = match.group(1)
             shard_link = self.shard_of.get(instance)
-            placed = (
-                shard_link is None
-                and self._shard_map is not None
-                and await self._shard_map.shard_of(instance) is not None
-            )
+            placed = shard_link is None and await self._placed(instance)
             if placed:
                 raise GB6Error(UNAVAILABLE, "this edge does not reach that shard yet; retry")
             if shard_link is None and not all(other.connected for other in self.links):

@@ -936,3 +936,38 @@ async def test_an_edge_of_an_older_version_is_pushed_whole_rooms(
             assert pushed["t"] == "room"
             assert pushed["room"]["members"] == {ann.id: 0, bob.id: 0}
         nursery.cancel_scope.cancel()
+
+
+async def test_made_up_tokens_do_not_reach_the_shard_map_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hello's token names its instance, and an edge that has no shard for it asks the shard
+    map in the kv whether one holds it, before it knows who sent the token. An instance found
+    unplaced is not asked about again for a few seconds: made-up tokens in a loop would each
+    cost the kv a read."""
+    from replication import edge_link
+    from replication.shard_map import ShardMap
+
+    asked: list[str] = []
+    shard_of = ShardMap.shard_of
+
+    async def counting(self: ShardMap, instance: str) -> str | None:
+        asked.append(instance)
+        return await shard_of(self, instance)
+
+    monkeypatch.setattr(ShardMap, "shard_of", counting)
+    monkeypatch.setattr(edge_link, "_UNPLACED_S", 1.0)
+    config = Config(data_dir=tmp_path / "e", kv=f"sqlite:{tmp_path / 'kv.db'}")
+    remote = RemoteOrigin(config)
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        await nursery.start(remote.run)
+        for _ in range(50):
+            with pytest.raises(GB6Error) as info:
+                await remote.authenticate("gb6u_ins_madeup.secret")
+            assert info.value.code == "unauthorized"
+        assert asked == ["ins_madeup"]
+        await trio.sleep(1.1)  # remembered no longer
+        with pytest.raises(GB6Error):
+            await remote.authenticate("gb6u_ins_madeup.secret")
+        assert asked == ["ins_madeup"] * 2
+        nursery.cancel_scope.cancel()
