@@ -77,12 +77,16 @@ def committed_records_after(
 def end_offsets(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> dict[int, int]:
     """Partition → the offset after its last record now (its high watermark): whatever was
     committed before the call lies below it. Blocking; see the module doc."""
+    deadline = time.monotonic() + timeout_s
     consumer = _consumer(bootstrap, topic, {})
     try:
-        return {
-            p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout_s)[1])
-            for p in _partitions(consumer, topic, timeout_s)
-        }
+        ends = {}
+        for p in _partitions(consumer, topic, timeout_s):
+            left = deadline - time.monotonic()  # the whole call's, not each partition's
+            if left <= 0:
+                raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: no end within {timeout_s}s")
+            ends[p] = int(consumer.get_watermark_offsets(TopicPartition(topic, p), left)[1])
+        return ends
     except KafkaException as exc:
         raise GB6Error(UNAVAILABLE, f"Kafka topic {topic!r}: {exc}") from None
     finally:

@@ -400,7 +400,8 @@ T = TypeVar("T")
 
 async def _in_time(ask: Callable[[], T]) -> T:
     """Ask the broker in a worker thread; `unavailable` (which a pass survives) if it takes
-    longer than its own timeout should allow."""
+    longer than its own timeout should allow. The thread is waited for (a worker thread cannot
+    be cancelled): the asks bound themselves, by `_TAIL_S` in all."""
     with trio.move_on_after(_TAIL_S + 5):
         return await trio.to_thread.run_sync(ask)
     raise GB6Error(UNAVAILABLE, f"Kafka did not answer the meter within {_TAIL_S + 5:g}s")
