@@ -281,18 +281,30 @@ class SqliteStore:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await trio.to_thread.run_sync(self._open_writer)
-        await trio.to_thread.run_sync(self._index.open)
-        await trio.to_thread.run_sync(self._index.catch_up_keys)
-        self._keys = await trio.to_thread.run_sync(self._open_keys)
-        self._readers = [await trio.to_thread.run_sync(self._open_reader) for _ in range(2)]
+        opened: list[sqlite3.Connection] = []  # closed again if the start fails or is cancelled
+        try:
+            writer = await trio.to_thread.run_sync(self._open_writer)
+            opened.append(writer)
+            await trio.to_thread.run_sync(self._index.open)
+            await trio.to_thread.run_sync(self._index.catch_up_keys)
+            self._keys = await trio.to_thread.run_sync(self._open_keys)
+            opened.append(self._keys)
+            self._readers = []
+            for _ in range(2):
+                self._readers.append(await trio.to_thread.run_sync(self._open_reader))
+                opened.append(self._readers[-1])
+            side = await trio.to_thread.run_sync(lambda: _connect(self.path, readonly=False))
+        except BaseException:
+            for conn in opened:
+                conn.close()
+            raise
+        # No checkpoint from here to the `try` below: the threads started are always stopped.
         token = trio.lowlevel.current_trio_token()
         self._index.start(token)
         self._thread = threading.Thread(
             target=self._writer_main, args=(writer, token), name="gb6-sqlite-writer", daemon=True
         )
         self._thread.start()
-        side = await trio.to_thread.run_sync(lambda: _connect(self.path, readonly=False))
         self._checkpointer = threading.Thread(
             target=self._checkpointer_main, args=(side,), name="gb6-sqlite-ckpt", daemon=True
         )

@@ -2110,3 +2110,38 @@ async def test_pg_a_store_made_by_a_newer_release_is_refused(pg_backend: Backend
             pg_backend.dsn, f'SELECT version FROM "{pg_backend.schema}".schema_version'
         )
     assert [r[0] for r in rows] == [newer]
+
+
+async def test_sqlite_a_start_that_fails_leaves_no_thread_or_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's start fails at its last step (a connection it cannot open: the disk full,
+    too many open files): what it opened before is closed and no thread of it is left behind
+    (its writer thread stayed blocked on its queue, holding the database), and it starts
+    afterwards."""
+    import threading
+
+    from origin import sqlite_store
+
+    connect = sqlite_store._connect
+    writable: list[bool] = []
+
+    def failing(path: Path, *, readonly: bool) -> Any:
+        if not readonly:
+            writable.append(True)
+            if len(writable) == 2:  # the writer's, then the checkpointer's
+                raise OSError(24, "Too many open files")
+        return connect(path, readonly=readonly)
+
+    monkeypatch.setattr(sqlite_store, "_connect", failing)
+    backend = Backend("sqlite", lambda rec: SqliteStore(tmp_path / "gb6.db", LIMITS, rec))
+    with pytest.raises(BaseException) as info:
+        async with serving(backend):
+            pass
+    assert any(isinstance(e, OSError) for e in _leaves(info.value))
+    names = {t.name for t in threading.enumerate()}
+    assert not names & {"gb6-sqlite-writer", "gb6-sqlite-ckpt", "gb6-search-index"}, names
+    monkeypatch.setattr(sqlite_store, "_connect", connect)
+    async with serving(backend) as store:
+        t = await tenant(store)
+        assert (await append(store, item(await room(store, t), t.alice, "m1"))).event.seq == 1
