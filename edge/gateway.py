@@ -44,6 +44,7 @@ from node.errors import (
     invalid,
 )
 from node.ids import new_id
+from node.listen import bind
 from node.log import log
 from node.ratelimit import RateLimiter
 from origin.membership import MembershipChange, Principal, RoomState
@@ -198,12 +199,7 @@ class Gateway:
     # --- serving -------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        lsock = socket.socket(
-            socket.AF_INET6 if ":" in self.config.host else socket.AF_INET, socket.SOCK_STREAM
-        )
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind((self.config.host, self.config.ws_port))
-        lsock.listen(4096)
+        lsock = bind(self.config.host, self.config.ws_port, "WebSocket", backlog=4096)
         lsock.setblocking(False)
         port = lsock.getsockname()[1]
         try:

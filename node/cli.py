@@ -9,7 +9,7 @@ from pathlib import Path
 import trio
 
 from node import config as cfg
-from node.errors import GB6Error
+from node.errors import GB6Error, leaves
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -83,10 +83,24 @@ def main(argv: list[str] | None = None) -> int:
 
             link_secret(config)
             trio.run(run_edge, config)
-    except GB6Error as exc:
-        print(f"gb6: {exc.message}", file=sys.stderr)
+    except BaseException as exc:
+        error = _command_error(exc)
+        if error is None:
+            raise
+        print(f"gb6: {error.message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _command_error(exc: BaseException) -> GB6Error | None:
+    """The GB6Error a command failed with (a dependency down at start, a port in use), out of
+    the exception groups trio's nurseries wrap it in; None for anything else, a bug, whose
+    traceback is shown."""
+    found = leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    errors = [e for e in found if isinstance(e, GB6Error)]
+    if errors and all(isinstance(e, GB6Error | trio.Cancelled) for e in found):
+        return errors[0]
+    return None
 
 
 def _audit_verify(config: cfg.Config) -> int:

@@ -90,15 +90,6 @@ def build_app(blueprints: list[Blueprint], max_body: int) -> QuartTrio:
     return app
 
 
-def bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock
-
-
 async def serve_http(
     app: QuartTrio,
     sock: socket.socket,

@@ -30,8 +30,9 @@ from edge.media_signaling import start_media
 from edge.web_api import web_blueprint
 from node.config import Config
 from node.health import health_blueprint
-from node.http import bind, build_app, serve_http
+from node.http import build_app, serve_http
 from node.ids import new_secret
+from node.listen import bind
 from node.log import log
 from origin.admin_api import admin_blueprint
 from origin.admin_console import console_blueprint
@@ -104,9 +105,10 @@ async def serve(
     token line when it came from the data directory); on SIGTERM/SIGINT `drain`, then stop."""
     _raise_fd_limit()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # Bound first: a port in use stops the process before anything else starts.
+        http_sock = bind(config.host, config.http_port, "HTTP")
         async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
             served = await start(nursery)
-            http_sock = bind(config.host, config.http_port)
             stop_http = trio.Event()
             app = build_app(served.blueprints, max_body=served.max_body)
             await nursery.start(serve_http, app, http_sock, stop_http)

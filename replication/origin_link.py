@@ -31,6 +31,7 @@ import trio
 from node.config import Config
 from node.errors import INTERNAL, UNAUTHORIZED, UNAVAILABLE, GB6Error, invalid, not_found
 from node.events import Event
+from node.listen import bind
 from node.log import log
 from origin.membership import MembershipChange, Principal, RoomState
 from origin.plans import KINDS
@@ -146,8 +147,9 @@ class LinkServer:
         shard.publish_context = self._batch
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.config.link_port, host=self.config.host)
-        port = listeners[0].socket.getsockname()[1]
+        sock = bind(self.config.host, self.config.link_port, "the origin link")
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
+        port = sock.getsockname()[1]
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._serve, listeners)
             task_status.started(port)

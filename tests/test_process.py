@@ -317,3 +317,45 @@ def test_admin_bootstrap(node: Node) -> None:
     # An empty body counts as {}.
     empty = node.admin("POST", f"/v1/instances/{inst_id}/users/{user_id}/tokens")
     assert empty.status_code == 201, empty.text
+
+
+def _refused_start(tmp_path: Path, *args: str) -> str:
+    """Run `gb6 run` that must fail to start: exit 2, one `gb6: ...` line on stderr, no
+    traceback, no ready line. Returns that line."""
+    done = subprocess.run(
+        [str(GB6), "run", "--data", str(tmp_path / "data"), "--ws-port", "0", *args],
+        capture_output=True,
+        timeout=60,
+    )
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert "Traceback" not in err and b'"ready"' not in done.stdout, err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_port_in_use_stops_the_start_with_one_line_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _refused_start(tmp_path, "--http-port", str(port))
+        assert line == f"gb6: cannot listen for HTTP on 127.0.0.1:{port}: Address already in use"
+        line = _refused_start(tmp_path, "--http-port", "0", "--ws-port", str(port))
+        assert line == (
+            f"gb6: cannot listen for WebSocket on 127.0.0.1:{port}: Address already in use"
+        )
+
+
+def test_a_dependency_down_at_start_stops_it_with_one_line(tmp_path: Path) -> None:
+    """PostgreSQL not there (port 1 on loopback: refused at once)."""
+    config = tmp_path / "gb6.toml"
+    config.write_text('[store]\nbackend = "postgres"\npg_dsn = "postgresql://gb6@127.0.0.1:1/x"\n')
+    line = _refused_start(tmp_path, "--http-port", "0", "--config", str(config))
+    assert line.startswith("gb6: connecting to PostgreSQL failed"), line
+
+
+def test_a_mistyped_config_key_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "gb6.toml"
+    config.write_text("[node]\nws_prot = 9000\n")
+    line = _refused_start(tmp_path, "--http-port", "0", "--config", str(config))
+    assert line == "gb6: config [node]: unknown key 'ws_prot'"

@@ -31,7 +31,7 @@ from services import require
 from trio_asyncio import aio_as_trio
 
 from node.config import Limits
-from node.errors import CONFLICT, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE, GB6Error
+from node.errors import CONFLICT, FORBIDDEN, INVALID, NOT_FOUND, UNAVAILABLE, GB6Error, leaves
 from node.events import Event
 from node.ids import new_id
 from origin.kafka_store import KafkaStore
@@ -2076,9 +2076,7 @@ async def _refused_as_newer(backend: Backend, newer: int) -> None:
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
+    return leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
 
 
 async def test_sqlite_a_store_made_by_a_newer_release_is_refused(tmp_path: Path) -> None:
