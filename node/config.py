@@ -17,6 +17,47 @@ from origin.log_port import MAX_PARTITIONS
 from origin.plans import Plan, builtin_plans, parse_plans
 
 
+def _number(key: str, value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise invalid(f"config {key} must be a number, not {value!r}")
+    return float(value)
+
+
+def _commit_timeout(value: Any) -> float:
+    return _number("[store] kafka_commit_timeout_s", value)
+
+
+_MAX_INT = 1 << 48
+_MAX_FLOAT = 1e9
+
+
+def check_fields(section: str, obj: Any, may_be_zero: frozenset[str] = frozenset()) -> None:
+    """Each field of an attrs instance `obj` of a config section against its declared type:
+    an int (not a bool) within 1..2**48, a float (or int) within (0, 1e9], a bool, a tuple of
+    strings; 0 also for the fields named in `may_be_zero`. Raises `invalid` naming the key."""
+    for field in attrs.fields(type(obj)):
+        value = getattr(obj, field.name)
+        where = f"config [{section}] {field.name}"
+        floor = 0 if field.name in may_be_zero else 1
+        if field.type in ("int", int):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise invalid(f"{where} must be an integer, not {value!r}")
+            if not floor <= value <= _MAX_INT:
+                raise invalid(f"{where} must be between {floor} and {_MAX_INT}, not {value}")
+        elif field.type in ("float", float):
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise invalid(f"{where} must be a number, not {value!r}")
+            if not (value >= 0 if floor == 0 else value > 0) or not value <= _MAX_FLOAT:
+                bound = ">= 0" if floor == 0 else "> 0"
+                raise invalid(f"{where} must be {bound} and at most {_MAX_FLOAT:g}, not {value}")
+        elif field.type in ("bool", bool) and not isinstance(value, bool):
+            raise invalid(f"{where} must be true or false, not {value!r}")
+        elif field.type == "tuple[str, ...]" and not (
+            isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        ):
+            raise invalid(f"{where} must be a list of strings, not {value!r}")
+
+
 @attrs.frozen
 class Limits:
     message_bytes: int = 1 << 20  # a client frame above this gets `too_large`
@@ -91,6 +132,16 @@ class Limits:
     media_cohosts: int = 16  # co-hosts per live room
     media_viewer_interval_s: float = 1.0  # a live room's viewer count is sent at most this often
 
+    def __attrs_post_init__(self) -> None:
+        check_fields("limits", self, _LIMITS_MAY_BE_ZERO)
+
+
+# Limits where 0 means something: no idle room cache; no waiting for a batch to fill; no
+# resend filter (every key asked of PostgreSQL).
+_LIMITS_MAY_BE_ZERO = frozenset(
+    {"idle_room_cache_rooms", "writer_linger_s", "log_transaction_interval_s", "key_filter_bytes"}
+)
+
 
 @attrs.frozen
 class IceServer:
@@ -132,6 +183,9 @@ class MediaConfig:
     ice_candidate_chars: int = 512
     remote_candidates: int = 32  # per peer
     connect_timeout_s: float = 20.0  # ICE + DTLS, or the peer is closed
+
+    def __attrs_post_init__(self) -> None:
+        check_fields("media", self)
 
 
 @attrs.frozen
@@ -187,7 +241,7 @@ class Config:
     # (origin/kafka_store.py), refusing appends meanwhile.
     kafka_commit_timeout_s: float = attrs.field(
         default=30.0,
-        converter=float,
+        converter=_commit_timeout,
         validator=[attrs.validators.ge(1.0), attrs.validators.le(300.0)],
     )
     # `[regions]`: region → the origin shards that serve it (an instance's data lives only on
@@ -198,6 +252,18 @@ class Config:
     # `[audit]`: the audit log's sizes, batch, queue, page and refusal aggregation
     # (origin/audit.py `AuditLimits`; each has a floor).
     audit: AuditLimits = attrs.field(factory=AuditLimits)
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("ws_port", "http_port", "link_port"):
+            port = getattr(self, name)
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65_535:
+                raise invalid(f"config {name} must be a port number 0..65535, not {port!r}")
+        interval = self.typing_interval_ms
+        if not isinstance(interval, int) or isinstance(interval, bool) or not interval >= 0:
+            raise invalid(f"config typing_interval_ms must be an integer >= 0, not {interval!r}")
+        for name in _TEXT:
+            if not isinstance(getattr(self, name), str):
+                raise invalid(f"config {name} must be a string, not {getattr(self, name)!r}")
 
     def region_shards(self, region: str) -> tuple[str, ...] | None:
         """The shards of `region`; None if no such region is configured."""
@@ -215,7 +281,8 @@ class Config:
         }
 
 
-_SECTIONS = {"limits": Limits}
+_TEXT: tuple[str, ...] = ("host", "region", "shard", "link_secret", "redis_url", "kv")
+_TEXT += ("pg_dsn", "pg_schema", "kafka_bootstrap", "kafka_topic")
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> Config:
@@ -226,27 +293,20 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise invalid(f"config {path}: {exc}") from exc
-    node = dict(raw.get("node", {}))
+    unknown = sorted(set(raw) - _KNOWN_SECTIONS)
+    if unknown:
+        known = ", ".join(sorted(_KNOWN_SECTIONS))
+        raise invalid(f"config: unknown section [{unknown[0]}] (the sections are {known})")
     kwargs: dict[str, Any] = {}
-    for key in ("host", "ws_port", "http_port", "region", "typing_interval_ms"):
-        if key in node:
-            kwargs[key] = node[key]
-    cluster = dict(raw.get("cluster", {}))
-    for key in ("shard", "link_port", "link_secret", "redis_url", "kv"):
-        if key in cluster:
-            kwargs[key] = cluster[key]
-    store = dict(raw.get("store", {}))
-    for key, name in (
-        ("backend", "store_backend"),
-        ("pg_dsn", "pg_dsn"),
-        ("pg_schema", "pg_schema"),
-        ("kafka_bootstrap", "kafka_bootstrap"),
-        ("kafka_topic", "kafka_topic"),
-        ("kafka_partitions", "kafka_partitions"),
-        ("kafka_commit_timeout_s", "kafka_commit_timeout_s"),
-    ):
-        if key in store:
-            kwargs[name] = store[key]
+    for section, keys in _KEYS.items():
+        table = _table(raw, section)
+        strays = sorted(set(table) - set(keys))
+        if strays:
+            raise invalid(f"config [{section}]: unknown key {strays[0]!r}")
+        for key, name in keys.items():
+            if key in table:
+                kwargs[name] = table[key]
+    node, cluster = _table(raw, "node"), _table(raw, "cluster")
     if "regions" in raw:
         regions = raw["regions"]
         if not isinstance(regions, dict) or not all(
@@ -255,19 +315,22 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
             raise invalid("config [regions]: each region maps to a list of shard names")
         kwargs["regions"] = {str(k): tuple(v) for k, v in regions.items()}
     if "origins" in cluster:
+        if not isinstance(cluster["origins"], list):
+            raise invalid("config [cluster] origins must be a list of host:port")
         kwargs["origins"] = tuple(str(o) for o in cluster["origins"])
     if "data_dir" in node:
-        kwargs["data_dir"] = Path(node["data_dir"])
+        kwargs["data_dir"] = Path(str(node["data_dir"]))
     if "limits" in raw:
         try:
-            kwargs["limits"] = Limits(**{k: _tuple(v) for k, v in raw["limits"].items()})
+            limits = _table(raw, "limits")
+            kwargs["limits"] = Limits(**{k: _tuple(v) for k, v in limits.items()})
         except TypeError as exc:
             raise invalid(f"config [limits]: {exc}") from exc
     if "media" in raw:
-        kwargs["media"] = _media(dict(raw["media"]))
+        kwargs["media"] = _media(dict(_table(raw, "media")))
     if "audit" in raw:
         try:
-            kwargs["audit"] = AuditLimits(**dict(raw["audit"]))
+            kwargs["audit"] = AuditLimits(**_table(raw, "audit"))
         except TypeError as exc:
             raise invalid(f"config [audit]: {exc}") from exc
     if "plans" in raw or "rate_plans" in raw:
@@ -275,12 +338,43 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     for key, value in overrides.items():
         if value is not None:
             kwargs[key] = Path(value) if key == "data_dir" else value
+    if "host" in kwargs and "host" not in _table(raw, "media"):
+        # The process contract: media binds to the node's host and announces it, unless
+        # `[media] host` (or `announced_address`) says otherwise.
+        kwargs["media"] = attrs.evolve(kwargs.get("media", MediaConfig()), host=kwargs["host"])
     try:
         return Config(**kwargs)
     except (TypeError, ValueError) as exc:
         # attrs' validators put the message first, then the attribute and the value.
         why = exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
         raise invalid(f"config: {why}") from exc
+
+
+# Each section's keys → the `Config` attribute each sets ([limits], [media], [audit], [plans],
+# [rate_plans] and [regions] are read whole, below).
+_KEYS: dict[str, dict[str, str]] = {
+    "node": {k: k for k in ("host", "ws_port", "http_port", "region", "typing_interval_ms")}
+    | {"data_dir": "data_dir"},
+    "cluster": {k: k for k in ("shard", "link_port", "link_secret", "redis_url", "kv")}
+    | {"origins": "origins"},
+    "store": {
+        "backend": "store_backend",
+        "pg_dsn": "pg_dsn",
+        "pg_schema": "pg_schema",
+        "kafka_bootstrap": "kafka_bootstrap",
+        "kafka_topic": "kafka_topic",
+        "kafka_partitions": "kafka_partitions",
+        "kafka_commit_timeout_s": "kafka_commit_timeout_s",
+    },
+}
+_KNOWN_SECTIONS = frozenset(_KEYS) | {"regions", "limits", "media", "audit", "plans", "rate_plans"}
+
+
+def _table(raw: dict[str, Any], section: str) -> dict[str, Any]:
+    value = raw.get(section, {})
+    if not isinstance(value, dict):
+        raise invalid(f"config [{section}] must be a table, not {value!r}")
+    return value
 
 
 def _media(section: dict[str, Any]) -> MediaConfig:
