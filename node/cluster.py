@@ -27,7 +27,7 @@ from node.errors import invalid
 from node.health import health_blueprint
 from node.ids import new_id
 from node.ratelimit import RateLimiter
-from node.supervisor import Served, admin_token, announced_host, serve
+from node.supervisor import Served, admin_token, announced_host, lock_data_dir, serve
 from origin.admin_api import admin_blueprint
 from origin.admin_console import console_blueprint
 from origin.shard import OriginShard
@@ -48,7 +48,7 @@ def link_secret(config: Config) -> str:
 
 async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:
     secret = link_secret(config)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    held = lock_data_dir(config.data_dir)
     token, printed = admin_token(config.data_dir)
 
     async def start(nursery: trio.Nursery) -> Served:
@@ -77,7 +77,10 @@ async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:
             shard.drain,
         )
 
-    await serve(config, start, out, (token, printed))
+    try:
+        await serve(config, start, out, (token, printed))
+    finally:
+        held.close()
 
 
 async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:

@@ -24,7 +24,7 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
 
     @bp.get("/readyz")
     async def readyz() -> Response | dict[str, Any]:
-        if gateway is not None and gateway.draining:
+        if (gateway is not None and gateway.draining) or (shard is not None and shard.draining):
             return _not_ready({"status": "draining"})
         stopped = shard.store.stopped if shard is not None else None
         if stopped is not None:  # appends are refused: fenced, or recovering

@@ -8,15 +8,16 @@ HTTP server stops and the nursery is cancelled.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import os
 import resource
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TextIO
+from typing import IO, Final, TextIO
 
 import attrs
 import trio
@@ -29,6 +30,7 @@ from edge.media_http import media_blueprint
 from edge.media_signaling import start_media
 from edge.web_api import web_blueprint
 from node.config import Config
+from node.errors import invalid
 from node.health import health_blueprint
 from node.http import build_app, serve_http
 from node.ids import new_secret
@@ -37,6 +39,10 @@ from node.log import log
 from origin.admin_api import admin_blueprint
 from origin.admin_console import console_blueprint
 from origin.shard import OriginShard
+
+# SIGTERM: how long the drain may take (clients told to move, every accepted write made durable
+# and answered) before the process stops all the same.
+DRAIN_S: Final = 30.0
 
 
 def _say(out: TextIO, **fields: object) -> None:
@@ -120,7 +126,13 @@ async def serve(
             async for signum in signals:
                 log("draining", signal=signal.Signals(signum).name)
                 break
-            await served.drain()
+            with trio.move_on_after(DRAIN_S) as draining:
+                async with trio.open_nursery() as watching:
+                    watching.start_soon(_cut_short_on_a_second_signal, signals, draining)
+                    await served.drain()
+                    watching.cancel_scope.cancel()
+            if draining.cancelled_caught:
+                log("drain_cut_short", after_s=DRAIN_S)
             stop_http.set()
             nursery.cancel_scope.deadline = trio.current_time() + 5.0
             await trio.sleep(0.2)
@@ -128,8 +140,32 @@ async def serve(
     log("stopped")
 
 
+async def _cut_short_on_a_second_signal(
+    signals: AsyncIterator[int], draining: trio.CancelScope
+) -> None:
+    """The operator asked twice (Ctrl-C again): stop now, whatever the drain still waits for."""
+    async for signum in signals:
+        log("drain_cut_short", signal=signal.Signals(signum).name)
+        draining.cancel()
+        return
+
+
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """Hold `data_dir` for this process until it exits (the returned file is the lock): two
+    processes on one data directory would both write its stores, each with its own idea of
+    every room's next seq."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    held = (data_dir / ".gb6.lock").open("ab")
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.close()
+        raise invalid(f"data directory {data_dir} is in use by another gb6 process") from None
+    return held
+
+
 async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    held = lock_data_dir(config.data_dir)
     token, printed = admin_token(config.data_dir)
 
     async def start(nursery: trio.Nursery) -> Served:
@@ -157,4 +193,7 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
             drain,
         )
 
-    await serve(config, start, out, (token, printed))
+    try:
+        await serve(config, start, out, (token, printed))
+    finally:
+        held.close()

@@ -76,6 +76,7 @@ class OriginShard:
     pushes_need_watch = False  # and need no `watch` for it
 
     def __init__(self, config: Config) -> None:
+        self.draining = False  # `drain` began: /readyz says so
         self.config = config
         self.limits = config.limits
         self.store: RelationalStore
@@ -169,7 +170,9 @@ class OriginShard:
             task_status.started()
 
     async def drain(self) -> None:
-        """Wait until every accepted write is durable and answered."""
+        """Wait until every accepted write is durable and answered (/readyz says "draining"
+        from now on)."""
+        self.draining = True
         await self._repeats_done.wait()
         await self.store.wait_idle()
         await self.audit.wait_idle()

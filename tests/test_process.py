@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
@@ -359,3 +360,56 @@ def test_a_mistyped_config_key_stops_the_start_with_one_line(tmp_path: Path) -> 
     config.write_text("[node]\nws_prot = 9000\n")
     line = _refused_start(tmp_path, "--http-port", "0", "--config", str(config))
     assert line == "gb6: config [node]: unknown key 'ws_prot'"
+
+
+def test_a_data_directory_in_use_is_refused(tmp_path: Path) -> None:
+    """Two processes on one `--data` would both write its stores, each with its own idea of
+    every room's next seq: the second refuses to start."""
+    node = Node(tmp_path / "data")
+    node.start()
+    try:
+        line = _refused_start(tmp_path, "--http-port", "0")
+        assert line == f"gb6: data directory {tmp_path / 'data'} is in use by another gb6 process"
+    finally:
+        node.kill()
+    node.start()  # killed outright, it held the directory no longer
+    node.kill()
+
+
+@pytest.mark.parametrize("stop", ["second signal", "drain bound"])
+async def test_a_drain_that_does_not_end_is_cut_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop: str
+) -> None:
+    """A drain that waits for good (an origin whose edges keep sending, a client that never
+    takes its close) does not keep the process up: it is cut short after `DRAIN_S`, or at
+    once when the operator asks again (a second SIGTERM, Ctrl-C twice)."""
+    import io
+
+    from node import supervisor
+    from node.config import Config
+
+    monkeypatch.setattr(supervisor, "DRAIN_S", 1.0 if stop == "drain bound" else 60.0)
+    began = trio.Event()
+
+    async def start(nursery: trio.Nursery) -> supervisor.Served:
+        async def drain() -> None:
+            began.set()
+            await trio.sleep_forever()
+
+        return supervisor.Served([], 1024, {"ws": "ws://127.0.0.1:1/v1/ws"}, drain)
+
+    out = io.StringIO()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(supervisor.serve, Config(data_dir=tmp_path, http_port=0), start, out)
+        with trio.fail_after(10):
+            while '"ready"' not in out.getvalue():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        with trio.fail_after(10):
+            await began.wait()
+        if stop == "second signal":
+            await trio.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGTERM)
+        with trio.fail_after(5):  # the drain bound is 1 s, the second signal at once
+            while nursery.child_tasks:  # noqa: ASYNC110 - serve returns
+                await trio.sleep(0.01)
