@@ -14,6 +14,7 @@ import orjson
 
 from node.config import Limits
 from node.errors import INVALID, GB6Error
+from node.json_depth import MAX_JSON_DEPTH, deeper_than
 
 ROOM_KINDS: Final = frozenset({"chat", "meeting", "live"})
 PRESENCE_SET: Final = frozenset({"online", "away"})
@@ -284,6 +285,10 @@ def decode_frame(text: str | bytes) -> dict[str, Any]:
         raise BadFrame(f"frame is not valid JSON: {exc}", None) from None
     if not isinstance(frame, dict):
         raise BadFrame("frame must be a JSON object", None)
+    if deeper_than(frame):
+        raise BadFrame(
+            f"frame nests objects and arrays deeper than {MAX_JSON_DEPTH} levels", _read_id(frame)
+        )
     return frame
 
 

@@ -3,10 +3,11 @@
 wsproto parses each frame through several generator and object layers and unmasks in pure
 Python byte by byte; on the gateway's hot path that was a tenth of the event loop's time. This
 parser handles exactly what a GB6 server needs: masked frames only, no extensions (RSV bits must
-be zero), fragmentation, control frames (at most 125 bytes, never fragmented), UTF-8 checked
-text, and the message size limits: a message above `limit` is dropped whole and reported once it
-ends (the connection stays usable); one growing past `transport_limit` is an error at once (the
-gateway closes with 1009), so no more than that is ever buffered.
+be zero), fragmentation (at most `MAX_FRAGMENTS` frames per message), control frames (at most
+125 bytes, never fragmented; a close's code one a peer may send, its reason UTF-8), UTF-8
+checked text, and the message size limits: a message above `limit` is dropped whole and
+reported once it ends (the connection stays usable); one growing past `transport_limit` is an
+error at once (the gateway closes with 1009), so no more than that is ever buffered.
 
 `feed(data)` returns the events completed by `data`, in order:
     ("text", str) | ("binary", None) | ("too_large", None) | ("ping", bytes) | ("pong", None)
@@ -27,7 +28,14 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 
+MAX_FRAGMENTS: Final = 1024  # frames of one message; past it the connection closes with 1009
+
 Event = tuple[str, Any]
+
+
+def _sendable_close_code(code: int) -> bool:
+    """RFC 6455 §7.4: the codes an endpoint may put in a close frame."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 def unmask(payload: bytes, mask: bytes) -> bytes:
@@ -47,6 +55,7 @@ class FrameReader:
         self._msg_op: int | None = None  # opcode of the fragmented message in progress
         self._parts: list[bytes] = []
         self._size = 0
+        self._fragments = 0  # frames of the message in progress
         self._dead = False
 
     def feed(self, data: bytes) -> list[Event]:
@@ -103,12 +112,22 @@ class FrameReader:
             out.append(("ping", payload))
         elif op == OP_PONG:
             out.append(("pong", None))
+        elif op != OP_CLOSE:
+            self._fail(out, 1002, f"unknown opcode {op:#x}")
+            return False
         else:
             if len(payload) == 1:
                 self._fail(out, 1002, "bad close frame")
                 return False
             code = struct.unpack("!H", payload[:2])[0] if payload else 1005
-            reason = payload[2:].decode("utf-8", errors="replace")
+            if payload and not _sendable_close_code(code):
+                self._fail(out, 1002, f"close code {code} may not be sent")
+                return False
+            try:
+                reason = codecs.decode(payload[2:], "utf-8")
+            except UnicodeDecodeError:
+                self._fail(out, 1007, "close reason is not UTF-8")
+                return False
             out.append(("close", (code, reason)))
             self._dead = True
             return False
@@ -124,22 +143,26 @@ class FrameReader:
             return False
         else:
             self._msg_op = op
+        self._fragments += 1
+        if self._fragments > MAX_FRAGMENTS:  # each costs memory, empty ones too
+            self._fail(out, 1009, f"message in more than {MAX_FRAGMENTS} fragments")
+            return False
         self._size += len(payload)
-        if self._size <= self.limit:
-            self._parts.append(payload)
-        else:
+        if self._size > self.limit:
             self._parts.clear()
+        elif payload:
+            self._parts.append(payload)
         if not fin:
             return True
         msg_op, size = self._msg_op, self._size
         parts, self._parts = self._parts, []
-        self._msg_op, self._size = None, 0
+        self._msg_op, self._size, self._fragments = None, 0, 0
         if size > self.limit:
             out.append(("too_large", None))
         elif msg_op == OP_BINARY:
             out.append(("binary", None))
         else:
-            raw = parts[0] if len(parts) == 1 else b"".join(parts)
+            raw = parts[0] if len(parts) == 1 else b"".join(parts)  # b"": no parts
             try:
                 out.append(("text", codecs.decode(raw, "utf-8")))
             except UnicodeDecodeError:

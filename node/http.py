@@ -19,6 +19,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from node.errors import GB6Error, invalid
+from node.json_depth import MAX_JSON_DEPTH, deeper_than
 from node.log import log
 
 
@@ -44,6 +45,8 @@ async def json_body() -> dict[str, Any]:
         raise invalid("body is not valid JSON") from None
     if not isinstance(body, dict):
         raise invalid("body must be a JSON object")
+    if deeper_than(body):
+        raise invalid(f"body nests objects and arrays deeper than {MAX_JSON_DEPTH} levels")
     return body
 
 

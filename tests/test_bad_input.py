@@ -190,6 +190,32 @@ async def test_body_over_its_limit_is_refused(tenant: Tenant, peer_factory: Any)
         await a.ok("send", room=room, cid="small", body={"text": "ok"})
 
 
+@pytest.mark.parametrize("op", ["send", "edit"])
+async def test_a_body_nested_too_deep_is_refused(
+    tenant: Tenant, peer_factory: Any, op: str
+) -> None:
+    """A body nested deeper than 32 levels is `invalid` and changes nothing. Stored (just under
+    orjson's 254 levels), no history page or push holding it could be encoded again: the
+    room's history, its subscribers' catch-up and a whole batch of other tenants' sends
+    failed."""
+    alice = tenant.user("alice")
+    async with peer_factory(alice.token) as a:
+        room = (await a.ok("room.create", name="r", kind="chat", members=[]))["room"]["id"]
+        first = (await a.ok("send", room=room, cid="m1", body={"text": "one"}))["seq"]
+        deep: dict[str, Any] = {"text": "deep"}
+        cur = deep
+        for _ in range(250):
+            cur["a"] = {}
+            cur = cur["a"]
+        target = {"target": first} if op == "edit" else {}
+        await refused(a, op, ("invalid",), room=room, cid="deep", body=deep, **target)
+        await a.ok("subscribe", room=room, after=0)
+        assert (await a.event("message"))["seq"] == first
+        history = (await a.ok("history", room=room))["messages"]
+        assert [(m["seq"], m["body"]) for m in history] == [(first, {"text": "one"})]
+        await a.ok("send", room=room, cid="m2", body={"text": "two"})
+
+
 # --- sizes and frame types ------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import orjson
 import pytest
 import trio
 
@@ -106,6 +107,11 @@ def test_frame_reader_limits_message_size() -> None:
         (_client_frame(0x9, b"p", fin=False), 1002),  # fragmented control frame
         (_client_frame(0x0, b"orphan"), 1002),  # continuation without a message
         (_client_frame(0x1, b"\xff\xfe"), 1007),  # not UTF-8
+        (_client_frame(0xB, (1000).to_bytes(2, "big")), 1002),  # reserved control opcode
+        (_client_frame(0x8, (1005).to_bytes(2, "big")), 1002),  # a code never sent
+        (_client_frame(0x8, (999).to_bytes(2, "big")), 1002),
+        (_client_frame(0x8, (1015).to_bytes(2, "big")), 1002),
+        (_client_frame(0x8, (1000).to_bytes(2, "big") + b"\xff"), 1007),  # reason not UTF-8
     ],
 )
 def test_frame_reader_protocol_errors(frame: bytes, code: int) -> None:
@@ -121,6 +127,38 @@ def test_frame_reader_close() -> None:
         ("close", (1000, "bye"))
     ]
     assert FrameReader(100, 200).feed(_client_frame(0x8, b"")) == [("close", (1005, ""))]
+
+
+def test_frame_reader_bounds_the_fragments_of_a_message() -> None:
+    """Empty continuation frames add no bytes, but each held a slot of memory: a message in
+    more than MAX_FRAGMENTS frames closes the connection (1009), before any hello too."""
+    from edge.wsread import MAX_FRAGMENTS
+
+    reader = FrameReader(limit=1 << 20, transport_limit=2 << 20)
+    assert reader.feed(_client_frame(0x1, b"a", fin=False)) == []
+    empty = _client_frame(0x0, b"", fin=False)
+    assert reader.feed(empty * (MAX_FRAGMENTS - 2)) == []
+    assert reader.feed(_client_frame(0x0, b"b")) == [("text", "ab")]  # within the bound
+    assert reader.feed(_client_frame(0x1, b"a", fin=False)) == []
+    events = reader.feed(empty * MAX_FRAGMENTS)
+    assert events == [("error", (1009, f"message in more than {MAX_FRAGMENTS} fragments"))]
+
+
+def test_decode_frame_refuses_deep_nesting() -> None:
+    """orjson encodes at most 254 levels: a body stored deeper than every later reply wraps it
+    in could never be sent again (history, search, the live push). Refused on the way in."""
+    deep: dict[str, object] = {}
+    cur = deep
+    for _ in range(40):
+        cur["a"] = {}
+        cur = cur["a"]  # type: ignore[assignment]
+    frame = orjson.dumps({"op": "send", "id": 9, "room": "r", "cid": "c", "body": deep})
+    with pytest.raises(p.BadFrame) as info:
+        p.decode_frame(frame)
+    assert info.value.code == "invalid" and info.value.req_id == 9
+    assert "deeper than 32 levels" in info.value.message
+    shallow = orjson.dumps({"op": "send", "id": 9, "room": "r", "cid": "c", "body": {"a": [[1]]}})
+    assert p.decode_frame(shallow)["body"] == {"a": [[1]]}
 
 
 def test_parse_request_accepts_the_core_ops() -> None:
