@@ -15,6 +15,7 @@ A CLOSING connection accepts no new frames from the server's side except the fin
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import socket
 from collections.abc import Callable, Iterator
@@ -76,6 +77,13 @@ class State(enum.Enum):
     AWAIT_HELLO = "await_hello"
     READY = "ready"
     CLOSING = "closing"
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
 
 
 async def _recv_when_readable(sock: socket.socket, limit: int) -> bytes:
@@ -226,9 +234,10 @@ class Gateway:
                     break
                 ip = addr[0]
                 from_ip = self.per_ip.get(ip, 0)
-                if (
-                    len(self.conns) >= self.limits.max_connections
-                    or from_ip >= self.limits.max_connections_per_ip
+                # PROTOCOL.md: limits per address do not apply to loopback unless configured.
+                per_ip = self.limits.per_ip_loopback or not _is_loopback(ip)
+                if len(self.conns) >= self.limits.max_connections or (
+                    per_ip and from_ip >= self.limits.max_connections_per_ip
                 ):
                     sock.close()
                     continue

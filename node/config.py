@@ -73,6 +73,7 @@ class Limits:
     max_subscriptions: int = 1_000  # per connection
     max_connections: int = 100_000  # per edge
     max_connections_per_ip: int = 20_000  # per edge and client address (load tests need many)
+    per_ip_loopback: bool = False  # does max_connections_per_ip apply to loopback clients too
     max_inflight_appends: int = 20_000  # per origin shard, across clients
     writer_batch: int = 2_000  # appends per group commit
     writer_linger_s: float = 0.002  # under load, how long a commit waits for its batch to fill

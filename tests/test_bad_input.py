@@ -633,10 +633,15 @@ def test_admin_bad_input_creates_nothing(node: Node, tenant: Tenant) -> None:
     assert counts(node) == before
 
 
-async def test_connections_per_address_are_limited(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loopback_limited", [True, False])
+async def test_connections_per_address_are_limited(tmp_path: Path, loopback_limited: bool) -> None:
     """Past `limits.max_connections_per_ip` from one address, new connections are closed at
-    once; when one of them ends, there is room again."""
-    with running_node(tmp_path, "[limits]\nmax_connections_per_ip = 2\n") as n:
+    once; when one of them ends, there is room again. PROTOCOL.md: limits per address do not
+    apply to loopback clients unless configured (`per_ip_loopback`)."""
+    config = (
+        f"[limits]\nmax_connections_per_ip = 2\nper_ip_loopback = {str(loopback_limited).lower()}\n"
+    )
+    with running_node(tmp_path, config) as n:
         port = int(n.ws_url.rsplit(":", 1)[1].split("/")[0])
 
         async def upgrade() -> tuple[trio.SocketStream, bytes]:
@@ -657,8 +662,13 @@ async def test_connections_per_address_are_limited(tmp_path: Path) -> None:
         second, answer = await upgrade()
         assert answer.startswith(b"HTTP/1.1 101")
         third, answer = await upgrade()
-        assert answer == b""  # closed without an answer
         await third.aclose()
+        if not loopback_limited:
+            assert answer.startswith(b"HTTP/1.1 101")  # loopback: no limit per address
+            await first.aclose()
+            await second.aclose()
+            return
+        assert answer == b""  # closed without an answer
         await first.aclose()
         with trio.fail_after(5):
             while True:  # the node notices the close a moment later
