@@ -238,8 +238,10 @@ class _Fields:
         value = self.frame.get(name)
         if value is None and not required:
             return ()
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise self.fail(f"field '{name}' must be a list of id strings")
+        if not isinstance(value, list) or not all(
+            isinstance(v, str) and 0 < len(v) <= _ID_CHARS for v in value
+        ):
+            raise self.fail(f"field '{name}' must be a list of ids of 1 to {_ID_CHARS} characters")
         if len(value) > self.limits.members_per_request:
             raise self.fail(f"field '{name}' has more than {self.limits.members_per_request} ids")
         return tuple(dict.fromkeys(value))
@@ -397,6 +399,8 @@ def _presence_set(f: _Fields, op: str) -> Request:
 def _presence_get(f: _Fields, op: str) -> Request:
     return PresenceGet(f.id(), f.ids("users"))
 
+
+_ID_CHARS: Final = 256  # an id in a list of ids (ours are far shorter), as any text field
 
 MEDIA_KINDS: Final = ("audio", "video")
 MEDIA_SOURCES: Final = ("camera", "microphone", "screen", "screen_audio")

@@ -186,6 +186,8 @@ def test_parse_request_accepts_the_core_ops() -> None:
         ({"op": "history", "id": 5, "room": "r", "limit": 201}, 5, "'limit'"),
         ({"op": "room.create", "id": 6, "name": "n", "kind": "voice"}, 6, "'kind'"),
         ({"op": "ping", "id": [1]}, None, "'id'"),
+        ({"op": "room.add", "id": 7, "room": "r", "users": ["u" * 257]}, 7, "'users'"),
+        ({"op": "presence.get", "id": 8, "users": [""]}, 8, "'users'"),
     ],
 )
 def test_parse_request_names_the_bad_field(
