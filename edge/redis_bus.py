@@ -91,7 +91,7 @@ from edge.bus import (
 )
 from node.channels import take_all_waiting, take_waiting
 from node.errors import INTERNAL, QUOTA_EXCEEDED, UNAVAILABLE, GB6Error
-from node.log import log
+from node.log import log, without_password
 
 _TIMEOUT_S = 2.0  # to connect, and for an answer
 _KEEPALIVE: dict[int, int] = (
@@ -145,7 +145,9 @@ async def open_redis(url: str) -> AsyncIterator[Redis]:
         with _translated("ping"), trio.move_on_after(5) as waited:
             await aio_as_trio(client.ping)()
         if waited.cancelled_caught:
-            raise GB6Error(UNAVAILABLE, f"redis at {url} did not answer within 5 s")
+            raise GB6Error(
+                UNAVAILABLE, f"redis at {without_password(url)} did not answer within 5 s"
+            )
         yield client
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):

@@ -9,6 +9,7 @@ what it forwarded; an origin waits until every accepted write is durable and ans
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from typing import TextIO
@@ -35,6 +36,9 @@ from replication.edge_link import RemoteOrigin
 from replication.origin_link import LinkServer
 from replication.shard_map import ShardMap, open_kv
 
+# configs/cluster.toml's, for a cluster on one machine: anywhere else it is no secret.
+SAMPLE_SECRET = "change-me-to-a-long-random-string"
+
 
 def link_secret(config: Config) -> str:
     secret = os.environ.get("GB6_LINK_SECRET") or config.link_secret
@@ -43,7 +47,19 @@ def link_secret(config: Config) -> str:
             "a cluster needs a link secret of 16 characters or more: set "
             "[cluster] link_secret or GB6_LINK_SECRET, the same on every process"
         )
+    if secret == SAMPLE_SECRET and not _loopback(config.host):
+        raise invalid(
+            f"the link secret is the sample of configs/cluster.toml, and {config.host} is not"
+            " loopback: set a secret of your own ([cluster] link_secret or GB6_LINK_SECRET)"
+        )
     return secret
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Final
 
 from node.errors import GB6Error, forbidden, invalid
+from node.log import without_password
 from origin.kv import KV
 
 _SHARD: Final = b"shardmap/shard/"
@@ -44,7 +45,10 @@ def open_kv(spec: str) -> KV:
         from origin.kv_tikv import TikvKv
 
         return TikvKv(rest.split(","))
-    raise invalid(f"[cluster] kv must be sqlite:PATH, postgres:DSN or tikv:PD[,PD…], not {spec!r}")
+    raise invalid(
+        "[cluster] kv must be sqlite:PATH, postgres:DSN or tikv:PD[,PD…],"
+        f" not {without_password(spec)!r}"
+    )
 
 
 def check_region(region: str, region_shards: tuple[str, ...] | None, shard: str) -> None:

@@ -71,3 +71,28 @@ def test_media_binds_to_the_nodes_host_unless_configured_otherwise(tmp_path: Pat
     assert load(path, {}).media.host == "127.0.0.3"
     path.write_text('[node]\nhost = "127.0.0.3"\n[media]\nhost = "127.0.0.4"\n')
     assert load(path, {"host": "127.0.0.2"}).media.host == "127.0.0.4"
+
+
+def test_the_sample_link_secret_serves_only_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/cluster.toml's secret is there for a cluster on one machine; a process that
+    listens beyond loopback with it would let anyone who read the file join the cluster."""
+    from node.cluster import SAMPLE_SECRET, link_secret
+
+    monkeypatch.delenv("GB6_LINK_SECRET", raising=False)
+    assert link_secret(Config(link_secret=SAMPLE_SECRET)) == SAMPLE_SECRET
+    with pytest.raises(GB6Error) as info:
+        link_secret(Config(link_secret=SAMPLE_SECRET, host="10.1.2.3"))
+    assert "sample" in info.value.message
+    assert link_secret(Config(link_secret="x" * 16, host="10.1.2.3")) == "x" * 16
+
+
+def test_a_password_never_reaches_an_error_or_a_log() -> None:
+    from node.log import without_password
+    from replication.shard_map import open_kv
+
+    assert without_password("redis://:hunter2@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
+    assert without_password("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert without_password("redis://h:6379/0") == "redis://h:6379/0"
+    with pytest.raises(GB6Error) as info:
+        open_kv("postgresql://gb6:hunter2@127.0.0.1/gb6")  # `postgres:DSN` was meant
+    assert "hunter2" not in info.value.message and "gb6:***@" in info.value.message
