@@ -26,6 +26,8 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
     async def readyz() -> Response | dict[str, Any]:
         if (gateway is not None and gateway.draining) or (shard is not None and shard.draining):
             return _not_ready({"status": "draining"})
+        if gateway is not None and not gateway.origin.reachable:
+            return _not_ready({"status": "unreachable", "reason": "no origin shard answers"})
         stopped = shard.store.stopped if shard is not None else None
         if stopped is not None:  # appends are refused: fenced, or recovering
             return _not_ready({"status": "stopped", "reason": stopped.message})

@@ -73,6 +73,7 @@ class OriginShard:
     """A component: `await nursery.start(shard.run)`; serves once its state is loaded."""
 
     pushes_lag = False  # in one process the hubs see every event as it is published
+    reachable = True  # the gateway's origin, in the same process
     pushes_need_watch = False  # and need no `watch` for it
 
     def __init__(self, config: Config) -> None:

@@ -402,8 +402,10 @@ class RemoteOrigin:
                 await nursery.start(kv.run)
                 shard_map = self._shard_map = ShardMap(kv)
                 self._add_links((await shard_map.shards()).values())
-            for shard_link in list(self.links):
-                await nursery.start(shard_link.run)
+            # Together: each waits up to `_FIRST_CONNECT_S` for an origin that does not answer.
+            async with trio.open_nursery() as starting:
+                for shard_link in list(self.links):
+                    starting.start_soon(nursery.start, shard_link.run)
             task_status.started()
             while shard_map is not None:
                 # Shards that registered since: a new shard needs no edge reconfigured.
@@ -429,6 +431,11 @@ class RemoteOrigin:
         new = [ShardLink(self, a) for a in dict.fromkeys(addresses) if a not in known]
         self.links.extend(new)
         return new
+
+    @property
+    def reachable(self) -> bool:
+        """Some origin shard answers (else no client can do anything here: /readyz says so)."""
+        return any(shard_link.connected for shard_link in self.links)
 
     # --- routing -------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+import socket
 import sqlite3
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -1101,3 +1103,29 @@ async def test_a_postgres_crash_under_a_postgres_shard_loses_nothing(
 
     sends = await _through_outage(c, "postgres", crash)
     assert sends.refused > 0, "no send met PostgreSQL gone"
+
+
+def test_an_edge_whose_origins_do_not_answer_is_not_ready(tmp_path: Path) -> None:
+    """An edge whose origin shards are all unreachable starts (they may come later), but its
+    /readyz says so: a load balancer must not send it clients, whose every hello would be
+    `unavailable`. Its links wait for their origins together, not one after another."""
+    closed = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed.append(f"127.0.0.1:{s.getsockname()[1]}")
+    edge = Node(
+        tmp_path / "edge",
+        extra_args=[f"--origin={a}" for a in closed],
+        command="edge",
+        env={"GB6_LINK_SECRET": SECRET},
+    )
+    started = time.monotonic()
+    edge.start(timeout=18)  # each link gives up waiting after 10 s: in turn, 20 s
+    try:
+        assert time.monotonic() - started < 18
+        ready = httpx.get(edge.http_url + "/readyz", timeout=10)
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["status"] == "unreachable"
+    finally:
+        edge.kill()
