@@ -949,7 +949,13 @@ class Gateway:
                 # Away here as this edge has it now: the registry's word may still include a
                 # last session whose close has not reached it yet.
                 away = who.id in self.away
-                return await self.shared.sessions.add(who.id, session, who.instance.id, away=away)
+                now = await self.shared.sessions.add(who.id, session, who.instance.id, away=away)
+                # That last session may have closed meanwhile, the edge forgetting the away
+                # with it (the new one is not among the user's here before the answer).
+                while (who.id in self.away) != away:
+                    away = who.id in self.away
+                    now = await self.shared.sessions.set_away(who.id, away)
+                return now
             except GB6Error as exc:
                 if exc.code == QUOTA_EXCEEDED:
                     raise

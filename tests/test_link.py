@@ -971,3 +971,52 @@ async def test_made_up_tokens_do_not_reach_the_shard_map_each(
             await remote.authenticate("gb6u_ins_madeup.secret")
         assert asked == ["ins_madeup"] * 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_reconnect_where_the_user_was_away_ends_as_the_edge_shows_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice is away on this edge and reconnects to it. Her new session's add goes out saying
+    "away" (her old socket is still open), and the old socket closes while it is on its way:
+    the edge forgets her away with it. The registry must end where the edge is (online), not
+    away with the edge showing her online, which `presence.set online` could not repair."""
+    async with edge_and_origin(tmp_path, Limits(), shared=True) as (gateway, node, token, _):
+        assert gateway.shared is not None
+        sessions = gateway.shared.sessions
+        add = sessions.add
+        entered, go_on = trio.Event(), trio.Event()
+        waiting = False
+
+        async def adding(user: str, session: str, instance: str, *, away: bool) -> Presence:
+            now = await add(user, session, instance, away=away)
+            if waiting:
+                entered.set()
+                await go_on.wait()  # answered, not yet seen by the gateway
+            return now
+
+        monkeypatch.setattr(sessions, "add", adding)
+        old: Peer
+        async with peer_of(node, token) as old:
+            await old.ok("presence.set", status="away")
+            user = next(iter(gateway.by_user))
+            assert await sessions.presence([user]) == {user: "away"}
+            waiting = True
+            done = trio.Event()
+
+            async def reconnect() -> None:
+                async with peer_of(node, token):  # its hello waits on the add
+                    await done.wait()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reconnect)
+                with trio.fail_after(5):
+                    await entered.wait()
+                await old.ws.aclose()
+                with trio.fail_after(5):
+                    while user in gateway.away:  # noqa: ASYNC110 - the old socket's close
+                        await trio.sleep(0.01)
+                go_on.set()
+                with trio.fail_after(5):
+                    while await sessions.presence([user]) != {user: "online"}:  # noqa: ASYNC110
+                        await trio.sleep(0.02)
+                done.set()
