@@ -970,14 +970,16 @@ class Gateway:
 
     def _users_seen(self, instance: str) -> Iterator[str]:
         """The users this edge's clients of `instance` may be shown the presence of: those
-        sharing a room with one of them (see `_deliver_presence`), repeats included."""
+        sharing a room with one of them (see `_deliver_presence`), repeats included. Its
+        caller may wait between two: each room's members are copied as it comes to them."""
+        rooms: set[str] = set()  # each once, however many users here share it
         for user, conns in list(self.by_user.items()):
-            if next(iter(conns)).instance != instance:
-                continue
-            for room_id in list(self.origin.user_rooms.get(user, ())):
-                room = self.origin.rooms.get(room_id)
-                if room is not None:
-                    yield from list(room.members)
+            if next(iter(conns)).instance == instance:
+                rooms.update(self.origin.user_rooms.get(user, ()))
+        for room_id in rooms:
+            room = self.origin.rooms.get(room_id)
+            if room is not None:
+                yield from list(room.members)
 
     async def _discard_session(self, who: Principal, session: str) -> None:
         """Remove a session recorded for a hello refused after all."""

@@ -108,6 +108,9 @@ class SharedSignals:
         # Followed instance → the position in its change feed to read from next (None: not
         # known yet; the first read learns it).
         self._feeds: dict[str, int | None] = {}
+        # Followed instances whose feed read missed changes → the position after that read:
+        # their users' presence is asked (`_resync`) at each sweep until it is answered.
+        self._resyncs: dict[str, int] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -198,7 +201,6 @@ class SharedSignals:
     async def read_feeds(self, instances: list[str]) -> None:
         """Read the change feeds of `instances` (followed ones) from where the last read ended,
         and tell this edge's clients the changes they missed."""
-        missed: dict[str, int] = {}
         for _ in range(_MAX_FEED_PAGES):
             since = {i: self._feeds[i] for i in instances if i in self._feeds}
             if not since:
@@ -211,12 +213,17 @@ class SharedSignals:
                     self._tell(instance, now)  # said by the edge that decided it, if at all
                 self._feeds[instance] = read.position
                 if read.missed:
-                    missed[instance] = read.position
+                    self._resyncs[instance] = read.position
                 elif len(read.changed) >= MAX_FEED_READ:
                     more.append(instance)
             instances = more
-        for instance, position in missed.items():
-            await self._resync(instance, position)
+        for instance, position in list(self._resyncs.items()):
+            if instance not in self._feeds:  # unfollowed meanwhile
+                del self._resyncs[instance]
+                continue
+            await self._resync(instance, position)  # if it fails, the next sweep asks again
+            if self._resyncs.get(instance) == position:
+                del self._resyncs[instance]
 
     async def _resync(self, instance: str, position: int) -> None:
         """After a feed read that missed changes: tell this edge's clients the presence of the
@@ -225,10 +232,12 @@ class SharedSignals:
         so."""
         log("presence_feed_missed", instance=instance)
         seen: dict[str, None] = {}
-        for user in self.users_seen(instance):
+        for n, user in enumerate(self.users_seen(instance)):
             seen[user] = None
             if len(seen) >= _MAX_RESYNC:
                 break
+            if n % 10_000 == 9_999:  # large rooms: the edge serves its clients meanwhile
+                await trio.lowlevel.checkpoint()
         users = list(seen)
         for i in range(0, len(users), MAX_LOCATE_USERS):
             chunk = users[i : i + MAX_LOCATE_USERS]

@@ -767,6 +767,18 @@ async def test_an_edge_that_missed_changes_of_the_feed_asks_its_users_presence(
         assert (await a.remove("carol", "ses_0")).changed
         await trio.sleep(2 * keep)
         assert (await a.add("erin", "ses_3", "ins_1")).changed  # nobody here is shown erin
+        ask = b.sessions.presence
+        failures = [GB6Error(UNAVAILABLE, "Redis is back, not yet for this")]
+
+        async def presence(users: Any) -> dict[str, str]:
+            if failures:
+                raise failures.pop()
+            return await ask(users)
+
+        monkeypatch.setattr(b.sessions, "presence", presence)
+        with pytest.raises(GB6Error):  # the sweep fails: the next one asks again
+            await b.read_feeds(["ins_1"])
+        assert shown == [("alice", "online")]
         await b.read_feeds(["ins_1"])
         assert shown == [("alice", "online"), ("alice", "away"), ("bob", "online")]
         assert (await a.remove("bob", "ses_2")).changed
