@@ -253,6 +253,12 @@ class ClientCore:
         """Application requests written on this connection whose reply has not arrived."""
         return sum(1 for p in self._pending.values() if p.sent and p.kind is not Kind.INTERNAL)
 
+    @property
+    def wants_to_write(self) -> bool:
+        """Frames are queued for the current connection (a reply may queue some: a resume
+        subscribe asked again)."""
+        return self.phase is Phase.READY and bool(self._queue)
+
     def statistics(self) -> dict[str, int]:
         return {
             "pending": sum(1 for p in self._pending.values() if p.kind is not Kind.INTERNAL),

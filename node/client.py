@@ -576,6 +576,8 @@ class Client:
                 return
             conn.last_rx = trio.current_time()
             out = self._core.receive(text)
+            if self._core.wants_to_write:
+                self._kick.set()
             if isinstance(out, Deliver):
                 conn.reader_blocked = True
                 try:

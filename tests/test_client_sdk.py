@@ -592,3 +592,48 @@ async def test_a_silent_node_is_detected_and_left(tuned_node: Node) -> None:
             seen = await _messages(client, room, 2)
         assert [e["seq"] for e in seen] == [1, ack.seq] == [1, 2]
         assert client.reconnects >= 1
+
+
+async def test_a_resume_subscribe_refused_unavailable_is_asked_again_at_once() -> None:
+    """Against a server of the test's own: the resume subscribe after a reconnect is refused
+    `unavailable` once (the new edge has not seen the seq yet); the client asks again at once,
+    not at its next heartbeat (15 s), and the room's events come."""
+    from trio_websocket import WebSocketRequest, serve_websocket
+
+    subscribes: list[dict[str, Any]] = []
+    connections = 0
+
+    async def handler(request: WebSocketRequest) -> None:
+        nonlocal connections
+        ws = await request.accept()
+        connections += 1
+        this = connections
+        while True:
+            frame = json.loads(await ws.get_message())
+            if frame["op"] == "hello":
+                user = {"id": "usr_a", "name": "a"}
+                ok = {"user": user, "session": f"ses_{this}", "heartbeat_ms": 30_000}
+                await ws.send_message(json.dumps({"op": "ok", "re": frame["id"], **ok}))
+            elif frame["op"] == "subscribe":
+                subscribes.append(frame)
+                if len(subscribes) == 2:  # the resume's first: this edge lags
+                    error = {"code": "unavailable", "message": "not seen yet"}
+                    await ws.send_message(json.dumps({"op": "error", "re": frame["id"], **error}))
+                    continue
+                await ws.send_message(json.dumps({"op": "ok", "re": frame["id"], "head": 1}))
+                if this == 1:
+                    await ws.aclose(1011, "resume")  # the first connection ends
+                    return
+                event = {"op": "event", "type": "message", "room": "r", "seq": 2, "ts": 1}
+                await ws.send_message(json.dumps({**event, "sender": "u", "cid": "c"}))
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+        url = f"ws://127.0.0.1:{server.port}/v1/ws"
+        async with gb6_connect(url, "tok", backoff_initial=0.01, seed=1) as client:
+            await client.subscribe("r", after=1)
+            with trio.fail_after(3):  # well before the heartbeat
+                event = await client.events().__anext__()
+            assert (event["room"], event["seq"]) == ("r", 2)
+        assert [s["after"] for s in subscribes] == [1, 1, 1]
+        nursery.cancel_scope.cancel()
