@@ -49,9 +49,11 @@ import outcome
 import trio
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.cimpl import NewTopic
 
 from node.errors import INTERNAL, INVALID, UNAVAILABLE, GB6Error
+from node.log import log
 from origin.log_port import (
     MAX_PARTITIONS,
     LogAborted,
@@ -133,7 +135,23 @@ def ensure_topic(
             err = kafka_error(exc)
             if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
+            _warn_if_retained(admin, topic, timeout_s)
             return
+
+
+def _warn_if_retained(admin: AdminClient, topic: str, timeout_s: float) -> None:
+    """A topic made before (or by hand) may delete records by age or size: said at each start,
+    for its operator to change (`kafka-configs.sh --alter`); not changed here, since an
+    operator may mean it (records archived elsewhere)."""
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    try:
+        found = admin.describe_configs([resource])[resource].result(timeout=timeout_s)
+    except (KafkaException, concurrent.futures.TimeoutError) as exc:
+        log("kafka_topic_config_unknown", topic=topic, error=repr(exc))
+        return
+    kept = {k: found[k].value for k in ("retention.ms", "retention.bytes") if k in found}
+    if any(value != "-1" for value in kept.values()):
+        log("kafka_topic_retention_limited", topic=topic, **kept)
 
 
 class _Stopped(Exception):

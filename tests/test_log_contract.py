@@ -479,3 +479,22 @@ async def test_a_kafka_log_keeps_its_records_and_a_consumer_never_skips_lost_one
         more, _ = await read(consumer, 1)
     assert [(e.room, e.seq) for e in more] == [("a", 6)]
     assert len(entries) == len(written)
+
+
+async def test_a_kafka_topic_made_with_a_retention_is_said_at_each_start(
+    kafka_backend: Backend, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A topic made before this release (or by hand) keeps its retention: the writer leaves it
+    as it is (records may be archived elsewhere) but says so at each start, for its operator,
+    since records older than it are gone from the log of record."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": kafka_backend.bootstrap})
+    topic = NewTopic(
+        kafka_backend.topic, num_partitions=KAFKA_PARTITIONS, config={"retention.ms": "3600000"}
+    )
+    admin.create_topics([topic])[kafka_backend.topic].result(timeout=20)
+    async with running(kafka_backend.writer()) as writer:
+        await writer.append_batch([LogRecord("a", 1, b"x")])
+    said = [line for line in capfd.readouterr().err.splitlines() if "retention_limited" in line]
+    assert len(said) == 1 and '"retention.ms":"3600000"' in said[0], said
