@@ -145,7 +145,7 @@ class RoomHub:
             sub.scope.cancel()
 
 
-CATCH_UP_RETRY_S = 10.0  # a catch-up asks a store that answers `unavailable` again this long
+CATCH_UP_RETRY_S = 10.0  # a catch-up asks a store answering `unavailable` again, this long in a row
 _RETRY_PAUSE_S = 0.1
 _RETRY_PAUSE_MAX_S = 2.0
 
@@ -233,7 +233,7 @@ class Hubs:
         subscriber's connection; cancelled by `release` or a new subscribe."""
         hub = self.hubs.get(sub.room)
         delivered = after
-        give_up = trio.current_time() + CATCH_UP_RETRY_S
+        give_up: float | None = None  # while the store answers `unavailable` in a row
         pause = _RETRY_PAUSE_S
 
         def released() -> bool:
@@ -268,11 +268,14 @@ class Hubs:
             except GB6Error as exc:
                 # Busy or briefly cut off (`unavailable` says: retry): asked again a while,
                 # rather than closing the connection for its client to resume into the same.
+                if give_up is None:
+                    give_up = trio.current_time() + CATCH_UP_RETRY_S
                 if exc.code != UNAVAILABLE or trio.current_time() >= give_up:
                     raise
                 await trio.sleep(pause)
                 pause = min(2 * pause, _RETRY_PAUSE_MAX_S)
                 continue
+            give_up, pause = None, _RETRY_PAUSE_S
             if released():
                 return
             # The store may already hold commits the hub has not been handed yet; those reach

@@ -508,3 +508,43 @@ async def test_a_catch_up_asks_a_store_that_is_briefly_unavailable_again() -> No
     assert err.value.code == INTERNAL
     server.close()
     client.close()
+
+
+async def test_a_long_catch_up_retries_unavailable_from_its_first_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The retry window counts from the first `unavailable` in a row, not from the catch-up's
+    start: one that has read for longer than the window still asks again."""
+    from edge import hub as hub_module
+    from edge.hub import Hubs, Subscription
+    from edge.outbox import Outbox
+    from node.errors import UNAVAILABLE, GB6Error
+    from node.events import Event
+
+    monkeypatch.setattr(hub_module, "CATCH_UP_RETRY_S", 0.5)
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    outbox = Outbox(server, limit=1 << 20)
+    hubs = Hubs(cache_size=1, cache_bytes=1 << 20, idle_max=100)
+    hub = hubs.ensure("r", 0)
+    events = [Event("r", seq, 0, "message", "u", f"c{seq}", {"t": "x"}) for seq in (1, 2, 3)]
+    hub.publish(events)
+    calls = 0
+
+    async def store(room: str, after: int, limit: int) -> list[Event]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await trio.sleep(0.6)  # a long read, past the window
+        elif calls == 2:
+            raise GB6Error(UNAVAILABLE, "busy")
+        return [ev for ev in events if ev.seq > after][:1]
+
+    sub = Subscription("r", "bob", outbox, scope=trio.CancelScope())
+    hub.catching.add(sub)
+    with trio.fail_after(5):
+        await hubs.catch_up(sub, 0, store, 1, 1 << 16)
+    assert sub.live and calls == 3
+    assert client.recv(1 << 16).count(b'"seq":') == 3
+    server.close()
+    client.close()
