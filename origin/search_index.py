@@ -53,9 +53,12 @@ def _boot_id() -> str | None:
 
 
 def _text(body: bytes | None) -> str | None:
-    if body is None:
+    """An edit's new text; None for a body with none (or not an object: never stored so)."""
+    try:
+        value = orjson.loads(body) if body is not None else None
+    except orjson.JSONDecodeError:
         return None
-    text = orjson.loads(body).get("text")
+    text = value.get("text") if isinstance(value, dict) else None
     return text if isinstance(text, str) and text else None
 
 
@@ -259,18 +262,22 @@ class SearchIndex:
         Python per message, no GIL held); only edits and deletes, which are rare, take a Python
         step."""
         # Deferred: an immediate transaction would take the write lock of the log as well.
+        # The keys first, in a transaction of their own: sends wait for them (the writer holds
+        # at most `_MAX_RECENT_KEYS`), and a failure of the text's must not hold them back.
         conn.execute("BEGIN")
-        offset = conn.execute("SELECT id FROM progress").fetchone()[0]
         keys_offset = conn.execute("SELECT id FROM cids_progress").fetchone()[0]
         top = conn.execute("SELECT MAX(id) FROM log.events").fetchone()[0] or 0
-        upto = min(top, offset + _BATCH)
         keys_upto = min(top, keys_offset + _BATCH)
         if keys_upto > keys_offset:
             cid_index.index_after(conn, "log", keys_offset, keys_upto)
+        conn.execute("COMMIT")
+        self.keys_indexed = max(keys_upto, keys_offset)
+        conn.execute("BEGIN")
+        offset = conn.execute("SELECT id FROM progress").fetchone()[0]
+        upto = min(top, offset + _BATCH)
         if upto > offset:
             self._index_text(conn, offset, upto)
         conn.execute("COMMIT")
-        self.keys_indexed = max(keys_upto, keys_offset)
         return max(upto, offset), upto < top or keys_upto < top
 
     def _index_text(self, conn: sqlite3.Connection, offset: int, upto: int) -> None:

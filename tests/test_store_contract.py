@@ -2143,3 +2143,32 @@ async def test_sqlite_a_start_that_fails_leaves_no_thread_or_connection(
     async with serving(backend) as store:
         t = await tenant(store)
         assert (await append(store, item(await room(store, t), t.alice, "m1"))).event.seq == 1
+
+
+async def test_sqlite_sends_go_on_while_the_text_index_keeps_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index's text step fails at every try (a body it cannot read, say): the keys of
+    sends, which the writer waits for once it holds too many, are indexed all the same, in a
+    transaction of their own, so sends are not refused for good."""
+    from origin import search_index, sqlite_store
+
+    def failing(self: search_index.SearchIndex, conn: Any, offset: int, upto: int) -> None:
+        raise RuntimeError("made by the test: every time")
+
+    monkeypatch.setattr(search_index.SearchIndex, "_index_text", failing)
+    monkeypatch.setattr(sqlite_store, "_MAX_RECENT_KEYS", 20)
+    backend = Backend("sqlite", lambda rec: SqliteStore(tmp_path / "gb6.db", LIMITS, rec))
+    async with serving(backend) as store:
+        t = await tenant(store)
+        r = await room(store, t)
+        with trio.fail_after(30):
+            for i in range(40):
+                while True:  # refused while the keys are behind: resent, as a client would
+                    try:
+                        await append(store, item(r, t.alice, f"m{i}", body={"text": f"h {i}"}))
+                        break
+                    except GB6Error as exc:
+                        assert exc.code == UNAVAILABLE and "behind" in exc.message
+                        await trio.sleep(0.1)
+        assert [e.seq for e in await store.events_after(r, 0, 100)] == list(range(1, 41))
