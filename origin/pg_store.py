@@ -110,7 +110,7 @@ _CONNECT_TIMEOUT_S: Final = 10.0
 _CLOSE_TIMEOUT_S: Final = 10.0
 
 
-async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
+async def open_pool(dsn: str, schema: str, name: str, size: int, *, min_size: int = 1) -> Any:
     """An asyncpg pool (through trio-asyncio) whose connections use `schema`, commit durably
     and plan every execution for its parameters and the tables as they are; connection
     failures become GB6Error, without JIT compilation.
@@ -134,7 +134,7 @@ async def open_pool(dsn: str, schema: str, name: str, size: int) -> Any:
     try:
         return await aio_as_trio(asyncpg.create_pool)(
             dsn,
-            min_size=1,
+            min_size=min_size,
             max_size=size,
             timeout=_CONNECT_TIMEOUT_S,
             command_timeout=_COMMAND_TIMEOUT_S,
@@ -269,8 +269,9 @@ class PgStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._pool = await open_pool(self.dsn, self.schema, "gb6-origin", self._pool_size)
         try:
+            # None opened until the first append (the Kafka store's PgStore never appends).
             self._writer_pool = await open_pool(
-                self.dsn, self.schema, "gb6-origin-writer", _WRITER_CONNS
+                self.dsn, self.schema, "gb6-origin-writer", _WRITER_CONNS, min_size=0
             )
         except BaseException:
             self._pool.terminate()

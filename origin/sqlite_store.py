@@ -350,15 +350,19 @@ class SqliteStore:
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = _connect(self.path, readonly=False)
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        check_known(str(self.path), version, len(_MIGRATIONS))
-        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in script.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={number}")
-            conn.execute("COMMIT")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            check_known(str(self.path), version, len(_MIGRATIONS))
+            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={number}")
+                conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     # --- the writer thread ---------------------------------------------------------------
