@@ -81,9 +81,12 @@ class State(enum.Enum):
 
 def _is_loopback(ip: str) -> bool:
     try:
-        return ipaddress.ip_address(ip).is_loopback
+        address = ipaddress.ip_address(ip)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback  # an IPv4 client of a dual-stack listener
+    return address.is_loopback
 
 
 async def _recv_when_readable(sock: socket.socket, limit: int) -> bytes:

@@ -197,6 +197,7 @@ class SharedSignals:
         instances = list(self._feeds)
         for i in range(0, len(instances), MAX_LOCATE_USERS):
             await self.read_feeds(instances[i : i + MAX_LOCATE_USERS])
+        await self.resync_missed()
 
     async def read_feeds(self, instances: list[str]) -> None:
         """Read the change feeds of `instances` (followed ones) from where the last read ended,
@@ -217,11 +218,19 @@ class SharedSignals:
                 elif len(read.changed) >= MAX_FEED_READ:
                     more.append(instance)
             instances = more
+
+    async def resync_missed(self) -> None:
+        """Ask the presence of the users of each instance whose feed read missed changes (see
+        `_resync`); one that fails is asked again at the next sweep, the others go on."""
         for instance, position in list(self._resyncs.items()):
             if instance not in self._feeds:  # unfollowed meanwhile
                 del self._resyncs[instance]
                 continue
-            await self._resync(instance, position)  # if it fails, the next sweep asks again
+            try:
+                await self._resync(instance, position)
+            except GB6Error as exc:
+                log("presence_resync_failed", instance=instance, error=exc.message)
+                continue
             if self._resyncs.get(instance) == position:
                 del self._resyncs[instance]
 

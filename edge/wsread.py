@@ -3,11 +3,12 @@
 wsproto parses each frame through several generator and object layers and unmasks in pure
 Python byte by byte; on the gateway's hot path that was a tenth of the event loop's time. This
 parser handles exactly what a GB6 server needs: masked frames only, no extensions (RSV bits must
-be zero), fragmentation (at most `MAX_FRAGMENTS` frames per message), control frames (at most
-125 bytes, never fragmented; a close's code one a peer may send, its reason UTF-8), UTF-8
-checked text, and the message size limits: a message above `limit` is dropped whole and
-reported once it ends (the connection stays usable); one growing past `transport_limit` is an
-error at once (the gateway closes with 1009), so no more than that is ever buffered.
+be zero), fragmentation (each fragment counting at least `FRAGMENT_WEIGHT` bytes against the
+transport limit), control frames (at most 125 bytes, never fragmented; a close's code one a
+peer may send, its reason UTF-8), UTF-8 checked text, and the message size limits: a message
+above `limit` is dropped whole and reported once it ends (the connection stays usable); one
+growing past `transport_limit` is an error at once (the gateway closes with 1009), so no more
+than that is ever buffered.
 
 `feed(data)` returns the events completed by `data`, in order:
     ("text", str) | ("binary", None) | ("too_large", None) | ("ping", bytes) | ("pong", None)
@@ -28,7 +29,7 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 
-MAX_FRAGMENTS: Final = 1024  # frames of one message; past it the connection closes with 1009
+FRAGMENT_WEIGHT: Final = 64  # the bytes a fragment counts for at least (see `_data`)
 
 Event = tuple[str, Any]
 
@@ -55,7 +56,9 @@ class FrameReader:
         self._msg_op: int | None = None  # opcode of the fragmented message in progress
         self._parts: list[bytes] = []
         self._size = 0
-        self._fragments = 0  # frames of the message in progress
+        self._weight = 0  # the message in progress's fragments, each at least the floor
+        # FRAGMENT_WEIGHT, or less under a small limit (a message of it in 1,024 fragments).
+        self._fragment_floor = max(1, min(FRAGMENT_WEIGHT, limit // 1024))
         self._dead = False
 
     def feed(self, data: bytes) -> list[Event]:
@@ -143,9 +146,11 @@ class FrameReader:
             return False
         else:
             self._msg_op = op
-        self._fragments += 1
-        if self._fragments > MAX_FRAGMENTS:  # each costs memory, empty ones too
-            self._fail(out, 1009, f"message in more than {MAX_FRAGMENTS} fragments")
+        # Each fragment counts at least `FRAGMENT_WEIGHT` bytes against the transport limit:
+        # a flood of tiny (or empty) ones cannot hold memory or time without bound.
+        self._weight += max(len(payload), self._fragment_floor)
+        if self._weight > self.transport_limit:
+            self._fail(out, 1009, "message in too many fragments")
             return False
         self._size += len(payload)
         if self._size > self.limit:
@@ -156,7 +161,7 @@ class FrameReader:
             return True
         msg_op, size = self._msg_op, self._size
         parts, self._parts = self._parts, []
-        self._msg_op, self._size, self._fragments = None, 0, 0
+        self._msg_op, self._size, self._weight = None, 0, 0
         if size > self.limit:
             out.append(("too_large", None))
         elif msg_op == OP_BINARY:

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "origin":
             from node.cluster import link_secret, run_origin
 
-            link_secret(config)
+            link_secret(config, listening=True)
             trio.run(run_origin, config)
         else:
             from node.cluster import link_secret, run_edge

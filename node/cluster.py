@@ -40,14 +40,16 @@ from replication.shard_map import ShardMap, open_kv
 SAMPLE_SECRET = "change-me-to-a-long-random-string"
 
 
-def link_secret(config: Config) -> str:
+def link_secret(config: Config, *, listening: bool = False) -> str:
+    """The cluster's link secret. `listening` (an origin, whose link port takes it): the sample
+    secret of configs/cluster.toml only on loopback (an edge only shows it)."""
     secret = os.environ.get("GB6_LINK_SECRET") or config.link_secret
     if len(secret) < 16:
         raise invalid(
             "a cluster needs a link secret of 16 characters or more: set "
             "[cluster] link_secret or GB6_LINK_SECRET, the same on every process"
         )
-    if secret == SAMPLE_SECRET and not _loopback(config.host):
+    if listening and secret == SAMPLE_SECRET and not _loopback(config.host):
         raise invalid(
             f"the link secret is the sample of configs/cluster.toml, and {config.host} is not"
             " loopback: set a secret of your own ([cluster] link_secret or GB6_LINK_SECRET)"
@@ -63,7 +65,7 @@ def _loopback(host: str) -> bool:
 
 
 async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:
-    secret = link_secret(config)
+    secret = link_secret(config, listening=True)
     held = lock_data_dir(config.data_dir)
     token, printed = admin_token(config.data_dir)
 

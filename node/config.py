@@ -339,10 +339,12 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
     for key, value in overrides.items():
         if value is not None:
             kwargs[key] = Path(value) if key == "data_dir" else value
-    if "host" in kwargs and "host" not in _table(raw, "media"):
+    host = kwargs.get("host")
+    if host not in (None, "0.0.0.0", "::") and "host" not in _table(raw, "media"):
         # The process contract: media binds to the node's host and announces it, unless
-        # `[media] host` (or `announced_address`) says otherwise.
-        kwargs["media"] = attrs.evolve(kwargs.get("media", MediaConfig()), host=kwargs["host"])
+        # `[media] host` (or `announced_address`) says otherwise. Not a wildcard, which no
+        # peer could reach as an ICE candidate: media keeps its own host then.
+        kwargs["media"] = attrs.evolve(kwargs.get("media", MediaConfig()), host=host)
     try:
         return Config(**kwargs)
     except (TypeError, ValueError) as exc:

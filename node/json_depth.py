@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-MAX_JSON_DEPTH: Final = 32  # objects and arrays inside one another, the outermost included
+# Objects and arrays inside one another, the outermost included: rich-text formats nest a few
+# levels per indent, and what a reply wraps a stored body in stays far below orjson's 254.
+MAX_JSON_DEPTH: Final = 128
 
 
 def deeper_than(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:

@@ -132,7 +132,7 @@ async def serve(
                     await served.drain()
                     watching.cancel_scope.cancel()
             if draining.cancelled_caught:
-                log("drain_cut_short", after_s=DRAIN_S)
+                log("drain_cut_short")
             stop_http.set()
             nursery.cancel_scope.deadline = trio.current_time() + 5.0
             await trio.sleep(0.2)
@@ -160,7 +160,12 @@ def lock_data_dir(data_dir: Path) -> IO[bytes]:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         held.close()
-        raise invalid(f"data directory {data_dir} is in use by another gb6 process") from None
+        raise invalid(
+            f"data directory {data_dir} is in use by another gb6 process (one stopping may"
+            " take up to 35 s: start this one once it has exited)"
+        ) from None
+    except OSError as exc:  # a filesystem without locks (some NFS or FUSE mounts)
+        log("data_dir_not_locked", path=str(data_dir), error=exc.strerror)
     return held
 
 

@@ -135,20 +135,32 @@ def ensure_topic(
             err = kafka_error(exc)
             if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
-            _warn_if_retained(admin, topic, timeout_s)
+            _warn_if_retained(admin, topic, deadline, stopping)
             return
 
 
-def _warn_if_retained(admin: AdminClient, topic: str, timeout_s: float) -> None:
+def _warn_if_retained(
+    admin: AdminClient, topic: str, deadline: float, stopping: threading.Event | None
+) -> None:
     """A topic made before (or by hand) may delete records by age or size: said at each start,
     for its operator to change (`kafka-configs.sh --alter`); not changed here, since an
-    operator may mean it (records archived elsewhere)."""
+    operator may mean it (records archived elsewhere). Within the start's `deadline`, given up
+    soon after `stopping` is set."""
     resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
-    try:
-        found = admin.describe_configs([resource])[resource].result(timeout=timeout_s)
-    except (KafkaException, concurrent.futures.TimeoutError) as exc:
-        log("kafka_topic_config_unknown", topic=topic, error=repr(exc))
-        return
+    future = admin.describe_configs([resource])[resource]
+    while True:
+        try:
+            found = future.result(timeout=min(_SLICE_S, max(0.0, deadline - time.monotonic())))
+            break
+        except concurrent.futures.TimeoutError:
+            if stopping is not None and stopping.is_set():
+                raise _Stopped() from None
+            if time.monotonic() >= deadline:
+                log("kafka_topic_config_unknown", topic=topic, error="no answer in time")
+                return
+        except KafkaException as exc:
+            log("kafka_topic_config_unknown", topic=topic, error=repr(exc))
+            return
     kept = {k: found[k].value for k in ("retention.ms", "retention.bytes") if k in found}
     if any(value != "-1" for value in kept.values()):
         log("kafka_topic_retention_limited", topic=topic, **kept)

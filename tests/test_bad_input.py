@@ -194,7 +194,7 @@ async def test_body_over_its_limit_is_refused(tenant: Tenant, peer_factory: Any)
 async def test_a_body_nested_too_deep_is_refused(
     tenant: Tenant, peer_factory: Any, op: str
 ) -> None:
-    """A body nested deeper than 32 levels is `invalid` and changes nothing. Stored (just under
+    """A body nested deeper than 128 levels is `invalid` and changes nothing. Stored (just under
     orjson's 254 levels), no history page or push holding it could be encoded again: the
     room's history, its subscribers' catch-up and a whole batch of other tenants' sends
     failed."""

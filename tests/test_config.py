@@ -74,16 +74,19 @@ def test_media_binds_to_the_nodes_host_unless_configured_otherwise(tmp_path: Pat
 
 
 def test_the_sample_link_secret_serves_only_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """configs/cluster.toml's secret is there for a cluster on one machine; a process that
-    listens beyond loopback with it would let anyone who read the file join the cluster."""
+    """configs/cluster.toml's secret is there for a cluster on one machine; an origin whose
+    link listens beyond loopback with it would let anyone who read the file join the cluster."""
     from node.cluster import SAMPLE_SECRET, link_secret
 
     monkeypatch.delenv("GB6_LINK_SECRET", raising=False)
-    assert link_secret(Config(link_secret=SAMPLE_SECRET)) == SAMPLE_SECRET
+    assert link_secret(Config(link_secret=SAMPLE_SECRET), listening=True) == SAMPLE_SECRET
     with pytest.raises(GB6Error) as info:
-        link_secret(Config(link_secret=SAMPLE_SECRET, host="10.1.2.3"))
+        link_secret(Config(link_secret=SAMPLE_SECRET, host="10.1.2.3"), listening=True)
     assert "sample" in info.value.message
-    assert link_secret(Config(link_secret="x" * 16, host="10.1.2.3")) == "x" * 16
+    # An edge only shows it, on links to its origins: it may listen for clients anywhere.
+    assert link_secret(Config(link_secret=SAMPLE_SECRET, host="10.1.2.3")) == SAMPLE_SECRET
+    mine = "x" * 16
+    assert link_secret(Config(link_secret=mine, host="10.1.2.3"), listening=True) == mine
 
 
 def test_a_password_never_reaches_an_error_or_a_log() -> None:
@@ -96,3 +99,17 @@ def test_a_password_never_reaches_an_error_or_a_log() -> None:
     with pytest.raises(GB6Error) as info:
         open_kv("postgresql://gb6:hunter2@127.0.0.1/gb6")  # `postgres:DSN` was meant
     assert "hunter2" not in info.value.message and "gb6:***@" in info.value.message
+
+
+def test_media_keeps_its_own_host_when_the_node_listens_on_a_wildcard() -> None:
+    """0.0.0.0 or :: is no address a peer can reach as an ICE candidate."""
+    for wildcard in ("0.0.0.0", "::"):
+        assert load(None, {"host": wildcard}).media.host == "127.0.0.1"
+
+
+def test_an_ipv4_client_of_a_dual_stack_listener_on_loopback_is_loopback() -> None:
+    from edge.gateway import _is_loopback
+
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1")
+    assert _is_loopback("::ffff:127.0.0.1")
+    assert not _is_loopback("::ffff:10.0.0.1") and not _is_loopback("10.0.0.1")

@@ -130,18 +130,21 @@ def test_frame_reader_close() -> None:
 
 
 def test_frame_reader_bounds_the_fragments_of_a_message() -> None:
-    """Empty continuation frames add no bytes, but each held a slot of memory: a message in
-    more than MAX_FRAGMENTS frames closes the connection (1009), before any hello too."""
-    from edge.wsread import MAX_FRAGMENTS
+    """A message may come in many small fragments (64 KiB in 1,024 here), but each counts at
+    least FRAGMENT_WEIGHT bytes against the transport limit: a flood of empty ones (which add
+    no bytes) closes the connection with 1009 instead of holding it for good, before any
+    hello too."""
+    from edge.wsread import FRAGMENT_WEIGHT
 
-    reader = FrameReader(limit=1 << 20, transport_limit=2 << 20)
+    reader = FrameReader(limit=1 << 16, transport_limit=1 << 17)
+    chunk = b"x" * FRAGMENT_WEIGHT
+    frames = [_client_frame(0x1, chunk, fin=False)]
+    frames += [_client_frame(0x0, chunk, fin=False)] * 1022 + [_client_frame(0x0, chunk)]
+    assert reader.feed(b"".join(frames)) == [("text", "x" * (1 << 16))]
     assert reader.feed(_client_frame(0x1, b"a", fin=False)) == []
     empty = _client_frame(0x0, b"", fin=False)
-    assert reader.feed(empty * (MAX_FRAGMENTS - 2)) == []
-    assert reader.feed(_client_frame(0x0, b"b")) == [("text", "ab")]  # within the bound
-    assert reader.feed(_client_frame(0x1, b"a", fin=False)) == []
-    events = reader.feed(empty * MAX_FRAGMENTS)
-    assert events == [("error", (1009, f"message in more than {MAX_FRAGMENTS} fragments"))]
+    events = reader.feed(empty * ((1 << 17) // FRAGMENT_WEIGHT))
+    assert events == [("error", (1009, "message in too many fragments"))]
 
 
 def test_decode_frame_refuses_deep_nesting() -> None:
@@ -149,14 +152,14 @@ def test_decode_frame_refuses_deep_nesting() -> None:
     in could never be sent again (history, search, the live push). Refused on the way in."""
     deep: dict[str, object] = {}
     cur = deep
-    for _ in range(40):
+    for _ in range(130):
         cur["a"] = {}
         cur = cur["a"]  # type: ignore[assignment]
     frame = orjson.dumps({"op": "send", "id": 9, "room": "r", "cid": "c", "body": deep})
     with pytest.raises(p.BadFrame) as info:
         p.decode_frame(frame)
     assert info.value.code == "invalid" and info.value.req_id == 9
-    assert "deeper than 32 levels" in info.value.message
+    assert "deeper than 128 levels" in info.value.message
     shallow = orjson.dumps({"op": "send", "id": 9, "room": "r", "cid": "c", "body": {"a": [[1]]}})
     assert p.decode_frame(shallow)["body"] == {"a": [[1]]}
 
