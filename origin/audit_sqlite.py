@@ -30,7 +30,7 @@ import trio
 from node.errors import CONFLICT, INTERNAL, UNAVAILABLE, GB6Error
 from origin.audit import AuditLimits, AuditRecord
 from origin.audit_store import COLUMNS, AuditQuery, record_from_row, record_row, where
-from origin.schema_version import check_known
+from origin.schema_version import migrate_sqlite
 from origin.sqlite_worker import SqliteWorker
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
@@ -93,14 +93,7 @@ class SqliteAuditStore:
             if not self.readonly:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            check_known("the audit log", version, len(_MIGRATIONS))
-            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _statements(script):
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={number}")
-                conn.execute("COMMIT")
+            migrate_sqlite(conn, "the audit log", _MIGRATIONS)
         except BaseException:
             conn.close()
             raise
@@ -161,16 +154,3 @@ class SqliteAuditStore:
             return [record_from_row(r) for r in conn.execute(sql, args).fetchall()]
 
         return await self._call(fn)
-
-
-def _statements(script: str) -> list[str]:
-    """A migration's statements; triggers hold ';' inside BEGIN…END, so split by hand."""
-    out: list[str] = []
-    current = ""
-    for part in script.split(";"):
-        current += part + ";"
-        if sqlite3.complete_statement(current):
-            if current.strip(" \n;"):
-                out.append(current.strip())
-            current = ""
-    return out

@@ -28,7 +28,7 @@ import trio
 
 from node.errors import INTERNAL, UNAVAILABLE, GB6Error
 from origin.kv import Entry, KvLimits, ScanRange, not_running, scan_range
-from origin.schema_version import check_known
+from origin.schema_version import migrate_sqlite
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
     "CREATE TABLE kv(key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID",
@@ -97,13 +97,7 @@ class SqliteKv:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            check_known("the kv", version, len(_MIGRATIONS))
-            for number, statement in enumerate(_MIGRATIONS[version:], start=version + 1):
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={number}")
-                conn.execute("COMMIT")
+            migrate_sqlite(conn, "the kv", _MIGRATIONS)
         except BaseException:
             conn.close()
             raise

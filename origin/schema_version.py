@@ -1,6 +1,10 @@
-"""The one check every store's migrations make before they run (PostgreSQL and SQLite alike)."""
+"""The one check every store's migrations make before they run (PostgreSQL and SQLite alike),
+and the one way the SQLite stores run theirs."""
 
 from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
 
 from node.errors import INTERNAL, GB6Error
 
@@ -15,3 +19,28 @@ def check_known(what: str, version: int, known: int) -> int:
             " start a release that knows it",
         )
     return version
+
+
+def migrate_sqlite(conn: sqlite3.Connection, what: str, migrations: Sequence[str]) -> None:
+    """Bring a SQLite database to the last of `migrations` (its `user_version` counts those it
+    has), each in a transaction of its own; refused if a newer release migrated it."""
+    version = check_known(what, conn.execute("PRAGMA user_version").fetchone()[0], len(migrations))
+    for number, script in enumerate(migrations[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in sqlite_statements(script):
+            conn.execute(statement)
+        conn.execute(f"PRAGMA user_version={number}")
+        conn.execute("COMMIT")
+
+
+def sqlite_statements(script: str) -> list[str]:
+    """A migration's statements; triggers hold ';' inside BEGIN…END, so split by hand."""
+    out: list[str] = []
+    current = ""
+    for part in script.split(";"):
+        current += part + ";"
+        if sqlite3.complete_statement(current):
+            if current.strip(" \n;"):
+                out.append(current.strip())
+            current = ""
+    return out

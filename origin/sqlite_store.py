@@ -56,7 +56,7 @@ from origin.records import (
     event_from_row,
     hit_from_row,
 )
-from origin.schema_version import check_known
+from origin.schema_version import migrate_sqlite
 from origin.search_index import SearchIndex
 
 T = TypeVar("T")
@@ -351,15 +351,7 @@ class SqliteStore:
     def _open_writer(self) -> sqlite3.Connection:
         conn = _connect(self.path, readonly=False)
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            check_known(str(self.path), version, len(_MIGRATIONS))
-            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={number}")
-                conn.execute("COMMIT")
+            migrate_sqlite(conn, str(self.path), _MIGRATIONS)
         except BaseException:
             conn.close()
             raise

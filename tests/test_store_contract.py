@@ -2031,6 +2031,19 @@ async def test_kafka_a_shard_fenced_by_an_older_writer_takes_its_log_back(
         assert [(e.seq, e.cid) for e in events] == [(1, "m1"), (2, "fenced"), (3, "after")]
 
 
+async def _send_while_keys_behind(store: RelationalStore, t: Any, r: str, n: int) -> None:
+    """Send `n` messages; one refused while the index's keys are behind is resent, as a client
+    would (anything else fails the test)."""
+    for i in range(n):
+        while True:
+            try:
+                await append(store, item(r, t.alice, f"m{i}", body={"text": f"h {i}"}))
+                break
+            except GB6Error as exc:
+                assert exc.code == UNAVAILABLE and "behind" in exc.message
+                await trio.sleep(0.1)
+
+
 async def test_sqlite_search_index_goes_on_after_an_unexpected_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2054,14 +2067,7 @@ async def test_sqlite_search_index_goes_on_after_an_unexpected_error(
         t = await tenant(store)
         r = await room(store, t)
         with trio.fail_after(30):
-            for i in range(40):
-                while True:  # refused while the index is behind: resent, as a client would
-                    try:
-                        await append(store, item(r, t.alice, f"m{i}", body={"text": f"h {i}"}))
-                        break
-                    except GB6Error as exc:
-                        assert exc.code == UNAVAILABLE and "behind" in exc.message
-                        await trio.sleep(0.1)
+            await _send_while_keys_behind(store, t, r, 40)
             assert len(await store.search([r], "h", 50)) == 40
     assert not failures
 
@@ -2163,12 +2169,5 @@ async def test_sqlite_sends_go_on_while_the_text_index_keeps_failing(
         t = await tenant(store)
         r = await room(store, t)
         with trio.fail_after(30):
-            for i in range(40):
-                while True:  # refused while the keys are behind: resent, as a client would
-                    try:
-                        await append(store, item(r, t.alice, f"m{i}", body={"text": f"h {i}"}))
-                        break
-                    except GB6Error as exc:
-                        assert exc.code == UNAVAILABLE and "behind" in exc.message
-                        await trio.sleep(0.1)
+            await _send_while_keys_behind(store, t, r, 40)
         assert [e.seq for e in await store.events_after(r, 0, 100)] == list(range(1, 41))
