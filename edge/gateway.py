@@ -15,7 +15,6 @@ A CLOSING connection accepts no new frames from the server's side except the fin
 from __future__ import annotations
 
 import enum
-import ipaddress
 import math
 import socket
 from collections.abc import Callable, Iterator
@@ -45,7 +44,7 @@ from node.errors import (
     invalid,
 )
 from node.ids import new_id
-from node.listen import bind
+from node.listen import bind, is_loopback
 from node.log import log
 from node.ratelimit import RateLimiter
 from origin.membership import MembershipChange, Principal, RoomState
@@ -77,16 +76,6 @@ class State(enum.Enum):
     AWAIT_HELLO = "await_hello"
     READY = "ready"
     CLOSING = "closing"
-
-
-def _is_loopback(ip: str) -> bool:
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback  # an IPv4 client of a dual-stack listener
-    return address.is_loopback
 
 
 async def _recv_when_readable(sock: socket.socket, limit: int) -> bytes:
@@ -238,7 +227,7 @@ class Gateway:
                 ip = addr[0]
                 from_ip = self.per_ip.get(ip, 0)
                 # PROTOCOL.md: limits per address do not apply to loopback unless configured.
-                per_ip = self.limits.per_ip_loopback or not _is_loopback(ip)
+                per_ip = self.limits.per_ip_loopback or not is_loopback(ip)
                 if len(self.conns) >= self.limits.max_connections or (
                     per_ip and from_ip >= self.limits.max_connections_per_ip
                 ):

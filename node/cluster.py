@@ -9,7 +9,6 @@ what it forwarded; an origin waits until every accepted write is durable and ans
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import sys
 from typing import TextIO
@@ -27,6 +26,7 @@ from node.config import Config
 from node.errors import invalid
 from node.health import health_blueprint
 from node.ids import new_id
+from node.listen import is_loopback
 from node.ratelimit import RateLimiter
 from node.supervisor import Served, admin_token, announced_host, lock_data_dir, serve
 from origin.admin_api import admin_blueprint
@@ -49,19 +49,12 @@ def link_secret(config: Config, *, listening: bool = False) -> str:
             "a cluster needs a link secret of 16 characters or more: set "
             "[cluster] link_secret or GB6_LINK_SECRET, the same on every process"
         )
-    if listening and secret == SAMPLE_SECRET and not _loopback(config.host):
+    if listening and secret == SAMPLE_SECRET and not is_loopback(config.host):
         raise invalid(
             f"the link secret is the sample of configs/cluster.toml, and {config.host} is not"
             " loopback: set a secret of your own ([cluster] link_secret or GB6_LINK_SECRET)"
         )
     return secret
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:

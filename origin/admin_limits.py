@@ -24,7 +24,6 @@ per origin rather than failing open or locking the operator out.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,6 +33,7 @@ import trio
 
 from node.errors import RATE_LIMITED, UNAVAILABLE, GB6Error, invalid
 from node.ids import secret_digest
+from node.listen import is_loopback
 from node.log import log
 from node.ratelimit import Gcra, RateLimiter
 
@@ -130,10 +130,7 @@ class AdminLimiter:
     def _counted(self, address: str) -> bool:
         if self.loopback:
             return True
-        try:
-            return not ipaddress.ip_address(address).is_loopback
-        except ValueError:  # not an IP address (a Unix socket): counted, to be safe
-            return True
+        return not is_loopback(address)  # not an IP address (a Unix socket): counted
 
     def blocked(self, address: str) -> float:
         """Seconds this address must still wait after too many failed authentications (0.0:

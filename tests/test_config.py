@@ -107,9 +107,9 @@ def test_media_keeps_its_own_host_when_the_node_listens_on_a_wildcard() -> None:
         assert load(None, {"host": wildcard}).media.host == "127.0.0.1"
 
 
-def test_an_ipv4_client_of_a_dual_stack_listener_on_loopback_is_loopback() -> None:
-    from edge.gateway import _is_loopback
+def test_an_ipv4_client_of_a_dual_stack_listener_on_loopbackis_loopback() -> None:
+    from node.listen import is_loopback
 
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1")
-    assert _is_loopback("::ffff:127.0.0.1")
-    assert not _is_loopback("::ffff:10.0.0.1") and not _is_loopback("10.0.0.1")
+    assert is_loopback("127.0.0.1") and is_loopback("::1")
+    assert is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("::ffff:10.0.0.1") and not is_loopback("10.0.0.1")
