@@ -758,14 +758,17 @@ class Gateway:
             frame = wsframe.text(p.event("typing", {"room": room, "user": user}))
             hub.write_ephemeral(frame, skip_user=user)
 
-    def _on_hub_gap(self, room: str, missed: list[Subscription]) -> None:
-        """A room's events skipped seqs (a bug somewhere upstream): its live subscribers missed
-        some, so their connections close and the clients resume from what they have."""
-        log("hub_seq_gap", room=room, subscribers=len(missed))
-        ended = set(missed)
-        for conn in list(self.conns):
-            if conn.subs.get(room) in ended:
-                self._close(conn, CLOSE_INTERNAL, "events missed; resume")
+    def _on_hub_gap(self, room: str, head: int, behind: list[Subscription]) -> None:
+        """A room's pushed events skipped seqs (a commit whose answer was lost: the store has
+        them; or a push lost on the way): its live subscribers, who have everything up to
+        `head`, catch up from there, on their connections as a subscribe's catch-up does."""
+        log("hub_seq_gap", room=room, head=head, subscribers=len(behind))
+        waiting = set(behind)
+        for conn in self.conns:
+            sub = conn.subs.get(room)
+            if sub is not None and sub in waiting and conn.state is not State.CLOSING:
+                assert conn.nursery is not None  # set before the connection reads a frame
+                conn.nursery.start_soon(self._catch_up, conn, sub, head)
 
     def _on_origin_lost(self, rooms: set[str], instances: set[str]) -> None:
         """An origin shard's link broke: its rooms' hubs may miss events from now on and its

@@ -63,8 +63,8 @@ class RoomHub:
 
     def publish(self, events: list[Event]) -> bool:
         """Write new events (consecutive seqs after `head`) to every live subscriber. False if
-        they skipped seqs (never expected): nothing is written to the live subscribers, which
-        the owner must end (they would miss the skipped events), and the cache starts over."""
+        they skipped seqs: nothing is written to the live subscribers, which must catch up
+        from the store (they would miss the skipped events), and the cache starts over."""
         frames = []
         contiguous = True
         for ev in events:
@@ -162,8 +162,9 @@ class Hubs:
         self.hubs: dict[str, RoomHub] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         self.on_evict: Callable[[str], None] = lambda room: None  # a hub was forgotten
-        # A hub's events skipped seqs: its live subscribers, which must end (and resume).
-        self.on_gap: Callable[[str, list[Subscription]], None] = lambda room, subs: None
+        # A hub's events skipped seqs: (room, the seq its live subscribers have everything up
+        # to, those subscribers), now catching up again; their owner starts each one's task.
+        self.on_gap: Callable[[str, int, list[Subscription]], None] = lambda room, head, subs: None
 
     def get(self, room: str) -> RoomHub | None:
         return self.hubs.get(room)
@@ -193,11 +194,20 @@ class Hubs:
 
     def publish(self, room: str, events: list[Event]) -> None:
         hub = self.hubs.get(room)
-        if hub is not None and not hub.publish(events):
-            missed = list(hub.live)
-            for sub in missed:
-                hub.remove(sub)
-            self.on_gap(room, missed)
+        if hub is None:
+            return
+        had = hub.head
+        if not hub.publish(events):
+            # The skipped seqs are in the store (a commit whose answer was lost, a lost push):
+            # the live subscribers, who have everything up to `had`, read them there and join
+            # again, instead of their clients reconnecting to do the same.
+            behind = list(hub.live)
+            hub.live.clear()
+            for sub in behind:
+                sub.live = False
+                sub.scope = trio.CancelScope()  # `remove` cancels the new catch-up
+                hub.catching.add(sub)
+            self.on_gap(room, had, behind)
 
     def release(self, sub: Subscription) -> None:
         hub = self.hubs.get(sub.room)

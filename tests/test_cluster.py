@@ -42,6 +42,7 @@ from tests.conftest import (
     restartable_postgres,
     wait_uncommitted,
 )
+from tests.pg_proxy import PgProxy, pg_proxy
 
 SECRET = "test-link-secret-0123456789"
 S1_PARTITIONS = 3
@@ -1103,6 +1104,53 @@ async def test_a_postgres_crash_under_a_postgres_shard_loses_nothing(
 
     sends = await _through_outage(c, "postgres", crash)
     assert sends.refused > 0, "no send met PostgreSQL gone"
+
+
+@pytest.fixture
+def proxied_postgres_cluster(tmp_path: Path) -> Iterator[tuple[Cluster, PgProxy]]:
+    """`postgres_cluster` whose connections to PostgreSQL go through a `PgProxy`."""
+    with pg_proxy(require("postgres")) as proxy:
+        c = Cluster(tmp_path, proxy.dsn)
+        try:
+            c.edge()
+            yield c, proxy
+        finally:
+            c.stop()
+
+
+async def test_a_commit_whose_answer_is_lost_reaches_live_subscribers_in_order(
+    proxied_postgres_cluster: tuple[Cluster, PgProxy],
+) -> None:
+    """PostgreSQL commits a batch of a `postgres` shard, and the connection breaks before the
+    origin hears so (a crash at that moment; here a proxy cuts it): its sender is told
+    `unavailable`, the next send takes the seq after it, and a subscriber following the room
+    live is not closed (the edge sees a gap in the room's pushed seqs) but gets the committed
+    message in its place, from the store. Its resend under the same cid gets the original
+    seq, and nothing more reaches the subscriber."""
+    c, proxy = proxied_postgres_cluster
+    tenant = c.origins[0].create_tenant()
+    alice, bob = tenant.user("alice"), tenant.user("bob")
+    async with _peer(c.edges[0], alice.token) as a, _peer(c.edges[0], bob.token) as b:
+        room = (await a.ok("room.create", name="r", kind="chat", members=[bob.id]))["room"]["id"]
+        await b.ok("subscribe", room=room, after=0)
+        for cid in ("m1", "m2", "m3"):
+            await a.ok("send", room=room, cid=cid, body={"text": cid})
+        proxy.lose_next_commit_answer()
+        reply = await a.request("send", room=room, cid="lost", body={"text": "lost"})
+        assert reply["op"] == "error" and reply["code"] == "unavailable", reply
+        assert proxy.cut.is_set()
+        after = await a.ok("send", room=room, cid="m5", body={"text": "m5"})
+        assert after["seq"] == 5  # "lost" was committed, at 4
+        expected = [(1, "m1"), (2, "m2"), (3, "m3"), (4, "lost"), (5, "m5")]
+        got = [await b.event("message") for _ in expected]
+        assert [(e["seq"], e["cid"]) for e in got] == expected
+        again = await a.ok("send", room=room, cid="lost", body={"text": "lost"})
+        assert again["seq"] == 4
+        with trio.move_on_after(0.5):
+            extra = await b.event("message")
+            raise AssertionError(f"pushed twice: {extra}")
+        await b.ok("ping")  # still connected
+    assert await trio.to_thread.run_sync(c.stored, 0, room) == expected
 
 
 def test_an_edge_whose_origins_do_not_answer_is_not_ready(tmp_path: Path) -> None:

@@ -382,6 +382,8 @@ async def test_postgres_kv_a_refused_statement_is_unavailable_and_a_fault_intern
                     f'BEGIN; LOCK TABLE "{schema}".kv IN ACCESS EXCLUSIVE MODE'
                 )
 
+                cancelled = trio.Event()
+
                 async def cancel_the_waiting_put() -> None:
                     with trio.fail_after(10):
                         while not await aio_as_trio(locker.fetchval)(  # noqa: ASYNC110 (polls the server)
@@ -390,11 +392,16 @@ async def test_postgres_kv_a_refused_statement_is_unavailable_and_a_fault_intern
                             " AND pid <> pg_backend_pid()"
                         ):
                             await trio.sleep(0.02)
+                    cancelled.set()
 
                 nursery.start_soon(cancel_the_waiting_put)
                 with pytest.raises(GB6Error) as err:
                     await kv.put(b"k", b"v")
                 assert err.value.code == UNAVAILABLE, err.value.message
+                # The put may hear of its cancel before the poll hears its answer: the locker
+                # is closed only once the poll is done with it.
+                with trio.fail_after(10):
+                    await cancelled.wait()
             finally:
                 await aio_as_trio(locker.close)()
             assert await kv.get(b"k") is None  # nothing written, and it serves on
