@@ -162,6 +162,7 @@ class Hubs:
         self.hubs: dict[str, RoomHub] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()
         self.on_evict: Callable[[str], None] = lambda room: None  # a hub was forgotten
+        self.gaps = 0  # times a room's events skipped seqs here (for metrics)
         # A hub's events skipped seqs: (room, the seq its live subscribers have everything up
         # to, those subscribers), now catching up again; their owner starts each one's task.
         self.on_gap: Callable[[str, int, list[Subscription]], None] = lambda room, head, subs: None
@@ -198,6 +199,7 @@ class Hubs:
             return
         had = hub.head
         if not hub.publish(events):
+            self.gaps += 1
             # The skipped seqs are in the store (a commit whose answer was lost, a lost push):
             # the live subscribers, who have everything up to `had`, read them there and join
             # again, instead of their clients reconnecting to do the same.

@@ -40,6 +40,13 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
             samples += [
                 Metric("gb6_connections", "gauge", "client connections", len(gateway.conns)),
                 Metric("gb6_room_hubs", "gauge", "rooms with a local hub", len(gateway.hubs.hubs)),
+                Metric(
+                    "gb6_hub_gaps_total",
+                    "counter",
+                    "times a room's events reached the fan-out with seqs skipped (its live"
+                    " subscribers read them from the store)",
+                    gateway.hubs.gaps,
+                ),
             ]
         if shard is not None:
             counts = shard.counts

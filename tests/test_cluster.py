@@ -1151,6 +1151,7 @@ async def test_a_commit_whose_answer_is_lost_reaches_live_subscribers_in_order(
             raise AssertionError(f"pushed twice: {extra}")
         await b.ok("ping")  # still connected
     assert await trio.to_thread.run_sync(c.stored, 0, room) == expected
+    assert (await trio.to_thread.run_sync(_metrics, c.edges[0]))["gb6_hub_gaps_total"] == 1
 
 
 def test_an_edge_whose_origins_do_not_answer_is_not_ready(tmp_path: Path) -> None:

@@ -885,6 +885,7 @@ async def test_a_hub_whose_events_skip_seqs_has_its_live_subscribers_read_them(
             await b.ok("send", room=room, cid="c3", body={"text": "hi"})
             got = [await a.event("message") for _ in range(2)]
             assert [(e["seq"], e["cid"]) for e in got] == [(3, "c2"), (4, "c3")]
+            assert gateway.hubs.gaps == 1
             assert (await b.ok("send", room=room, cid="c4", body={"text": "hi"}))["seq"] == 5
             assert (await a.event("message"))["seq"] == 5
             with trio.move_on_after(0.3):
