@@ -396,23 +396,28 @@ class RemoteOrigin:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            shard_map: ShardMap | None = None
             if self.config.kv:
-                kv = open_kv(self.config.kv)
-                await nursery.start(kv.run)
-                shard_map = self._shard_map = ShardMap(kv)
-                self._add_links((await shard_map.shards()).values())
+                try:
+                    self._add_links(await self._shards(nursery))
+                except GB6Error as exc:
+                    if exc.code != UNAVAILABLE:
+                        raise
+                    # Served meanwhile, as when no origin answers (/readyz says unreachable);
+                    # asked again at each discovery.
+                    log("shard_map_unavailable", error=exc.message)
             # Together: each waits up to `_FIRST_CONNECT_S` for an origin that does not answer.
             async with trio.open_nursery() as starting:
                 for shard_link in list(self.links):
                     starting.start_soon(nursery.start, shard_link.run)
             task_status.started()
-            while shard_map is not None:
+            while self.config.kv:
                 # Shards that registered since: a new shard needs no edge reconfigured.
                 await trio.sleep(_DISCOVERY_S)
                 try:
-                    addresses = set((await shard_map.shards()).values())
+                    addresses = set(await self._shards(nursery))
                 except GB6Error as exc:
+                    if exc.code != UNAVAILABLE:
+                        raise
                     log("shard_map_unavailable", error=exc.message)
                     continue
                 for shard_link in self._add_links(addresses):
@@ -425,6 +430,15 @@ class RemoteOrigin:
                         log("link_origin_retired", origin=shard_link.address)
                         self.links.remove(shard_link)
                         shard_link.retire()
+
+    async def _shards(self, nursery: trio.Nursery) -> list[str]:
+        """The link address of every shard in the shard map, its kv started first if it is
+        not yet (`unavailable` while the kv does not answer)."""
+        if self._shard_map is None:
+            kv = open_kv(self.config.kv)
+            await nursery.start(kv.run)
+            self._shard_map = ShardMap(kv)
+        return list((await self._shard_map.shards()).values())
 
     def _add_links(self, addresses: Iterable[str]) -> list[ShardLink]:
         known = {shard_link.address for shard_link in self.links}
@@ -455,6 +469,8 @@ class RemoteOrigin:
         An instance found unplaced is not asked again for `_UNPLACED_S`: a hello's token is
         checked before its sender is known, and made-up ones must not reach the kv each."""
         if self._shard_map is None:
+            if self.config.kv:  # not started yet: the instance may be on any shard
+                raise GB6Error(UNAVAILABLE, "the shard map does not answer yet; retry")
             return False
         now = trio.current_time()
         if self._unplaced.get(instance, -math.inf) > now:
@@ -486,7 +502,9 @@ class RemoteOrigin:
             if shard_link is None:
                 raise GB6Error(UNAUTHORIZED, "unknown token")
             return await self._authenticate_on(self._link_for_instance(instance), secret)
-        last: GB6Error = GB6Error(UNAUTHORIZED, "unknown token")
+        last = GB6Error(UNAUTHORIZED, "unknown token")
+        if self.config.kv and self._shard_map is None:  # shards this edge does not know yet
+            last = GB6Error(UNAVAILABLE, "the shard map does not answer yet; retry")
         for shard_link in self.links:
             if not shard_link.connected:
                 last = GB6Error(UNAVAILABLE, "an origin shard is unreachable; retry")

@@ -1,5 +1,6 @@
-"""A TCP proxy in front of PostgreSQL that can lose the answer of one committed batch of events:
-what a client sees when the server crashes between making a commit durable and telling it so.
+"""A TCP proxy in front of PostgreSQL: a server that answers from some moment on (it listens on
+the port asked), and that can lose the answer of one committed batch of events: what a client
+sees when the server crashes between making a commit durable and telling it so.
 
 Threads, not Trio tasks: the cluster's processes start from blocking calls in the test's thread.
 It reads the wire protocol only as far as it must: each server message is a type byte and a
@@ -20,10 +21,10 @@ _ONE_BYTE_ANSWERS = (80877103, 80877104)  # SSLRequest, GSSENCRequest: answered 
 
 
 class PgProxy:
-    def __init__(self, upstream_dsn: str) -> None:
+    def __init__(self, upstream_dsn: str, port: int = 0) -> None:
         url = urllib.parse.urlsplit(upstream_dsn)
         self._upstream = (url.hostname or "127.0.0.1", url.port or 5432)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         port = self._listener.getsockname()[1]
         netloc = url.netloc.rsplit("@", 1)
         where = f"127.0.0.1:{port}"
@@ -190,8 +191,8 @@ def _shut(s: socket.socket) -> None:
 
 
 @contextmanager
-def pg_proxy(upstream_dsn: str) -> Iterator[PgProxy]:
-    proxy = PgProxy(upstream_dsn)
+def pg_proxy(upstream_dsn: str, port: int = 0) -> Iterator[PgProxy]:
+    proxy = PgProxy(upstream_dsn, port)
     proxy.start()
     try:
         yield proxy

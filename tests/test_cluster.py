@@ -12,6 +12,7 @@ import signal
 import socket
 import sqlite3
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -569,6 +570,63 @@ async def test_shard_map_in_kv_edges_find_shards_there(tmp_path: Path) -> None:
                 await trio.sleep(0.2)
     finally:
         c.stop()
+
+
+@pytest.fixture
+def kv_database() -> Iterator[str]:
+    """A PostgreSQL database of its own for a `postgres:` shard map: the DSN to it."""
+    dsn = require("postgres")
+    name = f"gb6_kv_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_pg(dsn, f"CREATE DATABASE {name}"))
+    try:
+        yield urllib.parse.urlsplit(dsn)._replace(path=f"/{name}").geturl()
+    finally:
+        asyncio.run(_pg(dsn, f"DROP DATABASE {name} WITH (FORCE)"))
+
+
+async def test_an_edge_whose_shard_map_does_not_answer_at_start_serves_once_it_does(
+    tmp_path: Path, kv_database: str
+) -> None:
+    """An edge whose kv (the shard map) does not answer when it starts still starts, as one
+    whose origins do not answer: its /readyz says `unreachable`, a hello is `unavailable`
+    (retry; never `unauthorized`), and once the kv answers the edge finds the shards there
+    and serves, with no restart."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here until the proxy does
+    later = urllib.parse.urlsplit(kv_database)._replace(netloc=f"gb6:gb6@127.0.0.1:{port}")
+    c = await trio.to_thread.run_sync(lambda: Cluster(tmp_path, kv=f"postgres:{kv_database}"))
+    edge = Node(
+        tmp_path / "late-kv-edge",
+        extra_args=[
+            "--config",
+            str(_config(tmp_path, [], name="e", kv=f"postgres:{later.geturl()}")),
+        ],
+        command="edge",
+    )
+    try:
+        await trio.to_thread.run_sync(edge.start)
+        ready = await trio.to_thread.run_sync(lambda: httpx.get(edge.http_url + "/readyz"))
+        assert ready.status_code == 503 and ready.json()["status"] == "unreachable", ready.text
+        alice = c.origins[1].create_tenant().user("alice")
+        async with _peer(edge, None) as p:
+            reply = await p.request("hello", token=alice.token)
+            assert reply["op"] == "error" and reply["code"] == "unavailable", reply
+        with pg_proxy(kv_database, port):
+            with trio.fail_after(30):
+                while True:
+                    async with _peer(edge, None) as p:
+                        reply = await p.request("hello", token=alice.token)
+                    if reply["op"] == "ok":
+                        break
+                    assert reply["code"] == "unavailable", reply
+                    await trio.sleep(0.2)
+            ready = await trio.to_thread.run_sync(lambda: httpx.get(edge.http_url + "/readyz"))
+            assert ready.status_code == 200, ready.text
+            edge.kill()
+    finally:
+        edge.kill()
+        await trio.to_thread.run_sync(c.stop)
 
 
 def _read_map(path: Path) -> dict[str, str]:
