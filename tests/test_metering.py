@@ -27,6 +27,7 @@ from test_store_contract import _delete_topic, _drop_schema
 
 from node.config import Config, load
 from node.errors import CONFLICT, INTERNAL, INVALID, NOT_FOUND, GB6Error
+from origin import metering
 from origin.billing import (
     day_of,
     invoice,
@@ -313,6 +314,9 @@ async def test_background_passes_hold_their_usage_under_load_until_it_is_due(
     one row per active user: under load, every `APPLY_S`); a usage read applies it with the
     rest, and nothing is lost or counted twice."""
     monkeypatch.setattr(KafkaEventSource, "poll_s", 3600.0)  # only the passes asked for here
+    # A read finding nothing for this long ends a pass's gathering: one sender's pauses on a
+    # slow machine must not pass for the load ending.
+    monkeypatch.setattr(metering, "_IDLE_S", 2.0)
     async with shard_on(config.data_dir, config) as shard:
         inst, room, (alice,) = await tenant(shard, "alice")
         meter = shard.billing.meter
