@@ -380,6 +380,7 @@ class RemoteOrigin:
         self.shard_of: dict[str, ShardLink] = {}  # the shard map: instance → its shard's link
         self.links = [ShardLink(self, address) for address in config.origins]
         self._shard_map: ShardMap | None = None
+        self._shards_read = False  # the shard map was read once: this edge knows its shards
         self._unplaced: dict[str, float] = {}  # instance → until when it is known unplaced
         self.event_listeners: list[Callable[[str, list[Event]], None]] = []
         self.member_listeners: list[Callable[[MembershipChange], None]] = []
@@ -415,9 +416,7 @@ class RemoteOrigin:
                 await trio.sleep(_DISCOVERY_S)
                 try:
                     addresses = set(await self._shards(nursery))
-                except GB6Error as exc:
-                    if exc.code != UNAVAILABLE:
-                        raise
+                except GB6Error as exc:  # any: a running edge serves on without the map
                     log("shard_map_unavailable", error=exc.message)
                     continue
                 for shard_link in self._add_links(addresses):
@@ -438,7 +437,9 @@ class RemoteOrigin:
             kv = open_kv(self.config.kv)
             await nursery.start(kv.run)
             self._shard_map = ShardMap(kv)
-        return list((await self._shard_map.shards()).values())
+        shards = list((await self._shard_map.shards()).values())
+        self._shards_read = True
+        return shards
 
     def _add_links(self, addresses: Iterable[str]) -> list[ShardLink]:
         known = {shard_link.address for shard_link in self.links}
@@ -503,7 +504,7 @@ class RemoteOrigin:
                 raise GB6Error(UNAUTHORIZED, "unknown token")
             return await self._authenticate_on(self._link_for_instance(instance), secret)
         last = GB6Error(UNAUTHORIZED, "unknown token")
-        if self.config.kv and self._shard_map is None:  # shards this edge does not know yet
+        if self.config.kv and not self._shards_read:  # shards this edge does not know yet
             last = GB6Error(UNAVAILABLE, "the shard map does not answer yet; retry")
         for shard_link in self.links:
             if not shard_link.connected:

@@ -597,7 +597,9 @@ async def test_an_edge_whose_shard_map_does_not_answer_at_start_serves_once_it_d
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here until the proxy does
-    later = urllib.parse.urlsplit(kv_database)._replace(netloc=f"gb6:gb6@127.0.0.1:{port}")
+    url = urllib.parse.urlsplit(kv_database)
+    who = url.netloc.rpartition("@")[0]
+    later = url._replace(netloc=f"{who}@127.0.0.1:{port}" if who else f"127.0.0.1:{port}")
     c = await trio.to_thread.run_sync(lambda: Cluster(tmp_path, kv=f"postgres:{kv_database}"))
     edge = Node(
         tmp_path / "late-kv-edge",
