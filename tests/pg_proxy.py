@@ -130,10 +130,10 @@ class PgProxy:
 
     def _verdict(self, pair: _Pair, msg: bytes) -> str:
         """`cut` where the connection dies: once the armed insert is committed, before the
-        client hears so. An insert that is a statement of its own commits before its
-        `CommandComplete` goes out, so its answers are held until `ReadyForQuery` says whether
-        a transaction stays open (then its COMMIT's answer is the one lost). Else `hold` or
-        `pass`."""
+        client hears so. An insert that is a transaction of its own commits at the Sync that
+        follows it (asyncpg's extended protocol), before `ReadyForQuery`: its answers are held
+        until `ReadyForQuery` says whether a transaction stays open (then its COMMIT's answer is
+        the one lost). Else `hold` or `pass`."""
         if not (pair.writer and self._arm.is_set()):
             return "pass"
         kind, text = msg[:1], msg[5:]
