@@ -32,6 +32,7 @@ from edge.media_signaling import ConnectionMedia, MediaRooms
 from edge.outbox import Cork, Outbox
 from edge.shared_signals import SharedSignals
 from edge.wsread import FrameReader
+from node.auth_failures import AuthFailures, positive_limit, rate_limited
 from node.config import Config
 from node.errors import (
     INTERNAL,
@@ -46,7 +47,7 @@ from node.errors import (
 from node.ids import new_id
 from node.listen import bind, is_loopback
 from node.log import log
-from node.ratelimit import RateLimiter
+from node.ratelimit import FallbackLimiter, RateLimiter
 from origin.membership import MembershipChange, Principal, RoomState
 from origin.quotas import Quotas
 from origin.records import Instance, User
@@ -60,6 +61,7 @@ CLOSE_TOO_SLOW = 4008
 CLOSE_DRAINING = 4009
 CLOSE_TOO_BIG = 1009
 CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_INTERNAL = 1011
 CLOSE_PROTOCOL_ERROR = 1002
 # A client resuming on this edge with a seq that another edge delivered: how long this edge's
@@ -97,6 +99,7 @@ async def _recv_when_readable(sock: socket.socket, limit: int) -> bytes:
 class Connection:
     sock: socket.socket
     outbox: Outbox
+    ip: str  # the client's address, as its per-address limits count it
     peer: str
     state: State = State.AWAIT_HELLO
     principal: Principal | None = None
@@ -162,6 +165,18 @@ class Gateway:
             if shared is not None and shared.limiters is not None
             else {n: LocalRateLimiter.new(rp.rate, rp.burst) for n, rp in config.rate_plans.items()}
         )
+        # Failed hellos per client address (node/auth_failures.py), shared by the edges of a
+        # cluster when Redis answers, else per edge.
+        local = LocalRateLimiter.new(
+            positive_limit(self.limits, "ws_auth_failures_rate", float),
+            positive_limit(self.limits, "ws_auth_failures_burst", int),
+        )
+        per_address: RateLimiter = local
+        if shared is not None and shared.auth_failures is not None:
+            per_address = FallbackLimiter(
+                shared.auth_failures, local, LIMIT_WAIT_S, "hello_rate_limit_local"
+            )
+        self.auth_failures = AuthFailures(per_address, loopback=self.limits.per_ip_loopback)
         # Concurrent connections are counted by the instance's origin shard across every edge
         # (`origin.acquire_slot`). These quotas are the shard's own in one process; on a
         # cluster edge a local copy of the plans, for what is still counted per edge.
@@ -260,7 +275,7 @@ class Gateway:
         """One connection, start to end. Nothing that goes wrong in it may reach the server's
         nursery (that would end every other connection): it is logged and the socket closed."""
         try:
-            await self._serve_connection(sock, peer)
+            await self._serve_connection(sock, ip, peer)
         except Exception as exc:
             log("connection_failed", peer=peer, error=repr(exc))
             sock.close()
@@ -271,10 +286,10 @@ class Gateway:
             else:
                 del self.per_ip[ip]
 
-    async def _serve_connection(self, sock: socket.socket, peer: str) -> None:
+    async def _serve_connection(self, sock: socket.socket, ip: str, peer: str) -> None:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = Connection(sock, Outbox(sock, self.limits.outbox_bytes, self.cork), peer)
+        conn = Connection(sock, Outbox(sock, self.limits.outbox_bytes, self.cork), ip, peer)
         conn.outbox.on_overflow = lambda: self._too_slow(conn)
         tsock = trio.socket.from_stdlib_socket(sock)
         self.conns.add(conn)
@@ -408,11 +423,17 @@ class Gateway:
         if kind == "text":
             await self._on_text(conn, value)
         elif kind in ("too_large", "binary"):
-            if kind == "too_large":
-                msg = f"message over {self.limits.message_bytes} bytes"
-                self._reply_error(conn, None, GB6Error(TOO_LARGE, msg))
-            else:
-                self._reply_error(conn, None, invalid("binary frames are not used"))
+            err = (
+                GB6Error(TOO_LARGE, f"message over {self.limits.message_bytes} bytes")
+                if kind == "too_large"
+                else invalid("binary frames are not used")
+            )
+            if conn.principal is not None:  # it costs what a request does
+                try:
+                    await self._rate_limit(conn.principal)
+                except GB6Error as exc:
+                    err = exc
+            self._reply_error(conn, None, err)
             if conn.state is State.AWAIT_HELLO:
                 self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
         elif kind == "ping":
@@ -438,19 +459,24 @@ class Gateway:
     async def _on_text(self, conn: Connection, text: str) -> None:
         req_id: p.ReqId | None = None
         try:
-            frame = p.decode_frame(text)
-            request = p.parse_request(frame, self.limits)
+            try:
+                request = p.parse_request(p.decode_frame(text), self.limits)
+            except p.BadFrame as exc:
+                if conn.principal is not None:  # it costs what a request does
+                    req_id = exc.req_id
+                    await self._rate_limit(conn.principal)
+                raise
             req_id = request.id
             if conn.state is State.AWAIT_HELLO:
                 if not isinstance(request, p.Hello):
                     raise p.BadFrame("the first frame must be hello", req_id)
                 await self._hello(conn, request)
                 return
-            if isinstance(request, p.Hello):
-                raise invalid("already authenticated")
             if self.draining:
                 raise GB6Error(UNAVAILABLE, "this edge is draining; resume on another")
-            await self._rate_limit(conn)
+            await self._rate_limit(conn.principal)
+            if isinstance(request, p.Hello):
+                raise invalid("already authenticated")
             await self._dispatch(conn, request)
         except p.BadFrame as exc:
             self._reply_error(conn, exc.req_id, exc)
@@ -458,22 +484,25 @@ class Gateway:
                 self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
         except GB6Error as exc:
             self._reply_error(conn, req_id, exc)
-            if exc.code == UNAUTHORIZED and conn.principal is None:
+            if conn.principal is None and exc.code == UNAUTHORIZED:
                 self._close(conn, CLOSE_UNAUTHORIZED, "unauthorized")
+            elif conn.principal is None and exc.code == RATE_LIMITED:
+                self._close(conn, CLOSE_TRY_AGAIN_LATER, "too many hellos; try again later")
         except Exception as exc:  # a bug: tell the client, log it, keep serving
             log("request_failed", peer=conn.peer, error=repr(exc))
             self._reply_error(conn, req_id, GB6Error(INTERNAL, "internal error"))
 
-    async def _rate_limit(self, conn: Connection) -> None:
-        assert conn.principal is not None
-        limiter = self.limiters.get(conn.principal.instance.plan)
+    async def _rate_limit(self, who: Principal | None) -> None:
+        """Count one request of `who` against its plan's rate limit; `rate_limited` past it."""
+        assert who is not None
+        limiter = self.limiters.get(who.instance.plan)
         if limiter is None or trio.current_time() < self._limits_paused_until:
             return
         failure: str | None = f"no answer within {LIMIT_WAIT_S} s"
         wait = 0.0
         with trio.move_on_after(LIMIT_WAIT_S):
             try:
-                wait = await limiter.check(conn.user)
+                wait = await limiter.check(who.id)
                 failure = None
             except GB6Error as exc:
                 failure = exc.message
@@ -489,7 +518,17 @@ class Gateway:
             )
 
     async def _hello(self, conn: Connection, hello: p.Hello) -> None:
-        principal = await self.origin.authenticate(hello.token)
+        wait = self.auth_failures.blocked(conn.ip)
+        if wait > 0:  # the token is not even looked at
+            raise rate_limited(wait, "failed hellos from this address")
+        try:
+            principal = await self.origin.authenticate(hello.token)
+        except GB6Error as exc:
+            if exc.code == UNAUTHORIZED:  # answered as such; the next ones may be refused
+                await self.auth_failures.failed(conn.ip)
+            raise
+        # A hello is a request of its user's (a client looping on `quota_exceeded`, say).
+        await self._rate_limit(principal)
         conn.instance = principal.instance.id
         session = new_id("ses")
         first = principal.id not in self.by_user

@@ -87,11 +87,13 @@ class SharedSignals:
         sessions: SessionRegistry,
         edge_id: str,
         limiters: dict[str, RateLimiter] | None = None,
+        auth_failures: RateLimiter | None = None,
     ) -> None:
         self.pubsub = pubsub
         self.sessions = sessions
         self.edge_id = edge_id
         self.limiters = limiters  # per plan, shared by every edge (None: each edge its own)
+        self.auth_failures = auth_failures  # failed hellos per client address, shared
         self.on_typing: Callable[[str, str], None] = lambda room, user: None
         self.on_presence: Callable[[str, str], None] = lambda user, status: None
         # The rooms and instances this edge's clients need signals of (set by the gateway).

@@ -22,6 +22,7 @@ from edge.media_http import media_blueprint
 from edge.media_signaling import start_media
 from edge.shared_signals import SharedSignals
 from edge.web_api import web_blueprint
+from node.auth_failures import positive_limit
 from node.config import Config
 from node.errors import invalid
 from node.health import health_blueprint
@@ -142,6 +143,13 @@ async def _shared_signals(
             )
             await nursery.start(limiter.run)
             limiters[plan] = limiter
-        shared = SharedSignals(pubsub, sessions, edge_id, limiters)
+        auth_failures = RedisRateLimiter(
+            client,
+            prefix="gb6:wsauth:",
+            rate=positive_limit(config.limits, "ws_auth_failures_rate", float),
+            burst=positive_limit(config.limits, "ws_auth_failures_burst", int),
+        )
+        await nursery.start(auth_failures.run)
+        shared = SharedSignals(pubsub, sessions, edge_id, limiters, auth_failures)
         await nursery.start(shared.run)
         task_status.started(shared)

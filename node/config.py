@@ -73,7 +73,11 @@ class Limits:
     max_subscriptions: int = 1_000  # per connection
     max_connections: int = 100_000  # per edge
     max_connections_per_ip: int = 20_000  # per edge and client address (load tests need many)
-    per_ip_loopback: bool = False  # does max_connections_per_ip apply to loopback clients too
+    per_ip_loopback: bool = False  # do the per-address limits apply to loopback clients too
+    # Hellos refused `unauthorized` per client address: past this budget the address's hellos
+    # are refused `rate_limited` (close 1013) until its wait is over, without a token check.
+    ws_auth_failures_rate: float = 1.0  # per second, sustained
+    ws_auth_failures_burst: int = 20
     max_inflight_appends: int = 20_000  # per origin shard, across clients
     writer_batch: int = 2_000  # appends per group commit
     writer_linger_s: float = 0.002  # under load, how long a commit waits for its batch to fill

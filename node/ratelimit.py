@@ -11,6 +11,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Protocol
 
+import trio
+
+from node.errors import UNAVAILABLE, GB6Error
+from node.log import log
+
 
 class RateLimiter(Protocol):
     """Where an edge asks whether `key` (a user, usually) may act now."""
@@ -49,3 +54,25 @@ class Gcra:
         if len(self._tat) > self.max_keys:
             self._tat.popitem(last=False)
         return 0.0
+
+
+class FallbackLimiter:
+    """`RateLimiter` that asks `shared` (Redis, say) and, when it cannot answer (`unavailable`,
+    or no answer within `wait_s`), `local`: the limit then holds per process rather than
+    failing open or refusing everyone. Each fallback is logged as `event`."""
+
+    def __init__(self, shared: RateLimiter, local: RateLimiter, wait_s: float, event: str) -> None:
+        self.shared = shared
+        self.local = local
+        self.wait_s = wait_s
+        self.event = event
+
+    async def check(self, key: str) -> float:
+        try:
+            with trio.fail_after(self.wait_s):
+                return await self.shared.check(key)
+        except (GB6Error, trio.TooSlowError) as exc:
+            if isinstance(exc, GB6Error) and exc.code != UNAVAILABLE:
+                raise
+            log(self.event, reason=repr(exc))
+            return await self.local.check(key)

@@ -3,8 +3,9 @@ authentication (GCRA, node/ratelimit.py).
 
 Rules (`admin_routes._serve` applies them, in this order):
 1. An address whose failed authentications went over `limits.admin_auth_failures_rate` /
-   `admin_auth_failures_burst` is refused (429 `rate_limited`, `Retry-After`) before its
-   credential is even looked at, until the wait is over: a guesser gets no answer to a guess.
+   `admin_auth_failures_burst` (node/auth_failures.py) is refused (429 `rate_limited`,
+   `Retry-After`) before its credential is even looked at, until the wait is over: a guesser
+   gets no answer to a guess.
    Every 401 counts as a failure; the failure that goes over the budget is itself answered 429.
    Loopback clients are exempt unless `limits.admin_auth_loopback` (PROTOCOL.md: limits per IP
    address do not apply to loopback clients unless configured).
@@ -24,34 +25,22 @@ per origin rather than failing open or locking the operator out.
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING
 
 import trio
 
-from node.errors import RATE_LIMITED, UNAVAILABLE, GB6Error, invalid
+from node.auth_failures import AuthFailures, positive_limit, rate_limited
 from node.ids import secret_digest
-from node.listen import is_loopback
-from node.log import log
-from node.ratelimit import Gcra, RateLimiter
+from node.ratelimit import FallbackLimiter, Gcra, RateLimiter
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from edge.redis_bus import RedisRateLimiter
-    from node.config import Config, Limits
+    from node.config import Config
 
 __all__ = ["AdminLimiter", "admin_limiter", "rate_limited"]
-
-_MAX_BLOCKED: Final = 100_000  # addresses remembered as blocked, LRU
-
-
-def rate_limited(wait_s: float, what: str) -> GB6Error:
-    """The 429 answer for a wait of `wait_s` seconds (`Retry-After` in whole seconds, >= 1)."""
-    ms = max(1, math.ceil(wait_s * 1000))
-    return GB6Error(RATE_LIMITED, f"too many {what}; retry in {ms} ms", retry_after_ms=ms)
 
 
 class _LocalGcra:
@@ -65,16 +54,15 @@ class _LocalGcra:
 
 
 class _RedisGcra:
-    """`RateLimiter` in Redis for a cluster's origins; falls back to `local` when Redis does
-    not answer. The admin API has no nursery of its own to run `RedisRateLimiter`'s batching
-    worker in, and its rate is low: each check is a round trip of its own (`check_unbatched`)."""
+    """`RateLimiter` in Redis for a cluster's origins (behind a `FallbackLimiter`). The admin API
+    has no nursery of its own to run `RedisRateLimiter`'s batching worker in, and its rate is
+    low: each check is a round trip of its own (`check_unbatched`)."""
 
-    def __init__(self, url: str, prefix: str, rate: float, burst: int, local: RateLimiter) -> None:
+    def __init__(self, url: str, prefix: str, rate: float, burst: int) -> None:
         self.url = url
         self.prefix = prefix
         self.rate = rate
         self.burst = burst
-        self.local = local
         self._client: aioredis.Redis | None = None
         self._limiter: RedisRateLimiter | None = None
 
@@ -91,15 +79,7 @@ class _RedisGcra:
             self._limiter = RedisRateLimiter(
                 self._client, prefix=self.prefix, rate=self.rate, burst=self.burst
             )
-        try:
-            with trio.fail_after(3):
-                wait = await self._limiter.check_unbatched(key)
-            return wait
-        except (GB6Error, trio.TooSlowError) as exc:
-            if isinstance(exc, GB6Error) and exc.code != UNAVAILABLE:
-                raise
-            log("admin_rate_limit_local", reason=repr(exc))
-            return await self.local.check(key)
+        return await self._limiter.check_unbatched(key)
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -122,70 +102,37 @@ class AdminLimiter:
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.per_credential = per_credential
-        self.per_address = per_address
-        self.loopback = loopback
-        self._clock = clock
-        self._blocked: OrderedDict[str, float] = OrderedDict()  # address → blocked until
-
-    def _counted(self, address: str) -> bool:
-        if self.loopback:
-            return True
-        return not is_loopback(address)  # not an IP address (a Unix socket): counted
-
-    def blocked(self, address: str) -> float:
-        """Seconds this address must still wait after too many failed authentications (0.0:
-        it may try). Counts nothing."""
-        until = self._blocked.get(address)
-        if until is None:
-            return 0.0
-        left = until - self._clock()
-        if left <= 0:
-            del self._blocked[address]
-            return 0.0
-        return left
-
-    async def failed(self, address: str) -> float:
-        """Count a failed authentication from `address`; the wait if that went over budget
-        (the address is then blocked for it), else 0.0."""
-        if not self._counted(address):
-            return 0.0
-        wait = await self.per_address.check("fail:" + address)
-        if wait > 0:
-            self._blocked[address] = self._clock() + wait
-            self._blocked.move_to_end(address)
-            if len(self._blocked) > _MAX_BLOCKED:
-                self._blocked.popitem(last=False)
-        return wait
+        self.failures = AuthFailures(per_address, loopback=loopback, clock=clock)
+        self.redis: list[_RedisGcra] = []  # closed by `aclose`
 
     async def admit(self, actor_key: str) -> float:
         """Count one request of the credential `actor_key`; 0.0 if allowed, else the wait."""
         return await self.per_credential.check("cred:" + actor_key)
 
     async def aclose(self) -> None:
-        for limiter in (self.per_credential, self.per_address):
-            if isinstance(limiter, _RedisGcra):
-                await limiter.aclose()
-
-
-def _number(limits: Limits, name: str, kind: type) -> Any:
-    value: Any = getattr(limits, name)
-    number = not isinstance(value, bool) and isinstance(value, (kind, int))
-    if not number or value <= 0:
-        raise invalid(f"config [limits] {name} must be a {kind.__name__} above 0")
-    return kind(value)
+        for limiter in self.redis:
+            await limiter.aclose()
 
 
 def admin_limiter(config: Config, admin_token: str) -> AdminLimiter:
     """The limiter the config asks for: in process, or shared through `[cluster] redis_url`.
     Raises `invalid` for a bad `[limits] admin_*` value."""
     limits = config.limits
-    rate, burst = _number(limits, "admin_rate", float), _number(limits, "admin_burst", int)
-    frate = _number(limits, "admin_auth_failures_rate", float)
-    fburst = _number(limits, "admin_auth_failures_burst", int)
+    rate = positive_limit(limits, "admin_rate", float)
+    burst = positive_limit(limits, "admin_burst", int)
+    frate = positive_limit(limits, "admin_auth_failures_rate", float)
+    fburst = positive_limit(limits, "admin_auth_failures_burst", int)
     cred: RateLimiter = _LocalGcra(Gcra(rate, burst))
     addr: RateLimiter = _LocalGcra(Gcra(frate, fburst))
+    redis: list[_RedisGcra] = []
     if config.redis_url:
         prefix = f"gb6:admin:{secret_digest(admin_token)[:16]}:"
-        cred = _RedisGcra(config.redis_url, prefix, rate, burst, cred)
-        addr = _RedisGcra(config.redis_url, prefix, frate, fburst, addr)
-    return AdminLimiter(cred, addr, loopback=bool(limits.admin_auth_loopback))
+        redis = [
+            _RedisGcra(config.redis_url, prefix, rate, burst),
+            _RedisGcra(config.redis_url, prefix, frate, fburst),
+        ]
+        cred = FallbackLimiter(redis[0], cred, 3.0, "admin_rate_limit_local")
+        addr = FallbackLimiter(redis[1], addr, 3.0, "admin_rate_limit_local")
+    limiter = AdminLimiter(cred, addr, loopback=bool(limits.admin_auth_loopback))
+    limiter.redis = redis
+    return limiter

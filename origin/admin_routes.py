@@ -35,9 +35,10 @@ import attrs
 import trio
 from quart import Blueprint, request
 
+from node.auth_failures import rate_limited
 from node.errors import FORBIDDEN, RATE_LIMITED, TOO_LARGE, UNAUTHORIZED, GB6Error
 from node.http import json_body
-from origin.admin_limits import AdminLimiter, rate_limited
+from origin.admin_limits import AdminLimiter
 from origin.admin_schema import Schema, array, integer, obj, string, validate
 
 T = TypeVar("T")
@@ -241,7 +242,7 @@ async def _authenticate(guard: Guard, recorder: Recorder, limiter: AdminLimiter)
     rate limits (origin/admin_limits.py); refusals go to the recorder."""
     address = request.remote_addr or "unknown"
     who = f"address:{address}"
-    wait = limiter.blocked(address)
+    wait = limiter.failures.blocked(address)
     if wait > 0:
         await recorder.refused(who, "authenticate", None, RATE_LIMITED)
         raise rate_limited(wait, "failed authentications from this address")
@@ -251,7 +252,7 @@ async def _authenticate(guard: Guard, recorder: Recorder, limiter: AdminLimiter)
         if exc.code != UNAUTHORIZED:
             raise
         await recorder.refused(who, "authenticate", None, exc.code)
-        wait = await limiter.failed(address)
+        wait = await limiter.failures.failed(address)
         if wait > 0:
             raise rate_limited(wait, "failed authentications from this address") from None
         raise

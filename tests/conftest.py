@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,12 @@ import httpx
 import pytest
 import trio
 from services import missing, require, require_netns
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    open_websocket_url,
+    wrap_client_stream,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 GB6 = Path(sys.executable).parent / "gb6"
@@ -277,10 +282,34 @@ async def connect(node: Node, token: str | None = None) -> AsyncIterator[Peer]:
         yield peer
 
 
+async def close_code(peer: Peer, wait_s: float = 5.0) -> tuple[int, list[dict[str, Any]]]:
+    """Read until the server closes; the close code and the frames that came before it."""
+    frames: list[dict[str, Any]] = []
+    with trio.fail_after(wait_s):
+        try:
+            while True:
+                frames.append(json.loads(await peer.ws.get_message()))
+        except ConnectionClosed as exc:
+            return exc.reason.code, frames
+
+
+@asynccontextmanager
+async def connect_from(node: Node, address: str) -> AsyncIterator[Peer]:
+    """A raw client whose connection comes from `address` (any of 127.0.0.0/8 is this host:
+    a per-address limit of the server's sees another client)."""
+    port = int(node.ws_url.rsplit(":", 1)[1].split("/")[0])
+    stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=address)
+    async with trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/v1/ws")
+        try:
+            yield Peer(ws)
+        finally:
+            await ws.aclose()
+
+
 @pytest.fixture
 def peer_factory(node: Node) -> Any:
     """`async with peer_factory(token) as peer:` — a hello'd raw client."""
-    from contextlib import asynccontextmanager
 
     return asynccontextmanager(lambda token=None: connect(node, token))
 

@@ -23,7 +23,9 @@ from tests.conftest import (
     Peer,
     Tenant,
     User,
+    close_code,
     connect,
+    connect_from,
     module_node,
     refused,
     running_node,
@@ -48,17 +50,6 @@ async def next_reply(peer: Peer, wait_s: float = 5.0) -> dict[str, Any]:
             if frame.get("op") != "event":
                 return frame
             peer.events.append(frame)
-
-
-async def close_code(peer: Peer, wait_s: float = 5.0) -> tuple[int, list[dict[str, Any]]]:
-    """Read until the server closes; the close code and the frames that came before it."""
-    frames: list[dict[str, Any]] = []
-    with trio.fail_after(wait_s):
-        try:
-            while True:
-                frames.append(json.loads(await peer.ws.get_message()))
-        except ConnectionClosed as exc:
-            return exc.reason.code, frames
 
 
 def assert_error(reply: dict[str, Any], code: str, re: Any = None) -> None:
@@ -481,6 +472,98 @@ async def test_unlimited_plan_has_no_rate_limit(tenant: Tenant, peer_factory: An
             replies = [await next_reply(a) for _ in range(n)]
         assert [r["op"] for r in replies] == ["ok"] * n
         assert sorted(r["re"] for r in replies) == list(range(n))
+
+
+async def test_malformed_frames_count_against_the_rate_limit(node: Node, peer_factory: Any) -> None:
+    """A malformed frame costs what a request does: a flood of them is refused `rate_limited`
+    (with `re` when an id could be read), and the connection stays."""
+    alice = node.create_tenant(plan="free").user("alice")
+    async with peer_factory(alice.token) as a:
+        n = 300
+        for i in range(n):
+            await a.send({"op": "no.such.op", "id": i})
+        # A binary frame over the budget is refused the same way (no id to answer).
+        await a.ws.send_message(b"\x00")
+        with trio.fail_after(20):
+            replies = [await next_reply(a) for _ in range(n + 1)]
+        assert_error(replies.pop(), "rate_limited")
+        assert sorted(r["re"] for r in replies) == list(range(n))
+        codes = {r["code"] for r in replies}
+        assert codes == {"invalid", "rate_limited"}, codes
+        wait_ms = max(r.get("retry_after_ms", 0) for r in replies)
+        assert 0 < wait_ms <= 5000
+        await trio.sleep(wait_ms / 1000 + 0.05)  # waiting as told is the protocol
+        await a.ok("ping")
+
+
+open_peer = asynccontextmanager(connect)
+
+
+async def test_hellos_count_against_the_users_rate_limit(tmp_path: Path) -> None:
+    """A socket refused `quota_exceeded` may say hello again, but not without limit: each hello
+    counts against its user's rate; over it, `rate_limited` and close 1013 (try again later)."""
+    config = (
+        "[plans.tight]\nrate = 0.1\nburst = 3\n"  # 3 at once, then one per 10 s
+        "[plans.tight.quotas]\nconnections = 1\n"
+    )
+    with running_node(tmp_path, config) as n:
+        alice = n.create_tenant(plan="tight").user("alice")
+        async with open_peer(n, alice.token), open_peer(n) as second:  # the first takes the slot
+            for i in range(2):
+                await second.send({"op": "hello", "id": i, "token": alice.token})
+                assert_error(await next_reply(second), "quota_exceeded", i)
+            await second.send({"op": "hello", "id": 2, "token": alice.token})
+            code, frames = await close_code(second)
+            assert len(frames) == 1, frames
+            assert_error(frames[0], "rate_limited", 2)
+            assert 0 < frames[0]["retry_after_ms"] <= 10_000
+            assert code == 1013, code
+
+
+async def hello_refused(peer: Peer, token: str) -> tuple[int, dict[str, Any]]:
+    """Say hello with `token`; the one frame the server answers with, and its close code."""
+    await peer.send({"op": "hello", "id": "h", "token": token})
+    code, frames = await close_code(peer)
+    assert len(frames) == 1, frames
+    return code, frames[0]
+
+
+async def test_failed_hellos_from_one_address_are_limited(tmp_path: Path) -> None:
+    """Past `ws_auth_failures_rate`/`_burst` failed hellos, an address's hellos are refused
+    `rate_limited` (close 1013) without their token being looked at, until its wait is over;
+    other addresses are served meanwhile. Loopback counts here (`per_ip_loopback`)."""
+    config = (
+        "[limits]\nper_ip_loopback = true\n"
+        "ws_auth_failures_rate = 0.5\nws_auth_failures_burst = 2\n"
+    )
+    with running_node(tmp_path, config) as n:
+        alice = n.create_tenant().user("alice")
+        for _ in range(3):  # within the budget, then the failure that goes over it
+            async with open_peer(n) as guesser:
+                code, reply = await hello_refused(guesser, "gb6u_guess")
+            assert_error(reply, "unauthorized", "h")
+            assert code == 4003
+        async with open_peer(n) as refused_peer:  # the right token is not even looked at
+            code, reply = await hello_refused(refused_peer, alice.token)
+        assert_error(reply, "rate_limited", "h")
+        assert code == 1013
+        wait_ms = reply["retry_after_ms"]
+        assert 0 < wait_ms <= 4000, reply
+        async with connect_from(n, "127.0.0.2") as elsewhere:
+            await elsewhere.ok("hello", token=alice.token)
+        await trio.sleep(wait_ms / 1000 + 0.05)  # waiting as told is the protocol
+        async with open_peer(n, alice.token) as again:
+            await again.ok("ping")
+
+
+async def test_failed_hellos_from_loopback_are_not_limited_by_default(
+    peer_factory: Any, shared_user: User
+) -> None:
+    """PROTOCOL.md: limits per IP address do not apply to loopback unless configured."""
+    for _ in range(25):  # more than the default burst of 20
+        await expect_unauthorized(peer_factory, "gb6u_guess")
+    async with peer_factory(shared_user.token) as peer:
+        await peer.ok("ping")
 
 
 # --- other tenants' ids ---------------------------------------------------------------------

@@ -7,7 +7,9 @@ it); clients only ever talk to edges.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
+import secrets
 import signal
 import socket
 import sqlite3
@@ -36,7 +38,9 @@ from tests.conftest import (
     Peer,
     Tenant,
     broker_pid,
+    close_code,
     connect,
+    connect_from,
     frozen,
     restart_service,
     restartable_broker,
@@ -519,6 +523,36 @@ async def test_rate_limit_is_shared_by_the_edges(redis_cluster: Cluster) -> None
             nursery.start_soon(burst, edge)
     assert refused, "two edges let one user exceed the plan's burst"
     assert all(r["code"] == "rate_limited" and r["retry_after_ms"] > 0 for r in refused)
+
+
+async def test_failed_hellos_are_counted_across_the_edges(tmp_path: Path) -> None:
+    """An address's failed hellos count against one budget in Redis: after it is spent on one
+    edge, another edge evaluates one more failure (it has no verdict of its own yet), then
+    refuses the address `rate_limited`, even with a valid token."""
+    limits = "[limits]\nper_ip_loopback = true\nws_auth_failures_rate = 0.5\n"
+    limits += "ws_auth_failures_burst = 2\n"
+    c = Cluster(tmp_path, redis_url=require("redis"))
+    try:
+        e1, e2 = c.edge(limits), c.edge(limits)
+        alice = c.origins[0].create_tenant().user("alice")
+        # An address of this test's own: the budget in Redis outlives the test.
+        address = str(ipaddress.IPv4Address((127 << 24) + 256 + secrets.randbelow(1 << 23)))
+
+        async def hello(edge: Node, token: str) -> tuple[int, dict[str, Any]]:
+            async with connect_from(edge, address) as peer:
+                await peer.send({"op": "hello", "id": "h", "token": token})
+                code, frames = await close_code(peer, 10)
+            assert len(frames) == 1, frames
+            return code, frames[0]
+
+        for edge in (e1, e1, e1, e2):  # e1: the budget, then over; e2: one more failure
+            code, reply = await hello(edge, "gb6u_guess")
+            assert (code, reply["code"]) == (4003, "unauthorized"), reply
+        code, reply = await hello(e2, alice.token)
+        assert (code, reply["code"]) == (1013, "rate_limited"), reply
+        assert reply["retry_after_ms"] > 0
+    finally:
+        c.stop()
 
 
 async def test_shard_map_in_kv_edges_find_shards_there(tmp_path: Path) -> None:

@@ -1,0 +1,90 @@
+"""Failed authentications per client address: past a budget the address is blocked for a while,
+and its next attempts are refused before their credentials are even looked at (a guesser gets
+no answer to a guess). Used by the admin API (origin/admin_limits.py) and the WebSocket hello
+(edge/gateway.py).
+
+Rules:
+- Every failed authentication counts against the address (GCRA, node/ratelimit.py); the one
+  that goes over the budget blocks the address for the wait the limiter gave.
+- Loopback clients are exempt unless configured (PROTOCOL.md: limits per IP address do not
+  apply to loopback clients unless configured). Anything that is not an IP address (a Unix
+  socket's peer, "unknown") is counted.
+- The limiter may be shared (Redis, between processes); the "is blocked" verdict is remembered
+  per process (bounded, LRU), so another process evaluates at most one more failure before it
+  learns the shared count is over.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Final
+
+import trio
+
+from node.errors import RATE_LIMITED, GB6Error, invalid
+from node.listen import is_loopback
+from node.ratelimit import RateLimiter
+
+__all__ = ["AuthFailures", "positive_limit", "rate_limited"]
+
+_MAX_BLOCKED: Final = 100_000  # addresses remembered as blocked, LRU
+
+
+def rate_limited(wait_s: float, what: str) -> GB6Error:
+    """The `rate_limited` answer for a wait of `wait_s` seconds (`retry_after_ms` >= 1)."""
+    ms = max(1, math.ceil(wait_s * 1000))
+    return GB6Error(RATE_LIMITED, f"too many {what}; retry in {ms} ms", retry_after_ms=ms)
+
+
+def positive_limit(limits: Any, name: str, kind: type) -> Any:
+    """`limits.name` as a `kind` above 0; `invalid` naming the setting otherwise."""
+    value: Any = getattr(limits, name)
+    number = not isinstance(value, bool) and isinstance(value, (kind, int))
+    if not number or value <= 0:
+        raise invalid(f"config [limits] {name} must be a {kind.__name__} above 0")
+    return kind(value)
+
+
+class AuthFailures:
+    """Counts failed authentications per address (see the module doc)."""
+
+    def __init__(
+        self,
+        per_address: RateLimiter,
+        *,
+        loopback: bool = False,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.per_address = per_address
+        self.loopback = loopback
+        self._clock = clock
+        self._blocked: OrderedDict[str, float] = OrderedDict()  # address → blocked until
+
+    def _counted(self, address: str) -> bool:
+        return self.loopback or not is_loopback(address)
+
+    def blocked(self, address: str) -> float:
+        """Seconds this address must still wait (0.0: it may try). Counts nothing."""
+        until = self._blocked.get(address)
+        if until is None:
+            return 0.0
+        left = until - self._clock()
+        if left <= 0:
+            del self._blocked[address]
+            return 0.0
+        return left
+
+    async def failed(self, address: str) -> float:
+        """Count a failed authentication from `address`; the wait if that went over budget
+        (the address is then blocked for it), else 0.0."""
+        if not self._counted(address):
+            return 0.0
+        wait = await self.per_address.check("fail:" + address)
+        if wait > 0:
+            self._blocked[address] = self._clock() + wait
+            self._blocked.move_to_end(address)
+            if len(self._blocked) > _MAX_BLOCKED:
+                self._blocked.popitem(last=False)
+        return wait
