@@ -53,7 +53,7 @@ from origin.quotas import Quotas
 from origin.records import Instance, User
 from origin.shard import OriginShard
 from origin.sqlite_store import AppendResult, now_ms
-from replication.edge_link import RemoteOrigin
+from replication.edge_link import LinkLost, RemoteOrigin
 
 CLOSE_BAD_HANDSHAKE = 4001
 CLOSE_UNAUTHORIZED = 4003
@@ -198,6 +198,7 @@ class Gateway:
         self.hubs.on_gap = self._on_hub_gap
         if isinstance(origin, RemoteOrigin):
             origin.lost_listeners.append(self._on_origin_lost)
+            origin.restored_listeners.append(self._on_origin_restored)
 
     def _rooms_in_use(self) -> list[str]:
         return [room for room, hub in self.hubs.hubs.items() if not hub.idle]
@@ -483,6 +484,9 @@ class Gateway:
             if conn.state is State.AWAIT_HELLO:
                 self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
         except GB6Error as exc:
+            if isinstance(exc, LinkLost) and conn.principal is not None:
+                self._link_lost(conn)
+                return
             self._reply_error(conn, req_id, exc)
             if conn.principal is None and exc.code == UNAUTHORIZED:
                 self._close(conn, CLOSE_UNAUTHORIZED, "unauthorized")
@@ -676,7 +680,9 @@ class Gateway:
 
     def _append_reply(self, conn: Connection, req_id: p.ReqId) -> Any:
         def done(result: AppendResult) -> None:
-            if isinstance(result, GB6Error):
+            if isinstance(result, LinkLost):
+                self._link_lost(conn)
+            elif isinstance(result, GB6Error):
                 self._reply_error(conn, req_id, result)
             else:
                 ev = result.event
@@ -810,13 +816,72 @@ class Gateway:
                 conn.nursery.start_soon(self._catch_up, conn, sub, head)
 
     def _on_origin_lost(self, rooms: set[str], instances: set[str]) -> None:
-        """An origin shard's link broke: its rooms' hubs may miss events from now on and its
-        users' requests in flight are unanswered, so those connections are closed (the clients
-        resume, on any edge, and resend under the same cids) and the hubs forgotten."""
+        """An origin shard's link broke. The sockets of its instances stay, and so do the
+        hubs their subscriptions hold (`_on_origin_restored` repairs both), except:
+        - a socket whose request was unanswered (`LinkLost`, see `_link_lost`);
+        - a socket still in its hello (its slot, if taken, went with the link) or in media
+          (its participant slot did);
+        - idle hubs of the shard's rooms, which nothing would watch again."""
         for conn in list(self.conns):
-            if conn.instance in instances or any(room in rooms for room in conn.subs):
-                self._close(conn, CLOSE_INTERNAL, "origin unreachable; resume")
+            if conn.instance in instances and (
+                conn.state is State.AWAIT_HELLO or conn.media is not None
+            ):
+                self._link_lost(conn)
         for room in rooms:
+            hub = self.hubs.get(room)
+            if hub is not None and hub.idle:
+                self.hubs.drop(room)
+
+    def _link_lost(self, conn: Connection) -> None:
+        """The socket's clients must resume (on any edge): what it asked of a lost link is
+        unanswered, and its client resends it under the same cids."""
+        self._close(conn, CLOSE_INTERNAL, "origin unreachable; resume")
+
+    def _on_origin_restored(self, instances: set[str]) -> None:
+        """The link to the shard of `instances` is back after a loss: its sockets take their
+        connection slots again, and the hubs of its rooms are watched again (a hub behind the
+        room's head then reads what it missed from the store: `Hubs.watched`). An idle hub
+        left is dropped: no watch is behind it."""
+        if self._nursery is None or not isinstance(self.origin, RemoteOrigin):
+            return  # not serving yet: no socket, no hub
+        for conn in self.conns:
+            if conn.state is State.READY and conn.instance in instances:
+                assert conn.nursery is not None
+                conn.nursery.start_soon(self._take_slot_again, conn)
+        rooms = self.origin.state.rooms
+        for room_id, hub in list(self.hubs.hubs.items()):
+            room = rooms.get(room_id)
+            if room is None or room.record.instance not in instances:
+                continue
+            if hub.idle:
+                self.hubs.drop(room_id)
+            else:
+                self._nursery.start_soon(self._watch_again, room_id)
+
+    async def _take_slot_again(self, conn: Connection) -> None:
+        try:
+            release = await self.origin.acquire_slot(conn.instance, "connections")
+        except LinkLost:
+            return  # lost again: asked again when it is back
+        except GB6Error as exc:  # taken meanwhile by sockets elsewhere, say
+            self._close(conn, CLOSE_INTERNAL, f"{exc.message}; resume")
+            return
+        if conn.state is State.CLOSING:
+            release()
+            return
+        conn.quota_release = release  # the one it replaces was of the lost link: moot
+
+    async def _watch_again(self, room: str) -> None:
+        try:
+            await self.origin.watch(room)
+        except LinkLost:
+            return  # lost again: watched again when it is back
+        except GB6Error as exc:
+            # Its subscribers would get nothing more: they resume (and subscribe again).
+            log("watch_again_failed", room=room, error=exc.message)
+            for conn in list(self.conns):
+                if room in conn.subs:
+                    self._link_lost(conn)
             self.hubs.drop(room)
 
     def _on_tenancy(self, record: Instance | User) -> None:

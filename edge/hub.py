@@ -74,9 +74,7 @@ class RoomHub:
             frames.append(frame)
             if ev.seq != self.head + 1:  # the cache must stay contiguous
                 contiguous = False
-                self.frames.clear()
-                self.edit_targets.clear()
-                self.cache_used = 0
+                self.skip_to(ev.seq - 1)
             self.frames.append(frame)
             self.edit_targets.append((ev.target or 0) if ev.type == "edit" else 0)
             self.cache_used += len(frame)
@@ -96,6 +94,16 @@ class RoomHub:
         for sub in self.live:
             sub.outbox.write(blob)
         return True
+
+    def skip_to(self, head: int) -> None:
+        """The room's head is `head`, and the seqs after this hub's are not here: the cache,
+        which must stay contiguous, starts over at it."""
+        self.frames.clear()
+        self.edit_targets.clear()
+        self.cache_used = 0
+        self.head = head
+        if self._advanced:
+            self._advanced.unpark_all()
 
     async def wait_head(self, seq: int) -> None:
         """Return once this hub has seen `seq` (its owner bounds the wait)."""
@@ -178,12 +186,18 @@ class Hubs:
         return hub
 
     def watched(self, room: str, head: int) -> None:
-        """The origin pushes `room`'s events from `head` on (a watch's answer). Its hub starts
-        idle: the subscribe that asked takes it (`ensure`), and if that subscribe went
-        meanwhile (its client closed), the hub is evicted in time, and unwatched."""
-        if room not in self.hubs:
+        """The origin pushes `room`'s events from `head` on (a watch's answer). A new hub
+        starts idle: the subscribe that asked takes it (`ensure`), and if that subscribe went
+        meanwhile (its client closed), the hub is evicted in time, and unwatched. A hub kept
+        through a lost link and watched again may be behind `head`: that is a gap."""
+        hub = self.hubs.get(room)
+        if hub is None:
             self.hubs[room] = RoomHub(room, head, self.cache_size, self.cache_bytes)
             self._idle[room] = None
+        elif head > hub.head:
+            had = hub.head
+            hub.skip_to(head)
+            self._gap(room, hub, had)
 
     def drop(self, room: str) -> None:
         """Forget a room's hub (its origin link broke: the cache may miss events)."""
@@ -199,17 +213,21 @@ class Hubs:
             return
         had = hub.head
         if not hub.publish(events):
-            self.gaps += 1
-            # The skipped seqs are in the store (a commit whose answer was lost, a lost push):
-            # the live subscribers, who have everything up to `had`, read them there and join
-            # again, instead of their clients reconnecting to do the same.
-            behind = list(hub.live)
-            hub.live.clear()
-            for sub in behind:
-                sub.live = False
-                sub.scope = trio.CancelScope()  # `remove` cancels the new catch-up
-                hub.catching.add(sub)
-            self.on_gap(room, had, behind)
+            self._gap(room, hub, had)
+
+    def _gap(self, room: str, hub: RoomHub, had: int) -> None:
+        """The hub's seqs skipped from `had`. The skipped ones are in the store (a commit whose
+        answer was lost, a lost push, a lost link): the live subscribers, who have everything
+        up to `had`, read them there and join again, instead of their clients reconnecting to
+        do the same."""
+        self.gaps += 1
+        behind = list(hub.live)
+        hub.live.clear()
+        for sub in behind:
+            sub.live = False
+            sub.scope = trio.CancelScope()  # `remove` cancels the new catch-up
+            hub.catching.add(sub)
+        self.on_gap(room, had, behind)
 
     def release(self, sub: Subscription) -> None:
         hub = self.hubs.get(sub.room)

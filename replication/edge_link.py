@@ -8,9 +8,12 @@ learned from each origin's snapshot and pushes: an origin announces the instance
 
 Per shard, one `ShardLink` connects, authenticates with the cluster's link secret, loads the
 snapshot into the replica, then applies pushes in order. When a link breaks, every pending
-request of it fails with `unavailable`, the clients subscribed to its rooms are closed so they
-resume (nothing acknowledged is lost: the origin has it; an append that was not answered is
-resent by the client under its cid), and the link reconnects with backoff.
+request of it fails with `LinkLost` (an `unavailable`: the gateway closes the sockets that
+waited on one, so their clients resume and resend under the same cids; nothing acknowledged is
+lost, the origin has it), and the link reconnects with backoff. The shard's other clients stay:
+once the link is back (`restored_listeners`), the new snapshot's differences from the replica
+reach the listeners as changes (members, users, instances), and the gateway takes its sockets'
+slots again and watches its rooms again, reading what they missed from the store.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Final
 
+import attrs
 import outcome
 import trio
 
@@ -45,6 +49,14 @@ _UNPLACED_S: Final = 5.0  # an instance the shard map does not place is not aske
 _MAX_UNPLACED: Final = 10_000
 
 Reply = Callable[[outcome.Outcome[Any]], None]
+
+
+class LinkLost(GB6Error):
+    """The request's shard link broke before its answer, or was down when it was made: the
+    outcome is unknown (an append may have been made durable)."""
+
+    def __init__(self) -> None:
+        super().__init__(UNAVAILABLE, "the origin shard is unreachable; retry")
 
 
 class ShardLink:
@@ -156,11 +168,14 @@ class ShardLink:
                             self._on_push(msg)
                         elif self._on_snapshot(msg, snap):
                             loaded = True
-                            self._install(snap)
+                            again = self._install(snap)
                             self._writer = writer
                             self.connected = True
                             ready.set()
                             log("link_origin_connected", origin=self.address, shard=self.shard)
+                            if again:
+                                for listener in self.remote.restored_listeners:
+                                    listener(set(self._instances))
 
     async def _ping(self, writer: _StreamWriter) -> None:
         """A request every `PING_S`, so that the origin answers something even when nothing
@@ -191,17 +206,40 @@ class ShardLink:
             raise link.LinkBroken(f"unexpected {kind!r} before the snapshot ended")
         return False
 
-    def _install(self, snap: Membership) -> None:
+    def _install(self, snap: Membership) -> bool:
+        """Load a snapshot into the replica. On a reconnect (True), what changed since the
+        replica's state reaches the listeners as the pushes would have told it."""
         state = self.remote.state
+        again = self.generation > 0
+        changed: list[Instance | User] = []
+        if again:
+            changed += [i for i in snap.instances.values() if state.instances.get(i.id) != i]
+            changed += [u for u in snap.users.values() if state.users.get(u.id) != u]
+            changed += [  # deleted meanwhile: the origin keeps deleted users out of snapshots
+                attrs.evolve(u, status="deleted")
+                for u in state.users.values()
+                if u.instance in snap.instances and u.id not in snap.users and u.status != "deleted"
+            ]
         state.instances.update(snap.instances)
         state.users.update(snap.users)
-        for room in snap.rooms.values():
-            self._set_room(room)
+        for record in changed:
+            if isinstance(record, User):
+                state.users[record.id] = record
+        room_changes = [self._set_room(room) for room in snap.rooms.values()]
         self._instances = set(snap.instances)
         for inst in snap.instances:
             self.remote.shard_of[inst] = self
         self.generation += 1  # slots of the previous link were freed by the origin
         self._releases.clear()
+        if again:  # in the origin's order: a deleted user leaves its rooms, then is deleted
+            for change in room_changes:
+                if change.added or change.removed:
+                    for member_listener in self.remote.member_listeners:
+                        member_listener(change)
+            for record in changed:
+                for tenancy_listener in self.remote.tenancy_listeners:
+                    tenancy_listener(record)
+        return again
 
     def _set_room(self, room: RoomState) -> MembershipChange:
         """Replace a room's state in the replica; returns what changed in its membership."""
@@ -300,9 +338,8 @@ class ShardLink:
             for listener in self.remote.lost_listeners:
                 listener(set(self._rooms), set(self._instances))
         pending, self._pending = self._pending, {}
-        failure = GB6Error(UNAVAILABLE, "the origin shard is unreachable; retry")
         for reply in pending.values():
-            reply(outcome.Error(failure))
+            reply(outcome.Error(LinkLost()))
         self._rooms.clear()
 
     # --- requests ------------------------------------------------------------------------
@@ -311,7 +348,7 @@ class ShardLink:
         """Send a request now (no await: frames leave in call order); `reply` gets the answer."""
         writer = self._writer
         if writer is None or not self.connected:
-            reply(outcome.Error(GB6Error(UNAVAILABLE, "the origin shard is unreachable; retry")))
+            reply(outcome.Error(LinkLost()))
             return
         self._next_id += 1
         msg["t"] = "req"
@@ -390,6 +427,8 @@ class RemoteOrigin:
         self.tenancy_listeners: list[Callable[[Instance | User], None]] = []
         # (rooms, instances) of a shard whose link broke
         self.lost_listeners: list[Callable[[set[str], set[str]], None]] = []
+        # A shard's link is back after a loss (its instances): their slots and watches are gone.
+        self.restored_listeners: list[Callable[[set[str]], None]] = []
         self.publish_context: Callable[[], AbstractContextManager[object]] = nullcontext
         self._inflight = 0
         self._idle = trio.Event()
@@ -456,8 +495,10 @@ class RemoteOrigin:
 
     def _link_for_instance(self, instance: str) -> ShardLink:
         shard_link = self.shard_of.get(instance)
-        if shard_link is None or not shard_link.connected:
+        if shard_link is None:
             raise GB6Error(UNAVAILABLE, "the origin shard of this instance is unreachable; retry")
+        if not shard_link.connected:
+            raise LinkLost()
         return shard_link
 
     def _link_for_room(self, who: Principal, room_id: str) -> ShardLink:
@@ -635,8 +676,8 @@ class RemoteOrigin:
         `media_participants`) at its origin shard, which counts every edge's
         (`quota_exceeded` past the limit, `unavailable` without a link). Returns the release,
         to call once when the session ends (more calls do nothing). If the link breaks, the
-        origin frees every slot this edge held, and the gateway closes the sockets of that
-        shard's instances (`lost_listeners`)."""
+        origin frees every slot this edge held; once it is back, the gateway takes its
+        sockets' slots again (`restored_listeners`)."""
         shard_link = self._link_for_instance(instance)
         generation = shard_link.generation
         done = trio.Event()

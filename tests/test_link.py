@@ -1024,3 +1024,100 @@ async def test_a_reconnect_where_the_user_was_away_ends_as_the_edge_shows_them(
                     while await sessions.presence([user]) != {user: "online"}:  # noqa: ASYNC110
                         await trio.sleep(0.02)
                 done.set()
+
+
+async def test_a_link_lost_and_back_keeps_the_shards_sockets_and_tells_them_what_they_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an edge's link to a shard is down and the shard goes on (its other edges', its
+    admin API's changes), the edge keeps the shard's sockets. Once the link is back, they get
+    what they missed: the room's events in seq order from the store, the membership changes
+    (a user added is told `room.added`), a deleted user's socket is closed 4003. The sockets
+    hold their connection slots again at the shard. A socket that asked the shard something
+    while the link was down is closed to resume (1011), as its answer would be unknown."""
+    from replication.edge_link import ShardLink
+
+    peers: list[Any] = []
+    welcome = LinkServer._welcome
+
+    def welcoming(self: LinkServer, msg: dict[str, Any], stream: Any) -> Any:
+        peer = welcome(self, msg, stream)
+        peers.append(peer)
+        return peer
+
+    monkeypatch.setattr(LinkServer, "_welcome", welcoming)
+    hold = [trio.Event()]  # the edge reconnects once it is set
+    hold[0].set()
+    connect_and_serve = ShardLink._connect_and_serve
+
+    async def held(self: ShardLink, ready: trio.Event) -> None:
+        await hold[0].wait()
+        await connect_and_serve(self, ready)
+
+    monkeypatch.setattr(ShardLink, "_connect_and_serve", held)
+    async with edge_and_origin(tmp_path, Limits()) as (gateway, node, token, shard):
+        t, shard_link = shard.tenancy, gateway.origin.links[0]
+        instance = next(iter(shard.instances))
+        bob = await t.create_user(OPERATOR, instance, "bob", "member")
+        carl = await t.create_user(OPERATOR, instance, "carl", "member")
+        bob_token, _ = await t.issue_token(OPERATOR, instance, bob.id)
+        carl_token, _ = await t.issue_token(OPERATOR, instance, carl.id)
+        a: Peer
+        b: Peer
+        c: Peer
+        d: Peer
+        async with (
+            peer_of(node, token) as a,
+            peer_of(node, bob_token) as b,
+            peer_of(node, carl_token) as c,
+            peer_of(node, token) as d,
+        ):
+            with trio.fail_after(5):
+                while carl.id not in gateway.origin.state.users:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            room = await make_room(a, [carl.id])
+            await a.ok("subscribe", room=room, after=0)
+            await c.ok("subscribe", room=room, after=0)
+            assert (await a.ok("send", room=room, cid="c0", body={"text": "0"}))["seq"] == 1
+            assert (await a.event("message"))["seq"] == 1
+            assert shard.quotas.used(instance, "connections") == 4
+
+            hold[0] = trio.Event()
+            generation = shard_link.generation
+            peers[-1].cancel.cancel()  # the origin drops the link
+            with trio.fail_after(5):
+                while shard_link.connected:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            await a.ok("ping")  # the edge answers it: the socket stays
+            # Meanwhile at the shard: two messages, bob added, carl deleted.
+            ann = await shard.authenticate(token)
+            done: list[Any] = []
+            for i in (1, 2):
+                await shard.append(ann, room, "message", f"c{i}", done.append, body={"text": "x"})
+            await shard.add_members(ann, room, [bob.id])
+            await t.delete_user(OPERATOR, instance, carl.id)
+            with trio.fail_after(5):
+                while len(done) < 2:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            # A request for the shard while its link is down: the socket resumes.
+            await d.send({"op": "send", "id": "s", "room": room, "cid": "d1", "body": {}})
+            assert await closed_with(d) == 1011
+
+            hold[0].set()
+            got = [await a.event("message") for _ in range(2)]
+            assert [(e["seq"], e["cid"]) for e in got] == [(2, "c1"), (3, "c2")]
+            assert shard_link.generation == generation + 1
+            added = await b.event("room.added")
+            assert added["room"]["id"] == room
+            assert await closed_with(c) == CLOSE_UNAUTHORIZED
+            with trio.fail_after(5):
+                while shard.quotas.used(instance, "connections") != 2:  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            # Live again: a new message reaches both a and b (now a member), once.
+            await b.ok("subscribe", room=room, after=3)
+            assert (await a.ok("send", room=room, cid="c4", body={"text": "4"}))["seq"] == 4
+            assert (await a.event("message"))["seq"] == 4
+            assert (await b.event("message"))["seq"] == 4
+            with trio.move_on_after(0.3):
+                extra = await a.event("message")
+                raise AssertionError(f"pushed twice: {extra}")
