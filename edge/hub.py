@@ -160,6 +160,15 @@ _RETRY_PAUSE_MAX_S = 2.0
 EventsAfter = Callable[[str, int, int], Any]  # async (room, after, limit) -> list[Event]
 
 
+@attrs.define(eq=False)
+class _SharedRead:
+    """A store read that subscribers catching up from the same seq wait on together."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    events: list[Event] | None = None
+    error: GB6Error | None = None
+
+
 class Hubs:
     """The edge's hubs, by room. Idle hubs stay (with their cache) up to `idle_max`, LRU."""
 
@@ -174,6 +183,31 @@ class Hubs:
         # A hub's events skipped seqs: (room, the seq its live subscribers have everything up
         # to, those subscribers), now catching up again; their owner starts each one's task.
         self.on_gap: Callable[[str, int, list[Subscription]], None] = lambda room, head, subs: None
+        self._reads: dict[tuple[str, int, int], _SharedRead] = {}  # (room, after, limit)
+
+    async def _read(self, room: str, after: int, limit: int, events_after: EventsAfter) -> Any:
+        """`events_after(room, after, limit)`, once for every catch-up that asks it while it
+        runs: after a gap every live subscriber of the room asks the same."""
+        key = (room, after, limit)
+        while True:
+            read = self._reads.get(key)
+            if read is None:
+                read = self._reads[key] = _SharedRead()
+                try:
+                    read.events = await events_after(room, after, limit)
+                    return read.events
+                except GB6Error as exc:
+                    read.error = exc
+                    raise
+                finally:
+                    del self._reads[key]
+                    read.done.set()
+            await read.done.wait()
+            if read.events is not None:
+                return read.events
+            if read.error is not None:
+                raise GB6Error(read.error.code, read.error.message)
+            # The task that read was cancelled (its subscriber gone): read again.
 
     def get(self, room: str) -> RoomHub | None:
         return self.hubs.get(room)
@@ -294,7 +328,7 @@ class Hubs:
                 delivered = last
                 continue
             try:
-                events: list[Event] = await events_after(sub.room, delivered, chunk)
+                events: list[Event] = await self._read(sub.room, delivered, chunk, events_after)
             except GB6Error as exc:
                 # Busy or briefly cut off (`unavailable` says: retry): asked again a while,
                 # rather than closing the connection for its client to resume into the same.
