@@ -72,6 +72,7 @@ AHEAD_WAIT_S = 2.0
 LIMIT_WAIT_S = 0.5
 FOLLOW_WAIT_S = 1.0
 LIMIT_PAUSE_S = 5.0
+HELLOS_PER_SOCKET = 5  # a socket refused this often (quota_exceeded, unavailable) is closed
 
 
 class State(enum.Enum):
@@ -101,6 +102,7 @@ class Connection:
     outbox: Outbox
     ip: str  # the client's address, as its per-address limits count it
     peer: str
+    hellos: int = 0  # said on this socket
     state: State = State.AWAIT_HELLO
     principal: Principal | None = None
     session: str = ""
@@ -176,7 +178,11 @@ class Gateway:
             per_address = FallbackLimiter(
                 shared.auth_failures, local, LIMIT_WAIT_S, "hello_rate_limit_local"
             )
-        self.auth_failures = AuthFailures(per_address, loopback=self.limits.per_ip_loopback)
+        self.auth_failures = AuthFailures(
+            per_address,
+            loopback=self.limits.per_ip_loopback,
+            max_pending=positive_limit(self.limits, "auth_pending_per_ip", int),
+        )
         # Concurrent connections are counted by the instance's origin shard across every edge
         # (`origin.acquire_slot`). These quotas are the shard's own in one process; on a
         # cluster edge a local copy of the plans, for what is still counted per edge.
@@ -194,7 +200,9 @@ class Gateway:
         origin.read_listeners.append(self._on_read)
         origin.watch_listeners.append(self.hubs.watched)
         origin.tenancy_listeners.append(self._on_tenancy)
-        self.hubs.on_evict = origin.unwatch
+        self.hubs.on_evict = self._evicted
+        # Room → [whether its hub was evicted meanwhile], while it is watched again.
+        self._watching_again: dict[str, list[bool]] = {}
         self.hubs.on_gap = self._on_hub_gap
         if isinstance(origin, RemoteOrigin):
             origin.lost_listeners.append(self._on_origin_lost)
@@ -226,6 +234,7 @@ class Gateway:
                     await self._accept(lsock, nursery)
                 lsock.close()
         finally:
+            self._nursery = None  # a link restored after this finds nothing to start tasks in
             lsock.close()
 
     async def _accept(self, lsock: socket.socket, nursery: trio.Nursery) -> None:
@@ -522,14 +531,21 @@ class Gateway:
             )
 
     async def _hello(self, conn: Connection, hello: p.Hello) -> None:
+        conn.hellos += 1
+        if conn.hellos > HELLOS_PER_SOCKET:  # whatever their answers (`unavailable`, say)
+            raise rate_limited(1.0, "hellos on this connection")
         wait = self.auth_failures.blocked(conn.ip)
         if wait > 0:  # the token is not even looked at
             raise rate_limited(wait, "failed hellos from this address")
         try:
-            principal = await self.origin.authenticate(hello.token)
+            with self.auth_failures.attempt(conn.ip):
+                principal = await self.origin.authenticate(hello.token)
         except GB6Error as exc:
             if exc.code == UNAUTHORIZED:  # answered as such; the next ones may be refused
-                await self.auth_failures.failed(conn.ip)
+                try:
+                    await self.auth_failures.failed(conn.ip)
+                except GB6Error as uncounted:
+                    log("hello_failure_uncounted", peer=conn.peer, error=uncounted.message)
             raise
         # A hello is a request of its user's (a client looping on `quota_exceeded`, say).
         await self._rate_limit(principal)
@@ -815,21 +831,29 @@ class Gateway:
                 assert conn.nursery is not None  # set before the connection reads a frame
                 conn.nursery.start_soon(self._catch_up, conn, sub, head)
 
-    def _on_origin_lost(self, rooms: set[str], instances: set[str]) -> None:
+    def _on_origin_lost(self, rooms: set[str], instances: set[str], for_good: bool) -> None:
         """An origin shard's link broke. The sockets of its instances stay, and so do the
         hubs their subscriptions hold (`_on_origin_restored` repairs both), except:
         - a socket whose request was unanswered (`LinkLost`, see `_link_lost`);
-        - a socket still in its hello (its slot, if taken, went with the link) or in media
-          (its participant slot did);
-        - idle hubs of the shard's rooms, which nothing would watch again."""
+        - a socket still in its hello (its slot, if taken, went with the link) or in a media
+          session (its participant slot did);
+        - idle hubs of the shard's rooms, which nothing would watch again;
+        - all of them if the link ended for good (the shard moved: nothing restores them)."""
         for conn in list(self.conns):
             if conn.instance in instances and (
-                conn.state is State.AWAIT_HELLO or conn.media is not None
+                for_good
+                or conn.state is State.AWAIT_HELLO
+                or (conn.media is not None and conn.media.sessions)
             ):
                 self._link_lost(conn)
+        if for_good:
+            known = self.origin.state.rooms
+            rooms = {
+                r for r in self.hubs.hubs if r in known and known[r].record.instance in instances
+            }
         for room in rooms:
             hub = self.hubs.get(room)
-            if hub is not None and hub.idle:
+            if hub is not None and (hub.idle or for_good):
                 self.hubs.drop(room)
 
     def _link_lost(self, conn: Connection) -> None:
@@ -871,7 +895,15 @@ class Gateway:
             return
         conn.quota_release = release  # the one it replaces was of the lost link: moot
 
+    def _evicted(self, room: str) -> None:
+        evicted = self._watching_again.get(room)
+        if evicted is not None:
+            evicted[0] = True  # unwatched once the watch is answered
+        else:
+            self.origin.unwatch(room)
+
     async def _watch_again(self, room: str) -> None:
+        evicted = self._watching_again[room] = [False]
         try:
             await self.origin.watch(room)
         except LinkLost:
@@ -883,6 +915,17 @@ class Gateway:
                 if room in conn.subs:
                     self._link_lost(conn)
             self.hubs.drop(room)
+        finally:
+            if self._watching_again.get(room) is evicted:
+                del self._watching_again[room]
+            if evicted[0]:
+                # Its hub went idle and was evicted while the watch was under way. The answer
+                # made an idle hub again: unless a subscribe took it since, it goes, and the
+                # unwatch follows the watch (sent before it, the origin would push for good).
+                hub = self.hubs.get(room)
+                if hub is None or hub.idle:
+                    self.hubs.drop(room)
+                    self.origin.unwatch(room)
 
     def _on_tenancy(self, record: Instance | User) -> None:
         """An instance or user changed on its shard. Live connections take the new record (a

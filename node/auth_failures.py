@@ -6,6 +6,11 @@ no answer to a guess). Used by the admin API (origin/admin_limits.py) and the We
 Rules:
 - Every failed authentication counts against the address (GCRA, node/ratelimit.py); the one
   that goes over the budget blocks the address for the wait the limiter gave.
+- At most `max_pending` authentications of one address are under way at once (`attempt`):
+  each passes `blocked` before the failures ahead of it are counted, so a burst of guesses at
+  once would otherwise all be looked at.
+- An IPv6 client counts by its /64 (one host usually holds the whole /64, and could rotate
+  through it). Clients behind one NAT or proxy share its address, and its budget.
 - Loopback clients are exempt unless configured (PROTOCOL.md: limits per IP address do not
   apply to loopback clients unless configured). Anything that is not an IP address (a Unix
   socket's peer, "unknown") is counted.
@@ -16,9 +21,11 @@ Rules:
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Final
 
 import trio
@@ -38,6 +45,17 @@ def rate_limited(wait_s: float, what: str) -> GB6Error:
     return GB6Error(RATE_LIMITED, f"too many {what}; retry in {ms} ms", retry_after_ms=ms)
 
 
+def address_key(address: str) -> str:
+    """What an address counts as: itself, or for IPv6 its /64."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
+
+
 def positive_limit(limits: Any, name: str, kind: type) -> Any:
     """`limits.name` as a `kind` above 0; `invalid` naming the setting otherwise."""
     value: Any = getattr(limits, name)
@@ -55,18 +73,42 @@ class AuthFailures:
         per_address: RateLimiter,
         *,
         loopback: bool = False,
+        max_pending: int = 4,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.per_address = per_address
         self.loopback = loopback
+        self.max_pending = max_pending
         self._clock = clock
         self._blocked: OrderedDict[str, float] = OrderedDict()  # address → blocked until
+        self._pending: dict[str, int] = {}  # address → authentications under way
 
     def _counted(self, address: str) -> bool:
         return self.loopback or not is_loopback(address)
 
+    @contextmanager
+    def attempt(self, address: str) -> Iterator[None]:
+        """One authentication from `address` under way; `rate_limited` past `max_pending`."""
+        if not self._counted(address):
+            yield
+            return
+        key = address_key(address)
+        pending = self._pending.get(key, 0)
+        if pending >= self.max_pending:
+            raise rate_limited(1.0, "authentications at once from this address")
+        self._pending[key] = pending + 1
+        try:
+            yield
+        finally:
+            left = self._pending[key] - 1
+            if left:
+                self._pending[key] = left
+            else:
+                del self._pending[key]
+
     def blocked(self, address: str) -> float:
         """Seconds this address must still wait (0.0: it may try). Counts nothing."""
+        address = address_key(address)
         until = self._blocked.get(address)
         if until is None:
             return 0.0
@@ -81,6 +123,7 @@ class AuthFailures:
         (the address is then blocked for it), else 0.0."""
         if not self._counted(address):
             return 0.0
+        address = address_key(address)
         wait = await self.per_address.check("fail:" + address)
         if wait > 0:
             self._blocked[address] = self._clock() + wait

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import trio
 
-from node.errors import UNAVAILABLE, GB6Error
+from node.errors import INVALID, GB6Error
 from node.log import log
 
 
@@ -58,8 +58,9 @@ class Gcra:
 
 class FallbackLimiter:
     """`RateLimiter` that asks `shared` (Redis, say) and, when it cannot answer (`unavailable`,
-    or no answer within `wait_s`), `local`: the limit then holds per process rather than
-    failing open or refusing everyone. Each fallback is logged as `event`."""
+    a refusal such as a Redis out of memory, or no answer within `wait_s`), `local`: the limit
+    then holds per process rather than failing open or refusing everyone. Each fallback is
+    logged as `event`. A bad key (`invalid`) is the caller's error, raised."""
 
     def __init__(self, shared: RateLimiter, local: RateLimiter, wait_s: float, event: str) -> None:
         self.shared = shared
@@ -72,7 +73,7 @@ class FallbackLimiter:
             with trio.fail_after(self.wait_s):
                 return await self.shared.check(key)
         except (GB6Error, trio.TooSlowError) as exc:
-            if isinstance(exc, GB6Error) and exc.code != UNAVAILABLE:
+            if isinstance(exc, GB6Error) and exc.code == INVALID:
                 raise
             log(self.event, reason=repr(exc))
             return await self.local.check(key)

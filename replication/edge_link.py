@@ -51,6 +51,13 @@ _MAX_UNPLACED: Final = 10_000
 Reply = Callable[[outcome.Outcome[Any]], None]
 
 
+def _tell(listener: Callable[[Any], None], change: Any) -> None:
+    try:
+        listener(change)
+    except Exception as exc:  # a bug in a listener: logged, the link and the others go on
+        log("link_listener_failed", listener=repr(listener), error=repr(exc))
+
+
 class LinkLost(GB6Error):
     """The request's shard link broke before its answer, or was down when it was made: the
     outcome is unknown (an append may have been made durable)."""
@@ -66,6 +73,7 @@ class ShardLink:
     def __init__(self, remote: RemoteOrigin, address: str) -> None:
         self.remote = remote
         self.address = address
+        self.retired = False  # `retire` ended it: its sockets cannot wait for it to come back
         host, _, port = address.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         self.shard: str | None = None
@@ -122,7 +130,11 @@ class ShardLink:
         as if the link broke (the clients of its rooms resume), and connect no more. Its
         instances are routed to the link that holds them now, if any (else the shard map says
         they are placed: `unavailable` until one does)."""
+        self.retired = True
         self._scope.cancel()
+        # Told now: its link may have been lost already, its sockets kept for a return.
+        for listener in self.remote.lost_listeners:
+            listener(set(self._rooms), set(self._instances), True)
         shard_of = self.remote.shard_of
         for inst in self._instances:
             if shard_of.get(inst) is self:
@@ -232,13 +244,15 @@ class ShardLink:
         self.generation += 1  # slots of the previous link were freed by the origin
         self._releases.clear()
         if again:  # in the origin's order: a deleted user leaves its rooms, then is deleted
+            # The replica already holds the changes: a failing listener must not keep the
+            # others from them (a reconnect would find nothing left to tell).
             for change in room_changes:
                 if change.added or change.removed:
                     for member_listener in self.remote.member_listeners:
-                        member_listener(change)
+                        _tell(member_listener, change)
             for record in changed:
                 for tenancy_listener in self.remote.tenancy_listeners:
-                    tenancy_listener(record)
+                    _tell(tenancy_listener, record)
         return again
 
     def _set_room(self, room: RoomState) -> MembershipChange:
@@ -336,7 +350,7 @@ class ShardLink:
             # First: the clients close (and will resend what is unanswered under its cid),
             # so the failures below never reach them as answers.
             for listener in self.remote.lost_listeners:
-                listener(set(self._rooms), set(self._instances))
+                listener(set(self._rooms), set(self._instances), self.retired)
         pending, self._pending = self._pending, {}
         for reply in pending.values():
             reply(outcome.Error(LinkLost()))
@@ -426,7 +440,8 @@ class RemoteOrigin:
         # Instances and users as the shard changed them (a suspended instance, a deleted user).
         self.tenancy_listeners: list[Callable[[Instance | User], None]] = []
         # (rooms, instances) of a shard whose link broke
-        self.lost_listeners: list[Callable[[set[str], set[str]], None]] = []
+        # A shard's link broke (its rooms, its instances, and whether for good: `retire`).
+        self.lost_listeners: list[Callable[[set[str], set[str], bool], None]] = []
         # A shard's link is back after a loss (its instances): their slots and watches are gone.
         self.restored_listeners: list[Callable[[set[str]], None]] = []
         self.publish_context: Callable[[], AbstractContextManager[object]] = nullcontext

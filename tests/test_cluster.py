@@ -592,19 +592,24 @@ async def test_shard_map_in_kv_edges_find_shards_there(tmp_path: Path) -> None:
         # s3 starts again at another address (a new host, say): the edge follows it there and
         # gives up the old one, so a token of no instance is `unauthorized` again, not
         # `unavailable` for good (the edge would wait for a shard no longer there).
+        # Her socket kept through the old link's loss is closed to resume once the edge gives
+        # that link up: nothing would bring it back there.
         old = late.link
-        late.kill()
-        late.link = ""  # a new port
-        late.start()
-        assert late.link != old
-        with trio.fail_after(20):
-            while True:
-                async with _peer(edge, None) as p, _peer(edge, None) as q:
-                    carol_hello = await p.request("hello", token=carol.token)
-                    unknown = await q.request("hello", token="gb6u_ins_nowhere.x")
-                if carol_hello["op"] == "ok" and unknown.get("code") == "unauthorized":
-                    break
-                await trio.sleep(0.2)
+        async with _peer(edge, carol.token) as kept:
+            late.kill()
+            late.link = ""  # a new port
+            late.start()
+            assert late.link != old
+            with trio.fail_after(20):
+                while True:
+                    async with _peer(edge, None) as p, _peer(edge, None) as q:
+                        carol_hello = await p.request("hello", token=carol.token)
+                        unknown = await q.request("hello", token="gb6u_ins_nowhere.x")
+                    if carol_hello["op"] == "ok" and unknown.get("code") == "unauthorized":
+                        break
+                    await trio.sleep(0.2)
+            code, _ = await close_code(kept, 10)
+            assert code == 1011
     finally:
         c.stop()
 

@@ -13,6 +13,7 @@ from edge import wsframe
 from edge.handshake import Accepted, Rejected, ServerHandshake
 from edge.wsread import FrameReader
 from node.config import Limits
+from node.errors import GB6Error
 from node.ratelimit import Gcra
 
 UPGRADE = (
@@ -216,6 +217,59 @@ def test_gcra_allows_the_burst_then_the_rate() -> None:
     assert wait == pytest.approx(0.1)
     assert limiter.check("u", 0.1) == 0.0
     assert limiter.check("other", 0.0) == 0.0  # keys are independent
+
+
+async def test_authentications_at_once_from_one_address_are_bounded() -> None:
+    """A burst of guesses at once would each pass `blocked` before the first failure is
+    counted: past `max_pending` under way from one address (an IPv6 /64), `rate_limited`."""
+    from node.auth_failures import AuthFailures, address_key
+
+    failures = AuthFailures(_Allowing(), max_pending=2)
+    with failures.attempt("10.0.0.1"), failures.attempt("10.0.0.1"):
+        with pytest.raises(GB6Error) as info, failures.attempt("10.0.0.1"):
+            pass
+        assert info.value.code == "rate_limited" and info.value.retry_after_ms
+        with failures.attempt("10.0.0.2"):  # another address
+            pass
+        # Loopback: not limited unless configured.
+        with (
+            failures.attempt("127.0.0.1"),
+            failures.attempt("127.0.0.1"),
+            failures.attempt("127.0.0.1"),
+        ):
+            pass
+    with failures.attempt("10.0.0.1"):  # the two ended: room again
+        pass
+    with failures.attempt("2001:db8::1"), failures.attempt("2001:db8::2"):
+        with pytest.raises(GB6Error), failures.attempt("2001:db8::ffff:1"):  # the same /64
+            pass
+        with failures.attempt("2001:db8:0:1::1"):  # another /64
+            pass
+    assert address_key("2001:db8::1") == "2001:db8::/64"
+    assert address_key("::ffff:10.0.0.1") == "::ffff:10.0.0.1"
+    assert address_key("10.0.0.1") == "10.0.0.1"
+
+
+class _Allowing:
+    async def check(self, key: str) -> float:
+        return 0.0
+
+
+class _Refusing:
+    """A shared limiter that refuses as Redis does when out of memory (a refusal, not a
+    timeout)."""
+
+    async def check(self, key: str) -> float:
+        raise GB6Error("internal", "OOM command not allowed when used memory > 'maxmemory'")
+
+
+async def test_a_shared_limiter_that_refuses_falls_back_to_the_local_one() -> None:
+    from edge.bus import LocalRateLimiter
+    from node.ratelimit import FallbackLimiter
+
+    limiter = FallbackLimiter(_Refusing(), LocalRateLimiter.new(1.0, 2), 0.5, "test_fallback")
+    assert [await limiter.check("k") for _ in range(2)] == [0.0, 0.0]
+    assert await limiter.check("k") > 0  # the local limit holds
 
 
 def test_token_digests_are_not_reversible_ids() -> None:

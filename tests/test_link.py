@@ -893,6 +893,37 @@ async def test_a_hub_whose_events_skip_seqs_has_its_live_subscribers_read_them(
                 raise AssertionError(f"pushed twice: {extra}")
 
 
+async def test_the_subscribers_of_a_hub_with_a_gap_read_the_store_once_together(
+    tmp_path: Path,
+) -> None:
+    """After a gap every live subscriber of the room needs the same events: one store read
+    serves them all (a link back after a loss makes every room of its shard such a gap)."""
+    async with edge_and_origin(tmp_path, Limits()) as (gateway, node, token, _):
+        reads: list[tuple[str, int]] = []
+        events_after = gateway.origin.events_after
+
+        async def counted(room: str, after: int, limit: int) -> Any:
+            reads.append((room, after))
+            return await events_after(room, after, limit)
+
+        gateway.origin.events_after = counted  # type: ignore[method-assign]
+        async with AsyncExitStack() as stack:
+            b = await stack.enter_async_context(peer_of(node, token))
+            room = await make_room(b, [])
+            subs = [await stack.enter_async_context(peer_of(node, token)) for _ in range(5)]
+            for peer in subs:
+                await peer.ok("subscribe", room=room, after=0)
+            await b.ok("send", room=room, cid="c0", body={"text": "hi"})
+            gateway.origin.event_listeners.remove(gateway.hubs.publish)  # seq 2 goes missing
+            await b.ok("send", room=room, cid="c1", body={"text": "hi"})
+            gateway.origin.event_listeners.append(gateway.hubs.publish)
+            await b.ok("send", room=room, cid="c2", body={"text": "hi"})
+            for peer in subs:
+                got = [(await peer.event("message"))["seq"] for _ in range(3)]
+                assert got == [1, 2, 3]
+            assert reads == [(room, 1)]
+
+
 @pytest.mark.parametrize("version", [None, 1, 2])
 async def test_an_edge_of_an_older_version_is_pushed_whole_rooms(
     tmp_path: Path, version: int | None
