@@ -18,6 +18,7 @@ import enum
 import math
 import socket
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import attrs
@@ -32,7 +33,7 @@ from edge.media_signaling import ConnectionMedia, MediaRooms
 from edge.outbox import Cork, Outbox
 from edge.shared_signals import SharedSignals
 from edge.wsread import FrameReader
-from node.auth_failures import AuthFailures, positive_limit, rate_limited
+from node.auth_failures import rate_limited, user_auth, user_auth_failures
 from node.config import Config
 from node.errors import (
     INTERNAL,
@@ -47,7 +48,7 @@ from node.errors import (
 from node.ids import new_id
 from node.listen import bind, is_loopback
 from node.log import log
-from node.ratelimit import FallbackLimiter, RateLimiter
+from node.ratelimit import RateLimiter
 from origin.membership import MembershipChange, Principal, RoomState
 from origin.quotas import Quotas
 from origin.records import Instance, User
@@ -167,22 +168,13 @@ class Gateway:
             if shared is not None and shared.limiters is not None
             else {n: LocalRateLimiter.new(rp.rate, rp.burst) for n, rp in config.rate_plans.items()}
         )
-        # Failed hellos per client address (node/auth_failures.py), shared by the edges of a
-        # cluster when Redis answers, else per edge.
-        local = LocalRateLimiter.new(
-            positive_limit(self.limits, "ws_auth_failures_rate", float),
-            positive_limit(self.limits, "ws_auth_failures_burst", int),
+        # Failed hellos (and HTTP user-token authentications: `authenticate_user`) per client
+        # address, shared by the edges of a cluster when Redis answers, else per edge.
+        self.auth_failures = user_auth_failures(
+            self.limits, shared.auth_failures if shared is not None else None, LIMIT_WAIT_S
         )
-        per_address: RateLimiter = local
-        if shared is not None and shared.auth_failures is not None:
-            per_address = FallbackLimiter(
-                shared.auth_failures, local, LIMIT_WAIT_S, "hello_rate_limit_local"
-            )
-        self.auth_failures = AuthFailures(
-            per_address,
-            loopback=self.limits.per_ip_loopback,
-            max_pending=positive_limit(self.limits, "auth_pending_per_ip", int),
-        )
+        # For HTTP clients (files, WHIP/WHEP): counted with the hellos of their address.
+        self.authenticate_user = user_auth(self.auth_failures, origin.authenticate)
         # Concurrent connections are counted by the instance's origin shard across every edge
         # (`origin.acquire_slot`). These quotas are the shard's own in one process; on a
         # cluster edge a local copy of the plans, for what is still counted per edge.
@@ -534,19 +526,9 @@ class Gateway:
         conn.hellos += 1
         if conn.hellos > HELLOS_PER_SOCKET:  # whatever their answers (`unavailable`, say)
             raise rate_limited(1.0, "hellos on this connection")
-        wait = self.auth_failures.blocked(conn.ip)
-        if wait > 0:  # the token is not even looked at
-            raise rate_limited(wait, "failed hellos from this address")
-        try:
-            with self.auth_failures.attempt(conn.ip):
-                principal = await self.origin.authenticate(hello.token)
-        except GB6Error as exc:
-            if exc.code == UNAUTHORIZED:  # answered as such; the next ones may be refused
-                try:
-                    await self.auth_failures.failed(conn.ip)
-                except GB6Error as uncounted:
-                    log("hello_failure_uncounted", peer=conn.peer, error=uncounted.message)
-            raise
+        principal = await self.auth_failures.authenticate(
+            conn.ip, partial(self.origin.authenticate, hello.token), "failed hellos"
+        )
         # A hello is a request of its user's (a client looping on `quota_exceeded`, say).
         await self._rate_limit(principal)
         conn.instance = principal.instance.id

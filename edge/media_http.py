@@ -21,23 +21,21 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from quart import Blueprint, Response, request
 
 from edge.media_recording import Recordings
 from edge.media_signaling import MediaRooms, MediaSession, Want
+from node.auth_failures import UserAuth
 from node.errors import TOO_LARGE, UNAVAILABLE, GB6Error, invalid, not_found
 from origin.admin_api import bearer
-from origin.membership import Principal
 
-Authenticate = Callable[[str], Awaitable[Principal]]
 SDP = "application/sdp"
 TRICKLE = "application/trickle-ice-sdpfrag"
 
 
-def media_blueprint(media: MediaRooms, authenticate: Authenticate) -> Blueprint:
+def media_blueprint(media: MediaRooms, authenticate: UserAuth) -> Blueprint:
     bp = Blueprint("media", __name__)
 
     async def body_text(content_type: str) -> str:
@@ -53,7 +51,7 @@ def media_blueprint(media: MediaRooms, authenticate: Authenticate) -> Blueprint:
             raise invalid("the body is not UTF-8") from None
 
     async def start(room: str, want: Want, path: str) -> Response:
-        who = await authenticate(bearer())
+        who = await authenticate(bearer(), request.remote_addr or "unknown")
         offer = await body_text(SDP)
         if len(media.http) >= media.limits.media_http_sessions:
             raise GB6Error(UNAVAILABLE, "too many WHIP/WHEP sessions on this edge; retry later")
@@ -79,7 +77,7 @@ def media_blueprint(media: MediaRooms, authenticate: Authenticate) -> Blueprint:
         return resp
 
     async def session_of(room: str, session_id: str) -> MediaSession:
-        who = await authenticate(bearer())
+        who = await authenticate(bearer(), request.remote_addr or "unknown")
         session = media.http.get(session_id)
         if session is None or session.room != room or session.who.id != who.id:
             raise not_found(f"no media session {session_id}")
@@ -111,7 +109,7 @@ def media_blueprint(media: MediaRooms, authenticate: Authenticate) -> Blueprint:
 
     async def recordings_of(room: str) -> tuple[Recordings, str]:
         """The room's recordings and its instance, for its members only."""
-        who = await authenticate(bearer())
+        who = await authenticate(bearer(), request.remote_addr or "unknown")
         state = media.origin.room_for_member(who, room)
         recordings = media.recordings
         if not isinstance(recordings, Recordings):

@@ -21,20 +21,33 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import trio
 
-from node.errors import RATE_LIMITED, GB6Error, invalid
+from node.errors import RATE_LIMITED, UNAUTHORIZED, GB6Error, invalid
 from node.listen import is_loopback
-from node.ratelimit import RateLimiter
+from node.log import log
+from node.ratelimit import FallbackLimiter, Gcra, GcraLimiter, RateLimiter
 
-__all__ = ["AuthFailures", "positive_limit", "rate_limited"]
+__all__ = [
+    "AuthFailures",
+    "UserAuth",
+    "positive_limit",
+    "rate_limited",
+    "user_auth",
+    "user_auth_failures",
+]
+
+T = TypeVar("T")
+# (secret, client address) → the user; for HTTP handlers (files, WHIP/WHEP) to share the limits.
+UserAuth = Callable[[str, str], Awaitable[Any]]
 
 _MAX_BLOCKED: Final = 100_000  # addresses remembered as blocked, LRU
 
@@ -86,6 +99,24 @@ class AuthFailures:
     def _counted(self, address: str) -> bool:
         return self.loopback or not is_loopback(address)
 
+    async def authenticate(self, address: str, check: Callable[[], Awaitable[T]], what: str) -> T:
+        """`await check()` for a client at `address`, within these rules: `rate_limited`
+        (naming `what`) if the address is blocked or has too many under way, and a failure
+        (`unauthorized`) counted. The failure's own answer stays `unauthorized`."""
+        wait = self.blocked(address)
+        if wait > 0:  # the credential is not even looked at
+            raise rate_limited(wait, f"{what} from this address")
+        try:
+            with self.attempt(address):
+                return await check()
+        except GB6Error as exc:
+            if exc.code == UNAUTHORIZED:
+                try:
+                    await self.failed(address)
+                except GB6Error as uncounted:  # the limiter's store refused: logged, not told
+                    log("auth_failure_uncounted", address=address, error=uncounted.message)
+            raise
+
     @contextmanager
     def attempt(self, address: str) -> Iterator[None]:
         """One authentication from `address` under way; `rate_limited` past `max_pending`."""
@@ -131,3 +162,35 @@ class AuthFailures:
             if len(self._blocked) > _MAX_BLOCKED:
                 self._blocked.popitem(last=False)
         return wait
+
+
+def user_auth_failures(
+    limits: Any, shared: RateLimiter | None = None, shared_wait_s: float = 0.5
+) -> AuthFailures:
+    """The counting of failed user-token authentications `limits` asks for (`[limits]
+    ws_auth_failures_*`, `auth_pending_per_ip`, `per_ip_loopback`), in process or in `shared`
+    (Redis) with the process's own as fallback. Raises `invalid` for a bad setting."""
+    local: RateLimiter = GcraLimiter(
+        Gcra(
+            positive_limit(limits, "ws_auth_failures_rate", float),
+            positive_limit(limits, "ws_auth_failures_burst", int),
+        )
+    )
+    per_address = local
+    if shared is not None:
+        per_address = FallbackLimiter(shared, local, shared_wait_s, "auth_rate_limit_local")
+    return AuthFailures(
+        per_address,
+        loopback=bool(limits.per_ip_loopback),
+        max_pending=positive_limit(limits, "auth_pending_per_ip", int),
+    )
+
+
+def user_auth(failures: AuthFailures, authenticate: Callable[[str], Awaitable[Any]]) -> UserAuth:
+    """`authenticate` (a user token to its user) for HTTP clients, counted by `failures`."""
+
+    async def counted(secret: str, address: str) -> Any:
+        check = functools.partial(authenticate, secret)
+        return await failures.authenticate(address, check, "failed authentications")
+
+    return counted

@@ -22,7 +22,7 @@ from edge.media_http import media_blueprint
 from edge.media_signaling import start_media
 from edge.shared_signals import SharedSignals
 from edge.web_api import web_blueprint
-from node.auth_failures import positive_limit
+from node.auth_failures import positive_limit, user_auth, user_auth_failures
 from node.config import Config
 from node.errors import invalid
 from node.health import health_blueprint
@@ -81,7 +81,9 @@ async def run_origin(config: Config, out: TextIO = sys.stdout) -> None:
             [
                 admin_blueprint(shard, token),
                 console_blueprint(),
-                files_blueprint(shard),
+                files_blueprint(
+                    shard, user_auth(user_auth_failures(config.limits), shard.authenticate)
+                ),
                 health_blueprint(shard, None),
             ],
             config.limits.file_bytes,
@@ -114,7 +116,7 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
             [
                 health_blueprint(None, gateway),
                 web_blueprint(ws_port, files=False),
-                media_blueprint(media, origin.authenticate),
+                media_blueprint(media, gateway.authenticate_user),
             ],
             1 << 20,
             {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},

@@ -56,6 +56,17 @@ class Gcra:
         return 0.0
 
 
+class GcraLimiter:
+    """`RateLimiter` over an in-process `Gcra` on Trio's clock, for keys the caller makes (no
+    check; `edge.bus.LocalRateLimiter` checks keys that come from clients)."""
+
+    def __init__(self, gcra: Gcra) -> None:
+        self.gcra = gcra
+
+    async def check(self, key: str) -> float:
+        return self.gcra.check(key, trio.current_time())
+
+
 class FallbackLimiter:
     """`RateLimiter` that asks `shared` (Redis, say) and, when it cannot answer (`unavailable`,
     a refusal such as a Redis out of memory, or no answer within `wait_s`), `local`: the limit

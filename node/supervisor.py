@@ -188,10 +188,10 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
             [
                 admin_blueprint(shard, token),
                 console_blueprint(),
-                files_blueprint(shard),
+                files_blueprint(shard, gateway.authenticate_user),
                 health_blueprint(shard, gateway),
                 web_blueprint(ws_port, files=True),
-                media_blueprint(media, shard.authenticate),
+                media_blueprint(media, gateway.authenticate_user),
             ],
             config.limits.file_bytes,
             {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},

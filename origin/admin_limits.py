@@ -32,7 +32,7 @@ import trio
 
 from node.auth_failures import AuthFailures, positive_limit, rate_limited
 from node.ids import secret_digest
-from node.ratelimit import FallbackLimiter, Gcra, RateLimiter
+from node.ratelimit import FallbackLimiter, Gcra, GcraLimiter, RateLimiter
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -41,16 +41,6 @@ if TYPE_CHECKING:
     from node.config import Config
 
 __all__ = ["AdminLimiter", "admin_limiter", "rate_limited"]
-
-
-class _LocalGcra:
-    """`RateLimiter` over an in-process `Gcra` on Trio's clock (keys are ours: no check)."""
-
-    def __init__(self, gcra: Gcra) -> None:
-        self.gcra = gcra
-
-    async def check(self, key: str) -> float:
-        return self.gcra.check(key, trio.current_time())
 
 
 class _RedisGcra:
@@ -122,8 +112,8 @@ def admin_limiter(config: Config, admin_token: str) -> AdminLimiter:
     burst = positive_limit(limits, "admin_burst", int)
     frate = positive_limit(limits, "admin_auth_failures_rate", float)
     fburst = positive_limit(limits, "admin_auth_failures_burst", int)
-    cred: RateLimiter = _LocalGcra(Gcra(rate, burst))
-    addr: RateLimiter = _LocalGcra(Gcra(frate, fburst))
+    cred: RateLimiter = GcraLimiter(Gcra(rate, burst))
+    addr: RateLimiter = GcraLimiter(Gcra(frate, fburst))
     redis: list[_RedisGcra] = []
     if config.redis_url:
         prefix = f"gb6:admin:{secret_digest(admin_token)[:16]}:"

@@ -573,6 +573,28 @@ async def test_failed_hellos_from_one_address_are_limited(tmp_path: Path) -> Non
             await again.ok("ping")
 
 
+async def test_failed_user_tokens_over_http_count_with_the_hellos(tmp_path: Path) -> None:
+    """The files API and WHIP/WHEP take the same user tokens as `hello`: their failures count
+    against the same budget of the address, and a blocked address is refused there too (429,
+    `Retry-After`) without its token being looked at."""
+    config = (
+        "[limits]\nper_ip_loopback = true\n"
+        "ws_auth_failures_rate = 0.5\nws_auth_failures_burst = 2\n"
+    )
+    with running_node(tmp_path, config) as n:
+        alice = n.create_tenant().user("alice")
+        for _ in range(3):
+            r = await trio.to_thread.run_sync(n.admin, "GET", "/v1/files/fil_x", None, "gb6u_x")
+            assert_http_error(r, 401, "unauthorized")
+        async with open_peer(n) as peer:
+            code, reply = await hello_refused(peer, alice.token)
+        assert_error(reply, "rate_limited", "h")
+        assert code == 1013
+        r = await trio.to_thread.run_sync(n.admin, "GET", "/v1/files/fil_x", None, alice.token)
+        assert_http_error(r, 429, "rate_limited")
+        assert 1 <= int(r.headers["Retry-After"]) <= 4
+
+
 async def test_failed_hellos_from_loopback_are_not_limited_by_default(
     peer_factory: Any, shared_user: User
 ) -> None:
