@@ -51,9 +51,9 @@ _MAX_UNPLACED: Final = 10_000
 Reply = Callable[[outcome.Outcome[Any]], None]
 
 
-def _tell(listener: Callable[[Any], None], change: Any) -> None:
+def _tell(listener: Callable[..., None], *change: Any) -> None:
     try:
-        listener(change)
+        listener(*change)
     except Exception as exc:  # a bug in a listener: logged, the link and the others go on
         log("link_listener_failed", listener=repr(listener), error=repr(exc))
 
@@ -232,6 +232,15 @@ class ShardLink:
                 for u in state.users.values()
                 if u.instance in snap.instances and u.id not in snap.users and u.status != "deleted"
             ]
+        reads: list[tuple[str, str, int]] = []  # read positions that moved meanwhile
+        for room in snap.rooms.values() if again else ():
+            old = state.rooms.get(room.record.id)
+            if old is not None:
+                reads += [
+                    (room.record.id, user, seq)
+                    for user, seq in room.members.items()
+                    if seq > old.members.get(user, seq)
+                ]
         state.instances.update(snap.instances)
         state.users.update(snap.users)
         for record in changed:
@@ -253,6 +262,9 @@ class ShardLink:
             for record in changed:
                 for tenancy_listener in self.remote.tenancy_listeners:
                     _tell(tenancy_listener, record)
+            for room_id, user, seq in reads:
+                for read_listener in self.remote.read_listeners:
+                    _tell(read_listener, room_id, user, seq)
         return again
 
     def _set_room(self, room: RoomState) -> MembershipChange:

@@ -1063,7 +1063,7 @@ async def test_a_link_lost_and_back_keeps_the_shards_sockets_and_tells_them_what
     """While an edge's link to a shard is down and the shard goes on (its other edges', its
     admin API's changes), the edge keeps the shard's sockets. Once the link is back, they get
     what they missed: the room's events in seq order from the store, the membership changes
-    (a user added is told `room.added`), a deleted user's socket is closed 4003. The sockets
+    (a user added is told `room.added`), read positions (`receipt`), a deleted user's socket is closed 4003. The sockets
     hold their connection slots again at the shard. A socket that asked the shard something
     while the link was down is closed to resume (1011), as its answer would be unknown."""
     from replication.edge_link import ShardLink
@@ -1127,6 +1127,7 @@ async def test_a_link_lost_and_back_keeps_the_shards_sockets_and_tells_them_what
                 await shard.append(ann, room, "message", f"c{i}", done.append, body={"text": "x"})
             await shard.add_members(ann, room, [bob.id])
             await t.delete_user(OPERATOR, instance, carl.id)
+            await shard.set_read(ann, room, 1)
             with trio.fail_after(5):
                 while len(done) < 2:  # noqa: ASYNC110
                     await trio.sleep(0.02)
@@ -1140,6 +1141,8 @@ async def test_a_link_lost_and_back_keeps_the_shards_sockets_and_tells_them_what
             assert shard_link.generation == generation + 1
             added = await b.event("room.added")
             assert added["room"]["id"] == room
+            receipt = await a.event("receipt")
+            assert (receipt["room"], receipt["user"], receipt["read"]) == (room, ann.id, 1)
             assert await closed_with(c) == CLOSE_UNAUTHORIZED
             with trio.fail_after(5):
                 while shard.quotas.used(instance, "connections") != 2:  # noqa: ASYNC110
