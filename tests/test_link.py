@@ -1063,9 +1063,10 @@ async def test_a_link_lost_and_back_keeps_the_shards_sockets_and_tells_them_what
     """While an edge's link to a shard is down and the shard goes on (its other edges', its
     admin API's changes), the edge keeps the shard's sockets. Once the link is back, they get
     what they missed: the room's events in seq order from the store, the membership changes
-    (a user added is told `room.added`), read positions (`receipt`), a deleted user's socket is closed 4003. The sockets
-    hold their connection slots again at the shard. A socket that asked the shard something
-    while the link was down is closed to resume (1011), as its answer would be unknown."""
+    (a user added is told `room.added`), read positions (`receipt`), a deleted user's socket
+    is closed 4003. The sockets hold their connection slots again at the shard. A socket that
+    asked the shard something while the link was down is closed to resume (1011), as its
+    answer would be unknown."""
     from replication.edge_link import ShardLink
 
     peers: list[Any] = []
