@@ -48,6 +48,7 @@ from tests.conftest import (
     wait_uncommitted,
 )
 from tests.pg_proxy import PgProxy, pg_proxy
+from tests.tcp_proxy import tcp_proxy
 
 SECRET = "test-link-secret-0123456789"
 S1_PARTITIONS = 3
@@ -284,6 +285,48 @@ def _check_log(events: list[dict[str, Any]], acked: dict[str, int]) -> None:
     stored = {e["cid"]: e["seq"] for e in events}
     for cid, seq in acked.items():
         assert stored.get(cid) == seq, f"acknowledged {cid} (seq {seq}) missing or moved"
+
+
+async def test_an_edge_cut_off_from_a_shard_keeps_its_clients_and_brings_what_they_missed(
+    tmp_path: Path,
+) -> None:
+    """A network partition between an edge and an origin shard (the origin goes on serving the
+    other edge): the cut-off edge's clients stay connected, and once the partition heals they
+    get the events sent meanwhile, in seq order, then live ones, without reconnecting."""
+    c = Cluster(tmp_path)
+    try:
+        s1, s2 = c.origins
+        with tcp_proxy(s1.link) as proxy:
+            config = _config(tmp_path, [proxy.address, s2.link], name="cut")
+            cut_off = Node(tmp_path / "cut", extra_args=["--config", str(config)], command="edge")
+            cut_off.start()
+            c.edges.append(cut_off)
+            other = c.edge()
+            tenant = s1.create_tenant()
+            alice, bob = tenant.user("alice"), tenant.user("bob")
+            async with _peer(cut_off, alice.token) as a, _peer(other, bob.token) as b:
+                room = await b.ok("room.create", name="r", kind="chat", members=[alice.id])
+                room_id = room["room"]["id"]
+                with trio.fail_after(5):
+                    while not any(r["id"] == room_id for r in (await a.ok("rooms"))["rooms"]):  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                await a.ok("subscribe", room=room_id, after=0)
+                await b.ok("send", room=room_id, cid="m1", body={"text": "1"})
+                assert (await a.event("message"))["seq"] == 1
+                gaps = _metrics(cut_off)["gb6_hub_gaps_total"]
+                proxy.cut()
+                assert proxy.cuts == 1
+                for i in (2, 3):
+                    await b.ok("send", room=room_id, cid=f"m{i}", body={"text": f"{i}"})
+                await a.ok("ping")  # the cut-off edge still serves its client
+                proxy.heal()
+                got = [await a.event("message") for _ in range(2)]
+                assert [(e["seq"], e["cid"]) for e in got] == [(2, "m2"), (3, "m3")]
+                assert _metrics(cut_off)["gb6_hub_gaps_total"] == gaps + 1  # read from the store
+                await b.ok("send", room=room_id, cid="m4", body={"text": "4"})
+                assert (await a.event("message"))["seq"] == 4
+    finally:
+        c.stop()
 
 
 async def test_kill9_edge_mid_stream_clients_resume_on_the_other(
