@@ -192,9 +192,7 @@ class Gateway:
         origin.read_listeners.append(self._on_read)
         origin.watch_listeners.append(self.hubs.watched)
         origin.tenancy_listeners.append(self._on_tenancy)
-        self.hubs.on_evict = self._evicted
-        # Room → [whether its hub was evicted meanwhile], while it is watched again.
-        self._watching_again: dict[str, list[bool]] = {}
+        self.hubs.on_evict = origin.unwatch
         self.hubs.on_gap = self._on_hub_gap
         if isinstance(origin, RemoteOrigin):
             origin.lost_listeners.append(self._on_origin_lost)
@@ -729,7 +727,8 @@ class Gateway:
         if self.hubs.get(req.room) is None:
             # A remote origin starts pushing the room's events to this edge (and creates the
             # hub at the head it answers with, before any of them arrives).
-            await self.origin.watch(req.room)
+            with self.hubs.watching(req.room):
+                await self.origin.watch(req.room)
         hub = self.hubs.get(req.room)
         if hub is not None and req.after > hub.head and self.origin.pushes_lag:
             # The client saw `after` on another edge: this edge's pushes of the room may be a
@@ -877,17 +876,10 @@ class Gateway:
             return
         conn.quota_release = release  # the one it replaces was of the lost link: moot
 
-    def _evicted(self, room: str) -> None:
-        evicted = self._watching_again.get(room)
-        if evicted is not None:
-            evicted[0] = True  # unwatched once the watch is answered
-        else:
-            self.origin.unwatch(room)
-
     async def _watch_again(self, room: str) -> None:
-        evicted = self._watching_again[room] = [False]
         try:
-            await self.origin.watch(room)
+            with self.hubs.watching(room):
+                await self.origin.watch(room)
         except LinkLost:
             return  # lost again: watched again when it is back
         except GB6Error as exc:
@@ -898,16 +890,7 @@ class Gateway:
                     self._link_lost(conn)
             self.hubs.drop(room)
         finally:
-            if self._watching_again.get(room) is evicted:
-                del self._watching_again[room]
-            if evicted[0]:
-                # Its hub went idle and was evicted while the watch was under way. The answer
-                # made an idle hub again: unless a subscribe took it since, it goes, and the
-                # unwatch follows the watch (sent before it, the origin would push for good).
-                hub = self.hubs.get(room)
-                if hub is None or hub.idle:
-                    self.hubs.drop(room)
-                    self.origin.unwatch(room)
+            self.hubs.settle(room)  # gone idle meanwhile: evicted now, after the answer
 
     def _on_tenancy(self, record: Instance | User) -> None:
         """An instance or user changed on its shard. Live connections take the new record (a

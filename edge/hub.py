@@ -14,7 +14,8 @@ Rules:
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -184,6 +185,23 @@ class Hubs:
         # to, those subscribers), now catching up again; their owner starts each one's task.
         self.on_gap: Callable[[str, int, list[Subscription]], None] = lambda room, head, subs: None
         self._reads: dict[tuple[str, int, int], _SharedRead] = {}  # (room, after, limit)
+        # Room → its watches under way: its idle hub is not evicted meanwhile (the unwatch
+        # would reach the origin before the watch's answer reaches us, and that answer would
+        # leave a hub no watch is behind).
+        self._watches: dict[str, int] = {}
+
+    @contextmanager
+    def watching(self, room: str) -> Iterator[None]:
+        """A watch of `room` under way (its owner settles the hub after, see `settle`)."""
+        self._watches[room] = self._watches.get(room, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._watches[room] - 1
+            if left:
+                self._watches[room] = left
+            else:
+                del self._watches[room]
 
     async def _read(self, room: str, after: int, limit: int, events_after: EventsAfter) -> Any:
         """`events_after(room, after, limit)`, once for every catch-up that asks it while it
@@ -281,7 +299,12 @@ class Hubs:
 
     def _evict(self) -> None:
         while len(self._idle) > self.idle_max:
-            gone, _ = self._idle.popitem(last=False)
+            for gone in self._idle:  # least recent first; one being watched waits
+                if gone not in self._watches:
+                    break
+            else:
+                return
+            del self._idle[gone]
             self.hubs.pop(gone, None)
             self.on_evict(gone)
 

@@ -1057,6 +1057,43 @@ async def test_a_reconnect_where_the_user_was_away_ends_as_the_edge_shows_them(
                 done.set()
 
 
+class LinkCutter:
+    """Drops an edge's links from the origin's end (as a crash or a partition would) and keeps
+    the edge from connecting again until `heal`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from replication.edge_link import ShardLink
+
+        self.peers: list[Any] = []  # the origin's ends, newest last
+        self._healed = trio.Event()
+        self._healed.set()
+        welcome = LinkServer._welcome
+        connect_and_serve = ShardLink._connect_and_serve
+
+        def welcoming(server: LinkServer, msg: dict[str, Any], stream: Any) -> Any:
+            peer = welcome(server, msg, stream)
+            self.peers.append(peer)
+            return peer
+
+        async def held(shard_link: ShardLink, ready: trio.Event) -> None:
+            await self._healed.wait()
+            await connect_and_serve(shard_link, ready)
+
+        monkeypatch.setattr(LinkServer, "_welcome", welcoming)
+        monkeypatch.setattr(ShardLink, "_connect_and_serve", held)
+
+    async def drop(self, shard_link: Any) -> None:
+        """Drop the newest link; return once the edge has noticed."""
+        self._healed = trio.Event()
+        self.peers[-1].cancel.cancel()
+        with trio.fail_after(5):
+            while shard_link.connected:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+
+    def heal(self) -> None:
+        self._healed.set()
+
+
 async def test_a_link_lost_and_back_keeps_the_shards_sockets_and_tells_them_what_they_missed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1067,26 +1104,7 @@ async def test_a_link_lost_and_back_keeps_the_shards_sockets_and_tells_them_what
     is closed 4003. The sockets hold their connection slots again at the shard. A socket that
     asked the shard something while the link was down is closed to resume (1011), as its
     answer would be unknown."""
-    from replication.edge_link import ShardLink
-
-    peers: list[Any] = []
-    welcome = LinkServer._welcome
-
-    def welcoming(self: LinkServer, msg: dict[str, Any], stream: Any) -> Any:
-        peer = welcome(self, msg, stream)
-        peers.append(peer)
-        return peer
-
-    monkeypatch.setattr(LinkServer, "_welcome", welcoming)
-    hold = [trio.Event()]  # the edge reconnects once it is set
-    hold[0].set()
-    connect_and_serve = ShardLink._connect_and_serve
-
-    async def held(self: ShardLink, ready: trio.Event) -> None:
-        await hold[0].wait()
-        await connect_and_serve(self, ready)
-
-    monkeypatch.setattr(ShardLink, "_connect_and_serve", held)
+    cut = LinkCutter(monkeypatch)
     async with edge_and_origin(tmp_path, Limits()) as (gateway, node, token, shard):
         t, shard_link = shard.tenancy, gateway.origin.links[0]
         instance = next(iter(shard.instances))
@@ -1114,12 +1132,8 @@ async def test_a_link_lost_and_back_keeps_the_shards_sockets_and_tells_them_what
             assert (await a.event("message"))["seq"] == 1
             assert shard.quotas.used(instance, "connections") == 4
 
-            hold[0] = trio.Event()
             generation = shard_link.generation
-            peers[-1].cancel.cancel()  # the origin drops the link
-            with trio.fail_after(5):
-                while shard_link.connected:  # noqa: ASYNC110
-                    await trio.sleep(0.02)
+            await cut.drop(shard_link)
             await a.ok("ping")  # the edge answers it: the socket stays
             # Meanwhile at the shard: two messages, bob added, carl deleted.
             ann = await shard.authenticate(token)
@@ -1136,7 +1150,7 @@ async def test_a_link_lost_and_back_keeps_the_shards_sockets_and_tells_them_what
             await d.send({"op": "send", "id": "s", "room": room, "cid": "d1", "body": {}})
             assert await closed_with(d) == 1011
 
-            hold[0].set()
+            cut.heal()
             got = [await a.event("message") for _ in range(2)]
             assert [(e["seq"], e["cid"]) for e in got] == [(2, "c1"), (3, "c2")]
             assert shard_link.generation == generation + 1
@@ -1156,3 +1170,41 @@ async def test_a_link_lost_and_back_keeps_the_shards_sockets_and_tells_them_what
             with trio.move_on_after(0.3):
                 extra = await a.event("message")
                 raise AssertionError(f"pushed twice: {extra}")
+
+
+async def test_a_hub_evicted_while_it_is_watched_again_leaves_no_hub_without_a_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a link is back, the edge watches its subscribed rooms again. If a room's last
+    subscriber leaves while that watch is under way (no idle cache: its hub is evicted at
+    once), the unwatch must follow the watch's answer: sent before it, the origin would stop
+    pushing the room while the answer makes its hub again, and a later subscriber would wait
+    on that hub for good."""
+    cut = LinkCutter(monkeypatch)
+    watching, go_on = trio.Event(), trio.Event()
+    request = LinkServer._request
+
+    async def slow_watch(server: LinkServer, peer: Any, msg: dict[str, Any], reads: Any) -> None:
+        if msg.get("op") == "watch" and not go_on.is_set():
+            watching.set()
+            await go_on.wait()  # the origin's reader: requests after it wait too
+        await request(server, peer, msg, reads)
+
+    limits = Limits(idle_room_cache_rooms=0)
+    async with edge_and_origin(tmp_path, limits) as (gateway, node, token, _):
+        shard_link = gateway.origin.links[0]
+        a: Peer
+        b: Peer
+        async with peer_of(node, token) as a, peer_of(node, token) as b:
+            room = await make_room(a, [])
+            await a.ok("subscribe", room=room, after=0)
+            await cut.drop(shard_link)
+            monkeypatch.setattr(LinkServer, "_request", slow_watch)
+            cut.heal()
+            with trio.fail_after(5):
+                await watching.wait()  # the watch again is under way
+            await a.ok("unsubscribe", room=room)  # the hub goes idle: evicted
+            go_on.set()
+            await b.ok("subscribe", room=room, after=0)
+            assert (await a.ok("send", room=room, cid="c1", body={"text": "hi"}))["seq"] == 1
+            assert (await b.event("message"))["seq"] == 1
