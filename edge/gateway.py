@@ -824,7 +824,9 @@ class Gateway:
             if conn.instance in instances and (
                 for_good
                 or conn.state is State.AWAIT_HELLO
-                or (conn.media is not None and conn.media.sessions)
+                or (
+                    conn.media is not None and any(not s.left for s in conn.media.sessions.values())
+                )
             ):
                 self._link_lost(conn)
         if for_good:

@@ -299,11 +299,9 @@ class Hubs:
 
     def _evict(self) -> None:
         while len(self._idle) > self.idle_max:
-            for gone in self._idle:  # least recent first; one being watched waits
-                if gone not in self._watches:
-                    break
-            else:
-                return
+            gone = next(iter(self._idle))  # the least recent
+            if gone in self._watches:
+                return  # its watch's owner settles it once answered (`settle`)
             del self._idle[gone]
             self.hubs.pop(gone, None)
             self.on_evict(gone)

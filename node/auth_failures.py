@@ -6,9 +6,11 @@ no answer to a guess). Used by the admin API (origin/admin_limits.py) and the We
 Rules:
 - Every failed authentication counts against the address (GCRA, node/ratelimit.py); the one
   that goes over the budget blocks the address for the wait the limiter gave.
-- At most `max_pending` authentications of one address are under way at once (`attempt`):
-  each passes `blocked` before the failures ahead of it are counted, so a burst of guesses at
-  once would otherwise all be looked at.
+- At most `max_pending` authentications of one address are under way at once (`attempt`), 4
+  once it failed in the last minute: each passes `blocked` before the failures ahead of it are
+  counted, so a burst of guesses at once would otherwise all be looked at.
+- For user tokens (`authenticate`) only tokens nobody issued count (`UNKNOWN_TOKEN`): an
+  expired or revoked token, or one of a suspended instance, is no guess.
 - An IPv6 client counts by its /64 (one host usually holds the whole /64, and could rotate
   through it). Clients behind one NAT or proxy share its address, and its budget.
 - Loopback clients are exempt unless configured (PROTOCOL.md: limits per IP address do not
@@ -31,7 +33,7 @@ from typing import Any, Final, TypeVar
 
 import trio
 
-from node.errors import RATE_LIMITED, UNAUTHORIZED, GB6Error, invalid
+from node.errors import RATE_LIMITED, UNAUTHORIZED, UNKNOWN_TOKEN, GB6Error, invalid
 from node.listen import is_loopback
 from node.log import log
 from node.ratelimit import FallbackLimiter, Gcra, GcraLimiter, RateLimiter
@@ -49,7 +51,9 @@ T = TypeVar("T")
 # (secret, client address) → the user; for HTTP handlers (files, WHIP/WHEP) to share the limits.
 UserAuth = Callable[[str, str], Awaitable[Any]]
 
-_MAX_BLOCKED: Final = 100_000  # addresses remembered as blocked, LRU
+_MAX_BLOCKED: Final = 100_000  # addresses remembered as blocked (and as failing), LRU
+_FAILING_S: Final = 60.0  # an address that failed this recently ...
+_FAILING_PENDING: Final = 4  # ... has at most this many authentications under way
 
 
 def rate_limited(wait_s: float, what: str) -> GB6Error:
@@ -86,7 +90,7 @@ class AuthFailures:
         per_address: RateLimiter,
         *,
         loopback: bool = False,
-        max_pending: int = 4,
+        max_pending: int = 64,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.per_address = per_address
@@ -95,6 +99,7 @@ class AuthFailures:
         self._clock = clock
         self._blocked: OrderedDict[str, float] = OrderedDict()  # address → blocked until
         self._pending: dict[str, int] = {}  # address → authentications under way
+        self._failing: OrderedDict[str, float] = OrderedDict()  # address → failed until
 
     def _counted(self, address: str) -> bool:
         return self.loopback or not is_loopback(address)
@@ -106,16 +111,16 @@ class AuthFailures:
         wait = self.blocked(address)
         if wait > 0:  # the credential is not even looked at
             raise rate_limited(wait, f"{what} from this address")
-        try:
-            with self.attempt(address):
+        with self.attempt(address):  # counted before the slot is free again
+            try:
                 return await check()
-        except GB6Error as exc:
-            if exc.code == UNAUTHORIZED:
-                try:
-                    await self.failed(address)
-                except GB6Error as uncounted:  # the limiter's store refused: logged, not told
-                    log("auth_failure_uncounted", address=address, error=uncounted.message)
-            raise
+            except GB6Error as exc:
+                if exc.code == UNAUTHORIZED and exc.message == UNKNOWN_TOKEN:
+                    try:
+                        await self.failed(address)
+                    except GB6Error as uncounted:  # the limiter's store refused: logged
+                        log("auth_failure_uncounted", address=address, error=uncounted.message)
+                raise
 
     @contextmanager
     def attempt(self, address: str) -> Iterator[None]:
@@ -125,7 +130,11 @@ class AuthFailures:
             return
         key = address_key(address)
         pending = self._pending.get(key, 0)
-        if pending >= self.max_pending:
+        failing = self._failing.get(key)
+        if failing is not None and failing <= self._clock():
+            del self._failing[key]
+            failing = None
+        if pending >= (self.max_pending if failing is None else _FAILING_PENDING):
             raise rate_limited(1.0, "authentications at once from this address")
         self._pending[key] = pending + 1
         try:
@@ -155,6 +164,10 @@ class AuthFailures:
         if not self._counted(address):
             return 0.0
         address = address_key(address)
+        self._failing[address] = self._clock() + _FAILING_S
+        self._failing.move_to_end(address)
+        if len(self._failing) > _MAX_BLOCKED:
+            self._failing.popitem(last=False)
         wait = await self.per_address.check("fail:" + address)
         if wait > 0:
             self._blocked[address] = self._clock() + wait

@@ -78,9 +78,9 @@ class Limits:
     # are refused `rate_limited` (close 1013) until its wait is over, without a token check.
     ws_auth_failures_rate: float = 1.0  # per second, sustained
     ws_auth_failures_burst: int = 20
-    # Hellos of one client address being authenticated at once; past it `rate_limited` (close
-    # 1013). Loopback excepted as above.
-    auth_pending_per_ip: int = 4
+    # User tokens of one client address being checked at once (hellos, files, WHIP/WHEP); 4
+    # once it failed in the last minute; past it `rate_limited`. Loopback excepted as above.
+    auth_pending_per_ip: int = 64
     max_inflight_appends: int = 20_000  # per origin shard, across clients
     writer_batch: int = 2_000  # appends per group commit
     writer_linger_s: float = 0.002  # under load, how long a commit waits for its batch to fill

@@ -18,6 +18,9 @@ RATE_LIMITED: Final = "rate_limited"
 QUOTA_EXCEEDED: Final = "quota_exceeded"
 TOO_LARGE: Final = "too_large"
 UNAVAILABLE: Final = "unavailable"
+# The message of an `unauthorized` for a token nobody issued (a guess, not an expired or a
+# revoked one): what the per-address limits of user tokens count (node/auth_failures.py).
+UNKNOWN_TOKEN: Final = "unknown token"
 INTERNAL: Final = "internal"
 
 HTTP_STATUS: Final[dict[str, int]] = {

@@ -8,7 +8,8 @@ Rules (`admin_routes._serve` applies them, in this order):
    gets no answer to a guess.
    Every 401 counts as a failure; the failure that goes over the budget is itself answered 429.
    Loopback clients are exempt unless `limits.admin_auth_loopback` (PROTOCOL.md: limits per IP
-   address do not apply to loopback clients unless configured).
+   address do not apply to loopback clients unless configured). An IPv6 client counts by its
+   /64.
 2. Every authenticated request counts against its credential's actor (the operator, an org
    member whatever token it uses, an API key): `limits.admin_rate` per second sustained,
    `admin_burst` at once; past it, 429 `rate_limited` with `Retry-After`. Loopback included.

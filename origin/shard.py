@@ -24,6 +24,7 @@ from node.errors import (
     QUOTA_EXCEEDED,
     UNAUTHORIZED,
     UNAVAILABLE,
+    UNKNOWN_TOKEN,
     GB6Error,
     invalid,
     not_found,
@@ -281,14 +282,14 @@ class OriginShard:
     async def _check_token(self, secret: str) -> Principal:
         token = await self.store.token(secret_digest(secret))
         if token is None:
-            raise GB6Error(UNAUTHORIZED, "unknown token")
+            raise GB6Error(UNAUTHORIZED, UNKNOWN_TOKEN)
         if token.revoked:
             raise GB6Error(UNAUTHORIZED, "token revoked")
         if token.expires_at <= now_ms():
             raise GB6Error(UNAUTHORIZED, "token expired")
         who = self.state.principal(token.user)
         if who is None:
-            raise GB6Error(UNAUTHORIZED, "unknown token")
+            raise GB6Error(UNAUTHORIZED, UNKNOWN_TOKEN)
         if who.instance.status != "active":
             raise GB6Error(UNAUTHORIZED, f"instance is {who.instance.status}")
         return who

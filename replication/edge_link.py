@@ -30,7 +30,7 @@ import outcome
 import trio
 
 from node.config import Config
-from node.errors import INTERNAL, UNAUTHORIZED, UNAVAILABLE, GB6Error
+from node.errors import INTERNAL, UNAUTHORIZED, UNAVAILABLE, UNKNOWN_TOKEN, GB6Error
 from node.events import Event
 from node.log import log
 from origin.membership import Membership, MembershipChange, Principal, RoomState
@@ -132,10 +132,14 @@ class ShardLink:
         they are placed: `unavailable` until one does)."""
         self.retired = True
         self._scope.cancel()
-        # Told now: its link may have been lost already, its sockets kept for a return.
-        for listener in self.remote.lost_listeners:
-            listener(set(self._rooms), set(self._instances), True)
         shard_of = self.remote.shard_of
+        # Told now (its link may have been lost already, its sockets kept for a return), of
+        # the instances it still serves: those another link holds now are that link's.
+        mine = {inst for inst in self._instances if shard_of.get(inst) is self}
+        known = self.remote.state.rooms
+        rooms = {r for r in self._rooms if r in known and known[r].record.instance in mine}
+        for listener in self.remote.lost_listeners:
+            _tell(listener, rooms, mine, True)
         for inst in self._instances:
             if shard_of.get(inst) is self:
                 heirs = [x for x in self.remote.links if x is not self and inst in x._instances]
@@ -187,7 +191,7 @@ class ShardLink:
                             log("link_origin_connected", origin=self.address, shard=self.shard)
                             if again:
                                 for listener in self.remote.restored_listeners:
-                                    listener(set(self._instances))
+                                    _tell(listener, set(self._instances))
 
     async def _ping(self, writer: _StreamWriter) -> None:
         """A request every `PING_S`, so that the origin answers something even when nothing
@@ -358,11 +362,9 @@ class ShardLink:
         was = self.connected
         self.connected = False
         self._writer = None
-        if was:
-            # First: the clients close (and will resend what is unanswered under its cid),
-            # so the failures below never reach them as answers.
+        if was and not self.retired:  # `retire` told them
             for listener in self.remote.lost_listeners:
-                listener(set(self._rooms), set(self._instances), self.retired)
+                _tell(listener, set(self._rooms), set(self._instances), False)
         pending, self._pending = self._pending, {}
         for reply in pending.values():
             reply(outcome.Error(LinkLost()))
@@ -569,9 +571,9 @@ class RemoteOrigin:
                 # The instance may be on a shard whose link is down or not loaded yet.
                 raise GB6Error(UNAVAILABLE, "an origin shard is unreachable; retry")
             if shard_link is None:
-                raise GB6Error(UNAUTHORIZED, "unknown token")
+                raise GB6Error(UNAUTHORIZED, UNKNOWN_TOKEN)
             return await self._authenticate_on(self._link_for_instance(instance), secret)
-        last = GB6Error(UNAUTHORIZED, "unknown token")
+        last = GB6Error(UNAUTHORIZED, UNKNOWN_TOKEN)
         if self.config.kv and not self._shards_read:  # shards this edge does not know yet
             last = GB6Error(UNAVAILABLE, "the shard map does not answer yet; retry")
         for shard_link in self.links:

@@ -573,6 +573,28 @@ async def test_failed_hellos_from_one_address_are_limited(tmp_path: Path) -> Non
             await again.ok("ping")
 
 
+async def test_revoked_tokens_are_no_guesses(tmp_path: Path) -> None:
+    """Only tokens nobody issued count against an address: a client that keeps trying a token
+    it had (revoked, expired) is refused `unauthorized` each time, never blocked for it."""
+    config = (
+        "[limits]\nper_ip_loopback = true\n"
+        "ws_auth_failures_rate = 0.5\nws_auth_failures_burst = 2\n"
+    )
+    with running_node(tmp_path, config) as n:
+        tenant = n.create_tenant()
+        alice = tenant.user("alice")
+        base = f"/v1/instances/{tenant.instance}/users/{alice.id}/tokens"
+        r = n.admin("POST", base, {})
+        assert r.status_code == 201, r.text
+        assert n.admin("DELETE", f"{base}/{r.json()['id']}").status_code == 204
+        for _ in range(5):
+            async with open_peer(n) as peer:
+                code, reply = await hello_refused(peer, r.json()["token"])
+            assert (code, reply["code"]) == (4003, "unauthorized"), reply
+        async with open_peer(n, alice.token) as peer:
+            await peer.ok("ping")
+
+
 async def test_failed_user_tokens_over_http_count_with_the_hellos(tmp_path: Path) -> None:
     """The files API and WHIP/WHEP take the same user tokens as `hello`: their failures count
     against the same budget of the address, and a blocked address is refused there too (429,

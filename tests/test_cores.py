@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from contextlib import ExitStack
 
 import orjson
 import pytest
@@ -244,6 +245,17 @@ async def test_authentications_at_once_from_one_address_are_bounded() -> None:
         with pytest.raises(GB6Error), failures.attempt("2001:db8::ffff:1"):  # the same /64
             pass
         with failures.attempt("2001:db8:0:1::1"):  # another /64
+            pass
+    # An address that failed in the last minute: 4 at once, however many `max_pending` says.
+    roomy = AuthFailures(_Allowing(), max_pending=64)
+    with ExitStack() as stack:
+        for _ in range(6):
+            stack.enter_context(roomy.attempt("10.0.0.9"))
+    await roomy.failed("10.0.0.9")
+    with ExitStack() as stack:
+        for _ in range(4):
+            stack.enter_context(roomy.attempt("10.0.0.9"))
+        with pytest.raises(GB6Error), roomy.attempt("10.0.0.9"):
             pass
     assert address_key("2001:db8::1") == "2001:db8::/64"
     assert address_key("::ffff:10.0.0.1") == "::ffff:10.0.0.1"
