@@ -16,76 +16,37 @@ import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tests.tcp_proxy import ThreadedProxy, recv, send, shut
+
 _EVENTS_INSERT = b"gb6.event_ids."  # in the text of the store's events insert (pg_append)
 _ONE_BYTE_ANSWERS = (80877103, 80877104)  # SSLRequest, GSSENCRequest: answered by one byte
 
 
-class PgProxy:
+class PgProxy(ThreadedProxy):
     def __init__(self, upstream_dsn: str, port: int = 0) -> None:
         url = urllib.parse.urlsplit(upstream_dsn)
-        self._upstream = (url.hostname or "127.0.0.1", url.port or 5432)
-        self._listener = socket.create_server(("127.0.0.1", port))
-        port = self._listener.getsockname()[1]
+        super().__init__((url.hostname or "127.0.0.1", url.port or 5432), port)
         netloc = url.netloc.rsplit("@", 1)
-        where = f"127.0.0.1:{port}"
+        where = f"127.0.0.1:{self.port}"
         self.dsn = urllib.parse.urlunsplit(
             url._replace(netloc=f"{netloc[0]}@{where}" if len(netloc) == 2 else where)
         )
         self._arm = threading.Event()  # lose the answer of the next committed events insert
         self.cut = threading.Event()  # set once it did
-        self._lock = threading.Lock()
-        self._socks: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._closed = False
 
     def lose_next_commit_answer(self) -> None:
         self.cut.clear()
         self._arm.set()
 
-    def start(self) -> None:
-        self._spawn(self._accept)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            socks = [self._listener, *self._socks]
-        for s in socks:
-            _shut(s)
-        for t in self._threads:
-            t.join(10)
-
-    def _spawn(self, target: object, *args: object) -> None:
-        t = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
-        with self._lock:
-            self._threads.append(t)
-        t.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self._upstream, timeout=10)
-                server.settimeout(None)
-            except OSError:
-                _shut(client)
-                continue
-            with self._lock:
-                if self._closed:
-                    _shut(client)
-                    _shut(server)
-                    return
-                self._socks += [client, server]
-            pair = _Pair(client, server)
-            self._spawn(self._client_to_server, pair)
-            self._spawn(self._server_to_client, pair)
+    def _serve(self, client: socket.socket, server: socket.socket) -> None:
+        pair = _Pair(client, server)
+        self._spawn(self._client_to_server, pair)
+        self._spawn(self._server_to_client, pair)
 
     def _client_to_server(self, pair: _Pair) -> None:
         tail = b""
         first = True
-        while chunk := _recv(pair.client):
+        while chunk := recv(pair.client):
             if first and len(chunk) >= 8:
                 (code,) = struct.unpack_from("!I", chunk, 4)
                 pair.raw_bytes = 1 if code in _ONE_BYTE_ANSWERS else 0
@@ -93,13 +54,13 @@ class PgProxy:
             if _EVENTS_INSERT in tail + chunk:
                 pair.writer = True
             tail = chunk[-len(_EVENTS_INSERT) :]
-            if not _send(pair.server, chunk):
+            if not send(pair.server, chunk):
                 break
         pair.end()
 
     def _server_to_client(self, pair: _Pair) -> None:
         buf = b""
-        while chunk := _recv(pair.server):
+        while chunk := recv(pair.server):
             buf += chunk
             out = b""
             while True:
@@ -115,7 +76,7 @@ class PgProxy:
                 msg, buf = buf[: 1 + length], buf[1 + length :]
                 verdict = self._verdict(pair, msg)
                 if verdict == "cut":
-                    _send(pair.client, out)
+                    send(pair.client, out)
                     self.cut.set()
                     pair.end()
                     return
@@ -124,7 +85,7 @@ class PgProxy:
                     continue
                 out += pair.held + msg
                 pair.held = b""
-            if out and not _send(pair.client, out):
+            if out and not send(pair.client, out):
                 break
         pair.end()
 
@@ -163,31 +124,8 @@ class _Pair:
         self.held = b""
 
     def end(self) -> None:
-        _shut(self.client)
-        _shut(self.server)
-
-
-def _recv(s: socket.socket) -> bytes:
-    try:
-        return s.recv(65536)
-    except OSError:
-        return b""
-
-
-def _send(s: socket.socket, data: bytes) -> bool:
-    try:
-        s.sendall(data)
-        return True
-    except OSError:
-        return False
-
-
-def _shut(s: socket.socket) -> None:
-    try:
-        s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    s.close()
+        shut(self.client)
+        shut(self.server)
 
 
 @contextmanager

@@ -499,40 +499,32 @@ async def test_malformed_frames_count_against_the_rate_limit(node: Node, peer_fa
 open_peer = asynccontextmanager(connect)
 
 
-async def test_a_socket_may_say_hello_only_so_often(tmp_path: Path) -> None:
-    """Refused hellos that leave the socket open (`quota_exceeded` here) are bounded per
-    socket, whatever the rate allows: the sixth gets `rate_limited` and close 1013."""
-    config = "[plans.one]\nrate = 1000.0\nburst = 1000\n[plans.one.quotas]\nconnections = 1\n"
+@pytest.mark.parametrize(
+    ("rate", "accepted"),
+    [
+        # Each hello counts against its user's rate: 3 at once, then one per 10 s (the first
+        # socket's hello was one of them).
+        ("rate = 0.1\nburst = 3\n", 2),
+        # Whatever the rate allows, a socket says hello at most 5 times.
+        ("rate = 1000.0\nburst = 1000\n", 5),
+    ],
+)
+async def test_a_socket_refused_quota_exceeded_may_say_hello_again_but_not_without_limit(
+    tmp_path: Path, rate: str, accepted: int
+) -> None:
+    """A hello refused `quota_exceeded` leaves its socket open for another; past the user's
+    rate, or 5 hellos on the socket, `rate_limited` and close 1013 (try again later)."""
+    config = f"[plans.one]\n{rate}[plans.one.quotas]\nconnections = 1\n"
     with running_node(tmp_path, config) as n:
         alice = n.create_tenant(plan="one").user("alice")
         async with open_peer(n, alice.token), open_peer(n) as second:  # the first takes the slot
-            for i in range(5):
+            for i in range(accepted):
                 await second.send({"op": "hello", "id": i, "token": alice.token})
                 assert_error(await next_reply(second), "quota_exceeded", i)
-            await second.send({"op": "hello", "id": 5, "token": alice.token})
+            await second.send({"op": "hello", "id": accepted, "token": alice.token})
             code, frames = await close_code(second)
             assert len(frames) == 1, frames
-            assert_error(frames[0], "rate_limited", 5)
-            assert code == 1013, code
-
-
-async def test_hellos_count_against_the_users_rate_limit(tmp_path: Path) -> None:
-    """A socket refused `quota_exceeded` may say hello again, but not without limit: each hello
-    counts against its user's rate; over it, `rate_limited` and close 1013 (try again later)."""
-    config = (
-        "[plans.tight]\nrate = 0.1\nburst = 3\n"  # 3 at once, then one per 10 s
-        "[plans.tight.quotas]\nconnections = 1\n"
-    )
-    with running_node(tmp_path, config) as n:
-        alice = n.create_tenant(plan="tight").user("alice")
-        async with open_peer(n, alice.token), open_peer(n) as second:  # the first takes the slot
-            for i in range(2):
-                await second.send({"op": "hello", "id": i, "token": alice.token})
-                assert_error(await next_reply(second), "quota_exceeded", i)
-            await second.send({"op": "hello", "id": 2, "token": alice.token})
-            code, frames = await close_code(second)
-            assert len(frames) == 1, frames
-            assert_error(frames[0], "rate_limited", 2)
+            assert_error(frames[0], "rate_limited", accepted)
             assert 0 < frames[0]["retry_after_ms"] <= 10_000
             assert code == 1013, code
 
