@@ -816,18 +816,12 @@ class Gateway:
         """An origin shard's link broke. The sockets of its instances stay, and so do the
         hubs their subscriptions hold (`_on_origin_restored` repairs both), except:
         - a socket whose request was unanswered (`LinkLost`, see `_link_lost`);
-        - a socket still in its hello (its slot, if taken, went with the link) or in a media
-          session (its participant slot did);
+        - a socket still in its hello (its slot, if taken, went with the link; media sessions
+          keep theirs: `MediaRooms.on_origin_restored`);
         - idle hubs of the shard's rooms, which nothing would watch again;
         - all of them if the link ended for good (the shard moved: nothing restores them)."""
         for conn in list(self.conns):
-            if conn.instance in instances and (
-                for_good
-                or conn.state is State.AWAIT_HELLO
-                or (
-                    conn.media is not None and any(not s.left for s in conn.media.sessions.values())
-                )
-            ):
+            if conn.instance in instances and (for_good or conn.state is State.AWAIT_HELLO):
                 self._link_lost(conn)
         if for_good:
             known = self.origin.state.rooms

@@ -65,6 +65,7 @@ from node.errors import CONFLICT, QUOTA_EXCEEDED, UNAVAILABLE, GB6Error, forbidd
 from node.ids import new_id
 from node.log import log
 from origin.membership import MembershipChange, Principal, RoomState
+from replication.edge_link import LinkLost, RemoteOrigin
 
 MEDIA_KINDS = frozenset({"meeting", "live"})
 Role = Literal["host", "viewer"]
@@ -540,9 +541,54 @@ class MediaRooms:
         removed = set(change.removed)
         for s in list(r.sessions.values()):
             if s.who.id in removed:
-                if s.sink is not None:
-                    s.sink("media.state", {"room": change.room, "state": "closed"})
-                self.end(s)
+                self._close(s)
+
+    # --- a cluster edge's link to a shard: lost and back --------------------------------------
+
+    def on_origin_lost(self, rooms: set[str], instances: set[str], for_good: bool) -> None:
+        """A shard's link broke: the origin freed this edge's slots of `instances`, but media
+        flows through this edge's SFU alone, so the sessions go on (`on_origin_restored`
+        takes their slots again). A link ended for good (the shard moved) ends them: nothing
+        will take their slots again."""
+        if for_good:
+            for s in self._sessions_of(instances):
+                self._close(s)
+
+    def on_origin_restored(self, instances: set[str]) -> None:
+        """The shard's link is back: each session of `instances` takes its slot again; one
+        refused (taken meanwhile on other edges) ends, its client told `media.state` closed."""
+        if self._nursery is None:
+            return
+        for s in self._sessions_of(instances):
+            self._nursery.start_soon(self._take_slot_again, s)
+
+    def _sessions_of(self, instances: set[str]) -> list[MediaSession]:
+        return [
+            s
+            for r in self._rooms.values()
+            for s in r.sessions.values()
+            if s.who.instance.id in instances and not s.left
+        ]
+
+    async def _take_slot_again(self, session: MediaSession) -> None:
+        try:
+            release = await self.origin.acquire_slot(session.who.instance.id, "media_participants")
+        except LinkLost:
+            return  # lost again: taken again when it is back
+        except GB6Error as exc:
+            log("media_slot_lost", participant=session.id, error=exc.message)
+            self._close(session)
+            return
+        if session.left:
+            release()
+            return
+        session.release_slot = release  # the one it replaces was of the lost link: moot
+
+    def _close(self, session: MediaSession) -> None:
+        """End a session the server takes away (its client is told `media.state` closed)."""
+        if session.sink is not None and not session.left:
+            session.sink("media.state", {"room": session.room, "state": "closed"})
+        self.end(session)
 
     def connection(self, write: Sink) -> ConnectionMedia:
         return ConnectionMedia(self, write)
@@ -704,4 +750,7 @@ async def start_media(
         await nursery.start(Recordings(config, rooms, recording).run)
     gateway.media = rooms
     gateway.origin.member_listeners.append(rooms.on_members)
+    if isinstance(gateway.origin, RemoteOrigin):
+        gateway.origin.lost_listeners.append(rooms.on_origin_lost)
+        gateway.origin.restored_listeners.append(rooms.on_origin_restored)
     return rooms

@@ -21,10 +21,11 @@ import trio_asyncio
 from aiortc import VideoStreamTrack
 from aiortc.mediastreams import AudioStreamTrack
 
-from tests.conftest import Node, refused
+from tests.conftest import Node, Peer, refused
 from tests.media_client import MediaClient, loopback_ice, media_event, ws_of
 from tests.services import require_tool
-from tests.test_cluster import Cluster
+from tests.tcp_proxy import tcp_proxy
+from tests.test_cluster import Cluster, _config
 from tests.test_media_recording import probe
 
 RECORD_S = 4.0
@@ -189,3 +190,69 @@ async def test_recording_store_takes_only_ordered_chunks_of_recording_blobs(tmp_
     await store.add_to_index("room_1", "rec_1")
     await store.add_to_index("room_1", "rec_2")
     assert await store.index("room_1") == ["rec_1", "rec_2"] and await store.index("r2") == []
+
+
+async def test_media_outlasts_a_lost_link_and_its_sessions_take_their_slots_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """An edge loses its link to the instance's shard (a partition; the origin serves the
+    other edge): its meeting goes on (media flows through the edge alone), the origin frees
+    the edge's slots, and once the link is back each session takes its slot again; the one
+    refused then (the limit reached meanwhile on the other edge) is told `closed` and ends."""
+    origin = cluster.origins[0]
+    tenant = origin.create_tenant()
+    path = f"/v1/instances/{tenant.instance}/quotas/media_participants"
+    assert origin.admin("PUT", path, {"limit": 2}).status_code == 200
+    alice, bob, carol = tenant.user("alice"), tenant.user("bob"), tenant.user("carol")
+    with tcp_proxy(origin.link) as proxy:
+        low = random.randrange(20_000, 58_000, 1_000)
+        config = _config(tmp_path, [proxy.address, cluster.origins[1].link], name="cut")
+        config.write_text(
+            config.read_text() + f"[media]\nudp_port_min = {low}\nudp_port_max = {low + 999}\n"
+        )
+        cut_off = Node(tmp_path / "cut", extra_args=["--config", str(config)], command="edge")
+        cut_off.start()
+        try:
+            with trio.fail_after(60):
+                async with (
+                    trio_asyncio.open_loop(),
+                    ws_of(cut_off, alice.token) as wa,
+                    ws_of(cut_off, bob.token) as wb,
+                    ws_of(cluster.edges[1], carol.token) as wc,
+                ):
+                    members = [bob.id, carol.id]
+                    room = (await wa.ok("room.create", name="m", kind="meeting", members=members))[
+                        "room"
+                    ]["id"]
+                    a, b = MediaClient(wa, room), MediaClient(wb, room)
+                    await a.join()
+                    await b.join()
+                    (video,) = await a.publish(VideoStreamTrack())
+                    await b.subscribe([video])
+                    await b.frames(video, 5)  # flowing (and what was queued read)
+                    await _until_used(origin, tenant.instance, "media_participants", 2)
+                    proxy.cut()
+                    await _until_used(origin, tenant.instance, "media_participants", 0)
+                    await b.frames(video, 30)  # a second's worth, sent while the link is down
+                    await wc.ok("media.join", room=room)  # the origin counts it: 1 of 2
+                    proxy.heal()
+                    closed: list[Peer] = []
+                    async with trio.open_nursery() as nursery:
+
+                        async def told(w: Peer) -> None:
+                            await media_event(w, "media.state", lambda e: e["state"] == "closed")
+                            closed.append(w)
+                            nursery.cancel_scope.cancel()
+
+                        nursery.start_soon(told, wa)
+                        nursery.start_soon(told, wb)
+                    (gone,) = closed
+                    kept = wb if gone is wa else wa
+                    await _until_used(origin, tenant.instance, "media_participants", 2)
+                    await refused(gone, "media.leave", ("invalid",), room=room)
+                    await kept.ok("media.leave", room=room)  # its new slot goes back
+                    await _until_used(origin, tenant.instance, "media_participants", 1)
+                    await a.close()
+                    await b.close()
+        finally:
+            cut_off.kill()
