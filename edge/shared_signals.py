@@ -56,7 +56,7 @@ from node.log import log
 from node.ratelimit import RateLimiter
 
 _MAX_FOLLOWED: Final = 10_000  # channels per edge; past it, signals of new ones stay local
-SWEEP_S: Final = 10.0
+SWEEP_S: Final = 10.0  # the default of `[cluster] presence_sweep_s`
 _MAX_TOLD: Final = 100_000
 _MAX_FEED_PAGES: Final = 10  # feed reads per instance per sweep
 _UNFOLLOW_CHUNK: Final = 1000  # channels per unsubscribe command
@@ -88,7 +88,9 @@ class SharedSignals:
         edge_id: str,
         limiters: dict[str, RateLimiter] | None = None,
         auth_failures: RateLimiter | None = None,
+        sweep_s: float | None = None,
     ) -> None:
+        self.sweep_s = SWEEP_S if sweep_s is None else sweep_s  # config `presence_sweep_s`
         self.pubsub = pubsub
         self.sessions = sessions
         self.edge_id = edge_id
@@ -172,7 +174,7 @@ class SharedSignals:
 
     async def _sweep_forever(self) -> None:
         while True:
-            await trio.sleep(SWEEP_S)
+            await trio.sleep(self.sweep_s)
             try:
                 await self.sweep()
             except GB6Error as exc:  # the next sweep asks again

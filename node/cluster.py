@@ -152,6 +152,8 @@ async def _shared_signals(
             burst=positive_limit(config.limits, "ws_auth_failures_burst", int),
         )
         await nursery.start(auth_failures.run)
-        shared = SharedSignals(pubsub, sessions, edge_id, limiters, auth_failures)
+        shared = SharedSignals(
+            pubsub, sessions, edge_id, limiters, auth_failures, config.presence_sweep_s
+        )
         await nursery.start(shared.run)
         task_status.started(shared)

@@ -27,6 +27,10 @@ def _commit_timeout(value: Any) -> float:
     return _number("[store] kafka_commit_timeout_s", value)
 
 
+def _sweep_interval(value: Any) -> float:
+    return _number("[cluster] presence_sweep_s", value)
+
+
 _MAX_INT = 1 << 48
 _MAX_FLOAT = 1e9
 
@@ -222,6 +226,15 @@ class Config:
     origins: tuple[str, ...] = ()
     link_secret: str = ""
     redis_url: str = ""  # edges share typing, presence and sessions through it ("": edge-local)
+    # How often an edge repairs what lost signals failed to say (presence) and unfollows the
+    # Redis channels its clients no longer need (edge/shared_signals.py): each sweep costs a
+    # few Redis calls per followed instance. At most 30 s: the change feed a sweep reads keeps
+    # 60 s, and an edge that missed more asks every user's presence again.
+    presence_sweep_s: float = attrs.field(
+        default=10.0,
+        converter=_sweep_interval,
+        validator=[attrs.validators.ge(0.5), attrs.validators.le(30.0)],
+    )
     kv: str = ""  # the shard map's kv: sqlite:PATH, postgres:DSN, tikv:PD ("": origins list only)
     # The origin's relational store and log: "sqlite" (embedded, in the data directory),
     # "postgres" (`pg_dsn`, tables in schema `pg_schema`, one schema per shard), or "kafka"
@@ -365,7 +378,9 @@ def load(path: Path | None, overrides: dict[str, Any]) -> Config:
 _KEYS: dict[str, dict[str, str]] = {
     "node": {k: k for k in ("host", "ws_port", "http_port", "region", "typing_interval_ms")}
     | {"data_dir": "data_dir"},
-    "cluster": {k: k for k in ("shard", "link_port", "link_secret", "redis_url", "kv")}
+    "cluster": {
+        k: k for k in ("shard", "link_port", "link_secret", "redis_url", "kv", "presence_sweep_s")
+    }
     | {"origins": "origins"},
     "store": {
         "backend": "store_backend",

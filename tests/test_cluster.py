@@ -30,7 +30,6 @@ import trio_asyncio
 from services import require
 from trio_asyncio import aio_as_trio
 
-from edge.shared_signals import SWEEP_S
 from node.client import Client
 from tests.conftest import (
     Node,
@@ -61,11 +60,13 @@ def _config(
     name: str = "cluster",
     redis: str = "",
     kv: str = "",
+    cluster_toml: str = "",
 ) -> Path:
     path = base / f"{name}.toml"
     quoted = ", ".join(f'"{o}"' for o in origins)
     cluster = (
         f'link_secret = "{SECRET}"\norigins = [{quoted}]\nredis_url = "{redis}"\nkv = "{kv}"\n'
+        + cluster_toml
     )
     path.write_text(f"[cluster]\n{cluster}{store}")
     return path
@@ -83,7 +84,9 @@ class Cluster:
         kv: str = "",
         kafka: str | None = None,
         origin_toml: str = "",
+        edge_cluster_toml: str = "",
     ) -> None:
+        """`edge_cluster_toml`: lines of the edges' `[cluster]` table."""
         self.base = base
         self.pg_dsn = pg_dsn
         self.kafka = kafka
@@ -114,7 +117,7 @@ class Cluster:
             o.start()
         # With a shard map in kv, edges find the origins there: no list to keep up to date.
         listed = [] if kv else [o.link for o in self.origins]
-        self.config = _config(base, listed, redis=redis_url, kv=kv)
+        self.config = _config(base, listed, redis=redis_url, kv=kv, cluster_toml=edge_cluster_toml)
         self.edges: list[Node] = []
 
     def edge(self, extra_toml: str = "") -> Node:
@@ -892,10 +895,15 @@ async def test_a_frozen_redis_does_not_hold_up_the_edges_requests(
         c.stop()
 
 
+# Edges that sweep often, for the tests that wait for a sweep (10 s by default).
+FAST_SWEEP_S = 1.0
+FAST_SWEEP = f"presence_sweep_s = {FAST_SWEEP_S}\n"
+
+
 async def _told_at_the_next_sweep(peer: Any, user: str, status: str) -> None:
     """Redis is back: the next sweep (once the edge reconnected) tells `peer` that `user` is
     `status`, and `presence.get` says so too."""
-    peer.timeout = 3 * SWEEP_S
+    peer.timeout = 10 * FAST_SWEEP_S  # the edge reconnects to Redis first
     ev = await peer.event("presence")
     assert (ev["user"], ev["status"]) == (user, status)
     got = await peer.ok("presence.get", users=[user])
@@ -908,7 +916,7 @@ async def test_presence_while_redis_is_down_is_unavailable_not_offline(
     """Without Redis an edge cannot know who is connected elsewhere: asked for a user not
     connected to it, it says `unavailable`, not `offline`. A user whose last session closes
     meanwhile is told `offline` to their roommates once Redis answers again (the next sweep)."""
-    c = Cluster(tmp_path, redis_url=own_redis.url)
+    c = Cluster(tmp_path, redis_url=own_redis.url, edge_cluster_toml=FAST_SWEEP)
     try:
         edge = c.edge()
         tenant = c.origins[0].create_tenant()
@@ -943,7 +951,7 @@ async def test_a_user_connects_and_converses_while_redis_is_down(
     """Redis holds only what is shared between edges (presence, typing, rate limits): while it
     is down a user still connects and converses. Their session is written once Redis is back,
     and their roommates are told they are online then (the next sweep)."""
-    c = Cluster(tmp_path, redis_url=own_redis.url)
+    c = Cluster(tmp_path, redis_url=own_redis.url, edge_cluster_toml=FAST_SWEEP)
     try:
         edge = c.edge()
         tenant = c.origins[0].create_tenant()

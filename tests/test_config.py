@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
         ("[media]\nspeakers_top_n = 0\n", "[media] speakers_top_n must be between"),
         ('[store]\nkafka_commit_timeout_s = "x"\n', "kafka_commit_timeout_s must be a number"),
         ('[cluster]\norigins = "127.0.0.1:8702"\n', "origins must be a list"),
+        ("[cluster]\npresence_sweep_s = true\n", "presence_sweep_s must be a number"),
+        ("[cluster]\npresence_sweep_s = 0.1\n", "'presence_sweep_s' must be >= 0.5"),
     ],
 )
 def test_a_mistyped_config_is_refused_naming_the_key(tmp_path: Path, text: str, says: str) -> None:
