@@ -211,6 +211,19 @@ async def make_room(peer: Peer, members: list[str], **extra: Any) -> str:
     return str(reply["room"]["id"])
 
 
+# The longest test that counts "today's" or "this month's" usage takes well under this.
+_DAY_END_MARGIN_S = 90.0
+
+
+@pytest.fixture
+def within_one_utc_day() -> None:
+    """Waits out a UTC day's last `_DAY_END_MARGIN_S`: a test that sends, then reads the usage of
+    "today" or "this month", must do both in one day (and so one month) to assert anything."""
+    left = 86_400 - time.time() % 86_400
+    if left < _DAY_END_MARGIN_S:
+        time.sleep(left + 0.5)
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path / "data")

@@ -159,6 +159,7 @@ def admin_get(node: Node, path: str) -> Any:
     return resp.json()
 
 
+@pytest.mark.usefixtures("within_one_utc_day")  # a daily quota, sent to and read
 async def test_operator_creates_suspends_and_audits_in_the_browser(
     node: Node, tools: BrowserTools, request: pytest.FixtureRequest
 ) -> None:

@@ -770,6 +770,7 @@ async def test_requests_past_the_origins_queue_are_refused_not_waited_for(
             assert sorted(outcomes) == ["ok", "ok", "ok", "unavailable"]
 
 
+@pytest.mark.usefixtures("within_one_utc_day")  # a daily quota, sent to and read
 async def test_a_send_over_the_quota_does_not_hold_up_the_link(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

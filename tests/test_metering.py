@@ -50,6 +50,9 @@ from origin.metering import (
 from origin.shard import OriginShard
 from origin.sqlite_store import AppendResult, now_ms
 
+# Each reads "today's" or "this month's" usage after sending.
+pytestmark = pytest.mark.usefixtures("within_one_utc_day")
+
 SEAT_PRICE = parse_pricing(
     {
         "currency": "EUR",

@@ -31,6 +31,9 @@ from tests.conftest import Node, Peer, connect, running_node
 from tests.test_store_contract import Backend, append, item, serving
 from tests.test_store_contract import backend as backend  # the adapter fixture, reused
 
+# Each reads "today's" or "this month's" usage after sending.
+pytestmark = pytest.mark.usefixtures("within_one_utc_day")
+
 TINY = {
     "users": 3,
     "bots": 1,
