@@ -28,6 +28,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any, Protocol
 
 import attrs
@@ -40,6 +41,7 @@ from edge.sfu import TrackInfo
 from node.config import Config
 from node.errors import CONFLICT, QUOTA_EXCEEDED, GB6Error, forbidden, invalid, not_found
 from node.log import log
+from node.retry import while_unavailable
 from origin.membership import Principal
 from origin.recording_store import CHUNK, RecordingStore
 
@@ -87,15 +89,28 @@ class LocalBackend:
         await self.store.add_to_index(room, recording)
 
 
+# How long a file's upload, or the recording's index entry, is asked again while the origin
+# is `unavailable` (a cluster edge's link reconnecting): media goes on through an outage, and
+# so does its recording.
+UPLOAD_RETRY_S = 15.0
+# A minute's charge is asked again until shortly before the next minute's is due.
+CHARGE_RETRY_S = 50.0
+
+
 class _Uploads:
     """The recorder's blob store for one instance: each blob goes to the origin in chunks of
-    at most `CHUNK` bytes, one after the other (what is in flight is one chunk)."""
+    at most `CHUNK` bytes, one after the other (what is in flight is one chunk). An upload
+    the origin could not take (`unavailable`) starts again from the first byte (the offset
+    0 chunk starts the file anew; a repeat of a finished one writes it again whole)."""
 
     def __init__(self, backend: Backend, instance: str) -> None:
         self.backend = backend
         self.instance = instance
 
     async def put(self, blob_id: str, data: bytes) -> None:
+        await while_unavailable(partial(self._upload, blob_id, data), UPLOAD_RETRY_S)
+
+    async def _upload(self, blob_id: str, data: bytes) -> None:
         view = memoryview(data)
         offset = 0
         while True:
@@ -256,10 +271,15 @@ class Recordings:
         while True:
             minute += 1
             await trio.sleep_until(started + 60 * minute)
+            charge = partial(
+                self.backend.charge_usage,
+                active.instance,
+                "recording_minutes",
+                1,
+                f"{active.recorder.id}:{minute}",  # the same key: counted once
+            )
             try:
-                await self.backend.charge_usage(
-                    active.instance, "recording_minutes", 1, f"{active.recorder.id}:{minute}"
-                )
+                await while_unavailable(charge, CHARGE_RETRY_S)
             except GB6Error as exc:
                 if exc.code != QUOTA_EXCEEDED:
                     log("recording_charge_failed", room=active.room, error=exc.message)
@@ -269,8 +289,9 @@ class Recordings:
                 return
 
     async def _index(self, active: _Active, recording: str) -> None:
+        index = partial(self.backend.recording_indexed, active.instance, active.room, recording)
         try:
-            await self.backend.recording_indexed(active.instance, active.room, recording)
+            await while_unavailable(index, UPLOAD_RETRY_S)
         except GB6Error as exc:
             log("recording_not_indexed", room=active.room, recording=recording, error=exc.message)
 

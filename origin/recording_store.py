@@ -12,9 +12,9 @@ Rules:
   does: fsync, rename). Memory per call is one chunk; a file is at most `max_bytes`.
 - Reads are by range (`read`: at most `CHUNK` bytes from `offset`, with the blob's size), so
   a download never holds a whole file. A missing blob is `not_found`.
-- Each room keeps an index of its recordings (newest last, at most `index_size` ids),
-  changed only under this object's lock: recordings of one room finishing on two edges at
-  once both stay listed.
+- Each room keeps an index of its recordings (newest last, at most `index_size` ids, each
+  once: adding one again changes nothing), changed only under this object's lock:
+  recordings of one room finishing on two edges at once both stay listed.
 """
 
 from __future__ import annotations
@@ -101,8 +101,12 @@ class RecordingStore:
     async def add_to_index(self, room: str, recording: str) -> None:
         _check(recording)
         async with self._index_lock:
-            ids = [*await self.index(room), recording][-self.index_size :]
-            await self.blobs.put(index_blob(room), orjson.dumps(ids))
+            ids = await self.index(room)
+            if recording in ids:
+                return  # a repeat (an edge asks again when an answer was lost)
+            await self.blobs.put(
+                index_blob(room), orjson.dumps([*ids, recording][-self.index_size :])
+            )
 
 
 def _write(path: Path, offset: int, data: bytes, last: bool) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 from contextlib import ExitStack
+from typing import Any
 
 import orjson
 import pytest
 import trio
+import trio.testing
 
 from edge import protocol as p
 from edge import wsframe
@@ -546,3 +548,33 @@ async def test_a_kafka_log_is_shielded_once_it_serves_unless_its_start_was_cance
                 _ShieldWhenStarted(Status(), scope).started()
                 assert scope.shield is not cancelled
     assert said == [None, None]
+
+
+async def test_while_unavailable_asks_again_only_while_unavailable_and_only_so_long(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from node.retry import while_unavailable
+
+    calls: list[float] = []
+
+    def answering(after: int, error: GB6Error) -> Any:
+        async def call() -> str:
+            calls.append(trio.current_time())
+            if len(calls) <= after:
+                raise error
+            return "done"
+
+        return call
+
+    unavailable = GB6Error("unavailable", "the link is reconnecting")
+    start = trio.current_time()
+    assert await while_unavailable(answering(3, unavailable), within=5) == "done"
+    assert len(calls) == 4 and 0.7 - 1e-6 <= calls[-1] - start < 1  # 0.1 + 0.2 + 0.4
+    calls.clear()
+    with pytest.raises(GB6Error) as exc:  # for good: given up once `within` would pass
+        await while_unavailable(answering(1_000, unavailable), within=5)
+    assert exc.value is unavailable and trio.current_time() - calls[0] <= 5 and len(calls) == 6
+    calls.clear()
+    with pytest.raises(GB6Error) as exc:  # any other error: at once
+        await while_unavailable(answering(1, GB6Error("invalid", "no")), within=5)
+    assert exc.value.code == "invalid" and len(calls) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from aiortc.mediastreams import AudioStreamTrack
 from tests.conftest import Node, Peer, refused
 from tests.media_client import MediaClient, loopback_ice, media_event, ws_of
 from tests.services import require_tool
-from tests.tcp_proxy import tcp_proxy
+from tests.tcp_proxy import TcpProxy, tcp_proxy
 from tests.test_cluster import Cluster, _config
 from tests.test_media_recording import probe
 
@@ -189,7 +190,26 @@ async def test_recording_store_takes_only_ordered_chunks_of_recording_blobs(tmp_
     assert await store.read("recf_a", CHUNK - 1) == (b"a" + b"b" * 10, CHUNK + 10)
     await store.add_to_index("room_1", "rec_1")
     await store.add_to_index("room_1", "rec_2")
+    await store.add_to_index("room_1", "rec_1")  # asked again (its answer lost): listed once
     assert await store.index("room_1") == ["rec_1", "rec_2"] and await store.index("r2") == []
+
+
+@contextmanager
+def edge_behind_a_proxy(cluster: Cluster, base: Path) -> Iterator[tuple[Node, TcpProxy]]:
+    """A media edge whose link to the first shard runs through a proxy the test cuts."""
+    origin, other = cluster.origins
+    with tcp_proxy(origin.link) as proxy:
+        low = random.randrange(20_000, 58_000, 1_000)
+        config = _config(base, [proxy.address, other.link], name="cut")
+        config.write_text(
+            config.read_text() + f"[media]\nudp_port_min = {low}\nudp_port_max = {low + 999}\n"
+        )
+        edge = Node(base / "cut", extra_args=["--config", str(config)], command="edge")
+        edge.start()
+        try:
+            yield edge, proxy
+        finally:
+            edge.kill()
 
 
 async def test_media_outlasts_a_lost_link_and_its_sessions_take_their_slots_again(
@@ -204,55 +224,80 @@ async def test_media_outlasts_a_lost_link_and_its_sessions_take_their_slots_agai
     path = f"/v1/instances/{tenant.instance}/quotas/media_participants"
     assert origin.admin("PUT", path, {"limit": 2}).status_code == 200
     alice, bob, carol = tenant.user("alice"), tenant.user("bob"), tenant.user("carol")
-    with tcp_proxy(origin.link) as proxy:
-        low = random.randrange(20_000, 58_000, 1_000)
-        config = _config(tmp_path, [proxy.address, cluster.origins[1].link], name="cut")
-        config.write_text(
-            config.read_text() + f"[media]\nudp_port_min = {low}\nudp_port_max = {low + 999}\n"
-        )
-        cut_off = Node(tmp_path / "cut", extra_args=["--config", str(config)], command="edge")
-        cut_off.start()
-        try:
-            with trio.fail_after(60):
-                async with (
-                    trio_asyncio.open_loop(),
-                    ws_of(cut_off, alice.token) as wa,
-                    ws_of(cut_off, bob.token) as wb,
-                    ws_of(cluster.edges[1], carol.token) as wc,
-                ):
-                    members = [bob.id, carol.id]
-                    room = (await wa.ok("room.create", name="m", kind="meeting", members=members))[
-                        "room"
-                    ]["id"]
-                    a, b = MediaClient(wa, room), MediaClient(wb, room)
-                    await a.join()
-                    await b.join()
-                    (video,) = await a.publish(VideoStreamTrack())
-                    await b.subscribe([video])
-                    await b.frames(video, 5)  # flowing (and what was queued read)
-                    await _until_used(origin, tenant.instance, "media_participants", 2)
-                    proxy.cut()
-                    await _until_used(origin, tenant.instance, "media_participants", 0)
-                    await b.frames(video, 30)  # a second's worth, sent while the link is down
-                    await wc.ok("media.join", room=room)  # the origin counts it: 1 of 2
-                    proxy.heal()
-                    closed: list[Peer] = []
-                    async with trio.open_nursery() as nursery:
+    with edge_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy), trio.fail_after(60):
+        async with (
+            trio_asyncio.open_loop(),
+            ws_of(cut_off, alice.token) as wa,
+            ws_of(cut_off, bob.token) as wb,
+            ws_of(cluster.edges[1], carol.token) as wc,
+        ):
+            members = [bob.id, carol.id]
+            ok = await wa.ok("room.create", name="m", kind="meeting", members=members)
+            room = ok["room"]["id"]
+            a, b = MediaClient(wa, room), MediaClient(wb, room)
+            await a.join()
+            await b.join()
+            (video,) = await a.publish(VideoStreamTrack())
+            await b.subscribe([video])
+            await b.frames(video, 5)  # flowing (and what was queued read)
+            await _until_used(origin, tenant.instance, "media_participants", 2)
+            proxy.cut()
+            await _until_used(origin, tenant.instance, "media_participants", 0)
+            await b.frames(video, 30)  # a second's worth, sent while the link is down
+            await wc.ok("media.join", room=room)  # the origin counts it: 1 of 2
+            proxy.heal()
+            closed: list[Peer] = []
+            async with trio.open_nursery() as nursery:
 
-                        async def told(w: Peer) -> None:
-                            await media_event(w, "media.state", lambda e: e["state"] == "closed")
-                            closed.append(w)
-                            nursery.cancel_scope.cancel()
+                async def told(w: Peer) -> None:
+                    await media_event(w, "media.state", lambda e: e["state"] == "closed")
+                    closed.append(w)
+                    nursery.cancel_scope.cancel()
 
-                        nursery.start_soon(told, wa)
-                        nursery.start_soon(told, wb)
-                    (gone,) = closed
-                    kept = wb if gone is wa else wa
-                    await _until_used(origin, tenant.instance, "media_participants", 2)
-                    await refused(gone, "media.leave", ("invalid",), room=room)
-                    await kept.ok("media.leave", room=room)  # its new slot goes back
-                    await _until_used(origin, tenant.instance, "media_participants", 1)
-                    await a.close()
-                    await b.close()
-        finally:
-            cut_off.kill()
+                nursery.start_soon(told, wa)
+                nursery.start_soon(told, wb)
+            (gone,) = closed
+            kept = wb if gone is wa else wa
+            await _until_used(origin, tenant.instance, "media_participants", 2)
+            await refused(gone, "media.leave", ("invalid",), room=room)
+            await kept.ok("media.leave", room=room)  # its new slot goes back
+            await _until_used(origin, tenant.instance, "media_participants", 1)
+            await a.close()
+            await b.close()
+
+
+async def test_a_recording_outlasts_a_lost_link(cluster: Cluster, tmp_path: Path) -> None:
+    """The link to the instance's shard breaks while a room is recorded and a track ends: the
+    track's file is uploaded once the link is back (asked again meanwhile), and the recording
+    ends whole, listed through the other edge."""
+    origin = cluster.origins[0]
+    tenant = origin.create_tenant()
+    alice = tenant.user("alice")
+    with edge_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy), trio.fail_after(60):
+        async with trio_asyncio.open_loop(), ws_of(cut_off, alice.token) as wa:
+            room = (await wa.ok("room.create", name="m", kind="meeting", members=[]))["room"]["id"]
+            a = MediaClient(wa, room)
+            await a.join()
+            video, audio = await a.publish(VideoStreamTrack(), AudioStreamTrack())
+            rec = (await wa.ok("media.record", room=room, on=True))["recording"]
+            await trio.sleep(1)  # recorded before the cut
+            proxy.cut()
+            await wa.ok("media.unpublish", room=room, track=audio)  # its file is written now
+            await trio.sleep(1)  # the upload is refused (no link) a while
+            proxy.heal()
+            await trio.sleep(1)
+            manifest = (await wa.ok("media.record", room=room, on=False))["manifest"]
+            await wa.ok("media.leave", room=room)
+            await a.close()
+    tracks = {t["id"]: t for t in manifest["tracks"]}
+    assert set(tracks) == {video, audio}
+    for t in tracks.values():
+        assert t["error"] is None and t["file"] and t["bytes"] > 0, t
+    async with httpx.AsyncClient(base_url=cluster.edges[1].http_url, timeout=20) as http:
+        auth = {"Authorization": f"Bearer {alice.token}"}
+        listed = (await http.get(f"/v1/rooms/{room}/recordings", headers=auth)).json()
+        assert [r["id"] for r in listed["recordings"]] == [rec]
+        for t in tracks.values():
+            url = f"/v1/rooms/{room}/recordings/{rec}/files/{t['file']}"
+            r = await http.get(url, headers=auth)
+            assert r.status_code == 200 and len(r.content) == t["bytes"]

@@ -264,7 +264,7 @@ class Recorder:
             file_id = new_id("recf")
             try:
                 await self.blobs.put(file_id, data)
-            except OSError:
+            except (OSError, GB6Error):  # the origin unreachable, say: the other files go on
                 file_id, error = None, "store_failed"
         first = track.start_s()
         s = track.stats
