@@ -25,6 +25,7 @@ import numpy
 import orjson
 import pytest
 import trio
+import trio.testing
 from aiortc.codecs.h264 import H264Encoder
 from aiortc.codecs.opus import OpusEncoder
 from aiortc.codecs.vpx import Vp8Encoder, VpxPayloadDescriptor, vp8_depayload
@@ -401,6 +402,50 @@ async def test_a_removed_track_is_written_at_once_and_can_come_back(
     assert blobs.written[-1] == manifest.id  # the manifest comes last
     infos = await probe_all(ffprobe, [path_of(blobs, first), path_of(blobs, second)])
     assert [int(i["streams"][0]["nb_read_frames"]) for i in infos] == [half, half]
+
+
+class HeldBlobs(WatchedBlobs):
+    """Holds the first blob's write until `release` is set (an origin briefly unreachable)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.release = trio.Event()
+        self.held: str | None = None
+
+    async def put(self, blob_id: str, data: bytes) -> None:
+        if self.held is None:
+            self.held = blob_id
+            await self.release.wait()
+        await super().put(blob_id, data)
+
+
+async def test_a_file_slow_to_store_holds_up_no_other_track(
+    tmp_path: Path, media: dict[str, list[Sent]]
+) -> None:
+    """A removed track's file is written while the other tracks go on being recorded: none of
+    their packets is dropped while the write waits."""
+    blobs = HeldBlobs(tmp_path)
+    recorder = Recorder("room_test", blobs, Limits(recording_queue_packets=64))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        recorder.add_track("mic", "opus")
+        recorder.add_track("cam", "vp8")
+        for s in media["opus"][:32]:
+            recorder.feed("mic", s.data, s.arrival)
+        recorder.remove_track("mic")
+        await trio.testing.wait_all_tasks_blocked()
+        assert blobs.held is not None and not blobs.written  # the mic's file, waiting
+        for i, s in enumerate(media["vp8"]):
+            recorder.feed("cam", s.data, s.arrival)
+            if i % 32 == 31:  # never more than the queue holds between two turns of the loop
+                await trio.testing.wait_all_tasks_blocked()
+        assert recorder.statistics().dropped == 0
+        blobs.release.set()
+        recorder.stop()
+    manifest = await recorder.wait()
+    mic, cam = manifest.tracks
+    assert mic.file == blobs.held and mic.frames == 32
+    assert cam.file is not None and cam.frames == FRAMES and cam.dropped_packets == 0
 
 
 async def test_bad_calls_get_clear_errors_and_change_nothing(tmp_path: Path) -> None:

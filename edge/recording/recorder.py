@@ -8,7 +8,9 @@ Rules:
 - `run()` is the only consumer: it drives each track's pure core (edge/recording/_track.py:
   reorder, depacketize, mux) in arrival order. No decoding or encoding happens anywhere.
 - Tracks come and go while it runs. `remove_track()` stops taking that track's packets; once
-  the ones already queued are muxed, its file is written to the blob store. `stop()` (or
+  the ones already queued are muxed, its file is written to the blob store by a task of its
+  own (shielded, each write bounded by `limits.recording_finish_s`), so that a slow upload
+  (a large file, an origin briefly unreachable) holds up no other track's packets. `stop()` (or
   `limits.recording_max_duration_s`, or the owner cancelling `run()`) finishes every track,
   writes the files and then the manifest (blob id = the recording id), and `run()` returns it.
 - Finishing is shielded from cancellation, bounded by `limits.recording_finish_s`, so an edge
@@ -198,7 +200,7 @@ class Recorder:
                 await self._loop(start)
             if scope.cancelled_caught:
                 self._stop_reason = "max_duration"
-        except trio.Cancelled:
+        except* trio.Cancelled:  # `_loop`'s nursery groups it
             self._stop_reason = "shutdown"
             raise
         finally:
@@ -216,14 +218,20 @@ class Recorder:
         return self.manifest
 
     async def _loop(self, start: float) -> None:
-        while not self._stopping:
-            item = await self._recv.receive()
-            self._mux(item)
-            for item in take_waiting(self._recv, _BATCH):
+        async with trio.open_nursery() as storing:  # left once the files under way are stored
+            while not self._stopping:
+                item = await self._recv.receive()
                 self._mux(item)
-            for entry in self._entries:
-                if entry.removed and entry.queued == 0 and entry.track is not None:
-                    await self._store(entry, start)
+                for item in take_waiting(self._recv, _BATCH):
+                    self._mux(item)
+                for entry in self._entries:
+                    if entry.removed and entry.queued == 0 and entry.track is not None:
+                        track, entry.track = entry.track, None  # taken now: stored once
+                        storing.start_soon(self._store_removed, entry, track, start)
+
+    async def _store_removed(self, entry: _Entry, track: Track, start: float) -> None:
+        with trio.CancelScope(shield=True):  # bounded in `_store`
+            await self._store(entry, track, start)
 
     def _mux(self, item: _Item) -> None:
         if item is None:
@@ -241,7 +249,8 @@ class Recorder:
         stopped_at = now_ms()
         for entry in self._entries:
             if entry.track is not None:
-                await self._store(entry, start)
+                track, entry.track = entry.track, None
+                await self._store(entry, track, start)
         manifest = Manifest(
             id=self.id,
             room=self.room,
@@ -254,17 +263,18 @@ class Recorder:
         await self.blobs.put(self.id, orjson.dumps(manifest.to_json()))
         self.manifest = manifest  # only once stored: `wait()` returning means it is durable
 
-    async def _store(self, entry: _Entry, start: float) -> None:
-        track, entry.track = entry.track, None
-        assert track is not None
+    async def _store(self, entry: _Entry, track: Track, start: float) -> None:
         data = track.finish()
         file_id: str | None = None
         error: str | None = None
         if data is not None:
             file_id = new_id("recf")
             try:
-                await self.blobs.put(file_id, data)
+                with trio.move_on_after(self.limits.recording_finish_s) as writing:
+                    await self.blobs.put(file_id, data)
             except (OSError, GB6Error):  # the origin unreachable, say: the other files go on
+                writing = None
+            if writing is None or writing.cancelled_caught:
                 file_id, error = None, "store_failed"
         first = track.start_s()
         s = track.stats
