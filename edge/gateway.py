@@ -314,6 +314,8 @@ class Gateway:
         if conn.state is State.CLOSING:
             return
         conn.state = State.CLOSING
+        if conn.media is not None:  # its sessions end now, not when the socket is gone
+            conn.media.close()
         conn.outbox.write_last(wsframe.close(code, reason))
         conn.read_scope.deadline = min(
             conn.read_scope.deadline, trio.current_time() + self.limits.close_grace_s
@@ -816,8 +818,8 @@ class Gateway:
         """An origin shard's link broke. The sockets of its instances stay, and so do the
         hubs their subscriptions hold (`_on_origin_restored` repairs both), except:
         - a socket whose request was unanswered (`LinkLost`, see `_link_lost`);
-        - a socket still in its hello (its slot, if taken, went with the link; media sessions
-          keep theirs: `MediaRooms.on_origin_restored`);
+        - a socket still in its hello (its slot, if taken, went with the link; the slots of
+          media sessions are taken again: `MediaRooms.on_origin_restored`);
         - idle hubs of the shard's rooms, which nothing would watch again;
         - all of them if the link ended for good (the shard moved: nothing restores them)."""
         for conn in list(self.conns):

@@ -69,6 +69,9 @@ def media_blueprint(media: MediaRooms, authenticate: UserAuth) -> Blueprint:
         except BaseException:
             await session.leave()
             raise
+        if session.left or session.ending:  # taken away while its answer was made
+            await session.leave()
+            raise GB6Error(UNAVAILABLE, "the media session ended as it started; retry")
         media.http[session.id] = session
         session.on_state = lambda state: _ended(media, session, state)
         resp = Response(answer, status=201, content_type=SDP)

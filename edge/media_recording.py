@@ -10,7 +10,9 @@ Rules:
   One recording per room at a time (`conflict`); stopping when none runs is `not_found`.
 - Recording minutes are charged to the instance (`charge_usage`, quota and billing in one) as
   each minute starts, the first before anything is recorded: past the quota, starting is
-  `quota_exceeded` and a running recording stops (`media.recording` with `reason`).
+  `quota_exceeded` and a running recording stops (`media.recording` with `reason`). A
+  minute the origin cannot be charged for (a cluster edge's link down) is owed and charged
+  later, under the same key (`_charge_owed`).
 - Every track published in the room while recording (and those already there) is recorded
   from the SFU's forwarded packets (`Sfu.tap`: one SSRC, keyframe first, nothing decoded);
   its file is finished when it is unpublished. `media.record` with `on: false` answers once
@@ -89,11 +91,9 @@ class LocalBackend:
         await self.store.add_to_index(room, recording)
 
 
-# How long a file's upload, or the recording's index entry, is asked again while the origin
-# is `unavailable` (a cluster edge's link reconnecting): media goes on through an outage, and
-# so does its recording.
-UPLOAD_RETRY_S = 15.0
-# A minute's charge is asked again until shortly before the next minute's is due.
+# A minute's charge is asked again while the origin is `unavailable` (a cluster edge's link
+# reconnecting: media goes on through an outage, and so does its recording) until shortly
+# before the next minute's is due; then it is owed (see `_charge_owed`).
 CHARGE_RETRY_S = 50.0
 
 
@@ -101,14 +101,16 @@ class _Uploads:
     """The recorder's blob store for one instance: each blob goes to the origin in chunks of
     at most `CHUNK` bytes, one after the other (what is in flight is one chunk). An upload
     the origin could not take (`unavailable`) starts again from the first byte (the offset
-    0 chunk starts the file anew; a repeat of a finished one writes it again whole)."""
+    0 chunk starts the file anew; a repeat of a finished one writes it again whole), for up
+    to `retry_s`."""
 
-    def __init__(self, backend: Backend, instance: str) -> None:
+    def __init__(self, backend: Backend, instance: str, retry_s: float) -> None:
         self.backend = backend
         self.instance = instance
+        self.retry_s = retry_s
 
     async def put(self, blob_id: str, data: bytes) -> None:
-        await while_unavailable(partial(self._upload, blob_id, data), UPLOAD_RETRY_S)
+        await while_unavailable(partial(self._upload, blob_id, data), self.retry_s)
 
     async def _upload(self, blob_id: str, data: bytes) -> None:
         view = memoryview(data)
@@ -129,6 +131,7 @@ class _Active:
     recorder: Recorder
     taps: dict[str, Callable[[], None]] = attrs.Factory(dict)
     reason: str = "stopped"
+    owed: list[int] = attrs.Factory(list)  # minutes whose charge the origin did not take yet
 
 
 class Recordings:
@@ -168,7 +171,9 @@ class Recordings:
         if self._nursery is None:
             raise GB6Error("unavailable", "recording is not running on this edge")
         instance = room.record.instance
-        recorder = Recorder(room_id, _Uploads(self.backend, instance), self.limits)
+        # Each write is bounded by `recording_finish_s` (edge/recording/recorder.py).
+        uploads = _Uploads(self.backend, instance, self.limits.recording_finish_s)
+        recorder = Recorder(room_id, uploads, self.limits)
         await self.backend.charge_usage(instance, "recording_minutes", 1, f"{recorder.id}:0")
         active = _Active(room_id, instance, recorder)
         await self._nursery.start(self._record, active)
@@ -250,12 +255,15 @@ class Recordings:
             stopped = _event(room, recorder.id, "stopped")
             stopped["reason"] = active.reason if manifest is not None else "failed"
             self.media.broadcast(room, "media.recording", stopped)
-            if manifest is not None:
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(self.limits.recording_finish_s),
-                ):
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self.limits.recording_finish_s),
+            ):
+                if manifest is not None:
                     await self._index(active, manifest.id)
+                # The minutes recorded while the origin could not be charged (one past the
+                # quota is refused: it was recorded already, and is not billed).
+                await self._charge_owed(active, self.limits.recording_finish_s)
 
     async def _run_recorder(
         self, recorder: Recorder, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -266,32 +274,51 @@ class Recordings:
             log("recording_not_stored", room=recorder.room, recording=recorder.id, error=str(exc))
 
     async def _charge_minutes(self, active: _Active) -> None:
+        """Charge each minute as it starts (the first was, at `media.record`): past the quota
+        the recording stops."""
         started = trio.current_time()
         minute = 0
         while True:
             minute += 1
             await trio.sleep_until(started + 60 * minute)
+            active.owed.append(minute)
+            if not await self._charge_owed(active, CHARGE_RETRY_S):
+                active.reason = "quota_exceeded"
+                active.recorder.stop()
+                return
+
+    async def _charge_owed(self, active: _Active, retry_s: float) -> bool:
+        """Charge the minutes owed, oldest first, each under its own key (a repeat counts
+        nothing). One the origin cannot take (unreachable past `retry_s`) stays owed: asked
+        again with the next minute's, and as the recording ends. False: over the quota."""
+        while active.owed:
+            minute = active.owed[0]
             charge = partial(
                 self.backend.charge_usage,
                 active.instance,
                 "recording_minutes",
                 1,
-                f"{active.recorder.id}:{minute}",  # the same key: counted once
+                f"{active.recorder.id}:{minute}",
             )
             try:
-                await while_unavailable(charge, CHARGE_RETRY_S)
+                await while_unavailable(charge, retry_s)
             except GB6Error as exc:
-                if exc.code != QUOTA_EXCEEDED:
-                    log("recording_charge_failed", room=active.room, error=exc.message)
-                    continue
-                active.reason = "quota_exceeded"
-                active.recorder.stop()
-                return
+                if exc.code == QUOTA_EXCEEDED:
+                    return False
+                log(
+                    "recording_charge_failed",
+                    room=active.room,
+                    owed=len(active.owed),
+                    error=exc.message,
+                )
+                return True
+            del active.owed[0]
+        return True
 
     async def _index(self, active: _Active, recording: str) -> None:
         index = partial(self.backend.recording_indexed, active.instance, active.room, recording)
         try:
-            await while_unavailable(index, UPLOAD_RETRY_S)
+            await while_unavailable(index, self.limits.recording_finish_s)
         except GB6Error as exc:
             log("recording_not_indexed", room=active.room, recording=recording, error=exc.message)
 

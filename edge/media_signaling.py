@@ -64,10 +64,14 @@ from node.config import Config
 from node.errors import CONFLICT, QUOTA_EXCEEDED, UNAVAILABLE, GB6Error, forbidden, invalid
 from node.ids import new_id
 from node.log import log
+from node.retry import while_unavailable
 from origin.membership import MembershipChange, Principal, RoomState
 from replication.edge_link import LinkLost, RemoteOrigin
 
 MEDIA_KINDS = frozenset({"meeting", "live"})
+# A session's slot, taken again once its shard's link is back, is asked this long while the
+# origin answers `unavailable` (busy, or the instance's shard not known for a moment).
+_SLOT_AGAIN_RETRY_S = 10.0
 Role = Literal["host", "viewer"]
 # What a session asks for: "auto" (the WebSocket: host or viewer by the room's rules), "host"
 # (WHIP: must be allowed to publish), "viewer" (WHEP: never publishes).
@@ -240,6 +244,7 @@ class MediaSession:
         self.sink = sink
         self.peer: Peer | None = None
         self.left = False
+        self.ending = False  # its leave is under way or scheduled (`MediaRooms.end`)
         self.on_state: Callable[[str], None] | None = None  # HTTP sessions end on failed/closed
         self.release_slot: Callable[[], None] = _nothing  # the media_participants slot
 
@@ -410,8 +415,9 @@ class MediaRooms:
     def end(self, session: MediaSession) -> None:
         """Leave from the component's nursery (for callers that cannot wait: a closed socket,
         a failed transport)."""
-        if session.left:
+        if session.left or session.ending:
             return
+        session.ending = True
         if self._nursery is None:
             session.left = True  # the component is stopping: `run`'s finally leaves the rest
             return
@@ -567,26 +573,36 @@ class MediaRooms:
             s
             for r in self._rooms.values()
             for s in r.sessions.values()
-            if s.who.instance.id in instances and not s.left
+            if s.who.instance.id in instances and not (s.left or s.ending)
         ]
 
     async def _take_slot_again(self, session: MediaSession) -> None:
+        async def take() -> Callable[[], None] | None:
+            if session.left or session.ending:  # ended meanwhile: no slot to take
+                return None
+            try:
+                return await self.origin.acquire_slot(session.who.instance.id, "media_participants")
+            except LinkLost:
+                return None  # lost again: taken again when it is back
+
         try:
-            release = await self.origin.acquire_slot(session.who.instance.id, "media_participants")
-        except LinkLost:
-            return  # lost again: taken again when it is back
-        except GB6Error as exc:
+            # Busy, or its shard not known for a moment: asked again rather than ending a call.
+            release = await while_unavailable(take, _SLOT_AGAIN_RETRY_S)
+        except GB6Error as exc:  # the plan's limit reached meanwhile, say
             log("media_slot_lost", participant=session.id, error=exc.message)
             self._close(session)
             return
-        if session.left:
+        if release is None:
+            return
+        if session.left or session.ending:
             release()
             return
         session.release_slot = release  # the one it replaces was of the lost link: moot
 
     def _close(self, session: MediaSession) -> None:
-        """End a session the server takes away (its client is told `media.state` closed)."""
-        if session.sink is not None and not session.left:
+        """End a session the server takes away (a WebSocket client is told `media.state`
+        closed; a WHIP/WHEP client sees its transport close)."""
+        if session.sink is not None and not (session.left or session.ending):
             session.sink("media.state", {"room": session.room, "state": "closed"})
         self.end(session)
 

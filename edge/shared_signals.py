@@ -6,11 +6,12 @@ once a client of this edge subscribes to the room) and an instance's (presence, 
 user of the instance says hello here). Signals carry the publishing edge's id, so an edge skips
 its own. Presence across edges: a user goes offline only when their last session on ANY edge
 ends (the session registry answers), and comes online only when their first one starts.
-Every `SWEEP_S` an edge stops following the channels of rooms none of its clients subscribes to
-and of instances none of its users is connected to, but for those followed again since the
-sweep before (a subscribe between its follow and its hub): at most `_MAX_FOLLOWED` are followed
-at once, and unused ones would crowd out new ones. A hello or subscribe that takes longer than
-`SWEEP_S` between its follow and its connection or hub may find the channel unfollowed: the
+At each sweep (every `sweep_s`: `[cluster] presence_sweep_s`, default `SWEEP_S`) an edge
+stops following the channels of rooms none of its clients subscribes to and of instances none
+of its users is connected to, but for those followed again since the sweep before (a
+subscribe between its follow and its hub): at most `_MAX_FOLLOWED` are followed at once, and
+unused ones would crowd out new ones. A hello or subscribe that takes longer than `sweep_s`
+between its follow and its connection or hub may find the channel unfollowed: the
 next subscribe to the room, or hello of the instance, follows it again.
 
 Ephemeral by design (DESIGN §3): a signal the bus drops is lost; nothing here is persisted.
@@ -18,7 +19,7 @@ Presence is state, though, and the session registry decides it (see `edge.bus`):
 decided once, atomically, by the edge whose call made it, and carries a version, so that an edge
 tells its clients a user's statuses in the order they were decided, whatever order the signals
 arrive in, and never one older than what it told them last. What a signal fails to say is
-repaired by every `SWEEP_S`:
+repaired by every sweep:
 - the registry settles the users this edge shows online or away, and those connected here (an
   edge killed with kill -9 says nothing: its users' sessions lapse within the registry's ttl,
   and the first edge to settle them decides "offline"; a registry that lost its keys is told

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -1209,3 +1209,42 @@ async def test_a_hub_evicted_while_it_is_watched_again_leaves_no_hub_without_a_w
             await b.ok("subscribe", room=room, after=0)
             assert (await a.ok("send", room=room, cid="c1", body={"text": "hi"}))["seq"] == 1
             assert (await b.event("message"))["seq"] == 1
+
+
+@pytest.mark.usefixtures("within_one_utc_day")  # this month's usage, charged then read
+async def test_recording_minutes_not_charged_while_the_link_was_down_are_charged_once_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cluster edge records through a lost link (media flows through the edge alone): the
+    minutes it could not charge at the origin are owed, and charged once the link is back,
+    each under its own key (a repeat counts nothing)."""
+    from edge.media_recording import Recordings, _Active
+    from edge.recording import Recorder
+    from origin.billing import month_of
+    from origin.sqlite_store import now_ms
+
+    cut = LinkCutter(monkeypatch)
+    async with edge_and_origin(tmp_path, Limits()) as (gateway, _, _, shard):
+        (instance,) = shard.instances
+        shard_link = gateway.origin.links[0]
+        recordings = Recordings(gateway.config, cast(Any, None), gateway.origin)
+        active = _Active("room_r", instance, Recorder("room_r", cast(Any, None), Limits()))
+
+        async def minutes() -> int:
+            usage = await shard.billing.usage(instance, month_of(now_ms()))
+            return int(usage.get("recording_minutes", 0))
+
+        await cut.drop(shard_link)
+        active.owed += [1, 2]
+        assert await recordings._charge_owed(active, retry_s=0.3)  # not over the quota
+        assert active.owed == [1, 2] and await minutes() == 0
+        cut.heal()
+        with trio.fail_after(10):
+            while not shard_link.connected:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        active.owed.append(3)
+        assert await recordings._charge_owed(active, retry_s=5)
+        assert active.owed == [] and await minutes() == 3
+        active.owed.append(2)  # asked again (its answer lost, say)
+        assert await recordings._charge_owed(active, retry_s=5)
+        assert await minutes() == 3

@@ -250,6 +250,7 @@ async def test_media_outlasts_a_lost_link_and_its_sessions_take_their_slots_agai
             async with trio.open_nursery() as nursery:
 
                 async def told(w: Peer) -> None:
+                    w.timeout = 20  # the edge reconnects first
                     await media_event(w, "media.state", lambda e: e["state"] == "closed")
                     closed.append(w)
                     nursery.cancel_scope.cancel()
@@ -264,6 +265,44 @@ async def test_media_outlasts_a_lost_link_and_its_sessions_take_their_slots_agai
             await _until_used(origin, tenant.instance, "media_participants", 1)
             await a.close()
             await b.close()
+
+
+async def test_a_member_removed_while_the_link_was_down_takes_no_slot_back(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Bob, in a meeting on the cut-off edge, is removed from the room meanwhile (through the
+    other edge). Once the link is back his session ends without taking a slot again, and
+    alice's takes the last one (bob's, asked first, would have left hers refused)."""
+    origin = cluster.origins[0]
+    tenant = origin.create_tenant()
+    path = f"/v1/instances/{tenant.instance}/quotas/media_participants"
+    assert origin.admin("PUT", path, {"limit": 2}).status_code == 200
+    alice, bob, carol = tenant.user("alice"), tenant.user("bob"), tenant.user("carol")
+    with edge_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy), trio.fail_after(60):
+        async with (
+            ws_of(cut_off, bob.token) as wb,
+            ws_of(cut_off, alice.token) as wa,
+            ws_of(cluster.edges[1], alice.token) as wa1,
+            ws_of(cluster.edges[1], carol.token) as wc,
+        ):
+            members = [bob.id, carol.id]
+            ok = await wa.ok("room.create", name="m", kind="meeting", members=members)
+            room = ok["room"]["id"]
+            await wb.ok("media.join", room=room)  # first: its slot is asked again first
+            await wa.ok("media.join", room=room)
+            proxy.cut()
+            await _until_used(origin, tenant.instance, "media_participants", 0)
+            await wc.ok("media.join", room=room)
+            await wa1.ok("room.remove", room=room, users=[bob.id])
+            proxy.heal()
+            wb.timeout = 20  # the edge reconnects first
+            await media_event(wb, "media.state", lambda e: e["state"] == "closed")
+            await _until_used(origin, tenant.instance, "media_participants", 2)
+            await wa.ok("media.leave", room=room)  # hers was kept: it leaves
+            await _until_used(origin, tenant.instance, "media_participants", 1)
+            assert not [
+                e for e in wa.events if e.get("type") == "media.state" and e["state"] == "closed"
+            ]
 
 
 async def test_a_recording_outlasts_a_lost_link(cluster: Cluster, tmp_path: Path) -> None:
