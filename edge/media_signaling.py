@@ -15,7 +15,8 @@ Who holds what:
 Rules:
 - Only members of a `meeting` or `live` room join its media (`room_for_member`: `not_found` or
   `forbidden` exactly as for its messages); a `chat` room is `invalid`. A member removed from
-  the room is taken out of its media.
+  the room is taken out of its media, and so is a deleted user or one of a suspended instance
+  (WHIP/WHEP sessions included: they have no socket the gateway would close).
 - In a `live` room the room's creator, the instance's owners and admins, and the co-hosts the
   creator names (`media.cohost`) are hosts; everybody else joins as a viewer: `media.publish`
   and offers with a sending m-line are `forbidden`, and viewers are not announced to the room,
@@ -66,6 +67,7 @@ from node.ids import new_id
 from node.log import log
 from node.retry import while_unavailable
 from origin.membership import MembershipChange, Principal, RoomState
+from origin.records import Instance, User
 from replication.edge_link import LinkLost, RemoteOrigin
 
 MEDIA_KINDS = frozenset({"meeting", "live"})
@@ -549,6 +551,18 @@ class MediaRooms:
             if s.who.id in removed:
                 self._close(s)
 
+    def on_tenancy(self, record: Instance | User) -> None:
+        """The origin's tenancy listener: the sessions of an instance no longer active, or of
+        a deleted user, end. WebSocket ones end with their sockets (closed 4003 by the
+        gateway); WHIP/WHEP ones, which have no socket, end here."""
+        if record.status == "active":
+            return
+        by_instance = isinstance(record, Instance)
+        for r in list(self._rooms.values()):
+            for s in list(r.sessions.values()):
+                if (s.who.instance.id if by_instance else s.who.id) == record.id:
+                    self._close(s)
+
     # --- a cluster edge's link to a shard: lost and back --------------------------------------
 
     def on_origin_lost(self, rooms: set[str], instances: set[str], for_good: bool) -> None:
@@ -766,6 +780,7 @@ async def start_media(
         await nursery.start(Recordings(config, rooms, recording).run)
     gateway.media = rooms
     gateway.origin.member_listeners.append(rooms.on_members)
+    gateway.origin.tenancy_listeners.append(rooms.on_tenancy)
     if isinstance(gateway.origin, RemoteOrigin):
         gateway.origin.lost_listeners.append(rooms.on_origin_lost)
         gateway.origin.restored_listeners.append(rooms.on_origin_restored)

@@ -91,3 +91,25 @@ async def test_whip_host_to_websocket_and_whep_viewers(node: Node) -> None:
             # Ending the WHIP session unpublishes the host's tracks.
             assert (await pub.delete()).status_code == 200
             await pub.close()
+
+
+async def test_a_suspended_instances_whip_session_ends(node: Node) -> None:
+    """A WHIP session has no socket for the gateway to close (4003) when its instance is
+    suspended: it ends all the same, and is gone once the instance is resumed."""
+    t = node.create_tenant()
+    host, member = t.user("host"), t.user("member")
+    base = f"/v1/instances/{t.instance}"
+    with trio.fail_after(45):
+        async with trio_asyncio.open_loop():
+            async with ws_of(node, member.token) as wm:
+                ok = await wm.ok("room.create", name="m", kind="meeting", members=[host.id])
+                room = ok["room"]["id"]
+            pub = HttpMediaClient(node.http_url, room, host.token)
+            assert (await pub.whip(VideoStreamTrack())).status_code == 201
+            assert node.admin("POST", f"{base}/suspend").status_code == 200
+            assert node.admin("POST", f"{base}/resume").status_code == 200
+            async with ws_of(node, member.token) as wm:
+                joined = await wm.ok("media.join", room=room)
+                assert joined["participants"] == [] and joined["tracks"] == []
+            assert (await pub.delete()).status_code == 404
+            await pub.close()
