@@ -69,7 +69,7 @@ def media_blueprint(media: MediaRooms, authenticate: UserAuth) -> Blueprint:
         except BaseException:
             await session.leave()
             raise
-        if session.left or session.ending:  # taken away while its answer was made
+        if session.over:  # taken away while its answer was made
             await session.leave()
             raise GB6Error(UNAVAILABLE, "the media session ended as it started; retry")
         media.http[session.id] = session

@@ -41,7 +41,15 @@ from edge.media_signaling import MEDIA_KINDS, MediaRooms
 from edge.recording import Manifest, Recorder
 from edge.sfu import TrackInfo
 from node.config import Config
-from node.errors import CONFLICT, QUOTA_EXCEEDED, GB6Error, forbidden, invalid, not_found
+from node.errors import (
+    CONFLICT,
+    QUOTA_EXCEEDED,
+    UNAVAILABLE,
+    GB6Error,
+    forbidden,
+    invalid,
+    not_found,
+)
 from node.log import log
 from node.retry import while_unavailable
 from origin.membership import Principal
@@ -143,6 +151,10 @@ class Recordings:
         self.backend = backend
         self._active: dict[str, _Active] = {}
         self._nursery: trio.Nursery | None = None
+        self._running = 0  # `_record` tasks, from start to their last charge
+        self._none_running = trio.Event()
+        self._none_running.set()
+        self._finishing = False  # `finish_all` was called: no new recording starts
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; cancelling finishes every running recording (files and
@@ -168,8 +180,8 @@ class Recordings:
             return await self._stop(room_id)
         if room_id in self._active:
             raise GB6Error(CONFLICT, f"room {room_id} is being recorded already")
-        if self._nursery is None:
-            raise GB6Error("unavailable", "recording is not running on this edge")
+        if self._nursery is None or self._finishing:
+            raise GB6Error(UNAVAILABLE, "recording is not running on this edge")
         instance = room.record.instance
         # Each write is bounded by `recording_finish_s` (edge/recording/recorder.py).
         uploads = _Uploads(self.backend, instance, self.limits.recording_finish_s)
@@ -226,9 +238,30 @@ class Recordings:
 
     # --- one recording -------------------------------------------------------------------
 
+    async def finish_all(self) -> None:
+        """Stop every recording (`shutdown`) and wait until each has finished: files, manifest,
+        charges and index. A draining edge does this first, while its origins still answer
+        (on a cluster edge they are reached over links that stop with the process)."""
+        self._finishing = True
+        for active in list(self._active.values()):
+            active.reason = "shutdown"
+            active.recorder.stop("shutdown")
+        await self._none_running.wait()
+
     async def _record(
         self, active: _Active, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        if self._running == 0:
+            self._none_running = trio.Event()
+        self._running += 1
+        try:
+            await self._record_until_done(active, task_status)
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._none_running.set()
+
+    async def _record_until_done(self, active: _Active, task_status: trio.TaskStatus[None]) -> None:
         recorder = active.recorder
         room = active.room
         self._active[room] = active
@@ -255,15 +288,17 @@ class Recordings:
             stopped = _event(room, recorder.id, "stopped")
             stopped["reason"] = active.reason if manifest is not None else "failed"
             self.media.broadcast(room, "media.recording", stopped)
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(self.limits.recording_finish_s),
-            ):
-                if manifest is not None:
-                    await self._index(active, manifest.id)
+            finish_s = self.limits.recording_finish_s
+            with trio.CancelScope(shield=True):
                 # The minutes recorded while the origin could not be charged (one past the
                 # quota is refused: it was recorded already, and is not billed).
-                await self._charge_owed(active, self.limits.recording_finish_s)
+                with trio.move_on_after(finish_s):
+                    await self._charge_owed(active, finish_s)
+                if active.owed:
+                    log("recording_minutes_unbilled", room=room, minutes=len(active.owed))
+                if manifest is not None:
+                    with trio.move_on_after(finish_s):
+                        await self._index(active, manifest.id)
 
     async def _run_recorder(
         self, recorder: Recorder, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -305,13 +340,11 @@ class Recordings:
             except GB6Error as exc:
                 if exc.code == QUOTA_EXCEEDED:
                     return False
-                log(
-                    "recording_charge_failed",
-                    room=active.room,
-                    owed=len(active.owed),
-                    error=exc.message,
-                )
-                return True
+                log("recording_charge_failed", room=active.room, minute=minute, error=exc.message)
+                if exc.code == UNAVAILABLE:
+                    return True  # owed: the origin may answer at the next minute
+                # Refused for good (a bug, or the instance gone): not asked again, so that
+                # the minutes after it are still charged.
             del active.owed[0]
         return True
 

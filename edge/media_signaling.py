@@ -91,13 +91,15 @@ class Origin(Protocol):
 
 class Recordings(Protocol):
     """The recorder's side (edge/media_recording.py): told about published tracks (from the
-    SFU's loop, synchronously), and started or stopped by `media.record`."""
+    SFU's loop, synchronously), started or stopped by `media.record`, all stopped at a drain."""
 
     def track_published(self, room: str, track: TrackInfo) -> None: ...
 
     def track_unpublished(self, room: str, track_id: str) -> None: ...
 
     async def control(self, who: Principal, room: str, on: bool) -> dict[str, Any]: ...
+
+    async def finish_all(self) -> None: ...
 
 
 # --- the pure part: SFU events → wire events ------------------------------------------------
@@ -251,11 +253,16 @@ class MediaSession:
         self.release_slot: Callable[[], None] = _nothing  # the media_participants slot
 
     @property
+    def over(self) -> bool:
+        """Left, or its leave under way: it takes no slot and answers no op."""
+        return self.left or self.ending
+
+    @property
     def hidden(self) -> bool:
         return self.kind == "live" and self.role == "viewer"
 
     def require_peer(self) -> Peer:
-        if self.peer is None or self.left:
+        if self.peer is None or self.over:
             raise invalid(f"not in the media of room {self.room}")
         return self.peer
 
@@ -364,6 +371,12 @@ class MediaRooms:
                     for session in list(room.sessions.values()):
                         await session.leave()
 
+    async def drain(self) -> None:
+        """The edge is draining: its recordings finish first (stopped `shutdown`), while the
+        origin that takes their files still answers."""
+        if self.recordings is not None:
+            await self.recordings.finish_all()
+
     # --- joining and leaving -------------------------------------------------------------
 
     async def join(
@@ -417,12 +430,11 @@ class MediaRooms:
     def end(self, session: MediaSession) -> None:
         """Leave from the component's nursery (for callers that cannot wait: a closed socket,
         a failed transport)."""
-        if session.left or session.ending:
+        if session.over:
             return
         session.ending = True
         if self._nursery is None:
-            session.left = True  # the component is stopping: `run`'s finally leaves the rest
-            return
+            return  # the component is stopping: `run`'s finally leaves every session
         self._nursery.start_soon(session.leave)
 
     def _forget(self, session: MediaSession) -> None:
@@ -553,8 +565,8 @@ class MediaRooms:
 
     def on_tenancy(self, record: Instance | User) -> None:
         """The origin's tenancy listener: the sessions of an instance no longer active, or of
-        a deleted user, end. WebSocket ones end with their sockets (closed 4003 by the
-        gateway); WHIP/WHEP ones, which have no socket, end here."""
+        a deleted user, end (WHIP/WHEP ones have no socket the gateway would close with
+        4003; a WebSocket's are ended by that close already)."""
         if record.status == "active":
             return
         by_instance = isinstance(record, Instance)
@@ -587,12 +599,12 @@ class MediaRooms:
             s
             for r in self._rooms.values()
             for s in r.sessions.values()
-            if s.who.instance.id in instances and not (s.left or s.ending)
+            if s.who.instance.id in instances and not s.over
         ]
 
     async def _take_slot_again(self, session: MediaSession) -> None:
         async def take() -> Callable[[], None] | None:
-            if session.left or session.ending:  # ended meanwhile: no slot to take
+            if session.over:  # ended meanwhile: no slot to take
                 return None
             try:
                 return await self.origin.acquire_slot(session.who.instance.id, "media_participants")
@@ -608,15 +620,18 @@ class MediaRooms:
             return
         if release is None:
             return
-        if session.left or session.ending:
+        if session.over:
             release()
             return
-        session.release_slot = release  # the one it replaces was of the lost link: moot
+        # The one it replaces is of an earlier link (its release does nothing), or, if two
+        # restores' takes both got a slot, this one's twin: given back, not kept twice.
+        old, session.release_slot = session.release_slot, release
+        old()
 
     def _close(self, session: MediaSession) -> None:
         """End a session the server takes away (a WebSocket client is told `media.state`
         closed; a WHIP/WHEP client sees its transport close)."""
-        if session.sink is not None and not (session.left or session.ending):
+        if session.sink is not None and not session.over:
             session.sink("media.state", {"room": session.room, "state": "closed"})
         self.end(session)
 
@@ -643,7 +658,7 @@ class ConnectionMedia:
 
     def _session(self, room: str) -> MediaSession:
         s = self.sessions.get(room)
-        if s is None or s.left:
+        if s is None or s.over:
             self.sessions.pop(room, None)
             raise invalid(f"join the media of room {room} first (media.join)")
         return s
@@ -693,7 +708,7 @@ class ConnectionMedia:
 
     async def _join(self, who: Principal, room: str) -> dict[str, Any]:
         existing = self.sessions.get(room)
-        if room in self._joining or (existing is not None and not existing.left):
+        if room in self._joining or (existing is not None and not existing.over):
             raise GB6Error(CONFLICT, f"this connection is already in the media of room {room}")
         self.sessions.pop(room, None)
         if len(self.sessions) + len(self._joining) >= self.rooms.limits.media_rooms_per_connection:

@@ -112,6 +112,11 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
         gateway = Gateway(config, origin, shared)
         ws_port = await nursery.start(gateway.run)
         media = await start_media(nursery, config, gateway, recording=origin)
+
+        async def drain() -> None:
+            await media.drain()  # over the links, which stop with the process
+            await gateway.drain()
+
         return Served(
             [
                 health_blueprint(None, gateway),
@@ -120,7 +125,7 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
             ],
             1 << 20,
             {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},
-            gateway.drain,
+            drain,
         )
 
     await serve(config, start, out)

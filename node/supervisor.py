@@ -181,6 +181,7 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
         media = await start_media(nursery, config, gateway, shard.blobs, shard.charge_usage)
 
         async def drain() -> None:
+            await media.drain()
             await gateway.drain()
             await shard.drain()
 

@@ -448,6 +448,29 @@ async def test_a_file_slow_to_store_holds_up_no_other_track(
     assert cam.file is not None and cam.frames == FRAMES and cam.dropped_packets == 0
 
 
+async def test_a_file_not_stored_in_time_leaves_the_manifest_its_share(
+    tmp_path: Path, media: dict[str, list[Sent]]
+) -> None:
+    """At the stop, a file whose write does not end (an origin unreachable) is given up in
+    time for the manifest to be written, naming the file `store_failed`."""
+    blobs = HeldBlobs(tmp_path)  # the first blob (the mic's file) is never written
+    recorder = Recorder("room_test", blobs, Limits(recording_finish_s=1.0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        recorder.add_track("mic", "opus")
+        recorder.add_track("cam", "vp8")
+        for s in media["opus"][:50]:
+            recorder.feed("mic", s.data, s.arrival)
+        for s in media["vp8"][:60]:
+            recorder.feed("cam", s.data, s.arrival)
+        recorder.stop()
+    manifest = await recorder.wait()
+    mic, cam = manifest.tracks
+    assert (mic.file, mic.error) == (None, "store_failed") and mic.frames == 50
+    assert cam.file is not None and cam.error is None
+    assert blobs.written == [cam.file, manifest.id]
+
+
 async def test_bad_calls_get_clear_errors_and_change_nothing(tmp_path: Path) -> None:
     blobs = LocalBlobStore(tmp_path)
     recorder = Recorder("room_test", blobs, Limits(recording_tracks=2))

@@ -13,8 +13,10 @@ Rules:
   (a large file, an origin briefly unreachable) holds up no other track's packets. `stop()` (or
   `limits.recording_max_duration_s`, or the owner cancelling `run()`) finishes every track,
   writes the files and then the manifest (blob id = the recording id), and `run()` returns it.
-- Finishing is shielded from cancellation, bounded by `limits.recording_finish_s`, so an edge
-  shutting down still leaves playable files and a manifest behind.
+- Finishing is shielded from cancellation, bounded by `limits.recording_finish_s` (the files
+  of tracks removed just before wait for theirs, each bounded the same), so an edge shutting
+  down still leaves playable files and a manifest behind. The files take at most 80 % of it:
+  the manifest always has its share, and lists a file not written by then `store_failed`.
 - Each track's file is held in memory until the track ends (the blob store takes whole blobs),
   at most `limits.recording_track_bytes`; past that the track is truncated, not the recording.
 """
@@ -40,6 +42,7 @@ from origin.sqlite_store import now_ms
 _TRACK_ID_CHARS = 128
 _CONTAINERS_OF = {"vp8": ("webm",), "opus": ("ogg", "webm"), "h264": ("mp4",)}
 _BATCH = 256  # packets muxed between checks for removed tracks
+_MANIFEST_SHARE_OF_FINISHING = 0.2  # of `recording_finish_s`, kept for the manifest
 
 
 class BlobStore(Protocol):
@@ -162,8 +165,11 @@ class Recorder:
             return
         entry.queued += 1
 
-    def stop(self) -> None:
-        """Ask `run()` to finish: files, then manifest. Idempotent; returns at once."""
+    def stop(self, reason: str = "stopped") -> None:
+        """Ask `run()` to finish: files, then manifest (`stop_reason`: `reason`, `stopped` or
+        `shutdown`). Idempotent; returns at once."""
+        if not self._stopping:
+            self._stop_reason = reason
         self._stopping = True
         self._wake()
 
@@ -230,8 +236,9 @@ class Recorder:
                         storing.start_soon(self._store_removed, entry, track, start)
 
     async def _store_removed(self, entry: _Entry, track: Track, start: float) -> None:
+        by = trio.current_time() + self.limits.recording_finish_s
         with trio.CancelScope(shield=True):  # bounded in `_store`
-            await self._store(entry, track, start)
+            await self._store(entry, track, start, by)
 
     def _mux(self, item: _Item) -> None:
         if item is None:
@@ -247,10 +254,18 @@ class Recorder:
         self._send.close()
         self._active.clear()
         stopped_at = now_ms()
-        for entry in self._entries:
-            if entry.track is not None:
-                track, entry.track = entry.track, None
-                await self._store(entry, track, start)
+        # The files, side by side, may take what finishing may but the manifest's share: one
+        # that cannot be written (an origin unreachable) is `store_failed`, and the recording
+        # still has its manifest.
+        files_by = (
+            trio.current_effective_deadline()
+            - self.limits.recording_finish_s * _MANIFEST_SHARE_OF_FINISHING
+        )
+        async with trio.open_nursery() as storing:
+            for entry in self._entries:
+                if entry.track is not None:
+                    track, entry.track = entry.track, None
+                    storing.start_soon(self._store, entry, track, start, files_by)
         manifest = Manifest(
             id=self.id,
             room=self.room,
@@ -263,14 +278,15 @@ class Recorder:
         await self.blobs.put(self.id, orjson.dumps(manifest.to_json()))
         self.manifest = manifest  # only once stored: `wait()` returning means it is durable
 
-    async def _store(self, entry: _Entry, track: Track, start: float) -> None:
+    async def _store(self, entry: _Entry, track: Track, start: float, by: float) -> None:
+        """Write the track's file (`store_failed` if not written by `by`) and its entry."""
         data = track.finish()
         file_id: str | None = None
         error: str | None = None
         if data is not None:
             file_id = new_id("recf")
             try:
-                with trio.move_on_after(self.limits.recording_finish_s) as writing:
+                with trio.move_on_at(by) as writing:
                     await self.blobs.put(file_id, data)
             except (OSError, GB6Error):  # the origin unreachable, say: the other files go on
                 writing = None
