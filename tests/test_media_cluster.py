@@ -22,7 +22,7 @@ import trio_asyncio
 from aiortc import VideoStreamTrack
 from aiortc.mediastreams import AudioStreamTrack
 
-from tests.conftest import Node, Peer, refused
+from tests.conftest import Node, Peer, Tenant, User, refused
 from tests.media_client import MediaClient, loopback_ice, media_event, ws_of
 from tests.services import require_tool
 from tests.tcp_proxy import TcpProxy, tcp_proxy
@@ -64,12 +64,17 @@ async def _until_used(origin: Node, instance: str, resource: str, n: int) -> Non
             await trio.sleep(0.05)
 
 
-async def test_media_participants_are_counted_across_edges(cluster: Cluster) -> None:
-    origin = cluster.origins[0]
+def _two_participants_at_most(origin: Node) -> tuple[Tenant, tuple[User, User, User]]:
+    """A tenant whose instance takes two media participants at once, and three of its users."""
     tenant = origin.create_tenant()
     path = f"/v1/instances/{tenant.instance}/quotas/media_participants"
     assert origin.admin("PUT", path, {"limit": 2}).status_code == 200
-    alice, bob, carol = tenant.user("alice"), tenant.user("bob"), tenant.user("carol")
+    return tenant, (tenant.user("alice"), tenant.user("bob"), tenant.user("carol"))
+
+
+async def test_media_participants_are_counted_across_edges(cluster: Cluster) -> None:
+    origin = cluster.origins[0]
+    tenant, (alice, bob, carol) = _two_participants_at_most(origin)
     e0, e1 = cluster.edges
     with trio.fail_after(40):
         async with (
@@ -220,10 +225,7 @@ async def test_media_outlasts_a_lost_link_and_its_sessions_take_their_slots_agai
     the edge's slots, and once the link is back each session takes its slot again; the one
     refused then (the limit reached meanwhile on the other edge) is told `closed` and ends."""
     origin = cluster.origins[0]
-    tenant = origin.create_tenant()
-    path = f"/v1/instances/{tenant.instance}/quotas/media_participants"
-    assert origin.admin("PUT", path, {"limit": 2}).status_code == 200
-    alice, bob, carol = tenant.user("alice"), tenant.user("bob"), tenant.user("carol")
+    tenant, (alice, bob, carol) = _two_participants_at_most(origin)
     with edge_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy), trio.fail_after(60):
         async with (
             trio_asyncio.open_loop(),
@@ -274,10 +276,7 @@ async def test_a_member_removed_while_the_link_was_down_takes_no_slot_back(
     other edge). Once the link is back his session ends without taking a slot again, and
     alice's takes the last one (bob's, asked first, would have left hers refused)."""
     origin = cluster.origins[0]
-    tenant = origin.create_tenant()
-    path = f"/v1/instances/{tenant.instance}/quotas/media_participants"
-    assert origin.admin("PUT", path, {"limit": 2}).status_code == 200
-    alice, bob, carol = tenant.user("alice"), tenant.user("bob"), tenant.user("carol")
+    tenant, (alice, bob, carol) = _two_participants_at_most(origin)
     with edge_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy), trio.fail_after(60):
         async with (
             ws_of(cut_off, bob.token) as wb,
