@@ -187,6 +187,11 @@ class Recordings:
         uploads = _Uploads(self.backend, instance, self.limits.recording_finish_s)
         recorder = Recorder(room_id, uploads, self.limits)
         await self.backend.charge_usage(instance, "recording_minutes", 1, f"{recorder.id}:0")
+        # Asked again after the charge's await: a drain began, or another start won meanwhile.
+        if self._finishing:
+            raise GB6Error(UNAVAILABLE, "this edge is draining; record on another")
+        if room_id in self._active:
+            raise GB6Error(CONFLICT, f"room {room_id} is being recorded already")
         active = _Active(room_id, instance, recorder)
         await self._nursery.start(self._record, active)
         return {"recording": recorder.id}
