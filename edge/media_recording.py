@@ -140,6 +140,7 @@ class _Active:
     taps: dict[str, Callable[[], None]] = attrs.Factory(dict)
     reason: str = "stopped"
     owed: list[int] = attrs.Factory(list)  # minutes whose charge the origin did not take yet
+    started: bool = False  # its recorder runs (`_record`)
 
 
 class Recordings:
@@ -186,20 +187,28 @@ class Recordings:
         # Each write is bounded by `recording_finish_s` (edge/recording/recorder.py).
         uploads = _Uploads(self.backend, instance, self.limits.recording_finish_s)
         recorder = Recorder(room_id, uploads, self.limits)
-        await self.backend.charge_usage(instance, "recording_minutes", 1, f"{recorder.id}:0")
-        # Asked again after the charge's await: a drain began, or another start won meanwhile.
-        if self._finishing:
-            raise GB6Error(UNAVAILABLE, "this edge is draining; record on another")
-        if room_id in self._active:
-            raise GB6Error(CONFLICT, f"room {room_id} is being recorded already")
         active = _Active(room_id, instance, recorder)
+        # Known from here on (to `finish_all` and a second start), before the charge's await:
+        # `_record` takes it over once started. A drain that began meanwhile has stopped its
+        # recorder already: it starts and ends at once.
+        self._active[room_id] = active
+        self._begin()
+        try:
+            await self.backend.charge_usage(instance, "recording_minutes", 1, f"{recorder.id}:0")
+        except BaseException:
+            del self._active[room_id]
+            self._end()
+            raise
         await self._nursery.start(self._record, active)
         return {"recording": recorder.id}
 
     async def _stop(self, room_id: str) -> dict[str, Any]:
-        active = self._active.pop(room_id, None)  # a second stop is not_found at once
+        active = self._active.get(room_id)
         if active is None:
             raise not_found(f"room {room_id} is not being recorded")
+        if not active.started:  # its first minute is being charged
+            raise GB6Error(CONFLICT, f"the recording of room {room_id} is starting; retry")
+        del self._active[room_id]  # a second stop is not_found at once
         for end in active.taps.values():
             end()
         active.recorder.stop()
@@ -249,27 +258,36 @@ class Recordings:
         (on a cluster edge they are reached over links that stop with the process)."""
         self._finishing = True
         for active in list(self._active.values()):
-            active.reason = "shutdown"
+            if active.reason == "stopped":  # not stopping over its quota already
+                active.reason = "shutdown"
+            for end in active.taps.values():
+                end()
             active.recorder.stop("shutdown")
         await self._none_running.wait()
+
+    def _begin(self) -> None:
+        if self._running == 0:
+            self._none_running = trio.Event()
+        self._running += 1
+
+    def _end(self) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._none_running.set()
 
     async def _record(
         self, active: _Active, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        if self._running == 0:
-            self._none_running = trio.Event()
-        self._running += 1
+        """One recording, counted by `control` (`_begin`) until it ends here."""
         try:
             await self._record_until_done(active, task_status)
         finally:
-            self._running -= 1
-            if self._running == 0:
-                self._none_running.set()
+            self._end()
 
     async def _record_until_done(self, active: _Active, task_status: trio.TaskStatus[None]) -> None:
         recorder = active.recorder
         room = active.room
-        self._active[room] = active
+        active.started = True
         manifest: Manifest | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -280,11 +298,13 @@ class Recordings:
                 self.media.broadcast(room, "media.recording", _event(room, recorder.id, "started"))
                 nursery.start_soon(self._charge_minutes, active)
                 try:
-                    manifest = await recorder.wait()
+                    await recorder.wait()
                 except GB6Error as exc:
                     log("recording_failed", room=room, recording=recorder.id, error=exc.message)
                 nursery.cancel_scope.cancel()  # the charger
         finally:
+            # Set once stored, even by a finish that outlived this task's cancellation.
+            manifest = recorder.manifest
             for end in active.taps.values():
                 end()
             active.taps.clear()
@@ -293,17 +313,18 @@ class Recordings:
             stopped = _event(room, recorder.id, "stopped")
             stopped["reason"] = active.reason if manifest is not None else "failed"
             self.media.broadcast(room, "media.recording", stopped)
+            # One budget for both, so that a process stopping with its origin unreachable
+            # waits for it once: the owed minutes take at most half.
             finish_s = self.limits.recording_finish_s
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), trio.move_on_after(finish_s):
                 # The minutes recorded while the origin could not be charged (one past the
                 # quota is refused: it was recorded already, and is not billed).
-                with trio.move_on_after(finish_s):
-                    await self._charge_owed(active, finish_s)
+                with trio.move_on_after(finish_s / 2):
+                    await self._charge_owed(active, finish_s / 2)
                 if active.owed:
                     log("recording_minutes_unbilled", room=room, minutes=len(active.owed))
                 if manifest is not None:
-                    with trio.move_on_after(finish_s):
-                        await self._index(active, manifest.id)
+                    await self._index(active, manifest.id)
 
     async def _run_recorder(
         self, recorder: Recorder, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -282,7 +282,7 @@ class MediaSession:
     def fill_slots(self) -> None:
         """WHEP: feed free slots from the hosts' tracks, newest first (edge/media_http.py)."""
         peer = self.peer
-        if peer is None or self.left:
+        if peer is None or self.over:
             return
         for track in reversed(self.rooms.tracks_of_hosts(self.room)):
             try:
@@ -503,7 +503,7 @@ class MediaRooms:
         else:
             r.cohosts.discard(user)
         for s in list(r.sessions.values()):
-            if s.who.id == user and not s.left:
+            if s.who.id == user and not s.over:
                 self._set_role(r, s, may_host(room, s.who, r.cohosts))
         if not on:
             self._drop_if_empty(room_id)

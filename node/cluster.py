@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from typing import TextIO
 
 import attrs
@@ -29,7 +30,14 @@ from node.health import health_blueprint
 from node.ids import new_id
 from node.listen import is_loopback
 from node.ratelimit import RateLimiter
-from node.supervisor import Served, admin_token, announced_host, lock_data_dir, serve
+from node.supervisor import (
+    Served,
+    admin_token,
+    announced_host,
+    drain_edge,
+    lock_data_dir,
+    serve,
+)
 from origin.admin_api import admin_blueprint
 from origin.admin_console import console_blueprint
 from origin.shard import OriginShard
@@ -113,10 +121,6 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
         ws_port = await nursery.start(gateway.run)
         media = await start_media(nursery, config, gateway, recording=origin)
 
-        async def drain() -> None:
-            await media.drain()  # over the links, which stop with the process
-            await gateway.drain()
-
         return Served(
             [
                 health_blueprint(None, gateway),
@@ -125,7 +129,8 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
             ],
             1 << 20,
             {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},
-            drain,
+            # Recordings finish over the links, which stop with the process.
+            partial(drain_edge, gateway, media),
         )
 
     await serve(config, start, out)

@@ -27,7 +27,7 @@ from quart import Blueprint
 from edge.files_api import files_blueprint
 from edge.gateway import Gateway
 from edge.media_http import media_blueprint
-from edge.media_signaling import start_media
+from edge.media_signaling import MediaRooms, start_media
 from edge.web_api import web_blueprint
 from node.config import Config
 from node.errors import invalid
@@ -43,6 +43,8 @@ from origin.shard import OriginShard
 # SIGTERM: how long the drain may take (clients told to move, every accepted write made durable
 # and answered) before the process stops all the same.
 DRAIN_S: Final = 30.0
+# Of it, how long an edge's recordings may take to finish (beside the gateway's drain).
+RECORDINGS_DRAIN_S: Final = 20.0
 
 
 def _say(out: TextIO, **fields: object) -> None:
@@ -140,6 +142,23 @@ async def serve(
     log("stopped")
 
 
+async def drain_edge(gateway: Gateway, media: MediaRooms) -> None:
+    """An edge's part of a drain: the gateway's (clients told to move, what is in flight
+    answered, sockets closed) and, beside it, its recordings finishing (stopped `shutdown`,
+    files and manifest stored while the origins still answer), for at most
+    `RECORDINGS_DRAIN_S`: a recording not finished by then finishes as the process stops."""
+
+    async def finish_recordings() -> None:
+        with trio.move_on_after(RECORDINGS_DRAIN_S) as waited:
+            await media.drain()
+        if waited.cancelled_caught:
+            log("recordings_drain_cut_short")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(finish_recordings)
+        await gateway.drain()
+
+
 async def _cut_short_on_a_second_signal(
     signals: AsyncIterator[int], draining: trio.CancelScope
 ) -> None:
@@ -181,8 +200,7 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
         media = await start_media(nursery, config, gateway, shard.blobs, shard.charge_usage)
 
         async def drain() -> None:
-            await media.drain()
-            await gateway.drain()
+            await drain_edge(gateway, media)
             await shard.drain()
 
         return Served(

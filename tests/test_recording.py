@@ -405,7 +405,8 @@ async def test_a_removed_track_is_written_at_once_and_can_come_back(
 
 
 class HeldBlobs(WatchedBlobs):
-    """Holds the first blob's write until `release` is set (an origin briefly unreachable)."""
+    """Holds the write of the Ogg file (the opus track's) until `release` is set (an origin
+    briefly unreachable)."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
@@ -413,7 +414,7 @@ class HeldBlobs(WatchedBlobs):
         self.held: str | None = None
 
     async def put(self, blob_id: str, data: bytes) -> None:
-        if self.held is None:
+        if data.startswith(b"OggS"):
             self.held = blob_id
             await self.release.wait()
         await super().put(blob_id, data)
@@ -453,7 +454,7 @@ async def test_a_file_not_stored_in_time_leaves_the_manifest_its_share(
 ) -> None:
     """At the stop, a file whose write does not end (an origin unreachable) is given up in
     time for the manifest to be written, naming the file `store_failed`."""
-    blobs = HeldBlobs(tmp_path)  # the first blob (the mic's file) is never written
+    blobs = HeldBlobs(tmp_path)  # the mic's file is never written
     recorder = Recorder("room_test", blobs, Limits(recording_finish_s=1.0))
     async with trio.open_nursery() as nursery:
         await nursery.start(recorder.run)
