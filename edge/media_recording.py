@@ -191,15 +191,17 @@ class Recordings:
         # Known from here on (to `finish_all` and a second start), before the charge's await:
         # `_record` takes it over once started. A drain that began meanwhile has stopped its
         # recorder already: it starts and ends at once.
+        nursery = self._nursery
         self._active[room_id] = active
         self._begin()
         try:
             await self.backend.charge_usage(instance, "recording_minutes", 1, f"{recorder.id}:0")
+            await nursery.start(self._record, active)
         except BaseException:
-            del self._active[room_id]
-            self._end()
+            if not active.started:  # `_record` never ran (it undoes both itself)
+                del self._active[room_id]
+                self._end()
             raise
-        await self._nursery.start(self._record, active)
         return {"recording": recorder.id}
 
     async def _stop(self, room_id: str) -> dict[str, Any]:
