@@ -372,8 +372,8 @@ class MediaRooms:
                         await session.leave()
 
     async def drain(self) -> None:
-        """The edge is draining: its recordings finish first (stopped `shutdown`), while the
-        origin that takes their files still answers."""
+        """The edge is draining: its recordings finish (stopped `shutdown`) while the origin
+        that takes their files still answers (beside the gateway's drain: `drain_edge`)."""
         if self.recordings is not None:
             await self.recordings.finish_all()
 
