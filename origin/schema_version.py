@@ -23,14 +23,26 @@ def check_known(what: str, version: int, known: int) -> int:
 
 def migrate_sqlite(conn: sqlite3.Connection, what: str, migrations: Sequence[str]) -> None:
     """Bring a SQLite database to the last of `migrations` (its `user_version` counts those it
-    has), each in a transaction of its own; refused if a newer release migrated it."""
-    version = check_known(what, conn.execute("PRAGMA user_version").fetchone()[0], len(migrations))
-    for number, script in enumerate(migrations[version:], start=version + 1):
+    has), each in a transaction of its own; refused if a newer release migrated it.
+
+    The version is read under the write lock (BEGIN IMMEDIATE): processes that open one file
+    at once (origins sharing a kv file) then migrate it in turn, each step once."""
+    while True:
         conn.execute("BEGIN IMMEDIATE")
-        for statement in sqlite_statements(script):
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version={number}")
-        conn.execute("COMMIT")
+        try:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            version = check_known(what, found, len(migrations))
+            if version == len(migrations):
+                conn.execute("COMMIT")
+                return
+            for statement in sqlite_statements(migrations[version]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
 
 def sqlite_statements(script: str) -> list[str]:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -2097,6 +2100,43 @@ async def test_sqlite_a_store_made_by_a_newer_release_is_refused(tmp_path: Path)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         conn.execute(f"PRAGMA user_version = {version + 1}")
     await _refused_as_newer(backend, version + 1)
+
+
+def test_sqlite_a_file_two_processes_open_at_once_is_migrated_once(tmp_path: Path) -> None:
+    """Origins sharing one kv file, started at once: one migrates it while the other waits for
+    the write lock, then finds it migrated. Before, the second read the version beside the
+    first's migration, ran that migration again ("table kv already exists") and did not start."""
+    from origin.kv_sqlite import _MIGRATIONS
+    from origin.schema_version import migrate_sqlite, sqlite_statements
+
+    path = tmp_path / "kv.db"
+    first = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    first.execute("PRAGMA journal_mode=WAL")
+    first.execute("BEGIN IMMEDIATE")  # the first process, migrating
+    failed: list[BaseException] = []
+
+    def second_process() -> None:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        try:
+            migrate_sqlite(conn, "the kv", _MIGRATIONS)
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            conn.close()
+
+    second = threading.Thread(target=second_process)
+    second.start()
+    time.sleep(0.3)  # it has read what it reads without the lock, and waits for the lock
+    for script in _MIGRATIONS:
+        for statement in sqlite_statements(script):
+            first.execute(statement)
+    first.execute(f"PRAGMA user_version={len(_MIGRATIONS)}")
+    first.execute("COMMIT")
+    second.join(30)
+    assert not second.is_alive()
+    assert failed == []
+    assert first.execute("PRAGMA user_version").fetchone()[0] == len(_MIGRATIONS)
+    first.close()
 
 
 async def test_pg_a_store_made_by_a_newer_release_is_refused(pg_backend: Backend) -> None:
