@@ -28,6 +28,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from node.errors import INTERNAL, UNAVAILABLE, GB6Error
 
 _POLL_S: Final = 0.2
+_FETCH_WAIT_MS: Final = 10
 
 
 def committed_records_after(
@@ -44,6 +45,10 @@ def committed_records_after(
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "error",
+            # An empty partition's end is told by a fetch answered empty, which the broker
+            # holds up to this long (500 ms by default, per partition and poll): a start and
+            # every recovery would wait it out.
+            "fetch.wait.max.ms": _FETCH_WAIT_MS,
         },
     )
     try:
