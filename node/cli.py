@@ -70,16 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             return _audit_verify(config)
         if args.command == "run":
-            from node.supervisor import run_node
+            from node.standalone import run_node
 
             trio.run(run_node, config)
         elif args.command == "origin":
-            from node.cluster import link_secret, run_origin
+            from node.cluster import link_secret
+            from node.origin_process import run_origin
 
             link_secret(config, listening=True)
             trio.run(run_origin, config)
         else:
-            from node.cluster import link_secret, run_edge
+            from node.cluster import link_secret
+            from node.edge_process import run_edge
 
             link_secret(config)
             trio.run(run_edge, config)

@@ -1,9 +1,10 @@
-"""The process: one trio-asyncio loop around one nursery holding every component.
+"""The process skeleton every `gb6` command shares: one trio-asyncio loop around one nursery
+holding every component, the HTTP listener, the ready line, the drain on SIGTERM, the data
+directory's lock and the admin token.
 
-Start order: origin shard (store loaded) → edge gateway (WS listener) → HTTP listener → the
-ready line. SIGTERM/SIGINT drain in the reverse direction: the gateway tells clients to resume
-elsewhere (4009), the shard waits until every accepted write is durable and answered, then the
-HTTP server stops and the nursery is cancelled.
+What each command starts is its own module's (node/standalone.py, node/origin_process.py,
+node/edge_process.py). This one imports neither half, so that an origin process does not load
+the edge's media libraries (aiortc, PyAV: half a second of every start).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import os
 import resource
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO, Final, TextIO
@@ -24,27 +24,16 @@ import trio
 import trio_asyncio
 from quart import Blueprint
 
-from edge.files_api import files_blueprint
-from edge.gateway import Gateway
-from edge.media_http import media_blueprint
-from edge.media_signaling import MediaRooms, start_media
-from edge.web_api import web_blueprint
 from node.config import Config
 from node.errors import invalid
-from node.health import health_blueprint
 from node.http import build_app, serve_http
 from node.ids import new_secret
 from node.listen import bind
 from node.log import log
-from origin.admin_api import admin_blueprint
-from origin.admin_console import console_blueprint
-from origin.shard import OriginShard
 
 # SIGTERM: how long the drain may take (clients told to move, every accepted write made durable
 # and answered) before the process stops all the same.
 DRAIN_S: Final = 30.0
-# Of it, how long an edge's recordings may take to finish (beside the gateway's drain).
-RECORDINGS_DRAIN_S: Final = 20.0
 
 
 def _say(out: TextIO, **fields: object) -> None:
@@ -142,23 +131,6 @@ async def serve(
     log("stopped")
 
 
-async def drain_edge(gateway: Gateway, media: MediaRooms) -> None:
-    """An edge's part of a drain: the gateway's (clients told to move, what is in flight
-    answered, sockets closed) and, beside it, its recordings finishing (stopped `shutdown`,
-    files and manifest stored while the origins still answer), for at most
-    `RECORDINGS_DRAIN_S`: a recording not finished by then finishes as the process stops."""
-
-    async def finish_recordings() -> None:
-        with trio.move_on_after(RECORDINGS_DRAIN_S) as waited:
-            await media.drain()
-        if waited.cancelled_caught:
-            log("recordings_drain_cut_short")
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(finish_recordings)
-        await gateway.drain()
-
-
 async def _cut_short_on_a_second_signal(
     signals: AsyncIterator[int], draining: trio.CancelScope
 ) -> None:
@@ -186,38 +158,3 @@ def lock_data_dir(data_dir: Path) -> IO[bytes]:
     except OSError as exc:  # a filesystem without locks (some NFS or FUSE mounts)
         log("data_dir_not_locked", path=str(data_dir), error=exc.strerror)
     return held
-
-
-async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
-    held = lock_data_dir(config.data_dir)
-    token, printed = admin_token(config.data_dir)
-
-    async def start(nursery: trio.Nursery) -> Served:
-        shard = OriginShard(config)
-        await nursery.start(shard.run)
-        gateway = Gateway(config, shard)
-        ws_port = await nursery.start(gateway.run)
-        media = await start_media(nursery, config, gateway, shard.blobs, shard.charge_usage)
-
-        async def drain() -> None:
-            await drain_edge(gateway, media)
-            await shard.drain()
-
-        return Served(
-            [
-                admin_blueprint(shard, token),
-                console_blueprint(),
-                files_blueprint(shard, gateway.authenticate_user),
-                health_blueprint(shard, gateway),
-                web_blueprint(ws_port, files=True),
-                media_blueprint(media, gateway.authenticate_user),
-            ],
-            config.limits.file_bytes,
-            {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},
-            drain,
-        )
-
-    try:
-        await serve(config, start, out, (token, printed))
-    finally:
-        held.close()
