@@ -49,8 +49,16 @@ class Node:
     admin_token: str = ""
     lines: list[dict[str, Any]] = attrs.Factory(list)
     stderr_path: Path | None = None
+    _reader: threading.Thread | None = attrs.field(default=None, init=False)
+    _ready: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
 
     def start(self, timeout: float = 20.0) -> None:
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting: several nodes then start side by side, and
+        `wait_ready` waits for each (a start is mostly the interpreter's imports)."""
         env = {**os.environ, **self.env}
         env.pop("GB6_ADMIN_TOKEN", None) if "GB6_ADMIN_TOKEN" not in self.env else None
         self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}.stderr.log"
@@ -71,28 +79,29 @@ class Node:
         )
         stderr.close()
         self.lines = []
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        result: dict[str, Any] = {}
+        self._ready = {}
+        self._reader = threading.Thread(target=self._read_until_ready, daemon=True)
+        self._reader.start()
 
-        def read() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
-            for raw in self.proc.stdout:
-                line = json.loads(raw)
-                self.lines.append(line)
-                if line.get("event") == "ready":
-                    result["ready"] = line
-                    return
+    def _read_until_ready(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = json.loads(raw)
+            self.lines.append(line)
+            if line.get("event") == "ready":
+                self._ready["ready"] = line
+                return
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(max(0.0, deadline - time.monotonic()))
-        if "ready" not in result:
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        assert self._reader is not None
+        self._reader.join(timeout)
+        if "ready" not in self._ready:
             self.kill()
             raise RuntimeError(f"gb6 did not get ready; stderr: {self.stderr()}")
-        self.ws_url = result["ready"].get("ws", "")
-        self.link = result["ready"].get("link", "")
-        self.http_url = result["ready"]["http"]
+        ready = self._ready["ready"]
+        self.ws_url = ready.get("ws", "")
+        self.link = ready.get("link", "")
+        self.http_url = ready["http"]
         for line in self.lines:
             if line.get("event") == "admin_token":
                 self.admin_token = line["token"]
@@ -168,6 +177,19 @@ class Tenant:
 
 ERROR_KEYS = {"op", "re", "code", "message", "retry_after_ms"}
 HIDDEN = ("forbidden", "not_found")
+
+
+def start_side_by_side(nodes: list[Node], timeout: float = 20.0) -> None:
+    """Start nodes that do not need each other's addresses at once; each waited for."""
+    for n in nodes:
+        n.spawn()
+    try:
+        for n in nodes:
+            n.wait_ready(timeout)
+    except BaseException:
+        for n in nodes:
+            n.kill()
+        raise
 
 
 @contextmanager

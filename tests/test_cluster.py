@@ -44,6 +44,7 @@ from tests.conftest import (
     restart_service,
     restartable_broker,
     restartable_postgres,
+    start_side_by_side,
     wait_uncommitted,
 )
 from tests.pg_proxy import PgProxy, pg_proxy
@@ -113,23 +114,29 @@ class Cluster:
                     command="origin",
                 )
             )
-        for o in self.origins:
-            o.start()
+        start_side_by_side(self.origins)
         # With a shard map in kv, edges find the origins there: no list to keep up to date.
         listed = [] if kv else [o.link for o in self.origins]
         self.config = _config(base, listed, redis=redis_url, kv=kv, cluster_toml=edge_cluster_toml)
         self.edges: list[Node] = []
 
     def edge(self, extra_toml: str = "") -> Node:
-        n = len(self.edges)
-        config = self.config
-        if extra_toml:
-            config = self.base / f"e{n}.toml"
-            config.write_text(self.config.read_text() + extra_toml)
-        e = Node(self.base / f"e{n}", extra_args=["--config", str(config)], command="edge")
-        e.start()
-        self.edges.append(e)
-        return e
+        return self.add_edges(1, extra_toml)[0]
+
+    def add_edges(self, count: int, extra_toml: str = "") -> list[Node]:
+        """`count` more edges, started side by side."""
+        added = []
+        for _ in range(count):
+            n = len(self.edges)
+            config = self.config
+            if extra_toml:
+                config = self.base / f"e{n}.toml"
+                config.write_text(self.config.read_text() + extra_toml)
+            e = Node(self.base / f"e{n}", extra_args=["--config", str(config)], command="edge")
+            self.edges.append(e)
+            added.append(e)
+        start_side_by_side(added)
+        return added
 
     def stop(self) -> None:
         for n in [*self.edges, *self.origins]:
@@ -180,8 +187,7 @@ def cluster(
     kafka = require("kafka") if request.param == "kafka" else None
     c = Cluster(Path(tmp_path_factory.mktemp("cluster")), dsn, kafka=kafka)
     try:
-        c.edge()
-        c.edge()
+        c.add_edges(2)
         yield c
     finally:
         c.stop()
@@ -461,8 +467,7 @@ def _metrics(node: Node) -> dict[str, float]:
 def redis_cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path, redis_url=require("redis"))
     try:
-        c.edge()
-        c.edge()
+        c.add_edges(2)
         yield c
     finally:
         c.stop()
@@ -979,7 +984,7 @@ async def test_a_room_followed_while_redis_was_down_is_followed_once_it_is_back(
     subscribe, though the room's hub lives on: typing crosses the edges again."""
     c = Cluster(tmp_path, redis_url=own_redis.url)
     try:
-        e1, e2 = c.edge(), c.edge()
+        e1, e2 = c.add_edges(2)
         tenant = c.origins[0].create_tenant()
         alice, bob = tenant.user("alice"), tenant.user("bob")
         async with _peer(e1, alice.token) as a, _peer(e2, bob.token) as b:

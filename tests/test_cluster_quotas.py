@@ -23,8 +23,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     the first two), and each test has instances of its own."""
     c = Cluster(tmp_path_factory.mktemp("quotas"))
     try:
-        for _ in range(3):
-            c.edge()
+        c.add_edges(3)
         yield c
     finally:
         c.stop()

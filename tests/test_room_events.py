@@ -107,8 +107,7 @@ async def test_room_reads_for_members_only(node: Node, tenant: Tenant) -> None:
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
     try:
-        c.edge()
-        c.edge()
+        c.add_edges(2)
         yield c
     finally:
         c.stop()
