@@ -54,7 +54,7 @@ from origin.quotas import Quotas
 from origin.records import Instance, User
 from origin.shard import OriginShard
 from origin.sqlite_store import AppendResult, now_ms
-from replication.edge_link import LinkLost, RemoteOrigin
+from replication.edge_link import LinkDown, LinkLost, RemoteOrigin
 
 CLOSE_BAD_HANDSHAKE = 4001
 CLOSE_UNAUTHORIZED = 4003
@@ -74,6 +74,9 @@ LIMIT_WAIT_S = 0.5
 FOLLOW_WAIT_S = 1.0
 LIMIT_PAUSE_S = 5.0
 HELLOS_PER_SOCKET = 5  # a socket refused this often (quota_exceeded, unavailable) is closed
+# A request made while its shard's link is down, on a socket in a live media session: when to
+# ask again (the link reconnects with a backoff of 0.05 s doubling up to 2 s).
+LINK_DOWN_RETRY_MS = 1000
 
 
 class State(enum.Enum):
@@ -486,7 +489,7 @@ class Gateway:
                 self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
         except GB6Error as exc:
             if isinstance(exc, LinkLost) and conn.principal is not None:
-                self._link_lost(conn)
+                self._link_lost(conn, req_id, exc)
                 return
             self._reply_error(conn, req_id, exc)
             if conn.principal is None and exc.code == UNAUTHORIZED:
@@ -679,7 +682,7 @@ class Gateway:
     def _append_reply(self, conn: Connection, req_id: p.ReqId) -> Any:
         def done(result: AppendResult) -> None:
             if isinstance(result, LinkLost):
-                self._link_lost(conn)
+                self._link_lost(conn, req_id, result)
             elif isinstance(result, GB6Error):
                 self._reply_error(conn, req_id, result)
             else:
@@ -835,9 +838,17 @@ class Gateway:
             if hub is not None and (hub.idle or for_good):
                 self.hubs.drop(room)
 
-    def _link_lost(self, conn: Connection) -> None:
+    def _link_lost(
+        self, conn: Connection, req_id: p.ReqId | None = None, exc: LinkLost | None = None
+    ) -> None:
         """The socket's clients must resume (on any edge): what it asked of a lost link is
-        unanswered, and its client resends it under the same cids."""
+        unanswered, and its client resends it under the same cids. Except a request that never
+        left (`LinkDown`) on a socket in a live media session: it is refused `unavailable`
+        (retry), and the socket stays with its media, which flows through this edge alone."""
+        if isinstance(exc, LinkDown) and conn.media is not None and conn.media.live:
+            retry = GB6Error(UNAVAILABLE, exc.message, retry_after_ms=LINK_DOWN_RETRY_MS)
+            self._reply_error(conn, req_id, retry)
+            return
         self._close(conn, CLOSE_INTERNAL, "origin unreachable; resume")
 
     def _on_origin_restored(self, instances: set[str]) -> None:

@@ -650,6 +650,11 @@ class ConnectionMedia:
         self._joining: set[str] = set()  # rooms whose join awaits its slot
         self.closed = False
 
+    @property
+    def live(self) -> bool:
+        """Whether a media session of this socket goes on."""
+        return any(not s.over for s in self.sessions.values())
+
     def close(self) -> None:
         self.closed = True
         for session in self.sessions.values():

@@ -8,6 +8,7 @@ import orjson
 from quart import Blueprint, Response
 
 from node.metrics import Metric, render
+from replication.edge_link import RemoteOrigin
 
 if TYPE_CHECKING:
     from edge.gateway import Gateway
@@ -48,6 +49,19 @@ def health_blueprint(shard: OriginShard | None, gateway: Gateway | None) -> Blue
                     gateway.hubs.gaps,
                 ),
             ]
+            if isinstance(gateway.origin, RemoteOrigin):
+                links = gateway.origin.links
+                samples += [
+                    Metric(
+                        "gb6_origin_links", "gauge", "origin shards this edge links to", len(links)
+                    ),
+                    Metric(
+                        "gb6_origin_links_up",
+                        "gauge",
+                        "links to origin shards that are up (the others reconnect)",
+                        sum(1 for shard_link in links if shard_link.connected),
+                    ),
+                ]
         if shard is not None:
             counts = shard.counts
             samples += [

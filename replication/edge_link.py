@@ -10,7 +10,9 @@ Per shard, one `ShardLink` connects, authenticates with the cluster's link secre
 snapshot into the replica, then applies pushes in order. When a link breaks, every pending
 request of it fails with `LinkLost` (an `unavailable`: the gateway closes the sockets that
 waited on one, so their clients resume and resend under the same cids; nothing acknowledged is
-lost, the origin has it), and the link reconnects with backoff. The shard's other clients stay:
+lost, the origin has it), and the link reconnects with backoff. A request made while the link
+is down fails with `LinkDown` (a `LinkLost` whose outcome is known: nothing was sent). The
+shard's other clients stay:
 once the link is back (`restored_listeners`), the new snapshot's differences from the replica
 reach the listeners as changes (members, users, instances), and the gateway takes its sockets'
 slots again and watches its rooms again, reading what they missed from the store.
@@ -64,6 +66,10 @@ class LinkLost(GB6Error):
 
     def __init__(self) -> None:
         super().__init__(UNAVAILABLE, "the origin shard is unreachable; retry")
+
+
+class LinkDown(LinkLost):
+    """The request's shard link was down when it was made: nothing was sent, nothing done."""
 
 
 class ShardLink:
@@ -376,7 +382,7 @@ class ShardLink:
         """Send a request now (no await: frames leave in call order); `reply` gets the answer."""
         writer = self._writer
         if writer is None or not self.connected:
-            reply(outcome.Error(LinkLost()))
+            reply(outcome.Error(LinkDown()))
             return
         self._next_id += 1
         msg["t"] = "req"
@@ -527,7 +533,7 @@ class RemoteOrigin:
         if shard_link is None:
             raise GB6Error(UNAVAILABLE, "the origin shard of this instance is unreachable; retry")
         if not shard_link.connected:
-            raise LinkLost()
+            raise LinkDown()
         return shard_link
 
     def _link_for_room(self, who: Principal, room_id: str) -> ShardLink:

@@ -22,11 +22,11 @@ import trio_asyncio
 from aiortc import VideoStreamTrack
 from aiortc.mediastreams import AudioStreamTrack
 
-from tests.conftest import Node, Peer, Tenant, User, refused
+from tests.conftest import Node, Peer, Tenant, User, close_code, refused
 from tests.media_client import MediaClient, loopback_ice, media_event, ws_of
 from tests.services import require_tool
 from tests.tcp_proxy import TcpProxy, tcp_proxy
-from tests.test_cluster import Cluster, _config
+from tests.test_cluster import Cluster, _config, _metrics
 from tests.test_media_recording import probe
 
 RECORD_S = 4.0
@@ -267,6 +267,53 @@ async def test_media_outlasts_a_lost_link_and_its_sessions_take_their_slots_agai
             await _until_used(origin, tenant.instance, "media_participants", 1)
             await a.close()
             await b.close()
+
+
+async def test_a_request_made_while_the_link_is_down_leaves_a_meeting_going(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Alice, in a meeting on an edge whose link to the shard is down, sends a message: it never
+    left the edge, so she is told `unavailable` with a time to retry, and her socket stays with
+    its media, which goes on; once the link is back her resend is taken. Bob, on that edge
+    without media, is closed to resume (his client finds an edge with the link)."""
+    origin = cluster.origins[0]
+    tenant = origin.create_tenant()
+    alice, bob, carol = tenant.user("alice"), tenant.user("bob"), tenant.user("carol")
+    with edge_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy), trio.fail_after(60):
+        async with (
+            trio_asyncio.open_loop(),
+            ws_of(cut_off, alice.token) as wa,
+            ws_of(cut_off, carol.token) as wc,
+            ws_of(cut_off, bob.token) as wb,
+        ):
+            ok = await wa.ok("room.create", name="m", kind="meeting", members=[bob.id, carol.id])
+            room = ok["room"]["id"]
+            a, c = MediaClient(wa, room), MediaClient(wc, room)
+            await a.join()
+            await c.join()
+            (video,) = await a.publish(VideoStreamTrack())
+            await c.subscribe([video])
+            await c.frames(video, 5)
+            links = _metrics(cut_off)["gb6_origin_links"]
+            proxy.cut()
+            while _metrics(cut_off)["gb6_origin_links_up"] == links:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            body = {"text": "still here?"}
+            answer = await wa.request("send", room=room, cid="m1", body=body)
+            assert (answer["op"], answer["code"]) == ("error", "unavailable"), answer
+            assert answer["retry_after_ms"] > 0
+            await c.frames(video, 10)  # the meeting goes on
+            await wa.ok("ping")
+            await wb.send({"op": "send", "id": 1, "room": room, "cid": "b1", "body": body})
+            code, _ = await close_code(wb)
+            assert code == 1011
+            proxy.heal()
+            while _metrics(cut_off)["gb6_origin_links_up"] < links:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            assert (await wa.ok("send", room=room, cid="m1", body=body))["seq"] == 1
+            await c.frames(video, 5)
+            await a.close()
+            await c.close()
 
 
 async def test_a_member_removed_while_the_link_was_down_takes_no_slot_back(
