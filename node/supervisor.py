@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO, Final, TextIO
@@ -27,6 +28,7 @@ from quart import Blueprint
 from node.config import Config
 from node.errors import invalid
 from node.http import build_app, serve_http
+from node.http_starting import answer_while_starting
 from node.ids import new_secret
 from node.listen import bind
 from node.log import log
@@ -105,7 +107,7 @@ async def serve(
         # Bound first: a port in use stops the process before anything else starts.
         http_sock = bind(config.host, config.http_port, "HTTP")
         async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-            served = await start(nursery)
+            served = await _start_answering_http(nursery, start, http_sock)
             stop_http = trio.Event()
             app = build_app(served.blueprints, max_body=served.max_body)
             await nursery.start(serve_http, app, http_sock, stop_http)
@@ -129,6 +131,19 @@ async def serve(
             await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
     log("stopped")
+
+
+async def _start_answering_http(
+    nursery: trio.Nursery, start: Callable[[trio.Nursery], Awaitable[Served]], sock: socket.socket
+) -> Served:
+    """`start(nursery)`, while the HTTP port says that the process is starting."""
+    started = trio.Event()
+    async with trio.open_nursery() as answering:
+        await answering.start(answer_while_starting, sock, started)
+        try:
+            return await start(nursery)
+        finally:
+            started.set()
 
 
 async def _cut_short_on_a_second_signal(

@@ -414,3 +414,70 @@ async def test_a_drain_that_does_not_end_is_cut_short(
         with trio.fail_after(5):  # the drain bound is 1 s, the second signal at once
             while nursery.child_tasks:  # noqa: ASYNC110 - serve returns
                 await trio.sleep(0.01)
+
+
+async def test_the_http_port_says_starting_while_the_start_waits(tmp_path: Path) -> None:
+    """A start that takes long (here the store's migrations wait for the lock another process
+    holds; a Kafka log's recovery does too) answers on its HTTP port meanwhile: `/healthz`
+    alive, `/readyz` not ready, the rest `unavailable` with Retry-After. Before, the port
+    accepted and said nothing, so a liveness check timed out and the start was restarted."""
+    import asyncpg  # type: ignore[import-untyped, unused-ignore]
+    import trio_asyncio
+    from trio_asyncio import aio_as_trio
+
+    from tests.services import require
+
+    dsn = require("postgres")
+    schema = f"gb6_start_{os.urandom(6).hex()}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "gb6.toml"
+    config.write_text(f'[store]\nbackend = "postgres"\npg_dsn = "{dsn}"\npg_schema = "{schema}"\n')
+    n = Node(tmp_path / "data", extra_args=["--config", str(config), "--http-port", str(port)])
+    base = f"http://127.0.0.1:{port}"
+
+    def get(path: str, method: str = "GET") -> httpx.Response | None:
+        try:
+            return httpx.request(method, base + path, timeout=5)
+        except httpx.TransportError:
+            return None  # not bound yet
+
+    async with trio_asyncio.open_loop():
+        lock = await aio_as_trio(asyncpg.connect)(dsn, timeout=10)
+        try:
+            key = f"gb6.migrate.{schema}"
+            await aio_as_trio(lock.execute)("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+            n.spawn()
+            try:
+                with trio.fail_after(20):
+                    while (alive := await trio.to_thread.run_sync(get, "/healthz")) is None:  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+                assert (alive.status_code, alive.json()) == (200, {"status": "starting"})
+                ready = await trio.to_thread.run_sync(get, "/readyz")
+                assert ready is not None
+                assert (ready.status_code, ready.json()) == (503, {"status": "starting"})
+                other = await trio.to_thread.run_sync(get, "/v1/orgs", "POST")
+                assert other is not None and other.status_code == 503
+                assert other.json()["error"]["code"] == "unavailable"
+                assert int(other.headers["retry-after"]) >= 1
+                assert not n.lines, "ready before the store was"
+                # Not HTTP: closed unanswered, and the port goes on answering.
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                    raw.sendall(b"\x16\x03\x01 not http\r\n\r\n")
+                    assert raw.recv(100) == b""
+                again = await trio.to_thread.run_sync(get, "/healthz")
+                assert again is not None and again.status_code == 200
+                await aio_as_trio(lock.execute)(
+                    "SELECT pg_advisory_unlock(hashtextextended($1, 0))", key
+                )
+                await trio.to_thread.run_sync(n.wait_ready)
+                ready = await trio.to_thread.run_sync(get, "/readyz")
+                assert ready is not None and ready.status_code == 200, ready
+                alive = await trio.to_thread.run_sync(get, "/healthz")
+                assert alive is not None and alive.json() == {"status": "ok"}
+            finally:
+                n.kill()
+                await aio_as_trio(lock.execute)(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await aio_as_trio(lock.close)()
