@@ -52,6 +52,7 @@ from node.errors import (
 )
 from node.log import log
 from node.retry import while_unavailable
+from node.shields import Shields
 from origin.membership import Principal
 from origin.recording_store import CHUNK, RecordingStore
 
@@ -156,6 +157,7 @@ class Recordings:
         self._none_running = trio.Event()
         self._none_running.set()
         self._finishing = False  # `finish_all` was called: no new recording starts
+        self.shields = Shields()  # of every recording's finishing: `abandon` drops them
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; cancelling finishes every running recording (files and
@@ -186,7 +188,7 @@ class Recordings:
         instance = room.record.instance
         # Each write is bounded by `recording_finish_s` (edge/recording/recorder.py).
         uploads = _Uploads(self.backend, instance, self.limits.recording_finish_s)
-        recorder = Recorder(room_id, uploads, self.limits)
+        recorder = Recorder(room_id, uploads, self.limits, shields=self.shields)
         active = _Active(room_id, instance, recorder)
         # Known from here on (to `finish_all` and a second start), before the charge's await:
         # `_record` takes it over once started. A drain that began meanwhile has stopped its
@@ -267,6 +269,14 @@ class Recordings:
             active.recorder.stop("shutdown")
         await self._none_running.wait()
 
+    def abandon(self) -> None:
+        """Stop now: the finishing under way ends where it is (files or manifest not stored
+        are lost, minutes owed not charged), and any later one at once. The operator's second
+        signal, or a drain whose budget for the recordings ran out."""
+        if not self.shields.dropped:
+            log("recordings_abandoned", finishing=self._running)
+        self.shields.drop_all()
+
     def _begin(self) -> None:
         if self._running == 0:
             self._none_running = trio.Event()
@@ -318,7 +328,7 @@ class Recordings:
             # One budget for both, so that a process stopping with its origin unreachable
             # waits for it once: the owed minutes take at most half.
             finish_s = self.limits.recording_finish_s
-            with trio.CancelScope(shield=True), trio.move_on_after(finish_s):
+            with self.shields.shielded(finish_s):
                 # The minutes recorded while the origin could not be charged (one past the
                 # quota is refused: it was recorded already, and is not billed).
                 with trio.move_on_after(finish_s / 2):

@@ -101,6 +101,8 @@ class Recordings(Protocol):
 
     async def finish_all(self) -> None: ...
 
+    def abandon(self) -> None: ...
+
 
 # --- the pure part: SFU events → wire events ------------------------------------------------
 
@@ -376,6 +378,11 @@ class MediaRooms:
         that takes their files still answers (beside the gateway's drain: `drain_edge`)."""
         if self.recordings is not None:
             await self.recordings.finish_all()
+
+    def abandon(self) -> None:
+        """Stop now: recordings still finishing end where they are (`Recordings.abandon`)."""
+        if self.recordings is not None:
+            self.recordings.abandon()
 
     # --- joining and leaving -------------------------------------------------------------
 

@@ -56,6 +56,7 @@ async def run_edge(config: Config, out: TextIO = sys.stdout) -> None:
             {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},
             # Recordings finish over the links, which stop with the process.
             partial(drain_edge, gateway, media),
+            media.abandon,
         )
 
     await serve(config, start, out)

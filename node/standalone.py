@@ -54,6 +54,7 @@ async def run_node(config: Config, out: TextIO = sys.stdout) -> None:
             config.limits.file_bytes,
             {"ws": f"ws://{announced_host(config)}:{ws_port}/v1/ws"},
             drain,
+            media.abandon,
         )
 
     try:

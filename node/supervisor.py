@@ -91,6 +91,8 @@ class Served:
     max_body: int
     ready: dict[str, str]  # the ready line's fields before `http`
     drain: Callable[[], Awaitable[None]]  # SIGTERM: what must finish before the process stops
+    # The drain cut short (its time ran out, or a second signal): what is shielded stops now.
+    stop_now: Callable[[], None] = lambda: None
 
 
 async def serve(
@@ -126,6 +128,7 @@ async def serve(
                     watching.cancel_scope.cancel()
             if draining.cancelled_caught:
                 log("drain_cut_short")
+                served.stop_now()
             stop_http.set()
             nursery.cancel_scope.deadline = trio.current_time() + 5.0
             await trio.sleep(0.2)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -416,3 +417,35 @@ async def test_a_draining_edge_finishes_its_recordings_while_its_links_serve(
         assert track["id"] == video and track["file"] and track["error"] is None, track
         r = await http.get(f"/v1/rooms/{room}/recordings/{rec}/files/{track['file']}", headers=auth)
         assert r.status_code == 200 and len(r.content) == track["bytes"] > 0
+
+
+async def test_a_second_signal_stops_an_edge_whose_recording_cannot_finish(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """SIGTERM to an edge recording a room whose shard it cannot reach: the recording's files
+    wait for the origin (up to `recording_finish_s`, 60 s). A second SIGTERM (the operator's
+    "stop now") stops the process within seconds, the recording abandoned. Before, the files'
+    shielded finish kept the process up for as long as that."""
+    origin = cluster.origins[0]
+    alice = origin.create_tenant().user("alice")
+    with edge_behind_a_proxy(cluster, tmp_path) as (edge, proxy), trio.fail_after(60):
+        async with trio_asyncio.open_loop():
+            async with ws_of(edge, alice.token) as wa:
+                ok = await wa.ok("room.create", name="m", kind="meeting", members=[])
+                room = ok["room"]["id"]
+                a = MediaClient(wa, room)
+                await a.join()
+                await a.publish(VideoStreamTrack())
+                await wa.ok("media.record", room=room, on=True)
+                await trio.sleep(1)
+                proxy.cut()
+                assert edge.proc is not None
+                edge.proc.send_signal(signal.SIGTERM)
+                await trio.sleep(2)  # draining: the recording's files wait for the origin
+                assert edge.proc.poll() is None
+                edge.proc.send_signal(signal.SIGTERM)
+                code = await trio.to_thread.run_sync(edge.proc.wait, 10)
+            await a.close()
+    assert code == 0
+    logged = edge.stderr_path.read_text() if edge.stderr_path else ""
+    assert '"recordings_abandoned"' in logged, logged[-2000:]

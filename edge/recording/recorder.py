@@ -15,8 +15,10 @@ Rules:
   writes the files and then the manifest (blob id = the recording id), and `run()` returns it.
 - Finishing is shielded from cancellation, bounded by `limits.recording_finish_s` (the files
   of tracks removed just before wait for theirs, each bounded the same), so an edge shutting
-  down still leaves playable files and a manifest behind. The files take at most 80 % of it:
-  the manifest always has its share, and lists a file not written by then `store_failed`.
+  down still leaves playable files and a manifest behind; only the owner's `Shields.drop_all`
+  (the operator's "stop now") ends it sooner, leaving what was not stored. The files take at
+  most 80 % of it: the manifest always has its share, and lists a file not written by then
+  `store_failed`.
 - Each track's file is held in memory until the track ends (the blob store takes whole blobs),
   at most `limits.recording_track_bytes`; past that the track is truncated, not the recording.
 """
@@ -37,6 +39,7 @@ from node.channels import take_all_waiting, take_waiting
 from node.config import Limits
 from node.errors import CONFLICT, QUOTA_EXCEEDED, UNAVAILABLE, GB6Error, invalid, not_found
 from node.ids import new_id
+from node.shields import Shields
 from origin.sqlite_store import now_ms
 
 _TRACK_ID_CHARS = 128
@@ -86,8 +89,11 @@ class Recorder:
         *,
         recording_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shields: Shields | None = None,
     ) -> None:
+        """`shields`: those of the finishing (its owner's `drop_all` ends it, unfinished)."""
         self.id = recording_id or new_id("rec")
+        self._shields = shields if shields is not None else Shields()
         self.room = room
         self.blobs = blobs
         self.limits = limits
@@ -212,10 +218,7 @@ class Recorder:
         finally:
             self._stopping = True
             try:
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(self.limits.recording_finish_s),
-                ):
+                with self._shields.shielded(self.limits.recording_finish_s):
                     await self._finish(start, started_at)
             finally:
                 self._done.set()
@@ -237,7 +240,7 @@ class Recorder:
 
     async def _store_removed(self, entry: _Entry, track: Track, start: float) -> None:
         by = trio.current_time() + self.limits.recording_finish_s
-        with trio.CancelScope(shield=True):  # bounded in `_store`
+        with self._shields.shielded(self.limits.recording_finish_s):
             await self._store(entry, track, start, by)
 
     def _mux(self, item: _Item) -> None:
