@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -34,6 +35,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     "CREATE TABLE kv(key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID",
 )
 _BATCH: Final = 256  # jobs per transaction
+_WAL_WAIT_S: Final = 30.0
 _STOP: Final = object()
 T = TypeVar("T")
 
@@ -95,7 +97,7 @@ class SqliteKv:
             str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
         )
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            _enter_wal(conn)
             conn.execute("PRAGMA synchronous=FULL")
             migrate_sqlite(conn, "the kv", _MIGRATIONS)
         except BaseException:
@@ -249,3 +251,18 @@ def _scan(conn: sqlite3.Connection, rng: ScanRange) -> list[Entry]:
     sql += " ORDER BY key LIMIT ?"
     args.append(rng.limit)
     return [Entry(bytes(k), bytes(v)) for k, v in conn.execute(sql, args).fetchall()]
+
+
+def _enter_wal(conn: sqlite3.Connection) -> None:
+    """WAL mode, waiting for another process that opens the same file at once (origins
+    sharing a kv file): changing the journal mode fails at once with "database is locked"
+    while another connection holds the lock, whatever the busy timeout."""
+    deadline = time.monotonic() + _WAL_WAIT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)

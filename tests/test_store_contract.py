@@ -2139,6 +2139,35 @@ def test_sqlite_a_file_two_processes_open_at_once_is_migrated_once(tmp_path: Pat
     first.close()
 
 
+async def test_sqlite_kv_opened_while_another_process_holds_its_new_file_waits(
+    tmp_path: Path,
+) -> None:
+    """Another origin has just created the shared kv file and holds its lock (before WAL
+    mode): this one's open waits for it, where changing the journal mode failed at once
+    ("database is locked") and the origin did not start."""
+    from origin.kv import KvLimits
+    from origin.kv_sqlite import SqliteKv
+
+    path = tmp_path / "kv.db"
+    other = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE made_by_the_other(x)")
+
+    async def release() -> None:
+        await trio.sleep(0.5)
+        other.execute("COMMIT")
+
+    kv = SqliteKv(path, KvLimits())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(release)
+        with trio.fail_after(20):
+            await nursery.start(kv.run)
+        await kv.put(b"k", b"v")
+        assert (await kv.get(b"k")) == b"v"
+        nursery.cancel_scope.cancel()
+    other.close()
+
+
 async def test_pg_a_store_made_by_a_newer_release_is_refused(pg_backend: Backend) -> None:
     """As on SQLite: a schema a newer release migrated is refused, and left as it is."""
     async with serving(pg_backend):
