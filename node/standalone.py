@@ -1,7 +1,7 @@
 """`gb6 run`: the origin shard and the edge in one process, on the embedded stores.
 
-Start order: origin shard (store loaded) → edge gateway (WS listener) → media → HTTP listener →
-the ready line. SIGTERM/SIGINT drain in the reverse direction: the gateway tells clients to
+Start order: origin shard (store loaded) → edge gateway (WS listener) → media → the HTTP app
+(the port answered `starting` until then: node/http_starting.py) → the ready line. SIGTERM/SIGINT drain in the reverse direction: the gateway tells clients to
 resume elsewhere (4009) while the recordings finish, the shard waits until every accepted write
 is durable and answered, then the HTTP server stops and the nursery is cancelled.
 """

@@ -46,8 +46,8 @@ def committed_records_after(
             "enable.partition.eof": True,
             "auto.offset.reset": "error",
             # An empty partition's end is told by a fetch answered empty, which the broker
-            # holds up to this long (500 ms by default, per partition and poll): a start and
-            # every recovery would wait it out.
+            # holds up to this long (500 ms by default, for each fetch request): a start and
+            # every recovery waited it out, about a second.
             "fetch.wait.max.ms": _FETCH_WAIT_MS,
         },
     )

@@ -61,8 +61,8 @@ def _tell(listener: Callable[..., None], *change: Any) -> None:
 
 
 class LinkLost(GB6Error):
-    """The request's shard link broke before its answer, or was down when it was made: the
-    outcome is unknown (an append may have been made durable)."""
+    """The request's shard link broke before its answer: the outcome is unknown (an append
+    may have been made durable). `LinkDown`, a subclass, when it never left."""
 
     def __init__(self) -> None:
         super().__init__(UNAVAILABLE, "the origin shard is unreachable; retry")

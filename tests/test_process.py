@@ -438,8 +438,9 @@ async def test_the_http_port_says_starting_while_the_start_waits(tmp_path: Path)
     base = f"http://127.0.0.1:{port}"
 
     def get(path: str, method: str = "GET") -> httpx.Response | None:
+        body = b"x" * 100_000 if method == "POST" else None  # unread: it must not reset
         try:
-            return httpx.request(method, base + path, timeout=5)
+            return httpx.request(method, base + path, content=body, timeout=5)
         except httpx.TransportError:
             return None  # not bound yet
 
@@ -457,6 +458,8 @@ async def test_the_http_port_says_starting_while_the_start_waits(tmp_path: Path)
                 ready = await trio.to_thread.run_sync(get, "/readyz")
                 assert ready is not None
                 assert (ready.status_code, ready.json()) == (503, {"status": "starting"})
+                head = await trio.to_thread.run_sync(get, "/healthz", "HEAD")
+                assert head is not None and head.status_code == 200
                 other = await trio.to_thread.run_sync(get, "/v1/orgs", "POST")
                 assert other is not None and other.status_code == 503
                 assert other.json()["error"]["code"] == "unavailable"
