@@ -1,9 +1,10 @@
 """`gb6 run`: the origin shard and the edge in one process, on the embedded stores.
 
 Start order: origin shard (store loaded) → edge gateway (WS listener) → media → the HTTP app
-(the port answered `starting` until then: node/http_starting.py) → the ready line. SIGTERM/SIGINT drain in the reverse direction: the gateway tells clients to
-resume elsewhere (4009) while the recordings finish, the shard waits until every accepted write
-is durable and answered, then the HTTP server stops and the nursery is cancelled.
+(the port answered `starting` until then: node/http_starting.py) → the ready line.
+SIGTERM/SIGINT drain in the reverse direction: the gateway tells clients to resume elsewhere
+(4009) while the recordings finish, the shard waits until every accepted write is durable and
+answered, then the HTTP server stops and the nursery is cancelled.
 """
 
 from __future__ import annotations
