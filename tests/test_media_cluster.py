@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +389,24 @@ async def test_a_recording_outlasts_a_lost_link(cluster: Cluster, tmp_path: Path
             assert r.status_code == 200 and len(r.content) == t["bytes"]
 
 
+@asynccontextmanager
+async def _recording_alone(edge: Node, user: User) -> AsyncIterator[tuple[str, str, str]]:
+    """`user` alone in a new meeting on `edge`, publishing video, recorded for a second:
+    (room, video track, recording) inside; the client is closed on exit."""
+    async with ws_of(edge, user.token) as ws:
+        ok = await ws.ok("room.create", name="m", kind="meeting", members=[])
+        room = ok["room"]["id"]
+        client = MediaClient(ws, room)
+        await client.join()
+        (video,) = await client.publish(VideoStreamTrack())
+        rec = (await ws.ok("media.record", room=room, on=True))["recording"]
+        await trio.sleep(1)
+        try:
+            yield room, video, rec
+        finally:
+            await client.close()
+
+
 async def test_a_draining_edge_finishes_its_recordings_while_its_links_serve(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -398,17 +416,8 @@ async def test_a_draining_edge_finishes_its_recordings_while_its_links_serve(
     origin = cluster.origins[0]
     alice = origin.create_tenant().user("alice")
     with edge_behind_a_proxy(cluster, tmp_path) as (edge, _), trio.fail_after(60):
-        async with trio_asyncio.open_loop():
-            async with ws_of(edge, alice.token) as wa:
-                ok = await wa.ok("room.create", name="m", kind="meeting", members=[])
-                room = ok["room"]["id"]
-                a = MediaClient(wa, room)
-                await a.join()
-                (video,) = await a.publish(VideoStreamTrack())
-                rec = (await wa.ok("media.record", room=room, on=True))["recording"]
-                await trio.sleep(1)
-                assert await trio.to_thread.run_sync(edge.terminate) == 0
-            await a.close()
+        async with trio_asyncio.open_loop(), _recording_alone(edge, alice) as (room, video, rec):
+            assert await trio.to_thread.run_sync(edge.terminate) == 0
     async with httpx.AsyncClient(base_url=cluster.edges[1].http_url, timeout=20) as http:
         auth = {"Authorization": f"Bearer {alice.token}"}
         manifest = (await http.get(f"/v1/rooms/{room}/recordings/{rec}", headers=auth)).json()
@@ -429,23 +438,14 @@ async def test_a_second_signal_stops_an_edge_whose_recording_cannot_finish(
     origin = cluster.origins[0]
     alice = origin.create_tenant().user("alice")
     with edge_behind_a_proxy(cluster, tmp_path) as (edge, proxy), trio.fail_after(60):
-        async with trio_asyncio.open_loop():
-            async with ws_of(edge, alice.token) as wa:
-                ok = await wa.ok("room.create", name="m", kind="meeting", members=[])
-                room = ok["room"]["id"]
-                a = MediaClient(wa, room)
-                await a.join()
-                await a.publish(VideoStreamTrack())
-                await wa.ok("media.record", room=room, on=True)
-                await trio.sleep(1)
-                proxy.cut()
-                assert edge.proc is not None
-                edge.proc.send_signal(signal.SIGTERM)
-                await trio.sleep(2)  # draining: the recording's files wait for the origin
-                assert edge.proc.poll() is None
-                edge.proc.send_signal(signal.SIGTERM)
-                code = await trio.to_thread.run_sync(edge.proc.wait, 10)
-            await a.close()
+        async with trio_asyncio.open_loop(), _recording_alone(edge, alice):
+            proxy.cut()
+            assert edge.proc is not None
+            edge.proc.send_signal(signal.SIGTERM)
+            await trio.sleep(2)  # draining: the recording's files wait for the origin
+            assert edge.proc.poll() is None
+            edge.proc.send_signal(signal.SIGTERM)
+            code = await trio.to_thread.run_sync(edge.proc.wait, 10)
     assert code == 0
     logged = edge.stderr_path.read_text() if edge.stderr_path else ""
     assert '"recordings_abandoned"' in logged, logged[-2000:]
