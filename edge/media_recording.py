@@ -328,15 +328,20 @@ class Recordings:
             # One budget for both, so that a process stopping with its origin unreachable
             # waits for it once: the owed minutes take at most half.
             finish_s = self.limits.recording_finish_s
+            indexed = False
             with self.shields.shielded(finish_s):
                 # The minutes recorded while the origin could not be charged (one past the
                 # quota is refused: it was recorded already, and is not billed).
                 with trio.move_on_after(finish_s / 2):
                     await self._charge_owed(active, finish_s / 2)
-                if active.owed:
-                    log("recording_minutes_unbilled", room=room, minutes=len(active.owed))
                 if manifest is not None:
                     await self._index(active, manifest.id)
+                    indexed = True
+            # Told after the shield: also when the finishing was cut short (abandoned).
+            if active.owed:
+                log("recording_minutes_unbilled", room=room, minutes=len(active.owed))
+            if manifest is not None and not indexed:
+                log("recording_not_indexed", room=room, recording=manifest.id, error="cut short")
 
     async def _run_recorder(
         self, recorder: Recorder, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -31,7 +31,7 @@ _RETRY_AFTER_MS: Final = 1000
 _HANDOVER_S: Final = 0.25
 _ACCEPT_PAUSE_S: Final = 0.1
 _LINGER_S: Final = 1.0  # after the answer: what the client still sends is read this long
-_LINGER_BYTES: Final = 64 << 10  # and this much
+_LINGER_BYTES: Final = 1 << 20  # and this much (a larger body's sender gets a reset)
 
 
 async def answer_while_starting(
@@ -47,13 +47,17 @@ async def answer_while_starting(
         task_status.started()
         with trio.CancelScope() as accepting:
             answering.start_soon(_cancel_when_set, started, accepting)
+            failing = False
             while True:
                 try:
                     conn = await listener.accept()
                 except OSError as exc:  # out of descriptors: the process's limit, for now
-                    log("starting_http_accept_failed", error=exc.strerror)
+                    if not failing:  # once a spell, not ten times a second
+                        log("starting_http_accept_failed", error=exc.strerror)
+                    failing = True
                     await trio.sleep(_ACCEPT_PAUSE_S)
                     continue
+                failing = False
                 if len(answering.child_tasks) > _MAX_CONNECTIONS:
                     await conn.aclose()
                     continue

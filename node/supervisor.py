@@ -109,7 +109,7 @@ async def serve(
         # Bound first: a port in use stops the process before anything else starts.
         http_sock = bind(config.host, config.http_port, "HTTP")
         async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-            served = await _start_answering_http(nursery, start, http_sock)
+            served = await _start_answering_http(nursery, start, http_sock, signals)
             stop_http = trio.Event()
             app = build_app(served.blueprints, max_body=served.max_body)
             await nursery.start(serve_http, app, http_sock, stop_http)
@@ -137,16 +137,36 @@ async def serve(
 
 
 async def _start_answering_http(
-    nursery: trio.Nursery, start: Callable[[trio.Nursery], Awaitable[Served]], sock: socket.socket
+    nursery: trio.Nursery,
+    start: Callable[[trio.Nursery], Awaitable[Served]],
+    sock: socket.socket,
+    signals: AsyncIterator[int],
 ) -> Served:
-    """`start(nursery)`, while the HTTP port says that the process is starting."""
+    """`start(nursery)`, while the HTTP port says that the process is starting. A signal
+    meanwhile stops the process (nothing served yet: nothing to drain)."""
     started = trio.Event()
     async with trio.open_nursery() as answering:
         await answering.start(answer_while_starting, sock, started)
+        answering.start_soon(_stop_on_a_signal_until, started, signals, nursery.cancel_scope)
         try:
             return await start(nursery)
         finally:
             started.set()
+
+
+async def _stop_on_a_signal_until(
+    started: trio.Event, signals: AsyncIterator[int], process: trio.CancelScope
+) -> None:
+    async def stop_on_a_signal() -> None:
+        async for signum in signals:
+            log("stopped_while_starting", signal=signal.Signals(signum).name)
+            process.cancel()
+            return
+
+    async with trio.open_nursery() as watching:
+        watching.start_soon(stop_on_a_signal)
+        await started.wait()
+        watching.cancel_scope.cancel()
 
 
 async def _cut_short_on_a_second_signal(

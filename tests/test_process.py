@@ -12,10 +12,12 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
@@ -416,11 +418,32 @@ async def test_a_drain_that_does_not_end_is_cut_short(
                 await trio.sleep(0.01)
 
 
-async def test_the_http_port_says_starting_while_the_start_waits(tmp_path: Path) -> None:
-    """A start that takes long (here the store's migrations wait for the lock another process
-    holds; a Kafka log's recovery does too) answers on its HTTP port meanwhile: `/healthz`
-    alive, `/readyz` not ready, the rest `unavailable` with Retry-After. Before, the port
-    accepted and said nothing, so a liveness check timed out and the start was restarted."""
+@attrs.frozen
+class _WaitingStart:
+    """A `gb6 run` on PostgreSQL whose migrations wait for a lock the test holds."""
+
+    node: Node
+    port: int
+    release: Callable[[], Awaitable[None]]
+
+    def get(self, path: str, method: str = "GET") -> httpx.Response | None:
+        body = b"x" * 100_000 if method == "POST" else None  # unread: it must not reset
+        try:
+            return httpx.request(
+                method, f"http://127.0.0.1:{self.port}{path}", content=body, timeout=5
+            )
+        except httpx.TransportError:
+            return None  # not bound yet
+
+    async def answered(self, path: str, method: str = "GET") -> httpx.Response:
+        got = await trio.to_thread.run_sync(self.get, path, method)
+        assert got is not None
+        return got
+
+
+@asynccontextmanager
+async def _start_waiting_on_migrations(tmp_path: Path) -> AsyncIterator[_WaitingStart]:
+    """Spawned, and its HTTP port bound (it answers), inside; killed on exit."""
     import asyncpg  # type: ignore[import-untyped, unused-ignore]
     import trio_asyncio
     from trio_asyncio import aio_as_trio
@@ -435,52 +458,62 @@ async def test_the_http_port_says_starting_while_the_start_waits(tmp_path: Path)
     config = tmp_path / "gb6.toml"
     config.write_text(f'[store]\nbackend = "postgres"\npg_dsn = "{dsn}"\npg_schema = "{schema}"\n')
     n = Node(tmp_path / "data", extra_args=["--config", str(config), "--http-port", str(port)])
-    base = f"http://127.0.0.1:{port}"
-
-    def get(path: str, method: str = "GET") -> httpx.Response | None:
-        body = b"x" * 100_000 if method == "POST" else None  # unread: it must not reset
-        try:
-            return httpx.request(method, base + path, content=body, timeout=5)
-        except httpx.TransportError:
-            return None  # not bound yet
-
     async with trio_asyncio.open_loop():
         lock = await aio_as_trio(asyncpg.connect)(dsn, timeout=10)
+        key = f"gb6.migrate.{schema}"
+        advisory = "SELECT pg_advisory_{}(hashtextextended($1, 0))"
+
+        async def release() -> None:
+            await aio_as_trio(lock.execute)(advisory.format("unlock"), key)
+
         try:
-            key = f"gb6.migrate.{schema}"
-            await aio_as_trio(lock.execute)("SELECT pg_advisory_lock(hashtextextended($1, 0))", key)
+            await aio_as_trio(lock.execute)(advisory.format("lock"), key)
             n.spawn()
+            start = _WaitingStart(n, port, release)
             try:
                 with trio.fail_after(20):
-                    while (alive := await trio.to_thread.run_sync(get, "/healthz")) is None:  # noqa: ASYNC110
+                    while await trio.to_thread.run_sync(start.get, "/healthz") is None:  # noqa: ASYNC110
                         await trio.sleep(0.1)
-                assert (alive.status_code, alive.json()) == (200, {"status": "starting"})
-                ready = await trio.to_thread.run_sync(get, "/readyz")
-                assert ready is not None
-                assert (ready.status_code, ready.json()) == (503, {"status": "starting"})
-                head = await trio.to_thread.run_sync(get, "/healthz", "HEAD")
-                assert head is not None and head.status_code == 200
-                other = await trio.to_thread.run_sync(get, "/v1/orgs", "POST")
-                assert other is not None and other.status_code == 503
-                assert other.json()["error"]["code"] == "unavailable"
-                assert int(other.headers["retry-after"]) >= 1
-                assert not n.lines, "ready before the store was"
-                # Not HTTP: closed unanswered, and the port goes on answering.
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-                    raw.sendall(b"\x16\x03\x01 not http\r\n\r\n")
-                    assert raw.recv(100) == b""
-                again = await trio.to_thread.run_sync(get, "/healthz")
-                assert again is not None and again.status_code == 200
-                await aio_as_trio(lock.execute)(
-                    "SELECT pg_advisory_unlock(hashtextextended($1, 0))", key
-                )
-                await trio.to_thread.run_sync(n.wait_ready)
-                ready = await trio.to_thread.run_sync(get, "/readyz")
-                assert ready is not None and ready.status_code == 200, ready
-                alive = await trio.to_thread.run_sync(get, "/healthz")
-                assert alive is not None and alive.json() == {"status": "ok"}
+                yield start
             finally:
                 n.kill()
                 await aio_as_trio(lock.execute)(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:
             await aio_as_trio(lock.close)()
+
+
+async def test_the_http_port_says_starting_while_the_start_waits(tmp_path: Path) -> None:
+    """A start that takes long (here the store's migrations wait for the lock another process
+    holds; a Kafka log's recovery does too) answers on its HTTP port meanwhile: `/healthz`
+    alive, `/readyz` not ready, the rest `unavailable` with Retry-After. Before, the port
+    accepted and said nothing, so a liveness check timed out and the start was restarted."""
+    async with _start_waiting_on_migrations(tmp_path) as start:
+        alive = await start.answered("/healthz")
+        assert (alive.status_code, alive.json()) == (200, {"status": "starting"})
+        ready = await start.answered("/readyz")
+        assert (ready.status_code, ready.json()) == (503, {"status": "starting"})
+        assert (await start.answered("/healthz", "HEAD")).status_code == 200
+        other = await start.answered("/v1/orgs", "POST")
+        assert other.status_code == 503 and other.json()["error"]["code"] == "unavailable"
+        assert int(other.headers["retry-after"]) >= 1
+        assert not start.node.lines, "ready before the store was"
+        # Not HTTP: closed unanswered, and the port goes on answering.
+        with socket.create_connection(("127.0.0.1", start.port), timeout=5) as raw:
+            raw.sendall(b"\x16\x03\x01 not http\r\n\r\n")
+            assert raw.recv(100) == b""
+        assert (await start.answered("/healthz")).status_code == 200
+        await start.release()
+        await trio.to_thread.run_sync(start.node.wait_ready)
+        assert (await start.answered("/readyz")).status_code == 200
+        assert (await start.answered("/healthz")).json() == {"status": "ok"}
+
+
+async def test_a_signal_while_starting_stops_the_process(tmp_path: Path) -> None:
+    """SIGTERM while the start waits (an orchestrator giving up on it): the process stops at
+    once, exit 0, rather than at the end of a start that may never come."""
+    async with _start_waiting_on_migrations(tmp_path) as start:
+        proc = start.node.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(proc.wait, 10) == 0
+        assert '"stopped_while_starting"' in start.node.stderr()
