@@ -123,7 +123,7 @@ async def serve(
                 break
             with trio.move_on_after(DRAIN_S) as draining:
                 async with trio.open_nursery() as watching:
-                    watching.start_soon(_cut_short_on_a_second_signal, signals, draining)
+                    watching.start_soon(_cancel_on_a_signal, signals, draining, "drain_cut_short")
                     await served.drain()
                     watching.cancel_scope.cancel()
             if draining.cancelled_caught:
@@ -157,25 +157,20 @@ async def _start_answering_http(
 async def _stop_on_a_signal_until(
     started: trio.Event, signals: AsyncIterator[int], process: trio.CancelScope
 ) -> None:
-    async def stop_on_a_signal() -> None:
-        async for signum in signals:
-            log("stopped_while_starting", signal=signal.Signals(signum).name)
-            process.cancel()
-            return
-
     async with trio.open_nursery() as watching:
-        watching.start_soon(stop_on_a_signal)
+        watching.start_soon(_cancel_on_a_signal, signals, process, "stopped_while_starting")
         await started.wait()
         watching.cancel_scope.cancel()
 
 
-async def _cut_short_on_a_second_signal(
-    signals: AsyncIterator[int], draining: trio.CancelScope
+async def _cancel_on_a_signal(
+    signals: AsyncIterator[int], scope: trio.CancelScope, event: str
 ) -> None:
-    """The operator asked twice (Ctrl-C again): stop now, whatever the drain still waits for."""
+    """The operator asked to stop (while starting, or Ctrl-C again while draining): `scope`
+    is cancelled, whatever it still waits for; logged as `event`."""
     async for signum in signals:
-        log("drain_cut_short", signal=signal.Signals(signum).name)
-        draining.cancel()
+        log(event, signal=signal.Signals(signum).name)
+        scope.cancel()
         return
 
 
