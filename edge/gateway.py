@@ -775,6 +775,8 @@ class Gateway:
                     self.origin.events_after,
                     self.limits.catchup_chunk,
                     self.limits.outbox_bytes // 2,
+                    # Its media flows through this edge alone: it waits out an outage too.
+                    lambda: conn.media is not None and conn.media.live,
                 )
             except GB6Error as exc:  # the store could not be read: the client resumes later
                 if sub.scope.cancel_called:  # released meanwhile: nothing is owed

@@ -313,9 +313,12 @@ class Hubs:
         events_after: EventsAfter,
         chunk: int,
         high_water: int,
+        keep_asking: Callable[[], bool] = lambda: False,
     ) -> None:
         """Bring `sub` from `after` to the hub's head, then make it live. Runs as a task of the
-        subscriber's connection; cancelled by `release` or a new subscribe."""
+        subscriber's connection; cancelled by `release` or a new subscribe. A store answering
+        `unavailable` is asked again for `CATCH_UP_RETRY_S`, and for as long as `keep_asking()`
+        says (a connection whose meeting the close would end)."""
         hub = self.hubs.get(sub.room)
         delivered = after
         give_up: float | None = None  # while the store answers `unavailable` in a row
@@ -355,7 +358,9 @@ class Hubs:
                 # rather than closing the connection for its client to resume into the same.
                 if give_up is None:
                     give_up = trio.current_time() + CATCH_UP_RETRY_S
-                if exc.code != UNAVAILABLE or trio.current_time() >= give_up:
+                if exc.code != UNAVAILABLE or (
+                    trio.current_time() >= give_up and not keep_asking()
+                ):
                     raise
                 await trio.sleep(pause)
                 pause = min(2 * pause, _RETRY_PAUSE_MAX_S)

@@ -317,6 +317,50 @@ async def test_a_request_made_while_the_link_is_down_leaves_a_meeting_going(
             await c.close()
 
 
+async def test_a_catch_up_in_a_meeting_waits_out_the_outage(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Alice, in a meeting on an edge whose link to the shard is down, subscribes to the room
+    from its start: its hub is there (carol follows it live) but not the events before, which
+    only the store has. Her catch-up asks again past its usual 10 s while her meeting goes on,
+    and brings the events once the link is back; before, her socket was closed after 10 s,
+    ending the meeting."""
+    origin = cluster.origins[0]
+    tenant = origin.create_tenant()
+    alice, carol = tenant.user("alice"), tenant.user("carol")
+    with edge_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy), trio.fail_after(60):
+        async with (
+            trio_asyncio.open_loop(),
+            ws_of(cut_off, alice.token) as wa,
+            ws_of(cut_off, carol.token) as wc,
+        ):
+            ok = await wa.ok("room.create", name="m", kind="meeting", members=[carol.id])
+            room = ok["room"]["id"]
+            for cid in ("m1", "m2"):
+                await wa.ok("send", room=room, cid=cid, body={"text": cid})
+            await wc.ok("subscribe", room=room, after=2)  # the hub starts at the head
+            a, c = MediaClient(wa, room), MediaClient(wc, room)
+            await a.join()
+            await c.join()
+            (video,) = await a.publish(VideoStreamTrack())
+            await c.subscribe([video])
+            await c.frames(video, 5)
+            links = _metrics(cut_off)["gb6_origin_links"]
+            proxy.cut()
+            while _metrics(cut_off)["gb6_origin_links_up"] == links:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            await wa.ok("subscribe", room=room, after=0)
+            await trio.sleep(12)  # past the catch-up's 10 s
+            await wa.ok("ping")
+            await c.frames(video, 10)  # the meeting goes on
+            proxy.heal()
+            wa.timeout = 20
+            got = [await wa.event("message") for _ in range(2)]
+            assert [(e["seq"], e["cid"]) for e in got] == [(1, "m1"), (2, "m2")]
+            await a.close()
+            await c.close()
+
+
 async def test_a_member_removed_while_the_link_was_down_takes_no_slot_back(
     cluster: Cluster, tmp_path: Path
 ) -> None:
