@@ -17,6 +17,7 @@ import resource
 import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import IO, Final, TextIO
 
@@ -102,38 +103,59 @@ async def serve(
     admin: tuple[str, bool] | None = None,
 ) -> None:
     """The skeleton every `gb6` process shares: one trio-asyncio loop around one nursery;
-    `start` starts the components in it; then the HTTP listener, the ready line (and the admin
-    token line when it came from the data directory); on SIGTERM/SIGINT `drain`, then stop."""
+    `start` starts the components in it, while the HTTP port says `starting`; then the HTTP
+    app, the ready line (and the admin token line when it came from the data directory); on
+    SIGTERM/SIGINT `drain`, then stop. A signal before the ready line stops it at once."""
     _raise_fd_limit()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         # Bound first: a port in use stops the process before anything else starts.
         http_sock = bind(config.host, config.http_port, "HTTP")
-        async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-            served = await _start_answering_http(nursery, start, http_sock, signals)
-            stop_http = trio.Event()
-            app = build_app(served.blueprints, max_body=served.max_body)
-            await nursery.start(serve_http, app, http_sock, stop_http)
-            _tune_gc()
-            if admin is not None and admin[1]:
-                _say(out, event="admin_token", token=admin[0])
-            http = f"http://{announced_host(config)}:{http_sock.getsockname()[1]}"
-            _say(out, event="ready", **served.ready, http=http)
-            async for signum in signals:
-                log("draining", signal=signal.Signals(signum).name)
-                break
-            with trio.move_on_after(DRAIN_S) as draining:
-                async with trio.open_nursery() as watching:
-                    watching.start_soon(_cancel_on_a_signal, signals, draining, "drain_cut_short")
-                    await served.drain()
-                    watching.cancel_scope.cancel()
-            if draining.cancelled_caught:
-                log("drain_cut_short")
-                served.stop_now()
-            stop_http.set()
-            nursery.cancel_scope.deadline = trio.current_time() + 5.0
-            await trio.sleep(0.2)
-            nursery.cancel_scope.cancel()
+        stopped_starting = trio.Event()
+        try:
+            await _serve(config, start, out, admin, signals, http_sock, stopped_starting)
+        except Exception as exc:
+            if not stopped_starting.is_set():
+                raise
+            # Its components were cancelled mid-start: what they leave (a PostgreSQL
+            # connection aborted mid-handshake, say) may raise as the asyncio loop closes.
+            log("stopped_while_starting_error", error=repr(exc))
     log("stopped")
+
+
+async def _serve(
+    config: Config,
+    start: Callable[[trio.Nursery], Awaitable[Served]],
+    out: TextIO,
+    admin: tuple[str, bool] | None,
+    signals: AsyncIterator[int],
+    http_sock: socket.socket,
+    stopped_starting: trio.Event,
+) -> None:
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        served = await _start_answering_http(nursery, start, http_sock, signals, stopped_starting)
+        stop_http = trio.Event()
+        app = build_app(served.blueprints, max_body=served.max_body)
+        await nursery.start(serve_http, app, http_sock, stop_http)
+        _tune_gc()
+        if admin is not None and admin[1]:
+            _say(out, event="admin_token", token=admin[0])
+        http = f"http://{announced_host(config)}:{http_sock.getsockname()[1]}"
+        _say(out, event="ready", **served.ready, http=http)
+        async for signum in signals:
+            log("draining", signal=signal.Signals(signum).name)
+            break
+        with trio.move_on_after(DRAIN_S) as draining:
+            async with trio.open_nursery() as watching:
+                watching.start_soon(_cancel_on_a_signal, signals, draining, "drain_cut_short")
+                await served.drain()
+                watching.cancel_scope.cancel()
+        if draining.cancelled_caught:
+            log("drain_cut_short")
+            served.stop_now()
+        stop_http.set()
+        nursery.cancel_scope.deadline = trio.current_time() + 5.0
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
 
 
 async def _start_answering_http(
@@ -141,13 +163,16 @@ async def _start_answering_http(
     start: Callable[[trio.Nursery], Awaitable[Served]],
     sock: socket.socket,
     signals: AsyncIterator[int],
+    stopped: trio.Event,
 ) -> Served:
     """`start(nursery)`, while the HTTP port says that the process is starting. A signal
-    meanwhile stops the process (nothing served yet: nothing to drain)."""
+    meanwhile stops the process (nothing served yet: nothing to drain) and sets `stopped`."""
     started = trio.Event()
     async with trio.open_nursery() as answering:
         await answering.start(answer_while_starting, sock, started)
-        answering.start_soon(_stop_on_a_signal_until, started, signals, nursery.cancel_scope)
+        answering.start_soon(
+            _stop_on_a_signal_until, started, signals, nursery.cancel_scope, stopped
+        )
         try:
             return await start(nursery)
         finally:
@@ -155,21 +180,31 @@ async def _start_answering_http(
 
 
 async def _stop_on_a_signal_until(
-    started: trio.Event, signals: AsyncIterator[int], process: trio.CancelScope
+    started: trio.Event,
+    signals: AsyncIterator[int],
+    process: trio.CancelScope,
+    stopped: trio.Event,
 ) -> None:
     async with trio.open_nursery() as watching:
-        watching.start_soon(_cancel_on_a_signal, signals, process, "stopped_while_starting")
+        watching.start_soon(
+            partial(_cancel_on_a_signal, signals, process, "stopped_while_starting", stopped)
+        )
         await started.wait()
         watching.cancel_scope.cancel()
 
 
 async def _cancel_on_a_signal(
-    signals: AsyncIterator[int], scope: trio.CancelScope, event: str
+    signals: AsyncIterator[int],
+    scope: trio.CancelScope,
+    event: str,
+    told: trio.Event | None = None,
 ) -> None:
     """The operator asked to stop (while starting, or Ctrl-C again while draining): `scope`
-    is cancelled, whatever it still waits for; logged as `event`."""
+    is cancelled, whatever it still waits for; logged as `event`, and `told` set."""
     async for signum in signals:
         log(event, signal=signal.Signals(signum).name)
+        if told is not None:
+            told.set()
         scope.cancel()
         return
 
