@@ -270,6 +270,27 @@ async def test_media_outlasts_a_lost_link_and_its_sessions_take_their_slots_agai
             await b.close()
 
 
+async def _alice_shows_carol(wa: Peer, wc: Peer, room: str) -> tuple[Any, Any, str]:
+    """Both join `room`'s media, alice publishes video, carol receives it: their clients and
+    the track."""
+    a, c = MediaClient(wa, room), MediaClient(wc, room)
+    await a.join()
+    await c.join()
+    (video,) = await a.publish(VideoStreamTrack())
+    await c.subscribe([video])
+    await c.frames(video, 5)
+    return a, c, video
+
+
+async def _cut_and_seen(edge: Node, proxy: TcpProxy) -> float:
+    """Cut `edge`'s proxied link, once the edge has seen it go down; its link count."""
+    links = _metrics(edge)["gb6_origin_links"]
+    proxy.cut()
+    while _metrics(edge)["gb6_origin_links_up"] == links:  # noqa: ASYNC110
+        await trio.sleep(0.05)
+    return links
+
+
 async def test_a_request_made_while_the_link_is_down_leaves_a_meeting_going(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -289,16 +310,8 @@ async def test_a_request_made_while_the_link_is_down_leaves_a_meeting_going(
         ):
             ok = await wa.ok("room.create", name="m", kind="meeting", members=[bob.id, carol.id])
             room = ok["room"]["id"]
-            a, c = MediaClient(wa, room), MediaClient(wc, room)
-            await a.join()
-            await c.join()
-            (video,) = await a.publish(VideoStreamTrack())
-            await c.subscribe([video])
-            await c.frames(video, 5)
-            links = _metrics(cut_off)["gb6_origin_links"]
-            proxy.cut()
-            while _metrics(cut_off)["gb6_origin_links_up"] == links:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            a, c, video = await _alice_shows_carol(wa, wc, room)
+            links = await _cut_and_seen(cut_off, proxy)
             body = {"text": "still here?"}
             answer = await wa.request("send", room=room, cid="m1", body=body)
             assert (answer["op"], answer["code"]) == ("error", "unavailable"), answer
@@ -339,16 +352,8 @@ async def test_a_catch_up_in_a_meeting_waits_out_the_outage(
             for cid in ("m1", "m2"):
                 await wa.ok("send", room=room, cid=cid, body={"text": cid})
             await wc.ok("subscribe", room=room, after=2)  # the hub starts at the head
-            a, c = MediaClient(wa, room), MediaClient(wc, room)
-            await a.join()
-            await c.join()
-            (video,) = await a.publish(VideoStreamTrack())
-            await c.subscribe([video])
-            await c.frames(video, 5)
-            links = _metrics(cut_off)["gb6_origin_links"]
-            proxy.cut()
-            while _metrics(cut_off)["gb6_origin_links_up"] == links:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            a, c, video = await _alice_shows_carol(wa, wc, room)
+            await _cut_and_seen(cut_off, proxy)
             await wa.ok("subscribe", room=room, after=0)
             await trio.sleep(12)  # past the catch-up's 10 s
             await wa.ok("ping")
