@@ -171,6 +171,14 @@ class Recordings:
             finally:
                 self._nursery = None
 
+    def running(self, room: str) -> str | None:
+        """The id of the room's recording on this edge, from its start (`started` is sent
+        then) until it is stopped; what a joining participant is told (`media.join`)."""
+        active = self._active.get(room)
+        if active is None or not active.started or active.recorder.stopping:
+            return None
+        return active.recorder.id
+
     # --- control (media.record) ----------------------------------------------------------
 
     async def control(self, who: Principal, room_id: str, on: bool) -> dict[str, Any]:

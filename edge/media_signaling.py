@@ -91,13 +91,16 @@ class Origin(Protocol):
 
 class Recordings(Protocol):
     """The recorder's side (edge/media_recording.py): told about published tracks (from the
-    SFU's loop, synchronously), started or stopped by `media.record`, all stopped at a drain."""
+    SFU's loop, synchronously), started or stopped by `media.record`, all stopped at a drain;
+    asked which runs as a participant joins."""
 
     def track_published(self, room: str, track: TrackInfo) -> None: ...
 
     def track_unpublished(self, room: str, track_id: str) -> None: ...
 
     async def control(self, who: Principal, room: str, on: bool) -> dict[str, Any]: ...
+
+    def running(self, room: str) -> str | None: ...
 
     async def finish_all(self) -> None: ...
 
@@ -478,6 +481,9 @@ class MediaRooms:
             "role": session.role,
             "participants": participants,
             "tracks": tracks,
+            # A participant is told that it is being recorded as it joins, not only by the
+            # `media.recording` events sent since.
+            "recording": self.recordings.running(session.room) if self.recordings else None,
         }
         if session.kind == "live":
             out["viewers"] = r.viewers

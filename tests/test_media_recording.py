@@ -180,3 +180,25 @@ async def test_recording_minutes_quota_refuses_to_start(node: Node) -> None:
             room = ok["room"]["id"]
             await refused(wa, "media.record", ("quota_exceeded",), room=room, on=True)
             await refused(wa, "media.record", ("not_found",), room=room, on=False)
+
+
+async def test_a_participant_who_joins_is_told_of_the_recording_under_way(node: Node) -> None:
+    """`media.join` says whether the room is being recorded on this edge: a participant who
+    joins late, or who moved from a draining edge (whose recording's `stopped` it may never
+    get), shows the right state, not only one learnt from the events sent since it joined."""
+    t = node.create_tenant()
+    alice, bob = t.user("alice"), t.user("bob")
+    with trio.fail_after(30):
+        async with (
+            trio_asyncio.open_loop(),
+            ws_of(node, alice.token) as wa,
+            ws_of(node, bob.token) as wb,
+        ):
+            ok = await wa.ok("room.create", name="m", kind="meeting", members=[bob.id])
+            room = ok["room"]["id"]
+            assert (await wa.ok("media.join", room=room))["recording"] is None
+            rec = (await wa.ok("media.record", room=room, on=True))["recording"]
+            assert (await wb.ok("media.join", room=room))["recording"] == rec
+            await wb.ok("media.leave", room=room)
+            assert (await wa.ok("media.record", room=room, on=False))["recording"] == rec
+            assert (await wb.ok("media.join", room=room))["recording"] is None

@@ -32,15 +32,18 @@ async def test_media_rejoins_after_the_socket_reconnects(
     alice, bob = t.user("alice"), t.user("bob")
     async with ws_of(node, alice.token) as ws:
         ok = await ws.ok("room.create", name="standup", kind="meeting", members=[bob.id])
-    room = ok["room"]["id"]
-    who = {u.name: {"id": u.id, "token": u.token, "name": u.name} for u in (alice, bob)}
-    with trio.fail_after(100):
-        out: dict[str, Any] = await run_scenario(
-            tools,
-            "media_resume.mjs",
-            {"http": node.http_url, "room": room, **who},
-            request.node.name,
-        )
+        room = ok["room"]["id"]
+        # Recorded from before anyone joins: no `media.recording` event tells the pages.
+        rec = (await ws.ok("media.record", room=room, on=True))["recording"]
+        who = {u.name: {"id": u.id, "token": u.token, "name": u.name} for u in (alice, bob)}
+        with trio.fail_after(100):
+            out: dict[str, Any] = await run_scenario(
+                tools,
+                "media_resume.mjs",
+                {"http": node.http_url, "room": room, **who},
+                request.node.name,
+            )
+        await ws.ok("media.record", room=room, on=False)
     before, after = out["before"], out["after"]
     assert before["aliceSees"]["progress"]["delta"] > 0
     assert before["bobSees"]["progress"]["delta"] > 0
@@ -55,4 +58,6 @@ async def test_media_rejoins_after_the_socket_reconnects(
     assert after["aliceSees"]["id"] == before["aliceSees"]["id"]
     assert after["aliceSees"]["progress"]["delta"] > 0
     assert after["bobSees"]["progress"]["delta"] > 0
+    # Each join's answer said the room was being recorded.
+    assert before["alice"]["recording"] == rec and after["alice"]["recording"] == rec
     assert out["pageErrors"] == []

@@ -179,6 +179,11 @@ class Recorder:
         self._stopping = True
         self._wake()
 
+    @property
+    def stopping(self) -> bool:
+        """`stop` was called: no packet is recorded from then on."""
+        return self._stopping
+
     async def wait(self) -> Manifest:
         """The manifest, once `run()` has written it. Raises GB6Error unavailable if finishing
         failed or took longer than `limits.recording_finish_s`."""

@@ -5,7 +5,8 @@
 // reaches the node through a WebSocket route of ours (page.routeWebSocket), so the test cuts
 // her connection like a network would; the server ends her participant with the socket. Her
 // SDK reconnects, joins the media again, republishes the same camera and microphone and
-// resubscribes: both see the other's video decoding again.
+// resubscribes: both see the other's video decoding again. The room is being recorded from
+// before Alice joins: her session knows it from each join's answer (no event told her).
 
 import { scenario } from './harness.mjs';
 import { signIn } from './web_ui.mjs';
@@ -36,7 +37,9 @@ await scenario(async (h) => {
   };
   const session = (page) => page.evaluate(() => {
     const m = document.querySelector('[data-media-session]').gb6Media;
-    return { participant: m.participant, state: m.state, local: [...m.local.keys()] };
+    return {
+      participant: m.participant, state: m.state, local: [...m.local.keys()], recording: m.recording,
+    };
   });
   const before = {
     aliceSees: await camera(a, bob), bobSees: await camera(b, alice), alice: await session(a),

@@ -6,7 +6,8 @@
 //   const media = new MediaSession(client, roomId);
 //   media.on('track', ({ info, track, stream }) => video.srcObject = stream);   // remote tracks
 //   media.on('track_removed', ({ id }) => ...);
-//   await media.join();                       // → {participant, role, participants, tracks}
+//   await media.join();                       // → {participant, role, participants, tracks,
+//                                             //    recording}
 //   const cam = await media.publishCamera();  // {id, track, source}; also publishMicrophone(),
 //   await media.mute(cam.id, true);           //   publishScreen(), publish(track, source)
 //   await media.leave();
@@ -99,8 +100,20 @@ export class MediaSession extends Emitter {
       this._teardown();
       throw err;
     }
+    this._recordingIs(ok.recording ?? null);
     this._joined(ok);
     return ok;
+  }
+
+  /** The room's recording as a join found it: a session that rejoined (on another edge, say)
+   * may have missed the `media.recording` events of its old one. */
+  _recordingIs(recording) {
+    if (recording === this.recording) return;
+    const ev = recording !== null
+      ? { room: this.room, recording, state: 'started' }
+      : { room: this.room, recording: this.recording, state: 'stopped' };
+    this.recording = recording;
+    this.emit('recording', ev);
   }
 
   _joined(ok) {
@@ -157,6 +170,7 @@ export class MediaSession extends Emitter {
       const ok = await this.client.request('media.join', { room: this.room });
       if (this._closed) return;
       this.participant = ok.participant; // before our tracks' own track_published events
+      this._recordingIs(ok.recording ?? null); // before the events that follow the join's ok
       if (ok.role !== 'host') for (const pub of pubs) pub.track.stop(); // may no longer publish
       else if (pubs.length) {
         for (const pub of pubs) {
