@@ -498,3 +498,4 @@ async def test_a_second_signal_stops_an_edge_whose_recording_cannot_finish(
     assert code == 0
     logged = edge.stderr_path.read_text() if edge.stderr_path else ""
     assert '"recordings_abandoned"' in logged, logged[-2000:]
+    assert "its finishing was abandoned" in logged, logged[-2000:]  # recording_not_stored

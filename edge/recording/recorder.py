@@ -228,7 +228,10 @@ class Recorder:
             finally:
                 self._done.set()
         if self.manifest is None:
-            raise GB6Error(UNAVAILABLE, "the recording could not be finished in time")
+            why = (
+                "was abandoned (stop now)" if self._shields.dropped else "failed or ran out of time"
+            )
+            raise GB6Error(UNAVAILABLE, f"the recording could not be finished: its finishing {why}")
         return self.manifest
 
     async def _loop(self, start: float) -> None:
