@@ -35,7 +35,9 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     "CREATE TABLE kv(key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID",
 )
 _BATCH: Final = 256  # jobs per transaction
-_WAL_WAIT_S: Final = 30.0
+_OPEN_WAIT_S: Final = 30.0  # how long an open waits for another process opening the file
+_OPEN_BUSY_S: Final = 0.25  # the busy timeout while opening: a cancelled open stops within it
+_BUSY_S: Final = 30.0  # the busy timeout once open
 _STOP: Final = object()
 T = TypeVar("T")
 
@@ -93,13 +95,16 @@ class SqliteKv:
 
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Short busy waits while another process opens the file too, so that a cancelled
+        # start stops within one of them (`_while_busy`); the long one once open.
         conn = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=_OPEN_BUSY_S
         )
         try:
-            _enter_wal(conn)
+            _while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=FULL")
-            migrate_sqlite(conn, "the kv", _MIGRATIONS)
+            _while_busy(lambda: migrate_sqlite(conn, "the kv", _MIGRATIONS))
+            conn.execute(f"PRAGMA busy_timeout={int(_BUSY_S * 1000)}")
         except BaseException:
             conn.close()
             raise
@@ -253,17 +258,20 @@ def _scan(conn: sqlite3.Connection, rng: ScanRange) -> list[Entry]:
     return [Entry(bytes(k), bytes(v)) for k, v in conn.execute(sql, args).fetchall()]
 
 
-def _enter_wal(conn: sqlite3.Connection) -> None:
-    """WAL mode, waiting for another process that opens the same file at once (origins
-    sharing a kv file): changing the journal mode fails at once with "database is locked"
-    while another connection holds the lock, whatever the busy timeout."""
-    deadline = time.monotonic() + _WAL_WAIT_S
+def _while_busy(step: Callable[[], object]) -> None:
+    """`step` again while the file is locked by another process that opens it at once (origins
+    sharing a kv file), for up to `_OPEN_WAIT_S`; a cancelled caller stops the wait. Changing
+    the journal mode fails at once with "database is locked" while another connection holds
+    the lock, whatever the busy timeout; a migration's BEGIN IMMEDIATE waits `_OPEN_BUSY_S`.
+    Runs in a `trio.to_thread.run_sync` thread."""
+    deadline = time.monotonic() + _OPEN_WAIT_S
     while True:
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            step()
             return
         except sqlite3.OperationalError as exc:
             busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
             if not busy or time.monotonic() >= deadline:
                 raise
-            time.sleep(0.05)
+        trio.from_thread.check_cancelled()
+        time.sleep(0.05)

@@ -2168,6 +2168,38 @@ async def test_sqlite_kv_opened_while_another_process_holds_its_new_file_waits(
     other.close()
 
 
+async def test_sqlite_kv_open_waiting_for_another_process_stops_when_cancelled(
+    tmp_path: Path,
+) -> None:
+    """An origin whose start waits for another process holding the shared kv file (the wait
+    lasts up to 30 s) stops within a moment when its start is cancelled (a signal). Before,
+    the wait ran in a thread that cancellation did not reach, for as long as it lasted."""
+    from origin.kv import KvLimits
+    from origin.kv_sqlite import SqliteKv
+
+    path = tmp_path / "kv.db"
+    other = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE made_by_the_other(x)")
+    kv = SqliteKv(path, KvLimits())
+    try:
+        with trio.fail_after(5):
+            with trio.move_on_after(0.5) as waited:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(kv.run)
+            assert waited.cancelled_caught
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    # The file is still good for the next start.
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(20):
+            await nursery.start(kv.run)
+        await kv.put(b"k", b"v")
+        assert (await kv.get(b"k")) == b"v"
+        nursery.cancel_scope.cancel()
+
+
 async def test_pg_a_store_made_by_a_newer_release_is_refused(pg_backend: Backend) -> None:
     """As on SQLite: a schema a newer release migrated is refused, and left as it is."""
     async with serving(pg_backend):
