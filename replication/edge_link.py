@@ -173,31 +173,42 @@ class ShardLink:
             }
             writer.write(link.encode(hello))
             nursery.start_soon(self._ping, writer)
-            decoder = link.FrameDecoder()
-            snap = Membership()
-            loaded = False
-            while True:
-                with trio.move_on_after(link.SILENT_S) as waited:
-                    data = await stream.receive_some(1 << 20)
-                if waited.cancelled_caught:
-                    raise link.LinkBroken(f"the origin said nothing for {link.SILENT_S:g} s")
-                if not data:
-                    raise trio.BrokenResourceError("the origin closed the link")
-                frames = decoder.feed(data)
-                with self.remote.publish_context():
-                    for msg in frames:
-                        if loaded:
-                            self._on_push(msg)
-                        elif self._on_snapshot(msg, snap):
-                            loaded = True
-                            again = self._install(snap)
-                            self._writer = writer
-                            self.connected = True
-                            ready.set()
-                            log("link_origin_connected", origin=self.address, shard=self.shard)
-                            if again:
-                                for listener in self.remote.restored_listeners:
-                                    _tell(listener, set(self._instances))
+            try:
+                await self._read(stream, writer, ready)
+            except BaseException:
+                # From here on a request never leaves (`LinkDown`, not `LinkLost`), also while
+                # the nursery and the stream are torn down, before `_lost` runs.
+                self._writer = None
+                raise
+
+    async def _read(
+        self, stream: trio.SocketStream, writer: _StreamWriter, ready: trio.Event
+    ) -> None:
+        decoder = link.FrameDecoder()
+        snap = Membership()
+        loaded = False
+        while True:
+            with trio.move_on_after(link.SILENT_S) as waited:
+                data = await stream.receive_some(1 << 20)
+            if waited.cancelled_caught:
+                raise link.LinkBroken(f"the origin said nothing for {link.SILENT_S:g} s")
+            if not data:
+                raise trio.BrokenResourceError("the origin closed the link")
+            frames = decoder.feed(data)
+            with self.remote.publish_context():
+                for msg in frames:
+                    if loaded:
+                        self._on_push(msg)
+                    elif self._on_snapshot(msg, snap):
+                        loaded = True
+                        again = self._install(snap)
+                        self._writer = writer
+                        self.connected = True
+                        ready.set()
+                        log("link_origin_connected", origin=self.address, shard=self.shard)
+                        if again:
+                            for listener in self.remote.restored_listeners:
+                                _tell(listener, set(self._instances))
 
     async def _ping(self, writer: _StreamWriter) -> None:
         """A request every `PING_S`, so that the origin answers something even when nothing
@@ -257,9 +268,13 @@ class ShardLink:
             if isinstance(record, User):
                 state.users[record.id] = record
         room_changes = [self._set_room(room) for room in snap.rooms.values()]
+        shard_of = self.remote.shard_of
+        moved = {i for i in snap.instances if shard_of.get(i, self) is not self}
         self._instances = set(snap.instances)
         for inst in snap.instances:
-            self.remote.shard_of[inst] = self
+            shard_of[inst] = self
+        if moved:
+            self._taken_over(moved)
         self.generation += 1  # slots of the previous link were freed by the origin
         self._releases.clear()
         if again:  # in the origin's order: a deleted user leaves its rooms, then is deleted
@@ -276,6 +291,22 @@ class ShardLink:
                 for read_listener in self.remote.read_listeners:
                     _tell(read_listener, room_id, user, seq)
         return again
+
+    def _taken_over(self, moved: set[str]) -> None:
+        """This link holds instances that another link held: their shard moved here from an
+        address the edge keeps (listed in `[cluster] origins`, so never retired). That link's
+        sockets and hubs of them wait for a return that will not come, and this link's first
+        snapshot restores nothing: they are given up as `retire` gives up its own (the clients
+        resume, through this link)."""
+        known = self.remote.state.rooms
+        rooms = {r for r, room in known.items() if room.record.instance in moved}
+        for other in self.remote.links:
+            if other is not self:
+                other._instances -= moved
+                other._rooms -= rooms
+        log("link_shard_moved", origin=self.address, shard=self.shard, instances=len(moved))
+        for listener in self.remote.lost_listeners:
+            _tell(listener, rooms, moved, True)
 
     def _set_room(self, room: RoomState) -> MembershipChange:
         """Replace a room's state in the replica; returns what changed in its membership."""
@@ -618,12 +649,14 @@ class RemoteOrigin:
         box: list[outcome.Outcome[Any]] = []
 
         def reply(result: outcome.Outcome[Any]) -> None:
-            if isinstance(result, outcome.Value):
-                # In the link's reader, before any of the room's events: see link.py.
-                for listener in self.watch_listeners:
-                    listener(room_id, result.value["head"])
-            box.append(result)
-            done.set()
+            try:
+                if isinstance(result, outcome.Value):
+                    # In the link's reader, before any of the room's events: see link.py.
+                    for listener in self.watch_listeners:
+                        listener(room_id, result.value["head"])
+            finally:  # a listener that raises breaks the link; the watch is answered still
+                box.append(result)
+                done.set()
 
         shard_link.send({"op": "watch", "room": room_id}, reply)
         await done.wait()

@@ -665,6 +665,49 @@ async def test_shard_map_in_kv_edges_find_shards_there(tmp_path: Path) -> None:
         c.stop()
 
 
+async def test_a_listed_shard_that_moves_hands_its_clients_to_its_new_address(
+    tmp_path: Path,
+) -> None:
+    """An edge lists shard s1's address and also reads the shard map, and s1 starts again at
+    another address (a standby on a new host): the edge keeps the listed link (it may come
+    back), and follows s1 to the new one. A socket subscribed before the move is closed to
+    resume (1011), and its resumed client gets what is sent after. Before, the socket and the
+    room's hub stayed with the old link, and the subscriber got nothing more, with no error."""
+    kv = f"sqlite:{tmp_path / 'kv.db'}"
+    c = Cluster(tmp_path, kv=kv)
+    try:
+        c.config = _config(tmp_path, [o.link for o in c.origins], kv=kv)
+        edge = c.edge()
+        s1 = c.origins[0]
+        alice = s1.create_tenant().user("alice")
+        async with _peer(edge, alice.token) as kept:
+            room = (await kept.ok("room.create", name="m", kind="chat", members=[]))["room"]["id"]
+            await kept.ok("subscribe", room=room, after=0)
+            await kept.ok("send", room=room, cid="before", body={"text": "before"})
+            assert (await kept.event("message"))["seq"] == 1
+            old = s1.link
+            s1.kill()
+            s1.link = ""  # a new port, registered in the shard map as it starts
+            await trio.to_thread.run_sync(s1.start)
+            assert s1.link != old
+            code, _ = await close_code(kept, 20)
+            assert code == 1011
+        with trio.fail_after(20):
+            while True:  # until the edge has the new link: `unavailable` meanwhile
+                async with _peer(edge, None) as p:
+                    reply = await p.request("hello", token=alice.token)
+                if reply["op"] == "ok":
+                    break
+                assert reply["code"] == "unavailable", reply
+                await trio.sleep(0.2)
+        async with _peer(edge, alice.token) as again:
+            await again.ok("subscribe", room=room, after=1)
+            await again.ok("send", room=room, cid="after", body={"text": "after"})
+            assert (await again.event("message"))["seq"] == 2
+    finally:
+        c.stop()
+
+
 @pytest.fixture
 def kv_database() -> Iterator[str]:
     """A PostgreSQL database of its own for a `postgres:` shard map: the DSN to it."""
