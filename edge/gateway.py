@@ -77,6 +77,8 @@ HELLOS_PER_SOCKET = 5  # a socket refused this often (quota_exceeded, unavailabl
 # A request made while its shard's link is down, on a socket in a live media session: when to
 # ask again (the link reconnects with a backoff of 0.05 s doubling up to 2 s).
 LINK_DOWN_RETRY_MS = 1000
+# Requests that change nothing at the shard: one lost with its link may be asked again.
+_READS = (p.History, p.Search, p.ListRooms, p.RoomReads, p.PresenceGet)
 
 
 class State(enum.Enum):
@@ -463,6 +465,7 @@ class Gateway:
 
     async def _on_text(self, conn: Connection, text: str) -> None:
         req_id: p.ReqId | None = None
+        request: p.Request | None = None
         try:
             try:
                 request = p.parse_request(p.decode_frame(text), self.limits)
@@ -489,7 +492,7 @@ class Gateway:
                 self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
         except GB6Error as exc:
             if isinstance(exc, LinkLost) and conn.principal is not None:
-                self._link_lost(conn, req_id, exc)
+                self._link_lost(conn, req_id, exc, isinstance(request, _READS))
                 return
             self._reply_error(conn, req_id, exc)
             if conn.principal is None and exc.code == UNAUTHORIZED:
@@ -841,13 +844,20 @@ class Gateway:
                 self.hubs.drop(room)
 
     def _link_lost(
-        self, conn: Connection, req_id: p.ReqId | None = None, exc: LinkLost | None = None
+        self,
+        conn: Connection,
+        req_id: p.ReqId | None = None,
+        exc: LinkLost | None = None,
+        read: bool = False,
     ) -> None:
         """The socket's clients must resume (on any edge): what it asked of a lost link is
-        unanswered, and its client resends it under the same cids. Except a request that never
-        left (`LinkDown`) on a socket in a live media session: it is refused `unavailable`
-        (retry), and the socket stays with its media, which flows through this edge alone."""
-        if isinstance(exc, LinkDown) and conn.media is not None and conn.media.live:
+        unanswered, and its client resends it under the same cids. Except, on a socket in a
+        live media session, a request whose outcome does not matter: one that never left
+        (`LinkDown`), or a `read` (`_READS`: it changed nothing, whether or not it arrived).
+        It is refused `unavailable` (retry), and the socket stays with its media, which flows
+        through this edge alone."""
+        in_meeting = conn.media is not None and conn.media.live
+        if exc is not None and (read or isinstance(exc, LinkDown)) and in_meeting:
             retry = GB6Error(UNAVAILABLE, exc.message, retry_after_ms=LINK_DOWN_RETRY_MS)
             self._reply_error(conn, req_id, retry)
             return

@@ -80,6 +80,7 @@ class TcpProxy(ThreadedProxy):
         super().__init__((host.strip("[]"), int(port)))
         self.address = f"127.0.0.1:{self.port}"
         self.cuts = 0  # connections ended by `cut`
+        self._held = False
 
     def cut(self) -> None:
         """End every connection through the proxy; refuse new ones until `heal`."""
@@ -90,17 +91,22 @@ class TcpProxy(ThreadedProxy):
         for s in socks:
             shut(s)
 
+    def hold(self) -> None:
+        """Pass no more bytes on (they are dropped) until `cut`: a request on its way when the
+        network fails."""
+        with self._lock:
+            self._held = True
+
     def heal(self) -> None:
         with self._lock:
-            self._refusing = False
+            self._refusing = self._held = False
 
     def _serve(self, client: socket.socket, server: socket.socket) -> None:
         self._spawn(self._pump, client, server)
         self._spawn(self._pump, server, client)
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        while (chunk := recv(source)) and send(sink, chunk):
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        while (chunk := recv(source)) and (self._held or send(sink, chunk)):
             pass
         shut(source)
         shut(sink)

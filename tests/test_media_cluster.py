@@ -330,6 +330,46 @@ async def test_a_request_made_while_the_link_is_down_leaves_a_meeting_going(
             await c.close()
 
 
+async def test_a_read_lost_with_the_link_leaves_a_meeting_going(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Alice, in a meeting, searches the room as the edge's link to the shard fails: her search
+    was on its way, so its answer is lost with the link. A read changes nothing, so she is told
+    `unavailable` with a time to retry, and her socket stays with its media; before, it was
+    closed to resume (an unanswered request's outcome unknown), ending her meeting."""
+    origin = cluster.origins[0]
+    tenant = origin.create_tenant()
+    alice, carol = tenant.user("alice"), tenant.user("carol")
+    with edge_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy), trio.fail_after(60):
+        async with (
+            trio_asyncio.open_loop(),
+            ws_of(cut_off, alice.token) as wa,
+            ws_of(cut_off, carol.token) as wc,
+        ):
+            ok = await wa.ok("room.create", name="m", kind="meeting", members=[carol.id])
+            room = ok["room"]["id"]
+            a, c, video = await _alice_shows_carol(wa, wc, room)
+            links = _metrics(cut_off)["gb6_origin_links"]
+            proxy.hold()  # what the edge sends from now on never reaches the shard
+            await wa.send({"op": "search", "id": "lost", "query": "anything", "room": room})
+            await trio.sleep(0.5)  # the search has left the edge
+            proxy.cut()
+            while True:
+                answer = await wa.recv()
+                if answer.get("re") == "lost":
+                    break
+            assert (answer["op"], answer["code"]) == ("error", "unavailable"), answer
+            assert answer["retry_after_ms"] > 0
+            await c.frames(video, 10)  # the meeting goes on
+            await wa.ok("ping")
+            proxy.heal()
+            while _metrics(cut_off)["gb6_origin_links_up"] < links:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+            assert (await wa.ok("search", query="anything", room=room))["hits"] == []
+            await a.close()
+            await c.close()
+
+
 async def test_a_catch_up_in_a_meeting_waits_out_the_outage(
     cluster: Cluster, tmp_path: Path
 ) -> None:
