@@ -270,7 +270,8 @@ def _while_busy(step: Callable[[], object]) -> None:
             step()
             return
         except sqlite3.OperationalError as exc:
-            busy = exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+            # The primary code: SQLITE_BUSY_RECOVERY and the like are busy too.
+            busy = (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
             if not busy or time.monotonic() >= deadline:
                 raise
         trio.from_thread.check_cancelled()

@@ -269,7 +269,13 @@ class ShardLink:
                 state.users[record.id] = record
         room_changes = [self._set_room(room) for room in snap.rooms.values()]
         shard_of = self.remote.shard_of
-        moved = {i for i in snap.instances if shard_of.get(i, self) is not self}
+        # Held by a link that is down (a link up to the same shard under another address
+        # string is not a move).
+        moved = {
+            i
+            for i in snap.instances
+            if (o := shard_of.get(i, self)) is not self and not o.connected
+        }
         self._instances = set(snap.instances)
         for inst in snap.instances:
             shard_of[inst] = self

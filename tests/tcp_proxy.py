@@ -92,8 +92,8 @@ class TcpProxy(ThreadedProxy):
             shut(s)
 
     def hold(self) -> None:
-        """Pass no more bytes on (they are dropped) until `cut`: a request on its way when the
-        network fails."""
+        """Pass no more bytes on (they are dropped) until `heal`: with `cut` next, a request
+        on its way when the network fails."""
         with self._lock:
             self._held = True
 

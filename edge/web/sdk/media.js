@@ -434,10 +434,14 @@ export class MediaSession extends Emitter {
         this.viewers = ev.count;
         this.emit('viewers', ev);
         break;
-      case 'media.recording':
-        this.recording = ev.state === 'started' ? ev.recording : null;
+      case 'media.recording': {
+        // A join's answer may have told of it already (started) or never (stopped).
+        const now = ev.state === 'started' ? ev.recording : null;
+        if (now === this.recording || (now === null && ev.recording !== this.recording)) break;
+        this.recording = now;
         this.emit('recording', ev);
         break;
+      }
       case 'media.role':
         if (ev.participant !== this.participant) return;
         this.role = ev.role;
