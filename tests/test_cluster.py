@@ -193,6 +193,19 @@ def cluster(
         c.stop()
 
 
+async def _until_hello(edge: Node, token: str, seconds: float) -> None:
+    """Until `edge` takes a hello with `token`; `unavailable` (its shard not reached yet)
+    meanwhile, never anything else."""
+    with trio.fail_after(seconds):
+        while True:
+            async with _peer(edge, None) as p:
+                reply = await p.request("hello", token=token)
+            if reply["op"] == "ok":
+                return
+            assert reply["code"] == "unavailable", reply
+            await trio.sleep(0.2)
+
+
 def _peer(edge: Node, token: str | None) -> Any:
     from contextlib import asynccontextmanager
 
@@ -692,14 +705,7 @@ async def test_a_listed_shard_that_moves_hands_its_clients_to_its_new_address(
             assert s1.link != old
             code, _ = await close_code(kept, 20)
             assert code == 1011
-        with trio.fail_after(20):
-            while True:  # until the edge has the new link: `unavailable` meanwhile
-                async with _peer(edge, None) as p:
-                    reply = await p.request("hello", token=alice.token)
-                if reply["op"] == "ok":
-                    break
-                assert reply["code"] == "unavailable", reply
-                await trio.sleep(0.2)
+        await _until_hello(edge, alice.token, 20)  # the edge has the new link
         async with _peer(edge, alice.token) as again:
             await again.ok("subscribe", room=room, after=1)
             await again.ok("send", room=room, cid="after", body={"text": "after"})
@@ -751,14 +757,7 @@ async def test_an_edge_whose_shard_map_does_not_answer_at_start_serves_once_it_d
             reply = await p.request("hello", token=alice.token)
             assert reply["op"] == "error" and reply["code"] == "unavailable", reply
         with pg_proxy(kv_database, port):
-            with trio.fail_after(30):
-                while True:
-                    async with _peer(edge, None) as p:
-                        reply = await p.request("hello", token=alice.token)
-                    if reply["op"] == "ok":
-                        break
-                    assert reply["code"] == "unavailable", reply
-                    await trio.sleep(0.2)
+            await _until_hello(edge, alice.token, 30)
             ready = await trio.to_thread.run_sync(lambda: httpx.get(edge.http_url + "/readyz"))
             assert ready.status_code == 200, ready.text
             edge.kill()

@@ -270,6 +270,24 @@ async def test_media_outlasts_a_lost_link_and_its_sessions_take_their_slots_agai
             await b.close()
 
 
+@asynccontextmanager
+async def _a_meeting_behind_a_proxy(
+    cluster: Cluster, base: Path
+) -> AsyncIterator[tuple[Node, TcpProxy, Peer, Peer, str]]:
+    """Alice's meeting room with carol, both connected to an edge whose link to the shard goes
+    through a proxy: the edge, the proxy, their sockets, the room."""
+    tenant = cluster.origins[0].create_tenant()
+    alice, carol = tenant.user("alice"), tenant.user("carol")
+    with edge_behind_a_proxy(cluster, base) as (cut_off, proxy), trio.fail_after(60):
+        async with (
+            trio_asyncio.open_loop(),
+            ws_of(cut_off, alice.token) as wa,
+            ws_of(cut_off, carol.token) as wc,
+        ):
+            ok = await wa.ok("room.create", name="m", kind="meeting", members=[carol.id])
+            yield cut_off, proxy, wa, wc, ok["room"]["id"]
+
+
 async def _alice_shows_carol(wa: Peer, wc: Peer, room: str) -> tuple[Any, Any, str]:
     """Both join `room`'s media, alice publishes video, carol receives it: their clients and
     the track."""
@@ -337,37 +355,27 @@ async def test_a_read_lost_with_the_link_leaves_a_meeting_going(
     was on its way, so its answer is lost with the link. A read changes nothing, so she is told
     `unavailable` with a time to retry, and her socket stays with its media; before, it was
     closed to resume (an unanswered request's outcome unknown), ending her meeting."""
-    origin = cluster.origins[0]
-    tenant = origin.create_tenant()
-    alice, carol = tenant.user("alice"), tenant.user("carol")
-    with edge_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy), trio.fail_after(60):
-        async with (
-            trio_asyncio.open_loop(),
-            ws_of(cut_off, alice.token) as wa,
-            ws_of(cut_off, carol.token) as wc,
-        ):
-            ok = await wa.ok("room.create", name="m", kind="meeting", members=[carol.id])
-            room = ok["room"]["id"]
-            a, c, video = await _alice_shows_carol(wa, wc, room)
-            links = _metrics(cut_off)["gb6_origin_links"]
-            proxy.hold()  # what the edge sends from now on never reaches the shard
-            await wa.send({"op": "search", "id": "lost", "query": "anything", "room": room})
-            await trio.sleep(0.5)  # the search has left the edge
-            proxy.cut()
-            while True:
-                answer = await wa.recv()
-                if answer.get("re") == "lost":
-                    break
-            assert (answer["op"], answer["code"]) == ("error", "unavailable"), answer
-            assert answer["retry_after_ms"] > 0
-            await c.frames(video, 10)  # the meeting goes on
-            await wa.ok("ping")
-            proxy.heal()
-            while _metrics(cut_off)["gb6_origin_links_up"] < links:  # noqa: ASYNC110
-                await trio.sleep(0.05)
-            assert (await wa.ok("search", query="anything", room=room))["hits"] == []
-            await a.close()
-            await c.close()
+    async with _a_meeting_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy, wa, wc, room):
+        a, c, video = await _alice_shows_carol(wa, wc, room)
+        links = _metrics(cut_off)["gb6_origin_links"]
+        proxy.hold()  # what the edge sends from now on never reaches the shard
+        await wa.send({"op": "search", "id": "lost", "query": "anything", "room": room})
+        await trio.sleep(0.5)  # the search has left the edge
+        proxy.cut()
+        while True:
+            answer = await wa.recv()
+            if answer.get("re") == "lost":
+                break
+        assert (answer["op"], answer["code"]) == ("error", "unavailable"), answer
+        assert answer["retry_after_ms"] > 0
+        await c.frames(video, 10)  # the meeting goes on
+        await wa.ok("ping")
+        proxy.heal()
+        while _metrics(cut_off)["gb6_origin_links_up"] < links:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        assert (await wa.ok("search", query="anything", room=room))["hits"] == []
+        await a.close()
+        await c.close()
 
 
 async def test_a_catch_up_in_a_meeting_waits_out_the_outage(
@@ -378,32 +386,22 @@ async def test_a_catch_up_in_a_meeting_waits_out_the_outage(
     only the store has. Her catch-up asks again past its usual 10 s while her meeting goes on,
     and brings the events once the link is back; before, her socket was closed after 10 s,
     ending the meeting."""
-    origin = cluster.origins[0]
-    tenant = origin.create_tenant()
-    alice, carol = tenant.user("alice"), tenant.user("carol")
-    with edge_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy), trio.fail_after(60):
-        async with (
-            trio_asyncio.open_loop(),
-            ws_of(cut_off, alice.token) as wa,
-            ws_of(cut_off, carol.token) as wc,
-        ):
-            ok = await wa.ok("room.create", name="m", kind="meeting", members=[carol.id])
-            room = ok["room"]["id"]
-            for cid in ("m1", "m2"):
-                await wa.ok("send", room=room, cid=cid, body={"text": cid})
-            await wc.ok("subscribe", room=room, after=2)  # the hub starts at the head
-            a, c, video = await _alice_shows_carol(wa, wc, room)
-            await _cut_and_seen(cut_off, proxy)
-            await wa.ok("subscribe", room=room, after=0)
-            await trio.sleep(12)  # past the catch-up's 10 s
-            await wa.ok("ping")
-            await c.frames(video, 10)  # the meeting goes on
-            proxy.heal()
-            wa.timeout = 20
-            got = [await wa.event("message") for _ in range(2)]
-            assert [(e["seq"], e["cid"]) for e in got] == [(1, "m1"), (2, "m2")]
-            await a.close()
-            await c.close()
+    async with _a_meeting_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy, wa, wc, room):
+        for cid in ("m1", "m2"):
+            await wa.ok("send", room=room, cid=cid, body={"text": cid})
+        await wc.ok("subscribe", room=room, after=2)  # the hub starts at the head
+        a, c, video = await _alice_shows_carol(wa, wc, room)
+        await _cut_and_seen(cut_off, proxy)
+        await wa.ok("subscribe", room=room, after=0)
+        await trio.sleep(12)  # past the catch-up's 10 s
+        await wa.ok("ping")
+        await c.frames(video, 10)  # the meeting goes on
+        proxy.heal()
+        wa.timeout = 20
+        got = [await wa.event("message") for _ in range(2)]
+        assert [(e["seq"], e["cid"]) for e in got] == [(1, "m1"), (2, "m2")]
+        await a.close()
+        await c.close()
 
 
 async def test_a_member_removed_while_the_link_was_down_takes_no_slot_back(
