@@ -234,7 +234,9 @@ class Cluster:
         if self.schemas:
             asyncio.run(_drop_schemas(self.pg_dsn, self.schemas))
         if self.topics:
-            _delete_topics(self.kafka, self.topics)
+            from origin.kafka_records import usage_topic
+
+            _delete_topics(self.kafka, self.topics + [usage_topic(t) for t in self.topics])
         if self._tmp is not None and not self.keep:
             shutil.rmtree(self._tmp, ignore_errors=True)
         elif self._tmp is not None:
@@ -243,7 +245,7 @@ class Cluster:
 
 
 _SCHEMA = re.compile(r"^bench_[0-9a-f]{10}_s[0-9]+$")
-_TOPIC = re.compile(r"^bench-[0-9a-f]{10}-s[0-9]+$")
+_TOPIC = re.compile(r"^bench-[0-9a-f]{10}-s[0-9]+(\.usage)?$")  # a log, its usage topic
 
 
 def _delete_topics(bootstrap: str, topics: list[str]) -> None:

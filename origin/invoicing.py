@@ -144,11 +144,16 @@ class Billing:
 
 
 def open_billing(
-    config: Config, instance_of: InstanceOf, *, clock: Callable[[], int] = now_ms
+    config: Config,
+    instance_of: InstanceOf,
+    *,
+    clock: Callable[[], int] = now_ms,
+    usage_from: Callable[[], Mapping[int, int] | None] = lambda: None,
 ) -> Billing:
     """The billing of an origin shard on `config`'s backend: `billing.db` beside `gb6.db` for
     the embedded store; `billing_*` tables in the store's schema for postgres and kafka. The
-    meter reads gb6.db's events, PostgreSQL's events, or the Kafka log of record.
+    meter reads gb6.db's events, PostgreSQL's events, or the Kafka usage records (and the log
+    of record before `usage_from`, which the kafka store says once it serves).
     Raises `invalid` if a plan's pricing table is bad."""
     plans: Mapping[str, Any] = getattr(config, "plans", None) or {}
     for plan in plans:  # a bad price list stops the start, with the table's name
@@ -168,7 +173,7 @@ def open_billing(
             from origin.kafka_store import default_topic
 
             topic = config.kafka_topic or default_topic(config.shard)
-            source = KafkaEventSource(config.kafka_bootstrap, topic)
+            source = KafkaEventSource(config.kafka_bootstrap, topic, usage_from)
         else:
             source = PgEventSource(config.pg_dsn, config.pg_schema)
     return Billing(store, source, instance_of, lambda plan: plan_pricing(config, plan), clock=clock)

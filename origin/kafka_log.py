@@ -13,7 +13,10 @@ Rules:
   broker that does not answer.
 - One batch is one transaction: begin, produce every record (key = room, so a room's records
   share a partition and keep their order; header `seq` = the seq, 8 bytes big-endian), commit.
-  `acks=all` and idempotence make the commit durable without duplicates.
+  `acks=all` and idempotence make the commit durable without duplicates. A batch may carry
+  usage records (kafka_records.py) for the usage topic (`usage_topic`, one partition, made at
+  start like the log's): they are produced in the same transaction, so they are visible exactly
+  when the batch's events are, and the meter reads them instead of every event.
 - Lanes: the shard's writer is `lanes` producers (transactional ids `<id>`, `<id>.1`, …) that
   take the batches in turn, still one transaction at a time, so the log holds the batches in
   the order they were committed. Why: the broker writes a transaction's commit markers after it
@@ -54,8 +57,10 @@ from confluent_kafka.cimpl import NewTopic
 
 from node.errors import INTERNAL, INVALID, UNAVAILABLE, GB6Error
 from node.log import log
+from origin.kafka_records import USAGE_KEY
 from origin.log_port import (
     MAX_PARTITIONS,
+    MAX_PAYLOAD_BYTES,
     LogAborted,
     LogFenced,
     LogRecord,
@@ -68,6 +73,9 @@ _SEQ: Final = struct.Struct(">q")
 _STOP: Final = object()
 # A writer's start waits on the broker in slices this long, so that it notices being stopped.
 _SLICE_S: Final = 0.5
+# A usage record's key and seq header: the shape of a log record (kafka_records.py).
+_USAGE_KEY: Final = USAGE_KEY.encode()
+_USAGE_HEADERS: Final[list[tuple[str, str | bytes | None]]] = [(SEQ_HEADER, _SEQ.pack(1))]
 MAX_LANES: Final = 4
 # The codes with which librdkafka and the broker say a newer producer took the transactional id.
 _FENCED_CODES: Final = frozenset(
@@ -195,6 +203,7 @@ class LogWithdrawn(LogAborted):
 class _Job:
     records: Sequence[LogRecord]
     abort_after: int | None
+    usage: Sequence[bytes] = ()
     # A conditional batch: the thread commits once `gate` is set, and only if `confirmed`.
     gate: threading.Event | None = None
     confirmed: bool = False
@@ -222,6 +231,7 @@ class KafkaLog:
         transactional_id: str,
         *,
         partitions: int = 1,
+        usage_topic: str | None = None,
         lanes: int = 2,
         max_inflight: int = 8,
         linger_ms: int = 5,
@@ -240,6 +250,7 @@ class KafkaLog:
         self.topic = topic
         self.transactional_id = transactional_id
         self.partitions = partitions
+        self.usage_topic = usage_topic
         self.commit_timeout_s = commit_timeout_s
         self.transactional_ids = [lane_id(transactional_id, lane) for lane in range(lanes)]
         self._config: dict[str, Any] = {
@@ -314,19 +325,26 @@ class KafkaLog:
         self,
         records: Sequence[LogRecord],
         *,
+        usage: Sequence[bytes] = (),
         confirm: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
-        """See `LogWriter.append_batch`. With `confirm`, the records are produced while it runs
-        and committed only if it returns True; otherwise the transaction is aborted and
-        `LogWithdrawn` raised (if it raises, aborted too, and its error goes on once the abort is
-        done). `confirm` runs shielded: it must bound its time."""
+        """See `LogWriter.append_batch`. `usage`: payloads for the usage topic, in the same
+        transaction (`invalid` without a usage topic). With `confirm`, the records are produced
+        while it runs and committed only if it returns True; otherwise the transaction is
+        aborted and `LogWithdrawn` raised (if it raises, aborted too, and its error goes on once
+        the abort is done). `confirm` runs shielded: it must bound its time."""
         check_batch(records)
+        if usage and self.usage_topic is None:
+            raise GB6Error(INVALID, "usage records need a usage topic")
+        for payload in usage:
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                raise GB6Error(INVALID, f"a usage record is {len(payload)} bytes")
         async with self._slots:
             if self._dead is not None:
                 raise self._dead
             if self._closed:
                 raise GB6Error(UNAVAILABLE, f"Kafka log {self.transactional_id} is not running")
-            job = _Job(records, self._abort_after, threading.Event() if confirm else None)
+            job = _Job(records, self._abort_after, usage, threading.Event() if confirm else None)
             self._abort_after = None
             self._queue.put(job)
             # Once handed over, the outcome is the truth the sequencer needs: wait for it
@@ -397,6 +415,8 @@ class KafkaLog:
         try:
             timeout_s, stopping = self.commit_timeout_s, self._stopping
             ensure_topic(self.bootstrap, self.topic, self.partitions, timeout_s, stopping)
+            if self.usage_topic is not None:
+                ensure_topic(self.bootstrap, self.usage_topic, 1, timeout_s, stopping)
             for txn_id in self.transactional_ids:
                 producer = Producer(
                     {**self._config, "client.id": txn_id, "transactional.id": txn_id}
@@ -422,7 +442,13 @@ class KafkaLog:
                     value=record.payload,
                     headers=[(SEQ_HEADER, _SEQ.pack(record.seq))],
                 )
-            if job.abort_after is not None:
+            if job.abort_after is None:
+                for payload in job.usage:
+                    assert self.usage_topic is not None  # append_batch checked
+                    producer.produce(
+                        self.usage_topic, key=_USAGE_KEY, value=payload, headers=_USAGE_HEADERS
+                    )
+            else:
                 # The partial batch really reaches the broker before the abort.
                 producer.flush(self.commit_timeout_s)
                 producer.abort_transaction(self.commit_timeout_s)

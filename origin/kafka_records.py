@@ -7,6 +7,11 @@ Rules:
 - The body travels as the JSON bytes PostgreSQL stores (`orjson.dumps(body)`), so a persisted
   event reads back equal to what the sender was acknowledged with.
 - A payload that does not decode is not ours: `internal`, naming the record.
+- Usage records (the meter's, on the shard's usage topic `<topic>.usage`): each log transaction
+  carries, beside its events, what they count for billing, folded per instance, type and sender
+  (every event of a transaction has its ts): `{"ts": ts, "u": [[instance, type, sender, n],
+  …]}`, split into several records when one would pass `MAX_PAYLOAD_BYTES`. The key is `usage`
+  and the `seq` header 1: the shape every consumer of the log reads (kafka_consumer.py).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import orjson
 
 from node.errors import INTERNAL, GB6Error
 from node.events import Event
-from origin.log_port import LogEntry, LogRecord
+from origin.log_port import MAX_PAYLOAD_BYTES, LogEntry, LogRecord
 
 # What a payload that is not one of ours raises while it is decoded.
 _NOT_OURS: Final = (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError)
@@ -97,10 +102,44 @@ def decode_usage(entry: LogEntry) -> tuple[str, int, str, str]:
         raise _not_ours(entry, exc) from None
 
 
-def _not_ours(entry: LogEntry, exc: Exception) -> GB6Error:
+USAGE_KEY: Final = "usage"
+
+
+def usage_topic(topic: str) -> str:
+    """The usage topic beside a shard's log of record (Kafka names allow `.`)."""
+    return f"{topic}.usage"
+
+
+def encode_usage(ts: int, counts: dict[tuple[str, str, str], int]) -> list[bytes]:
+    """The usage records of one transaction whose events all have `ts`: `counts` is
+    (instance, type, sender) → how many. None when it has no event."""
+    rows = [[instance, type_, sender, n] for (instance, type_, sender), n in counts.items()]
+    return _usage_payloads(ts, rows) if rows else []
+
+
+def _usage_payloads(ts: int, rows: list[list[Any]]) -> list[bytes]:
+    payload = orjson.dumps({"ts": ts, "u": rows})
+    if len(payload) <= MAX_PAYLOAD_BYTES or len(rows) == 1:
+        return [payload]  # one row is far below the limit: ids are bounded
+    half = len(rows) // 2
+    return _usage_payloads(ts, rows[:half]) + _usage_payloads(ts, rows[half:])
+
+
+def decode_usage_record(entry: LogEntry) -> list[tuple[str, int, str, str, int]]:
+    """(instance, ts, type, sender, n) of each row of a usage record; `internal` if the payload
+    is not one of ours."""
+    try:
+        fields = orjson.loads(entry.payload)
+        ts = int(fields["ts"])
+        return [(str(i), ts, str(t), str(s), int(n)) for i, t, s, n in fields["u"]]
+    except _NOT_OURS as exc:
+        raise _not_ours(entry, exc, "a usage record") from None
+
+
+def _not_ours(entry: LogEntry, exc: Exception, what: str = "an event") -> GB6Error:
     """A payload that does not decode is not ours: `internal`, naming the record."""
     return GB6Error(
         INTERNAL,
-        f"log record [{entry.partition}] @{entry.offset} (room {entry.room!r}) is not an"
-        f" event: {exc!r}",
+        f"log record [{entry.partition}] @{entry.offset} (room {entry.room!r}) is not"
+        f" {what}: {exc!r}",
     )

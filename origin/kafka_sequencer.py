@@ -175,6 +175,9 @@ class Plan:
         self.keys: dict[Key, Event] = {}
         self.targets: dict[Pos, tuple[Target, int]] = {}
         self.records: list[LogRecord] = []
+        # (instance, type, sender) → events: the batch's usage, written in its transaction
+        # (kafka_records.encode_usage), so the meter need not read every event again.
+        self.usage: dict[tuple[str, str, str], int] = {}
         self.results: list[tuple[AppendItem, Appended | GB6Error]] = []
         self.size = 0
 
@@ -212,6 +215,8 @@ class Plan:
         self.keys[key] = event
         self.records.append(record)
         self.size += len(record.payload)
+        used = (instance, item.type, item.sender)
+        self.usage[used] = self.usage.get(used, 0) + 1
         if item.type == "message":
             self.targets[(item.room, event.seq)] = (
                 Target("message", item.sender, False),

@@ -11,6 +11,10 @@ with `kafka_partitions` partitions (one by default: every partition a batch touc
 produce request and a commit marker, and the shard's consumers read them all anyway). The
 shard's producer is the topic's only writer, so once its `init_transactions` has fenced the
 previous incarnation no transaction is open there, and "the end of the log" is well defined.
+Each transaction also carries its events' usage on the usage topic `<topic>.usage`
+(kafka_records.py), which the meter reads instead of the events; at start, once the log is
+persisted to its end, the store claims that end as `usage_from` (stored once: where usage
+records began, the meter's handover point for a log begun under an earlier version).
 
 Rules:
 - Start (recovery): PgStore migrates; the Kafka producer takes the transactional id (fencing a
@@ -83,6 +87,7 @@ from math import inf
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
+import orjson
 import trio
 from trio_asyncio import aio_as_trio
 
@@ -94,6 +99,7 @@ from node.log import log
 from node.metrics import Metric
 from origin.kafka_consumer import KafkaLogConsumer
 from origin.kafka_log import KafkaLog, LogWithdrawn
+from origin.kafka_records import encode_usage, usage_topic
 from origin.kafka_sequencer import Lookup, Needs, Plan, Sequencer, Target
 from origin.kafka_tail import committed_records_after
 from origin.log_port import LogAborted, LogBatch, LogFenced, writer_id
@@ -281,6 +287,9 @@ class KafkaStore:
         self._recovery_wanted = trio.Event()
         self._superseded = False  # another origin of the shard started since (see `_dead`)
         self.recoveries = 0  # in-place recoveries done; for metrics and tests
+        # Where this shard's usage records began (partition → offset; see `_claim_usage_from`):
+        # set before the store serves.
+        self.usage_from: dict[int, int] | None = None
         self._inflight = 0
         self._carry: list[AppendItem] = []  # the sequencer's ops not yet in a batch, once it ended
         self._idle = trio.Event()
@@ -299,6 +308,7 @@ class KafkaStore:
             self.topic,
             writer_id(self._shard),
             partitions=self._partitions,
+            usage_topic=usage_topic(self.topic),
             commit_timeout_s=self._commit_timeout_s,
         )
 
@@ -342,8 +352,9 @@ class KafkaStore:
                 persister = PgPersister(
                     self._pool, self.schema, self.topic, consumer, self._persisted
                 )
-                await self._recover(consumer, persister, offsets)
+                end = await self._recover(consumer, persister, offsets)
                 recovery.cancel_scope.cancel()  # stopped before its successor reads
+            await self._claim_usage_from(end)
             await self._start_persister(nursery)
         except BaseException:
             # A start that failed gives the shard back to the origin it may have fenced, which
@@ -419,10 +430,21 @@ class KafkaStore:
         finally:
             ended.set()
 
+    async def _claim_usage_from(self, end: Mapping[int, int]) -> None:
+        """Where usage records began (`usage_from`): the log's end when the first origin that
+        writes them started (stored once: the first claim wins). Before it, only the events
+        tell usage; from it, every transaction also carries its usage records."""
+        claimed = await self.pg.claim_meta(
+            f"usage_from:{self.topic}",
+            orjson.dumps({str(p): o for p, o in sorted(end.items())}).decode(),
+        )
+        self.usage_from = {int(p): int(o) for p, o in orjson.loads(claimed).items()}
+
     async def _recover(
         self, consumer: KafkaLogConsumer, persister: PgPersister, offsets: Mapping[int, int]
-    ) -> None:
-        """Persist the whole log, so PostgreSQL's heads are the log's (see the module doc)."""
+    ) -> dict[int, int]:
+        """Persist the whole log, so PostgreSQL's heads are the log's (see the module doc).
+        Returns where the log ends (no committed record at or after it)."""
         resume = dict(offsets)
         while await trio.to_thread.run_sync(
             committed_records_after, self.bootstrap, self.topic, resume
@@ -445,6 +467,7 @@ class KafkaStore:
             resume = dict(persister.offsets)
         if persister.batches:
             log("log_recovered", topic=self.topic, batches=persister.batches)
+        return resume
 
     async def _recoveries(self, nursery: trio.Nursery) -> None:
         """Recover in place after each unknown outcome, until it succeeds (see the module doc).
@@ -878,10 +901,13 @@ class KafkaStore:
     async def _write(self, plan: Plan, check: _Check | None) -> GB6Error | None:
         """Append the plan's records as one transaction (on `check`'s verdict, if any); the
         error its ops get, if any (`LogWithdrawn`: the check found a repeat, or failed)."""
+        usage = encode_usage(plan.ts, plan.usage)
         for attempt in range(1, _ATTEMPTS + 1):
             try:
                 await self.log.append_batch(
-                    plan.records, confirm=check.confirm if check is not None else None
+                    plan.records,
+                    usage=usage,
+                    confirm=check.confirm if check is not None else None,
                 )
                 self.commits += 1
                 return None

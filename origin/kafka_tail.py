@@ -32,10 +32,16 @@ _FETCH_WAIT_MS: Final = 10
 
 
 def committed_records_after(
-    bootstrap: str, topic: str, offsets: Mapping[int, int], *, timeout_s: float = 30.0
+    bootstrap: str,
+    topic: str,
+    offsets: Mapping[int, int],
+    *,
+    before: Mapping[int, int] | None = None,
+    timeout_s: float = 30.0,
 ) -> bool:
     """True if some partition of `topic` holds a committed record at or after its offset in
-    `offsets` (a partition without one: from its beginning). Blocking; see the module doc."""
+    `offsets` (a partition without one: from its beginning), and, given `before`, below its
+    offset there (absent: 0). Blocking; see the module doc."""
     deadline = time.monotonic() + timeout_s
     consumer = _consumer(
         bootstrap,
@@ -53,6 +59,8 @@ def committed_records_after(
     )
     try:
         pending = set(_partitions(consumer, topic, timeout_s))
+        if before is not None:
+            pending = {p for p in pending if offsets.get(p, 0) < before.get(p, 0)}
         consumer.assign(
             [TopicPartition(topic, p, offsets.get(p, OFFSET_BEGINNING)) for p in sorted(pending)]
         )
@@ -66,7 +74,14 @@ def committed_records_after(
                 continue
             err = msg.error()
             if err is None:
-                return True
+                if before is None:
+                    return True
+                partition = msg.partition()
+                if partition in pending:  # else one found done already
+                    if (msg.offset() or 0) < before.get(partition, 0):
+                        return True
+                    pending.discard(partition)  # its next record is past `before`
+                continue
             if err.code() == KafkaError._PARTITION_EOF:
                 pending.discard(msg.partition())
             elif err.fatal() or err.code() == KafkaError._AUTO_OFFSET_RESET:

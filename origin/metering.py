@@ -28,14 +28,15 @@ Rules:
   slowed the sequencer's lookups in PostgreSQL): bench/RESULTS.md.
 - Sources (`EventSource`): the embedded store's `events` table in `gb6.db` (read-only, on a
   thread of the source's own) and the PostgreSQL store's `events` (`PgEventSource`), by event
-  id (the offset is the text of the last id counted); the `kafka` backend's log of record itself
-  (`KafkaEventSource`, the offset is JSON partition → next offset).
+  id (the offset is the text of the last id counted); the `kafka` backend's usage records, one
+  per log transaction (`KafkaEventSource`, the offset is JSON Kafka positions; events from
+  before usage records are read from the log of record itself).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
@@ -292,9 +293,19 @@ class PgEventSource:
 
 
 class KafkaEventSource:
-    """The shard's Kafka log of record, from the offsets the billing store keeps (JSON:
-    partition → next offset). It joins no consumer group: the offsets stored with the usage
-    are the only ones, so usage and position commit together (origin/kafka_consumer.py).
+    """The shard's usage in Kafka, from the offsets the billing store keeps. It joins no
+    consumer group: the offsets stored with the usage are the only ones, so usage and position
+    commit together (origin/kafka_consumer.py).
+
+    Every log transaction carries its usage records on the usage topic (kafka_records.py), so
+    the meter reads a record per transaction, not every event a second time (that second read
+    cost ~20% of a shard's appends: bench/RESULTS.md). Transactions written before the shard's
+    first origin that wrote usage records (`usage_from`: where the log ended when it started,
+    kafka_store.py) have none: their events are read from the log of record, up to there.
+    The stored offset says which: JSON partition → next offset of the log of record (as the
+    meter kept it before usage records), then `{"usage": {partition: next offset}}`; the read
+    that reaches `usage_from` moves it on (events past `usage_from` are never counted from the
+    log: their usage records count them).
 
     A `read` from other offsets than where the consumer stands (the first read, or after
     another meter moved the stored offset) starts a new consumer there. `read` waits at most
@@ -305,13 +316,19 @@ class KafkaEventSource:
     name = "meter-kafka"  # its offsets mean Kafka positions, not event ids
     poll_s = LOG_POLL_S
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, usage_from: Callable[[], Mapping[int, int] | None]
+    ) -> None:
+        from origin.kafka_records import usage_topic
+
         self._bootstrap = bootstrap
         self._topic = topic
+        self._usage_topic = usage_topic(topic)
+        self._usage_from = usage_from
         self._nursery: trio.Nursery | None = None
         self._consumer: Any = None
         self._scope: trio.CancelScope | None = None
-        self._position: dict[int, int] | None = None
+        self._position: tuple[str, dict[int, int]] | None = None  # (topic, offsets)
         self._max_batch = _CONSUMER_BATCH
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -324,14 +341,18 @@ class KafkaEventSource:
                 self._nursery = None
 
     async def _serve(
-        self, start: dict[int, int], *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+        self,
+        topic: str,
+        start: dict[int, int],
+        *,
+        task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         # confluent-kafka only where used
         from origin.kafka_consumer import GATHERED, KafkaLogConsumer
 
         consumer = KafkaLogConsumer(
             self._bootstrap,
-            self._topic,
+            topic,
             start,
             name="meter",
             max_batch=self._max_batch,
@@ -342,31 +363,62 @@ class KafkaEventSource:
                 await nursery.start(consumer.run)
                 task_status.started((consumer, scope))
 
-    async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
-        from origin.kafka_records import decode_usage
+    def _until(self) -> Mapping[int, int]:
+        until = self._usage_from()
+        if until is None:
+            raise GB6Error(UNAVAILABLE, "the meter waits for the shard's log to start")
+        return until
 
-        start = _offsets(after)
+    async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
+        from origin.kafka_records import decode_usage, decode_usage_record
+
+        in_usage, start = _offsets(after)
         if self._nursery is None:
             raise GB6Error(UNAVAILABLE, "the meter's event source is not running")
-        if self._consumer is None or self._position != start:
+        until: Mapping[int, int] = {}
+        if not in_usage:
+            until = self._until()
+            if _reached(start, until):
+                return [], _usage_offsets({})
+        topic = self._usage_topic if in_usage else self._topic
+        if self._consumer is None or self._position != (topic, start):
             self._drop_consumer()
             # Small reads: each is decoded on the event loop; `catch_up` gathers them.
             self._max_batch = max(1, min(limit, _CONSUMER_BATCH))
-            self._consumer, self._scope = await self._nursery.start(self._serve, start)
-            self._position = start
+            self._consumer, self._scope = await self._nursery.start(self._serve, topic, start)
+            self._position = (topic, start)
         with trio.move_on_after(_IDLE_S):
             try:
                 batch = await self._consumer.next_batch()
-                events = fold(decode_usage(entry) for entry in batch.entries)
+                if in_usage:
+                    events = [
+                        MeterEvent(*row)
+                        for entry in batch.entries
+                        for row in decode_usage_record(entry)
+                    ]
+                else:  # before `until` only: past it, usage records count the events
+                    events = fold(
+                        decode_usage(entry)
+                        for entry in batch.entries
+                        if entry.offset < until.get(entry.partition, 0)
+                    )
             except Exception:  # not a cancellation: the idle timeout leaves it reading
                 # The consumer has moved past a batch that was not counted, or has stopped:
                 # the next read starts a new one at the position last counted.
                 self._drop_consumer()
                 raise
-            self._position = dict(batch.resume)
-            return events, orjson.dumps(
-                {str(p): o for p, o in sorted(batch.resume.items())}
-            ).decode()
+            resume = dict(batch.resume)
+            self._position = (topic, dict(resume))
+            if in_usage:
+                return events, _usage_offsets(resume)
+            resume = {p: min(o, until.get(p, 0)) for p, o in resume.items()}
+            if _reached(resume, until):
+                return events, _usage_offsets({})
+            return events, _log_offsets(resume)
+        if not in_usage and not await _in_time(
+            lambda: committed_records_after(self._bootstrap, self._topic, start, before=until)
+        ):  # what is left below `until` is transaction markers and aborted records
+            return [], _usage_offsets({})
         return None
 
     def _drop_consumer(self) -> None:
@@ -377,22 +429,46 @@ class KafkaEventSource:
     async def end(self) -> Callable[[str], bool] | None:
         from origin.kafka_tail import end_offsets
 
-        ends = await _in_time(lambda: end_offsets(self._bootstrap, self._topic, timeout_s=_TAIL_S))
+        ends = await _in_time(
+            lambda: end_offsets(self._bootstrap, self._usage_topic, timeout_s=_TAIL_S)
+        )
 
         def passed(offset: str) -> bool:
-            at = _offsets(offset)
-            return all(at.get(p, 0) >= end for p, end in ends.items())
+            in_usage, at = _offsets(offset)
+            return in_usage and all(at.get(p, 0) >= end for p, end in ends.items())
 
         return passed
 
     async def drained(self, after: str | None) -> bool:
-        from origin.kafka_tail import committed_records_after
-
-        start = _offsets(after)
+        in_usage, start = _offsets(after)
+        if not in_usage:
+            return False  # a read moves the offset on to the usage records, once it is due
         more = await _in_time(
-            lambda: committed_records_after(self._bootstrap, self._topic, start, timeout_s=_TAIL_S)
+            lambda: committed_records_after(
+                self._bootstrap, self._usage_topic, start, timeout_s=_TAIL_S
+            )
         )
         return not more
+
+
+def committed_records_after(
+    bootstrap: str,
+    topic: str,
+    offsets: Mapping[int, int],
+    *,
+    before: Mapping[int, int] | None = None,
+    timeout_s: float = _TAIL_S,
+) -> bool:
+    """kafka_tail's, imported where used (confluent-kafka)."""
+    from origin import kafka_tail
+
+    return kafka_tail.committed_records_after(
+        bootstrap, topic, offsets, before=before, timeout_s=timeout_s
+    )
+
+
+def _reached(at: Mapping[int, int], until: Mapping[int, int]) -> bool:
+    return all(at.get(p, 0) >= o for p, o in until.items())
 
 
 T = TypeVar("T")
@@ -407,14 +483,26 @@ async def _in_time(ask: Callable[[], T]) -> T:
     raise GB6Error(UNAVAILABLE, f"Kafka did not answer the meter within {_TAIL_S + 5:g}s")
 
 
-def _offsets(after: str | None) -> dict[int, int]:
+def _offsets(after: str | None) -> tuple[bool, dict[int, int]]:
+    """(whether it is a position in the usage records, partition → next offset)."""
     if after is None:
-        return {}
+        return False, {}
     try:
         raw = orjson.loads(after)
-        return {int(p): int(o) for p, o in raw.items()}
+        in_usage = "usage" in raw
+        if in_usage:
+            raw = raw["usage"]
+        return in_usage, {int(p): int(o) for p, o in raw.items()}
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
         raise GB6Error(UNAVAILABLE, f"metering offset {after!r} is not Kafka offsets") from None
+
+
+def _log_offsets(at: Mapping[int, int]) -> str:
+    return orjson.dumps({str(p): o for p, o in sorted(at.items())}).decode()
+
+
+def _usage_offsets(at: Mapping[int, int]) -> str:
+    return orjson.dumps({"usage": {str(p): o for p, o in sorted(at.items())}}).decode()
 
 
 class Meter:

@@ -132,7 +132,9 @@ class OriginShard:
         # so an edge can coalesce its writes per connection.
         self.publish_context: Callable[[], AbstractContextManager[object]] = nullcontext
         # Usage metering and invoices (origin/invoicing.py): a consumer of this shard's log.
-        self.billing = open_billing(config, self.instances.get)
+        self.billing = open_billing(
+            config, self.instances.get, usage_from=lambda: getattr(self.store, "usage_from", None)
+        )
         # Quotas of every instance here (origin/quotas.py): checked where resources are made.
         self.quotas = Quotas(config.plans, self._plan_of, now_ms)
         self.tenancy_listeners.append(self._quota_limits_changed)

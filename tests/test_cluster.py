@@ -162,11 +162,21 @@ class Cluster:
 
 
 def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+    """The topics and their usage topics (one an origin never started on has none)."""
+    from confluent_kafka import KafkaError
     from confluent_kafka.admin import AdminClient
 
+    from origin.kafka_records import usage_topic
+
+    usage = [usage_topic(t) for t in topics]
     admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the answers came
-    for future in admin.delete_topics(topics, operation_timeout=10).values():
-        future.result(timeout=15)
+    for topic, future in admin.delete_topics(topics + usage, operation_timeout=10).items():
+        try:
+            future.result(timeout=15)
+        except Exception as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if topic not in usage or err is None or err.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
 
 
 async def _pg(dsn: str, query: str, *args: Any) -> list[Any]:

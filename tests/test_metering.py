@@ -219,6 +219,78 @@ async def test_a_pass_gathers_many_log_transactions_into_one_billing_transaction
 
 
 @pytest.mark.parametrize("config", ["kafka"], indirect=True)
+async def test_a_shard_whose_log_began_without_usage_records_counts_each_event_once(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard whose origins once wrote no usage records (the version before them): its meter
+    counted part of the log from the events, and stored an offset of the log of record. The
+    first origin that writes usage records starts: the meter counts the rest of the old events
+    from the log, up to where that origin began, then the usage records; a later restart keeps
+    that point. Every event is counted exactly once."""
+    from origin.kafka_store import KafkaStore
+
+    monkeypatch.setattr(KafkaEventSource, "poll_s", 3600.0)  # only the passes asked for here
+    month = month_of(now_ms())
+
+    async def claims_nothing(store: KafkaStore, end: Any) -> None:
+        pass
+
+    with monkeypatch.context() as old:  # an origin of the version before
+        old.setattr("origin.kafka_store.encode_usage", lambda ts, counts: [])
+        old.setattr(KafkaStore, "_claim_usage_from", claims_nothing)
+        async with shard_on(config.data_dir, config) as shard:
+            inst, room, (alice, bob) = await tenant(shard, "alice", "bob")
+            for i in range(3):
+                await op(shard, alice, room, "message", f"a{i}", body={"text": "m"})
+            # What that version's meter stored: these three counted, and the log's offset.
+            (end,) = await trio.to_thread.run_sync(_ends, config)
+            counted = metering.Usage()
+            counted.add([MeterEvent(inst, now_ms(), "message", alice.id, 3)])
+            assert await shard.billing.store.apply(
+                KafkaEventSource.name, None, f'{{"0": {end}}}', counted.delta()
+            )
+            await op(shard, bob, room, "message", "b0", body={"text": "m"})
+            await op(shard, bob, room, "react", "b1", target=1, emoji="x")
+    async with shard_on(config.data_dir, config) as shard:
+        assert isinstance(shard.store, KafkaStore) and shard.store.usage_from
+        began = shard.store.usage_from
+        for i in range(4):
+            await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
+        await shard.billing.meter.catch_up()
+        expected = {"messages": 8, "reactions": 1, "seats": 2}
+        assert await shard.billing.usage(inst, month) == expected
+        stored = await shard.billing.store.offset(KafkaEventSource.name)
+        assert stored is not None and stored.startswith('{"usage"')
+    async with shard_on(config.data_dir, config) as shard:
+        assert isinstance(shard.store, KafkaStore) and shard.store.usage_from == began
+        await op(shard, bob, room, "message", "d0", body={"text": "m"})
+        await shard.billing.meter.catch_up()
+        expected = {"messages": 9, "reactions": 1, "seats": 2}
+        assert await shard.billing.usage(inst, month) == expected
+
+
+@pytest.mark.parametrize("config", ["kafka"], indirect=True)
+async def test_a_transaction_aborted_and_appended_again_is_counted_once(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's usage records travel in its transaction: the aborted try leaves none, the
+    retry that commits leaves one."""
+    from origin.kafka_store import KafkaStore
+
+    monkeypatch.setattr(KafkaEventSource, "poll_s", 3600.0)  # only the passes asked for here
+    async with shard_on(config.data_dir, config) as shard:
+        inst, room, (alice,) = await tenant(shard, "alice")
+        await op(shard, alice, room, "message", "a0", body={"text": "m"})
+        assert isinstance(shard.store, KafkaStore)
+        commits = shard.store.log.commits
+        shard.store.log.abort_next_batch_after(1)
+        await op(shard, alice, room, "message", "a1", body={"text": "m"})
+        assert shard.store.log.commits == commits + 1
+        await shard.billing.meter.catch_up()
+        assert await shard.billing.usage(inst, month_of(now_ms())) == {"messages": 2, "seats": 1}
+
+
+@pytest.mark.parametrize("config", ["kafka"], indirect=True)
 async def test_a_batch_the_meter_failed_to_count_is_read_again(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,15 +304,15 @@ async def test_a_batch_the_meter_failed_to_count_is_read_again(
         await shard.billing.meter.catch_up()
         for i in range(3):
             await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
-        decode = origin.kafka_records.decode_usage
+        decode = origin.kafka_records.decode_usage_record
 
         def fails(entry: Any) -> Any:
             raise GB6Error(INTERNAL, "cannot decode")
 
-        monkeypatch.setattr(origin.kafka_records, "decode_usage", fails)
+        monkeypatch.setattr(origin.kafka_records, "decode_usage_record", fails)
         with pytest.raises(GB6Error, match="cannot decode"):
             await shard.billing.meter.catch_up()
-        monkeypatch.setattr(origin.kafka_records, "decode_usage", decode)
+        monkeypatch.setattr(origin.kafka_records, "decode_usage_record", decode)
         with trio.fail_after(20):
             await shard.billing.meter.catch_up()
         assert await shard.billing.usage(inst, month_of(now_ms())) == {"messages": 3, "seats": 1}
@@ -266,9 +338,10 @@ async def test_an_exact_pass_ends_while_one_partition_is_busy_and_another_quiet(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With two partitions, one busy and one quiet: the quiet one ends with a transaction
-    marker after its last record, so the meter's reading of it never reaches the log's end by
-    records alone, and reads never come back empty while the other is busy. The pass must
-    still end (a usage read waited as long as sends went on)."""
+    marker after its last record, so a reading of it never reaches the log's end by records
+    alone, and reads never come back empty while the other is busy. (The meter reads usage
+    records, one partition whose every record is followed by a marker, while sends go on.)
+    The pass must still end (a usage read waited as long as sends went on)."""
     monkeypatch.setattr(KafkaEventSource, "poll_s", 3600.0)  # only the passes asked for here
     config = attrs.evolve(config, kafka_partitions=2)
     async with shard_on(config.data_dir, config) as shard:

@@ -167,10 +167,9 @@ def _kafka() -> Iterator[Backend]:
 
 
 def _delete_topic(bootstrap: str, topic: str) -> None:
-    from confluent_kafka.admin import AdminClient
+    from test_cluster import _delete_topics
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})  # alive until the answer came
-    admin.delete_topics([topic], operation_timeout=10)[topic].result(timeout=15)
+    _delete_topics(bootstrap, [topic])
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -1805,12 +1804,12 @@ async def test_kafka_a_batch_whose_outcome_is_unknown_is_answered_while_the_pers
                 await trio.sleep(0.02)  # m1 is in PostgreSQL: nothing held for it
         real, calls, stopped = store.log.append_batch, [0], []
 
-        async def appending(records: Any, *, confirm: Any = None) -> None:
+        async def appending(records: Any, **kw: Any) -> None:
             calls[0] += 1
             if calls[0] == 2:  # the second batch: the broker stops answering
                 os.kill(broker, signal.SIGSTOP)
                 stopped.append(broker)
-            await real(records, confirm=confirm)
+            await real(records, **kw)
 
         monkeypatch.setattr(store.log, "append_batch", appending)
         try:
