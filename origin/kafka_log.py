@@ -120,10 +120,15 @@ def ensure_topic(
                 topic,
                 num_partitions=partitions,
                 replication_factor=-1,
-                # The log of record: its consumers (the persister, the meter, the indexer)
-                # start from it, and rebuild from its beginning. The broker's default would
-                # delete acknowledged records, persisted or not.
-                config={"retention.ms": "-1", "retention.bytes": "-1"},
+                # The log of record and its usage records: their consumers (the persister,
+                # the meter) start from them, and rebuild from their beginning. The broker's
+                # default would delete acknowledged records, persisted or not; compaction
+                # would keep one usage record (they share a key).
+                config={
+                    "retention.ms": "-1",
+                    "retention.bytes": "-1",
+                    "cleanup.policy": "delete",
+                },
             )
         ],
         operation_timeout=timeout_s,
@@ -317,8 +322,8 @@ class KafkaLog:
         )
 
     def abort_next_batch_after(self, records: int) -> None:
-        """Test hook: the next batch produces its first `records` records (flushed to the
-        broker), then aborts its transaction."""
+        """Test hook: the next batch produces its first `records` records and its usage
+        records (flushed to the broker), then aborts its transaction."""
         self._abort_after = records
 
     async def append_batch(
@@ -442,13 +447,12 @@ class KafkaLog:
                     value=record.payload,
                     headers=[(SEQ_HEADER, _SEQ.pack(record.seq))],
                 )
-            if job.abort_after is None:
-                for payload in job.usage:
-                    assert self.usage_topic is not None  # append_batch checked
-                    producer.produce(
-                        self.usage_topic, key=_USAGE_KEY, value=payload, headers=_USAGE_HEADERS
-                    )
-            else:
+            for payload in job.usage:
+                assert self.usage_topic is not None  # append_batch checked
+                producer.produce(
+                    self.usage_topic, key=_USAGE_KEY, value=payload, headers=_USAGE_HEADERS
+                )
+            if job.abort_after is not None:
                 # The partial batch really reaches the broker before the abort.
                 producer.flush(self.commit_timeout_s)
                 producer.abort_transaction(self.commit_timeout_s)

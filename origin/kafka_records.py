@@ -112,7 +112,7 @@ def usage_topic(topic: str) -> str:
 
 def encode_usage(ts: int, counts: dict[tuple[str, str, str], int]) -> list[bytes]:
     """The usage records of one transaction whose events all have `ts`: `counts` is
-    (instance, type, sender) → how many. None when it has no event."""
+    (instance, type, sender) → how many. None (`[]`) when it has no event."""
     rows = [[instance, type_, sender, n] for (instance, type_, sender), n in counts.items()]
     return _usage_payloads(ts, rows) if rows else []
 

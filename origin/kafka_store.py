@@ -233,6 +233,31 @@ async def _give_back(pool: Any, key: str, mine: str, previous: str | None) -> No
         )
 
 
+async def _claim_usage_from(pool: Any, key: str, end: str) -> str:
+    """asyncio side: `key` is `end` unless it was set; its value. The first claim also wraps
+    the meter's stored offset of the log (`{"events": …}`, metering.KafkaEventSource) in the
+    same transaction: a meter of an earlier version still running (in an origin this one
+    fenced) cannot read it any more, so it stops before counting events past `end`, which
+    their usage records count."""
+    async with pool.acquire() as conn, conn.transaction():
+        claimed: str | None = await conn.fetchval(
+            "INSERT INTO meta(key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING"
+            " RETURNING value",
+            key,
+            end,
+        )
+        if claimed is None:
+            stored: str = await conn.fetchval("SELECT value FROM meta WHERE key = $1", key)
+            return stored
+        if await conn.fetchval("SELECT to_regclass('billing_offsets')") is not None:
+            await conn.execute(
+                "UPDATE billing_offsets SET value = '{\"events\":' || value || '}'"
+                " WHERE consumer = 'meter-kafka' AND value NOT LIKE '{\"usage\"%'"
+                " AND value NOT LIKE '{\"events\"%'"
+            )
+        return claimed
+
+
 class KafkaStore:
     """Kafka as log of record, PostgreSQL as relational store (see the module doc).
 
@@ -354,7 +379,6 @@ class KafkaStore:
                 )
                 end = await self._recover(consumer, persister, offsets)
                 recovery.cancel_scope.cancel()  # stopped before its successor reads
-            await self._claim_usage_from(end)
             await self._start_persister(nursery)
         except BaseException:
             # A start that failed gives the shard back to the origin it may have fenced, which
@@ -373,6 +397,9 @@ class KafkaStore:
                 except GB6Error as exc:  # the start's own failure is the one to tell
                     log("log_give_back_failed", topic=self.topic, error=exc.message)
             raise
+        # Not before: a start that fails after it would give the shard back to an origin that
+        # may be of an earlier version, whose appends would carry no usage.
+        await self._claim_usage_from(end)
         self._closed = False
         async with trio.open_nursery() as inner:
             inner.start_soon(self._sequencer)
@@ -434,7 +461,10 @@ class KafkaStore:
         """Where usage records began (`usage_from`): the log's end when the first origin that
         writes them started (stored once: the first claim wins). Before it, only the events
         tell usage; from it, every transaction also carries its usage records."""
-        claimed = await self.pg.claim_meta(
+        claimed = await self._call(
+            _claim_usage_from,
+            "claiming where usage records begin",
+            self._pool,
             f"usage_from:{self.topic}",
             orjson.dumps({str(p): o for p, o in sorted(end.items())}).decode(),
         )

@@ -14,6 +14,8 @@ Rules:
 - Meaningful once no transaction of the topic's writer is open, e.g. right after the writer's
   `init_transactions` (which aborts its predecessor's): `read_committed` stops at the first
   open transaction, and a record after it would not be seen.
+  With `before`, the answer is sound while the writer writes: below `before` every
+  transaction is settled (the meter's handover point, kafka_store.py's `usage_from`).
 - Bounded by `timeout_s`; a broker that does not answer in time is `unavailable`.
 """
 

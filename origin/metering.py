@@ -1,7 +1,8 @@
 """Usage metering: a consumer of the log of record with its own offset (DESIGN §3.5).
 
 Rules:
-- The meter reads the shard's committed events in log order from where its stored offset says,
+- The meter reads the shard's committed events (on Kafka, the usage records that each log
+  transaction carries for them) in log order from where its stored offset says,
   folds them into usage read by read (`Usage`, pure) and hands usage and the new offset to the
   billing store in ONE transaction (`BillingStore.apply`, which refuses a batch whose starting
   offset is no longer the stored one). What is folded and not applied yet is held in memory,
@@ -21,7 +22,9 @@ Rules:
 - How often the background passes run is the source's (`EventSource.poll_s`). A table source
   folds a read in SQL and pays about one row per active user (seats) whatever the number of
   events, so its passes are rare (`POLL_S`) and large (`BATCH`). A log consumer decodes every
-  record on the event loop: its passes run nearly back to back (`LOG_POLL_S`), so that it
+  record on the event loop (on Kafka, a usage record per transaction, standing for all its
+  events: an apply may pass `BATCH` by a read's worth): its passes run nearly back to back
+  (`LOG_POLL_S`), so that it
   reads each log transaction soon after it commits and this work is spread out (every 10 s
   it came as a burst of ~90 ms; every 2 s, the second's backlog still slowed the sequencer),
   while its applies stay ten seconds apart under load (each is one row per active user, and
@@ -302,10 +305,12 @@ class KafkaEventSource:
     cost ~20% of a shard's appends: bench/RESULTS.md). Transactions written before the shard's
     first origin that wrote usage records (`usage_from`: where the log ended when it started,
     kafka_store.py) have none: their events are read from the log of record, up to there.
-    The stored offset says which: JSON partition → next offset of the log of record (as the
-    meter kept it before usage records), then `{"usage": {partition: next offset}}`; the read
-    that reaches `usage_from` moves it on (events past `usage_from` are never counted from the
-    log: their usage records count them).
+    The stored offset says which: `{"events": {partition: next offset}}` in the log of record
+    (or the bare mapping, as the meter kept it before usage records: the store's claim of
+    `usage_from` wraps it, so that a meter of that version still running, which would count
+    on past `usage_from`, can read it no more), then `{"usage": {partition: next offset}}`;
+    the read that reaches `usage_from` moves it on (events past `usage_from` are counted by
+    their usage records only).
 
     A `read` from other offsets than where the consumer stands (the first read, or after
     another meter moved the stored offset) starts a new consumer there. `read` waits at most
@@ -408,10 +413,13 @@ class KafkaEventSource:
                 self._drop_consumer()
                 raise
             resume = dict(batch.resume)
-            self._position = (topic, dict(resume))
             if in_usage:
+                self._position = (topic, resume)
                 return events, _usage_offsets(resume)
+            # A partition read past `until` is done: its offset stays there, and the consumer
+            # (kept for the next read from this offset) reads on only for the others.
             resume = {p: min(o, until.get(p, 0)) for p, o in resume.items()}
+            self._position = (topic, resume)
             if _reached(resume, until):
                 return events, _usage_offsets({})
             return events, _log_offsets(resume)
@@ -490,15 +498,17 @@ def _offsets(after: str | None) -> tuple[bool, dict[int, int]]:
     try:
         raw = orjson.loads(after)
         in_usage = "usage" in raw
-        if in_usage:
-            raw = raw["usage"]
+        if in_usage or "events" in raw:  # else as an earlier version kept it: the log's
+            raw = raw["usage" if in_usage else "events"]
         return in_usage, {int(p): int(o) for p, o in raw.items()}
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
         raise GB6Error(UNAVAILABLE, f"metering offset {after!r} is not Kafka offsets") from None
 
 
 def _log_offsets(at: Mapping[int, int]) -> str:
-    return orjson.dumps({str(p): o for p, o in sorted(at.items())}).decode()
+    # Wrapped, as the store's claim of `usage_from` wraps the offset an earlier version kept:
+    # a meter of that version, still running, cannot read it and count on past `usage_from`.
+    return orjson.dumps({"events": {str(p): o for p, o in sorted(at.items())}}).decode()
 
 
 def _usage_offsets(at: Mapping[int, int]) -> str:

@@ -706,20 +706,6 @@ class PgStore:
 
         await self._write(tx)
 
-    async def claim_meta(self, key: str, value: str) -> str:
-        """Set `key` to `value` unless it is set; its value either way (the first wins)."""
-
-        async def tx(c: Any) -> str:
-            await c.execute(
-                "INSERT INTO meta(key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
-                key,
-                value,
-            )
-            stored: str = await c.fetchval("SELECT value FROM meta WHERE key = $1", key)
-            return stored
-
-        return await self._write(tx)
-
     # --- reads ---------------------------------------------------------------------------
 
     async def _read(self, fn: Callable[[Any], Awaitable[T]]) -> T:
