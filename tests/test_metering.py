@@ -219,8 +219,9 @@ async def test_a_pass_gathers_many_log_transactions_into_one_billing_transaction
 
 
 @pytest.mark.parametrize("config", ["kafka"], indirect=True)
+@pytest.mark.parametrize("partitions", [1, 2])
 async def test_a_shard_whose_log_began_without_usage_records_counts_each_event_once(
-    config: Config, monkeypatch: pytest.MonkeyPatch
+    config: Config, monkeypatch: pytest.MonkeyPatch, partitions: int
 ) -> None:
     """A shard whose origins once wrote no usage records (the version before them): its meter
     counted part of the log from the events, and stored an offset of the log of record. The
@@ -230,6 +231,7 @@ async def test_a_shard_whose_log_began_without_usage_records_counts_each_event_o
     from origin.kafka_store import KafkaStore
 
     monkeypatch.setattr(KafkaEventSource, "poll_s", 3600.0)  # only the passes asked for here
+    config = attrs.evolve(config, kafka_partitions=partitions)
     month = month_of(now_ms())
 
     async def claims_nothing(store: KafkaStore, end: Any) -> None:
@@ -242,12 +244,13 @@ async def test_a_shard_whose_log_began_without_usage_records_counts_each_event_o
             inst, room, (alice, bob) = await tenant(shard, "alice", "bob")
             for i in range(3):
                 await op(shard, alice, room, "message", f"a{i}", body={"text": "m"})
-            # What that version's meter stored: these three counted, and the log's offset.
-            (end,) = await trio.to_thread.run_sync(_ends, config)
+            # What that version's meter stored: these three counted, and the log's offsets.
+            ends = await trio.to_thread.run_sync(_ends, config)
+            old_offset = "{" + ", ".join(f'"{p}": {e}' for p, e in enumerate(ends)) + "}"
             counted = metering.Usage()
             counted.add([MeterEvent(inst, now_ms(), "message", alice.id, 3)])
             assert await shard.billing.store.apply(
-                KafkaEventSource.name, None, f'{{"0": {end}}}', counted.delta()
+                KafkaEventSource.name, None, old_offset, counted.delta()
             )
             await op(shard, bob, room, "message", "b0", body={"text": "m"})
             await op(shard, bob, room, "react", "b1", target=1, emoji="x")
@@ -257,7 +260,7 @@ async def test_a_shard_whose_log_began_without_usage_records_counts_each_event_o
         # The claim wrapped the stored offset: a meter of the version before, still running
         # in the origin this one fenced, can no longer read it (and count past `began`).
         assert await shard.billing.store.offset(KafkaEventSource.name) == (
-            f'{{"events":{{"0": {end}}}}}'
+            f'{{"events":{old_offset}}}'
         )
         for i in range(4):
             await op(shard, alice, room, "message", f"c{i}", body={"text": "m"})
