@@ -250,10 +250,15 @@ async def _claim_usage_from(pool: Any, key: str, end: str) -> str:
             stored: str = await conn.fetchval("SELECT value FROM meta WHERE key = $1", key)
             return stored
         if await conn.fetchval("SELECT to_regclass('billing_offsets')") is not None:
+            # No offset yet is one from the log's start: stored, so that a meter of an earlier
+            # version, whose first apply expects none, cannot store one of its own after this.
             await conn.execute(
-                "UPDATE billing_offsets SET value = '{\"events\":' || value || '}'"
-                " WHERE consumer = 'meter-kafka' AND value NOT LIKE '{\"usage\"%'"
-                " AND value NOT LIKE '{\"events\"%'"
+                "INSERT INTO billing_offsets(consumer, value) VALUES ('meter-kafka', $1)"
+                " ON CONFLICT (consumer) DO UPDATE"
+                " SET value = '{\"events\":' || billing_offsets.value || '}'"
+                " WHERE billing_offsets.value NOT LIKE '{\"usage\"%'"
+                " AND billing_offsets.value NOT LIKE '{\"events\"%'",
+                '{"events":{}}',
             )
         return claimed
 
