@@ -286,6 +286,9 @@ class KafkaStore:
     ) -> None:
         if not bootstrap or not topic or not shard:
             raise GB6Error(INVALID, "the kafka store needs kafka_bootstrap, a topic and a shard")
+        if topic == usage_topic(topic.removesuffix(".usage")):
+            # It would be another log's usage topic (a shard named `x.usage` included).
+            raise GB6Error(INVALID, f"a log's topic must not end in .usage: {topic!r}")
         self.pg = PgStore(dsn, limits, _ignore, schema=schema)
         self._shard = shard
         self._writer_key = f"log_writer:{writer_id(shard)}"

@@ -1202,6 +1202,16 @@ async def _topic_records(backend: Backend, isolation: str) -> list[tuple[str, in
     return seen
 
 
+def test_kafka_a_topic_named_like_a_usage_topic_is_refused() -> None:
+    """`x.usage` is the usage topic of log `x`: a shard whose log would be named so (its
+    `kafka_topic`, or a shard named `a.usage` by default) is refused before it starts."""
+    for topic in ("gb6-log-a.usage", "orders.usage"):
+        with pytest.raises(GB6Error, match=r"must not end in \.usage") as info:
+            KafkaStore("postgresql://x", "127.0.0.1:1", topic, "a", LIMITS, lambda _: None)
+        assert info.value.code == INVALID
+    KafkaStore("postgresql://x", "127.0.0.1:1", "gb6-log-usage", "usage", LIMITS, lambda _: None)
+
+
 async def test_kafka_aborted_transaction_leaves_no_gap_and_no_duplicate(
     kafka_backend: Backend,
 ) -> None:
