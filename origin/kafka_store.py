@@ -864,6 +864,10 @@ class KafkaStore:
         with trio.CancelScope(shield=True):  # once planned, its outcome must be learned
             try:
                 inflight.failure = await self._write(inflight.plan, inflight.check)
+            except BaseException:
+                # Never answered as committed: the process is going down, its outcome unknown.
+                inflight.failure = GB6Error(UNAVAILABLE, "the batch's outcome is unknown")
+                raise
             finally:
                 inflight.done.set()
 
@@ -955,15 +959,22 @@ class KafkaStore:
                 log("log_batch_aborted", topic=self.topic, attempt=attempt, error=exc.message)
                 failure: GB6Error = exc
             except GB6Error as exc:  # fenced, or the outcome is unknown: the recovery decides
-                log("log_writer_stopped", topic=self.topic, error=exc.message)
-                self._dead = GB6Error(UNAVAILABLE, f"this shard stopped appending: {exc.message}")
-                self._unknown.append(plan)
-                self._recovery_wanted.set()
-                self._wake_progress()  # ops held for the persister are answered `unavailable`
-                return self._dead
+                return self._stop_appending(plan, exc.message)
+            except Exception as exc:  # a bug of ours: the batch's outcome is unknown too
+                return self._stop_appending(plan, repr(exc))
         return GB6Error(
             UNAVAILABLE, f"the log refused the batch (resend with the same cid): {failure.message}"
         )
+
+    def _stop_appending(self, plan: Plan, why: str) -> GB6Error:
+        """Stop appending until the recovery has learned whether `plan` was committed (it
+        reads the log): answering its ops either way could lose or double one."""
+        log("log_writer_stopped", topic=self.topic, error=why)
+        self._dead = GB6Error(UNAVAILABLE, f"this shard stopped appending: {why}")
+        self._unknown.append(plan)
+        self._recovery_wanted.set()
+        self._wake_progress()  # ops held for the persister are answered `unavailable`
+        return self._dead
 
     def _answer(self, results: list[tuple[AppendItem, Appended | GB6Error]]) -> None:
         if not results:

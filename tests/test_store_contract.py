@@ -1790,6 +1790,46 @@ async def test_kafka_a_batch_whose_outcome_is_unknown_is_learned_and_the_shard_s
             assert not again.duplicate and again.event.seq == 2 and after.event.seq == 3
 
 
+async def test_kafka_a_fault_of_ours_in_a_commit_is_an_unknown_outcome_not_an_acknowledgement(
+    kafka_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log's append fails with an error that is not the log's answer (a bug of ours) after
+    the transaction committed. Its op is not acknowledged (it might not be in the log) and the
+    store keeps running: it stops appending, learns the batch's outcome from the log as after a
+    broker's silence, and serves again; a resend gets the committed original."""
+    async with serving(kafka_backend) as store:
+        assert isinstance(store, KafkaStore)
+        recovered, t, r = await _recorded_room(store)
+        real = store.log.append_batch
+
+        async def committed_then_broken(*args: Any, **kwargs: Any) -> None:
+            await real(*args, **kwargs)
+            monkeypatch.undo()  # once
+            raise RuntimeError("a fault after the commit")
+
+        monkeypatch.setattr(store.log, "append_batch", committed_then_broken)
+        result = await submit(store, item(r, t.alice, "faulted"))
+        with trio.fail_after(30):
+            await store.wait_idle()
+        with pytest.raises(GB6Error) as info:
+            result().unwrap()
+        assert info.value.code == UNAVAILABLE
+        assert "a fault after the commit" in info.value.message
+        with trio.fail_after(60):
+            while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
+                await trio.sleep(0.1)
+        assert store.recoveries == 1
+        assert [(e.seq, e.cid) for e in recovered] == [(2, "faulted")]
+        again = await append(store, item(r, t.alice, "faulted"))
+        assert again.duplicate and again.event.seq == 2
+        assert (await append(store, item(r, t.alice, "m3"))).event.seq == 3
+        assert [(e.seq, e.cid) for e in await store.events_after(r, 0, 10)] == [
+            (1, "m1"),
+            (2, "faulted"),
+            (3, "m3"),
+        ]
+
+
 async def test_kafka_a_batch_whose_outcome_is_unknown_is_answered_while_the_persister_is_behind(
     kafka_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
