@@ -376,6 +376,7 @@ class KafkaEventSource:
 
     async def read(self, after: str | None, limit: int) -> tuple[list[MeterEvent], str] | None:
         from origin.kafka_records import decode_usage, decode_usage_record
+        from origin.kafka_tail import committed_records_after
 
         in_usage, start = _offsets(after)
         if self._nursery is None:
@@ -448,6 +449,8 @@ class KafkaEventSource:
         return passed
 
     async def drained(self, after: str | None) -> bool:
+        from origin.kafka_tail import committed_records_after
+
         in_usage, start = _offsets(after)
         if not in_usage:
             return False  # a read moves the offset on to the usage records, once it is due
@@ -457,22 +460,6 @@ class KafkaEventSource:
             )
         )
         return not more
-
-
-def committed_records_after(
-    bootstrap: str,
-    topic: str,
-    offsets: Mapping[int, int],
-    *,
-    before: Mapping[int, int] | None = None,
-    timeout_s: float = _TAIL_S,
-) -> bool:
-    """kafka_tail's, imported where used (confluent-kafka)."""
-    from origin import kafka_tail
-
-    return kafka_tail.committed_records_after(
-        bootstrap, topic, offsets, before=before, timeout_s=timeout_s
-    )
 
 
 def _reached(at: Mapping[int, int], until: Mapping[int, int]) -> bool:
