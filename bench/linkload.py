@@ -342,6 +342,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         jit0 = jvm.jit_cpu_s(broker) if broker is not None else 0.0
         top_others(ours)  # primes per-process counters
         busy0 = _busy()
+        persisted0 = c.events_persisted()
         prof_path = OUT / f"links-{meta['stamp']}-pyspy.txt"
         prof = (
             profile.start(origin.pid, args.duration - args.warmup, prof_path, args.profile_rate)
@@ -351,6 +352,7 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         time.sleep(max(0.0, w1 - time.monotonic()))
         window = w1 - w0
         cpu = (watch.cpu_s() - cpu0) / window
+        persisted1 = c.events_persisted()
         th1 = watch.thread_cpu()
         svc = [
             (name, (w.cpu_s() - s0) / window) for (name, w), s0 in zip(services, svc0, strict=True)
@@ -399,6 +401,13 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
             "text_bytes": args.text,
         },
         "appends_per_s": round(rate, 1),
+        # Rows PostgreSQL was given in the window (the event_ids sequence): with Kafka, what
+        # the persister kept up with; None on the embedded store.
+        "persisted_per_s": (
+            round((persisted1 - persisted0) / window, 1)
+            if persisted0 is not None and persisted1 is not None
+            else None
+        ),
         "send_to_res_ms": lat,
         "delivered_events_per_s": round(delivered / window, 1),
         "errors": sum(r["n_errors"] for r in results),
@@ -433,6 +442,8 @@ def _run(args: argparse.Namespace, m: dict[str, Any], meta: dict[str, Any], c: C
         f"events pushed to links/s {result['delivered_events_per_s']:,.0f}   "
         f"errors {result['errors']}  unanswered {result['unanswered']}"
     )
+    if result["persisted_per_s"] is not None:
+        print(f"events written to PostgreSQL/s in the window: {result['persisted_per_s']:,.0f}")
     print(report.fmt_lat("send→res", lat))
     us = result["origin_cpu_us_per_append"]
     print(f"origin s1: CPU {100 * cpu:.1f}% of one core, {us} µs CPU per append")
