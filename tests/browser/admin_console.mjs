@@ -94,11 +94,14 @@ await scenario(async (h) => {
   await h.shot(page, 'audit');
 
   // Page through the whole audit log ten records at a time (the smallest page offered).
+  // Each click changes the location hash, and the view is replaced on the `hashchange` that
+  // follows it: `settled` right after a click can still see the view before. Wait for the new
+  // one by what it shows (unfiltered; then a page of ten, with more older).
   await page.getByRole('link', { name: 'Clear filters' }).click();
-  await settled(page);
+  await page.waitForFunction(() => document.querySelector('#root > .view:not([aria-busy]) input[name="action"]')?.value === '');
   await page.getByLabel('Page size').selectOption('10');
   await page.getByRole('button', { name: 'Apply filters' }).click();
-  await settled(page);
+  await page.getByRole('status', { name: 'Audit records shown' }).filter({ hasText: /^10 records, more older$/ }).waitFor();
   const firstPage = (await rows(page, 'Audit records, newest first')).length;
   let pages = 1;
   while (await page.getByRole('button', { name: 'Older records' }).isVisible()) {
