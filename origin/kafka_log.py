@@ -5,7 +5,8 @@ Rules:
   blocks). Batches reach it through a queue, one thread hop per batch; at most `max_inflight`
   batches wait or run (backpressure on the sequencer).
 - At start the thread creates the topic if it is missing (`partitions` partitions; an existing
-  topic keeps its count, since changing it would move rooms between partitions), then calls
+  topic keeps its count, since changing it would move rooms between partitions, and is refused
+  if it is compacted, which would delete records of the log of record), then calls
   `init_transactions` under each of the shard's transactional ids. That call bumps the id's
   epoch, which fences any older producer with the same id and aborts whatever transaction it
   left open. Each step waits on the broker up to `commit_timeout_s`, in slices of `_SLICE_S`: a
@@ -148,16 +149,18 @@ def ensure_topic(
             err = kafka_error(exc)
             if err is None or err.code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
-            _warn_if_retained(admin, topic, deadline, stopping)
+            _check_kept(admin, topic, deadline, stopping)
             return
 
 
-def _warn_if_retained(
+def _check_kept(
     admin: AdminClient, topic: str, deadline: float, stopping: threading.Event | None
 ) -> None:
     """A topic made before (or by hand) may delete records by age or size: said at each start,
     for its operator to change (`kafka-configs.sh --alter`); not changed here, since an
-    operator may mean it (records archived elsewhere). Within the start's `deadline`, given up
+    operator may mean it (records archived elsewhere). A compacted one is refused (`invalid`):
+    compaction keeps one record per key, a room's newest event or the newest usage record,
+    whether or not its consumers have read the others. Within the start's `deadline`, given up
     soon after `stopping` is set."""
     resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
     future = admin.describe_configs([resource])[resource]
@@ -174,6 +177,14 @@ def _warn_if_retained(
         except KafkaException as exc:
             log("kafka_topic_config_unknown", topic=topic, error=repr(exc))
             return
+    policy = found["cleanup.policy"].value if "cleanup.policy" in found else "delete"
+    if "compact" in (policy or ""):
+        raise GB6Error(
+            INVALID,
+            f"topic {topic} has cleanup.policy={policy}: compaction would delete records of"
+            " the log of record; set it to delete (kafka-configs.sh --alter --add-config"
+            " cleanup.policy=delete)",
+        )
     kept = {k: found[k].value for k in ("retention.ms", "retention.bytes") if k in found}
     if any(value != "-1" for value in kept.values()):
         log("kafka_topic_retention_limited", topic=topic, **kept)
@@ -431,6 +442,8 @@ class KafkaLog:
         except Exception as exc:  # KafkaException, a timeout, a bad setting: all say "no"
             for producer in producers:
                 _drop(producer)
+            if isinstance(exc, GB6Error):  # ours says why already (a compacted topic)
+                raise
             raise GB6Error(
                 UNAVAILABLE, f"Kafka log {self.transactional_id}: cannot start: {exc!r}"
             ) from None

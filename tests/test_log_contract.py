@@ -498,3 +498,25 @@ async def test_a_kafka_topic_made_with_a_retention_is_said_at_each_start(
         await writer.append_batch([LogRecord("a", 1, b"x")])
     said = [line for line in capfd.readouterr().err.splitlines() if "retention_limited" in line]
     assert len(said) == 1 and '"retention.ms":"3600000"' in said[0], said
+
+
+async def test_a_compacted_kafka_topic_is_refused_at_start(kafka_backend: Backend) -> None:
+    """A topic made by hand with `cleanup.policy=compact` keeps one record per key (a room's
+    newest event): records of the log of record would go whether or not the persister had read
+    them. The writer does not start on it, and says why; it does not change the topic."""
+    from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": kafka_backend.bootstrap})
+    topic = NewTopic(
+        kafka_backend.topic,
+        num_partitions=KAFKA_PARTITIONS,
+        config={"cleanup.policy": "compact,delete"},
+    )
+    admin.create_topics([topic])[kafka_backend.topic].result(timeout=20)
+    with pytest.raises(GB6Error) as err, trio.fail_after(30):  # not serving
+        await kafka_backend.writer().run()
+    assert err.value.code == INVALID
+    assert "cleanup.policy=compact,delete" in err.value.message
+    resource = ConfigResource(ConfigResource.Type.TOPIC, kafka_backend.topic)
+    config = admin.describe_configs([resource])[resource].result(timeout=20)
+    assert config["cleanup.policy"].value == "compact,delete"
