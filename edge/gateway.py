@@ -77,8 +77,10 @@ HELLOS_PER_SOCKET = 5  # a socket refused this often (quota_exceeded, unavailabl
 # A request made while its shard's link is down, on a socket in a live media session: when to
 # ask again (the link reconnects with a backoff of 0.05 s doubling up to 2 s).
 LINK_DOWN_RETRY_MS = 1000
-# Requests that change nothing at the shard: one lost with its link may be asked again.
-_READS = (p.History, p.Search, p.ListRooms, p.RoomReads, p.PresenceGet)
+# Requests that change nothing at the shard: one lost with its link may be asked again. The
+# reads, and `subscribe`: its watch (if it sent one) was of the lost link, and the hub it may
+# have made settles idle (`_subscribe`), so a refused one leaves nothing behind.
+_HARMLESS_IF_LOST = (p.History, p.Search, p.ListRooms, p.RoomReads, p.PresenceGet, p.Subscribe)
 
 
 class State(enum.Enum):
@@ -492,7 +494,7 @@ class Gateway:
                 self._close(conn, CLOSE_BAD_HANDSHAKE, "expected hello")
         except GB6Error as exc:
             if isinstance(exc, LinkLost) and conn.principal is not None:
-                self._link_lost(conn, req_id, exc, isinstance(request, _READS))
+                self._link_lost(conn, req_id, exc, isinstance(request, _HARMLESS_IF_LOST))
                 return
             self._reply_error(conn, req_id, exc)
             if conn.principal is None and exc.code == UNAUTHORIZED:
@@ -848,16 +850,17 @@ class Gateway:
         conn: Connection,
         req_id: p.ReqId | None = None,
         exc: LinkLost | None = None,
-        read: bool = False,
+        harmless: bool = False,
     ) -> None:
         """The socket's clients must resume (on any edge): what it asked of a lost link is
         unanswered, and its client resends it under the same cids. Except, on a socket in a
         live media session, a request whose outcome does not matter: one that never left
-        (`LinkDown`), or a `read` (`_READS`: it changed nothing, whether or not it arrived).
+        (`LinkDown`), or a `harmless` one (`_HARMLESS_IF_LOST`: it changed nothing, whether or
+        not it arrived).
         It is refused `unavailable` (retry), and the socket stays with its media, which flows
         through this edge alone."""
         in_meeting = conn.media is not None and conn.media.live
-        if exc is not None and (read or isinstance(exc, LinkDown)) and in_meeting:
+        if exc is not None and (harmless or isinstance(exc, LinkDown)) and in_meeting:
             retry = GB6Error(UNAVAILABLE, exc.message, retry_after_ms=LINK_DOWN_RETRY_MS)
             self._reply_error(conn, req_id, retry)
             return

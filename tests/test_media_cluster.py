@@ -378,6 +378,42 @@ async def test_a_read_lost_with_the_link_leaves_a_meeting_going(
         await c.close()
 
 
+async def test_a_subscribe_lost_with_the_link_leaves_a_meeting_going(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Alice, in a meeting, subscribes to a chat room that nobody on her edge follows yet, as
+    the edge's link to the shard fails: the edge's watch of the room was on its way, and its
+    answer is lost with the link. The subscribe changed nothing (the watch was of the lost
+    link), so she is told `unavailable` with a time to retry, and her socket stays with its
+    media; before, it was closed to resume, ending her meeting. Asked again once the link is
+    back, the subscribe brings the room's events."""
+    async with _a_meeting_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy, wa, wc, room):
+        chat = (await wa.ok("room.create", name="chat", kind="chat", members=[]))["room"]["id"]
+        a, c, video = await _alice_shows_carol(wa, wc, room)
+        links = _metrics(cut_off)["gb6_origin_links"]
+        proxy.hold()  # what the edge sends from now on never reaches the shard
+        await wa.send({"op": "subscribe", "id": "lost", "room": chat, "after": 0})
+        await trio.sleep(0.5)  # the watch has left the edge
+        proxy.cut()
+        while True:
+            answer = await wa.recv()
+            if answer.get("re") == "lost":
+                break
+        assert (answer["op"], answer["code"]) == ("error", "unavailable"), answer
+        assert answer["retry_after_ms"] > 0
+        await c.frames(video, 10)  # the meeting goes on
+        await wa.ok("ping")
+        proxy.heal()
+        while _metrics(cut_off)["gb6_origin_links_up"] < links:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        assert (await wa.ok("subscribe", room=chat, after=0))["head"] == 0
+        await wa.ok("send", room=chat, cid="c1", body={"text": "back"})
+        got = await wa.event("message")
+        assert (got["room"], got["seq"], got["cid"]) == (chat, 1, "c1")
+        await a.close()
+        await c.close()
+
+
 async def test_a_catch_up_in_a_meeting_waits_out_the_outage(
     cluster: Cluster, tmp_path: Path
 ) -> None:
