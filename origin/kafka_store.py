@@ -82,6 +82,7 @@ Rules:
 from __future__ import annotations
 
 import secrets
+import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from math import inf
 from typing import TYPE_CHECKING, Any, Final
@@ -864,9 +865,10 @@ class KafkaStore:
         with trio.CancelScope(shield=True):  # once planned, its outcome must be learned
             try:
                 inflight.failure = await self._write(inflight.plan, inflight.check)
-            except BaseException:
-                # Never answered as committed: the process is going down, its outcome unknown.
-                inflight.failure = GB6Error(UNAVAILABLE, "the batch's outcome is unknown")
+            except BaseException as exc:
+                # Never answered as committed, and no batch planned over its seqs: its outcome
+                # is unknown (the process is likely going down).
+                inflight.failure = self._stop_appending(inflight.plan, repr(exc))
                 raise
             finally:
                 inflight.done.set()
@@ -961,6 +963,7 @@ class KafkaStore:
             except GB6Error as exc:  # fenced, or the outcome is unknown: the recovery decides
                 return self._stop_appending(plan, exc.message)
             except Exception as exc:  # a bug of ours: the batch's outcome is unknown too
+                log("log_write_failed", topic=self.topic, traceback=traceback.format_exc())
                 return self._stop_appending(plan, repr(exc))
         return GB6Error(
             UNAVAILABLE, f"the log refused the batch (resend with the same cid): {failure.message}"
@@ -969,12 +972,12 @@ class KafkaStore:
     def _stop_appending(self, plan: Plan, why: str) -> GB6Error:
         """Stop appending until the recovery has learned whether `plan` was committed (it
         reads the log): answering its ops either way could lose or double one."""
-        log("log_writer_stopped", topic=self.topic, error=why)
-        self._dead = GB6Error(UNAVAILABLE, f"this shard stopped appending: {why}")
+        dead = self._dead = GB6Error(UNAVAILABLE, f"this shard stopped appending: {why}")
         self._unknown.append(plan)
         self._recovery_wanted.set()
         self._wake_progress()  # ops held for the persister are answered `unavailable`
-        return self._dead
+        log("log_writer_stopped", topic=self.topic, error=why)
+        return dead
 
     def _answer(self, results: list[tuple[AppendItem, Appended | GB6Error]]) -> None:
         if not results:

@@ -425,7 +425,9 @@ class KafkaEventSource:
                 return events, _usage_offsets({})
             return events, _log_offsets(resume)
         if not in_usage and not await _in_time(
-            lambda: committed_records_after(self._bootstrap, self._topic, start, before=until)
+            lambda: committed_records_after(
+                self._bootstrap, self._topic, start, before=until, timeout_s=_TAIL_S
+            )
         ):  # what is left below `until` is transaction markers and aborted records
             return [], _usage_offsets({})
         return None
