@@ -348,6 +348,30 @@ async def test_a_request_made_while_the_link_is_down_leaves_a_meeting_going(
             await c.close()
 
 
+async def _lost_with_the_link_while_the_meeting_goes_on(
+    edge: Node, proxy: TcpProxy, wa: Peer, request: dict[str, Any], c: MediaClient, video: str
+) -> None:
+    """Send `request` as `edge`'s link to the shard fails with it on its way (held by the
+    proxy, then cut): it is refused `unavailable` with a time to retry, the meeting (`c`
+    receiving `video`) goes on, and the socket still answers. Returns once the link is back."""
+    links = _metrics(edge)["gb6_origin_links"]
+    proxy.hold()  # what the edge sends from now on never reaches the shard
+    await wa.send({**request, "id": "lost"})
+    await trio.sleep(0.5)  # the request has left the edge
+    proxy.cut()
+    while True:
+        answer = await wa.recv()
+        if answer.get("re") == "lost":
+            break
+    assert (answer["op"], answer["code"]) == ("error", "unavailable"), answer
+    assert answer["retry_after_ms"] > 0
+    await c.frames(video, 10)  # the meeting goes on
+    await wa.ok("ping")
+    proxy.heal()
+    while _metrics(edge)["gb6_origin_links_up"] < links:  # noqa: ASYNC110
+        await trio.sleep(0.05)
+
+
 async def test_a_read_lost_with_the_link_leaves_a_meeting_going(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -357,22 +381,8 @@ async def test_a_read_lost_with_the_link_leaves_a_meeting_going(
     closed to resume (an unanswered request's outcome unknown), ending her meeting."""
     async with _a_meeting_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy, wa, wc, room):
         a, c, video = await _alice_shows_carol(wa, wc, room)
-        links = _metrics(cut_off)["gb6_origin_links"]
-        proxy.hold()  # what the edge sends from now on never reaches the shard
-        await wa.send({"op": "search", "id": "lost", "query": "anything", "room": room})
-        await trio.sleep(0.5)  # the search has left the edge
-        proxy.cut()
-        while True:
-            answer = await wa.recv()
-            if answer.get("re") == "lost":
-                break
-        assert (answer["op"], answer["code"]) == ("error", "unavailable"), answer
-        assert answer["retry_after_ms"] > 0
-        await c.frames(video, 10)  # the meeting goes on
-        await wa.ok("ping")
-        proxy.heal()
-        while _metrics(cut_off)["gb6_origin_links_up"] < links:  # noqa: ASYNC110
-            await trio.sleep(0.05)
+        search = {"op": "search", "query": "anything", "room": room}
+        await _lost_with_the_link_while_the_meeting_goes_on(cut_off, proxy, wa, search, c, video)
         assert (await wa.ok("search", query="anything", room=room))["hits"] == []
         await a.close()
         await c.close()
@@ -390,22 +400,8 @@ async def test_a_subscribe_lost_with_the_link_leaves_a_meeting_going(
     async with _a_meeting_behind_a_proxy(cluster, tmp_path) as (cut_off, proxy, wa, wc, room):
         chat = (await wa.ok("room.create", name="chat", kind="chat", members=[]))["room"]["id"]
         a, c, video = await _alice_shows_carol(wa, wc, room)
-        links = _metrics(cut_off)["gb6_origin_links"]
-        proxy.hold()  # what the edge sends from now on never reaches the shard
-        await wa.send({"op": "subscribe", "id": "lost", "room": chat, "after": 0})
-        await trio.sleep(0.5)  # the watch has left the edge
-        proxy.cut()
-        while True:
-            answer = await wa.recv()
-            if answer.get("re") == "lost":
-                break
-        assert (answer["op"], answer["code"]) == ("error", "unavailable"), answer
-        assert answer["retry_after_ms"] > 0
-        await c.frames(video, 10)  # the meeting goes on
-        await wa.ok("ping")
-        proxy.heal()
-        while _metrics(cut_off)["gb6_origin_links_up"] < links:  # noqa: ASYNC110
-            await trio.sleep(0.05)
+        subscribe = {"op": "subscribe", "room": chat, "after": 0}
+        await _lost_with_the_link_while_the_meeting_goes_on(cut_off, proxy, wa, subscribe, c, video)
         assert (await wa.ok("subscribe", room=chat, after=0))["head"] == 0
         await wa.ok("send", room=chat, cid="c1", body={"text": "back"})
         got = await wa.event("message")

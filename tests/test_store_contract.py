@@ -1774,9 +1774,7 @@ async def test_kafka_a_batch_whose_outcome_is_unknown_is_learned_and_the_shard_s
             assert store.stopped is not None
             with pytest.raises(GB6Error):  # refused at once while it recovers
                 await store.submit_append(item(r, t.alice, "meanwhile"))
-        with trio.fail_after(120):
-            while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
-                await trio.sleep(0.1)
+        await _serving_again(store, 120)
         assert store.recoveries == 1
         again = await append(store, item(r, t.alice, "unknown"))
         after = await append(store, item(r, t.alice, "m3"))
@@ -1808,16 +1806,9 @@ async def test_kafka_a_fault_of_ours_in_a_commit_is_an_unknown_outcome_not_an_ac
             raise RuntimeError("a fault after the commit")
 
         monkeypatch.setattr(store.log, "append_batch", committed_then_broken)
-        result = await submit(store, item(r, t.alice, "faulted"))
-        with trio.fail_after(30):
-            await store.wait_idle()
-        with pytest.raises(GB6Error) as info:
-            result().unwrap()
-        assert info.value.code == UNAVAILABLE
-        assert "a fault after the commit" in info.value.message
-        with trio.fail_after(60):
-            while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
-                await trio.sleep(0.1)
+        err = await refused(store, item(r, t.alice, "faulted"), UNAVAILABLE)
+        assert "a fault after the commit" in err.message
+        await _serving_again(store, 60)
         assert store.recoveries == 1
         assert [(e.seq, e.cid) for e in recovered] == [(2, "faulted")]
         again = await append(store, item(r, t.alice, "faulted"))
@@ -1875,9 +1866,7 @@ async def test_kafka_a_batch_whose_outcome_is_unknown_is_answered_while_the_pers
         finally:
             for pid in stopped:
                 os.kill(pid, signal.SIGCONT)
-        with trio.fail_after(120):
-            while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
-                await trio.sleep(0.1)
+        await _serving_again(store, 120)
         after = await append(store, item(r, t.alice, "after"))
         events = await store.events_after(r, 0, 10)
         assert seqs(events) == list(range(1, len(events) + 1)) and events[-1].seq == after.event.seq
@@ -1917,15 +1906,20 @@ async def test_kafka_a_batch_committed_while_its_outcome_was_unknown_is_publishe
                 assert "stopped appending" in info.value.message
         finally:
             await aio_as_trio(lock.close)()
-        with trio.fail_after(120):
-            while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
-                await trio.sleep(0.1)
+        await _serving_again(store, 120)
         assert [(e.seq, e.cid) for e in recovered] == [(2, "committed")]
         again = await append(store, item(r, t.alice, "committed"))
         assert again.duplicate and again.event.seq == 2
         assert (await append(store, item(r, t.alice, "m3"))).event.seq == 3
         events = await store.events_after(r, 0, 10)
         assert [(e.seq, e.cid) for e in events] == [(1, "m1"), (2, "committed"), (3, "m3")]
+
+
+async def _serving_again(store: KafkaStore, within_s: float) -> None:
+    """Once `store` appends again after it stopped (polled, as /readyz does)."""
+    with trio.fail_after(within_s):
+        while store.stopped is not None:  # noqa: ASYNC110
+            await trio.sleep(0.1)
 
 
 async def _recorded_room(store: RelationalStore) -> tuple[list[Event], Tenant, str]:
@@ -2038,9 +2032,7 @@ async def test_kafka_a_failed_start_of_another_origin_gives_the_shard_back(
                 nursery.cancel_scope.cancel()  # it fails before it serves
             if not found_out_first:
                 await refused(store, item(r, t.alice, "fenced"), UNAVAILABLE)
-            with trio.fail_after(60):
-                while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
-                    await trio.sleep(0.1)
+            await _serving_again(store, 60)
         assert store.recoveries == 2
         assert store.persister_restarts == 1  # stopped when fenced, started when given back
         assert (await append(store, item(r, t.alice, "fenced"))).event.seq == 2
@@ -2070,9 +2062,7 @@ async def test_kafka_a_shard_fenced_by_an_older_writer_takes_its_log_back(
                 await nursery.start(older.run)  # its init_transactions fences the store
             err = await refused(store, item(r, t.alice, "fenced"), UNAVAILABLE)
             assert "fenced" in err.message
-            with trio.fail_after(60):
-                while store.stopped is not None:  # noqa: ASYNC110 - polled, as /readyz does
-                    await trio.sleep(0.1)
+            await _serving_again(store, 60)
             assert store.recoveries == 1
             with pytest.raises(LogFenced):  # the store took the id back
                 await older.append_batch([LogRecord(r, 99, b"never")])
